@@ -1,0 +1,171 @@
+"""The command line: the modern subcommands and the original ``/Switch:value`` form.
+
+mailintegration once --config box.xml            one pass (cron, Task Scheduler, tests)
+mailintegration run --config-dir mailboxes.d     the daemon
+mailintegration check --config box.xml           test the POP3 connection, change nothing
+mailintegration requests list|show               what was created
+mailintegration directory import dir.json        teams, sites, groups, sources, users
+mailintegration status                           per-mailbox health from the store
+mailintegration /Login:system /Password:… /Team:1 /ConfigFilePath:C:\\x.xml
+        [/LogFilePath:…] [/Debug]                    the original command line
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from engine import logs
+from engine.errors import AuthenticationFailed, ConfigError, EngineError
+from engine.store import SqliteStore, open_store
+
+log = logging.getLogger("engine.cli")
+
+_SWITCH = re.compile(r"^/(login|password|team|configfilepath|logfilepath|debug)(?::(.*))?$", re.I)
+
+
+def translate_original(argv: Sequence[str]) -> list[str] | None:
+    """The original switches, names in any case; a value may contain spaces (several argv
+    words up to the next switch). Returns ``None`` when ``argv`` is not in that form."""
+    if not argv or not _SWITCH.match(argv[0]):
+        return None
+    values: dict[str, str | None] = {}
+    current: str | None = None
+    for word in argv:
+        m = _SWITCH.match(word)
+        if m:
+            current = m.group(1).lower()
+            if current in values:
+                raise ConfigError(f"the switch /{m.group(1)} is given twice")
+            values[current] = m.group(2)
+        elif current is not None and values.get(current) is not None:
+            values[current] = f"{values[current]} {word}"
+        else:
+            raise ConfigError(
+                f"unexpected argument {word!r}: the original form takes /Login: /Password: "
+                "/Team: /ConfigFilePath: /LogFilePath: /Debug"
+            )
+    for required in ("login", "password", "configfilepath"):
+        if not values.get(required):
+            raise ConfigError(f"the switch /{required} (with a value) is required")
+    out = ["once", "--config", str(values["configfilepath"]), "--login", str(values["login"])]
+    out += ["--password", str(values["password"])]
+    if values.get("team"):
+        out += ["--team", str(values["team"])]
+    if values.get("logfilepath"):
+        out += ["--log-file", str(values["logfilepath"])]
+    if "debug" in values:
+        out.append("--debug")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mailintegration", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def data_dir(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--data-dir",
+            type=Path,
+            default=Path(os.environ.get("MAILINTEGRATION_DATA_DIR", "data")),
+            help="database, attachments and logs (env MAILINTEGRATION_DATA_DIR, default ./data)",
+        )
+
+    def engine_opts(sp: argparse.ArgumentParser) -> None:
+        data_dir(sp)
+        sp.add_argument("--team", help="default team (number or name) for mailboxes without one")
+        sp.add_argument("--login", default=os.environ.get("MAILINTEGRATION_LOGIN"))
+        sp.add_argument("--password", default=os.environ.get("MAILINTEGRATION_PASSWORD"))
+        sp.add_argument("--log-file", type=Path, help="also log to this file")
+        sp.add_argument("--log-format", choices=["text", "json"], default="text")
+        sp.add_argument("--debug", action="store_true", help="debug log and RawMessage files")
+        sp.add_argument("--max-sessions", type=int, default=16)
+        sp.add_argument("--queue-size", type=int, default=64)
+
+    once = sub.add_parser("once", help="one pass over the mailboxes, then exit")
+    src = once.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", type=Path, help="one mailbox XML file")
+    src.add_argument("--config-dir", type=Path, help="a folder of mailbox XML files")
+    once.add_argument("--dry-run", action="store_true", help="fetch and explain; change nothing")
+    once.add_argument("--http-port", type=int, default=0, help="serve /healthz, /metrics")
+    once.add_argument("--http-host", default="127.0.0.1")
+    engine_opts(once)
+
+    run = sub.add_parser("run", help="the daemon: poll every mailbox, hot-reload the folder")
+    run.add_argument("--config-dir", type=Path, default=Path("mailboxes.d"))
+    run.add_argument("--poll-interval", type=float, default=60.0, help="seconds (default 60)")
+    run.add_argument("--reload-seconds", type=float, default=2.0)
+    run.add_argument("--grace-seconds", type=float, default=30.0)
+    run.add_argument("--http-host", default="127.0.0.1")
+    run.add_argument("--http-port", type=int, default=8080, help="0 turns the endpoint off")
+    engine_opts(run)
+
+    check = sub.add_parser("check", help="test a mailbox's POP3 connection; change nothing")
+    check.add_argument("--config", type=Path, required=True)
+
+    req = sub.add_parser("requests", help="show requests")
+    req_sub = req.add_subparsers(dest="action", required=True)
+    rl = req_sub.add_parser("list")
+    rl.add_argument("--type", choices=["incident", "event"])
+    rl.add_argument("--status")
+    rl.add_argument("--json", action="store_true")
+    data_dir(rl)
+    rs = req_sub.add_parser("show")
+    rs.add_argument("number", type=int)
+    rs.add_argument("--json", action="store_true")
+    data_dir(rs)
+
+    d = sub.add_parser("directory", help="load the directory")
+    d_sub = d.add_subparsers(dest="action", required=True)
+    di = d_sub.add_parser("import")
+    di.add_argument("file", type=Path)
+    data_dir(di)
+
+    st = sub.add_parser("status", help="per-mailbox status from the store")
+    st.add_argument("--json", action="store_true")
+    data_dir(st)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    try:
+        translated = translate_original(args_in)
+    except ConfigError as exc:
+        print(f"mailintegration: {exc}", file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(translated if translated is not None else args_in)
+    try:
+        return int(anyio.run(_dispatch, args))
+    except (ConfigError, AuthenticationFailed, EngineError) as exc:
+        print(f"mailintegration: {logs.scrub(str(exc))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _dispatch(args: argparse.Namespace) -> int:
+    from engine import commands
+
+    handler: Any = getattr(commands, f"cmd_{args.command}")
+    result: int = await handler(args)
+    return result
+
+
+async def open_for_reading(data_dir: Path) -> SqliteStore:
+    if not (data_dir / "mailintegration.sqlite3").exists():
+        raise EngineError(f"no store in {data_dir}: nothing has run there yet (see --data-dir)")
+    return await open_store(data_dir)
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False, default=str))

@@ -1,0 +1,322 @@
+"""What each subcommand does, once :mod:`engine.cli` has parsed the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+
+from engine import logs
+from engine.cli import open_for_reading, print_json
+from engine.config import load_mailbox, secret_values
+from engine.errors import AuthenticationFailed, ConfigError, EngineError, FetchError
+from engine.ops import serve_http
+from engine.pop3 import Pop3Session
+from engine.store import SqliteStore, open_store
+from engine.supervisor import (
+    DataDirLock,
+    Engine,
+    EngineSettings,
+    MailboxOutcome,
+    MailboxSource,
+    discover,
+)
+
+log = logging.getLogger("engine.cli")
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    log_file: Path | None = getattr(args, "log_file", None)
+    if log_file is not None and not log_file.parent.is_dir():
+        raise ConfigError(
+            f"the folder of the log file {log_file} does not exist; create it or fix /LogFilePath"
+        )
+    logs.register_secret(getattr(args, "password", None))
+    logs.configure(
+        level=logging.DEBUG if getattr(args, "debug", False) else logging.INFO,
+        log_file=log_file,
+        fmt=getattr(args, "log_format", "text"),
+    )
+
+
+async def _login(store: SqliteStore, args: argparse.Namespace) -> str:
+    if not args.login or not args.password:
+        raise AuthenticationFailed(
+            "a login is required: --login and --password, MAILINTEGRATION_LOGIN and "
+            "MAILINTEGRATION_PASSWORD, or /Login: and /Password:"
+        )
+    if not await store.check_login(args.login, args.password):
+        raise AuthenticationFailed(
+            f"the login {args.login!r} failed: no such user in the store, or a wrong password"
+        )
+    return str(args.login)
+
+
+def _sources(args: argparse.Namespace) -> list[MailboxSource]:
+    if args.config is not None:
+        return [MailboxSource(args.config.stem, args.config)]
+    if not args.config_dir.is_dir():
+        raise ConfigError(f"the config folder {args.config_dir} does not exist")
+    return discover(args.config_dir)
+
+
+async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[int]]) -> int:
+    """Lock the data directory, open the store, log in, build the engine, run ``body``."""
+    _setup_logging(args)
+    dry_run = getattr(args, "dry_run", False)
+    lock = DataDirLock(args.data_dir)
+    lock.acquire()
+    try:
+        store = await open_store(args.data_dir, sweep=not dry_run)
+        try:
+            created_by = await _login(store, args)
+            debug_dir = None
+            if args.debug:
+                debug_dir = args.log_file.parent if args.log_file else args.data_dir / "logs"
+                debug_dir.mkdir(parents=True, exist_ok=True)
+            settings = EngineSettings(
+                data_dir=args.data_dir,
+                created_by=created_by,
+                default_team=args.team,
+                dry_run=dry_run,
+                debug_dir=debug_dir,
+                max_sessions=args.max_sessions,
+                queue_size=args.queue_size,
+                poll_interval=getattr(args, "poll_interval", 60.0),
+            )
+            return await body(Engine(store, settings))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await store.close()
+    finally:
+        lock.release()
+
+
+async def _serving(
+    args: argparse.Namespace, engine: Engine, work: Callable[[], Awaitable[None]]
+) -> None:
+    """Run ``work`` with the HTTP endpoint beside it (when a port is given) and signals handled:
+    the first SIGTERM/SIGINT sets the engine's stop event and starts the grace period, a second
+    one (or the end of the grace period) cancels at once. Cancellation never loses mail: an
+    unacknowledged message is never deleted."""
+    stop = engine.stop
+    async with anyio.create_task_group() as tg:
+
+        async def signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+                async for signum in received:
+                    if stop.is_set():
+                        log.warning(
+                            "second signal (%s): cancelling now", signal.Signals(signum).name
+                        )
+                        tg.cancel_scope.cancel()
+                        return
+                    log.info("signal %s: finishing current sessions", signal.Signals(signum).name)
+                    stop.set()
+                    tg.start_soon(grace)
+
+        async def grace() -> None:
+            await anyio.sleep(getattr(args, "grace_seconds", 30.0))
+            log.warning("grace period over: cancelling")
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(signals)
+        if args.http_port:
+            await tg.start(
+                serve_http, args.http_host, args.http_port, engine.health, engine.metrics
+            )
+        await work()
+        tg.cancel_scope.cancel()
+
+
+async def cmd_once(args: argparse.Namespace) -> int:
+    async def body(engine: Engine) -> int:
+        outcomes: list[MailboxOutcome] = []
+
+        async def work() -> None:
+            outcomes.extend(await engine.once(_sources(args)))
+
+        await _serving(args, engine, work)
+        log.info("once: %s", engine.summary())
+        _print_outcomes(outcomes, dry_run=args.dry_run)
+        if engine.stop.is_set() or len(outcomes) < len(_sources(args)):
+            return 1
+        return 0 if all(o.ok for o in outcomes) else 1
+
+    return await _engine(args, body)
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    if not args.config_dir.is_dir():
+        raise ConfigError(f"the config folder {args.config_dir} does not exist")
+
+    async def body(engine: Engine) -> int:
+        async def work() -> None:
+            await engine.run(args.config_dir, reload_seconds=args.reload_seconds)
+
+        await _serving(args, engine, work)
+        log.info("stopped: %s", engine.summary())
+        return 0
+
+    return await _engine(args, body)
+
+
+def _print_outcomes(outcomes: list[MailboxOutcome], *, dry_run: bool) -> None:
+    if dry_run:
+        for o in outcomes:
+            print(f"{o.name}:")
+            for line in o.dry_run_lines:
+                print(f"  {line}")
+            if o.error:
+                print(f"  cannot be read ({getattr(o.error, 'cause', 'error')}): {o.error}")
+        return
+    if not sys.stdout.isatty():
+        return
+    for o in sorted(outcomes, key=lambda o: o.name):
+        r = o.result
+        state = "ok" if o.error is None else f"{getattr(o.error, 'cause', 'error')}: {o.error}"
+        counts = f"fetched {r.fetched}, processed {r.processed}, failed {r.failed}" if r else ""
+        print(f"{o.name}: {counts}{'; ' if counts else ''}{state}")
+
+
+async def cmd_check(args: argparse.Namespace) -> int:
+    logs.configure(level=logging.WARNING)
+    try:
+        cfg = await anyio.to_thread.run_sync(load_mailbox, args.config)
+    except ConfigError as exc:
+        print(f"FAILED: the config is invalid: {exc}")
+        return 1
+    for secret in secret_values(cfg):
+        logs.register_secret(secret)
+    s = cfg.server
+    tls = "POP3S" if s.use_ssl else "STLS" if s.starttls else "none (plain text)"
+    session = Pop3Session(s)
+    try:
+        await anyio.to_thread.run_sync(session.open)
+        listing = await anyio.to_thread.run_sync(session.listing)
+        await anyio.to_thread.run_sync(session.quit)
+    except FetchError as exc:
+        print(f"FAILED ({exc.cause}): {logs.scrub(str(exc))}")
+        print(f"What to check: {exc.hint}")
+        return 1
+    finally:
+        session.close()
+    size = sum(m.size for m in listing)
+    print(
+        f"OK: connected to {s.host}:{s.port} (TLS: {tls}), logged in as {s.user_name}; "
+        f"{len(listing)} message(s), {size} bytes. Nothing was fetched or deleted."
+    )
+    return 0
+
+
+async def cmd_requests(args: argparse.Namespace) -> int:
+    store = await open_for_reading(args.data_dir)
+    try:
+        if args.action == "list":
+            rows = await store.list_requests(type=args.type, status=args.status)
+            if args.json:
+                for r in rows:
+                    r.pop("html", None)
+                print_json(rows)
+            else:
+                for r in rows:
+                    who = r["requester"] or "-"
+                    extra = (
+                        f" [{r['kind']}: {r['mailbox']}/{r['cause']}]"
+                        if r["kind"] != "mail"
+                        else ""
+                    )
+                    print(
+                        f"#{r['number']:<5} {r['type']:<8} {r['status']:<9} {r['team']:<10} "
+                        f"{who:<12} {r['subject']}{extra}"
+                    )
+                print(f"{len(rows)} request(s)")
+            return 0
+        detail = await store.request_detail(args.number)
+        if detail is None:
+            raise EngineError(f"there is no request #{args.number}")
+        if args.json:
+            print_json(detail)
+        else:
+            _print_detail(detail)
+        return 0
+    finally:
+        await store.close()
+
+
+def _print_detail(d: dict[str, object]) -> None:
+    for key in (
+        "number",
+        "type",
+        "status",
+        "kind",
+        "team",
+        "subject",
+        "requester",
+        "site",
+        "group",
+        "assignee",
+        "source",
+        "created_by",
+        "created_at",
+    ):
+        print(f"{key:>11}: {d.get(key) if d.get(key) is not None else '-'}")
+    print(f"\n{d['description']}\n")
+    for a in d["attachments"]:  # type: ignore[attr-defined]
+        print(f"  attachment: {a['name']} ({a['size']} bytes)")
+    for act in d["activities"]:  # type: ignore[attr-defined]
+        print(f"--- activity by {act['author']} <{act['email']}> at {act['date']}")
+        print(act["body"])
+        for a in act["attachments"]:
+            print(f"  attachment: {a['name']} ({a['size']} bytes)")
+
+
+async def cmd_directory(args: argparse.Namespace) -> int:
+    try:
+        data = json.loads(args.file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the directory file: {exc}", file=str(args.file)) from exc
+    # No engine lock: SQLite's BEGIN IMMEDIATE serialises this with a running engine's writer.
+    store = await open_store(args.data_dir)
+    try:
+        await store.begin()
+        try:
+            counts = await store.import_directory(data)
+            await store.commit()
+        except (KeyError, TypeError, ValueError) as exc:
+            await store.rollback()
+            raise ConfigError(
+                f"the directory file is malformed: {exc!r}", file=str(args.file)
+            ) from exc
+        except BaseException:
+            await store.rollback()
+            raise
+    finally:
+        await store.close()
+    print("imported: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    return 0
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    store = await open_for_reading(args.data_dir)
+    try:
+        rows = await store.mailbox_status()
+    finally:
+        await store.close()
+    if args.json:
+        print_json(rows)
+        return 0
+    for r in rows:
+        state = "OUTAGE: " + ", ".join(r["outages"]) if r["outages"] else "ok"
+        print(
+            f"{r['mailbox']:<24} {state:<28} last success {r['last_success'] or '-'}  "
+            f"fetched {r['fetched']} processed {r['processed']} failed {r['failed']}"
+        )
+    return 0

@@ -1,0 +1,1009 @@
+"""Mailbox and engine settings: frozen dataclasses built only from XML validated by our XSD.
+
+A mailbox file is in the Octopus "MailIntegration" format (``schemas/mailintegration.xsd``
+documents every element). :func:`load_mailbox` reads one safely: no DTD, no entity expansion, no
+schema location hint is ever followed; element names are accepted in any case and the HTML
+named entities of the original documentation (``&eacute;``) work. Every problem is reported as
+one :class:`~engine.errors.ConfigError` naming the file, line and element, and never containing
+a password. :func:`redact_config` gives a file's text with its passwords masked, for support
+bundles and logs.
+"""
+
+from __future__ import annotations
+
+import codecs
+import html
+import html.entities
+import os
+import re
+import string
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import xmlschema
+from lxml import etree
+from xmlschema import XMLSchemaChildrenValidationError, XMLSchemaValidationError
+
+from engine.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_SUBJECT_PATTERN",
+    "REPLY_PLACEHOLDERS",
+    "SCHEMA_PATH",
+    "MailboxConfig",
+    "ProcessorKind",
+    "ReplyTemplate",
+    "ServerConfig",
+    "SmtpConfig",
+    "load_mailbox",
+    "redact_config",
+    "secret_values",
+]
+
+ProcessorKind = Literal["incident", "event"]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The POP3 account of one mailbox (the XML's ``server`` element)."""
+
+    gateway: Literal["pop3"]
+    host: str
+    port: int
+    use_ssl: bool
+    starttls: bool
+    user_name: str
+    password: str = field(repr=False)
+    ca_file: Path | None = None
+    tls_verify: bool = True
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    """Where automatic replies are sent from."""
+
+    host: str
+    port: int
+    sender: str
+    use_ssl: bool = False
+    starttls: bool = False
+    user_name: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: Path | None = None
+    tls_verify: bool = True
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class ReplyTemplate:
+    """The automatic reply to a message that created a request.
+
+    Both texts are ``str.format`` templates using only :data:`REPLY_PLACEHOLDERS`, checked at
+    load time.
+    """
+
+    subject: str
+    body: str
+
+
+@dataclass(frozen=True)
+class MailboxConfig:
+    """One mailbox, as one XML file describes it."""
+
+    name: str
+    path: Path
+    processor: ProcessorKind
+    server: ServerConfig
+    team: str | None
+    fallback_site: str | None
+    fallback_user: str | None
+    group: str | None
+    assignee: str | None
+    source: str | None
+    ignored_attachments: tuple[str, ...]
+    create_new_requests: bool
+    include_raw_message: bool
+    subject_pattern: re.Pattern[str]
+    smtp: SmtpConfig | None
+    reply_template: ReplyTemplate | None
+    max_message_bytes: int
+    poll_interval: float | None
+
+    @property
+    def account(self) -> str:
+        """The POP3 account: what UIDLs are unique within, so the ledger's key."""
+        return f"{self.server.user_name}@{self.server.host}:{self.server.port}"
+
+
+# --------------------------------------------------------------------------------------------
+# Constants
+# --------------------------------------------------------------------------------------------
+
+# engine/schemas links to the top-level schemas/ folder, so the XSD ships inside the package
+# and this path holds for a checkout, an editable install and a wheel alike.
+SCHEMA_PATH: Final = Path(__file__).resolve().parent / "schemas" / "mailintegration.xsd"
+"""Our schema: the only one a mailbox file is ever validated against."""
+
+# Loaded once: building an XMLSchema is slow, and a broken schema should fail at import rather
+# than when the first mailbox is read.
+_SCHEMA: Final = xmlschema.XMLSchema(SCHEMA_PATH)
+
+_ROOT: Final = "mailIntegration"
+
+DEFAULT_SUBJECT_PATTERN: Final = re.compile(
+    # The communication type in square brackets ("[Incident]", "[Service Request]"), then an
+    # optional team or database name ("IT", "OCTOPUS_PROD"), then the request number with an
+    # optional "#". Brackets are excluded from the team so that "[EXT] [Incident] #12" skips
+    # the first tag instead of stopping there; "\b" keeps "#12abc" from reading as request 12.
+    r"\[(?P<type>[^\[\]\r\n]+)\]\s*"
+    r"(?:(?P<team>[^\s#\[\]0-9][^\s#\[\]]*)\s+)?"
+    r"#?(?P<number>[0-9]+)\b"
+)
+"""Finds a request reference anywhere in a subject (use ``search``); groups type, team, number."""
+
+DEFAULT_MAX_MESSAGE_BYTES: Final = 26_214_400
+"""``maxMessageBytes`` when the file does not give it (25 MiB)."""
+
+REPLY_PLACEHOLDERS: Final = ("subject", "sender", "mailbox")
+"""The only names a reply template may use, as ``{subject}``, ``{sender}``, ``{mailbox}``."""
+
+_REDACTED: Final = "********"
+_MAX_CONFIG_BYTES: Final = 1_048_576
+_MAX_SECRET_FILE_BYTES: Final = 65_536
+_PASSWORD_SOURCES: Final = ("password", "passwordFile", "passwordEnv")
+
+_PROCESSORS: Final[dict[str, ProcessorKind]] = {
+    "enduserincidentmailmessageprocessor": "incident",
+    "eventmailmessageprocessor": "event",
+}
+_UNSUPPORTED_PROCESSORS: Final = {
+    "endusernewsrmailmessageprocessor": "EndUserNewSRMailMessageProcessor (service requests)",
+}
+_VALID_PROCESSORS: Final = (
+    "Octopus.MailIntegration.Processors.EndUserIncidentMailMessageProcessor (incidents) or "
+    "Octopus.MailIntegration.Processors.EventMailMessageProcessor (events), optionally "
+    'followed by ", Octopus.MailIntegration"'
+)
+_POP3_GATEWAYS: Final = frozenset({"sidepopmailboxgateway", "mailkitmailboxgateway"})
+_VALID_GATEWAYS: Final = (
+    "Octopus.MailIntegration.Gateways.SidePopMailboxGateway, "
+    "Octopus.MailIntegration.Gateways.MailKitMailboxGateway (both POP3), or pop3"
+)
+
+# Encodings we decode ourselves. All are ASCII-compatible (or UTF-16 with a byte-order mark), so
+# after decoding the markup is plain text to our checks; an encoding such as UTF-7 could spell
+# "<!DOCTYPE" invisibly to them, so anything else is refused.
+_ALLOWED_ENCODINGS: Final = frozenset({"utf-8", "ascii", "iso8859-1", "iso8859-15", "cp1252"})
+_XML_DECL_ENCODING: Final = re.compile(r"""\A(<\?xml\s[^>]*?\bencoding\s*=\s*)(["'])([^"']*)\2""")
+_DECLARATION: Final = re.compile(r"<!\s*(?:DOCTYPE|ENTITY)\b", re.IGNORECASE)
+_ENTITY_OR_VERBATIM: Final = re.compile(
+    r"<!\[CDATA\[.*?\]\]>|<!--.*?-->|&([A-Za-z][A-Za-z0-9]*;)", re.DOTALL
+)
+_CDATA: Final = re.compile(r"<!\[CDATA\[.*?\]\]>", re.DOTALL)
+_XML_ENTITIES: Final = frozenset({"amp;", "lt;", "gt;", "quot;", "apos;"})
+_XSI_NAMESPACE: Final = "http://www.w3.org/2001/XMLSchema-instance"
+_LOCATION_HINTS: Final = frozenset({"schemalocation", "nonamespaceschemalocation"})
+
+# "(?!name char)" after "password" so that passwordFile / passwordEnv, which are references
+# and not secrets, are never taken for a password.
+_PASSWORD_OPEN: Final = re.compile(r"<(?:[A-Za-z_][\w.-]*:)?password(?![\w.:-])", re.IGNORECASE)
+_PASSWORD_CLOSE: Final = re.compile(r"</(?:[A-Za-z_][\w.-]*:)?password\s*>", re.IGNORECASE)
+_PASSWORD_ATTR: Final = re.compile(
+    r"(?<![\w.:-])(?:[A-Za-z_][\w.-]*:)?password\s*=\s*", re.IGNORECASE
+)
+_UNQUOTED_VALUE: Final = re.compile(r"[^\s>]*")
+
+
+def _build_tables() -> tuple[dict[tuple[str, ...], Any], dict[tuple[str, ...], dict[str, str]]]:
+    """Declarations by path, and the children allowed under each path (lowercase -> canonical).
+
+    Both come from the schema, so that case-insensitive renaming and the "valid elements here"
+    of an error message cannot drift from what validation accepts.
+    """
+    decls: dict[tuple[str, ...], Any] = {}
+    children: dict[tuple[str, ...], dict[str, str]] = {}
+
+    def walk(decl: Any, path: tuple[str, ...]) -> None:
+        decls[path] = decl
+        if decl.type.is_simple():
+            return
+        names: dict[str, str] = {}
+        for child in decl.type.content.iter_elements():
+            names[child.local_name.lower()] = child.local_name
+            walk(child, (*path, child.local_name))
+        children[path] = names
+
+    walk(_SCHEMA.elements[_ROOT], (_ROOT,))
+    return decls, children
+
+
+_DECLS, _CHILDREN = _build_tables()
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------
+
+
+def load_mailbox(
+    path: Path, *, default_team: str | None = None, name: str | None = None
+) -> MailboxConfig:
+    """Read, validate and convert one mailbox file.
+
+    ``default_team`` is used when the file has no ``team`` (the caller derives it from the
+    folder or the engine's settings); ``name`` defaults to the file name without extension.
+    Passwords are resolved here (``passwordFile`` read, ``passwordEnv`` looked up) so that a
+    missing secret is reported at start-up, not at the first poll.
+
+    Raises:
+        ConfigError: for the first problem found, naming the file, the line, the element and
+            what would be valid. The message never contains a password.
+    """
+    ctx = _Context(str(path))
+    root = _parse(path, ctx)
+    _canonicalize(root)
+    _validate(root, ctx)
+    return _build(root, path, ctx, default_team=default_team, name=name or path.stem)
+
+
+def redact_config(data: bytes) -> bytes:
+    """The file ``data`` with the content of every password masked, for logs and bug reports.
+
+    Works on text, not on a parse, so that malformed files (the ones people send) are redacted
+    too: ``<password>`` elements in any case and with any namespace prefix (smtp's included),
+    an unclosed ``<password>`` up to the end of its line, and ``password="..."`` attributes.
+    ``passwordFile`` and ``passwordEnv`` only name where the secret is, and are kept. Bytes
+    outside the masked values are unchanged.
+    """
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) and not data.startswith(b"\xff\xfe\x00\x00"):
+        codec = "utf-16-le" if data.startswith(b"\xff\xfe") else "utf-16-be"
+        try:
+            text = data[2:].decode(codec)
+        except UnicodeDecodeError:
+            # Exactness gives way to safety: a damaged file is still redacted.
+            text = data[2:].decode(codec, "replace")
+        return data[:2] + _redact_text(text).encode(codec)
+    # Latin-1 maps each byte to one character and back: markup in any ASCII-compatible
+    # encoding is found, and the bytes of every other character are kept as they were.
+    return _redact_text(data.decode("latin-1")).encode("latin-1")
+
+
+def secret_values(cfg: MailboxConfig) -> tuple[str, ...]:
+    """The non-empty passwords of ``cfg`` (POP3, then SMTP), for a log filter to mask."""
+    values = [cfg.server.password, cfg.smtp.password if cfg.smtp else None]
+    return tuple(dict.fromkeys(v for v in values if v))
+
+
+# --------------------------------------------------------------------------------------------
+# Error reporting
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Context:
+    """The file being loaded, and the secrets no message about it may contain."""
+
+    file: str
+    secrets: set[str] = field(default_factory=set)
+
+    def add_secret(self, value: str | None) -> None:
+        if not value:
+            return
+        # The ways the value may show once unescaped, unwrapped or trimmed.
+        variants = {value, value.strip(), html.unescape(value), html.unescape(value.strip())}
+        for variant in list(variants):
+            cdata = _CDATA.fullmatch(variant.strip())
+            if cdata:
+                variants.add(variant.strip()[9:-3])
+        self.secrets.update(v for v in variants if v.strip())
+
+    def scrub(self, text: str) -> str:
+        # Longest first, so that a secret containing another is replaced whole.
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            text = text.replace(secret, _REDACTED)
+        return text
+
+    def error(
+        self,
+        reason: str,
+        *,
+        at: etree._Element | None = None,
+        line: int | None = None,
+        element: str | None = None,
+    ) -> ConfigError:
+        if at is not None:
+            line = line or _sourceline(at)
+            element = element or _element_path(at)
+        return ConfigError(
+            self.scrub(reason),
+            file=self.scrub(self.file),
+            line=line,
+            element=self.scrub(element) if element else None,
+        )
+
+
+def _element_path(el: etree._Element) -> str:
+    """``server/port`` (port exists in server and in smtp); the root is named alone."""
+    names = [_display(e) for e in _ancestors_and_self(el)]
+    return "/".join(names[1:]) if len(names) > 1 else names[0]
+
+
+def _ancestors_and_self(el: etree._Element) -> list[etree._Element]:
+    chain = [el]
+    parent = el.getparent()
+    while parent is not None:
+        chain.append(parent)
+        parent = parent.getparent()
+    return chain[::-1]
+
+
+def _sourceline(el: etree._Element) -> int | None:
+    line = el.sourceline
+    return line if isinstance(line, int) else None
+
+
+def _display(el: etree._Element) -> str:
+    """The element's name as written: ``prefix:name`` for a namespaced one."""
+    qname = etree.QName(el)
+    return f"{el.prefix}:{qname.localname}" if el.prefix else qname.localname
+
+
+def _strip_quotes(message: str) -> str:
+    """Drop quoted fragments, which may be instance values, from a library message."""
+    return re.sub(r"'[^']*'|\"[^\"]*\"", "'...'", message)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+
+
+def _parse(path: Path, ctx: _Context) -> etree._Element:
+    """Bytes -> a safe, well-formed lxml tree whose elements know their source line."""
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(_MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ctx.error(f"cannot read the file: {exc.strerror or type(exc).__name__}") from None
+    if len(data) > _MAX_CONFIG_BYTES:
+        raise ctx.error(f"the file is over {_MAX_CONFIG_BYTES} bytes; is it a mailbox file?")
+
+    text = _decode(data, ctx)
+    for start, end in _secret_spans(text):
+        ctx.add_secret(text[start:end])
+
+    # Refused before the parser sees anything: without a DTD there is no entity to expand
+    # (billion laughs) and no external entity to fetch (XXE), whatever the parser settings.
+    found = _DECLARATION.search(text)
+    if found:
+        raise ctx.error(
+            "DOCTYPE and ENTITY declarations are not allowed (they can expand without bound or "
+            "read other files); remove them: named entities such as &eacute; work without one",
+            line=_line_of(text, found.start()),
+        )
+
+    text = _ENTITY_OR_VERBATIM.sub(_numeric_reference, text)
+    parser = etree.XMLParser(
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        huge_tree=False,
+        remove_comments=True,
+        remove_pis=True,
+    )
+    try:
+        root = etree.fromstring(text.encode("utf-8"), parser)
+    except etree.XMLSyntaxError as exc:
+        raise _syntax_error(exc, text, ctx) from None
+
+    # Defence in depth: the scan above should make this unreachable.
+    docinfo = root.getroottree().docinfo
+    if docinfo.internalDTD is not None:
+        raise ctx.error("DOCTYPE declarations are not allowed", line=1)
+
+    for el in root.iter():
+        for attr in el.attrib:
+            qname = etree.QName(attr)
+            prefix = "xsi:" if qname.namespace == _XSI_NAMESPACE else ""
+            if qname.localname.lower() in _LOCATION_HINTS:
+                raise ctx.error(
+                    f"the {prefix}{qname.localname} attribute is not allowed: mailbox files are "
+                    "validated against the engine's own schema only; remove the attribute",
+                    at=el,
+                )
+            if prefix:
+                # xsi:type and xsi:nil would change how the validator reads the element.
+                raise ctx.error(
+                    f"the xsi:{qname.localname} attribute is not allowed: mailbox files use no "
+                    "attributes; remove it",
+                    at=el,
+                )
+    return root
+
+
+def _decode(data: bytes, ctx: _Context) -> str:
+    """Decode the file ourselves, so that every later check sees the markup the parser will.
+
+    The declaration's encoding is then rewritten to UTF-8 (the parser gets UTF-8 bytes); only
+    that value changes, so line numbers stay those of the file.
+    """
+    if data.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")) or data[:2] in (
+        b"\x00<",
+        b"<\x00",
+    ):
+        raise ctx.error("UTF-32 and UTF-16 without byte-order mark are not supported; use UTF-8")
+    if data.startswith(b"\xef\xbb\xbf"):
+        encoding, body, bom = "utf-8", data[3:], True
+    elif data.startswith(b"\xff\xfe"):
+        encoding, body, bom = "utf-16-le", data[2:], True
+    elif data.startswith(b"\xfe\xff"):
+        encoding, body, bom = "utf-16-be", data[2:], True
+    else:
+        encoding, body, bom = "utf-8", data, False
+        declared = _XML_DECL_ENCODING.match(data[:256].decode("latin-1"))
+        if declared:
+            encoding = _codec_name(declared.group(3), ctx)
+            if encoding.startswith("utf-16"):
+                # The declaration was readable as ASCII: the file cannot be UTF-16.
+                raise ctx.error(
+                    f"the file declares encoding {declared.group(3)!r} but is not UTF-16 (no "
+                    "byte-order mark); fix the declaration or save the file as UTF-8",
+                    line=1,
+                )
+
+    try:
+        text = body.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = body[: exc.start].decode(encoding, "replace").count("\n") + 1
+        raise ctx.error(
+            f"the file is not valid {encoding}; save it as UTF-8 (or declare its real encoding "
+            'in <?xml version="1.0" encoding="..."?>)',
+            line=line,
+        ) from None
+
+    declared = _XML_DECL_ENCODING.match(text)
+    if declared:
+        if bom and not _codec_name(declared.group(3), ctx).startswith(encoding[:6]):
+            raise ctx.error(
+                f"the file starts with a {encoding[:6].upper()} byte-order mark but declares "
+                f"encoding {declared.group(3)!r}; fix the declaration",
+                line=1,
+            )
+        text = _XML_DECL_ENCODING.sub(r"\1\2utf-8\2", text, count=1)
+    return text
+
+
+def _codec_name(declared: str, ctx: _Context) -> str:
+    try:
+        name = codecs.lookup(declared).name
+    except LookupError:
+        name = declared
+    if name in _ALLOWED_ENCODINGS or name.startswith("utf-16"):
+        return name
+    raise ctx.error(
+        f"encoding {declared!r} is not supported; use UTF-8 (or ISO-8859-1, ISO-8859-15, "
+        "windows-1252, or UTF-16 with a byte-order mark)",
+        line=1,
+    )
+
+
+def _numeric_reference(match: re.Match[str]) -> str:
+    """HTML named entity -> numeric character reference; CDATA, comments and XML's five kept."""
+    name = match.group(1)
+    if name is None or name in _XML_ENTITIES:
+        return match.group(0)
+    chars = html.entities.html5.get(name)
+    if chars is None:
+        # Left for the parser, which reports it with its line.
+        return match.group(0)
+    return "".join(f"&#{ord(c)};" for c in chars)
+
+
+def _syntax_error(exc: etree.XMLSyntaxError, text: str, ctx: _Context) -> ConfigError:
+    line = exc.lineno or None
+    message = str(exc.msg or exc)
+    # lxml appends ", line N, column M"; ConfigError states the line itself.
+    position = re.search(r",? line \d+, column (\d+)\s*$", message)
+    if position:
+        message = f"{message[: position.start()]} (column {position.group(1)})"
+    if line is not None and _line_has_secret(text, line):
+        # A message about a password's line may quote part of it ("Entity 'x' not defined").
+        message = _strip_quotes(message)
+    return ctx.error(f"the file is not well-formed XML: {message}", line=line)
+
+
+def _line_of(text: str, offset: int) -> int:
+    return text.count("\n", 0, offset) + 1
+
+
+def _line_has_secret(text: str, line: int) -> bool:
+    for start, end in _secret_spans(text):
+        # From the opening tag's line (possibly one above the value) to the value's last.
+        if _line_of(text, start) - 1 <= line <= _line_of(text, end):
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# Redaction
+# --------------------------------------------------------------------------------------------
+
+
+def _secret_spans(text: str) -> list[tuple[int, int]]:
+    """Offsets of every password value in ``text``, sorted and merged; tolerant of bad XML."""
+    spans: list[tuple[int, int]] = []
+    for opening in _PASSWORD_OPEN.finditer(text):
+        pos = opening.end()
+        line_end = _line_end(text, pos)
+        gt = text.find(">", pos, line_end)
+        if gt < 0:
+            # "<password secret" with no ">": whatever follows on the line may be the secret.
+            spans.append((pos, line_end))
+            continue
+        if text[gt - 1] == "/":
+            continue  # <password/>
+        start = gt + 1
+        line_end = _line_end(text, start)
+        closing = _PASSWORD_CLOSE.search(text, start)
+        if closing and (
+            closing.start() <= line_end or "<" not in _CDATA.sub("", text[start : closing.start()])
+        ):
+            spans.append((start, closing.start()))
+        else:
+            # Unclosed (or closed only after other elements): mask to the end of the line, the
+            # most a hand-written value can be without hiding the rest of the file.
+            spans.append((start, line_end))
+    for attr in _PASSWORD_ATTR.finditer(text):
+        pos = attr.end()
+        if pos < len(text) and text[pos] in "\"'":
+            quote = text.find(text[pos], pos + 1)
+            if quote >= 0 and "<" not in text[pos + 1 : quote]:
+                spans.append((pos + 1, quote))
+            else:
+                spans.append((pos + 1, _line_end(text, pos)))
+        else:
+            unquoted = _UNQUOTED_VALUE.match(text, pos)
+            if unquoted:
+                spans.append((pos, unquoted.end()))
+
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(s for s in spans if s[1] > s[0]):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _line_end(text: str, pos: int) -> int:
+    end = text.find("\n", pos)
+    if end < 0:
+        return len(text)
+    # Keep a CRLF file's "\r" out of the mask.
+    return end - 1 if end > pos and text[end - 1] == "\r" else end
+
+
+def _redact_text(text: str) -> str:
+    parts: list[str] = []
+    last = 0
+    for start, end in _secret_spans(text):
+        parts += [text[last:start], _REDACTED]
+        last = end
+    parts.append(text[last:])
+    return "".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _canonicalize(root: etree._Element) -> None:
+    """Rename known elements to the schema's spelling; unknown ones stay as written."""
+    if _is_plain(root) and root.tag.lower() == _ROOT.lower():
+        root.tag = _ROOT
+    if root.tag != _ROOT:
+        return
+    stack: list[tuple[etree._Element, tuple[str, ...]]] = [(root, (_ROOT,))]
+    while stack:
+        el, path = stack.pop()
+        names = _CHILDREN.get(path)
+        if names is None:
+            continue
+        for child in el:
+            canonical = names.get(child.tag.lower()) if _is_plain(child) else None
+            if canonical is not None:
+                child.tag = canonical
+                stack.append((child, (*path, canonical)))
+
+
+def _is_plain(el: etree._Element) -> bool:
+    """An element without namespace, as the format's are."""
+    return isinstance(el.tag, str) and not el.tag.startswith("{")
+
+
+def _validate(root: etree._Element, ctx: _Context) -> None:
+    # On the element itself: no location hint, no other schema, no network is ever used.
+    errors: Iterator[XMLSchemaValidationError] = _SCHEMA.iter_errors(
+        root,
+        use_location_hints=False,
+    )
+    first = next(errors, None)
+    if first is not None:
+        raise _schema_error(first, ctx)
+
+
+def _schema_error(err: XMLSchemaValidationError, ctx: _Context) -> ConfigError:
+    """Our own message for a schema error.
+
+    xmlschema's reasons may quote the instance (a password included), so they only help to
+    recognise the case and are never copied, except, quotes stripped, in the last fallback.
+    """
+    reason = str(err.reason or "")
+    elem: Any = err.elem
+    if not isinstance(elem, etree._Element):
+        return ctx.error(f"does not match the schema: {_strip_quotes(reason)}")
+    el: etree._Element = elem
+    path = tuple(_display(e) for e in _ancestors_and_self(el))
+    decl = _DECLS.get(path)
+
+    if el.getparent() is None and el.tag != _ROOT:
+        return ctx.error(f"the root element must be <{_ROOT}>, not <{_display(el)}>", at=el)
+
+    allowed = list(_CHILDREN.get(path, {}).values())
+    if isinstance(err, XMLSchemaChildrenValidationError):
+        child: Any = err.invalid_child
+        if isinstance(child, etree._Element):
+            if _is_plain(child) and child.tag in allowed:
+                return ctx.error(
+                    f"<{child.tag}> appears more than once in <{el.tag}>; each element may be "
+                    "given at most once",
+                    at=child,
+                )
+            return ctx.error(
+                f"unknown element <{_display(child)}> in <{el.tag}>; valid elements here: "
+                + ", ".join(allowed),
+                at=child,
+            )
+        missing = [str(tag) for tag in (err.expected_tags or ())]
+        if missing:
+            what = "element" if len(missing) == 1 else "elements"
+            listed = ", ".join(f"<{m}>" for m in missing)
+            return ctx.error(f"missing required {what} {listed} in <{el.tag}>", at=el)
+
+    if "attribute" in reason and el.attrib:
+        names = ", ".join(sorted(str(a) for a in el.attrib))
+        return ctx.error(f"attributes are not used in mailbox files; remove {names}", at=el)
+
+    if decl is not None and decl.type.is_simple():
+        if len(el):
+            return ctx.error("must contain text only, not elements", at=el)
+        return ctx.error(_bad_value(el, decl.type), at=el)
+
+    if decl is not None and ((el.text or "").strip() or any((c.tail or "").strip() for c in el)):
+        return ctx.error(
+            f"text is not allowed directly inside <{el.tag}>, only the elements "
+            + ", ".join(allowed),
+            at=el,
+        )
+    return ctx.error(f"does not match the schema: {_strip_quotes(reason)}", at=el)
+
+
+def _bad_value(el: etree._Element, xsd_type: Any) -> str:
+    expected = _describe_type(xsd_type)
+    value = " ".join((el.text or "").split())
+    if not value:
+        return f"must not be empty; expected {expected}"
+    if el.tag == "password":
+        return f"invalid value; expected {expected}"
+    shown = value if len(value) <= 60 else value[:57] + "..."
+    return f"{shown!r} is not valid; expected {expected}"
+
+
+def _describe_type(xsd_type: Any) -> str:
+    """What a simple type accepts, in words: from its facets or its xs:documentation."""
+    if xsd_type.local_name == "booleanType":
+        return "true or false (in any case), or 1 or 0"
+    if xsd_type.min_value is not None and xsd_type.max_value is not None:
+        return f"an integer from {xsd_type.min_value} to {xsd_type.max_value}"
+    annotation = xsd_type.annotation
+    if annotation is not None and annotation.documentation:
+        doc = " ".join("".join(annotation.documentation[0].itertext()).split())
+        sentence = doc.split(". ")[0].rstrip(".")
+        return sentence[:1].lower() + sentence[1:]
+    return f"a valid {xsd_type.local_name}"
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion
+# --------------------------------------------------------------------------------------------
+
+
+def _token(parent: etree._Element, name: str) -> str | None:
+    """The element's text with white space collapsed (xs:token); None if absent or empty."""
+    el = parent.find(name)
+    if el is None:
+        return None
+    return " ".join((el.text or "").split()) or None
+
+
+def _bool(parent: etree._Element, name: str, default: bool) -> bool:
+    value = _token(parent, name)
+    return default if value is None else value.lower() in ("true", "1")
+
+
+def _int(parent: etree._Element, name: str) -> int | None:
+    value = _token(parent, name)
+    return None if value is None else int(value)
+
+
+def _type_leaf(type_name: str) -> str:
+    """``A.B.Name, Assembly`` -> ``name``: the part before the comma, last dotted component."""
+    return type_name.split(",", 1)[0].strip().rsplit(".", 1)[-1].strip().lower()
+
+
+def _build(
+    root: etree._Element,
+    path: Path,
+    ctx: _Context,
+    *,
+    default_team: str | None,
+    name: str,
+) -> MailboxConfig:
+    # Relative paths in the file are relative to its folder: the working directory of a
+    # service is nobody's choice.
+    base = path.resolve().parent
+    processor = _processor(root, ctx)
+    server_el = root.find("server")
+    assert server_el is not None  # required by the schema
+    server = _server(server_el, base, ctx)
+    smtp_el = root.find("smtp")
+    smtp = _smtp(smtp_el, base, ctx) if smtp_el is not None else None
+    reply_el = root.find("replyTemplate")
+    reply = None
+    if reply_el is not None:
+        if smtp is None:
+            raise ctx.error("a replyTemplate needs an <smtp> element to send it", at=reply_el)
+        reply = _reply_template(reply_el, ctx)
+
+    incident_group = _token(root, "incidentGroup")
+    event_group = _token(root, "group")
+    if processor == "incident":
+        group = incident_group or event_group
+    else:
+        group = event_group or incident_group
+    ignored = tuple(part.strip() for part in (_token(root, "ignoredAttachments") or "").split(","))
+    max_bytes = _int(root, "maxMessageBytes")
+    poll = _int(root, "pollIntervalSeconds")
+    return MailboxConfig(
+        name=name,
+        path=path,
+        processor=processor,
+        server=server,
+        team=_token(root, "team") or default_team,
+        fallback_site=_token(root, "incidentFallbackSiteName"),
+        fallback_user=_token(root, "incidentFallbackUserLogon"),
+        group=group,
+        assignee=_token(root, "assignee"),
+        source=_token(root, "incidentSource"),
+        ignored_attachments=tuple(p for p in ignored if p),
+        create_new_requests=_bool(root, "createNewRequests", True),
+        include_raw_message=_bool(root, "includeRawMessageAsAttachment", False),
+        subject_pattern=_subject_pattern(root, ctx),
+        smtp=smtp,
+        reply_template=reply,
+        max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES if max_bytes is None else max_bytes,
+        poll_interval=None if poll is None else float(poll),
+    )
+
+
+def _processor(root: etree._Element, ctx: _Context) -> ProcessorKind:
+    el = root.find("messageProcessorTypeName")
+    assert el is not None  # required by the schema
+    value = " ".join((el.text or "").split())
+    leaf = _type_leaf(value)
+    if leaf in _PROCESSORS:
+        return _PROCESSORS[leaf]
+    if leaf in _UNSUPPORTED_PROCESSORS:
+        raise ctx.error(
+            f"{_UNSUPPORTED_PROCESSORS[leaf]} is not supported yet; valid values: "
+            + _VALID_PROCESSORS,
+            at=el,
+        )
+    raise ctx.error(f"unknown processor {value!r}; valid values: {_VALID_PROCESSORS}", at=el)
+
+
+def _gateway(server_el: etree._Element, ctx: _Context) -> Literal["pop3"]:
+    el = server_el.find("gatewayTypeName")
+    assert el is not None  # required by the schema
+    value = " ".join((el.text or "").split())
+    leaf = _type_leaf(value)
+    if value.lower() == "pop3" or leaf in _POP3_GATEWAYS:
+        return "pop3"
+    if "imap" in leaf:
+        raise ctx.error(f"IMAP is not supported yet; valid values: {_VALID_GATEWAYS}", at=el)
+    raise ctx.error(f"unknown gateway {value!r}; valid values: {_VALID_GATEWAYS}", at=el)
+
+
+def _server(el: etree._Element, base: Path, ctx: _Context) -> ServerConfig:
+    gateway = _gateway(el, ctx)
+    use_ssl, starttls = _tls_mode(el, ctx)
+    password = _password(el, base, ctx, required=True)
+    assert password is not None
+    port = _int(el, "port")
+    host = _token(el, "serverName")
+    user = _token(el, "userName")
+    assert host is not None and user is not None  # required by the schema
+    return ServerConfig(
+        gateway=gateway,
+        host=host,
+        port=port if port is not None else (995 if use_ssl else 110),
+        use_ssl=use_ssl,
+        starttls=starttls,
+        user_name=user,
+        password=password,
+        ca_file=_ca_file(el, base, ctx),
+        tls_verify=_bool(el, "tlsVerify", True),
+        timeout=float(_int(el, "timeoutSeconds") or 30),
+    )
+
+
+def _smtp(el: etree._Element, base: Path, ctx: _Context) -> SmtpConfig:
+    use_ssl, starttls = _tls_mode(el, ctx)
+    user = _token(el, "userName")
+    password = _password(el, base, ctx, required=False)
+    if user is not None and password is None:
+        raise ctx.error(
+            "<userName> needs one of <password>, <passwordFile> or <passwordEnv>", at=el
+        )
+    if user is None and password is not None:
+        source = next(e for n in _PASSWORD_SOURCES if (e := el.find(n)) is not None)
+        raise ctx.error("a password needs a <userName> in <smtp>", at=source)
+    port = _int(el, "port")
+    host = _token(el, "serverName")
+    sender = _token(el, "from")
+    assert host is not None and sender is not None  # required by the schema
+    return SmtpConfig(
+        host=host,
+        # 25 is plain SMTP; with TLS from the first byte, the standard port is 465.
+        port=port if port is not None else (465 if use_ssl else 25),
+        sender=sender,
+        use_ssl=use_ssl,
+        starttls=starttls,
+        user_name=user,
+        password=password,
+        ca_file=_ca_file(el, base, ctx),
+        tls_verify=_bool(el, "tlsVerify", True),
+        timeout=float(_int(el, "timeoutSeconds") or 30),
+    )
+
+
+def _tls_mode(el: etree._Element, ctx: _Context) -> tuple[bool, bool]:
+    use_ssl = _bool(el, "useSsl", False)
+    starttls = _bool(el, "startTls", False)
+    if use_ssl and starttls:
+        raise ctx.error(
+            "useSsl and startTls cannot both be true: useSsl is TLS from the first byte, "
+            "startTls upgrades a clear connection; choose one",
+            at=el.find("startTls"),
+        )
+    return use_ssl, starttls
+
+
+def _password(el: etree._Element, base: Path, ctx: _Context, *, required: bool) -> str | None:
+    """The password from whichever of password / passwordFile / passwordEnv is given."""
+    given = [e for n in _PASSWORD_SOURCES if (e := el.find(n)) is not None]
+    choices = "<password>, <passwordFile> or <passwordEnv>"
+    if len(given) > 1:
+        raise ctx.error(
+            f"give only one of {choices}; <{given[0].tag}> and <{given[1].tag}> are both here",
+            at=given[1],
+        )
+    if not given:
+        if required:
+            raise ctx.error(f"one of {choices} is required in <{el.tag}>", at=el)
+        return None
+    source = given[0]
+    if source.tag == "password":
+        # Exactly as written: white space may be part of a password.
+        value = source.text or ""
+    elif source.tag == "passwordFile":
+        value = _read_secret_file(source, base, ctx)
+    else:
+        variable = _token(el, "passwordEnv") or ""
+        env_value = os.environ.get(variable)
+        if env_value is None:
+            raise ctx.error(f"the environment variable {variable} is not set", at=source)
+        value = env_value
+    if not value:
+        raise ctx.error("the password is empty", at=source)
+    ctx.add_secret(value)
+    return value
+
+
+def _read_secret_file(source: etree._Element, base: Path, ctx: _Context) -> str:
+    secret_path = base / " ".join((source.text or "").split())
+    try:
+        with secret_path.open("rb") as fh:
+            data = fh.read(_MAX_SECRET_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ctx.error(
+            f"cannot read the password file {secret_path}: {exc.strerror or type(exc).__name__}",
+            at=source,
+        ) from None
+    if len(data) > _MAX_SECRET_FILE_BYTES:
+        raise ctx.error(f"the password file {secret_path} is too large", at=source)
+    try:
+        # utf-8-sig: an editor's byte-order mark is never part of a password.
+        value = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ctx.error(f"the password file {secret_path} is not UTF-8 text", at=source) from None
+    # One trailing line break only: editors and "echo" add one; anything more is content.
+    if value.endswith("\r\n"):
+        value = value[:-2]
+    elif value.endswith("\n"):
+        value = value[:-1]
+    return value
+
+
+def _ca_file(el: etree._Element, base: Path, ctx: _Context) -> Path | None:
+    value = _token(el, "caFile")
+    if value is None:
+        return None
+    ca_path = base / value
+    if not ca_path.is_file():
+        raise ctx.error(f"the CA file {ca_path} does not exist", at=el.find("caFile"))
+    return ca_path
+
+
+def _subject_pattern(root: etree._Element, ctx: _Context) -> re.Pattern[str]:
+    el = root.find("subjectPattern")
+    if el is None:
+        return DEFAULT_SUBJECT_PATTERN
+    try:
+        pattern = re.compile((el.text or "").strip())
+    except re.error as exc:
+        where = f" at position {exc.pos}" if exc.pos is not None else ""
+        raise ctx.error(f"not a valid regular expression: {exc.msg}{where}", at=el) from None
+    if "number" not in pattern.groupindex:
+        raise ctx.error(
+            'the pattern needs a group named "number", such as (?P<number>[0-9]+)', at=el
+        )
+    return pattern
+
+
+def _reply_template(el: etree._Element, ctx: _Context) -> ReplyTemplate:
+    subject_el = el.find("subject")
+    body_el = el.find("body")
+    assert subject_el is not None and body_el is not None  # required by the schema
+    subject = " ".join((subject_el.text or "").split())
+    lines = (body_el.text or "").splitlines()
+    # Drop the blank lines and indentation that come from the XML layout, not from the author.
+    while lines and not lines[0].strip():
+        lines.pop(0)
+    while lines and not lines[-1].strip():
+        lines.pop()
+    body = textwrap.dedent("\n".join(lines))
+    for text, part in ((subject, subject_el), (body, body_el)):
+        _check_placeholders(text, part, ctx)
+    return ReplyTemplate(subject=subject, body=body)
+
+
+def _check_placeholders(text: str, el: etree._Element, ctx: _Context) -> None:
+    # Checked now so that a typo fails at start-up, not when the first reply is sent.
+    valid = ", ".join(f"{{{n}}}" for n in REPLY_PLACEHOLDERS)
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as exc:
+        raise ctx.error(
+            f"{exc}; placeholders are {valid}, and literal braces are written {{{{ and }}}}",
+            at=el,
+        ) from None
+    for name in fields:
+        if name not in REPLY_PLACEHOLDERS:
+            raise ctx.error(f"unknown placeholder {{{name}}}; valid placeholders: {valid}", at=el)

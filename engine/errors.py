@@ -1,0 +1,143 @@
+"""The one exception hierarchy of the engine.
+
+Library exceptions (poplib, ssl, socket, sqlite3, xmlschema, email) are translated at the
+boundary of the module that calls the library, with ``raise ... from exc``, so that the rest of
+the engine only ever sees these classes. Every message here is safe to log and to store: no
+class in this module ever carries a password.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Root of every error the engine raises on purpose."""
+
+
+class ConfigError(EngineError):
+    """A configuration file (or the command line) is invalid.
+
+    ``file``, ``line`` and ``element`` locate the problem when they are known; ``str()`` gives
+    one sentence naming them and what would be valid.
+    """
+
+    cause = "config"
+    hint = (
+        "Fix the mailbox's XML file (the attached copy has its passwords removed); the "
+        "engine reads it again on the next run."
+    )
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        element: str | None = None,
+    ) -> None:
+        self.reason = reason
+        self.file = file
+        self.line = line
+        self.element = element
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = []
+        if self.file:
+            where.append(self.file)
+        if self.line:
+            where.append(f"line {self.line}")
+        if self.element:
+            where.append(f"element <{self.element}>")
+        return f"{', '.join(where)}: {self.reason}" if where else self.reason
+
+
+class FetchError(EngineError):
+    """A mailbox could not be read. ``cause`` names the kind of outage (one event per cause)."""
+
+    cause = "protocol"
+    hint = "Check the mail server's log for this account."
+
+
+class ConnectError(FetchError):
+    cause = "unreachable"
+    hint = "Check serverName and port, DNS, firewalls, and that the mail server is running."
+
+
+class FetchTimeout(FetchError):
+    cause = "timeout"
+    hint = "The server stopped answering; check its load and the network, or raise timeoutSeconds."
+
+
+class TLSError(FetchError):
+    cause = "tls"
+    hint = (
+        "The server's certificate was not trusted or names another host. Check serverName, "
+        "install the CA with caFile, or (only on a trusted network) set tlsVerify to false."
+    )
+
+
+class AuthError(FetchError):
+    cause = "authentication"
+    hint = "Check userName and password (or passwordFile / passwordEnv) for this mailbox."
+
+
+class MailboxLockedError(FetchError):
+    cause = "mailbox-locked"
+    hint = "Another client holds the mailbox ([IN-USE]); it clears when that session ends."
+
+
+class ServerTempError(FetchError):
+    cause = "server-temporary"
+    hint = (
+        "The server reported a temporary failure ([SYS/TEMP], [LOGIN-DELAY]); it retries by itself."
+    )
+
+
+class ProtocolError(FetchError):
+    cause = "protocol"
+    hint = "The server answered outside the POP3 protocol; check the mail server's log."
+
+
+class DuplicateUidlError(ProtocolError):
+    cause = "duplicate-uidl"
+    hint = (
+        "The server listed the same UIDL for two messages; the mailbox is quarantined and "
+        "nothing is deleted until the server's index is repaired."
+    )
+
+
+class DirectoryError(EngineError):
+    """The mailbox config names a user, site, group, source or team the directory lacks."""
+
+    cause = "directory"
+    hint = "Import the missing entry with 'mailintegration directory import' or fix the config."
+
+
+class MessageError(EngineError):
+    """One message cannot be turned into a request; it becomes a failure event instead."""
+
+    cause = "unprocessable"
+    hint = (
+        "The original message is attached; fix the cause, then replay it with "
+        "'mailintegration ingest'."
+    )
+
+
+class ParseError(MessageError):
+    cause = "unparseable"
+
+
+class LimitExceeded(MessageError):
+    cause = "limit-exceeded"
+    hint = (
+        "The message is over a configured limit (size, MIME depth, parts or headers). The "
+        "original is attached; raise the limit in the mailbox config if it is legitimate."
+    )
+
+
+class StoreError(EngineError):
+    """The store could not be opened, migrated or written."""
+
+
+class AuthenticationFailed(EngineError):
+    """The engine's own login (/Login, /Password) does not match a user of the store."""

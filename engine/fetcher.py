@@ -1,0 +1,149 @@
+"""One mailbox session: POP3 in a worker thread, messages to the writer, DELE after the ack.
+
+The order is the whole point: RETR → parse → hand to the writer → wait for the answer that the
+outcome is committed → DELE → QUIT. A message whose answer never comes (crash, cancellation,
+failed commit) is never deleted; the next session finds it again, and the ledger makes sure
+it is not processed twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import anyio
+import anyio.to_thread
+from anyio.streams.memory import MemoryObjectSendStream
+
+from engine.config import MailboxConfig
+from engine.errors import LimitExceeded, MessageError, StoreError
+from engine.parse import ParseLimits, parse_message
+from engine.pop3 import Pop3Session
+from engine.writer import DirectoryCheck, Envelope, Item, KnownQuery
+
+log = logging.getLogger("engine.fetcher")
+
+T = TypeVar("T")
+
+
+@dataclass
+class SessionResult:
+    listed: int = 0
+    fetched: int = 0
+    processed: int = 0
+    failed: int = 0
+    deleted: int = 0
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    limiter: anyio.CapacityLimiter | None = None
+    dry_run: bool = False
+    debug_dir: Path | None = None
+    on_envelope: Callable[[Envelope], None] | None = None
+    # Once set, no further message is fetched: the session settles what it has and QUITs.
+    stop: anyio.Event | None = None
+
+
+def make_envelope(cfg: MailboxConfig, uidl: str | None, raw: bytes) -> Envelope:
+    """Parse one message (CPU work: runs in the worker thread, off the event loop)."""
+    digest = hashlib.sha256(raw).hexdigest()
+    key = uidl or f"x-sha256:{digest}"
+    limits = ParseLimits(max_bytes=cfg.max_message_bytes)
+    try:
+        if len(raw) > cfg.max_message_bytes:
+            raise LimitExceeded(
+                f"the message is {len(raw)} bytes, over maxMessageBytes ({cfg.max_message_bytes})"
+            )
+        return Envelope(mailbox=cfg, uidl=key, raw=raw, parsed=parse_message(raw, limits))
+    except MessageError as exc:
+        return Envelope(mailbox=cfg, uidl=key, raw=raw, parsed=None, error=exc)
+
+
+async def submit(send: MemoryObjectSendStream[Item], item: Item) -> Item:
+    """Send an item to the writer and wait for its answer; a failed commit raises."""
+    await send.send(item)
+    await item.done.wait()
+    if item.failure is not None:
+        raise StoreError(str(item.failure))
+    return item
+
+
+async def run_session(
+    cfg: MailboxConfig, send: MemoryObjectSendStream[Item], opts: FetchOptions
+) -> SessionResult:
+    """One pass over the mailbox. Raises an :class:`EngineError` when the mailbox can't be read."""
+    check = await submit(send, DirectoryCheck(mailbox=cfg))
+    assert isinstance(check, DirectoryCheck)
+    if check.problem is not None:
+        raise check.problem
+
+    async def thread(fn: Callable[..., T], *args: object) -> T:
+        return await anyio.to_thread.run_sync(fn, *args, limiter=opts.limiter)
+
+    result = SessionResult()
+    session = Pop3Session(cfg.server)
+    await thread(session.open)
+    try:
+        listing = await thread(session.listing)
+        result.listed = len(listing)
+        query = KnownQuery(account=cfg.account, uidls=[m.uidl for m in listing if m.uidl])
+        await submit(send, query)
+        assert isinstance(query, KnownQuery)
+        pending: list[tuple[int, Envelope]] = []
+
+        async def settle(number: int, env: Envelope) -> None:
+            await env.done.wait()
+            if env.failure is not None:
+                raise StoreError(f"message {env.uidl} was not committed: {env.failure}")
+            if env.outcome and env.outcome.startswith("failed"):
+                result.failed += 1
+            else:
+                result.processed += 1
+            if not opts.dry_run:
+                await thread(session.dele, number)
+                result.deleted += 1
+
+        for m in listing:
+            if opts.stop is not None and opts.stop.is_set():
+                log.info("mailbox=%s stopping: the rest stays on the server", cfg.name)
+                break
+            if m.uidl is not None and m.uidl in query.known:
+                if not opts.dry_run:
+                    log.info("mailbox=%s uidl=%s already in the ledger: deleting", cfg.name, m.uidl)
+                    await thread(session.dele, m.number)
+                    result.deleted += 1
+                continue
+            raw = await thread(session.retr, m.number)
+            result.fetched += 1
+            if opts.debug_dir is not None:
+                await thread(_write_debug, opts.debug_dir, cfg.name, m.uidl or str(m.number), raw)
+            env = await thread(make_envelope, cfg, m.uidl, raw)
+            del raw
+            env.dry_run = opts.dry_run
+            await send.send(env)
+            if opts.on_envelope is not None:
+                opts.on_envelope(env)
+            pending.append((m.number, env))
+            # Delete what is already acknowledged, so few messages are held at once.
+            while pending and pending[0][1].done.is_set():
+                await settle(*pending.pop(0))
+        while pending:
+            await settle(*pending.pop(0))
+        await thread(session.quit)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            # RSET undoes this session's deletions; a dead socket does the same by itself.
+            await anyio.to_thread.run_sync(session.abort)
+        raise
+    return result
+
+
+def _write_debug(folder: Path, mailbox: str, uidl: str, raw: bytes) -> None:
+    """The original's /Debug: one RawMessage file per message received."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{mailbox}-{uidl}")[:150]
+    (folder / f"RawMessage-{safe}.eml").write_bytes(raw)

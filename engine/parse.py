@@ -1,0 +1,1676 @@
+"""Turn the raw bytes of one message into a :class:`~engine.model.ParsedMessage`.
+
+Everything here is a pure function of its arguments: no I/O, no global state changed, safe to
+call from several worker threads at once. :func:`parse_message` raises only
+:class:`~engine.errors.LimitExceeded` or :class:`~engine.errors.ParseError`, whatever the bytes.
+
+Design notes (the reasons, so that nobody "simplifies" them away):
+
+* Limits are checked on the raw bytes *before* the stdlib parser sees them. The ``email``
+  feed parser recurses once per MIME level (2,000 nested multiparts raise ``RecursionError``),
+  takes seconds for 100,000 parts, and its parameter splitter is quadratic in the number of
+  quoted semicolons. A linear scan of the Content-Type fields and boundary lines catches all of
+  that in microseconds.
+* The parser runs with the ``compat32`` policy and we decode headers ourselves: the
+  ``policy.default`` header objects cost five times the whole parse, and we need a tolerant
+  RFC 2047 decoder anyway (broken encoded words are common in real mail).
+* Charsets never reach ``codecs`` unchecked. A label is looked up once and accepted only if it
+  names a text encoding outside a deny-list (``utf-7``, ``unicode_escape``, ``punycode``...);
+  ``zlib_codec`` or ``rot13`` in a charset parameter would otherwise decompress or transform
+  attacker data. The stdlib helpers that decode with the declared charset (``get_filename``,
+  ``get_content_charset``, ``get_payload()`` without ``decode=True``) are never called.
+* Decoded header text is flattened to one line (CVE-2024-6923: a newline in a decoded header
+  must never reach anything we build), and addresses are split on the *raw* header before
+  display names are decoded, with the strict rules of the CVE-2023-27043 fix.
+"""
+
+from __future__ import annotations
+
+import binascii
+import codecs
+import email
+import email.utils
+import functools
+import hashlib
+import html as html_lib
+import inspect
+import itertools
+import mimetypes
+import quopri
+import re
+import unicodedata
+import urllib.parse
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.message import Message
+from typing import Final, NamedTuple
+
+import charset_normalizer
+import nh3
+from inscriptis import get_text as _inscriptis_get_text  # type: ignore[import-untyped]
+from inscriptis.model.config import ParserConfig  # type: ignore[import-untyped]
+from tnefparse.tnef import TNEF  # type: ignore[import-untyped]
+
+from engine.errors import LimitExceeded, MessageError, ParseError
+from engine.model import Attachment, ParsedMessage
+
+__all__ = ["ParseLimits", "message_summary", "parse_message", "safe_filename"]
+
+
+@dataclass(frozen=True)
+class ParseLimits:
+    """Bounds on what one message may cost to parse; over any of them it is refused whole.
+
+    ``max_bytes`` is the size of the raw message, ``max_depth`` the MIME nesting (multiparts
+    and ``message/*`` parts), ``max_parts`` the number of MIME parts, ``max_header_bytes`` the
+    size of the top-level header block and ``max_addresses`` the addresses in one address
+    header. ``max_header_params`` bounds the parameters of one Content-Type field (the stdlib
+    splitter is quadratic in them), ``max_html_depth`` the nesting of block elements in an
+    HTML part (the HTML sanitizer is quadratic in it) and ``max_html_render_bytes`` the HTML
+    that is rendered to text with full layout; a larger HTML-only body is flattened with a
+    faster, plainer method instead of being refused.
+    """
+
+    max_bytes: int = 26_214_400
+    max_depth: int = 20
+    max_parts: int = 500
+    max_header_bytes: int = 256 * 1024
+    max_addresses: int = 1000
+    max_header_params: int = 100
+    max_html_depth: int = 1000
+    max_html_render_bytes: int = 1024 * 1024
+
+
+_DEFAULT_LIMITS: Final = ParseLimits()
+
+# --------------------------------------------------------------------------------------------
+# Small text helpers
+# --------------------------------------------------------------------------------------------
+
+# Every C0/C1 control, DEL and the Unicode line/paragraph separators become one space, and
+# runs of spaces collapse: the result is always a single line.
+_ONE_LINE_RE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029 ]+")
+# In multi-line bodies only the controls that are never text are removed.
+_BODY_CTRL_RE: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_NEWLINES_RE: Final = re.compile(r"\r\n?")
+_FOLD_RE: Final = re.compile(r"\r\n|\r|\n")
+
+
+def _one_line(text: str) -> str:
+    """Flatten decoded header text to one line: no CR, LF or other control character."""
+    return _ONE_LINE_RE.sub(" ", text).strip()
+
+
+def _to_bytes(text: str) -> bytes:
+    """Recover the original octets of text that the parser decoded ASCII+surrogateescape."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _sanitize_exc(exc: BaseException) -> str:
+    """One safe line describing an exception, for a ParseError message."""
+    return _one_line(f"{type(exc).__name__}: {exc}")[:200]
+
+
+# --------------------------------------------------------------------------------------------
+# Charsets
+# --------------------------------------------------------------------------------------------
+
+# Codecs that are "text encodings" to Python but must never decode mail: UTF-7 turns
+# "+ADw-script+AD4-" into "<script>", the escape codecs interpret backslashes, punycode/idna
+# are for host names, and the rest are not charsets at all.
+_DENIED_CODECS: Final = frozenset(
+    {
+        "utf-7",
+        "unicode-escape",
+        "raw-unicode-escape",
+        "punycode",
+        "idna",
+        "undefined",
+        "charmap",
+        "mbcs",
+        "oem",
+        "unicode-internal",
+    }
+)
+# Labels seen in real mail that Python does not know, mapped to the codec they mean. The
+# "unknown" labels map to None: decode by detection.
+_CHARSET_ALIASES: Final[dict[str, str | None]] = {
+    "x-unknown": None,
+    "unknown": None,
+    "unknown-8bit": None,
+    "x-user-defined": None,
+    "iso-8859-8-i": "iso8859-8",
+    "iso-8859-8-e": "iso8859-8",
+    "iso-8859-6-i": "iso8859-6",
+    "iso-8859-6-e": "iso8859-6",
+    "windows-31j": "cp932",
+    "x-sjis": "cp932",
+    "windows-874": "cp874",
+    "x-gbk": "gb18030",
+    "x-euc-jp": "euc_jp",
+    "x-mac-cyrillic": "mac-cyrillic",
+    "x-mac-roman": "mac-roman",
+}
+# Declared charsets that mail clients routinely use for their superset: decoding with the
+# superset gives the same text for conforming data and the right text for the rest (the WHATWG
+# encoding standard does the same).
+_CHARSET_UPGRADES: Final = {
+    "iso8859-1": "cp1252",
+    "gb2312": "gb18030",
+    "gbk": "gb18030",
+    "shift_jis": "cp932",
+    "euc_kr": "cp949",
+    "tis-620": "cp874",
+}
+_CHARSET_LABEL_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.:+-]{0,39}")
+_UTF8_LIKE: Final = frozenset({"utf-8", "ascii", "utf-8-sig"})
+# Detection looks at a bounded sample: its cost must not grow with a 20 MB part.
+_DETECT_SAMPLE: Final = 64 * 1024
+
+
+@functools.lru_cache(maxsize=256)
+def _codec_for(label: str) -> str | None:
+    """The Python codec to decode text declared as ``label``, or None if unknown or unsafe."""
+    name = label.strip().strip("\"'").lower()
+    if not _CHARSET_LABEL_RE.fullmatch(name):
+        return None
+    if name in _CHARSET_ALIASES:
+        alias = _CHARSET_ALIASES[name]
+        if alias is None:
+            return None
+        name = alias
+    try:
+        info = codecs.lookup(name)
+    except Exception:  # LookupError mostly; a broken codec module must not escape either
+        return None
+    if not getattr(info, "_is_text_encoding", True):
+        return None
+    canonical = info.name.lower().replace("_", "-")
+    if canonical in _DENIED_CODECS:
+        return None
+    return _CHARSET_UPGRADES.get(info.name, info.name)
+
+
+def _detect_codec(data: bytes) -> str | None:
+    """charset-normalizer's safe guess for undeclared 8-bit text, or None.
+
+    It ranks candidates by "chaos" then "coherence"; when several single-byte code pages tie
+    its first pick is arbitrary, so among the tied best we prefer windows-1252.
+    """
+    try:
+        matches = list(charset_normalizer.from_bytes(data[:_DETECT_SAMPLE]))
+    except Exception:  # detection is best effort: any failure means "no guess"
+        return None
+    if not matches:
+        return None
+    least_chaos = min(m.percent_chaos for m in matches)
+    calm = [m for m in matches if m.percent_chaos <= least_chaos + 1.0]
+    best_coherence = max(m.percent_coherence for m in calm)
+    tied = [m for m in calm if m.percent_coherence >= best_coherence - 1.0]
+    for m in tied:
+        if "cp1252" in m.could_be_from_charset:
+            return "cp1252"
+    return _codec_for(str(tied[0].encoding))
+
+
+_WESTERN_PUNCTUATION: Final = frozenset("€‚„…†‡‰‹›‘’“”•–—™«»°£©®§¡¿·\xa0")
+
+
+def _looks_western(data: bytes) -> str | None:
+    """The windows-1252 text of ``data`` if it reads as a Western European text, else None.
+
+    charset-normalizer guesses poorly on short Western texts (a French paragraph comes back
+    as cp1257), while undeclared 8-bit mail is overwhelmingly windows-1252. We accept that
+    reading when every non-ASCII character is a letter or common typographic sign and such
+    letters are a minority of the letters: Cyrillic or Greek single-byte text decodes to
+    accented Latin letters too, but then nearly every letter is non-ASCII.
+    """
+    sample = data[:_DETECT_SAMPLE]
+    try:
+        text = sample.decode("cp1252")
+    except UnicodeDecodeError:
+        return None
+    letters = 0
+    accented = 0
+    for ch in text:
+        if ch.isascii():
+            letters += ch.isalpha()
+        elif ch in _WESTERN_PUNCTUATION:
+            continue
+        elif unicodedata.category(ch).startswith("L"):
+            letters += 1
+            accented += 1
+        else:
+            return None
+    if accented > 0.3 * letters:
+        return None
+    return data.decode("cp1252", "replace")
+
+
+def _decode_undeclared(data: bytes) -> str:
+    """Text of octets whose charset is unknown: ASCII, UTF-8, detection, else UTF-8 lossy."""
+    if data.isascii():
+        return data.decode("ascii")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    western = _looks_western(data)
+    if western is not None:
+        return western
+    codec = _detect_codec(data)
+    if codec is not None:
+        try:
+            return data.decode(codec, "replace")
+        except Exception:  # a codec that cannot even decode with "replace": use the fallback
+            pass
+    return data.decode("utf-8", "replace")
+
+
+def _utf16_codec(data: bytes) -> str:
+    """utf-16 without a BOM: guess the byte order from where the zero bytes of ASCII fall."""
+    if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        return "utf-16"
+    sample = data[:4096]
+    return "utf-16-le" if sample[1::2].count(0) >= sample[0::2].count(0) else "utf-16-be"
+
+
+def _decode_text(data: bytes, label: str | None) -> str:
+    """Text of octets declared as charset ``label`` (which may be absent, unknown or hostile)."""
+    codec = _codec_for(label) if label else None
+    if codec is None:
+        return _decode_undeclared(data)
+    if codec == "utf-16":
+        codec = _utf16_codec(data)
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError:
+        if codec in _UTF8_LIKE:
+            # "us-ascii" or "utf-8" on 8-bit data that is not UTF-8 is a mislabel, not a
+            # damaged UTF-8 text: the real charset is some legacy one.
+            return _decode_undeclared(data)
+    except Exception:  # the codec failed otherwise: treat the label as unknown
+        return _decode_undeclared(data)
+    try:
+        return data.decode(codec, "replace")
+    except Exception:  # same: never let a codec error out of here
+        return _decode_undeclared(data)
+
+
+def _decode_8bit(text: str) -> str:
+    """Header text as parsed (raw 8-bit octets surrogate-escaped) to real text."""
+    if text.isascii():
+        return text
+    return _decode_undeclared(_to_bytes(text))
+
+
+# --------------------------------------------------------------------------------------------
+# RFC 2047 encoded words
+# --------------------------------------------------------------------------------------------
+
+# Tolerant: any charset token, either case of B/Q, and an encoded text of anything but "?"
+# (which also keeps the match linear: a scan never runs past the next "?").
+_EW_RE: Final = re.compile(r"=\?([^?\s]{1,64})\?([bBqQ])\?([^?]*)\?=")
+_B64_JUNK_RE: Final = re.compile(rb"[^A-Za-z0-9+/]")
+
+
+def _ew_bytes(encoding: str, text: str) -> bytes | None:
+    """The octets of one encoded word's text, or None if it cannot be decoded."""
+    raw = _to_bytes(text)
+    try:
+        if encoding in "qQ":
+            return binascii.a2b_qp(raw, header=True)
+        raw = _B64_JUNK_RE.sub(b"", raw)
+        if len(raw) % 4 == 1:
+            raw = raw[:-1]  # a lone trailing sextet carries no whole octet
+        return binascii.a2b_base64(raw + b"=" * (-len(raw) % 4))
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _decode_words(value: str) -> str:
+    """Decode RFC 2047 encoded words in header text, tolerating the usual breakage.
+
+    Adjacent words in the same charset are joined before decoding, because senders split
+    multi-byte characters across words; white space between encoded words is dropped as
+    RFC 2047 section 6.2 says. A word that cannot be decoded stays as it was written.
+    """
+    if "=?" not in value:
+        return _decode_8bit(value)
+    out: list[str] = []
+    pending = bytearray()
+    pending_charset = ""
+    pos = 0
+    after_word = False
+
+    def flush() -> None:
+        if pending:
+            out.append(_decode_text(bytes(pending), pending_charset or None))
+            pending.clear()
+
+    for m in _EW_RE.finditer(value):
+        between = value[pos : m.start()]
+        if between and not (after_word and between.isspace()):
+            flush()
+            out.append(_decode_8bit(between))
+        charset = m.group(1).split("*", 1)[0].lower()
+        data = _ew_bytes(m.group(2), m.group(3))
+        if data is None:
+            flush()
+            out.append(_decode_8bit(m.group(0)))
+            after_word = False
+        else:
+            if pending and charset != pending_charset:
+                flush()
+            pending_charset = charset
+            pending.extend(data)
+            after_word = True
+        pos = m.end()
+    flush()
+    out.append(_decode_8bit(value[pos:]))
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# MIME parameters (our own linear parser: no codec is ever called with a declared charset)
+# --------------------------------------------------------------------------------------------
+
+
+class _Param(NamedTuple):
+    """One parameter: ``text`` as written (unquoted) or, for RFC 2231, ``data`` + charset."""
+
+    text: str
+    data: bytes | None = None
+    charset: str = ""
+
+
+_RFC2231_NAME_RE: Final = re.compile(r"([^*]+)\*(?:([0-9]{1,4})(\*)?)?")
+
+
+def _unquote(value: str) -> str:
+    """Unquote a parameter value exactly as ``email.utils.unquote`` does."""
+    value = value.strip()
+    if len(value) > 1:
+        if value[0] == '"' and value[-1] == '"':
+            return value[1:-1].replace("\\\\", "\\").replace('\\"', '"')
+        if value[0] == "<" and value[-1] == ">":
+            return value[1:-1]
+    return value
+
+
+def _split_params(value: str) -> list[str]:
+    """Split on ";" outside quoted strings, in one linear pass."""
+    segments: list[str] = []
+    current: list[str] = []
+    quotes = 0
+    for piece in value.split(";"):
+        current.append(piece)
+        quotes += piece.count('"') - piece.count('\\"')
+        if quotes % 2 == 0:
+            segments.append(";".join(current))
+            current = []
+            quotes = 0
+    if current:
+        segments.append(";".join(current))
+    return segments
+
+
+def _parse_params(value: str) -> tuple[str, dict[str, _Param]]:
+    """Split a Content-Type/Disposition value into its lowercased main value and parameters.
+
+    RFC 2231 continuations (``name*0*=``) and charset/language prefixes are honoured; the
+    octets of an extended value are returned undecoded with their charset label, so that the
+    caller decodes them through the safe codec lookup. As in the stdlib, a plain parameter
+    wins over an extended one of the same name, and the first of duplicates wins.
+    """
+    segments = _split_params(value)
+    main = segments[0].strip().lower() if segments else ""
+    params: dict[str, _Param] = {}
+    extended: dict[str, list[tuple[int, str, bool]]] = {}
+    for segment in segments[1:]:
+        name, sep, val = segment.partition("=")
+        name = name.strip().lower()
+        if not sep or not name:
+            continue
+        m = _RFC2231_NAME_RE.fullmatch(name)
+        if m is None:
+            params.setdefault(name, _Param(_unquote(val)))
+            continue
+        number = int(m.group(2)) if m.group(2) is not None else 0
+        encoded = m.group(2) is None or m.group(3) is not None
+        extended.setdefault(m.group(1), []).append((number, _unquote(val), encoded))
+    for name, pieces in extended.items():
+        if name in params:
+            continue
+        pieces.sort(key=lambda p: p[0])
+        charset = ""
+        chunks: list[bytes] = []
+        any_encoded = False
+        for index, (_, text, encoded) in enumerate(pieces):
+            if encoded:
+                any_encoded = True
+                if index == 0 and text.count("'") >= 2:
+                    charset, _lang, text = text.split("'", 2)
+                chunks.append(urllib.parse.unquote_to_bytes(_to_bytes(text)))
+            else:
+                chunks.append(_to_bytes(text))
+        data = b"".join(chunks)
+        if any_encoded:
+            params[name] = _Param("", data, charset.strip())
+        else:
+            params[name] = _Param(data.decode("utf-8", "surrogateescape"))
+    return main, params
+
+
+def _param_text(param: _Param | None, *, encoded_words: bool = False) -> str | None:
+    """The decoded text of a parameter (None if absent)."""
+    if param is None:
+        return None
+    if param.data is not None:
+        return _decode_text(param.data, param.charset or None)
+    return _decode_words(param.text) if encoded_words else _decode_8bit(param.text)
+
+
+# --------------------------------------------------------------------------------------------
+# Pre-scan: header block, MIME structure and limits, on the raw bytes
+# --------------------------------------------------------------------------------------------
+
+# A blank line; bare CR line ends ("\r\r") count too, as they do for the feed parser.
+_HEADER_END_RE: Final = re.compile(rb"\r?\n\r?\n|\r\r")
+# A line the feed parser would not take as a header line ends the header block too.
+_NOT_HEADER_LINE_RE: Final = re.compile(rb"^(?!From |[\x21-\x39\x3b-\x7e]*:|[ \t])", re.M)
+# One pass finds every Content-Type field (with its continuation lines) and every line that
+# starts with "--" (a candidate boundary delimiter), in order. The pattern starts with a
+# literal newline rather than "^" so that the regex engine can skip ahead to line ends; the
+# first line is matched separately.
+_SCAN_BODY: Final = rb"(?:content-type[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)|--([^\r\n]*))"
+_SCAN_RE: Final = re.compile(rb"\n" + _SCAN_BODY, re.I)
+_SCAN_FIRST_RE: Final = re.compile(_SCAN_BODY, re.I)
+# Charsets the stdlib may meet in an RFC 2231 boundary parameter without harm.
+_SAFE_BOUNDARY_CHARSETS: Final = frozenset({"", "us-ascii", "ascii", "utf-8", "iso-8859-1"})
+
+
+def _header_end(raw: bytes, limit: int) -> int | None:
+    """Offset of the body (after the blank line), or None if the header block is too big."""
+    if raw.startswith((b"\n", b"\r\n")):
+        return raw.index(b"\n") + 1
+    if raw.startswith(b"\r"):
+        return 1
+    window = limit + 4
+    m = _HEADER_END_RE.search(raw, 0, window)
+    if m is not None:
+        return m.end()
+    if len(raw) <= limit:
+        return len(raw)
+    m = _NOT_HEADER_LINE_RE.search(raw, 0, window)
+    if m is not None:
+        return m.start()
+    return None
+
+
+@dataclass
+class _Scan:
+    """What the pre-scan learned about the MIME structure."""
+
+    # boundary -> [(offset of the "--" of its delimiter line, is the close delimiter)]
+    delimiters: dict[str, list[tuple[int, bool]]]
+    # boundary -> how many Content-Type fields declare it (spans are trusted only if one)
+    declared: dict[str, int]
+    offsets_valid: bool
+
+
+def _scan(raw: bytes, limits: ParseLimits) -> _Scan:
+    """Check size-like limits on the raw bytes, before the stdlib parser ever sees them.
+
+    Nesting is followed with a stack: a multipart Content-Type pushes its boundary, a
+    ``message/*`` one pushes a level without a boundary, a delimiter line of a boundary on the
+    stack pops what was opened inside it. This over-counts when Content-Type lines appear in
+    body text (a text/rfc822-headers part, a pasted header), which only ever makes the check
+    stricter, and the limits leave room for that.
+    """
+    data = raw
+    offsets_valid = True
+    if raw.count(b"\r") != raw.count(b"\r\n"):
+        # Bare CR line ends: the feed parser splits on them too, so scan a normalized copy
+        # (its offsets no longer match the raw bytes).
+        data = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        offsets_valid = False
+    stack: list[str | None] = []
+    delimiters: dict[str, list[tuple[int, bool]]] = {}
+    declared: dict[str, int] = {}
+    parts = 0
+    first = _SCAN_FIRST_RE.match(data)
+    matches = itertools.chain([first] if first is not None else [], _SCAN_RE.finditer(data))
+    for m in matches:
+        field = m.group(1)
+        if field is not None:
+            semicolons = field.count(b";")
+            if semicolons > limits.max_header_params:
+                raise LimitExceeded(
+                    f"a Content-Type field has {semicolons} parameters; the limit "
+                    f"(max_header_params) is {limits.max_header_params}"
+                )
+            ctype, params = _parse_params(
+                _FOLD_RE.sub("", field.decode("ascii", "surrogateescape"))
+            )
+            if ctype.startswith("multipart/"):
+                boundary = _scan_boundary(params.get("boundary"))
+                if boundary is None:
+                    continue
+                stack.append(boundary)
+                declared[boundary] = declared.get(boundary, 0) + 1
+            elif ctype.startswith("message/"):
+                stack.append(None)
+            else:
+                continue
+            # The top-level entity is level 1; each container adds one.
+            if len(stack) > limits.max_depth:
+                raise LimitExceeded(
+                    f"MIME nesting reaches at least {len(stack)} levels; the limit "
+                    f"(max_depth) is {limits.max_depth}"
+                )
+            continue
+        if not stack:
+            continue
+        line = m.group(2).decode("ascii", "surrogateescape").rstrip(" \t")
+        for index in range(len(stack) - 1, -1, -1):
+            boundary = stack[index]
+            if boundary is None:
+                continue
+            if line == boundary:
+                del stack[index + 1 :]
+                parts += 1
+                if parts > limits.max_parts:
+                    raise LimitExceeded(
+                        f"the message has at least {parts} MIME parts; the limit (max_parts) "
+                        f"is {limits.max_parts}"
+                    )
+                delimiters.setdefault(boundary, []).append((m.start(2) - 2, False))
+                break
+            if line == boundary + "--":
+                del stack[index:]
+                delimiters.setdefault(boundary, []).append((m.start(2) - 2, True))
+                break
+    return _Scan(delimiters, declared, offsets_valid)
+
+
+def _scan_boundary(param: _Param | None) -> str | None:
+    """The boundary the stdlib will use, as ``Message.get_boundary`` computes it."""
+    if param is None:
+        return None
+    if param.data is None:
+        return param.text.rstrip()
+    if param.charset.lower() not in _SAFE_BOUNDARY_CHARSETS:
+        # The stdlib would decode this boundary with whatever codec the label names.
+        raise ParseError(
+            f"the boundary parameter declares the charset {param.charset[:40]!r}; only ASCII "
+            "boundaries are accepted"
+        )
+    return param.data.decode("latin-1").rstrip()
+
+
+# --------------------------------------------------------------------------------------------
+# Headers
+# --------------------------------------------------------------------------------------------
+
+
+def _unfold(value: str) -> str:
+    """RFC 5322 unfolding: remove the line breaks, keep the white space after them."""
+    return _FOLD_RE.sub("", value)
+
+
+def _header_map(msg: Message) -> dict[str, list[str]]:
+    """All top-level header values by lowercased name, raw (8-bit octets surrogate-escaped)."""
+    headers: dict[str, list[str]] = {}
+    for name, value in msg.raw_items():
+        headers.setdefault(name.strip().lower(), []).append(value)
+    return headers
+
+
+def _first(headers: dict[str, list[str]], name: str) -> str | None:
+    values = headers.get(name)
+    return _unfold(values[0]) if values else None
+
+
+def _part_header(part: Message, name: str) -> str | None:
+    """First raw value of a header of a MIME part (never the stdlib's decoded view)."""
+    for key, value in part.raw_items():
+        if key.strip().lower() == name:
+            return _unfold(value)
+    return None
+
+
+_MSGID_RE: Final = re.compile(r"<([^<>\s]{1,998})>")
+_MAX_REFERENCES: Final = 200
+
+
+def _clean_id(text: str) -> str | None:
+    ident = _one_line(_decode_8bit(text)).replace(" ", "")
+    return ident[:998] or None
+
+
+def _msgid(value: str | None) -> str | None:
+    """The message-id in a Message-ID/In-Reply-To value, without angle brackets."""
+    if value is None:
+        return None
+    m = _MSGID_RE.search(value)
+    if m is not None:
+        return _clean_id(m.group(1))
+    token = value.strip()
+    if token and not any(ch.isspace() for ch in token):
+        return _clean_id(token.strip("<>"))
+    return None
+
+
+def _msgids(value: str | None) -> tuple[str, ...]:
+    """All message-ids of a References value, oldest first."""
+    if not value:
+        return ()
+    ids = [i for i in (_clean_id(m) for m in _MSGID_RE.findall(value)) if i]
+    if len(ids) > _MAX_REFERENCES:
+        # The root and the most recent ancestors are the ones threading needs.
+        ids = [ids[0], *ids[-(_MAX_REFERENCES - 1) :]]
+    return tuple(ids)
+
+
+def _date(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(_decode_8bit(value).strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if parsed.tzinfo is None:
+        # "-0000" means "UTC, but the sender's zone is unknown" (RFC 5322 3.3).
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+# --------------------------------------------------------------------------------------------
+# Addresses
+# --------------------------------------------------------------------------------------------
+
+_getaddresses: Callable[..., list[tuple[str, str]]] = email.utils.getaddresses
+_HAS_STRICT: Final = "strict" in inspect.signature(email.utils.getaddresses).parameters
+_QUOTED_RE: Final = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_ADDR_SPECIALS_RE: Final = re.compile(r'\\.|[()"]', re.S)
+_MAX_COMMENT_DEPTH: Final = 16
+_BAD_ADDR_RE: Final = re.compile(r'[\s\x00-\x1f\x7f<>(),;:"\\\[\]]')
+
+
+def _balanced(value: str) -> bool:
+    """Quotes closed, parentheses balanced and shallow (the stdlib recurses on comments)."""
+    depth = 0
+    quoted = False
+    for m in _ADDR_SPECIALS_RE.finditer(value):
+        token = m.group(0)
+        if token[0] == "\\":
+            continue
+        if token == '"':
+            quoted = not quoted
+        elif quoted:
+            continue
+        elif token == "(":
+            depth += 1
+            if depth > _MAX_COMMENT_DEPTH:
+                return False
+        else:
+            depth -= 1
+            if depth < 0:
+                return False
+    return depth == 0 and not quoted
+
+
+def _address_count(value: str) -> int:
+    """Upper bound of the addresses in an address header: its unquoted commas plus one."""
+    return _QUOTED_RE.sub("", value).count(",") + 1
+
+
+def _split_addresses(value: str) -> list[tuple[str, str]]:
+    """``getaddresses`` in strict mode (CVE-2023-27043), emulated where Python lacks it.
+
+    Any doubt yields no address at all rather than a wrong one: a field whose parse does not
+    produce exactly one address per unquoted comma, or that holds a "[" outside a domain
+    literal, was misread and is dropped whole, as the patched stdlib does.
+    """
+    if not _balanced(value):
+        return []
+    try:
+        if _HAS_STRICT:
+            pairs = _getaddresses([value], strict=True)
+        else:
+            pairs = _getaddresses([value])
+            if len(pairs) != _address_count(value):
+                return []
+            pairs = [("", "") if "[" in addr else (name, addr) for name, addr in pairs]
+    except (RecursionError, IndexError, ValueError, TypeError):
+        return []
+    return pairs
+
+
+def _addresses(
+    values: list[str] | None, limits: ParseLimits, field: str
+) -> list[tuple[str, str]] | None:
+    """(display name, address) pairs of an address header; None if the header is absent.
+
+    Addresses are split on the raw header and only then are display names decoded, so that
+    an encoded word cannot smuggle a "<victim@example.org>" into the parse.
+    """
+    if not values:
+        return None
+    raw = ", ".join(_unfold(v) for v in values)
+    count = _address_count(raw)
+    if count > limits.max_addresses:
+        raise LimitExceeded(
+            f"the {field} header has {count} addresses; the limit (max_addresses) is "
+            f"{limits.max_addresses}"
+        )
+    result: list[tuple[str, str]] = []
+    for name, addr in _split_addresses(raw):
+        address = _decode_8bit(addr).strip()
+        if not address or _BAD_ADDR_RE.search(address) or address.count("@") > 1:
+            continue
+        result.append((_one_line(_decode_words(name)), address))
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# File names
+# --------------------------------------------------------------------------------------------
+
+_RESERVED_NAMES: Final = frozenset(
+    {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
+    | {f"{device}{n}" for device in ("COM", "LPT") for n in "123456789¹²³"}
+)
+_SEPARATORS_RE: Final = re.compile(r"[/\\]")
+_MAX_NAME_INPUT: Final = 4096
+# Characters that Windows refuses in a name (the separators are handled before).
+_WINDOWS_ILLEGAL_RE: Final = re.compile(r'[<>:"|?*]')
+_MAX_NAME_BYTES: Final = 150
+_MAX_EXT_CHARS: Final = 16
+
+
+def _strip_name_junk(name: str) -> str:
+    """Replace characters that are never part of a sane file name by "_".
+
+    Control characters (NUL included), Unicode format characters (bidi overrides such as
+    U+202E disguise "exe" as "txt"), line/paragraph separators and lone surrogates (not
+    encodable to UTF-8) all go.
+    """
+    return "".join(
+        "_" if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp") else ch for ch in name
+    )
+
+
+def _truncate_utf8(text: str, limit: int) -> str:
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode("utf-8", "ignore")
+
+
+def safe_filename(name: str | None, fallback: str) -> str:
+    """A name safe to create as a file on POSIX and Windows, derived from a sender's ``name``.
+
+    Only the last path component is kept (``/`` and ``\\`` both separate), so ``..``
+    components and drive letters cannot lead anywhere; control, format and Windows-illegal
+    characters become ``_``; leading dots and spaces and trailing dots and spaces are removed;
+    reserved Windows device names (``CON``, ``NUL``, ``COM1``..., with or without extension)
+    get a ``_`` prefix; the result is at most 150 UTF-8 bytes, keeping the extension. When
+    nothing usable is left, ``fallback`` (sanitized the same way) is returned, and
+    ``"attachment"`` if even that is empty.
+    """
+    for candidate in (name, fallback):
+        if not candidate:
+            continue
+        cleaned = _clean_name(candidate)
+        if cleaned:
+            return cleaned
+    return "attachment"
+
+
+def _clean_name(name: str) -> str:
+    if len(name) > _MAX_NAME_INPUT:
+        # Keep the head and the tail: the tail holds the last path component and extension.
+        name = name[: _MAX_NAME_INPUT // 2] + name[-256:]
+    text = unicodedata.normalize("NFC", name)
+    text = _strip_name_junk(text)
+    text = _SEPARATORS_RE.split(text)[-1]
+    text = _WINDOWS_ILLEGAL_RE.sub("_", text)
+    text = text.strip(" .")
+    if not text.strip("_ "):
+        return ""
+    stem, dot, ext = text.rpartition(".")
+    if not dot or not stem or len(ext) > _MAX_EXT_CHARS or " " in ext:
+        stem, ext = text, ""
+    if ext:
+        ext = "." + ext
+    if stem.split(".", 1)[0].rstrip(" ").upper() in _RESERVED_NAMES:
+        stem = "_" + stem
+    room = _MAX_NAME_BYTES - len(ext.encode("utf-8"))
+    stem = _truncate_utf8(stem, room).rstrip(" .")
+    if not stem:
+        return ""
+    return stem + ext
+
+
+_PREFERRED_EXTENSIONS: Final = {
+    "application/octet-stream": ".bin",
+    "application/ms-tnef": ".dat",
+    "application/pdf": ".pdf",
+    "image/jpeg": ".jpg",
+    "image/png": ".png",
+    "image/gif": ".gif",
+    "text/plain": ".txt",
+    "text/html": ".html",
+    "text/calendar": ".ics",
+    "text/rfc822-headers": ".txt",
+    "message/rfc822": ".eml",
+    "message/global": ".eml",
+    "message/delivery-status": ".txt",
+    "message/disposition-notification": ".txt",
+}
+
+
+def _invert(types_map: dict[str, str]) -> dict[str, str]:
+    inverted: dict[str, str] = {}
+    for extension, content_type in types_map.items():
+        inverted.setdefault(content_type, extension)
+    return inverted
+
+
+# mimetypes' built-in tables, read once: guess_type()/guess_extension() would load the
+# system's mime.types files on first use, and this module does no I/O.
+_TYPES_BY_EXTENSION: Final = dict(mimetypes.types_map)
+_EXTENSIONS_BY_TYPE: Final = _invert(_TYPES_BY_EXTENSION)
+
+
+def _type_for(name: str | None) -> str:
+    if name and "." in name:
+        return _TYPES_BY_EXTENSION.get(
+            "." + name.rpartition(".")[2].lower(), "application/octet-stream"
+        )
+    return "application/octet-stream"
+
+
+def _extension_for(content_type: str) -> str:
+    return _PREFERRED_EXTENSIONS.get(content_type) or _EXTENSIONS_BY_TYPE.get(content_type, ".bin")
+
+
+# --------------------------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------------------------
+
+_URL_SCHEMES: Final = frozenset(nh3.ALLOWED_URL_SCHEMES | {"cid"})
+# Block elements whose start tag makes html5ever scan the stack of open elements: nesting
+# them n deep costs O(n^2) in the sanitizer (100,000 nested <div> take 25 s).
+_HTML_BLOCK_TAG_RE: Final = re.compile(
+    r"<(/?)(?:address|article|aside|blockquote|center|details|dialog|dir|div|dl|fieldset|"
+    r"figcaption|figure|footer|form|h[1-6]|header|hgroup|listing|main|menu|nav|ol|pre|"
+    r"search|section|summary|ul)(?=[\s/>])",
+    re.I,
+)
+_META_CHARSET_RE: Final = re.compile(
+    rb"<meta[^>]{0,200}?charset\s*=\s*[\"']?([A-Za-z0-9_.:-]{1,40})", re.I
+)
+_BLANK_LINES_RE: Final = re.compile(r"\n{3,}")
+
+
+def _check_html_depth(markup: str, limits: ParseLimits) -> None:
+    depth = 0
+    deepest = 0
+    for m in _HTML_BLOCK_TAG_RE.finditer(markup):
+        if m.group(1):
+            depth = max(0, depth - 1)
+        else:
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limits.max_html_depth:
+                    raise LimitExceeded(
+                        f"an HTML part nests block elements more than {limits.max_html_depth} "
+                        f"deep; the limit (max_html_depth) is {limits.max_html_depth}"
+                    )
+
+
+def _sanitize_html(markup: str) -> str:
+    """The HTML with scripts, styles, event handlers and unsafe URLs removed (nh3/ammonia)."""
+    return nh3.clean(markup, url_schemes=set(_URL_SCHEMES))
+
+
+def _flatten_html(markup: str) -> str:
+    """Plain text of HTML with no layout: the fast fallback for huge or unrenderable HTML."""
+    text = html_lib.unescape(nh3.clean(markup, tags=set()))
+    return _BLANK_LINES_RE.sub("\n\n", text).strip()
+
+
+def _render_html(markup: str, limits: ParseLimits) -> str:
+    """Readable text of an HTML body: paragraphs, lists, links as "[text](url)"."""
+    if len(markup) <= limits.max_html_render_bytes:
+        try:
+            text = str(_inscriptis_get_text(markup, ParserConfig(display_links=True)))
+        except Exception:  # inscriptis/lxml failing on odd markup: use the plain flattening
+            text = ""
+        text = "\n".join(line.rstrip() for line in text.splitlines())
+        text = _BLANK_LINES_RE.sub("\n\n", text).strip()
+        if text:
+            return text
+    # Too big for the layout engine, or lxml gave up (it drops documents nested too deep).
+    return _flatten_html(markup)
+
+
+# --------------------------------------------------------------------------------------------
+# Payloads
+# --------------------------------------------------------------------------------------------
+
+
+def _payload_bytes(part: Message) -> bytes:
+    """The decoded octets of a leaf part (base64, quoted-printable, uuencode or as is)."""
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        return b""
+    cte = (_part_header(part, "content-transfer-encoding") or "").strip().lower()
+    stdlib_cte = str(part.get("content-transfer-encoding", "")).lower()
+    if cte != stdlib_cte:
+        # The stdlib compares the header without stripping it: "base64 " came back raw.
+        if cte == "base64":
+            return _lenient_b64(payload)
+        if cte == "quoted-printable":
+            return quopri.decodestring(payload)
+    return payload
+
+
+def _lenient_b64(data: bytes) -> bytes:
+    data = _B64_JUNK_RE.sub(b"", data)
+    if len(data) % 4 == 1:
+        data = data[:-1]
+    try:
+        return binascii.a2b_base64(data + b"=" * (-len(data) % 4))
+    except (binascii.Error, ValueError):
+        return data
+
+
+def _part_charset(params: dict[str, _Param]) -> str | None:
+    charset = params.get("charset")
+    if charset is None:
+        return None
+    return charset.text if charset.data is None else charset.data.decode("latin-1")
+
+
+def _unflow(text: str, delsp: bool) -> str:
+    """Undo RFC 3676 format=flowed soft line breaks (lines ending in a space are joined)."""
+    out: list[str] = []
+    current: str | None = None
+    current_depth = 0
+    for line in text.split("\n"):
+        depth = len(line) - len(line.lstrip(">"))
+        content = line[depth:]
+        if content.startswith(" "):
+            content = content[1:]  # space-stuffing
+        flowed = content.endswith(" ") and content != "-- "
+        if current is not None and depth == current_depth:
+            current += content
+        else:
+            if current is not None:
+                out.append(">" * current_depth + (" " if current_depth else "") + current)
+            current, current_depth = content, depth
+        if flowed:
+            if delsp:
+                current = current[:-1]
+        else:
+            out.append(">" * current_depth + (" " if current_depth else "") + current)
+            current = None
+    if current is not None:
+        out.append(">" * current_depth + (" " if current_depth else "") + current)
+    return "\n".join(out)
+
+
+def _clean_body(text: str) -> str:
+    return _BODY_CTRL_RE.sub("", _NEWLINES_RE.sub("\n", text))
+
+
+def _text_of(part: Message, params: dict[str, _Param], *, html: bool = False) -> str:
+    data = _payload_bytes(part)
+    charset = _part_charset(params)
+    if charset is None and html:
+        m = _META_CHARSET_RE.search(data[:4096])
+        if m is not None:
+            charset = m.group(1).decode("ascii")
+    text = _clean_body(_decode_text(data, charset))
+    if not html:
+        flowed = params.get("format")
+        if flowed is not None and flowed.text.strip().lower() == "flowed":
+            delsp = params.get("delsp")
+            text = _unflow(text, delsp is not None and delsp.text.strip().lower() == "yes")
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# message/* parts: the exact bytes of the attached message
+# --------------------------------------------------------------------------------------------
+
+
+def _span_body(raw: bytes, start: int, end: int) -> bytes:
+    """Body of the entity raw[start:end]: what follows its header block."""
+    if raw.startswith(b"\r\n", start):
+        return raw[start + 2 : end]
+    if raw.startswith(b"\n", start):
+        return raw[start + 1 : end]
+    m = _HEADER_END_RE.search(raw, start, end)
+    return raw[m.end() : end] if m is not None else b""
+
+
+def _exact_message_bytes(
+    raw: bytes, scan: _Scan, parent_boundary: str | None, index: int, root_body: int
+) -> bytes | None:
+    """The bytes of the ``index``-th child of the multipart with ``parent_boundary``.
+
+    Found from the delimiter offsets of the pre-scan, and trusted only when the boundary is
+    declared once (two multiparts sharing a boundary make the offsets ambiguous).
+    """
+    if not scan.offsets_valid:
+        return None
+    if parent_boundary is None:
+        return raw[root_body:]
+    if scan.declared.get(parent_boundary) != 1:
+        return None
+    marks = scan.delimiters.get(parent_boundary, [])
+    opens = [i for i, (_, close) in enumerate(marks) if not close]
+    if index >= len(opens):
+        return None
+    here = opens[index]
+    line_end = raw.find(b"\n", marks[here][0])
+    if line_end < 0:
+        return None
+    start = line_end + 1
+    if here + 1 < len(marks):
+        end = marks[here + 1][0]
+        # The line break before a delimiter belongs to the delimiter (RFC 2046 5.1.1).
+        if raw[end - 2 : end] == b"\r\n":
+            end -= 2
+        elif raw[end - 1 : end] == b"\n":
+            end -= 1
+    else:
+        end = len(raw)
+    return _span_body(raw, start, max(start, end))
+
+
+def _serialize(part: Message) -> bytes:
+    """Fallback bytes of a message/* part when its exact span is unknown."""
+    chunks: list[bytes] = []
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        for sub in payload:
+            if isinstance(sub, Message):
+                try:
+                    chunks.append(sub.as_bytes())
+                except Exception:  # a header the generator cannot fold: keep what we can
+                    chunks.append(b"")
+    return b"\r\n".join(chunks)
+
+
+def _looks_like(data: bytes, part: Message) -> bool:
+    """Sanity check of a span: it starts with the first header of the parsed message."""
+    payload = part.get_payload()
+    if not isinstance(payload, list) or not payload or not isinstance(payload[0], Message):
+        return True
+    keys = payload[0].keys()
+    if not keys:
+        return True
+    head = data.lstrip()[: len(keys[0]) + 1].decode("ascii", "replace").lower()
+    return head == keys[0].lower() + ":"
+
+
+# --------------------------------------------------------------------------------------------
+# TNEF (winmail.dat)
+# --------------------------------------------------------------------------------------------
+
+_TNEF_SIGNATURE: Final = 0x223E9F78
+_IMESSAGE_SIG: Final = b"\x07\x03\x02\x00\x00\x00\x00\x00\xc0\x00\x00\x00\x00\x00\x00\x46"
+_TNEF_MAX_OBJECTS: Final = 4096
+_TNEF_MAX_PROPERTIES: Final = 100_000
+_TNEF_MAX_DEPTH: Final = 2
+_FIXED_MAPI_SIZES: Final = {
+    0x0001: 0,
+    0x0002: 2,
+    0x000B: 2,
+    0x0003: 4,
+    0x0004: 4,
+    0x000A: 4,
+    0x0005: 8,
+    0x0006: 8,
+    0x0007: 8,
+    0x0014: 8,
+    0x0040: 8,
+    0x0048: 16,
+}
+_VARIABLE_MAPI_TYPES: Final = frozenset({0x0000, 0x000D, 0x001E, 0x001F, 0x0102})
+
+
+_STOPPED: Final = -1
+
+
+class _TnefBudget:
+    """Counts what tnefparse will do, so that hostile input is refused before it runs."""
+
+    def __init__(self) -> None:
+        self.properties = 0
+
+
+def _u16(data: bytes, offset: int) -> int | None:
+    return int.from_bytes(data[offset : offset + 2], "little") if offset + 2 <= len(data) else None
+
+
+def _u32(data: bytes, offset: int) -> int | None:
+    return int.from_bytes(data[offset : offset + 4], "little") if offset + 4 <= len(data) else None
+
+
+def _mapi_walk(data: bytes, offset: int, depth: int, budget: _TnefBudget) -> int | None:
+    """Walk a MAPI property list as tnefparse's ``decode_mapi`` will.
+
+    Returns the offset after the list, ``_STOPPED`` where ``decode_mapi`` stops on an error of
+    its own (harmless: it catches it), or None if the list is unsafe. tnefparse trusts the
+    counts in the data: a property count of 4 billion past the end of the buffer spins (and
+    logs) 4 billion times. We accept only counts the remaining bytes can hold, charge every
+    value to the budget, and refuse anything we cannot follow exactly.
+    """
+    n = len(data)
+    count = _u32(data, offset)
+    if count is None:
+        return None
+    offset += 4
+    if count > (n - offset) // 4 + 1:
+        return None
+    for _ in range(count):
+        budget.properties += 1
+        if budget.properties > _TNEF_MAX_PROPERTIES:
+            return None
+        attr_type = _u16(data, offset)
+        attr_name = _u16(data, offset + 2)
+        if attr_type is None or attr_name is None:
+            # decode_mapi spins through the remaining count past the end: refuse.
+            return None
+        offset += 4
+        if attr_name >= 0x8000:
+            kind = _u32(data, offset + 16)
+            if kind is None:
+                return _STOPPED
+            offset += 20
+            if kind == 0:
+                offset += 4
+            else:
+                length = _u32(data, offset)
+                if length is None:
+                    return _STOPPED
+                offset += 4 + length + (-length % 4)
+        values: int | None = None
+        if attr_type & 0x1000:
+            attr_type ^= 0x1000
+            values = _u32(data, offset)
+            if values is None:
+                return _STOPPED
+            offset += 4
+            budget.properties += values
+            if values > (n - offset) // 2 + 1 or budget.properties > _TNEF_MAX_PROPERTIES:
+                return None
+        for _ in range(values or 1):
+            if attr_type in _FIXED_MAPI_SIZES:
+                offset += _FIXED_MAPI_SIZES[attr_type]
+                continue
+            if attr_type not in _VARIABLE_MAPI_TYPES:
+                return _STOPPED  # decode_mapi raises ValueError on the type and stops
+            items = 1
+            if not values:
+                declared = _u32(data, offset)
+                if declared is None:
+                    return _STOPPED
+                items = declared
+                offset += 4
+                budget.properties += items
+                if items > (n - offset) // 4 + 1 or budget.properties > _TNEF_MAX_PROPERTIES:
+                    return None
+            chunks: list[bytes] = []
+            for _ in range(items):
+                length = _u32(data, offset)
+                if length is None:
+                    return _STOPPED
+                offset += 4
+                padded = length + (-length % 4)
+                if attr_name == 0x3701:
+                    chunks.append(data[offset : offset + padded].rstrip(b"\x00"))
+                offset += padded
+            if chunks:
+                # An attached Outlook item: tnefparse decodes it as a nested TNEF.
+                embedded = b"".join(chunks)
+                if embedded.startswith(_IMESSAGE_SIG) and not _tnef_safe(
+                    embedded[len(_IMESSAGE_SIG) :], depth + 1, budget
+                ):
+                    return None
+        if (values or 1) % 2 and attr_type in (0x0002, 0x000B):
+            offset += 2
+    return offset
+
+
+def _tnef_safe(data: bytes, depth: int, budget: _TnefBudget) -> bool:
+    """True if tnefparse can decode ``data`` in time linear in its size."""
+    n = len(data)
+    if depth > _TNEF_MAX_DEPTH or _u32(data, 0) != _TNEF_SIGNATURE:
+        return False
+    offset = 6
+    objects = 0
+    copied = 0
+    while offset + 12 < n:
+        objects += 1
+        # tnefparse slices the rest of the buffer for every object: bound that copying.
+        copied += n - offset
+        if objects > _TNEF_MAX_OBJECTS or copied > 64 * n + (16 << 20):
+            return False
+        name = _u16(data, offset + 1)
+        size = _u32(data, offset + 5)
+        if name is None or size is None:
+            return False
+        length = min(n - offset, size + 11)
+        body = data[offset + 9 : offset + length - 2]
+        if name in (0x9003, 0x9005):
+            if _mapi_walk(body, 0, depth, budget) is None:
+                return False
+        elif name == 0x9004:
+            # Recipient rows: each row continues where the previous one ended, so every row
+            # must be followed exactly.
+            rows = _u32(body, 0)
+            if rows is None or rows > len(body) // 4:
+                return False
+            position = 4
+            for _ in range(rows):
+                after = _mapi_walk(body, position, depth, budget)
+                if after is None or after == _STOPPED:
+                    return False
+                position = after
+        offset += length
+    return True
+
+
+def _tnef_files(data: bytes, max_files: int) -> tuple[list[tuple[str | None, bytes]], str]:
+    """The files inside a winmail.dat and its body text; ([], "") when it cannot be read."""
+    if not _tnef_safe(data, 0, _TnefBudget()):
+        return [], ""
+    try:
+        tnef = TNEF(data, do_checksum=False)
+        files: list[tuple[str | None, bytes]] = []
+        for item in tnef.attachments[:max_files]:
+            content = item.data
+            if not isinstance(content, bytes):
+                continue
+            try:
+                title = item.long_filename()
+            except Exception:  # undecodable name: the file is still worth keeping
+                title = None
+            if isinstance(title, bytes):
+                title = _decode_undeclared(title)
+            files.append((title if isinstance(title, str) else None, content))
+        body = tnef.body
+        if isinstance(body, bytes):
+            body = _decode_undeclared(body)
+        return files, body if isinstance(body, str) else ""
+    except Exception:  # any failure inside tnefparse: keep winmail.dat itself
+        return [], ""
+
+
+# --------------------------------------------------------------------------------------------
+# The walk over the MIME tree
+# --------------------------------------------------------------------------------------------
+
+
+_CONTENT_TYPE_RE: Final = re.compile(r"[a-z0-9!#$&^_.+-]{1,64}/[a-z0-9!#$&^_.+-]{1,128}")
+
+
+class _Collector:
+    """Accumulates body, html and attachments while walking the tree."""
+
+    def __init__(self, raw: bytes, scan: _Scan, root_body: int, limits: ParseLimits) -> None:
+        self.raw = raw
+        self.scan = scan
+        self.root_body = root_body
+        self.limits = limits
+        self.body: str | None = None
+        self.html: str | None = None
+        self.tnef_body = ""
+        self.attachments: list[Attachment] = []
+        self.seen_names: set[str] = set()
+        self.bounce = False
+        self.parts = 0
+
+    def add(
+        self,
+        name: str | None,
+        content_type: str,
+        data: bytes,
+        *,
+        content_id: str | None = None,
+        inline: bool = False,
+        force_ext: str | None = None,
+    ) -> None:
+        number = len(self.attachments) + 1
+        fallback = f"attachment-{number}{_extension_for(content_type)}"
+        safe = safe_filename(name, fallback)
+        if force_ext and not safe.lower().endswith(force_ext):
+            safe = safe_filename(safe + force_ext, fallback)
+        safe = self._unique(safe)
+        self.attachments.append(Attachment(safe, content_type, data, inline, content_id))
+
+    def _unique(self, name: str) -> str:
+        # Case-insensitive, as on Windows and macOS file systems.
+        if name.lower() not in self.seen_names:
+            self.seen_names.add(name.lower())
+            return name
+        stem, dot, ext = name.rpartition(".")
+        if not dot or not stem:
+            stem, ext = name, ""
+        for k in range(2, 10_000):
+            candidate = safe_filename(f"{stem} ({k}){'.' + ext if ext else ''}", name)
+            if candidate.lower() not in self.seen_names:
+                self.seen_names.add(candidate.lower())
+                return candidate
+        return name
+
+    def walk(self, root: Message) -> None:
+        # Iterative, in document order: the stdlib tree can be as deep as the limits allow
+        # and we never want Python recursion here.
+        stack: list[tuple[Message, int, str | None, str | None, int]] = [(root, 1, None, None, 0)]
+        while stack:
+            part, depth, parent_type, parent_boundary, index = stack.pop()
+            # Counted like the pre-scan counts delimiters: every part but the root.
+            self.parts += depth > 1
+            if self.parts > self.limits.max_parts:
+                raise LimitExceeded(
+                    f"the message has more than {self.limits.max_parts} MIME parts; the limit "
+                    f"(max_parts) is {self.limits.max_parts}"
+                )
+            if depth > self.limits.max_depth + 1:
+                raise LimitExceeded(
+                    f"MIME nesting is deeper than {depth - 1} levels; the limit (max_depth) is "
+                    f"{self.limits.max_depth}"
+                )
+            ctype = part.get_content_type()
+            if not _CONTENT_TYPE_RE.fullmatch(ctype):
+                # 8-bit or spaced garbage: never let it into a stored content type.
+                ctype = "application/octet-stream"
+            if ctype.startswith("multipart/") and part.is_multipart():
+                payload = part.get_payload()
+                if isinstance(payload, list):
+                    _, params = _parse_params(_part_header(part, "content-type") or "")
+                    boundary = _scan_boundary(params.get("boundary"))
+                    children = [
+                        (child, depth + 1, ctype, boundary, i)
+                        for i, child in enumerate(payload)
+                        if isinstance(child, Message)
+                    ]
+                    stack.extend(reversed(children))
+                continue
+            self.leaf(part, ctype, parent_type, parent_boundary, index, depth == 1)
+
+    def leaf(
+        self,
+        part: Message,
+        ctype: str,
+        parent_type: str | None,
+        parent_boundary: str | None,
+        index: int,
+        is_root: bool,
+    ) -> None:
+        _, ct_params = _parse_params(_part_header(part, "content-type") or "")
+        disposition, cd_params = _parse_params(_part_header(part, "content-disposition") or "")
+        name = _param_text(cd_params.get("filename"), encoded_words=True)
+        if name is None:
+            name = _param_text(ct_params.get("name"), encoded_words=True)
+        content_id = _msgid(_part_header(part, "content-id"))
+        as_file = disposition == "attachment" or name is not None
+        maintype = ctype.split("/", 1)[0]
+
+        if maintype == "message":
+            if ctype == "message/delivery-status":
+                self.bounce = True
+            self.message_part(part, ctype, name, parent_boundary, index, is_root)
+            return
+        if ctype.startswith("multipart/"):
+            ctype = "text/plain"  # a multipart without a usable boundary: its body is text
+        if ctype == "text/plain" and not as_file:
+            if self.body is None:
+                self.body = _text_of(part, ct_params)
+                return
+            if parent_type == "multipart/alternative":
+                return
+        if ctype == "text/html" and not as_file:
+            if self.html is None:
+                markup = _text_of(part, ct_params, html=True)
+                _check_html_depth(markup, self.limits)
+                self.html = markup
+                return
+            if parent_type == "multipart/alternative":
+                return
+        data = _payload_bytes(part)
+        if ctype == "application/ms-tnef" or (name or "").strip().lower() == "winmail.dat":
+            budget = max(0, self.limits.max_parts - len(self.attachments))
+            files, tnef_body = _tnef_files(data, budget)
+            if files:
+                for file_name, content in files:
+                    self.add(file_name, _type_for(file_name), content)
+                self.tnef_body = self.tnef_body or tnef_body
+                return
+            name = name or "winmail.dat"
+        inline = content_id is not None and disposition != "attachment"
+        self.add(name, ctype, data, content_id=content_id, inline=inline)
+
+    def message_part(
+        self,
+        part: Message,
+        ctype: str,
+        name: str | None,
+        parent_boundary: str | None,
+        index: int,
+        is_root: bool,
+    ) -> None:
+        exact = _exact_message_bytes(
+            self.raw, self.scan, None if is_root else parent_boundary, index, self.root_body
+        )
+        if exact is None or not _looks_like(exact, part):
+            exact = _serialize(part)
+        cte = (_part_header(part, "content-transfer-encoding") or "").strip().lower()
+        # message/* may only be 7bit/8bit/binary, but some mailers base64 it anyway.
+        if cte == "base64":
+            exact = _lenient_b64(exact)
+        elif cte == "quoted-printable":
+            exact = quopri.decodestring(exact)
+        force_ext = ".eml" if ctype in ("message/rfc822", "message/global") else None
+        if name is None and force_ext:
+            payload = part.get_payload()
+            if isinstance(payload, list) and payload and isinstance(payload[0], Message):
+                subject = _part_header(payload[0], "subject")
+                if subject is not None:
+                    name = _one_line(_decode_words(subject)) or None
+        self.add(name, ctype, exact, force_ext=force_ext)
+
+
+# --------------------------------------------------------------------------------------------
+# Loop safety
+# --------------------------------------------------------------------------------------------
+
+_SYSTEM_LOCAL_PARTS: Final = frozenset(
+    {"mailer-daemon", "postmaster", "noreply", "no-reply", "do-not-reply", "donotreply"}
+)
+_COMMENT_RE: Final = re.compile(r"\([^()]*\)")
+
+
+def _token(value: str) -> str:
+    return _one_line(_COMMENT_RE.sub("", _decode_8bit(value)).split(";", 1)[0]).lower()
+
+
+def _loop_verdict(
+    headers: dict[str, list[str]],
+    top_type: str,
+    top_params: dict[str, _Param],
+    has_dsn_part: bool,
+    senders: Iterable[str],
+    null_sender: bool,
+) -> tuple[bool, str | None, bool]:
+    """(auto_submitted, reason, is_bounce) for the loop-safety rules."""
+    report_type = _param_text(top_params.get("report-type"))
+    report_type = (report_type or "").strip().lower()
+    if has_dsn_part or (top_type == "multipart/report" and report_type == "delivery-status"):
+        return True, "delivery status notification", True
+    if top_type == "multipart/report":
+        return True, f"report: {report_type[:40] or 'unknown'}", False
+    auto = _first(headers, "auto-submitted")
+    if auto is not None and _token(auto) != "no":
+        return True, f"Auto-Submitted: {_token(auto)[:40]}", False
+    for name in ("x-autoreply", "x-autorespond"):
+        if name in headers:
+            return True, f"{name.title()} header", False
+    suppress = _first(headers, "x-auto-response-suppress")
+    if suppress is not None:
+        tokens = {t.strip().lower() for t in _decode_8bit(suppress).split(",")}
+        if tokens & {"all", "autoreply", "oof"}:
+            return True, "X-Auto-Response-Suppress: " + _one_line(suppress)[:40], False
+    precedence = _first(headers, "precedence")
+    if precedence is not None and _token(precedence) in ("bulk", "junk", "list", "auto_reply"):
+        return True, f"Precedence: {_token(precedence)}", False
+    for name, label in (("list-id", "List-Id"), ("list-unsubscribe", "List-Unsubscribe")):
+        if name in headers:
+            return True, f"mailing list ({label})", False
+    if null_sender:
+        return True, "null sender", False
+    for address in senders:
+        local = address.rpartition("@")[0].lower() if "@" in address else address.lower()
+        if local in _SYSTEM_LOCAL_PARTS:
+            return True, f"system sender {local}", False
+    return False, None, False
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------
+
+
+def message_summary(raw: bytes) -> tuple[str | None, str]:
+    """(Message-ID without brackets, sha256 hex) of raw bytes, cheaply and never failing.
+
+    Used for the ledger when a message cannot be parsed: only the top-level header block is
+    scanned (bounded to the default header limit), with the same id extraction as
+    :func:`parse_message`, so both agree on the id of the same bytes.
+    """
+    data = bytes(raw) if isinstance(raw, bytearray | memoryview) else raw
+    if not isinstance(data, bytes):
+        return None, hashlib.sha256(b"").hexdigest()
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        limit = _DEFAULT_LIMITS.max_header_bytes
+        end = _header_end(data, limit)
+        block = data[: end if end is not None else limit]
+        m = _MESSAGE_ID_FIELD_RE.search(block)
+        if m is None:
+            return None, digest
+        return _msgid(_unfold(m.group(1).decode("ascii", "surrogateescape"))), digest
+    except Exception:  # a summary must never fail: no id is an acceptable answer
+        return None, digest
+
+
+_MESSAGE_ID_FIELD_RE: Final = re.compile(
+    rb"^message-id[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)", re.M | re.I
+)
+
+
+def parse_message(raw: bytes, limits: ParseLimits = _DEFAULT_LIMITS) -> ParsedMessage:
+    """Parse one raw RFC 5322 message.
+
+    Raises :class:`LimitExceeded` (naming the limit, the value and the limit) when the message
+    is over one of ``limits``, and :class:`ParseError` when it cannot be read; never anything
+    else, whatever the bytes.
+    """
+    if isinstance(raw, bytearray | memoryview):
+        raw = bytes(raw)
+    if not isinstance(raw, bytes):
+        raise ParseError(f"a message must be bytes, not {type(raw).__name__}")
+    try:
+        return _parse(raw, limits)
+    except MessageError:
+        raise
+    except RecursionError as exc:
+        raise LimitExceeded(
+            f"the message is nested too deeply for the parser; the limit (max_depth) is "
+            f"{limits.max_depth}"
+        ) from exc
+    except MemoryError as exc:
+        raise LimitExceeded(
+            f"the message ({len(raw)} bytes) needs more memory than is available"
+        ) from exc
+    except Exception as exc:
+        raise ParseError(f"the message cannot be parsed: {_sanitize_exc(exc)}") from exc
+
+
+def _parse(raw: bytes, limits: ParseLimits) -> ParsedMessage:
+    if len(raw) > limits.max_bytes:
+        raise LimitExceeded(
+            f"the message is {len(raw)} bytes; the limit (max_bytes) is {limits.max_bytes}"
+        )
+    root_body = _header_end(raw, limits.max_header_bytes)
+    if root_body is None or root_body > limits.max_header_bytes + 4:
+        size = "more than " + str(limits.max_header_bytes) if root_body is None else str(root_body)
+        raise LimitExceeded(
+            f"the header block is {size} bytes; the limit (max_header_bytes) is "
+            f"{limits.max_header_bytes}"
+        )
+    scan = _scan(raw, limits)
+
+    msg = email.message_from_bytes(raw)  # compat32: see the module docstring for why
+    headers = _header_map(msg)
+
+    from_pairs = _addresses(headers.get("from"), limits, "From")
+    to_pairs = _addresses(headers.get("to"), limits, "To")
+    return_path = _first(headers, "return-path")
+    rp_pairs = _addresses(headers.get("return-path"), limits, "Return-Path")
+
+    from_name, from_addr = from_pairs[0] if from_pairs else ("", "")
+    from_value = _first(headers, "from")
+    null_sender = (return_path is not None and return_path.strip() == "<>") or (
+        from_value is None or from_value.strip() in ("", "<>")
+    )
+
+    collector = _Collector(raw, scan, root_body, limits)
+    collector.walk(msg)
+
+    body = collector.body
+    html_source = collector.html
+    if (body is None or not body.strip()) and html_source is not None:
+        # HTML-only mail, or an alternative whose text/plain part is left empty.
+        body = _render_html(html_source, limits)
+    body = body or ""
+    if not body.strip() and collector.tnef_body:
+        body = _clean_body(collector.tnef_body)
+    sanitized = _sanitize_html(html_source) if html_source is not None else None
+
+    top_type, top_params = _parse_params(_first(headers, "content-type") or "")
+    senders = [from_addr, *(addr for _, addr in rp_pairs or [])]
+    auto, reason, bounce = _loop_verdict(
+        headers, top_type, top_params, collector.bounce, senders, null_sender
+    )
+
+    subject = _first(headers, "subject")
+    return ParsedMessage(
+        raw=raw,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        message_id=_msgid(_first(headers, "message-id")),
+        subject=_one_line(_decode_words(subject)) if subject is not None else "",
+        from_name=from_name,
+        from_addr=from_addr,
+        to=tuple(addr for _, addr in to_pairs or []),
+        date=_date(_first(headers, "date")),
+        in_reply_to=_msgid(_first(headers, "in-reply-to")),
+        references=_msgids(_first(headers, "references")),
+        body=body,
+        html=sanitized,
+        attachments=tuple(collector.attachments),
+        auto_submitted=auto,
+        auto_reason=reason,
+        is_bounce=bounce,
+    )

@@ -1,0 +1,259 @@
+"""The blocking POP3 session, on stdlib poplib. It runs only in worker threads.
+
+A thread cannot be cancelled, so the socket timeout is what bounds every call here. Every
+library exception is translated into :mod:`engine.errors` at this boundary; none of those
+messages can carry the password (the server never echoes it and we never format it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import poplib
+import re
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+from engine.config import ServerConfig
+from engine.errors import (
+    AuthError,
+    ConnectError,
+    DuplicateUidlError,
+    FetchError,
+    FetchTimeout,
+    MailboxLockedError,
+    ProtocolError,
+    ServerTempError,
+    TLSError,
+)
+
+log = logging.getLogger("engine.pop3")
+
+# poplib's 2048-byte line limit rejects real mail (8-bit HTML has longer lines); getmail6
+# raises it the same way. The limit still bounds a hostile line.
+MAX_LINE = 1024 * 1024
+setattr(poplib, "_MAXLINE", MAX_LINE)  # noqa: B010 - a private knob, no API
+
+_CODE = re.compile(rb"\[([A-Z/-]+)\]")
+
+
+@dataclass(frozen=True)
+class Listed:
+    number: int
+    uidl: str | None
+    size: int
+
+
+def tls_context(server: ServerConfig) -> ssl.SSLContext:
+    """Verified by default (system CAs, or ``caFile``); unverified only when configured."""
+    cafile = str(server.ca_file) if server.ca_file else None
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSError(f"cannot load caFile {cafile}: {exc}") from exc
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not server.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _server_error(exc: poplib.error_proto, during: str) -> FetchError:
+    """Classify a -ERR by its RFC 2449 / RFC 3206 response code."""
+    text = exc.args[0] if exc.args else b""
+    raw = text if isinstance(text, bytes) else str(text).encode()
+    line = raw.decode("utf-8", "replace").strip()[:300]
+    m = _CODE.search(raw)
+    code = m.group(1).decode() if m else ""
+    if code == "IN-USE":
+        return MailboxLockedError(f"the mailbox is locked by another session: {line}")
+    if code in ("SYS/TEMP", "LOGIN-DELAY"):
+        return ServerTempError(f"the server reported a temporary failure: {line}")
+    if code == "SYS/PERM":
+        return ProtocolError(f"the server reported a permanent failure: {line}")
+    if during == "login":
+        return AuthError(f"the server refused the login: {line}")
+    return ProtocolError(f"the server answered {line!r} to {during}")
+
+
+class Pop3Session:
+    """One POP3 session. Use :meth:`open` first and always :meth:`quit` or :meth:`abort`."""
+
+    def __init__(self, server: ServerConfig) -> None:
+        self.server = server
+        self.conn: poplib.POP3 | None = None
+
+    def _c(self) -> poplib.POP3:
+        if self.conn is None:
+            raise ProtocolError("the session is not open")
+        return self.conn
+
+    def open(self) -> None:
+        s = self.server
+        if not s.tls_verify and (s.use_ssl or s.starttls):
+            log.warning(
+                "server=%s:%d TLS certificate verification is OFF (tlsVerify false)", s.host, s.port
+            )
+        try:
+            if s.use_ssl:
+                self.conn = poplib.POP3_SSL(
+                    s.host, s.port, timeout=s.timeout, context=tls_context(s)
+                )
+            else:
+                self.conn = poplib.POP3(s.host, s.port, timeout=s.timeout)
+                if s.starttls:
+                    self._starttls()
+            self._login()
+        except FetchError:
+            self.close()
+            raise
+        except BaseException as exc:
+            self.close()
+            raise self._translate(exc, "login") from exc
+
+    def _starttls(self) -> None:
+        conn = self._c()
+        try:
+            caps = conn.capa()
+        except poplib.error_proto:
+            caps = {}
+        if "STLS" not in caps:
+            # Fail closed: never fall back to sending the password in clear text.
+            raise TLSError(
+                "the server does not offer STLS; refusing to log in without TLS (startTls true)"
+            )
+        conn.stls(context=tls_context(self.server))
+
+    def _login(self) -> None:
+        conn = self._c()
+        try:
+            conn.user(self.server.user_name)
+            conn.pass_(self.server.password)
+        except poplib.error_proto as exc:
+            raise _server_error(exc, "login") from None
+
+    def listing(self) -> list[Listed]:
+        """Every message with its size and UIDL (``None`` when the server lacks UIDL)."""
+        conn = self._c()
+        try:
+            _, lines, _ = conn.list()
+            sizes: dict[int, int] = {}
+            for line in lines:
+                num, size = line.split()[:2]
+                sizes[int(num)] = int(size)
+            uidls: dict[int, str] = {}
+            try:
+                _, ulines, _ = conn.uidl()
+            except poplib.error_proto:
+                ulines = []
+                log.warning("server=%s has no UIDL: keying messages by content", self.server.host)
+            seen: dict[str, int] = {}
+            for line in ulines:
+                num_b, uid_b = line.split()[:2]
+                uid = uid_b.decode("ascii", "replace")
+                if uid in seen:
+                    raise DuplicateUidlError(
+                        f"the server listed UIDL {uid!r} for messages {seen[uid]} and {int(num_b)}"
+                    )
+                seen[uid] = int(num_b)
+                uidls[int(num_b)] = uid
+        except FetchError:
+            raise
+        except (poplib.error_proto, ValueError) as exc:
+            raise ProtocolError(f"the server's message listing is malformed: {exc}") from None
+        except BaseException as exc:
+            raise self._translate(exc, "LIST") from exc
+        return [Listed(n, uidls.get(n), sizes[n]) for n in sorted(sizes)]
+
+    def retr(self, number: int) -> bytes:
+        """The message exactly as sent, dot-stuffing removed.
+
+        Only ``.CRLF`` ends the answer: a bare-LF ``.`` line is message content, and treating
+        it as the end (as poplib does) would desynchronise the session.
+        """
+        # poplib has no streaming RETR; its private command helper sends and checks +OK.
+        conn: Any = self._c()
+        try:
+            conn._shortcmd(f"RETR {number}")
+            chunks: list[bytes] = []
+            readline = conn.file.readline
+            while True:
+                line = readline(MAX_LINE + 1)
+                if not line:
+                    raise ProtocolError(f"the connection closed during RETR {number}")
+                if len(line) > MAX_LINE:
+                    raise ProtocolError(f"a line of message {number} exceeds {MAX_LINE} bytes")
+                if line == b".\r\n":
+                    break
+                if line.startswith(b".."):
+                    line = line[1:]
+                chunks.append(line)
+            return b"".join(chunks)
+        except FetchError:
+            raise
+        except poplib.error_proto as exc:
+            raise _server_error(exc, f"RETR {number}") from None
+        except BaseException as exc:
+            raise self._translate(exc, f"RETR {number}") from exc
+
+    def dele(self, number: int) -> None:
+        try:
+            self._c().dele(number)
+        except poplib.error_proto as exc:
+            raise _server_error(exc, f"DELE {number}") from None
+        except BaseException as exc:
+            raise self._translate(exc, f"DELE {number}") from exc
+
+    def quit(self) -> None:
+        """QUIT: the server removes the deleted messages only if this succeeds."""
+        try:
+            self._c().quit()
+        except poplib.error_proto as exc:
+            raise _server_error(exc, "QUIT") from None
+        except BaseException as exc:
+            raise self._translate(exc, "QUIT") from exc
+        finally:
+            self.close()
+
+    def abort(self) -> None:
+        """Undo pending deletions (RSET), then QUIT; best effort, the socket closes anyway."""
+        conn = self.conn
+        if conn is None:
+            return
+        try:
+            conn.rset()
+            conn.quit()
+        except (poplib.error_proto, OSError):
+            pass
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Drop the connection without QUIT: RFC 1939 says nothing is deleted then."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def _translate(self, exc: BaseException, during: str) -> BaseException:
+        s = self.server
+        where = f"{s.host}:{s.port}"
+        if isinstance(exc, poplib.error_proto):
+            return _server_error(exc, during)
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return TLSError(f"the certificate of {where} is not trusted: {exc.verify_message}")
+        if isinstance(exc, ssl.SSLError):
+            return TLSError(f"TLS with {where} failed: {exc.reason or exc}")
+        if isinstance(exc, TimeoutError | socket.timeout):
+            return FetchTimeout(f"{where} did not answer within {s.timeout:g} s ({during})")
+        if isinstance(exc, socket.gaierror):
+            return ConnectError(f"cannot resolve {s.host}: {exc.strerror}")
+        if isinstance(exc, ConnectionRefusedError):
+            return ConnectError(f"{where} refused the connection")
+        if isinstance(exc, OSError):
+            if during == "login" and self.conn is None:
+                return ConnectError(f"cannot connect to {where}: {exc.strerror or exc}")
+            return ProtocolError(f"the connection to {where} was lost ({during}): {exc}")
+        return exc

@@ -1,0 +1,100 @@
+"""Rules both processors share: the subject reference, threading, attachments, activities."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+from engine.model import Attachment, ParsedMessage
+from engine.parse import safe_filename
+from engine.processors import AddActivity, Context, Directory
+from engine.store import CLOSED_STATUSES, RequestRef
+
+
+# The communication types a subject reference may name, by the request type they refer to.
+# "[SPAM] 5 offers" must not become an activity on request #5.
+REFERENCE_TYPES = {
+    "incident": "incident",
+    "incidents": "incident",
+    "event": "event",
+    "events": "event",
+    "événement": "event",
+    "evenement": "event",
+}
+
+
+def referenced_number(subject: str, pattern: re.Pattern[str]) -> tuple[int, str | None] | None:
+    """The request number the subject carries and the request type its bracket names.
+
+    The first match whose bracket names a known type wins; a custom ``subjectPattern``
+    without a ``type`` group refers to any type.
+    """
+    for m in pattern.finditer(subject):
+        try:
+            number = int(m.group("number"))
+        except (IndexError, TypeError, ValueError):
+            continue
+        kind = m.groupdict().get("type")
+        if kind is None:
+            return number, None
+        wanted = REFERENCE_TYPES.get(kind.strip().casefold())
+        if wanted is not None:
+            return number, wanted
+    return None
+
+
+async def referenced_request(
+    msg: ParsedMessage, ctx: Context, directory: Directory
+) -> tuple[RequestRef | None, str]:
+    """The team's request this message answers: by subject first, then by its thread headers.
+
+    A reference to another team's request, or to no request, gives ``None``: the original
+    product then creates a new request, and so do we.
+    """
+    ref = referenced_number(msg.subject, ctx.mailbox.subject_pattern)
+    if ref is not None:
+        number, kind = ref
+        found = await directory.request(number)
+        if (
+            found is not None
+            and found.team_id == ctx.team.id
+            and (kind is None or kind == found.type)
+        ):
+            return found, "subject"
+        return None, "subject"
+    ids = [i for i in (msg.in_reply_to, *reversed(msg.references)) if i]
+    if ids:
+        found = await directory.request_by_message_id(ids)
+        if found is not None and found.team_id == ctx.team.id:
+            return found, "thread"
+    return None, ""
+
+
+def kept_attachments(msg: ParsedMessage, ctx: Context) -> tuple[Attachment, ...]:
+    """The message's attachments minus ``ignoredAttachments`` (names or globs, any case)."""
+    patterns = [p.casefold() for p in ctx.mailbox.ignored_attachments]
+    kept = tuple(
+        a
+        for a in msg.attachments
+        if not any(fnmatch.fnmatchcase(a.name.casefold(), p) for p in patterns)
+    )
+    if ctx.mailbox.include_raw_message:
+        name = safe_filename(msg.subject[:80] + ".eml" if msg.subject else None, "message.eml")
+        kept += (Attachment(name=name, content_type="message/rfc822", data=msg.raw),)
+    return kept
+
+
+def sender_label(msg: ParsedMessage) -> str:
+    return msg.from_name or msg.from_addr or "(unknown sender)"
+
+
+def activity_for(msg: ParsedMessage, ctx: Context, request: RequestRef, via: str) -> AddActivity:
+    return AddActivity(
+        request=request,
+        author=sender_label(msg),
+        body=msg.body,
+        attachments=kept_attachments(msg, ctx),
+        reopen=request.status in CLOSED_STATUSES,
+        automatic=msg.is_bounce or msg.auto_submitted,
+        via=via,
+    )

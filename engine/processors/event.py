@@ -1,0 +1,39 @@
+"""The event processor (``…EventMailMessageProcessor``): monitoring mail such as SCOM alerts.
+
+Monitoring systems send automated mail by design, so unlike the incident processor an
+``Auto-Submitted`` message still creates an event; only the reply rules stay strict.
+"""
+
+from __future__ import annotations
+
+from engine.model import ParsedMessage
+from engine.processors import Context, Decision, Directory, NewRequest, Refuse
+from engine.processors.common import activity_for, kept_attachments, referenced_request
+
+
+async def decide(msg: ParsedMessage, ctx: Context, directory: Directory) -> Decision:
+    request, via = await referenced_request(msg, ctx, directory)
+    if request is not None:
+        return activity_for(msg, ctx, request, via)
+    if not ctx.mailbox.create_new_requests:
+        return Refuse(
+            "new requests are not allowed in this mailbox",
+            reply=False,
+            no_reply_because="event mailboxes never reply",
+        )
+    requester = await directory.user_by_email(msg.from_addr)
+    if requester is None and ctx.mailbox.fallback_user:
+        requester = await directory.user_by_login(ctx.mailbox.fallback_user)
+    assignee = await directory.user_by_login(ctx.mailbox.assignee) if ctx.mailbox.assignee else None
+    return NewRequest(
+        type="event",
+        subject=msg.subject or "(no subject)",
+        description=msg.body,
+        html=msg.html,
+        requester=requester,
+        site=(requester.site if requester else None) or ctx.mailbox.fallback_site,
+        group=ctx.mailbox.group or ctx.team.default_group,
+        assignee=assignee,
+        source=ctx.mailbox.source,
+        attachments=kept_attachments(msg, ctx),
+    )

@@ -1,0 +1,52 @@
+"""The end-user incident processor (``…EndUserIncidentMailMessageProcessor``)."""
+
+from __future__ import annotations
+
+from engine.errors import MessageError
+from engine.model import ParsedMessage
+from engine.processors import Context, Decision, Directory, Ignore, NewRequest, Refuse
+from engine.processors.common import activity_for, kept_attachments, referenced_request
+
+
+class UnknownFallbackUser(MessageError):
+    cause = "unknown-fallback-user"
+    hint = (
+        "The sender is not a user of the directory and incidentFallbackUserLogon names no "
+        "user either. Import the user, or fix incidentFallbackUserLogon in the mailbox config."
+    )
+
+
+async def decide(msg: ParsedMessage, ctx: Context, directory: Directory) -> Decision:
+    request, via = await referenced_request(msg, ctx, directory)
+    if request is not None:
+        return activity_for(msg, ctx, request, via)
+    if msg.is_bounce:
+        # A bounce that answers nothing we know must never become a ticket (or a reply loop).
+        return Ignore("ignored: auto-reply")
+    if not ctx.mailbox.create_new_requests:
+        reason = "new requests are not allowed in this mailbox"
+        if msg.auto_submitted or not msg.from_addr:
+            return Refuse(reason, reply=False, no_reply_because=msg.auto_reason or "no sender")
+        return Refuse(reason, reply=ctx.mailbox.smtp is not None, no_reply_because=None)
+    user = await directory.user_by_email(msg.from_addr)
+    if user is None:
+        login = ctx.mailbox.fallback_user
+        user = await directory.user_by_login(login) if login else None
+        if user is None:
+            raise UnknownFallbackUser(
+                f"the sender {msg.from_addr or '(none)'} is unknown and the fallback user "
+                f"{login or '(not configured)'} does not exist"
+            )
+    assignee = await directory.user_by_login(ctx.mailbox.assignee) if ctx.mailbox.assignee else None
+    return NewRequest(
+        type="incident",
+        subject=msg.subject or "(no subject)",
+        description=msg.body,
+        html=msg.html,
+        requester=user,
+        site=user.site or ctx.mailbox.fallback_site,
+        group=ctx.mailbox.group or ctx.team.default_group,
+        assignee=assignee,
+        source=ctx.mailbox.source,
+        attachments=kept_attachments(msg, ctx),
+    )

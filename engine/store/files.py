@@ -1,0 +1,65 @@
+"""The content-addressed attachment store: one file per distinct content, named by its sha256.
+
+Names given by mail never reach the file system: they live only in the database. So no
+attachment name, Content-ID or Content-Location can place a file outside this folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+
+class FileStore:
+    """Files under ``root/ab/abcdef…``; written and fsynced before the commit that cites them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, sha256: str) -> Path:
+        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+            raise ValueError("not a sha256 hex digest")
+        return self.root / sha256[:2] / sha256
+
+    def put(self, data: bytes) -> str:
+        """Store ``data`` durably and return its sha256. Blocking: call from a worker thread."""
+        digest = hashlib.sha256(data).hexdigest()
+        target = self.path_for(digest)
+        if target.exists() and target.stat().st_size == len(data):
+            return digest
+        target.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        # The rename itself must survive a power loss before the database refers to it.
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return digest
+
+    def get(self, sha256: str) -> bytes:
+        return self.path_for(sha256).read_bytes()
+
+    def all_digests(self) -> set[str]:
+        return {p.name for p in self.root.glob("??/*") if not p.name.startswith(".")}
+
+    def sweep(self, referenced: set[str]) -> int:
+        """Remove files no row refers to (left by a crash before commit) and temp files."""
+        removed = 0
+        for p in self.root.glob("??/*"):
+            if p.name.startswith(".tmp-") or p.name not in referenced:
+                p.unlink(missing_ok=True)
+                removed += 1
+        return removed

@@ -1,0 +1,130 @@
+"""Numbered migrations of the SQLite store. A migration is never edited once released:
+add a new one. ``PRAGMA user_version`` records how far a database has come."""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: directory, requests, ledger.
+    """
+    CREATE TABLE groups (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE COLLATE NOCASE
+    );
+    CREATE TABLE sites (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE COLLATE NOCASE
+    );
+    CREATE TABLE sources (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE COLLATE NOCASE
+    );
+    CREATE TABLE teams (
+        id INTEGER PRIMARY KEY,
+        number INTEGER NOT NULL UNIQUE,
+        name TEXT NOT NULL UNIQUE COLLATE NOCASE,
+        default_group_id INTEGER REFERENCES groups(id)
+    );
+    CREATE TABLE users (
+        id INTEGER PRIMARY KEY,
+        login TEXT NOT NULL UNIQUE COLLATE NOCASE,
+        email TEXT COLLATE NOCASE,
+        name TEXT NOT NULL,
+        site_id INTEGER REFERENCES sites(id),
+        password_hash TEXT
+    );
+    CREATE INDEX users_email ON users(email);
+    CREATE TABLE requests (
+        number INTEGER PRIMARY KEY AUTOINCREMENT,
+        team_id INTEGER NOT NULL REFERENCES teams(id),
+        type TEXT NOT NULL CHECK (type IN ('incident', 'event')),
+        status TEXT NOT NULL,
+        kind TEXT NOT NULL DEFAULT 'mail'
+            CHECK (kind IN ('mail', 'message-failure', 'outage')),
+        subject TEXT NOT NULL,
+        description TEXT NOT NULL,
+        html TEXT,
+        requester_id INTEGER REFERENCES users(id),
+        user_id INTEGER REFERENCES users(id),
+        site_id INTEGER REFERENCES sites(id),
+        group_id INTEGER REFERENCES groups(id),
+        assignee_id INTEGER REFERENCES users(id),
+        source_id INTEGER REFERENCES sources(id),
+        mailbox TEXT,
+        cause TEXT,
+        message_id TEXT,
+        sha256 TEXT,
+        created_at TEXT NOT NULL,
+        created_by TEXT NOT NULL
+    );
+    CREATE INDEX requests_failure ON requests(kind, message_id, sha256);
+    CREATE INDEX requests_outage ON requests(kind, mailbox, cause, status);
+    CREATE TABLE activities (
+        id INTEGER PRIMARY KEY,
+        request_number INTEGER NOT NULL REFERENCES requests(number),
+        author TEXT NOT NULL,
+        email TEXT NOT NULL,
+        date TEXT NOT NULL,
+        body TEXT NOT NULL,
+        automatic INTEGER NOT NULL DEFAULT 0,
+        message_id TEXT,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX activities_request ON activities(request_number);
+    CREATE TABLE attachments (
+        id INTEGER PRIMARY KEY,
+        request_number INTEGER NOT NULL REFERENCES requests(number),
+        activity_id INTEGER REFERENCES activities(id),
+        name TEXT NOT NULL,
+        content_type TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL
+    );
+    CREATE INDEX attachments_request ON attachments(request_number);
+    CREATE INDEX attachments_sha ON attachments(sha256);
+    CREATE TABLE history (
+        id INTEGER PRIMARY KEY,
+        request_number INTEGER NOT NULL REFERENCES requests(number),
+        at TEXT NOT NULL,
+        by TEXT NOT NULL,
+        text TEXT NOT NULL
+    );
+    CREATE TABLE ledger (
+        id INTEGER PRIMARY KEY,
+        account TEXT NOT NULL,
+        uidl TEXT NOT NULL,
+        mailbox TEXT NOT NULL,
+        message_id TEXT,
+        sha256 TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        request_number INTEGER REFERENCES requests(number),
+        processed_at TEXT NOT NULL,
+        UNIQUE (account, uidl)
+    );
+    CREATE INDEX ledger_message ON ledger(message_id);
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        mailbox TEXT NOT NULL,
+        request_number INTEGER REFERENCES requests(number),
+        recipient TEXT NOT NULL COLLATE NOCASE,
+        message_id TEXT NOT NULL,
+        message BLOB NOT NULL,
+        created_at TEXT NOT NULL,
+        sent_at TEXT,
+        error TEXT
+    );
+    CREATE INDEX outbox_pending ON outbox(sent_at);
+    CREATE INDEX outbox_recipient ON outbox(recipient, created_at);
+    """,
+    # 2: per-mailbox run status for `status` and /healthz after a restart.
+    """
+    CREATE TABLE mailbox_status (
+        mailbox TEXT PRIMARY KEY,
+        last_success TEXT,
+        last_error TEXT,
+        last_error_at TEXT,
+        fetched INTEGER NOT NULL DEFAULT 0,
+        processed INTEGER NOT NULL DEFAULT 0,
+        failed INTEGER NOT NULL DEFAULT 0
+    );
+    """,
+)

@@ -1,0 +1,662 @@
+"""The SQLite store, through aiosqlite. Only the writer coroutine holds a read-write one.
+
+Durability is the point of this module: WAL with ``synchronous=FULL`` (``NORMAL`` may lose the
+last commits on power loss, and once the server deleted a message our database holds the only
+copy), explicit ``BEGIN IMMEDIATE`` so a transaction never upgrades its lock half-way, and
+attachment files fsynced before the commit that refers to them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import anyio.to_thread
+
+from engine.errors import StoreError
+from engine.model import Attachment
+from engine.store.files import FileStore
+from engine.store.schema import MIGRATIONS
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class User:
+    id: int
+    login: str
+    email: str | None
+    name: str
+    site: str | None
+
+
+@dataclass(frozen=True)
+class Team:
+    id: int
+    number: int
+    name: str
+    default_group: str | None
+
+
+@dataclass(frozen=True)
+class RequestRef:
+    number: int
+    team_id: int
+    type: str
+    status: str
+    kind: str
+
+
+CLOSED_STATUSES = frozenset({"closed", "resolved", "processed"})
+
+
+def hash_password(password: str, *, salt: bytes | None = None) -> str:
+    """scrypt, with parameters in the stored string so they can be raised later."""
+    salt = salt or os.urandom(16)
+    n, r, p = 2**14, 8, 1
+    key = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=32)
+    return f"scrypt${n}${r}${p}${salt.hex()}${key.hex()}"
+
+
+def verify_password(password: str, stored: str | None) -> bool:
+    if not stored:
+        return False
+    try:
+        algo, n, r, p, salt, key = stored.split("$")
+        if algo != "scrypt":
+            return False
+        got = hashlib.scrypt(
+            password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=32
+        )
+    except ValueError:
+        return False
+    return hmac.compare_digest(got.hex(), key)
+
+
+class SqliteStore:
+    """The store. Open it with :func:`open_store`; one instance per connection."""
+
+    def __init__(self, db: aiosqlite.Connection, files: FileStore, path: Path) -> None:
+        self.db = db
+        self.files = files
+        self.path = path
+        self.transactions = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def begin(self) -> None:
+        await self.db.execute("BEGIN IMMEDIATE")
+
+    async def commit(self) -> None:
+        await self.db.execute("COMMIT")
+        self.transactions += 1
+
+    async def rollback(self) -> None:
+        if self.db.in_transaction:
+            await self.db.execute("ROLLBACK")
+
+    async def savepoint(self, name: str) -> None:
+        await self.db.execute(f"SAVEPOINT {name}")
+
+    async def release(self, name: str) -> None:
+        await self.db.execute(f"RELEASE {name}")
+
+    async def rollback_to(self, name: str) -> None:
+        await self.db.execute(f"ROLLBACK TO {name}")
+        await self.db.execute(f"RELEASE {name}")
+
+    # -- small helpers ---------------------------------------------------------------------
+
+    async def _one(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
+        async with self.db.execute(sql, args) as cur:
+            row: sqlite3.Row | None = await cur.fetchone()
+            return row
+
+    async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        async with self.db.execute(sql, args) as cur:
+            return list(await cur.fetchall())
+
+    async def _insert(self, sql: str, args: Sequence[Any]) -> int:
+        async with self.db.execute(sql, args) as cur:
+            rowid = cur.lastrowid
+        assert rowid is not None
+        return rowid
+
+    async def _name_id(self, table: str, name: str | None) -> int | None:
+        if not name:
+            return None
+        row = await self._one(f"SELECT id FROM {table} WHERE name = ?", (name,))
+        return None if row is None else int(row[0])
+
+    # -- directory -------------------------------------------------------------------------
+
+    async def user_by_email(self, email: str) -> User | None:
+        if not email:
+            return None
+        return await self._user("u.email = ?", email)
+
+    async def user_by_login(self, login: str) -> User | None:
+        return await self._user("u.login = ?", login)
+
+    async def _user(self, where: str, arg: str) -> User | None:
+        row = await self._one(
+            "SELECT u.id, u.login, u.email, u.name, s.name FROM users u "
+            f"LEFT JOIN sites s ON s.id = u.site_id WHERE {where} ORDER BY u.id LIMIT 1",
+            (arg,),
+        )
+        return None if row is None else User(row[0], row[1], row[2], row[3], row[4])
+
+    async def check_login(self, login: str, password: str) -> bool:
+        row = await self._one("SELECT password_hash FROM users WHERE login = ?", (login,))
+        stored = None if row is None else row[0]
+        # scrypt is deliberately slow: keep it off the event loop.
+        return await anyio.to_thread.run_sync(verify_password, password, stored)
+
+    async def has_name(self, table: str, name: str) -> bool:
+        assert table in {"sites", "groups", "sources"}
+        return await self._name_id(table, name) is not None
+
+    async def team(self, ref: str | int | None) -> Team | None:
+        """A team by number or name; with no reference, the only team if there is just one."""
+        sql = (
+            "SELECT t.id, t.number, t.name, g.name FROM teams t "
+            "LEFT JOIN groups g ON g.id = t.default_group_id "
+        )
+        if ref is None or ref == "":
+            rows = await self._all(sql + "ORDER BY t.number LIMIT 2")
+            if len(rows) != 1:
+                return None
+            row: sqlite3.Row | None = rows[0]
+        elif isinstance(ref, int) or str(ref).isdigit():
+            row = await self._one(sql + "WHERE t.number = ?", (int(ref),))
+        else:
+            row = await self._one(sql + "WHERE t.name = ?", (ref,))
+        return None if row is None else Team(row[0], row[1], row[2], row[3])
+
+    async def first_team(self) -> Team | None:
+        rows = await self._all(
+            "SELECT t.id, t.number, t.name, g.name FROM teams t "
+            "LEFT JOIN groups g ON g.id = t.default_group_id ORDER BY t.number LIMIT 1"
+        )
+        return Team(rows[0][0], rows[0][1], rows[0][2], rows[0][3]) if rows else None
+
+    async def import_directory(self, data: Mapping[str, Any]) -> dict[str, int]:
+        """Insert or update teams, sites, groups, sources and users (keyed by name/login)."""
+        counts = {"teams": 0, "sites": 0, "groups": 0, "sources": 0, "users": 0}
+        for table in ("sites", "groups", "sources"):
+            for name in data.get(table, []):
+                await self.db.execute(f"INSERT OR IGNORE INTO {table}(name) VALUES (?)", (name,))
+                counts[table] += 1
+        for team in data.get("teams", []):
+            group = team.get("defaultGroup")
+            if group:
+                await self.db.execute("INSERT OR IGNORE INTO groups(name) VALUES (?)", (group,))
+            group_id = await self._name_id("groups", group)
+            await self.db.execute(
+                "INSERT INTO teams(number, name, default_group_id) VALUES (?, ?, ?) "
+                "ON CONFLICT(number) DO UPDATE SET name = excluded.name, "
+                "default_group_id = excluded.default_group_id",
+                (int(team["number"]), team["name"], group_id),
+            )
+            counts["teams"] += 1
+        for user in data.get("users", []):
+            site = user.get("site")
+            if site:
+                await self.db.execute("INSERT OR IGNORE INTO sites(name) VALUES (?)", (site,))
+            password = user.get("password")
+            password_hash = (
+                await anyio.to_thread.run_sync(hash_password, password) if password else None
+            )
+            await self.db.execute(
+                "INSERT INTO users(login, email, name, site_id, password_hash) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(login) DO UPDATE SET "
+                "email = excluded.email, name = excluded.name, site_id = excluded.site_id, "
+                "password_hash = COALESCE(excluded.password_hash, users.password_hash)",
+                (
+                    user["login"],
+                    user.get("email"),
+                    user.get("name") or user["login"],
+                    await self._name_id("sites", site),
+                    password_hash,
+                ),
+            )
+            counts["users"] += 1
+        return counts
+
+    # -- ledger ----------------------------------------------------------------------------
+
+    async def known_uidls(self, account: str, uidls: Iterable[str]) -> set[str]:
+        wanted = list(uidls)
+        known: set[str] = set()
+        for i in range(0, len(wanted), 500):  # SQLite's bound-parameter limit
+            chunk = wanted[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = await self._all(
+                f"SELECT uidl FROM ledger WHERE account = ? AND uidl IN ({marks})",
+                (account, *chunk),
+            )
+            known.update(r[0] for r in rows)
+        return known
+
+    async def ledger_has(self, account: str, uidl: str) -> bool:
+        row = await self._one(
+            "SELECT 1 FROM ledger WHERE account = ? AND uidl = ?", (account, uidl)
+        )
+        return row is not None
+
+    async def record_ledger(
+        self,
+        *,
+        account: str,
+        uidl: str,
+        mailbox: str,
+        message_id: str | None,
+        sha256: str,
+        outcome: str,
+        request_number: int | None,
+    ) -> None:
+        await self.db.execute(
+            "INSERT INTO ledger(account, uidl, mailbox, message_id, sha256, outcome, "
+            "request_number, processed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (account, uidl, mailbox, message_id, sha256, outcome, request_number, now()),
+        )
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def request(self, number: int) -> RequestRef | None:
+        row = await self._one(
+            "SELECT number, team_id, type, status, kind FROM requests WHERE number = ?",
+            (number,),
+        )
+        return None if row is None else RequestRef(row[0], row[1], row[2], row[3], row[4])
+
+    async def request_by_message_id(self, message_ids: Sequence[str]) -> RequestRef | None:
+        """The request a message created or updated, found through the ledger."""
+        for mid in message_ids:
+            row = await self._one(
+                "SELECT request_number FROM ledger WHERE message_id = ? "
+                "AND request_number IS NOT NULL ORDER BY id DESC LIMIT 1",
+                (mid,),
+            )
+            if row is None:
+                row = await self._one(
+                    "SELECT request_number FROM outbox WHERE message_id = ? "
+                    "AND request_number IS NOT NULL",
+                    (mid,),
+                )
+            if row is not None:
+                return await self.request(int(row[0]))
+        return None
+
+    async def create_request(
+        self,
+        *,
+        team_id: int,
+        type: str,
+        subject: str,
+        description: str,
+        created_by: str,
+        status: str = "new",
+        kind: str = "mail",
+        html: str | None = None,
+        requester_id: int | None = None,
+        user_id: int | None = None,
+        site: str | None = None,
+        group: str | None = None,
+        assignee_id: int | None = None,
+        source: str | None = None,
+        mailbox: str | None = None,
+        cause: str | None = None,
+        message_id: str | None = None,
+        sha256: str | None = None,
+    ) -> int:
+        number = await self._insert(
+            "INSERT INTO requests(team_id, type, status, kind, subject, description, html, "
+            "requester_id, user_id, site_id, group_id, assignee_id, source_id, mailbox, cause, "
+            "message_id, sha256, created_at, created_by) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                team_id,
+                type,
+                status,
+                kind,
+                subject,
+                description,
+                html,
+                requester_id,
+                user_id,
+                await self._name_id("sites", site),
+                await self._name_id("groups", group),
+                assignee_id,
+                await self._name_id("sources", source),
+                mailbox,
+                cause,
+                message_id,
+                sha256,
+                now(),
+                created_by,
+            ),
+        )
+        await self.add_history(number, created_by, f"Created from {kind.replace('-', ' ')}.")
+        return number
+
+    async def add_activity(
+        self,
+        number: int,
+        *,
+        author: str,
+        email: str,
+        body: str,
+        date: datetime | None = None,
+        automatic: bool = False,
+        message_id: str | None = None,
+    ) -> int:
+        return await self._insert(
+            "INSERT INTO activities(request_number, author, email, date, body, automatic, "
+            "message_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                number,
+                author,
+                email,
+                (date or datetime.now(UTC)).isoformat(timespec="seconds"),
+                body,
+                int(automatic),
+                message_id,
+                now(),
+            ),
+        )
+
+    async def set_status(self, number: int, status: str, *, by: str, why: str) -> None:
+        await self.db.execute("UPDATE requests SET status = ? WHERE number = ?", (status, number))
+        await self.add_history(number, by, why)
+
+    async def add_history(self, number: int, by: str, text: str) -> None:
+        await self.db.execute(
+            "INSERT INTO history(request_number, at, by, text) VALUES (?, ?, ?, ?)",
+            (number, now(), by, text),
+        )
+
+    async def add_attachments(
+        self, number: int, activity_id: int | None, attachments: Iterable[Attachment]
+    ) -> None:
+        for att in attachments:
+            # Written and fsynced in a worker thread, before the commit that cites it.
+            digest = await anyio.to_thread.run_sync(self.files.put, att.data)
+            await self.db.execute(
+                "INSERT INTO attachments(request_number, activity_id, name, content_type, "
+                "size, sha256) VALUES (?, ?, ?, ?, ?, ?)",
+                (number, activity_id, att.name, att.content_type, len(att.data), digest),
+            )
+
+    async def failure_event(self, message_id: str | None, sha256: str) -> int | None:
+        row = await self._one(
+            "SELECT number FROM requests WHERE kind = 'message-failure' AND sha256 = ? "
+            "AND (message_id IS ? OR message_id = ?) ORDER BY number LIMIT 1",
+            (sha256, message_id, message_id),
+        )
+        return None if row is None else int(row[0])
+
+    async def open_outages(self, mailbox: str) -> dict[str, int]:
+        rows = await self._all(
+            "SELECT cause, number FROM requests WHERE kind = 'outage' AND mailbox = ? "
+            "AND status NOT IN ('processed', 'closed')",
+            (mailbox,),
+        )
+        return {r[0]: int(r[1]) for r in rows}
+
+    # -- outbox ----------------------------------------------------------------------------
+
+    async def queue_reply(
+        self,
+        *,
+        mailbox: str,
+        request_number: int | None,
+        recipient: str,
+        message_id: str,
+        message: bytes,
+    ) -> int:
+        return await self._insert(
+            "INSERT INTO outbox(mailbox, request_number, recipient, message_id, message, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (mailbox, request_number, recipient, message_id, message, now()),
+        )
+
+    async def replies_since(self, recipient: str, since: datetime) -> int:
+        row = await self._one(
+            "SELECT count(*) FROM outbox WHERE recipient = ? AND created_at >= ?",
+            (recipient, since.isoformat(timespec="seconds")),
+        )
+        return 0 if row is None else int(row[0])
+
+    async def pending_replies(self) -> list[tuple[int, str, bytes]]:
+        rows = await self._all(
+            "SELECT id, recipient, message FROM outbox WHERE sent_at IS NULL "
+            "AND error IS NULL ORDER BY id"
+        )
+        return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
+
+    async def mark_reply(self, reply_id: int, *, error: str | None) -> None:
+        if error is None:
+            await self.db.execute("UPDATE outbox SET sent_at = ? WHERE id = ?", (now(), reply_id))
+        else:
+            await self.db.execute("UPDATE outbox SET error = ? WHERE id = ?", (error, reply_id))
+
+    # -- mailbox status --------------------------------------------------------------------
+
+    async def note_session(
+        self, mailbox: str, *, error: str | None, fetched: int, processed: int, failed: int
+    ) -> None:
+        at = now()
+        await self.db.execute(
+            "INSERT INTO mailbox_status(mailbox, last_success, last_error, last_error_at, "
+            "fetched, processed, failed) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(mailbox) DO UPDATE SET "
+            "last_success = COALESCE(excluded.last_success, last_success), "
+            "last_error = CASE WHEN excluded.last_error IS NULL THEN last_error "
+            "ELSE excluded.last_error END, "
+            "last_error_at = COALESCE(excluded.last_error_at, last_error_at), "
+            "fetched = fetched + excluded.fetched, processed = processed + excluded.processed, "
+            "failed = failed + excluded.failed",
+            (
+                mailbox,
+                None if error else at,
+                error,
+                at if error else None,
+                fetched,
+                processed,
+                failed,
+            ),
+        )
+
+    async def mailbox_status(self) -> list[dict[str, Any]]:
+        rows = await self._all(
+            "SELECT mailbox, last_success, last_error, last_error_at, fetched, processed, "
+            "failed FROM mailbox_status ORDER BY mailbox"
+        )
+        outages = await self._all(
+            "SELECT mailbox, cause FROM requests WHERE kind = 'outage' "
+            "AND status NOT IN ('processed', 'closed')"
+        )
+        causes: dict[str, list[str]] = {}
+        for m, c in outages:
+            causes.setdefault(m, []).append(c)
+        return [
+            {
+                "mailbox": r[0],
+                "last_success": r[1],
+                "last_error": r[2],
+                "last_error_at": r[3],
+                "fetched": r[4],
+                "processed": r[5],
+                "failed": r[6],
+                "outages": sorted(causes.get(r[0], [])),
+            }
+            for r in rows
+        ]
+
+    # -- reports ---------------------------------------------------------------------------
+
+    async def list_requests(
+        self, *, type: str | None = None, status: str | None = None
+    ) -> list[dict[str, Any]]:
+        where, args = [], []
+        if type:
+            where.append("r.type = ?")
+            args.append(type)
+        if status:
+            where.append("r.status = ?")
+            args.append(status)
+        sql = _REQUEST_SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        rows = await self._all(sql + " ORDER BY r.number", args)
+        return [_request_dict(r) for r in rows]
+
+    async def request_detail(self, number: int) -> dict[str, Any] | None:
+        row = await self._one(_REQUEST_SELECT + " WHERE r.number = ?", (number,))
+        if row is None:
+            return None
+        out = _request_dict(row)
+        atts = await self._all(
+            "SELECT id, activity_id, name, content_type, size, sha256 FROM attachments "
+            "WHERE request_number = ? ORDER BY id",
+            (number,),
+        )
+
+        def att(r: sqlite3.Row) -> dict[str, Any]:
+            return {"name": r[2], "content_type": r[3], "size": r[4], "sha256": r[5]}
+
+        out["attachments"] = [att(a) for a in atts if a[1] is None]
+        acts = await self._all(
+            "SELECT id, author, email, date, body, automatic FROM activities "
+            "WHERE request_number = ? ORDER BY id",
+            (number,),
+        )
+        out["activities"] = [
+            {
+                "author": a[1],
+                "email": a[2],
+                "date": a[3],
+                "body": a[4],
+                "automatic": bool(a[5]),
+                "attachments": [att(x) for x in atts if x[1] == a[0]],
+            }
+            for a in acts
+        ]
+        hist = await self._all(
+            "SELECT at, by, text FROM history WHERE request_number = ? ORDER BY id", (number,)
+        )
+        out["history"] = [{"at": h[0], "by": h[1], "text": h[2]} for h in hist]
+        return out
+
+    async def counts(self) -> dict[str, int]:
+        out = {}
+        for table in ("requests", "activities", "attachments", "ledger", "outbox"):
+            row = await self._one(f"SELECT count(*) FROM {table}")
+            out[table] = 0 if row is None else int(row[0])
+        return out
+
+    async def referenced_digests(self) -> set[str]:
+        return {r[0] for r in await self._all("SELECT DISTINCT sha256 FROM attachments")}
+
+
+_REQUEST_SELECT = (
+    "SELECT r.number, t.number, t.name, r.type, r.status, r.kind, r.subject, r.description, "
+    "rq.login, us.login, s.name, g.name, a.login, so.name, r.created_at, r.created_by, "
+    "r.mailbox, r.cause, r.html "
+    "FROM requests r JOIN teams t ON t.id = r.team_id "
+    "LEFT JOIN users rq ON rq.id = r.requester_id LEFT JOIN users us ON us.id = r.user_id "
+    "LEFT JOIN sites s ON s.id = r.site_id LEFT JOIN groups g ON g.id = r.group_id "
+    "LEFT JOIN users a ON a.id = r.assignee_id LEFT JOIN sources so ON so.id = r.source_id"
+)
+
+
+def _request_dict(r: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "number": r[0],
+        "team": r[2],
+        "team_number": r[1],
+        "type": r[3],
+        "status": r[4],
+        "kind": r[5],
+        "subject": r[6],
+        "description": r[7],
+        "requester": r[8],
+        "user": r[9],
+        "site": r[10],
+        "group": r[11],
+        "assignee": r[12],
+        "source": r[13],
+        "created_at": r[14],
+        "created_by": r[15],
+        "mailbox": r[16],
+        "cause": r[17],
+        "html": r[18],
+    }
+
+
+async def open_store(data_dir: Path, *, sweep: bool = False) -> SqliteStore:
+    """Open (creating and migrating) the store in ``data_dir``.
+
+    Refuses to run with ``synchronous`` below FULL: the ledger is our only copy once the server
+    has deleted a message. ``sweep`` removes attachment files no row refers to; only the
+    process holding the data-directory lock may ask for it.
+    """
+    await anyio.Path(data_dir).mkdir(parents=True, exist_ok=True)
+    path = data_dir / "mailintegration.sqlite3"
+    try:
+        db = await aiosqlite.connect(path, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open the store {path}: {exc}") from exc
+    try:
+        await db.execute("PRAGMA journal_mode = WAL")
+        await db.execute("PRAGMA synchronous = FULL")
+        await db.execute("PRAGMA foreign_keys = ON")
+        await db.execute("PRAGMA busy_timeout = 10000")
+        await _require_full_sync(db, path)
+        await _migrate(db)
+    except BaseException:
+        await db.close()
+        raise
+    store = SqliteStore(db, FileStore(data_dir / "attachments"), path)
+    if sweep:
+        referenced = await store.referenced_digests()
+        await anyio.to_thread.run_sync(store.files.sweep, referenced)
+    return store
+
+
+async def _require_full_sync(db: aiosqlite.Connection, path: Path) -> None:
+    async with db.execute("PRAGMA synchronous") as cur:
+        row = await cur.fetchone()
+    async with db.execute("PRAGMA journal_mode") as cur:
+        mode = await cur.fetchone()
+    # 2 = FULL, 3 = EXTRA; anything less may lose committed messages on power loss.
+    if row is None or int(row[0]) < 2 or mode is None or str(mode[0]).lower() != "wal":
+        raise StoreError(f"{path}: refusing to run without WAL and synchronous=FULL")
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    async with db.execute("PRAGMA user_version") as cur:
+        row = await cur.fetchone()
+    version = int(row[0]) if row else 0
+    if version > len(MIGRATIONS):
+        raise StoreError(
+            f"the store is at schema version {version}, newer than this engine "
+            f"({len(MIGRATIONS)}): upgrade the engine"
+        )
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        # executescript commits first, so the version bump rides in the same script.
+        await db.executescript(
+            f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;"
+        )

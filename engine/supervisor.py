@@ -1,0 +1,348 @@
+"""The supervisor: finds the mailboxes, owns the task group, runs fetchers and the writer.
+
+``once`` (burst mode) fetches every mailbox once, lets the writer drain and returns; cron,
+Task Scheduler and the tests use it. ``run`` (the daemon) is the same parts on a schedule.
+Shutdown works by closing the channel: every fetcher holds its own clone of the send side,
+and when the last one closes the writer drains what is left and ends by itself.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import anyio
+import anyio.to_thread
+from anyio.streams.memory import MemoryObjectSendStream
+
+from engine import logs
+from engine.config import MailboxConfig, load_mailbox, secret_values
+from engine.errors import EngineError, ProtocolError, StoreError
+from engine.fetcher import FetchOptions, SessionResult, run_session, submit
+from engine.ops import Health, Metrics
+from engine.store import SqliteStore
+from engine.writer import Envelope, Item, SessionReport, Writer
+
+log = logging.getLogger("engine.supervisor")
+
+
+@dataclass(frozen=True)
+class MailboxSource:
+    """A mailbox file. ``name`` is its path below the config folder, without ``.xml``."""
+
+    name: str
+    path: Path
+    team: str | None = None
+
+
+def discover(config_dir: Path) -> list[MailboxSource]:
+    """``*.xml`` in the folder and in one level of per-team subfolders (``<team>/x.xml``)."""
+    found = [MailboxSource(p.stem, p) for p in sorted(config_dir.glob("*.xml")) if p.is_file()]
+    for sub in sorted(p for p in config_dir.iterdir() if p.is_dir()):
+        if sub.name.startswith("."):
+            continue
+        for p in sorted(sub.glob("*.xml")):
+            if p.is_file():
+                found.append(MailboxSource(f"{sub.name}/{p.stem}", p, team=sub.name))
+    return found
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    data_dir: Path
+    created_by: str
+    default_team: str | None = None
+    queue_size: int = 64
+    max_sessions: int = 16
+    max_threads: int = 32
+    max_batch: int = 256
+    dry_run: bool = False
+    debug_dir: Path | None = None
+    poll_interval: float = 60.0
+    max_backoff: float = 900.0
+
+
+@dataclass
+class MailboxOutcome:
+    name: str
+    result: SessionResult | None
+    error: EngineError | None
+    dry_run_lines: list[str] = field(default_factory=list)
+    poll_interval: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and (self.result is None or self.result.failed == 0)
+
+
+class Engine:
+    """The pipeline for one data directory: fetchers → bounded queue → writer → store."""
+
+    def __init__(self, store: SqliteStore, settings: EngineSettings) -> None:
+        self.store = store
+        self.settings = settings
+        self.metrics = Metrics()
+        self.health = Health()
+        self.writer = Writer(
+            store,
+            created_by=settings.created_by,
+            default_team=settings.default_team,
+            max_batch=settings.max_batch,
+            metrics=self.metrics,
+        )
+        self.limiter = anyio.CapacityLimiter(settings.max_threads)
+        self.sessions = anyio.Semaphore(settings.max_sessions)
+        self.totals: dict[str, SessionResult] = {}
+        # Set by a signal: loops finish their current session, then everything drains.
+        self.stop = anyio.Event()
+
+    async def _with_writer(
+        self, body: Callable[[MemoryObjectSendStream[Item]], Awaitable[None]]
+    ) -> None:
+        """Run ``body`` with the writer behind it; returns once the writer has drained."""
+        send, receive = anyio.create_memory_object_stream[Item](self.settings.queue_size)
+
+        async def writer() -> None:
+            self.health.writer_alive = True
+            try:
+                await self.writer.run(receive)
+            finally:
+                self.health.writer_alive = False
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer)
+            self.health.supervisor_alive = True
+            try:
+                async with send:
+                    await body(send)
+            finally:
+                self.health.supervisor_alive = False
+
+    async def once(self, sources: list[MailboxSource]) -> list[MailboxOutcome]:
+        """One pass over every mailbox, concurrently; returns when the writer has drained."""
+        outcomes: list[MailboxOutcome] = []
+
+        async def body(send: MemoryObjectSendStream[Item]) -> None:
+            async with anyio.create_task_group() as fetchers:
+                for src in sources:
+                    fetchers.start_soon(self._collect, src, send.clone(), outcomes)
+
+        await self._with_writer(body)
+        return outcomes
+
+    async def _collect(
+        self, src: MailboxSource, send: MemoryObjectSendStream[Item], out: list[MailboxOutcome]
+    ) -> None:
+        async with send:
+            out.append(await self.mailbox_once(src, send))
+
+    async def run(self, config_dir: Path, *, reload_seconds: float = 2.0) -> None:
+        """The daemon: a loop per mailbox file, hot reload of the folder, until ``stop`` is set.
+
+        Each loop finishes its current session before it ends, so a stop never cuts a message
+        between commit and DELE; the grace period and a second signal are the caller's.
+        """
+
+        stop = self.stop
+
+        async def body(send: MemoryObjectSendStream[Item]) -> None:
+            loops: dict[str, _Loop] = {}
+            async with anyio.create_task_group() as tg:
+                while not stop.is_set():
+                    current = {
+                        src.name: src
+                        for src in await anyio.to_thread.run_sync(discover, config_dir)
+                    }
+                    for name, loop in list(loops.items()):
+                        if name not in current or loop.src.path != current[name].path:
+                            log.info("mailbox=%s removed: stopping after its current session", name)
+                            loop.stop.set()
+                            del loops[name]
+                            self.health.forget(name)
+                    for name, src in current.items():
+                        stamp = _stamp(src.path)
+                        if name not in loops:
+                            log.info("mailbox=%s added (%s)", name, src.path)
+                            loops[name] = _Loop(src, stamp)
+                            tg.start_soon(self._mailbox_loop, loops[name], send.clone(), stop)
+                        elif loops[name].stamp != stamp:
+                            log.info("mailbox=%s changed: reloading now", name)
+                            loops[name].stamp = stamp
+                            loops[name].wake()
+                    with anyio.move_on_after(reload_seconds):
+                        await stop.wait()
+                for loop in loops.values():
+                    loop.stop.set()
+
+        await self._with_writer(body)
+
+    async def _mailbox_loop(
+        self, loop: _Loop, send: MemoryObjectSendStream[Item], stop: anyio.Event
+    ) -> None:
+        async with send:
+            failures = 0
+            while not (stop.is_set() or loop.stop.is_set()):
+                outcome = await self.mailbox_once(loop.src, send)
+                if outcome.error is None:
+                    failures = 0
+                    delay = outcome.poll_interval or self.settings.poll_interval
+                else:
+                    failures += 1
+                    base = outcome.poll_interval or self.settings.poll_interval
+                    delay = min(self.settings.max_backoff, base * 2 ** min(failures - 1, 16))
+                delay *= random.uniform(0.9, 1.1)
+                async with anyio.create_task_group() as waiters:
+                    for event in (stop, loop.stop, loop.woken):
+                        waiters.start_soon(_wait_then_cancel, event, waiters.cancel_scope)
+                    await anyio.sleep(delay)
+                    waiters.cancel_scope.cancel()
+                loop.woken = anyio.Event()
+
+    def load(self, src: MailboxSource) -> MailboxConfig:
+        cfg = load_mailbox(
+            src.path, default_team=src.team or self.settings.default_team, name=src.name
+        )
+        for secret in secret_values(cfg):
+            logs.register_secret(secret)
+        return cfg
+
+    async def mailbox_once(
+        self, src: MailboxSource, send: MemoryObjectSendStream[Item]
+    ) -> MailboxOutcome:
+        """Load, fetch, report. Never raises for a mailbox problem: the others go on."""
+        outcome = MailboxOutcome(src.name, None, None)
+        cfg: MailboxConfig | None = None
+        envelopes: list[Envelope] = []
+        opts = FetchOptions(
+            limiter=self.limiter,
+            dry_run=self.settings.dry_run,
+            debug_dir=self.settings.debug_dir,
+            on_envelope=envelopes.append if self.settings.dry_run else None,
+            stop=self.stop,
+        )
+        if self.stop.is_set():
+            return outcome
+        try:
+            cfg = await anyio.to_thread.run_sync(self.load, src)
+            outcome.poll_interval = cfg.poll_interval
+            async with self.sessions:
+                outcome.result = await run_session(cfg, send, opts)
+        except StoreError as exc:
+            log.error("mailbox=%s the store failed; nothing was deleted: %s", src.name, exc)
+            outcome.error = exc
+            return outcome
+        except EngineError as exc:
+            outcome.error = exc
+            log.error(
+                "mailbox=%s cannot be read (%s): %s", src.name, getattr(exc, "cause", "?"), exc
+            )
+        except Exception as exc:
+            # A bug must not stop the other mailboxes; it still becomes an outage event.
+            log.exception("mailbox=%s session crashed", src.name)
+            outcome.error = ProtocolError(f"internal error: {type(exc).__name__}: {exc}")
+        for env in envelopes:
+            await env.done.wait()
+            outcome.dry_run_lines.append(f"{env.uidl}: {env.explanation}")
+        self._account(src.name, outcome)
+        if self.settings.dry_run:
+            return outcome
+        result = outcome.result or SessionResult()
+        report = SessionReport(
+            name=src.name,
+            path=src.path,
+            team=cfg.team if cfg else src.team or self.settings.default_team,
+            error=outcome.error,
+            fetched=result.fetched,
+            processed=result.processed,
+            failed=result.failed,
+        )
+        try:
+            await submit(send, report)
+        except StoreError as exc:
+            log.error("mailbox=%s could not record the session: %s", src.name, exc)
+        return outcome
+
+    def _account(self, name: str, outcome: MailboxOutcome) -> None:
+        m, r, err = self.metrics, outcome.result, outcome.error
+        total = self.totals.setdefault(name, SessionResult())
+        if r is not None:
+            m.fetched.labels(name).inc(r.fetched)
+            for key in ("listed", "fetched", "processed", "failed", "deleted"):
+                setattr(total, key, getattr(total, key) + getattr(r, key))
+        cause = getattr(err, "cause", "error") if err is not None else None
+        m.sessions.labels(name, cause or "ok").inc()
+        m.outage.labels(name).set(0 if err is None else 1)
+        if err is None:
+            self.health.success(name)
+        else:
+            self.health.failure(name, str(cause), logs.scrub(str(err)))
+
+    def summary(self) -> str:
+        parts = [
+            f"{name}: fetched {t.fetched} processed {t.processed} failed {t.failed}"
+            for name, t in sorted(self.totals.items())
+        ]
+        return "; ".join(parts) or "no mailbox"
+
+
+@dataclass(eq=False)
+class _Loop:
+    src: MailboxSource
+    stamp: tuple[int, int] | None
+    stop: anyio.Event = field(default_factory=anyio.Event)
+    woken: anyio.Event = field(default_factory=anyio.Event)
+
+    def wake(self) -> None:
+        self.woken.set()
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
+async def _wait_then_cancel(event: anyio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+class DataDirLock:
+    """Only one engine per data directory: an flock on ``engine.lock`` holding our pid."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "engine.lock"
+        self.fh: IO[str] | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+", encoding="ascii")  # noqa: SIM115 - held for the process life
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise StoreError(
+                f"the data directory {self.path.parent} is in use by pid {holder}; "
+                "only one engine may run per data directory"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self.fh = fh
+
+    def release(self) -> None:
+        if self.fh is not None:
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
+            self.fh.close()
+            self.fh = None

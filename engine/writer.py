@@ -1,0 +1,573 @@
+"""The single writer: the only code that touches the store.
+
+Fetchers send :class:`Envelope` items (one per fetched message) and a few kinds of small
+requests through one bounded memory channel. The writer takes whatever is waiting, up to a
+batch limit, and applies it in one ``BEGIN IMMEDIATE … COMMIT`` (group commit). Each message
+gets a savepoint of its own, so a message that fails inside its processor is rolled back alone
+and recorded as a failure event in the same transaction as its ledger row. Only after the
+commit does the writer answer the items: a fetcher deletes a message from the server only once
+its answer says the outcome is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from engine import reply
+from engine.config import MailboxConfig, redact_config
+from engine.errors import DirectoryError, EngineError, MessageError, StoreError
+from engine.model import Attachment, ParsedMessage
+from engine.ops import Metrics
+from engine.processors import (
+    AddActivity,
+    Context,
+    Decision,
+    NewRequest,
+    Refuse,
+    decide,
+)
+from engine.store import SqliteStore, Team
+
+log = logging.getLogger("engine.writer")
+
+
+@dataclass(eq=False)
+class Item:
+    """Something for the writer. ``done`` is set once the answer is final (after commit)."""
+
+    done: anyio.Event = field(default_factory=anyio.Event, init=False)
+    failure: BaseException | None = field(default=None, init=False)
+
+
+@dataclass(eq=False)
+class Envelope(Item):
+    """One fetched message on its way to the store."""
+
+    mailbox: MailboxConfig
+    uidl: str
+    raw: bytes
+    parsed: ParsedMessage | None
+    error: MessageError | None = None
+    dry_run: bool = False
+    outcome: str | None = field(default=None, init=False)
+    request_number: int | None = field(default=None, init=False)
+    explanation: str | None = field(default=None, init=False)
+
+
+@dataclass(eq=False)
+class KnownQuery(Item):
+    account: str
+    uidls: list[str]
+    known: set[str] = field(default_factory=set, init=False)
+
+
+@dataclass(eq=False)
+class DirectoryCheck(Item):
+    """Before a session: does the directory hold what the mailbox config names?"""
+
+    mailbox: MailboxConfig
+    problem: DirectoryError | None = field(default=None, init=False)
+
+
+@dataclass(eq=False)
+class SessionReport(Item):
+    """How a mailbox session ended: opens, updates or closes its outage events."""
+
+    name: str
+    path: Path
+    team: str | None
+    error: EngineError | None
+    fetched: int = 0
+    processed: int = 0
+    failed: int = 0
+
+
+@dataclass
+class WriterStats:
+    transactions: int = 0
+    batches: list[int] = field(default_factory=list)
+    commit_seconds: list[float] = field(default_factory=list)
+    outcomes: Counter[str] = field(default_factory=Counter)
+
+
+class Writer:
+    """Owns the store. Run :meth:`run` in the supervisor's task group."""
+
+    def __init__(
+        self,
+        store: SqliteStore,
+        *,
+        created_by: str,
+        default_team: str | None = None,
+        max_batch: int = 256,
+        max_batch_seconds: float = 2.0,
+        reply_limit_per_day: int = 5,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.store = store
+        self.created_by = created_by
+        self.default_team = default_team
+        self.max_batch = max_batch
+        self.max_batch_seconds = max_batch_seconds
+        self.reply_limit_per_day = reply_limit_per_day
+        self.stats = WriterStats()
+        self.metrics = metrics
+        self._replies: list[tuple[int, MailboxConfig, str, bytes]] = []
+
+    async def run(
+        self,
+        receive: MemoryObjectReceiveStream[Item],
+        *,
+        task_status: Any = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Drain the channel until every sender has closed its clone, then return."""
+        task_status.started()
+        async with receive:
+            async for first in receive:
+                batch = [first]
+                while len(batch) < self.max_batch:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                await self.apply(batch)
+
+    async def apply(self, batch: list[Item]) -> None:
+        """One transaction for the batch; answer every item only after it is durable."""
+        started = time.monotonic()
+        try:
+            await self.store.begin()
+            for item in batch:
+                await self._handle(item)
+            await self.store.commit()
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.store.rollback()
+                except sqlite3.Error:
+                    log.exception("rollback failed")
+            self._replies.clear()
+            if not isinstance(exc, Exception):
+                raise  # cancellation: the fetchers are being cancelled too, nothing was deleted
+            log.error("transaction of %d item(s) failed, nothing is deleted: %s", len(batch), exc)
+            failure = StoreError(f"the store could not commit: {exc}")
+            for item in batch:
+                item.failure = failure
+        else:
+            self.stats.transactions += 1
+            self.stats.batches.append(len(batch))
+            self.stats.commit_seconds.append(time.monotonic() - started)
+            if self.metrics is not None:
+                self.metrics.transactions.inc()
+                self.metrics.batch_size.observe(len(batch))
+                self.metrics.commit_seconds.observe(time.monotonic() - started)
+        finally:
+            for item in batch:
+                item.done.set()
+        if self._replies:
+            await self._send_replies()
+
+    async def _handle(self, item: Item) -> None:
+        if isinstance(item, Envelope):
+            await self._envelope(item)
+        elif isinstance(item, KnownQuery):
+            item.known = await self.store.known_uidls(item.account, item.uidls)
+        elif isinstance(item, DirectoryCheck):
+            item.problem = await self._check_directory(item.mailbox)
+        elif isinstance(item, SessionReport):
+            await self._session_report(item)
+        else:  # pragma: no cover - a programming error, surfaced loudly
+            raise TypeError(f"unknown item {item!r}")
+
+    # -- teams and directory ---------------------------------------------------------------
+
+    async def _team(self, ref: str | None) -> Team | None:
+        return await self.store.team(ref if ref else self.default_team)
+
+    async def _any_team(self, ref: str | None) -> Team:
+        """The team an engine-made event goes to: the mailbox's, the default, else the first."""
+        team = await self._team(ref) or await self.store.team(self.default_team)
+        if team is None:
+            team = await self.store.first_team()
+        if team is None:
+            raise StoreError("the directory has no team: run 'mailintegration directory import'")
+        return team
+
+    async def _check_directory(self, cfg: MailboxConfig) -> DirectoryError | None:
+        problems = []
+        if await self._team(cfg.team) is None:
+            problems.append(
+                f"team {cfg.team or self.default_team or '(none given, and not exactly one)'}"
+                " is not in the directory"
+            )
+        if cfg.fallback_user and await self.store.user_by_login(cfg.fallback_user) is None:
+            problems.append(f"incidentFallbackUserLogon {cfg.fallback_user!r} is not a user")
+        if cfg.assignee and await self.store.user_by_login(cfg.assignee) is None:
+            problems.append(f"assignee {cfg.assignee!r} is not a user")
+        for table, label, value in (
+            ("sites", "incidentFallbackSiteName", cfg.fallback_site),
+            ("groups", "group" if cfg.processor == "event" else "incidentGroup", cfg.group),
+            ("sources", "incidentSource", cfg.source),
+        ):
+            if value and not await self.store.has_name(table, value):
+                problems.append(f"{label} {value!r} is not in the directory")
+        if not problems:
+            return None
+        return DirectoryError("; ".join(problems))
+
+    # -- messages --------------------------------------------------------------------------
+
+    async def _envelope(self, env: Envelope) -> None:
+        cfg = env.mailbox
+        if not env.dry_run and await self.store.ledger_has(cfg.account, env.uidl):
+            env.outcome = "duplicate"
+            return
+        await self.store.savepoint("msg")
+        try:
+            if env.error is not None:
+                raise env.error
+            assert env.parsed is not None
+            team = await self._team(cfg.team)
+            if team is None:
+                raise DirectoryError(
+                    f"team {cfg.team or self.default_team} is not in the directory"
+                )
+            decision = await decide(env.parsed, Context(mailbox=cfg, team=team), self.store)
+            if env.dry_run:
+                env.explanation = describe(decision)
+                env.outcome = "dry-run"
+                await self.store.rollback_to("msg")
+                return
+            env.outcome, env.request_number = await self._apply(env, team, decision)
+            await self._ledger(env)
+            await self.store.release("msg")
+        except (sqlite3.Error, StoreError):
+            raise  # the store itself is failing: the whole batch rolls back, nothing is deleted
+        except Exception as exc:
+            await self.store.rollback_to("msg")
+            if env.dry_run:
+                env.outcome = "dry-run"
+                env.explanation = f"failure event: {_cause(exc)}: {exc}"
+                return
+            await self.store.savepoint("fail")
+            env.request_number = await self._failure_event(env, exc)
+            env.outcome = f"failed: {_cause(exc)}"
+            await self._ledger(env)
+            await self.store.release("fail")
+            log.warning(
+                "mailbox=%s uidl=%s message could not be processed (%s): %s; failure event #%d",
+                cfg.name,
+                env.uidl,
+                _cause(exc),
+                exc,
+                env.request_number,
+            )
+        else:
+            log.info(
+                "mailbox=%s uidl=%s %s #%s",
+                cfg.name,
+                env.uidl,
+                env.outcome,
+                env.request_number if env.request_number else "-",
+            )
+        kind = (env.outcome or "").split(":")[0]
+        self.stats.outcomes[kind] += 1
+        if self.metrics is not None and kind not in ("duplicate", "dry-run"):
+            counter = self.metrics.failed if kind == "failed" else self.metrics.processed
+            counter.labels(cfg.name).inc()
+
+    async def _ledger(self, env: Envelope) -> None:
+        await self.store.record_ledger(
+            account=env.mailbox.account,
+            uidl=env.uidl,
+            mailbox=env.mailbox.name,
+            message_id=env.parsed.message_id if env.parsed else _message_id(env),
+            sha256=env.parsed.sha256 if env.parsed else _sha(env.raw),
+            outcome=env.outcome or "unknown",
+            request_number=env.request_number,
+        )
+
+    async def _apply(self, env: Envelope, team: Team, d: Decision) -> tuple[str, int | None]:
+        msg = env.parsed
+        assert msg is not None
+        if isinstance(d, NewRequest):
+            number = await self.store.create_request(
+                team_id=team.id,
+                type=d.type,
+                subject=d.subject,
+                description=d.description,
+                html=d.html,
+                created_by=self.created_by,
+                requester_id=d.requester.id if d.requester else None,
+                user_id=d.requester.id if d.requester else None,
+                site=d.site,
+                group=d.group,
+                assignee_id=d.assignee.id if d.assignee else None,
+                source=d.source,
+                mailbox=env.mailbox.name,
+                message_id=msg.message_id,
+                sha256=msg.sha256,
+            )
+            await self.store.add_attachments(number, None, d.attachments)
+            return "created", number
+        if isinstance(d, AddActivity):
+            number = d.request.number
+            activity = await self.store.add_activity(
+                number,
+                author=d.author,
+                email=msg.from_addr,
+                body=d.body,
+                date=msg.date,
+                automatic=d.automatic,
+                message_id=msg.message_id,
+            )
+            await self.store.add_attachments(number, activity, d.attachments)
+            if d.reopen and not d.automatic:
+                status = "new" if d.request.type == "event" else "reopened"
+                await self.store.set_status(
+                    number,
+                    status,
+                    by=self.created_by,
+                    why=f"Reopened by a reply from {msg.from_addr or d.author}.",
+                )
+            return "activity", number
+        if isinstance(d, Refuse):
+            return await self._refuse(env, d), None
+        return d.outcome, None
+
+    async def _refuse(self, env: Envelope, d: Refuse) -> str:
+        msg = env.parsed
+        cfg = env.mailbox
+        assert msg is not None
+        if not d.reply or cfg.smtp is None:
+            return f"refused: no reply ({d.no_reply_because or 'no smtp configured'})"
+        since = datetime.now(UTC) - timedelta(days=1)
+        if await self.store.replies_since(msg.from_addr, since) >= self.reply_limit_per_day:
+            log.warning(
+                "mailbox=%s uidl=%s no reply: %s already got %d replies today",
+                cfg.name,
+                env.uidl,
+                msg.from_addr,
+                self.reply_limit_per_day,
+            )
+            return "refused: no reply (rate limit)"
+        try:
+            out = reply.build_reply(
+                mailbox=cfg,
+                recipient=msg.from_addr,
+                sender_name=msg.from_name,
+                subject=msg.subject,
+                in_reply_to=msg.message_id,
+            )
+        except ValueError as exc:
+            return f"refused: no reply ({exc})"
+        data = out.as_bytes()
+        reply_id = await self.store.queue_reply(
+            mailbox=cfg.name,
+            request_number=None,
+            recipient=msg.from_addr,
+            message_id=str(out["Message-ID"]).strip("<>"),
+            message=data,
+        )
+        self._replies.append((reply_id, cfg, msg.from_addr, data))
+        return "refused: replied"
+
+    async def _send_replies(self) -> None:
+        """Send the replies just committed. A crash before the mark means one resend at most."""
+        pending, self._replies = self._replies, []
+        results: list[tuple[int, str | None]] = []
+        for reply_id, cfg, rcpt, data in pending:
+            assert cfg.smtp is not None
+            try:
+                await anyio.to_thread.run_sync(reply.send, cfg.smtp, rcpt, data)
+                results.append((reply_id, None))
+            except Exception as exc:  # SMTP is best effort; the refusal itself is committed
+                log.warning("mailbox=%s reply to %s not sent: %s", cfg.name, rcpt, exc)
+                results.append((reply_id, str(exc)[:500]))
+        await self.store.begin()
+        try:
+            for reply_id, error in results:
+                await self.store.mark_reply(reply_id, error=error)
+            await self.store.commit()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.store.rollback()
+            raise
+
+    async def _failure_event(self, env: Envelope, exc: Exception) -> int:
+        cfg = env.mailbox
+        sha = env.parsed.sha256 if env.parsed else _sha(env.raw)
+        mid = env.parsed.message_id if env.parsed else _message_id(env)
+        cause = _cause(exc)
+        hint = getattr(exc, "hint", MessageError.hint)
+        existing = await self.store.failure_event(mid, sha)
+        if existing is not None:
+            await self.store.add_activity(
+                existing,
+                author="mailintegration",
+                email="",
+                body=f"The same message arrived again in mailbox {cfg.name} (UIDL {env.uidl}) "
+                f"and still could not be processed: {exc}",
+                automatic=True,
+            )
+            return existing
+        team = await self._any_team(cfg.team)
+        subject = env.parsed.subject if env.parsed else _header(env.raw, b"subject")
+        sender = env.parsed.from_addr if env.parsed else _header(env.raw, b"from")
+        description = (
+            f"A message in mailbox {cfg.name} could not be turned into a request.\n\n"
+            f"What went wrong: {exc}\n"
+            f"Cause: {cause}\n"
+            f"What to do: {hint}\n\n"
+            f"From: {sender}\nSubject: {subject}\nMessage-ID: {mid or '(none)'}\n"
+            f"UIDL: {env.uidl}\nSize: {len(env.raw)} bytes\nSHA-256: {sha}\n\n"
+            "The original message is attached byte for byte (message.eml)."
+        )
+        number = await self.store.create_request(
+            team_id=team.id,
+            type="event",
+            kind="message-failure",
+            subject=f"Mail integration: a message in {cfg.name} could not be processed",
+            description=description,
+            created_by=self.created_by,
+            group=team.default_group,
+            mailbox=cfg.name,
+            cause=cause,
+            message_id=mid,
+            sha256=sha,
+        )
+        await self.store.add_attachments(
+            number, None, [Attachment("message.eml", "message/rfc822", env.raw)]
+        )
+        return number
+
+    # -- outages ---------------------------------------------------------------------------
+
+    async def _session_report(self, rep: SessionReport) -> None:
+        open_events = await self.store.open_outages(rep.name)
+        error = rep.error
+        if error is None:
+            for cause, number in open_events.items():
+                await self.store.add_activity(
+                    number,
+                    author="mailintegration",
+                    email="",
+                    body=f"Mailbox {rep.name} works again; this {cause} outage is over.",
+                    automatic=True,
+                )
+                await self.store.set_status(
+                    number, "processed", by=self.created_by, why="Closed: the mailbox works again."
+                )
+                log.info("mailbox=%s outage %s (#%d) closed", rep.name, cause, number)
+        else:
+            cause = getattr(error, "cause", "error")
+            hint = getattr(error, "hint", "")
+            stamp = datetime.now(UTC).isoformat(timespec="seconds")
+            if cause in open_events:
+                number = open_events[cause]
+                await self.store.add_activity(
+                    number,
+                    author="mailintegration",
+                    email="",
+                    body=f"{stamp}: still failing: {error}",
+                    automatic=True,
+                )
+                log.warning(
+                    "mailbox=%s outage %s goes on (#%d): %s", rep.name, cause, number, error
+                )
+            else:
+                team = await self._any_team(rep.team)
+                number = await self.store.create_request(
+                    team_id=team.id,
+                    type="event",
+                    kind="outage",
+                    subject=f"Mail integration: mailbox {rep.name} cannot be read ({cause})",
+                    description=(
+                        f"Since {stamp} the mailbox {rep.name} cannot be read.\n\n"
+                        f"What went wrong: {error}\nCause: {cause}\nWhat to check: {hint}\n\n"
+                        "The mailbox's configuration is attached with every password removed. "
+                        "Messages stay on the server until the mailbox works again; this event "
+                        "closes by itself then."
+                    ),
+                    created_by=self.created_by,
+                    group=team.default_group,
+                    mailbox=rep.name,
+                    cause=cause,
+                )
+                config = await anyio.to_thread.run_sync(_redacted_config, rep.path)
+                await self.store.add_attachments(
+                    number,
+                    None,
+                    [Attachment(rep.path.name or "config.xml", "application/xml", config)],
+                )
+                log.error("mailbox=%s outage %s opened (#%d): %s", rep.name, cause, number, error)
+        await self.store.note_session(
+            rep.name,
+            error=None if error is None else f"{getattr(error, 'cause', 'error')}: {error}",
+            fetched=rep.fetched,
+            processed=rep.processed,
+            failed=rep.failed,
+        )
+
+
+def describe(d: Decision) -> str:
+    """One line for ``once --dry-run``."""
+    if isinstance(d, NewRequest):
+        who = d.requester.login if d.requester else "(no requester)"
+        names = ", ".join(a.name for a in d.attachments) or "none"
+        return (
+            f"new {d.type} {d.subject!r}: requester {who}, site {d.site or '-'}, "
+            f"group {d.group or '-'}, assignee {d.assignee.login if d.assignee else '-'}, "
+            f"attachments: {names}"
+        )
+    if isinstance(d, AddActivity):
+        extra = " and reopen it" if d.reopen else ""
+        return f"activity on request #{d.request.number} (found by {d.via}){extra}"
+    if isinstance(d, Refuse):
+        return f"no request ({d.reason}); " + (
+            "auto-reply" if d.reply else f"no reply ({d.no_reply_because})"
+        )
+    return d.outcome
+
+
+def _cause(exc: BaseException) -> str:
+    return str(getattr(exc, "cause", None) or "processor-error")
+
+
+def _sha(raw: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _header(raw: bytes, name: bytes) -> str:
+    """A header read without the parser, for messages the parser refused."""
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0][:65536]
+    for line in head.splitlines():
+        if line.lower().startswith(name + b":"):
+            text = line[len(name) + 1 :].decode("utf-8", "replace").strip()
+            return "".join(c if c.isprintable() else " " for c in text)[:300]
+    return ""
+
+
+def _message_id(env: Envelope) -> str | None:
+    mid = _header(env.raw, b"message-id").strip().strip("<>")
+    return mid or None
+
+
+def _redacted_config(path: Path) -> bytes:
+    try:
+        return redact_config(path.read_bytes())
+    except OSError as exc:
+        return f"<!-- the file {path} could not be read: {exc.strerror} -->\n".encode()

@@ -1,0 +1,162 @@
+"""Helpers shared by the tests: the directory, mailbox files, messages, the CLI, the store."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sqlite3
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import make_msgid
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from engine.cli import main
+from engine.store import open_store
+
+LOGIN = "system"
+LOGIN_PASSWORD = "octo-Pa55"
+
+DIRECTORY: dict[str, Any] = {
+    "teams": [
+        {"number": 1, "name": "IT", "defaultGroup": "Service Desk"},
+        {"number": 2, "name": "Facilities", "defaultGroup": "Building Services"},
+    ],
+    "sites": ["Montréal", "Québec"],
+    "groups": ["Service Desk", "Infrastructure", "Building Services", "Monitoring"],
+    "sources": ["Email", "SCOM"],
+    "users": [
+        {"login": LOGIN, "email": "sd@example.com", "name": "System", "site": "Montréal",
+         "password": LOGIN_PASSWORD},
+        {"login": "jdoe", "email": "John.Doe@example.com", "name": "John Doe", "site": "Québec"},
+        {"login": "asmith", "email": "asmith@example.com", "name": "Alice Smith"},
+        {"login": "unknown.user", "name": "Unknown user", "site": "Montréal"},
+        {"login": "oncall", "email": "oncall@example.com", "name": "On-call tech"},
+    ],
+}
+
+INCIDENT = (
+    "Octopus.MailIntegration.Processors.EndUserIncidentMailMessageProcessor, "
+    "Octopus.MailIntegration"
+)
+EVENT = "Octopus.MailIntegration.Processors.EventMailMessageProcessor, Octopus.MailIntegration"
+GATEWAY = "Octopus.MailIntegration.Gateways.SidePopMailboxGateway, Octopus.MailIntegration"
+
+
+def mailbox_xml(
+    path: Path,
+    *,
+    port: int,
+    user: str,
+    password: str,
+    host: str = "127.0.0.1",
+    processor: str = INCIDENT,
+    server_extra: str = "",
+    use_ssl: bool = False,
+    **elements: str,
+) -> Path:
+    """Write a mailbox file; ``elements`` become root elements (``team="1"`` → <team>1</team>)."""
+    defaults = {
+        "team": "1",
+        "incidentFallbackSiteName": "Montr&eacute;al",
+        "incidentFallbackUserLogon": "unknown.user",
+        "incidentGroup": "Service Desk",
+        "incidentSource": "Email",
+    }
+    defaults.update(elements)
+    body = "".join(f"  <{k}>{v}</{k}>\n" for k, v in defaults.items() if v is not None)
+    path.write_text(
+        f"""<?xml version="1.0" encoding="utf-8"?>
+<mailIntegration>
+  <messageProcessorTypeName>{processor}</messageProcessorTypeName>
+  <server>
+    <gatewayTypeName>{GATEWAY}</gatewayTypeName>
+    <serverName>{host}</serverName>
+    <port>{port}</port>
+    <useSsl>{"true" if use_ssl else "false"}</useSsl>
+    <userName>{user}</userName>
+    <password>{password}</password>
+    <timeoutSeconds>5</timeoutSeconds>
+{server_extra}  </server>
+{body}</mailIntegration>
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def message(
+    subject: str,
+    *,
+    sender: str = "John Doe <john.doe@example.com>",
+    body: str = "Hello, it does not work.\n",
+    attachments: tuple[tuple[str, str, bytes], ...] = (),
+    headers: dict[str, str] | None = None,
+    message_id: str | None = None,
+) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = "support@example.com"
+    msg["Subject"] = subject
+    msg["Date"] = "Fri, 27 Nov 2026 09:12:44 -0500"
+    msg["Message-ID"] = message_id or make_msgid(domain="example.com")
+    for k, v in (headers or {}).items():
+        msg[k] = v
+    msg.set_content(body)
+    for name, ctype, data in attachments:
+        maintype, subtype = ctype.split("/")
+        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
+    # CRLF, as on the wire: what RETR gives back is then byte for byte what was delivered.
+    return msg.as_bytes(policy=SMTP)
+
+
+def cli(*args: str | Path) -> tuple[int, str]:
+    """Run the real command line in-process; returns (exit code, stdout)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main([str(a) for a in args])
+    return code, out.getvalue()
+
+
+def import_directory(data_dir: Path, tmp: Path, directory: dict[str, Any] | None = None) -> None:
+    f = tmp / "directory.json"
+    f.write_text(json.dumps(directory or DIRECTORY), encoding="utf-8")
+    code, _ = cli("directory", "import", f, "--data-dir", data_dir)
+    assert code == 0
+
+
+def once(data_dir: Path, config: Path, *extra: str | Path) -> int:
+    flag = "--config-dir" if config.is_dir() else "--config"
+    code, _ = cli(
+        "once", flag, config, "--data-dir", data_dir,
+        "--login", LOGIN, "--password", LOGIN_PASSWORD, *extra,
+    )
+    return code
+
+
+def requests(data_dir: Path, **filters: str) -> list[dict[str, Any]]:
+    async def go() -> list[dict[str, Any]]:
+        store = await open_store(data_dir)
+        try:
+            rows = await store.list_requests(**filters)
+            return [d for r in rows if (d := await store.request_detail(r["number"]))]
+        finally:
+            await store.close()
+
+    return anyio.run(go)
+
+
+def ledger(data_dir: Path) -> list[sqlite3.Row]:
+    db = sqlite3.connect(data_dir / "mailintegration.sqlite3")
+    db.row_factory = sqlite3.Row
+    try:
+        return db.execute("SELECT * FROM ledger ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
+def attachment_bytes(data_dir: Path, sha256: str) -> bytes:
+    return (data_dir / "attachments" / sha256[:2] / sha256).read_bytes()

@@ -1,0 +1,724 @@
+"""Mailbox files: loading, validation, error messages, hostile input and redaction."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from engine.config import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_SUBJECT_PATTERN,
+    SCHEMA_PATH,
+    load_mailbox,
+    redact_config,
+    secret_values,
+)
+from engine.errors import ConfigError
+
+CONFIGS = Path(__file__).parent / "configs"
+CANARY = "Canary-PW-8c1f"
+
+INCIDENT = (
+    "Octopus.MailIntegration.Processors.EndUserIncidentMailMessageProcessor, "
+    "Octopus.MailIntegration"
+)
+EVENT = "Octopus.MailIntegration.Processors.EventMailMessageProcessor, Octopus.MailIntegration"
+SIDEPOP = "Octopus.MailIntegration.Gateways.SidePopMailboxGateway, Octopus.MailIntegration"
+MAILKIT = "Octopus.MailIntegration.Gateways.MailKitMailboxGateway, Octopus.MailIntegration"
+
+EXAMPLE = (CONFIGS / "incident-example.xml").read_text(encoding="utf-8")
+
+
+def mailbox(
+    *,
+    processor: str = INCIDENT,
+    gateway: str = SIDEPOP,
+    server: str = "",
+    password: str = f"<password>{CANARY}</password>",
+    extra: str = "",
+) -> str:
+    """A small valid file (line numbers below: the root is line 2, server line 4)."""
+    return (
+        '<?xml version="1.0" encoding="utf-8"?>\n'
+        "<mailIntegration>\n"
+        f"  <messageProcessorTypeName>{processor}</messageProcessorTypeName>\n"
+        "  <server>\n"
+        f"    <gatewayTypeName>{gateway}</gatewayTypeName>\n"
+        "    <serverName>pop.example.com</serverName>\n"
+        "    <userName>support@example.com</userName>\n"
+        f"    {password}\n"
+        f"    {server}\n"
+        "  </server>\n"
+        f"  {extra}\n"
+        "</mailIntegration>\n"
+    )
+
+
+def write(tmp_path: Path, text: str | bytes, name: str = "support.xml") -> Path:
+    path = tmp_path / name
+    if isinstance(text, str):
+        path.write_text(text, encoding="utf-8")
+    else:
+        path.write_bytes(text)
+    return path
+
+
+def load_error(tmp_path: Path, text: str | bytes) -> ConfigError:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_mailbox(path)
+    return info.value
+
+
+def assert_no_canary(err: ConfigError) -> None:
+    for part in (str(err), err.reason, err.file or "", err.element or ""):
+        assert CANARY not in part
+        assert "8c1f" not in part
+
+
+# ------------------------------------------------------------------------------- loading
+
+
+def test_documentation_example_loads_with_every_field(tmp_path: Path) -> None:
+    path = write(tmp_path, EXAMPLE)
+    cfg = load_mailbox(path)
+    assert cfg.name == "support"
+    assert cfg.path == path
+    assert cfg.processor == "incident"
+    assert cfg.server.gateway == "pop3"
+    assert cfg.server.host == "pop.example.com"
+    assert cfg.server.port == 995
+    assert cfg.server.use_ssl is True
+    assert cfg.server.starttls is False
+    assert cfg.server.user_name == "support@example.com"
+    assert cfg.server.password == "secret"
+    assert cfg.server.tls_verify is True
+    assert cfg.server.ca_file is None
+    assert cfg.server.timeout == 30.0
+    assert cfg.fallback_site == "Montréal"
+    assert cfg.fallback_user == "unknown.user"
+    assert cfg.group == "Service Desk"
+    assert cfg.source == "Email"
+    assert cfg.ignored_attachments == ("image001.png", "logo.gif")
+    assert cfg.create_new_requests is True
+    assert cfg.include_raw_message is False
+    assert cfg.subject_pattern is DEFAULT_SUBJECT_PATTERN
+    assert cfg.team is None
+    assert cfg.assignee is None
+    assert cfg.smtp is None
+    assert cfg.reply_template is None
+    assert cfg.max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES == 26_214_400
+    assert cfg.poll_interval is None
+    assert cfg.account == "support@example.com@pop.example.com:995"
+    assert "secret" not in repr(cfg)
+
+
+def test_name_and_default_team_arguments(tmp_path: Path) -> None:
+    path = write(tmp_path, EXAMPLE)
+    cfg = load_mailbox(path, default_team="Helpdesk", name="custom")
+    assert (cfg.name, cfg.team) == ("custom", "Helpdesk")
+    with_team = EXAMPLE.replace("</mailIntegration>", "<team>IT</team></mailIntegration>")
+    assert load_mailbox(write(tmp_path, with_team), default_team="Helpdesk").team == "IT"
+
+
+def test_utf8_accents_bom_and_named_entities(tmp_path: Path) -> None:
+    text = EXAMPLE.replace(
+        "<incidentGroup>Service Desk</incidentGroup>",
+        "<incidentGroup>Équipe de soutien &ccedil;a &amp; l&agrave;</incidentGroup>",
+    ).replace(
+        "<incidentSource>Email</incidentSource>", "<incidentSource>Courriel 📧</incidentSource>"
+    )
+    cfg = load_mailbox(write(tmp_path, b"\xef\xbb\xbf" + text.encode("utf-8")))
+    assert cfg.fallback_site == "Montréal"
+    assert cfg.group == "Équipe de soutien ça & là"
+    assert cfg.source == "Courriel 📧"
+
+
+def test_utf16_and_declared_latin1_files(tmp_path: Path) -> None:
+    utf16 = EXAMPLE.replace('encoding="utf-8"', 'encoding="utf-16"')
+    cfg = load_mailbox(write(tmp_path, b"\xff\xfe" + utf16.encode("utf-16-le"), "a.xml"))
+    assert cfg.fallback_site == "Montréal"
+    latin1 = EXAMPLE.replace('encoding="utf-8"', 'encoding="ISO-8859-1"').replace(
+        "Service Desk", "Équipe"
+    )
+    assert load_mailbox(write(tmp_path, latin1.encode("latin-1"), "b.xml")).group == "Équipe"
+
+
+def test_encoding_that_could_hide_markup_is_refused(tmp_path: Path) -> None:
+    text = EXAMPLE.replace('encoding="utf-8"', 'encoding="UTF-7"')
+    err = load_error(tmp_path, text)
+    assert "UTF-7" in err.reason and "not supported" in err.reason
+
+
+def test_element_names_are_case_insensitive(tmp_path: Path) -> None:
+    text = (
+        EXAMPLE.replace("serverName>", "ServerName>")
+        .replace("useSsl>", "UseSSL>")
+        .replace("<mailIntegration>", "<MailIntegration>")
+        .replace("</mailIntegration>", "</MailIntegration>")
+        .replace("incidentGroup>", "IncidentGroup>")
+    )
+    cfg = load_mailbox(write(tmp_path, text))
+    assert cfg.server.host == "pop.example.com"
+    assert cfg.server.use_ssl is True
+    assert cfg.group == "Service Desk"
+
+
+@pytest.mark.parametrize(
+    "gateway",
+    [
+        SIDEPOP,
+        MAILKIT,
+        "Octopus.MailIntegration.Gateways.SidePopMailboxGateway",
+        "MailKitMailboxGateway",
+        "pop3",
+        "POP3",
+    ],
+)
+def test_pop3_gateways(tmp_path: Path, gateway: str) -> None:
+    assert load_mailbox(write(tmp_path, mailbox(gateway=gateway))).server.gateway == "pop3"
+
+
+def test_default_ports_and_tls_options(tmp_path: Path) -> None:
+    assert load_mailbox(write(tmp_path, mailbox())).server.port == 110
+    ssl = load_mailbox(write(tmp_path, mailbox(server="<useSsl>1</useSsl>")))
+    assert (ssl.server.port, ssl.server.use_ssl) == (995, True)
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    cfg = load_mailbox(
+        write(
+            tmp_path,
+            mailbox(
+                server="<startTls>true</startTls><caFile>ca.pem</caFile>"
+                "<tlsVerify>0</tlsVerify><timeoutSeconds>5</timeoutSeconds><port>1110</port>"
+            ),
+        )
+    )
+    assert cfg.server.starttls is True
+    assert cfg.server.ca_file == ca.resolve()
+    assert cfg.server.tls_verify is False
+    assert cfg.server.timeout == 5.0
+    assert cfg.server.port == 1110
+
+
+def test_ssl_and_starttls_are_exclusive(tmp_path: Path) -> None:
+    err = load_error(tmp_path, mailbox(server="<useSsl>true</useSsl><startTls>true</startTls>"))
+    assert "useSsl and startTls" in err.reason
+    assert err.line == 9 and err.element == "server/startTls"
+
+
+def test_missing_ca_file(tmp_path: Path) -> None:
+    err = load_error(tmp_path, mailbox(server="<caFile>missing.pem</caFile>"))
+    assert "missing.pem" in err.reason and err.element == "server/caFile"
+
+
+def test_event_mailbox(tmp_path: Path) -> None:
+    extra = (
+        "<group>Infrastructure</group><assignee>jdoe</assignee><incidentGroup>SD</incidentGroup>"
+    )
+    cfg = load_mailbox(write(tmp_path, mailbox(processor=EVENT, extra=extra)))
+    assert cfg.processor == "event"
+    assert cfg.group == "Infrastructure"
+    assert cfg.assignee == "jdoe"
+    # Each kind falls back to the other kind's group element.
+    only_incident_group = "<incidentGroup>SD</incidentGroup>"
+    cfg = load_mailbox(write(tmp_path, mailbox(processor=EVENT, extra=only_incident_group)))
+    assert cfg.group == "SD"
+    both = load_mailbox(write(tmp_path, mailbox(extra=extra)))
+    assert both.group == "SD"
+    only_group = load_mailbox(write(tmp_path, mailbox(extra="<group>Infra</group>")))
+    assert only_group.group == "Infra"
+
+
+def test_empty_optional_elements_mean_not_given(tmp_path: Path) -> None:
+    extra = "<incidentGroup/><incidentFallbackSiteName>  </incidentFallbackSiteName>"
+    extra += "<ignoredAttachments> , ,</ignoredAttachments>"
+    cfg = load_mailbox(write(tmp_path, mailbox(extra=extra)))
+    assert cfg.group is None and cfg.fallback_site is None
+    assert cfg.ignored_attachments == ()
+
+
+def test_sample_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MONITORING_POP3_PASSWORD", "pop-secret")
+    monkeypatch.setenv("MONITORING_SMTP_PASSWORD", "smtp-secret")
+    cfg = load_mailbox(CONFIGS / "event-full.xml")
+    assert cfg.processor == "event"
+    assert cfg.server.starttls and cfg.server.port == 110 and cfg.server.timeout == 60.0
+    assert cfg.team == "IT" and cfg.group == "Infrastructure" and cfg.assignee == "jdoe"
+    assert cfg.ignored_attachments == ("*.vcf", "winmail.dat")
+    assert (cfg.max_message_bytes, cfg.poll_interval) == (10_485_760, 120.0)
+    assert cfg.smtp is not None
+    assert (cfg.smtp.host, cfg.smtp.port, cfg.smtp.starttls) == ("smtp.example.com", 587, True)
+    assert cfg.smtp.sender == "Service Desk <monitoring@example.com>"
+    assert cfg.reply_template is not None
+    assert cfg.reply_template.subject == "RE: {subject}"
+    assert (
+        cfg.reply_template.body == "Hello {sender},\n\nYour message reached the {mailbox} mailbox."
+    )
+    assert secret_values(cfg) == ("pop-secret", "smtp-secret")
+    assert load_mailbox(CONFIGS / "incident-example.xml").processor == "incident"
+
+
+def test_every_schema_element_is_documented() -> None:
+    xs = "{http://www.w3.org/2001/XMLSchema}"
+    schema = etree.parse(str(SCHEMA_PATH))
+    elements = list(schema.iter(f"{xs}element"))
+    assert len(elements) > 30
+    for el in elements:
+        doc = el.find(f"{xs}annotation/{xs}documentation")
+        assert doc is not None and (doc.text or "").strip(), el.get("name")
+
+
+# ------------------------------------------------------------------------------- processors
+
+
+def test_unsupported_processor(tmp_path: Path) -> None:
+    sr = (
+        "Octopus.MailIntegration.Processors.EndUserNewSRMailMessageProcessor, "
+        "Octopus.MailIntegration"
+    )
+    err = load_error(tmp_path, mailbox(processor=sr))
+    assert "not supported yet" in err.reason
+    assert err.line == 3 and err.element == "messageProcessorTypeName"
+
+
+def test_unknown_processor_lists_valid_values(tmp_path: Path) -> None:
+    err = load_error(tmp_path, mailbox(processor="Acme.Processors.FaxProcessor, Acme"))
+    assert "EndUserIncidentMailMessageProcessor" in err.reason
+    assert "EventMailMessageProcessor" in err.reason
+
+
+def test_unsupported_and_unknown_gateways(tmp_path: Path) -> None:
+    imap = load_error(tmp_path, mailbox(gateway="imap"))
+    assert "not supported yet" in imap.reason and imap.element == "server/gatewayTypeName"
+    other = load_error(tmp_path, mailbox(gateway="Acme.ExchangeGateway"))
+    assert "SidePopMailboxGateway" in other.reason and "pop3" in other.reason
+    assert other.line == 5
+
+
+# ------------------------------------------------------------------------------- subjects
+
+
+@pytest.mark.parametrize(
+    ("subject", "kind", "team", "number"),
+    [
+        ("RE: [Incident] #1234 Printer", "Incident", None, "1234"),
+        ("RE: [Incident] IT #1234 Printer", "Incident", "IT", "1234"),
+        ("TR: [Incident] OCTOPUS_PROD 1234 - Printer", "Incident", "OCTOPUS_PROD", "1234"),
+        ("AW: FW: [Event] #77 disk", "Event", None, "77"),
+        ("[Incident] #5", "Incident", None, "5"),
+        (
+            "RE: [EXT] [Service Request] HELPDESK #98765 - laptop",
+            "Service Request",
+            "HELPDESK",
+            "98765",
+        ),
+    ],
+)
+def test_default_subject_pattern(subject: str, kind: str, team: str | None, number: str) -> None:
+    found = DEFAULT_SUBJECT_PATTERN.search(subject)
+    assert found is not None
+    assert (found["type"], found["team"], found["number"]) == (kind, team, number)
+
+
+@pytest.mark.parametrize(
+    "subject", ["Printer broken", "[Incident] no number", "RE: [Incident] #12abc", "Incident 1234"]
+)
+def test_default_subject_pattern_negative(subject: str) -> None:
+    assert DEFAULT_SUBJECT_PATTERN.search(subject) is None
+
+
+def test_custom_subject_pattern(tmp_path: Path) -> None:
+    extra = r"<subjectPattern> Ticket-(?P&lt;number&gt;\d+) </subjectPattern>"
+    cfg = load_mailbox(write(tmp_path, mailbox(extra=extra)))
+    found = cfg.subject_pattern.search("Re: Ticket-42 done")
+    assert found is not None and found["number"] == "42"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        (r"Ticket-(\d+)", 'group named "number"'),
+        (r"Ticket-(?P&lt;number&gt;\d+", "regular expression"),
+    ],
+)
+def test_bad_subject_pattern(tmp_path: Path, pattern: str, expected: str) -> None:
+    err = load_error(tmp_path, mailbox(extra=f"<subjectPattern>{pattern}</subjectPattern>"))
+    assert expected in err.reason
+    assert err.line == 11 and err.element == "subjectPattern"
+    assert "line 11" in str(err)
+
+
+# ------------------------------------------------------------------------------- secrets
+
+
+def test_password_file(tmp_path: Path) -> None:
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "pop3").write_text("s3cret \n\n")
+    cfg = load_mailbox(
+        write(tmp_path, mailbox(password="<passwordFile>secrets/pop3</passwordFile>"))
+    )
+    # One trailing newline only is dropped; the rest belongs to the password.
+    assert cfg.server.password == "s3cret \n"
+
+
+def test_unreadable_password_file_names_path_not_content(tmp_path: Path) -> None:
+    err = load_error(tmp_path, mailbox(password="<passwordFile>/nonexistent/pw</passwordFile>"))
+    assert "/nonexistent/pw" in err.reason
+    assert err.element == "server/passwordFile" and err.line == 8
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    err = load_error(tmp_path, mailbox(password=f"<passwordFile>{folder}</passwordFile>"))
+    assert str(folder) in err.reason
+
+
+def test_password_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SUPPORT_POP3_PW", CANARY)
+    path = write(tmp_path, mailbox(password="<passwordEnv>SUPPORT_POP3_PW</passwordEnv>"))
+    cfg = load_mailbox(path)
+    assert cfg.server.password == CANARY
+    assert secret_values(cfg) == (CANARY,)
+    monkeypatch.delenv("SUPPORT_POP3_PW")
+    with pytest.raises(ConfigError) as info:
+        load_mailbox(path)
+    assert "SUPPORT_POP3_PW" in info.value.reason and "not set" in info.value.reason
+
+
+def test_exactly_one_password_source(tmp_path: Path) -> None:
+    none = load_error(tmp_path, mailbox(password=""))
+    assert "<passwordFile>" in none.reason and none.element == "server"
+    two = load_error(tmp_path, mailbox(server="<passwordEnv>X</passwordEnv>"))
+    assert "only one" in two.reason and two.element == "server/passwordEnv"
+    assert_no_canary(two)
+
+
+def test_smtp_defaults_and_rules(tmp_path: Path) -> None:
+    smtp = "<smtp><serverName>smtp.example.com</serverName><from>sd@example.com</from>{}</smtp>"
+    cfg = load_mailbox(write(tmp_path, mailbox(extra=smtp.format(""))))
+    assert cfg.smtp is not None
+    assert (cfg.smtp.port, cfg.smtp.user_name, cfg.smtp.password) == (25, None, None)
+    cfg = load_mailbox(write(tmp_path, mailbox(extra=smtp.format("<useSsl>true</useSsl>"))))
+    assert cfg.smtp is not None and cfg.smtp.port == 465
+    auth = "<userName>sd</userName><password>smtp-pw</password>"
+    cfg = load_mailbox(write(tmp_path, mailbox(extra=smtp.format(auth))))
+    assert secret_values(cfg) == (CANARY, "smtp-pw")
+    err = load_error(tmp_path, mailbox(extra=smtp.format("<userName>sd</userName>")))
+    assert "<userName> needs" in err.reason
+    err = load_error(tmp_path, mailbox(extra=smtp.format("<password>smtp-pw</password>")))
+    assert "<userName>" in err.reason and "smtp-pw" not in str(err)
+    err = load_error(
+        tmp_path, mailbox(extra=smtp.format("").replace("<from>sd@example.com</from>", ""))
+    )
+    assert "<from>" in err.reason and err.element == "smtp"
+
+
+def test_reply_template_placeholders(tmp_path: Path) -> None:
+    smtp = "<smtp><serverName>smtp.example.com</serverName><from>sd@example.com</from></smtp>"
+    template = "<replyTemplate><subject>{}</subject><body>Hi</body></replyTemplate>"
+    err = load_error(tmp_path, mailbox(extra=smtp + template.format("RE: {subjet}")))
+    assert "{subjet}" in err.reason and "{subject}" in err.reason
+    err = load_error(tmp_path, mailbox(extra=template.format("x")))
+    assert "<smtp>" in err.reason
+
+
+# ------------------------------------------------------------------------------- errors
+
+
+def test_mismatched_tag_gives_lxml_line(tmp_path: Path) -> None:
+    text = EXAMPLE.replace(
+        "<serverName>pop.example.com</serverName>", "<serverName>pop.example.com</server>"
+    )
+    err = load_error(tmp_path, text)
+    assert err.line == 7
+    assert "not well-formed" in err.reason and "mismatch" in err.reason
+    assert "line 7" in str(err) and str(tmp_path / "support.xml") in str(err)
+
+
+def test_unknown_element_lists_valid_names(tmp_path: Path) -> None:
+    err = load_error(tmp_path, mailbox(server="<hostName>x</hostName>"))
+    assert err.line == 9
+    assert "<hostName>" in err.reason
+    assert (
+        "serverName" in err.reason
+        and "passwordFile" in err.reason
+        and "timeoutSeconds" in err.reason
+    )
+    assert err.element == "server/hostName"
+    root_level = load_error(tmp_path, mailbox(extra="<incidentGroupe>SD</incidentGroupe>"))
+    assert root_level.line == 11 and "incidentGroup" in root_level.reason
+
+
+def test_namespaced_element_is_unknown(tmp_path: Path) -> None:
+    err = load_error(tmp_path, mailbox(extra='<x:team xmlns:x="urn:x">IT</x:team>'))
+    assert "<x:team>" in err.reason and err.line == 11
+
+
+def test_bad_boolean(tmp_path: Path) -> None:
+    err = load_error(tmp_path, mailbox(server="<useSsl>yes</useSsl>"))
+    assert "true or false" in err.reason and "'yes'" in err.reason
+    assert err.line == 9 and err.element == "server/useSsl"
+
+
+@pytest.mark.parametrize("value", ["70000", "0", "abc", "-1"])
+def test_port_out_of_range(tmp_path: Path, value: str) -> None:
+    err = load_error(tmp_path, mailbox(server=f"<port>{value}</port>"))
+    assert "from 1 to 65535" in err.reason
+    assert err.line == 9 and err.element == "server/port"
+
+
+def test_other_ranges(tmp_path: Path) -> None:
+    err = load_error(tmp_path, mailbox(server="<timeoutSeconds>7200</timeoutSeconds>"))
+    assert "from 1 to 3600" in err.reason
+    err = load_error(tmp_path, mailbox(extra="<maxMessageBytes>10</maxMessageBytes>"))
+    assert "from 1024 to" in err.reason
+
+
+def test_missing_server_name(tmp_path: Path) -> None:
+    text = mailbox().replace("    <serverName>pop.example.com</serverName>\n", "")
+    err = load_error(tmp_path, text)
+    assert "<serverName>" in err.reason and "missing" in err.reason
+    assert err.element == "server" and err.line == 4
+
+
+def test_empty_required_element(tmp_path: Path) -> None:
+    err = load_error(tmp_path, mailbox().replace("pop.example.com", ""))
+    assert "empty" in err.reason and err.element == "server/serverName"
+
+
+def test_wrong_root_and_attributes(tmp_path: Path) -> None:
+    err = load_error(tmp_path, "<config/>")
+    assert "<mailIntegration>" in err.reason
+    err = load_error(tmp_path, mailbox().replace("<server>", '<server version="2">'))
+    assert "version" in err.reason and err.line == 4
+
+
+def test_undefined_entity(tmp_path: Path) -> None:
+    err = load_error(tmp_path, mailbox(extra="<team>&nosuchentity;</team>"))
+    assert err.line == 11 and "nosuchentity" in err.reason
+
+
+def test_text_between_elements(tmp_path: Path) -> None:
+    err = load_error(tmp_path, mailbox(server="stray text"))
+    assert "text is not allowed" in err.reason and err.element == "server"
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_mailbox(tmp_path / "absent.xml")
+    assert "absent.xml" in str(info.value)
+
+
+# ------------------------------------------------------------------------------- no secret leaks
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # The password element itself is wrong: duplicated, mis-closed, broken entity, with
+        # elements inside, given twice by different means, unclosed.
+        mailbox(server=f"<password>{CANARY}</password>"),
+        mailbox(server=f"<Password>{CANARY}x</Password>"),
+        mailbox(password=f"<password>{CANARY}</pasword>"),
+        mailbox(password=f"<password>{CANARY}&bogus;</password>"),
+        mailbox(password=f"<password>&{CANARY};</password>"),
+        mailbox(password=f"<password>{CANARY}<b/></password>"),
+        mailbox(password=f"<password>{CANARY}"),
+        mailbox(password=f"<password>{CANARY}</password><passwordEnv>X</passwordEnv>"),
+        mailbox(password=f"<password><![CDATA[{CANARY}]]></password><password>x</password>"),
+        mailbox(password=f'<password value="{CANARY}">{CANARY}</password>'),
+        mailbox(password=f"<password>{CANARY}</password>", server="<port>x</port>"),
+        # The password reused in another element that is wrong.
+        mailbox(server=f"<useSsl>{CANARY}</useSsl>"),
+        mailbox(server=f"<{CANARY}/>"),
+        mailbox(gateway=CANARY),
+        mailbox(processor=CANARY),
+        mailbox(extra=f"<subjectPattern>{CANARY}(</subjectPattern>"),
+        mailbox(
+            extra=f"<smtp><serverName>s</serverName><from>a@b</from><password>{CANARY}</password></smtp>"
+        ),
+        mailbox(extra=f"<smtp><serverName>s</serverName><password>{CANARY}</password></smtp>"),
+        # Escaped forms of the password are hidden as well.
+        mailbox(password="<password>Canary-PW-&#56;c1f</password>", server="<port>x</port>"),
+        mailbox(
+            password="<password>Canary-PW-8c1f</password>",
+            server="<useSsl>Canary-PW-&#56;c1f</useSsl>",
+        ),
+    ],
+)
+def test_password_never_in_error_messages(tmp_path: Path, text: str) -> None:
+    assert_no_canary(load_error(tmp_path, text))
+
+
+def test_password_from_file_or_env_never_in_error_messages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PW", CANARY)
+    err = load_error(
+        tmp_path,
+        mailbox(password="<passwordEnv>PW</passwordEnv>", extra=f"<team>{CANARY}</team><x/>"),
+    )
+    assert_no_canary(err)
+
+
+# ------------------------------------------------------------------------------- hostile files
+
+
+BILLION_LAUGHS = """<?xml version="1.0"?>
+<!DOCTYPE lolz [
+  <!ENTITY lol "lol">
+  <!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+  <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
+  <!ENTITY lol4 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">
+  <!ENTITY lol5 "&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;">
+  <!ENTITY lol6 "&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;">
+  <!ENTITY lol7 "&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;">
+  <!ENTITY lol8 "&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;">
+  <!ENTITY lol9 "&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;">
+]>
+<mailIntegration><team>&lol9;</team></mailIntegration>
+"""
+
+
+def test_billion_laughs_refused(tmp_path: Path) -> None:
+    err = load_error(tmp_path, BILLION_LAUGHS)
+    assert "DOCTYPE" in err.reason and err.line == 2
+
+
+def test_xxe_refused_without_reading_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "target.txt"
+    target.write_text("TOP-SECRET-CONTENT")
+    opened: list[str] = []
+    real_open = Path.open
+
+    def spy(self: Path, *args: object, **kwargs: object) -> object:
+        opened.append(str(self))
+        return real_open(self, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(Path, "open", spy)
+    for url in ("file:///etc/passwd", target.as_uri()):
+        text = EXAMPLE.replace(
+            "<mailIntegration>",
+            f'<!DOCTYPE mailIntegration [<!ENTITY x SYSTEM "{url}">]>\n<mailIntegration>',
+        ).replace("<incidentSource>Email", "<incidentSource>&x;")
+        err = load_error(tmp_path, text)
+        assert "DOCTYPE" in err.reason and "TOP-SECRET" not in str(err) and "root:" not in str(err)
+    assert all(p.endswith("support.xml") for p in opened)
+
+
+def test_parameter_entity_and_lowercase_doctype_refused(tmp_path: Path) -> None:
+    text = '<!DOCTYPE m [<!ENTITY % p SYSTEM "http://example.invalid/x.dtd"> %p;]><m/>'
+    assert "DOCTYPE" in load_error(tmp_path, text).reason
+    assert "DOCTYPE" in load_error(tmp_path, "<!doctype m><m/>").reason
+
+
+@pytest.mark.parametrize(
+    "attribute",
+    [
+        'xsi:schemaLocation="urn:x http://evil.example/x.xsd"',
+        'xsi:noNamespaceSchemaLocation="http://evil.example/x.xsd"',
+    ],
+)
+def test_schema_location_hints_refused(tmp_path: Path, attribute: str) -> None:
+    xsi = 'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"'
+    text = EXAMPLE.replace("<mailIntegration>", f"<mailIntegration {xsi} {attribute}>")
+    err = load_error(tmp_path, text)
+    assert "xsi:" in err.reason and "own schema" in err.reason
+    assert err.line == 3 and err.element == "mailIntegration"
+
+
+@pytest.mark.parametrize(
+    ("attribute", "element"),
+    [('xsi:type="xs:anyType"', "server/port"), ('xsi:nil="true"', "server/port")],
+)
+def test_other_xsi_attributes_refused(tmp_path: Path, attribute: str, element: str) -> None:
+    ns = 'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"'
+    ns += ' xmlns:xs="http://www.w3.org/2001/XMLSchema"'
+    text = mailbox(server=f"<port {ns} {attribute}>abc</port>")
+    err = load_error(tmp_path, text)
+    assert "xsi:" in err.reason and err.element == element and err.line == 9
+
+
+def test_utf16_declaration_without_bom(tmp_path: Path) -> None:
+    text = EXAMPLE.replace('encoding="utf-8"', 'encoding="UTF-16"')
+    assert "UTF-16" in load_error(tmp_path, text).reason
+
+
+def test_oversized_file_refused(tmp_path: Path) -> None:
+    text = EXAMPLE.replace("</mailIntegration>", "<!--" + "x" * 2_000_000 + "--></mailIntegration>")
+    assert "bytes" in load_error(tmp_path, text).reason
+
+
+# ------------------------------------------------------------------------------- redaction
+
+
+def test_redact_valid_file_keeps_everything_else() -> None:
+    original = (
+        '<?xml version="1.0" encoding="utf-8"?>\r\n'
+        "<mailIntegration>\r\n"
+        "  <server><Password>p&amp;ss wörd</Password><passwordFile>/run/secrets/pw</passwordFile>"
+        "</server>\r\n"
+        "  <smtp><x:password xmlns:x='urn:x'>smtp-pw</x:password>"
+        "<passwordEnv>SMTP_PW</passwordEnv></smtp>\r\n"
+        "  <password/><password></password>\r\n"
+        "</mailIntegration>\r\n"
+    ).encode()
+    expected = original.replace("p&amp;ss wörd".encode(), b"********").replace(
+        b">smtp-pw<", b">********<"
+    )
+    assert redact_config(original) == expected
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            f"<password>{CANARY}\n<userName>u</userName>",
+            "<password>********\n<userName>u</userName>",
+        ),
+        (f"<PASSWORD>{CANARY}", "<PASSWORD>********"),
+        (f"<password>{CANARY}</passwrd>", "<password>********"),
+        (f"<password>{CANARY}<</password>", "<password>********</password>"),
+        (f"<password>\n  {CANARY}\n</password>", "<password>********</password>"),
+        (f"<password><![CDATA[\n{CANARY}<\n]]></password>", "<password>********</password>"),
+        (f'<server password="{CANARY}" user="u">', '<server password="********" user="u">'),
+        (f"<server Password = '{CANARY}'>", "<server Password = '********'>"),
+        (f'<server password="{CANARY}\n<x>', '<server password="********\n<x>'),
+        (f"<server password={CANARY} user=u>", "<server password=******** user=u>"),
+        (f"<password {CANARY}\n<x/>", "<password********\n<x/>"),
+        (
+            "<passwordFile>/run/secrets/pw</passwordFile>",
+            "<passwordFile>/run/secrets/pw</passwordFile>",
+        ),
+        ("<passwordEnv>PW</passwordEnv>", "<passwordEnv>PW</passwordEnv>"),
+        ('<server passwordFile="f">', '<server passwordFile="f">'),
+    ],
+)
+def test_redact_malformed(line: str, expected: str) -> None:
+    redacted = redact_config(line.encode())
+    assert redacted == expected.encode()
+    assert CANARY.encode() not in redacted
+
+
+def test_redact_utf16() -> None:
+    text = f"<mailIntegration><password>{CANARY}</password></mailIntegration>"
+    redacted = redact_config(b"\xff\xfe" + text.encode("utf-16-le"))
+    assert redacted == b"\xff\xfe" + text.replace(CANARY, "********").encode("utf-16-le")
+
+
+def test_redact_example_file() -> None:
+    redacted = redact_config((CONFIGS / "incident-example.xml").read_bytes()).decode()
+    assert "<password>********</password>" in redacted
+    assert "secret" not in redacted
+    assert re.sub(r"<password>.*</password>", "", redacted) == re.sub(
+        r"<password>.*</password>", "", EXAMPLE
+    )
+
+
+def test_secret_values_skips_empty(tmp_path: Path) -> None:
+    cfg = load_mailbox(write(tmp_path, EXAMPLE))
+    assert secret_values(cfg) == ("secret",)

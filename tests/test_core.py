@@ -1,0 +1,337 @@
+"""Issue 2: one POP3 mailbox → incidents and activities in the SQLite store, exactly once.
+
+Every test here talks to a real Dovecot on 127.0.0.1 and a real SQLite file in tmp_path.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import (
+    LOGIN,
+    LOGIN_PASSWORD,
+    attachment_bytes,
+    cli,
+    import_directory,
+    ledger,
+    mailbox_xml,
+    message,
+    once,
+    requests,
+)
+
+from engine.pop3 import Pop3Session
+from engine.store.sqlite import SqliteStore
+
+pytestmark = pytest.mark.dovecot
+
+
+@pytest.fixture
+def setup(tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]) -> dict[str, Any]:
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    user, password = pop3_user
+    cfg = mailbox_xml(tmp_path / "support.xml", port=dovecot.pop3_port, user=user, password=password)
+    return {"data": data, "cfg": cfg, "user": user, "password": password, "tmp": tmp_path}
+
+
+def test_known_sender_creates_incident_with_that_requester(setup: dict[str, Any], dovecot: Any) -> None:
+    dovecot.deliver(setup["user"], message("Printer jams", body="The printer jams.\n"))
+    assert once(setup["data"], setup["cfg"]) == 0
+    [req] = requests(setup["data"])
+    assert req["type"] == "incident"
+    assert req["status"] == "new"
+    assert req["subject"] == "Printer jams"
+    assert "The printer jams." in req["description"]
+    assert req["requester"] == "jdoe" and req["user"] == "jdoe"
+    assert req["site"] == "Québec"  # the user's own site wins over the fallback
+    assert req["group"] == "Service Desk"
+    assert req["source"] == "Email"
+    assert req["team"] == "IT"
+    assert req["created_by"] == LOGIN
+    assert dovecot.count(setup["user"]) == 0
+
+
+def test_unknown_sender_gets_fallback_user_and_site(setup: dict[str, Any], dovecot: Any) -> None:
+    dovecot.deliver(setup["user"], message("VPN down", sender="Nobody <nobody@else.example>"))
+    dovecot.deliver(setup["user"], message("No site", sender="Alice <ASMITH@example.com>"))
+    assert once(setup["data"], setup["cfg"]) == 0
+    first, second = requests(setup["data"])
+    assert first["requester"] == "unknown.user"
+    assert first["site"] == "Montréal"
+    # Known sender (matched case-insensitively) without a site of her own → the fallback site.
+    assert second["requester"] == "asmith"
+    assert second["site"] == "Montréal"
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "RE: [Incident] #{n} Printer",
+        "RE: [Incident] IT #{n} Printer",
+        "TR: [Incident] OCTOPUS_PROD {n} - Printer",
+        "AW: FW: [Incident] #{n}",
+    ],
+)
+def test_reply_with_request_number_adds_activity(
+    setup: dict[str, Any], dovecot: Any, form: str
+) -> None:
+    dovecot.deliver(setup["user"], message("Printer jams"))
+    assert once(setup["data"], setup["cfg"]) == 0
+    [req] = requests(setup["data"])
+    dovecot.deliver(
+        setup["user"],
+        message(form.format(n=req["number"]), sender="Alice <asmith@example.com>", body="Again.\n"),
+    )
+    assert once(setup["data"], setup["cfg"]) == 0
+    [req] = requests(setup["data"])
+    [activity] = req["activities"]
+    assert activity["author"] == "Alice"
+    assert activity["email"] == "asmith@example.com"
+    assert "Again." in activity["body"]
+    assert activity["date"].startswith("2026-11-27T09:12:44")
+
+
+def test_reference_to_other_team_or_unknown_request_creates_incident(
+    setup: dict[str, Any], dovecot: Any, pop3_user: tuple[str, str]
+) -> None:
+    # A request of team 2 (Facilities), made through a second mailbox of that team.
+    fac_user, fac_pw = f"{setup['user']}-fac", "fac-pw-1"
+    dovecot.add_user(fac_user, fac_pw)
+    fac = mailbox_xml(
+        setup["tmp"] / "fac.xml", port=dovecot.pop3_port, user=fac_user, password=fac_pw,
+        team="Facilities", incidentGroup="Building Services",
+    )
+    dovecot.deliver(fac_user, message("Leaking tap"))
+    assert once(setup["data"], fac) == 0
+    [fac_req] = requests(setup["data"])
+    dovecot.deliver(setup["user"], message(f"RE: [Incident] #{fac_req['number']} Leaking tap"))
+    dovecot.deliver(setup["user"], message("RE: [Incident] #99999 Unknown"))
+    assert once(setup["data"], setup["cfg"]) == 0
+    reqs = requests(setup["data"])
+    assert len(reqs) == 3
+    assert reqs[0]["activities"] == []
+    assert [r["team"] for r in reqs[1:]] == ["IT", "IT"]
+
+
+def test_reply_to_closed_request_reopens_it(setup: dict[str, Any], dovecot: Any) -> None:
+    dovecot.deliver(setup["user"], message("Printer jams"))
+    assert once(setup["data"], setup["cfg"]) == 0
+    db = sqlite3.connect(setup["data"] / "mailintegration.sqlite3")
+    db.execute("UPDATE requests SET status = 'closed'")
+    db.commit()
+    db.close()
+    dovecot.deliver(setup["user"], message("RE: [Incident] #1 Printer jams"))
+    assert once(setup["data"], setup["cfg"]) == 0
+    [req] = requests(setup["data"])
+    assert req["status"] == "reopened"
+    assert any("Reopened by a reply from john.doe@example.com" in h["text"] for h in req["history"])
+
+
+def test_attachments_minus_ignored_ones_with_exact_bytes(
+    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]
+) -> None:
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    user, pw = pop3_user
+    cfg = mailbox_xml(
+        tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=pw,
+        ignoredAttachments="IMAGE001.png, logo.gif",
+        includeRawMessageAsAttachment="TRUE",
+    )
+    pdf = b"%PDF-1.4\n" + bytes(range(256)) * 40
+    raw = message(
+        "Report attached",
+        attachments=(
+            ("report.pdf", "application/pdf", pdf),
+            ("image001.png", "image/png", b"\x89PNG\r\n\x1a\nsig"),
+            ("logo.gif", "image/gif", b"GIF89a"),
+        ),
+    )
+    dovecot.deliver(user, raw)
+    assert once(data, cfg) == 0
+    [req] = requests(data)
+    names = sorted(a["name"] for a in req["attachments"])
+    assert names == ["Report attached.eml", "report.pdf"]
+    by_name = {a["name"]: a for a in req["attachments"]}
+    assert attachment_bytes(data, by_name["report.pdf"]["sha256"]) == pdf
+    assert attachment_bytes(data, by_name["Report attached.eml"]["sha256"]) == raw
+
+
+def test_running_twice_creates_nothing_new(setup: dict[str, Any], dovecot: Any) -> None:
+    for i in range(3):
+        dovecot.deliver(setup["user"], message(f"Issue {i}"))
+    assert once(setup["data"], setup["cfg"]) == 0
+    assert once(setup["data"], setup["cfg"]) == 0
+    assert len(requests(setup["data"])) == 3
+    assert len(ledger(setup["data"])) == 3
+    assert {r["outcome"] for r in ledger(setup["data"])} == {"created"}
+
+
+def test_crash_after_commit_before_quit_then_rerun_processes_each_once(
+    setup: dict[str, Any], dovecot: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(4):
+        dovecot.deliver(setup["user"], message(f"Crash case {i}"))
+
+    def crash(self: Pop3Session) -> None:
+        raise RuntimeError("simulated crash between commit and QUIT")
+
+    with monkeypatch.context() as m:
+        m.setattr(Pop3Session, "quit", crash)
+        assert once(setup["data"], setup["cfg"]) != 0
+    # Committed, but the deletions were never confirmed by QUIT: the mail is still there.
+    mail = [r for r in requests(setup["data"]) if r["kind"] == "mail"]
+    assert len(mail) == 4
+    assert dovecot.count(setup["user"]) == 4
+    assert once(setup["data"], setup["cfg"]) == 0
+    reqs = requests(setup["data"])
+    assert len([r for r in reqs if r["kind"] == "mail"]) == 4
+    # The crash was reported as an outage, closed by the run that worked.
+    assert [r["status"] for r in reqs if r["kind"] == "outage"] == ["processed"]
+    assert len(ledger(setup["data"])) == 4
+    assert dovecot.count(setup["user"]) == 0
+
+
+def test_failed_commit_deletes_nothing(
+    setup: dict[str, Any], dovecot: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(3):
+        dovecot.deliver(setup["user"], message(f"Commit fails {i}"))
+    real_commit = SqliteStore.commit
+    calls = {"n": 0}
+
+    async def failing_commit(self: SqliteStore) -> None:
+        calls["n"] += 1
+        # The first transaction answers the directory check; fail the ones after it.
+        if calls["n"] > 2:
+            raise sqlite3.OperationalError("disk I/O error")
+        await real_commit(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(SqliteStore, "commit", failing_commit)
+        assert once(setup["data"], setup["cfg"]) != 0
+    assert dovecot.count(setup["user"]) == 3
+    assert ledger(setup["data"]) == []
+    assert requests(setup["data"]) == []
+    assert once(setup["data"], setup["cfg"]) == 0
+    assert len(requests(setup["data"])) == 3
+    assert dovecot.count(setup["user"]) == 0
+
+
+def test_pop3s_with_ca_file_works(tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]) -> None:
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    user, pw = pop3_user
+    cfg = mailbox_xml(
+        tmp_path / "s.xml", port=dovecot.pop3s_port, user=user, password=pw, use_ssl=True,
+        host="localhost", server_extra=f"    <caFile>{dovecot.ca_file}</caFile>\n",
+    )
+    dovecot.deliver(user, message("Over TLS"))
+    assert once(data, cfg) == 0
+    assert [r["subject"] for r in requests(data)] == ["Over TLS"]
+    assert dovecot.count(user) == 0
+
+
+def test_untrusted_certificate_is_refused(
+    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]
+) -> None:
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    user, pw = pop3_user
+    cfg = mailbox_xml(
+        tmp_path / "s.xml", port=dovecot.pop3s_port, user=user, password=pw, use_ssl=True,
+        host="localhost",
+    )
+    dovecot.deliver(user, message("Never fetched"))
+    assert once(data, cfg) == 1
+    assert dovecot.count(user) == 1
+    assert [r["kind"] for r in requests(data)] == ["outage"]
+    code, out = cli("check", "--config", cfg)
+    assert code == 1
+    assert "FAILED (tls)" in out and "not trusted" in out
+
+
+
+
+def test_original_command_line_end_to_end(
+    setup: dict[str, Any], dovecot: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MAILINTEGRATION_DATA_DIR", str(setup["data"]))
+    logs = setup["tmp"] / "log folder"
+    logs.mkdir()
+    spaced = setup["tmp"] / "config folder" / "email integration.xml"
+    spaced.parent.mkdir()
+    spaced.write_bytes(setup["cfg"].read_bytes())
+    dovecot.deliver(setup["user"], message("Original CLI"))
+    argv = [
+        "/login:" + LOGIN,
+        "/Password:" + LOGIN_PASSWORD,
+        "/TEAM:1",
+        *f"/ConfigFilePath:{spaced}".split(" "),
+        *f"/LogFilePath:{logs / 'MailIntegration.log'}".split(" "),
+        "/Debug",
+    ]
+    code, _ = cli(*argv)
+    assert code == 0
+    [req] = requests(setup["data"])
+    assert req["subject"] == "Original CLI" and req["created_by"] == LOGIN
+    log_text = (logs / "MailIntegration.log").read_text()
+    assert "created" in log_text
+    assert LOGIN_PASSWORD not in log_text and setup["password"] not in log_text
+    assert len(list(logs.glob("RawMessage-*.eml"))) == 1
+
+
+def test_original_command_line_errors_are_clear(tmp_path: Path, capsys: Any) -> None:
+    code, _ = cli("/Login:system", "/Password:x", "/ConfigFilePath:/nope.xml",
+                  f"/LogFilePath:{tmp_path / 'missing' / 'x.log'}")
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_wrong_engine_login_is_refused(setup: dict[str, Any], dovecot: Any, capsys: Any) -> None:
+    dovecot.deliver(setup["user"], message("Never"))
+    code, _ = cli("once", "--config", setup["cfg"], "--data-dir", setup["data"],
+                  "--login", LOGIN, "--password", "wrong")
+    assert code == 2
+    assert "login 'system' failed" in capsys.readouterr().err
+    assert dovecot.count(setup["user"]) == 1
+
+
+def test_check_reports_count_without_fetching(setup: dict[str, Any], dovecot: Any) -> None:
+    dovecot.deliver(setup["user"], message("One"))
+    dovecot.deliver(setup["user"], message("Two"))
+    code, out = cli("check", "--config", setup["cfg"])
+    assert code == 0
+    assert "OK: connected" in out and "2 message(s)" in out
+    assert dovecot.count(setup["user"]) == 2
+
+
+def test_requests_json_has_documented_fields(setup: dict[str, Any], dovecot: Any) -> None:
+    import json
+
+    dovecot.deliver(setup["user"], message("Json", attachments=(("a.txt", "text/plain", b"x"),)))
+    assert once(setup["data"], setup["cfg"]) == 0
+    code, out = cli("requests", "show", "1", "--json", "--data-dir", setup["data"])
+    assert code == 0
+    doc = json.loads(out)
+    for key in ("number", "team", "type", "status", "subject", "description", "requester",
+                "user", "site", "group", "assignee", "source", "created_by", "activities",
+                "attachments"):
+        assert key in doc
+    assert doc["attachments"][0].keys() >= {"name", "size", "sha256"}
+    code, out = cli("requests", "list", "--json", "--data-dir", setup["data"])
+    assert [r["number"] for r in json.loads(out)] == [1]
+
+
+def test_directory_reimport_updates_without_duplicates(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    import_directory(data, tmp_path)
+    db = sqlite3.connect(data / "mailintegration.sqlite3")
+    assert db.execute("SELECT count(*) FROM users").fetchone()[0] == 5
+    assert db.execute("SELECT count(*) FROM teams").fetchone()[0] == 2
+    db.close()
