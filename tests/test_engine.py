@@ -1,0 +1,437 @@
+"""Issue 4: the multi-mailbox engine: once over a folder, the daemon, reload, signals, ops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from support import (
+    LOGIN,
+    LOGIN_PASSWORD,
+    cli,
+    import_directory,
+    ledger,
+    mailbox_xml,
+    message,
+    once,
+    requests,
+)
+
+from engine.model import ParsedMessage
+from engine.pop3 import Pop3Session
+from engine.store import open_store
+from engine.writer import Envelope, Item, Writer
+from tools.fakepop3 import FakePOP3Server, Script
+
+pytestmark = pytest.mark.dovecot
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll ``check`` a bounded number of times within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / 0.1) + 1):
+        if check():
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def count_rows(data: Path, sql: str) -> int:
+    path = data / "mailintegration.sqlite3"
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(path, timeout=10)
+    try:
+        return int(db.execute(sql).fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        db.close()
+
+
+def test_twenty_mailboxes_once_each_message_exactly_once(tmp_path: Path, dovecot: Any) -> None:
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    conf = tmp_path / "mailboxes.d"
+    (conf / "IT").mkdir(parents=True)  # a per-team folder: its files need no <team>
+    delivered: dict[str, int] = {}
+    for i in range(20):
+        user, pw = f"multi{i}-{os.getpid()}-{time.monotonic_ns()}", f"pw-{i}-secret"
+        dovecot.add_user(user, pw)
+        if i % 2:
+            mailbox_xml(conf / "IT" / f"box{i}.xml", port=dovecot.pop3_port, user=user,
+                        password=pw, team=None)
+        else:
+            mailbox_xml(conf / f"box{i}.xml", port=dovecot.pop3_port, user=user, password=pw)
+        for j in range(5):
+            dovecot.deliver(user, message(f"Box {i} message {j}"))
+        delivered[user] = 5
+    assert once(data, conf) == 0
+    reqs = requests(data)
+    assert len(reqs) == 100
+    assert len({r["subject"] for r in reqs}) == 100
+    assert {r["team"] for r in reqs} == {"IT"}
+    assert len(ledger(data)) == 100
+    assert all(dovecot.count(user) == 0 for user in delivered)
+    code, out = cli("status", "--data-dir", data)
+    assert code == 0 and "IT/box1" in out and "processed 5" in out
+
+
+def test_a_stalled_server_does_not_hold_up_the_others(tmp_path: Path, dovecot: Any) -> None:
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    users = []
+    for i in range(5):
+        user, pw = f"fine{i}-{time.monotonic_ns()}", "fine-pw"
+        dovecot.add_user(user, pw)
+        users.append(user)
+        mailbox_xml(conf / f"fine{i}.xml", port=dovecot.pop3_port, user=user, password=pw)
+        dovecot.deliver(user, message(f"Fine {i}"))
+    stall = Script(messages=[message("Stalls")], stall_on_retr=1, stall_timeout=20)
+    with FakePOP3Server(stall) as fake:
+        xml = mailbox_xml(conf / "stalled.xml", port=fake.port, user="u", password="p")
+        xml.write_text(xml.read_text().replace("<timeoutSeconds>5<", "<timeoutSeconds>2<"))
+        started = time.monotonic()
+        assert once(data, conf) == 1
+        elapsed = time.monotonic() - started
+        assert fake.deleted == []
+    # Bounded by the 2 s socket timeout, not by the stalled server's 20 s.
+    assert elapsed < 15
+    reqs = requests(data)
+    assert sorted(r["subject"] for r in reqs if r["kind"] == "mail") == [f"Fine {i}" for i in range(5)]
+    [outage] = [r for r in reqs if r["kind"] == "outage"]
+    assert (outage["mailbox"], outage["cause"]) == ("stalled", "timeout")
+    assert all(dovecot.count(u) == 0 for u in users)
+
+
+def test_in_use_is_a_locked_mailbox_not_bad_credentials(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    causes = {}
+    for code, name in (("[IN-USE]", "locked"), ("[SYS/TEMP]", "temp"), ("[AUTH]", "auth")):
+        script = Script(messages=[message("x")], auth_response=f"-ERR {code} no")
+        with FakePOP3Server(script) as fake:
+            cfg = mailbox_xml(tmp_path / f"{name}.xml", port=fake.port, user="u", password="p")
+            assert once(data, cfg) == 1
+            assert fake.deleted == []
+    causes = {r["mailbox"]: r["cause"] for r in requests(data, type="event")}
+    assert causes == {
+        "locked": "mailbox-locked",
+        "temp": "server-temporary",
+        "auth": "authentication",
+    }
+
+
+def test_group_commit_batches_many_messages_into_few_transactions(tmp_path: Path) -> None:
+    async def go() -> tuple[int, str]:
+        from engine.config import load_mailbox
+        from engine.ops import Metrics
+
+        data = tmp_path / "data"
+        store = await open_store(data)
+        await store.begin()
+        from support import DIRECTORY
+
+        await store.import_directory(DIRECTORY)
+        await store.commit()
+        cfg_path = mailbox_xml(tmp_path / "m.xml", port=110, user="u", password="p")
+        cfg = load_mailbox(cfg_path)
+        metrics = Metrics()
+        writer = Writer(store, created_by=LOGIN, max_batch=256, metrics=metrics)
+        send, receive = anyio.create_memory_object_stream[Item](1000)
+        envelopes = []
+        for i in range(500):
+            parsed = ParsedMessage(
+                raw=b"x", sha256=f"{i:064x}", message_id=f"m{i}@x", subject=f"s{i}",
+                from_name="", from_addr="john.doe@example.com", to=(), date=None,
+                in_reply_to=None, references=(), body="b", html=None, attachments=(),
+                auto_submitted=False, auto_reason=None, is_bounce=False,
+            )
+            env = Envelope(mailbox=cfg, uidl=f"u{i}", raw=b"x", parsed=parsed)
+            envelopes.append(env)
+            send.send_nowait(env)
+        send.close()
+        await writer.run(receive)
+        assert all(e.outcome == "created" for e in envelopes)
+        await store.close()
+        return writer.stats.transactions, metrics.render().decode()
+
+    transactions, text = anyio.run(go)
+    assert transactions <= 4
+    line = next(x for x in text.splitlines() if x.startswith("mailintegration_transactions_total"))
+    assert float(line.split()[-1]) == transactions
+    assert "mailintegration_batch_size_count" in text
+
+
+def test_dele_only_after_the_ledger_row_is_committed(
+    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    user, pw = pop3_user
+    cfg = mailbox_xml(tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=pw)
+    for i in range(30):
+        dovecot.deliver(user, message(f"Order {i}"))
+    seen: list[tuple[int, int]] = []
+    real = Pop3Session.dele
+
+    def spy(self: Pop3Session, number: int) -> None:
+        # Another connection sees only committed rows.
+        seen.append((number, count_rows(data, "SELECT count(*) FROM ledger")))
+        real(self, number)
+
+    monkeypatch.setattr(Pop3Session, "dele", spy)
+    assert once(data, cfg) == 0
+    assert len(seen) == 30
+    assert all(committed >= number for number, committed in seen)
+
+
+def test_dry_run_explains_and_changes_nothing(
+    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]
+) -> None:
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    user, pw = pop3_user
+    cfg = mailbox_xml(tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=pw)
+    dovecot.deliver(user, message("Dry", attachments=(("a.txt", "text/plain", b"a"),)))
+    dovecot.deliver(user, message("From a stranger", sender="who@nowhere.example"))
+    code, out = cli("once", "--config", cfg, "--data-dir", data, "--login", LOGIN,
+                    "--password", LOGIN_PASSWORD, "--dry-run")
+    assert code == 0
+    assert "new incident 'Dry': requester jdoe, site Québec, group Service Desk" in out
+    assert "attachments: a.txt" in out
+    assert "requester unknown.user" in out
+    assert dovecot.count(user) == 2
+    assert requests(data) == [] and ledger(data) == []
+
+
+def test_password_env_and_file(
+    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    user, pw = pop3_user
+    monkeypatch.setenv("BOX_PW", pw)
+    secret = tmp_path / "secret.txt"
+    secret.write_text(pw + "\n")
+    for name, extra in (("env", "<passwordEnv>BOX_PW</passwordEnv>"),
+                        ("file", f"<passwordFile>{secret}</passwordFile>")):
+        cfg = mailbox_xml(tmp_path / f"{name}.xml", port=dovecot.pop3_port, user=user, password="x")
+        cfg.write_text(cfg.read_text().replace("<password>x</password>", extra))
+        dovecot.deliver(user, message(f"Via {name}"))
+        assert once(data, cfg) == 0
+    assert [r["subject"] for r in requests(data)] == ["Via env", "Via file"]
+
+
+# -- the daemon, as a separate process ---------------------------------------------------
+
+
+class Daemon:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.proc, self.port, self.log = proc, port, log
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+                return int(r.status), bytes(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    files: list[Any] = []
+
+    def start(conf: Path, data: Path, *extra: str) -> Daemon:
+        port = _free_port()
+        log = tmp_path / f"daemon-{len(procs)}.log"
+        env = dict(os.environ, MAILINTEGRATION_LOGIN=LOGIN, MAILINTEGRATION_PASSWORD=LOGIN_PASSWORD)
+        files.append(open(log, "wb"))  # noqa: SIM115 - closed at teardown
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engine", "run", "--config-dir", str(conf), "--data-dir",
+             str(data), "--poll-interval", "1", "--reload-seconds", "0.3", "--http-port",
+             str(port), *extra],
+            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=files[-1],
+        )
+        procs.append(proc)
+        d = Daemon(proc, port, log)
+        wait_for(lambda: _up(d), 30, "the daemon's /healthz")
+        return d
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+    for f in files:
+        f.close()
+
+
+def _up(d: Daemon) -> bool:
+    if d.proc.poll() is not None:
+        raise AssertionError(f"daemon exited: {d.log.read_text()[-2000:]}")
+    try:
+        return d.get("/healthz")[0] == 200
+    except OSError:
+        return False
+
+
+def test_daemon_hot_reload_health_and_metrics(
+    tmp_path: Path, dovecot: Any, daemon: Callable[..., Daemon]
+) -> None:
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    conf = tmp_path / "mailboxes.d"
+    conf.mkdir()
+    users = {}
+    for name in ("alpha", "beta", "gamma"):
+        user, pw = f"{name}-{time.monotonic_ns()}", f"{name}-pw"
+        dovecot.add_user(user, pw)
+        users[name] = (user, pw)
+    a_user, a_pw = users["alpha"]
+    mailbox_xml(conf / "alpha.xml", port=dovecot.pop3_port, user=a_user, password=a_pw)
+    dovecot.deliver(a_user, message("Alpha 1"))
+    d = daemon(conf, data)
+    mail = "SELECT count(*) FROM requests WHERE kind = 'mail'"
+    wait_for(lambda: count_rows(data, mail) == 1, what="alpha's first message")
+
+    # Add a file while running: its mail is processed.
+    b_user, b_pw = users["beta"]
+    dovecot.deliver(b_user, message("Beta 1"))
+    mailbox_xml(conf / "beta.xml", port=dovecot.pop3_port, user=b_user, password=b_pw)
+    wait_for(lambda: count_rows(data, mail) == 2, what="beta after it was added")
+
+    # Break one: its outage opens, the others go on.
+    (conf / "beta.xml").write_text("<mailIntegration><server>broken")
+    outage = "SELECT count(*) FROM requests WHERE kind = 'outage' AND cause = 'config'"
+    wait_for(lambda: count_rows(data, outage) == 1, what="beta's config outage")
+    dovecot.deliver(a_user, message("Alpha 2"))
+    wait_for(lambda: count_rows(data, mail) == 3, what="alpha going on")
+
+    # Remove one: it stops.
+    (conf / "alpha.xml").unlink()
+    time.sleep(1.0)
+    dovecot.deliver(a_user, message("Alpha after removal"))
+    g_user, g_pw = users["gamma"]
+    mailbox_xml(conf / "gamma.xml", port=dovecot.pop3_port, user=g_user, password=g_pw)
+    dovecot.deliver(g_user, message("Gamma 1"))
+    wait_for(lambda: count_rows(data, mail) == 4, what="gamma")
+    time.sleep(2.5)  # more than two poll intervals of the removed mailbox
+    assert dovecot.count(a_user) == 1
+    assert count_rows(data, mail) == 4
+
+    status, body = d.get("/healthz")
+    assert status == 200
+    health = json.loads(body)
+    assert health["status"] == "ok" and health["writer"] and health["supervisor"]
+    assert health["mailboxes"]["gamma"]["last_success"]
+    assert health["mailboxes"]["beta"]["outage"] == "config"
+    assert "alpha" not in health["mailboxes"]
+    status, body = d.get("/metrics")
+    text = body.decode()
+    assert status == 200
+    assert 'mailintegration_messages_processed_total{mailbox="gamma"} 1.0' in text
+    assert 'mailintegration_mailbox_outage{mailbox="beta"} 1.0' in text
+    assert "mailintegration_queue_depth" in text
+    assert "mailintegration_commit_seconds_bucket" in text
+
+    # A second engine on the same data directory is refused, naming the holder.
+    code = subprocess.run(
+        [sys.executable, "-m", "engine", "once", "--config-dir", str(conf), "--data-dir",
+         str(data), "--login", LOGIN, "--password", LOGIN_PASSWORD],
+        cwd=ROOT, capture_output=True, timeout=60,
+    )
+    assert code.returncode != 0
+    assert f"in use by pid {d.proc.pid}".encode() in code.stderr
+
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(30) == 0
+    assert b"stopped:" in d.log.read_bytes()
+
+
+def test_sigterm_during_a_busy_run_loses_and_duplicates_nothing(
+    tmp_path: Path, dovecot: Any, daemon: Callable[..., Daemon]
+) -> None:
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    conf = tmp_path / "mailboxes.d"
+    conf.mkdir()
+    users = []
+    for i in range(4):
+        user, pw = f"busy{i}-{time.monotonic_ns()}", "busy-pw"
+        dovecot.add_user(user, pw)
+        users.append(user)
+        mailbox_xml(conf / f"busy{i}.xml", port=dovecot.pop3_port, user=user, password=pw)
+        for j in range(150):
+            dovecot.deliver(user, message(f"Busy {i}/{j}", body="x" * 2000))
+    d = daemon(conf, data, "--grace-seconds", "20")
+    wait_for(lambda: count_rows(data, "SELECT count(*) FROM ledger") > 20, what="progress")
+    d.proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    assert d.proc.wait(30) == 0
+    assert time.monotonic() - started < 25
+    assert once(data, conf) == 0
+    reqs = [r for r in requests(data) if r["kind"] == "mail"]
+    assert len(reqs) == 600
+    assert len({r["subject"] for r in reqs}) == 600
+    assert len(ledger(data)) == 600
+    assert all(dovecot.count(u) == 0 for u in users)
+
+
+def test_compose_file_names_only_things_that_exist() -> None:
+    yaml = pytest.importorskip("yaml")
+    doc = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = doc["services"]
+    assert {"engine", "mail", "catcher", "directory"} <= services.keys()
+    volumes = set(doc.get("volumes", {}))
+    for name, svc in services.items():
+        if "build" in svc:
+            ctx = svc["build"] if isinstance(svc["build"], str) else svc["build"]["context"]
+            assert (ROOT / ctx / "Dockerfile").exists(), name
+        for dep in svc.get("depends_on", {}):
+            assert dep in services, (name, dep)
+        for mount in svc.get("volumes", []):
+            source = mount.split(":")[0]
+            if source.startswith("."):
+                assert (ROOT / source).exists(), (name, source)
+            else:
+                assert source in volumes, (name, source)
+    engine = services["engine"]
+    assert any(v.startswith("./mailboxes.d:") and v.endswith(":ro") for v in engine["volumes"])
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "USER mailintegration" in dockerfile and "HEALTHCHECK" in dockerfile
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            for src in line.split()[1:-1]:
+                assert (ROOT / src).exists(), src
+    from engine.config import load_mailbox
+
+    os.environ.setdefault("SUPPORT_POP3_PASSWORD", "x")
+    for xml in (ROOT / "mailboxes.d").glob("*.xml"):
+        load_mailbox(xml)
