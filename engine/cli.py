@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--http-port", type=int, default=8080, help="0 turns the endpoint off")
     engine_opts(run)
 
+    ingest = sub.add_parser("ingest", help="process .eml files as if fetched from a mailbox")
+    ingest.add_argument("files", type=Path, nargs="+")
+    ingest.add_argument("--config", type=Path, required=True)
+    ingest.add_argument("--dry-run", action="store_true")
+    engine_opts(ingest)
+
     check = sub.add_parser("check", help="test a mailbox's POP3 connection; change nothing")
     check.add_argument("--config", type=Path, required=True)
 

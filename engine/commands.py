@@ -153,6 +153,28 @@ async def cmd_once(args: argparse.Namespace) -> int:
     return await _engine(args, body)
 
 
+async def cmd_ingest(args: argparse.Namespace) -> int:
+    for f in args.files:
+        if not f.is_file():
+            raise ConfigError(f"{f} is not a readable file")
+
+    async def body(engine: Engine) -> int:
+        results = await engine.ingest(MailboxSource(args.config.stem, args.config), args.files)
+        failed = 0
+        for path, env in results:
+            if env.failure is not None:
+                print(f"{path}: not committed: {env.failure}")
+                failed += 1
+                continue
+            what = env.explanation if env.dry_run else env.outcome
+            number = f" #{env.request_number}" if env.request_number else ""
+            print(f"{path}: {what}{number}")
+            failed += bool(env.outcome and env.outcome.startswith("failed"))
+        return 0 if failed == 0 else 1
+
+    return await _engine(args, body)
+
+
 async def cmd_run(args: argparse.Namespace) -> int:
     if not args.config_dir.is_dir():
         raise ConfigError(f"the config folder {args.config_dir} does not exist")

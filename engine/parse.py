@@ -48,9 +48,9 @@ from typing import Final, NamedTuple
 
 import charset_normalizer
 import nh3
-from inscriptis import get_text as _inscriptis_get_text  # type: ignore[import-untyped]
-from inscriptis.model.config import ParserConfig  # type: ignore[import-untyped]
-from tnefparse.tnef import TNEF  # type: ignore[import-untyped]
+from inscriptis import get_text as _inscriptis_get_text  # type: ignore[import-untyped, unused-ignore]
+from inscriptis.model.config import ParserConfig  # type: ignore[import-untyped, unused-ignore]
+from tnefparse.tnef import TNEF  # type: ignore[import-untyped, unused-ignore]
 
 from engine.errors import LimitExceeded, MessageError, ParseError
 from engine.model import Attachment, ParsedMessage
@@ -503,7 +503,10 @@ def _header_end(raw: bytes, limit: int) -> int | None:
         return m.end()
     if len(raw) <= limit:
         return len(raw)
-    m = _NOT_HEADER_LINE_RE.search(raw, 0, window)
+    # Only whole lines inside the window count: a line cut by the window looks like a
+    # non-header line to the regex.
+    cut = raw.rfind(b"\n", 0, window)
+    m = _NOT_HEADER_LINE_RE.search(raw, 0, cut) if cut > 0 else None
     if m is not None:
         return m.start()
     return None
@@ -1506,6 +1509,11 @@ def _token(value: str) -> str:
     return _one_line(_COMMENT_RE.sub("", _decode_8bit(value)).split(";", 1)[0]).lower()
 
 
+def _reason_text(value: str) -> str:
+    """A header value fit for a short reason string: decoded, one line, 40 characters."""
+    return _one_line(_decode_8bit(value))[:40]
+
+
 def _loop_verdict(
     headers: dict[str, list[str]],
     top_type: str,
@@ -1520,10 +1528,10 @@ def _loop_verdict(
     if has_dsn_part or (top_type == "multipart/report" and report_type == "delivery-status"):
         return True, "delivery status notification", True
     if top_type == "multipart/report":
-        return True, f"report: {report_type[:40] or 'unknown'}", False
+        return True, f"report: {_reason_text(report_type) or 'unknown'}", False
     auto = _first(headers, "auto-submitted")
     if auto is not None and _token(auto) != "no":
-        return True, f"Auto-Submitted: {_token(auto)[:40]}", False
+        return True, f"Auto-Submitted: {_reason_text(_token(auto))}", False
     for name in ("x-autoreply", "x-autorespond"):
         if name in headers:
             return True, f"{name.title()} header", False
@@ -1531,10 +1539,10 @@ def _loop_verdict(
     if suppress is not None:
         tokens = {t.strip().lower() for t in _decode_8bit(suppress).split(",")}
         if tokens & {"all", "autoreply", "oof"}:
-            return True, "X-Auto-Response-Suppress: " + _one_line(suppress)[:40], False
+            return True, "X-Auto-Response-Suppress: " + _reason_text(suppress), False
     precedence = _first(headers, "precedence")
     if precedence is not None and _token(precedence) in ("bulk", "junk", "list", "auto_reply"):
-        return True, f"Precedence: {_token(precedence)}", False
+        return True, f"Precedence: {_reason_text(_token(precedence))}", False
     for name, label in (("list-id", "List-Id"), ("list-unsubscribe", "List-Unsubscribe")):
         if name in headers:
             return True, f"mailing list ({label})", False
@@ -1641,13 +1649,15 @@ def _parse(raw: bytes, limits: ParseLimits) -> ParsedMessage:
 
     body = collector.body
     html_source = collector.html
-    if (body is None or not body.strip()) and html_source is not None:
-        # HTML-only mail, or an alternative whose text/plain part is left empty.
-        body = _render_html(html_source, limits)
+    sanitized = _sanitize_html(html_source) if html_source is not None else None
+    if (body is None or not body.strip()) and sanitized is not None:
+        # HTML-only mail, or an alternative whose text/plain part is left empty. The text is
+        # rendered from the sanitized HTML, so that no script, style or javascript: URL
+        # shows up in it.
+        body = _render_html(sanitized, limits)
     body = body or ""
     if not body.strip() and collector.tnef_body:
         body = _clean_body(collector.tnef_body)
-    sanitized = _sanitize_html(html_source) if html_source is not None else None
 
     top_type, top_params = _parse_params(_first(headers, "content-type") or "")
     senders = [from_addr, *(addr for _, addr in rp_pairs or [])]

@@ -78,6 +78,35 @@ def _server_error(exc: poplib.error_proto, during: str) -> FetchError:
     return ProtocolError(f"the server answered {line!r} to {during}")
 
 
+def _close_quietly(conn: poplib.POP3) -> None:
+    # The socket only really closes once the file made from it is closed too.
+    for name in ("file", "sock"):
+        obj = getattr(conn, name, None)
+        if obj is not None:
+            with contextlib.suppress(OSError):
+                obj.close()
+
+
+class _POP3(poplib.POP3):
+    """poplib leaks its socket when the greeting is -ERR; close it before raising."""
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        try:
+            super().__init__(host, port, timeout=timeout)
+        except BaseException:
+            _close_quietly(self)
+            raise
+
+
+class _POP3_SSL(poplib.POP3_SSL):
+    def __init__(self, host: str, port: int, timeout: float, context: ssl.SSLContext) -> None:
+        try:
+            super().__init__(host, port, timeout=timeout, context=context)
+        except BaseException:
+            _close_quietly(self)
+            raise
+
+
 class Pop3Session:
     """One POP3 session. Use :meth:`open` first and always :meth:`quit` or :meth:`abort`."""
 
@@ -98,11 +127,9 @@ class Pop3Session:
             )
         try:
             if s.use_ssl:
-                self.conn = poplib.POP3_SSL(
-                    s.host, s.port, timeout=s.timeout, context=tls_context(s)
-                )
+                self.conn = _POP3_SSL(s.host, s.port, s.timeout, tls_context(s))
             else:
-                self.conn = poplib.POP3(s.host, s.port, timeout=s.timeout)
+                self.conn = _POP3(s.host, s.port, s.timeout)
                 if s.starttls:
                     self._starttls()
             self._login()

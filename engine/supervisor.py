@@ -9,6 +9,7 @@ and when the last one closes the writer drains what is left and ends by itself.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import random
@@ -24,10 +25,10 @@ from anyio.streams.memory import MemoryObjectSendStream
 from engine import logs
 from engine.config import MailboxConfig, load_mailbox, secret_values
 from engine.errors import EngineError, ProtocolError, StoreError
-from engine.fetcher import FetchOptions, SessionResult, run_session, submit
+from engine.fetcher import FetchOptions, SessionResult, make_envelope, run_session, submit
 from engine.ops import Health, Metrics
 from engine.store import SqliteStore
-from engine.writer import Envelope, Item, SessionReport, Writer
+from engine.writer import DirectoryCheck, Envelope, Item, SessionReport, Writer
 
 log = logging.getLogger("engine.supervisor")
 
@@ -203,6 +204,28 @@ class Engine:
                     await anyio.sleep(delay)
                     waiters.cancel_scope.cancel()
                 loop.woken = anyio.Event()
+
+    async def ingest(self, src: MailboxSource, files: list[Path]) -> list[tuple[Path, Envelope]]:
+        """Process message files as if fetched from the mailbox; the ledger keys them by content
+        hash, so a file ingested twice is processed once."""
+        cfg = await anyio.to_thread.run_sync(self.load, src)
+        done: list[tuple[Path, Envelope]] = []
+
+        async def body(send: MemoryObjectSendStream[Item]) -> None:
+            check = await submit(send, DirectoryCheck(mailbox=cfg))
+            assert isinstance(check, DirectoryCheck)
+            if check.problem is not None:
+                raise check.problem
+            for path in files:
+                raw = await anyio.Path(path).read_bytes()
+                digest = hashlib.sha256(raw).hexdigest()
+                env = await anyio.to_thread.run_sync(make_envelope, cfg, f"sha256:{digest}", raw)
+                env.dry_run = self.settings.dry_run
+                await submit(send, env)
+                done.append((path, env))
+
+        await self._with_writer(body)
+        return done
 
     def load(self, src: MailboxSource) -> MailboxConfig:
         cfg = load_mailbox(

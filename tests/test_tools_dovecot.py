@@ -20,7 +20,6 @@ import pytest
 from tools.dovecot import (
     Dovecot,
     DovecotError,
-    find_dovecot,
     make_certificates,
     start_dovecot,
 )
@@ -63,11 +62,9 @@ def port_closed(host: str, port: int) -> bool:
 
 
 @pytest.fixture
-def own_dovecot(tmp_path: Path) -> Iterator[Dovecot]:
+def own_dovecot(dovecot_dir: Path) -> Iterator[Dovecot]:
     """A Dovecot of this test's own, for tests that stop or restart it."""
-    if find_dovecot() is None:
-        pytest.skip("dovecot is not installed")
-    server = start_dovecot(tmp_path / "dc")
+    server = start_dovecot(dovecot_dir / "dc")
     yield server
     server.stop()
 
@@ -290,12 +287,15 @@ def test_many_concurrent_sessions_for_one_user(
 ) -> None:
     # Above Dovecot's default mail_max_userip_connections (10).
     dovecot.deliver(pop3_user[0], message("shared"))
-    clients = [login(dovecot, pop3_user) for _ in range(25)]
+    clients: list[poplib.POP3] = []
     try:
+        clients += (login(dovecot, pop3_user) for _ in range(25))
         assert all(client.stat()[0] == 1 for client in clients)
+        for client in clients:
+            assert client.quit().startswith(b"+OK")
     finally:
         for client in clients:
-            client.quit()
+            client.close()
 
 
 def test_restart_in_the_same_directory_keeps_mail(own_dovecot: Dovecot) -> None:
@@ -321,10 +321,8 @@ def test_restart_in_the_same_directory_keeps_mail(own_dovecot: Dovecot) -> None:
         again.stop()
 
 
-def test_cli_start_add_user_deliver_stop(tmp_path: Path) -> None:
-    if find_dovecot() is None:
-        pytest.skip("dovecot is not installed")
-    base = tmp_path / "cli"
+def test_cli_start_add_user_deliver_stop(dovecot_dir: Path) -> None:
+    base = dovecot_dir / "cli"
 
     def cli(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
         # capture_output: would hang if the daemon kept our stdout open.

@@ -309,7 +309,8 @@ class Dovecot:
 
         The Maildir is created, and owned by the mail uid, before the user's passwd-file
         appears, so a login can never see a half-made mailbox. No restart or reload is
-        needed: a new user is visible to the very next login (see `_write_user`).
+        needed: a new user is visible to the very next login; a changed password takes
+        up to one second, waited for here (see `_write_user`).
         """
         _check_user_name(name)
         _check_password(password)
@@ -649,6 +650,10 @@ def start_dovecot(base: Path, *, max_connections: int = 200, detach: bool = Fals
     lets it daemonize instead, to outlive this process (the CLI's `start`). Raises
     DovecotNotFoundError when Dovecot is not installed and DovecotError, with the tail of
     the log, when it does not come up in time.
+
+    As root, mail is accessed as uid 5000, so every parent of `base` must stay
+    traversable (this function adds the x bits once). Avoid pytest's tmp_path for it:
+    each pytest session that starts on the machine resets /tmp/pytest-of-<user> to 0700.
     """
     binary = find_dovecot()
     if binary is None:

@@ -63,7 +63,8 @@ class Script:
     password: str | None = None
     """Accepted password (None accepts any)."""
     auth_response: str | None = None
-    """Answer to PASS instead of "+OK", e.g. "-ERR [IN-USE] mailbox locked"."""
+    """Answer to PASS instead of "+OK", e.g. "-ERR [IN-USE] mailbox locked" (a "+OK ..."
+    answer logs in whatever the credentials)."""
     greeting: str | None = None
     """Whole greeting line instead of the default "+OK ..." one (e.g. "-ERR go away")."""
     stall_on_retr: int | None = None

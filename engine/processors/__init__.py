@@ -81,7 +81,9 @@ class Context:
 
 async def decide(msg: ParsedMessage, ctx: Context, directory: Directory) -> Decision:
     """Dispatch to the mailbox's processor."""
+    # Imported here: the processor modules import this one for the decision types.
     from engine.processors import event, incident
 
-    module = event if ctx.mailbox.processor == "event" else incident
-    return await module.decide(msg, ctx, directory)
+    if ctx.mailbox.processor == "event":
+        return await event.decide(msg, ctx, directory)
+    return await incident.decide(msg, ctx, directory)

@@ -10,7 +10,6 @@ from engine.parse import safe_filename
 from engine.processors import AddActivity, Context, Directory
 from engine.store import CLOSED_STATUSES, RequestRef
 
-
 # The communication types a subject reference may name, by the request type they refer to.
 # "[SPAM] 5 offers" must not become an activity on request #5.
 REFERENCE_TYPES = {
@@ -84,6 +83,47 @@ def kept_attachments(msg: ParsedMessage, ctx: Context) -> tuple[Attachment, ...]
     return kept
 
 
+# Where quoted history starts in a reply: a ">" line, the attribution line of most clients
+# (English, French, German, Spanish), or Outlook's header block and separator.
+_QUOTE_START = re.compile(
+    r"^(?:>"
+    r"|On .{1,200}wrote:\s*$"
+    r"|Le .{1,200}a écrit\s*:\s*$"
+    r"|Am .{1,200}schrieb .{0,200}:\s*$"
+    r"|El .{1,200}escribió:\s*$"
+    r"|-{2,}\s*(?:Original Message|Message d'origine|Ursprüngliche Nachricht)\s*-{2,}"
+    r"|_{10,}\s*$"
+    r"|(?:From|De|Von):\s.+\n(?:.+\n){0,3}?(?:Sent|Envoyé|Gesendet|Date):\s)",
+    re.IGNORECASE | re.MULTILINE,
+)
+QUOTE_SEPARATOR = "\n\n――――― earlier messages (quoted) ―――――\n"
+
+
+def split_quoted(body: str) -> tuple[str, str]:
+    """(new text, quoted history) of a reply. No quote found: all of it is new."""
+    m = _QUOTE_START.search(body)
+    if m is None:
+        return body.strip("\n"), ""
+    new, quoted = body[: m.start()].rstrip(), body[m.start() :].strip("\n")
+    if not new:  # a reply that only quotes (or bottom-posts after the quote) keeps it all
+        return body.strip("\n"), ""
+    return new, quoted
+
+
+def activity_body(body: str) -> str:
+    """New text first; the quoted history kept, after a separator agents learn to skip."""
+    new, quoted = split_quoted(body)
+    return new + (QUOTE_SEPARATOR + quoted if quoted else "")
+
+
+def is_auto_reply(msg: ParsedMessage) -> bool:
+    """An out-of-office or other automatic answer (not an alert a monitor generated)."""
+    reason = (msg.auto_reason or "").lower()
+    return msg.is_bounce or reason.startswith(
+        ("auto-submitted: auto-replied", "x-autoreply", "x-autorespond", "precedence: auto_reply")
+    )
+
+
 def sender_label(msg: ParsedMessage) -> str:
     return msg.from_name or msg.from_addr or "(unknown sender)"
 
@@ -92,7 +132,7 @@ def activity_for(msg: ParsedMessage, ctx: Context, request: RequestRef, via: str
     return AddActivity(
         request=request,
         author=sender_label(msg),
-        body=msg.body,
+        body=activity_body(msg.body),
         attachments=kept_attachments(msg, ctx),
         reopen=request.status in CLOSED_STATUSES,
         automatic=msg.is_bounce or msg.auto_submitted,

@@ -5,7 +5,12 @@ from __future__ import annotations
 from engine.errors import MessageError
 from engine.model import ParsedMessage
 from engine.processors import Context, Decision, Directory, Ignore, NewRequest, Refuse
-from engine.processors.common import activity_for, kept_attachments, referenced_request
+from engine.processors.common import (
+    activity_for,
+    is_auto_reply,
+    kept_attachments,
+    referenced_request,
+)
 
 
 class UnknownFallbackUser(MessageError):
@@ -20,8 +25,8 @@ async def decide(msg: ParsedMessage, ctx: Context, directory: Directory) -> Deci
     request, via = await referenced_request(msg, ctx, directory)
     if request is not None:
         return activity_for(msg, ctx, request, via)
-    if msg.is_bounce:
-        # A bounce that answers nothing we know must never become a ticket (or a reply loop).
+    if is_auto_reply(msg):
+        # A bounce or out-of-office answer to nothing we know must never become a ticket.
         return Ignore("ignored: auto-reply")
     if not ctx.mailbox.create_new_requests:
         reason = "new requests are not allowed in this mailbox"

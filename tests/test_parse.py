@@ -1,0 +1,882 @@
+"""Tests of engine.parse: the message corpus in tests/corpus/, hostile input, limits, properties.
+
+Each corpus file is one case, named after it. Hostile and oversized messages are built here
+instead, so that the corpus stays small and readable.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import struct
+import time
+import zlib
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.errors import LimitExceeded, MessageError, ParseError
+from engine.model import ParsedMessage
+from engine.parse import ParseLimits, message_summary, parse_message, safe_filename
+
+CORPUS = Path(__file__).parent / "corpus"
+ALL_CASES = sorted(p.stem for p in CORPUS.glob("*.eml"))
+CRLF_RE = re.compile(r"[\r\n\x00]")
+FAST = 1.0  # seconds: every refusal of a hostile message must be at least this quick
+
+
+def load(name: str) -> bytes:
+    return (CORPUS / f"{name}.eml").read_bytes()
+
+
+def parse(name: str) -> ParsedMessage:
+    return parse_message(load(name))
+
+
+def timed_refusal(raw: bytes, limits: ParseLimits | None = None) -> LimitExceeded:
+    start = time.perf_counter()
+    with pytest.raises(LimitExceeded) as info:
+        parse_message(raw, limits or ParseLimits())
+    assert time.perf_counter() - start < FAST
+    return info.value
+
+
+def single_line_fields(msg: ParsedMessage) -> list[str]:
+    fields = [msg.subject, msg.from_name, msg.from_addr, *msg.to, *msg.references]
+    fields += [x for x in (msg.message_id, msg.in_reply_to, msg.auto_reason) if x is not None]
+    fields += [a.name for a in msg.attachments]
+    fields += [a.content_id for a in msg.attachments if a.content_id is not None]
+    return fields
+
+
+def simple(headers: str, body: bytes = b"Hello.\r\n") -> bytes:
+    return headers.replace("\n", "\r\n").encode("ascii") + b"\r\n" + body
+
+
+# ------------------------------------------------------------------------------------------
+# The whole corpus
+# ------------------------------------------------------------------------------------------
+
+
+def test_corpus_is_there() -> None:
+    assert len(ALL_CASES) >= 40
+
+
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_corpus_message_parses_with_single_line_headers(case: str) -> None:
+    raw = load(case)
+    msg = parse_message(raw)
+    assert msg.raw is raw
+    assert msg.sha256 == hashlib.sha256(raw).hexdigest()
+    for value in single_line_fields(msg):
+        assert not CRLF_RE.search(value), (case, value)
+    for attachment in msg.attachments:
+        assert safe_filename(attachment.name, "x") == attachment.name
+    assert msg.date is None or msg.date.tzinfo is not None
+    assert message_summary(raw) == (msg.message_id, msg.sha256)
+
+
+# ------------------------------------------------------------------------------------------
+# Headers and bodies
+# ------------------------------------------------------------------------------------------
+
+
+def test_plain_utf8() -> None:
+    msg = parse("plain-utf8")
+    assert msg.subject == "Imprimante bloquée au 3ᵉ étage"
+    assert msg.from_name == "Marie Dupont-Lefèvre"
+    assert msg.from_addr == "marie.dupont@client.example.org"
+    assert msg.to == ("servicedesk@example.com",)
+    assert msg.message_id == "corpus-001.20261127@client.example.org"
+    assert msg.date == datetime(2026, 11, 27, 9, 1, 7, tzinfo=timezone(timedelta(hours=1)))
+    assert msg.body == (
+        "Bonjour,\n\nL'imprimante du 3ᵉ étage est bloquée depuis ce matin.\n"
+        "Merci d'avance — Marie ☕\n"
+    )
+    assert msg.html is None
+    assert msg.attachments == ()
+    assert (msg.auto_submitted, msg.auto_reason, msg.is_bounce) == (False, None, False)
+
+
+CHARSETS = {
+    "iso-8859-1": (
+        "Café crème à côté",
+        "Le café est prêt à côté de l'hôtel. Où êtes-vous ? Ça va très bien.",
+    ),
+    "iso-8859-15": (
+        "Facture de 100 € pour l'œuvre",
+        "Le prix est de 100 € pour l'œuvre. Cœur, sœur, bœuf.",
+    ),
+    "windows-1252": (
+        "“Quoted” – dash € sign",
+        "He said “hello” – then left… The bill was €42 and ‘that’s it’.",
+    ),
+    "koi8-r": ("Проверка кодировки", "Привет, мир! Это проверка кодировки KOI8-R. Спасибо."),
+    "shift_jis": (
+        "文字コードのテスト",
+        "こんにちは、世界。これは文字コードのテストです。よろしくお願いします。",
+    ),
+    "gb2312": ("编码测试", "你好，世界。这是一封编码测试邮件。谢谢！"),
+    "gbk": (
+        "朱镕基的测试",
+        "朱镕基先生，你好。这封邮件使用 GBK 编码，包含 GB2312 没有的字：镕、堃。",
+    ),
+    "iso-2022-jp": ("会議の件", "お疲れ様です。明日の会議は十時からです。よろしくお願いします。"),
+    "utf-16": ("Grüße – Привет – 你好", "Grüße aus Köln – Привет – 你好。UTF-16 body with a BOM."),
+}
+
+
+@pytest.mark.parametrize("charset", sorted(CHARSETS))
+def test_declared_charsets_decode_body_and_subject(charset: str) -> None:
+    subject, body = CHARSETS[charset]
+    msg = parse(f"charset-{charset}")
+    assert msg.subject == subject
+    assert msg.body.strip() == body
+
+
+def test_undeclared_8bit_windows_1252_is_detected() -> None:
+    msg = parse("undeclared-8bit-windows-1252")
+    assert msg.body.strip() == (
+        "Bonjour, le café de l'hôtel coûte 3 € – c'est “très” cher. "
+        "Les élèves ont réservé la salle. Déjà vu ? Ça arrive souvent… "
+        "Merci beaucoup, à bientôt."
+    )
+
+
+def test_unknown_charset_falls_back_to_detection() -> None:
+    msg = parse("charset-x-unknown")
+    assert msg.subject == "Problème réseau"
+    assert (
+        msg.body.strip() == "Le réseau est en panne depuis 8 h. Merci de vérifier le commutateur."
+    )
+
+
+def test_utf7_is_never_decoded() -> None:
+    msg = parse("charset-utf-7")
+    assert "<script>" not in msg.body
+    assert "+ADw-script+AD4-" in msg.body
+    assert "<script>" not in msg.subject
+    assert "+ADw-script+AD4-" in msg.subject
+
+
+HOSTILE_CODECS = {
+    # codec: (the octets of the body, what must stay literally in the decoded body)
+    "utf-7": (b"+ADw-script+AD4-", "+ADw-script+AD4-"),
+    "UTF7": (b"+ADw-b+AD4-", "+ADw-b+AD4-"),
+    "unicode_escape": (b"\\u003cscript\\u003e", "\\u003cscript\\u003e"),
+    "raw_unicode_escape": (b"\\u003cscript\\u003e", "\\u003cscript\\u003e"),
+    "rot13": (b"uryyb jbeyq", "uryyb jbeyq"),
+    "rot_13": (b"uryyb jbeyq", "uryyb jbeyq"),
+    "base64_codec": (b"aGVsbG8gd29ybGQ=", "aGVsbG8gd29ybGQ="),
+    "hex_codec": (b"68656c6c6f", "68656c6c6f"),
+    "punycode": (b"mnchen-3ya", "mnchen-3ya"),
+    "idna": (b"xn--mnchen-3ya.de", "xn--mnchen-3ya.de"),
+    "uu_codec": (b"begin 666 x\n%:&5L;&\\`\n`\nend\n", "begin 666 x"),
+}
+
+
+@pytest.mark.parametrize("codec", sorted(HOSTILE_CODECS))
+def test_hostile_charsets_are_refused(codec: str) -> None:
+    data, literal = HOSTILE_CODECS[codec]
+    word = base64.b64encode(data).decode()
+    raw = simple(
+        f"From: a@example.org\nSubject: =?{codec}?b?{word}?=\n"
+        f"Content-Type: text/plain; charset={codec}\n",
+        data,
+    )
+    msg = parse_message(raw)
+    assert literal in msg.body
+    assert literal in msg.subject or literal.split()[0] in msg.subject
+
+
+def test_zlib_charset_is_not_decompressed() -> None:
+    bomb = zlib.compress(b"A" * 1_000_000)
+    raw = simple("Subject: z\nContent-Type: text/plain; charset=zlib_codec\n", bomb)
+    msg = parse_message(raw)
+    assert len(msg.body) < 10_000
+    raw = simple(
+        "Subject: z\nContent-Type: application/octet-stream\n"
+        "Content-Disposition: attachment; filename*=zlib_codec''"
+        + "".join(f"%{b:02X}" for b in zlib.compress(b"A" * 100_000))
+        + "\n"
+    )
+    (attachment,) = parse_message(raw).attachments
+    assert len(attachment.name.encode()) <= 150
+
+
+def test_broken_encoded_words_in_subject() -> None:
+    # Adjacent words join (and split UTF-8 sequences reassemble), missing padding is repaired,
+    # an unknown charset falls back, a word inside a word decodes, an unterminated one stays.
+    assert parse("subject-broken-encoded-word").subject == (
+        "Cafééabc日本 foobarbaz =?utf-8?q?broken"
+    )
+
+
+def test_encoded_newline_never_reaches_the_subject() -> None:
+    msg = parse("subject-encoded-newline")
+    assert msg.subject == "Urgent Bcc: victim@example.com line separator here"
+    assert "\r" not in msg.subject and "\n" not in msg.subject and "\u2028" not in msg.subject
+
+
+def test_display_name_cannot_smuggle_an_address() -> None:
+    # The encoded word decodes to '"x" <attacker@evil.example>': addresses are split on the
+    # raw header, so it stays a display name.
+    raw = simple(
+        "From: =?utf-8?q?victim=40bank.example_=3Cattacker=40evil.example=3E?= "
+        "<real@sender.example>\nSubject: x\n"
+    )
+    msg = parse_message(raw)
+    assert msg.from_addr == "real@sender.example"
+    assert msg.from_name == "victim@bank.example <attacker@evil.example>"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "alice@example.org)<bob@example.org>",
+        "(alice@example.org <bob@example.org>",
+        "alice@example.org[bob@example.org]",
+        "alice@example.org <bob@example.org>",
+        "(" * 5000 + "x" + ")" * 5000 + " <a@example.org>",
+    ],
+)
+def test_ambiguous_from_yields_no_address(value: str) -> None:
+    msg = parse_message(simple(f"From: {value}\nSubject: x\n"))
+    assert msg.from_addr == ""
+
+
+def test_threading_headers() -> None:
+    raw = simple(
+        "From: a@example.org\nSubject: Re: x\nMessage-ID:  <abc@example.org> \n"
+        "In-Reply-To: <p1@example.org> (comment)\n"
+        "References: <root@example.org>\n <p0@example.org>\n\t<p1@example.org>\n"
+        "Date: not a date\n"
+    )
+    msg = parse_message(raw)
+    assert msg.message_id == "abc@example.org"
+    assert msg.in_reply_to == "p1@example.org"
+    assert msg.references == ("root@example.org", "p0@example.org", "p1@example.org")
+    assert msg.date is None
+
+
+def test_date_without_zone_is_utc() -> None:
+    msg = parse_message(simple("Subject: x\nDate: Thu, 27 Nov 2026 09:00:00 -0000\n"))
+    assert msg.date == datetime(2026, 11, 27, 9, 0, tzinfo=UTC)
+
+
+def test_html_only_is_rendered_and_sanitized() -> None:
+    msg = parse("html-only")
+    assert msg.body.startswith("Printer down\n\nThe printer on floor 3 is broken since 8:00.")
+    assert "* Paper jam" in msg.body and "* Toner low" in msg.body
+    assert "1. Open tray" in msg.body and "2. Remove paper" in msg.body
+    assert "[the status page](https://status.example.com/printers)" in msg.body
+    assert "alert" not in msg.body and "color" not in msg.body
+    assert msg.html is not None
+    assert "<script" not in msg.html and "onerror" not in msg.html
+    assert "javascript:" not in msg.html and "<style" not in msg.html
+    assert "<ul><li>Paper jam</li>" in msg.html
+    assert 'href="https://status.example.com/printers"' in msg.html
+
+
+def test_multipart_alternative_prefers_plain_text() -> None:
+    msg = parse("multipart-alternative")
+    assert msg.body == "Plain text version: the VPN is down.\n"
+    assert msg.html is not None and "<b>VPN</b>" in msg.html and "<script" not in msg.html
+    assert msg.attachments == ()
+
+
+def test_format_flowed_is_unwrapped() -> None:
+    assert parse("format-flowed-lf").body == (
+        "This is a long paragraph that the sender's client wrapped at seventy-two "
+        "characters with a trailing space.\n> quoted text that is also flowed\n-- \nSignature\n"
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Attachments
+# ------------------------------------------------------------------------------------------
+
+
+def test_rfc2231_and_encoded_word_file_names() -> None:
+    msg = parse("attachment-rfc2231-filename")
+    assert [(a.name, a.content_type) for a in msg.attachments] == [
+        ("résumé.pdf", "application/pdf"),
+        (
+            "été report.docx",
+            "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        ),
+        ("café_menu.txt", "text/plain"),
+        ("budget 2026.xls", "application/vnd.ms-excel"),
+    ]
+    assert msg.attachments[0].data == b"%PDF-1.4 resume"
+    assert msg.attachments[2].data == "café menu".encode("latin-1")
+    assert msg.body == "Please find my CV attached.\n"
+
+
+def test_hostile_file_names_are_made_safe() -> None:
+    names = [a.name for a in parse("attachment-traversal-names").attachments]
+    assert names == [
+        "passwd",
+        "x.bat",
+        "_CON.txt",
+        "evil_.exe.txt",
+        "a" * 146 + ".pdf",
+        "attachment-6.bin",
+        "htaccess",
+        "invoice_fdp.exe",
+        "_lpt1",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("../../etc/passwd", "passwd"),
+        ("..\\..\\boot.ini", "boot.ini"),
+        ("C:\\Windows\\x.bat", "x.bat"),
+        ("C:x.bat", "C_x.bat"),
+        ("CON.txt", "_CON.txt"),
+        ("con", "_con"),
+        ("NUL.tar.gz", "_NUL.tar.gz"),
+        ("com9.log", "_com9.log"),
+        ("COM10.log", "COM10.log"),
+        ("AUX .txt", "_AUX.txt"),
+        ("report.pdf\x00.exe", "report.pdf_.exe"),
+        ("a\nb\r.txt", "a_b_.txt"),
+        ("..", "fallback.bin"),
+        ("  . hidden.  ", "hidden"),
+        ("", "fallback.bin"),
+        (None, "fallback.bin"),
+        ("\x00\x01", "fallback.bin"),
+        ('what?<>|*".txt', "what______.txt"),
+        ("résumé.pdf", "résumé.pdf"),
+        ("e\u0301te\u0301.txt", "été.txt"),
+        ("x" * 300, "x" * 150),
+        ("é" * 100 + ".docx", "é" * 72 + ".docx"),
+        ("name." + "e" * 40, "name." + "e" * 40),
+    ],
+)
+def test_safe_filename(name: str | None, expected: str) -> None:
+    assert safe_filename(name, "fallback.bin") == expected
+
+
+def test_safe_filename_sanitizes_its_fallback_too() -> None:
+    assert safe_filename(None, "../x/..") == "attachment"
+    assert safe_filename("", "../evil.bin") == "evil.bin"
+
+
+def test_inline_image_keeps_content_id() -> None:
+    msg = parse("inline-image-cid")
+    (image,) = msg.attachments
+    assert image.inline is True
+    assert image.content_id == "screenshot.01@client.example.org"
+    assert image.content_type == "image/png"
+    assert image.name == "attachment-1.png"
+    assert image.data.startswith(b"\x89PNG")
+    assert msg.html is not None and 'src="cid:screenshot.01@client.example.org"' in msg.html
+    assert msg.body == "See the error:"
+
+
+def test_content_id_and_location_never_shape_the_name() -> None:
+    raw = simple(
+        'Subject: x\nContent-Type: multipart/related; boundary="b"\n',
+        b"--b\r\nContent-Type: text/html\r\n\r\n<p>x</p>\r\n"
+        b"--b\r\nContent-Type: image/gif\r\nContent-ID: <../../etc/passwd>\r\n"
+        b"Content-Location: ../../x.gif\r\n\r\nGIF89a\r\n--b--\r\n",
+    )
+    (image,) = parse_message(raw).attachments
+    assert image.name == "attachment-1.gif"
+    assert image.content_id == "../../etc/passwd"
+
+
+def test_attached_message_keeps_its_exact_bytes() -> None:
+    raw = load("attached-message-rfc822")
+    start = raw.index(b"Return-Path: <bob@")
+    end = raw.index(b"\r\n--fwd-b0undary--")
+    msg = parse_message(raw)
+    (attached,) = msg.attachments
+    assert attached.name == "Original problem report.eml"
+    assert attached.content_type == "message/rfc822"
+    assert attached.data == raw[start:end]
+    assert msg.body == "Forwarding the original report as an attachment.\n"
+
+
+def test_attached_message_with_shared_boundary_is_serialized() -> None:
+    # Two multiparts declare the same boundary: offsets are ambiguous, so the attached
+    # message is rebuilt by the generator instead (same headers and body).
+    inner = b"Subject: inner\r\nFrom: b@example.org\r\n\r\ninner body\r\n"
+    raw = simple(
+        'Subject: outer\nContent-Type: multipart/mixed; boundary="same"\n',
+        b"--same\r\nContent-Type: text/plain\r\n\r\nouter\r\n"
+        b"--same\r\nContent-Type: message/rfc822\r\n\r\n" + inner + b"--same--\r\n"
+        b'Content-Type: multipart/mixed; boundary="same"\r\n',
+    )
+    (attached,) = parse_message(raw).attachments
+    assert attached.name == "inner.eml"
+    assert attached.data == b"Subject: inner\nFrom: b@example.org\n\ninner body"
+
+
+def test_tnef_files_are_extracted() -> None:
+    msg = parse("tnef-winmail-dat")
+    assert [(a.name, a.content_type, a.data) for a in msg.attachments] == [
+        ("Quarterly report.txt", "text/plain", b"Revenue went up.\r\n"),
+        ("diagramme-réseau.vsdx", "application/octet-stream", b"PK\x03\x04 visio"),
+    ]
+
+
+def tnef_message(winmail: bytes) -> bytes:
+    return simple(
+        'Subject: tnef\nContent-Type: multipart/mixed; boundary="b"\n',
+        b"--b\r\nContent-Type: text/plain\r\n\r\nbody\r\n--b\r\n"
+        b'Content-Type: application/ms-tnef; name="winmail.dat"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(winmail) + b"--b--\r\n",
+    )
+
+
+def tnef_object(level: int, attribute: int, data: bytes) -> bytes:
+    header = struct.pack("<BHHI", level, attribute & 0xFFFF, attribute >> 16, len(data))
+    return header + data + struct.pack("<H", sum(data) & 0xFFFF)
+
+
+TNEF_HEADER = struct.pack("<IH", 0x223E9F78, 1)
+
+
+@pytest.mark.parametrize(
+    "winmail",
+    [
+        b"not a tnef stream at all",
+        TNEF_HEADER + b"\x01\x02",
+        # MAPI property list claiming 4 billion properties: tnefparse would spin on it.
+        TNEF_HEADER + tnef_object(1, 0x00069003, struct.pack("<I", 0xFFFFFFFF) + b"\0" * 16),
+        # A multi-valued property with 4 billion values.
+        TNEF_HEADER
+        + tnef_object(
+            1, 0x00069003, struct.pack("<IHHI", 1, 0x1002, 0x0001, 0xFFFFFFFF) + b"\0" * 8
+        ),
+        # Recipient table with 4 billion rows.
+        TNEF_HEADER + tnef_object(1, 0x00069004, struct.pack("<II", 0xFFFFFFFF, 0xFFFFFFFF)),
+        # 100,000 tiny objects (tnefparse copies the rest of the buffer for each).
+        TNEF_HEADER + tnef_object(1, 0x00078008, b"x") * 100_000,
+    ],
+)
+def test_unreadable_or_hostile_tnef_keeps_winmail_dat(winmail: bytes) -> None:
+    start = time.perf_counter()
+    msg = parse_message(tnef_message(winmail))
+    assert time.perf_counter() - start < FAST
+    (kept,) = msg.attachments
+    assert (kept.name, kept.content_type, kept.data) == (
+        "winmail.dat",
+        "application/ms-tnef",
+        winmail,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Loop safety
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("case", "auto", "reason"),
+    [
+        ("auto-auto-submitted-auto-replied", True, "Auto-Submitted: auto-replied"),
+        ("auto-auto-submitted-no", False, None),
+        ("auto-precedence-bulk", True, "Precedence: bulk"),
+        ("auto-precedence-junk", True, "Precedence: junk"),
+        ("auto-precedence-list", True, "Precedence: list"),
+        ("auto-x-auto-response-suppress-all", True, "X-Auto-Response-Suppress: All"),
+        ("auto-x-auto-response-suppress-oof", True, "X-Auto-Response-Suppress: DR, OOF, AutoReply"),
+        ("auto-x-auto-response-suppress-dr", False, None),
+        ("auto-list-id", True, "mailing list (List-Id)"),
+        ("auto-list-unsubscribe", True, "mailing list (List-Unsubscribe)"),
+        ("auto-x-autoreply", True, "X-Autoreply header"),
+        ("auto-x-autorespond", True, "X-Autorespond header"),
+        ("auto-null-return-path", True, "null sender"),
+        ("auto-empty-from", True, "null sender"),
+        ("auto-mailer-daemon", True, "system sender mailer-daemon"),
+        ("auto-noreply", True, "system sender no-reply"),
+        ("auto-do-not-reply", True, "system sender do-not-reply"),
+        ("auto-postmaster", True, "system sender postmaster"),
+        ("auto-oof-subject-only", False, None),
+        ("plain-utf8", False, None),
+    ],
+)
+def test_loop_safety_verdict(case: str, auto: bool, reason: str | None) -> None:
+    msg = parse(case)
+    assert (msg.auto_submitted, msg.auto_reason, msg.is_bounce) == (auto, reason, False)
+
+
+def test_empty_from_has_empty_sender() -> None:
+    msg = parse("auto-empty-from")
+    assert (msg.from_name, msg.from_addr) == ("", "")
+
+
+def test_dsn_is_a_bounce() -> None:
+    msg = parse("dsn-bounce")
+    assert (msg.auto_submitted, msg.auto_reason, msg.is_bounce) == (
+        True,
+        "delivery status notification",
+        True,
+    )
+    assert msg.body.startswith("This is the mail system at host mx1.example.com.")
+    assert [a.content_type for a in msg.attachments] == [
+        "message/delivery-status",
+        "text/rfc822-headers",
+    ]
+    assert b"Status: 5.1.1" in msg.attachments[0].data
+
+
+def test_lone_delivery_status_part_is_a_bounce() -> None:
+    raw = simple(
+        'From: a@example.org\nSubject: x\nContent-Type: multipart/mixed; boundary="b"\n',
+        b"--b\r\nContent-Type: text/plain\r\n\r\nfailed\r\n--b\r\n"
+        b"Content-Type: message/delivery-status\r\n\r\nAction: failed\r\n--b--\r\n",
+    )
+    assert parse_message(raw).is_bounce
+
+
+# ------------------------------------------------------------------------------------------
+# Limits: refused quickly, before the stdlib parser can recurse or go quadratic
+# ------------------------------------------------------------------------------------------
+
+
+def test_2000_nested_multiparts() -> None:
+    raw = b"Subject: nested\r\n" + b"".join(
+        b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (i, i)
+        for i in range(2000)
+    )
+    error = timed_refusal(raw + b"x\r\n")
+    assert "max_depth" in str(error) and "20" in str(error)
+
+
+def test_nested_attached_messages() -> None:
+    raw = (
+        b"Subject: m\r\n" + b"Content-Type: message/rfc822\r\n\r\n" * 2000 + b"Subject: x\r\n\r\nx"
+    )
+    assert "max_depth" in str(timed_refusal(raw))
+
+
+def test_depth_within_limit_is_accepted() -> None:
+    raw = b"Subject: nested\r\n" + b"".join(
+        b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (i, i) for i in range(5)
+    )
+    deep = parse_message(raw + b"Content-Type: text/plain\r\n\r\ndeep\r\n")
+    assert deep.body.strip() == "deep"
+    with pytest.raises(LimitExceeded):
+        parse_message(raw + b"x", ParseLimits(max_depth=4))
+
+
+@pytest.mark.parametrize("newline", [b"\r\n", b"\n", b"\r"])
+def test_100000_parts(newline: bytes) -> None:
+    raw = (
+        b'Subject: parts\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        + b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n" * 100_000
+        + b"--b--\r\n"
+    ).replace(b"\r\n", newline)
+    error = timed_refusal(raw)
+    assert "max_parts" in str(error) and "500" in str(error)
+
+
+def test_empty_boundary_parts_are_counted() -> None:
+    raw = (
+        b'Subject: e\r\nContent-Type: multipart/mixed; boundary=""\r\n\r\n'
+        + b"--\r\nx\r\n" * 100_000
+    )
+    assert "max_parts" in str(timed_refusal(raw))
+
+
+def test_20000_addresses_in_to() -> None:
+    to = ", ".join(f"user{i}@example.com" for i in range(20_000))
+    raw = simple(f"From: a@example.org\nTo: {to}\nSubject: many\n")
+    timed_refusal(raw)  # over the header block limit already
+    error = timed_refusal(raw, ParseLimits(max_header_bytes=4 * 1024 * 1024))
+    assert "max_addresses" in str(error) and "20000" in str(error) and "1000" in str(error)
+
+
+def test_oversized_message() -> None:
+    limits = ParseLimits(max_bytes=1000)
+    error = timed_refusal(simple("Subject: big\n", b"x" * 2000), limits)
+    assert "max_bytes" in str(error) and "1000" in str(error)
+
+
+def test_oversized_header_block() -> None:
+    raw = b"Subject: big\r\n" + b"X-Junk: " + b"a" * 80 + b"\r\n" * 0 + b"\r\n"
+    raw = b"Subject: big\r\n" + (b"X-Junk: " + b"a" * 80 + b"\r\n") * 4000 + b"\r\nbody"
+    assert "max_header_bytes" in str(timed_refusal(raw))
+
+
+def test_quadratic_parameter_lists() -> None:
+    raw = simple(
+        'Subject: s\nContent-Type: multipart/mixed; boundary="b"\n',
+        b'--b\r\nContent-Type: multipart/mixed; boundary="c"; name="'
+        + b";" * 200_000
+        + b'"\r\n\r\n--c--\r\n--b--\r\n',
+    )
+    assert "max_header_params" in str(timed_refusal(raw))
+
+
+def test_deeply_nested_html() -> None:
+    raw = simple("Subject: h\nContent-Type: text/html\n", b"<div>" * 100_000)
+    assert "max_html_depth" in str(timed_refusal(raw))
+
+
+def test_large_html_is_flattened_without_layout() -> None:
+    markup = b"<p>Hello <b>world</b> &amp; friends</p><script>x()</script>\n" * 50
+    msg = parse_message(
+        simple("Subject: h\nContent-Type: text/html\n", markup),
+        ParseLimits(max_html_render_bytes=100),
+    )
+    assert msg.body.startswith("Hello world & friends")
+    assert "x()" not in msg.body
+
+
+def test_boundary_in_a_hostile_charset_is_refused() -> None:
+    raw = simple(
+        "Subject: z\nContent-Type: multipart/mixed; boundary*=zlib_codec''%78%9c\n", b"--x\r\n"
+    )
+    with pytest.raises(ParseError, match="charset"):
+        parse_message(raw)
+
+
+# ------------------------------------------------------------------------------------------
+# Never any other exception; message_summary
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\r\n",
+        b"\r\n\r\n\r\n",
+        bytes(range(256)) * 50,
+        b"From nobody Thu Nov 27 09:00:00 2026\nSubject: mbox\n\nbody",
+        b"Subject: x\r\nContent-Type: multipart/mixed\r\n\r\nno boundary\r\n",
+        b"Subject: x\r\nContent-Type: text/plain; name*99999999999999999999*=x\r\n\r\n",
+        b"Subject: x\r\nContent-Transfer-Encoding: base64\r\n\r\n!!!not base64===\r\n",
+        b"Subject: x\r\nContent-Transfer-Encoding: x-uuencode\r\n\r\nbegin 644 f\r\n#86)C\r\n",
+        b"Subject: \xff\xfe\x00\r\nFrom: \xe9\xe9 <\xe9@x.example>\r\nTo: ,,,,\r\n\r\n\xff",
+        b"Content-Type: message/rfc822\r\n\r\n",
+        b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        b"U3ViamVjdDogeA0KDQp5",
+        b"Subject: =?utf-8?b?" + b"A" * 100_000 + b"?=\r\n\r\n",
+        b"Subject: " + b"=?utf-8?q?" * 20_000 + b"\r\n\r\n",
+        b"Date: Thu, 27 Nov 99999 09:00:00 +9999\r\n\r\n",
+    ],
+)
+def test_odd_input_parses_or_raises_message_error(raw: bytes) -> None:
+    try:
+        msg = parse_message(raw)
+    except MessageError:
+        return
+    assert isinstance(msg, ParsedMessage)
+
+
+def test_message_summary_is_cheap_and_never_fails() -> None:
+    raw = load("plain-utf8")
+    assert message_summary(raw) == (
+        "corpus-001.20261127@client.example.org",
+        hashlib.sha256(raw).hexdigest(),
+    )
+    assert message_summary(b"") == (None, hashlib.sha256(b"").hexdigest())
+    folded = b"Subject: x\r\nMessage-ID:\r\n <folded@example.org>\r\n\r\nbody"
+    assert message_summary(folded)[0] == "folded@example.org"
+    hostile = b"Subject: x\r\n" + b"X: y\r\n" * 200_000
+    start = time.perf_counter()
+    assert message_summary(hostile)[0] is None
+    assert time.perf_counter() - start < FAST
+    # The same id whether or not the message parses.
+    unparseable = b"Message-ID: <id-1@example.org>\r\n" + b"X: y\r\n" * 60_000 + b"\r\n"
+    with pytest.raises(LimitExceeded):
+        parse_message(unparseable)
+    assert message_summary(unparseable)[0] == "id-1@example.org"
+
+
+# ------------------------------------------------------------------------------------------
+# Property test: random MIME trees, headers, charsets and bytes
+# ------------------------------------------------------------------------------------------
+
+CHARSET_LABELS = [
+    "utf-8",
+    "iso-8859-1",
+    "windows-1252",
+    "koi8-r",
+    "shift_jis",
+    "gb2312",
+    "iso-2022-jp",
+    "utf-16",
+    "utf-7",
+    "x-unknown",
+    "rot13",
+    "zlib_codec",
+    "base64_codec",
+    "unicode_escape",
+    "punycode",
+    "idna",
+    "",
+    "us-ascii",
+    'bogus"',
+    "utf-8*en",
+]
+ENCODINGS = [
+    "base64",
+    "quoted-printable",
+    "7bit",
+    "8bit",
+    "binary",
+    "x-uuencode",
+    "Base64 ",
+    "bogus",
+]
+TYPES = [
+    "text/plain",
+    "text/html",
+    "text/calendar",
+    "application/pdf",
+    "application/ms-tnef",
+    "image/png",
+    "message/delivery-status",
+    "bogus",
+    "text/\xe9",
+]
+
+text_or_bytes = st.one_of(
+    st.text(max_size=30).map(lambda s: s.encode("utf-8", "surrogatepass")),
+    st.binary(max_size=30),
+)
+
+
+@st.composite
+def encoded_word(draw: st.DrawFn) -> bytes:
+    charset = draw(st.sampled_from(CHARSET_LABELS)) or "utf-8"
+    payload = draw(st.binary(max_size=20))
+    if draw(st.booleans()):
+        body = base64.b64encode(payload)[: draw(st.integers(0, 40))]
+        return b"=?" + charset.encode() + b"?b?" + body + b"?="
+    return b"=?" + charset.encode() + b"?q?" + payload.replace(b"?", b"=3F") + b"?="
+
+
+header_value = st.lists(st.one_of(text_or_bytes, encoded_word()), max_size=4).map(b" ".join)
+
+
+@st.composite
+def header_block(draw: st.DrawFn, ctype: bytes) -> bytes:
+    lines = [b"Content-Type: " + ctype]
+    names = [b"Subject", b"From", b"To", b"Date", b"Message-ID", b"References", b"Return-Path"]
+    names += [b"Auto-Submitted", b"Precedence", b"Content-ID", b"X-Random"]
+    for name in draw(st.lists(st.sampled_from(names), max_size=5)):
+        lines.append(name + b": " + draw(header_value))
+    if draw(st.booleans()):
+        filename = draw(
+            st.one_of(
+                header_value.map(lambda v: b'filename="' + v + b'"'),
+                st.tuples(st.sampled_from(CHARSET_LABELS), st.binary(max_size=20)).map(
+                    lambda t: (
+                        b"filename*="
+                        + t[0].encode()
+                        + b"''"
+                        + "".join(f"%{b:02X}" for b in t[1]).encode()
+                    )
+                ),
+            )
+        )
+        disposition = draw(st.sampled_from([b"attachment", b"inline", b"bogus"]))
+        lines.append(b"Content-Disposition: " + disposition + b"; " + filename)
+    lines.append(b"Content-Transfer-Encoding: " + draw(st.sampled_from(ENCODINGS)).encode())
+    if draw(st.booleans()):
+        lines.append(draw(st.binary(max_size=40)))
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+@st.composite
+def mime_entity(draw: st.DrawFn, depth: int = 0) -> bytes:
+    kind = draw(
+        st.sampled_from(["leaf", "leaf", "multipart", "message"] if depth < 4 else ["leaf"])
+    )
+    if kind == "multipart":
+        boundary = (
+            draw(st.sampled_from([b"b", b"=_x", b"", b"b" * 70, b"sp ace"])) + str(depth).encode()
+        )
+        subtype = draw(
+            st.sampled_from([b"mixed", b"alternative", b"related", b"report", b"digest"])
+        )
+        ctype = b"multipart/" + subtype + b'; boundary="' + boundary + b'"'
+        if subtype == b"report":
+            ctype += b"; report-type=delivery-status"
+        children = draw(st.lists(mime_entity(depth + 1), max_size=4))
+        body = draw(st.binary(max_size=20)) + b"\r\n"
+        for child in children:
+            body += b"--" + boundary + b"\r\n" + child + b"\r\n"
+        if draw(st.booleans()):
+            body += b"--" + boundary + b"--\r\n"
+        body += draw(st.binary(max_size=20))
+        return draw(header_block(ctype)) + body
+    if kind == "message":
+        return draw(header_block(b"message/rfc822")) + draw(mime_entity(depth + 1))
+    charset = draw(st.sampled_from(CHARSET_LABELS))
+    ctype = draw(st.sampled_from(TYPES)).encode("utf-8")
+    if charset:
+        ctype += b"; charset=" + charset.encode()
+    body = draw(st.one_of(st.binary(max_size=200), text_or_bytes))
+    if draw(st.booleans()):
+        body = base64.encodebytes(body)
+    return draw(header_block(ctype)) + body
+
+
+@st.composite
+def raw_message(draw: st.DrawFn) -> bytes:
+    raw = draw(st.one_of(mime_entity(), st.binary(max_size=500)))
+    newline = draw(st.sampled_from([b"\r\n", b"\n", b"\r"]))
+    raw = raw.replace(b"\r\n", newline)
+    # A few random byte flips, insertions and cuts on top of the structure.
+    for _ in range(draw(st.integers(0, 3))):
+        if not raw:
+            break
+        at = draw(st.integers(0, len(raw) - 1))
+        raw = raw[:at] + draw(st.binary(max_size=4)) + raw[at + draw(st.integers(0, 4)) :]
+    return raw
+
+
+SMALL = ParseLimits(max_depth=6, max_parts=40, max_header_bytes=4096, max_addresses=20)
+
+
+@settings(
+    max_examples=200,
+    deadline=timedelta(seconds=2),
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(raw=raw_message(), small=st.booleans())
+def test_property_any_input_parses_or_raises_message_error(raw: bytes, small: bool) -> None:
+    try:
+        msg = parse_message(raw, SMALL if small else ParseLimits())
+    except MessageError as exc:
+        assert isinstance(exc, LimitExceeded | ParseError)
+        return
+    assert isinstance(msg, ParsedMessage)
+    for value in single_line_fields(msg):
+        assert not CRLF_RE.search(value)
+        value.encode("utf-8")  # no lone surrogate escaped from the raw bytes
+    msg.body.encode("utf-8")
+    if msg.html is not None:
+        msg.html.encode("utf-8")
+    for attachment in msg.attachments:
+        assert safe_filename(attachment.name, "x") == attachment.name
+    assert message_summary(raw)[1] == msg.sha256
+
+
+@settings(max_examples=200, deadline=timedelta(seconds=1), derandomize=True, database=None)
+@given(name=st.one_of(st.none(), st.text(max_size=400)))
+def test_property_safe_filename(name: str | None) -> None:
+    safe = safe_filename(name, "attachment-1.bin")
+    assert safe and len(safe.encode("utf-8")) <= 150
+    assert "/" not in safe and "\\" not in safe
+    assert not CRLF_RE.search(safe)
+    assert safe[0] not in ". " and safe[-1] not in ". "
+    assert safe.split(".")[0].strip().upper() not in {"CON", "PRN", "AUX", "NUL", "COM1", "LPT1"}
+    assert safe_filename(safe, "attachment-1.bin") == safe
