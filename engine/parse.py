@@ -1099,18 +1099,47 @@ def _exact_message_bytes(
     return _span_body(raw, start, max(start, end))
 
 
-def _serialize(part: Message) -> bytes:
+def _rebuild(entity: Message, linesep: bytes) -> bytes:
+    """Bytes of a parsed entity rebuilt from its raw header lines and payloads.
+
+    Used when the exact span of an attached message is unknown. Unlike ``as_bytes()`` it
+    never refolds or re-encodes a header (compat32 folding is slow on long headers and
+    rewrites them), so the result differs from the original only in line ends.
+    """
+    out = [
+        _to_bytes(name) + b": " + _to_bytes(value).replace(b"\r\n", b"\n").replace(
+            b"\n", linesep
+        )
+        + linesep
+        for name, value in entity.raw_items()
+    ]
+    out.append(linesep)
+    payload = entity.get_payload()
+    if isinstance(payload, str):
+        out.append(_to_bytes(payload))
+    elif isinstance(payload, list):
+        children = [c for c in payload if isinstance(c, Message)]
+        if entity.get_content_maintype() == "multipart":
+            _, params = _parse_params(_part_header(entity, "content-type") or "")
+            boundary = _to_bytes(_scan_boundary(params.get("boundary")) or "")
+            if entity.preamble:
+                out += [_to_bytes(entity.preamble), linesep]
+            for child in children:
+                out += [b"--", boundary, linesep, _rebuild(child, linesep), linesep]
+            out += [b"--", boundary, b"--", linesep]
+            if entity.epilogue:
+                out.append(_to_bytes(entity.epilogue))
+        else:
+            out.append(linesep.join(_rebuild(child, linesep) for child in children))
+    return b"".join(out)
+
+
+def _serialize(part: Message, linesep: bytes) -> bytes:
     """Fallback bytes of a message/* part when its exact span is unknown."""
-    chunks: list[bytes] = []
     payload = part.get_payload()
-    if isinstance(payload, list):
-        for sub in payload:
-            if isinstance(sub, Message):
-                try:
-                    chunks.append(sub.as_bytes())
-                except Exception:  # a header the generator cannot fold: keep what we can
-                    chunks.append(b"")
-    return b"\r\n".join(chunks)
+    if not isinstance(payload, list):
+        return _to_bytes(payload) if isinstance(payload, str) else b""
+    return linesep.join(_rebuild(sub, linesep) for sub in payload if isinstance(sub, Message))
 
 
 def _looks_like(data: bytes, part: Message) -> bool:
@@ -1478,7 +1507,7 @@ class _Collector:
             self.raw, self.scan, None if is_root else parent_boundary, index, self.root_body
         )
         if exact is None or not _looks_like(exact, part):
-            exact = _serialize(part)
+            exact = _serialize(part, b"\r\n" if b"\r\n" in self.raw[:4096] else b"\n")
         cte = (_part_header(part, "content-transfer-encoding") or "").strip().lower()
         # message/* may only be 7bit/8bit/binary, but some mailers base64 it anyway.
         if cte == "base64":
@@ -1491,7 +1520,8 @@ class _Collector:
             if isinstance(payload, list) and payload and isinstance(payload[0], Message):
                 subject = _part_header(payload[0], "subject")
                 if subject is not None:
-                    name = _one_line(_decode_words(subject)) or None
+                    # Only as much as a file name can hold is worth decoding.
+                    name = _one_line(_decode_words(subject[:1024])) or None
         self.add(name, ctype, exact, force_ext=force_ext)
 
 

@@ -29,8 +29,13 @@ DIRECTORY: dict[str, Any] = {
     "groups": ["Service Desk", "Infrastructure", "Building Services", "Monitoring"],
     "sources": ["Email", "SCOM"],
     "users": [
-        {"login": LOGIN, "email": "sd@example.com", "name": "System", "site": "Montréal",
-         "password": LOGIN_PASSWORD},
+        {
+            "login": LOGIN,
+            "email": "sd@example.com",
+            "name": "System",
+            "site": "Montréal",
+            "password": LOGIN_PASSWORD,
+        },
         {"login": "jdoe", "email": "John.Doe@example.com", "name": "John Doe", "site": "Québec"},
         {"login": "asmith", "email": "asmith@example.com", "name": "Alice Smith"},
         {"login": "unknown.user", "name": "Unknown user", "site": "Montréal"},
@@ -131,8 +136,16 @@ def import_directory(data_dir: Path, tmp: Path, directory: dict[str, Any] | None
 def once(data_dir: Path, config: Path, *extra: str | Path) -> int:
     flag = "--config-dir" if config.is_dir() else "--config"
     code, _ = cli(
-        "once", flag, config, "--data-dir", data_dir,
-        "--login", LOGIN, "--password", LOGIN_PASSWORD, *extra,
+        "once",
+        flag,
+        config,
+        "--data-dir",
+        data_dir,
+        "--login",
+        LOGIN,
+        "--password",
+        LOGIN_PASSWORD,
+        *extra,
     )
     return code
 

@@ -34,11 +34,15 @@ def setup(tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]) -> dict[str,
     data = tmp_path / "data"
     import_directory(data, tmp_path)
     user, password = pop3_user
-    cfg = mailbox_xml(tmp_path / "support.xml", port=dovecot.pop3_port, user=user, password=password)
+    cfg = mailbox_xml(
+        tmp_path / "support.xml", port=dovecot.pop3_port, user=user, password=password
+    )
     return {"data": data, "cfg": cfg, "user": user, "password": password, "tmp": tmp_path}
 
 
-def test_known_sender_creates_incident_with_that_requester(setup: dict[str, Any], dovecot: Any) -> None:
+def test_known_sender_creates_incident_with_that_requester(
+    setup: dict[str, Any], dovecot: Any
+) -> None:
     dovecot.deliver(setup["user"], message("Printer jams", body="The printer jams.\n"))
     assert once(setup["data"], setup["cfg"]) == 0
     [req] = requests(setup["data"])
@@ -102,8 +106,12 @@ def test_reference_to_other_team_or_unknown_request_creates_incident(
     fac_user, fac_pw = f"{setup['user']}-fac", "fac-pw-1"
     dovecot.add_user(fac_user, fac_pw)
     fac = mailbox_xml(
-        setup["tmp"] / "fac.xml", port=dovecot.pop3_port, user=fac_user, password=fac_pw,
-        team="Facilities", incidentGroup="Building Services",
+        setup["tmp"] / "fac.xml",
+        port=dovecot.pop3_port,
+        user=fac_user,
+        password=fac_pw,
+        team="Facilities",
+        incidentGroup="Building Services",
     )
     dovecot.deliver(fac_user, message("Leaking tap"))
     assert once(setup["data"], fac) == 0
@@ -138,7 +146,10 @@ def test_attachments_minus_ignored_ones_with_exact_bytes(
     import_directory(data, tmp_path)
     user, pw = pop3_user
     cfg = mailbox_xml(
-        tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=pw,
+        tmp_path / "m.xml",
+        port=dovecot.pop3_port,
+        user=user,
+        password=pw,
         ignoredAttachments="IMAGE001.png, logo.gif",
         includeRawMessageAsAttachment="TRUE",
     )
@@ -227,8 +238,13 @@ def test_pop3s_with_ca_file_works(tmp_path: Path, dovecot: Any, pop3_user: tuple
     import_directory(data, tmp_path)
     user, pw = pop3_user
     cfg = mailbox_xml(
-        tmp_path / "s.xml", port=dovecot.pop3s_port, user=user, password=pw, use_ssl=True,
-        host="localhost", server_extra=f"    <caFile>{dovecot.ca_file}</caFile>\n",
+        tmp_path / "s.xml",
+        port=dovecot.pop3s_port,
+        user=user,
+        password=pw,
+        use_ssl=True,
+        host="localhost",
+        server_extra=f"    <caFile>{dovecot.ca_file}</caFile>\n",
     )
     dovecot.deliver(user, message("Over TLS"))
     assert once(data, cfg) == 0
@@ -243,7 +259,11 @@ def test_untrusted_certificate_is_refused(
     import_directory(data, tmp_path)
     user, pw = pop3_user
     cfg = mailbox_xml(
-        tmp_path / "s.xml", port=dovecot.pop3s_port, user=user, password=pw, use_ssl=True,
+        tmp_path / "s.xml",
+        port=dovecot.pop3s_port,
+        user=user,
+        password=pw,
+        use_ssl=True,
         host="localhost",
     )
     dovecot.deliver(user, message("Never fetched"))
@@ -253,8 +273,6 @@ def test_untrusted_certificate_is_refused(
     code, out = cli("check", "--config", cfg)
     assert code == 1
     assert "FAILED (tls)" in out and "not trusted" in out
-
-
 
 
 def test_original_command_line_end_to_end(
@@ -286,16 +304,29 @@ def test_original_command_line_end_to_end(
 
 
 def test_original_command_line_errors_are_clear(tmp_path: Path, capsys: Any) -> None:
-    code, _ = cli("/Login:system", "/Password:x", "/ConfigFilePath:/nope.xml",
-                  f"/LogFilePath:{tmp_path / 'missing' / 'x.log'}")
+    code, _ = cli(
+        "/Login:system",
+        "/Password:x",
+        "/ConfigFilePath:/nope.xml",
+        f"/LogFilePath:{tmp_path / 'missing' / 'x.log'}",
+    )
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
 
 
 def test_wrong_engine_login_is_refused(setup: dict[str, Any], dovecot: Any, capsys: Any) -> None:
     dovecot.deliver(setup["user"], message("Never"))
-    code, _ = cli("once", "--config", setup["cfg"], "--data-dir", setup["data"],
-                  "--login", LOGIN, "--password", "wrong")
+    code, _ = cli(
+        "once",
+        "--config",
+        setup["cfg"],
+        "--data-dir",
+        setup["data"],
+        "--login",
+        LOGIN,
+        "--password",
+        "wrong",
+    )
     assert code == 2
     assert "login 'system' failed" in capsys.readouterr().err
     assert dovecot.count(setup["user"]) == 1
@@ -318,9 +349,23 @@ def test_requests_json_has_documented_fields(setup: dict[str, Any], dovecot: Any
     code, out = cli("requests", "show", "1", "--json", "--data-dir", setup["data"])
     assert code == 0
     doc = json.loads(out)
-    for key in ("number", "team", "type", "status", "subject", "description", "requester",
-                "user", "site", "group", "assignee", "source", "created_by", "activities",
-                "attachments"):
+    for key in (
+        "number",
+        "team",
+        "type",
+        "status",
+        "subject",
+        "description",
+        "requester",
+        "user",
+        "site",
+        "group",
+        "assignee",
+        "source",
+        "created_by",
+        "activities",
+        "attachments",
+    ):
         assert key in doc
     assert doc["attachments"][0].keys() >= {"name", "size", "sha256"}
     code, out = cli("requests", "list", "--json", "--data-dir", setup["data"])

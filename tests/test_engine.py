@@ -73,8 +73,13 @@ def test_twenty_mailboxes_once_each_message_exactly_once(tmp_path: Path, dovecot
         user, pw = f"multi{i}-{os.getpid()}-{time.monotonic_ns()}", f"pw-{i}-secret"
         dovecot.add_user(user, pw)
         if i % 2:
-            mailbox_xml(conf / "IT" / f"box{i}.xml", port=dovecot.pop3_port, user=user,
-                        password=pw, team=None)
+            mailbox_xml(
+                conf / "IT" / f"box{i}.xml",
+                port=dovecot.pop3_port,
+                user=user,
+                password=pw,
+                team=None,
+            )
         else:
             mailbox_xml(conf / f"box{i}.xml", port=dovecot.pop3_port, user=user, password=pw)
         for j in range(5):
@@ -114,7 +119,9 @@ def test_a_stalled_server_does_not_hold_up_the_others(tmp_path: Path, dovecot: A
     # Bounded by the 2 s socket timeout, not by the stalled server's 20 s.
     assert elapsed < 15
     reqs = requests(data)
-    assert sorted(r["subject"] for r in reqs if r["kind"] == "mail") == [f"Fine {i}" for i in range(5)]
+    assert sorted(r["subject"] for r in reqs if r["kind"] == "mail") == [
+        f"Fine {i}" for i in range(5)
+    ]
     [outage] = [r for r in reqs if r["kind"] == "outage"]
     assert (outage["mailbox"], outage["cause"]) == ("stalled", "timeout")
     assert all(dovecot.count(u) == 0 for u in users)
@@ -158,10 +165,22 @@ def test_group_commit_batches_many_messages_into_few_transactions(tmp_path: Path
         envelopes = []
         for i in range(500):
             parsed = ParsedMessage(
-                raw=b"x", sha256=f"{i:064x}", message_id=f"m{i}@x", subject=f"s{i}",
-                from_name="", from_addr="john.doe@example.com", to=(), date=None,
-                in_reply_to=None, references=(), body="b", html=None, attachments=(),
-                auto_submitted=False, auto_reason=None, is_bounce=False,
+                raw=b"x",
+                sha256=f"{i:064x}",
+                message_id=f"m{i}@x",
+                subject=f"s{i}",
+                from_name="",
+                from_addr="john.doe@example.com",
+                to=(),
+                date=None,
+                in_reply_to=None,
+                references=(),
+                body="b",
+                html=None,
+                attachments=(),
+                auto_submitted=False,
+                auto_reason=None,
+                is_bounce=False,
             )
             env = Envelope(mailbox=cfg, uidl=f"u{i}", raw=b"x", parsed=parsed)
             envelopes.append(env)
@@ -211,8 +230,18 @@ def test_dry_run_explains_and_changes_nothing(
     cfg = mailbox_xml(tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=pw)
     dovecot.deliver(user, message("Dry", attachments=(("a.txt", "text/plain", b"a"),)))
     dovecot.deliver(user, message("From a stranger", sender="who@nowhere.example"))
-    code, out = cli("once", "--config", cfg, "--data-dir", data, "--login", LOGIN,
-                    "--password", LOGIN_PASSWORD, "--dry-run")
+    code, out = cli(
+        "once",
+        "--config",
+        cfg,
+        "--data-dir",
+        data,
+        "--login",
+        LOGIN,
+        "--password",
+        LOGIN_PASSWORD,
+        "--dry-run",
+    )
     assert code == 0
     assert "new incident 'Dry': requester jdoe, site Québec, group Service Desk" in out
     assert "attachments: a.txt" in out
@@ -230,8 +259,10 @@ def test_password_env_and_file(
     monkeypatch.setenv("BOX_PW", pw)
     secret = tmp_path / "secret.txt"
     secret.write_text(pw + "\n")
-    for name, extra in (("env", "<passwordEnv>BOX_PW</passwordEnv>"),
-                        ("file", f"<passwordFile>{secret}</passwordFile>")):
+    for name, extra in (
+        ("env", "<passwordEnv>BOX_PW</passwordEnv>"),
+        ("file", f"<passwordFile>{secret}</passwordFile>"),
+    ):
         cfg = mailbox_xml(tmp_path / f"{name}.xml", port=dovecot.pop3_port, user=user, password="x")
         cfg.write_text(cfg.read_text().replace("<password>x</password>", extra))
         dovecot.deliver(user, message(f"Via {name}"))
@@ -273,10 +304,27 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         env = dict(os.environ, MAILINTEGRATION_LOGIN=LOGIN, MAILINTEGRATION_PASSWORD=LOGIN_PASSWORD)
         files.append(open(log, "wb"))  # noqa: SIM115 - closed at teardown
         proc = subprocess.Popen(
-            [sys.executable, "-m", "engine", "run", "--config-dir", str(conf), "--data-dir",
-             str(data), "--poll-interval", "1", "--reload-seconds", "0.3", "--http-port",
-             str(port), *extra],
-            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "engine",
+                "run",
+                "--config-dir",
+                str(conf),
+                "--data-dir",
+                str(data),
+                "--poll-interval",
+                "1",
+                "--reload-seconds",
+                "0.3",
+                "--http-port",
+                str(port),
+                *extra,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
             stderr=files[-1],
         )
         procs.append(proc)
@@ -363,9 +411,23 @@ def test_daemon_hot_reload_health_and_metrics(
 
     # A second engine on the same data directory is refused, naming the holder.
     code = subprocess.run(
-        [sys.executable, "-m", "engine", "once", "--config-dir", str(conf), "--data-dir",
-         str(data), "--login", LOGIN, "--password", LOGIN_PASSWORD],
-        cwd=ROOT, capture_output=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "once",
+            "--config-dir",
+            str(conf),
+            "--data-dir",
+            str(data),
+            "--login",
+            LOGIN,
+            "--password",
+            LOGIN_PASSWORD,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
     )
     assert code.returncode != 0
     assert f"in use by pid {d.proc.pid}".encode() in code.stderr

@@ -23,20 +23,20 @@ from support import (
 pytestmark = pytest.mark.dovecot
 
 SCOM_ALERT = (
-    "From: SCOM Alerts <scom@monitoring.example.com>\r\n"
-    "To: events@example.com\r\n"
-    "Subject: Alert: Logical disk free space is low on SRV-SQL01 (C:)\r\n"
-    "Date: Fri, 27 Nov 2026 03:14:07 +0000\r\n"
-    "Message-ID: <scom-4411@monitoring.example.com>\r\n"
-    "Auto-Submitted: auto-generated\r\n"
-    "X-SCOM-Severity: Critical\r\n"
-    "Content-Type: text/plain; charset=utf-8\r\n"
-    "\r\n"
-    "Alert: Logical Disk Free Space is low\r\n"
-    "Source: C: on SRV-SQL01.corp.example.com\r\n"
-    "Severity: Critical\r\n"
-    "Description: The disk C: has only 2% (812 MB) free space.\r\n"
-).encode()
+    b"From: SCOM Alerts <scom@monitoring.example.com>\r\n"
+    b"To: events@example.com\r\n"
+    b"Subject: Alert: Logical disk free space is low on SRV-SQL01 (C:)\r\n"
+    b"Date: Fri, 27 Nov 2026 03:14:07 +0000\r\n"
+    b"Message-ID: <scom-4411@monitoring.example.com>\r\n"
+    b"Auto-Submitted: auto-generated\r\n"
+    b"X-SCOM-Severity: Critical\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"\r\n"
+    b"Alert: Logical Disk Free Space is low\r\n"
+    b"Source: C: on SRV-SQL01.corp.example.com\r\n"
+    b"Severity: Critical\r\n"
+    b"Description: The disk C: has only 2% (812 MB) free space.\r\n"
+)
 
 
 def scom_update(number: int) -> bytes:
@@ -61,11 +61,19 @@ def env(tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]) -> dict[str, A
     return {"data": data, "tmp": tmp_path, "user": user, "password": password}
 
 
-def test_alert_creates_event_and_its_update_adds_activity(env: dict[str, Any], dovecot: Any) -> None:
+def test_alert_creates_event_and_its_update_adds_activity(
+    env: dict[str, Any], dovecot: Any
+) -> None:
     cfg = mailbox_xml(
-        env["tmp"] / "events.xml", port=dovecot.pop3_port, user=env["user"],
-        password=env["password"], processor=EVENT, incidentGroup=None,
-        incidentFallbackUserLogon=None, group="Monitoring", assignee="oncall",
+        env["tmp"] / "events.xml",
+        port=dovecot.pop3_port,
+        user=env["user"],
+        password=env["password"],
+        processor=EVENT,
+        incidentGroup=None,
+        incidentFallbackUserLogon=None,
+        group="Monitoring",
+        assignee="oncall",
         incidentSource="SCOM",
     )
     dovecot.deliver(env["user"], SCOM_ALERT)
@@ -101,8 +109,9 @@ def _deep(depth: int) -> bytes:
 def test_unprocessable_message_between_good_ones_becomes_failure_event(
     env: dict[str, Any], dovecot: Any
 ) -> None:
-    cfg = mailbox_xml(env["tmp"] / "m.xml", port=dovecot.pop3_port, user=env["user"],
-                      password=env["password"])
+    cfg = mailbox_xml(
+        env["tmp"] / "m.xml", port=dovecot.pop3_port, user=env["user"], password=env["password"]
+    )
     bad = _deep(200)
     dovecot.deliver(env["user"], message("Good one"))
     dovecot.deliver(env["user"], bad)
@@ -133,8 +142,13 @@ def test_unprocessable_message_between_good_ones_becomes_failure_event(
 def test_unknown_sender_without_fallback_user_becomes_failure_event(
     env: dict[str, Any], dovecot: Any
 ) -> None:
-    cfg = mailbox_xml(env["tmp"] / "m.xml", port=dovecot.pop3_port, user=env["user"],
-                      password=env["password"], incidentFallbackUserLogon=None)
+    cfg = mailbox_xml(
+        env["tmp"] / "m.xml",
+        port=dovecot.pop3_port,
+        user=env["user"],
+        password=env["password"],
+        incidentFallbackUserLogon=None,
+    )
     dovecot.deliver(env["user"], message("Who am I", sender="stranger@nowhere.example"))
     dovecot.deliver(env["user"], message("Known"))
     once(env["data"], cfg)
@@ -157,8 +171,9 @@ def test_wrong_password_outage_event_updates_then_closes(
     env: dict[str, Any], dovecot: Any, capfd: Any
 ) -> None:
     wrong = "Canary-Wr0ng-Pw-77"
-    cfg = mailbox_xml(env["tmp"] / "box.xml", port=dovecot.pop3_port, user=env["user"],
-                      password=wrong)
+    cfg = mailbox_xml(
+        env["tmp"] / "box.xml", port=dovecot.pop3_port, user=env["user"], password=wrong
+    )
     log = env["tmp"] / "engine.log"
     dovecot.deliver(env["user"], message("Waiting on the server"))
     assert once(env["data"], cfg, "--log-file", log) == 1
@@ -200,8 +215,14 @@ def test_server_down_and_tls_failure_are_outages_of_their_own_causes(
     env: dict[str, Any], dovecot: Any
 ) -> None:
     down = mailbox_xml(env["tmp"] / "down.xml", port=_closed_port(), user="x", password="y")
-    tls = mailbox_xml(env["tmp"] / "tls.xml", port=dovecot.pop3s_port, user=env["user"],
-                      password=env["password"], use_ssl=True, host="localhost")
+    tls = mailbox_xml(
+        env["tmp"] / "tls.xml",
+        port=dovecot.pop3s_port,
+        user=env["user"],
+        password=env["password"],
+        use_ssl=True,
+        host="localhost",
+    )
     assert once(env["data"], down) == 1
     assert once(env["data"], tls) == 1
     got = sorted((r["mailbox"], r["cause"]) for r in requests(env["data"], type="event"))
@@ -212,7 +233,8 @@ def test_invalid_config_file_becomes_outage_with_redacted_copy(env: dict[str, An
     cfg = env["tmp"] / "broken.xml"
     cfg.write_text(
         "<?xml version='1.0'?>\n<mailIntegration>\n"
-        "  <messageProcessorTypeName>EndUserIncidentMailMessageProcessor</messageProcessorTypeName>\n"
+        "  <messageProcessorTypeName>EndUserIncidentMailMessageProcessor"
+        "</messageProcessorTypeName>\n"
         "  <server>\n    <gatewayTypeName>SidePopMailboxGateway</gatewayTypeName>\n"
         "    <serverName>pop.example.com</serverName>\n    <userName>u</userName>\n"
         "    <password>Canary-Cfg-Pw-31</password>\n    <useSsl>maybe</useSsl>\n"
@@ -232,8 +254,17 @@ def test_invalid_config_file_becomes_outage_with_redacted_copy(env: dict[str, An
 def test_events_are_listed_with_kind_mailbox_and_cause(env: dict[str, Any]) -> None:
     cfg = mailbox_xml(env["tmp"] / "down.xml", port=_closed_port(), user="x", password="y")
     once(env["data"], cfg)
-    code, out = cli("requests", "list", "--type", "event", "--status", "new", "--json",
-                    "--data-dir", env["data"])
+    code, out = cli(
+        "requests",
+        "list",
+        "--type",
+        "event",
+        "--status",
+        "new",
+        "--json",
+        "--data-dir",
+        env["data"],
+    )
     assert code == 0
     [row] = json.loads(out)
     assert (row["kind"], row["mailbox"], row["cause"]) == ("outage", "down", "unreachable")

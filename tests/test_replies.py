@@ -52,7 +52,10 @@ def box(
     user, pw = pop3_user
     sink, port = smtp_sink
     cfg = mailbox_xml(
-        tmp_path / "noreq.xml", port=dovecot.pop3_port, user=user, password=pw,
+        tmp_path / "noreq.xml",
+        port=dovecot.pop3_port,
+        user=user,
+        password=pw,
         createNewRequests="False",
         smtp=f"<serverName>127.0.0.1</serverName><port>{port}</port>"
         "<from>Service Desk &lt;servicedesk@example.com&gt;</from>",
@@ -68,7 +71,9 @@ def _parsed(raw: bytes) -> email.message.EmailMessage:
     return msg
 
 
-def test_refused_message_gets_one_auto_reply_with_null_sender(box: dict[str, Any], dovecot: Any) -> None:
+def test_refused_message_gets_one_auto_reply_with_null_sender(
+    box: dict[str, Any], dovecot: Any
+) -> None:
     dovecot.deliver(box["user"], message("Need a laptop", message_id="<ask-1@example.com>"))
     assert once(box["data"], box["cfg"]) == 0
     assert requests(box["data"]) == []
@@ -108,7 +113,9 @@ def test_no_reply_to_automated_or_null_senders(
     assert row["outcome"].startswith(("refused: no reply", "ignored: auto-reply"))
 
 
-def test_encoded_newline_in_subject_cannot_inject_a_header(box: dict[str, Any], dovecot: Any) -> None:
+def test_encoded_newline_in_subject_cannot_inject_a_header(
+    box: dict[str, Any], dovecot: Any
+) -> None:
     raw = (
         b"From: John Doe <john.doe@example.com>\r\nTo: support@example.com\r\n"
         b"Subject: =?utf-8?q?Hello=0D=0ABcc=3A_victim=40evil=2Eexample?=\r\n"
@@ -138,8 +145,9 @@ def test_reply_with_reference_still_adds_activity_when_new_requests_are_refused(
     # A request made through an open mailbox of the same team, then answered in this one.
     open_user, open_pw = f"{box['user']}-open", "open-pw-1"
     dovecot.add_user(open_user, open_pw)
-    open_cfg = mailbox_xml(tmp_path / "open.xml", port=dovecot.pop3_port, user=open_user,
-                           password=open_pw)
+    open_cfg = mailbox_xml(
+        tmp_path / "open.xml", port=dovecot.pop3_port, user=open_user, password=open_pw
+    )
     dovecot.deliver(open_user, message("Printer"))
     assert once(box["data"], open_cfg) == 0
     dovecot.deliver(box["user"], message("RE: [Incident] #1 Printer", body="Still broken\n"))

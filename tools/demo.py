@@ -79,6 +79,7 @@ def main() -> int:
         print(f"\nmessages left on the server: {dovecot.count('support')}")
         run("requests", "list", env=env)
         run("requests", "show", "1", env=env)
+        run("requests", "show", "3", env=env)
         print(
             f"\nThe store is in {work / 'data'}; try: mailintegration requests show 3 --json "
             f"--data-dir {work / 'data'}"
