@@ -63,8 +63,9 @@ class _Reader:
 
     def _fill(self) -> None:
         if self.pos > 1 << 20:
-            del self.buf[: self.pos]
-            self.pos = 0
+            # Keep the 2 bytes before pos: multiline() looks back at the status line's CRLF.
+            del self.buf[: self.pos - 2]
+            self.pos = 2
         chunk = self.sock.recv(1 << 18)
         if not chunk:
             raise ConnectionError("the server closed the connection")
@@ -89,21 +90,20 @@ class _Reader:
         """A +OK status line and the body up to the terminating ``.CRLF`` line (not unstuffed)."""
         self.status(what)
         start = self.pos
-        if self.buf.startswith(b".\r\n", start):
-            self.pos = start + 3
-            return b""
-        scan = start
+        # The status line's CRLF is at start - 2, so an empty body ends at start - 2 too.
+        scan = start - 2
         while True:
-            end = self.buf.find(b"\r\n.\r\n", max(start, scan))
+            end = self.buf.find(b"\r\n.\r\n", scan)
             if end >= 0:
-                out = bytes(self.buf[start : end + 2])
+                out = bytes(self.buf[start : end + 2]) if end >= start else b""
                 self.pos = end + 5
                 return out
             # The terminator may straddle the chunk boundary: rescan the last 4 bytes.
-            scan = max(start, len(self.buf) - 4)
+            scan = max(start - 2, len(self.buf) - 4)
             before = self.pos
             self._fill()
-            # _fill may have compacted the buffer: shift our offsets with it.
+            # _fill may have compacted the buffer (dropping everything before self.pos, which
+            # is `start` here): shift our offsets with it.
             shift = before - self.pos
             start -= shift
             scan -= shift
@@ -143,7 +143,7 @@ def pipelined(
             sent = 0
             answered = 0
             while answered < len(numbers):
-                if sent < len(numbers) and sent - answered < window:
+                if sent < len(numbers) and sent - answered <= window // 2:
                     batch = numbers[sent : min(len(numbers), answered + window)]
                     sock.sendall(b"".join(f"{command} {n}\r\n".encode() for n in batch))
                     sent += len(batch)

@@ -143,6 +143,9 @@ async def cmd_once(args: argparse.Namespace) -> int:
         async def work() -> None:
             outcomes.extend(await engine.once(_sources(args)))
 
+        if sys.stdout.isatty() and not args.dry_run:
+            engine.on_outcome = lambda o: print(_outcome_line(o), flush=True)
+
         await _serving(args, engine, work)
         log.info("once: %s", engine.summary())
         _print_outcomes(outcomes, dry_run=args.dry_run)
@@ -199,13 +202,17 @@ def _print_outcomes(outcomes: list[MailboxOutcome], *, dry_run: bool) -> None:
             if o.error:
                 print(f"  cannot be read ({getattr(o.error, 'cause', 'error')}): {o.error}")
         return
-    if not sys.stdout.isatty():
-        return
-    for o in sorted(outcomes, key=lambda o: o.name):
-        r = o.result
-        state = "ok" if o.error is None else f"{getattr(o.error, 'cause', 'error')}: {o.error}"
-        counts = f"fetched {r.fetched}, processed {r.processed}, failed {r.failed}" if r else ""
-        print(f"{o.name}: {counts}{'; ' if counts else ''}{state}")
+    if sys.stdout.isatty() and len(outcomes) > 1:
+        total = sum(o.result.processed for o in outcomes if o.result)
+        bad = sum(1 for o in outcomes if not o.ok)
+        print(f"{len(outcomes)} mailboxes, {total} messages processed, {bad} with problems")
+
+
+def _outcome_line(o: MailboxOutcome) -> str:
+    r = o.result
+    state = "ok" if o.error is None else f"{getattr(o.error, 'cause', 'error')}: {o.error}"
+    counts = f"fetched {r.fetched}, processed {r.processed}, failed {r.failed}" if r else ""
+    return logs.scrub(f"{o.name}: {counts}{'; ' if counts else ''}{state}")
 
 
 async def cmd_check(args: argparse.Namespace) -> int:

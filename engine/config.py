@@ -113,6 +113,8 @@ class MailboxConfig:
     reply_template: ReplyTemplate | None
     max_message_bytes: int
     poll_interval: float | None
+    max_attachment_bytes: int | None = None
+    max_attachments_bytes: int | None = None
 
     @property
     def account(self) -> str:
@@ -799,6 +801,8 @@ def _build(
         reply_template=reply,
         max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES if max_bytes is None else max_bytes,
         poll_interval=None if poll is None else float(poll),
+        max_attachment_bytes=_int(root, "maxAttachmentBytes"),
+        max_attachments_bytes=_int(root, "maxAttachmentsBytes"),
     )
 
 

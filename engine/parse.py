@@ -1107,9 +1107,9 @@ def _rebuild(entity: Message, linesep: bytes) -> bytes:
     rewrites them), so the result differs from the original only in line ends.
     """
     out = [
-        _to_bytes(name) + b": " + _to_bytes(value).replace(b"\r\n", b"\n").replace(
-            b"\n", linesep
-        )
+        _to_bytes(name)
+        + b": "
+        + _to_bytes(value).replace(b"\r\n", b"\n").replace(b"\n", linesep)
         + linesep
         for name, value in entity.raw_items()
     ]

@@ -102,6 +102,8 @@ class Engine:
         self.totals: dict[str, SessionResult] = {}
         # Set by a signal: loops finish their current session, then everything drains.
         self.stop = anyio.Event()
+        # Called as each mailbox of a `once` pass finishes (progress on a terminal).
+        self.on_outcome: Callable[[MailboxOutcome], None] | None = None
 
     async def _with_writer(
         self, body: Callable[[MemoryObjectSendStream[Item]], Awaitable[None]]
@@ -141,7 +143,10 @@ class Engine:
         self, src: MailboxSource, send: MemoryObjectSendStream[Item], out: list[MailboxOutcome]
     ) -> None:
         async with send:
-            out.append(await self.mailbox_once(src, send))
+            outcome = await self.mailbox_once(src, send)
+            out.append(outcome)
+            if self.on_outcome is not None:
+                self.on_outcome(outcome)
 
     async def run(self, config_dir: Path, *, reload_seconds: float = 2.0) -> None:
         """The daemon: a loop per mailbox file, hot reload of the folder, until ``stop`` is set.

@@ -134,22 +134,39 @@ class Writer:
         """Drain the channel until every sender has closed its clone, then return."""
         task_status.started()
         async with receive:
-            async for first in receive:
-                batch = [first]
+            batch: list[Item] = []
+            while True:
+                if not batch:
+                    try:
+                        batch.append(await receive.receive())
+                    except anyio.EndOfStream:
+                        return
+                # Group commit: whatever is already waiting joins this transaction.
                 while len(batch) < self.max_batch:
                     try:
                         batch.append(receive.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
-                await self.apply(batch)
+                if self.metrics is not None:
+                    self.metrics.queue_depth.set(receive.statistics().current_buffer_used)
+                batch = await self.apply(batch)
 
-    async def apply(self, batch: list[Item]) -> None:
-        """One transaction for the batch; answer every item only after it is durable."""
+    async def apply(self, batch: list[Item]) -> list[Item]:
+        """One transaction for (the head of) the batch; answer each item only once durable.
+
+        A transaction is bounded by count (the batch) and by time: once ``max_batch_seconds``
+        have passed it commits what it has, and the rest is returned for the next one, so a
+        fetcher never waits long for its acknowledgement behind a large batch.
+        """
         started = time.monotonic()
+        rest: list[Item] = []
         try:
             await self.store.begin()
-            for item in batch:
+            for i, item in enumerate(batch):
                 await self._handle(item)
+                if time.monotonic() - started > self.max_batch_seconds:
+                    batch, rest = batch[: i + 1], batch[i + 1 :]
+                    break
             await self.store.commit()
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
@@ -177,6 +194,7 @@ class Writer:
                 item.done.set()
         if self._replies:
             await self._send_replies()
+        return rest
 
     async def _handle(self, item: Item) -> None:
         if isinstance(item, Envelope):
@@ -526,6 +544,8 @@ def describe(d: Decision) -> str:
     if isinstance(d, NewRequest):
         who = d.requester.login if d.requester else "(no requester)"
         names = ", ".join(a.name for a in d.attachments) or "none"
+        if d.notes:
+            names += f" ({len(d.notes)} left out over a size limit)"
         return (
             f"new {d.type} {d.subject!r}: requester {who}, site {d.site or '-'}, "
             f"group {d.group or '-'}, assignee {d.assignee.login if d.assignee else '-'}, "

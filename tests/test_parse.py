@@ -417,7 +417,31 @@ def test_attached_message_with_shared_boundary_is_serialized() -> None:
     )
     (attached,) = parse_message(raw).attachments
     assert attached.name == "inner.eml"
-    assert attached.data == b"Subject: inner\nFrom: b@example.org\n\ninner body"
+    assert attached.data == b"Subject: inner\r\nFrom: b@example.org\r\n\r\ninner body"
+
+
+def test_rebuilt_attached_message_keeps_its_structure() -> None:
+    # A leading "From " line fails the span check: the attached multipart is rebuilt from
+    # its raw header lines and parts, without refolding the 100 kB header.
+    long_header = b"X-Long: " + b"word " * 20_000
+    inner = (
+        b"From nobody Thu Nov 27 09:00:00 2026\r\nSubject: inner\r\n" + long_header + b"\r\n"
+        b'Content-Type: multipart/mixed; boundary="in"\r\n\r\npreamble\r\n'
+        b"--in\r\nContent-Type: text/plain\r\n\r\nfirst\r\n"
+        b"--in\r\nContent-Type: application/pdf; name=a.pdf\r\n\r\n%PDF\r\n--in--\r\n"
+    )
+    raw = simple(
+        'Subject: outer\nContent-Type: multipart/mixed; boundary="out"\n',
+        b"--out\r\nContent-Type: message/rfc822\r\n\r\n" + inner + b"--out--\r\n",
+    )
+    start = time.perf_counter()
+    (attached,) = parse_message(raw).attachments
+    assert time.perf_counter() - start < FAST
+    assert long_header in attached.data
+    again = parse_message(attached.data)
+    assert again.subject == "inner"
+    assert again.body.strip() == "first"
+    assert [(a.name, a.data) for a in again.attachments] == [("a.pdf", b"%PDF")]
 
 
 def test_tnef_files_are_extracted() -> None:

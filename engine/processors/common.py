@@ -69,18 +69,45 @@ async def referenced_request(
     return None, ""
 
 
-def kept_attachments(msg: ParsedMessage, ctx: Context) -> tuple[Attachment, ...]:
-    """The message's attachments minus ``ignoredAttachments`` (names or globs, any case)."""
-    patterns = [p.casefold() for p in ctx.mailbox.ignored_attachments]
-    kept = tuple(
-        a
-        for a in msg.attachments
-        if not any(fnmatch.fnmatchcase(a.name.casefold(), p) for p in patterns)
-    )
-    if ctx.mailbox.include_raw_message:
+def kept_attachments(
+    msg: ParsedMessage, ctx: Context
+) -> tuple[tuple[Attachment, ...], tuple[str, ...]]:
+    """The attachments to store, and a note for each one left out over a size limit.
+
+    ``ignoredAttachments`` (names or globs, any case) drop silently, as in the original; a
+    size limit never drops silently: the request says what was left out and why.
+    """
+    cfg = ctx.mailbox
+    patterns = [p.casefold() for p in cfg.ignored_attachments]
+    kept: list[Attachment] = []
+    notes: list[str] = []
+    total = 0
+    for a in msg.attachments:
+        if any(fnmatch.fnmatchcase(a.name.casefold(), p) for p in patterns):
+            continue
+        size = len(a.data)
+        if cfg.max_attachment_bytes is not None and size > cfg.max_attachment_bytes:
+            notes.append(
+                f"Attachment {a.name!r} ({size} bytes) was left out: it is larger than "
+                f"maxAttachmentBytes ({cfg.max_attachment_bytes} bytes)."
+            )
+            continue
+        if cfg.max_attachments_bytes is not None and total + size > cfg.max_attachments_bytes:
+            notes.append(
+                f"Attachment {a.name!r} ({size} bytes) was left out: the message's attachments "
+                f"would pass maxAttachmentsBytes ({cfg.max_attachments_bytes} bytes)."
+            )
+            continue
+        total += size
+        kept.append(a)
+    if cfg.include_raw_message:
         name = safe_filename(msg.subject[:80] + ".eml" if msg.subject else None, "message.eml")
-        kept += (Attachment(name=name, content_type="message/rfc822", data=msg.raw),)
-    return kept
+        kept.append(Attachment(name=name, content_type="message/rfc822", data=msg.raw))
+    return tuple(kept), tuple(notes)
+
+
+def with_notes(text: str, notes: tuple[str, ...]) -> str:
+    return text + ("\n\n" + "\n".join(notes) if notes else "")
 
 
 # Where quoted history starts in a reply: a ">" line, the attribution line of most clients
@@ -129,11 +156,12 @@ def sender_label(msg: ParsedMessage) -> str:
 
 
 def activity_for(msg: ParsedMessage, ctx: Context, request: RequestRef, via: str) -> AddActivity:
+    attachments, notes = kept_attachments(msg, ctx)
     return AddActivity(
         request=request,
         author=sender_label(msg),
-        body=activity_body(msg.body),
-        attachments=kept_attachments(msg, ctx),
+        body=with_notes(activity_body(msg.body), notes),
+        attachments=attachments,
         reopen=request.status in CLOSED_STATUSES,
         automatic=msg.is_bounce or msg.auto_submitted,
         via=via,

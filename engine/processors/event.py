@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from engine.model import ParsedMessage
 from engine.processors import Context, Decision, Directory, NewRequest, Refuse
-from engine.processors.common import activity_for, kept_attachments, referenced_request
+from engine.processors.common import (
+    activity_for,
+    kept_attachments,
+    referenced_request,
+    with_notes,
+)
 
 
 async def decide(msg: ParsedMessage, ctx: Context, directory: Directory) -> Decision:
@@ -25,15 +30,17 @@ async def decide(msg: ParsedMessage, ctx: Context, directory: Directory) -> Deci
     if requester is None and ctx.mailbox.fallback_user:
         requester = await directory.user_by_login(ctx.mailbox.fallback_user)
     assignee = await directory.user_by_login(ctx.mailbox.assignee) if ctx.mailbox.assignee else None
+    attachments, notes = kept_attachments(msg, ctx)
     return NewRequest(
         type="event",
         subject=msg.subject or "(no subject)",
-        description=msg.body,
+        description=with_notes(msg.body, notes),
         html=msg.html,
         requester=requester,
         site=(requester.site if requester else None) or ctx.mailbox.fallback_site,
         group=ctx.mailbox.group or ctx.team.default_group,
         assignee=assignee,
         source=ctx.mailbox.source,
-        attachments=kept_attachments(msg, ctx),
+        attachments=attachments,
+        notes=notes,
     )

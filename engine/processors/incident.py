@@ -10,6 +10,7 @@ from engine.processors.common import (
     is_auto_reply,
     kept_attachments,
     referenced_request,
+    with_notes,
 )
 
 
@@ -43,15 +44,17 @@ async def decide(msg: ParsedMessage, ctx: Context, directory: Directory) -> Deci
                 f"{login or '(not configured)'} does not exist"
             )
     assignee = await directory.user_by_login(ctx.mailbox.assignee) if ctx.mailbox.assignee else None
+    attachments, notes = kept_attachments(msg, ctx)
     return NewRequest(
         type="incident",
         subject=msg.subject or "(no subject)",
-        description=msg.body,
+        description=with_notes(msg.body, notes),
         html=msg.html,
         requester=user,
         site=user.site or ctx.mailbox.fallback_site,
         group=ctx.mailbox.group or ctx.team.default_group,
         assignee=assignee,
         source=ctx.mailbox.source,
-        attachments=kept_attachments(msg, ctx),
+        attachments=attachments,
+        notes=notes,
     )

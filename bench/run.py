@@ -1,0 +1,930 @@
+"""End-to-end benchmark of the engine against a real Dovecot on loopback.
+
+    python -m bench.run                 # the full run (a few minutes)
+    python -m bench.run --quick         # a small version of every case (under a minute)
+    python -m bench.run --profile       # only the 1-mailbox case, the engine under pyinstrument
+
+One invocation starts Dovecot (tools.dovecot), generates a deterministic corpus
+(bench.corpus) and, for each case, delivers it anew to fresh mailboxes and a fresh data
+directory, then measures:
+
+- the limit: the stdlib poplib loop and a pipelined raw-socket client (bench.clients);
+- the engine: ``python -m engine once`` as a subprocess, from process start to exit;
+- that every message is in the store exactly once (ledger rows, requests and activities
+  by Message-ID) and every mailbox is empty afterwards;
+- the engine's peak RSS, and the daemon's delivery-to-ledger latency.
+
+It prints one Markdown table and appends it, with the machine facts, to BENCHMARKS.md
+(``--out``). Timings are never asserted; the exit status is 1 only when a correctness check
+failed (a message missing, stored twice, or left on the server) or a case could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.clients import Fetched, pipelined, poplib_loop
+from bench.corpus import Template, describe, make_corpus, stamp
+from tests.support import DIRECTORY, LOGIN, LOGIN_PASSWORD, mailbox_xml
+from tools.dovecot import Dovecot, start_dovecot
+
+REPO = Path(__file__).resolve().parent.parent
+PROFILE_DIR = REPO / "bench"
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+@dataclass(frozen=True)
+class Sizes:
+    single: int  # 1 mailbox x N
+    boxes: int  # M mailboxes ...
+    per_box: int  # ... x K messages
+    threads: int  # threads of the baseline over the M mailboxes
+    tls: int  # POP3S, 1 mailbox x N
+    memory: int  # messages of the memory case, of which `big` are `big_bytes`
+    big: int
+    big_bytes: int
+    latency: int  # messages delivered one by one to the daemon
+    latency_gap: float  # seconds between two deliveries
+
+
+FULL = Sizes(
+    single=2000, boxes=50, per_box=200, threads=20, tls=2000,
+    memory=2000, big=5, big_bytes=15_000_000,  # 15 MB base64-encoded: a 20 MB message
+    latency=200, latency_gap=0.05,
+)  # fmt: skip
+QUICK = Sizes(
+    single=200, boxes=10, per_box=20, threads=10, tls=200,
+    memory=200, big=1, big_bytes=15_000_000,
+    latency=60, latency_gap=0.05,
+)  # fmt: skip
+
+MAX_MESSAGE_BYTES = 52_428_800
+
+
+# --------------------------------------------------------------------------- results
+
+
+class BenchError(RuntimeError):
+    """A case could not be run (setup, timeout, a crash): reported, then the next case."""
+
+
+@dataclass
+class Row:
+    case: str
+    messages: int
+    baseline: float | None = None  # msg/s
+    engine: float | None = None  # msg/s
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.baseline and self.engine:
+            return self.engine / self.baseline
+        return None
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- processes
+
+_CHILDREN: list[subprocess.Popen[bytes]] = []
+
+
+def _stop_children() -> None:
+    """Every engine process this run started and that still runs: SIGTERM, then SIGKILL."""
+    for proc in _CHILDREN:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+    for proc in _CHILDREN:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+    _CHILDREN.clear()
+
+
+@dataclass
+class ProcResult:
+    seconds: float
+    returncode: int
+    maxrss_kib: int
+    cpu_seconds: float
+    log: Path
+
+
+def _engine_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["MAILINTEGRATION_LOGIN"] = LOGIN
+    env["MAILINTEGRATION_PASSWORD"] = LOGIN_PASSWORD
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
+    env.pop("MAILINTEGRATION_DATA_DIR", None)
+    return env
+
+
+def run_process(
+    argv: list[str],
+    log: Path,
+    *,
+    timeout: float,
+    on_tick: Callable[[float], None] | None = None,
+    tick: float = 0.05,
+) -> ProcResult:
+    """Run ``argv`` (cwd: the repo), timed from just before the spawn to the reap.
+
+    The child is reaped with ``wait4`` so its own peak RSS and CPU time are known exactly
+    (RUSAGE_CHILDREN would mix in every earlier child). ``on_tick`` runs every ``tick``
+    seconds while it runs; past ``timeout`` the child is killed and BenchError raised.
+    """
+    with open(log, "wb") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            argv, cwd=REPO, env=_engine_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=out
+        )
+    _CHILDREN.append(proc)
+    reaped: dict[str, object] = {}
+
+    def waiter() -> None:
+        _, status, usage = os.wait4(proc.pid, 0)
+        reaped["end"] = time.perf_counter()
+        reaped["status"] = status
+        reaped["usage"] = usage
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    deadline = start + timeout
+    while thread.is_alive():
+        thread.join(tick)
+        if on_tick is not None and thread.is_alive():
+            on_tick(time.perf_counter() - start)
+        if thread.is_alive() and time.perf_counter() > deadline:
+            proc.kill()
+            thread.join(10)
+            proc.returncode = -9
+            _CHILDREN.remove(proc)
+            raise BenchError(f"{' '.join(argv[2:5])} did not finish within {timeout:.0f} s")
+    status = reaped["status"]
+    usage = reaped["usage"]
+    assert isinstance(status, int)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    _CHILDREN.remove(proc)
+    end = reaped["end"]
+    assert isinstance(end, float)
+    return ProcResult(
+        seconds=end - start,
+        returncode=proc.returncode,
+        maxrss_kib=int(usage.ru_maxrss),  # type: ignore[attr-defined]
+        cpu_seconds=float(usage.ru_utime + usage.ru_stime),  # type: ignore[attr-defined]
+        log=log,
+    )
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# --------------------------------------------------------------------------- a case's world
+
+
+class World:
+    """Dovecot, the corpora and a fresh folder per case."""
+
+    def __init__(self, root: Path, dovecot: Dovecot, nonce: str) -> None:
+        self.root = root
+        self.dovecot = dovecot
+        self.nonce = nonce
+        self.serial = 0
+
+    def fresh(self, case: str) -> Path:
+        self.serial += 1
+        folder = self.root / f"{self.serial:02d}-{case}"
+        folder.mkdir(parents=True)
+        return folder
+
+    def users(self, prefix: str, count: int) -> list[str]:
+        """``count`` new mailboxes; names never reused within a run."""
+        self.serial += 1
+        names = [f"{prefix}{self.serial:02d}x{i:02d}" for i in range(count)]
+        for name in names:
+            self.dovecot.add_user(name, f"pw-{name}")
+        return names
+
+    def deliver(self, user: str, templates: list[Template]) -> list[str]:
+        """Deliver each template with a Message-ID of its own; returns them (no brackets)."""
+        mids = []
+        for i, template in enumerate(templates):
+            mid = f"{user}.{i}.{self.nonce}@bench.example"
+            self.dovecot.deliver(user, stamp(template, mid))
+            mids.append(mid)
+        return mids
+
+    def empty(self, users: list[str]) -> list[str]:
+        left = {u: self.dovecot.count(u) for u in users}
+        return [f"{u}: {n} message(s) left on the server" for u, n in left.items() if n]
+
+    def engine_setup(
+        self,
+        folder: Path,
+        users: list[str],
+        *,
+        tls: bool = False,
+        max_bytes: int | None = None,
+    ) -> tuple[Path, Path]:
+        """A mailboxes.d with one file per user and a data dir with the directory imported."""
+        config_dir = folder / "mailboxes.d"
+        data_dir = folder / "data"
+        config_dir.mkdir()
+        extra: dict[str, str] = {}
+        if max_bytes is not None:
+            extra["maxMessageBytes"] = str(max_bytes)
+        for user in users:
+            mailbox_xml(
+                config_dir / f"{user}.xml",
+                port=self.dovecot.pop3s_port if tls else self.dovecot.pop3_port,
+                user=user,
+                password=f"pw-{user}",
+                host="localhost" if tls else self.dovecot.host,
+                use_ssl=tls,
+                server_extra=f"    <caFile>{self.dovecot.ca_file}</caFile>\n" if tls else "",
+                **extra,
+            )
+        directory = folder / "directory.json"
+        directory.write_text(json.dumps(DIRECTORY), encoding="utf-8")
+        result = run_process(
+            [sys.executable, "-m", "engine", "directory", "import", str(directory),
+             "--data-dir", str(data_dir)],
+            folder / "directory-import.log",
+            timeout=120,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise BenchError(f"directory import failed:\n{_log_tail(result.log)}")
+        return config_dir, data_dir
+
+    def engine_once(
+        self,
+        folder: Path,
+        config_dir: Path,
+        data_dir: Path,
+        *,
+        timeout: float,
+        on_tick: Callable[[float], None] | None = None,
+    ) -> ProcResult:
+        return run_process(
+            [sys.executable, "-m", "engine", "once", "--config-dir", str(config_dir),
+             "--data-dir", str(data_dir)],
+            folder / "engine.log",
+            timeout=timeout,
+            on_tick=on_tick,
+        )  # fmt: skip
+
+
+def _db(data_dir: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(data_dir / "mailintegration.sqlite3", timeout=10)
+    db.execute("PRAGMA query_only = 1")
+    return db
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def verify(
+    world: World, data_dir: Path, expected: dict[str, list[str]], case: str, report: Report
+) -> str:
+    """Every delivered message in the store exactly once, every mailbox empty.
+
+    Appends problems to the report and returns a short note for the table.
+    """
+    problems: list[str] = []
+    mids = {mid: user for user, ids in expected.items() for mid in ids}
+    db = _db(data_dir)
+    try:
+        ledger = db.execute("SELECT mailbox, message_id, outcome FROM ledger").fetchall()
+        effects = Counter(
+            mid
+            for (mid,) in db.execute(
+                "SELECT message_id FROM requests WHERE kind IN ('mail', 'message-failure') "
+                "UNION ALL SELECT message_id FROM activities WHERE automatic = 0"
+            )
+        )
+        outages = db.execute(
+            "SELECT number, mailbox, cause FROM requests WHERE kind = 'outage'"
+        ).fetchall()
+    finally:
+        db.close()
+    per_mid = Counter(mid for _, mid, _ in ledger)
+    outcomes = Counter((outcome or "?").split(":")[0] for _, _, outcome in ledger)
+    by_box = Counter(box for box, _, _ in ledger)
+    missing = [m for m in mids if per_mid[m] == 0]
+    twice = {m: n for m, n in per_mid.items() if n > 1}
+    foreign = [m for m in per_mid if m not in mids]
+    if len(ledger) != len(mids):
+        problems.append(f"{len(ledger)} ledger rows for {len(mids)} delivered messages")
+    if missing:
+        problems.append(f"{len(missing)} message(s) not in the ledger, e.g. {missing[:3]}")
+    if twice:
+        problems.append(f"{len(twice)} message(s) in the ledger more than once, e.g. "
+                        f"{list(twice.items())[:3]}")  # fmt: skip
+    if foreign:
+        problems.append(f"{len(foreign)} ledger row(s) for messages never delivered: {foreign[:3]}")
+    for user, ids in expected.items():
+        if by_box[user] != len(ids):
+            problems.append(f"mailbox {user}: {by_box[user]} ledger rows for {len(ids)} messages")
+    # Each message processed (created, activity, failed) has exactly one effect: a request, a
+    # non-automatic activity, or a failure event, all carrying its Message-ID.
+    processed = {
+        mid for _, mid, outcome in ledger
+        if (outcome or "").split(":")[0] in ("created", "activity", "failed")
+    }  # fmt: skip
+    wrong = {m: effects[m] for m in processed if effects[m] != 1}
+    if wrong:
+        problems.append(f"{len(wrong)} message(s) without exactly one request/activity, e.g. "
+                        f"{list(wrong.items())[:3]}")  # fmt: skip
+    if outages:
+        problems.append(f"{len(outages)} outage event(s): {outages[:3]}")
+    other = {k: v for k, v in outcomes.items() if k not in ("created", "activity")}
+    if other:
+        problems.append(f"outcomes other than created/activity: {dict(other)}")
+    problems += world.empty(list(expected))
+    for p in problems:
+        report.problems.append(f"{case}: {p}")
+    mix = ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
+    if problems:
+        return f"**CHECK FAILED** ({len(problems)} problem(s), see below); ledger: {mix}"
+    return f"exactly once: {len(ledger)} ledger rows ({mix}), mailboxes empty"
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def _rate(n: int, seconds: float) -> float:
+    return n / seconds if seconds > 0 else float("inf")
+
+
+def _mb(kib: int) -> str:
+    return f"{kib / 1024:.0f} MiB"
+
+
+def _timed(fn: Callable[[], Fetched]) -> tuple[Fetched, float]:
+    start = time.perf_counter()
+    got = fn()
+    return got, time.perf_counter() - start
+
+
+def _check_fetched(
+    world: World, got: Fetched, users: list[str], count: int, what: str, report: Report
+) -> None:
+    if got.messages != count:
+        report.problems.append(f"{what}: fetched {got.messages} of {count} messages")
+    for p in world.empty(users):
+        report.problems.append(f"{what}: {p}")
+
+
+def _engine_notes(res: ProcResult, n: int) -> list[str]:
+    notes = [f"engine {res.seconds:.2f} s wall, {res.cpu_seconds:.2f} s CPU, "
+             f"peak RSS {_mb(res.maxrss_kib)}"]  # fmt: skip
+    if res.returncode != 0:
+        notes.append(f"**exit code {res.returncode}**")
+    return notes
+
+
+def case_startup(world: World, report: Report) -> float:
+    """``once`` over one empty mailbox: the fixed cost in every engine time below."""
+    folder = world.fresh("startup")
+    users = world.users("empty", 1)
+    config_dir, data_dir = world.engine_setup(folder, users)
+    res = world.engine_once(folder, config_dir, data_dir, timeout=120)
+    row = Row("startup: `once` over 1 empty mailbox", 0)
+    row.notes.append(f"{res.seconds:.2f} s from process start to exit (fixed cost in every "
+                     f"engine time below), peak RSS {_mb(res.maxrss_kib)}")  # fmt: skip
+    if res.returncode != 0:
+        row.notes.append(f"**exit code {res.returncode}**")
+        report.problems.append(f"startup: exit code {res.returncode}\n{_log_tail(res.log)}")
+    report.rows.append(row)
+    return res.seconds
+
+
+def case_single(
+    world: World,
+    report: Report,
+    corpus: list[Template],
+    *,
+    tls: bool,
+) -> None:
+    n = len(corpus)
+    name = "POP3S" if tls else "POP3"
+    case = f"1 mailbox x {n} ({name})"
+    context = ssl.create_default_context(cafile=str(world.dovecot.ca_file)) if tls else None
+    host = "localhost" if tls else world.dovecot.host
+    port = world.dovecot.pop3s_port if tls else world.dovecot.pop3_port
+    row = Row(case, n)
+
+    users = world.users("pl", 1)
+    world.deliver(users[0], corpus)
+    got, seconds = _timed(
+        lambda: poplib_loop(host, port, users[0], f"pw-{users[0]}", tls=context)
+    )
+    _check_fetched(world, got, users, n, f"{case} poplib", report)
+    row.baseline = _rate(n, seconds)
+
+    users = world.users("pp", 1)
+    world.deliver(users[0], corpus)
+    got, seconds = _timed(
+        lambda: pipelined(host, port, users[0], f"pw-{users[0]}", tls=context,
+                          server_hostname="localhost")  # fmt: skip
+    )
+    _check_fetched(world, got, users, n, f"{case} pipelined", report)
+    piped = _rate(n, seconds)
+
+    folder = world.fresh("single-tls" if tls else "single")
+    users = world.users("en", 1)
+    expected = {users[0]: world.deliver(users[0], corpus)}
+    config_dir, data_dir = world.engine_setup(folder, users, tls=tls)
+    res = world.engine_once(folder, config_dir, data_dir, timeout=max(300.0, n / 5))
+    row.engine = _rate(n, res.seconds)
+    row.notes.append(f"pipelined client {piped:,.0f} msg/s, engine/pipelined "
+                     f"{row.engine / piped:.3f}")  # fmt: skip
+    row.notes += _engine_notes(res, n)
+    if res.returncode != 0:
+        report.problems.append(f"{case}: engine exit code {res.returncode}\n{_log_tail(res.log)}")
+    row.notes.append(verify(world, data_dir, expected, case, report))
+    report.rows.append(row)
+
+
+def case_many(world: World, report: Report, corpus: list[Template], sizes: Sizes) -> None:
+    m, k = sizes.boxes, sizes.per_box
+    n = m * k
+    case = f"{m} mailboxes x {k}"
+    row = Row(case, n)
+
+    def slice_for(j: int) -> list[Template]:
+        return [corpus[(j * k + i) % len(corpus)] for i in range(k)]
+
+    users = world.users("tl", m)
+    for j, user in enumerate(users):
+        world.deliver(user, slice_for(j))
+    host, port = world.dovecot.host, world.dovecot.pop3_port
+
+    def threaded() -> Fetched:
+        total = Fetched()
+        with ThreadPoolExecutor(sizes.threads) as pool:
+            for got in pool.map(lambda u: poplib_loop(host, port, u, f"pw-{u}"), users):
+                total.messages += got.messages
+                total.octets += got.octets
+        return total
+
+    got, seconds = _timed(threaded)
+    _check_fetched(world, got, users, n, f"{case} threaded poplib", report)
+    row.baseline = _rate(n, seconds)
+
+    folder = world.fresh("many")
+    users = world.users("em", m)
+    expected = {user: world.deliver(user, slice_for(j)) for j, user in enumerate(users)}
+    config_dir, data_dir = world.engine_setup(folder, users)
+
+    # Per-mailbox finish times: poll the ledger (read-only, WAL) while the engine runs.
+    finished: dict[str, float] = {}
+    first_row: list[float] = []
+    db = _db(data_dir)
+
+    def tick(elapsed: float) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            counts = dict(db.execute("SELECT mailbox, COUNT(*) FROM ledger GROUP BY mailbox"))
+            if counts and not first_row:
+                first_row.append(elapsed)
+            for box, count in counts.items():
+                if count >= k and box not in finished:
+                    finished[box] = elapsed
+
+    try:
+        res = world.engine_once(folder, config_dir, data_dir, timeout=max(600.0, n / 5),
+                                on_tick=tick)  # fmt: skip
+    finally:
+        db.close()
+    for user in users:
+        finished.setdefault(user, res.seconds)
+    row.engine = _rate(n, res.seconds)
+    row.notes.append(f"baseline: poplib loop in {sizes.threads} threads; engine with its "
+                     "default --max-sessions 16")  # fmt: skip
+    times = sorted(finished.values())
+    row.notes.append(
+        f"mailbox finish (polled every 50 ms, from process start): first "
+        f"{times[0]:.2f} s, median {statistics.median(times):.2f} s, max {times[-1]:.2f} s; "
+        f"first ledger row at {first_row[0] if first_row else float('nan'):.2f} s"
+    )
+    row.notes += _engine_notes(res, n)
+    if res.returncode != 0:
+        report.problems.append(f"{case}: engine exit code {res.returncode}\n{_log_tail(res.log)}")
+    row.notes.append(verify(world, data_dir, expected, case, report))
+    report.rows.append(row)
+
+
+def case_memory(world: World, report: Report, sizes: Sizes) -> None:
+    corpus = make_corpus(sizes.memory, seed=7, big=sizes.big, big_bytes=sizes.big_bytes)
+    n = len(corpus)
+    big = sorted((len(t.raw) for t in corpus), reverse=True)[: sizes.big]
+    total_mb = sum(len(t.raw) for t in corpus) / 1e6
+    case = f"memory: 1 mailbox x {n} incl. {sizes.big} x {big[-1] / 1e6:.0f} MB"
+    row = Row(case, n)
+
+    users = world.users("ml", 1)
+    world.deliver(users[0], corpus)
+    host, port = world.dovecot.host, world.dovecot.pop3_port
+    got, seconds = _timed(lambda: poplib_loop(host, port, users[0], f"pw-{users[0]}"))
+    _check_fetched(world, got, users, n, f"{case} poplib", report)
+    row.baseline = _rate(n, seconds)
+
+    folder = world.fresh("memory")
+    users = world.users("mm", 1)
+    expected = {users[0]: world.deliver(users[0], corpus)}
+    del corpus
+    config_dir, data_dir = world.engine_setup(folder, users, max_bytes=MAX_MESSAGE_BYTES)
+    res = world.engine_once(folder, config_dir, data_dir, timeout=max(600.0, n / 5))
+    row.engine = _rate(n, res.seconds)
+    row.notes.append(f"**peak RSS {_mb(res.maxrss_kib)}** (wait4 on the engine process); "
+                     f"corpus {total_mb:.0f} MB, maxMessageBytes {MAX_MESSAGE_BYTES}")  # fmt: skip
+    row.notes += _engine_notes(res, n)[1:]
+    row.notes.append(f"engine {res.seconds:.2f} s wall, {res.cpu_seconds:.2f} s CPU")
+    if res.returncode != 0:
+        report.problems.append(f"{case}: engine exit code {res.returncode}\n{_log_tail(res.log)}")
+    row.notes.append(verify(world, data_dir, expected, case, report))
+    report.rows.append(row)
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted list."""
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def case_latency(world: World, report: Report, corpus: list[Template], sizes: Sizes) -> None:
+    n = sizes.latency
+    case = f"latency: daemon, poll 1 s, {n} messages every {sizes.latency_gap * 1000:.0f} ms"
+    row = Row(case, n)
+    folder = world.fresh("latency")
+    users = world.users("lt", 1)
+    user = users[0]
+    config_dir, data_dir = world.engine_setup(folder, users)
+    argv = [sys.executable, "-m", "engine", "run", "--config-dir", str(config_dir),
+            "--data-dir", str(data_dir), "--poll-interval", "1", "--http-port", "0"]  # fmt: skip
+    log = folder / "engine.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            argv, cwd=REPO, env=_engine_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=out
+        )
+    _CHILDREN.append(proc)
+    expected: list[str] = []
+    seen: dict[str, float] = {}
+    db = _db(data_dir)
+    last_id = 0
+
+    def poll() -> None:
+        nonlocal last_id
+        now = time.perf_counter()
+        for row_id, mid in db.execute(
+            "SELECT id, message_id FROM ledger WHERE id > ? ORDER BY id", (last_id,)
+        ):
+            last_id = row_id
+            seen.setdefault(mid, now)
+
+    def wait_for(mids: list[str], limit: float) -> bool:
+        deadline = time.perf_counter() + limit
+        while time.perf_counter() < deadline:
+            if proc.poll() is not None:
+                raise BenchError(f"the daemon exited ({proc.returncode}):\n{_log_tail(log)}")
+            poll()
+            if all(m in seen for m in mids):
+                return True
+            time.sleep(0.02)
+        return False
+
+    delivered: dict[str, float] = {}
+    try:
+        # Warm-up: one message, so the daemon's start is not part of any latency.
+        warm = world.deliver(user, corpus[-1:])
+        expected += warm
+        if not wait_for(warm, 60):
+            raise BenchError(f"the daemon never processed the warm-up message:\n{_log_tail(log)}")
+        start = time.perf_counter()
+        i = 0
+        while i < n:
+            due = start + i * sizes.latency_gap
+            now = time.perf_counter()
+            if now >= due:
+                mid = f"{user}.lat{i}.{world.nonce}@bench.example"
+                world.dovecot.deliver(user, stamp(corpus[i % len(corpus)], mid))
+                delivered[mid] = time.perf_counter()
+                expected.append(mid)
+                i += 1
+                continue
+            poll()
+            time.sleep(min(0.02, max(0.0, due - time.perf_counter())))
+        complete = wait_for(list(delivered), 60)
+        poll()
+    finally:
+        db.close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=45)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait(timeout=10)
+            report.problems.append(f"{case}: the daemon ignored SIGTERM for 45 s; killed")
+        if proc in _CHILDREN:
+            _CHILDREN.remove(proc)
+    lat = sorted(seen[m] - t for m, t in delivered.items() if m in seen)
+    if not complete:
+        report.problems.append(f"{case}: {n - len(lat)} message(s) never reached the ledger "
+                               "within 60 s")  # fmt: skip
+    if lat:
+        row.notes.append(
+            f"delivery -> ledger row: **p50 {statistics.median(lat) * 1000:.0f} ms, "
+            f"p95 {_percentile(lat, 0.95) * 1000:.0f} ms**, max {lat[-1] * 1000:.0f} ms "
+            f"(store polled every 20 ms)"
+        )
+    if code != 0:
+        report.problems.append(f"{case}: daemon exit code {code} after SIGTERM\n{_log_tail(log)}")
+        row.notes.append(f"**exit code {code} after SIGTERM**")
+    else:
+        row.notes.append("SIGTERM: clean exit 0")
+    row.notes.append(verify(world, data_dir, {user: expected}, case, report))
+    report.rows.append(row)
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def profile(world: World, report: Report, corpus: list[Template]) -> list[Path]:
+    """The 1-mailbox case with the engine under pyinstrument; returns the files written."""
+    n = len(corpus)
+    case = f"profile: 1 mailbox x {n}"
+    folder = world.fresh("profile")
+    users = world.users("pf", 1)
+    expected = {users[0]: world.deliver(users[0], corpus)}
+    config_dir, data_dir = world.engine_setup(folder, users)
+    session = PROFILE_DIR / "profile-once.pyisession"
+    res = run_process(
+        [sys.executable, "-m", "pyinstrument", "-r", "pyisession", "-o", str(session),
+         "-m", "engine", "once", "--config-dir", str(config_dir), "--data-dir", str(data_dir)],
+        folder / "engine.log",
+        timeout=max(600.0, n / 2),
+    )  # fmt: skip
+    if res.returncode != 0:
+        report.problems.append(f"{case}: exit code {res.returncode}\n{_log_tail(res.log)}")
+    outputs = [session]
+    renders = [
+        ("profile-once.txt", ["-r", "text", "--no-color", "--unicode"]),
+        ("profile-once-all.txt", ["-r", "text", "--no-color", "--unicode", "--show-all"]),
+        ("profile-once.pstats", ["-r", "pstats"]),
+    ]
+    for name, flags in renders:
+        target = PROFILE_DIR / name
+        done = subprocess.run(
+            [sys.executable, "-m", "pyinstrument", "--load", str(session), *flags,
+             "-o", str(target)],
+            cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, timeout=300, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            report.problems.append(f"{case}: rendering {name} failed: {done.stderr.decode()}")
+        else:
+            outputs.append(target)
+    row = Row(case + " (under pyinstrument)", n, engine=_rate(n, res.seconds))
+    row.notes.append(verify(world, data_dir, expected, case, report))
+    report.rows.append(row)
+    return outputs
+
+
+# --------------------------------------------------------------------------- output
+
+
+def table(rows: list[Row]) -> str:
+    out = [
+        "| case | messages | baseline msg/s | engine msg/s | ratio | notes |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        base = f"{r.baseline:,.0f}" if r.baseline else "-"
+        eng = f"{r.engine:,.0f}" if r.engine else "-"
+        ratio = f"{r.ratio:.3f}" if r.ratio is not None else "-"
+        notes = "; ".join(r.notes).replace("|", "\\|")
+        out.append(f"| {r.case} | {r.messages:,} | {base} | {eng} | {ratio} | {notes} |")
+    return "\n".join(out)
+
+
+HEADER = """# Benchmarks
+
+Throughput, memory and latency of the engine against a real Dovecot on loopback, measured by
+`bench/run.py` in one invocation:
+
+```sh
+python -m bench.run            # full run: 1 x 2,000, 50 x 200, POP3S, 20 MB messages, latency
+python -m bench.run --quick    # the same cases, small (under a minute; CI may run it)
+python -m bench.run --profile  # the 1 x 2,000 case with the engine under pyinstrument
+```
+
+Each case delivers the same deterministic corpus (`bench/corpus.py`: plain text, HTML only,
+text+HTML, attachments of 1 KB to 200 KB, RFC 2047 headers, `RE: [Incident] #N` replies; about
+10 KiB per message) anew to fresh mailboxes and a fresh data directory.
+
+How to read the table:
+
+- **baseline msg/s** is the limit a client could reach here: the stdlib `poplib` loop (USER/PASS,
+  UIDL, RETR + DELE each, QUIT; in threads for the many-mailbox case). The pipelined client in
+  the notes (many RETR in flight on a raw socket) shows what the server alone can do.
+- **engine msg/s** is `python -m engine once` from process start to exit, so it includes the
+  interpreter start, the store, parsing, processing, the durable commit (WAL,
+  `synchronous=FULL`) and DELE after the commit. The `startup` row is that fixed cost.
+- **ratio** = engine / baseline. 1.0 would mean the engine costs nothing over a bare fetch;
+  the engine also parses and commits every message durably, so expect well below 1.
+- Every engine case is checked: each delivered Message-ID exactly once in the ledger and
+  exactly one request or activity for it, no outage, and every mailbox empty afterwards. A
+  failed check is printed in bold in the notes and listed under the table.
+
+Each run appends a section below (date, `nproc`, Python, machine). Timings vary from run to
+run by 10-20 % on shared machines; compare ratios, not absolute numbers, across machines.
+"""
+
+
+def record(out: Path, mode: str, report: Report, facts: dict[str, str]) -> None:
+    if not out.exists() or not out.read_text(encoding="utf-8").strip():
+        out.write_text(HEADER, encoding="utf-8")
+    stamp_ = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "",
+        f"## {stamp_} - {mode}",
+        "",
+        ", ".join(f"{k} {v}" for k, v in facts.items()),
+        "",
+        table(report.rows),
+        "",
+    ]
+    if report.details:
+        lines += [*(f"- {d}" for d in report.details), ""]
+    if report.problems:
+        lines += ["**Correctness problems:**", ""]
+        lines += [f"- {p.splitlines()[0]}" for p in report.problems]
+        lines.append("")
+    with open(out, "a", encoding="utf-8") as fh:
+        fh.write("\n".join(lines))
+
+
+def machine_facts() -> dict[str, str]:
+    try:
+        dovecot = subprocess.run(
+            ["dovecot", "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout.strip() or "?"
+    except OSError:
+        dovecot = "?"
+    return {
+        "nproc": str(os.cpu_count() or "?"),
+        "Python": platform.python_version(),
+        "uname -m": platform.machine(),
+        "Dovecot": dovecot.split(" ")[0],
+        # Other work on the machine skews every number: say how busy it was.
+        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+
+@contextlib.contextmanager
+def _terminate_on_sigterm() -> Iterator[None]:
+    """SIGTERM (and SIGHUP) become SystemExit, so every finally below runs."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (under a minute)")
+    parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md",
+                        help="append the results here (default BENCHMARKS.md)")  # fmt: skip
+    parser.add_argument("--no-record", action="store_true", help="print only; append nothing")
+    parser.add_argument("--profile", action="store_true",
+                        help="only the 1-mailbox case under pyinstrument (bench/profile-once.*)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--only", help="comma-separated cases: startup,single,many,tls,memory,"
+                        "latency")  # fmt: skip
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    wanted = set((args.only or "startup,single,many,tls,memory,latency").split(","))
+
+    report = Report()
+    facts = machine_facts()
+    started = time.perf_counter()
+    root = Path(tempfile.mkdtemp(prefix="mi-bench-"))
+    dovecot: Dovecot | None = None
+    with _terminate_on_sigterm():
+        try:
+            dovecot = start_dovecot(root / "dovecot", max_connections=sizes.boxes + 100)
+            world = World(root / "cases", dovecot, uuid.uuid4().hex[:10])
+            corpus = make_corpus(max(sizes.single, sizes.tls))
+            report.details.append(f"corpus: {describe(corpus[: sizes.single])}")
+            if args.profile:
+                outputs = profile(world, report, corpus[: sizes.single])
+                report.details.append(
+                    "profile files: " + ", ".join(str(p.relative_to(REPO)) for p in outputs)
+                )
+            else:
+                cases: list[tuple[str, Callable[[], object]]] = [
+                    ("startup", lambda: case_startup(world, report)),
+                    ("single", lambda: case_single(world, report, corpus[: sizes.single],
+                                                   tls=False)),
+                    ("many", lambda: case_many(world, report, corpus, sizes)),
+                    ("tls", lambda: case_single(world, report, corpus[: sizes.tls], tls=True)),
+                    ("memory", lambda: case_memory(world, report, sizes)),
+                    ("latency", lambda: case_latency(world, report, corpus, sizes)),
+                ]  # fmt: skip
+                for name, run in cases:
+                    if name not in wanted:
+                        continue
+                    print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+                    t0 = time.perf_counter()
+                    try:
+                        run()
+                    except BenchError as exc:
+                        report.problems.append(f"{name}: could not run: {exc}")
+                    except Exception as exc:  # a crash of one case must not lose the others
+                        traceback.print_exc()
+                        report.problems.append(f"{name}: crashed: {type(exc).__name__}: {exc}")
+                    print(f"[bench] {name} done in {time.perf_counter() - t0:.1f} s",
+                          file=sys.stderr, flush=True)  # fmt: skip
+        finally:
+            _stop_children()
+            if dovecot is not None:
+                with contextlib.suppress(Exception):
+                    dovecot.stop()
+            if not args.keep:
+                shutil.rmtree(root, ignore_errors=True)
+            else:
+                print(f"[bench] work folder kept: {root}", file=sys.stderr)
+
+    report.details.append(
+        f"total bench time {time.perf_counter() - started:.0f} s; load average at the end "
+        + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    )
+    mode = ("profile " if args.profile else "") + ("quick" if args.quick else "full")
+    print()
+    print(", ".join(f"{k} {v}" for k, v in facts.items()))
+    print()
+    print(table(report.rows))
+    for d in report.details:
+        print(f"- {d}")
+    if report.problems:
+        print("\nCorrectness problems:")
+        for p in report.problems:
+            print(f"- {p}")
+    if not args.no_record and not args.profile:
+        record(args.out, mode, report, facts)
+        print(f"\n(appended to {args.out})")
+    return 1 if report.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
