@@ -1370,6 +1370,7 @@ class _Collector:
         self.tnef_body = ""
         self.attachments: list[Attachment] = []
         self.seen_names: set[str] = set()
+        self.next_copy: dict[str, int] = {}
         self.bounce = False
         self.parts = 0
 
@@ -1388,23 +1389,39 @@ class _Collector:
         safe = safe_filename(name, fallback)
         if force_ext and not safe.lower().endswith(force_ext):
             safe = safe_filename(safe + force_ext, fallback)
-        safe = self._unique(safe)
-        self.attachments.append(Attachment(safe, content_type, data, inline, content_id))
+        self.attachments.append(
+            Attachment(
+                name=self._unique(safe),
+                content_type=content_type,
+                data=data,
+                inline=inline,
+                content_id=content_id,
+            )
+        )
 
     def _unique(self, name: str) -> str:
-        # Case-insensitive, as on Windows and macOS file systems.
-        if name.lower() not in self.seen_names:
-            self.seen_names.add(name.lower())
+        """``name``, or ``name (2)``... if an earlier attachment has it (in any case).
+
+        Case-insensitive because Windows and macOS file systems are: two attachments must
+        never be saved over each other.
+        """
+        key = name.lower()
+        if key not in self.seen_names:
+            self.seen_names.add(key)
             return name
         stem, dot, ext = name.rpartition(".")
         if not dot or not stem:
             stem, ext = name, ""
-        for k in range(2, 10_000):
-            candidate = safe_filename(f"{stem} ({k}){'.' + ext if ext else ''}", name)
+        suffix = "." + ext if ext else ""
+        # Counting on from the last copy keeps 500 attachments of one name linear.
+        k = self.next_copy.get(key, 2)
+        while True:
+            candidate = safe_filename(f"{stem} ({k}){suffix}", name)
+            k += 1
             if candidate.lower() not in self.seen_names:
+                self.next_copy[key] = k
                 self.seen_names.add(candidate.lower())
                 return candidate
-        return name
 
     def walk(self, root: Message) -> None:
         # Iterative, in document order: the stdlib tree can be as deep as the limits allow

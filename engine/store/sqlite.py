@@ -20,6 +20,7 @@ from typing import Any
 
 import aiosqlite
 import anyio.to_thread
+from aioitertools.more_itertools import chunked
 
 from engine.errors import StoreError
 from engine.model import Attachment
@@ -239,10 +240,9 @@ class SqliteStore:
     # -- ledger ----------------------------------------------------------------------------
 
     async def known_uidls(self, account: str, uidls: Iterable[str]) -> set[str]:
-        wanted = list(uidls)
         known: set[str] = set()
-        for i in range(0, len(wanted), 500):  # SQLite's bound-parameter limit
-            chunk = wanted[i : i + 500]
+        # Chunks stay under SQLite's bound-parameter limit, whatever the mailbox holds.
+        async for chunk in chunked(uidls, 500):
             marks = ",".join("?" * len(chunk))
             rows = await self._all(
                 f"SELECT uidl FROM ledger WHERE account = ? AND uidl IN ({marks})",
