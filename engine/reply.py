@@ -39,6 +39,12 @@ def _fill(template: str, values: dict[str, str]) -> str:
     return template
 
 
+def reply_domain(mailbox: MailboxConfig) -> str:
+    """The domain of our replies' Message-IDs: the sender's, so they are recognisably ours."""
+    sender = email.utils.parseaddr(mailbox.smtp.sender if mailbox.smtp else "")[1]
+    return sender.rpartition("@")[2] or "mailintegration.invalid"
+
+
 def build_reply(
     *,
     mailbox: MailboxConfig,
@@ -63,8 +69,7 @@ def build_reply(
     msg["To"] = addr
     msg["Subject"] = _one_line(_fill(template.subject, values), 900)
     msg["Date"] = email.utils.formatdate(localtime=False)
-    domain = mailbox.smtp.sender.rpartition("@")[2] or "mailintegration.invalid"
-    msg["Message-ID"] = email.utils.make_msgid("mailintegration", domain=domain)
+    msg["Message-ID"] = email.utils.make_msgid("mailintegration", domain=reply_domain(mailbox))
     if in_reply_to:
         ref = "<" + _one_line(in_reply_to, 900).strip("<>") + ">"
         msg["In-Reply-To"] = ref

@@ -370,6 +370,10 @@ class Writer:
         assert msg is not None
         if not d.reply or cfg.smtp is None:
             return f"refused: no reply ({d.no_reply_because or 'no smtp configured'})"
+        if _header(env.raw, b"x-loop").startswith("mailintegration") or (
+            msg.message_id or ""
+        ).endswith(f".mailintegration@{reply.reply_domain(cfg)}"):
+            return "refused: no reply (our own loop header or Message-ID)"
         since = datetime.now(UTC) - timedelta(days=1)
         if await self.store.replies_since(msg.from_addr, since) >= self.reply_limit_per_day:
             log.warning(

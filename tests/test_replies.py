@@ -155,3 +155,20 @@ def test_reply_with_reference_still_adds_activity_when_new_requests_are_refused(
     [req] = requests(box["data"])
     assert len(req["activities"]) == 1
     assert box["sink"].received == []
+
+
+@pytest.mark.parametrize(
+    ("headers", "message_id"),
+    [
+        ({"X-Loop": "mailintegration; other@pop.example.com:110"}, None),
+        ({}, "<1.2.3.mailintegration@example.com>"),
+    ],
+)
+def test_no_reply_to_a_message_carrying_our_loop_header_or_message_id(
+    box: dict[str, Any], dovecot: Any, headers: dict[str, str], message_id: str | None
+) -> None:
+    dovecot.deliver(box["user"], message("Echo", headers=headers, message_id=message_id))
+    assert once(box["data"], box["cfg"]) == 0
+    assert box["sink"].received == []
+    [row] = ledger(box["data"])
+    assert row["outcome"] == "refused: no reply (our own loop header or Message-ID)"
