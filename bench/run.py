@@ -692,26 +692,41 @@ def case_latency(world: World, report: Report, corpus: list[Template], sizes: Si
 
 
 def profile(world: World, report: Report, corpus: list[Template]) -> list[Path]:
-    """The 1-mailbox case with the engine under pyinstrument; returns the files written."""
+    """The 1-mailbox case with the engine under pyinstrument, then (when installed) under
+    py-spy; returns the files written under bench/.
+
+    pyinstrument samples only the main thread, the event loop: time spent in the worker
+    threads (POP3, parsing) and in aiosqlite's thread (SQL) shows there as ``epoll.poll``.
+    py-spy samples every thread, so its summary says where the CPU goes.
+    """
     n = len(corpus)
-    case = f"profile: 1 mailbox x {n}"
-    folder = world.fresh("profile")
-    users = world.users("pf", 1)
-    expected = {users[0]: world.deliver(users[0], corpus)}
-    config_dir, data_dir = world.engine_setup(folder, users)
+    outputs: list[Path] = []
+
+    def engine_run(tool: list[str], tag: str) -> tuple[Path, ProcResult]:
+        folder = world.fresh(f"profile-{tag}")
+        users = world.users("pf", 1)
+        expected = {users[0]: world.deliver(users[0], corpus)}
+        config_dir, data_dir = world.engine_setup(folder, users)
+        res = run_process(
+            [*tool, "-m", "engine", "once", "--config-dir", str(config_dir),
+             "--data-dir", str(data_dir)],
+            folder / "engine.log",
+            timeout=max(600.0, n / 2),
+        )  # fmt: skip
+        case = f"profile ({tag}): 1 mailbox x {n}"
+        if res.returncode != 0:
+            report.problems.append(f"{case}: exit code {res.returncode}\n{_log_tail(res.log)}")
+        row = Row(f"{case} under {tag}", n, engine=_rate(n, res.seconds))
+        row.notes.append(verify(world, data_dir, expected, case, report))
+        report.rows.append(row)
+        return folder, res
+
     session = PROFILE_DIR / "profile-once.pyisession"
-    res = run_process(
-        [sys.executable, "-m", "pyinstrument", "-r", "pyisession", "-o", str(session),
-         "-m", "engine", "once", "--config-dir", str(config_dir), "--data-dir", str(data_dir)],
-        folder / "engine.log",
-        timeout=max(600.0, n / 2),
-    )  # fmt: skip
-    if res.returncode != 0:
-        report.problems.append(f"{case}: exit code {res.returncode}\n{_log_tail(res.log)}")
-    outputs = [session]
+    engine_run([sys.executable, "-m", "pyinstrument", "-r", "pyisession", "-o", str(session)],
+               "pyinstrument")  # fmt: skip
+    outputs.append(session)
     renders = [
         ("profile-once.txt", ["-r", "text", "--no-color", "--unicode"]),
-        ("profile-once-all.txt", ["-r", "text", "--no-color", "--unicode", "--show-all"]),
         ("profile-once.pstats", ["-r", "pstats"]),
     ]
     for name, flags in renders:
@@ -722,13 +737,73 @@ def profile(world: World, report: Report, corpus: list[Template]) -> list[Path]:
             cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, timeout=300, check=False,
         )  # fmt: skip
         if done.returncode != 0:
-            report.problems.append(f"{case}: rendering {name} failed: {done.stderr.decode()}")
+            report.problems.append(f"profile: rendering {name} failed: {done.stderr.decode()}")
         else:
             outputs.append(target)
-    row = Row(case + " (under pyinstrument)", n, engine=_rate(n, res.seconds))
-    row.notes.append(verify(world, data_dir, expected, case, report))
-    report.rows.append(row)
+
+    pyspy = shutil.which("py-spy")
+    if pyspy is None:
+        report.details.append("py-spy is not installed (pip install py-spy): no all-thread profile")
+        return outputs
+    raw = PROFILE_DIR / "profile-once-pyspy.raw"
+    rate = 250
+    engine_run([pyspy, "record", "--format", "raw", "--threads", "--rate", str(rate),
+                "--nonblocking", "-o", str(raw), "--", sys.executable], "py-spy")  # fmt: skip
+    if raw.is_file():
+        outputs.append(raw)
+        summary = PROFILE_DIR / "profile-once-pyspy.txt"
+        summary.write_text(summarize_pyspy(raw, rate), encoding="utf-8")
+        outputs.append(summary)
     return outputs
+
+
+def summarize_pyspy(raw: Path, rate: int, top: int = 40) -> str:
+    """Cumulative and self time per function (line numbers dropped), and per thread kind,
+    from py-spy's collapsed stacks (only busy samples: idle threads are not recorded)."""
+    import re
+
+    cumulative: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text(encoding="utf-8", errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        head = frames[0]
+        if head.startswith("thread ("):
+            name = head.split(":", 1)[1].strip() if ":" in head else "main"
+            threads[re.sub(r"[-_ ]\d+|\(.*\)|\d+", "", name).strip() or "main"] += count
+            frames = frames[1:]
+        names = [re.sub(r":\d+\)$", ")", f) for f in frames]
+        total += count
+        for f in set(names):
+            cumulative[f] += count
+        if names:
+            own[names[-1]] += count
+    if not total:
+        return "no samples\n"
+
+    def fmt(c: Counter[str]) -> list[str]:
+        return [f"{n / rate:8.2f} s {100 * n / total:5.1f} %  {f}" for f, n in c.most_common(top)]
+
+    out = [
+        f"py-spy, {rate} Hz, busy samples of every thread: {total} ({total / rate:.1f} s of "
+        "CPU-or-GIL-holding time; idle threads are not sampled)",
+        "",
+        "By thread kind:",
+        *(f"{n / rate:8.2f} s {100 * n / total:5.1f} %  {t}" for t, n in threads.most_common()),
+        "",
+        f"Top {top} by cumulative time (a function counted once per sample):",
+        *fmt(cumulative),
+        "",
+        f"Top {top} by self time:",
+        *fmt(own),
+        "",
+    ]
+    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------- output

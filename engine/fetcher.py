@@ -83,7 +83,11 @@ async def run_session(
         raise check.problem
 
     async def thread(fn: Callable[..., T], *args: object) -> T:
-        return await anyio.to_thread.run_sync(fn, *args, limiter=opts.limiter)
+        # A thread cannot be cancelled; on cancellation we abandon it and shut its socket
+        # (below), which ends it at once. Without QUIT the server deletes nothing (RFC 1939).
+        return await anyio.to_thread.run_sync(
+            fn, *args, limiter=opts.limiter, abandon_on_cancel=True
+        )
 
     result = SessionResult()
     session = Pop3Session(cfg.server)
@@ -135,6 +139,9 @@ async def run_session(
         while pending:
             await settle(*pending.pop(0))
         await thread(session.quit)
+    except anyio.get_cancelled_exc_class():
+        session.interrupt()
+        raise
     except BaseException:
         with anyio.CancelScope(shield=True):
             # RSET undoes this session's deletions; a dead socket does the same by itself.

@@ -257,6 +257,18 @@ class Pop3Session:
         finally:
             self.close()
 
+    def interrupt(self) -> None:
+        """Shut the socket down from another thread: a call blocked on it returns at once.
+
+        Only the raw socket is touched: closing poplib's buffered file would wait for the
+        reader's lock. The session is unusable afterwards and deletes nothing.
+        """
+        conn = self.conn
+        sock = getattr(conn, "sock", None) if conn is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
         """Drop the connection without QUIT: RFC 1939 says nothing is deleted then."""
         conn, self.conn = self.conn, None

@@ -507,3 +507,106 @@ def test_compose_file_names_only_things_that_exist() -> None:
     os.environ.setdefault("SUPPORT_POP3_PASSWORD", "x")
     for xml in (ROOT / "mailboxes.d").glob("*.xml"):
         load_mailbox(xml)
+
+
+def test_second_signal_cancels_at_once_without_loss(
+    tmp_path: Path, dovecot: Any, daemon: Callable[..., Daemon]
+) -> None:
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    conf = tmp_path / "mailboxes.d"
+    conf.mkdir()
+    users = []
+    for i in range(3):
+        user, pw = f"twice{i}-{time.monotonic_ns()}", "twice-pw"
+        dovecot.add_user(user, pw)
+        users.append(user)
+        mailbox_xml(conf / f"twice{i}.xml", port=dovecot.pop3_port, user=user, password=pw)
+        for j in range(200):
+            dovecot.deliver(user, message(f"Twice {i}/{j}", body="y" * 3000))
+    # One mailbox hangs mid-RETR for a minute: the first signal alone waits for it.
+    stall = Script(
+        messages=[message("Stalls")], stall_on_retr=1, stall_timeout=90, fault_sessions=1
+    )
+    with FakePOP3Server(stall) as fake:
+        xml = mailbox_xml(conf / "stalled.xml", port=fake.port, user="u", password="p")
+        xml.write_text(xml.read_text().replace("<timeoutSeconds>5<", "<timeoutSeconds>60<"))
+        d = daemon(conf, data, "--grace-seconds", "300")
+        wait_for(lambda: count_rows(data, "SELECT count(*) FROM ledger") > 10, what="progress")
+        wait_for(lambda: fake.sessions >= 1, what="the stalled session")
+        d.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert d.proc.poll() is None  # still waiting for the stalled RETR
+        d.proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        d.proc.wait(60)
+        # Far sooner than the 300 s grace period or the 60 s socket timeout.
+        assert time.monotonic() - started < 10
+        assert fake.deleted == []
+        (conf / "stalled.xml").unlink()
+    assert once(data, conf) == 0
+    reqs = [r for r in requests(data) if r["kind"] == "mail"]
+    assert len(reqs) == 600 and len({r["subject"] for r in reqs}) == 600
+    assert len(ledger(data)) == 600
+    assert all(dovecot.count(u) == 0 for u in users)
+
+
+def test_once_on_a_terminal_shows_progress_per_mailbox(
+    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]
+) -> None:
+    import pty
+
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    user, pw = pop3_user
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    mailbox_xml(conf / "term.xml", port=dovecot.pop3_port, user=user, password=pw)
+    dovecot.deliver(user, message("On a terminal"))
+    main, sub = pty.openpty()
+    env = dict(os.environ, MAILINTEGRATION_LOGIN=LOGIN, MAILINTEGRATION_PASSWORD=LOGIN_PASSWORD)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "once",
+            "--config-dir",
+            str(conf),
+            "--data-dir",
+            str(data),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=sub,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+    )
+    os.close(sub)
+    out = b""
+    for _ in range(100):
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(main)
+    assert proc.returncode == 0
+    assert b"term: fetched 1, processed 1, failed 0; ok" in out
+    # Without a terminal, only the log speaks.
+    dovecot.deliver(user, message("Not on a terminal"))
+    code, text = cli(
+        "once",
+        "--config-dir",
+        conf,
+        "--data-dir",
+        data,
+        "--login",
+        LOGIN,
+        "--password",
+        LOGIN_PASSWORD,
+    )
+    assert code == 0 and text == ""

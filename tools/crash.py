@@ -1,0 +1,651 @@
+"""Crash consistency, measured: deliver mail, SIGKILL the engine at random and at chosen moments,
+restart it, and check that every message ended up in the store exactly once.
+
+    python -m tools.crash --iterations 1000 [--workers 2] [--launcher exec|fork] [--seed S]
+
+Each iteration delivers a known set of messages (some with attachments, some attachments shared
+between messages) to 2 or 3 fresh mailboxes of a real Dovecot on 127.0.0.1, then runs
+``mailintegration once`` over them as a separate process 1 to 3 times, each run SIGKILLed
+either at a random moment or at the N-th occurrence of a dangerous point (see
+:mod:`tools.crashpoints`), and finally once more to completion. It then compares the store with
+what was delivered:
+
+- every Message-ID is in the ledger exactly once, with the sha256 of the delivered bytes, and
+  there is exactly one request for it, with exactly the attachments it carried;
+- nothing is left on the server;
+- the files under ``data/attachments/`` are exactly the ``attachments.sha256`` rows (no orphan,
+  none missing, no temporary file), each file's content hashing to its name;
+- ``PRAGMA integrity_check`` is ``ok``.
+
+Launchers: ``exec`` runs ``python -m engine once …`` (and ``python -m tools.crashpoints …``),
+exactly the deployed command. ``fork`` forks each run from a server process that has already
+imported the engine (a few milliseconds instead of seconds of imports); the run is still its own
+process, killed with SIGKILL. The summary (JSON on stdout) gives iterations, messages, losses,
+duplicates and kills; the exit status is 0 only when there was no problem at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import multiprocessing.context
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import make_msgid
+from pathlib import Path
+from typing import Protocol
+
+from tools.crashpoints import POINTS, fork_child
+from tools.dovecot import Dovecot, start_dovecot
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The engine's own login, as in tests/support.py.
+LOGIN = "system"
+LOGIN_PASSWORD = "octo-Pa55"
+
+DIRECTORY = {
+    "teams": [{"number": 1, "name": "IT", "defaultGroup": "Service Desk"}],
+    "sites": ["Montréal", "Québec"],
+    "groups": ["Service Desk"],
+    "sources": ["Email"],
+    "users": [
+        {
+            "login": LOGIN,
+            "email": "sd@example.com",
+            "name": "System",
+            "site": "Montréal",
+            "password": LOGIN_PASSWORD,
+        },
+        {"login": "jdoe", "email": "John.Doe@example.com", "name": "John Doe", "site": "Québec"},
+        {"login": "unknown.user", "name": "Unknown user", "site": "Montréal"},
+    ],
+}
+
+GATEWAY = "Octopus.MailIntegration.Gateways.SidePopMailboxGateway, Octopus.MailIntegration"
+INCIDENT = (
+    "Octopus.MailIntegration.Processors.EndUserIncidentMailMessageProcessor, "
+    "Octopus.MailIntegration"
+)
+
+# The same bytes attached to several messages: stored once, cited by several rows.
+SHARED_ATTACHMENTS: tuple[tuple[str, str, bytes], ...] = (
+    ("policy.pdf", "application/pdf", b"%PDF-1.4\n" + bytes(range(256)) * 24),
+    ("logo.png", "image/png", b"\x89PNG\r\n\x1a\n" + b"shared logo " * 300),
+)
+
+# Kill modes: "random" is an outside SIGKILL at a random moment of the run.
+MODES = ("random", *POINTS)
+MODE_WEIGHTS = (4, 1, 1, 1, 1)
+# The N of a kill point is drawn from 1..MAX_N[point]; a run that ends first is not killed.
+MAX_N = {"after-commit": 6, "before-commit": 6, "attachment-write": 4, "mid-retr": 6}
+RUN_TIMEOUT = 60.0  # seconds for one engine run; the mailbox timeout is 5 s
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+class Handle(Protocol):
+    pid: int
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit status (negative: killed by that signal), or None if still running."""
+        ...
+
+    def kill(self) -> None: ...
+
+
+class Launcher(Protocol):
+    name: str
+
+    def start(self, argv: list[str], point: str, n: int, log: Path) -> Handle: ...
+
+    def close(self) -> None: ...
+
+
+def engine_env() -> dict[str, str]:
+    return {"MAILINTEGRATION_LOGIN": LOGIN, "MAILINTEGRATION_PASSWORD": LOGIN_PASSWORD}
+
+
+class _PopenHandle:
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
+class ExecLauncher:
+    """``python -m engine …``, or ``python -m tools.crashpoints POINT N -- …``."""
+
+    name = "exec"
+
+    def start(self, argv: list[str], point: str, n: int, log: Path) -> Handle:
+        if point == "none":
+            cmd = [sys.executable, "-m", "engine", *argv]
+        else:
+            cmd = [sys.executable, "-m", "tools.crashpoints", point, str(n), "--", *argv]
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env={**os.environ, **engine_env()},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+            )
+        return _PopenHandle(proc)
+
+    def close(self) -> None:
+        pass
+
+
+class _ProcessHandle:
+    def __init__(self, proc: multiprocessing.process.BaseProcess) -> None:
+        self.proc = proc
+        assert proc.pid is not None
+        self.pid = proc.pid
+
+    def wait(self, timeout: float) -> int | None:
+        self.proc.join(timeout)
+        return self.proc.exitcode
+
+    def kill(self) -> None:
+        if self.proc.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
+class ForkLauncher:
+    """Each run is forked from a server process that imported the engine once."""
+
+    name = "fork"
+
+    def __init__(self) -> None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["engine.commands", "tools.crashpoints"])
+        self.ctx: multiprocessing.context.ForkServerContext = ctx
+
+    def start(self, argv: list[str], point: str, n: int, log: Path) -> Handle:
+        proc = self.ctx.Process(
+            target=fork_child, args=(argv, engine_env(), point, n, str(log)), daemon=False
+        )
+        proc.start()
+        return _ProcessHandle(proc)
+
+    def close(self) -> None:
+        pass
+
+
+def make_launcher(name: str) -> Launcher:
+    if name == "exec":
+        return ExecLauncher()
+    if name == "fork":
+        return ForkLauncher()
+    raise ValueError(f"unknown launcher {name!r}")
+
+
+# --------------------------------------------------------------------------- mail and config
+
+
+@dataclass(frozen=True)
+class Delivered:
+    user: str
+    message_id: str
+    sha256: str
+    attachments: frozenset[str]  # sha256 of each attachment's bytes
+
+
+def make_message(rng: random.Random, tag: str) -> tuple[bytes, str, frozenset[str]]:
+    """A message with 0 to 3 attachments, shared ones included; CRLF as on the wire."""
+    msg = EmailMessage()
+    known = rng.random() < 0.7
+    msg["From"] = "John Doe <john.doe@example.com>" if known else f"Someone <s{tag}@else.example>"
+    msg["To"] = "support@example.com"
+    msg["Subject"] = f"Crash test {tag}"
+    msg["Date"] = "Fri, 27 Nov 2026 09:12:44 -0500"
+    message_id = make_msgid(idstring=tag, domain="crash.example")
+    msg["Message-ID"] = message_id
+    msg.set_content(f"Message {tag}.\n" + "Some text to make it longer.\n" * rng.randint(1, 40))
+    payloads: list[bytes] = []
+    for name, ctype, data in SHARED_ATTACHMENTS:
+        if rng.random() < 0.4:
+            maintype, subtype = ctype.split("/")
+            msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
+            payloads.append(data)
+    if rng.random() < 0.5:
+        data = rng.randbytes(rng.randint(100, 30_000))
+        msg.add_attachment(
+            data, maintype="application", subtype="octet-stream", filename=f"dump-{tag}.bin"
+        )
+        payloads.append(data)
+    digests = frozenset(hashlib.sha256(p).hexdigest() for p in payloads)
+    return msg.as_bytes(policy=SMTP), message_id.strip("<>"), digests
+
+
+def write_mailbox(path: Path, *, port: int, user: str, password: str) -> None:
+    path.write_text(
+        f"""<?xml version="1.0" encoding="utf-8"?>
+<mailIntegration>
+  <messageProcessorTypeName>{INCIDENT}</messageProcessorTypeName>
+  <server>
+    <gatewayTypeName>{GATEWAY}</gatewayTypeName>
+    <serverName>127.0.0.1</serverName>
+    <port>{port}</port>
+    <useSsl>false</useSsl>
+    <userName>{user}</userName>
+    <password>{password}</password>
+    <timeoutSeconds>5</timeoutSeconds>
+  </server>
+  <team>1</team>
+  <incidentFallbackSiteName>Montr&eacute;al</incidentFallbackSiteName>
+  <incidentFallbackUserLogon>unknown.user</incidentFallbackUserLogon>
+  <incidentGroup>Service Desk</incidentGroup>
+  <incidentSource>Email</incidentSource>
+</mailIntegration>
+""",
+        encoding="utf-8",
+    )
+
+
+def make_template(directory: Path) -> Path:
+    """A data directory with the directory imported: copied for every iteration."""
+    from engine.cli import main as engine_main
+
+    directory.mkdir(parents=True, exist_ok=True)
+    spec = directory.parent / "directory.json"
+    spec.write_text(json.dumps(DIRECTORY), encoding="utf-8")
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        code = engine_main(["directory", "import", str(spec), "--data-dir", str(directory)])
+    if code != 0:
+        raise RuntimeError(f"directory import failed with status {code}")
+    return directory
+
+
+# --------------------------------------------------------------------------- verification
+
+
+@dataclass
+class Check:
+    losses: int = 0
+    duplicates: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def verify(data: Path, delivered: Sequence[Delivered], dovecot: Dovecot) -> Check:
+    """Compare the store and the server with what was delivered."""
+    check = Check()
+    problems = check.problems
+    db = sqlite3.connect(f"file:{data / 'mailintegration.sqlite3'}?mode=ro", uri=True)
+    try:
+        integrity = [r[0] for r in db.execute("PRAGMA integrity_check")]
+        if integrity != ["ok"]:
+            problems.append(f"integrity_check: {integrity[:5]}")
+        ledger = db.execute("SELECT message_id, sha256, outcome FROM ledger").fetchall()
+        mail = db.execute(
+            "SELECT number, message_id FROM requests WHERE kind = 'mail'"
+        ).fetchall()
+        other = db.execute(
+            "SELECT number, kind, cause FROM requests WHERE kind != 'mail'"
+        ).fetchall()
+        rows = db.execute("SELECT request_number, sha256 FROM attachments").fetchall()
+    finally:
+        db.close()
+    by_mid: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+    for mid, sha, outcome in ledger:
+        by_mid[str(mid)].append((str(sha), str(outcome)))
+    requests: dict[str, list[int]] = collections.defaultdict(list)
+    for number, mid in mail:
+        requests[str(mid)].append(int(number))
+    cited: dict[int, set[str]] = collections.defaultdict(set)
+    for number, sha in rows:
+        cited[int(number)].add(str(sha))
+    expected = {d.message_id for d in delivered}
+    for d in delivered:
+        seen = by_mid.get(d.message_id, [])
+        made = requests.get(d.message_id, [])
+        if not seen or not made:
+            check.losses += 1
+            problems.append(f"lost {d.message_id}: {len(seen)} ledger row(s), {len(made)} request(s)")
+            continue
+        if len(seen) > 1 or len(made) > 1:
+            check.duplicates += max(len(seen), len(made)) - 1
+            problems.append(f"duplicated {d.message_id}: ledger {len(seen)}, requests {len(made)}")
+        if any(sha != d.sha256 for sha, _ in seen):
+            problems.append(f"{d.message_id}: ledger sha256 differs from the delivered bytes")
+        if any(outcome != "created" for _, outcome in seen):
+            problems.append(f"{d.message_id}: outcome {[o for _, o in seen]}")
+        if cited.get(made[0], set()) != d.attachments:
+            problems.append(f"{d.message_id}: attachments differ from what was delivered")
+    unexpected = set(by_mid) - expected
+    if unexpected:
+        problems.append(f"ledger rows for messages never delivered: {sorted(unexpected)[:3]}")
+    if other:
+        problems.append(f"unexpected events: {other[:3]}")
+    for user in sorted({d.user for d in delivered}):
+        left = dovecot.count(user)
+        if left:
+            problems.append(f"{left} message(s) left on the server in {user}")
+    problems.extend(_check_files(data / "attachments", {str(r[1]) for r in rows}))
+    return check
+
+
+def _check_files(root: Path, referenced: set[str]) -> list[str]:
+    problems = []
+    found: set[str] = set()
+    for path in sorted(root.rglob("*")) if root.is_dir() else []:
+        if path.is_dir():
+            continue
+        rel = path.relative_to(root)
+        if len(rel.parts) != 2 or path.name.startswith(".") or rel.parts[0] != path.name[:2]:
+            problems.append(f"stray file in attachments/: {rel}")
+            continue
+        if hashlib.sha256(path.read_bytes()).hexdigest() != path.name:
+            problems.append(f"attachment file {rel} does not hash to its name (torn write?)")
+        found.add(path.name)
+    if found - referenced:
+        problems.append(f"orphan attachment files: {sorted(found - referenced)[:3]}")
+    if referenced - found:
+        problems.append(f"attachment rows without a file: {sorted(referenced - found)[:3]}")
+    return problems
+
+
+# --------------------------------------------------------------------------- iterations
+
+
+@dataclass
+class IterationResult:
+    index: int
+    messages: int = 0
+    losses: int = 0
+    duplicates: int = 0
+    kills: collections.Counter[str] = field(default_factory=collections.Counter)
+    runs: list[tuple[str, int, int | None]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _BusyTime:
+    """How long a run takes once started, learnt from the runs that ended by themselves: the
+    random kills are drawn from that window."""
+
+    def __init__(self, initial: float) -> None:
+        self.value = initial
+        self._lock = threading.Lock()
+
+    def learn(self, seconds: float) -> None:
+        with self._lock:
+            self.value = 0.8 * self.value + 0.2 * seconds
+
+
+def _wait_started(data: Path, handle: Handle, timeout: float) -> bool:
+    """The engine holds the data-directory lock, which it writes its pid into, once its
+    imports are done and it starts working: that is when a random kill is meaningful."""
+    lock = data / "engine.lock"
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / 0.005) + 1):
+        with contextlib.suppress(OSError):
+            if lock.read_text().strip() == str(handle.pid):
+                return True
+        if handle.wait(0.005) is not None or time.monotonic() > deadline:
+            return False
+    return False
+
+
+def _one_run(
+    launcher: Launcher,
+    argv: list[str],
+    data: Path,
+    log: Path,
+    mode: str,
+    n: int,
+    rng: random.Random,
+    busy: _BusyTime,
+) -> int | None:
+    """One engine process; returns its exit status (-9 when SIGKILLed), None if it hung."""
+    point = "none" if mode == "random" else mode
+    handle = launcher.start(argv, point, n, log)
+    try:
+        ready = _wait_started(data, handle, RUN_TIMEOUT)
+        started = time.monotonic()
+        if mode == "random" and ready:
+            delay = rng.uniform(0, busy.value * 1.2)
+            if handle.wait(delay) is None:
+                handle.kill()
+        code = handle.wait(RUN_TIMEOUT)
+        if ready and code == 0 and mode != "random":
+            busy.learn(time.monotonic() - started)
+        return code
+    finally:
+        handle.kill()
+        handle.wait(10)
+
+
+def iteration(
+    dovecot: Dovecot,
+    base: Path,
+    template: Path,
+    index: int,
+    rng: random.Random,
+    launcher: Launcher,
+    busy: _BusyTime,
+    *,
+    modes: Sequence[str] | None = None,
+    keep: bool = False,
+) -> IterationResult:
+    """Deliver, run-and-kill 1 to 3 times (or once per entry of ``modes``), finish, verify."""
+    started = time.monotonic()
+    result = IterationResult(index)
+    work = base / f"it-{index:05d}"
+    data, conf, logs = work / "data", work / "mailboxes.d", work / "logs"
+    conf.mkdir(parents=True)
+    logs.mkdir()
+    shutil.copytree(template, data)
+    delivered: list[Delivered] = []
+    token = f"{index}x{rng.getrandbits(40):010x}"
+    for box in range(rng.randint(2, 3)):
+        user, password = f"crash-{token}-{box}", f"pw-{rng.getrandbits(64):016x}"
+        dovecot.add_user(user, password)
+        write_mailbox(conf / f"box{box}.xml", port=dovecot.pop3_port, user=user, password=password)
+        for i in range(rng.randint(3, 6)):
+            raw, mid, attachments = make_message(rng, f"{token}-{box}-{i}")
+            dovecot.deliver(user, raw)
+            digest = hashlib.sha256(raw).hexdigest()
+            delivered.append(Delivered(user, mid, digest, attachments))
+    result.messages = len(delivered)
+    argv = ["once", "--config-dir", str(conf), "--data-dir", str(data)]
+    if modes is None:
+        modes = rng.choices(MODES, MODE_WEIGHTS, k=rng.randint(1, 3))
+    for k, mode in enumerate(modes):
+        n = 0 if mode == "random" else rng.randint(1, MAX_N[mode])
+        code = _one_run(launcher, argv, data, logs / f"run{k}-{mode}.log", mode, n, rng, busy)
+        result.runs.append((mode, n, code))
+        if code == -signal.SIGKILL:
+            result.kills[mode] += 1
+        elif code is None:
+            result.problems.append(f"run {k} ({mode} {n}) did not end within {RUN_TIMEOUT:g} s")
+        elif code != 0:
+            result.problems.append(f"run {k} ({mode} {n}) exited with status {code}")
+    code = _one_run(launcher, argv, data, logs / "final.log", "none", 0, rng, busy)
+    result.runs.append(("final", 0, code))
+    if code != 0:
+        result.problems.append(f"the final run exited with status {code}")
+    check = verify(data, delivered, dovecot)
+    result.losses, result.duplicates = check.losses, check.duplicates
+    result.problems.extend(check.problems)
+    result.seconds = time.monotonic() - started
+    if not result.problems and not keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+@dataclass
+class Figures:
+    launcher: str = ""
+    iterations: int = 0
+    messages: int = 0
+    losses: int = 0
+    duplicates: int = 0
+    kills: collections.Counter[str] = field(default_factory=collections.Counter)
+    failed: list[tuple[int, list[str]]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, r: IterationResult) -> None:
+        self.iterations += 1
+        self.messages += r.messages
+        self.losses += r.losses
+        self.duplicates += r.duplicates
+        self.kills.update(r.kills)
+        if r.problems:
+            self.failed.append((r.index, r.problems))
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "launcher": self.launcher,
+            "iterations": self.iterations,
+            "messages": self.messages,
+            "losses": self.losses,
+            "duplicates": self.duplicates,
+            "kills": sum(self.kills.values()),
+            "kills_by_mode": dict(sorted(self.kills.items())),
+            "failed_iterations": [{"iteration": i, "problems": p} for i, p in self.failed],
+            "seconds": round(self.seconds, 1),
+        }
+
+
+def run_iterations(
+    dovecot: Dovecot,
+    base: Path,
+    iterations: int,
+    *,
+    launcher: Launcher,
+    seed: int = 0,
+    workers: int = 2,
+    max_seconds: float | None = None,
+    forced_modes: Sequence[Sequence[str]] = (),
+    keep: bool = False,
+    progress: Callable[[Figures], None] | None = None,
+) -> Figures:
+    """``iterations`` iterations on ``workers`` threads (each starting its own processes).
+
+    The first iterations use ``forced_modes`` (one list of modes each), the rest draw their
+    kills at random. No iteration starts after ``max_seconds``.
+    """
+    started = time.monotonic()
+    template = make_template(base / "template" / "data")
+    figures = Figures(launcher=launcher.name)
+    busy = _BusyTime(0.5 if launcher.name == "fork" else 2.0)
+    lock = threading.Lock()
+    next_index = iter(range(iterations))
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if max_seconds is not None and time.monotonic() - started > max_seconds:
+                    return
+                index = next(next_index, None)
+            if index is None:
+                return
+            rng = random.Random(f"{seed}-{index}")
+            modes = forced_modes[index] if index < len(forced_modes) else None
+            try:
+                r = iteration(
+                    dovecot, base, template, index, rng, launcher, busy, modes=modes, keep=keep
+                )
+            except Exception as exc:  # a broken harness must show, not hang the others
+                r = IterationResult(index, problems=[f"harness error: {exc!r}"])
+            with lock:
+                figures.add(r)
+                figures.seconds = time.monotonic() - started
+                if progress is not None:
+                    progress(figures)
+
+    threads = [threading.Thread(target=worker, name=f"crash-{i}") for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    figures.seconds = time.monotonic() - started
+    return figures
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.crash", description=__doc__.split("\n")[0])
+    p.add_argument("--iterations", type=int, default=100)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--launcher", choices=["exec", "fork"], default="exec")
+    p.add_argument("--seed", type=int, default=int(time.time()))
+    p.add_argument("--max-seconds", type=float, help="start no iteration after this long")
+    p.add_argument("--dir", type=Path, help="work directory (default: a new temporary one)")
+    p.add_argument("--keep", action="store_true", help="keep every iteration's directory")
+    args = p.parse_args(argv)
+    base = Path(args.dir or tempfile.mkdtemp(prefix="mailintegration-crash-")).resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    server = start_dovecot(base / "dovecot")
+    launcher = make_launcher(args.launcher)
+    every = max(1, args.iterations // 20)
+
+    def progress(f: Figures) -> None:
+        if f.iterations % every == 0 or f.failed:
+            print(
+                f"[{f.seconds:7.1f} s] {f.iterations} iterations, {f.messages} messages, "
+                f"{sum(f.kills.values())} kills, {f.losses} lost, {f.duplicates} duplicated, "
+                f"{len(f.failed)} failed",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    try:
+        figures = run_iterations(
+            server,
+            base / "work",
+            args.iterations,
+            launcher=launcher,
+            seed=args.seed,
+            workers=args.workers,
+            max_seconds=args.max_seconds,
+            keep=args.keep,
+            progress=progress,
+        )
+    finally:
+        launcher.close()
+        server.stop()
+    out = figures.as_dict()
+    out["seed"] = args.seed
+    out["work_dir"] = str(base)
+    print(json.dumps(out, indent=2))
+    ok = not figures.failed and figures.losses == 0 and figures.duplicates == 0
+    if ok and not args.keep and args.dir is None:
+        shutil.rmtree(base, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

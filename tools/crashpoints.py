@@ -1,0 +1,148 @@
+"""Run the engine and SIGKILL it at a chosen dangerous moment, for crash-consistency tests.
+
+    python -m tools.crashpoints KILLPOINT N -- <engine arguments>
+
+patches the engine inside this process only, then runs ``engine.cli.main`` with the engine
+arguments; at the N-th occurrence (1-based) of KILLPOINT the process kills itself with SIGKILL,
+leaving whatever a power cut or an OOM kill would leave. If the run ends before the N-th
+occurrence, it exits with the engine's own status. The engine itself has no test hooks: every
+point below is a wrapper around a real engine function.
+
+Kill points:
+
+- ``after-commit``: right after a store COMMIT returned, before any answer reaches a fetcher
+  (so before the DELE of the messages it holds);
+- ``before-commit``: a batch transaction is complete but COMMIT is not called yet;
+- ``attachment-write``: an attachment file is written and fsynced under its temporary name,
+  and not yet renamed into place;
+- ``mid-retr``: the RETR command was sent and the first line of the answer read;
+- ``none``: no kill (a plain run, as ``python -m engine``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+POINTS = ("after-commit", "before-commit", "attachment-write", "mid-retr")
+
+
+def die() -> NoReturn:
+    """SIGKILL this process: no finally block, no atexit, no flush runs."""
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise SystemExit(137)  # pragma: no cover - SIGKILL cannot be caught
+
+
+class _Countdown:
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def hit(self) -> bool:
+        self.left -= 1
+        return self.left == 0
+
+
+class _OsWithDeadlyReplace:
+    """Stands in for ``os`` inside engine.store.files: everything passes through, except
+    ``replace`` (the rename of the temporary attachment file), which may kill first."""
+
+    def __init__(self, countdown: _Countdown) -> None:
+        self._countdown = countdown
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def replace(self, src: Any, dst: Any) -> None:
+        if self._countdown.hit():
+            die()
+        os.replace(src, dst)
+
+
+def arm(point: str, n: int) -> None:
+    """Install the patch for ``point`` in this process; the N-th occurrence kills it."""
+    if point == "none":
+        return
+    if point not in POINTS:
+        raise ValueError(f"unknown kill point {point!r}; valid: none, {', '.join(POINTS)}")
+    if n < 1:
+        raise ValueError("N counts occurrences from 1")
+    countdown = _Countdown(n)
+    if point in ("after-commit", "before-commit"):
+        from engine.store.sqlite import SqliteStore
+
+        real_commit = SqliteStore.commit
+        before = point == "before-commit"
+
+        async def commit(self: SqliteStore) -> None:
+            if before and countdown.hit():
+                die()
+            await real_commit(self)
+            if not before and countdown.hit():
+                die()
+
+        SqliteStore.commit = commit  # type: ignore[method-assign]
+    elif point == "attachment-write":
+        from engine.store import files
+
+        setattr(files, "os", _OsWithDeadlyReplace(countdown))  # noqa: B010
+    else:
+        from engine.pop3 import Pop3Session
+
+        real_retr = Pop3Session.retr
+
+        def retr(self: Pop3Session, number: int) -> bytes:
+            if countdown.hit():
+                conn: Any = self.conn
+                conn._shortcmd(f"RETR {number}")  # sends RETR, reads the +OK line
+                conn.file.readline()  # and the first line of the message
+                die()
+            return real_retr(self, number)
+
+        Pop3Session.retr = retr  # type: ignore[method-assign]
+
+
+def run(point: str, n: int, argv: Sequence[str]) -> int:
+    """Arm ``point`` then run the engine's command line with ``argv``."""
+    arm(point, n)
+    from engine.cli import main as engine_main
+
+    return engine_main(list(argv))
+
+
+def fork_child(argv: list[str], env: dict[str, str], point: str, n: int, log: str) -> None:
+    """The body of a run forked by ``tools.crash --launcher fork``: output goes to ``log``,
+    ``env`` is added to the environment, and the process ends with the engine's status."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.environ.update(env)
+    try:
+        code = run(point, n, argv)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    usage = f"usage: python -m tools.crashpoints {{none,{','.join(POINTS)}}} N -- ENGINE-ARGS..."
+    if len(args) < 3 or args[2] != "--" or not args[1].isdigit():
+        print(usage, file=sys.stderr)
+        return 2
+    try:
+        arm(args[0], int(args[1]))
+    except ValueError as exc:
+        print(f"{exc}\n{usage}", file=sys.stderr)
+        return 2
+    from engine.cli import main as engine_main
+
+    return engine_main(args[3:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
