@@ -741,6 +741,13 @@ def profile(world: World, report: Report, corpus: list[Template]) -> list[Path]:
         else:
             outputs.append(target)
 
+    sql_json = PROFILE_DIR / "profile-once-sql.json"
+    _, res = engine_run([sys.executable, "-m", "bench.sqltrace", str(sql_json)], "sqltrace")
+    if sql_json.is_file():
+        summary = PROFILE_DIR / "profile-once-sql.txt"
+        summary.write_text(summarize_sql(sql_json, n, res.seconds), encoding="utf-8")
+        outputs += [sql_json, summary]
+
     pyspy = shutil.which("py-spy")
     if pyspy is None:
         report.details.append("py-spy is not installed (pip install py-spy): no all-thread profile")
@@ -755,6 +762,31 @@ def profile(world: World, report: Report, corpus: list[Template]) -> list[Path]:
         summary.write_text(summarize_pyspy(raw, rate), encoding="utf-8")
         outputs.append(summary)
     return outputs
+
+
+def summarize_sql(path: Path, messages: int, wall: float) -> str:
+    """Statements per message and where SQLite's own time goes (bench.sqltrace's numbers)."""
+    stats = json.loads(path.read_text(encoding="utf-8"))
+    calls = sum(v["count"] for v in stats.values())
+    seconds = sum(v["seconds"] for v in stats.values())
+    commits = stats.get("COMMIT", {"count": 0, "seconds": 0.0})
+    lines = [
+        f"SQLite calls made through aiosqlite (each one a hop to its thread and back), "
+        f"{messages} messages, engine wall {wall:.2f} s:",
+        f"  {calls} calls = {calls / max(1, messages):.1f} per message; time inside SQLite "
+        f"{seconds:.2f} s ({seconds / max(1, messages) * 1000:.2f} ms per message)",
+        f"  COMMIT: {commits['count']} transactions ({messages / max(1, commits['count']):.1f} "
+        f"messages per commit), {commits['seconds']:.2f} s, "
+        f"{commits['seconds'] / max(1, commits['count']) * 1000:.2f} ms each",
+        "",
+        f"{'calls':>7} {'per msg':>8} {'seconds':>8} {'ms/call':>8}  statement",
+    ]
+    for kind, v in sorted(stats.items(), key=lambda kv: -kv[1]["seconds"]):
+        lines.append(
+            f"{v['count']:7d} {v['count'] / max(1, messages):8.2f} {v['seconds']:8.3f} "
+            f"{v['seconds'] / max(1, v['count']) * 1000:8.3f}  {kind}"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def summarize_pyspy(raw: Path, rate: int, top: int = 40) -> str:

@@ -10,9 +10,9 @@ point below is a wrapper around a real engine function.
 
 Kill points:
 
-- ``after-commit``: right after a store COMMIT returned, before any answer reaches a fetcher
-  (so before the DELE of the messages it holds);
-- ``before-commit``: a batch transaction is complete but COMMIT is not called yet;
+- ``after-commit``: right after the COMMIT of a batch holding messages returned, before any
+  answer reaches a fetcher (so before the DELE of those messages);
+- ``before-commit``: a batch transaction holding messages is complete, COMMIT not called yet;
 - ``attachment-write``: an attachment file is written and fsynced under its temporary name,
   and not yet renamed into place;
 - ``mid-retr``: the RETR command was sent and the first line of the answer read;
@@ -72,17 +72,31 @@ def arm(point: str, n: int) -> None:
     countdown = _Countdown(n)
     if point in ("after-commit", "before-commit"):
         from engine.store.sqlite import SqliteStore
+        from engine.writer import Envelope, Item, Writer
 
+        real_apply = Writer.apply
         real_commit = SqliteStore.commit
         before = point == "before-commit"
+        # Only the transactions that carry messages count: the others (directory checks,
+        # ledger queries, session reports) hold nothing a DELE depends on.
+        carrying_mail = [False]
+
+        async def apply(self: Writer, batch: list[Item]) -> list[Item]:
+            carrying_mail[0] = any(isinstance(item, Envelope) for item in batch)
+            try:
+                return await real_apply(self, batch)
+            finally:
+                carrying_mail[0] = False
 
         async def commit(self: SqliteStore) -> None:
-            if before and countdown.hit():
+            counts = carrying_mail[0]
+            if before and counts and countdown.hit():
                 die()
             await real_commit(self)
-            if not before and countdown.hit():
+            if not before and counts and countdown.hit():
                 die()
 
+        Writer.apply = apply  # type: ignore[method-assign]
         SqliteStore.commit = commit  # type: ignore[method-assign]
     elif point == "attachment-write":
         from engine.store import files

@@ -1,0 +1,231 @@
+"""Crash consistency: SIGKILL the engine anywhere, restart it, and every message is in the store
+exactly once; and the store refuses to run without the durability it relies on.
+
+The short CI version of ``python -m tools.crash`` lives here (select it with ``-k crash`` or by
+this file); the long runs and their figures are in RELIABILITY.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import anyio
+import pytest
+import support
+from support import import_directory, mailbox_xml, message, once
+
+from engine.errors import StoreError
+from engine.store import open_store
+from engine.store.sqlite import SqliteStore
+from tools import crash
+from tools.crashpoints import POINTS
+from tools.dovecot import Dovecot
+from tools.fakepop3 import FakePOP3Server, Script
+
+
+@pytest.fixture(scope="module")
+def fork_launcher() -> Iterator[crash.ForkLauncher]:
+    launcher = crash.ForkLauncher()
+    yield launcher
+    launcher.close()
+
+
+def _assert_clean(figures: crash.Figures, iterations: int) -> None:
+    assert figures.iterations == iterations
+    assert figures.failed == [], figures.as_dict()
+    assert figures.losses == 0 and figures.duplicates == 0
+    assert figures.messages >= 6 * iterations
+
+
+def test_crash_harness_uses_the_tests_login() -> None:
+    assert (crash.LOGIN, crash.LOGIN_PASSWORD) == (support.LOGIN, support.LOGIN_PASSWORD)
+
+
+@pytest.mark.dovecot
+def test_crash_random_kills_and_crash_points_lose_and_duplicate_nothing(
+    dovecot: Dovecot, fork_launcher: crash.ForkLauncher
+) -> None:
+    """25 iterations, 2 to 3 mailboxes each, 1 to 3 SIGKILLs each then a run to the end.
+
+    The first iterations kill at each dangerous point for sure (N = 1), and twice at random;
+    the rest draw their kills at random. Each run is a process forked from one that has
+    imported the engine; ``test_crash_points_with_the_real_command_line`` covers the exec path.
+    """
+    base = Path(crash.tempfile.mkdtemp(prefix="mailintegration-crash-ci-"))
+    forced = [[f"{point}:1"] for point in POINTS] + [["random", "random", "random"]]
+    try:
+        figures = crash.run_iterations(
+            dovecot, base, 25, launcher=fork_launcher, seed=2026, workers=2, forced_modes=forced
+        )
+        _assert_clean(figures, 25)
+        for point in POINTS:
+            assert figures.kills[point] >= 1, (point, figures.as_dict())
+        assert figures.kills["random"] >= 3
+        assert sum(figures.kills.values()) >= 25
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.dovecot
+def test_crash_points_with_the_real_command_line(dovecot: Dovecot) -> None:
+    """``python -m tools.crashpoints POINT 1 -- once …`` then ``python -m engine once …``."""
+    base = Path(crash.tempfile.mkdtemp(prefix="mailintegration-crash-exec-"))
+    forced = [[f"{point}:1"] for point in POINTS]
+    try:
+        figures = crash.run_iterations(
+            dovecot,
+            base,
+            len(forced),
+            launcher=crash.ExecLauncher(),
+            seed=7,
+            workers=2,
+            forced_modes=forced,
+        )
+        _assert_clean(figures, len(forced))
+        assert dict(figures.kills) == dict.fromkeys(POINTS, 1)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.dovecot
+def test_crash_verification_notices_loss_duplicates_and_stray_files(
+    dovecot: Dovecot, fork_launcher: crash.ForkLauncher, tmp_path: Path
+) -> None:
+    """The harness is not vacuous: damage done to a good store is reported."""
+    template = crash.make_template(tmp_path / "template" / "data")
+    rng = crash.random.Random(5)
+    result = crash.iteration(
+        dovecot, tmp_path, template, 0, rng, fork_launcher, crash._BusyTime(0.5), modes=[]
+    )
+    assert result.problems == [] and result.runs == [("final", 0, 0)]
+    data = tmp_path / "it-00000" / "data"
+    assert not data.exists()  # a clean iteration leaves nothing behind
+
+    rng = crash.random.Random(5)
+    result = crash.iteration(
+        dovecot,
+        tmp_path,
+        template,
+        1,
+        rng,
+        fork_launcher,
+        crash._BusyTime(0.5),
+        modes=[],
+        keep=True,
+    )
+    assert result.problems == []
+    data = tmp_path / "it-00001" / "data"
+    db = sqlite3.connect(data / "mailintegration.sqlite3")
+    mids = [r[0] for r in db.execute("SELECT message_id FROM ledger ORDER BY id")]
+    delivered = [
+        crash.Delivered("nobody", mid, sha, frozenset())
+        for mid, sha in db.execute("SELECT message_id, sha256 FROM ledger ORDER BY id")
+    ]
+    with db:
+        db.execute("DELETE FROM ledger WHERE message_id = ?", (mids[0],))
+        db.execute(
+            "INSERT INTO ledger(account, uidl, mailbox, message_id, sha256, outcome, "
+            "processed_at) SELECT account, uidl || 'x', mailbox, message_id, sha256, outcome, "
+            "processed_at FROM ledger WHERE message_id = ?",
+            (mids[1],),
+        )
+    db.close()
+    orphan = b"nobody cites me"
+    digest = hashlib.sha256(orphan).hexdigest()
+    (data / "attachments" / digest[:2]).mkdir(exist_ok=True)
+    (data / "attachments" / digest[:2] / digest).write_bytes(orphan)
+    (data / "attachments" / digest[:2] / ".tmp-abc").write_bytes(b"half")
+    dovecot.add_user("nobody", "nobody-pw")
+    check = crash.verify(data, delivered, dovecot)
+    assert check.losses == 1 and check.duplicates == 1
+    text = "\n".join(check.problems)
+    assert f"lost {mids[0]}" in text
+    assert f"duplicated {mids[1]}" in text
+    assert "orphan attachment files" in text
+    assert "stray file in attachments/: " in text
+
+
+# -- durability settings -------------------------------------------------------------------
+
+
+def _rewrite_pragma(monkeypatch: pytest.MonkeyPatch, old: str, new: str) -> None:
+    real = aiosqlite.Connection.execute
+
+    def execute(self: aiosqlite.Connection, sql: str, *args: Any) -> Any:
+        return real(self, sql.replace(old, new), *args)
+
+    monkeypatch.setattr(aiosqlite.Connection, "execute", execute)
+
+
+@pytest.mark.parametrize("level", ["NORMAL", "OFF"])
+def test_store_refuses_synchronous_below_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, level: str
+) -> None:
+    _rewrite_pragma(monkeypatch, "PRAGMA synchronous = FULL", f"PRAGMA synchronous = {level}")
+    with pytest.raises(StoreError, match="synchronous=FULL"):
+        anyio.run(open_store, tmp_path / "data")
+
+
+def test_store_refuses_to_run_without_wal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _rewrite_pragma(monkeypatch, "PRAGMA journal_mode = WAL", "PRAGMA journal_mode = DELETE")
+    with pytest.raises(StoreError, match="WAL"):
+        anyio.run(open_store, tmp_path / "data")
+
+
+def test_store_accepts_synchronous_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _rewrite_pragma(monkeypatch, "PRAGMA synchronous = FULL", "PRAGMA synchronous = EXTRA")
+
+    async def go() -> int:
+        store = await open_store(tmp_path / "data")
+        try:
+            async with store.db.execute("PRAGMA synchronous") as cur:
+                row = await cur.fetchone()
+            assert row is not None
+            return int(row[0])
+        finally:
+            await store.close()
+
+    assert anyio.run(go) == 3
+
+
+def test_every_engine_connection_is_wal_and_synchronous_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Asked on the engine's own connections, while it writes: synchronous = 2 (FULL), WAL."""
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    opened: list[aiosqlite.Connection] = []
+    seen: dict[int, tuple[int, str]] = {}
+    real_connect = aiosqlite.connect
+    real_commit = SqliteStore.commit
+
+    def connect(*args: Any, **kwargs: Any) -> aiosqlite.Connection:
+        conn = real_connect(*args, **kwargs)
+        opened.append(conn)
+        return conn
+
+    async def commit(self: SqliteStore) -> None:
+        async with self.db.execute("PRAGMA synchronous") as cur:
+            sync = await cur.fetchone()
+        async with self.db.execute("PRAGMA journal_mode") as cur:
+            mode = await cur.fetchone()
+        assert sync is not None and mode is not None
+        seen[id(self.db)] = (int(sync[0]), str(mode[0]).lower())
+        await real_commit(self)
+
+    monkeypatch.setattr(aiosqlite, "connect", connect)
+    monkeypatch.setattr(SqliteStore, "commit", commit)
+    script = Script(messages=[message("Durable", attachments=(("a.bin", "x/y", b"1"),))])
+    with FakePOP3Server(script) as fake:
+        cfg = mailbox_xml(tmp_path / "m.xml", port=fake.port, user="u", password="p")
+        assert once(data, cfg) == 0
+        assert fake.deleted == [1]
+    assert opened, "the engine opened no connection through aiosqlite.connect"
+    assert {id(c) for c in opened} == set(seen)
+    assert set(seen.values()) == {(2, "wal")}
