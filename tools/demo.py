@@ -80,8 +80,9 @@ def main() -> int:
         run("requests", "list", env=env)
         run("requests", "show", "1", env=env)
         run("requests", "show", "3", env=env)
+        command = Path(sys.executable).parent / "mailintegration"
         print(
-            f"\nThe store is in {work / 'data'}; try: mailintegration requests show 3 --json "
+            f"\nThe store is in {work / 'data'}; try: {command} requests show 3 --json "
             f"--data-dir {work / 'data'}"
         )
     finally:
