@@ -447,33 +447,45 @@ def test_daemon_hot_reload_health_and_metrics(
     assert b"stopped:" in d.log.read_bytes()
 
 
-def test_sigterm_during_a_busy_run_loses_and_duplicates_nothing(
-    tmp_path: Path, dovecot: Any, daemon: Callable[..., Daemon]
-) -> None:
+def busy_mailboxes(
+    tmp_path: Path, dovecot: Any, prefix: str, boxes: int, per_box: int
+) -> tuple[Path, Path, list[str]]:
+    """A store with the directory, and ``boxes`` mailbox files each holding ``per_box`` mails."""
     data = tmp_path / "data"
     import_directory(data, tmp_path)
     conf = tmp_path / "mailboxes.d"
     conf.mkdir()
     users = []
-    for i in range(4):
-        user, pw = f"busy{i}-{time.monotonic_ns()}", "busy-pw"
+    for i in range(boxes):
+        user, pw = f"{prefix}{i}-{time.monotonic_ns()}", f"{prefix}-pw"
         dovecot.add_user(user, pw)
         users.append(user)
-        mailbox_xml(conf / f"busy{i}.xml", port=dovecot.pop3_port, user=user, password=pw)
-        for j in range(150):
-            dovecot.deliver(user, message(f"Busy {i}/{j}", body="x" * 2000))
+        mailbox_xml(conf / f"{prefix}{i}.xml", port=dovecot.pop3_port, user=user, password=pw)
+        for j in range(per_box):
+            dovecot.deliver(user, message(f"{prefix} {i}/{j}", body="x" * 2500))
+    return data, conf, users
+
+
+def assert_exactly_once(data: Path, conf: Path, dovecot: Any, users: list[str], n: int) -> None:
+    """A final `once` converges: every message once in the store, every mailbox empty."""
+    assert once(data, conf) == 0
+    reqs = [r for r in requests(data) if r["kind"] == "mail"]
+    assert len(reqs) == n and len({r["subject"] for r in reqs}) == n
+    assert len(ledger(data)) == n
+    assert all(dovecot.count(u) == 0 for u in users)
+
+
+def test_sigterm_during_a_busy_run_loses_and_duplicates_nothing(
+    tmp_path: Path, dovecot: Any, daemon: Callable[..., Daemon]
+) -> None:
+    data, conf, users = busy_mailboxes(tmp_path, dovecot, "busy", 4, 150)
     d = daemon(conf, data, "--grace-seconds", "20")
     wait_for(lambda: count_rows(data, "SELECT count(*) FROM ledger") > 20, what="progress")
     d.proc.send_signal(signal.SIGTERM)
     started = time.monotonic()
     assert d.proc.wait(30) == 0
     assert time.monotonic() - started < 25
-    assert once(data, conf) == 0
-    reqs = [r for r in requests(data) if r["kind"] == "mail"]
-    assert len(reqs) == 600
-    assert len({r["subject"] for r in reqs}) == 600
-    assert len(ledger(data)) == 600
-    assert all(dovecot.count(u) == 0 for u in users)
+    assert_exactly_once(data, conf, dovecot, users, 600)
 
 
 def test_compose_file_names_only_things_that_exist() -> None:
@@ -512,18 +524,7 @@ def test_compose_file_names_only_things_that_exist() -> None:
 def test_second_signal_cancels_at_once_without_loss(
     tmp_path: Path, dovecot: Any, daemon: Callable[..., Daemon]
 ) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
-    conf = tmp_path / "mailboxes.d"
-    conf.mkdir()
-    users = []
-    for i in range(3):
-        user, pw = f"twice{i}-{time.monotonic_ns()}", "twice-pw"
-        dovecot.add_user(user, pw)
-        users.append(user)
-        mailbox_xml(conf / f"twice{i}.xml", port=dovecot.pop3_port, user=user, password=pw)
-        for j in range(200):
-            dovecot.deliver(user, message(f"Twice {i}/{j}", body="y" * 3000))
+    data, conf, users = busy_mailboxes(tmp_path, dovecot, "twice", 3, 200)
     # One mailbox hangs mid-RETR for a minute: the first signal alone waits for it.
     stall = Script(
         messages=[message("Stalls")], stall_on_retr=1, stall_timeout=90, fault_sessions=1
@@ -544,11 +545,7 @@ def test_second_signal_cancels_at_once_without_loss(
         assert time.monotonic() - started < 10
         assert fake.deleted == []
         (conf / "stalled.xml").unlink()
-    assert once(data, conf) == 0
-    reqs = [r for r in requests(data) if r["kind"] == "mail"]
-    assert len(reqs) == 600 and len({r["subject"] for r in reqs}) == 600
-    assert len(ledger(data)) == 600
-    assert all(dovecot.count(u) == 0 for u in users)
+    assert_exactly_once(data, conf, dovecot, users, 600)
 
 
 def test_once_on_a_terminal_shows_progress_per_mailbox(
