@@ -43,7 +43,7 @@ def poplib_loop(
         _, lines, _ = conn.uidl()
         numbers = [int(line.split()[0]) for line in lines]
         for number in numbers:
-            _, body, octets = conn.retr(number)
+            _, _lines, octets = conn.retr(number)
             out.messages += 1
             out.octets += octets
             conn.dele(number)

@@ -36,6 +36,11 @@ UNKNOWN_SENDERS = [
     ("François Côté", "fcote@client.example"),
 ]
 
+
+def _vocabulary(text: str) -> list[str]:
+    return text.split()
+
+
 _ASCII_SUBJECTS = [
     "Printer on floor 3 is jammed again",
     "Cannot connect to VPN from home",
@@ -59,22 +64,22 @@ _NON_ASCII_SUBJECTS = [
     "Ошибка входа в систему",
     "Réinitialisation du mot de passe — urgent ✔",
 ]
-_WORDS = (
+_WORDS = _vocabulary(
     "the printer server network laptop account password login screen update error message "
     "please urgent again since yesterday morning office floor meeting room access folder "
     "drive shared ticket request help thanks regards cannot does not work when after before "
     "with without restart reboot cable wireless badge door phone extension email calendar "
     "invitation license software install version window button click report attached see "
     "below above issue problem customer colleague manager approval budget deadline"
-).split()
-_WORDS_FR = (
+)
+_WORDS_FR = _vocabulary(
     "imprimante réseau écran mot de passe accès dossier problème réunion étage après "
     "depuis hier matin merci cordialement urgent toujours encore logiciel mise à jour "
     "pièce jointe voir ci-dessous collègue approbation échéance"
-).split()
+)
 
 _HTML_HEAD = (
-    "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><style>p{margin:0}"
+    '<!DOCTYPE html><html><head><meta charset="utf-8"><style>p{margin:0}'
     ".sig{color:#888}</style></head><body>"
 )
 
@@ -133,7 +138,7 @@ def _html_body(rng: random.Random, size: int, french: bool, name: str) -> str:
     items = "".join(
         f"<p>{p}</p>\n" if rng.random() < 0.8 else f"<ul><li>{p}</li></ul>\n" for p in paras
     )
-    return f"{_HTML_HEAD}\n<p>Hello,</p>\n{items}<p class=\"sig\">{name}</p></body></html>\n"
+    return f'{_HTML_HEAD}\n<p>Hello,</p>\n{items}<p class="sig">{name}</p></body></html>\n'
 
 
 def _attachment_size(rng: random.Random) -> int:
@@ -174,7 +179,8 @@ def _latin1_subject(subject: str) -> str | None:
 
 def _fold(name: str, value: str) -> bytes:
     """A header line, RFC 2047-encoded and folded when needed, with CRLF."""
-    return SMTP.header_factory(name, value).fold(policy=SMTP).encode("ascii")
+    folded: str = SMTP.header_factory(name, value).fold(policy=SMTP)
+    return folded.encode("ascii")
 
 
 def _text_part(rng: random.Random, text: str, subtype: str) -> bytes:
@@ -190,8 +196,7 @@ def _text_part(rng: random.Random, text: str, subtype: str) -> bytes:
     if not payload.endswith(b"\r\n"):
         payload += b"\r\n"
     head = (
-        f"Content-Type: text/{subtype}; charset=\"utf-8\"\r\n"
-        f"Content-Transfer-Encoding: {cte}\r\n\r\n"
+        f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: {cte}\r\n\r\n'
     ).encode("ascii")
     return head + payload
 
@@ -199,9 +204,12 @@ def _text_part(rng: random.Random, text: str, subtype: str) -> bytes:
 def _attachment_part(filename: str, maintype: str, subtype: str, data: bytes) -> bytes:
     disposition = _fold("Content-Disposition", f'attachment; filename="{filename}"')
     head = (
-        f"Content-Type: {maintype}/{subtype}\r\n"
-        "Content-Transfer-Encoding: base64\r\n"
-    ).encode("ascii") + disposition + b"\r\n"
+        (f"Content-Type: {maintype}/{subtype}\r\nContent-Transfer-Encoding: base64\r\n").encode(
+            "ascii"
+        )
+        + disposition
+        + b"\r\n"
+    )
     return head + base64.encodebytes(data).replace(b"\n", b"\r\n")
 
 
@@ -248,21 +256,18 @@ def make_message(rng: random.Random, index: int, *, big_bytes: int = 0) -> Templ
     ]
     if rng.random() < 0.2:
         lines.append(b"Cc: " + formataddr(("Équipe TI", "it-team@example.com")).encode() + b"\r\n")
-    lines.append(
-        f"Subject: {latin1}\r\n".encode("ascii") if latin1 else _fold("Subject", subject)
-    )
+    lines.append(f"Subject: {latin1}\r\n".encode("ascii") if latin1 else _fold("Subject", subject))
     day = rng.randint(1, 28)
-    lines.append(
-        f"Date: {('Mon', 'Tue', 'Wed', 'Thu', 'Fri')[day % 5]}, {day:02d} Nov 2026 "
-        f"{rng.randint(7, 18):02d}:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d} -0500\r\n"
-        .encode("ascii")
-    )
+    weekday = ("Mon", "Tue", "Wed", "Thu", "Fri")[day % 5]
+    clock = f"{rng.randint(7, 18):02d}:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}"
+    lines.append(f"Date: {weekday}, {day:02d} Nov 2026 {clock} -0500\r\n".encode("ascii"))
     lines.append(b"Message-ID: " + MID_PLACEHOLDER + b"\r\n")
     if kind == "reply":
         lines.append(f"In-Reply-To: <reply-{index}@crm.example>\r\n".encode("ascii"))
         lines.append(
-            f"References: <thread-{index}@crm.example> <reply-{index}@crm.example>\r\n"
-            .encode("ascii")
+            f"References: <thread-{index}@crm.example> <reply-{index}@crm.example>\r\n".encode(
+                "ascii"
+            )
         )
     mailer = rng.choice(("Microsoft Outlook 16.0", "Thunderbird 128.3", "Apple Mail"))
     lines.append(f"X-Mailer: {mailer}\r\nMIME-Version: 1.0\r\n".encode("ascii"))
@@ -302,13 +307,13 @@ def make_message(rng: random.Random, index: int, *, big_bytes: int = 0) -> Templ
     return Template(kind, b"".join(lines) + content)
 
 
-def make_corpus(count: int, *, seed: int = 20261127, big: int = 0, big_bytes: int = 0) -> list[Template]:
+def make_corpus(
+    count: int, *, seed: int = 20261127, big: int = 0, big_bytes: int = 0
+) -> list[Template]:
     """``count`` messages; ``big`` of them (spread evenly) carry a ``big_bytes`` attachment."""
     rng = random.Random(seed)
     big_at = {round((k + 0.5) * count / big) for k in range(big)} if big else set()
-    return [
-        make_message(rng, i, big_bytes=big_bytes if i in big_at else 0) for i in range(count)
-    ]
+    return [make_message(rng, i, big_bytes=big_bytes if i in big_at else 0) for i in range(count)]
 
 
 def describe(corpus: list[Template]) -> str:

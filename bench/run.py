@@ -73,15 +73,29 @@ class Sizes:
 
 
 FULL = Sizes(
-    single=2000, boxes=50, per_box=200, threads=20, tls=2000,
-    memory=2000, big=5, big_bytes=15_000_000,  # 15 MB base64-encoded: a 20 MB message
-    latency=200, latency_gap=0.05,
-)  # fmt: skip
+    single=2000,
+    boxes=50,
+    per_box=200,
+    threads=20,
+    tls=2000,
+    memory=2000,
+    big=5,
+    big_bytes=15_000_000,  # 15 MB base64-encoded: a 20 MB message
+    latency=200,
+    latency_gap=0.05,
+)
 QUICK = Sizes(
-    single=200, boxes=10, per_box=20, threads=10, tls=200,
-    memory=200, big=1, big_bytes=15_000_000,
-    latency=60, latency_gap=0.05,
-)  # fmt: skip
+    single=200,
+    boxes=10,
+    per_box=20,
+    threads=10,
+    tls=200,
+    memory=200,
+    big=1,
+    big_bytes=15_000_000,
+    latency=60,
+    latency_gap=0.05,
+)
 
 MAX_MESSAGE_BYTES = 52_428_800
 
@@ -160,7 +174,7 @@ def run_process(
     log: Path,
     *,
     timeout: float,
-    on_tick: Callable[[float], None] | None = None,
+    on_tick: Callable[[float, subprocess.Popen[bytes]], None] | None = None,
     tick: float = 0.05,
 ) -> ProcResult:
     """Run ``argv`` (cwd: the repo), timed from just before the spawn to the reap.
@@ -189,7 +203,7 @@ def run_process(
     while thread.is_alive():
         thread.join(tick)
         if on_tick is not None and thread.is_alive():
-            on_tick(time.perf_counter() - start)
+            on_tick(time.perf_counter() - start, proc)
         if thread.is_alive() and time.perf_counter() > deadline:
             proc.kill()
             thread.join(10)
@@ -231,6 +245,7 @@ class World:
         self.dovecot = dovecot
         self.nonce = nonce
         self.serial = 0
+        self.startup_cpu: float | None = None  # CPU of `once` over an empty mailbox
 
     def fresh(self, case: str) -> Path:
         self.serial += 1
@@ -288,11 +303,19 @@ class World:
         directory = folder / "directory.json"
         directory.write_text(json.dumps(DIRECTORY), encoding="utf-8")
         result = run_process(
-            [sys.executable, "-m", "engine", "directory", "import", str(directory),
-             "--data-dir", str(data_dir)],
+            [
+                sys.executable,
+                "-m",
+                "engine",
+                "directory",
+                "import",
+                str(directory),
+                "--data-dir",
+                str(data_dir),
+            ],
             folder / "directory-import.log",
             timeout=120,
-        )  # fmt: skip
+        )
         if result.returncode != 0:
             raise BenchError(f"directory import failed:\n{_log_tail(result.log)}")
         return config_dir, data_dir
@@ -304,15 +327,23 @@ class World:
         data_dir: Path,
         *,
         timeout: float,
-        on_tick: Callable[[float], None] | None = None,
+        on_tick: Callable[[float, subprocess.Popen[bytes]], None] | None = None,
     ) -> ProcResult:
         return run_process(
-            [sys.executable, "-m", "engine", "once", "--config-dir", str(config_dir),
-             "--data-dir", str(data_dir)],
+            [
+                sys.executable,
+                "-m",
+                "engine",
+                "once",
+                "--config-dir",
+                str(config_dir),
+                "--data-dir",
+                str(data_dir),
+            ],
             folder / "engine.log",
             timeout=timeout,
             on_tick=on_tick,
-        )  # fmt: skip
+        )
 
 
 def _db(data_dir: Path) -> sqlite3.Connection:
@@ -359,8 +390,9 @@ def verify(
     if missing:
         problems.append(f"{len(missing)} message(s) not in the ledger, e.g. {missing[:3]}")
     if twice:
-        problems.append(f"{len(twice)} message(s) in the ledger more than once, e.g. "
-                        f"{list(twice.items())[:3]}")  # fmt: skip
+        problems.append(
+            f"{len(twice)} message(s) in the ledger more than once, e.g. {list(twice.items())[:3]}"
+        )
     if foreign:
         problems.append(f"{len(foreign)} ledger row(s) for messages never delivered: {foreign[:3]}")
     for user, ids in expected.items():
@@ -369,13 +401,16 @@ def verify(
     # Each message processed (created, activity, failed) has exactly one effect: a request, a
     # non-automatic activity, or a failure event, all carrying its Message-ID.
     processed = {
-        mid for _, mid, outcome in ledger
+        mid
+        for _, mid, outcome in ledger
         if (outcome or "").split(":")[0] in ("created", "activity", "failed")
-    }  # fmt: skip
+    }
     wrong = {m: effects[m] for m in processed if effects[m] != 1}
     if wrong:
-        problems.append(f"{len(wrong)} message(s) without exactly one request/activity, e.g. "
-                        f"{list(wrong.items())[:3]}")  # fmt: skip
+        problems.append(
+            f"{len(wrong)} message(s) without exactly one request/activity, e.g. "
+            f"{list(wrong.items())[:3]}"
+        )
     if outages:
         problems.append(f"{len(outages)} outage event(s): {outages[:3]}")
     other = {k: v for k, v in outcomes.items() if k not in ("created", "activity")}
@@ -401,10 +436,30 @@ def _mb(kib: int) -> str:
     return f"{kib / 1024:.0f} MiB"
 
 
-def _timed(fn: Callable[[], Fetched]) -> tuple[Fetched, float]:
+@dataclass
+class Timed:
+    got: Fetched
+    seconds: float
+    cpu_seconds: float  # this process (the client and its threads; nothing else runs)
+
+
+def _timed(fn: Callable[[], Fetched]) -> Timed:
+    cpu = time.process_time()
     start = time.perf_counter()
     got = fn()
-    return got, time.perf_counter() - start
+    return Timed(got, time.perf_counter() - start, time.process_time() - cpu)
+
+
+def _cpu_note(base: Timed, res: ProcResult, n: int, startup_cpu: float | None) -> str:
+    """CPU per message, the number that other load on the machine disturbs least."""
+    engine = res.cpu_seconds
+    text = (
+        f"CPU per message: baseline {base.cpu_seconds / n * 1000:.2f} ms, engine "
+        f"{engine / n * 1000:.2f} ms"
+    )
+    if startup_cpu is not None and engine > startup_cpu:
+        text += f" ({(engine - startup_cpu) / n * 1000:.2f} ms without the startup's CPU)"
+    return text
 
 
 def _check_fetched(
@@ -416,82 +471,112 @@ def _check_fetched(
         report.problems.append(f"{what}: {p}")
 
 
-def _engine_notes(res: ProcResult, n: int) -> list[str]:
-    notes = [f"engine {res.seconds:.2f} s wall, {res.cpu_seconds:.2f} s CPU, "
-             f"peak RSS {_mb(res.maxrss_kib)}"]  # fmt: skip
-    if res.returncode != 0:
-        notes.append(f"**exit code {res.returncode}**")
-    return notes
-
-
-def case_startup(world: World, report: Report) -> float:
+def case_startup(world: World, report: Report) -> None:
     """``once`` over one empty mailbox: the fixed cost in every engine time below."""
     folder = world.fresh("startup")
     users = world.users("empty", 1)
     config_dir, data_dir = world.engine_setup(folder, users)
     res = world.engine_once(folder, config_dir, data_dir, timeout=120)
+    world.startup_cpu = res.cpu_seconds
     row = Row("startup: `once` over 1 empty mailbox", 0)
-    row.notes.append(f"{res.seconds:.2f} s from process start to exit (fixed cost in every "
-                     f"engine time below), peak RSS {_mb(res.maxrss_kib)}")  # fmt: skip
+    row.notes.append(
+        f"{res.seconds:.2f} s from process start to exit, {res.cpu_seconds:.2f} s "
+        "CPU (a fixed cost in every engine time below), peak RSS "
+        f"{_mb(res.maxrss_kib)}"
+    )
     if res.returncode != 0:
         row.notes.append(f"**exit code {res.returncode}**")
         report.problems.append(f"startup: exit code {res.returncode}\n{_log_tail(res.log)}")
     report.rows.append(row)
-    return res.seconds
 
 
-def case_single(
+def _engine_case(
     world: World,
     report: Report,
-    corpus: list[Template],
+    row: Row,
+    case: str,
+    folder: Path,
+    config_dir: Path,
+    data_dir: Path,
+    expected: dict[str, list[str]],
+    base: Timed,
     *,
-    tls: bool,
-) -> None:
+    on_tick: Callable[[float, subprocess.Popen[bytes]], None] | None = None,
+    extra_notes: Callable[[ProcResult], list[str]] | None = None,
+) -> ProcResult:
+    """Run ``once``, fill the row (rate, notes, CPU) and verify the store."""
+    n = row.messages
+    res = world.engine_once(
+        folder, config_dir, data_dir, timeout=max(600.0, n / 5), on_tick=on_tick
+    )
+    row.baseline = _rate(n, base.seconds)
+    row.engine = _rate(n, res.seconds)
+    if extra_notes is not None:
+        row.notes += extra_notes(res)
+    row.notes.append(
+        f"engine {res.seconds:.2f} s wall, {res.cpu_seconds:.2f} s CPU, peak RSS "
+        f"{_mb(res.maxrss_kib)}"
+    )
+    row.notes.append(_cpu_note(base, res, n, world.startup_cpu))
+    if res.returncode != 0:
+        row.notes.append(f"**exit code {res.returncode}**")
+        report.problems.append(f"{case}: engine exit code {res.returncode}\n{_log_tail(res.log)}")
+    row.notes.append(verify(world, data_dir, expected, case, report))
+    report.rows.append(row)
+    return res
+
+
+def case_single(world: World, report: Report, corpus: list[Template], *, tls: bool) -> None:
     n = len(corpus)
-    name = "POP3S" if tls else "POP3"
-    case = f"1 mailbox x {n} ({name})"
+    case = f"1 mailbox x {n} ({'POP3S' if tls else 'POP3'})"
     context = ssl.create_default_context(cafile=str(world.dovecot.ca_file)) if tls else None
     host = "localhost" if tls else world.dovecot.host
     port = world.dovecot.pop3s_port if tls else world.dovecot.pop3_port
-    row = Row(case, n)
 
     users = world.users("pl", 1)
     world.deliver(users[0], corpus)
-    got, seconds = _timed(
-        lambda: poplib_loop(host, port, users[0], f"pw-{users[0]}", tls=context)
-    )
-    _check_fetched(world, got, users, n, f"{case} poplib", report)
-    row.baseline = _rate(n, seconds)
+    base = _timed(lambda: poplib_loop(host, port, users[0], f"pw-{users[0]}", tls=context))
+    _check_fetched(world, base.got, users, n, f"{case} poplib", report)
 
     users = world.users("pp", 1)
     world.deliver(users[0], corpus)
-    got, seconds = _timed(
-        lambda: pipelined(host, port, users[0], f"pw-{users[0]}", tls=context,
-                          server_hostname="localhost")  # fmt: skip
+    piped = _timed(
+        lambda: pipelined(
+            host, port, users[0], f"pw-{users[0]}", tls=context, server_hostname="localhost"
+        )
     )
-    _check_fetched(world, got, users, n, f"{case} pipelined", report)
-    piped = _rate(n, seconds)
+    _check_fetched(world, piped.got, users, n, f"{case} pipelined", report)
+    piped_rate = _rate(n, piped.seconds)
 
     folder = world.fresh("single-tls" if tls else "single")
     users = world.users("en", 1)
     expected = {users[0]: world.deliver(users[0], corpus)}
     config_dir, data_dir = world.engine_setup(folder, users, tls=tls)
-    res = world.engine_once(folder, config_dir, data_dir, timeout=max(300.0, n / 5))
-    row.engine = _rate(n, res.seconds)
-    row.notes.append(f"pipelined client {piped:,.0f} msg/s, engine/pipelined "
-                     f"{row.engine / piped:.3f}")  # fmt: skip
-    row.notes += _engine_notes(res, n)
-    if res.returncode != 0:
-        report.problems.append(f"{case}: engine exit code {res.returncode}\n{_log_tail(res.log)}")
-    row.notes.append(verify(world, data_dir, expected, case, report))
-    report.rows.append(row)
+
+    def notes(res: ProcResult) -> list[str]:
+        return [
+            f"pipelined client {piped_rate:,.0f} msg/s, engine/pipelined "
+            f"{_rate(n, res.seconds) / piped_rate:.3f}"
+        ]
+
+    _engine_case(
+        world,
+        report,
+        Row(case, n),
+        case,
+        folder,
+        config_dir,
+        data_dir,
+        expected,
+        base,
+        extra_notes=notes,
+    )
 
 
 def case_many(world: World, report: Report, corpus: list[Template], sizes: Sizes) -> None:
     m, k = sizes.boxes, sizes.per_box
     n = m * k
     case = f"{m} mailboxes x {k}"
-    row = Row(case, n)
 
     def slice_for(j: int) -> list[Template]:
         return [corpus[(j * k + i) % len(corpus)] for i in range(k)]
@@ -509,21 +594,20 @@ def case_many(world: World, report: Report, corpus: list[Template], sizes: Sizes
                 total.octets += got.octets
         return total
 
-    got, seconds = _timed(threaded)
-    _check_fetched(world, got, users, n, f"{case} threaded poplib", report)
-    row.baseline = _rate(n, seconds)
+    base = _timed(threaded)
+    _check_fetched(world, base.got, users, n, f"{case} threaded poplib", report)
 
     folder = world.fresh("many")
     users = world.users("em", m)
     expected = {user: world.deliver(user, slice_for(j)) for j, user in enumerate(users)}
     config_dir, data_dir = world.engine_setup(folder, users)
 
-    # Per-mailbox finish times: poll the ledger (read-only, WAL) while the engine runs.
+    # Per-mailbox finish times: poll the ledger (WAL: readers never block the writer).
     finished: dict[str, float] = {}
     first_row: list[float] = []
     db = _db(data_dir)
 
-    def tick(elapsed: float) -> None:
+    def tick(elapsed: float, proc: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(sqlite3.Error):
             counts = dict(db.execute("SELECT mailbox, COUNT(*) FROM ledger GROUP BY mailbox"))
             if counts and not first_row:
@@ -532,57 +616,143 @@ def case_many(world: World, report: Report, corpus: list[Template], sizes: Sizes
                 if count >= k and box not in finished:
                     finished[box] = elapsed
 
+    def notes(res: ProcResult) -> list[str]:
+        for user in users:
+            finished.setdefault(user, res.seconds)
+        times = sorted(finished.values())
+        median = statistics.median(times)
+        return [
+            f"baseline: poplib loop in {sizes.threads} threads; engine with its default "
+            "--max-sessions 16",
+            f"per-mailbox finish (ledger polled every 50 ms, from process start): first "
+            f"{times[0]:.2f} s, median {median:.2f} s, max {times[-1]:.2f} s "
+            f"(max/median {times[-1] / median:.2f}); first ledger row at "
+            f"{first_row[0] if first_row else float('nan'):.2f} s",
+        ]
+
     try:
-        res = world.engine_once(folder, config_dir, data_dir, timeout=max(600.0, n / 5),
-                                on_tick=tick)  # fmt: skip
+        _engine_case(
+            world,
+            report,
+            Row(case, n),
+            case,
+            folder,
+            config_dir,
+            data_dir,
+            expected,
+            base,
+            on_tick=tick,
+            extra_notes=notes,
+        )
     finally:
         db.close()
-    for user in users:
-        finished.setdefault(user, res.seconds)
-    row.engine = _rate(n, res.seconds)
-    row.notes.append(f"baseline: poplib loop in {sizes.threads} threads; engine with its "
-                     "default --max-sessions 16")  # fmt: skip
-    times = sorted(finished.values())
-    row.notes.append(
-        f"mailbox finish (polled every 50 ms, from process start): first "
-        f"{times[0]:.2f} s, median {statistics.median(times):.2f} s, max {times[-1]:.2f} s; "
-        f"first ledger row at {first_row[0] if first_row else float('nan'):.2f} s"
-    )
-    row.notes += _engine_notes(res, n)
-    if res.returncode != 0:
-        report.problems.append(f"{case}: engine exit code {res.returncode}\n{_log_tail(res.log)}")
-    row.notes.append(verify(world, data_dir, expected, case, report))
-    report.rows.append(row)
 
 
 def case_memory(world: World, report: Report, sizes: Sizes) -> None:
+    """Peak RSS with a few 20 MB messages, spread evenly (the row), then the same corpus with
+    the big messages one after the other (a note: they can be in flight together)."""
     corpus = make_corpus(sizes.memory, seed=7, big=sizes.big, big_bytes=sizes.big_bytes)
     n = len(corpus)
-    big = sorted((len(t.raw) for t in corpus), reverse=True)[: sizes.big]
+    big_size = min(sorted((len(t.raw) for t in corpus), reverse=True)[: sizes.big])
     total_mb = sum(len(t.raw) for t in corpus) / 1e6
-    case = f"memory: 1 mailbox x {n} incl. {sizes.big} x {big[-1] / 1e6:.0f} MB"
-    row = Row(case, n)
+    case = f"memory: 1 mailbox x {n} incl. {sizes.big} x {big_size / 1e6:.0f} MB"
 
     users = world.users("ml", 1)
     world.deliver(users[0], corpus)
     host, port = world.dovecot.host, world.dovecot.pop3_port
-    got, seconds = _timed(lambda: poplib_loop(host, port, users[0], f"pw-{users[0]}"))
-    _check_fetched(world, got, users, n, f"{case} poplib", report)
-    row.baseline = _rate(n, seconds)
+    base = _timed(lambda: poplib_loop(host, port, users[0], f"pw-{users[0]}"))
+    _check_fetched(world, base.got, users, n, f"{case} poplib", report)
+
+    # The same messages with the big ones back to back in the middle.
+    big = [t for t in corpus if t.kind == "big"]
+    small = [t for t in corpus if t.kind != "big"]
+    clustered = small[: len(small) // 2] + big + small[len(small) // 2 :]
+    folder = world.fresh("memory-clustered")
+    users = world.users("mc", 1)
+    expected = {users[0]: world.deliver(users[0], clustered)}
+    del clustered
+    config_dir, data_dir = world.engine_setup(folder, users, max_bytes=MAX_MESSAGE_BYTES)
+    together = world.engine_once(folder, config_dir, data_dir, timeout=max(600.0, n / 5))
+    check = verify(world, data_dir, expected, f"{case} (clustered)", report)
+    if together.returncode != 0:
+        report.problems.append(
+            f"{case} (clustered): engine exit code {together.returncode}\n{_log_tail(together.log)}"
+        )
 
     folder = world.fresh("memory")
     users = world.users("mm", 1)
     expected = {users[0]: world.deliver(users[0], corpus)}
     del corpus
     config_dir, data_dir = world.engine_setup(folder, users, max_bytes=MAX_MESSAGE_BYTES)
-    res = world.engine_once(folder, config_dir, data_dir, timeout=max(600.0, n / 5))
-    row.engine = _rate(n, res.seconds)
-    row.notes.append(f"**peak RSS {_mb(res.maxrss_kib)}** (wait4 on the engine process); "
-                     f"corpus {total_mb:.0f} MB, maxMessageBytes {MAX_MESSAGE_BYTES}")  # fmt: skip
-    row.notes += _engine_notes(res, n)[1:]
-    row.notes.append(f"engine {res.seconds:.2f} s wall, {res.cpu_seconds:.2f} s CPU")
-    if res.returncode != 0:
-        report.problems.append(f"{case}: engine exit code {res.returncode}\n{_log_tail(res.log)}")
+
+    def notes(res: ProcResult) -> list[str]:
+        return [
+            f"**peak RSS {_mb(res.maxrss_kib)}** with the big messages spread evenly, "
+            f"**{_mb(together.maxrss_kib)}** with them back to back (exit "
+            f"{together.returncode}; {check}); wait4 on the engine process; corpus "
+            f"{total_mb:.0f} MB, maxMessageBytes {MAX_MESSAGE_BYTES}"
+        ]
+
+    _engine_case(
+        world,
+        report,
+        Row(case, n),
+        case,
+        folder,
+        config_dir,
+        data_dir,
+        expected,
+        base,
+        extra_notes=notes,
+    )
+
+
+def case_crash(world: World, report: Report, corpus: list[Template]) -> None:
+    """Not a timing: SIGKILL ``once`` a third of the way through, run it again, and check
+    that every message is still in the store exactly once and the mailbox ends empty (the
+    killed session's DELEs were never committed by a QUIT, so the rerun meets messages that
+    are already in the ledger)."""
+    n = len(corpus)
+    case = f"crash: SIGKILL `once` after {n // 3} of {n}, then `once` again"
+    row = Row(case, n)
+    folder = world.fresh("crash")
+    users = world.users("cr", 1)
+    expected = {users[0]: world.deliver(users[0], corpus)}
+    config_dir, data_dir = world.engine_setup(folder, users)
+    db = _db(data_dir)
+    killed_at: list[int] = []
+
+    def tick(elapsed: float, proc: subprocess.Popen[bytes]) -> None:
+        if killed_at:
+            return
+        with contextlib.suppress(sqlite3.Error):
+            (rows,) = db.execute("SELECT COUNT(*) FROM ledger").fetchone()
+            if rows >= n // 3:
+                proc.kill()
+                killed_at.append(rows)
+
+    try:
+        first = world.engine_once(
+            folder, config_dir, data_dir, timeout=max(600.0, n / 5), on_tick=tick
+        )
+    finally:
+        db.close()
+    left = world.dovecot.count(users[0])
+    if not killed_at:
+        row.notes.append(f"the first run ended (exit {first.returncode}) before the kill")
+    (folder / "engine.log").rename(folder / "engine-killed.log")
+    second = world.engine_once(folder, config_dir, data_dir, timeout=max(600.0, n / 5))
+    already = _log_tail(folder / "engine.log", 10**6).count("already in the ledger")
+    row.notes.append(
+        f"killed with >= {killed_at[0] if killed_at else '?'} ledger rows (exit "
+        f"{first.returncode}); {left} message(s) still on the server; the rerun (exit "
+        f"{second.returncode}) found {already} of them already in the ledger"
+    )
+    if second.returncode != 0:
+        row.notes.append(f"**rerun exit code {second.returncode}**")
+        report.problems.append(
+            f"{case}: rerun exit code {second.returncode}\n{_log_tail(second.log)}"
+        )
     row.notes.append(verify(world, data_dir, expected, case, report))
     report.rows.append(row)
 
@@ -601,8 +771,20 @@ def case_latency(world: World, report: Report, corpus: list[Template], sizes: Si
     users = world.users("lt", 1)
     user = users[0]
     config_dir, data_dir = world.engine_setup(folder, users)
-    argv = [sys.executable, "-m", "engine", "run", "--config-dir", str(config_dir),
-            "--data-dir", str(data_dir), "--poll-interval", "1", "--http-port", "0"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "engine",
+        "run",
+        "--config-dir",
+        str(config_dir),
+        "--data-dir",
+        str(data_dir),
+        "--poll-interval",
+        "1",
+        "--http-port",
+        "0",
+    ]
     log = folder / "engine.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -671,8 +853,9 @@ def case_latency(world: World, report: Report, corpus: list[Template], sizes: Si
             _CHILDREN.remove(proc)
     lat = sorted(seen[m] - t for m, t in delivered.items() if m in seen)
     if not complete:
-        report.problems.append(f"{case}: {n - len(lat)} message(s) never reached the ledger "
-                               "within 60 s")  # fmt: skip
+        report.problems.append(
+            f"{case}: {n - len(lat)} message(s) never reached the ledger within 60 s"
+        )
     if lat:
         row.notes.append(
             f"delivery -> ledger row: **p50 {statistics.median(lat) * 1000:.0f} ms, "
@@ -708,11 +891,10 @@ def profile(world: World, report: Report, corpus: list[Template]) -> list[Path]:
         expected = {users[0]: world.deliver(users[0], corpus)}
         config_dir, data_dir = world.engine_setup(folder, users)
         res = run_process(
-            [*tool, "-m", "engine", "once", "--config-dir", str(config_dir),
-             "--data-dir", str(data_dir)],
+            [*tool, "once", "--config-dir", str(config_dir), "--data-dir", str(data_dir)],
             folder / "engine.log",
             timeout=max(600.0, n / 2),
-        )  # fmt: skip
+        )
         case = f"profile ({tag}): 1 mailbox x {n}"
         if res.returncode != 0:
             report.problems.append(f"{case}: exit code {res.returncode}\n{_log_tail(res.log)}")
@@ -722,8 +904,20 @@ def profile(world: World, report: Report, corpus: list[Template]) -> list[Path]:
         return folder, res
 
     session = PROFILE_DIR / "profile-once.pyisession"
-    engine_run([sys.executable, "-m", "pyinstrument", "-r", "pyisession", "-o", str(session)],
-               "pyinstrument")  # fmt: skip
+    engine_run(
+        [
+            sys.executable,
+            "-m",
+            "pyinstrument",
+            "-r",
+            "pyisession",
+            "-o",
+            str(session),
+            "-m",
+            "engine",
+        ],
+        "pyinstrument",
+    )
     outputs.append(session)
     renders = [
         ("profile-once.txt", ["-r", "text", "--no-color", "--unicode"]),
@@ -732,10 +926,22 @@ def profile(world: World, report: Report, corpus: list[Template]) -> list[Path]:
     for name, flags in renders:
         target = PROFILE_DIR / name
         done = subprocess.run(
-            [sys.executable, "-m", "pyinstrument", "--load", str(session), *flags,
-             "-o", str(target)],
-            cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, timeout=300, check=False,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "pyinstrument",
+                "--load",
+                str(session),
+                *flags,
+                "-o",
+                str(target),
+            ],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=300,
+            check=False,
+        )
         if done.returncode != 0:
             report.problems.append(f"profile: rendering {name} failed: {done.stderr.decode()}")
         else:
@@ -754,8 +960,25 @@ def profile(world: World, report: Report, corpus: list[Template]) -> list[Path]:
         return outputs
     raw = PROFILE_DIR / "profile-once-pyspy.raw"
     rate = 250
-    engine_run([pyspy, "record", "--format", "raw", "--threads", "--rate", str(rate),
-                "--nonblocking", "-o", str(raw), "--", sys.executable], "py-spy")  # fmt: skip
+    engine_run(
+        [
+            pyspy,
+            "record",
+            "--format",
+            "raw",
+            "--threads",
+            "--rate",
+            str(rate),
+            "--nonblocking",
+            "-o",
+            str(raw),
+            "--",
+            sys.executable,
+            "-m",
+            "engine",
+        ],
+        "py-spy",
+    )
     if raw.is_file():
         outputs.append(raw)
         summary = PROFILE_DIR / "profile-once-pyspy.txt"
@@ -857,35 +1080,44 @@ def table(rows: list[Row]) -> str:
 
 HEADER = """# Benchmarks
 
-Throughput, memory and latency of the engine against a real Dovecot on loopback, measured by
-`bench/run.py` in one invocation:
+Throughput, memory, latency and crash recovery of the engine against a real Dovecot on
+loopback, measured by `bench/run.py` in one invocation:
 
 ```sh
-python -m bench.run            # full run: 1 x 2,000, 50 x 200, POP3S, 20 MB messages, latency
-python -m bench.run --quick    # the same cases, small (under a minute; CI may run it)
-python -m bench.run --profile  # the 1 x 2,000 case with the engine under pyinstrument
+python -m bench.run            # full: 1 x 2,000, 50 x 200, POP3S, 20 MB messages, latency, crash
+python -m bench.run --quick    # the same cases, small (about a minute; CI may run it)
+python -m bench.run --profile  # the 1 x 2,000 case under pyinstrument, SQL tracing and py-spy
 ```
 
 Each case delivers the same deterministic corpus (`bench/corpus.py`: plain text, HTML only,
 text+HTML, attachments of 1 KB to 200 KB, RFC 2047 headers, `RE: [Incident] #N` replies; about
-10 KiB per message) anew to fresh mailboxes and a fresh data directory.
+10 KiB per message), each message with a Message-ID of its own, anew to fresh mailboxes and a
+fresh data directory.
 
 How to read the table:
 
 - **baseline msg/s** is the limit a client could reach here: the stdlib `poplib` loop (USER/PASS,
   UIDL, RETR + DELE each, QUIT; in threads for the many-mailbox case). The pipelined client in
-  the notes (many RETR in flight on a raw socket) shows what the server alone can do.
+  the notes (a window of RETR, then DELE, commands in flight on a raw socket) shows what the
+  server alone can do.
 - **engine msg/s** is `python -m engine once` from process start to exit, so it includes the
   interpreter start, the store, parsing, processing, the durable commit (WAL,
   `synchronous=FULL`) and DELE after the commit. The `startup` row is that fixed cost.
 - **ratio** = engine / baseline. 1.0 would mean the engine costs nothing over a bare fetch;
   the engine also parses and commits every message durably, so expect well below 1.
+- **CPU per message** (in the notes) is the number other load on the machine disturbs least:
+  the engine's own CPU time (`wait4`) against the reference client's (`process_time`).
 - Every engine case is checked: each delivered Message-ID exactly once in the ledger and
-  exactly one request or activity for it, no outage, and every mailbox empty afterwards. A
-  failed check is printed in bold in the notes and listed under the table.
+  exactly one request or activity for it, no outage, and every mailbox empty afterwards. The
+  `crash` row kills `once` with SIGKILL a third of the way through and checks the same after
+  a second run. A failed check is printed in bold in the notes and listed under the table,
+  and makes the command exit 1; timings are never asserted.
 
-Each run appends a section below (date, `nproc`, Python, machine). Timings vary from run to
-run by 10-20 % on shared machines; compare ratios, not absolute numbers, across machines.
+Each run appends a section below (date, `nproc`, Python, machine, load average). The numbers
+move by tens of percent when other work runs on the machine (see the load average): compare
+ratios and CPU per message, not absolute rates, across runs and machines. `--profile` writes
+`bench/profile-once*` (not committed): pyinstrument's view of the event loop thread, every
+SQLite call counted and timed (`bench/sqltrace.py`), and py-spy's view of all threads.
 """
 
 
@@ -914,9 +1146,12 @@ def record(out: Path, mode: str, report: Report, facts: dict[str, str]) -> None:
 
 def machine_facts() -> dict[str, str]:
     try:
-        dovecot = subprocess.run(
-            ["dovecot", "--version"], capture_output=True, text=True, timeout=10, check=False
-        ).stdout.strip() or "?"
+        dovecot = (
+            subprocess.run(
+                ["dovecot", "--version"], capture_output=True, text=True, timeout=10, check=False
+            ).stdout.strip()
+            or "?"
+        )
     except OSError:
         dovecot = "?"
     return {
@@ -950,17 +1185,25 @@ def _terminate_on_sigterm() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (under a minute)")
-    parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md",
-                        help="append the results here (default BENCHMARKS.md)")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "BENCHMARKS.md",
+        help="append the results here (default BENCHMARKS.md)",
+    )
     parser.add_argument("--no-record", action="store_true", help="print only; append nothing")
-    parser.add_argument("--profile", action="store_true",
-                        help="only the 1-mailbox case under pyinstrument (bench/profile-once.*)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="only the 1-mailbox case under pyinstrument (bench/profile-once.*)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
-    parser.add_argument("--only", help="comma-separated cases: startup,single,many,tls,memory,"
-                        "latency")  # fmt: skip
+    parser.add_argument(
+        "--only", help="comma-separated cases: startup,single,many,tls,memory,latency,crash"
+    )
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
-    wanted = set((args.only or "startup,single,many,tls,memory,latency").split(","))
+    wanted = set((args.only or "startup,single,many,tls,memory,latency,crash").split(","))
 
     report = Report()
     facts = machine_facts()
@@ -981,13 +1224,16 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 cases: list[tuple[str, Callable[[], object]]] = [
                     ("startup", lambda: case_startup(world, report)),
-                    ("single", lambda: case_single(world, report, corpus[: sizes.single],
-                                                   tls=False)),
+                    (
+                        "single",
+                        lambda: case_single(world, report, corpus[: sizes.single], tls=False),
+                    ),
                     ("many", lambda: case_many(world, report, corpus, sizes)),
                     ("tls", lambda: case_single(world, report, corpus[: sizes.tls], tls=True)),
                     ("memory", lambda: case_memory(world, report, sizes)),
                     ("latency", lambda: case_latency(world, report, corpus, sizes)),
-                ]  # fmt: skip
+                    ("crash", lambda: case_crash(world, report, corpus[: sizes.single])),
+                ]
                 for name, run in cases:
                     if name not in wanted:
                         continue
@@ -1000,8 +1246,11 @@ def main(argv: list[str] | None = None) -> int:
                     except Exception as exc:  # a crash of one case must not lose the others
                         traceback.print_exc()
                         report.problems.append(f"{name}: crashed: {type(exc).__name__}: {exc}")
-                    print(f"[bench] {name} done in {time.perf_counter() - t0:.1f} s",
-                          file=sys.stderr, flush=True)  # fmt: skip
+                    print(
+                        f"[bench] {name} done in {time.perf_counter() - t0:.1f} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         finally:
             _stop_children()
             if dovecot is not None:

@@ -73,24 +73,24 @@ class _Cursor(sqlite3.Cursor):
 
 
 class _Connection(sqlite3.Connection):
-    def cursor(self, factory: Any = _Cursor) -> Any:  # type: ignore[override]
+    def cursor(self, factory: Any = _Cursor) -> Any:
         return super().cursor(factory)
 
-    def execute(self, sql: str, parameters: Any = (), /) -> Any:  # type: ignore[override]
+    def execute(self, sql: str, parameters: Any = (), /) -> Any:
         t = time.perf_counter()
         try:
             return self.cursor().execute(sql, parameters)
         finally:
             _note(_kind(sql), time.perf_counter() - t)
 
-    def executemany(self, sql: str, parameters: Any, /) -> Any:  # type: ignore[override]
+    def executemany(self, sql: str, parameters: Any, /) -> Any:
         t = time.perf_counter()
         try:
             return self.cursor().executemany(sql, parameters)
         finally:
             _note(_kind(sql) + " (many)", time.perf_counter() - t)
 
-    def executescript(self, script: str, /) -> Any:  # type: ignore[override]
+    def executescript(self, script: str, /) -> Any:
         t = time.perf_counter()
         try:
             return super().executescript(script)
@@ -103,7 +103,8 @@ _connect = sqlite3.connect
 
 def _traced_connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
     kwargs.setdefault("factory", _Connection)
-    return _connect(*args, **kwargs)
+    conn: sqlite3.Connection = _connect(*args, **kwargs)
+    return conn
 
 
 def main() -> None:
