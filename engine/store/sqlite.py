@@ -92,6 +92,11 @@ class SqliteStore:
         self.files = files
         self.path = path
         self.transactions = 0
+        # Directory lookups cached for one transaction only: another process may import the
+        # directory between two transactions.
+        self._ids: dict[tuple[str, str], int] = {}
+        self._teams: dict[str | int | None, Team | None] = {}
+        self._users: dict[str, User | None] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -99,55 +104,69 @@ class SqliteStore:
         await self.db.close()
 
     async def begin(self) -> None:
-        await self.db.execute("BEGIN IMMEDIATE")
+        self._ids.clear()
+        self._teams.clear()
+        self._users.clear()
+        await self._exec("BEGIN IMMEDIATE")
 
     async def commit(self) -> None:
-        await self.db.execute("COMMIT")
+        await self._exec("COMMIT")
         self.transactions += 1
 
     async def rollback(self) -> None:
         if self.db.in_transaction:
-            await self.db.execute("ROLLBACK")
+            await self._exec("ROLLBACK")
 
     async def savepoint(self, name: str) -> None:
-        await self.db.execute(f"SAVEPOINT {name}")
+        await self._exec(f"SAVEPOINT {name}")
 
     async def release(self, name: str) -> None:
-        await self.db.execute(f"RELEASE {name}")
+        await self._exec(f"RELEASE {name}")
 
     async def rollback_to(self, name: str) -> None:
-        await self.db.execute(f"ROLLBACK TO {name}")
-        await self.db.execute(f"RELEASE {name}")
+        await self._exec(f"ROLLBACK TO {name}")
+        await self._exec(f"RELEASE {name}")
 
     # -- small helpers ---------------------------------------------------------------------
 
+    # Each call below is one round trip to aiosqlite's thread (execute, fetch and close in
+    # one): those hand-offs, not SQLite, were most of the writer's time per message.
+
+    async def _exec(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        return list(await self.db.execute_fetchall(sql, args))
+
     async def _one(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
-        async with self.db.execute(sql, args) as cur:
-            row: sqlite3.Row | None = await cur.fetchone()
-            return row
+        rows = await self._exec(sql, args)
+        return rows[0] if rows else None
 
     async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        async with self.db.execute(sql, args) as cur:
-            return list(await cur.fetchall())
+        return await self._exec(sql, args)
 
     async def _insert(self, sql: str, args: Sequence[Any]) -> int:
-        async with self.db.execute(sql, args) as cur:
-            rowid = cur.lastrowid
-        assert rowid is not None
-        return rowid
+        row = await self.db.execute_insert(sql, args)
+        assert row is not None
+        return int(row[0])
 
     async def _name_id(self, table: str, name: str | None) -> int | None:
         if not name:
             return None
-        row = await self._one(f"SELECT id FROM {table} WHERE name = ?", (name,))
-        return None if row is None else int(row[0])
+        key = (table, name.casefold())
+        if key not in self._ids:
+            row = await self._one(f"SELECT id FROM {table} WHERE name = ?", (name,))
+            if row is None:
+                return None
+            self._ids[key] = int(row[0])
+        return self._ids[key]
 
     # -- directory -------------------------------------------------------------------------
 
     async def user_by_email(self, email: str) -> User | None:
         if not email:
             return None
-        return await self._user("u.email = ?", email)
+        key = email.casefold()
+        if key not in self._users:
+            self._users[key] = await self._user("u.email = ?", email)
+        return self._users[key]
 
     async def user_by_login(self, login: str) -> User | None:
         return await self._user("u.login = ?", login)
@@ -172,6 +191,11 @@ class SqliteStore:
 
     async def team(self, ref: str | int | None) -> Team | None:
         """A team by number or name; with no reference, the only team if there is just one."""
+        if ref not in self._teams:
+            self._teams[ref] = await self._team(ref)
+        return self._teams[ref]
+
+    async def _team(self, ref: str | int | None) -> Team | None:
         sql = (
             "SELECT t.id, t.number, t.name, g.name FROM teams t "
             "LEFT JOIN groups g ON g.id = t.default_group_id "
@@ -199,14 +223,14 @@ class SqliteStore:
         counts = {"teams": 0, "sites": 0, "groups": 0, "sources": 0, "users": 0}
         for table in ("sites", "groups", "sources"):
             for name in data.get(table, []):
-                await self.db.execute(f"INSERT OR IGNORE INTO {table}(name) VALUES (?)", (name,))
+                await self._exec(f"INSERT OR IGNORE INTO {table}(name) VALUES (?)", (name,))
                 counts[table] += 1
         for team in data.get("teams", []):
             group = team.get("defaultGroup")
             if group:
-                await self.db.execute("INSERT OR IGNORE INTO groups(name) VALUES (?)", (group,))
+                await self._exec("INSERT OR IGNORE INTO groups(name) VALUES (?)", (group,))
             group_id = await self._name_id("groups", group)
-            await self.db.execute(
+            await self._exec(
                 "INSERT INTO teams(number, name, default_group_id) VALUES (?, ?, ?) "
                 "ON CONFLICT(number) DO UPDATE SET name = excluded.name, "
                 "default_group_id = excluded.default_group_id",
@@ -216,12 +240,12 @@ class SqliteStore:
         for user in data.get("users", []):
             site = user.get("site")
             if site:
-                await self.db.execute("INSERT OR IGNORE INTO sites(name) VALUES (?)", (site,))
+                await self._exec("INSERT OR IGNORE INTO sites(name) VALUES (?)", (site,))
             password = user.get("password")
             password_hash = (
                 await anyio.to_thread.run_sync(hash_password, password) if password else None
             )
-            await self.db.execute(
+            await self._exec(
                 "INSERT INTO users(login, email, name, site_id, password_hash) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT(login) DO UPDATE SET "
                 "email = excluded.email, name = excluded.name, site_id = excluded.site_id, "
@@ -268,7 +292,7 @@ class SqliteStore:
         outcome: str,
         request_number: int | None,
     ) -> None:
-        await self.db.execute(
+        await self._exec(
             "INSERT INTO ledger(account, uidl, mailbox, message_id, sha256, outcome, "
             "request_number, processed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (account, uidl, mailbox, message_id, sha256, outcome, request_number, now()),
@@ -380,11 +404,11 @@ class SqliteStore:
         )
 
     async def set_status(self, number: int, status: str, *, by: str, why: str) -> None:
-        await self.db.execute("UPDATE requests SET status = ? WHERE number = ?", (status, number))
+        await self._exec("UPDATE requests SET status = ? WHERE number = ?", (status, number))
         await self.add_history(number, by, why)
 
     async def add_history(self, number: int, by: str, text: str) -> None:
-        await self.db.execute(
+        await self._exec(
             "INSERT INTO history(request_number, at, by, text) VALUES (?, ?, ?, ?)",
             (number, now(), by, text),
         )
@@ -395,7 +419,7 @@ class SqliteStore:
         for att in attachments:
             # Written and fsynced in a worker thread, before the commit that cites it.
             digest = await anyio.to_thread.run_sync(self.files.put, att.data)
-            await self.db.execute(
+            await self._exec(
                 "INSERT INTO attachments(request_number, activity_id, name, content_type, "
                 "size, sha256) VALUES (?, ?, ?, ?, ?, ?)",
                 (number, activity_id, att.name, att.content_type, len(att.data), digest),
@@ -450,9 +474,9 @@ class SqliteStore:
 
     async def mark_reply(self, reply_id: int, *, error: str | None) -> None:
         if error is None:
-            await self.db.execute("UPDATE outbox SET sent_at = ? WHERE id = ?", (now(), reply_id))
+            await self._exec("UPDATE outbox SET sent_at = ? WHERE id = ?", (now(), reply_id))
         else:
-            await self.db.execute("UPDATE outbox SET error = ? WHERE id = ?", (error, reply_id))
+            await self._exec("UPDATE outbox SET error = ? WHERE id = ?", (error, reply_id))
 
     # -- mailbox status --------------------------------------------------------------------
 
@@ -460,7 +484,7 @@ class SqliteStore:
         self, mailbox: str, *, error: str | None, fetched: int, processed: int, failed: int
     ) -> None:
         at = now()
-        await self.db.execute(
+        await self._exec(
             "INSERT INTO mailbox_status(mailbox, last_success, last_error, last_error_at, "
             "fetched, processed, failed) VALUES (?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(mailbox) DO UPDATE SET "
