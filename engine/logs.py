@@ -77,3 +77,5 @@ def configure(
     root.setLevel(level)
     # aiosqlite logs every call at DEBUG; that drowns /Debug output.
     logging.getLogger("aiosqlite").setLevel(logging.INFO)
+    # tnefparse warns on every malformed winmail.dat; parse.py already falls back safely.
+    logging.getLogger("tnefparse").setLevel(logging.ERROR)

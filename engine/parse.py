@@ -109,7 +109,8 @@ def _to_bytes(text: str) -> bytes:
 
 def _sanitize_exc(exc: BaseException) -> str:
     """One safe line describing an exception, for a ParseError message."""
-    return _one_line(f"{type(exc).__name__}: {exc}")[:200]
+    text = f"{type(exc).__name__}: {exc}".encode("utf-8", "backslashreplace").decode("utf-8")
+    return _one_line(text)[:200]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1065,18 +1066,19 @@ def _span_body(raw: bytes, start: int, end: int) -> bytes:
 
 
 def _exact_message_bytes(
-    raw: bytes, scan: _Scan, parent_boundary: str | None, index: int, root_body: int
+    raw: bytes, scan: _Scan, parent_boundary: str | None, index: int, root_body: int | None
 ) -> bytes | None:
     """The bytes of the ``index``-th child of the multipart with ``parent_boundary``.
 
+    For the top-level entity (``root_body`` given) it is everything after the header block.
     Found from the delimiter offsets of the pre-scan, and trusted only when the boundary is
     declared once (two multiparts sharing a boundary make the offsets ambiguous).
     """
     if not scan.offsets_valid:
         return None
-    if parent_boundary is None:
+    if root_body is not None:
         return raw[root_body:]
-    if scan.declared.get(parent_boundary) != 1:
+    if parent_boundary is None or scan.declared.get(parent_boundary) != 1:
         return None
     marks = scan.delimiters.get(parent_boundary, [])
     opens = [i for i, (_, close) in enumerate(marks) if not close]
@@ -1413,15 +1415,19 @@ class _Collector:
         if not dot or not stem:
             stem, ext = name, ""
         suffix = "." + ext if ext else ""
-        # Counting on from the last copy keeps 500 attachments of one name linear.
+        # Counting on from the last copy keeps 500 attachments of one name linear; the stem
+        # is shortened first so that the 150-byte cap never cuts the " (k)" marker off.
         k = self.next_copy.get(key, 2)
-        while True:
-            candidate = safe_filename(f"{stem} ({k}){suffix}", name)
+        for _ in range(len(self.seen_names) + 1):
+            marker = f" ({k}){suffix}"
+            room = _MAX_NAME_BYTES - len(marker.encode("utf-8"))
+            candidate = safe_filename(_truncate_utf8(stem, room).rstrip(" .") + marker, name)
             k += 1
             if candidate.lower() not in self.seen_names:
-                self.next_copy[key] = k
-                self.seen_names.add(candidate.lower())
-                return candidate
+                break
+        self.next_copy[key] = k
+        self.seen_names.add(candidate.lower())
+        return candidate
 
     def walk(self, root: Message) -> None:
         # Iterative, in document order: the stdlib tree can be as deep as the limits allow
@@ -1521,7 +1527,7 @@ class _Collector:
         is_root: bool,
     ) -> None:
         exact = _exact_message_bytes(
-            self.raw, self.scan, None if is_root else parent_boundary, index, self.root_body
+            self.raw, self.scan, parent_boundary, index, self.root_body if is_root else None
         )
         if exact is None or not _looks_like(exact, part):
             exact = _serialize(part, b"\r\n" if b"\r\n" in self.raw[:4096] else b"\n")

@@ -369,6 +369,27 @@ def test_safe_filename_sanitizes_its_fallback_too() -> None:
     assert safe_filename("", "../evil.bin") == "evil.bin"
 
 
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("a.pdf", ["a.pdf", "A (2).PDF", "a (3).pdf", "A (4).PDF"]),
+        ("x" * 200 + ".pdf", ["x" * 146 + ".pdf"] + ["x" * 142 + f" ({k}).pdf" for k in (2, 3, 4)]),
+    ],
+)
+def test_duplicate_names_are_numbered(name: str, expected: list[str]) -> None:
+    parts = b"".join(
+        b'--b\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; filename="'
+        + (name if i % 2 == 0 else name.upper()).encode()
+        + b'"\r\n\r\nx\r\n'
+        for i in range(4)
+    )
+    raw = simple(
+        'Subject: dup\nContent-Type: multipart/mixed; boundary="b"\n', parts + b"--b--\r\n"
+    )
+    names = [a.name for a in parse_message(raw).attachments]
+    assert [n.lower() for n in names] == [n.lower() for n in expected]
+
+
 def test_inline_image_keeps_content_id() -> None:
     msg = parse("inline-image-cid")
     (image,) = msg.attachments
@@ -698,6 +719,14 @@ def test_odd_input_parses_or_raises_message_error(raw: bytes) -> None:
     except MessageError:
         return
     assert isinstance(msg, ParsedMessage)
+
+
+def test_bytes_like_input_is_accepted_and_anything_else_refused() -> None:
+    raw = load("plain-utf8")
+    assert parse_message(bytearray(raw)).subject == parse_message(raw).subject  # type: ignore[arg-type]
+    assert parse_message(memoryview(raw)).sha256 == hashlib.sha256(raw).hexdigest()  # type: ignore[arg-type]
+    with pytest.raises(ParseError, match="bytes"):
+        parse_message("Subject: x\r\n\r\n")  # type: ignore[arg-type]
 
 
 def test_message_summary_is_cheap_and_never_fails() -> None:
