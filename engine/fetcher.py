@@ -91,7 +91,11 @@ async def run_session(
 
     result = SessionResult()
     session = Pop3Session(cfg.server)
-    await thread(session.open)
+    try:
+        await thread(session.open)
+    except anyio.get_cancelled_exc_class():
+        await _interrupt(session)  # or the abandoned thread logs in and leaks the session
+        raise
     try:
         listing = await thread(session.listing)
         result.listed = len(listing)
@@ -140,7 +144,7 @@ async def run_session(
             await settle(*pending.pop(0))
         await thread(session.quit)
     except anyio.get_cancelled_exc_class():
-        session.interrupt()
+        await _interrupt(session)
         raise
     except BaseException:
         with anyio.CancelScope(shield=True):
@@ -148,6 +152,14 @@ async def run_session(
             await anyio.to_thread.run_sync(session.abort)
         raise
     return result
+
+
+async def _interrupt(session: Pop3Session) -> None:
+    """On cancellation: end the call blocked in the abandoned thread, then close the socket for
+    real (or it leaks until the garbage collector finds it). Bounded: the cancel stays prompt."""
+    session.interrupt()
+    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+        await anyio.to_thread.run_sync(session.close, abandon_on_cancel=True)
 
 
 def _write_debug(folder: Path, mailbox: str, uidl: str, raw: bytes) -> None:

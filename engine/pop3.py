@@ -113,6 +113,7 @@ class Pop3Session:
     def __init__(self, server: ServerConfig) -> None:
         self.server = server
         self.conn: poplib.POP3 | None = None
+        self._interrupted = False
 
     def _c(self) -> poplib.POP3:
         if self.conn is None:
@@ -132,6 +133,10 @@ class Pop3Session:
                 self.conn = _POP3(s.host, s.port, s.timeout)
                 if s.starttls:
                     self._starttls()
+            if self._interrupted:
+                # Cancelled while connecting (the caller abandoned this thread): close what
+                # was opened instead of logging in on a session nobody will use or close.
+                raise ProtocolError("the session was cancelled while connecting")
             self._login()
         except FetchError:
             self.close()
@@ -151,7 +156,16 @@ class Pop3Session:
             raise TLSError(
                 "the server does not offer STLS; refusing to log in without TLS (startTls true)"
             )
-        conn.stls(context=tls_context(self.server))
+        try:
+            conn.stls(context=tls_context(self.server))
+        except poplib.error_proto as exc:
+            # Offered in CAPA, refused when asked: still a TLS problem, not the credentials.
+            text = exc.args[0] if exc.args else b""
+            line = (text if isinstance(text, bytes) else str(text).encode())[:300]
+            raise TLSError(
+                f"the server refused STLS ({line.decode('utf-8', 'replace').strip()}); "
+                "refusing to log in without TLS (startTls true)"
+            ) from None
 
     def _login(self) -> None:
         conn = self._c()
@@ -263,6 +277,7 @@ class Pop3Session:
         Only the raw socket is touched: closing poplib's buffered file would wait for the
         reader's lock. The session is unusable afterwards and deletes nothing.
         """
+        self._interrupted = True  # an open() still connecting gives up before logging in
         conn = self.conn
         sock = getattr(conn, "sock", None) if conn is not None else None
         if sock is not None:

@@ -8,8 +8,11 @@ this file); the long runs and their figures are in RELIABILITY.md.
 from __future__ import annotations
 
 import hashlib
+import random
 import shutil
 import sqlite3
+import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,7 +60,7 @@ def test_crash_random_kills_and_crash_points_lose_and_duplicate_nothing(
     the rest draw their kills at random. Each run is a process forked from one that has
     imported the engine; ``test_crash_points_with_the_real_command_line`` covers the exec path.
     """
-    base = Path(crash.tempfile.mkdtemp(prefix="mailintegration-crash-ci-"))
+    base = Path(tempfile.mkdtemp(prefix="mailintegration-crash-ci-"))
     forced = [[f"{point}:1"] for point in POINTS] + [["random", "random", "random"]]
     try:
         figures = crash.run_iterations(
@@ -75,7 +78,7 @@ def test_crash_random_kills_and_crash_points_lose_and_duplicate_nothing(
 @pytest.mark.dovecot
 def test_crash_points_with_the_real_command_line(dovecot: Dovecot) -> None:
     """``python -m tools.crashpoints POINT 1 -- once …`` then ``python -m engine once …``."""
-    base = Path(crash.tempfile.mkdtemp(prefix="mailintegration-crash-exec-"))
+    base = Path(tempfile.mkdtemp(prefix="mailintegration-crash-exec-"))
     forced = [[f"{point}:1"] for point in POINTS]
     try:
         figures = crash.run_iterations(
@@ -99,7 +102,7 @@ def test_crash_verification_notices_loss_duplicates_and_stray_files(
 ) -> None:
     """The harness is not vacuous: damage done to a good store is reported."""
     template = crash.make_template(tmp_path / "template" / "data")
-    rng = crash.random.Random(5)
+    rng = random.Random(5)
     result = crash.iteration(
         dovecot, tmp_path, template, 0, rng, fork_launcher, crash._BusyTime(0.5), modes=[]
     )
@@ -107,7 +110,7 @@ def test_crash_verification_notices_loss_duplicates_and_stray_files(
     data = tmp_path / "it-00000" / "data"
     assert not data.exists()  # a clean iteration leaves nothing behind
 
-    rng = crash.random.Random(5)
+    rng = random.Random(5)
     result = crash.iteration(
         dovecot,
         tmp_path,
@@ -123,8 +126,10 @@ def test_crash_verification_notices_loss_duplicates_and_stray_files(
     data = tmp_path / "it-00001" / "data"
     db = sqlite3.connect(data / "mailintegration.sqlite3")
     mids = [r[0] for r in db.execute("SELECT message_id FROM ledger ORDER BY id")]
+    nobody = f"nobody-{uuid.uuid4().hex[:8]}"
+    dovecot.add_user(nobody, "nobody-pw")
     delivered = [
-        crash.Delivered("nobody", mid, sha, frozenset())
+        crash.Delivered(nobody, mid, sha, frozenset())
         for mid, sha in db.execute("SELECT message_id, sha256 FROM ledger ORDER BY id")
     ]
     with db:
@@ -141,7 +146,6 @@ def test_crash_verification_notices_loss_duplicates_and_stray_files(
     (data / "attachments" / digest[:2]).mkdir(exist_ok=True)
     (data / "attachments" / digest[:2] / digest).write_bytes(orphan)
     (data / "attachments" / digest[:2] / ".tmp-abc").write_bytes(b"half")
-    dovecot.add_user("nobody", "nobody-pw")
     check = crash.verify(data, delivered, dovecot)
     assert check.losses == 1 and check.duplicates == 1
     text = "\n".join(check.problems)

@@ -618,7 +618,8 @@ def run_iterations(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.crash", description=__doc__.split("\n")[0])
+    summary = " ".join((__doc__ or "").split("\n\n")[0].split())
+    p = argparse.ArgumentParser(prog="python -m tools.crash", description=summary)
     p.add_argument("--iterations", type=int, default=100)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--launcher", choices=["exec", "fork"], default="exec")
