@@ -193,11 +193,16 @@ _LOCATION_HINTS: Final = frozenset({"schemalocation", "nonamespaceschemalocation
 
 # "(?!name char)" after "password" so that passwordFile / passwordEnv, which are references
 # and not secrets, are never taken for a password.
-_PASSWORD_OPEN: Final = re.compile(r"<(?:[A-Za-z_][\w.-]*:)?password(?![\w.:-])", re.IGNORECASE)
-_PASSWORD_CLOSE: Final = re.compile(r"</(?:[A-Za-z_][\w.-]*:)?password\s*>", re.IGNORECASE)
-_PASSWORD_ATTR: Final = re.compile(
-    r"(?<![\w.:-])(?:[A-Za-z_][\w.-]*:)?password\s*=\s*", re.IGNORECASE
+# Any element or attribute whose name looks like a secret: "password", but also a misspelled
+# "pasword", "passwd", "pwd", "secret" or "token", so a typo never stores a password in clear.
+# passwordFile and passwordEnv only say where the secret is, and stay readable.
+_SECRET_NAME: Final = (
+    r"(?:[A-Za-z_][\w.-]*:)?(?!password(?:file|env)(?![\w.:-]))"
+    r"[\w.-]*(?:pas|pwd|secret|token)[\w.-]*(?![\w.:-])"
 )
+_PASSWORD_OPEN: Final = re.compile(r"<" + _SECRET_NAME, re.IGNORECASE)
+_PASSWORD_CLOSE: Final = re.compile(r"</" + _SECRET_NAME + r"\s*>", re.IGNORECASE)
+_PASSWORD_ATTR: Final = re.compile(r"(?<![\w.:-])" + _SECRET_NAME + r"\s*=\s*", re.IGNORECASE)
 _UNQUOTED_VALUE: Final = re.compile(r"[^\s>]*")
 
 

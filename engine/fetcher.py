@@ -106,7 +106,7 @@ async def run_session(
 
         async def settle(number: int, env: Envelope) -> None:
             await env.done.wait()
-            if env.failure is not None:
+            if env.failure is not None or env.outcome is None:
                 raise StoreError(f"message {env.uidl} was not committed: {env.failure}")
             if env.outcome and env.outcome.startswith("failed"):
                 result.failed += 1

@@ -175,12 +175,17 @@ class Writer:
                 except sqlite3.Error:
                     log.exception("rollback failed")
             self._replies.clear()
-            if not isinstance(exc, Exception):
-                raise  # cancellation: the fetchers are being cancelled too, nothing was deleted
-            log.error("transaction of %d item(s) failed, nothing is deleted: %s", len(batch), exc)
-            failure = StoreError(f"the store could not commit: {exc}")
+            failure = StoreError(f"the store could not commit: {exc!r}")
+            # Every answer must say "not committed", cancellation included: a fetcher that
+            # outlives the writer must never take a rolled-back message for a durable one.
             for item in batch:
                 item.failure = failure
+            if not isinstance(exc, Exception):
+                for item in rest:  # never to be handled now: answer them too
+                    item.failure = failure
+                    item.done.set()
+                raise
+            log.error("transaction of %d item(s) failed, nothing is deleted: %s", len(batch), exc)
         else:
             self.stats.transactions += 1
             self.stats.batches.append(len(batch))

@@ -16,6 +16,7 @@ import anyio
 import pytest
 from support import LOGIN, import_directory, ledger, mailbox_xml, message, requests
 
+from engine.fetcher import make_envelope
 from engine.model import Attachment
 from engine.store import open_store
 from engine.store.sqlite import SqliteStore
@@ -280,3 +281,38 @@ def test_cancel_scope_outside_once_is_reported_as_cancelled(tmp_path: Path, data
         fake.wait_idle()
         assert fake.deleted == [1]
     assert_each_once(data, raws)
+
+
+def test_a_cancelled_writer_answers_not_committed(tmp_path: Path) -> None:
+    """A fetcher that outlives a cancelled writer must never read its answer as durable."""
+    from support import DIRECTORY
+
+    from engine.config import load_mailbox
+    from engine.writer import Envelope, Writer
+
+    cfg = load_mailbox(mailbox_xml(tmp_path / "w.xml", port=110, user="u", password="p-secret"))
+
+    async def go() -> list[Envelope]:
+        store = await open_store(tmp_path / "data")
+        await store.begin()
+        await store.import_directory(DIRECTORY)
+        await store.commit()
+        writer = Writer(store, created_by="system")
+
+        async def hang(*args: object, **kwargs: object) -> None:
+            await anyio.sleep(3600)
+
+        store.add_attachments = hang  # type: ignore[method-assign]
+        envelopes = [
+            make_envelope(cfg, f"u{i}", message(f"m{i}", attachments=(("a", "text/plain", b"a"),)))
+            for i in range(3)
+        ]
+        with anyio.move_on_after(0.5):
+            await writer.apply(list(envelopes))
+        assert (await store.counts())["ledger"] == 0
+        await store.close()
+        return envelopes
+
+    for env in anyio.run(go):
+        assert env.done.is_set()
+        assert env.failure is not None

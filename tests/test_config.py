@@ -681,7 +681,8 @@ def test_redact_valid_file_keeps_everything_else() -> None:
             "<password>********\n<userName>u</userName>",
         ),
         (f"<PASSWORD>{CANARY}", "<PASSWORD>********"),
-        (f"<password>{CANARY}</passwrd>", "<password>********"),
+        # A misspelled closing tag is itself secret-like, so the mask stops right there.
+        (f"<password>{CANARY}</passwrd>", "<password>********</passwrd>"),
         (f"<password>{CANARY}<</password>", "<password>********</password>"),
         (f"<password>\n  {CANARY}\n</password>", "<password>********</password>"),
         (f"<password><![CDATA[\n{CANARY}<\n]]></password>", "<password>********</password>"),
@@ -722,3 +723,13 @@ def test_redact_example_file() -> None:
 def test_secret_values_skips_empty(tmp_path: Path) -> None:
     cfg = load_mailbox(write(tmp_path, EXAMPLE))
     assert secret_values(cfg) == ("secret",)
+
+
+@pytest.mark.parametrize(
+    "element", ["pasword", "passwd", "Pwd", "smtpPassword", "secret", "apiToken"]
+)
+def test_redact_masks_misspelled_and_other_secret_like_elements(element: str) -> None:
+    data = f"<server><{element}>{CANARY}</{element}><passwordEnv>PW_VAR</passwordEnv></server>"
+    redacted = redact_config(data.encode())
+    assert CANARY.encode() not in redacted
+    assert b"<passwordEnv>PW_VAR</passwordEnv>" in redacted
