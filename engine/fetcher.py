@@ -8,6 +8,7 @@ it is not processed twice.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from engine.config import MailboxConfig
 from engine.errors import LimitExceeded, MessageError, StoreError
 from engine.parse import ParseLimits, parse_message
-from engine.pop3 import Pop3Session
+from engine.pop3 import Listed, Pop3Session
 from engine.writer import DirectoryCheck, Envelope, Item, KnownQuery
 
 log = logging.getLogger("engine.fetcher")
@@ -39,6 +40,30 @@ class SessionResult:
     deleted: int = 0
 
 
+class ByteBudget:
+    """Bounds the bytes of fetched messages not yet acknowledged by the writer, over all
+    mailboxes: the queue is bounded by count, this bounds it by size (a burst of 20 MB
+    messages must not pile up in memory). One grant larger than the budget proceeds alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._freed = anyio.Event()
+
+    async def acquire(self, size: int) -> int:
+        size = min(size, self.limit)
+        while self.used and self.used + size > self.limit:
+            await self._freed.wait()
+        self.used += size
+        return size
+
+    def release(self, size: int) -> None:
+        """Called by the writer once a message is answered; never blocks."""
+        self.used -= size
+        freed, self._freed = self._freed, anyio.Event()
+        freed.set()
+
+
 @dataclass(frozen=True)
 class FetchOptions:
     limiter: anyio.CapacityLimiter | None = None
@@ -47,6 +72,11 @@ class FetchOptions:
     on_envelope: Callable[[Envelope], None] | None = None
     # Once set, no further message is fetched: the session settles what it has and QUITs.
     stop: anyio.Event | None = None
+    # Messages per pipelined RETR exchange, and the most bytes one exchange may announce.
+    window: int = 16
+    window_bytes: int = 4 * 1024 * 1024
+    # Shared by every fetcher: bytes of messages between RETR and their acknowledgement.
+    budget: ByteBudget | None = None
 
 
 def make_envelope(cfg: MailboxConfig, uidl: str | None, raw: bytes) -> Envelope:
@@ -104,44 +134,61 @@ async def run_session(
         assert isinstance(query, KnownQuery)
         pending: list[tuple[int, Envelope]] = []
 
-        async def settle(number: int, env: Envelope) -> None:
-            await env.done.wait()
-            if env.failure is not None or env.outcome is None:
-                raise StoreError(f"message {env.uidl} was not committed: {env.failure}")
-            if env.outcome and env.outcome.startswith("failed"):
-                result.failed += 1
-            else:
-                result.processed += 1
+        async def settle(ready: list[tuple[int, Envelope]]) -> None:
+            """Count the answered messages and DELE them, in one exchange with the server."""
+            for _, env in ready:
+                await env.done.wait()
+                if env.failure is not None or env.outcome is None:
+                    raise StoreError(f"message {env.uidl} was not committed: {env.failure}")
+                if env.outcome.startswith("failed"):
+                    result.failed += 1
+                else:
+                    result.processed += 1
             if not opts.dry_run:
-                await thread(session.dele, number)
-                result.deleted += 1
+                await thread(session.dele_many, [number for number, _ in ready])
+                result.deleted += len(ready)
 
-        for m in listing:
+        known = [m.number for m in listing if m.uidl is not None and m.uidl in query.known]
+        if known and not opts.dry_run:
+            log.info(
+                "mailbox=%s %d message(s) already in the ledger: deleting", cfg.name, len(known)
+            )
+            await thread(session.dele_many, known)
+            result.deleted += len(known)
+        todo = [m for m in listing if m.uidl is None or m.uidl not in query.known]
+        window = opts.window if session.pipelining else 1
+        while todo:
             if opts.stop is not None and opts.stop.is_set():
                 log.info("mailbox=%s stopping: the rest stays on the server", cfg.name)
                 break
-            if m.uidl is not None and m.uidl in query.known:
-                if not opts.dry_run:
-                    log.info("mailbox=%s uidl=%s already in the ledger: deleting", cfg.name, m.uidl)
-                    await thread(session.dele, m.number)
-                    result.deleted += 1
-                continue
-            raw = await thread(session.retr, m.number)
-            result.fetched += 1
-            if opts.debug_dir is not None:
-                await thread(_write_debug, opts.debug_dir, cfg.name, m.uidl or str(m.number), raw)
-            env = await thread(make_envelope, cfg, m.uidl, raw)
-            del raw
-            env.dry_run = opts.dry_run
-            await send.send(env)
-            if opts.on_envelope is not None:
-                opts.on_envelope(env)
-            pending.append((m.number, env))
+            # A window of messages fetched in one pipelined exchange, bounded by count and by
+            # the bytes the server announced, and only once the shared byte budget allows it.
+            take, size = 1, todo[0].size
+            while take < min(window, len(todo)) and size + todo[take].size <= opts.window_bytes:
+                size += todo[take].size
+                take += 1
+            batch, todo = todo[:take], todo[take:]
+            grant = await opts.budget.acquire(size) if opts.budget else 0
+            envelopes = await thread(fetch_window, session, cfg, batch, opts.debug_dir)
+            result.fetched += len(envelopes)
+            for i, (m, env) in enumerate(zip(batch, envelopes, strict=True)):
+                env.dry_run = opts.dry_run
+                if opts.budget is not None and i == len(envelopes) - 1:
+                    env.on_done = functools.partial(opts.budget.release, grant)
+                await send.send(env)
+                if opts.on_envelope is not None:
+                    opts.on_envelope(env)
+                pending.append((m.number, env))
             # Delete what is already acknowledged, so few messages are held at once.
-            while pending and pending[0][1].done.is_set():
-                await settle(*pending.pop(0))
-        while pending:
-            await settle(*pending.pop(0))
+            ready = 0
+            while ready < len(pending) and pending[ready][1].done.is_set():
+                ready += 1
+            if ready:
+                await settle(pending[:ready])
+                del pending[:ready]
+        if pending:
+            await settle(pending)
+            pending.clear()
         await thread(session.quit)
     except anyio.get_cancelled_exc_class():
         await _interrupt(session)
@@ -160,6 +207,19 @@ async def _interrupt(session: Pop3Session) -> None:
     session.interrupt()
     with anyio.CancelScope(shield=True), anyio.move_on_after(5):
         await anyio.to_thread.run_sync(session.close, abandon_on_cancel=True)
+
+
+def fetch_window(
+    session: Pop3Session, cfg: MailboxConfig, listed: list[Listed], debug_dir: Path | None
+) -> list[Envelope]:
+    """RETR a window of messages and parse them, in one trip to a worker thread."""
+    raws = session.retr_many([m.number for m in listed])
+    out = []
+    for m, raw in zip(listed, raws, strict=True):
+        if debug_dir is not None:
+            _write_debug(debug_dir, cfg.name, m.uidl or str(m.number), raw)
+        out.append(make_envelope(cfg, m.uidl, raw))
+    return out
 
 
 def _write_debug(folder: Path, mailbox: str, uidl: str, raw: bytes) -> None:

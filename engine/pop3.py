@@ -13,6 +13,7 @@ import poplib
 import re
 import socket
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +115,8 @@ class Pop3Session:
         self.server = server
         self.conn: poplib.POP3 | None = None
         self._interrupted = False
+        # Whether the server announced PIPELINING in CAPA (RFC 2449), learnt after login.
+        self.pipelining = False
 
     def _c(self) -> poplib.POP3:
         if self.conn is None:
@@ -174,6 +177,10 @@ class Pop3Session:
             conn.pass_(self.server.password)
         except poplib.error_proto as exc:
             raise _server_error(exc, "login") from None
+        try:
+            self.pipelining = "PIPELINING" in conn.capa()
+        except poplib.error_proto:
+            self.pipelining = False  # no CAPA: one command at a time
 
     def listing(self) -> list[Listed]:
         """Every message with its size and UIDL (``None`` when the server lacks UIDL)."""
@@ -214,38 +221,73 @@ class Pop3Session:
         Only ``.CRLF`` ends the answer: a bare-LF ``.`` line is message content, and treating
         it as the end (as poplib does) would desynchronise the session.
         """
-        # poplib has no streaming RETR; its private command helper sends and checks +OK.
+        return self.retr_many([number])[0]
+
+    def retr_many(self, numbers: Sequence[int]) -> list[bytes]:
+        """Several messages in one exchange: with PIPELINING (RFC 2449) every RETR goes out at
+        once and the answers are read in order, so the round trips overlap."""
+        # poplib has no streaming or pipelined RETR; its private helpers send and check +OK.
         conn: Any = self._c()
+        during = f"RETR {numbers[0]}" if len(numbers) == 1 else f"RETR {numbers[0]}-{numbers[-1]}"
         try:
-            conn._shortcmd(f"RETR {number}")
-            chunks: list[bytes] = []
-            readline = conn.file.readline
-            while True:
-                line = readline(MAX_LINE + 1)
-                if not line:
-                    raise ProtocolError(f"the connection closed during RETR {number}")
-                if len(line) > MAX_LINE:
-                    raise ProtocolError(f"a line of message {number} exceeds {MAX_LINE} bytes")
-                if line == b".\r\n":
-                    break
-                if line.startswith(b".."):
-                    line = line[1:]
-                chunks.append(line)
-            return b"".join(chunks)
+            if len(numbers) > 1 and self.pipelining:
+                conn._putline("\r\n".join(f"RETR {n}" for n in numbers).encode("ascii"))
+                out = []
+                for n in numbers:
+                    conn._getresp()
+                    out.append(self._read_message(conn, n))
+                return out
+            out = []
+            for n in numbers:
+                conn._shortcmd(f"RETR {n}")
+                out.append(self._read_message(conn, n))
+            return out
         except FetchError:
             raise
         except poplib.error_proto as exc:
-            raise _server_error(exc, f"RETR {number}") from None
+            raise _server_error(exc, during) from None
         except BaseException as exc:
-            raise self._translate(exc, f"RETR {number}") from exc
+            raise self._translate(exc, during) from exc
+
+    @staticmethod
+    def _read_message(conn: Any, number: int) -> bytes:
+        """Lines up to ``.CRLF``, exactly as sent but for the dot-stuffing."""
+        chunks: list[bytes] = []
+        readline = conn.file.readline
+        while True:
+            line = readline(MAX_LINE + 1)
+            if not line:
+                raise ProtocolError(f"the connection closed during RETR {number}")
+            if len(line) > MAX_LINE:
+                raise ProtocolError(f"a line of message {number} exceeds {MAX_LINE} bytes")
+            if line == b".\r\n":
+                break
+            if line.startswith(b".."):
+                line = line[1:]
+            chunks.append(line)
+        return b"".join(chunks)
 
     def dele(self, number: int) -> None:
+        self.dele_many([number])
+
+    def dele_many(self, numbers: Sequence[int]) -> None:
+        """Mark messages deleted (they go only at QUIT); pipelined like :meth:`retr_many`."""
+        if not numbers:
+            return
+        conn: Any = self._c()
+        during = f"DELE {numbers[0]}" if len(numbers) == 1 else f"DELE {numbers[0]}-{numbers[-1]}"
         try:
-            self._c().dele(number)
+            if len(numbers) > 1 and self.pipelining:
+                conn._putline("\r\n".join(f"DELE {n}" for n in numbers).encode("ascii"))
+                for _ in numbers:
+                    conn._getresp()
+            else:
+                for n in numbers:
+                    conn.dele(n)
         except poplib.error_proto as exc:
-            raise _server_error(exc, f"DELE {number}") from None
+            raise _server_error(exc, during) from None
         except BaseException as exc:
-            raise self._translate(exc, f"DELE {number}") from exc
+            raise self._translate(exc, during) from exc
 
     def quit(self) -> None:
         """QUIT: the server removes the deleted messages only if this succeeds."""

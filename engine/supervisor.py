@@ -25,7 +25,14 @@ from anyio.streams.memory import MemoryObjectSendStream
 from engine import logs
 from engine.config import MailboxConfig, load_mailbox, secret_values
 from engine.errors import EngineError, ProtocolError, StoreError
-from engine.fetcher import FetchOptions, SessionResult, make_envelope, run_session, submit
+from engine.fetcher import (
+    ByteBudget,
+    FetchOptions,
+    SessionResult,
+    make_envelope,
+    run_session,
+    submit,
+)
 from engine.ops import Health, Metrics
 from engine.store import SqliteStore
 from engine.writer import DirectoryCheck, Envelope, Item, SessionReport, Writer
@@ -67,6 +74,8 @@ class EngineSettings:
     debug_dir: Path | None = None
     poll_interval: float = 60.0
     max_backoff: float = 900.0
+    # Bytes of fetched, unacknowledged messages held at once over all mailboxes.
+    max_inflight_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass
@@ -99,6 +108,7 @@ class Engine:
         )
         self.limiter = anyio.CapacityLimiter(settings.max_threads)
         self.sessions = anyio.Semaphore(settings.max_sessions)
+        self.budget = ByteBudget(settings.max_inflight_bytes)
         self.totals: dict[str, SessionResult] = {}
         # Set by a signal: loops finish their current session, then everything drains.
         self.stop = anyio.Event()
@@ -253,6 +263,7 @@ class Engine:
             debug_dir=self.settings.debug_dir,
             on_envelope=envelopes.append if self.settings.dry_run else None,
             stop=self.stop,
+            budget=self.budget,
         )
         if self.stop.is_set():
             return outcome

@@ -15,6 +15,7 @@ import logging
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -63,6 +64,8 @@ class Envelope(Item):
     outcome: str | None = field(default=None, init=False)
     request_number: int | None = field(default=None, init=False)
     explanation: str | None = field(default=None, init=False)
+    # Called once the answer is final (the fetcher's byte budget); never blocks.
+    on_done: Callable[[], None] | None = field(default=None, init=False, repr=False)
 
 
 @dataclass(eq=False)
@@ -197,6 +200,11 @@ class Writer:
         finally:
             for item in batch:
                 item.done.set()
+                if isinstance(item, Envelope):
+                    # The fetcher needs only the answer now: let the bytes go.
+                    item.raw, item.parsed = b"", None
+                    if item.on_done is not None:
+                        item.on_done()
         if self._replies:
             await self._send_replies()
         return rest

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -218,16 +218,17 @@ def test_dele_only_after_the_ledger_row_is_committed(
     for i in range(30):
         dovecot.deliver(user, message(f"Order {i}"))
     seen: list[tuple[int, int]] = []
-    real = Pop3Session.dele
+    real = Pop3Session.dele_many
 
-    def spy(self: Pop3Session, number: int) -> None:
+    def spy(self: Pop3Session, numbers: Sequence[int]) -> None:
         # Another connection sees only committed rows.
-        seen.append((number, count_rows(data, "SELECT count(*) FROM ledger")))
-        real(self, number)
+        committed = count_rows(data, "SELECT count(*) FROM ledger")
+        seen.extend((number, committed) for number in numbers)
+        real(self, numbers)
 
-    monkeypatch.setattr(Pop3Session, "dele", spy)
+    monkeypatch.setattr(Pop3Session, "dele_many", spy)
     assert once(data, cfg) == 0
-    assert len(seen) == 30
+    assert sorted(n for n, _ in seen) == list(range(1, 31))
     assert all(committed >= number for number, committed in seen)
 
 

@@ -105,17 +105,17 @@ def arm(point: str, n: int) -> None:
     else:
         from engine.pop3 import Pop3Session
 
-        real_retr = Pop3Session.retr
+        real_retr_many = Pop3Session.retr_many
 
-        def retr(self: Pop3Session, number: int) -> bytes:
+        def retr_many(self: Pop3Session, numbers: Sequence[int]) -> list[bytes]:
             if countdown.hit():
                 conn: Any = self.conn
-                conn._shortcmd(f"RETR {number}")  # sends RETR, reads the +OK line
+                conn._shortcmd(f"RETR {numbers[0]}")  # sends RETR, reads the +OK line
                 conn.file.readline()  # and the first line of the message
                 die()
-            return real_retr(self, number)
+            return real_retr_many(self, numbers)
 
-        Pop3Session.retr = retr  # type: ignore[method-assign]
+        Pop3Session.retr_many = retr_many  # type: ignore[method-assign]
 
 
 def run(point: str, n: int, argv: Sequence[str]) -> int:
