@@ -608,3 +608,74 @@ def test_once_on_a_terminal_shows_progress_per_mailbox(
         LOGIN_PASSWORD,
     )
     assert code == 0 and text == ""
+
+
+def test_a_failing_mailbox_backs_off_while_a_healthy_one_keeps_its_pace(
+    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], daemon: Callable[..., Daemon]
+) -> None:
+    import socket
+
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    conf = tmp_path / "mailboxes.d"
+    conf.mkdir()
+    user, pw = pop3_user
+    mailbox_xml(conf / "healthy.xml", port=dovecot.pop3_port, user=user, password=pw)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = int(s.getsockname()[1])
+    mailbox_xml(conf / "down.xml", port=closed, user="x", password="y")
+    d = daemon(conf, data, "--poll-interval", "0.2")
+    time.sleep(4.0)
+
+    def sessions(mailbox: str) -> float:
+        text = d.get("/metrics")[1].decode()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("mailintegration_sessions_total") and f'mailbox="{mailbox}"' in line
+        )
+
+    healthy, down = sessions("healthy"), sessions("down")
+    # 0.2 s apart while it works; 0.2, 0.4, 0.8, 1.6… after each failure.
+    assert healthy >= 8
+    assert 2 <= down <= 6
+    # Still one outage event, however many failed sessions.
+    outages = "SELECT count(*) FROM requests WHERE kind = 'outage'"
+    assert count_rows(data, outages) == 1
+
+
+def test_json_logs_name_the_mailbox_and_uidl_of_each_message(
+    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]
+) -> None:
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    user, pw = pop3_user
+    cfg = mailbox_xml(tmp_path / "jl.xml", port=dovecot.pop3_port, user=user, password=pw)
+    dovecot.deliver(user, message("Logged as JSON"))
+    env = dict(os.environ, MAILINTEGRATION_LOGIN=LOGIN, MAILINTEGRATION_PASSWORD=LOGIN_PASSWORD)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "once",
+            "--config",
+            str(cfg),
+            "--data-dir",
+            str(data),
+            "--log-format",
+            "json",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0
+    lines = [json.loads(line) for line in proc.stderr.decode().splitlines() if line.strip()]
+    assert all({"time", "level", "logger", "message"} <= line.keys() for line in lines)
+    [created] = [x for x in lines if x["logger"] == "engine.writer" and "created" in x["message"]]
+    [row] = ledger(data)
+    assert f"mailbox=jl uidl={row['uidl']}" in created["message"]
+    assert pw not in proc.stderr.decode()
