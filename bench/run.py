@@ -27,6 +27,7 @@ import datetime as dt
 import json
 import math
 import os
+import re
 import platform
 import shutil
 import signal
@@ -742,7 +743,13 @@ def case_crash(world: World, report: Report, corpus: list[Template]) -> None:
         row.notes.append(f"the first run ended (exit {first.returncode}) before the kill")
     (folder / "engine.log").rename(folder / "engine-killed.log")
     second = world.engine_once(folder, config_dir, data_dir, timeout=max(600.0, n / 5))
-    already = _log_tail(folder / "engine.log", 10**6).count("already in the ledger")
+    # The fetcher logs one line per session: "N message(s) already in the ledger: deleting".
+    already = sum(
+        int(m.group(1))
+        for m in re.finditer(
+            r"(\d+) message\(s\) already in the ledger", _log_tail(folder / "engine.log", 10**6)
+        )
+    )
     row.notes.append(
         f"killed with >= {killed_at[0] if killed_at else '?'} ledger rows (exit "
         f"{first.returncode}); {left} message(s) still on the server; the rerun (exit "
