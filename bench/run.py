@@ -27,8 +27,8 @@ import datetime as dt
 import json
 import math
 import os
-import re
 import platform
+import re
 import shutil
 import signal
 import sqlite3
