@@ -108,11 +108,15 @@ def arm(point: str, n: int) -> None:
         real_retr_many = Pop3Session.retr_many
 
         def retr_many(self: Pop3Session, numbers: Sequence[int]) -> list[bytes]:
-            if countdown.hit():
-                conn: Any = self.conn
-                conn._shortcmd(f"RETR {numbers[0]}")  # sends RETR, reads the +OK line
-                conn.file.readline()  # and the first line of the message
-                die()
+            # Counted per message, not per pipelined window: the N-th message's RETR dies.
+            for i, number in enumerate(numbers):
+                if countdown.hit():
+                    if i:
+                        real_retr_many(self, numbers[:i])
+                    conn: Any = self.conn
+                    conn._shortcmd(f"RETR {number}")  # sends RETR, reads the +OK line
+                    conn.file.readline()  # and the first line of the message
+                    die()
             return real_retr_many(self, numbers)
 
         Pop3Session.retr_many = retr_many  # type: ignore[method-assign]
