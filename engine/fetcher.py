@@ -121,6 +121,14 @@ async def run_session(
 
     result = SessionResult()
     session = Pop3Session(cfg.server)
+    held = 0  # budget granted to a window whose release is not yet handed to the writer
+
+    def give_back() -> None:
+        nonlocal held
+        if held and opts.budget is not None:
+            opts.budget.release(held)
+        held = 0
+
     try:
         await thread(session.open)
     except anyio.get_cancelled_exc_class():
@@ -168,14 +176,18 @@ async def run_session(
                 size += todo[take].size
                 take += 1
             batch, todo = todo[:take], todo[take:]
-            grant = await opts.budget.acquire(size) if opts.budget else 0
+            held = await opts.budget.acquire(size) if opts.budget else 0
             envelopes = await thread(fetch_window, session, cfg, batch, opts.debug_dir)
             result.fetched += len(envelopes)
             for i, (m, env) in enumerate(zip(batch, envelopes, strict=True)):
                 env.dry_run = opts.dry_run
                 if opts.budget is not None and i == len(envelopes) - 1:
-                    env.on_done = functools.partial(opts.budget.release, grant)
-                await send.send(env)
+                    # From here the writer gives the window's bytes back once it answers.
+                    env.on_done = functools.partial(opts.budget.release, held)
+                    await send.send(env)
+                    held = 0
+                else:
+                    await send.send(env)
                 if opts.on_envelope is not None:
                     opts.on_envelope(env)
                 pending.append((m.number, env))
@@ -191,9 +203,11 @@ async def run_session(
             pending.clear()
         await thread(session.quit)
     except anyio.get_cancelled_exc_class():
+        give_back()
         await _interrupt(session)
         raise
     except BaseException:
+        give_back()
         with anyio.CancelScope(shield=True):
             # RSET undoes this session's deletions; a dead socket does the same by itself.
             await anyio.to_thread.run_sync(session.abort)

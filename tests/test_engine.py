@@ -679,3 +679,31 @@ def test_json_logs_name_the_mailbox_and_uidl_of_each_message(
     [row] = ledger(data)
     assert f"mailbox=jl uidl={row['uidl']}" in created["message"]
     assert pw not in proc.stderr.decode()
+
+
+def test_byte_budget_is_given_back_when_a_session_fails_mid_window(tmp_path: Path) -> None:
+    """A failed RETR window must not keep its share of the budget, or a long-running daemon
+    would slowly stop fetching at all."""
+    from support import DIRECTORY
+
+    from engine.supervisor import Engine, EngineSettings, MailboxSource
+
+    stall = Script(messages=[message(f"m{i}") for i in range(5)], stall_on_retr=3, stall_timeout=1)
+    with FakePOP3Server(stall) as fake:
+        cfg = mailbox_xml(tmp_path / "w.xml", port=fake.port, user="u", password="p-secret")
+        cfg.write_text(cfg.read_text().replace("<timeoutSeconds>5<", "<timeoutSeconds>2<"))
+
+        async def go() -> tuple[int, str | None]:
+            store = await open_store(tmp_path / "data")
+            await store.begin()
+            await store.import_directory(DIRECTORY)
+            await store.commit()
+            engine = Engine(store, EngineSettings(data_dir=tmp_path / "data", created_by=LOGIN))
+            [outcome] = await engine.once([MailboxSource("w", cfg)])
+            await store.close()
+            return engine.budget.used, getattr(outcome.error, "cause", None)
+
+        used, cause = anyio.run(go)
+    assert cause in ("timeout", "protocol")
+    assert used == 0
+    assert fake.deleted == []
