@@ -38,6 +38,11 @@ pytestmark = pytest.mark.dovecot
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def engine_argv(*args: str | Path) -> list[str]:
+    """The deployed command line, ``python -m engine …``, for the tests that need a process."""
+    return [sys.executable, "-m", "engine", *map(str, args)]
+
+
 def wait_for(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
     """Poll ``check`` a bounded number of times within ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -315,10 +320,7 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         env = dict(os.environ, MAILINTEGRATION_LOGIN=LOGIN, MAILINTEGRATION_PASSWORD=LOGIN_PASSWORD)
         files.append(open(log, "wb"))  # noqa: SIM115 - closed at teardown
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "engine",
+            engine_argv(
                 "run",
                 "--config-dir",
                 str(conf),
@@ -331,7 +333,7 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
                 "--http-port",
                 str(port),
                 *extra,
-            ],
+            ),
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -422,10 +424,7 @@ def test_daemon_hot_reload_health_and_metrics(
 
     # A second engine on the same data directory is refused, naming the holder.
     code = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "engine",
+        engine_argv(
             "once",
             "--config-dir",
             str(conf),
@@ -435,7 +434,7 @@ def test_daemon_hot_reload_health_and_metrics(
             LOGIN,
             "--password",
             LOGIN_PASSWORD,
-        ],
+        ),
         cwd=ROOT,
         capture_output=True,
         timeout=60,
@@ -564,16 +563,7 @@ def test_once_on_a_terminal_shows_progress_per_mailbox(
     main, sub = pty.openpty()
     env = dict(os.environ, MAILINTEGRATION_LOGIN=LOGIN, MAILINTEGRATION_PASSWORD=LOGIN_PASSWORD)
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "engine",
-            "once",
-            "--config-dir",
-            str(conf),
-            "--data-dir",
-            str(data),
-        ],
+        engine_argv("once", "--config-dir", str(conf), "--data-dir", str(data)),
         cwd=ROOT,
         env=env,
         stdout=sub,
@@ -655,18 +645,7 @@ def test_json_logs_name_the_mailbox_and_uidl_of_each_message(
     dovecot.deliver(user, message("Logged as JSON"))
     env = dict(os.environ, MAILINTEGRATION_LOGIN=LOGIN, MAILINTEGRATION_PASSWORD=LOGIN_PASSWORD)
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "engine",
-            "once",
-            "--config",
-            str(cfg),
-            "--data-dir",
-            str(data),
-            "--log-format",
-            "json",
-        ],
+        engine_argv("once", "--config", str(cfg), "--data-dir", str(data), "--log-format", "json"),
         cwd=ROOT,
         env=env,
         capture_output=True,
