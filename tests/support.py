@@ -61,10 +61,10 @@ def mailbox_xml(
     processor: str = INCIDENT,
     server_extra: str = "",
     use_ssl: bool = False,
-    **elements: str,
+    **elements: str | None,
 ) -> Path:
     """Write a mailbox file; ``elements`` become root elements (``team="1"`` → <team>1</team>)."""
-    defaults = {
+    defaults: dict[str, str | None] = {
         "team": "1",
         "incidentFallbackSiteName": "Montr&eacute;al",
         "incidentFallbackUserLogon": "unknown.user",

@@ -73,10 +73,10 @@ def test_every_corpus_message_ends_in_a_request_failure_or_ignored(box: dict[str
     reqs = {r["number"]: r for r in requests(box["data"])}
     for case, path in by_case.items():
         parsed = parse_message(path.read_bytes())
-        row = created.get(parsed.message_id)
-        if row is None:
+        found = created.get(parsed.message_id)
+        if found is None:
             continue
-        req = reqs[row["request_number"]]
+        req = reqs[found["request_number"]]
         assert req["subject"] == (parsed.subject or "(no subject)"), case
         assert req["description"].startswith(parsed.body.rstrip("\n")[:200]), case
         stored = {a["name"]: attachment_bytes(box["data"], a["sha256"]) for a in req["attachments"]}
