@@ -270,3 +270,29 @@ def test_events_are_listed_with_kind_mailbox_and_cause(env: dict[str, Any]) -> N
     assert (row["kind"], row["mailbox"], row["cause"]) == ("outage", "down", "unreachable")
     code, out = cli("requests", "list", "--type", "incident", "--json", "--data-dir", env["data"])
     assert json.loads(out) == []
+
+
+def test_unknown_fallback_user_or_site_in_the_config_is_a_directory_outage(
+    env: dict[str, Any], dovecot: Any
+) -> None:
+    cfg = mailbox_xml(
+        env["tmp"] / "dir.xml",
+        port=dovecot.pop3_port,
+        user=env["user"],
+        password=env["password"],
+        incidentFallbackUserLogon="nobody.here",
+        incidentFallbackSiteName="Atlantis",
+    )
+    dovecot.deliver(env["user"], message("Waits for the directory"))
+    assert once(env["data"], cfg) == 1
+    [outage] = requests(env["data"], type="event")
+    assert (outage["kind"], outage["cause"]) == ("outage", "directory")
+    assert "'nobody.here' is not a user" in outage["description"]
+    assert "'Atlantis' is not in the directory" in outage["description"]
+    # Nothing was fetched: the mail waits on the server until the directory is fixed.
+    assert dovecot.count(env["user"]) == 1
+    mailbox_xml(cfg, port=dovecot.pop3_port, user=env["user"], password=env["password"])
+    assert once(env["data"], cfg) == 0
+    reqs = requests(env["data"])
+    assert [r["status"] for r in reqs if r["kind"] == "outage"] == ["processed"]
+    assert [r["subject"] for r in reqs if r["kind"] == "mail"] == ["Waits for the directory"]
