@@ -252,7 +252,9 @@ class Pop3Session:
     @staticmethod
     def _read_message(conn: Any, number: int) -> bytes:
         """Lines up to ``.CRLF``, exactly as sent but for the dot-stuffing."""
-        chunks: list[bytes] = []
+        # One growing buffer, not a list of lines: a 20 MB message has ~300,000 lines, and
+        # a bytes object per line would cost more than the message itself.
+        buf = bytearray()
         readline = conn.file.readline
         while True:
             line = readline(MAX_LINE + 1)
@@ -262,10 +264,8 @@ class Pop3Session:
                 raise ProtocolError(f"a line of message {number} exceeds {MAX_LINE} bytes")
             if line == b".\r\n":
                 break
-            if line.startswith(b".."):
-                line = line[1:]
-            chunks.append(line)
-        return b"".join(chunks)
+            buf += line[1:] if line.startswith(b"..") else line
+        return bytes(buf)
 
     def dele(self, number: int) -> None:
         self.dele_many([number])
