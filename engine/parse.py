@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import binascii
 import codecs
+import contextvars
 import email
 import email.utils
 import functools
@@ -974,6 +975,11 @@ def _payload_bytes(part: Message) -> bytes:
     payload = part.get_payload(decode=True)
     if not isinstance(payload, bytes):
         return b""
+    if payload.startswith(_ELIDED_PREFIX):
+        elided = _ELIDED.get()
+        if elided is not None and payload in elided[1]:
+            start, end = elided[1][payload]
+            return _b64_span(elided[0], start, end)
     cte = (_part_header(part, "content-transfer-encoding") or "").strip().lower()
     stdlib_cte = str(part.get("content-transfer-encoding", "")).lower()
     if cte != stdlib_cte:
@@ -983,6 +989,70 @@ def _payload_bytes(part: Message) -> bytes:
         if cte == "quoted-printable":
             return quopri.decodestring(payload)
     return payload
+
+
+# Large base64 bodies are decoded straight from the raw bytes instead of going through the
+# stdlib parser, which holds a 20 MB body as text lines, joined text and decoded bytes at once
+# (about 8 times the message at its peak). The parser sees a short base64 placeholder whose
+# decoded form names the span; _payload_bytes swaps the span's decoded bytes back in.
+_ELIDE_FROM: Final = 2 * 1024 * 1024
+_ELIDE_PART: Final = 256 * 1024
+_ELIDED_PREFIX: Final = b"\x00mailintegration-elided-"
+_ELIDED: contextvars.ContextVar[tuple[bytes, dict[bytes, tuple[int, int]]] | None] = (
+    contextvars.ContextVar("_ELIDED", default=None)
+)
+_CTE_BASE64_RE: Final = re.compile(rb"(?:\A|\n)content-transfer-encoding[ \t]*:\s*base64\b", re.I)
+_CT_CONTAINER_RE: Final = re.compile(
+    rb"(?:\A|\n)content-type[ \t]*:\s*(?:multipart|message)/", re.I
+)
+
+
+def _elide_large_bodies(raw: bytes, scan: _Scan) -> tuple[bytes, dict[bytes, tuple[int, int]]]:
+    """``raw`` with every large base64 leaf body replaced by a placeholder, and the spans."""
+    if len(raw) <= _ELIDE_FROM or not scan.offsets_valid:
+        return raw, {}
+    delimiters = sorted(
+        (offset, close)
+        for boundary, found in scan.delimiters.items()
+        if scan.declared.get(boundary) == 1
+        for offset, close in found
+    )
+    pieces: list[bytes] = []
+    spans: dict[bytes, tuple[int, int]] = {}
+    last = 0
+    for (start, close), (end, _) in itertools.pairwise(delimiters):
+        if close:
+            continue  # an epilogue, not a part
+        head_start = raw.find(b"\n", start, end) + 1
+        if head_start <= 0:
+            continue
+        blank = re.compile(rb"\r?\n\r?\n").search(raw, head_start - 1, end)
+        if blank is None:
+            continue
+        body_start, head = blank.end(), raw[head_start : blank.start()]
+        # The line end before the next delimiter belongs to that delimiter (RFC 2046).
+        body_end = end - 2 if raw[end - 2 : end] == b"\r\n" else end - 1
+        if body_end - body_start < _ELIDE_PART:
+            continue
+        if not _CTE_BASE64_RE.search(head) or _CT_CONTAINER_RE.search(head):
+            continue
+        marker = _ELIDED_PREFIX + str(len(spans)).encode() + b"\x00"
+        spans[marker] = (body_start, body_end)
+        pieces += [raw[last:body_start], binascii.b2a_base64(marker, newline=False)]
+        last = body_end
+    if not spans:
+        return raw, {}
+    pieces.append(raw[last:])
+    return b"".join(pieces), spans
+
+
+def _b64_span(raw: bytes, start: int, end: int) -> bytes:
+    """Decode a base64 body in place: no copy of the encoded text is made."""
+    try:
+        # Non-strict mode skips line ends and other characters outside the alphabet.
+        return binascii.a2b_base64(memoryview(raw)[start:end])
+    except (binascii.Error, ValueError):
+        return _lenient_b64(raw[start:end])
 
 
 def _lenient_b64(data: bytes) -> bytes:
@@ -1682,8 +1752,18 @@ def _parse(raw: bytes, limits: ParseLimits) -> ParsedMessage:
             f"{limits.max_header_bytes}"
         )
     scan = _scan(raw, limits)
+    source, spans = _elide_large_bodies(raw, scan)
+    token = _ELIDED.set((raw, spans) if spans else None)
+    try:
+        return _parse_scanned(raw, source, scan, root_body, limits)
+    finally:
+        _ELIDED.reset(token)
 
-    msg = email.message_from_bytes(raw)  # compat32: see the module docstring for why
+
+def _parse_scanned(
+    raw: bytes, source: bytes, scan: _Scan, root_body: int, limits: ParseLimits
+) -> ParsedMessage:
+    msg = email.message_from_bytes(source)  # compat32: see the module docstring for why
     headers = _header_map(msg)
 
     from_pairs = _addresses(headers.get("from"), limits, "From")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import re
 import struct
 import time
@@ -933,3 +934,49 @@ def test_property_safe_filename(name: str | None) -> None:
     assert safe[0] not in ". " and safe[-1] not in ". "
     assert safe.split(".")[0].strip().upper() not in {"CON", "PRN", "AUX", "NUL", "COM1", "LPT1"}
     assert safe_filename(safe, "attachment-1.bin") == safe
+
+
+def _big_message(inner_attachment: bytes, crlf: bool = True) -> bytes:
+    from email.message import EmailMessage
+    from email.policy import SMTP, default
+
+    inner = EmailMessage()
+    inner["From"], inner["Subject"] = "x@example.org", "inner report"
+    inner.set_content("inner text")
+    inner.add_attachment(inner_attachment, maintype="application", subtype="zip", filename="in.zip")
+    outer = EmailMessage()
+    outer["From"], outer["To"], outer["Subject"] = "a@example.org", "b@example.org", "big one"
+    outer["Message-ID"] = "<big-1@example.org>"
+    outer.set_content("plain body")
+    outer.add_alternative("<p>html body</p>", subtype="html")
+    outer.add_attachment(
+        os.urandom(3 * 1024 * 1024),
+        maintype="application",
+        subtype="octet-stream",
+        filename="big.bin",
+    )
+    outer.add_attachment(inner)
+    return outer.as_bytes(policy=SMTP if crlf else default)
+
+
+@pytest.mark.parametrize("crlf", [True, False])
+def test_large_base64_parts_decode_from_the_raw_bytes_exactly(crlf: bool) -> None:
+    """Bodies over the elision threshold skip the stdlib parser; the result must not change."""
+    inner_zip = os.urandom(600 * 1024)
+    raw = _big_message(inner_zip, crlf)
+    msg = parse_message(raw, ParseLimits(max_bytes=50_000_000))
+    assert msg.raw is raw
+    assert msg.body.strip() == "plain body"
+    by_name = {a.name: a for a in msg.attachments}
+    import email as stdlib_email
+
+    reference = stdlib_email.message_from_bytes(raw)
+    expected = next(
+        p.get_payload(decode=True) for p in reference.walk() if p.get_filename() == "big.bin"
+    )
+    assert by_name["big.bin"].data == expected
+    # The attached message is kept byte for byte, its own big part included.
+    eml = by_name["inner report.eml"].data
+    assert eml in raw
+    again = parse_message(eml)
+    assert [a.data for a in again.attachments] == [inner_zip]
