@@ -201,7 +201,9 @@ def run_process(
     thread = threading.Thread(target=waiter, daemon=True)
     thread.start()
     deadline = start + timeout
+    hwm = 0
     while thread.is_alive():
+        hwm = max(hwm, _vm_hwm_kib(proc.pid))
         thread.join(tick)
         if on_tick is not None and thread.is_alive():
             on_tick(time.perf_counter() - start, proc)
@@ -221,10 +223,26 @@ def run_process(
     return ProcResult(
         seconds=end - start,
         returncode=proc.returncode,
-        maxrss_kib=int(usage.ru_maxrss),  # type: ignore[attr-defined]
+        # ru_maxrss also counts the pages of this (large) process the child had between fork
+        # and exec (Linux keeps the old address space's high-water mark at exec), so it read
+        # the benchmark's own corpus-laden RSS. VmHWM, polled while the child runs, is the
+        # engine's alone; ru_maxrss remains as the fallback where /proc is missing.
+        maxrss_kib=hwm or int(usage.ru_maxrss),  # type: ignore[attr-defined]
         cpu_seconds=float(usage.ru_utime + usage.ru_stime),  # type: ignore[attr-defined]
         log=log,
     )
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    """Peak resident set of a running process, from /proc (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _log_tail(path: Path, lines: int = 15) -> str:

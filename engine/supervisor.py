@@ -75,7 +75,7 @@ class EngineSettings:
     poll_interval: float = 60.0
     max_backoff: float = 900.0
     # Bytes of fetched, unacknowledged messages held at once over all mailboxes.
-    max_inflight_bytes: int = 64 * 1024 * 1024
+    max_inflight_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass
