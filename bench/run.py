@@ -708,7 +708,7 @@ def case_memory(world: World, report: Report, sizes: Sizes) -> None:
         return [
             f"**peak RSS {_mb(res.maxrss_kib)}** with the big messages spread evenly, "
             f"**{_mb(together.maxrss_kib)}** with them back to back (exit "
-            f"{together.returncode}; {check}); wait4 on the engine process; corpus "
+            f"{together.returncode}; {check}); VmHWM of the engine process; corpus "
             f"{total_mb:.0f} MB, maxMessageBytes {MAX_MESSAGE_BYTES}"
         ]
 
