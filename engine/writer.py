@@ -99,8 +99,6 @@ class SessionReport(Item):
 @dataclass
 class WriterStats:
     transactions: int = 0
-    batches: list[int] = field(default_factory=list)
-    commit_seconds: list[float] = field(default_factory=list)
     outcomes: Counter[str] = field(default_factory=Counter)
 
 
@@ -191,8 +189,6 @@ class Writer:
             log.error("transaction of %d item(s) failed, nothing is deleted: %s", len(batch), exc)
         else:
             self.stats.transactions += 1
-            self.stats.batches.append(len(batch))
-            self.stats.commit_seconds.append(time.monotonic() - started)
             if self.metrics is not None:
                 self.metrics.transactions.inc()
                 self.metrics.batch_size.observe(len(batch))

@@ -52,32 +52,13 @@ from email.utils import make_msgid
 from pathlib import Path
 from typing import Protocol
 
+from tests.support import DIRECTORY, LOGIN, LOGIN_PASSWORD
 from tools.crashpoints import POINTS, fork_child
 from tools.dovecot import Dovecot, start_dovecot
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The engine's own login, as in tests/support.py.
-LOGIN = "system"
-LOGIN_PASSWORD = "octo-Pa55"
-
-DIRECTORY = {
-    "teams": [{"number": 1, "name": "IT", "defaultGroup": "Service Desk"}],
-    "sites": ["Montréal", "Québec"],
-    "groups": ["Service Desk"],
-    "sources": ["Email"],
-    "users": [
-        {
-            "login": LOGIN,
-            "email": "sd@example.com",
-            "name": "System",
-            "site": "Montréal",
-            "password": LOGIN_PASSWORD,
-        },
-        {"login": "jdoe", "email": "John.Doe@example.com", "name": "John Doe", "site": "Québec"},
-        {"login": "unknown.user", "name": "Unknown user", "site": "Montréal"},
-    ],
-}
+# The engine's login and the directory are the tests' own (tests/support.py).
 
 GATEWAY = "Octopus.MailIntegration.Gateways.SidePopMailboxGateway, Octopus.MailIntegration"
 INCIDENT = (

@@ -91,7 +91,6 @@ class SqliteStore:
         self.db = db
         self.files = files
         self.path = path
-        self.transactions = 0
         # Directory lookups cached for one transaction only: another process may import the
         # directory between two transactions.
         self._ids: dict[tuple[str, str], int] = {}
@@ -111,7 +110,6 @@ class SqliteStore:
 
     async def commit(self) -> None:
         await self._exec("COMMIT")
-        self.transactions += 1
 
     async def rollback(self) -> None:
         if self.db.in_transaction:
