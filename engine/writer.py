@@ -64,6 +64,7 @@ class Envelope(Item):
     outcome: str | None = field(default=None, init=False)
     request_number: int | None = field(default=None, init=False)
     explanation: str | None = field(default=None, init=False)
+    problem: str | None = field(default=None, init=False)  # why it became a failure event
     # Called once the answer is final (the fetcher's byte budget); never blocks.
     on_done: Callable[[], None] | None = field(default=None, init=False, repr=False)
 
@@ -125,6 +126,8 @@ class Writer:
         self.stats = WriterStats()
         self.metrics = metrics
         self._replies: list[tuple[int, MailboxConfig, str, bytes]] = []
+        # (account, uidl) in the ledger, as seen by the current transaction.
+        self._recorded: set[tuple[str, str]] = set()
 
     async def run(
         self,
@@ -158,17 +161,32 @@ class Writer:
         A transaction is bounded by count (the batch) and by time: once ``max_batch_seconds``
         have passed it commits what it has, and the rest is returned for the next one, so a
         fetcher never waits long for its acknowledgement behind a large batch.
+
+        The first attempt takes no savepoints (two round trips per message saved): a processor
+        only reads, so a message that fails before its first write still becomes a failure
+        event in place. Only a failure after a message's writes began sends the batch round
+        again, rolled back, with a savepoint per message so that message is undone alone.
         """
         started = time.monotonic()
         rest: list[Item] = []
         try:
-            await self.store.begin()
-            for i, item in enumerate(batch):
-                await self._handle(item)
-                if time.monotonic() - started > self.max_batch_seconds:
-                    batch, rest = batch[: i + 1], batch[i + 1 :]
+            careful = False
+            while True:
+                try:
+                    batch, rest = await self._transaction(batch, started, careful=careful)
                     break
-            await self.store.commit()
+                except _Careful as signal:
+                    log.warning(
+                        "a message failed half-way (%s): the transaction of %d item(s) is "
+                        "done again with a savepoint per message",
+                        signal.__cause__,
+                        len(batch),
+                    )
+                    await self.store.rollback()
+                    self._replies.clear()
+                    for item in batch:
+                        _reset(item)
+                    careful = True
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 try:
@@ -193,6 +211,9 @@ class Writer:
                 self.metrics.transactions.inc()
                 self.metrics.batch_size.observe(len(batch))
                 self.metrics.commit_seconds.observe(time.monotonic() - started)
+            for item in batch:
+                if isinstance(item, Envelope):
+                    self._account(item)
         finally:
             for item in batch:
                 item.done.set()
@@ -205,9 +226,57 @@ class Writer:
             await self._send_replies()
         return rest
 
-    async def _handle(self, item: Item) -> None:
+    async def _transaction(
+        self, batch: list[Item], started: float, *, careful: bool
+    ) -> tuple[list[Item], list[Item]]:
+        """Handle and commit (the head of) ``batch``; returns it and the rest."""
+        rest: list[Item] = []
+        await self.store.begin()
+        # The ledger rows of the whole batch in one query per account, not one per message.
+        self._recorded = set()
+        wanted: dict[str, list[str]] = {}
+        for item in batch:
+            if isinstance(item, Envelope) and not item.dry_run:
+                wanted.setdefault(item.mailbox.account, []).append(item.uidl)
+        for account, uidls in wanted.items():
+            known = await self.store.known_uidls(account, uidls)
+            self._recorded.update((account, uidl) for uidl in known)
+        for i, item in enumerate(batch):
+            await self._handle(item, careful)
+            if time.monotonic() - started > self.max_batch_seconds:
+                batch, rest = batch[: i + 1], batch[i + 1 :]
+                break
+        await self.store.commit()
+        return batch, rest
+
+    def _account(self, env: Envelope) -> None:
+        """Log and count one committed message."""
+        cfg = env.mailbox
+        kind = (env.outcome or "").split(":")[0]
+        self.stats.outcomes[kind] += 1
+        if kind == "failed":
+            log.warning(
+                "mailbox=%s uidl=%s message could not be processed (%s); failure event #%d",
+                cfg.name,
+                env.uidl,
+                env.problem,
+                env.request_number,
+            )
+        elif kind != "dry-run":
+            log.info(
+                "mailbox=%s uidl=%s %s #%s",
+                cfg.name,
+                env.uidl,
+                env.outcome,
+                env.request_number if env.request_number else "-",
+            )
+        if self.metrics is not None and kind not in ("duplicate", "dry-run"):
+            counter = self.metrics.failed if kind == "failed" else self.metrics.processed
+            counter.labels(cfg.name).inc()
+
+    async def _handle(self, item: Item, careful: bool) -> None:
         if isinstance(item, Envelope):
-            await self._envelope(item)
+            await self._envelope(item, careful)
         elif isinstance(item, KnownQuery):
             item.known = await self.store.known_uidls(item.account, item.uidls)
         elif isinstance(item, DirectoryCheck):
@@ -255,12 +324,14 @@ class Writer:
 
     # -- messages --------------------------------------------------------------------------
 
-    async def _envelope(self, env: Envelope) -> None:
+    async def _envelope(self, env: Envelope, careful: bool) -> None:
         cfg = env.mailbox
-        if not env.dry_run and await self.store.ledger_has(cfg.account, env.uidl):
+        if not env.dry_run and (cfg.account, env.uidl) in self._recorded:
             env.outcome = "duplicate"
             return
-        await self.store.savepoint("msg")
+        writing = False
+        if careful:
+            await self.store.savepoint("msg")
         try:
             if env.error is not None:
                 raise env.error
@@ -274,47 +345,43 @@ class Writer:
             if env.dry_run:
                 env.explanation = describe(decision)
                 env.outcome = "dry-run"
-                await self.store.rollback_to("msg")
+                if careful:
+                    await self.store.rollback_to("msg")
                 return
+            writing = True
             env.outcome, env.request_number = await self._apply(env, team, decision)
             await self._ledger(env)
-            await self.store.release("msg")
+            if careful:
+                await self.store.release("msg")
         except (sqlite3.Error, StoreError):
             raise  # the store itself is failing: the whole batch rolls back, nothing is deleted
         except Exception as exc:
-            await self.store.rollback_to("msg")
+            if writing and not careful:
+                raise _Careful from exc
+            if careful:
+                await self.store.rollback_to("msg")
             if env.dry_run:
                 env.outcome = "dry-run"
                 env.explanation = f"failure event: {_cause(exc)}: {exc}"
                 return
-            await self.store.savepoint("fail")
-            env.request_number = await self._failure_event(env, exc)
-            env.outcome = f"failed: {_cause(exc)}"
-            await self._ledger(env)
-            await self.store.release("fail")
-            log.warning(
-                "mailbox=%s uidl=%s message could not be processed (%s): %s; failure event #%d",
-                cfg.name,
-                env.uidl,
-                _cause(exc),
-                exc,
-                env.request_number,
-            )
-        else:
-            log.info(
-                "mailbox=%s uidl=%s %s #%s",
-                cfg.name,
-                env.uidl,
-                env.outcome,
-                env.request_number if env.request_number else "-",
-            )
-        kind = (env.outcome or "").split(":")[0]
-        self.stats.outcomes[kind] += 1
-        if self.metrics is not None and kind not in ("duplicate", "dry-run"):
-            counter = self.metrics.failed if kind == "failed" else self.metrics.processed
-            counter.labels(cfg.name).inc()
+            if careful:
+                await self.store.savepoint("fail")
+            try:
+                env.request_number = await self._failure_event(env, exc)
+                env.outcome = f"failed: {_cause(exc)}"
+                env.problem = f"{_cause(exc)}: {exc}"
+                await self._ledger(env)
+            except (sqlite3.Error, StoreError):
+                raise
+            except Exception as again:
+                if careful:
+                    raise
+                raise _Careful from again
+            if careful:
+                await self.store.release("fail")
 
     async def _ledger(self, env: Envelope) -> None:
+        self._recorded.add((env.mailbox.account, env.uidl))
         await self.store.record_ledger(
             account=env.mailbox.account,
             uidl=env.uidl,
@@ -550,6 +617,16 @@ class Writer:
             processed=rep.processed,
             failed=rep.failed,
         )
+
+
+class _Careful(Exception):
+    """A message failed after its first write, in a transaction without savepoints."""
+
+
+def _reset(item: Item) -> None:
+    """Forget what a rolled-back attempt decided for ``item``."""
+    if isinstance(item, Envelope):
+        item.outcome = item.request_number = item.explanation = item.problem = None
 
 
 def describe(d: Decision) -> str:

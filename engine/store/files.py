@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -27,27 +28,40 @@ class FileStore:
     def put(self, data: bytes) -> str:
         """Store ``data`` durably and return its sha256. Blocking: call from a worker thread."""
         digest = hashlib.sha256(data).hexdigest()
-        target = self.path_for(digest)
-        if target.exists() and target.stat().st_size == len(data):
-            return digest
-        target.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        # The rename itself must survive a power loss before the database refers to it.
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        self.put_many({digest: data})
         return digest
+
+    def put_many(self, files: Mapping[str, bytes]) -> None:
+        """Store each ``digest -> data`` durably: every file, then every folder holding a new
+        one, fsynced once. Blocking: call from a worker thread."""
+        folders: set[Path] = set()
+        for digest, data in files.items():
+            target = self.path_for(digest)
+            if target.exists() and target.stat().st_size == len(data):
+                continue
+            try:
+                target.parent.mkdir()
+                folders.add(self.root)  # a new shard folder is an entry of the root
+            except FileExistsError:
+                pass
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            folders.add(target.parent)
+        # The renames themselves must survive a power loss before the database refers to them.
+        for folder in folders:
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
 
     def get(self, sha256: str) -> bytes:
         return self.path_for(sha256).read_bytes()

@@ -27,6 +27,13 @@ from engine.model import Attachment
 from engine.store.files import FileStore
 from engine.store.schema import MIGRATIONS
 
+# Attachments at least this big are hashed in a worker thread rather than on the event loop.
+_HASH_IN_THREAD = 1 << 20
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
 
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
@@ -91,11 +98,18 @@ class SqliteStore:
         self.db = db
         self.files = files
         self.path = path
-        # Directory lookups cached for one transaction only: another process may import the
-        # directory between two transactions.
+        # Directory lookups, kept while no other connection commits (``PRAGMA data_version``
+        # tells): a ``directory import`` may run beside the engine.
+        self._data_version: int | None = None
         self._ids: dict[tuple[str, str], int] = {}
         self._teams: dict[str | int | None, Team | None] = {}
-        self._users: dict[str, User | None] = {}
+        self._users: dict[tuple[str, str], User | None] = {}
+        # Write-behind: rows nothing reads back in the same transaction before a flush
+        # (ledger, history, attachment rows) go to SQLite in one executemany per statement,
+        # and attachment files are written and fsynced in one worker-thread trip, both just
+        # before COMMIT (or before any read, savepoint or other statement).
+        self._deferred: dict[str, list[Sequence[Any]]] = {}
+        self._files: dict[str, bytes] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -103,34 +117,73 @@ class SqliteStore:
         await self.db.close()
 
     async def begin(self) -> None:
+        self._discard()
+        await self._exec("BEGIN IMMEDIATE")
+        row = await self._one("PRAGMA data_version")
+        version = int(row[0]) if row else None
+        if version != self._data_version:
+            self._data_version = version
+            self.forget_directory()
+
+    def forget_directory(self) -> None:
+        """Drop the cached directory (it changed, or this connection changed it)."""
         self._ids.clear()
         self._teams.clear()
         self._users.clear()
-        await self._exec("BEGIN IMMEDIATE")
 
     async def commit(self) -> None:
+        await self.flush()
         await self._exec("COMMIT")
 
     async def rollback(self) -> None:
+        self._discard()
         if self.db.in_transaction:
             await self._exec("ROLLBACK")
 
     async def savepoint(self, name: str) -> None:
+        await self.flush()
         await self._exec(f"SAVEPOINT {name}")
 
     async def release(self, name: str) -> None:
         await self._exec(f"RELEASE {name}")
 
     async def rollback_to(self, name: str) -> None:
+        # Whatever is still deferred was written after the savepoint (it flushed).
+        self._discard()
         await self._exec(f"ROLLBACK TO {name}")
         await self._exec(f"RELEASE {name}")
+
+    async def flush(self) -> None:
+        """Send the deferred rows and files: files durable first, then their rows."""
+        if self._files:
+            files, self._files = self._files, {}
+            try:
+                await anyio.to_thread.run_sync(self.files.put_many, files)
+            except OSError as exc:
+                # The store failing, never the message: nothing of the batch commits.
+                raise StoreError(f"cannot write attachment files: {exc}") from exc
+        if self._deferred:
+            deferred, self._deferred = self._deferred, {}
+            for sql, rows in deferred.items():
+                await self.db.executemany(sql, rows)
+
+    def _discard(self) -> None:
+        self._deferred.clear()
+        self._files.clear()
+
+    def _defer(self, sql: str, args: Sequence[Any]) -> None:
+        self._deferred.setdefault(sql, []).append(args)
 
     # -- small helpers ---------------------------------------------------------------------
 
     # Each call below is one round trip to aiosqlite's thread (execute, fetch and close in
-    # one): those hand-offs, not SQLite, were most of the writer's time per message.
+    # one): those hand-offs, not SQLite, were most of the writer's time per message. Every
+    # statement but the two hot inserts (requests, activities) flushes the deferred rows first,
+    # so what it reads or changes sees them.
 
     async def _exec(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        if self._deferred or self._files:
+            await self.flush()
         return list(await self.db.execute_fetchall(sql, args))
 
     async def _one(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
@@ -141,6 +194,7 @@ class SqliteStore:
         return await self._exec(sql, args)
 
     async def _insert(self, sql: str, args: Sequence[Any]) -> int:
+        # No flush: the rows deferred so far never constrain a new request or activity.
         row = await self.db.execute_insert(sql, args)
         assert row is not None
         return int(row[0])
@@ -161,13 +215,16 @@ class SqliteStore:
     async def user_by_email(self, email: str) -> User | None:
         if not email:
             return None
-        key = email.casefold()
+        key = ("email", email.casefold())
         if key not in self._users:
             self._users[key] = await self._user("u.email = ?", email)
         return self._users[key]
 
     async def user_by_login(self, login: str) -> User | None:
-        return await self._user("u.login = ?", login)
+        key = ("login", login)
+        if key not in self._users:
+            self._users[key] = await self._user("u.login = ?", login)
+        return self._users[key]
 
     async def _user(self, where: str, arg: str) -> User | None:
         row = await self._one(
@@ -218,6 +275,8 @@ class SqliteStore:
 
     async def import_directory(self, data: Mapping[str, Any]) -> dict[str, int]:
         """Insert or update teams, sites, groups, sources and users (keyed by name/login)."""
+        # This connection's own changes leave data_version alone: drop the cache by hand.
+        self.forget_directory()
         counts = {"teams": 0, "sites": 0, "groups": 0, "sources": 0, "users": 0}
         for table in ("sites", "groups", "sources"):
             for name in data.get(table, []):
@@ -290,7 +349,7 @@ class SqliteStore:
         outcome: str,
         request_number: int | None,
     ) -> None:
-        await self._exec(
+        self._defer(
             "INSERT INTO ledger(account, uidl, mailbox, message_id, sha256, outcome, "
             "request_number, processed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (account, uidl, mailbox, message_id, sha256, outcome, request_number, now()),
@@ -406,7 +465,7 @@ class SqliteStore:
         await self.add_history(number, by, why)
 
     async def add_history(self, number: int, by: str, text: str) -> None:
-        await self._exec(
+        self._defer(
             "INSERT INTO history(request_number, at, by, text) VALUES (?, ?, ?, ?)",
             (number, now(), by, text),
         )
@@ -415,9 +474,14 @@ class SqliteStore:
         self, number: int, activity_id: int | None, attachments: Iterable[Attachment]
     ) -> None:
         for att in attachments:
-            # Written and fsynced in a worker thread, before the commit that cites it.
-            digest = await anyio.to_thread.run_sync(self.files.put, att.data)
-            await self._exec(
+            # Written and fsynced (in one worker-thread trip per flush) before the commit
+            # that cites it.
+            if len(att.data) < _HASH_IN_THREAD:
+                digest = hashlib.sha256(att.data).hexdigest()
+            else:  # hashlib lets go of the GIL: keep the event loop free meanwhile
+                digest = await anyio.to_thread.run_sync(_sha256, att.data)
+            self._files[digest] = att.data
+            self._defer(
                 "INSERT INTO attachments(request_number, activity_id, name, content_type, "
                 "size, sha256) VALUES (?, ?, ?, ?, ?, ?)",
                 (number, activity_id, att.name, att.content_type, len(att.data), digest),
