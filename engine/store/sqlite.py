@@ -110,6 +110,8 @@ class SqliteStore:
         # before COMMIT (or before any read, savepoint or other statement).
         self._deferred: dict[str, list[Sequence[Any]]] = {}
         self._files: dict[str, bytes] = {}
+        # The last request number handed out in this transaction (None: ask the database).
+        self._last_number: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -164,12 +166,17 @@ class SqliteStore:
                 raise StoreError(f"cannot write attachment files: {exc}") from exc
         if self._deferred:
             deferred, self._deferred = self._deferred, {}
+            # Requests first: the other rows refer to them.
+            requests = deferred.pop(_INSERT_REQUEST, None)
+            if requests:
+                await self.db.executemany(_INSERT_REQUEST, requests)
             for sql, rows in deferred.items():
                 await self.db.executemany(sql, rows)
 
     def _discard(self) -> None:
         self._deferred.clear()
         self._files.clear()
+        self._last_number = None  # a rollback gives back the numbers it undoes
 
     def _defer(self, sql: str, args: Sequence[Any]) -> None:
         self._deferred.setdefault(sql, []).append(args)
@@ -194,7 +201,10 @@ class SqliteStore:
         return await self._exec(sql, args)
 
     async def _insert(self, sql: str, args: Sequence[Any]) -> int:
-        # No flush: the rows deferred so far never constrain a new request or activity.
+        # Flushed only for the requests an activity may refer to; the other deferred rows
+        # never constrain a new activity or outbox row.
+        if _INSERT_REQUEST in self._deferred:
+            await self.flush()
         row = await self.db.execute_insert(sql, args)
         assert row is not None
         return int(row[0])
@@ -404,12 +414,11 @@ class SqliteStore:
         message_id: str | None = None,
         sha256: str | None = None,
     ) -> int:
-        number = await self._insert(
-            "INSERT INTO requests(team_id, type, status, kind, subject, description, html, "
-            "requester_id, user_id, site_id, group_id, assignee_id, source_id, mailbox, cause, "
-            "message_id, sha256, created_at, created_by) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        number = await self._next_number()
+        self._defer(
+            _INSERT_REQUEST,
             (
+                number,
                 team_id,
                 type,
                 status,
@@ -433,6 +442,18 @@ class SqliteStore:
         )
         await self.add_history(number, created_by, f"Created from {kind.replace('-', ' ')}.")
         return number
+
+    async def _next_number(self) -> int:
+        """The next request number. We hold the write lock (BEGIN IMMEDIATE), so numbers are
+        ours to hand out; AUTOINCREMENT's rule holds: never one used before, even deleted."""
+        if self._last_number is None:
+            row = await self._one(
+                "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'requests'), 0),"
+                " coalesce((SELECT max(number) FROM requests), 0))"
+            )
+            self._last_number = int(row[0]) if row else 0
+        self._last_number += 1
+        return self._last_number
 
     async def add_activity(
         self,
@@ -656,6 +677,13 @@ class SqliteStore:
     async def referenced_digests(self) -> set[str]:
         return {r[0] for r in await self._all("SELECT DISTINCT sha256 FROM attachments")}
 
+
+_INSERT_REQUEST = (
+    "INSERT INTO requests(number, team_id, type, status, kind, subject, description, html, "
+    "requester_id, user_id, site_id, group_id, assignee_id, source_id, mailbox, cause, "
+    "message_id, sha256, created_at, created_by) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 _REQUEST_SELECT = (
     "SELECT r.number, t.number, t.name, r.type, r.status, r.kind, r.subject, r.description, "
