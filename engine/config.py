@@ -12,22 +12,26 @@ bundles and logs.
 from __future__ import annotations
 
 import codecs
+import functools
 import html
 import html.entities
 import os
 import re
 import string
 import textwrap
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
-import xmlschema
 from lxml import etree
-from xmlschema import XMLSchemaChildrenValidationError, XMLSchemaValidationError
 
 from engine.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import xmlschema
+    from xmlschema import XMLSchemaValidationError
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -131,11 +135,8 @@ class MailboxConfig:
 SCHEMA_PATH: Final = Path(__file__).resolve().parent / "schemas" / "mailintegration.xsd"
 """Our schema: the only one a mailbox file is ever validated against."""
 
-# Loaded once: building an XMLSchema is slow, and a broken schema should fail at import rather
-# than when the first mailbox is read.
-_SCHEMA: Final = xmlschema.XMLSchema(SCHEMA_PATH)
-
 _ROOT: Final = "mailIntegration"
+_XS: Final = "{http://www.w3.org/2001/XMLSchema}"
 
 DEFAULT_SUBJECT_PATTERN: Final = re.compile(
     # The communication type in square brackets ("[Incident]", "[Service Request]"), then an
@@ -206,30 +207,73 @@ _PASSWORD_ATTR: Final = re.compile(r"(?<![\w.:-])" + _SECRET_NAME + r"\s*=\s*", 
 _UNQUOTED_VALUE: Final = re.compile(r"[^\s>]*")
 
 
-def _build_tables() -> tuple[dict[tuple[str, ...], Any], dict[tuple[str, ...], dict[str, str]]]:
-    """Declarations by path, and the children allowed under each path (lowercase -> canonical).
+def _load_schema() -> tuple[etree.XMLSchema, dict[tuple[str, ...], dict[str, str]]]:
+    """The schema compiled by libxml2, and the children allowed under each element path.
 
-    Both come from the schema, so that case-insensitive renaming and the "valid elements here"
-    of an error message cannot drift from what validation accepts.
+    Both at import, in about a millisecond, so that a broken schema fails at once rather than
+    when the first mailbox is read. The children (lowercase -> canonical name) drive the
+    case-insensitive renaming and the "valid elements here" of error messages; they are read
+    from the same XSD as validation, so they cannot drift from what it accepts (a test also
+    checks them against xmlschema's reading of it).
     """
-    decls: dict[tuple[str, ...], Any] = {}
+    # Our own file: nothing to fetch, no entity to expand.
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
+    xsd = etree.parse(str(SCHEMA_PATH), parser)
     children: dict[tuple[str, ...], dict[str, str]] = {}
+
+    def walk(decl: etree._Element, path: tuple[str, ...]) -> None:
+        # Every element of the format declares its complex type inline, as an xs:all.
+        content = decl.find(f"{_XS}complexType/{_XS}all")
+        if content is None:
+            return
+        names: dict[str, str] = {}
+        for child in content.iterfind(f"{_XS}element"):
+            name = str(child.get("name"))
+            names[name.lower()] = name
+            walk(child, (*path, name))
+        children[path] = names
+
+    root = xsd.getroot().find(f"{_XS}element[@name='{_ROOT}']")
+    if root is None:
+        raise RuntimeError(f"{SCHEMA_PATH} declares no <{_ROOT}> element")
+    walk(root, (_ROOT,))
+    return etree.XMLSchema(xsd), children
+
+
+_LIBXML_SCHEMA, _CHILDREN = _load_schema()
+
+# White space to Python (str.isspace) that is not white space to XSD (space, tab, CR, LF):
+# no-break space, U+0085, U+2000-U+200A... xmlschema collapses and strips it in token values,
+# libxml2 keeps it, so the two may disagree on a value holding one (see _fast_valid).
+_NON_XSD_SPACE: Final = re.compile(r"[^\S \t\n\r]")
+
+
+@functools.cache
+def _xmlschema() -> xmlschema.XMLSchema:
+    """xmlschema's reading of our schema, the reference for validity and error messages.
+
+    Built on first use only: importing xmlschema and building the schema take about a quarter
+    of a second, which a valid file (the common case) never needs.
+    """
+    import xmlschema
+
+    return xmlschema.XMLSchema(SCHEMA_PATH)
+
+
+@functools.cache
+def _decls() -> dict[tuple[str, ...], Any]:
+    """xmlschema's element declarations by path, for the wording of error messages."""
+    decls: dict[tuple[str, ...], Any] = {}
 
     def walk(decl: Any, path: tuple[str, ...]) -> None:
         decls[path] = decl
         if decl.type.is_simple():
             return
-        names: dict[str, str] = {}
         for child in decl.type.content.iter_elements():
-            names[child.local_name.lower()] = child.local_name
             walk(child, (*path, child.local_name))
-        children[path] = names
 
-    walk(_SCHEMA.elements[_ROOT], (_ROOT,))
-    return decls, children
-
-
-_DECLS, _CHILDREN = _build_tables()
+    walk(_xmlschema().elements[_ROOT], (_ROOT,))
+    return decls
 
 
 # --------------------------------------------------------------------------------------------
@@ -635,8 +679,19 @@ def _is_plain(el: etree._Element) -> bool:
 
 
 def _validate(root: etree._Element, ctx: _Context) -> None:
+    """Raise the first schema error of ``root``, in our words.
+
+    xmlschema decides and words every error, but building it costs about a quarter of a second
+    of start-up. libxml2 (lxml) validates against the same XSD in microseconds, so a file it
+    accepts is accepted without xmlschema; anything else goes to xmlschema, which either finds
+    the error to report or, where the two differ (xmlschema reads non-ASCII digits in numbers,
+    for instance), accepts the file as it always has. tests/test_startup.py checks that the
+    fast path never accepts a file xmlschema refuses.
+    """
+    if _fast_valid(root):
+        return
     # On the element itself: no location hint, no other schema, no network is ever used.
-    errors: Iterator[XMLSchemaValidationError] = _SCHEMA.iter_errors(
+    errors: Iterator[XMLSchemaValidationError] = _xmlschema().iter_errors(
         root,
         use_location_hints=False,
     )
@@ -645,19 +700,39 @@ def _validate(root: etree._Element, ctx: _Context) -> None:
         raise _schema_error(first, ctx)
 
 
+def _fast_valid(root: etree._Element) -> bool:
+    """True if ``root`` is valid for libxml2 and xmlschema would say so too.
+
+    A text holding white space that only Python counts as such is left to xmlschema: it
+    collapses that space in xs:token values where libxml2 keeps it, so a value such as a
+    lone no-break space is too short for one and not for the other.
+    """
+    for el in root.iter():
+        if (el.text and _NON_XSD_SPACE.search(el.text)) or (
+            el.tail and _NON_XSD_SPACE.search(el.tail)
+        ):
+            return False
+    # Only the compiled schema: libxml2 loads no other for an instance (and _parse has
+    # already refused location hints).
+    return _LIBXML_SCHEMA.validate(root)
+
+
 def _schema_error(err: XMLSchemaValidationError, ctx: _Context) -> ConfigError:
     """Our own message for a schema error.
 
     xmlschema's reasons may quote the instance (a password included), so they only help to
     recognise the case and are never copied, except, quotes stripped, in the last fallback.
     """
+    # Imported by _xmlschema(), which produced ``err``.
+    from xmlschema import XMLSchemaChildrenValidationError
+
     reason = str(err.reason or "")
     elem: Any = err.elem
     if not isinstance(elem, etree._Element):
         return ctx.error(f"does not match the schema: {_strip_quotes(reason)}")
     el: etree._Element = elem
     path = tuple(_display(e) for e in _ancestors_and_self(el))
-    decl = _DECLS.get(path)
+    decl = _decls().get(path)
 
     if el.getparent() is None and el.tag != _ROOT:
         return ctx.error(f"the root element must be <{_ROOT}>, not <{_display(el)}>", at=el)

@@ -15,14 +15,6 @@ from typing import Any
 
 import anyio
 from anyio.abc import SocketStream
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
 
 log = logging.getLogger("engine.ops")
 
@@ -31,6 +23,10 @@ class Metrics:
     """The engine's metrics, in a registry of its own (several engines in one test process)."""
 
     def __init__(self) -> None:
+        # Imported here, not at the top: prometheus_client brings http.server, wsgiref and
+        # urllib (about 15 ms) to every command, and only an engine has metrics.
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         self.registry = CollectorRegistry()
         r = self.registry
         self.fetched = Counter(
@@ -77,7 +73,16 @@ class Metrics:
         )
 
     def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
         return generate_latest(self.registry)
+
+    @property
+    def content_type(self) -> str:
+        """The Content-Type of :meth:`render`'s text."""
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return CONTENT_TYPE_LATEST
 
 
 @dataclass
@@ -160,7 +165,7 @@ async def serve_http(
                 ctype = "application/json"
                 body = json.dumps(health.document(), indent=2).encode() + b"\n"
             elif path == "/metrics":
-                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, metrics.render()
+                status, ctype, body = "200 OK", metrics.content_type, metrics.render()
             else:
                 status, ctype, body = "404 Not Found", "text/plain", b"try /healthz or /metrics\n"
             head = (

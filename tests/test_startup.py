@@ -1,0 +1,217 @@
+"""Start-up cost: the fast validation path of mailbox files, and what it must never change.
+
+engine/config.py validates with libxml2 (lxml) first and builds xmlschema, a quarter of a second
+of start-up, only for a file libxml2 refuses. xmlschema stays the judge: these tests check, on
+the shipped files and on over a thousand variants of a file using every element, that a file
+is accepted exactly when xmlschema accepts it, and that the fast path never accepts a file
+xmlschema would refuse.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from lxml import etree
+
+from engine import config
+from engine.errors import ConfigError
+from tools.demo import MAILBOX_XML as DEMO_XML
+
+ROOT = Path(__file__).resolve().parent.parent
+XS = "{http://www.w3.org/2001/XMLSchema}"
+
+SHIPPED = sorted(
+    [*(ROOT / "tests" / "configs").glob("*.xml"), *(ROOT / "mailboxes.d").rglob("*.xml")]
+)
+
+# A valid value of each simple type of the schema, to build a file using every element.
+SAMPLES = {
+    "booleanType": "true",
+    "portType": "110",
+    "timeoutSecondsType": "30",
+    "messageBytesType": "2048",
+    "attachmentBytesType": "1",
+    "pollIntervalSecondsType": "60",
+    "requiredTextType": "x",
+    "optionalTextType": "x",
+    "secretType": "s",
+    "pathType": "p",
+    "envVarNameType": "E",
+    "mailAddressType": "a@example.com",
+    "regexType": "(?P<number>[0-9]+)",
+    "templateTextType": "{subject}",
+}
+
+# White space to Python but not to XSD: where xmlschema and libxml2 read xs:token differently.
+PYTHON_ONLY_SPACE = [
+    chr(c)
+    for c in [*range(0x20, 0xD800), *range(0xE000, 0xFFFE)]
+    if chr(c).isspace() and chr(c) != " "
+]
+
+VALUES = [
+    *["", " ", "0", "1", "-1", "+1", "01", " 7 ", "1.0", "1e3", "0x10", "1_000", "1 000"],
+    *["\uff11", "\u0661\u0662", "\U0001d7cf", "\u00b2", "65535", "65536", "2147483647"],
+    *["2147483648", "99999999999999999999", "1023", "1024", "1073741824", "1073741825"],
+    *["3600", "3601", "86400", "86401", "true", "TRUE", "tRuE", " false ", "yes", "tru e"],
+    *["a@b", "Name <a@b>", "<a@b>", "a@b@c", "a b@c", "\u00e9@\u00fc", "a@b c@d", "x <a@b> y"],
+    *["A_1", "_", "1A", "A-B", "\u00c9", "x" * 300, "(?P<number>1)", "{subject}", "&", "]]>"],
+    *PYTHON_ONLY_SPACE,
+    *(form.format(c) for form in ("a{}b@c", "1{}", "{}true") for c in "\x85\xa0\u3000"),
+]
+
+
+def parse(path: Path) -> etree._Element:
+    """A file as load_mailbox sees it just before validation."""
+    root = config._parse(path, config._Context(str(path)))
+    config._canonicalize(root)
+    return root
+
+
+def xmlschema_valid(root: etree._Element) -> bool:
+    errors = config._xmlschema().iter_errors(root, use_location_hints=False)
+    return next(errors, None) is None
+
+
+def engine_accepts(root: etree._Element) -> bool:
+    try:
+        config._validate(root, config._Context("test.xml"))
+    except ConfigError:
+        return False
+    return True
+
+
+def shipped_files(tmp: Path) -> list[Path]:
+    """The sample files, the docker-compose mailboxes and the demo's mailbox file."""
+    demo = tmp / "demo.xml"
+    demo.write_text(DEMO_XML.format(port=995, ca="ca.pem"), encoding="utf-8")
+    return [*SHIPPED, demo]
+
+
+def every_element() -> tuple[etree._Element, set[str]]:
+    """A valid file with every element of the schema, each once, built from the XSD; and the
+    path of one element of each simple type."""
+    xsd = etree.parse(str(config.SCHEMA_PATH))
+    one_per_type: dict[str, str] = {}
+
+    def build(decl: etree._Element, path: str) -> etree._Element:
+        name = str(decl.get("name"))
+        el = etree.Element(name)
+        content = decl.find(f"{XS}complexType/{XS}all")
+        if content is None:
+            xsd_type = str(decl.get("type"))
+            el.text = SAMPLES[xsd_type]
+            one_per_type.setdefault(xsd_type, f"{path}/{name}")
+        else:
+            el.extend(build(child, f"{path}/{name}") for child in content.iterfind(f"{XS}element"))
+        return el
+
+    root_decl = xsd.getroot().find(f"{XS}element[@name='{config._ROOT}']")
+    assert root_decl is not None
+    return build(root_decl, ""), set(one_per_type.values())
+
+
+def variants(base: etree._Element, typed: set[str]) -> Iterator[etree._Element]:
+    """``base`` with one element added, removed, repeated or given children, or (for the
+    elements in ``typed``, one of each simple type) given each of VALUES."""
+    paths = [base.getroottree().getpath(el) for el in base.iter()]
+
+    def copy_at(path: str) -> tuple[etree._Element, etree._Element]:
+        root = copy.deepcopy(base)
+        found = root.getroottree().xpath(path)
+        assert isinstance(found, list)
+        el = found[0]
+        assert isinstance(el, etree._Element)
+        return root, el
+
+    for path in paths:
+        _, original = copy_at(path)
+        if len(original) == 0:
+            for value in VALUES if path in typed else ():
+                root, el = copy_at(path)
+                el.text = value
+                yield root
+            root, el = copy_at(path)
+            etree.SubElement(el, "x")
+            yield root
+        else:
+            for child in range(len(original)):
+                root, el = copy_at(path)
+                del el[child]
+                yield root
+                root, el = copy_at(path)
+                el.append(copy.deepcopy(el[child]))
+                yield root
+            for extra in ("bogus", "{urn:x}server", original[0].tag.upper()):
+                root, el = copy_at(path)
+                etree.SubElement(el, extra)
+                yield root
+            for text in ("x", "\u00a0", " \t\r\n"):
+                root, el = copy_at(path)
+                el[0].tail = text
+                yield root
+        root, el = copy_at(path)
+        el.set("a", "1")
+        yield root
+
+
+def test_shipped_files_are_valid_to_both_validators(tmp_path: Path) -> None:
+    files = shipped_files(tmp_path)
+    assert len(files) >= 4
+    for path in files:
+        root = parse(path)
+        assert xmlschema_valid(root), path
+        assert config._LIBXML_SCHEMA.validate(root), path
+        # The point of the fast path: the files people use never need xmlschema.
+        assert config._fast_valid(root), path
+
+
+def test_validation_decides_as_xmlschema_on_variants_of_every_element() -> None:
+    base, typed = every_element()
+    assert len(typed) == len(SAMPLES)
+    assert xmlschema_valid(base) and config._fast_valid(base)
+    seen = {"fast": 0, "refused": 0, "xmlschema only": 0}
+    for root in variants(base, typed):
+        valid = xmlschema_valid(root)
+        fast = config._fast_valid(root)
+        # Never accept what xmlschema refuses...
+        assert valid or not fast, etree.tostring(root, encoding="unicode")
+        # ...and accept exactly what it accepts, as before the fast path existed.
+        assert engine_accepts(root) == valid, etree.tostring(root, encoding="unicode")
+        seen["fast" if fast else "xmlschema only" if valid else "refused"] += 1
+    # Every kind of case happened: the loop above did not pass by testing nothing.
+    assert seen["fast"] > 300 and seen["refused"] > 500 and seen["xmlschema only"] > 50, seen
+
+
+def test_children_table_matches_xmlschema() -> None:
+    """The names used to canonicalise element case are those xmlschema reads in the XSD."""
+    expected: dict[tuple[str, ...], dict[str, str]] = {}
+    for path, decl in config._decls().items():
+        if not decl.type.is_simple():
+            expected[path] = {
+                c.local_name.lower(): c.local_name for c in decl.type.content.iter_elements()
+            }
+    assert expected == config._CHILDREN
+
+
+def test_engine_start_imports_neither_xmlschema_nor_prometheus() -> None:
+    """Loading a valid file needs no xmlschema, and only a running engine needs metrics."""
+    example = ROOT / "tests" / "configs" / "incident-example.xml"
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "import engine.commands\n"
+        "from engine.config import load_mailbox\n"
+        f"load_mailbox(Path({str(example)!r}))\n"
+        "print(sorted({'xmlschema', 'prometheus_client'} & set(sys.modules)))\n"
+    )
+    # A fresh interpreter: this one has imported xmlschema for the tests above.
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
