@@ -22,6 +22,11 @@ Design notes (the reasons, so that nobody "simplifies" them away):
 * Decoded header text is flattened to one line (CVE-2024-6923: a newline in a decoded header
   must never reach anything we build), and addresses are split on the *raw* header before
   display names are decoded, with the strict rules of the CVE-2023-27043 fix.
+* Three fast paths stand in for slow library code and must give exactly its results; each
+  accepts only the input shapes it is known to handle and leaves the rest to the library:
+  :func:`_split_mime` builds the feed parser's Message tree, :class:`_TextCanvas` renders
+  HTML to the text inscriptis gives, and :func:`_simple_addresses` reads the address lists
+  ``getaddresses`` would. Together they cut the cost of a typical parse by more than half.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import quopri
 import re
 import unicodedata
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import Message
@@ -51,6 +56,7 @@ import charset_normalizer
 import nh3
 from inscriptis import get_text as _inscriptis_get_text  # type: ignore[import-untyped, unused-ignore]
 from inscriptis.model.config import ParserConfig  # type: ignore[import-untyped, unused-ignore]
+from lxml import etree
 from tnefparse.tnef import TNEF  # type: ignore[import-untyped, unused-ignore]
 
 from engine.errors import LimitExceeded, MessageError, ParseError
@@ -94,12 +100,15 @@ _DEFAULT_LIMITS: Final = ParseLimits()
 _ONE_LINE_RE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029 ]+")
 # In multi-line bodies only the controls that are never text are removed.
 _BODY_CTRL_RE: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_BODY_CTRL_TABLE: Final = dict.fromkeys([*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
 _NEWLINES_RE: Final = re.compile(r"\r\n?")
 _FOLD_RE: Final = re.compile(r"\r\n|\r|\n")
 
 
 def _one_line(text: str) -> str:
     """Flatten decoded header text to one line: no CR, LF or other control character."""
+    if text.isprintable() and "  " not in text:
+        return text.strip()  # every character the expression replaces is unprintable but " "
     return _ONE_LINE_RE.sub(" ", text).strip()
 
 
@@ -418,14 +427,33 @@ def _split_params(value: str) -> list[str]:
     return segments
 
 
-def _parse_params(value: str) -> tuple[str, dict[str, _Param]]:
+# Values up to this long are remembered: a message has the same Content-Type read by the
+# pre-scan and by the walk, and mail repeats a few values ('text/plain; charset="utf-8"').
+_PARAMS_CACHE_MAX_VALUE: Final = 512
+
+
+def _parse_params(value: str) -> tuple[str, Mapping[str, _Param]]:
     """Split a Content-Type/Disposition value into its lowercased main value and parameters.
 
     RFC 2231 continuations (``name*0*=``) and charset/language prefixes are honoured; the
     octets of an extended value are returned undecoded with their charset label, so that the
     caller decodes them through the safe codec lookup. As in the stdlib, a plain parameter
-    wins over an extended one of the same name, and the first of duplicates wins.
+    wins over an extended one of the same name, and the first of duplicates wins. The
+    parameters are shared between calls: read them, never change them.
     """
+    if ";" not in value:
+        return value.strip().lower(), {}
+    if len(value) <= _PARAMS_CACHE_MAX_VALUE:
+        return _parse_params_cached(value)
+    return _parse_params_uncached(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_params_cached(value: str) -> tuple[str, Mapping[str, _Param]]:
+    return _parse_params_uncached(value)
+
+
+def _parse_params_uncached(value: str) -> tuple[str, dict[str, _Param]]:
     segments = _split_params(value)
     main = segments[0].strip().lower() if segments else ""
     params: dict[str, _Param] = {}
@@ -489,6 +517,7 @@ _NOT_HEADER_LINE_RE: Final = re.compile(rb"^(?!From |[\x21-\x39\x3b-\x7e]*:|[ \t
 _SCAN_BODY: Final = rb"(?:content-type[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)|--([^\r\n]*))"
 _SCAN_RE: Final = re.compile(rb"\n" + _SCAN_BODY, re.I)
 _SCAN_FIRST_RE: Final = re.compile(_SCAN_BODY, re.I)
+_BARE_CR_RE: Final = re.compile(rb"\r(?!\n)")
 # Charsets the stdlib may meet in an RFC 2231 boundary parameter without harm.
 _SAFE_BOUNDARY_CHARSETS: Final = frozenset({"", "us-ascii", "ascii", "utf-8", "iso-8859-1"})
 
@@ -500,9 +529,9 @@ def _header_end(raw: bytes, limit: int) -> int | None:
     if raw.startswith(b"\r"):
         return 1
     window = limit + 4
-    m = _HEADER_END_RE.search(raw, 0, window)
-    if m is not None:
-        return m.end()
+    end = _blank_line_end(raw, 0, window)
+    if end is not None:
+        return end
     if len(raw) <= limit:
         return len(raw)
     # Only whole lines inside the window count: a line cut by the window looks like a
@@ -512,6 +541,25 @@ def _header_end(raw: bytes, limit: int) -> int | None:
     if m is not None:
         return m.start()
     return None
+
+
+def _blank_line_end(data: bytes, start: int, end: int) -> int | None:
+    """``_HEADER_END_RE.search(data, start, end).end()``, None if it finds nothing.
+
+    With byte searches: the regular expression starts with an optional character, so its
+    engine tries it at every offset of the header block instead of skipping to line ends.
+    """
+    crlf = data.find(b"\n\r\n", start, end)
+    lf = data.find(b"\n\n", start, end if crlf < 0 else crlf + 1)
+    if lf < 0 and crlf < 0:
+        cr_cr = data.find(b"\r\r", start, end)
+        return cr_cr + 2 if cr_cr >= 0 else None
+    first, after = (lf, lf + 2) if lf >= 0 else (crlf, crlf + 3)
+    if first > start and data[first - 1] == 0x0D:
+        first -= 1  # the match starts at the CR of a CRLF
+    # "\r\r" wins only where it starts before that line break.
+    cr_cr = data.find(b"\r\r", start, first + 1)
+    return cr_cr + 2 if cr_cr >= 0 else after
 
 
 @dataclass
@@ -536,7 +584,7 @@ def _scan(raw: bytes, limits: ParseLimits) -> _Scan:
     """
     data = raw
     offsets_valid = True
-    if raw.count(b"\r") != raw.count(b"\r\n"):
+    if b"\r" in raw and _BARE_CR_RE.search(raw):
         # Bare CR line ends: the feed parser splits on them too, so scan a normalized copy
         # (its offsets no longer match the raw bytes).
         data = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
@@ -556,9 +604,7 @@ def _scan(raw: bytes, limits: ParseLimits) -> _Scan:
                     f"a Content-Type field has {semicolons} parameters; the limit "
                     f"(max_header_params) is {limits.max_header_params}"
                 )
-            ctype, params = _parse_params(
-                _FOLD_RE.sub("", field.decode("ascii", "surrogateescape"))
-            )
+            ctype, params = _parse_params(_unfold(field.decode("ascii", "surrogateescape")))
             if ctype.startswith("multipart/"):
                 boundary = _scan_boundary(params.get("boundary"))
                 if boundary is None:
@@ -622,7 +668,7 @@ def _scan_boundary(param: _Param | None) -> str | None:
 
 def _unfold(value: str) -> str:
     """RFC 5322 unfolding: remove the line breaks, keep the white space after them."""
-    return _FOLD_RE.sub("", value)
+    return _FOLD_RE.sub("", value) if "\n" in value or "\r" in value else value
 
 
 def _header_map(msg: Message) -> dict[str, list[str]]:
@@ -644,6 +690,16 @@ def _part_header(part: Message, name: str) -> str | None:
         if key.strip().lower() == name:
             return _unfold(value)
     return None
+
+
+def _part_fields(part: Message) -> dict[str, str]:
+    """Each header field of a MIME part by lowercased name: its first value, as _part_header."""
+    fields: dict[str, str] = {}
+    for key, value in part.raw_items():
+        name = key.strip().lower()
+        if name not in fields:
+            fields[name] = _unfold(value)
+    return fields
 
 
 _MSGID_RE: Final = re.compile(r"<([^<>\s]{1,998})>")
@@ -729,7 +785,47 @@ def _balanced(value: str) -> bool:
 
 def _address_count(value: str) -> int:
     """Upper bound of the addresses in an address header: its unquoted commas plus one."""
+    if '"' not in value:
+        return value.count(",") + 1
     return _QUOTED_RE.sub("", value).count(",") + 1
+
+
+# The common shapes of an address list, "Name <local@domain>", '"Last, First" <a@b>' and a
+# bare "local@domain", whose parse by getaddresses is known without running its parser (a
+# character-by-character loop in Python). Words and address parts are kept to characters that
+# the stdlib parser takes as they are: no comments, escapes, groups, routes or literals.
+_ATEXT: Final = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]++"
+_ADDR_SPEC: Final = rf"{_ATEXT}(?:\.{_ATEXT})*+@{_ATEXT}(?:\.{_ATEXT})*+"
+_PHRASE_WORD: Final = r'(?:[^\x00-\x20\x7f()<>@,:;"\[\]\\]++|"[^"\\\x00-\x1f\x7f]*+")'
+_SIMPLE_ADDRESS_RE: Final = re.compile(
+    rf"[ \t]*+(?:({_PHRASE_WORD}(?:[ \t]++{_PHRASE_WORD})*+)?[ \t]*+<({_ADDR_SPEC})>"
+    rf"|({_ADDR_SPEC}))[ \t]*+"
+)
+_QUOTED_WORD_RE: Final = re.compile(r'"([^"]*)"|([^ \t"]+)')
+_MAX_SIMPLE_ADDRESSES: Final = 4096
+
+
+def _simple_addresses(value: str) -> list[tuple[str, str]] | None:
+    """What ``getaddresses([value])`` returns, if ``value`` has only the common shapes."""
+    if len(value) > _MAX_SIMPLE_ADDRESSES:
+        return None
+    pairs: list[tuple[str, str]] = []
+    pos = 0
+    while (m := _SIMPLE_ADDRESS_RE.match(value, pos)) is not None:
+        phrase, routed, bare = m.groups()
+        if bare is not None:
+            pairs.append(("", bare))
+        else:
+            # The stdlib joins the phrase's words, unquoted, with single spaces.
+            words = _QUOTED_WORD_RE.findall(phrase or "")
+            pairs.append((" ".join(quoted or atom for quoted, atom in words), routed))
+        pos = m.end()
+        if pos == len(value):
+            return pairs
+        if value[pos] != ",":
+            return None
+        pos += 1
+    return None
 
 
 def _split_addresses(value: str) -> list[tuple[str, str]]:
@@ -739,6 +835,9 @@ def _split_addresses(value: str) -> list[tuple[str, str]]:
     produce exactly one address per unquoted comma, or that holds a "[" outside a domain
     literal, was misread and is dropped whole, as the patched stdlib does.
     """
+    simple = _simple_addresses(value)
+    if simple is not None:
+        return simple
     if not _balanced(value):
         return []
     try:
@@ -923,6 +1022,8 @@ _BLANK_LINES_RE: Final = re.compile(r"\n{3,}")
 
 
 def _check_html_depth(markup: str, limits: ParseLimits) -> None:
+    if markup.count("<") <= limits.max_html_depth:
+        return  # every level takes a start tag: too few tags to nest that deep
     depth = 0
     deepest = 0
     for m in _HTML_BLOCK_TAG_RE.finditer(markup):
@@ -954,7 +1055,7 @@ def _render_html(markup: str, limits: ParseLimits) -> str:
     """Readable text of an HTML body: paragraphs, lists, links as "[text](url)"."""
     if len(markup) <= limits.max_html_render_bytes:
         try:
-            text = str(_inscriptis_get_text(markup, ParserConfig(display_links=True)))
+            text = _html_text(markup)
         except Exception:  # inscriptis/lxml failing on odd markup: use the plain flattening
             text = ""
         text = "\n".join(line.rstrip() for line in text.splitlines())
@@ -965,13 +1066,314 @@ def _render_html(markup: str, limits: ParseLimits) -> str:
     return _flatten_html(markup)
 
 
+def _html_text(markup: str) -> str:
+    """inscriptis' text of ``markup`` (``get_text`` showing links), computed fast if possible."""
+    if "<table" not in markup:  # tables are for inscriptis: spare the walk that would stop
+        try:
+            return _TextCanvas().render(markup)
+        except Exception:  # _Unrenderable, or anything odd: inscriptis decides, as ever
+            pass
+    return str(_inscriptis_get_text(markup, ParserConfig(display_links=True)))
+
+
+# The layout inscriptis gives each element in its default ("relaxed") CSS profile: block,
+# margin before, margin after, left padding, pre-formatted, text prefix and suffix, and
+# whether a blank prefix/suffix is dropped inside pre-formatted text. Other tags are inline.
+class _Layout(NamedTuple):
+    block: bool = False
+    margin_before: int = 0
+    margin_after: int = 0
+    padding: int = 0
+    pre: bool = False
+    prefix: str = ""
+    suffix: str = ""
+    limit_affixes: bool = False
+
+
+_PARAGRAPH: Final = _Layout(True, 1, 1)
+_PLAIN_BLOCK: Final = _Layout(True)
+_LAYOUTS: Final[dict[str, _Layout]] = {
+    **dict.fromkeys(("p", "figure", "h1", "h2", "h3", "h4", "h5", "h6"), _PARAGRAPH),
+    **dict.fromkeys(("ul", "ol"), _Layout(True, padding=4)),
+    **dict.fromkeys(
+        ("li", "address", "article", "aside", "footer", "header", "hgroup", "layer", "main"),
+        _PLAIN_BLOCK,
+    ),
+    **dict.fromkeys(("nav", "figcaption", "blockquote"), _PLAIN_BLOCK),
+    "div": _Layout(True, padding=2),
+    **dict.fromkeys(("pre", "xmp", "listing", "plaintext"), _Layout(True, pre=True)),
+    "q": _Layout(prefix='"', suffix='"'),
+    "span": _Layout(prefix=" ", suffix=" ", limit_affixes=True),
+}
+_INLINE: Final = _Layout()
+_UL_BULLETS: Final = ("* ", "+ ", "o ", "- ")
+# Elements that inscriptis lays out with machinery this renderer does not reproduce (tables)
+# or hides (display: none); nh3 never lets the hidden ones through, tables it does.
+_RENDER_ELSEWHERE: Final = frozenset(
+    {"table", "tr", "td", "th", "head", "link", "meta", "script", "title", "style"}
+)
+_RENDER_MAX_DEPTH: Final = 200
+# Parsers lock themselves while parsing, so threads can share this one as they share
+# lxml.html's own parser (which this is, minus its element classes).
+_HTML_PARSER: Final = etree.HTMLParser()
+
+
+class _Unrenderable(Exception):
+    """Markup that _TextCanvas leaves to inscriptis itself."""
+
+
+class _Box:
+    """One open element: its layout and what inscriptis derives for it from its parent."""
+
+    __slots__ = ("block", "bullet", "layout", "pre", "prefix", "previous_margin_after", "suffix")
+
+    def __init__(self, layout: _Layout, parent: _Box | None, bullet: str = "") -> None:
+        self.layout = layout
+        self.block = layout.block
+        self.pre = layout.pre
+        self.prefix = layout.prefix
+        self.suffix = layout.suffix
+        self.bullet = bullet
+        self.previous_margin_after = 0
+        if parent is not None:
+            if layout.limit_affixes and parent.pre:
+                if self.prefix.isspace():
+                    self.prefix = ""
+                if self.suffix.isspace():
+                    self.suffix = ""
+            if layout.block and parent.block:
+                self.previous_margin_after = parent.layout.margin_after
+
+
+# Every inline element without a prefix or suffix behaves the same whatever its parent.
+_PLAIN_INLINE_BOX: Final = _Box(_INLINE, None)
+
+
+class _TextCanvas:
+    """inscriptis' rendering of HTML to text (``get_text`` with ``display_links``), lean.
+
+    The same algorithm as inscriptis' Canvas, Block and Prefix (margins between blocks,
+    indentation, list bullets, white-space collapsing, links as "[text](url)"), with its
+    layout fixed to the default CSS profile instead of computed per element, for the markup
+    nh3 lets through. It raises _Unrenderable for what it does not reproduce: tables, style
+    attributes, hidden elements, very deep trees. inscriptis spends most of its time copying
+    per-element style objects and collapsing white space one character at a time.
+    """
+
+    def __init__(self) -> None:
+        self.blocks: list[str] = []
+        self.margin = 1000
+        # The current block (line) being written.
+        self.content = ""
+        self.collapsable = True
+        # The prefix shared by all blocks: indentation and bullets.
+        self.consumed = False
+        self.padding = 0
+        self.paddings: list[int] = []
+        self.bullets: list[str] = []
+        # Document state.
+        self.list_counters: list[str | int] = []
+        self.link_target = ""
+
+    # Prefix -------------------------------------------------------------------------------
+
+    def _pop_bullet(self) -> str:
+        for index in range(len(self.bullets) - 1, -1, -1):
+            bullet = self.bullets[index]
+            if bullet:
+                self.bullets[index] = ""
+                return bullet
+        return ""
+
+    def _first_prefix(self) -> str:
+        if self.consumed:
+            return ""
+        self.consumed = True
+        bullet = self._pop_bullet()
+        return " " * (self.padding - len(bullet)) + bullet
+
+    def _unconsumed_bullet(self) -> str:
+        if self.consumed:
+            return ""
+        bullet = self._pop_bullet()
+        if not bullet:
+            return ""
+        return " " * (self.padding - self.paddings[-1] - len(bullet)) + bullet
+
+    # Block --------------------------------------------------------------------------------
+
+    def _merge(self, text: str, pre: bool) -> None:
+        if pre:
+            text = self._first_prefix() + text.replace("\n", "\n" + " " * self.padding)
+            self.content += html_lib.unescape(text)
+            self.collapsable = False
+            return
+        # Every run of white space becomes one space, and none follows a collapsable one.
+        if text.isprintable() and "  " not in text:
+            # The only white space is single spaces (all others are unprintable).
+            if self.collapsable and text.startswith(" "):
+                text = text[1:]
+                if not text:
+                    return
+            self.collapsable = text.endswith(" ")
+        elif words := text.split():
+            first_is_space, last_is_space = text[0].isspace(), text[-1].isspace()
+            text = " ".join(words)
+            if first_is_space and not self.collapsable:
+                text = " " + text
+            if last_is_space:
+                text += " "
+            self.collapsable = last_is_space
+        elif self.collapsable:
+            return
+        else:
+            text = " "
+            self.collapsable = True
+        if not self.content:
+            text = self._first_prefix() + text
+        self.content += html_lib.unescape(text)
+
+    def _new_block(self) -> None:
+        self.consumed = False
+        self.content = ""
+        self.collapsable = True
+
+    # Canvas -------------------------------------------------------------------------------
+
+    def _flush_inline(self) -> bool:
+        # inscriptis reads the block's text twice here, and each read drops one trailing
+        # space when the block ends in collapsable white space.
+        content = self.content
+        if self.collapsable and content.endswith(" "):
+            content = content[:-1]
+        if not content:
+            self.content = content
+            return False
+        if self.collapsable and content.endswith(" "):
+            content = content[:-1]
+        self.blocks.append(content)
+        self._new_block()
+        self.margin = 0
+        return True
+
+    def _write_unconsumed_bullet(self) -> None:
+        bullet = self._unconsumed_bullet()
+        if bullet:
+            self.blocks.append(bullet)
+            self._new_block()
+            self.margin = 0
+
+    def _open_block(self, box: _Box) -> None:
+        if not self._flush_inline() and box.bullet:
+            self._write_unconsumed_bullet()
+        padding = box.layout.padding
+        self.padding += padding
+        self.paddings.append(padding)
+        self.bullets.append(box.bullet)
+        required = max(box.previous_margin_after, box.layout.margin_before)
+        if required > self.margin:
+            self.blocks.append("\n" * (required - self.margin - 1))
+            self.margin = required
+
+    def _close_block(self, box: _Box) -> None:
+        if not self._flush_inline() and box.bullet:
+            self._write_unconsumed_bullet()
+        if self.paddings:
+            self.padding -= self.paddings.pop()
+            del self.bullets[-1]
+        margin_after = box.layout.margin_after
+        if margin_after > self.margin:
+            self.blocks.append("\n" * (margin_after - self.margin - 1))
+            self.margin = margin_after
+
+    def _write_newline(self) -> None:
+        if not self._flush_inline():
+            self.blocks.append("")
+            self._new_block()
+
+    # Tree walk ----------------------------------------------------------------------------
+
+    def render(self, markup: str) -> str:
+        """The text of ``markup``; raises _Unrenderable where inscriptis must decide."""
+        content = markup.strip()
+        if not content:
+            return ""
+        if content.startswith("<?xml "):
+            raise _Unrenderable  # inscriptis strips the declaration first
+        # lxml.html's document_fromstring, minus its Python element classes (a third of
+        # the parse time), which this walk does not need.
+        root = etree.fromstring(content, _HTML_PARSER)
+        if root is None:
+            raise _Unrenderable  # inscriptis parses such a document again as <pre>
+        self._element(root, _Box(_INLINE, None), 0)  # inscriptis' <body> style, above <html>
+        self._flush_inline()
+        return "\n".join(self.blocks)
+
+    def _element(self, element: etree._Element, parent: _Box, depth: int) -> None:
+        tag = element.tag
+        if not isinstance(tag, str):
+            if tag is etree.Comment and element.tail:
+                self._merge(element.tail, parent.pre)
+            return
+        if (
+            depth > _RENDER_MAX_DEPTH
+            or tag in _RENDER_ELSEWHERE
+            or element.get("style") is not None
+        ):
+            raise _Unrenderable
+        layout = _LAYOUTS.get(tag)
+        if tag == "li":
+            if element.get("value") is not None:
+                raise _Unrenderable
+            counter = self.list_counters[-1] if self.list_counters else "* "
+            if isinstance(counter, int):
+                self.list_counters[-1] = counter + 1
+                box = _Box(_PLAIN_BLOCK, parent, f"{counter}. ")
+            else:
+                box = _Box(_PLAIN_BLOCK, parent, counter)
+        elif layout is None:
+            box = _PLAIN_INLINE_BOX
+        else:
+            box = _Box(layout, parent)
+        if tag == "a":
+            self.link_target = element.get("href", "")
+            if self.link_target:
+                self._merge("[", False)
+        elif tag == "br":
+            self._write_newline()
+        elif tag == "ul":
+            self.list_counters.append(_UL_BULLETS[len(self.list_counters) % len(_UL_BULLETS)])
+        elif tag == "ol":
+            self.list_counters.append(1)
+        if box.block:
+            self._open_block(box)
+        text = element.text
+        if text:
+            self._merge(box.prefix + text + box.suffix, box.pre)
+        for child in element:
+            self._element(child, box, depth + 1)
+        if tag == "a":
+            if self.link_target:
+                self._merge(f"]({self.link_target})", False)
+        elif tag == "ul" or tag == "ol":
+            self.list_counters.pop()
+        if box.block:
+            self._close_block(box)
+        tail = element.tail
+        if tail:
+            self._merge(parent.prefix + tail + parent.suffix, parent.pre)
+
+
 # --------------------------------------------------------------------------------------------
 # Payloads
 # --------------------------------------------------------------------------------------------
 
 
-def _payload_bytes(part: Message) -> bytes:
-    """The decoded octets of a leaf part (base64, quoted-printable, uuencode or as is)."""
+def _payload_bytes(part: Message, cte_field: str | None) -> bytes:
+    """The decoded octets of a leaf part (base64, quoted-printable, uuencode or as is).
+
+    ``cte_field`` is the part's raw Content-Transfer-Encoding value (None if absent).
+    """
     payload = part.get_payload(decode=True)
     if not isinstance(payload, bytes):
         return b""
@@ -980,7 +1382,7 @@ def _payload_bytes(part: Message) -> bytes:
         if elided is not None and payload in elided[1]:
             start, end = elided[1][payload]
             return _b64_span(elided[0], start, end)
-    cte = (_part_header(part, "content-transfer-encoding") or "").strip().lower()
+    cte = (cte_field or "").strip().lower()
     stdlib_cte = str(part.get("content-transfer-encoding", "")).lower()
     if cte != stdlib_cte:
         # The stdlib compares the header without stripping it: "base64 " came back raw.
@@ -1065,7 +1467,7 @@ def _lenient_b64(data: bytes) -> bytes:
         return data
 
 
-def _part_charset(params: dict[str, _Param]) -> str | None:
+def _part_charset(params: Mapping[str, _Param]) -> str | None:
     charset = params.get("charset")
     if charset is None:
         return None
@@ -1101,11 +1503,15 @@ def _unflow(text: str, delsp: bool) -> str:
 
 
 def _clean_body(text: str) -> str:
-    return _BODY_CTRL_RE.sub("", _NEWLINES_RE.sub("\n", text))
+    text = _NEWLINES_RE.sub("\n", text)
+    # str.translate is fast on ASCII text only, the regular expression everywhere else.
+    return text.translate(_BODY_CTRL_TABLE) if text.isascii() else _BODY_CTRL_RE.sub("", text)
 
 
-def _text_of(part: Message, params: dict[str, _Param], *, html: bool = False) -> str:
-    data = _payload_bytes(part)
+def _text_of(
+    part: Message, params: Mapping[str, _Param], cte_field: str | None, *, html: bool = False
+) -> str:
+    data = _payload_bytes(part, cte_field)
     charset = _part_charset(params)
     if charset is None and html:
         m = _META_CHARSET_RE.search(data[:4096])
@@ -1422,6 +1828,155 @@ def _tnef_files(data: bytes, max_files: int) -> tuple[list[tuple[str | None, byt
 
 
 # --------------------------------------------------------------------------------------------
+# The MIME tree: the feed parser's result, built by slicing where the shape allows it
+# --------------------------------------------------------------------------------------------
+
+# The stdlib feed parser reads every line of a message through a stack of end-of-part predicates
+# (a 100 KB attachment is some 1,800 lines of base64) and compiles a regular expression for every
+# boundary it meets: a third of the cost of a parse, before the fast paths. _split_mime builds the
+# very same compat32 Message tree by slicing the text, looking only at header lines and at lines
+# that start with a boundary. It takes the stdlib's own decisions (content types, boundaries,
+# header field splitting) from the Message objects it builds, follows the feed parser's rules for
+# preambles, epilogues and the line break before a delimiter, and gives up on every shape whose
+# handling there is irregular (envelope "From " lines, a continuation line first or a field
+# without a name, a multipart without its first delimiter, repeated delimiter lines, an empty last
+# part, message/delivery-status, bare CR line ends): the feed parser then parses the message, so
+# the fast path only has to be exact on what it accepts.
+
+# What the feed parser takes for a header line (its headerRE), and one header field with its
+# continuation lines as its _parse_headers reads it (without the irregular cases).
+_FEED_HEADER_LINE_RE: Final = re.compile(r"From |[\041-\071\073-\176]*:|[\t ]")
+_FIELD_RE: Final = re.compile(r"([\041-\071\073-\176]+):[ \t]*([^\n]*\n?(?:[\t ][^\n]*\n?)*)")
+# The rest of a delimiter line after "--" + boundary (the feed parser's boundaryre).
+_DELIMITER_TAIL_RE: Final = re.compile(r"(--)?[ \t]*(?:\r\n|\r|\n)?$")
+# Deeper trees are left to the feed parser (the pre-scan bounds the depth anyway).
+_SPLIT_MAX_DEPTH: Final = 64
+
+
+class _Irregular(Exception):
+    """The message has a shape the fast path does not handle: the feed parser must parse it."""
+
+
+def _split_mime(source: bytes) -> Message | None:
+    """``email.message_from_bytes(source)`` for the usual shapes of mail, else None.
+
+    ``source`` must not contain bare CR line ends (the feed parser breaks lines there too).
+    """
+    text = source.decode("ascii", "surrogateescape")
+    try:
+        return _split_entity(text, 0, len(text), False, False, 0)
+    except _Irregular:
+        return None
+
+
+def _strip_eol(text: str) -> str:
+    """``text`` without its final line break: RFC 2046 gives it to the next delimiter."""
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text[:-1] if text.endswith(("\r", "\n")) else text
+
+
+def _split_entity(
+    text: str, start: int, end: int, in_digest: bool, last_in_part: bool, depth: int
+) -> Message:
+    """The entity at ``text[start:end]``, as the feed parser builds it.
+
+    ``last_in_part`` says that the entity ends a part of a multipart, and that what the feed
+    parser created last in it loses the line break before the next delimiter.
+    """
+    if depth > _SPLIT_MAX_DEPTH:
+        raise _Irregular
+    msg = Message()
+    if in_digest:
+        msg.set_default_type("message/rfc822")
+    body = _split_headers(msg, text, start, end)
+    ctype = msg.get_content_type()
+    maintype = ctype.split("/")[0]
+    if ctype == "message/delivery-status":
+        raise _Irregular
+    if maintype == "message":
+        msg.attach(_split_entity(text, body, end, False, last_in_part, depth + 1))
+    elif maintype == "multipart":
+        _split_multipart(msg, text, body, end, depth)
+        if last_in_part:
+            epilogue = msg.epilogue
+            msg.epilogue = None if not epilogue else _strip_eol(epilogue)
+    else:
+        payload = text[body:end]
+        msg.set_payload(_strip_eol(payload) if last_in_part else payload)
+    return msg
+
+
+def _split_headers(msg: Message, text: str, start: int, end: int) -> int:
+    """Add the header fields at ``text[start:end]`` to ``msg``; the offset of the body."""
+    pos = start
+    while (m := _FIELD_RE.match(text, pos, end)) is not None:
+        # What compat32's header_source_parse makes of the field's lines.
+        msg.set_raw(m.group(1), m.group(2).rstrip("\r\n"))
+        pos = m.end()
+    if pos >= end:
+        return end
+    if text[pos] in "\r\n":
+        newline = text.find("\n", pos, end)
+        if newline < 0:
+            raise _Irregular  # a bare CR
+        return newline + 1  # after the blank line that ends the header block
+    if _FEED_HEADER_LINE_RE.match(text, pos, end):
+        raise _Irregular  # an envelope "From " line, a field without a name, a continuation
+    # Any other line ends the header block and is the first line of the body.
+    return pos
+
+
+def _split_multipart(msg: Message, text: str, start: int, end: int, depth: int) -> None:
+    """Preamble, parts and epilogue of the multipart ``msg`` whose body is text[start:end]."""
+    boundary = msg.get_boundary()
+    if boundary is None or "\n" in boundary or "\r" in boundary:
+        raise _Irregular
+    delimiters = _delimiter_lines(text, "--" + boundary, start, end)
+    if not delimiters or delimiters[0][2]:
+        raise _Irregular
+    if delimiters[0][0] > start:
+        msg.preamble = _strip_eol(text[start : delimiters[0][0]])
+    in_digest = msg.get_content_type() == "multipart/digest"
+    for index, (_, line_end, close) in enumerate(delimiters):
+        if close:
+            msg.epilogue = text[line_end:end]
+            return
+        part_end = delimiters[index + 1][0] if index + 1 < len(delimiters) else end
+        if part_end == line_end:
+            raise _Irregular  # repeated delimiter lines, or nothing after the last one
+        msg.attach(_split_entity(text, line_end, part_end, in_digest, True, depth + 1))
+
+
+def _delimiter_lines(
+    text: str, separator: str, start: int, end: int
+) -> list[tuple[int, int, bool]]:
+    """(line start, line end, is the close delimiter) of each delimiter line in the range."""
+    found: list[tuple[int, int, bool]] = []
+    needle = "\n" + separator
+    if text.startswith(separator, start, end):
+        at = start
+    else:
+        hit = text.find(needle, start, end)
+        at = hit + 1 if hit >= 0 else -1
+    while at >= 0:
+        newline = text.find("\n", at, end)
+        line_end = end if newline < 0 else newline + 1
+        m = _DELIMITER_TAIL_RE.match(text, at + len(separator), line_end)
+        if m is not None:
+            found.append((at, line_end, m.group(1) is not None))
+        hit = text.find(needle, line_end - 1, end)
+        at = hit + 1 if hit >= 0 else -1
+    return found
+
+
+def _mime_tree(source: bytes, simple_line_ends: bool) -> Message:
+    """The compat32 Message tree of ``source`` (see the module docstring for why compat32)."""
+    tree = _split_mime(source) if simple_line_ends else None
+    return tree if tree is not None else email.message_from_bytes(source)
+
+
+# --------------------------------------------------------------------------------------------
 # The walk over the MIME tree
 # --------------------------------------------------------------------------------------------
 
@@ -1544,12 +2099,14 @@ class _Collector:
         index: int,
         is_root: bool,
     ) -> None:
-        _, ct_params = _parse_params(_part_header(part, "content-type") or "")
-        disposition, cd_params = _parse_params(_part_header(part, "content-disposition") or "")
+        fields = _part_fields(part)
+        _, ct_params = _parse_params(fields.get("content-type", ""))
+        disposition, cd_params = _parse_params(fields.get("content-disposition", ""))
         name = _param_text(cd_params.get("filename"), encoded_words=True)
         if name is None:
             name = _param_text(ct_params.get("name"), encoded_words=True)
-        content_id = _msgid(_part_header(part, "content-id"))
+        content_id = _msgid(fields.get("content-id"))
+        cte = fields.get("content-transfer-encoding")
         as_file = disposition == "attachment" or name is not None
         maintype = ctype.split("/", 1)[0]
 
@@ -1562,19 +2119,19 @@ class _Collector:
             ctype = "text/plain"  # a multipart without a usable boundary: its body is text
         if ctype == "text/plain" and not as_file:
             if self.body is None:
-                self.body = _text_of(part, ct_params)
+                self.body = _text_of(part, ct_params, cte)
                 return
             if parent_type == "multipart/alternative":
                 return
         if ctype == "text/html" and not as_file:
             if self.html is None:
-                markup = _text_of(part, ct_params, html=True)
+                markup = _text_of(part, ct_params, cte, html=True)
                 _check_html_depth(markup, self.limits)
                 self.html = markup
                 return
             if parent_type == "multipart/alternative":
                 return
-        data = _payload_bytes(part)
+        data = _payload_bytes(part, cte)
         if ctype == "application/ms-tnef" or (name or "").strip().lower() == "winmail.dat":
             budget = max(0, self.limits.max_parts - len(self.attachments))
             files, tnef_body = _tnef_files(data, budget)
@@ -1640,7 +2197,7 @@ def _reason_text(value: str) -> str:
 def _loop_verdict(
     headers: dict[str, list[str]],
     top_type: str,
-    top_params: dict[str, _Param],
+    top_params: Mapping[str, _Param],
     has_dsn_part: bool,
     senders: Iterable[str],
     null_sender: bool,
@@ -1763,7 +2320,7 @@ def _parse(raw: bytes, limits: ParseLimits) -> ParsedMessage:
 def _parse_scanned(
     raw: bytes, source: bytes, scan: _Scan, root_body: int, limits: ParseLimits
 ) -> ParsedMessage:
-    msg = email.message_from_bytes(source)  # compat32: see the module docstring for why
+    msg = _mime_tree(source, scan.offsets_valid)
     headers = _header_map(msg)
 
     from_pairs = _addresses(headers.get("from"), limits, "From")
@@ -1817,3 +2374,26 @@ def _parse_scanned(
         auto_reason=reason,
         is_bounce=bounce,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Across a process boundary
+# --------------------------------------------------------------------------------------------
+
+
+def parse_raw(raw: bytes, max_bytes: int) -> ParsedMessage | MessageError:
+    """``parse_message`` with the size limit checked first; a refusal is returned, not raised
+    (it crosses a process boundary as a value)."""
+    try:
+        if len(raw) > max_bytes:
+            raise LimitExceeded(
+                f"the message is {len(raw)} bytes, over maxMessageBytes ({max_bytes})"
+            )
+        return parse_message(raw, ParseLimits(max_bytes=max_bytes))
+    except MessageError as exc:
+        return exc
+
+
+def parse_many(raws: list[bytes], max_bytes: int) -> list[ParsedMessage | MessageError]:
+    """A window of messages in one call: what a parsing worker process runs."""
+    return [parse_raw(raw, max_bytes) for raw in raws]

@@ -7,6 +7,7 @@ instead, so that the corpus stays small and readable.
 from __future__ import annotations
 
 import base64
+import email as stdlib_email
 import hashlib
 import os
 import re
@@ -14,15 +15,29 @@ import struct
 import time
 import zlib
 from datetime import UTC, datetime, timedelta, timezone
+from email.message import Message
+from email.utils import getaddresses
 from pathlib import Path
 
+import nh3
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from inscriptis import get_text  # type: ignore[import-untyped, unused-ignore]
+from inscriptis.model.config import ParserConfig  # type: ignore[import-untyped, unused-ignore]
 
 from engine.errors import LimitExceeded, MessageError, ParseError
 from engine.model import ParsedMessage
-from engine.parse import ParseLimits, message_summary, parse_message, safe_filename
+from engine.parse import (
+    ParseLimits,
+    _simple_addresses,
+    _split_mime,
+    _TextCanvas,
+    _Unrenderable,
+    message_summary,
+    parse_message,
+    safe_filename,
+)
 
 CORPUS = Path(__file__).parent / "corpus"
 ALL_CASES = sorted(p.stem for p in CORPUS.glob("*.eml"))
@@ -980,3 +995,162 @@ def test_large_base64_parts_decode_from_the_raw_bytes_exactly(crlf: bool) -> Non
     assert eml in raw
     again = parse_message(eml)
     assert [a.data for a in again.attachments] == [inner_zip]
+
+
+# ------------------------------------------------------------------------------------------
+# Fast paths: each must give exactly what the library code it stands in for gives
+# ------------------------------------------------------------------------------------------
+# These reach into engine.parse's internals on purpose: what they check is the equality of a
+# fast path with the stdlib or inscriptis, which no public result shows in every case.
+
+
+def message_tree(msg: Message) -> object:
+    """Everything of a compat32 Message that parsing sets, recursively."""
+    payload = msg._payload  # type: ignore[attr-defined]
+    if isinstance(payload, list):
+        payload = [message_tree(part) for part in payload]
+    return (
+        msg._headers,  # type: ignore[attr-defined]
+        msg.get_unixfrom(),
+        payload,
+        msg.preamble,
+        msg.epilogue,
+        msg.get_default_type(),
+    )
+
+
+def assert_split_like_the_feed_parser(raw: bytes) -> bool:
+    """True if the fast path took ``raw`` (and then built the stdlib's very tree)."""
+    if raw.count(b"\r") != raw.count(b"\r\n"):
+        return False  # bare CR line ends are never given to the fast path
+    tree = _split_mime(raw)
+    if tree is None:
+        return False
+    assert message_tree(tree) == message_tree(stdlib_email.message_from_bytes(raw))
+    return True
+
+
+MIME_SHAPES = {
+    "nested": (
+        b'Content-Type: multipart/mixed; boundary="out"\r\n\r\npreamble\r\n--out\r\n'
+        b'Content-Type: multipart/alternative; boundary="in"\r\n\r\n--in\r\n'
+        b"Content-Type: text/plain\r\n\r\nplain\r\n\r\n--in  \r\nContent-Type: text/html\r\n\r\n"
+        b"<p>html</p>\r\n--in--\r\nepilogue of in\r\n\r\n--out\r\n"
+        b"Content-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\ninner body\r\n--out--\r\n"
+        b"\r\nepilogue\r\n"
+    ),
+    "digest": (
+        b"Content-Type: multipart/digest; boundary=d\n\n--d\n\nSubject: one\n\n1\n--d\n"
+        b"Content-Type: text/plain\n\n2\n--d--"
+    ),
+    "no close delimiter": (
+        b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nX-A: 1\r\n continued\r\n"
+        b"\r\nbody\r\n--bx\r\nnot a delimiter\r\n"
+    ),
+    "header block without blank line": b"Subject: s\r\nnot a header\r\nbody\r\n",
+    "nested close missing": (
+        b"Content-Type: multipart/mixed; boundary=a\n\n--a\n"
+        b"Content-Type: multipart/mixed; boundary=a1\n\n--a1\n\nx\n--a\n\ny\n--a--\n"
+    ),
+}
+IRREGULAR_SHAPES = {
+    "envelope line": b"From someone@example.org Thu Nov 27 09:00:00 2026\r\nSubject: s\r\n\r\nx",
+    "repeated delimiters": b"Content-Type: multipart/mixed; boundary=b\n\n--b\n--b\n\nx\n--b--\n",
+    "no first delimiter": b"Content-Type: multipart/mixed; boundary=b\n\nx\n--b--\n",
+    "delivery status": b"Content-Type: message/delivery-status\n\nA: b\n\nC: d\n",
+    "first line continued": b" folded\r\nSubject: s\r\n\r\nx",
+}
+
+
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_fast_mime_split_of_the_corpus_is_the_feed_parsers_tree(case: str) -> None:
+    assert_split_like_the_feed_parser(load(case))
+
+
+@pytest.mark.parametrize("name", sorted(MIME_SHAPES))
+def test_fast_mime_split_follows_the_feed_parser(name: str) -> None:
+    assert assert_split_like_the_feed_parser(MIME_SHAPES[name])
+
+
+@pytest.mark.parametrize("name", sorted(IRREGULAR_SHAPES))
+def test_irregular_mime_shapes_are_left_to_the_feed_parser(name: str) -> None:
+    assert _split_mime(IRREGULAR_SHAPES[name]) is None
+
+
+@settings(
+    max_examples=300,
+    deadline=timedelta(seconds=2),
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(raw=raw_message())
+def test_property_fast_mime_split_is_the_feed_parsers_tree(raw: bytes) -> None:
+    assert_split_like_the_feed_parser(raw)
+
+
+HTML_TEXTS = ["x", " ", "\n", " a ", "  b\n c  ", "\xa0", "&amp;lt;", "\t\n", "é", "&nbsp;"]
+HTML_TAGS = ["ul", "ol", "li", "pre", "a", "p", "div", "span", "q", "b", "blockquote", "h2"]
+
+
+@st.composite
+def html_fragment(draw: st.DrawFn, depth: int = 0) -> str:
+    out = []
+    for _ in range(draw(st.integers(0, 3 if depth < 5 else 1))):
+        kind = draw(st.sampled_from(["text", "text", "br", "comment", "element", "element"]))
+        if kind == "text":
+            out.append(draw(st.sampled_from(HTML_TEXTS)))
+        elif kind == "br":
+            out.append("<br>")
+        elif kind == "comment":
+            out.append("<!-- c -->")
+        else:
+            tag = draw(st.sampled_from(HTML_TAGS))
+            attributes = ' href="https://example.org/?a=1&amp;b=2"' if tag == "a" else ""
+            inner = draw(html_fragment(depth + 1))
+            out.append(f"<{tag}{attributes}>{inner}</{tag}>")
+    return "".join(out)
+
+
+@settings(max_examples=300, deadline=timedelta(seconds=2), derandomize=True, database=None)
+@given(markup=html_fragment(), sanitize=st.booleans())
+def test_property_fast_html_text_is_inscriptis_text(markup: str, sanitize: bool) -> None:
+    if sanitize:
+        markup = nh3.clean(markup)
+    try:
+        fast = _TextCanvas().render(markup)
+    except _Unrenderable:
+        return
+    assert fast == get_text(markup, ParserConfig(display_links=True))
+
+
+def test_html_tables_are_still_laid_out_by_inscriptis() -> None:
+    markup = (
+        b"<p>Status:</p><table><tr><th>Printer</th><th>State</th></tr>"
+        b"<tr><td>Floor 3</td><td>down</td></tr></table><ul><li>one<ul><li>two</li></ul></li></ul>"
+    )
+    msg = parse_message(simple("Subject: t\nContent-Type: text/html\n", markup))
+    assert msg.body == "Status:\n\nPrinter  State\nFloor 3  down\n\n  * one\n      + two"
+
+
+ADDRESS_WORDS = ["John", "Doe", '"Doe, John"', "J.", '""', "=?utf-8?q?x?=", "é", "(c)", "\\", "<"]
+ADDRESSES = ["a@b", "john.doe@example.com", "x+y@z.org", "a..b@c", "@b", "a@", "a@[1.2.3.4]"]
+
+
+@st.composite
+def address_list(draw: st.DrawFn) -> str:
+    entries = []
+    for _ in range(draw(st.integers(1, 3))):
+        words = " ".join(draw(st.lists(st.sampled_from(ADDRESS_WORDS), max_size=3)))
+        address = draw(st.sampled_from(ADDRESSES))
+        spacing = draw(st.sampled_from(["", " ", "\t"]))
+        entries.append(spacing + (f"{words} <{address}>" if draw(st.booleans()) else address))
+    return ",".join(entries)
+
+
+@settings(max_examples=300, deadline=timedelta(seconds=1), derandomize=True, database=None)
+@given(value=address_list())
+def test_property_simple_address_lists_read_as_getaddresses(value: str) -> None:
+    pairs = _simple_addresses(value)
+    if pairs is not None:
+        assert pairs == getaddresses([value])
