@@ -37,6 +37,7 @@ from engine.processors import (
     NewRequest,
     Refuse,
     decide,
+    referenced,
 )
 from engine.store import SqliteStore, Team
 
@@ -241,6 +242,13 @@ class Writer:
         for account, uidls in wanted.items():
             known = await self.store.known_uidls(account, uidls)
             self._recorded.update((account, uidl) for uidl in known)
+        # And the requests their subjects name (replies), in one query too.
+        await self.store.read_ahead(
+            number
+            for item in batch
+            if isinstance(item, Envelope) and item.parsed is not None
+            if (number := referenced(item.parsed, item.mailbox)) is not None
+        )
         for i, item in enumerate(batch):
             await self._handle(item, careful)
             if time.monotonic() - started > self.max_batch_seconds:

@@ -3,6 +3,7 @@ a message fails half-way or the store's disk does."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -265,3 +266,32 @@ def test_request_numbers_are_never_used_twice(tmp_path: Path) -> None:
             db.execute(f"DELETE FROM {table} WHERE request_number = 3")
         db.execute("DELETE FROM requests WHERE number = 3")
     assert anyio.run(go, 3, 2) == [4, 5]
+
+
+def test_a_reply_in_the_same_batch_finds_the_request_made_just_before_it(
+    tmp_path: Path,
+) -> None:
+    """The writer reads the requests a batch's subjects name in one query, before the batch
+    is applied: a number that does not exist yet, created by an earlier message of the same
+    batch, must still be found, even after the deferred rows were flushed in between."""
+
+    def envelope(cfg: MailboxConfig, i: int, subject: str) -> Envelope:
+        msg = dataclasses.replace(parsed(i), subject=subject)
+        return Envelope(mailbox=cfg, uidl=f"u{i}", raw=b"x", parsed=msg)
+
+    async def go() -> list[tuple[str | None, int | None]]:
+        store, cfg = await fresh_store(tmp_path)
+        await feed(Writer(store, created_by=LOGIN), [envelope(cfg, 0, "Old printer")])
+        with sqlite3.connect(store.path) as db:
+            db.execute("UPDATE requests SET status = 'closed' WHERE number = 1")
+        batch = [
+            envelope(cfg, 1, "New printer"),  # creates #2
+            envelope(cfg, 2, "Re: [Incident] #1 Old printer"),  # reopens #1: a flush
+            envelope(cfg, 3, "Re: [Incident] #2 New printer"),  # #2, not there at read-ahead
+        ]
+        await feed(Writer(store, created_by=LOGIN), batch)
+        await store.close()
+        return [(e.outcome, e.request_number) for e in batch]
+
+    assert anyio.run(go) == [("created", 2), ("activity", 1), ("activity", 2)]
+    assert rows_of(tmp_path, "SELECT status FROM requests WHERE number = 1") == [("reopened",)]

@@ -79,6 +79,15 @@ class Context:
     extra_attachments: tuple[Attachment, ...] = field(default=())
 
 
+def referenced(msg: ParsedMessage, mailbox: MailboxConfig) -> int | None:
+    """The request number a processor will look up for ``msg`` by its subject, if any: the
+    writer fetches those of a whole batch in one query instead of one per message."""
+    from engine.processors.common import referenced_number
+
+    ref = referenced_number(msg.subject, mailbox.subject_pattern)
+    return None if ref is None else ref[0]
+
+
 async def decide(msg: ParsedMessage, ctx: Context, directory: Directory) -> Decision:
     """Dispatch to the mailbox's processor."""
     # Imported here: the processor modules import this one for the decision types.

@@ -110,8 +110,12 @@ class SqliteStore:
         # before COMMIT (or before any read, savepoint or other statement).
         self._deferred: dict[str, list[Sequence[Any]]] = {}
         self._files: dict[str, bytes] = {}
-        # The last request number handed out in this transaction (None: ask the database).
-        self._last_number: int | None = None
+        # The last request number and activity id handed out in this transaction (absent:
+        # ask the database), and the deferred requests, which reads must see.
+        self._last_ids: dict[str, int] = {}
+        self._pending_requests: dict[int, RequestRef] = {}
+        # Requests read ahead for this transaction (None: no such request).
+        self._read_ahead: dict[int, RequestRef | None] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -166,17 +170,21 @@ class SqliteStore:
                 raise StoreError(f"cannot write attachment files: {exc}") from exc
         if self._deferred:
             deferred, self._deferred = self._deferred, {}
-            # Requests first: the other rows refer to them.
-            requests = deferred.pop(_INSERT_REQUEST, None)
-            if requests:
-                await self.db.executemany(_INSERT_REQUEST, requests)
+            self._pending_requests.clear()
+            # Requests, then activities: the other rows refer to them.
+            for sql in (_INSERT_REQUEST, _INSERT_ACTIVITY):
+                rows = deferred.pop(sql, None)
+                if rows:
+                    await self.db.executemany(sql, rows)
             for sql, rows in deferred.items():
                 await self.db.executemany(sql, rows)
 
     def _discard(self) -> None:
         self._deferred.clear()
         self._files.clear()
-        self._last_number = None  # a rollback gives back the numbers it undoes
+        self._pending_requests.clear()
+        self._read_ahead.clear()
+        self._last_ids.clear()  # a rollback gives back the numbers it undoes
 
     def _defer(self, sql: str, args: Sequence[Any]) -> None:
         self._deferred.setdefault(sql, []).append(args)
@@ -197,13 +205,19 @@ class SqliteStore:
         rows = await self._exec(sql, args)
         return rows[0] if rows else None
 
+    async def _peek(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
+        """A read that needs no flush: the caller has looked at the deferred rows itself, or
+        reads a table that is never deferred."""
+        rows = list(await self.db.execute_fetchall(sql, args))
+        return rows[0] if rows else None
+
     async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         return await self._exec(sql, args)
 
     async def _insert(self, sql: str, args: Sequence[Any]) -> int:
-        # Flushed only for the requests an activity may refer to; the other deferred rows
-        # never constrain a new activity or outbox row.
-        if _INSERT_REQUEST in self._deferred:
+        # Flushed only for the requests a new row may refer to; the other deferred rows
+        # never constrain it.
+        if self._pending_requests:
             await self.flush()
         row = await self.db.execute_insert(sql, args)
         assert row is not None
@@ -360,15 +374,33 @@ class SqliteStore:
         request_number: int | None,
     ) -> None:
         self._defer(
-            "INSERT INTO ledger(account, uidl, mailbox, message_id, sha256, outcome, "
-            "request_number, processed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            _INSERT_LEDGER,
             (account, uidl, mailbox, message_id, sha256, outcome, request_number, now()),
         )
 
     # -- requests --------------------------------------------------------------------------
 
+    async def read_ahead(self, numbers: Iterable[int]) -> None:
+        """Read these requests in one query; :meth:`request` answers from them until the
+        transaction ends (a status change updates them)."""
+        wanted = {n for n in numbers if n not in self._read_ahead and 0 < n < 2**63}
+        async for chunk in chunked(sorted(wanted), 500):
+            marks = ",".join("?" * len(chunk))
+            rows = await self.db.execute_fetchall(
+                "SELECT number, team_id, type, status, kind FROM requests "
+                f"WHERE number IN ({marks})",
+                chunk,
+            )
+            self._read_ahead.update((n, None) for n in chunk)
+            self._read_ahead.update((r[0], RequestRef(r[0], r[1], r[2], r[3], r[4])) for r in rows)
+
     async def request(self, number: int) -> RequestRef | None:
-        row = await self._one(
+        # Requests are never updated while deferred (set_status flushes first).
+        if number in self._pending_requests:
+            return self._pending_requests[number]
+        if number in self._read_ahead:
+            return self._read_ahead[number]
+        row = await self._peek(
             "SELECT number, team_id, type, status, kind FROM requests WHERE number = ?",
             (number,),
         )
@@ -377,13 +409,24 @@ class SqliteStore:
     async def request_by_message_id(self, message_ids: Sequence[str]) -> RequestRef | None:
         """The request a message created or updated, found through the ledger."""
         for mid in message_ids:
-            row = await self._one(
+            # The newest ledger row wins; deferred ones are newer than any in the database.
+            number = next(
+                (
+                    r[6]
+                    for r in reversed(self._deferred.get(_INSERT_LEDGER, []))
+                    if r[3] == mid and r[6] is not None
+                ),
+                None,
+            )
+            if number is not None:
+                return await self.request(int(number))
+            row = await self._peek(
                 "SELECT request_number FROM ledger WHERE message_id = ? "
                 "AND request_number IS NOT NULL ORDER BY id DESC LIMIT 1",
                 (mid,),
             )
             if row is None:
-                row = await self._one(
+                row = await self._peek(
                     "SELECT request_number FROM outbox WHERE message_id = ? "
                     "AND request_number IS NOT NULL",
                     (mid,),
@@ -414,7 +457,10 @@ class SqliteStore:
         message_id: str | None = None,
         sha256: str | None = None,
     ) -> int:
-        number = await self._next_number()
+        number = await self._next_id("requests")
+        ref = RequestRef(number, team_id, type, status, kind)
+        # Also over a read-ahead that found no such number yet (a reply in the same batch).
+        self._pending_requests[number] = self._read_ahead[number] = ref
         self._defer(
             _INSERT_REQUEST,
             (
@@ -443,17 +489,22 @@ class SqliteStore:
         await self.add_history(number, created_by, f"Created from {kind.replace('-', ' ')}.")
         return number
 
-    async def _next_number(self) -> int:
-        """The next request number. We hold the write lock (BEGIN IMMEDIATE), so numbers are
-        ours to hand out; AUTOINCREMENT's rule holds: never one used before, even deleted."""
-        if self._last_number is None:
-            row = await self._one(
-                "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'requests'), 0),"
-                " coalesce((SELECT max(number) FROM requests), 0))"
-            )
-            self._last_number = int(row[0]) if row else 0
-        self._last_number += 1
-        return self._last_number
+    async def _next_id(self, table: str) -> int:
+        """The next request number or activity id. We hold the write lock (BEGIN IMMEDIATE),
+        so they are ours to hand out; for requests AUTOINCREMENT's rule holds: never a number
+        used before, even by a deleted request."""
+        if table not in self._last_ids:
+            if table == "requests":
+                sql = (
+                    "SELECT max(coalesce((SELECT seq FROM sqlite_sequence "
+                    "WHERE name = 'requests'), 0), coalesce((SELECT max(number) FROM requests), 0))"
+                )
+            else:
+                sql = "SELECT coalesce(max(id), 0) FROM activities"
+            row = await self._one(sql)
+            self._last_ids[table] = int(row[0]) if row else 0
+        self._last_ids[table] += 1
+        return self._last_ids[table]
 
     async def add_activity(
         self,
@@ -466,10 +517,11 @@ class SqliteStore:
         automatic: bool = False,
         message_id: str | None = None,
     ) -> int:
-        return await self._insert(
-            "INSERT INTO activities(request_number, author, email, date, body, automatic, "
-            "message_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        activity = await self._next_id("activities")
+        self._defer(
+            _INSERT_ACTIVITY,
             (
+                activity,
                 number,
                 author,
                 email,
@@ -480,9 +532,11 @@ class SqliteStore:
                 now(),
             ),
         )
+        return activity
 
     async def set_status(self, number: int, status: str, *, by: str, why: str) -> None:
         await self._exec("UPDATE requests SET status = ? WHERE number = ?", (status, number))
+        self._read_ahead.pop(number, None)
         await self.add_history(number, by, why)
 
     async def add_history(self, number: int, by: str, text: str) -> None:
@@ -677,6 +731,16 @@ class SqliteStore:
     async def referenced_digests(self) -> set[str]:
         return {r[0] for r in await self._all("SELECT DISTINCT sha256 FROM attachments")}
 
+
+_INSERT_ACTIVITY = (
+    "INSERT INTO activities(id, request_number, author, email, date, body, automatic, "
+    "message_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+_INSERT_LEDGER = (
+    "INSERT INTO ledger(account, uidl, mailbox, message_id, sha256, outcome, "
+    "request_number, processed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 _INSERT_REQUEST = (
     "INSERT INTO requests(number, team_id, type, status, kind, subject, description, html, "
