@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--log-file", type=Path, help="also log to this file")
         sp.add_argument("--log-format", choices=["text", "json"], default="text")
         sp.add_argument("--debug", action="store_true", help="debug log and RawMessage files")
-        sp.add_argument("--max-sessions", type=int, default=16)
-        sp.add_argument("--queue-size", type=int, default=64)
+        sp.add_argument("--max-sessions", type=_at_least(1), default=16)
+        sp.add_argument("--queue-size", type=_at_least(1), default=64)
+        sp.add_argument(
+            "--parse-processes",
+            type=_at_least(0),
+            default=None,
+            help="worker processes that parse messages (default: one per CPU; 0: threads only)",
+        )
 
     once = sub.add_parser("once", help="one pass over the mailboxes, then exit")
     src = once.add_mutually_exclusive_group(required=True)
@@ -140,6 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     data_dir(st)
     return p
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number no smaller than ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {low} or more, not {value}")
+        return value
+
+    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:

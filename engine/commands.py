@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -89,6 +90,9 @@ async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[i
                 debug_dir=debug_dir,
                 max_sessions=args.max_sessions,
                 queue_size=args.queue_size,
+                parse_processes=(
+                    os.cpu_count() or 1 if args.parse_processes is None else args.parse_processes
+                ),
                 poll_interval=getattr(args, "poll_interval", 60.0),
             )
             return await body(Engine(store, settings))

@@ -11,18 +11,22 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
+import anyio.to_process
 import anyio.to_thread
+from anyio import BrokenWorkerProcess
 from anyio.streams.memory import MemoryObjectSendStream
 
 from engine.config import MailboxConfig
-from engine.errors import LimitExceeded, MessageError, StoreError
-from engine.parse import ParseLimits, parse_message
+from engine.errors import MessageError, StoreError
+from engine.model import ParsedMessage
+from engine.parse import parse_many, parse_raw
 from engine.pop3 import Listed, Pop3Session
 from engine.writer import DirectoryCheck, Envelope, Item, KnownQuery
 
@@ -77,21 +81,27 @@ class FetchOptions:
     window_bytes: int = 4 * 1024 * 1024
     # Shared by every fetcher: bytes of messages between RETR and their acknowledgement.
     budget: ByteBudget | None = None
+    # Worker processes for parsing, shared by every fetcher (None: parse in threads). Worth
+    # their start-up (~0.1 s) only for sessions with many messages, and only for windows of
+    # small ones: a large message is parsed in a thread rather than copied to a process.
+    processes: anyio.CapacityLimiter | None = None
+    process_threshold: int = 64
+    process_message_bytes: int = 1024 * 1024
 
 
 def make_envelope(cfg: MailboxConfig, uidl: str | None, raw: bytes) -> Envelope:
-    """Parse one message (CPU work: runs in the worker thread, off the event loop)."""
-    digest = hashlib.sha256(raw).hexdigest()
-    key = uidl or f"x-sha256:{digest}"
-    limits = ParseLimits(max_bytes=cfg.max_message_bytes)
-    try:
-        if len(raw) > cfg.max_message_bytes:
-            raise LimitExceeded(
-                f"the message is {len(raw)} bytes, over maxMessageBytes ({cfg.max_message_bytes})"
-            )
-        return Envelope(mailbox=cfg, uidl=key, raw=raw, parsed=parse_message(raw, limits))
-    except MessageError as exc:
-        return Envelope(mailbox=cfg, uidl=key, raw=raw, parsed=None, error=exc)
+    """Parse one message (CPU work: runs in a worker thread, off the event loop)."""
+    return envelope_for(cfg, uidl, raw, parse_raw(raw, cfg.max_message_bytes))
+
+
+def envelope_for(
+    cfg: MailboxConfig, uidl: str | None, raw: bytes, result: ParsedMessage | MessageError
+) -> Envelope:
+    if isinstance(result, ParsedMessage):
+        key = uidl or f"x-sha256:{result.sha256}"
+        return Envelope(mailbox=cfg, uidl=key, raw=raw, parsed=result)
+    key = uidl or f"x-sha256:{hashlib.sha256(raw).hexdigest()}"
+    return Envelope(mailbox=cfg, uidl=key, raw=raw, parsed=None, error=result)
 
 
 async def submit(send: MemoryObjectSendStream[Item], item: Item) -> Item:
@@ -121,13 +131,15 @@ async def run_session(
 
     result = SessionResult()
     session = Pop3Session(cfg.server)
-    held = 0  # budget granted to a window whose release is not yet handed to the writer
+    # Windows fetched and not yet handed to the writer, oldest first: each holds its grant of
+    # the byte budget until its last envelope is sent (the writer then gives it back).
+    inflight: deque[_Window] = deque()
 
     def give_back() -> None:
-        nonlocal held
-        if held and opts.budget is not None:
-            opts.budget.release(held)
-        held = 0
+        for w in inflight:
+            if w.held and opts.budget is not None:
+                opts.budget.release(w.held)
+            w.held = 0
 
     try:
         await thread(session.open)
@@ -156,36 +168,17 @@ async def run_session(
                 await thread(session.dele_many, [number for number, _ in ready])
                 result.deleted += len(ready)
 
-        known = [m.number for m in listing if m.uidl is not None and m.uidl in query.known]
-        if known and not opts.dry_run:
-            log.info(
-                "mailbox=%s %d message(s) already in the ledger: deleting", cfg.name, len(known)
-            )
-            await thread(session.dele_many, known)
-            result.deleted += len(known)
-        todo = [m for m in listing if m.uidl is None or m.uidl not in query.known]
-        window = opts.window if session.pipelining else 1
-        while todo:
-            if opts.stop is not None and opts.stop.is_set():
-                log.info("mailbox=%s stopping: the rest stays on the server", cfg.name)
-                break
-            # A window of messages fetched in one pipelined exchange, bounded by count and by
-            # the bytes the server announced, and only once the shared byte budget allows it.
-            take, size = 1, todo[0].size
-            while take < min(window, len(todo)) and size + todo[take].size <= opts.window_bytes:
-                size += todo[take].size
-                take += 1
-            batch, todo = todo[:take], todo[take:]
-            held = await opts.budget.acquire(size) if opts.budget else 0
-            envelopes = await thread(fetch_window, session, cfg, batch, opts.debug_dir)
-            result.fetched += len(envelopes)
-            for i, (m, env) in enumerate(zip(batch, envelopes, strict=True)):
+        async def deliver(w: _Window) -> None:
+            """Hand a parsed window to the writer, in fetch order; DELE what is answered."""
+            await w.parsed.wait()
+            result.fetched += len(w.envelopes)
+            for i, (m, env) in enumerate(zip(w.listed, w.envelopes, strict=True)):
                 env.dry_run = opts.dry_run
-                if opts.budget is not None and i == len(envelopes) - 1:
+                if opts.budget is not None and i == len(w.envelopes) - 1:
                     # From here the writer gives the window's bytes back once it answers.
-                    env.on_done = functools.partial(opts.budget.release, held)
+                    env.on_done = functools.partial(opts.budget.release, w.held)
                     await send.send(env)
-                    held = 0
+                    w.held = 0
                 else:
                     await send.send(env)
                 if opts.on_envelope is not None:
@@ -198,6 +191,55 @@ async def run_session(
             if ready:
                 await settle(pending[:ready])
                 del pending[:ready]
+
+        known = [m.number for m in listing if m.uidl is not None and m.uidl in query.known]
+        if known and not opts.dry_run:
+            log.info(
+                "mailbox=%s %d message(s) already in the ledger: deleting", cfg.name, len(known)
+            )
+            await thread(session.dele_many, known)
+            result.deleted += len(known)
+        todo = [m for m in listing if m.uidl is None or m.uidl not in query.known]
+        window = opts.window if session.pipelining else 1
+        # Parsing apart: while worker processes parse the last windows, the next is fetched.
+        apart = opts.processes is not None and len(todo) >= opts.process_threshold
+        depth = int(opts.processes.total_tokens) if apart and opts.processes else 0
+        try:
+            async with anyio.create_task_group() as tg:
+                while todo:
+                    if opts.stop is not None and opts.stop.is_set():
+                        log.info("mailbox=%s stopping: the rest stays on the server", cfg.name)
+                        break
+                    # A window of messages fetched in one pipelined exchange, bounded by count
+                    # and by the bytes the server announced, and only once the shared byte
+                    # budget allows it.
+                    take, size = 1, todo[0].size
+                    while (
+                        take < min(window, len(todo))
+                        and size + todo[take].size <= opts.window_bytes
+                    ):
+                        size += todo[take].size
+                        take += 1
+                    w = _Window(todo[:take])
+                    todo = todo[take:]
+                    inflight.append(w)
+                    w.held = await opts.budget.acquire(size) if opts.budget else 0
+                    if apart and all(m.size <= opts.process_message_bytes for m in w.listed):
+                        raws = await thread(retr_window, session, cfg, w.listed, opts.debug_dir)
+                        tg.start_soon(_parse_apart, cfg, w, raws, opts, thread)
+                    else:
+                        w.envelopes = await thread(
+                            fetch_window, session, cfg, w.listed, opts.debug_dir
+                        )
+                        w.parsed.set()
+                    while inflight and (len(inflight) > depth or inflight[0].parsed.is_set()):
+                        await deliver(inflight[0])
+                        inflight.popleft()
+                while inflight:
+                    await deliver(inflight[0])
+                    inflight.popleft()
+        except BaseExceptionGroup as group:
+            raise _sole(group) from None
         if pending:
             await settle(pending)
             pending.clear()
@@ -215,6 +257,26 @@ async def run_session(
     return result
 
 
+@dataclass(eq=False)
+class _Window:
+    """Messages fetched in one pipelined exchange, on their way to the writer."""
+
+    listed: list[Listed]
+    held: int = 0  # bytes of the shared budget granted to it
+    envelopes: list[Envelope] = field(default_factory=list)
+    parsed: anyio.Event = field(default_factory=anyio.Event)
+
+
+def _sole(group: BaseExceptionGroup) -> BaseException:
+    """The one exception a task group wraps (the usual case), else the group itself."""
+    while len(group.exceptions) == 1:
+        inner = group.exceptions[0]
+        if not isinstance(inner, BaseExceptionGroup):
+            return inner
+        group = inner
+    return group
+
+
 async def _interrupt(session: Pop3Session) -> None:
     """On cancellation: end the call blocked in the abandoned thread, then close the socket for
     real (or it leaks until the garbage collector finds it). Bounded: the cancel stays prompt."""
@@ -223,17 +285,54 @@ async def _interrupt(session: Pop3Session) -> None:
         await anyio.to_thread.run_sync(session.close, abandon_on_cancel=True)
 
 
+def retr_window(
+    session: Pop3Session, cfg: MailboxConfig, listed: list[Listed], debug_dir: Path | None
+) -> list[bytes]:
+    raws = session.retr_many([m.number for m in listed])
+    if debug_dir is not None:
+        for m, raw in zip(listed, raws, strict=True):
+            _write_debug(debug_dir, cfg.name, m.uidl or str(m.number), raw)
+    return raws
+
+
 def fetch_window(
     session: Pop3Session, cfg: MailboxConfig, listed: list[Listed], debug_dir: Path | None
 ) -> list[Envelope]:
     """RETR a window of messages and parse them, in one trip to a worker thread."""
-    raws = session.retr_many([m.number for m in listed])
-    out = []
-    for m, raw in zip(listed, raws, strict=True):
-        if debug_dir is not None:
-            _write_debug(debug_dir, cfg.name, m.uidl or str(m.number), raw)
-        out.append(make_envelope(cfg, m.uidl, raw))
-    return out
+    raws = retr_window(session, cfg, listed, debug_dir)
+    return [make_envelope(cfg, m.uidl, raw) for m, raw in zip(listed, raws, strict=True)]
+
+
+async def _parse_apart(
+    cfg: MailboxConfig,
+    w: _Window,
+    raws: list[bytes],
+    opts: FetchOptions,
+    thread: Callable[..., Awaitable[Any]],
+) -> None:
+    """Parse a fetched window in a worker process, then mark it parsed.
+
+    Threads share one core for Python code (the GIL): parsing, the costliest step per
+    message, would compete with the writer. A process runs it beside the event loop. Should
+    the process die (a parser crash on some message, the OOM killer), the window is parsed
+    in a thread as before.
+    """
+    try:
+        results = await anyio.to_process.run_sync(
+            parse_many, raws, cfg.max_message_bytes, cancellable=True, limiter=opts.processes
+        )
+    except BrokenWorkerProcess as exc:
+        log.warning(
+            "mailbox=%s the parsing process failed (%s): parsing in a thread",
+            cfg.name,
+            exc.__cause__ or exc,
+        )
+        results = await thread(parse_many, raws, cfg.max_message_bytes)
+    w.envelopes = [
+        envelope_for(cfg, m.uidl, raw, result)
+        for m, raw, result in zip(w.listed, raws, results, strict=True)
+    ]
+    w.parsed.set()
 
 
 def _write_debug(folder: Path, mailbox: str, uidl: str, raw: bytes) -> None:

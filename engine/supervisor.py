@@ -76,6 +76,8 @@ class EngineSettings:
     max_backoff: float = 900.0
     # Bytes of fetched, unacknowledged messages held at once over all mailboxes.
     max_inflight_bytes: int = 16 * 1024 * 1024
+    # Worker processes parsing messages beside the event loop; 0 parses in threads only.
+    parse_processes: int = field(default_factory=lambda: os.cpu_count() or 1)
 
 
 @dataclass
@@ -109,6 +111,9 @@ class Engine:
         self.limiter = anyio.CapacityLimiter(settings.max_threads)
         self.sessions = anyio.Semaphore(settings.max_sessions)
         self.budget = ByteBudget(settings.max_inflight_bytes)
+        self.processes = (
+            anyio.CapacityLimiter(settings.parse_processes) if settings.parse_processes else None
+        )
         self.totals: dict[str, SessionResult] = {}
         # Set by a signal: loops finish their current session, then everything drains.
         self.stop = anyio.Event()
@@ -264,6 +269,7 @@ class Engine:
             on_envelope=envelopes.append if self.settings.dry_run else None,
             stop=self.stop,
             budget=self.budget,
+            processes=self.processes,
         )
         if self.stop.is_set():
             return outcome

@@ -380,3 +380,20 @@ def test_directory_reimport_updates_without_duplicates(tmp_path: Path) -> None:
     assert db.execute("SELECT count(*) FROM users").fetchone()[0] == 5
     assert db.execute("SELECT count(*) FROM teams").fetchone()[0] == 2
     db.close()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--parse-processes", "-1", "must be 0 or more, not -1"),
+        ("--max-sessions", "0", "must be 1 or more, not 0"),
+        ("--queue-size", "many", "'many' is not a whole number"),
+    ],
+)
+def test_counts_on_the_command_line_are_checked(
+    tmp_path: Path, capsys: Any, flag: str, value: str, says: str
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli("once", "--config", tmp_path / "m.xml", flag, value)
+    assert exited.value.code == 2
+    assert f"argument {flag}: {says}" in capsys.readouterr().err

@@ -1,0 +1,149 @@
+"""Where a session parses: worker processes for busy sessions, threads otherwise."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio.to_process
+import pytest
+from anyio import BrokenWorkerProcess
+from support import import_directory, mailbox_xml, message, once, requests
+
+pytestmark = pytest.mark.dovecot
+
+HTML = (
+    "<html><body><p>The <b>printer</b> on floor 3 is jammed.</p>"
+    "<ul><li>tray 1</li><li>tray 2</li></ul><a href='https://example.com/x'>ticket</a>"
+    "</body></html>"
+)
+
+
+def mix(count: int, tag: str) -> list[bytes]:
+    """Plain, HTML and attachment messages, one the parser refuses, one of 1.5 MB."""
+    out = []
+    for i in range(count):
+        if i % 3 == 0:
+            out.append(message(f"{tag} plain {i}", body=f"Plain body {i}\n"))
+        elif i % 3 == 1:
+            raw = message(f"{tag} html {i}").replace(
+                b'Content-Type: text/plain; charset="utf-8"', b"Content-Type: text/html"
+            )
+            out.append(raw.replace(b"Hello, it does not work.", HTML.encode()))
+        else:
+            data = f"log line {i}\n".encode() * 50
+            out.append(message(f"{tag} files {i}", attachments=(("log.txt", "text/plain", data),)))
+    parts = b"".join(b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n" for _ in range(600))
+    out.append(  # over max_parts: refused by the parser, wherever it runs
+        f"From: j@example.com\r\nSubject: {tag} refused\r\nMessage-ID: <{tag}@x>\r\n".encode()
+        + b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+        + parts
+        + b"--b--\r\n"
+    )
+    big = (("big.bin", "application/pdf", b"%" * 1_500_000),)
+    out.append(message(f"{tag} huge", attachments=big))
+    return out
+
+
+def spy_processes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the sizes of the messages each call into a worker process gets."""
+    shares: list[int] = []
+    real: Callable[..., Any] = anyio.to_process.run_sync
+
+    async def spy(func: Callable[..., Any], raws: list[bytes], *args: Any, **kw: Any) -> Any:
+        shares.extend(len(r) for r in raws)
+        return await real(func, raws, *args, **kw)
+
+    monkeypatch.setattr(anyio.to_process, "run_sync", spy)
+    return shares
+
+
+def shape(rows: list[dict[str, Any]], tag: str) -> list[tuple[Any, ...]]:
+    """What a request says, without what differs between two mailboxes (numbers, names)."""
+    out = []
+    for r in rows:
+        subject = str(r["subject"]).replace(tag, "T")
+        attachments = tuple((a["name"], a["size"]) for a in r["attachments"])
+        desc = str(r["description"])
+        if r["kind"] == "message-failure":  # names the mailbox and the UIDL
+            desc = desc.split("\n")[2]
+        out.append((subject, desc, r["requester"], r["type"], r["kind"], attachments))
+    return sorted(out)
+
+
+def test_a_busy_session_parses_in_worker_processes_with_the_same_results(
+    tmp_path: Path, dovecot: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From 64 messages on, windows of small messages are parsed in worker processes (the
+    GIL would keep a thread on the writer's core); the result is exactly that of threads.
+    Messages over 1 MiB never cross to a process."""
+    results = {}
+    for mode, extra in (("procs", ()), ("thrds", ("--parse-processes", "0"))):
+        data = tmp_path / mode / "data"
+        import_directory(data, tmp_path)
+        user, password = f"user-{uuid.uuid4().hex[:12]}", secrets.token_urlsafe(12)
+        dovecot.add_user(user, password)
+        for raw in mix(70, mode):
+            dovecot.deliver(user, raw)
+        cfg = mailbox_xml(
+            tmp_path / mode / "m.xml",
+            port=dovecot.pop3_port,
+            user=user,
+            password=password,
+        )
+        shares = spy_processes(monkeypatch)
+        assert once(data, cfg, *extra) == 1  # the refused message is a failure event
+        assert dovecot.count(user) == 0
+        results[mode] = (shape(requests(data), mode), shares)
+        monkeypatch.undo()
+    (apart, shares), (threads, none) = results["procs"], results["thrds"]
+    assert apart == threads
+    assert len(apart) == 72 and sum(r[4] == "message-failure" for r in apart) == 1
+    assert 60 <= len(shares) <= 71 and max(shares) < 1_000_000
+    assert none == []
+
+
+def test_few_messages_are_parsed_in_a_thread(
+    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker process costs about 0.1 s to start: not worth it for a handful of messages."""
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    user, password = pop3_user
+    for i in range(10):
+        dovecot.deliver(user, message(f"Few {i}"))
+    cfg = mailbox_xml(tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=password)
+    shares = spy_processes(monkeypatch)
+    assert once(data, cfg) == 0
+    assert shares == [] and len(requests(data)) == 10
+
+
+def test_a_dying_parse_process_falls_back_to_a_thread(
+    tmp_path: Path,
+    dovecot: Any,
+    pop3_user: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker process killed under a window (a parser crash, the OOM killer) loses nothing:
+    that share is parsed in a thread and every message goes in once."""
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    user, password = pop3_user
+    for i in range(80):
+        dovecot.deliver(user, message(f"Crash {i}"))
+    cfg = mailbox_xml(tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=password)
+    calls = []
+
+    async def broken(*args: Any, **kw: Any) -> Any:
+        calls.append(args)
+        raise BrokenWorkerProcess from EOFError("worker killed")
+
+    monkeypatch.setattr(anyio.to_process, "run_sync", broken)
+    log = tmp_path / "engine.log"
+    assert once(data, cfg, "--log-file", log) == 0
+    assert calls and dovecot.count(user) == 0
+    assert sorted(r["subject"] for r in requests(data)) == sorted(f"Crash {i}" for i in range(80))
+    assert "the parsing process failed (worker killed): parsing in a thread" in log.read_text()
