@@ -206,6 +206,10 @@ async def run_session(
         depth = int(opts.processes.total_tokens) if apart and opts.processes else 0
         try:
             async with anyio.create_task_group() as tg:
+                # Worker processes take ~0.2 s to start: meanwhile windows parse in threads.
+                ready_apart = anyio.Event()
+                if apart:
+                    tg.start_soon(_start_processes, cfg, opts, ready_apart)
                 while todo:
                     if opts.stop is not None and opts.stop.is_set():
                         log.info("mailbox=%s stopping: the rest stays on the server", cfg.name)
@@ -224,7 +228,9 @@ async def run_session(
                     todo = todo[take:]
                     inflight.append(w)
                     w.held = await opts.budget.acquire(size) if opts.budget else 0
-                    if apart and all(m.size <= opts.process_message_bytes for m in w.listed):
+                    if ready_apart.is_set() and all(
+                        m.size <= opts.process_message_bytes for m in w.listed
+                    ):
                         raws = await thread(retr_window, session, cfg, w.listed, opts.debug_dir)
                         tg.start_soon(_parse_apart, cfg, w, raws, opts, thread)
                     else:
@@ -238,6 +244,7 @@ async def run_session(
                 while inflight:
                     await deliver(inflight[0])
                     inflight.popleft()
+                tg.cancel_scope.cancel()  # processes still starting: not needed any more
         except BaseExceptionGroup as group:
             raise _sole(group) from None
         if pending:
@@ -301,6 +308,33 @@ def fetch_window(
     """RETR a window of messages and parse them, in one trip to a worker thread."""
     raws = retr_window(session, cfg, listed, debug_dir)
     return [make_envelope(cfg, m.uidl, raw) for m, raw in zip(listed, raws, strict=True)]
+
+
+async def _start_processes(cfg: MailboxConfig, opts: FetchOptions, ready: anyio.Event) -> None:
+    """Start the parsing processes (an empty window each), then let the session use them."""
+    assert opts.processes is not None
+
+    async def start() -> None:
+        await anyio.to_process.run_sync(
+            parse_many, [], cfg.max_message_bytes, cancellable=True, limiter=opts.processes
+        )
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for _ in range(int(opts.processes.total_tokens)):
+                tg.start_soon(start)
+    except BaseExceptionGroup as group:
+        broken, other = group.split(BrokenWorkerProcess)
+        if other is not None or broken is None:
+            raise _sole(group) from None
+        cause = broken.exceptions[0]
+        log.warning(
+            "mailbox=%s no parsing process could start (%s): parsing in threads",
+            cfg.name,
+            cause.__cause__ or cause,
+        )
+        return
+    ready.set()
 
 
 async def _parse_apart(

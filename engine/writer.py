@@ -138,23 +138,37 @@ class Writer:
     ) -> None:
         """Drain the channel until every sender has closed its clone, then return."""
         task_status.started()
-        async with receive:
-            batch: list[Item] = []
-            while True:
-                if not batch:
-                    try:
-                        batch.append(await receive.receive())
-                    except anyio.EndOfStream:
-                        return
-                # Group commit: whatever is already waiting joins this transaction.
-                while len(batch) < self.max_batch:
-                    try:
-                        batch.append(receive.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                if self.metrics is not None:
-                    self.metrics.queue_depth.set(receive.statistics().current_buffer_used)
-                batch = await self.apply(batch)
+        # Attachment files are written by tasks of this group while transactions go on; they
+        # record their errors for the commit rather than raise.
+        try:
+            async with receive, anyio.create_task_group() as files:
+                self.store.spawn = files.start_soon
+                try:
+                    await self._drain(receive)
+                finally:
+                    self.store.spawn = None
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+
+    async def _drain(self, receive: MemoryObjectReceiveStream[Item]) -> None:
+        batch: list[Item] = []
+        while True:
+            if not batch:
+                try:
+                    batch.append(await receive.receive())
+                except anyio.EndOfStream:
+                    return
+            # Group commit: whatever is already waiting joins this transaction.
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(receive.receive_nowait())
+                except (anyio.WouldBlock, anyio.EndOfStream):
+                    break
+            if self.metrics is not None:
+                self.metrics.queue_depth.set(receive.statistics().current_buffer_used)
+            batch = await self.apply(batch)
 
     async def apply(self, batch: list[Item]) -> list[Item]:
         """One transaction for (the head of) the batch; answer each item only once durable.

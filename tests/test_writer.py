@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -195,11 +196,11 @@ def test_attachment_files_that_cannot_be_written_commit_nothing(
             for i in range(5)
         ]
 
-    def broken(self: FileStore, files: Any) -> None:
+    def broken(self: FileStore, digest: str, data: bytes) -> set[Path]:
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(FileStore, "put_many", broken)
+        m.setattr(FileStore, "write", broken)
         failed = go(batch)
     assert all(e.outcome is None or e.failure is not None for e in failed)
     assert all("No space left on device" in str(e.failure) for e in failed)
@@ -295,3 +296,48 @@ def test_a_reply_in_the_same_batch_finds_the_request_made_just_before_it(
 
     assert anyio.run(go) == [("created", 2), ("activity", 1), ("activity", 2)]
     assert rows_of(tmp_path, "SELECT status FROM requests WHERE number = 1") == [("reopened",)]
+
+
+def test_attachment_files_are_on_disk_before_the_commit_that_cites_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files are written while the transaction goes on, in worker threads; however slow the
+    disk, COMMIT waits for every one of them (and their folders) first."""
+    from engine.store.files import FileStore
+
+    real_write, real_sync = FileStore.write, FileStore.sync_folder
+    synced: list[Path] = []
+
+    def slow_write(self: FileStore, digest: str, data: bytes) -> set[Path]:
+        time.sleep(0.05)
+        return real_write(self, digest, data)
+
+    def sync_folder(self: FileStore, folder: Path) -> None:
+        real_sync(self, folder)
+        synced.append(folder)
+
+    monkeypatch.setattr(FileStore, "write", slow_write)
+    monkeypatch.setattr(FileStore, "sync_folder", sync_folder)
+    seen_at_commit: list[tuple[int, int]] = []
+    real_fetchall = aiosqlite.Connection.execute_fetchall
+
+    async def fetchall(self: aiosqlite.Connection, sql: str, *args: Any) -> Any:
+        if sql == "COMMIT":
+            files = [p for p in (tmp_path / "data" / "attachments").glob("??/*")]
+            seen_at_commit.append((len(files), len({p.parent for p in files} - set(synced))))
+        return await real_fetchall(self, sql, *args)
+
+    async def go() -> list[Envelope]:
+        store, cfg = await fresh_store(tmp_path)
+        monkeypatch.setattr(aiosqlite.Connection, "execute_fetchall", fetchall)
+        envelopes = [
+            Envelope(mailbox=cfg, uidl=f"u{i}", raw=b"x", parsed=parsed(i, attachments=2))
+            for i in range(10)
+        ]
+        await feed(Writer(store, created_by=LOGIN), envelopes)
+        await store.close()
+        return envelopes
+
+    envelopes = anyio.run(go)
+    assert all(e.outcome == "created" for e in envelopes)
+    assert seen_at_commit and seen_at_commit[-1] == (20, 0)  # all 20 there, folders synced

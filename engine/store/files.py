@@ -36,32 +36,44 @@ class FileStore:
         one, fsynced once. Blocking: call from a worker thread."""
         folders: set[Path] = set()
         for digest, data in files.items():
-            target = self.path_for(digest)
-            if target.exists() and target.stat().st_size == len(data):
-                continue
-            try:
-                target.parent.mkdir()
-                folders.add(self.root)  # a new shard folder is an entry of the root
-            except FileExistsError:
-                pass
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            folders.add(target.parent)
-        # The renames themselves must survive a power loss before the database refers to them.
+            folders.update(self.write(digest, data))
         for folder in folders:
-            dir_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            self.sync_folder(folder)
+
+    def write(self, digest: str, data: bytes) -> set[Path]:
+        """Write and fsync one file; returns the folders whose new entries still need a
+        :meth:`sync_folder` before the database may refer to the file. Blocking."""
+        target = self.path_for(digest)
+        try:
+            if target.stat().st_size == len(data):
+                return set()
+        except FileNotFoundError:
+            pass
+        folders = {target.parent}
+        try:
+            target.parent.mkdir()
+            folders.add(self.root)  # a new shard folder is an entry of the root
+        except FileExistsError:
+            pass
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return folders
+
+    def sync_folder(self, folder: Path) -> None:
+        """Make the renames into ``folder`` survive a power loss. Blocking."""
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     def get(self, sha256: str) -> bytes:
         return self.path_for(sha256).read_bytes()

@@ -12,8 +12,8 @@ import hashlib
 import hmac
 import os
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,18 @@ def verify_password(password: str, stored: str | None) -> bool:
     return hmac.compare_digest(got.hex(), key)
 
 
+@dataclass(eq=False)
+class _Files:
+    """The attachment files of one transaction (or of what is left of it since a flush)."""
+
+    data: dict[str, bytes] = field(default_factory=dict)
+    unstarted: list[str] = field(default_factory=list)
+    writing: int = 0
+    written: anyio.Event = field(default_factory=anyio.Event)
+    folders: set[Path] = field(default_factory=set)
+    errors: list[OSError] = field(default_factory=list)
+
+
 class SqliteStore:
     """The store. Open it with :func:`open_store`; one instance per connection."""
 
@@ -105,11 +117,15 @@ class SqliteStore:
         self._teams: dict[str | int | None, Team | None] = {}
         self._users: dict[tuple[str, str], User | None] = {}
         # Write-behind: rows nothing reads back in the same transaction before a flush
-        # (ledger, history, attachment rows) go to SQLite in one executemany per statement,
-        # and attachment files are written and fsynced in one worker-thread trip, both just
-        # before COMMIT (or before any read, savepoint or other statement).
+        # (ledger, history, attachment rows) go to SQLite in one executemany per statement
+        # just before COMMIT (or before any read, savepoint or other statement that needs
+        # them). Attachment files are written and fsynced meanwhile, in worker threads
+        # started through ``spawn`` (set by the writer while it runs; without it, at the
+        # flush), and awaited before the rows that cite them.
         self._deferred: dict[str, list[Sequence[Any]]] = {}
-        self._files: dict[str, bytes] = {}
+        self._files = _Files()
+        self._io = anyio.CapacityLimiter(8)  # attachment files written at once
+        self.spawn: Callable[..., object] | None = None
         # The last request number and activity id handed out in this transaction (absent:
         # ask the database), and the deferred requests, which reads must see.
         self._last_ids: dict[str, int] = {}
@@ -161,13 +177,9 @@ class SqliteStore:
 
     async def flush(self) -> None:
         """Send the deferred rows and files: files durable first, then their rows."""
-        if self._files:
-            files, self._files = self._files, {}
-            try:
-                await anyio.to_thread.run_sync(self.files.put_many, files)
-            except OSError as exc:
-                # The store failing, never the message: nothing of the batch commits.
-                raise StoreError(f"cannot write attachment files: {exc}") from exc
+        if self._files.data:
+            files, self._files = self._files, _Files()
+            await self._write_files(files)
         if self._deferred:
             deferred, self._deferred = self._deferred, {}
             self._pending_requests.clear()
@@ -179,9 +191,55 @@ class SqliteStore:
             for sql, rows in deferred.items():
                 await self.db.executemany(sql, rows)
 
+    async def _write_file(self, files: _Files, digest: str, data: bytes) -> None:
+        """Write and fsync one file in a worker thread; never raises (``files`` records)."""
+        try:
+            files.folders |= await anyio.to_thread.run_sync(
+                self.files.write, digest, data, limiter=self._io
+            )
+        except OSError as exc:
+            files.errors.append(exc)
+        finally:
+            files.writing -= 1
+            if not files.writing:
+                files.written.set()
+
+    async def _write_files(self, files: _Files) -> None:
+        """Wait for the files' writes (or make them now, side by side), then fsync the
+        folders they went into.
+
+        One after the other, each file costs two fsyncs (~2 ms each on a busy virtual disk):
+        the commit waited ~10 ms per transaction for them. Written while the transaction
+        goes on, they are mostly done when it commits.
+        """
+        if files.unstarted:
+            async with anyio.create_task_group() as tg:
+                for digest in files.unstarted:
+                    files.writing += 1
+                    tg.start_soon(self._write_file, files, digest, files.data[digest])
+            files.unstarted.clear()
+        if files.writing:
+            await files.written.wait()
+        if not files.errors:
+
+            async def sync(folder: Path) -> None:
+                try:
+                    await anyio.to_thread.run_sync(self.files.sync_folder, folder, limiter=self._io)
+                except OSError as exc:
+                    files.errors.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                for folder in files.folders:
+                    tg.start_soon(sync, folder)
+        if files.errors:
+            # The store failing, never the message: nothing of the batch commits.
+            error = files.errors[0]
+            raise StoreError(f"cannot write attachment files: {error}") from error
+
     def _discard(self) -> None:
         self._deferred.clear()
-        self._files.clear()
+        # Writes under way finish on their own; what they leave is swept as unreferenced.
+        self._files = _Files()
         self._pending_requests.clear()
         self._read_ahead.clear()
         self._last_ids.clear()  # a rollback gives back the numbers it undoes
@@ -197,7 +255,7 @@ class SqliteStore:
     # so what it reads or changes sees them.
 
     async def _exec(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        if self._deferred or self._files:
+        if self._deferred or self._files.data:
             await self.flush()
         return list(await self.db.execute_fetchall(sql, args))
 
@@ -549,13 +607,20 @@ class SqliteStore:
         self, number: int, activity_id: int | None, attachments: Iterable[Attachment]
     ) -> None:
         for att in attachments:
-            # Written and fsynced (in one worker-thread trip per flush) before the commit
-            # that cites it.
+            # Written and fsynced before the commit that cites it; from now on if the writer
+            # lets us (see flush).
             if len(att.data) < _HASH_IN_THREAD:
                 digest = hashlib.sha256(att.data).hexdigest()
             else:  # hashlib lets go of the GIL: keep the event loop free meanwhile
                 digest = await anyio.to_thread.run_sync(_sha256, att.data)
-            self._files[digest] = att.data
+            files = self._files
+            if digest not in files.data:
+                files.data[digest] = att.data
+                if self.spawn is None:
+                    files.unstarted.append(digest)
+                else:
+                    files.writing += 1
+                    self.spawn(self._write_file, files, digest, att.data)
             self._defer(
                 "INSERT INTO attachments(request_number, activity_id, name, content_type, "
                 "size, sha256) VALUES (?, ?, ?, ?, ?, ?)",
