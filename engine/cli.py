@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--parse-processes",
             type=_at_least(0),
             default=None,
-            help="worker processes that parse messages (default: one per CPU; 0: threads only)",
+            help="processes that parse messages (default: one per CPU but one; 0: threads only)",
         )
 
     once = sub.add_parser("once", help="one pass over the mailboxes, then exit")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -27,6 +26,7 @@ from engine.supervisor import (
     EngineSettings,
     MailboxOutcome,
     MailboxSource,
+    default_parse_processes,
     discover,
 )
 
@@ -91,7 +91,9 @@ async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[i
                 max_sessions=args.max_sessions,
                 queue_size=args.queue_size,
                 parse_processes=(
-                    os.cpu_count() or 1 if args.parse_processes is None else args.parse_processes
+                    default_parse_processes()
+                    if args.parse_processes is None
+                    else args.parse_processes
                 ),
                 poll_interval=getattr(args, "poll_interval", 60.0),
             )

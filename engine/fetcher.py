@@ -54,9 +54,13 @@ class ByteBudget:
         self.used = 0
         self._freed = anyio.Event()
 
+    def available(self, size: int) -> bool:
+        """Whether :meth:`acquire` would grant ``size`` at once."""
+        return not self.used or self.used + min(size, self.limit) <= self.limit
+
     async def acquire(self, size: int) -> int:
         size = min(size, self.limit)
-        while self.used and self.used + size > self.limit:
+        while not self.available(size):
             await self._freed.wait()
         self.used += size
         return size
@@ -224,6 +228,12 @@ async def run_session(
                     ):
                         size += todo[take].size
                         take += 1
+                    if opts.budget is not None and not opts.budget.available(size):
+                        # The windows in flight hold budget the writer gives back only once
+                        # they reach it: hand them over before waiting for more.
+                        while inflight:
+                            await deliver(inflight[0])
+                            inflight.popleft()
                     w = _Window(todo[:take])
                     todo = todo[take:]
                     inflight.append(w)

@@ -61,6 +61,11 @@ def discover(config_dir: Path) -> list[MailboxSource]:
     return found
 
 
+def default_parse_processes() -> int:
+    """One per CPU but one: that core is the event loop's and the writer's."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     data_dir: Path
@@ -77,7 +82,7 @@ class EngineSettings:
     # Bytes of fetched, unacknowledged messages held at once over all mailboxes.
     max_inflight_bytes: int = 16 * 1024 * 1024
     # Worker processes parsing messages beside the event loop; 0 parses in threads only.
-    parse_processes: int = field(default_factory=lambda: os.cpu_count() or 1)
+    parse_processes: int = field(default_factory=lambda: default_parse_processes())
 
 
 @dataclass

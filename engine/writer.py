@@ -2,11 +2,10 @@
 
 Fetchers send :class:`Envelope` items (one per fetched message) and a few kinds of small
 requests through one bounded memory channel. The writer takes whatever is waiting, up to a
-batch limit, and applies it in one ``BEGIN IMMEDIATE … COMMIT`` (group commit). Each message
-gets a savepoint of its own, so a message that fails inside its processor is rolled back alone
-and recorded as a failure event in the same transaction as its ledger row. Only after the
-commit does the writer answer the items: a fetcher deletes a message from the server only once
-its answer says the outcome is durable.
+batch limit, and applies it in one ``BEGIN IMMEDIATE … COMMIT`` (group commit). A message that
+fails is rolled back alone (see :meth:`Writer.apply`) and recorded as a failure event in the
+same transaction as its ledger row. Only after the commit does the writer answer the items: a
+fetcher deletes a message from the server only once its answer says the outcome is durable.
 """
 
 from __future__ import annotations

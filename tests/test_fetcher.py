@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import signal
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -205,3 +206,35 @@ def test_the_first_windows_parse_in_threads_while_the_processes_start(
     assert once(data, cfg) == 0
     assert len(requests(data)) == 100 and dovecot.count(user) == 0
     assert not any(shares)  # every window went to a thread; the starts were then cancelled
+
+
+def test_a_message_over_the_byte_budget_does_not_wait_on_windows_still_in_flight(
+    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 17 MB message needs the whole 16 MiB budget, which the windows being parsed hold
+    until they reach the writer: they are handed over first, or the session waits forever
+    (bounded here by an alarm)."""
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    user, password = pop3_user
+    for i in range(120):
+        if i == 100:
+            big = (("scan.pdf", "application/pdf", b"%" * 17_000_000),)
+            dovecot.deliver(user, message("Big scan", attachments=big))
+        dovecot.deliver(user, message(f"Small {i}"))
+    cfg = mailbox_xml(tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=password)
+    shares = spy_processes(monkeypatch)
+    slow_retr(monkeypatch, 0.3)
+
+    def hung(signum: int, frame: object) -> None:
+        raise TimeoutError("the session did not finish within 120 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        assert once(data, cfg) == 0
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert any(shares)  # windows were in flight in a worker process
+    assert len(requests(data)) == 121 and dovecot.count(user) == 0
