@@ -160,6 +160,8 @@ class ProcResult:
     cpu_seconds: float
     log: Path
     processes: int = 1  # the engine plus the parsing processes seen while it ran
+    engine_kib: int = 0  # the engine process's own peak RSS
+    pss_kib: int = 0  # peak of the summed PSS over the engine and its processes
 
 
 def _engine_env() -> dict[str, str]:
@@ -203,9 +205,12 @@ def run_process(
     thread.start()
     deadline = start + timeout
     peaks: dict[int, int] = {}  # the engine and its parsing processes, each at its peak
+    pss = 0  # the highest sum of their proportional set sizes seen (shared pages split)
     while thread.is_alive():
-        for pid in _process_tree(proc.pid):
+        tree = _process_tree(proc.pid)
+        for pid in tree:
             peaks[pid] = max(peaks.get(pid, 0), _vm_hwm_kib(pid))
+        pss = max(pss, sum(_pss_kib(pid) for pid in tree))
         thread.join(tick)
         if on_tick is not None and thread.is_alive():
             on_tick(time.perf_counter() - start, proc)
@@ -233,6 +238,8 @@ def run_process(
         # true peak of their total, which is what the machine must have.
         maxrss_kib=sum(peaks.values()) or int(usage.ru_maxrss),  # type: ignore[attr-defined]
         processes=len([k for k in peaks.values() if k]),
+        engine_kib=peaks.get(proc.pid, 0),
+        pss_kib=pss,
         cpu_seconds=float(usage.ru_utime + usage.ru_stime),  # type: ignore[attr-defined]
         log=log,
     )
@@ -252,6 +259,18 @@ def _process_tree(pid: int) -> list[int]:
     return tree
 
 
+def _pss_kib(pid: int) -> int:
+    """Proportional set size of a running process (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def _vm_hwm_kib(pid: int) -> int:
     """Peak resident set of a running process, from /proc (0 once it is gone)."""
     try:
@@ -267,7 +286,11 @@ def _vm_hwm_kib(pid: int) -> int:
 def _apart(res: ProcResult) -> str:
     if res.processes <= 1:
         return ""
-    return f" (summed over the engine and its {res.processes - 1} parsing process(es))"
+    return (
+        f" (each process at its own peak, summed: the engine {_mb(res.engine_kib)} and "
+        f"{res.processes - 1} parsing process(es) {_mb(res.maxrss_kib - res.engine_kib)}; "
+        f"peak of their summed PSS, shared pages split: {_mb(res.pss_kib)})"
+    )
 
 
 def _log_tail(path: Path, lines: int = 15) -> str:

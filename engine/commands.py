@@ -17,7 +17,7 @@ from engine import logs
 from engine.cli import open_for_reading, print_json
 from engine.config import load_mailbox, secret_values
 from engine.errors import AuthenticationFailed, ConfigError, EngineError, FetchError
-from engine.ops import serve_http
+from engine.ops import bound_large_allocations, serve_http
 from engine.pop3 import Pop3Session
 from engine.store import SqliteStore, open_store
 from engine.supervisor import (
@@ -71,6 +71,7 @@ def _sources(args: argparse.Namespace) -> list[MailboxSource]:
 async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[int]]) -> int:
     """Lock the data directory, open the store, log in, build the engine, run ``body``."""
     _setup_logging(args)
+    bound_large_allocations()
     dry_run = getattr(args, "dry_run", False)
     lock = DataDirLock(args.data_dir)
     lock.acquire()

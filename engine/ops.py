@@ -1,4 +1,5 @@
-"""Operations: Prometheus metrics and the ``/healthz`` + ``/metrics`` HTTP endpoint.
+"""Operations: Prometheus metrics, the ``/healthz`` + ``/metrics`` HTTP endpoint, and the
+process's memory behaviour.
 
 The endpoint is a few lines on an anyio listener rather than a web framework: it serves two
 read-only GETs and must never be a reason for the engine to fall over.
@@ -7,6 +8,8 @@ read-only GETs and must never be a reason for the engine to fall over.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import logging
 import time
@@ -17,6 +20,27 @@ import anyio
 from anyio.abc import SocketStream
 
 log = logging.getLogger("engine.ops")
+
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+_MMAP_FROM = 1024 * 1024
+
+
+def bound_large_allocations() -> bool:
+    """Have glibc give every buffer of 1 MiB or more back to the system once it is freed.
+
+    glibc raises its mmap threshold (up to 32 MiB) each time it frees a large mapped block,
+    so after the first 20 MB message the next ones come from the heap, and the heap keeps
+    what they leave: measured over 2,000 messages with 5 of 21 MB, the engine's peak RSS was
+    123 MiB, and 100 MiB with the threshold fixed. Setting it turns the adjustment off.
+    Elsewhere than glibc this does nothing (and returns False).
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_FROM))
 
 
 class Metrics:
