@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--log-format", choices=["text", "json"], default="text")
         sp.add_argument("--debug", action="store_true", help="debug log and RawMessage files")
         sp.add_argument("--max-sessions", type=_at_least(1), default=16)
-        sp.add_argument("--queue-size", type=_at_least(1), default=64)
+        sp.add_argument("--queue-size", type=_at_least(1), default=256)
         sp.add_argument(
             "--parse-processes",
             type=_at_least(0),

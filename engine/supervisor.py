@@ -71,7 +71,7 @@ class EngineSettings:
     data_dir: Path
     created_by: str
     default_team: str | None = None
-    queue_size: int = 64
+    queue_size: int = 256
     max_sessions: int = 16
     max_threads: int = 32
     max_batch: int = 256

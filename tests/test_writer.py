@@ -341,3 +341,28 @@ def test_attachment_files_are_on_disk_before_the_commit_that_cites_them(
     envelopes = anyio.run(go)
     assert all(e.outcome == "created" for e in envelopes)
     assert seen_at_commit and seen_at_commit[-1] == (20, 0)  # all 20 there, folders synced
+
+
+def test_numbers_kept_between_transactions_yield_to_another_connections_commit(
+    tmp_path: Path,
+) -> None:
+    """The writer remembers its last request number from one transaction to the next, but
+    not past a commit by another connection (PRAGMA data_version): it then asks again."""
+
+    async def go() -> list[int | None]:
+        store, cfg = await fresh_store(tmp_path)
+        writer = Writer(store, created_by=LOGIN)
+        first = [Envelope(mailbox=cfg, uidl=f"u{i}", raw=b"x", parsed=parsed(i)) for i in (0, 1)]
+        await feed(writer, first)
+        with sqlite3.connect(store.path) as db:  # e.g. an operator's script
+            db.execute(
+                "INSERT INTO requests(team_id, type, status, kind, subject, description, "
+                "created_at, created_by) SELECT team_id, type, status, kind, 'by hand', '', "
+                "created_at, created_by FROM requests WHERE number = 1"
+            )
+        second = [Envelope(mailbox=cfg, uidl=f"u{i}", raw=b"x", parsed=parsed(i)) for i in (2, 3)]
+        await feed(writer, second)
+        await store.close()
+        return [e.request_number for e in first + second]
+
+    assert anyio.run(go) == [1, 2, 4, 5]
