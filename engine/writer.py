@@ -114,6 +114,8 @@ class Writer:
         default_team: str | None = None,
         max_batch: int = 256,
         max_batch_seconds: float = 2.0,
+        min_batch: int = 128,
+        linger: float = 0.02,
         reply_limit_per_day: int = 5,
         metrics: Metrics | None = None,
     ) -> None:
@@ -122,6 +124,8 @@ class Writer:
         self.default_team = default_team
         self.max_batch = max_batch
         self.max_batch_seconds = max_batch_seconds
+        self.min_batch = min_batch
+        self.linger = linger
         self.reply_limit_per_day = reply_limit_per_day
         self.stats = WriterStats()
         self.metrics = metrics
@@ -159,15 +163,44 @@ class Writer:
                     batch.append(await receive.receive())
                 except anyio.EndOfStream:
                     return
-            # Group commit: whatever is already waiting joins this transaction.
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(receive.receive_nowait())
-                except (anyio.WouldBlock, anyio.EndOfStream):
-                    break
+            # Group commit: whatever is already waiting joins this transaction, and while
+            # messages keep coming a short wait gathers more.
+            await self._gather(batch, receive)
             if self.metrics is not None:
                 self.metrics.queue_depth.set(receive.statistics().current_buffer_used)
             batch = await self.apply(batch)
+
+    async def _gather(self, batch: list[Item], receive: MemoryObjectReceiveStream[Item]) -> None:
+        """Add what is waiting to ``batch``; with messages in it, wait up to ``linger`` for
+        more while it is under ``min_batch``.
+
+        A transaction has fixed costs whatever its size (BEGIN, the ledger query, an fsync for
+        each attachment file and its folder, the executemany calls, COMMIT's fsync: ~15 ms
+        here), so many small ones cost more than a few larger: measured, 2,000 messages went
+        in 72-86 transactions of ~26, the commits taking 1.2 s. PostgreSQL's commit_delay is
+        the same idea.
+        """
+        deadline = anyio.current_time() + self.linger
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(receive.receive_nowait())
+                continue
+            except anyio.EndOfStream:
+                return
+            except anyio.WouldBlock:
+                pass
+            remaining = deadline - anyio.current_time()
+            if (
+                len(batch) >= self.min_batch
+                or remaining <= 0
+                or not any(isinstance(item, Envelope) for item in batch)
+            ):
+                return
+            with anyio.move_on_after(remaining):
+                try:
+                    batch.append(await receive.receive())
+                except anyio.EndOfStream:
+                    return
 
     async def apply(self, batch: list[Item]) -> list[Item]:
         """One transaction for (the head of) the batch; answer each item only once durable.

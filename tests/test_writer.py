@@ -366,3 +366,38 @@ def test_numbers_kept_between_transactions_yield_to_another_connections_commit(
         return [e.request_number for e in first + second]
 
     assert anyio.run(go) == [1, 2, 4, 5]
+
+
+@pytest.mark.parametrize(("linger", "most"), [(0.05, 4), (0.0, None)])
+def test_messages_arriving_close_together_share_a_transaction(
+    tmp_path: Path, linger: float, most: int | None
+) -> None:
+    """A transaction has fixed costs (fsyncs, the ledger query...): while messages keep
+    coming, the writer waits up to ``linger`` to gather more before it begins one."""
+
+    async def go() -> tuple[int, list[Envelope]]:
+        store, cfg = await fresh_store(tmp_path)
+        writer = Writer(store, created_by=LOGIN, linger=linger)
+        send, receive = anyio.create_memory_object_stream[Item](100)
+        envelopes = [
+            Envelope(mailbox=cfg, uidl=f"u{i}", raw=b"x", parsed=parsed(i)) for i in range(40)
+        ]
+
+        async def trickle() -> None:
+            async with send:
+                for env in envelopes:
+                    await send.send(env)
+                    await anyio.sleep(0.002)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(trickle)
+            await writer.run(receive)
+        await store.close()
+        return writer.stats.transactions, envelopes
+
+    transactions, envelopes = anyio.run(go)
+    assert all(e.outcome == "created" for e in envelopes)
+    if most is not None:
+        assert transactions <= most
+    else:  # without the wait, each message that finds the writer idle starts its own
+        assert transactions >= 10
