@@ -238,8 +238,13 @@ async def run_session(
                     todo = todo[take:]
                     inflight.append(w)
                     w.held = await opts.budget.acquire(size) if opts.budget else 0
-                    if ready_apart.is_set() and all(
-                        m.size <= opts.process_message_bytes for m in w.listed
+                    # A window goes to a process only if one is free: with every process
+                    # busy (many busy mailboxes), a thread parses it rather than wait.
+                    if (
+                        ready_apart.is_set()
+                        and opts.processes is not None
+                        and opts.processes.available_tokens >= 1
+                        and all(m.size <= opts.process_message_bytes for m in w.listed)
                     ):
                         raws = await thread(retr_window, session, cfg, w.listed, opts.debug_dir)
                         tg.start_soon(_parse_apart, cfg, w, raws, opts, thread)
