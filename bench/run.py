@@ -71,6 +71,7 @@ class Sizes:
     big_bytes: int
     latency: int  # messages delivered one by one to the daemon
     latency_gap: float  # seconds between two deliveries
+    rounds: int  # rounds of the 1-mailbox cases; the median one is reported
 
 
 FULL = Sizes(
@@ -84,6 +85,7 @@ FULL = Sizes(
     big_bytes=15_000_000,  # 15 MB base64-encoded: a 20 MB message
     latency=200,
     latency_gap=0.05,
+    rounds=3,
 )
 QUICK = Sizes(
     single=200,
@@ -96,6 +98,7 @@ QUICK = Sizes(
     big_bytes=15_000_000,
     latency=60,
     latency_gap=0.05,
+    rounds=1,
 )
 
 MAX_MESSAGE_BYTES = 52_428_800
@@ -581,6 +584,7 @@ def _engine_case(
     *,
     on_tick: Callable[[float, subprocess.Popen[bytes]], None] | None = None,
     extra_notes: Callable[[ProcResult], list[str]] | None = None,
+    append: bool = True,
 ) -> ProcResult:
     """Run ``once``, fill the row (rate, notes, CPU) and verify the store."""
     n = row.messages
@@ -600,11 +604,31 @@ def _engine_case(
         row.notes.append(f"**exit code {res.returncode}**")
         report.problems.append(f"{case}: engine exit code {res.returncode}\n{_log_tail(res.log)}")
     row.notes.append(verify(world, data_dir, expected, case, report))
-    report.rows.append(row)
+    if append:
+        report.rows.append(row)
     return res
 
 
-def case_single(world: World, report: Report, corpus: list[Template], *, tls: bool) -> None:
+def case_single(
+    world: World, report: Report, corpus: list[Template], *, tls: bool, rounds: int
+) -> None:
+    """``rounds`` rounds of poplib loop, pipelined client and engine, each on fresh mailboxes
+    and in that order: the row is the round with the median ratio, the notes give them all.
+    On a shared machine the baseline alone moves by tens of percent within minutes."""
+    rows = [_single_round(world, report, corpus, tls=tls) for _ in range(rounds)]
+    rows.sort(key=lambda r: r.ratio or 0.0)
+    row = rows[len(rows) // 2]
+    if rounds > 1:
+        ratios = ", ".join(f"{r.ratio:.3f}" for r in rows if r.ratio is not None)
+        row.notes.insert(
+            0,
+            f"median of {rounds} rounds (poplib loop, pipelined client, engine in turn, each "
+            f"on fresh mailboxes); ratios {ratios}",
+        )
+    report.rows.append(row)
+
+
+def _single_round(world: World, report: Report, corpus: list[Template], *, tls: bool) -> Row:
     n = len(corpus)
     case = f"1 mailbox x {n} ({'POP3S' if tls else 'POP3'})"
     context = ssl.create_default_context(cafile=str(world.dovecot.ca_file)) if tls else None
@@ -637,10 +661,11 @@ def case_single(world: World, report: Report, corpus: list[Template], *, tls: bo
             f"{_rate(n, res.seconds) / piped_rate:.3f}"
         ]
 
+    row = Row(case, n)
     _engine_case(
         world,
         report,
-        Row(case, n),
+        row,
         case,
         folder,
         config_dir,
@@ -648,7 +673,9 @@ def case_single(world: World, report: Report, corpus: list[Template], *, tls: bo
         expected,
         base,
         extra_notes=notes,
+        append=False,
     )
+    return row
 
 
 def case_many(world: World, report: Report, corpus: list[Template], sizes: Sizes) -> None:
@@ -1311,10 +1338,17 @@ def main(argv: list[str] | None = None) -> int:
                     ("startup", lambda: case_startup(world, report)),
                     (
                         "single",
-                        lambda: case_single(world, report, corpus[: sizes.single], tls=False),
+                        lambda: case_single(
+                            world, report, corpus[: sizes.single], tls=False, rounds=sizes.rounds
+                        ),
                     ),
                     ("many", lambda: case_many(world, report, corpus, sizes)),
-                    ("tls", lambda: case_single(world, report, corpus[: sizes.tls], tls=True)),
+                    (
+                        "tls",
+                        lambda: case_single(
+                            world, report, corpus[: sizes.tls], tls=True, rounds=sizes.rounds
+                        ),
+                    ),
                     ("memory", lambda: case_memory(world, report, sizes)),
                     ("latency", lambda: case_latency(world, report, corpus, sizes)),
                     ("crash", lambda: case_crash(world, report, corpus[: sizes.single])),
