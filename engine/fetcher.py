@@ -81,7 +81,7 @@ class FetchOptions:
     # Once set, no further message is fetched: the session settles what it has and QUITs.
     stop: anyio.Event | None = None
     # Messages per pipelined RETR exchange, and the most bytes one exchange may announce.
-    window: int = 16
+    window: int = 48
     window_bytes: int = 4 * 1024 * 1024
     # Shared by every fetcher: bytes of messages between RETR and their acknowledgement.
     budget: ByteBudget | None = None
