@@ -262,28 +262,26 @@ def _process_tree(pid: int) -> list[int]:
     return tree
 
 
-def _pss_kib(pid: int) -> int:
-    """Proportional set size of a running process (0 once it is gone)."""
+def _proc_kib(pid: int, file: str, field: str) -> int:
+    """A "Field:  N kB" line of /proc/PID/FILE (0 once the process is gone)."""
     try:
-        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as fh:
+        with open(f"/proc/{pid}/{file}", encoding="ascii") as fh:
             for line in fh:
-                if line.startswith("Pss:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except (OSError, ValueError):
         pass
     return 0
+
+
+def _pss_kib(pid: int) -> int:
+    """Proportional set size of a running process (shared pages split)."""
+    return _proc_kib(pid, "smaps_rollup", "Pss")
 
 
 def _vm_hwm_kib(pid: int) -> int:
-    """Peak resident set of a running process, from /proc (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
+    """Peak resident set of a running process."""
+    return _proc_kib(pid, "status", "VmHWM")
 
 
 def _apart(res: ProcResult) -> str:

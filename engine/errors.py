@@ -141,3 +141,16 @@ class StoreError(EngineError):
 
 class AuthenticationFailed(EngineError):
     """The engine's own login (/Login, /Password) does not match a user of the store."""
+
+
+def sole(group: BaseExceptionGroup) -> BaseException:
+    """The one exception a task group wraps (the usual case), else the group itself.
+
+    anyio's task groups wrap even a single failure in an exception group; callers that handle
+    ``EngineError`` and cancellation by type unwrap it with this."""
+    while len(group.exceptions) == 1:
+        inner = group.exceptions[0]
+        if not isinstance(inner, BaseExceptionGroup):
+            return inner
+        group = inner
+    return group

@@ -24,7 +24,7 @@ from anyio import BrokenWorkerProcess
 from anyio.streams.memory import MemoryObjectSendStream
 
 from engine.config import MailboxConfig
-from engine.errors import MessageError, StoreError
+from engine.errors import MessageError, StoreError, sole
 from engine.model import ParsedMessage
 from engine.parse import parse_many, parse_raw
 from engine.pop3 import Listed, Pop3Session
@@ -261,7 +261,7 @@ async def run_session(
                     inflight.popleft()
                 tg.cancel_scope.cancel()  # processes still starting: not needed any more
         except BaseExceptionGroup as group:
-            raise _sole(group) from None
+            raise sole(group) from None
         if pending:
             await settle(pending)
             pending.clear()
@@ -287,16 +287,6 @@ class _Window:
     held: int = 0  # bytes of the shared budget granted to it
     envelopes: list[Envelope] = field(default_factory=list)
     parsed: anyio.Event = field(default_factory=anyio.Event)
-
-
-def _sole(group: BaseExceptionGroup) -> BaseException:
-    """The one exception a task group wraps (the usual case), else the group itself."""
-    while len(group.exceptions) == 1:
-        inner = group.exceptions[0]
-        if not isinstance(inner, BaseExceptionGroup):
-            return inner
-        group = inner
-    return group
 
 
 async def _interrupt(session: Pop3Session) -> None:
@@ -341,7 +331,7 @@ async def _start_processes(cfg: MailboxConfig, opts: FetchOptions, ready: anyio.
     except BaseExceptionGroup as group:
         broken, other = group.split(BrokenWorkerProcess)
         if other is not None or broken is None:
-            raise _sole(group) from None
+            raise sole(group) from None
         cause = broken.exceptions[0]
         log.warning(
             "mailbox=%s no parsing process could start (%s): parsing in threads",

@@ -26,7 +26,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from engine import reply
 from engine.config import MailboxConfig, redact_config
-from engine.errors import DirectoryError, EngineError, MessageError, StoreError
+from engine.errors import DirectoryError, EngineError, MessageError, StoreError, sole
 from engine.model import Attachment, ParsedMessage
 from engine.ops import Metrics
 from engine.processors import (
@@ -151,9 +151,7 @@ class Writer:
                 finally:
                     self.store.spawn = None
         except BaseExceptionGroup as group:
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
+            raise sole(group) from None
 
     async def _drain(self, receive: MemoryObjectReceiveStream[Item]) -> None:
         batch: list[Item] = []
@@ -181,26 +179,25 @@ class Writer:
         the same idea.
         """
         deadline = anyio.current_time() + self.linger
+        messages = any(isinstance(item, Envelope) for item in batch)
         while len(batch) < self.max_batch:
             try:
-                batch.append(receive.receive_nowait())
-                continue
+                item = receive.receive_nowait()
             except anyio.EndOfStream:
                 return
             except anyio.WouldBlock:
-                pass
-            remaining = deadline - anyio.current_time()
-            if (
-                len(batch) >= self.min_batch
-                or remaining <= 0
-                or not any(isinstance(item, Envelope) for item in batch)
-            ):
-                return
-            with anyio.move_on_after(remaining):
-                try:
-                    batch.append(await receive.receive())
-                except anyio.EndOfStream:
+                remaining = deadline - anyio.current_time()
+                if not messages or len(batch) >= self.min_batch or remaining <= 0:
                     return
+                with anyio.move_on_after(remaining) as waited:
+                    try:
+                        item = await receive.receive()
+                    except anyio.EndOfStream:
+                        return
+                if waited.cancelled_caught:
+                    return
+            batch.append(item)
+            messages = messages or isinstance(item, Envelope)
 
     async def apply(self, batch: list[Item]) -> list[Item]:
         """One transaction for (the head of) the batch; answer each item only once durable.

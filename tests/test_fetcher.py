@@ -53,6 +53,20 @@ def mix(count: int, tag: str) -> list[bytes]:
     return out
 
 
+def mailbox_of(
+    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], raws: list[bytes]
+) -> tuple[Path, Path]:
+    """A data dir with the directory imported, and a mailbox file for ``pop3_user``, whose
+    mailbox now holds ``raws``: (data dir, mailbox file)."""
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    user, password = pop3_user
+    for raw in raws:
+        dovecot.deliver(user, raw)
+    cfg = mailbox_xml(tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=password)
+    return data, cfg
+
+
 def slow_retr(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     """A slow server: the worker processes (~0.2 s to start) are ready before the session
     is over, however loaded the machine."""
@@ -129,12 +143,7 @@ def test_few_messages_are_parsed_in_a_thread(
     tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A worker process costs about 0.1 s to start: not worth it for a handful of messages."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
-    user, password = pop3_user
-    for i in range(10):
-        dovecot.deliver(user, message(f"Few {i}"))
-    cfg = mailbox_xml(tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=password)
+    data, cfg = mailbox_of(tmp_path, dovecot, pop3_user, [message(f"Few {i}") for i in range(10)])
     shares = spy_processes(monkeypatch)
     assert once(data, cfg) == 0
     assert shares == [] and len(requests(data)) == 10
@@ -158,12 +167,8 @@ def test_a_dying_parse_process_falls_back_to_a_thread(
     """A worker process that cannot start, or is killed under a window (a parser crash, the
     OOM killer), loses nothing: the windows are parsed in a thread, every message goes in
     once."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
-    user, password = pop3_user
-    for i in range(80):
-        dovecot.deliver(user, message(f"Crash {i}"))
-    cfg = mailbox_xml(tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=password)
+    data, cfg = mailbox_of(tmp_path, dovecot, pop3_user, [message(f"Crash {i}") for i in range(80)])
+    user = pop3_user[0]
     calls = []
     real: Callable[..., Any] = anyio.to_process.run_sync
 
@@ -187,12 +192,9 @@ def test_the_first_windows_parse_in_threads_while_the_processes_start(
     tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Starting a worker process takes ~0.2 s; the session does not wait for it."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
-    user, password = pop3_user
-    for i in range(100):
-        dovecot.deliver(user, message(f"Slow start {i}"))
-    cfg = mailbox_xml(tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=password)
+    raws = [message(f"Slow start {i}") for i in range(100)]
+    data, cfg = mailbox_of(tmp_path, dovecot, pop3_user, raws)
+    user = pop3_user[0]
     real: Callable[..., Any] = anyio.to_process.run_sync
     shares: list[int] = []
 
@@ -214,15 +216,11 @@ def test_a_message_over_the_byte_budget_does_not_wait_on_windows_still_in_flight
     """A 17 MB message needs the whole 16 MiB budget, which the windows being parsed hold
     until they reach the writer: they are handed over first, or the session waits forever
     (bounded here by an alarm)."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
-    user, password = pop3_user
-    for i in range(120):
-        if i == 100:
-            big = (("scan.pdf", "application/pdf", b"%" * 17_000_000),)
-            dovecot.deliver(user, message("Big scan", attachments=big))
-        dovecot.deliver(user, message(f"Small {i}"))
-    cfg = mailbox_xml(tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=password)
+    raws = [message(f"Small {i}") for i in range(120)]
+    big = (("scan.pdf", "application/pdf", b"%" * 17_000_000),)
+    raws.insert(100, message("Big scan", attachments=big))
+    data, cfg = mailbox_of(tmp_path, dovecot, pop3_user, raws)
+    user = pop3_user[0]
     shares = spy_processes(monkeypatch)
     slow_retr(monkeypatch, 0.3)
 

@@ -6,10 +6,8 @@ attachment name, Content-ID or Content-Location can place a file outside this fo
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -24,21 +22,6 @@ class FileStore:
         if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
             raise ValueError("not a sha256 hex digest")
         return self.root / sha256[:2] / sha256
-
-    def put(self, data: bytes) -> str:
-        """Store ``data`` durably and return its sha256. Blocking: call from a worker thread."""
-        digest = hashlib.sha256(data).hexdigest()
-        self.put_many({digest: data})
-        return digest
-
-    def put_many(self, files: Mapping[str, bytes]) -> None:
-        """Store each ``digest -> data`` durably: every file, then every folder holding a new
-        one, fsynced once. Blocking: call from a worker thread."""
-        folders: set[Path] = set()
-        for digest, data in files.items():
-            folders.update(self.write(digest, data))
-        for folder in folders:
-            self.sync_folder(folder)
 
     def write(self, digest: str, data: bytes) -> set[Path]:
         """Write and fsync one file; returns the folders whose new entries still need a

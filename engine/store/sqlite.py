@@ -142,16 +142,14 @@ class SqliteStore:
         # The last numbers handed out stay known from one committed transaction to the next
         # (the data-directory lock makes this the only engine) unless another connection
         # committed meanwhile: one query less per transaction.
-        last_ids = dict(self._last_ids)
-        self._discard()
+        self._discard(give_back_numbers=False)
         await self._exec("BEGIN IMMEDIATE")
         row = await self._one("PRAGMA data_version")
         version = int(row[0]) if row else None
         if version != self._data_version:
             self._data_version = version
             self.forget_directory()
-        else:
-            self._last_ids = last_ids
+            self._last_ids.clear()
 
     def forget_directory(self) -> None:
         """Drop the cached directory (it changed, or this connection changed it)."""
@@ -246,13 +244,14 @@ class SqliteStore:
             error = files.errors[0]
             raise StoreError(f"cannot write attachment files: {error}") from error
 
-    def _discard(self) -> None:
+    def _discard(self, *, give_back_numbers: bool = True) -> None:
         self._deferred.clear()
         # Writes under way finish on their own; what they leave is swept as unreferenced.
         self._files = _Files()
         self._pending_requests.clear()
         self._read_ahead.clear()
-        self._last_ids.clear()  # a rollback gives back the numbers it undoes
+        if give_back_numbers:  # a rollback gives back the numbers it undoes
+            self._last_ids.clear()
 
     def _defer(self, sql: str, args: Sequence[Any]) -> None:
         self._deferred.setdefault(sql, []).append(args)
