@@ -26,7 +26,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from engine.config import MailboxConfig
 from engine.errors import MessageError, StoreError, sole
 from engine.model import ParsedMessage
-from engine.parse import parse_many, parse_raw
+from engine.parse import parse_many, parse_raw, with_raw
 from engine.pop3 import Listed, Pop3Session
 from engine.writer import DirectoryCheck, Envelope, Item, KnownQuery
 
@@ -238,12 +238,14 @@ async def run_session(
                     todo = todo[take:]
                     inflight.append(w)
                     w.held = await opts.budget.acquire(size) if opts.budget else 0
-                    # A window goes to a process only if one is free: with every process
-                    # busy (many busy mailboxes), a thread parses it rather than wait.
+                    # A window goes to a process if one is free or will be next: one window
+                    # per process may wait its turn (while it waits, the next is fetched).
+                    # With more waiting (many busy mailboxes) a thread parses it instead.
                     if (
                         ready_apart.is_set()
                         and opts.processes is not None
-                        and opts.processes.available_tokens >= 1
+                        and opts.processes.statistics().tasks_waiting
+                        < opts.processes.available_tokens + opts.processes.total_tokens
                         and all(m.size <= opts.process_message_bytes for m in w.listed)
                     ):
                         raws = await thread(retr_window, session, cfg, w.listed, opts.debug_dir)
@@ -368,7 +370,7 @@ async def _parse_apart(
         )
         results = await thread(parse_many, raws, cfg.max_message_bytes)
     w.envelopes = [
-        envelope_for(cfg, m.uidl, raw, result)
+        envelope_for(cfg, m.uidl, raw, with_raw(result, raw))
         for m, raw, result in zip(w.listed, raws, results, strict=True)
     ]
     w.parsed.set()

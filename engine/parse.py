@@ -47,7 +47,7 @@ import re
 import unicodedata
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.message import Message
 from typing import Final, NamedTuple
@@ -2397,5 +2397,17 @@ def parse_raw(raw: bytes, max_bytes: int) -> ParsedMessage | MessageError:
 
 
 def parse_many(raws: list[bytes], max_bytes: int) -> list[ParsedMessage | MessageError]:
-    """A window of messages in one call: what a parsing worker process runs."""
-    return [parse_raw(raw, max_bytes) for raw in raws]
+    """A window of messages in one call: what a parsing worker process runs.
+
+    The results come back without ``raw``: the caller has it already, and sending it back
+    through the pipe doubled what crossed it (see :func:`with_raw`)."""
+    out: list[ParsedMessage | MessageError] = []
+    for raw in raws:
+        result = parse_raw(raw, max_bytes)
+        out.append(replace(result, raw=b"") if isinstance(result, ParsedMessage) else result)
+    return out
+
+
+def with_raw(result: ParsedMessage | MessageError, raw: bytes) -> ParsedMessage | MessageError:
+    """A result of :func:`parse_many` with its message's bytes put back."""
+    return replace(result, raw=raw) if isinstance(result, ParsedMessage) else result

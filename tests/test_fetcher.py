@@ -14,8 +14,9 @@ import anyio
 import anyio.to_process
 import pytest
 from anyio import BrokenWorkerProcess
-from support import import_directory, mailbox_xml, message, once, requests
+from support import attachment_bytes, import_directory, mailbox_xml, message, once, requests
 
+from engine import fetcher
 from engine.pop3 import Pop3Session
 
 pytestmark = pytest.mark.dovecot
@@ -137,6 +138,84 @@ def test_a_busy_session_parses_in_worker_processes_with_the_same_results(
     # The first windows go to threads while the processes start; the huge one never leaves.
     assert 48 <= len([n for n in shares if n]) <= 94 and max(shares) < 1_000_000
     assert none == []
+
+
+def test_a_window_parsed_apart_keeps_each_message_s_exact_bytes(
+    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker process sends its results back without the message bytes (they would
+    double what crosses the pipe); the session puts them back, so the raw .eml attached to
+    each request is still exactly the message as received."""
+    raws = [message(f"Exact {i}", body=f"Body {i}\n" * (i + 1)) for i in range(100)]
+    data, _ = mailbox_of(tmp_path, dovecot, pop3_user, raws)
+    user, password = pop3_user
+    cfg = mailbox_xml(
+        tmp_path / "raw.xml",
+        port=dovecot.pop3_port,
+        user=user,
+        password=password,
+        includeRawMessageAsAttachment="true",
+    )
+    shares = spy_processes(monkeypatch)
+    slow_retr(monkeypatch, 0.5)
+    assert once(data, cfg) == 0
+    assert any(shares)
+    rows = requests(data)
+    assert len(rows) == 100
+    got = {
+        r["subject"]: attachment_bytes(data, a["sha256"])
+        for r in rows
+        for a in r["attachments"]
+        if a["name"].endswith(".eml")
+    }
+    sent = {f"Exact {i}": raw for i, raw in enumerate(raws)}
+    assert got.keys() == sent.keys()
+    # Dovecot may add a header at delivery; the body, and the exact bytes, must come back.
+    for subject, raw in sent.items():
+        assert got[subject].endswith(raw.split(b"\r\n\r\n", 1)[1]), subject
+        assert len(got[subject]) >= len(raw)
+
+
+def test_a_window_waits_for_a_busy_process_rather_than_parse_in_a_thread(
+    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parsing in a thread takes the GIL from the writer. While the process parses one
+    window, the next may wait its turn (the one after is fetched meanwhile), so once the
+    process is up no window of a lone session is parsed in a thread (before, every other
+    window was)."""
+    raws = [message(f"Queue {i}") for i in range(200)]
+    data, cfg = mailbox_of(tmp_path, dovecot, pop3_user, raws)
+    events: list[str] = []
+    real_run: Callable[..., Any] = anyio.to_process.run_sync
+
+    async def slow_parse(func: Callable[..., Any], raws: list[bytes], *a: Any, **kw: Any) -> Any:
+        if raws:
+            events.append("apart")
+            await anyio.sleep(0.4)  # parsing slower than fetching: the process stays busy
+        return await real_run(func, raws, *a, **kw)
+
+    real_retr = Pop3Session.retr_many
+    calls = []
+
+    def retr_many(self: Pop3Session, numbers: Sequence[int]) -> list[bytes]:
+        calls.append(len(numbers))
+        if len(calls) == 1:
+            time.sleep(2)  # the process is up before the second window
+        return real_retr(self, numbers)
+
+    real_window = fetcher.fetch_window
+
+    def fetch_window(*args: Any) -> Any:
+        events.append("thread")
+        return real_window(*args)
+
+    monkeypatch.setattr(anyio.to_process, "run_sync", slow_parse)
+    monkeypatch.setattr(Pop3Session, "retr_many", retr_many)
+    monkeypatch.setattr(fetcher, "fetch_window", fetch_window)
+    assert once(data, cfg) == 0
+    assert len(requests(data)) == 200
+    # The first window is fetched before the process is up; every later one waits for it.
+    assert len(calls) == 5 and events == ["thread"] + ["apart"] * 4, events
 
 
 def test_few_messages_are_parsed_in_a_thread(
