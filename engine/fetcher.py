@@ -176,8 +176,10 @@ async def run_session(
             """Hand a parsed window to the writer, in fetch order; DELE what is answered."""
             await w.parsed.wait()
             result.fetched += len(w.envelopes)
+            final = not todo and len(inflight) == 1  # nothing more to send after this window
             for i, (m, env) in enumerate(zip(w.listed, w.envelopes, strict=True)):
                 env.dry_run = opts.dry_run
+                env.last = final and i == len(w.envelopes) - 1
                 if opts.budget is not None and i == len(w.envelopes) - 1:
                     # From here the writer gives the window's bytes back once it answers.
                     env.on_done = functools.partial(opts.budget.release, w.held)

@@ -67,6 +67,8 @@ class Envelope(Item):
     problem: str | None = field(default=None, init=False)  # why it became a failure event
     # Called once the answer is final (the fetcher's byte budget); never blocks.
     on_done: Callable[[], None] | None = field(default=None, init=False, repr=False)
+    # The session sends nothing more until this is answered: no use waiting for more.
+    last: bool = field(default=False, init=False)
 
 
 @dataclass(eq=False)
@@ -176,10 +178,11 @@ class Writer:
         each attachment file and its folder, the executemany calls, COMMIT's fsync: ~15 ms
         here), so many small ones cost more than a few larger: measured, 2,000 messages went
         in 72-86 transactions of ~26, the commits taking 1.2 s. PostgreSQL's commit_delay is
-        the same idea.
+        the same idea. A session's last message ends the wait: nothing more is coming from it
+        (one message polled by the daemon is not held back for the linger).
         """
         deadline = anyio.current_time() + self.linger
-        messages = any(isinstance(item, Envelope) for item in batch)
+        messages = any(isinstance(item, Envelope) and not item.last for item in batch)
         while len(batch) < self.max_batch:
             try:
                 item = receive.receive_nowait()
@@ -197,7 +200,8 @@ class Writer:
                 if waited.cancelled_caught:
                     return
             batch.append(item)
-            messages = messages or isinstance(item, Envelope)
+            if isinstance(item, Envelope):
+                messages = not item.last
 
     async def apply(self, batch: list[Item]) -> list[Item]:
         """One transaction for (the head of) the batch; answer each item only once durable.

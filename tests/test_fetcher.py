@@ -18,6 +18,7 @@ from support import attachment_bytes, import_directory, mailbox_xml, message, on
 
 from engine import fetcher
 from engine.pop3 import Pop3Session
+from engine.writer import Envelope, Writer
 
 pytestmark = pytest.mark.dovecot
 
@@ -315,3 +316,25 @@ def test_a_message_over_the_byte_budget_does_not_wait_on_windows_still_in_flight
         signal.signal(signal.SIGALRM, previous)
     assert any(shares)  # windows were in flight in a worker process
     assert len(requests(data)) == 121 and dovecot.count(user) == 0
+
+
+def test_only_the_session_s_final_message_is_marked_last(
+    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer stops gathering at a message marked last (nothing more is coming from
+    its session); marking one too early would only cost batching, but marking none would
+    hold every session's end back for the linger."""
+    raws = [message(f"Last {i}") for i in range(100)]
+    data, cfg = mailbox_of(tmp_path, dovecot, pop3_user, raws)
+    seen: list[tuple[str, bool]] = []
+    real = Writer._account
+
+    def account(self: Writer, env: Envelope) -> None:
+        assert env.parsed is not None
+        seen.append((env.parsed.subject, env.last))
+        real(self, env)
+
+    monkeypatch.setattr(Writer, "_account", account)
+    assert once(data, cfg) == 0
+    assert len(seen) == 100
+    assert [s for s, last in seen if last] == ["Last 99"]

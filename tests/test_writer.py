@@ -401,3 +401,51 @@ def test_messages_arriving_close_together_share_a_transaction(
         assert transactions <= most
     else:  # without the wait, each message that finds the writer idle starts its own
         assert transactions >= 10
+
+
+@pytest.mark.parametrize("last", [True, False])
+def test_a_session_s_last_message_is_not_held_back_for_more(tmp_path: Path, last: bool) -> None:
+    """The linger gathers messages that keep coming; once the fetcher says a message is the
+    last it sends before it waits for the answers, nothing more can come, and waiting
+    would only delay it (the daemon's one message per poll, the end of every session)."""
+
+    async def go() -> float:
+        store, cfg = await fresh_store(tmp_path)
+        writer = Writer(store, created_by=LOGIN, linger=30.0)
+        send, receive = anyio.create_memory_object_stream[Item](10)
+        env = Envelope(mailbox=cfg, uidl="u1", raw=b"x", parsed=parsed(1))
+        env.last = last
+        answered = 0.0
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer.run, receive)
+            started = time.monotonic()
+            await send.send(env)
+            with anyio.move_on_after(5):
+                await env.done.wait()
+                answered = time.monotonic() - started
+            await send.aclose()
+        await store.close()
+        return answered
+
+    answered = anyio.run(go)
+    if last:
+        assert 0 < answered < 5
+    else:  # still inside the 30 s linger when the test gave up at 5 s
+        assert answered == 0.0
+
+
+def test_timestamps_are_the_current_second_in_utc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``now`` formats each second once (it is asked several times per message); what it
+    returns must still be the clock's second, also across a change of second or day."""
+    from datetime import UTC, datetime
+
+    from engine.store import sqlite as store_module
+
+    for second in (1_795_000_000, 1_795_000_000, 1_795_000_001, 1_795_046_399, 1_795_046_400):
+        monkeypatch.setattr(store_module.time, "time", lambda s=second: s + 0.999)
+        want = datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds")
+        assert store_module.now() == want
+    monkeypatch.undo()
+    before = datetime.now(UTC).isoformat(timespec="seconds")
+    got = store_module.now()
+    assert got in (before, datetime.now(UTC).isoformat(timespec="seconds"))

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,8 +36,17 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+_second: tuple[int, str] = (0, "")
+
+
 def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    """The current UTC time to the second, ISO 8601. Formatted once per second: a busy
+    transaction asks several times per message."""
+    global _second
+    second = int(time.time())
+    if second != _second[0]:
+        _second = (second, datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds"))
+    return _second[1]
 
 
 @dataclass(frozen=True)
