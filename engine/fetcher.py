@@ -72,6 +72,41 @@ class ByteBudget:
         freed.set()
 
 
+class Parsers:
+    """The worker processes that parse windows of messages, shared by every session.
+
+    A process takes ~0.2 s to start: the engine starts them once, in the background, while it
+    logs in and the first sessions connect. Until they are up, and whenever all are busy
+    (many busy mailboxes), windows are parsed in threads.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.limiter = anyio.CapacityLimiter(count)
+        self.ready = anyio.Event()
+
+    async def start(self) -> None:
+        """Start every process (an empty window each), then let the sessions use them."""
+
+        async def one() -> None:
+            limiter = self.limiter
+            await anyio.to_process.run_sync(parse_many, [], 0, cancellable=True, limiter=limiter)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(int(self.limiter.total_tokens)):
+                    tg.start_soon(one)
+        except BaseExceptionGroup as group:
+            broken, other = group.split(BrokenWorkerProcess)
+            if other is not None or broken is None:
+                raise sole(group) from None
+            cause = broken.exceptions[0]
+            log.warning(
+                "no parsing process could start (%s): parsing in threads", cause.__cause__ or cause
+            )
+            return
+        self.ready.set()
+
+
 @dataclass(frozen=True)
 class FetchOptions:
     limiter: anyio.CapacityLimiter | None = None
@@ -86,9 +121,9 @@ class FetchOptions:
     # Shared by every fetcher: bytes of messages between RETR and their acknowledgement.
     budget: ByteBudget | None = None
     # Worker processes for parsing, shared by every fetcher (None: parse in threads). Worth
-    # their start-up (~0.1 s) only for sessions with many messages, and only for windows of
-    # small ones: a large message is parsed in a thread rather than copied to a process.
-    processes: anyio.CapacityLimiter | None = None
+    # the trip only for sessions with many messages, and only for windows of small ones: a
+    # large message is parsed in a thread rather than copied to a process.
+    processes: Parsers | None = None
     process_threshold: int = 64
     process_message_bytes: int = 1024 * 1024
 
@@ -208,14 +243,10 @@ async def run_session(
         todo = [m for m in listing if m.uidl is None or m.uidl not in query.known]
         window = opts.window if session.pipelining else 1
         # Parsing apart: while worker processes parse the last windows, the next is fetched.
-        apart = opts.processes is not None and len(todo) >= opts.process_threshold
-        depth = int(opts.processes.total_tokens) if apart and opts.processes else 0
+        parsers = opts.processes if len(todo) >= opts.process_threshold else None
+        depth = int(parsers.limiter.total_tokens) if parsers is not None else 0
         try:
             async with anyio.create_task_group() as tg:
-                # Worker processes take ~0.2 s to start: meanwhile windows parse in threads.
-                ready_apart = anyio.Event()
-                if apart:
-                    tg.start_soon(_start_processes, cfg, opts, ready_apart)
                 while todo:
                     if opts.stop is not None and opts.stop.is_set():
                         log.info("mailbox=%s stopping: the rest stays on the server", cfg.name)
@@ -244,14 +275,14 @@ async def run_session(
                     # per process may wait its turn (while it waits, the next is fetched).
                     # With more waiting (many busy mailboxes) a thread parses it instead.
                     if (
-                        ready_apart.is_set()
-                        and opts.processes is not None
-                        and opts.processes.statistics().tasks_waiting
-                        < opts.processes.available_tokens + opts.processes.total_tokens
+                        parsers is not None
+                        and parsers.ready.is_set()
+                        and parsers.limiter.statistics().tasks_waiting
+                        < parsers.limiter.available_tokens + parsers.limiter.total_tokens
                         and all(m.size <= opts.process_message_bytes for m in w.listed)
                     ):
                         raws = await thread(retr_window, session, cfg, w.listed, opts.debug_dir)
-                        tg.start_soon(_parse_apart, cfg, w, raws, opts, thread)
+                        tg.start_soon(_parse_apart, cfg, w, raws, parsers, thread)
                     else:
                         w.envelopes = await thread(
                             fetch_window, session, cfg, w.listed, opts.debug_dir
@@ -263,7 +294,6 @@ async def run_session(
                 while inflight:
                     await deliver(inflight[0])
                     inflight.popleft()
-                tg.cancel_scope.cancel()  # processes still starting: not needed any more
         except BaseExceptionGroup as group:
             raise sole(group) from None
         if pending:
@@ -319,38 +349,11 @@ def fetch_window(
     return [make_envelope(cfg, m.uidl, raw) for m, raw in zip(listed, raws, strict=True)]
 
 
-async def _start_processes(cfg: MailboxConfig, opts: FetchOptions, ready: anyio.Event) -> None:
-    """Start the parsing processes (an empty window each), then let the session use them."""
-    assert opts.processes is not None
-
-    async def start() -> None:
-        await anyio.to_process.run_sync(
-            parse_many, [], cfg.max_message_bytes, cancellable=True, limiter=opts.processes
-        )
-
-    try:
-        async with anyio.create_task_group() as tg:
-            for _ in range(int(opts.processes.total_tokens)):
-                tg.start_soon(start)
-    except BaseExceptionGroup as group:
-        broken, other = group.split(BrokenWorkerProcess)
-        if other is not None or broken is None:
-            raise sole(group) from None
-        cause = broken.exceptions[0]
-        log.warning(
-            "mailbox=%s no parsing process could start (%s): parsing in threads",
-            cfg.name,
-            cause.__cause__ or cause,
-        )
-        return
-    ready.set()
-
-
 async def _parse_apart(
     cfg: MailboxConfig,
     w: _Window,
     raws: list[bytes],
-    opts: FetchOptions,
+    parsers: Parsers,
     thread: Callable[..., Awaitable[Any]],
 ) -> None:
     """Parse a fetched window in a worker process, then mark it parsed.
@@ -362,7 +365,7 @@ async def _parse_apart(
     """
     try:
         results = await anyio.to_process.run_sync(
-            parse_many, raws, cfg.max_message_bytes, cancellable=True, limiter=opts.processes
+            parse_many, raws, cfg.max_message_bytes, cancellable=True, limiter=parsers.limiter
         )
     except BrokenWorkerProcess as exc:
         log.warning(

@@ -28,6 +28,7 @@ from engine.errors import EngineError, ProtocolError, StoreError
 from engine.fetcher import (
     ByteBudget,
     FetchOptions,
+    Parsers,
     SessionResult,
     make_envelope,
     run_session,
@@ -116,9 +117,7 @@ class Engine:
         self.limiter = anyio.CapacityLimiter(settings.max_threads)
         self.sessions = anyio.Semaphore(settings.max_sessions)
         self.budget = ByteBudget(settings.max_inflight_bytes)
-        self.processes = (
-            anyio.CapacityLimiter(settings.parse_processes) if settings.parse_processes else None
-        )
+        self.processes = Parsers(settings.parse_processes) if settings.parse_processes else None
         self.totals: dict[str, SessionResult] = {}
         # Set by a signal: loops finish their current session, then everything drains.
         self.stop = anyio.Event()
@@ -152,9 +151,13 @@ class Engine:
         outcomes: list[MailboxOutcome] = []
 
         async def body(send: MemoryObjectSendStream[Item]) -> None:
-            async with anyio.create_task_group() as fetchers:
-                for src in sources:
-                    fetchers.start_soon(self._collect, src, send.clone(), outcomes)
+            async with anyio.create_task_group() as tg:
+                if self.processes is not None:
+                    tg.start_soon(self.processes.start)
+                async with anyio.create_task_group() as fetchers:
+                    for src in sources:
+                        fetchers.start_soon(self._collect, src, send.clone(), outcomes)
+                tg.cancel_scope.cancel()  # processes still starting: not needed any more
 
         await self._with_writer(body)
         return outcomes
@@ -180,6 +183,8 @@ class Engine:
         async def body(send: MemoryObjectSendStream[Item]) -> None:
             loops: dict[str, _Loop] = {}
             async with anyio.create_task_group() as tg:
+                if self.processes is not None:
+                    tg.start_soon(self.processes.start)
                 while not stop.is_set():
                     current = {
                         src.name: src

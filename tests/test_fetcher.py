@@ -338,3 +338,32 @@ def test_only_the_session_s_final_message_is_marked_last(
     assert once(data, cfg) == 0
     assert len(seen) == 100
     assert [s for s, last in seen if last] == ["Last 99"]
+
+
+def test_parsing_processes_start_with_the_engine_not_after_the_listing(
+    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process takes ~0.2 s to start. Started as the engine starts, it comes up while the
+    engine logs in and the server opens the mailbox (Dovecot indexes a fresh one of 2,000
+    messages in ~85 ms), instead of after the listing, with the first windows already being
+    parsed in threads."""
+    raws = [message(f"Early {i}") for i in range(70)]
+    data, cfg = mailbox_of(tmp_path, dovecot, pop3_user, raws)
+    order: list[str] = []
+    real_run: Callable[..., Any] = anyio.to_process.run_sync
+
+    async def run_sync(func: Callable[..., Any], raws: list[bytes], *a: Any, **kw: Any) -> Any:
+        order.append("window" if raws else "start")
+        return await real_run(func, raws, *a, **kw)
+
+    real_open = Pop3Session.open
+
+    def open_(self: Pop3Session) -> None:
+        order.append("connect")
+        real_open(self)
+
+    monkeypatch.setattr(anyio.to_process, "run_sync", run_sync)
+    monkeypatch.setattr(Pop3Session, "open", open_)
+    assert once(data, cfg) == 0
+    assert len(requests(data)) == 70
+    assert order[:2] == ["start", "connect"], order
