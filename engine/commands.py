@@ -97,6 +97,7 @@ async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[i
                     else args.parse_processes
                 ),
                 poll_interval=getattr(args, "poll_interval", 60.0),
+                metrics=bool(getattr(args, "http_port", 0)),
             )
             return await body(Engine(store, settings))
         finally:
@@ -136,6 +137,7 @@ async def _serving(
 
         tg.start_soon(signals)
         if args.http_port:
+            assert engine.metrics is not None  # built whenever there is a port (_engine)
             await tg.start(
                 serve_http, args.http_host, args.http_port, engine.health, engine.metrics
             )

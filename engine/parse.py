@@ -53,10 +53,7 @@ from email.message import Message
 from typing import Final, NamedTuple
 
 import nh3
-from inscriptis import get_text as _inscriptis_get_text  # type: ignore[import-untyped, unused-ignore]
-from inscriptis.model.config import ParserConfig  # type: ignore[import-untyped, unused-ignore]
 from lxml import etree
-from tnefparse.tnef import TNEF  # type: ignore[import-untyped, unused-ignore]
 
 from engine.errors import LimitExceeded, MessageError, ParseError
 from engine.model import Attachment, ParsedMessage
@@ -1075,7 +1072,12 @@ def _html_text(markup: str) -> str:
             return _TextCanvas().render(markup)
         except Exception:  # _Unrenderable, or anything odd: inscriptis decides, as ever
             pass
-    return str(_inscriptis_get_text(markup, ParserConfig(display_links=True)))
+    # Imported on first use, like tnefparse: only tables and odd markup need it, and every
+    # start (the parsing processes' too) would pay ~9 ms for it.
+    from inscriptis import get_text  # type: ignore[import-untyped, unused-ignore]
+    from inscriptis.model.config import ParserConfig  # type: ignore[import-untyped, unused-ignore]
+
+    return str(get_text(markup, ParserConfig(display_links=True)))
 
 
 # The layout inscriptis gives each element in its default ("relaxed") CSS profile: block,
@@ -1807,6 +1809,8 @@ def _tnef_files(data: bytes, max_files: int) -> tuple[list[tuple[str | None, byt
     """The files inside a winmail.dat and its body text; ([], "") when it cannot be read."""
     if not _tnef_safe(data, 0, _TnefBudget()):
         return [], ""
+    from tnefparse.tnef import TNEF  # type: ignore[import-untyped, unused-ignore]
+
     try:
         tnef = TNEF(data, do_checksum=False)
         files: list[tuple[str | None, bytes]] = []
