@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -308,9 +309,9 @@ def test_attachment_files_are_on_disk_before_the_commit_that_cites_them(
     real_write, real_sync = FileStore.write, FileStore.sync_folder
     synced: list[Path] = []
 
-    def slow_write(self: FileStore, digest: str, data: bytes) -> set[Path]:
+    def slow_write(self: FileStore, digest: str, data: bytes) -> None:
         time.sleep(0.05)
-        return real_write(self, digest, data)
+        real_write(self, digest, data)
 
     def sync_folder(self: FileStore, folder: Path) -> None:
         real_sync(self, folder)
@@ -449,3 +450,42 @@ def test_timestamps_are_the_current_second_in_utc(monkeypatch: pytest.MonkeyPatc
     before = datetime.now(UTC).isoformat(timespec="seconds")
     got = store_module.now()
     assert got in (before, datetime.now(UTC).isoformat(timespec="seconds"))
+
+
+def test_a_file_is_durable_under_its_name_when_its_write_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is fsynced before it is renamed into place, then its folder is (and the
+    root, for a new shard folder). A file already there is taken as it is, but its folder is
+    synced again: the transaction that wrote it may have rolled back before syncing it."""
+    import hashlib
+
+    from engine.store.files import FileStore
+
+    files = FileStore(tmp_path / "attachments")
+    calls: list[str] = []
+    real_fsync, real_sync = os.fsync, FileStore.sync_folder
+
+    in_folder = []
+
+    def fsync(fd: int) -> None:
+        if not in_folder:
+            calls.append("fsync file")
+        real_fsync(fd)
+
+    def sync_folder(self: FileStore, folder: Path) -> None:
+        calls.append(f"sync {folder.relative_to(tmp_path)}")
+        in_folder.append(folder)
+        real_sync(self, folder)
+        in_folder.pop()
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(FileStore, "sync_folder", sync_folder)
+    data = b"report"
+    digest = hashlib.sha256(data).hexdigest()
+    files.write(digest, data)
+    first = ["sync attachments", "fsync file", f"sync attachments/{digest[:2]}"]
+    assert calls == first
+    assert files.get(digest) == data
+    files.write(digest, data)
+    assert calls == [*first, f"sync attachments/{digest[:2]}"]

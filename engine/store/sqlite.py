@@ -109,7 +109,6 @@ class _Files:
     unstarted: list[str] = field(default_factory=list)
     writing: int = 0
     written: anyio.Event = field(default_factory=anyio.Event)
-    folders: set[Path] = field(default_factory=set)
     errors: list[OSError] = field(default_factory=list)
 
 
@@ -210,11 +209,9 @@ class SqliteStore:
                 await self.db.executemany(sql, rows)
 
     async def _write_file(self, files: _Files, digest: str, data: bytes) -> None:
-        """Write and fsync one file in a worker thread; never raises (``files`` records)."""
+        """Write one file durably in a worker thread; never raises (``files`` records)."""
         try:
-            files.folders |= await anyio.to_thread.run_sync(
-                self.files.write, digest, data, limiter=self._io
-            )
+            await anyio.to_thread.run_sync(self.files.write, digest, data, limiter=self._io)
         except OSError as exc:
             files.errors.append(exc)
         finally:
@@ -223,8 +220,7 @@ class SqliteStore:
                 files.written.set()
 
     async def _write_files(self, files: _Files) -> None:
-        """Wait for the files' writes (or make them now, side by side), then fsync the
-        folders they went into.
+        """Wait for the files' writes (or make them now, side by side).
 
         One after the other, each file costs two fsyncs (~2 ms each on a busy virtual disk):
         the commit waited ~10 ms per transaction for them. Written while the transaction
@@ -238,17 +234,6 @@ class SqliteStore:
             files.unstarted.clear()
         if files.writing:
             await files.written.wait()
-        if not files.errors:
-
-            async def sync(folder: Path) -> None:
-                try:
-                    await anyio.to_thread.run_sync(self.files.sync_folder, folder, limiter=self._io)
-                except OSError as exc:
-                    files.errors.append(exc)
-
-            async with anyio.create_task_group() as tg:
-                for folder in files.folders:
-                    tg.start_soon(sync, folder)
         if files.errors:
             # The store failing, never the message: nothing of the batch commits.
             error = files.errors[0]
