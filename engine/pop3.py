@@ -251,21 +251,41 @@ class Pop3Session:
 
     @staticmethod
     def _read_message(conn: Any, number: int) -> bytes:
-        """Lines up to ``.CRLF``, exactly as sent but for the dot-stuffing."""
-        # One growing buffer, not a list of lines: a 20 MB message has ~300,000 lines, and
-        # a bytes object per line would cost more than the message itself.
-        buf = bytearray()
-        readline = conn.file.readline
+        """The answer's lines up to ``.CRLF``, exactly as sent but for the dot-stuffing.
+
+        Read in the reader's buffered chunks, not line by line (a 10 KiB message is ~150
+        lines: reading them one by one was most of the session thread's time), and only up
+        to the terminator: what follows is the next pipelined answer. A line is a run of
+        bytes ending in LF, as for readline: a bare-LF ``.`` line is content, not the end.
+        """
+        reader = conn.file
+        raw = bytearray()
+        run = 0  # bytes since the last LF: the line still open, bounded by MAX_LINE
         while True:
-            line = readline(MAX_LINE + 1)
-            if not line:
+            chunk = reader.peek(65536)
+            if not chunk:
                 raise ProtocolError(f"the connection closed during RETR {number}")
-            if len(line) > MAX_LINE:
-                raise ProtocolError(f"a line of message {number} exceeds {MAX_LINE} bytes")
-            if line == b".\r\n":
+            before = len(raw)
+            raw += chunk
+            if before < 3 and raw.startswith(b".\r\n"):
+                end, keep = 3, 0  # an empty message
+            else:
+                at = raw.find(b"\n.\r\n", max(0, before - 3))
+                end, keep = (at + 4, at + 1) if at >= 0 else (-1, -1)
+            if end >= 0:
+                reader.read(end - before)  # consume up to the terminator, no further
+                del raw[keep:]
                 break
-            buf += line[1:] if line.startswith(b"..") else line
-        return bytes(buf)
+            reader.read(len(chunk))
+            newline = chunk.rfind(b"\n")
+            run = run + len(chunk) if newline < 0 else len(chunk) - newline - 1
+            if run > MAX_LINE:
+                raise ProtocolError(f"a line of message {number} exceeds {MAX_LINE} bytes")
+        if raw.startswith(b".."):
+            del raw[0]
+        data = bytes(raw)
+        raw.clear()  # two copies of a 20 MB message at most, never three
+        return data.replace(b"\n..", b"\n.") if b"\n.." in data else data
 
     def dele(self, number: int) -> None:
         self.dele_many([number])

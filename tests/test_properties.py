@@ -3,8 +3,11 @@ ignored auto-reply or a failure event, committed with its ledger row; never an e
 
 from __future__ import annotations
 
+import io
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import anyio
 from hypothesis import HealthCheck, given, settings
@@ -12,7 +15,9 @@ from hypothesis import strategies as st
 from support import DIRECTORY, LOGIN, mailbox_xml
 
 from engine.config import load_mailbox
+from engine.errors import ProtocolError
 from engine.fetcher import make_envelope
+from engine.pop3 import Pop3Session
 from engine.store import open_store
 from engine.writer import Envelope, Writer
 
@@ -97,3 +102,58 @@ def test_any_message_ends_in_a_committed_outcome(tmp_path: Path, raws: list[byte
             "activity",
             "ignored: auto-reply",
         ) or env.outcome.startswith(("failed: ", "refused: ")), env.outcome
+
+
+def _read_by_lines(reader: io.BufferedReader) -> bytes:
+    """The reference: RFC 1939's reading of a multi-line answer, one line at a time."""
+    out = bytearray()
+    while True:
+        line = reader.readline()
+        if not line:
+            raise ProtocolError("closed")
+        if line == b".\r\n":
+            return bytes(out)
+        out += line[1:] if line.startswith(b"..") else line
+
+
+_PIECES = st.sampled_from(
+    [b"\r\n", b"\n", b".", b"..", b".\r\n", b"\n.\r\n", b"\r\n.\r", b"x", b"Subject: y", b"\r"]
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    body=st.lists(_PIECES, max_size=30).map(b"".join),
+    following=st.binary(max_size=20),
+    buffer=st.integers(min_value=1, max_value=64),
+)
+def test_retr_reading_in_chunks_equals_reading_line_by_line(
+    body: bytes, following: bytes, buffer: int
+) -> None:
+    """Whatever the content and wherever the reader's chunks end: the same message, the
+    same error, and the next pipelined answer left unread, as line by line."""
+    wire = body.replace(b"\n.", b"\n..")  # dot-stuffed as a server sends it
+    if wire.startswith(b"."):
+        wire = b"." + wire
+    if not wire.endswith(b"\n"):
+        wire += b"\r\n"
+    answer = wire + b".\r\n" + following
+
+    def run(read: Callable[[io.BufferedReader], bytes]) -> tuple[bytes | str, bytes]:
+        reader = io.BufferedReader(io.BytesIO(answer), buffer_size=buffer)
+        try:
+            got: bytes | str = read(reader)
+        except ProtocolError:
+            got = "error"
+        return got, reader.read()
+
+    conn = SimpleNamespace()
+
+    def chunked(reader: io.BufferedReader) -> bytes:
+        conn.file = reader
+        return Pop3Session._read_message(conn, 1)
+
+    assert run(chunked) == run(_read_by_lines)
+    # And a truncated answer is an error both ways, never a short message.
+    answer = answer[: len(wire) + 2]
+    assert run(chunked)[0] == run(_read_by_lines)[0] == "error"
