@@ -85,7 +85,7 @@ FULL = Sizes(
     big_bytes=15_000_000,  # 15 MB base64-encoded: a 20 MB message
     latency=200,
     latency_gap=0.05,
-    rounds=3,
+    rounds=5,
 )
 QUICK = Sizes(
     single=200,
