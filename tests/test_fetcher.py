@@ -57,16 +57,22 @@ def mix(count: int, tag: str) -> list[bytes]:
 
 
 def mailbox_of(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], raws: list[bytes]
+    tmp_path: Path,
+    dovecot: Any,
+    pop3_user: tuple[str, str],
+    raws: list[bytes],
+    **elements: str,
 ) -> tuple[Path, Path]:
-    """A data dir with the directory imported, and a mailbox file for ``pop3_user``, whose
-    mailbox now holds ``raws``: (data dir, mailbox file)."""
+    """A data dir with the directory imported, and a mailbox file for ``pop3_user`` (with
+    ``elements``), whose mailbox now holds ``raws``: (data dir, mailbox file)."""
     data = tmp_path / "data"
     import_directory(data, tmp_path)
     user, password = pop3_user
     for raw in raws:
         dovecot.deliver(user, raw)
-    cfg = mailbox_xml(tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=password)
+    cfg = mailbox_xml(
+        tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=password, **elements
+    )
     return data, cfg
 
 
@@ -149,15 +155,7 @@ def test_a_window_parsed_apart_keeps_each_message_s_exact_bytes(
     double what crosses the pipe); the session puts them back, so the raw .eml attached to
     each request is still exactly the message as received."""
     raws = [message(f"Exact {i}", body=f"Body {i}\n" * (i + 1)) for i in range(100)]
-    data, _ = mailbox_of(tmp_path, dovecot, pop3_user, raws)
-    user, password = pop3_user
-    cfg = mailbox_xml(
-        tmp_path / "raw.xml",
-        port=dovecot.pop3_port,
-        user=user,
-        password=password,
-        includeRawMessageAsAttachment="true",
-    )
+    data, cfg = mailbox_of(tmp_path, dovecot, pop3_user, raws, includeRawMessageAsAttachment="true")
     shares = spy_processes(monkeypatch)
     slow_retr(monkeypatch, 0.5)
     assert once(data, cfg) == 0
