@@ -1,10 +1,8 @@
 """``python -m engine`` is the ``mailintegration`` command."""
 
-import sys
-
 # Guarded, import included: a parsing worker process (anyio.to_process) runs this file as
 # __mp_main__, and needs neither the command line nor what it imports.
 if __name__ == "__main__":
-    from engine.cli import main
+    from engine.cli import run
 
-    sys.exit(main())
+    run()

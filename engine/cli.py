@@ -20,7 +20,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 
@@ -178,6 +178,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def run() -> NoReturn:
+    """The command: :func:`main`, then exit without the interpreter's teardown.
+
+    Once the store is closed and the output flushed, freeing every module the engine
+    imported is work for nothing: ~45 ms at each exit here, against ~10 ms for a bare
+    interpreter, paid by every cron start. Not for in-process callers (tests): use ``main``.
+    """
+    code = main()
+    logging.shutdown()  # what atexit would have done for the log handlers
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # a closed pipe: as Python's own exit would say
+            code = code or 120
+    os._exit(code)
 
 
 async def _dispatch(args: argparse.Namespace) -> int:
