@@ -3,32 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.to_thread
 
 from engine import logs
 from engine.cli import open_for_reading, print_json
-from engine.config import load_mailbox, secret_values
 from engine.errors import AuthenticationFailed, ConfigError, EngineError, FetchError
-from engine.ops import bound_large_allocations, serve_http
-from engine.pop3 import Pop3Session
-from engine.store import SqliteStore, open_store
-from engine.supervisor import (
-    DataDirLock,
-    Engine,
-    EngineSettings,
-    MailboxOutcome,
-    MailboxSource,
-    default_parse_processes,
-    discover,
-)
+from engine.store import DataDirLock, SqliteStore, open_store
+
+if TYPE_CHECKING:
+    from engine.supervisor import Engine, MailboxOutcome, MailboxSource
+
+# The pipeline (supervisor, fetcher, parser, writer, config) is imported while the login is
+# checked: scrypt takes ~50 ms in a thread without the GIL, the imports ~50 ms with it.
+_PIPELINE = ("engine.supervisor", "engine.ops", "engine.pop3")
 
 log = logging.getLogger("engine.cli")
 
@@ -48,12 +45,22 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 async def _login(store: SqliteStore, args: argparse.Namespace) -> str:
+    """Check the login; meanwhile import the pipeline (see _PIPELINE), in a thread."""
     if not args.login or not args.password:
         raise AuthenticationFailed(
             "a login is required: --login and --password, MAILINTEGRATION_LOGIN and "
             "MAILINTEGRATION_PASSWORD, or /Login: and /Password:"
         )
-    if not await store.check_login(args.login, args.password):
+    ok: list[bool] = []
+
+    async def check() -> None:
+        ok.append(await store.check_login(args.login, args.password))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(check)
+        for name in _PIPELINE:
+            await anyio.to_thread.run_sync(importlib.import_module, name)
+    if not ok[0]:
         raise AuthenticationFailed(
             f"the login {args.login!r} failed: no such user in the store, or a wrong password"
         )
@@ -61,6 +68,8 @@ async def _login(store: SqliteStore, args: argparse.Namespace) -> str:
 
 
 def _sources(args: argparse.Namespace) -> list[MailboxSource]:
+    from engine.supervisor import MailboxSource, discover
+
     if args.config is not None:
         return [MailboxSource(args.config.stem, args.config)]
     if not args.config_dir.is_dir():
@@ -71,7 +80,6 @@ def _sources(args: argparse.Namespace) -> list[MailboxSource]:
 async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[int]]) -> int:
     """Lock the data directory, open the store, log in, build the engine, run ``body``."""
     _setup_logging(args)
-    bound_large_allocations()
     dry_run = getattr(args, "dry_run", False)
     lock = DataDirLock(args.data_dir)
     lock.acquire()
@@ -79,6 +87,10 @@ async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[i
         store = await open_store(args.data_dir, sweep=not dry_run)
         try:
             created_by = await _login(store, args)
+            from engine.ops import bound_large_allocations
+            from engine.supervisor import Engine, EngineSettings, default_parse_processes
+
+            bound_large_allocations()
             debug_dir = None
             if args.debug:
                 debug_dir = args.log_file.parent if args.log_file else args.data_dir / "logs"
@@ -137,6 +149,8 @@ async def _serving(
 
         tg.start_soon(signals)
         if args.http_port:
+            from engine.ops import serve_http
+
             assert engine.metrics is not None  # built whenever there is a port (_engine)
             await tg.start(
                 serve_http, args.http_host, args.http_port, engine.health, engine.metrics
@@ -171,6 +185,8 @@ async def cmd_ingest(args: argparse.Namespace) -> int:
             raise ConfigError(f"{f} is not a readable file")
 
     async def body(engine: Engine) -> int:
+        from engine.supervisor import MailboxSource
+
         results = await engine.ingest(MailboxSource(args.config.stem, args.config), args.files)
         failed = 0
         for path, env in results:
@@ -225,6 +241,9 @@ def _outcome_line(o: MailboxOutcome) -> str:
 
 
 async def cmd_check(args: argparse.Namespace) -> int:
+    from engine.config import load_mailbox, secret_values
+    from engine.pop3 import Pop3Session
+
     logs.configure(level=logging.WARNING)
     try:
         cfg = await anyio.to_thread.run_sync(load_mailbox, args.config)

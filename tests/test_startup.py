@@ -291,3 +291,36 @@ def test_the_command_exits_without_the_interpreter_s_teardown_and_loses_no_outpu
     )
     assert refused.returncode == 2 and "the login" in refused.stderr
     assert "teardown ran" not in refused.stderr
+
+
+def test_the_pipeline_is_imported_while_the_login_is_checked(tmp_path: Path) -> None:
+    """scrypt checks the login in a thread without the GIL (~50 ms); the supervisor,
+    fetcher, parser and writer (~50 ms of imports) load meanwhile, not before it."""
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    empty = tmp_path / "mailboxes.d"
+    empty.mkdir()
+    args = ["once", "--config-dir", str(empty), "--data-dir", str(data)]
+    script = (
+        "import sys, time\n"
+        "import engine.store.sqlite as store\n"
+        "real, seen = store.verify_password, []\n"
+        "def loaded():  # a module is in sys.modules from the start of its import\n"
+        "    return hasattr(sys.modules.get('engine.supervisor'), 'Engine')\n"
+        "def verify(password, stored):\n"
+        "    seen.append(loaded())\n"
+        "    time.sleep(0.5)\n"
+        "    seen.append(loaded())\n"
+        "    return real(password, stored)\n"
+        "store.verify_password = verify\n"
+        "from engine.cli import main\n"
+        f"code = main({[*args, '--login', LOGIN, '--password', LOGIN_PASSWORD]!r})\n"
+        f"wrong = main({[*args, '--login', LOGIN, '--password', 'wrong']!r})\n"
+        "print(code, wrong, seen)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    # Before the check: not imported; by its end: imported. A wrong password still fails.
+    assert done.stdout.split("\n")[-2] == "0 2 [False, True, True, True]"

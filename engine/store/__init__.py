@@ -4,6 +4,7 @@ The writer talks to it through :class:`SqliteStore`; a PostgreSQL store for seve
 will implement the same methods.
 """
 
+from engine.store.lock import DataDirLock
 from engine.store.sqlite import (
     CLOSED_STATUSES,
     RequestRef,
@@ -19,6 +20,7 @@ Store = SqliteStore
 
 __all__ = [
     "CLOSED_STATUSES",
+    "DataDirLock",
     "RequestRef",
     "SqliteStore",
     "Store",
