@@ -30,6 +30,11 @@ _PIPELINE = ("engine.supervisor", "engine.ops", "engine.pop3")
 log = logging.getLogger("engine.cli")
 
 
+def _import_pipeline() -> None:
+    for name in _PIPELINE:
+        importlib.import_module(name)
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
     log_file: Path | None = getattr(args, "log_file", None)
     if log_file is not None and not log_file.parent.is_dir():
@@ -58,8 +63,7 @@ async def _login(store: SqliteStore, args: argparse.Namespace) -> str:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(check)
-        for name in _PIPELINE:
-            await anyio.to_thread.run_sync(importlib.import_module, name)
+        await anyio.to_thread.run_sync(_import_pipeline)
     if not ok[0]:
         raise AuthenticationFailed(
             f"the login {args.login!r} failed: no such user in the store, or a wrong password"

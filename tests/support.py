@@ -133,6 +133,26 @@ def import_directory(data_dir: Path, tmp: Path, directory: dict[str, Any] | None
     assert code == 0
 
 
+def mailbox_of(
+    tmp_path: Path,
+    dovecot: Any,
+    pop3_user: tuple[str, str],
+    raws: list[bytes],
+    **elements: str,
+) -> tuple[Path, Path]:
+    """A data dir with the directory imported, and a mailbox file for ``pop3_user`` (with
+    ``elements``), whose mailbox now holds ``raws``: (data dir, mailbox file)."""
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    user, password = pop3_user
+    for raw in raws:
+        dovecot.deliver(user, raw)
+    cfg = mailbox_xml(
+        tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=password, **elements
+    )
+    return data, cfg
+
+
 def once(data_dir: Path, config: Path, *extra: str | Path) -> int:
     flag = "--config-dir" if config.is_dir() else "--config"
     code, _ = cli(

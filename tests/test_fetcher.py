@@ -15,7 +15,15 @@ import anyio.to_process
 import pytest
 from anyio import BrokenWorkerProcess
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from support import attachment_bytes, import_directory, mailbox_xml, message, once, requests
+from support import (
+    attachment_bytes,
+    import_directory,
+    mailbox_of,
+    mailbox_xml,
+    message,
+    once,
+    requests,
+)
 
 from engine import fetcher
 from engine.pop3 import Pop3Session
@@ -54,26 +62,6 @@ def mix(count: int, tag: str) -> list[bytes]:
     big = (("big.bin", "application/pdf", b"%" * 1_500_000),)
     out.insert(0, message(f"{tag} huge", attachments=big))  # in the first window: a thread
     return out
-
-
-def mailbox_of(
-    tmp_path: Path,
-    dovecot: Any,
-    pop3_user: tuple[str, str],
-    raws: list[bytes],
-    **elements: str,
-) -> tuple[Path, Path]:
-    """A data dir with the directory imported, and a mailbox file for ``pop3_user`` (with
-    ``elements``), whose mailbox now holds ``raws``: (data dir, mailbox file)."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
-    user, password = pop3_user
-    for raw in raws:
-        dovecot.deliver(user, raw)
-    cfg = mailbox_xml(
-        tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=password, **elements
-    )
-    return data, cfg
 
 
 def slow_retr(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:

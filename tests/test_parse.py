@@ -913,13 +913,18 @@ def raw_message(draw: st.DrawFn) -> bytes:
 SMALL = ParseLimits(max_depth=6, max_parts=40, max_header_bytes=4096, max_addresses=20)
 
 
-@settings(
-    max_examples=200,
-    deadline=timedelta(seconds=2),
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+def raw_fuzz(examples: int) -> settings:
+    """Settings for properties over generated raw messages: repeatable, large inputs allowed."""
+    return settings(
+        max_examples=examples,
+        deadline=timedelta(seconds=2),
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+@raw_fuzz(200)
 @given(raw=raw_message(), small=st.booleans())
 def test_property_any_input_parses_or_raises_message_error(raw: bytes, small: bool) -> None:
     try:
@@ -1077,13 +1082,7 @@ def test_irregular_mime_shapes_are_left_to_the_feed_parser(name: str) -> None:
     assert _split_mime(IRREGULAR_SHAPES[name]) is None
 
 
-@settings(
-    max_examples=300,
-    deadline=timedelta(seconds=2),
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@raw_fuzz(300)
 @given(raw=raw_message())
 def test_property_fast_mime_split_is_the_feed_parsers_tree(raw: bytes) -> None:
     assert_split_like_the_feed_parser(raw)

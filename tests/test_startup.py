@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from lxml import etree
-from support import LOGIN, LOGIN_PASSWORD, import_directory, mailbox_xml, message
+from support import LOGIN, LOGIN_PASSWORD, import_directory, mailbox_of, message
 
 from engine import config
 from engine.errors import ConfigError
@@ -227,12 +227,9 @@ def test_a_run_over_plain_mail_imports_no_metrics_tables_or_tnef(
     """Every start pays for what it imports (~15 ms for prometheus_client, ~9 ms each for
     inscriptis and tnefparse). `once` without an HTTP port has no use for metrics, and only
     tables in HTML and winmail.dat attachments need the other two."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
-    user, password = pop3_user
-    for i in range(3):
-        dovecot.deliver(user, message(f"Plain {i}"))
-    cfg = mailbox_xml(tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=password)
+    raws = [message(f"Plain {i}") for i in range(3)]
+    data, cfg = mailbox_of(tmp_path, dovecot, pop3_user, raws)
+    user = pop3_user[0]
     args = ["once", "--config", str(cfg), "--data-dir", str(data)]
     args += ["--login", LOGIN, "--password", LOGIN_PASSWORD]
     script = (
@@ -257,12 +254,7 @@ def test_the_command_exits_without_the_interpreter_s_teardown_and_loses_no_outpu
     """Freeing every imported module at exit took ~45 ms (10 ms for a bare interpreter):
     the command skips it (atexit handlers never run), after flushing the log, stdout and
     stderr, and keeps its exit code."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
-    user, password = pop3_user
-    for i in range(3):
-        dovecot.deliver(user, message(f"Exit {i}"))
-    cfg = mailbox_xml(tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=password)
+    data, cfg = mailbox_of(tmp_path, dovecot, pop3_user, [message(f"Exit {i}") for i in range(3)])
     log = tmp_path / "engine.log"
 
     def command(*args: str) -> subprocess.CompletedProcess[str]:
