@@ -1,0 +1,46 @@
+"""The benchmark harness itself, in its quick mode: every case runs and every engine case is
+checked exactly once. No timing is asserted (CI machines are shared and noisy)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools.dovecot import find_dovecot
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.dovecot
+def test_quick_benchmark_runs_every_case_and_records_one_table(tmp_path: Path) -> None:
+    if find_dovecot() is None:
+        pytest.skip("dovecot is not installed")
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n", encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = out.read_text(encoding="utf-8")
+    section = text.split("\n## ", 1)[1]
+    assert section.count("- quick") == 1 and "nproc " in section and "Python " in section
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    cases = [row.split(" | ")[0].removeprefix("| ") for row in rows[1:]]
+    assert [c.split(":")[0].split(" (")[0] for c in cases] == [
+        "startup",
+        "1 mailbox x 200",
+        "10 mailboxes x 20",
+        "1 mailbox x 200",
+        "memory",
+        "latency",
+        "crash",
+    ]
+    assert "CHECK FAILED" not in text and "Correctness problems" not in text
+    assert section.count("exactly once:") >= 6
