@@ -1,4 +1,6 @@
-"""Shared fixtures: a real Dovecot for the whole session, and fresh mailboxes on it."""
+"""Shared fixtures: a real Dovecot for the whole session, and fresh mailboxes on it; an
+OAuth2 authorization server and a Dovecot that checks its tokens; a throwaway PostgreSQL
+database per module; headless Chromium."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tools.dovecot import Dovecot, find_dovecot, start_dovecot
+from tools.dovecot import Dovecot, find_dovecot, imap_available, make_certificates, start_dovecot
+from tools.oauthserver import OAuthServer
 
 
 def _ci() -> bool:
@@ -26,6 +29,16 @@ def _require_dovecot() -> None:
         message = "dovecot is not installed (apt-get install dovecot-core dovecot-pop3d)"
         if _ci():
             pytest.fail(f"{message}, and CI is set: Dovecot tests must run in CI")
+        pytest.skip(message)
+
+
+def _require_imap() -> None:
+    """Skip the calling test when dovecot-imapd is absent; fail instead under CI."""
+    _require_dovecot()
+    if not imap_available():
+        message = "dovecot-imapd is not installed (bash scripts/setup.sh installs it)"
+        if _ci():
+            pytest.fail(f"{message}, and CI is set: IMAP tests must run in CI")
         pytest.skip(message)
 
 
@@ -67,6 +80,13 @@ def pop3_user(dovecot: Dovecot) -> tuple[str, str]:
 
 
 @pytest.fixture
+def require_imap() -> None:
+    """Use it (`@pytest.mark.usefixtures("require_imap")`) in tests that need IMAP:
+    skipped without Debian's dovecot-imapd, failed instead under CI."""
+    _require_imap()
+
+
+@pytest.fixture
 def dovecot_dir() -> Iterator[Path]:
     """An empty directory for a Dovecot of the test's own (one it stops or restarts).
 
@@ -76,3 +96,32 @@ def dovecot_dir() -> Iterator[Path]:
     base = _dovecot_base_dir()
     yield base
     shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def oauth_base_dir() -> Iterator[Path]:
+    """The directory of the module's `oauth_dovecot` and of the CA it shares."""
+    base = _dovecot_base_dir()
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def oauth_server(oauth_base_dir: Path) -> Iterator[OAuthServer]:
+    """An OAuth2 authorization server on 127.0.0.1 (tools/oauthserver.py) for the module.
+
+    Its HTTPS listener uses the CA of `oauth_dovecot`, so one CA file verifies both.
+    Tests change its settings (token lifetime, clients): module scope keeps that local.
+    """
+    with OAuthServer(certificates=make_certificates(oauth_base_dir / "tls")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def oauth_dovecot(oauth_server: OAuthServer, oauth_base_dir: Path) -> Iterator[Dovecot]:
+    """A Dovecot (POP3, IMAP) that accepts XOAUTH2 and OAUTHBEARER tokens of `oauth_server`
+    (checked by introspection) beside passwords, with the same test CA."""
+    _require_imap()
+    server = start_dovecot(oauth_base_dir, oauth2_introspection_url=oauth_server.introspection_url)
+    yield server
+    server.stop()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import imaplib
 import json
 import poplib
 import re
+import secrets
 import shutil
 import socket
 import ssl
@@ -12,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +27,7 @@ from tools.dovecot import (
     make_certificates,
     start_dovecot,
 )
+from tools.oauthserver import OAuthServer
 
 pytestmark = pytest.mark.dovecot
 
@@ -399,3 +404,459 @@ def handshake_in_memory(
         if all(done.values()):
             return
     raise AssertionError("handshake did not complete")
+
+
+# --------------------------------------------------------------------------- IMAP
+
+
+def imaps(server: Dovecot, user: tuple[str, str]) -> imaplib.IMAP4_SSL:
+    """An IMAPS client that verifies the test CA, logged in."""
+    context = ssl.create_default_context(cafile=str(server.ca_file))
+    client = imaplib.IMAP4_SSL(server.host, server.imaps_port, ssl_context=context, timeout=10)
+    client.login(*user)
+    return client
+
+
+def response_code(client: imaplib.IMAP4, name: str) -> bytes:
+    """The value of an untagged response code such as UIDVALIDITY, from the last SELECT."""
+    _, data = client.response(name)
+    assert data and data[0] is not None, f"no {name} in the server's answers"
+    value = data[0]
+    assert isinstance(value, bytes)
+    return value
+
+
+@pytest.fixture
+def imap_user(require_imap: None, pop3_user: tuple[str, str]) -> tuple[str, str]:
+    """A fresh mailbox on the session's Dovecot, for IMAP tests (skipped without imapd)."""
+    return pop3_user
+
+
+def test_imaps_select_and_peek_fetch_with_verified_certificate(
+    dovecot: Dovecot, imap_user: tuple[str, str]
+) -> None:
+    raw = message("imap fetch", "first line\r\n.dot line\r\n")
+    dovecot.deliver(imap_user[0], raw)
+    client = imaps(dovecot, imap_user)
+    try:
+        sock = client.socket()
+        assert isinstance(sock, ssl.SSLSocket)
+        assert sock.version() in ("TLSv1.2", "TLSv1.3")
+        assert client.select("INBOX") == ("OK", [b"1"])
+        uidvalidity = int(response_code(client, "UIDVALIDITY"))
+        typ, data = client.uid("FETCH", "1:*", "(UID FLAGS RFC822.SIZE BODY.PEEK[])")
+        assert typ == "OK"
+        envelope, body = data[0]  # type: ignore[misc]
+        assert body == raw
+        assert f"RFC822.SIZE {len(raw)}".encode() in envelope
+    finally:
+        client.logout()
+    assert uidvalidity == dovecot.folder_status(imap_user[0]).uidvalidity
+    # BODY.PEEK[] leaves the message unread: nothing is marked before the engine commits.
+    [stored] = dovecot.list_messages(imap_user[0])
+    assert stored.uid == 1
+    assert "\\Seen" not in stored.flags
+    assert stored.size == len(raw)
+
+
+@pytest.mark.usefixtures("require_imap")
+def test_imaps_certificate_is_checked(dovecot: Dovecot) -> None:
+    with pytest.raises(ssl.SSLCertVerificationError):
+        imaplib.IMAP4_SSL(
+            dovecot.host, dovecot.imaps_port, ssl_context=ssl.create_default_context(), timeout=10
+        )
+
+
+def test_imap_starttls_with_verified_certificate(
+    dovecot: Dovecot, imap_user: tuple[str, str]
+) -> None:
+    client = imaplib.IMAP4(dovecot.host, dovecot.imap_port, timeout=10)
+    try:
+        assert "STARTTLS" in client.capabilities
+        client.starttls(ssl.create_default_context(cafile=str(dovecot.ca_file)))
+        client.login(*imap_user)
+        assert client.select("INBOX")[0] == "OK"
+    finally:
+        client.logout()
+
+
+def test_deliver_into_a_folder_and_fetch_it_over_imap(
+    dovecot: Dovecot, imap_user: tuple[str, str]
+) -> None:
+    user = imap_user[0]
+    raw = message("archived")
+    dovecot.deliver(user, message("inbox"))
+    dovecot.deliver(user, raw, folder="Archive")
+    dovecot.deliver(user, message("nested"), folder="Archive.2026")
+    assert dovecot.folders(user) == ["INBOX", "Archive", "Archive.2026"]
+    assert (dovecot.maildir(user) / ".Archive" / "new").is_dir()
+    assert dovecot.count(user) == 1
+    assert dovecot.messages(user, "Archive") == [raw]
+    client = imaps(dovecot, imap_user)
+    try:
+        typ, listed = client.list()
+        assert typ == "OK"
+        names = {line.rsplit(b" ", 1)[-1].strip(b'"') for line in listed if isinstance(line, bytes)}
+        assert {b"INBOX", b"Archive", b"Archive.2026"} <= names
+        assert client.select("Archive", readonly=True) == ("OK", [b"1"])
+        typ, data = client.uid("FETCH", "1", "(BODY.PEEK[])")
+        assert data[0][1] == raw  # type: ignore[index]
+    finally:
+        client.logout()
+
+
+def test_folder_recreated_with_the_same_mail_gets_a_new_uidvalidity(
+    dovecot: Dovecot, imap_user: tuple[str, str]
+) -> None:
+    user = imap_user[0]
+    raws = [message(f"work {i}") for i in range(3)]
+    dovecot.create_folder(user, "Work")
+    for raw in raws:
+        dovecot.deliver(user, raw, folder="Work")
+    before = dovecot.folder_status(user, "Work")
+    assert (before.messages, before.uidnext) == (3, 4)
+
+    # What a server migration does: the folder goes away and comes back with the same mail.
+    dovecot.rename_folder(user, "Work", "Work-old")
+    dovecot.create_folder(user, "Work")
+    for raw in raws:
+        dovecot.deliver(user, raw, folder="Work")
+    after = dovecot.folder_status(user, "Work")
+    assert after.messages == 3
+    assert after.uidvalidity != before.uidvalidity
+    # The renamed folder kept its UIDVALIDITY (Maildir++: the directory moved).
+    assert dovecot.folder_status(user, "Work-old").uidvalidity == before.uidvalidity
+
+    client = imaps(dovecot, imap_user)
+    try:
+        client.select("Work", readonly=True)
+        assert int(response_code(client, "UIDVALIDITY")) == after.uidvalidity
+    finally:
+        client.logout()
+    dovecot.delete_folder(user, "Work-old")
+    assert dovecot.folders(user) == ["INBOX", "Work"]
+    with pytest.raises(ValueError):
+        dovecot.create_folder(user, "../escape")
+    with pytest.raises(DovecotError):
+        dovecot.create_folder(user, "Work")  # exists
+
+
+def test_set_uidvalidity_of_the_inbox(dovecot: Dovecot, imap_user: tuple[str, str]) -> None:
+    user = imap_user[0]
+    dovecot.deliver(user, message("kept"))
+    old = dovecot.folder_status(user).uidvalidity
+    dovecot.set_uidvalidity(user, "INBOX", old + 1000)
+    assert dovecot.folder_status(user).uidvalidity == old + 1000
+    client = imaps(dovecot, imap_user)
+    try:
+        client.select("INBOX")
+        assert int(response_code(client, "UIDVALIDITY")) == old + 1000
+    finally:
+        client.logout()
+
+
+def test_list_messages_shows_what_disposal_left_on_the_server(
+    dovecot: Dovecot, imap_user: tuple[str, str]
+) -> None:
+    user = imap_user[0]
+    for i in range(4):
+        dovecot.deliver(user, message(f"dispose {i}"))
+    client = imaps(dovecot, imap_user)
+    try:
+        # imaplib keeps the pre-login list: ask again for the extensions offered now.
+        assert {b"UIDPLUS", b"MOVE", b"IDLE"} <= set(client.capability()[1][0].split())  # type: ignore[union-attr]
+        client.select("INBOX")
+        assert client.uid("STORE", "1", "+FLAGS.SILENT", r"(\Deleted)")[0] == "OK"
+        assert client.uid("STORE", "2", "+FLAGS.SILENT", "($MailIntegrationProcessed)")[0] == "OK"
+        assert client.uid("STORE", "3", "+FLAGS.SILENT", r"(\Flagged)")[0] == "OK"
+        marked = {m.uid: m for m in dovecot.list_messages(user)}
+        assert marked[1].deleted
+        assert marked[2].flags == {"$MailIntegrationProcessed"}
+        assert marked[3].flags == {"\\Flagged"}
+        assert not marked[4].flags
+        assert client.uid("EXPUNGE", "1")[0] == "OK"
+        assert client.uid("MOVE", "4", "Processed")[0] == "NO"  # no such folder yet
+        client.create("Processed")
+        assert client.uid("MOVE", "4", "Processed")[0] == "OK"
+    finally:
+        client.logout()
+    assert [m.uid for m in dovecot.list_messages(user)] == [2, 3]
+    [moved] = dovecot.list_messages(user, "Processed")
+    assert moved.uid == 1
+    assert dovecot.messages(user, "Processed") == [message("dispose 3")]
+
+
+@pytest.mark.usefixtures("require_imap")
+def test_imap_ports_are_in_the_state_and_closed_by_stop(own_dovecot: Dovecot) -> None:
+    assert own_dovecot.imap_port and own_dovecot.imaps_port
+    assert len(set(own_dovecot.ports)) == 4
+    attached = Dovecot.from_state(own_dovecot.base)
+    assert (attached.imap_port, attached.imaps_port) == (
+        own_dovecot.imap_port,
+        own_dovecot.imaps_port,
+    )
+    info = own_dovecot.to_json()
+    assert info["imap_port"] == own_dovecot.imap_port
+    own_dovecot.stop()
+    assert all(port_closed(own_dovecot.host, port) for port in own_dovecot.ports)
+
+
+def test_pop3_only_server_when_imap_is_off(dovecot_dir: Path) -> None:
+    server = start_dovecot(dovecot_dir / "pop3only", imap=False)
+    try:
+        assert server.imap_port == server.imaps_port == 0
+        assert "protocols = pop3\n" in server.config_file.read_text()
+        server.add_user("solo", "pw")
+        login(server, ("solo", "pw")).quit()
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------- OAuth2
+
+
+def xoauth2(user: str, token: str) -> bytes:
+    """The XOAUTH2 initial client response (before base64)."""
+    return f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
+
+
+def oauthbearer(user: str, token: str, port: int) -> bytes:
+    """The OAUTHBEARER (RFC 7628) initial client response (before base64)."""
+    return f"n,a={user},\x01host=127.0.0.1\x01port={port}\x01auth=Bearer {token}\x01\x01".encode()
+
+
+REFUSED_CHALLENGE = {
+    "XOAUTH2": {"status": "401", "schemes": "bearer", "scope": "mail"},
+    "OAUTHBEARER": {"status": "invalid_token"},
+}
+
+
+def sasl_response(mechanism: str, user: str, token: str, port: int) -> bytes:
+    return xoauth2(user, token) if mechanism == "XOAUTH2" else oauthbearer(user, token, port)
+
+
+class Line:
+    """A line-oriented client on a raw socket: what a SASL exchange looks like on the wire."""
+
+    def __init__(self, host: str, port: int, context: ssl.SSLContext | None = None) -> None:
+        sock = socket.create_connection((host, port), timeout=10)
+        self.sock: socket.socket = (
+            context.wrap_socket(sock, server_hostname=host) if context else sock
+        )
+        self.buffer = b""
+
+    def send(self, line: bytes) -> None:
+        self.sock.sendall(line + b"\r\n")
+
+    def read(self) -> bytes:
+        while b"\r\n" not in self.buffer:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise AssertionError(f"connection closed after {self.buffer!r}")
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\r\n")
+        return line
+
+    def read_until(self, prefix: bytes, limit: int = 20) -> bytes:
+        for _ in range(limit):
+            line = self.read()
+            if line.startswith(prefix):
+                return line
+        raise AssertionError(f"no line starting with {prefix!r}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def sasl_login(
+    server: Dovecot, protocol: str, mechanism: str, user: str, token: str
+) -> tuple[bool, list[bytes]]:
+    """One SASL login over POP3 or IMAP with an initial response; (accepted, lines read).
+
+    A refusal is answered as RFC 7628 says: the server's error challenge gets an empty
+    line, then the final answer is read.
+    """
+    port = server.pop3_port if protocol == "pop3" else server.imap_port
+    initial = base64.b64encode(sasl_response(mechanism, user, token, port))
+    conn = Line(server.host, port)
+    lines = [conn.read()]
+    try:
+        if protocol == "pop3":
+            conn.send(b"AUTH " + mechanism.encode() + b" " + initial)
+            lines.append(conn.read())
+            if lines[-1].startswith(b"+ "):
+                conn.send(b"")
+                lines.append(conn.read())
+            accepted = lines[-1].startswith(b"+OK")
+            conn.send(b"QUIT")
+        else:
+            conn.send(b"a1 AUTHENTICATE " + mechanism.encode() + b" " + initial)
+            lines.append(conn.read())
+            if lines[-1].startswith(b"+ "):
+                conn.send(b"")
+                lines.append(conn.read_until(b"a1 "))
+            elif not lines[-1].startswith(b"a1 "):
+                lines.append(conn.read_until(b"a1 "))
+            accepted = lines[-1].startswith(b"a1 OK")
+            conn.send(b"a2 LOGOUT")
+    finally:
+        conn.close()
+    return accepted, lines
+
+
+@pytest.fixture
+def oauth_user(oauth_dovecot: Dovecot, oauth_server: OAuthServer) -> tuple[str, str]:
+    """(mailbox, client id): a mailbox on `oauth_dovecot` and an app whose tokens act for it."""
+    name = f"oauth-{uuid.uuid4().hex[:10]}"
+    oauth_dovecot.add_user(name, secrets.token_urlsafe(12))
+    oauth_server.add_client(f"app-{name}", "client-secret", scopes=["mail"], username=name)
+    return name, f"app-{name}"
+
+
+@pytest.mark.parametrize("protocol", ["pop3", "imap"])
+@pytest.mark.parametrize("mechanism", ["XOAUTH2", "OAUTHBEARER"])
+def test_oauth2_good_token_accepted_bad_token_refused(
+    oauth_dovecot: Dovecot,
+    oauth_server: OAuthServer,
+    oauth_user: tuple[str, str],
+    protocol: str,
+    mechanism: str,
+) -> None:
+    user, client_id = oauth_user
+    token = oauth_server.issue_tokens(client_id, user, ["mail"]).access_token
+    accepted, lines = sasl_login(oauth_dovecot, protocol, mechanism, user, token)
+    assert accepted, lines
+    refused, lines = sasl_login(oauth_dovecot, protocol, mechanism, user, "not-a-token")
+    assert not refused
+    # The refused exchange (RFC 7628 3.2.2): an error challenge, an empty reply, a failure.
+    # Dovecot 2.3.19's challenges differ by mechanism, not by cause.
+    challenge = json.loads(base64.b64decode(lines[1].removeprefix(b"+ ")))
+    assert challenge == REFUSED_CHALLENGE[mechanism]
+    if protocol == "pop3":
+        assert lines[2] == b"-ERR [AUTH] Authentication failed."
+    else:
+        assert lines[2] == b"a1 NO [AUTHENTICATIONFAILED] Authentication failed."
+    reasons = [r.reason for r in oauth_server.introspections[-2:]]
+    assert reasons == ["ok", "unknown"]
+
+
+def test_oauth2_login_with_imaplib_over_imaps(
+    oauth_dovecot: Dovecot, oauth_server: OAuthServer, oauth_user: tuple[str, str]
+) -> None:
+    user, client_id = oauth_user
+    raw = message("oauth imap")
+    oauth_dovecot.deliver(user, raw)
+    token = oauth_server.issue_tokens(client_id, user, ["mail"]).access_token
+    # The OAuth server's HTTPS and Dovecot's IMAPS share one CA.
+    assert oauth_server.ca_file == oauth_dovecot.ca_file
+    context = ssl.create_default_context(cafile=str(oauth_dovecot.ca_file))
+    client = imaplib.IMAP4_SSL(
+        oauth_dovecot.host, oauth_dovecot.imaps_port, ssl_context=context, timeout=10
+    )
+    try:
+        assert {"AUTH=XOAUTH2", "AUTH=OAUTHBEARER"} <= set(client.capabilities)
+        typ, _ = client.authenticate("XOAUTH2", lambda _challenge: xoauth2(user, token))
+        assert typ == "OK"
+        client.select("INBOX")
+        assert client.uid("FETCH", "1", "(BODY.PEEK[])")[1][0][1] == raw  # type: ignore[index]
+    finally:
+        client.logout()
+
+
+def test_oauth2_expired_revoked_and_password_logins(
+    oauth_dovecot: Dovecot, oauth_server: OAuthServer, oauth_user: tuple[str, str]
+) -> None:
+    user, client_id = oauth_user
+    lifetime = oauth_server.access_token_lifetime
+    oauth_server.access_token_lifetime = 1
+    try:
+        short = oauth_server.issue_tokens(client_id, user, ["mail"]).access_token
+    finally:
+        oauth_server.access_token_lifetime = lifetime
+    assert sasl_login(oauth_dovecot, "imap", "XOAUTH2", user, short)[0]
+    time.sleep(1.2)
+    assert not sasl_login(oauth_dovecot, "imap", "XOAUTH2", user, short)[0]
+    assert oauth_server.introspections[-1].reason == "expired"
+
+    pair = oauth_server.issue_tokens(client_id, user, ["mail"])
+    assert sasl_login(oauth_dovecot, "pop3", "OAUTHBEARER", user, pair.access_token)[0]
+    assert pair.refresh_token is not None
+    oauth_server.revoke(pair.refresh_token)  # takes its access token with it
+    assert not sasl_login(oauth_dovecot, "pop3", "OAUTHBEARER", user, pair.access_token)[0]
+    assert oauth_server.introspections[-1].reason == "revoked"
+
+    # The password passdb stays for the password tests.
+    password = oauth_dovecot.users()[user]
+    login(oauth_dovecot, (user, password)).quit()
+
+
+def test_oauth2_token_of_another_mailbox_is_refused(
+    oauth_dovecot: Dovecot, oauth_server: OAuthServer, oauth_user: tuple[str, str]
+) -> None:
+    user, client_id = oauth_user
+    token = oauth_server.issue_tokens(client_id, "someone-else", ["mail"]).access_token
+    assert not sasl_login(oauth_dovecot, "imap", "XOAUTH2", user, token)[0]
+
+
+@pytest.mark.parametrize("offered", ["xoauth2", "oauthbearer"])
+@pytest.mark.usefixtures("require_imap")
+def test_server_offering_only_one_oauth2_mechanism(dovecot_dir: Path, offered: str) -> None:
+    with OAuthServer() as oauth:
+        server = start_dovecot(
+            dovecot_dir / offered,
+            oauth2_introspection_url=oauth.introspection_url,
+            oauth2_mechanisms=(offered,),
+        )
+        try:
+            server.add_user("one", "pw")
+            oauth.add_client("app", "secret", scopes=["mail"], username="one")
+            token = oauth.issue_tokens("app", "one", ["mail"]).access_token
+            pop = poplib.POP3(server.host, server.pop3_port, timeout=10)
+            sasl = pop.capa()["SASL"]
+            pop.quit()
+            assert sorted(sasl) == sorted(["PLAIN", "LOGIN", offered.upper()])
+            imap = imaplib.IMAP4(server.host, server.imap_port, timeout=10)
+            auths = {c for c in imap.capabilities if c.startswith("AUTH=")}
+            imap.logout()
+            assert auths == {"AUTH=PLAIN", "AUTH=LOGIN", f"AUTH={offered.upper()}"}
+            other = "OAUTHBEARER" if offered == "xoauth2" else "XOAUTH2"
+            for protocol in ("pop3", "imap"):
+                assert sasl_login(server, protocol, offered.upper(), "one", token)[0]
+                accepted, lines = sasl_login(server, protocol, other, "one", token)
+                assert not accepted
+                assert b"+ " not in lines[1][:2]  # refused at once: mechanism unknown
+        finally:
+            server.stop()
+
+
+@pytest.mark.usefixtures("require_imap")
+def test_token_without_the_required_scope_is_refused(dovecot_dir: Path) -> None:
+    with OAuthServer() as oauth:
+        server = start_dovecot(
+            dovecot_dir / "scoped",
+            oauth2_introspection_url=oauth.introspection_url,
+            oauth2_scope="mail",
+        )
+        try:
+            server.add_user("scoped", "pw")
+            oauth.add_client("app", "secret", scopes=["mail", "calendar"], username="scoped")
+            good = oauth.issue_tokens("app", "scoped", ["mail"]).access_token
+            wrong = oauth.issue_tokens("app", "scoped", ["calendar"]).access_token
+            for mechanism in ("XOAUTH2", "OAUTHBEARER"):
+                assert sasl_login(server, "imap", mechanism, "scoped", good)[0]
+                accepted, lines = sasl_login(server, "imap", mechanism, "scoped", wrong)
+                assert not accepted
+                # The same challenge as for an inactive token: a client cannot tell the
+                # causes apart from Dovecot's answer, only the server's records can.
+                challenge = json.loads(base64.b64decode(lines[1][2:]))
+                assert challenge == REFUSED_CHALLENGE[mechanism]
+                assert oauth.introspections[-1].reason == "ok"  # active, but not for mail
+            assert "Token is not valid for scope 'mail'" in server.log_tail(20)
+        finally:
+            server.stop()
+    # The authorization server can refuse it itself, too.
+    with OAuthServer(introspection_scope="mail") as oauth:
+        oauth.add_client("app", "secret", scopes=["mail", "calendar"], username="x")
+        wrong = oauth.issue_tokens("app", "x", ["calendar"]).access_token
+        assert oauth._introspect(wrong) is None
+        assert oauth.introspections[-1].reason == "insufficient_scope"

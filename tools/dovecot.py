@@ -1,15 +1,31 @@
-"""Run a real Dovecot POP3 server on loopback for tests, demos and benchmarks.
+"""Run a real Dovecot POP3 and IMAP server on loopback for tests, demos and benchmarks.
 
 `start_dovecot` writes a self-contained configuration under one base directory (runtime
 sockets, state, log, TLS material, passwd-files and mail), starts the master without systemd
 and waits until POP3 answers. The returned `Dovecot` handle adds mailboxes, delivers mail
-straight into their Maildirs and stops the server again.
+straight into their Maildirs (INBOX or a folder), manages folders, lists what the server
+holds (UIDs, flags, keywords) and stops the server again.
+
+IMAP and IMAPS listen beside POP3 and POP3S when Debian's dovecot-imapd is installed
+(`imap_port` / `imaps_port`, 0 otherwise). With `oauth2_introspection_url`, the server also
+accepts XOAUTH2 and/or OAUTHBEARER (`oauth2_mechanisms`), checking each token with that
+RFC 7662 introspection endpoint (tools/oauthserver.py); the password logins stay. Folders
+use the Maildir++ layout (`Maildir/.Name`, "." separates levels, as in IMAP here); the
+folder operations and listings go through `doveadm`, so they see what the server sees.
+
+A refused token (Dovecot 2.3.19) is answered with an error challenge, `+ <base64 JSON>`;
+the client sends an empty line and then reads `-ERR [AUTH] Authentication failed.` (POP3)
+or `NO [AUTHENTICATIONFAILED] Authentication failed.` (IMAP). The JSON depends on the
+mechanism, not on the cause: XOAUTH2 gives `{"status":"401","schemes":"bearer",
+"scope":"mail"}` and OAUTHBEARER `{"status":"invalid_token"}`, whether the token was
+inactive (unknown, expired, revoked) or lacked `oauth2_scope`; the cause is in Dovecot's
+log and in the authorization server's records.
 
 Command line, for shell scripts (the state needed by the later commands lives in DIR)::
 
     python -m tools.dovecot start DIR [--max-connections N]   # prints one JSON line
     python -m tools.dovecot add-user DIR NAME PASSWORD
-    python -m tools.dovecot deliver DIR USER FILE             # FILE "-" reads stdin
+    python -m tools.dovecot deliver DIR USER FILE [--folder F] # FILE "-" reads stdin
     python -m tools.dovecot count DIR USER
     python -m tools.dovecot stop DIR
 """
@@ -45,7 +61,10 @@ __all__ = [
     "Dovecot",
     "DovecotError",
     "DovecotNotFoundError",
+    "FolderStatus",
+    "StoredMessage",
     "find_dovecot",
+    "imap_available",
     "make_certificates",
     "start_dovecot",
 ]
@@ -58,6 +77,9 @@ ROOT_MAIL_ID = 5000
 
 STATE_FILE = "state.json"
 DH_PARAMS = Path("/usr/share/dovecot/dh.pem")
+# Debian's dovecot-imapd; without it a master configured for IMAP refuses to start.
+IMAP_BINARY = Path("/usr/lib/dovecot/imap")
+OAUTH2_MECHANISMS = ("xoauth2", "oauthbearer")
 
 # Unix socket paths are limited to 108 bytes and Dovecot puts sockets with names of up to
 # about 25 characters under base_dir: longer base directories move the sockets to /tmp.
@@ -72,6 +94,12 @@ _START_ATTEMPTS = 5
 # passwd-file arguments (%variables); refusing them is simpler than escaping them everywhere.
 _UNSAFE_PATH = re.compile(r"[\s\"'#$%{}\\]")
 _USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+@-]{0,127}$")
+# Folder names: levels separated by "." (Maildir++), no characters that need escaping in a
+# file name or in doveadm's arguments.
+_FOLDER_NAME = re.compile(
+    r"^[A-Za-z0-9$_+@-][A-Za-z0-9 $_+@-]{0,63}(\.[A-Za-z0-9$_+@-][A-Za-z0-9 $_+@-]{0,63}){0,7}$"
+)
+_DOVEADM_TIMEOUT = 30.0
 
 _delivery_counter = itertools.count(1)
 
@@ -82,6 +110,11 @@ class DovecotError(RuntimeError):
 
 class DovecotNotFoundError(DovecotError):
     """The `dovecot` binary is not installed."""
+
+
+def imap_available() -> bool:
+    """Whether Debian's dovecot-imapd is installed (IMAP listeners can be configured)."""
+    return IMAP_BINARY.is_file()
 
 
 def find_dovecot() -> Path | None:
@@ -200,6 +233,31 @@ def _certificates_with_openssl(certs: Certificates, directory: Path) -> None:
 # --------------------------------------------------------------------------- handle
 
 
+@dataclass(frozen=True)
+class StoredMessage:
+    """One message of a folder as the server holds it (from `doveadm fetch`)."""
+
+    uid: int
+    flags: frozenset[str]
+    """System flags (e.g. "\\Seen", "\\Deleted") and keywords (e.g. "$Processed")."""
+    size: int
+    """RFC822.SIZE: octets with CRLF line ends."""
+
+    @property
+    def deleted(self) -> bool:
+        """Whether the message carries \\Deleted (marked, not yet expunged)."""
+        return "\\Deleted" in self.flags
+
+
+@dataclass(frozen=True)
+class FolderStatus:
+    """What IMAP STATUS reports for a folder."""
+
+    messages: int
+    uidvalidity: int
+    uidnext: int
+
+
 @dataclass
 class Dovecot:
     """A running Dovecot started by `start_dovecot` (or re-attached with `from_state`)."""
@@ -212,6 +270,10 @@ class Dovecot:
     mail_uid: int
     mail_gid: int
     run_dir: Path
+    imap_port: int = 0
+    """IMAP (with STARTTLS) port; 0 when dovecot-imapd is not installed."""
+    imaps_port: int = 0
+    """IMAP over implicit TLS; 0 when dovecot-imapd is not installed."""
     # Set when this process started the master in the foreground: stop() then reaps it,
     # which matters where PID 1 does not reap orphans (containers) and zombies pile up.
     _process: subprocess.Popen[bytes] | None = field(
@@ -235,6 +297,8 @@ class Dovecot:
             mail_uid=int(state["mail_uid"]),
             mail_gid=int(state["mail_gid"]),
             run_dir=Path(state["run_dir"]),
+            imap_port=int(state.get("imap_port", 0)),
+            imaps_port=int(state.get("imaps_port", 0)),
         )
 
     # ------------------------------------------------------------------ paths and info
@@ -243,6 +307,17 @@ class Dovecot:
     def users_dir(self) -> Path:
         """Directory of the one-line passwd-files, one per mailbox, named after it."""
         return self.base / "users"
+
+    @property
+    def certificates(self) -> Certificates:
+        """The test CA and the server certificate (share them with tools.oauthserver)."""
+        tls = self.base / "tls"
+        return Certificates(self.ca_file, tls / "server.pem", tls / "server.key")
+
+    @property
+    def ports(self) -> list[int]:
+        """Every listening port (POP3, POP3S, and IMAP, IMAPS when configured)."""
+        return [p for p in (self.pop3_port, self.pop3s_port, self.imap_port, self.imaps_port) if p]
 
     @property
     def log_file(self) -> Path:
@@ -288,6 +363,8 @@ class Dovecot:
             "host": self.host,
             "pop3_port": self.pop3_port,
             "pop3s_port": self.pop3s_port,
+            "imap_port": self.imap_port,
+            "imaps_port": self.imaps_port,
             "ca_file": str(self.ca_file),
             "base": str(self.base),
             "pid": self.pid(),
@@ -386,15 +463,20 @@ class Dovecot:
 
     # ------------------------------------------------------------------ mail
 
-    def deliver(self, user: str, raw: bytes) -> str:
+    def deliver(self, user: str, raw: bytes, folder: str | None = None) -> str:
         """Deliver one message to `user` the way an MDA does and return its file name.
 
-        The bytes are written to Maildir/tmp/ and renamed into new/. The name is unique
+        `folder` None (or "INBOX") is the inbox; another folder is created when missing.
+        The bytes are written to tmp/ and renamed into new/. The name is unique
         forever (time, pid, counter and a random part): Dovecot hides a message whose name
         was used before in the same maildir ("Expunged message reappeared"). Dovecot sends
         stored bare LF line ends as CRLF, so deliver CRLF text to compare bytes exactly.
         """
         maildir = self.maildir(user)
+        if folder is not None and folder.upper() != "INBOX":
+            if folder not in self.folders(user):
+                self.create_folder(user, folder)
+            maildir = self._folder_dir(user, folder)
         now = time.time_ns()
         seconds, micros = divmod(now // 1000, 1_000_000)
         name = (
@@ -409,8 +491,12 @@ class Dovecot:
         os.rename(tmp, maildir / "new" / name)
         return name
 
-    def _message_paths(self, user: str) -> list[Path]:
+    def _message_paths(self, user: str, folder: str | None = None) -> list[Path]:
         maildir = self.maildir(user)
+        if folder is not None and folder.upper() != "INBOX":
+            maildir = self._folder_dir(user, folder)
+            if not maildir.is_dir():
+                raise KeyError(folder)
         paths = [
             entry
             for sub in ("new", "cur")
@@ -421,20 +507,133 @@ class Dovecot:
         # names start with the delivery time (fixed-width seconds, zero-padded µs).
         return sorted(paths, key=lambda p: p.name.split(":", 1)[0])
 
-    def count(self, user: str) -> int:
-        """Number of messages currently in the mailbox (new/ and cur/)."""
-        return len(self._message_paths(user))
+    def count(self, user: str, folder: str | None = None) -> int:
+        """Number of messages currently in the inbox or `folder` (new/ and cur/).
 
-    def messages(self, user: str) -> list[bytes]:
-        """The stored bytes of every message in the mailbox, in delivery order."""
+        A message marked \\Deleted but not yet expunged still counts (see list_messages).
+        """
+        return len(self._message_paths(user, folder))
+
+    def messages(self, user: str, folder: str | None = None) -> list[bytes]:
+        """The stored bytes of every message in the inbox or `folder`, in delivery order."""
         # Dovecot moves files from new/ to cur/ while a POP3 session runs: a file listed
         # a moment ago can vanish, so the listing is retried a bounded number of times.
         for _ in range(20):
             try:
-                return [path.read_bytes() for path in self._message_paths(user)]
+                return [path.read_bytes() for path in self._message_paths(user, folder)]
             except FileNotFoundError:
                 time.sleep(0.01)
         raise DovecotError(f"mailbox {user} kept changing while being read")
+
+    # ------------------------------------------------------------------ folders
+
+    def _folder_dir(self, user: str, folder: str) -> Path:
+        _check_folder_name(folder)
+        return self.maildir(user) / f".{folder}"
+
+    def doveadm(self, *args: str) -> str:
+        """Run `doveadm ARGS` against this server's configuration and return its stdout.
+
+        doveadm does the work itself, with the same mail location, indexes and ownership
+        as the IMAP and POP3 processes (as the mail uid when run as root).
+        """
+        binary = shutil.which("doveadm") or "/usr/bin/doveadm"
+        result = subprocess.run(
+            [binary, "-c", str(self.config_file), *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=_DOVEADM_TIMEOUT,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise DovecotError(
+                f"doveadm {' '.join(args[:2])} failed ({result.returncode}): "
+                f"{result.stderr.decode(errors='replace').strip()}"
+            )
+        return result.stdout.decode("utf-8", "replace")
+
+    def folders(self, user: str) -> list[str]:
+        """Names of the user's folders, INBOX first ("." separates levels)."""
+        self.maildir(user)  # KeyError for an unknown user
+        names = self.doveadm("mailbox", "list", "-u", user).split("\n")
+        found = sorted(n for n in names if n and n != "INBOX")
+        return ["INBOX", *found]
+
+    def create_folder(self, user: str, folder: str) -> None:
+        """Create (and subscribe) a folder; creating one that exists is an error."""
+        self.maildir(user)
+        _check_folder_name(folder)
+        self.doveadm("mailbox", "create", "-s", "-u", user, folder)
+
+    def delete_folder(self, user: str, folder: str) -> None:
+        """Delete a folder and the mail in it (its UIDVALIDITY is gone with it)."""
+        self.maildir(user)
+        _check_folder_name(folder)
+        self.doveadm("mailbox", "delete", "-s", "-r", "-u", user, folder)
+
+    def rename_folder(self, user: str, old: str, new: str) -> None:
+        """Rename a folder (Maildir++: the directory moves, UIDVALIDITY moves with it)."""
+        self.maildir(user)
+        _check_folder_name(old)
+        _check_folder_name(new)
+        self.doveadm("mailbox", "rename", "-s", "-u", user, old, new)
+
+    def set_uidvalidity(self, user: str, folder: str, uidvalidity: int) -> None:
+        """Give a folder (INBOX too) a new UIDVALIDITY, as a server migration would."""
+        self.maildir(user)
+        if folder.upper() != "INBOX":
+            _check_folder_name(folder)
+        self.doveadm("mailbox", "update", "-u", user, "--uid-validity", str(uidvalidity), folder)
+
+    def folder_status(self, user: str, folder: str = "INBOX") -> FolderStatus:
+        """Message count, UIDVALIDITY and UIDNEXT of a folder, as IMAP STATUS reports."""
+        self.maildir(user)
+        if folder.upper() != "INBOX":
+            _check_folder_name(folder)
+        rows = _tab_rows(
+            self.doveadm(
+                "-f", "tab", "mailbox", "status", "-u", user, "messages uidvalidity uidnext", folder
+            )
+        )
+        if len(rows) != 1:
+            raise DovecotError(f"doveadm mailbox status gave {len(rows)} rows for {folder}")
+        fields = rows[0]
+        return FolderStatus(
+            messages=int(fields["messages"]),
+            uidvalidity=int(fields["uidvalidity"]),
+            uidnext=int(fields["uidnext"]),
+        )
+
+    def list_messages(self, user: str, folder: str = "INBOX") -> list[StoredMessage]:
+        """Every message of a folder with its UID, flags and keywords, in UID order.
+
+        Messages marked \\Deleted but not expunged are listed, with the flag.
+        """
+        self.maildir(user)
+        if folder.upper() != "INBOX":
+            _check_folder_name(folder)
+        rows = _tab_rows(
+            self.doveadm(
+                "-f",
+                "tab",
+                "fetch",
+                "-u",
+                user,
+                "uid flags size.physical",
+                "mailbox",
+                folder,
+                "all",
+            )
+        )
+        messages = [
+            StoredMessage(
+                uid=int(row["uid"]),
+                flags=frozenset(row["flags"].split()),
+                size=int(row["size.physical"] or 0),
+            )
+            for row in rows
+        ]
+        return sorted(messages, key=lambda m: m.uid)
 
     # ------------------------------------------------------------------ stop
 
@@ -471,11 +670,9 @@ class Dovecot:
         while time.monotonic() < deadline and any(_alive(p) for p in [pid, *family]):
             time.sleep(0.05)
         deadline = time.monotonic() + _STOP_TIMEOUT
-        while time.monotonic() < deadline and (
-            _port_open(self.host, self.pop3_port) or _port_open(self.host, self.pop3s_port)
-        ):
+        while time.monotonic() < deadline and any(_port_open(self.host, p) for p in self.ports):
             time.sleep(0.05)
-        if _port_open(self.host, self.pop3_port) or _port_open(self.host, self.pop3s_port):
+        if any(_port_open(self.host, p) for p in self.ports):
             raise DovecotError(f"Dovecot ports still open after stop\n{self.log_tail()}")
         self._reap()
         self._remove_temporary_run_dir()
@@ -559,6 +756,8 @@ def _config(
     ident: _Identity,
     pop3_port: int,
     pop3s_port: int,
+    imap_ports: tuple[int, int] | None,
+    oauth2: _OAuth2 | None,
     max_connections: int,
 ) -> str:
     # %u: one passwd-file per user, see Dovecot._write_user for why.
@@ -572,7 +771,7 @@ def _config(
         f"state_dir = {base / 'state'}",
         f"instance_name = dovecot-tools-{hashlib.sha1(str(base).encode()).hexdigest()[:8]}",
         f"log_path = {base / 'dovecot.log'}",
-        "protocols = pop3",
+        "protocols = pop3" + (" imap" if imap_ports else ""),
         f"listen = {HOST}",
         "ssl = yes",
         f"ssl_cert = <{certs.cert_file}",
@@ -580,7 +779,7 @@ def _config(
         *([f"ssl_dh = <{DH_PARAMS}"] if DH_PARAMS.is_file() else []),
         "ssl_min_protocol = TLSv1.2",
         "disable_plaintext_auth = no",
-        "auth_mechanisms = plain login",
+        "auth_mechanisms = plain login" + (f" {' '.join(oauth2.mechanisms)}" if oauth2 else ""),
         # Failed logins are answered at once (at most 0.5 s: the auth process flushes
         # its failure queue every 500 ms) instead of after 2 s.
         "auth_failure_delay = 0",
@@ -597,8 +796,22 @@ def _config(
         f"mail_max_userip_connections = {max_connections}",
         # UID and UIDVALIDITY: stable across sessions and independent of file names.
         "pop3_uidl_format = %08Xu%08Xv",
+        # Per mechanism, Dovecot asks the passdbs in order: tokens go to the oauth2 one
+        # only, passwords to the passwd-file only.
+        *(
+            [
+                "passdb {",
+                "  driver = oauth2",
+                f"  mechanisms = {' '.join(oauth2.mechanisms)}",
+                f"  args = {base / 'oauth2.conf.ext'}",
+                "}",
+            ]
+            if oauth2
+            else []
+        ),
         "passdb {",
         "  driver = passwd-file",
+        *(["  mechanisms = plain login"] if oauth2 else []),
         f"  args = scheme=PLAIN username_format=%u {passwd}",
         "}",
         "userdb {",
@@ -635,14 +848,73 @@ def _config(
         f"  mail_max_userip_connections = {max_connections}",
         "}",
     ]
+    if imap_ports:
+        lines += [
+            "service imap-login {",
+            "  inet_listener imap {",
+            f"    address = {HOST}",
+            f"    port = {imap_ports[0]}",
+            "  }",
+            "  inet_listener imaps {",
+            f"    address = {HOST}",
+            f"    port = {imap_ports[1]}",
+            "    ssl = yes",
+            "  }",
+            f"  process_limit = {max_connections}",
+            *([] if ident.as_root else ["  chroot ="]),
+            "}",
+            "service imap {",
+            f"  process_limit = {max_connections}",
+            "}",
+            "protocol imap {",
+            f"  mail_max_userip_connections = {max_connections}",
+            "}",
+        ]
     if not ident.as_root:
         for service in ("anvil", "ipc", "old-stats"):
             lines += [f"service {service} {{", "  chroot =", "}"]
     return "\n".join(lines) + "\n"
 
 
-def start_dovecot(base: Path, *, max_connections: int = 200, detach: bool = False) -> Dovecot:
+@dataclass(frozen=True)
+class _OAuth2:
+    introspection_url: str
+    mechanisms: tuple[str, ...]
+    scope: str | None
+
+
+def _oauth2_file(oauth2: _OAuth2) -> str:
+    """The oauth2 passdb's settings (see /work/shared/notes/dovecot.md)."""
+    lines = [
+        "introspection_mode = post",
+        f"introspection_url = {oauth2.introspection_url}",
+        "username_attribute = username",
+        "active_attribute = active",
+        "active_value = true",
+    ]
+    if oauth2.scope:
+        # Dovecot refuses a token whose introspected "scope" lacks this one.
+        lines.append(f"scope = {oauth2.scope}")
+    return "\n".join(lines) + "\n"
+
+
+def start_dovecot(
+    base: Path,
+    *,
+    max_connections: int = 200,
+    detach: bool = False,
+    imap: bool | None = None,
+    oauth2_introspection_url: str | None = None,
+    oauth2_mechanisms: Sequence[str] = OAUTH2_MECHANISMS,
+    oauth2_scope: str | None = None,
+) -> Dovecot:
     """Configure and start Dovecot under `base`; return once POP3 answers "+OK".
+
+    `imap`: listen for IMAP and IMAPS too (default: when dovecot-imapd is installed;
+    True without it raises DovecotError). `oauth2_introspection_url`: accept the SASL
+    mechanisms `oauth2_mechanisms` (any of "xoauth2", "oauthbearer") with tokens checked
+    by that introspection endpoint, and, with `oauth2_scope`, only tokens carrying that
+    scope; PLAIN and LOGIN with passwords keep working.
 
     Ports are picked free on 127.0.0.1 (retried if another process grabs one first).
     A server left running in the same `base` is stopped first. By default the master
@@ -660,6 +932,20 @@ def start_dovecot(base: Path, *, max_connections: int = 200, detach: bool = Fals
         raise DovecotNotFoundError("dovecot is not installed (apt-get install dovecot-pop3d)")
     if max_connections < 1:
         raise ValueError("max_connections must be positive")
+    if imap is None:
+        imap = imap_available()
+    elif imap and not imap_available():
+        raise DovecotError(f"IMAP needs Debian's dovecot-imapd ({IMAP_BINARY} is missing)")
+    oauth2 = None
+    if oauth2_introspection_url is not None:
+        mechanisms = tuple(m.lower() for m in oauth2_mechanisms)
+        if not mechanisms or any(m not in OAUTH2_MECHANISMS for m in mechanisms):
+            raise ValueError(f"oauth2_mechanisms must be some of {OAUTH2_MECHANISMS}")
+        if _UNSAFE_PATH.search(oauth2_introspection_url) or (
+            oauth2_scope is not None and _UNSAFE_PATH.search(oauth2_scope)
+        ):
+            raise ValueError("unsupported characters in the OAuth2 settings")
+        oauth2 = _OAuth2(oauth2_introspection_url, mechanisms, oauth2_scope)
     base = Path(base).resolve()
     if _UNSAFE_PATH.search(str(base)):
         raise ValueError(f"unsupported characters in Dovecot base directory {base}")
@@ -692,8 +978,14 @@ def start_dovecot(base: Path, *, max_connections: int = 200, detach: bool = Fals
     (run_dir / "master.pid").unlink(missing_ok=True)
     log_file = base / "dovecot.log"
     last_error = ""
+    if oauth2 is not None:
+        (base / "oauth2.conf.ext").write_text(_oauth2_file(oauth2))
+        # Read by the auth process, which does not run as root.
+        os.chmod(base / "oauth2.conf.ext", 0o644)
     for _ in range(_START_ATTEMPTS):
-        pop3_port, pop3s_port = _free_ports(2)
+        pop3_port, pop3s_port, imap_port, imaps_port = _free_ports(4)
+        if not imap:
+            imap_port = imaps_port = 0
         handle = Dovecot(
             host=HOST,
             pop3_port=pop3_port,
@@ -703,6 +995,8 @@ def start_dovecot(base: Path, *, max_connections: int = 200, detach: bool = Fals
             mail_uid=ident.mail_uid,
             mail_gid=ident.mail_gid,
             run_dir=run_dir,
+            imap_port=imap_port,
+            imaps_port=imaps_port,
         )
         handle.config_file.write_text(
             _config(
@@ -712,6 +1006,8 @@ def start_dovecot(base: Path, *, max_connections: int = 200, detach: bool = Fals
                 ident=ident,
                 pop3_port=pop3_port,
                 pop3s_port=pop3s_port,
+                imap_ports=(imap_port, imaps_port) if imap else None,
+                oauth2=oauth2,
                 max_connections=max_connections,
             )
         )
@@ -763,6 +1059,8 @@ def start_dovecot(base: Path, *, max_connections: int = 200, detach: bool = Fals
                 "host": handle.host,
                 "pop3_port": handle.pop3_port,
                 "pop3s_port": handle.pop3s_port,
+                "imap_port": handle.imap_port,
+                "imaps_port": handle.imaps_port,
                 "ca_file": str(handle.ca_file),
                 "base": str(handle.base),
                 "mail_uid": handle.mail_uid,
@@ -836,6 +1134,20 @@ def _read_line(conn: socket.socket, limit: int = 512) -> bytes:
 def _check_user_name(name: str) -> None:
     if not _USER_NAME.match(name):
         raise ValueError(f"unsupported mailbox name {name!r}")
+
+
+def _check_folder_name(folder: str) -> None:
+    if folder.upper() == "INBOX" or not _FOLDER_NAME.match(folder):
+        raise ValueError(f"unsupported folder name {folder!r}")
+
+
+def _tab_rows(output: str) -> list[dict[str, str]]:
+    """doveadm's "-f tab" output: a header line of field names, then one line per row."""
+    lines = output.rstrip("\n").split("\n")
+    if not lines or not lines[0]:
+        return []
+    header = lines[0].split("\t")
+    return [dict(zip(header, line.split("\t"), strict=False)) for line in lines[1:] if line]
 
 
 def _check_password(password: str) -> None:
@@ -982,6 +1294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     deliver.add_argument("dir", type=Path)
     deliver.add_argument("user")
     deliver.add_argument("file")
+    deliver.add_argument("--folder", help="folder to deliver into (created if missing)")
     count = commands.add_parser("count", help="print the number of messages of a mailbox")
     count.add_argument("dir", type=Path)
     count.add_argument("user")
@@ -997,7 +1310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             Dovecot.from_state(args.dir).add_user(args.name, args.password)
         elif args.command == "deliver":
             raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
-            print(Dovecot.from_state(args.dir).deliver(args.user, raw))
+            print(Dovecot.from_state(args.dir).deliver(args.user, raw, args.folder))
         elif args.command == "count":
             print(Dovecot.from_state(args.dir).count(args.user))
     except KeyError as exc:
