@@ -1104,7 +1104,7 @@ def requests_session(ca_file: Path) -> Any:
     (msal's own `verify=` sets exactly that), and our machines set both to the system
     bundle: without `trust_env = False` the test CA would be ignored.
     """
-    import requests  # type: ignore[import-untyped]  # msal's dependency
+    import requests  # msal's dependency
 
     session = requests.Session()
     session.trust_env = False
