@@ -11,11 +11,16 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tools.dovecot import Dovecot, find_dovecot, imap_available, make_certificates, start_dovecot
 from tools.oauthserver import OAuthServer
+from tools.postgres import postgres_available, server_dsn, throwaway_database
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
 
 
 def _ci() -> bool:
@@ -125,3 +130,45 @@ def oauth_dovecot(oauth_server: OAuthServer, oauth_base_dir: Path) -> Iterator[D
     server = start_dovecot(oauth_base_dir, oauth2_introspection_url=oauth_server.introspection_url)
     yield server
     server.stop()
+
+
+def _skip_or_fail(message: str) -> None:
+    if _ci():
+        pytest.fail(f"{message}, and CI is set: these tests must run in CI")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def pg_database() -> Iterator[str]:
+    """The DSN of a fresh PostgreSQL database for this test module, dropped afterwards.
+
+    Created on the server at MAILINTEGRATION_TEST_PG (scripts/setup.sh starts one);
+    skipped when none answers, failed instead under CI.
+    """
+    if not postgres_available():
+        _skip_or_fail(f"no PostgreSQL answers at {server_dsn()} (bash scripts/setup.sh)")
+    with throwaway_database() as dsn:
+        yield dsn
+
+
+@pytest.fixture(scope="module")
+def chromium_browser() -> Iterator[Browser]:
+    """Headless Debian Chromium driven by Playwright (tools/browser.py), for the module.
+
+    Skipped when /usr/bin/chromium is absent, failed instead under CI.
+    """
+    from tools.browser import find_chromium, launch_chromium
+
+    if find_chromium() is None:
+        _skip_or_fail("chromium is not installed (bash scripts/setup.sh installs it)")
+    with launch_chromium() as browser:
+        yield browser
+
+
+@pytest.fixture
+def browser_page(chromium_browser: Browser) -> Iterator[Page]:
+    """A page in a fresh browser context (its own cookies and storage), closed after."""
+    context = chromium_browser.new_context()
+    page = context.new_page()
+    yield page
+    context.close()
