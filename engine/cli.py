@@ -97,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
             help="processes that parse messages (default: one per CPU but one; 0: threads only)",
         )
 
+    def follow_symlinks(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--follow-symlinks",
+            action="store_true",
+            help="read mailbox files (and team folders) that are symbolic links, if they lead "
+            "to a place inside the config folder (Kubernetes ConfigMap volumes need this); "
+            "off by default, and links leading out of the folder are refused anyway",
+        )
+
     once = sub.add_parser("once", help="one pass over the mailboxes, then exit")
     src = once.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", type=Path, help="one mailbox XML file")
@@ -104,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     once.add_argument("--dry-run", action="store_true", help="fetch and explain; change nothing")
     once.add_argument("--http-port", type=int, default=0, help="serve /healthz, /metrics")
     once.add_argument("--http-host", default="127.0.0.1")
+    follow_symlinks(once)
     engine_opts(once)
 
     run = sub.add_parser("run", help="the daemon: poll every mailbox, hot-reload the folder")
@@ -113,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--grace-seconds", type=float, default=30.0)
     run.add_argument("--http-host", default="127.0.0.1")
     run.add_argument("--http-port", type=int, default=8080, help="0 turns the endpoint off")
+    follow_symlinks(run)
     engine_opts(run)
 
     ingest = sub.add_parser("ingest", help="process .eml files as if fetched from a mailbox")

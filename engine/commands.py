@@ -78,7 +78,7 @@ def _sources(args: argparse.Namespace) -> list[MailboxSource]:
         return [MailboxSource(args.config.stem, args.config)]
     if not args.config_dir.is_dir():
         raise ConfigError(f"the config folder {args.config_dir} does not exist")
-    return discover(args.config_dir)
+    return discover(args.config_dir, follow_symlinks=args.follow_symlinks)
 
 
 async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[int]]) -> int:
@@ -114,6 +114,7 @@ async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[i
                 ),
                 poll_interval=getattr(args, "poll_interval", 60.0),
                 metrics=bool(getattr(args, "http_port", 0)),
+                follow_symlinks=getattr(args, "follow_symlinks", False),
             )
             return await body(Engine(store, settings))
         finally:

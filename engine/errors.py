@@ -21,10 +21,7 @@ class ConfigError(EngineError):
     """
 
     cause = "config"
-    hint = (
-        "Fix the mailbox's XML file (the attached copy has its passwords removed); the "
-        "engine reads it again on the next run."
-    )
+    hint = "Fix the mailbox's XML file; the engine reads it again on the next run."
 
     def __init__(
         self,

@@ -1,0 +1,188 @@
+"""Issue 12: the files the engine meets are read no further than they should be.
+
+The config folder may hold links to anything and files that are no mailbox at all: they are
+never read past a bounded prefix, never attached to an event, and each is reported as a config
+outage. Whatever the umask, what the engine writes is for its owner alone. A corrupt database
+or a read-only data directory gives one clear line and exit status 2, never a traceback, and
+the read-only commands still work on a read-only directory. A store error mid-run is reported
+per mailbox, never as "no mailbox".
+
+Every engine run here is a real ``python -m engine`` process, against the scripted POP3 server.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from support import LOGIN, LOGIN_PASSWORD, import_directory, mailbox_xml, message, requests
+
+from tools.fakepop3 import FakePOP3Server, Script
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+    peak_kib: int  # the engine process's peak RSS (ru_maxrss), from the kernel
+
+
+def engine(
+    *args: str | Path,
+    env: dict[str, str] | None = None,
+    umask: int | None = None,
+    prefix: Sequence[str] = (),
+    module: Sequence[str] = ("engine",),
+    timeout: float = 90,
+) -> Run:
+    """Run the command line in a process of its own and wait for it, bounded by ``timeout``."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            [*prefix, sys.executable, "-m", *module, *map(str, args)],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "MAILINTEGRATION_LOGIN": LOGIN,
+                "MAILINTEGRATION_PASSWORD": LOGIN_PASSWORD,
+                **(env or {}),
+            },
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            preexec_fn=None if umask is None else (lambda: os.umask(umask)),
+        )
+        deadline = time.monotonic() + timeout
+        for _ in range(int(timeout / 0.02) + 1):
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise AssertionError(f"the engine ran over {timeout} s: {args}")
+            time.sleep(0.02)
+        else:  # pragma: no cover - the deadline ends the loop first
+            raise AssertionError("unreachable")
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return Run(
+            proc.returncode,
+            out.read().decode(errors="replace"),
+            err.read().decode(errors="replace"),
+            int(usage.ru_maxrss),
+        )
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def everything_under(*roots: Path) -> bytes:
+    blob = b""
+    for root in roots:
+        for p in root.rglob("*"):
+            if p.is_file() and not p.is_symlink():
+                blob += p.read_bytes()
+    return blob
+
+
+# ------------------------------------------------------------------ the config folder
+
+
+def test_links_and_foreign_files_in_the_config_folder_are_never_read(tmp_path: Path) -> None:
+    """A link to a secret outside the folder, a link to /proc/self/environ, a symlinked team
+    folder, an SSH key saved as key.xml and a 128 MiB file: each is a config outage with no
+    attachment, and no byte of any of them reaches the store, the log or the terminal. A
+    link that stays inside the folder is read only with --follow-symlinks."""
+    canaries = {
+        "outside": "Canary-Outside-3f9a1c",
+        "environ": "Canary-Environ-77b2e0",
+        "team": "Canary-TeamLink-0c4d51",
+        "key": "Canary-SshKey-a8e3f6",
+        "huge": "Canary-Huge-5d1b92",
+    }
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    outside = tmp_path / "outside"
+    (outside / "team").mkdir(parents=True)
+    (outside / "secret.xml").write_text(
+        f"<mailIntegration><note>{canaries['outside']}</note></mailIntegration>\n"
+    )
+    (outside / "team" / "x.xml").write_text(
+        f"<mailIntegration><!-- {canaries['team']} --></mailIntegration>\n"
+    )
+    conf = tmp_path / "mailboxes.d"
+    (conf / ".shared").mkdir(parents=True)
+    (conf / "leak.xml").symlink_to(outside / "secret.xml")
+    (conf / "environ.xml").symlink_to("/proc/self/environ")
+    (conf / "teamlink").symlink_to(outside / "team")
+    (conf / "key.xml").write_text(
+        f"-----BEGIN OPENSSH PRIVATE KEY-----\n{canaries['key']}\n"
+        "-----END OPENSSH PRIVATE KEY-----\n"
+    )
+    huge = conf / "huge.xml"
+    with huge.open("wb") as fh:  # sparse: 128 MiB to read, none on the disk
+        fh.write(f"<mailIntegration><!-- {canaries['huge']} -->".encode())
+        fh.truncate(128 * 1024 * 1024)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log_file = logs / "engine.log"
+
+    ok_server = FakePOP3Server(Script(messages=[message("Regular file")]))
+    inner_server = FakePOP3Server(Script(messages=[message("Through a link inside")]))
+    runs: list[Run] = []
+    with ok_server, inner_server:
+        mailbox_xml(conf / "ok.xml", port=ok_server.port, user="u", password="pw-ok")
+        mailbox_xml(conf / ".shared" / "inner.xml", port=inner_server.port, user="u", password="p")
+        (conf / "inner.xml").symlink_to(".shared/inner.xml")
+        common = ("--config-dir", conf, "--data-dir", data, "--log-file", log_file)
+        env = {"MI_TEST_SECRET": canaries["environ"]}
+
+        runs.append(engine("once", *common, env=env))
+        assert runs[-1].code == 1, runs[-1].err
+        outages = {r["mailbox"]: r for r in requests(data) if r["kind"] == "outage"}
+        assert set(outages) == {"leak", "environ", "teamlink/", "key", "huge", "inner"}
+        for name, outage in outages.items():
+            assert outage["cause"] == "config", name
+            assert outage["attachments"] == [], name
+            assert "No copy of the configuration is attached" in outage["description"]
+        assert "symbolic link" in outages["leak"]["description"]
+        assert "over 1048576 bytes" in outages["huge"]["description"]
+        assert [r["subject"] for r in requests(data) if r["kind"] == "mail"] == ["Regular file"]
+        assert inner_server.deleted == []  # never read, so never fetched
+
+        # Allowed to follow links: the one inside the folder works; those leading out do not.
+        runs.append(engine("once", "--follow-symlinks", *common, env=env))
+        assert runs[-1].code == 1, runs[-1].err
+        assert inner_server.wait_idle() and inner_server.deleted == [1]
+
+    reqs = requests(data)
+    outages = {r["mailbox"]: r for r in reqs if r["kind"] == "outage"}
+    assert outages["inner"]["status"] == "processed"  # closed: the mailbox works now
+    assert "outside the config folder" in outages["leak"]["activities"][-1]["body"]
+    assert "outside the config folder" in outages["teamlink/"]["activities"][-1]["body"]
+    assert sorted(r["subject"] for r in reqs if r["kind"] == "mail") == [
+        "Regular file",
+        "Through a link inside",
+    ]
+    seen = everything_under(data, logs) + "".join(r.out + r.err for r in runs).encode()
+    for name, canary in canaries.items():
+        assert canary.encode() not in seen, name
+
+    # The 128 MiB file was never read whole: without it, the same run peaks as high.
+    huge.unlink()
+    baseline = engine("once", *common, env=env)
+    assert runs[0].peak_kib < baseline.peak_kib + 32 * 1024, (runs[0].peak_kib, baseline.peak_kib)
