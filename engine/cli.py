@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -189,6 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception:
+        # A bug: the traceback helps, but it may quote a password (a library's message, a
+        # local's repr); it is scrubbed like every log line. 1, as Python's own exit.
+        print(logs.scrub(traceback.format_exc()), file=sys.stderr, end="")
+        return 1
 
 
 def run() -> NoReturn:

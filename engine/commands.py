@@ -196,12 +196,12 @@ async def cmd_ingest(args: argparse.Namespace) -> int:
         failed = 0
         for path, env in results:
             if env.failure is not None:
-                print(f"{path}: not committed: {env.failure}")
+                print(logs.scrub(f"{path}: not committed: {env.failure}"))
                 failed += 1
                 continue
             what = env.explanation if env.dry_run else env.outcome
             number = f" #{env.request_number}" if env.request_number else ""
-            print(f"{path}: {what}{number}")
+            print(logs.scrub(f"{path}: {what}{number}"))
             failed += bool(env.outcome and env.outcome.startswith("failed"))
         return 0 if failed == 0 else 1
 
@@ -228,9 +228,10 @@ def _print_outcomes(outcomes: list[MailboxOutcome], *, dry_run: bool) -> None:
         for o in outcomes:
             print(f"{o.name}:")
             for line in o.dry_run_lines:
-                print(f"  {line}")
+                print(logs.scrub(f"  {line}"))
             if o.error:
-                print(f"  cannot be read ({getattr(o.error, 'cause', 'error')}): {o.error}")
+                cause = getattr(o.error, "cause", "error")
+                print(logs.scrub(f"  cannot be read ({cause}): {o.error}"))
         return
     if sys.stdout.isatty() and len(outcomes) > 1:
         total = sum(o.result.processed for o in outcomes if o.result)

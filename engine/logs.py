@@ -2,29 +2,63 @@
 
 Named loggers per subsystem (``engine.fetcher``, ``engine.writer``…), %-style arguments, and a
 filter on every handler that replaces any configured password with ``********``: a secret that
-slips into an exception text from a library still never reaches a log line.
+slips into an exception text from a library still never reaches a log line. The same
+:func:`scrub` guards every text the store writes (see ``engine.store.sqlite``), /healthz and
+what the command line prints: one list of secrets, one scrubber.
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import logging
 import sys
+import urllib.parse
 from pathlib import Path
 
 _SECRETS: set[str] = set()
+# Every form to mask, longest first so that a secret holding another is masked whole.
+_NEEDLES: tuple[str, ...] = ()
+_MASK = "********"
 
 
 def register_secret(value: str | None) -> None:
-    """Passwords shorter than 4 characters would blank out ordinary words; they are rare."""
-    if value and len(value) >= 4:
-        _SECRETS.add(value)
+    """Mask ``value`` from now on in logs and in everything the store writes.
+
+    Passwords shorter than 4 characters would blank out ordinary words; they are rare.
+    Besides the value as it is, the forms a server or a library may echo it in are masked:
+    Python's repr (our errors quote a server's line with ``!r``), JSON, XML/HTML escaping,
+    percent-encoding (servers and proxies that log URLs or form bodies) and base64 (what SMTP
+    AUTH LOGIN sends, so what a server may quote back). Each form only costs a search when it
+    differs from the value: an alphanumeric password adds its base64 alone.
+    """
+    global _NEEDLES
+    if not value or len(value) < 4 or value in _SECRETS:
+        return
+    _SECRETS.add(value)
+    forms = set(_NEEDLES) | {value, *_variants(value)}
+    _NEEDLES = tuple(sorted((f for f in forms if len(f) >= 4), key=len, reverse=True))
+
+
+def _variants(value: str) -> set[str]:
+    return {
+        repr(value)[1:-1],
+        json.dumps(value)[1:-1],
+        json.dumps(value, ensure_ascii=False)[1:-1],
+        html.escape(value),
+        html.escape(value, quote=False),
+        urllib.parse.quote(value, safe=""),
+        urllib.parse.quote_plus(value, safe=""),
+        base64.b64encode(value.encode()).decode().rstrip("="),
+    }
 
 
 def scrub(text: str) -> str:
-    for secret in _SECRETS:
-        if secret in text:
-            text = text.replace(secret, "********")
+    """``text`` with every registered secret, in each of its forms, replaced by ``********``."""
+    for needle in _NEEDLES:
+        if needle in text:
+            text = text.replace(needle, _MASK)
     return text
 
 

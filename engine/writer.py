@@ -24,7 +24,7 @@ import anyio
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from engine import reply
+from engine import logs, reply
 from engine.config import MailboxConfig, mailbox_copy
 from engine.errors import DirectoryError, EngineError, MessageError, StoreError, sole
 from engine.model import Attachment, ParsedMessage
@@ -553,7 +553,7 @@ class Writer:
                 results.append((reply_id, None))
             except Exception as exc:  # SMTP is best effort; the refusal itself is committed
                 log.warning("mailbox=%s reply to %s not sent: %s", cfg.name, rcpt, exc)
-                results.append((reply_id, str(exc)[:500]))
+                results.append((reply_id, logs.scrub(str(exc))[:500]))  # scrubbed, then cut
         await self.store.begin()
         try:
             for reply_id, error in results:

@@ -4,6 +4,12 @@ Durability is the point of this module: WAL with ``synchronous=FULL`` (``NORMAL`
 last commits on power loss, and once the server deleted a message our database holds the only
 copy), explicit ``BEGIN IMMEDIATE`` so a transaction never upgrades its lock half-way, and
 attachment files fsynced before the commit that refers to them.
+
+Every text the store writes (subjects, descriptions, activity bodies, history, errors,
+outcomes, attachment names) goes through :func:`engine.logs.scrub` here, at the write
+boundary, so no caller can forget it: a server that echoes a password in its ``-ERR`` has it
+masked in the outage event as in the log. Keys (UIDLs, Message-IDs, hashes) are stored as
+they are: the ledger must find them again.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import anyio.to_thread
 from aioitertools.more_itertools import chunked
 
 from engine.errors import StoreError
+from engine.logs import scrub
 from engine.model import Attachment
 from engine.store.files import FileStore
 from engine.store.schema import MIGRATIONS
@@ -437,7 +444,7 @@ class SqliteStore:
     ) -> None:
         self._defer(
             _INSERT_LEDGER,
-            (account, uidl, mailbox, message_id, sha256, outcome, request_number, now()),
+            (account, uidl, mailbox, message_id, sha256, scrub(outcome), request_number, now()),
         )
 
     # -- requests --------------------------------------------------------------------------
@@ -531,9 +538,9 @@ class SqliteStore:
                 type,
                 status,
                 kind,
-                subject,
-                description,
-                html,
+                scrub(subject),
+                scrub(description),
+                None if html is None else scrub(html),
                 requester_id,
                 user_id,
                 await self._name_id("sites", site),
@@ -585,10 +592,10 @@ class SqliteStore:
             (
                 activity,
                 number,
-                author,
-                email,
+                scrub(author),
+                scrub(email),
                 (date or datetime.now(UTC)).isoformat(timespec="seconds"),
-                body,
+                scrub(body),
                 int(automatic),
                 message_id,
                 now(),
@@ -604,7 +611,7 @@ class SqliteStore:
     async def add_history(self, number: int, by: str, text: str) -> None:
         self._defer(
             "INSERT INTO history(request_number, at, by, text) VALUES (?, ?, ?, ?)",
-            (number, now(), by, text),
+            (number, now(), scrub(by), scrub(text)),
         )
 
     async def add_attachments(
@@ -628,7 +635,7 @@ class SqliteStore:
             self._defer(
                 "INSERT INTO attachments(request_number, activity_id, name, content_type, "
                 "size, sha256) VALUES (?, ?, ?, ?, ?, ?)",
-                (number, activity_id, att.name, att.content_type, len(att.data), digest),
+                (number, activity_id, scrub(att.name), att.content_type, len(att.data), digest),
             )
 
     async def failure_event(self, message_id: str | None, sha256: str) -> int | None:
@@ -682,7 +689,7 @@ class SqliteStore:
         if error is None:
             await self._exec("UPDATE outbox SET sent_at = ? WHERE id = ?", (now(), reply_id))
         else:
-            await self._exec("UPDATE outbox SET error = ? WHERE id = ?", (error, reply_id))
+            await self._exec("UPDATE outbox SET error = ? WHERE id = ?", (scrub(error), reply_id))
 
     # -- mailbox status --------------------------------------------------------------------
 
@@ -703,7 +710,7 @@ class SqliteStore:
             (
                 mailbox,
                 None if error else at,
-                error,
+                None if error is None else scrub(error),
                 at if error else None,
                 fetched,
                 processed,
