@@ -176,6 +176,21 @@ def _at_least(low: int) -> Callable[[str], int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line and run it; returns the exit status.
+
+    Every file and folder the command creates is for its owner alone (umask 077): the
+    database holds every mail and the login's password hash, and the log, the attachments
+    and --debug's raw messages hold mail too. The caller's umask is restored on return, for
+    in-process callers.
+    """
+    umask = os.umask(0o077)
+    try:
+        return _main(argv)
+    finally:
+        os.umask(umask)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     try:
         translated = translate_original(args_in)

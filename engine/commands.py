@@ -18,7 +18,7 @@ import anyio.to_thread
 from engine import logs
 from engine.cli import open_for_reading, print_json
 from engine.errors import AuthenticationFailed, ConfigError, EngineError, FetchError
-from engine.store import DataDirLock, SqliteStore, open_store
+from engine.store import DataDirLock, SqliteStore, open_store, private_file
 
 if TYPE_CHECKING:
     from engine.supervisor import Engine, MailboxOutcome, MailboxSource
@@ -42,6 +42,8 @@ def _setup_logging(args: argparse.Namespace) -> None:
             f"the folder of the log file {log_file} does not exist; create it or fix /LogFilePath"
         )
     logs.register_secret(getattr(args, "password", None))
+    if log_file is not None:
+        private_file(log_file)
     logs.configure(
         level=logging.DEBUG if getattr(args, "debug", False) else logging.INFO,
         log_file=log_file,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -186,3 +187,74 @@ def test_links_and_foreign_files_in_the_config_folder_are_never_read(tmp_path: P
     huge.unlink()
     baseline = engine("once", *common, env=env)
     assert runs[0].peak_kib < baseline.peak_kib + 32 * 1024, (runs[0].peak_kib, baseline.peak_kib)
+
+
+# ------------------------------------------------------------------ permissions
+
+
+def modes_under(root: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(root)): stat.S_IMODE(p.lstat().st_mode) for p in [root, *root.rglob("*")]
+    }
+
+
+def test_every_file_the_engine_makes_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    """Under umask 022, a real run with --debug and --log-file (requests, an attachment, a
+    failure event, an outage with its config copy): every folder it made is 0700 and every
+    file 0600, the database's -wal and -shm included. A data directory left open by an older
+    version is closed, with a warning, and so is its database (SQLite gives -wal and -shm
+    the database file's mode, whatever the umask)."""
+    data = tmp_path / "data"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log_file = logs / "MailIntegration.log"
+    directory = tmp_path / "directory.json"
+    import_directory(tmp_path / "unused", tmp_path)  # writes directory.json
+    run = engine("directory", "import", directory, "--data-dir", data, umask=0o022)
+    assert run.code == 0, run.err
+    conf = tmp_path / "mailboxes.d"
+    conf.mkdir()
+    raws = [
+        message("With an attachment", attachments=(("a.pdf", "application/pdf", b"%PDF-1"),)),
+        message("Too big", body="x" * 5000 + "\n"),
+    ]
+    with FakePOP3Server(Script(messages=raws)) as server:
+        mailbox_xml(
+            conf / "ok.xml", port=server.port, user="u", password="pw-ok", maxMessageBytes="2048"
+        )
+        mailbox_xml(conf / "down.xml", port=closed_port(), user="u", password="pw-down")
+        args = ("--config-dir", conf, "--data-dir", data, "--debug", "--log-file", log_file)
+        # Killed after its first commit: the -wal and -shm are left to be looked at.
+        run = engine(
+            "after-commit", "1", "--", "once", *args, umask=0o022, module=("tools.crashpoints",)
+        )
+        assert run.code == -9, run.err
+        assert (data / "mailintegration.sqlite3-wal").exists()
+        assert (data / "mailintegration.sqlite3-shm").exists()
+        wal_modes = modes_under(data)
+        server.add_message(message("Into data/logs"))  # --debug without --log-file
+        run = engine("once", "--config-dir", conf, "--data-dir", data, "--debug", umask=0o022)
+        assert run.code == 1, run.err
+        run = engine("once", *args, umask=0o022)
+        assert run.code == 1, run.err
+    kinds = {r["kind"] for r in requests(data)}
+    assert kinds == {"mail", "message-failure", "outage"}
+    assert list(logs.glob("RawMessage-*.eml")) and list((data / "logs").glob("RawMessage-*"))
+    assert list((data / "attachments").glob("??/*"))
+
+    for modes in (wal_modes, modes_under(data)):
+        for name, mode in modes.items():
+            path = data / name
+            want = 0o700 if path.is_dir() else 0o600
+            assert mode == want, f"{name}: {mode:04o}"
+    for path in [log_file, *logs.glob("RawMessage-*.eml")]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+    # As an older version under umask 022 would have left it.
+    os.chmod(data, 0o755)
+    os.chmod(data / "mailintegration.sqlite3", 0o644)
+    run = engine("once", "--config-dir", conf, "--data-dir", data, umask=0o022)
+    assert "was open to other users (mode 0755); it is now 0700" in run.err
+    assert "mailintegration.sqlite3 was open to other users (mode 0644)" in run.err
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert stat.S_IMODE((data / "mailintegration.sqlite3").stat().st_mode) == 0o600

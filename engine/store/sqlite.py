@@ -33,6 +33,7 @@ from engine.errors import StoreError
 from engine.logs import scrub
 from engine.model import Attachment
 from engine.store.files import FileStore
+from engine.store.lock import secure_data_dir
 from engine.store.schema import MIGRATIONS
 
 # Attachments at least this big are hashed in a worker thread rather than on the event loop.
@@ -867,7 +868,7 @@ async def open_store(data_dir: Path, *, sweep: bool = False) -> SqliteStore:
     has deleted a message. ``sweep`` removes attachment files no row refers to; only the
     process holding the data-directory lock may ask for it.
     """
-    await anyio.Path(data_dir).mkdir(parents=True, exist_ok=True)
+    await anyio.to_thread.run_sync(secure_data_dir, data_dir)
     path = data_dir / "mailintegration.sqlite3"
     try:
         db = await aiosqlite.connect(path, isolation_level=None)
