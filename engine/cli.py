@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ import anyio
 
 from engine import logs
 from engine.errors import AuthenticationFailed, ConfigError, EngineError
-from engine.store import SqliteStore, open_store
+from engine.store import SqliteStore, open_store, store_error
 
 log = logging.getLogger("engine.cli")
 
@@ -205,6 +206,13 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except sqlite3.Error as exc:
+        # The store failed outside the writer (which answers its own errors): a corrupt page
+        # met by a read, say. A clear line and 2, as for an error at opening it.
+        data_dir = getattr(args, "data_dir", Path("data"))
+        error = store_error(exc, data_dir / "mailintegration.sqlite3")
+        print(f"mailintegration: {logs.scrub(str(error))}", file=sys.stderr)
+        return 2
     except Exception:
         # A bug: the traceback helps, but it may quote a password (a library's message, a
         # local's repr); it is scrubbed like every log line. 1, as Python's own exit.
@@ -238,9 +246,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
 
 
 async def open_for_reading(data_dir: Path) -> SqliteStore:
+    """The store, read-only: works on a read-only data directory, and never changes it."""
     if not (data_dir / "mailintegration.sqlite3").exists():
         raise EngineError(f"no store in {data_dir}: nothing has run there yet (see --data-dir)")
-    return await open_store(data_dir)
+    return await open_store(data_dir, read_only=True)
 
 
 def print_json(value: Any) -> None:

@@ -12,17 +12,20 @@ Every engine run here is a real ``python -m engine`` process, against the script
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import socket
 import stat
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from support import LOGIN, LOGIN_PASSWORD, import_directory, mailbox_xml, message, requests
 
 from tools.fakepop3 import FakePOP3Server, Script
@@ -258,3 +261,125 @@ def test_every_file_the_engine_makes_is_private_whatever_the_umask(tmp_path: Pat
     assert "mailintegration.sqlite3 was open to other users (mode 0644)" in run.err
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
     assert stat.S_IMODE((data / "mailintegration.sqlite3").stat().st_mode) == 0o600
+
+
+# ------------------------------------------------------------------ the store's files
+
+
+def test_a_corrupt_or_truncated_database_is_a_clear_error_with_status_2(tmp_path: Path) -> None:
+    conf = mailbox_xml(tmp_path / "box.xml", port=closed_port(), user="u", password="p")
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "mailintegration.sqlite3").write_bytes(hashlib.sha512(b"x").digest() * 100)
+    truncated = tmp_path / "truncated"
+    import_directory(truncated, tmp_path)
+    run = engine("once", "--config", conf, "--data-dir", truncated)  # an outage: some rows
+    assert run.code == 1, run.err
+    db = truncated / "mailintegration.sqlite3"
+    os.truncate(db, db.stat().st_size // 2)
+
+    for data in (garbage, truncated):
+        expected = f"mailintegration: {data}/mailintegration.sqlite3 is not a valid database ("
+        for args in (
+            ("once", "--config", conf),
+            ("requests", "list"),
+            ("requests", "show", "1"),
+            ("status",),
+        ):
+            run = engine(*args, "--data-dir", data)
+            assert run.code == 2, (args, run.err)
+            assert expected in run.err, (args, run.err)
+            assert "Traceback" not in run.err, (args, run.err)
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_mounts() -> Iterator[None]:
+    """The read-only mounts live in private namespaces that die with their process: nothing
+    of them may outlive a test (checked, since a leak would break every later test)."""
+    yield
+    with open("/proc/self/mountinfo", encoding="utf-8") as fh:
+        assert "pytest-of" not in fh.read()
+
+
+def _read_only_prefix(path: Path) -> list[str]:
+    """A command prefix that runs the engine with ``path`` read-only: a private read-only bind
+    mount for root (whom permission bits do not stop), or no write bits for anyone else."""
+    if os.geteuid() != 0:
+        for p in [path, *path.rglob("*")]:
+            os.chmod(p, stat.S_IMODE(p.stat().st_mode) & ~0o222)
+        return []
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is needed to make a folder read-only for root")
+    prefix = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f'mount --bind -o ro "{path}" "{path}" && exec "$@"',
+        "sh",
+    ]
+    probe = subprocess.run(
+        [*prefix, "touch", str(path / "probe")], capture_output=True, timeout=30, check=False
+    )
+    if probe.returncode == 0 or (path / "probe").exists():
+        pytest.skip(f"cannot make a read-only mount here: {probe.stderr!r}")
+    return prefix
+
+
+def test_read_only_data_directory(tmp_path: Path) -> None:
+    """Engine commands exit 2 with a clear line; ``requests`` and ``status`` work, whether the
+    engine shut down cleanly (no -wal, no -shm: read as an immutable file) or was killed
+    after a commit (read through its -wal and -shm). A -wal without its -shm cannot be read
+    without write access: that too is said in one line."""
+    with FakePOP3Server(Script(messages=[message("First"), message("Second")])) as server:
+        clean = tmp_path / "clean"
+        import_directory(clean, tmp_path)
+        conf = mailbox_xml(tmp_path / "box.xml", port=server.port, user="u", password="p")
+        assert engine("once", "--config", conf, "--data-dir", clean).code == 0
+    assert not (clean / "mailintegration.sqlite3-wal").exists()
+    with FakePOP3Server(Script(messages=[message("Committed, then killed")])) as server:
+        killed = tmp_path / "killed"
+        import_directory(killed, tmp_path)
+        conf = mailbox_xml(tmp_path / "box2.xml", port=server.port, user="u", password="p")
+        run = engine(
+            "after-commit",
+            "1",
+            "--",
+            "once",
+            "--config",
+            conf,
+            "--data-dir",
+            killed,
+            module=("tools.crashpoints",),
+        )
+        assert run.code == -9, run.err
+    assert (killed / "mailintegration.sqlite3-wal").stat().st_size > 0
+    no_shm = tmp_path / "no-shm"
+    shutil.copytree(killed, no_shm)
+    (no_shm / "mailintegration.sqlite3-shm").unlink()
+
+    # The killed run never recorded its session: no status line for it yet.
+    cases = [(clean, ["First", "Second"], "box "), (killed, ["Committed, then killed"], "")]
+    for data, subjects, status in cases:
+        before = modes_under(data), everything_under(data)
+        prefix = _read_only_prefix(data)
+        run = engine("requests", "list", "--data-dir", data, prefix=prefix)
+        assert run.code == 0, run.err
+        assert [s for s in subjects if s in run.out] == subjects, run.out
+        run = engine("requests", "show", "1", "--data-dir", data, prefix=prefix)
+        assert run.code == 0 and subjects[0] in run.out, run.err
+        run = engine("status", "--data-dir", data, prefix=prefix)
+        assert run.code == 0 and run.out.startswith(status), run.err
+        run = engine("once", "--config", conf, "--data-dir", data, prefix=prefix)
+        assert run.code == 2, run.err
+        assert f"mailintegration: the data directory {data} cannot be written" in run.err
+        assert "'requests' and 'status' can read a read-only one" in run.err
+        assert "Traceback" not in run.err
+        assert (modes_under(data), everything_under(data)) == before  # nothing changed
+
+    prefix = _read_only_prefix(no_shm)
+    run = engine("requests", "list", "--data-dir", no_shm, prefix=prefix)
+    assert run.code == 2 and "Traceback" not in run.err, run.err
+    assert "its -wal file holds commits" in run.err

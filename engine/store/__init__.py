@@ -13,6 +13,7 @@ from engine.store.sqlite import (
     User,
     hash_password,
     open_store,
+    store_error,
     verify_password,
 )
 
@@ -30,5 +31,6 @@ __all__ = [
     "open_store",
     "private_file",
     "secure_data_dir",
+    "store_error",
     "verify_password",
 ]

@@ -32,7 +32,14 @@ class DataDirLock:
 
     def acquire(self) -> None:
         secure_data_dir(self.path.parent)
-        fh = open(self.path, "a+", encoding="ascii")  # noqa: SIM115 - held for the process life
+        try:
+            fh = open(self.path, "a+", encoding="ascii")  # noqa: SIM115 - held for the process life
+        except OSError as exc:
+            raise StoreError(
+                f"the data directory {self.path.parent} cannot be written "
+                f"({exc.strerror or type(exc).__name__}): engine commands need to write there; "
+                "'requests' and 'status' can read a read-only one"
+            ) from None
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
