@@ -135,6 +135,9 @@ class LimitExceeded(MessageError):
 class StoreError(EngineError):
     """The store could not be opened, migrated or written."""
 
+    cause = "store"
+    hint = "Check the data directory: free space, permissions, and the database file itself."
+
 
 class AuthenticationFailed(EngineError):
     """The engine's own login (/Login, /Password) does not match a user of the store."""

@@ -189,6 +189,7 @@ class Engine:
         self.budget = ByteBudget(settings.max_inflight_bytes)
         self.processes = Parsers(settings.parse_processes) if settings.parse_processes else None
         self.totals: dict[str, SessionResult] = {}
+        self.errors: dict[str, str] = {}  # the last session's error, per failing mailbox
         # Set by a signal: loops finish their current session, then everything drains.
         self.stop = anyio.Event()
         # Called as each mailbox of a `once` pass finishes (progress on a terminal).
@@ -361,10 +362,12 @@ class Engine:
             cfg = await anyio.to_thread.run_sync(self.load, src)
             outcome.poll_interval = cfg.poll_interval
             async with self.sessions:
-                outcome.result = await run_session(cfg, send, opts)
+                outcome.result = SessionResult()  # counted into, even if the session fails
+                await run_session(cfg, send, opts, outcome.result)
         except StoreError as exc:
             log.error("mailbox=%s the store failed; nothing was deleted: %s", src.name, exc)
             outcome.error = exc
+            self._account(src.name, outcome)  # the summary names it, and its error
             return outcome
         except EngineError as exc:
             outcome.error = exc
@@ -412,14 +415,19 @@ class Engine:
             m.outage.labels(name).set(0 if err is None else 1)
         if err is None:
             self.health.success(name)
+            self.errors.pop(name, None)
         else:
             self.health.failure(name, str(cause), logs.scrub(str(err)))
+            self.errors[name] = logs.scrub(f"{cause}: {err}")
 
     def summary(self) -> str:
-        parts = [
-            f"{name}: fetched {t.fetched} processed {t.processed} failed {t.failed}"
-            for name, t in sorted(self.totals.items())
-        ]
+        """Each mailbox's totals, and the error of its last session if it failed."""
+        parts = []
+        for name, t in sorted(self.totals.items()):
+            part = f"{name}: fetched {t.fetched} processed {t.processed} failed {t.failed}"
+            if name in self.errors:
+                part += f" ({self.errors[name]})"
+            parts.append(part)
         return "; ".join(parts) or "no mailbox"
 
 

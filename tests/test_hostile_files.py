@@ -16,6 +16,7 @@ import hashlib
 import os
 import shutil
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -383,3 +384,34 @@ def test_read_only_data_directory(tmp_path: Path) -> None:
     run = engine("requests", "list", "--data-dir", no_shm, prefix=prefix)
     assert run.code == 2 and "Traceback" not in run.err, run.err
     assert "its -wal file holds commits" in run.err
+
+
+# ------------------------------------------------------------------ a store error mid-run
+
+
+def test_a_store_error_is_reported_per_mailbox_never_as_no_mailbox(tmp_path: Path) -> None:
+    """The attachment's folder is taken by a file, so the transaction holding the message
+    fails: nothing is deleted, the run exits 1, and its summary names the mailbox, its
+    counts and the store error (it read "once: no mailbox")."""
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    payload = b"%PDF-1.7 blocked"
+    digest = hashlib.sha256(payload).hexdigest()
+    (data / "attachments").mkdir(exist_ok=True)
+    (data / "attachments" / digest[:2]).write_text("a file where the folder should be")
+    raw = message("Held back", attachments=(("x.pdf", "application/pdf", payload),))
+    with FakePOP3Server(Script(messages=[raw])) as server:
+        conf = mailbox_xml(tmp_path / "box.xml", port=server.port, user="u", password="p")
+        run = engine("once", "--config", conf, "--data-dir", data)
+        assert server.wait_idle()
+        assert server.deleted == []
+    assert run.code == 1, run.err
+    assert "once: no mailbox" not in run.err
+    [summary] = [line for line in run.err.splitlines() if "engine.cli: once:" in line]
+    assert "once: box: fetched 1 processed 0 failed 0 (store: " in summary, summary
+    assert "cannot write attachment files" in summary, summary
+    db = sqlite3.connect(data / "mailintegration.sqlite3")
+    try:
+        assert db.execute("SELECT count(*) FROM ledger").fetchone()[0] == 0
+    finally:
+        db.close()
