@@ -500,15 +500,11 @@ def _strip_quotes(message: str) -> str:
 def _parse(path: Path, ctx: _Context) -> etree._Element:
     """Bytes -> a safe, well-formed lxml tree whose elements know their source line."""
     try:
-        # Non-blocking: a FIFO named x.xml would otherwise hang the open until a writer came.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ctx.error("not a regular file; a mailbox file must be one")
-            # Never more than the limit is read, whatever the file's size.
-            data = fh.read(_MAX_CONFIG_BYTES + 1)
+        data = _read_bounded(path, _MAX_CONFIG_BYTES)
     except OSError as exc:
         raise ctx.error(f"cannot read the file: {exc.strerror or type(exc).__name__}") from None
+    if data is None:
+        raise ctx.error("not a regular file; a mailbox file must be one")
     if len(data) > _MAX_CONFIG_BYTES:
         raise ctx.error(f"the file is over {_MAX_CONFIG_BYTES} bytes; is it a mailbox file?")
 
@@ -563,6 +559,19 @@ def _parse(path: Path, ctx: _Context) -> etree._Element:
                     at=el,
                 )
     return root
+
+
+def _read_bounded(path: Path, limit: int) -> bytes | None:
+    """At most ``limit`` + 1 bytes of ``path``, or None if it is not a regular file.
+
+    Opened without blocking: a FIFO would otherwise hang the open until some writer came
+    (a device such as /dev/zero is refused the same way).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return fh.read(limit + 1)
 
 
 def _decode(data: bytes, ctx: _Context) -> str:
@@ -1234,13 +1243,14 @@ def _password(el: etree._Element, base: Path, ctx: _Context, *, required: bool) 
 def _read_secret_file(source: etree._Element, base: Path, ctx: _Context) -> str:
     secret_path = base / " ".join((source.text or "").split())
     try:
-        with secret_path.open("rb") as fh:
-            data = fh.read(_MAX_SECRET_FILE_BYTES + 1)
+        data = _read_bounded(secret_path, _MAX_SECRET_FILE_BYTES)
     except OSError as exc:
         raise ctx.error(
             f"cannot read the password file {secret_path}: {exc.strerror or type(exc).__name__}",
             at=source,
         ) from None
+    if data is None:
+        raise ctx.error(f"the password file {secret_path} is not a regular file", at=source)
     if len(data) > _MAX_SECRET_FILE_BYTES:
         raise ctx.error(f"the password file {secret_path} is too large", at=source)
     try:

@@ -313,6 +313,15 @@ class Engine:
         hash, so a file ingested twice is processed once."""
         cfg = await anyio.to_thread.run_sync(self.load, src)
         done: list[tuple[Path, Envelope]] = []
+        for path in files:
+            # Before any is read or processed: a file is read whole, so it is bounded first.
+            size = (await anyio.Path(path).stat()).st_size
+            if size > cfg.max_message_bytes:
+                raise ConfigError(
+                    f"{path} is {size} bytes, over the mailbox's maxMessageBytes "
+                    f"({cfg.max_message_bytes}): it would only become a failure event again; "
+                    "raise maxMessageBytes to replay it"
+                )
 
         async def body(send: MemoryObjectSendStream[Item]) -> None:
             check = await submit(send, DirectoryCheck(mailbox=cfg))

@@ -1022,3 +1022,14 @@ def load_error_at(path: Path) -> ConfigError:
     with pytest.raises(ConfigError) as info:
         load_mailbox(path)
     return info.value
+
+
+def test_a_password_file_that_is_not_a_regular_file_is_refused_without_waiting(
+    tmp_path: Path,
+) -> None:
+    fifo = tmp_path / "pw.fifo"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    err = load_error(tmp_path, mailbox(password=f"<passwordFile>{fifo}</passwordFile>"))
+    assert time.monotonic() - started < 5
+    assert "is not a regular file" in err.reason and err.element == "server/passwordFile"

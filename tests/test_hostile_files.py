@@ -415,3 +415,28 @@ def test_a_store_error_is_reported_per_mailbox_never_as_no_mailbox(tmp_path: Pat
         assert db.execute("SELECT count(*) FROM ledger").fetchone()[0] == 0
     finally:
         db.close()
+
+
+# ------------------------------------------------------------------ files to replay
+
+
+def test_ingest_refuses_a_file_over_max_message_bytes_before_reading_it(tmp_path: Path) -> None:
+    """``ingest`` read each file whole: a 256 MiB file became a 256 MiB failure event (and as
+    much memory). A file over the mailbox's maxMessageBytes is now refused before any file
+    is read or processed, with status 2."""
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    conf = mailbox_xml(tmp_path / "box.xml", port=110, user="u", password="p")
+    small = tmp_path / "small.eml"
+    small.write_bytes(message("Small enough"))
+    big = tmp_path / "big.eml"
+    with big.open("wb") as fh:  # sparse: 256 MiB to read, none on the disk
+        fh.write(message("Too big"))
+        fh.truncate(256 * 1024 * 1024)
+    run = engine("ingest", small, big, "--config", conf, "--data-dir", data)
+    assert run.code == 2, run.err
+    assert f"{big} is 268435456 bytes, over the mailbox's maxMessageBytes (26214400)" in run.err
+    assert requests(data) == []  # not even the small one: nothing is half done
+    baseline = engine("ingest", small, "--config", conf, "--data-dir", data)
+    assert baseline.code == 0, baseline.err
+    assert run.peak_kib < baseline.peak_kib + 32 * 1024, (run.peak_kib, baseline.peak_kib)

@@ -44,7 +44,7 @@ class DataDirLock:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
-            holder = fh.read().strip() or "another process"
+            holder = fh.read(32).strip() or "another process"  # a pid, whatever the file holds
             fh.close()
             raise StoreError(
                 f"the data directory {self.path.parent} is in use by pid {holder}; "
