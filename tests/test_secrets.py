@@ -27,6 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from support import LOGIN, LOGIN_PASSWORD, import_directory, mailbox_xml, message, once, requests
 
 from engine import logs
@@ -393,7 +395,7 @@ def test_scrub_masks_the_forms_a_server_may_echo(
     write it: the forms an error message, a JSON log, a proxy or SMTP AUTH LOGIN give it."""
     # This process's own list of secrets, put back afterwards.
     monkeypatch.setattr(logs, "_SECRETS", set())
-    monkeypatch.setattr(logs, "_NEEDLES", ())
+    monkeypatch.setattr(logs, "_STATE", logs._Scrubber())
     logs.register_secret(secret)
     forms = {
         secret,
@@ -411,3 +413,29 @@ def test_scrub_masks_the_forms_a_server_may_echo(
     # Too short to be masked without blanking ordinary words.
     logs.register_secret("abc")
     assert logs.scrub("abc def") == "abc def"
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    secrets=st.lists(
+        st.text(alphabet="abcdeé€ -_/", min_size=4, max_size=10), min_size=1, max_size=20
+    ),
+    filler=st.lists(st.text(alphabet="abcdeé€ xyz", max_size=6), min_size=1, max_size=30),
+)
+def test_no_registered_secret_survives_a_scrub(
+    secrets: list[str], filler: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Property: whatever the secrets (overlapping, prefixes of each other, non-ASCII) and
+    however many (a search per form for a few, one automaton pass from eight forms on), no
+    whole secret is left in a scrubbed text made of them and other text."""
+    monkeypatch.setattr(logs, "_SECRETS", set())
+    monkeypatch.setattr(logs, "_STATE", logs._Scrubber())
+    for secret in secrets:
+        logs.register_secret(secret)
+    text = "".join(f + secrets[i % len(secrets)] for i, f in enumerate(filler))
+    scrubbed = logs.scrub(text)
+    for secret in secrets:
+        assert secret not in scrubbed, (secret, scrubbed)
+    assert (logs._STATE.automaton is not None) == (len(logs._STATE.needles) >= 8)
