@@ -17,7 +17,9 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -26,7 +28,7 @@ import anyio
 
 from engine import logs
 from engine.errors import AuthenticationFailed, ConfigError, EngineError
-from engine.store import SqliteStore, open_store
+from engine.store import SqliteStore, open_store, store_error
 
 log = logging.getLogger("engine.cli")
 
@@ -97,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
             help="processes that parse messages (default: one per CPU but one; 0: threads only)",
         )
 
+    def follow_symlinks(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--follow-symlinks",
+            action="store_true",
+            help="read mailbox files (and team folders) that are symbolic links, if they lead "
+            "to a place inside the config folder (Kubernetes ConfigMap volumes need this); "
+            "off by default, and links leading out of the folder are refused anyway",
+        )
+
     once = sub.add_parser("once", help="one pass over the mailboxes, then exit")
     src = once.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", type=Path, help="one mailbox XML file")
@@ -104,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     once.add_argument("--dry-run", action="store_true", help="fetch and explain; change nothing")
     once.add_argument("--http-port", type=int, default=0, help="serve /healthz, /metrics")
     once.add_argument("--http-host", default="127.0.0.1")
+    follow_symlinks(once)
     engine_opts(once)
 
     run = sub.add_parser("run", help="the daemon: poll every mailbox, hot-reload the folder")
@@ -113,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--grace-seconds", type=float, default=30.0)
     run.add_argument("--http-host", default="127.0.0.1")
     run.add_argument("--http-port", type=int, default=8080, help="0 turns the endpoint off")
+    follow_symlinks(run)
     engine_opts(run)
 
     ingest = sub.add_parser("ingest", help="process .eml files as if fetched from a mailbox")
@@ -164,6 +177,21 @@ def _at_least(low: int) -> Callable[[str], int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line and run it; returns the exit status.
+
+    Every file and folder the command creates is for its owner alone (umask 077): the
+    database holds every mail and the login's password hash, and the log, the attachments
+    and --debug's raw messages hold mail too. The caller's umask is restored on return, for
+    in-process callers.
+    """
+    umask = os.umask(0o077)
+    try:
+        return _main(argv)
+    finally:
+        os.umask(umask)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     try:
         translated = translate_original(args_in)
@@ -178,6 +206,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except sqlite3.Error as exc:
+        # The store failed outside the writer (which answers its own errors): a corrupt page
+        # met by a read, say. A clear line and 2, as for an error at opening it.
+        data_dir = getattr(args, "data_dir", Path("data"))
+        error = store_error(exc, data_dir / "mailintegration.sqlite3")
+        print(f"mailintegration: {logs.scrub(str(error))}", file=sys.stderr)
+        return 2
+    except Exception:
+        # A bug: the traceback helps, but it may quote a password (a library's message, a
+        # local's repr); it is scrubbed like every log line. 1, as Python's own exit.
+        print(logs.scrub(traceback.format_exc()), file=sys.stderr, end="")
+        return 1
 
 
 def run() -> NoReturn:
@@ -206,9 +246,10 @@ async def _dispatch(args: argparse.Namespace) -> int:
 
 
 async def open_for_reading(data_dir: Path) -> SqliteStore:
+    """The store, read-only: works on a read-only data directory, and never changes it."""
     if not (data_dir / "mailintegration.sqlite3").exists():
         raise EngineError(f"no store in {data_dir}: nothing has run there yet (see --data-dir)")
-    return await open_store(data_dir)
+    return await open_store(data_dir, read_only=True)
 
 
 def print_json(value: Any) -> None:

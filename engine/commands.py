@@ -18,7 +18,7 @@ import anyio.to_thread
 from engine import logs
 from engine.cli import open_for_reading, print_json
 from engine.errors import AuthenticationFailed, ConfigError, EngineError, FetchError
-from engine.store import DataDirLock, SqliteStore, open_store
+from engine.store import DataDirLock, SqliteStore, open_store, private_file
 
 if TYPE_CHECKING:
     from engine.supervisor import Engine, MailboxOutcome, MailboxSource
@@ -42,6 +42,8 @@ def _setup_logging(args: argparse.Namespace) -> None:
             f"the folder of the log file {log_file} does not exist; create it or fix /LogFilePath"
         )
     logs.register_secret(getattr(args, "password", None))
+    if log_file is not None:
+        private_file(log_file)
     logs.configure(
         level=logging.DEBUG if getattr(args, "debug", False) else logging.INFO,
         log_file=log_file,
@@ -78,7 +80,7 @@ def _sources(args: argparse.Namespace) -> list[MailboxSource]:
         return [MailboxSource(args.config.stem, args.config)]
     if not args.config_dir.is_dir():
         raise ConfigError(f"the config folder {args.config_dir} does not exist")
-    return discover(args.config_dir)
+    return discover(args.config_dir, follow_symlinks=args.follow_symlinks)
 
 
 async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[int]]) -> int:
@@ -114,6 +116,7 @@ async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[i
                 ),
                 poll_interval=getattr(args, "poll_interval", 60.0),
                 metrics=bool(getattr(args, "http_port", 0)),
+                follow_symlinks=getattr(args, "follow_symlinks", False),
             )
             return await body(Engine(store, settings))
         finally:
@@ -195,12 +198,12 @@ async def cmd_ingest(args: argparse.Namespace) -> int:
         failed = 0
         for path, env in results:
             if env.failure is not None:
-                print(f"{path}: not committed: {env.failure}")
+                print(logs.scrub(f"{path}: not committed: {env.failure}"))
                 failed += 1
                 continue
             what = env.explanation if env.dry_run else env.outcome
             number = f" #{env.request_number}" if env.request_number else ""
-            print(f"{path}: {what}{number}")
+            print(logs.scrub(f"{path}: {what}{number}"))
             failed += bool(env.outcome and env.outcome.startswith("failed"))
         return 0 if failed == 0 else 1
 
@@ -227,9 +230,10 @@ def _print_outcomes(outcomes: list[MailboxOutcome], *, dry_run: bool) -> None:
         for o in outcomes:
             print(f"{o.name}:")
             for line in o.dry_run_lines:
-                print(f"  {line}")
+                print(logs.scrub(f"  {line}"))
             if o.error:
-                print(f"  cannot be read ({getattr(o.error, 'cause', 'error')}): {o.error}")
+                cause = getattr(o.error, "cause", "error")
+                print(logs.scrub(f"  cannot be read ({cause}): {o.error}"))
         return
     if sys.stdout.isatty() and len(outcomes) > 1:
         total = sum(o.result.processed for o in outcomes if o.result)

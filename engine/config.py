@@ -5,8 +5,12 @@ documents every element). :func:`load_mailbox` reads one safely: no DTD, no enti
 schema location hint is ever followed; element names are accepted in any case and the HTML
 named entities of the original documentation (``&eacute;``) work. Every problem is reported as
 one :class:`~engine.errors.ConfigError` naming the file, line and element, and never containing
-a password. :func:`redact_config` gives a file's text with its passwords masked, for support
-bundles and logs.
+a password.
+
+:func:`mailbox_copy` writes a loaded mailbox back as XML, rebuilt from the model with every
+password masked: what an outage event attaches (never the file itself, which may be anything
+once it fails to load). :func:`redact_config` gives a file's text with its passwords masked,
+for support bundles.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import html
 import html.entities
 import os
 import re
+import stat
 import string
 import textwrap
 from dataclasses import dataclass, field
@@ -36,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_SUBJECT_PATTERN",
+    "MAX_COPY_BYTES",
     "REPLY_PLACEHOLDERS",
     "SCHEMA_PATH",
     "MailboxConfig",
@@ -44,6 +50,7 @@ __all__ = [
     "ServerConfig",
     "SmtpConfig",
     "load_mailbox",
+    "mailbox_copy",
     "redact_config",
     "secret_values",
 ]
@@ -65,6 +72,10 @@ class ServerConfig:
     ca_file: Path | None = None
     tls_verify: bool = True
     timeout: float = 30.0
+    # Where the password came from, when not written in the file: passwordFile as written
+    # (relative to the file's folder) or the passwordEnv variable's name. Not secrets.
+    password_file: str | None = None
+    password_env: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,8 @@ class SmtpConfig:
     ca_file: Path | None = None
     tls_verify: bool = True
     timeout: float = 30.0
+    password_file: str | None = None
+    password_env: str | None = None
 
 
 @dataclass(frozen=True)
@@ -302,6 +315,76 @@ def load_mailbox(
     return _build(root, path, ctx, default_team=default_team, name=name or path.stem)
 
 
+def mailbox_copy(cfg: MailboxConfig) -> bytes:
+    """``cfg`` as a mailbox file, rebuilt from the model: what an outage event attaches.
+
+    Every element the model holds is written (defaults included, so the copy shows what the
+    engine used), in the schema's spelling. A password written in the file becomes
+    ``********``; ``passwordFile`` and ``passwordEnv`` keep the names they are. Any other value
+    holding a password has it masked too. Each value is cut at 4 KiB (escaped), so the copy
+    stays under :data:`MAX_COPY_BYTES` whatever the file held. Loading the copy gives the same
+    model but for the masked passwords (and the name and path, which come from the file).
+    """
+    w = _CopyWriter(secret_values(cfg))
+    root = etree.Element(_ROOT)
+    root.append(
+        etree.Comment(
+            " Rebuilt by mailintegration from the configuration it loaded; every password is "
+            f"replaced by {_REDACTED}. "
+        )
+    )
+    w.add(root, "messageProcessorTypeName", _PROCESSOR_TYPE_NAMES[cfg.processor])
+    s = cfg.server
+    server = etree.SubElement(root, "server")
+    w.add(server, "gatewayTypeName", s.gateway)
+    w.add(server, "serverName", s.host)
+    w.add(server, "port", s.port)
+    w.add(server, "useSsl", s.use_ssl)
+    w.add(server, "startTls", s.starttls)
+    w.add(server, "userName", s.user_name)
+    w.password(server, s.password, s.password_file, s.password_env)
+    w.add(server, "caFile", s.ca_file)
+    w.add(server, "tlsVerify", s.tls_verify)
+    w.add(server, "timeoutSeconds", int(s.timeout))
+    w.add(root, "team", cfg.team)
+    w.add(root, "incidentFallbackSiteName", cfg.fallback_site)
+    w.add(root, "incidentFallbackUserLogon", cfg.fallback_user)
+    # The model keeps one group: the element this processor reads first gives it back.
+    w.add(root, "incidentGroup" if cfg.processor == "incident" else "group", cfg.group)
+    w.add(root, "assignee", cfg.assignee)
+    w.add(root, "incidentSource", cfg.source)
+    w.add(root, "ignoredAttachments", ", ".join(cfg.ignored_attachments) or None)
+    w.add(root, "createNewRequests", cfg.create_new_requests)
+    w.add(root, "includeRawMessageAsAttachment", cfg.include_raw_message)
+    if cfg.subject_pattern != DEFAULT_SUBJECT_PATTERN:
+        w.add(root, "subjectPattern", cfg.subject_pattern.pattern)
+    w.add(root, "maxMessageBytes", cfg.max_message_bytes)
+    w.add(root, "maxAttachmentBytes", cfg.max_attachment_bytes)
+    w.add(root, "maxAttachmentsBytes", cfg.max_attachments_bytes)
+    poll = cfg.poll_interval
+    w.add(root, "pollIntervalSeconds", None if poll is None else int(poll))
+    if cfg.smtp is not None:
+        m = cfg.smtp
+        smtp = etree.SubElement(root, "smtp")
+        w.add(smtp, "serverName", m.host)
+        w.add(smtp, "port", m.port)
+        w.add(smtp, "useSsl", m.use_ssl)
+        w.add(smtp, "startTls", m.starttls)
+        w.add(smtp, "userName", m.user_name)
+        w.password(smtp, m.password, m.password_file, m.password_env)
+        w.add(smtp, "from", m.sender)
+        w.add(smtp, "caFile", m.ca_file)
+        w.add(smtp, "tlsVerify", m.tls_verify)
+        w.add(smtp, "timeoutSeconds", int(m.timeout))
+    if cfg.reply_template is not None:
+        reply = etree.SubElement(root, "replyTemplate")
+        w.add(reply, "subject", cfg.reply_template.subject)
+        w.add(reply, "body", cfg.reply_template.body)
+    etree.indent(root, space="  ")
+    out: bytes = etree.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
+    return out
+
+
 def redact_config(data: bytes) -> bytes:
     """The file ``data`` with the content of every password masked, for logs and bug reports.
 
@@ -417,10 +500,11 @@ def _strip_quotes(message: str) -> str:
 def _parse(path: Path, ctx: _Context) -> etree._Element:
     """Bytes -> a safe, well-formed lxml tree whose elements know their source line."""
     try:
-        with path.open("rb") as fh:
-            data = fh.read(_MAX_CONFIG_BYTES + 1)
+        data = _read_bounded(path, _MAX_CONFIG_BYTES)
     except OSError as exc:
         raise ctx.error(f"cannot read the file: {exc.strerror or type(exc).__name__}") from None
+    if data is None:
+        raise ctx.error("not a regular file; a mailbox file must be one")
     if len(data) > _MAX_CONFIG_BYTES:
         raise ctx.error(f"the file is over {_MAX_CONFIG_BYTES} bytes; is it a mailbox file?")
 
@@ -475,6 +559,19 @@ def _parse(path: Path, ctx: _Context) -> etree._Element:
                     at=el,
                 )
     return root
+
+
+def _read_bounded(path: Path, limit: int) -> bytes | None:
+    """At most ``limit`` + 1 bytes of ``path``, or None if it is not a regular file.
+
+    Opened without blocking: a FIFO would otherwise hang the open until some writer came
+    (a device such as /dev/zero is refused the same way).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return fh.read(limit + 1)
 
 
 def _decode(data: bytes, ctx: _Context) -> str:
@@ -600,11 +697,13 @@ def _secret_spans(text: str) -> list[tuple[int, int]]:
             continue  # <password/>
         start = gt + 1
         line_end = _line_end(text, start)
-        closing = _PASSWORD_CLOSE.search(text, start)
-        if closing and (
-            closing.start() <= line_end or "<" not in _CDATA.sub("", text[start : closing.start()])
-        ):
-            spans.append((start, closing.start()))
+        closing = _closing_tag(text, start)
+        if closing < 0:
+            # A CDATA section that never ends: it runs to the end of the file, and so may
+            # the secret.
+            spans.append((start, len(text)))
+        elif closing <= line_end or "<" not in _CDATA.sub("", text[start:closing]):
+            spans.append((start, closing))
         else:
             # Unclosed (or closed only after other elements): mask to the end of the line, the
             # most a hand-written value can be without hiding the rest of the file.
@@ -622,6 +721,28 @@ def _secret_spans(text: str) -> list[tuple[int, int]]:
             if unquoted:
                 spans.append((pos, unquoted.end()))
 
+    return _merge(spans)
+
+
+def _closing_tag(text: str, start: int) -> int:
+    """Where the password's closing tag begins: the first one after ``start`` outside CDATA
+    sections (``<![CDATA[a</password>b]]>`` is one value). ``len(text)`` if there is none, -1
+    if a CDATA section is left open."""
+    pos = start
+    while True:
+        closing = _PASSWORD_CLOSE.search(text, pos)
+        end = closing.start() if closing else len(text)
+        cdata = text.find("<![CDATA[", pos, end)
+        if cdata < 0:
+            return end
+        pos = text.find("]]>", cdata + 9)
+        if pos < 0:
+            return -1
+        pos += 3
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Non-empty spans, sorted, overlapping ones joined."""
     merged: list[tuple[int, int]] = []
     for start, end in sorted(s for s in spans if s[1] > s[0]):
         if merged and start <= merged[-1][1]:
@@ -629,6 +750,26 @@ def _secret_spans(text: str) -> list[tuple[int, int]]:
         else:
             merged.append((start, end))
     return merged
+
+
+def _secret_variants(value: str) -> set[str]:
+    """The ways a password found in a file may be written elsewhere in it: as found, trimmed,
+    unwrapped from CDATA, unescaped, and escaped again."""
+    variants = {value, value.strip()}
+    inner = "".join(m.group(0)[9:-3] for m in _CDATA.finditer(value))
+    if inner:
+        variants |= {inner, inner.strip()}
+    for v in list(variants):
+        plain = html.unescape(v)
+        minimal = plain.replace("&", "&amp;").replace("<", "&lt;")  # all XML requires
+        variants |= {
+            plain,
+            minimal,
+            minimal.replace('"', "&quot;"),
+            html.escape(plain, quote=False),
+            html.escape(plain),
+        }
+    return {v for v in variants if v.strip()}
 
 
 def _line_end(text: str, pos: int) -> int:
@@ -639,10 +780,94 @@ def _line_end(text: str, pos: int) -> int:
     return end - 1 if end > pos and text[end - 1] == "\r" else end
 
 
+# --------------------------------------------------------------------------------------------
+# The rebuilt copy
+# --------------------------------------------------------------------------------------------
+
+_PROCESSOR_TYPE_NAMES: Final[dict[ProcessorKind, str]] = {
+    "incident": "Octopus.MailIntegration.Processors.EndUserIncidentMailMessageProcessor, "
+    "Octopus.MailIntegration",
+    "event": "Octopus.MailIntegration.Processors.EventMailMessageProcessor, "
+    "Octopus.MailIntegration",
+}
+_MAX_COPY_VALUE_BYTES: Final = 4096
+MAX_COPY_BYTES: Final = 256 * 1024
+"""The most :func:`mailbox_copy` returns: its ~40 elements of at most 4 KiB each, and markup."""
+
+# Characters XML 1.0 cannot hold, even as references. A parsed file holds none, but a value
+# may come from elsewhere (--team on the command line).
+_NOT_XML: Final = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_ESCAPED_SIZE: Final = {"&": 5, "<": 4, ">": 4, "\r": 5}
+
+
+class _CopyWriter:
+    """Adds the elements of :func:`mailbox_copy`: values masked, bounded and XML-safe."""
+
+    def __init__(self, secrets: tuple[str, ...]) -> None:
+        self.secrets = secrets
+
+    def add(self, parent: etree._Element, name: str, value: str | int | bool | Path | None) -> None:
+        if value is None:
+            return
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        else:
+            text = _NOT_XML.sub("\ufffd", _mask_secrets(str(value), self.secrets))
+        child = etree.SubElement(parent, name)
+        child.text, cut = _bounded(text)
+        if cut:
+            parent.append(etree.Comment(f" {name}: {cut} more characters not shown "))
+
+    def password(
+        self, parent: etree._Element, password: str | None, file: str | None, env: str | None
+    ) -> None:
+        if file is not None:
+            self.add(parent, "passwordFile", file)
+        elif env is not None:
+            self.add(parent, "passwordEnv", env)
+        elif password is not None:
+            etree.SubElement(parent, "password").text = _REDACTED
+
+
+def _mask_secrets(text: str, secrets: tuple[str, ...]) -> str:
+    """``text`` with every occurrence of each secret masked."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = re.sub(_occurrences(secret), _REDACTED, text)
+    return text
+
+
+def _occurrences(secret: str) -> str:
+    """A pattern finding ``secret`` in a text: anywhere, or, under four characters, only where
+    it stands alone (masking each "pw" inside words would garble the text)."""
+    if len(secret) >= 4:
+        return re.escape(secret)
+    return rf"(?<!\w){re.escape(secret)}(?!\w)"
+
+
+def _bounded(value: str) -> tuple[str, int]:
+    """``value`` cut so that, UTF-8 encoded and escaped, it fits in 4 KiB; and how many
+    characters were cut."""
+    if len(value) * 5 <= _MAX_COPY_VALUE_BYTES:
+        return value, 0
+    size = 0
+    for i, ch in enumerate(value):
+        size += _ESCAPED_SIZE.get(ch) or len(ch.encode("utf-8", "surrogatepass"))
+        if size > _MAX_COPY_VALUE_BYTES:
+            return value[:i], len(value) - i
+    return value, 0
+
+
 def _redact_text(text: str) -> str:
+    spans = _secret_spans(text)
+    # The same values anywhere else (an attribute, another element, a comment) are masked too.
+    values: set[str] = set()
+    for start, end in spans:
+        values |= _secret_variants(text[start:end])
+    for value in values:
+        spans += [m.span() for m in re.finditer(_occurrences(value), text)]
     parts: list[str] = []
     last = 0
-    for start, end in _secret_spans(text):
+    for start, end in _merge(spans):
         parts += [text[last:start], _REDACTED]
         last = end
     parts.append(text[last:])
@@ -765,7 +990,7 @@ def _schema_error(err: XMLSchemaValidationError, ctx: _Context) -> ConfigError:
     if decl is not None and decl.type.is_simple():
         if len(el):
             return ctx.error("must contain text only, not elements", at=el)
-        return ctx.error(_bad_value(el, decl.type), at=el)
+        return ctx.error(_bad_value(el, decl.type, ctx), at=el)
 
     if decl is not None and ((el.text or "").strip() or any((c.tail or "").strip() for c in el)):
         return ctx.error(
@@ -776,9 +1001,10 @@ def _schema_error(err: XMLSchemaValidationError, ctx: _Context) -> ConfigError:
     return ctx.error(f"does not match the schema: {_strip_quotes(reason)}", at=el)
 
 
-def _bad_value(el: etree._Element, xsd_type: Any) -> str:
+def _bad_value(el: etree._Element, xsd_type: Any, ctx: _Context) -> str:
     expected = _describe_type(xsd_type)
-    value = " ".join((el.text or "").split())
+    # Scrubbed before it is cut: a password cut in two would be recognised by no scrub.
+    value = ctx.scrub(" ".join((el.text or "").split()))
     if not value:
         return f"must not be empty; expected {expected}"
     if el.tag == "password":
@@ -934,6 +1160,8 @@ def _server(el: etree._Element, base: Path, ctx: _Context) -> ServerConfig:
         ca_file=_ca_file(el, base, ctx),
         tls_verify=_bool(el, "tlsVerify", True),
         timeout=float(_int(el, "timeoutSeconds") or 30),
+        password_file=_token(el, "passwordFile"),
+        password_env=_token(el, "passwordEnv"),
     )
 
 
@@ -964,6 +1192,8 @@ def _smtp(el: etree._Element, base: Path, ctx: _Context) -> SmtpConfig:
         ca_file=_ca_file(el, base, ctx),
         tls_verify=_bool(el, "tlsVerify", True),
         timeout=float(_int(el, "timeoutSeconds") or 30),
+        password_file=_token(el, "passwordFile"),
+        password_env=_token(el, "passwordEnv"),
     )
 
 
@@ -1013,13 +1243,14 @@ def _password(el: etree._Element, base: Path, ctx: _Context, *, required: bool) 
 def _read_secret_file(source: etree._Element, base: Path, ctx: _Context) -> str:
     secret_path = base / " ".join((source.text or "").split())
     try:
-        with secret_path.open("rb") as fh:
-            data = fh.read(_MAX_SECRET_FILE_BYTES + 1)
+        data = _read_bounded(secret_path, _MAX_SECRET_FILE_BYTES)
     except OSError as exc:
         raise ctx.error(
             f"cannot read the password file {secret_path}: {exc.strerror or type(exc).__name__}",
             at=source,
         ) from None
+    if data is None:
+        raise ctx.error(f"the password file {secret_path} is not a regular file", at=source)
     if len(data) > _MAX_SECRET_FILE_BYTES:
         raise ctx.error(f"the password file {secret_path} is too large", at=source)
     try:

@@ -21,10 +21,7 @@ class ConfigError(EngineError):
     """
 
     cause = "config"
-    hint = (
-        "Fix the mailbox's XML file (the attached copy has its passwords removed); the "
-        "engine reads it again on the next run."
-    )
+    hint = "Fix the mailbox's XML file; the engine reads it again on the next run."
 
     def __init__(
         self,
@@ -137,6 +134,9 @@ class LimitExceeded(MessageError):
 
 class StoreError(EngineError):
     """The store could not be opened, migrated or written."""
+
+    cause = "store"
+    hint = "Check the data directory: free space, permissions, and the database file itself."
 
 
 class AuthenticationFailed(EngineError):

@@ -163,9 +163,15 @@ async def _send(send: MemoryObjectSendStream[Item], item: Item) -> None:
 
 
 async def run_session(
-    cfg: MailboxConfig, send: MemoryObjectSendStream[Item], opts: FetchOptions
+    cfg: MailboxConfig,
+    send: MemoryObjectSendStream[Item],
+    opts: FetchOptions,
+    result: SessionResult | None = None,
 ) -> SessionResult:
-    """One pass over the mailbox. Raises an :class:`EngineError` when the mailbox can't be read."""
+    """One pass over the mailbox. Raises an :class:`EngineError` when the mailbox can't be read.
+
+    ``result``, when given, is counted into as the session goes: a session that fails still
+    tells how far it got."""
     check = await submit(send, DirectoryCheck(mailbox=cfg))
     assert isinstance(check, DirectoryCheck)
     if check.problem is not None:
@@ -178,7 +184,7 @@ async def run_session(
             fn, *args, limiter=opts.limiter, abandon_on_cancel=True
         )
 
-    result = SessionResult()
+    result = SessionResult() if result is None else result
     session = Pop3Session(cfg.server)
     # Windows fetched and not yet handed to the writer, oldest first: each holds its grant of
     # the byte budget until its last envelope is sent (the writer then gives it back).

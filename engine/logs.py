@@ -2,30 +2,104 @@
 
 Named loggers per subsystem (``engine.fetcher``, ``engine.writer``…), %-style arguments, and a
 filter on every handler that replaces any configured password with ``********``: a secret that
-slips into an exception text from a library still never reaches a log line.
+slips into an exception text from a library still never reaches a log line. The same
+:func:`scrub` guards every text the store writes (see ``engine.store.sqlite``), /healthz and
+what the command line prints: one list of secrets, one scrubber.
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import logging
 import sys
+import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 
+import ahocorasick_rs
+
 _SECRETS: set[str] = set()
+_MASK = "********"
+# Below this many forms a search per form is cheaper than an automaton's pass (~1.5 us per
+# form and ~10 us a pass, on a 2 KiB text here).
+_AUTOMATON_FROM = 8
+
+
+@dataclass(frozen=True)
+class _Scrubber:
+    """Every form to mask, longest first (so that a secret holding another is masked whole),
+    and, for many forms, one Aho-Corasick automaton over them all. Replaced whole when a
+    secret is added, so a scrub running meanwhile in another thread sees one or the other."""
+
+    needles: tuple[str, ...] = ()
+    automaton: ahocorasick_rs.AhoCorasick | None = None
+
+
+_STATE = _Scrubber()
 
 
 def register_secret(value: str | None) -> None:
-    """Passwords shorter than 4 characters would blank out ordinary words; they are rare."""
-    if value and len(value) >= 4:
-        _SECRETS.add(value)
+    """Mask ``value`` from now on in logs and in everything the store writes.
+
+    Passwords shorter than 4 characters would blank out ordinary words; they are rare.
+    Besides the value as it is, the forms a server or a library may echo it in are masked:
+    Python's repr (our errors quote a server's line with ``!r``), JSON, XML/HTML escaping,
+    percent-encoding (servers and proxies that log URLs or form bodies) and base64 (what SMTP
+    AUTH LOGIN sends, so what a server may quote back). A form only counts when it differs
+    from the value: an alphanumeric password adds its base64 alone.
+    """
+    global _STATE
+    if not value or len(value) < 4 or value in _SECRETS:
+        return
+    _SECRETS.add(value)
+    forms = set(_STATE.needles) | {value, *_variants(value)}
+    needles = tuple(sorted((f for f in forms if len(f) >= 4), key=len, reverse=True))
+    automaton = None
+    if len(needles) >= _AUTOMATON_FROM:
+        automaton = ahocorasick_rs.AhoCorasick(
+            needles, matchkind=ahocorasick_rs.MatchKind.LeftmostLongest
+        )
+    _STATE = _Scrubber(needles, automaton)
+
+
+def _variants(value: str) -> set[str]:
+    return {
+        repr(value)[1:-1],
+        json.dumps(value)[1:-1],
+        json.dumps(value, ensure_ascii=False)[1:-1],
+        html.escape(value),
+        html.escape(value, quote=False),
+        urllib.parse.quote(value, safe=""),
+        urllib.parse.quote_plus(value, safe=""),
+        base64.b64encode(value.encode()).decode().rstrip("="),
+    }
 
 
 def scrub(text: str) -> str:
-    for secret in _SECRETS:
-        if secret in text:
-            text = text.replace(secret, "********")
-    return text
+    """``text`` with every registered secret, in each of its forms, replaced by ``********``.
+
+    It runs on every text the store writes, so its cost per message matters: with one
+    mailbox, a search per form (~2.5 us a message of 2 KiB here); with 51 secrets (102
+    forms), one automaton pass (18-27 us, against ~100 us for a search per form).
+    """
+    state = _STATE
+    if state.automaton is None:
+        for needle in state.needles:
+            if needle in text:
+                text = text.replace(needle, _MASK)
+        return text
+    found = state.automaton.find_matches_as_indexes(text)
+    if not found:
+        return text
+    parts: list[str] = []
+    last = 0
+    for _, start, end in found:  # leftmost-longest, never overlapping
+        parts += [text[last:start], _MASK]
+        last = end
+    parts.append(text[last:])
+    return "".join(parts)
 
 
 class SecretFilter(logging.Filter):

@@ -1,8 +1,9 @@
 """The blocking POP3 session, on stdlib poplib. It runs only in worker threads.
 
 A thread cannot be cancelled, so the socket timeout is what bounds every call here. Every
-library exception is translated into :mod:`engine.errors` at this boundary; none of those
-messages can carry the password (the server never echoes it and we never format it).
+library exception is translated into :mod:`engine.errors` at this boundary. We never format
+the password into a message, but a server may echo it in its ``-ERR``: the line it sent is
+scrubbed of every configured secret before it is quoted or cut.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from engine.errors import (
     ServerTempError,
     TLSError,
 )
+from engine.logs import scrub
 
 log = logging.getLogger("engine.pop3")
 
@@ -65,7 +67,9 @@ def _server_error(exc: poplib.error_proto, during: str) -> FetchError:
     """Classify a -ERR by its RFC 2449 / RFC 3206 response code."""
     text = exc.args[0] if exc.args else b""
     raw = text if isinstance(text, bytes) else str(text).encode()
-    line = raw.decode("utf-8", "replace").strip()[:300]
+    # Scrubbed before it is cut: a cut through an echoed password would leave a part of it
+    # that no later scrub recognises.
+    line = scrub(raw.decode("utf-8", "replace")).strip()[:300]
     m = _CODE.search(raw)
     code = m.group(1).decode() if m else ""
     if code == "IN-USE":

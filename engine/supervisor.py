@@ -8,10 +8,12 @@ and when the last one closes the writer drains what is left and ends by itself.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import random
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from engine import logs
 from engine.config import MailboxConfig, load_mailbox, secret_values
-from engine.errors import EngineError, ProtocolError, StoreError
+from engine.errors import ConfigError, EngineError, ProtocolError, StoreError
 from engine.fetcher import (
     ByteBudget,
     FetchOptions,
@@ -41,23 +43,88 @@ log = logging.getLogger("engine.supervisor")
 
 @dataclass(frozen=True)
 class MailboxSource:
-    """A mailbox file. ``name`` is its path below the config folder, without ``.xml``."""
+    """A mailbox file. ``name`` is its path below the config folder, without ``.xml``.
+
+    ``refused`` says why discovery refused the entry (a symbolic link, not a regular file):
+    it is then never read, and reported as a config outage of that name.
+    """
 
     name: str
     path: Path
     team: str | None = None
+    refused: str | None = None
 
 
-def discover(config_dir: Path) -> list[MailboxSource]:
-    """``*.xml`` in the folder and in one level of per-team subfolders (``<team>/x.xml``)."""
-    found = [MailboxSource(p.stem, p) for p in sorted(config_dir.glob("*.xml")) if p.is_file()]
-    for sub in sorted(p for p in config_dir.iterdir() if p.is_dir()):
-        if sub.name.startswith("."):
+def discover(config_dir: Path, *, follow_symlinks: bool = False) -> list[MailboxSource]:
+    """``*.xml`` in the folder and in one level of per-team subfolders (``<team>/x.xml``).
+
+    Only regular files are read. A symbolic link (to a file, or a team folder) is refused
+    unless ``follow_symlinks``, and even then when it resolves outside the config folder: a
+    link named ``x.xml`` to ``/etc/shadow`` or ``/proc/self/environ`` must never be read, let
+    alone end up in an outage event. Refused entries are returned, marked, so that each
+    becomes a config outage instead of vanishing silently.
+    """
+    root = config_dir.resolve()
+    found: list[MailboxSource] = []
+    entries = sorted(config_dir.iterdir())
+    for p in entries:
+        if p.name.endswith(".xml") and not _is_folder(p):
+            found.append(_source(p.stem, p, None, root, follow_symlinks))
+    for sub in entries:
+        if sub.name.startswith(".") or not _is_folder(sub):
             continue
-        for p in sorted(sub.glob("*.xml")):
-            if p.is_file():
-                found.append(MailboxSource(f"{sub.name}/{p.stem}", p, team=sub.name))
+        if sub.is_symlink():
+            why = _refused_link(sub, root, follow_symlinks, "team folder")
+            if why is not None:
+                found.append(MailboxSource(f"{sub.name}/", sub, team=sub.name, refused=why))
+                continue
+        for p in sorted(sub.iterdir()):
+            if p.name.endswith(".xml") and not _is_folder(p):
+                found.append(_source(f"{sub.name}/{p.stem}", p, sub.name, root, follow_symlinks))
     return found
+
+
+def _is_folder(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _source(
+    name: str, path: Path, team: str | None, root: Path, follow_symlinks: bool
+) -> MailboxSource:
+    why = None
+    if path.is_symlink():
+        why = _refused_link(path, root, follow_symlinks, "mailbox file")
+    if why is None:
+        try:
+            regular = stat.S_ISREG(path.stat().st_mode)
+        except OSError as exc:
+            why = f"cannot be read: {exc.strerror or type(exc).__name__}"
+        else:
+            if not regular:
+                why = "is not a regular file; a mailbox file must be one"
+    return MailboxSource(name, path, team, refused=why)
+
+
+def _refused_link(path: Path, root: Path, follow_symlinks: bool, what: str) -> str | None:
+    """Why the link ``path`` may not be followed, or None if it may."""
+    if not follow_symlinks:
+        return (
+            f"the {what} is a symbolic link, which the engine does not follow unless told to "
+            "(--follow-symlinks, for links that stay inside the config folder)"
+        )
+    try:
+        target = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return f"the {what} is a symbolic link to nothing"
+    if not target.is_relative_to(root):
+        return (
+            f"the {what} is a symbolic link to {target}, outside the config folder {root}; "
+            "refused even with --follow-symlinks"
+        )
+    return None
 
 
 def default_parse_processes() -> int:
@@ -85,6 +152,8 @@ class EngineSettings:
     # Prometheus metrics, for /metrics: without an HTTP endpoint nobody reads them, and
     # prometheus_client costs every start ~15 ms.
     metrics: bool = True
+    # Whether discovery follows symbolic links that stay inside the config folder.
+    follow_symlinks: bool = False
 
 
 @dataclass
@@ -120,6 +189,7 @@ class Engine:
         self.budget = ByteBudget(settings.max_inflight_bytes)
         self.processes = Parsers(settings.parse_processes) if settings.parse_processes else None
         self.totals: dict[str, SessionResult] = {}
+        self.errors: dict[str, str] = {}  # the last session's error, per failing mailbox
         # Set by a signal: loops finish their current session, then everything drains.
         self.stop = anyio.Event()
         # Called as each mailbox of a `once` pass finishes (progress on a terminal).
@@ -187,10 +257,12 @@ class Engine:
                 if self.processes is not None:
                     tg.start_soon(self.processes.start)
                 while not stop.is_set():
-                    current = {
-                        src.name: src
-                        for src in await anyio.to_thread.run_sync(discover, config_dir)
-                    }
+                    found = await anyio.to_thread.run_sync(
+                        functools.partial(
+                            discover, config_dir, follow_symlinks=self.settings.follow_symlinks
+                        )
+                    )
+                    current = {src.name: src for src in found}
                     for name, loop in list(loops.items()):
                         if name not in current or loop.src.path != current[name].path:
                             log.info("mailbox=%s removed: stopping after its current session", name)
@@ -241,6 +313,15 @@ class Engine:
         hash, so a file ingested twice is processed once."""
         cfg = await anyio.to_thread.run_sync(self.load, src)
         done: list[tuple[Path, Envelope]] = []
+        for path in files:
+            # Before any is read or processed: a file is read whole, so it is bounded first.
+            size = (await anyio.Path(path).stat()).st_size
+            if size > cfg.max_message_bytes:
+                raise ConfigError(
+                    f"{path} is {size} bytes, over the mailbox's maxMessageBytes "
+                    f"({cfg.max_message_bytes}): it would only become a failure event again; "
+                    "raise maxMessageBytes to replay it"
+                )
 
         async def body(send: MemoryObjectSendStream[Item]) -> None:
             check = await submit(send, DirectoryCheck(mailbox=cfg))
@@ -259,6 +340,8 @@ class Engine:
         return done
 
     def load(self, src: MailboxSource) -> MailboxConfig:
+        if src.refused is not None:
+            raise ConfigError(src.refused, file=str(src.path))
         cfg = load_mailbox(
             src.path, default_team=src.team or self.settings.default_team, name=src.name
         )
@@ -288,10 +371,12 @@ class Engine:
             cfg = await anyio.to_thread.run_sync(self.load, src)
             outcome.poll_interval = cfg.poll_interval
             async with self.sessions:
-                outcome.result = await run_session(cfg, send, opts)
+                outcome.result = SessionResult()  # counted into, even if the session fails
+                await run_session(cfg, send, opts, outcome.result)
         except StoreError as exc:
             log.error("mailbox=%s the store failed; nothing was deleted: %s", src.name, exc)
             outcome.error = exc
+            self._account(src.name, outcome)  # the summary names it, and its error
             return outcome
         except EngineError as exc:
             outcome.error = exc
@@ -314,6 +399,7 @@ class Engine:
             path=src.path,
             team=cfg.team if cfg else src.team or self.settings.default_team,
             error=outcome.error,
+            config=cfg,
             fetched=result.fetched,
             processed=result.processed,
             failed=result.failed,
@@ -338,14 +424,19 @@ class Engine:
             m.outage.labels(name).set(0 if err is None else 1)
         if err is None:
             self.health.success(name)
+            self.errors.pop(name, None)
         else:
             self.health.failure(name, str(cause), logs.scrub(str(err)))
+            self.errors[name] = logs.scrub(f"{cause}: {err}")
 
     def summary(self) -> str:
-        parts = [
-            f"{name}: fetched {t.fetched} processed {t.processed} failed {t.failed}"
-            for name, t in sorted(self.totals.items())
-        ]
+        """Each mailbox's totals, and the error of its last session if it failed."""
+        parts = []
+        for name, t in sorted(self.totals.items()):
+            part = f"{name}: fetched {t.fetched} processed {t.processed} failed {t.failed}"
+            if name in self.errors:
+                part += f" ({self.errors[name]})"
+            parts.append(part)
         return "; ".join(parts) or "no mailbox"
 
 

@@ -24,8 +24,8 @@ import anyio
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from engine import reply
-from engine.config import MailboxConfig, redact_config
+from engine import logs, reply
+from engine.config import MailboxConfig, mailbox_copy
 from engine.errors import DirectoryError, EngineError, MessageError, StoreError, sole
 from engine.model import Attachment, ParsedMessage
 from engine.ops import Metrics
@@ -88,12 +88,18 @@ class DirectoryCheck(Item):
 
 @dataclass(eq=False)
 class SessionReport(Item):
-    """How a mailbox session ended: opens, updates or closes its outage events."""
+    """How a mailbox session ended: opens, updates or closes its outage events.
+
+    ``config`` is the mailbox's configuration when it loaded (None when the file could not be
+    read as one): a new outage event attaches it, rebuilt from the model with its passwords
+    masked. The writer never reads the mailbox file itself.
+    """
 
     name: str
     path: Path
     team: str | None
     error: EngineError | None
+    config: MailboxConfig | None = None
     fetched: int = 0
     processed: int = 0
     failed: int = 0
@@ -547,7 +553,7 @@ class Writer:
                 results.append((reply_id, None))
             except Exception as exc:  # SMTP is best effort; the refusal itself is committed
                 log.warning("mailbox=%s reply to %s not sent: %s", cfg.name, rcpt, exc)
-                results.append((reply_id, str(exc)[:500]))
+                results.append((reply_id, logs.scrub(str(exc))[:500]))  # scrubbed, then cut
         await self.store.begin()
         try:
             for reply_id, error in results:
@@ -649,21 +655,19 @@ class Writer:
                     description=(
                         f"Since {stamp} the mailbox {rep.name} cannot be read.\n\n"
                         f"What went wrong: {error}\nCause: {cause}\nWhat to check: {hint}\n\n"
-                        "The mailbox's configuration is attached with every password removed. "
-                        "Messages stay on the server until the mailbox works again; this event "
-                        "closes by itself then."
+                        f"{_copy_note(rep.config)} Messages stay on the server until the "
+                        "mailbox works again; this event closes by itself then."
                     ),
                     created_by=self.created_by,
                     group=team.default_group,
                     mailbox=rep.name,
                     cause=cause,
                 )
-                config = await anyio.to_thread.run_sync(_redacted_config, rep.path)
-                await self.store.add_attachments(
-                    number,
-                    None,
-                    [Attachment(rep.path.name or "config.xml", "application/xml", config)],
-                )
+                if rep.config is not None:
+                    copy = Attachment(
+                        rep.path.name or "config.xml", "application/xml", mailbox_copy(rep.config)
+                    )
+                    await self.store.add_attachments(number, None, [copy])
                 log.error("mailbox=%s outage %s opened (#%d): %s", rep.name, cause, number, error)
         await self.store.note_session(
             rep.name,
@@ -731,8 +735,15 @@ def _message_id(env: Envelope) -> str | None:
     return mid or None
 
 
-def _redacted_config(path: Path) -> bytes:
-    try:
-        return redact_config(path.read_bytes())
-    except OSError as exc:
-        return f"<!-- the file {path} could not be read: {exc.strerror} -->\n".encode()
+def _copy_note(config: MailboxConfig | None) -> str:
+    """What an outage event says of the configuration attached, or of why none is."""
+    if config is not None:
+        return (
+            "The mailbox's configuration is attached as the engine read it, rebuilt from its "
+            "settings with every password removed."
+        )
+    return (
+        "No copy of the configuration is attached: the file could not be read as a mailbox "
+        "configuration, and the engine only ever attaches one it has read (a file that is "
+        "not one may hold anything)."
+    )

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from lxml import etree
 
 from engine.config import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_SUBJECT_PATTERN,
+    MAX_COPY_BYTES,
     SCHEMA_PATH,
+    MailboxConfig,
     load_mailbox,
+    mailbox_copy,
     redact_config,
     secret_values,
 )
@@ -733,3 +742,294 @@ def test_redact_masks_misspelled_and_other_secret_like_elements(element: str) ->
     redacted = redact_config(data.encode())
     assert CANARY.encode() not in redacted
     assert b"<passwordEnv>PW_VAR</passwordEnv>" in redacted
+
+
+def test_redact_cdata_holding_a_closing_tag_masks_the_whole_value() -> None:
+    data = (
+        "<mailIntegration><server>\n"
+        f"  <password><![CDATA[{CANARY[:6]}</password>{CANARY[6:]}]]></password>\n"
+        "  <userName>u</userName>\n"
+        "</server></mailIntegration>\n"
+    )
+    redacted = redact_config(data.encode()).decode()
+    assert "<password>********</password>" in redacted
+    assert CANARY[6:] not in redacted and CANARY[:6] not in redacted
+    assert "<userName>u</userName>" in redacted
+    # A CDATA section left open hides the rest of the file: it may all be the secret.
+    assert redact_config(f"<password><![CDATA[a\n{CANARY}".encode()) == b"<password>********"
+
+
+# Secrets with the characters that break naive redaction: markup, entities, quotes, CDATA's
+# terminator, the closing tag itself, white space and non-ASCII.
+SECRETS = (
+    st.lists(
+        st.one_of(
+            st.sampled_from([*"<>&\"'];/= \té", "</password>", "]]>", "&amp;", "-->"]),
+            st.characters(min_codepoint=0x30, max_codepoint=0x7A),
+        ),
+        min_size=4,
+        max_size=16,
+    )
+    .map("".join)
+    .filter(lambda s: len(s.strip()) >= 4)
+)
+
+
+def _xml_escape(value: str, *, quote: bool = False) -> str:
+    escaped = value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return escaped.replace('"', "&quot;") if quote else escaped
+
+
+@settings(max_examples=150, deadline=None)
+@given(secret=SECRETS, cdata=st.booleans(), where=st.sets(st.integers(0, 3), min_size=1))
+def test_redact_masks_every_occurrence_of_a_password(
+    secret: str, cdata: bool, where: set[int]
+) -> None:
+    """Property: once a file's password is masked, it shows nowhere else in the file, in its
+    own spelling or escaped: not in an attribute, another element or a comment."""
+    cdata = cdata and "]]>" not in secret
+    value = f"<![CDATA[{secret}]]>" if cdata else _xml_escape(secret)
+    places = [
+        f'  <server note="{_xml_escape(secret, quote=True)}"/>\n',
+        f"  <userName>{_xml_escape(secret)}</userName>\n",
+        f"  <!-- the password is {secret.replace('--', '- -')} -->\n",
+        f"  <incidentSource>{secret}</incidentSource>\n",
+    ]
+    template = (
+        "<mailIntegration>\n  <server>\n    <password>{value}</password>\n  </server>\n"
+        + "".join(places[i] for i in sorted(where))
+        + "</mailIntegration>\n"
+    )
+    redacted = redact_config(template.format(value=value).encode()).decode()
+    baseline = template.format(value="").replace(secret, "")  # what is left around it
+    for form in {secret, _xml_escape(secret), _xml_escape(secret, quote=True)}:
+        if form.strip() and form not in baseline:
+            assert form not in redacted, (form, redacted)
+    assert "<password>********</password>" in redacted
+
+
+# ------------------------------------------------------------------------------- the copy
+
+
+def test_mailbox_copy_of_the_sample_files_loads_back_equal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MONITORING_POP3_PASSWORD", "pop-" + CANARY)
+    monkeypatch.setenv("MONITORING_SMTP_PASSWORD", "smtp-" + CANARY)
+    for sample in ("incident-example.xml", "event-full.xml"):
+        cfg = load_mailbox(write(tmp_path, (CONFIGS / sample).read_bytes(), sample))
+        copy = mailbox_copy(cfg)
+        assert CANARY.encode() not in copy and b"secret" not in copy
+        again = load_mailbox(write(tmp_path, copy, "copy.xml"))
+        assert _but_secrets(again, cfg) == cfg
+    example = mailbox_copy(load_mailbox(write(tmp_path, EXAMPLE)))
+    assert b"<password>********</password>" in example
+    env = mailbox_copy(load_mailbox(write(tmp_path, (CONFIGS / "event-full.xml").read_bytes())))
+    assert b"<passwordEnv>MONITORING_POP3_PASSWORD</passwordEnv>" in env
+    assert b"<passwordEnv>MONITORING_SMTP_PASSWORD</passwordEnv>" in env
+
+
+def _but_secrets(loaded: MailboxConfig, original: MailboxConfig) -> MailboxConfig:
+    """``loaded`` with the name, path and passwords of ``original`` (what a copy cannot
+    give back), after checking that its written-in passwords came back masked."""
+    server = loaded.server
+    if original.server.password_file is None and original.server.password_env is None:
+        assert server.password == "********"
+    smtp = loaded.smtp
+    if smtp is not None and original.smtp is not None:
+        if smtp.password is not None and smtp.password_file is smtp.password_env is None:
+            assert smtp.password == "********"
+        smtp = dataclasses.replace(smtp, password=original.smtp.password)
+    return dataclasses.replace(
+        loaded,
+        name=original.name,
+        path=original.path,
+        server=dataclasses.replace(server, password=original.server.password),
+        smtp=smtp,
+    )
+
+
+TEXT = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Cn", "Co"))
+    | st.sampled_from(" \t\n"),
+    min_size=1,
+    max_size=30,
+).filter(lambda v: bool(v.split()) and "{" not in v and "}" not in v)
+NAME = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789.-", min_size=1, max_size=12)
+OPTIONAL = st.none() | TEXT
+
+
+@st.composite
+def mailbox_files(draw: st.DrawFn) -> tuple[str, dict[str, str]]:
+    """A valid mailbox file using any of the elements, with values full of markup, and the
+    files it names (relative path -> content)."""
+    files: dict[str, str] = {}
+
+    def el(name: str, value: object) -> str:
+        if value is None:
+            return ""
+        text = value if isinstance(value, str) else str(value).lower()
+        return f"<{name}>{_xml_escape(text)}</{name}>"
+
+    def secret(prefix: str) -> str:
+        kind = draw(st.sampled_from(["password", "passwordFile", "passwordEnv"]))
+        if kind == "password":
+            return el("password", draw(SECRETS))
+        if kind == "passwordFile":
+            name = f"{prefix}-{draw(NAME)}.pw"
+            files[name] = draw(SECRETS)
+            return el("passwordFile", name)
+        return el("passwordEnv", f"COPY_TEST_{prefix.upper()}_PW")
+
+    def tls() -> str:
+        mode = draw(st.sampled_from([(None, None), (True, False), (False, True), (False, None)]))
+        return el("useSsl", mode[0]) + el("startTls", mode[1])
+
+    def ca(prefix: str) -> str:
+        if not draw(st.booleans()):
+            return ""
+        files[f"{prefix}-ca.pem"] = "not parsed at load"
+        return el("caFile", f"{prefix}-ca.pem")
+
+    ints = st.none() | st.integers(1, 3600)
+    server = (
+        el("gatewayTypeName", draw(st.sampled_from(["pop3", SIDEPOP, MAILKIT])))
+        + el("serverName", draw(TEXT))
+        + el("port", draw(st.none() | st.integers(1, 65535)))
+        + tls()
+        + el("userName", draw(TEXT))
+        + secret("pop3")
+        + ca("pop3")
+        + el("tlsVerify", draw(st.none() | st.booleans()))
+        + el("timeoutSeconds", draw(ints))
+    )
+    root = (
+        el("messageProcessorTypeName", draw(st.sampled_from([INCIDENT, EVENT])))
+        + f"<server>{server}</server>"
+    )
+    for name in (
+        "team",
+        "incidentFallbackSiteName",
+        "incidentFallbackUserLogon",
+        "incidentGroup",
+        "group",
+        "assignee",
+        "incidentSource",
+    ):
+        root += el(name, draw(OPTIONAL))
+    names = draw(st.lists(TEXT.filter(lambda v: "," not in v), max_size=3))
+    root += el("ignoredAttachments", ", ".join(names) if names else None)
+    root += el("createNewRequests", draw(st.none() | st.booleans()))
+    root += el("includeRawMessageAsAttachment", draw(st.none() | st.booleans()))
+    pattern = draw(st.none() | st.sampled_from([r"#(?P<number>\d+)", r"<&(?P<number>[0-9]+)>"]))
+    root += el("subjectPattern", pattern)
+    root += el("maxMessageBytes", draw(st.none() | st.integers(1024, 1 << 30)))
+    root += el("maxAttachmentBytes", draw(st.none() | st.integers(1, 1 << 30)))
+    root += el("maxAttachmentsBytes", draw(st.none() | st.integers(1, 1 << 30)))
+    root += el("pollIntervalSeconds", draw(st.none() | st.integers(1, 86400)))
+    if draw(st.booleans()):
+        login = draw(st.booleans())
+        root += (
+            "<smtp>"
+            + el("serverName", draw(TEXT))
+            + el("port", draw(st.none() | st.integers(1, 65535)))
+            + tls()
+            + (el("userName", draw(TEXT)) + secret("smtp") if login else "")
+            + el("from", draw(st.sampled_from(["sd@example.com", "Desk & Co <sd@example.com>"])))
+            + ca("smtp")
+            + el("tlsVerify", draw(st.none() | st.booleans()))
+            + el("timeoutSeconds", draw(ints))
+            + "</smtp>"
+        )
+        if draw(st.booleans()):
+            lines = draw(st.lists(st.tuples(st.integers(0, 6), TEXT), min_size=1, max_size=4))
+            body = "\n".join(" " * indent + text.replace("\n", " ") for indent, text in lines)
+            root += (
+                "<replyTemplate>"
+                + el("subject", draw(TEXT) + " {subject}")
+                + el("body", "\n" + body + "\n  {sender} & {mailbox}\n")
+                + "</replyTemplate>"
+            )
+    return (
+        f'<?xml version="1.0" encoding="utf-8"?>\n<mailIntegration>{root}</mailIntegration>\n',
+        files,
+    )
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    # The environment variables are the same for every example: setting them once is right.
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(case=mailbox_files())
+def test_mailbox_copy_loads_back_to_the_same_model(
+    case: tuple[str, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round trip: load(mailbox_copy(load(file))) equals load(file) but for the secrets,
+    whatever the values hold (markup, entities, non-ASCII, white space)."""
+    text, files = case
+    monkeypatch.setenv("COPY_TEST_POP3_PW", "env-pop3-" + CANARY)
+    monkeypatch.setenv("COPY_TEST_SMTP_PW", "env-smtp-" + CANARY)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for name, content in files.items():
+            (folder / name).write_text(content, encoding="utf-8")
+        cfg = load_mailbox(write(folder, text, "box.xml"))
+        copy = mailbox_copy(cfg)
+        for secret in secret_values(cfg):
+            assert secret.encode() not in copy or secret.encode() in text.encode()
+        again = load_mailbox(write(folder, copy, "copy.xml"))
+    assert _but_secrets(again, cfg) == cfg
+
+
+def test_mailbox_copy_masks_a_password_repeated_in_other_values(tmp_path: Path) -> None:
+    text = mailbox(extra=f"<incidentSource>{CANARY}</incidentSource><team>x{CANARY}y</team>")
+    text = text.replace("support@example.com", CANARY)
+    copy = mailbox_copy(load_mailbox(write(tmp_path, text))).decode()
+    assert CANARY not in copy
+    assert "<userName>********</userName>" in copy and "<team>x********y</team>" in copy
+
+
+def test_mailbox_copy_is_bounded_whatever_the_file_held(tmp_path: Path) -> None:
+    """A file just under the size limit, each value full of characters that grow when
+    escaped: the copy stays under MAX_COPY_BYTES, says what it cut, and still loads."""
+    values = {
+        name: "&" * 52_000
+        for name in ("team", "incidentFallbackSiteName", "incidentGroup", "incidentSource")
+    }
+    extra = "".join(f"<{k}>{v.replace('&', '&amp;')}</{k}>" for k, v in values.items())
+    path = write(tmp_path, mailbox(extra=extra))
+    assert 1_000_000 < path.stat().st_size < 1_048_576
+    copy = mailbox_copy(load_mailbox(path))
+    assert len(copy) <= MAX_COPY_BYTES
+    assert b"more characters not shown" in copy
+    again = load_mailbox(write(tmp_path, copy, "copy.xml"))
+    assert again.team is not None and set(again.team) == {"&"} and len(again.team) < 1000
+
+
+def test_a_config_that_is_not_a_regular_file_is_refused_without_waiting(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.xml"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    err = load_error_at(fifo)
+    assert "not a regular file" in err.reason
+    assert time.monotonic() - started < 5
+    assert "not a regular file" in load_error_at(Path("/dev/zero")).reason
+
+
+def load_error_at(path: Path) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_mailbox(path)
+    return info.value
+
+
+def test_a_password_file_that_is_not_a_regular_file_is_refused_without_waiting(
+    tmp_path: Path,
+) -> None:
+    fifo = tmp_path / "pw.fifo"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    err = load_error(tmp_path, mailbox(password=f"<passwordFile>{fifo}</passwordFile>"))
+    assert time.monotonic() - started < 5
+    assert "is not a regular file" in err.reason and err.element == "server/passwordFile"

@@ -10,18 +10,28 @@ attachment, no RawMessage file and no error message; only in the config files th
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import html
+import json
 import os
 import re
 import socket
 import sqlite3
 import subprocess
 import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from support import LOGIN, LOGIN_PASSWORD, import_directory, mailbox_xml, message, once, requests
 
+from engine import logs
 from tools.fakepop3 import FakePOP3Server, Script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -265,3 +275,167 @@ def test_config_errors_never_echo_the_password(tmp_path: Path, old: str, new: st
     assert outage["cause"] == "config"
     assert CANARY not in repr(outage)
     assert leaks(tmp_path, CANARY, allowed={cfg}) == []
+
+
+ECHO = "Echo-Canary-9d4e27"
+
+
+def test_a_server_echoing_the_password_leaks_it_nowhere(tmp_path: Path) -> None:
+    """The server quotes the password in its -ERR. Logs were scrubbed; the store was not: the
+    outage's description, its activities and mailbox_status.last_error held it in clear. Now
+    the canary is in no database file (-wal and -shm included, looked at while the daemon
+    runs), no log, no output and not in /healthz, and the stored texts show it masked."""
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    conf = tmp_path / "mailboxes.d"
+    conf.mkdir()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log_file = logs / "engine.log"
+    script = Script(
+        messages=[message("Waits on the server")],
+        auth_response=f"-ERR [AUTH] invalid password {ECHO} for user sd",
+    )
+    outputs: list[str] = []
+    with FakePOP3Server(script) as server:
+        mailbox_xml(conf / "echo.xml", port=server.port, user="sd", password=ECHO)
+        common = ("--config-dir", conf, "--data-dir", data, "--log-file", log_file)
+        for _ in range(2):
+            code, out, err = engine("once", *common)
+            assert code == 1, err
+            outputs += [out, err]
+        port = closed_port()
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "engine", "run", *map(str, common), "--http-port", str(port)],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "MAILINTEGRATION_LOGIN": LOGIN,
+                "MAILINTEGRATION_PASSWORD": LOGIN_PASSWORD,
+            },
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            health = _wait_for_failing_health(daemon, port, "echo")
+            # The daemon's first session adds the outage's second activity: the -wal holds it.
+            _wait_for(lambda: _activities(data) >= 2, "the daemon's session in the store")
+            running = files_under(data)
+        finally:
+            daemon.terminate()
+            out_b, err_b = daemon.communicate(timeout=60)
+        outputs += [out_b.decode(errors="replace"), err_b.decode(errors="replace")]
+        assert f"PASS {ECHO}".encode() in bytes(server.received)
+        assert server.deleted == []
+
+    assert any(p.name.endswith("-wal") for p in running)
+    assert ECHO not in health
+    for path, content in running.items():
+        assert ECHO.encode() not in content, path
+    assert leaks(tmp_path, ECHO, allowed={conf / "echo.xml"}) == []
+    for text in outputs:
+        assert ECHO not in text
+    [outage] = [r for r in requests(data) if r["kind"] == "outage"]
+    assert outage["cause"] == "authentication"
+    assert "invalid password ******** for user sd" in outage["description"]
+    assert all("invalid password ********" in a["body"] for a in outage["activities"])
+    db = sqlite3.connect(data / "mailintegration.sqlite3")
+    try:
+        [(last_error,)] = db.execute("SELECT last_error FROM mailbox_status").fetchall()
+    finally:
+        db.close()
+    assert "invalid password ******** for user sd" in last_error
+
+
+def _wait_for_failing_health(daemon: subprocess.Popen[bytes], port: int, name: str) -> str:
+    """The body of /healthz once it reports ``name``'s error (bounded: 30 s)."""
+    body = ""
+
+    def failing() -> bool:
+        nonlocal body
+        assert daemon.poll() is None, "the daemon exited"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                body = r.read().decode()
+        except OSError:
+            return False
+        return bool(json.loads(body)["mailboxes"].get(name, {}).get("last_error"))
+
+    _wait_for(failing, "/healthz to report the failing mailbox")
+    return body
+
+
+def _wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / 0.1) + 1):
+        if check():
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _activities(data: Path) -> int:
+    db = sqlite3.connect(data / "mailintegration.sqlite3", timeout=10)
+    try:
+        return int(db.execute("SELECT count(*) FROM activities").fetchone()[0])
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize(
+    "secret", ["p@ss w'rd/%&<é", 'back\\slash"quote', "plain-Secret-42", "tab\there+plus"]
+)
+def test_scrub_masks_the_forms_a_server_may_echo(
+    secret: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As is, and as Python's repr, JSON, XML/HTML escaping, percent-encoding and base64
+    write it: the forms an error message, a JSON log, a proxy or SMTP AUTH LOGIN give it."""
+    # This process's own list of secrets, put back afterwards.
+    monkeypatch.setattr(logs, "_SECRETS", set())
+    monkeypatch.setattr(logs, "_STATE", logs._Scrubber())
+    logs.register_secret(secret)
+    forms = {
+        secret,
+        repr(secret),
+        json.dumps(secret),
+        json.dumps(secret, ensure_ascii=False),
+        html.escape(secret),
+        urllib.parse.quote(secret, safe=""),
+        urllib.parse.quote_plus(secret),
+        base64.b64encode(secret.encode()).decode(),
+    }
+    for form in forms:
+        masked = logs.scrub(f"-ERR refused {form} here")
+        assert "********" in masked and form not in masked and secret not in masked, form
+    # Too short to be masked without blanking ordinary words.
+    logs.register_secret("abc")
+    assert logs.scrub("abc def") == "abc def"
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    secrets=st.lists(
+        st.text(alphabet="abcdeé€ -_/", min_size=4, max_size=10), min_size=1, max_size=20
+    ),
+    filler=st.lists(st.text(alphabet="abcdeé€ xyz", max_size=6), min_size=1, max_size=30),
+)
+def test_no_registered_secret_survives_a_scrub(
+    secrets: list[str], filler: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Property: whatever the secrets (overlapping, prefixes of each other, non-ASCII) and
+    however many (a search per form for a few, one automaton pass from eight forms on), no
+    whole secret is left in a scrubbed text made of them and other text."""
+    monkeypatch.setattr(logs, "_SECRETS", set())
+    monkeypatch.setattr(logs, "_STATE", logs._Scrubber())
+    for secret in secrets:
+        logs.register_secret(secret)
+    text = "".join(f + secrets[i % len(secrets)] for i, f in enumerate(filler))
+    scrubbed = logs.scrub(text)
+    for secret in secrets:
+        assert secret not in scrubbed, (secret, scrubbed)
+    assert (logs._STATE.automaton is not None) == (len(logs._STATE.needles) >= 8)

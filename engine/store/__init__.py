@@ -4,7 +4,7 @@ The writer talks to it through :class:`SqliteStore`; a PostgreSQL store for seve
 will implement the same methods.
 """
 
-from engine.store.lock import DataDirLock
+from engine.store.lock import DataDirLock, private_file, secure_data_dir
 from engine.store.sqlite import (
     CLOSED_STATUSES,
     RequestRef,
@@ -13,6 +13,7 @@ from engine.store.sqlite import (
     User,
     hash_password,
     open_store,
+    store_error,
     verify_password,
 )
 
@@ -28,5 +29,8 @@ __all__ = [
     "User",
     "hash_password",
     "open_store",
+    "private_file",
+    "secure_data_dir",
+    "store_error",
     "verify_password",
 ]

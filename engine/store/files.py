@@ -14,9 +14,10 @@ from pathlib import Path
 class FileStore:
     """Files under ``root/ab/abcdef…``; written and fsynced before the commit that cites them."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, create: bool = True) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        if create:  # not for a read-only store, whose folder may be read-only
+            root.mkdir(parents=True, exist_ok=True)
 
     def path_for(self, sha256: str) -> Path:
         if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):

@@ -4,6 +4,12 @@ Durability is the point of this module: WAL with ``synchronous=FULL`` (``NORMAL`
 last commits on power loss, and once the server deleted a message our database holds the only
 copy), explicit ``BEGIN IMMEDIATE`` so a transaction never upgrades its lock half-way, and
 attachment files fsynced before the commit that refers to them.
+
+Every text the store writes (subjects, descriptions, activity bodies, history, errors,
+outcomes, attachment names) goes through :func:`engine.logs.scrub` here, at the write
+boundary, so no caller can forget it: a server that echoes a password in its ``-ERR`` has it
+masked in the outage event as in the log. Keys (UIDLs, Message-IDs, hashes) are stored as
+they are: the ledger must find them again.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import hmac
 import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,8 +31,10 @@ import anyio.to_thread
 from aioitertools.more_itertools import chunked
 
 from engine.errors import StoreError
+from engine.logs import scrub
 from engine.model import Attachment
 from engine.store.files import FileStore
+from engine.store.lock import secure_data_dir
 from engine.store.schema import MIGRATIONS
 
 # Attachments at least this big are hashed in a worker thread rather than on the event loop.
@@ -437,7 +446,7 @@ class SqliteStore:
     ) -> None:
         self._defer(
             _INSERT_LEDGER,
-            (account, uidl, mailbox, message_id, sha256, outcome, request_number, now()),
+            (account, uidl, mailbox, message_id, sha256, scrub(outcome), request_number, now()),
         )
 
     # -- requests --------------------------------------------------------------------------
@@ -531,9 +540,9 @@ class SqliteStore:
                 type,
                 status,
                 kind,
-                subject,
-                description,
-                html,
+                scrub(subject),
+                scrub(description),
+                None if html is None else scrub(html),
                 requester_id,
                 user_id,
                 await self._name_id("sites", site),
@@ -585,10 +594,10 @@ class SqliteStore:
             (
                 activity,
                 number,
-                author,
-                email,
+                scrub(author),
+                scrub(email),
                 (date or datetime.now(UTC)).isoformat(timespec="seconds"),
-                body,
+                scrub(body),
                 int(automatic),
                 message_id,
                 now(),
@@ -604,7 +613,7 @@ class SqliteStore:
     async def add_history(self, number: int, by: str, text: str) -> None:
         self._defer(
             "INSERT INTO history(request_number, at, by, text) VALUES (?, ?, ?, ?)",
-            (number, now(), by, text),
+            (number, now(), scrub(by), scrub(text)),
         )
 
     async def add_attachments(
@@ -628,7 +637,7 @@ class SqliteStore:
             self._defer(
                 "INSERT INTO attachments(request_number, activity_id, name, content_type, "
                 "size, sha256) VALUES (?, ?, ?, ?, ?, ?)",
-                (number, activity_id, att.name, att.content_type, len(att.data), digest),
+                (number, activity_id, scrub(att.name), att.content_type, len(att.data), digest),
             )
 
     async def failure_event(self, message_id: str | None, sha256: str) -> int | None:
@@ -682,7 +691,7 @@ class SqliteStore:
         if error is None:
             await self._exec("UPDATE outbox SET sent_at = ? WHERE id = ?", (now(), reply_id))
         else:
-            await self._exec("UPDATE outbox SET error = ? WHERE id = ?", (error, reply_id))
+            await self._exec("UPDATE outbox SET error = ? WHERE id = ?", (scrub(error), reply_id))
 
     # -- mailbox status --------------------------------------------------------------------
 
@@ -703,7 +712,7 @@ class SqliteStore:
             (
                 mailbox,
                 None if error else at,
-                error,
+                None if error is None else scrub(error),
                 at if error else None,
                 fetched,
                 processed,
@@ -853,19 +862,26 @@ def _request_dict(r: sqlite3.Row) -> dict[str, Any]:
     }
 
 
-async def open_store(data_dir: Path, *, sweep: bool = False) -> SqliteStore:
+async def open_store(
+    data_dir: Path, *, sweep: bool = False, read_only: bool = False
+) -> SqliteStore:
     """Open (creating and migrating) the store in ``data_dir``.
 
     Refuses to run with ``synchronous`` below FULL: the ledger is our only copy once the server
     has deleted a message. ``sweep`` removes attachment files no row refers to; only the
-    process holding the data-directory lock may ask for it.
+    process holding the data-directory lock may ask for it. ``read_only`` opens an existing
+    store without changing anything, also in a read-only folder (see :func:`_open_read_only`).
+    Every failure is a :class:`StoreError` that says what is wrong with which file.
     """
-    await anyio.Path(data_dir).mkdir(parents=True, exist_ok=True)
     path = data_dir / "mailintegration.sqlite3"
+    if read_only:
+        files = FileStore(data_dir / "attachments", create=False)
+        return SqliteStore(await _open_read_only(path), files, path)
+    await anyio.to_thread.run_sync(secure_data_dir, data_dir)
     try:
         db = await aiosqlite.connect(path, isolation_level=None)
     except sqlite3.Error as exc:
-        raise StoreError(f"cannot open the store {path}: {exc}") from exc
+        raise store_error(exc, path) from exc
     try:
         await db.execute("PRAGMA journal_mode = WAL")
         await db.execute("PRAGMA synchronous = FULL")
@@ -873,14 +889,90 @@ async def open_store(data_dir: Path, *, sweep: bool = False) -> SqliteStore:
         await db.execute("PRAGMA busy_timeout = 10000")
         await _require_full_sync(db, path)
         await _migrate(db)
+        try:
+            files = FileStore(data_dir / "attachments")
+        except OSError as exc:
+            raise StoreError(f"cannot create {data_dir / 'attachments'}: {exc}") from exc
+        store = SqliteStore(db, files, path)
+        if sweep:
+            referenced = await store.referenced_digests()
+            await anyio.to_thread.run_sync(store.files.sweep, referenced)
+    except sqlite3.Error as exc:
+        await db.close()
+        raise store_error(exc, path) from exc
     except BaseException:
         await db.close()
         raise
-    store = SqliteStore(db, FileStore(data_dir / "attachments"), path)
-    if sweep:
-        referenced = await store.referenced_digests()
-        await anyio.to_thread.run_sync(store.files.sweep, referenced)
     return store
+
+
+async def _open_read_only(path: Path) -> aiosqlite.Connection:
+    """A read-only connection, which works in a read-only folder too.
+
+    ``mode=ro`` reads a WAL database as long as its -shm file exists or can be created. In a
+    read-only folder after a clean shutdown (SQLite removed -wal and -shm), it cannot be
+    created: the database file then holds everything, and ``immutable=1`` reads it without
+    the -shm. A -wal left without its -shm holds commits only a writer can fold back in.
+    """
+    uri = f"file:{urllib.parse.quote(str(await anyio.Path(path).absolute()))}"
+    db = None
+    try:
+        db = await aiosqlite.connect(f"{uri}?mode=ro", uri=True, isolation_level=None)
+        try:
+            await db.execute_fetchall("SELECT count(*) FROM sqlite_master")
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorname", "") != "SQLITE_CANTOPEN":
+                raise
+            await db.close()
+            db = None
+            wal = path.with_name(path.name + "-wal")
+            if wal.exists() and wal.stat().st_size > 0:
+                raise StoreError(
+                    f"{path} cannot be read without write access: its -wal file holds commits "
+                    "that its missing -shm file is needed to read; run any engine command once "
+                    "with write access to the data directory"
+                ) from None
+            db = await aiosqlite.connect(f"{uri}?immutable=1", uri=True, isolation_level=None)
+        rows = await db.execute_fetchall("PRAGMA user_version")
+        version = int(next(iter(rows))[0])
+        if version != len(MIGRATIONS):
+            newer = version > len(MIGRATIONS)
+            raise StoreError(
+                f"the store {path} is at schema version {version}, "
+                + (
+                    f"newer than this engine ({len(MIGRATIONS)}): upgrade the engine"
+                    if newer
+                    else f"older than this engine's ({len(MIGRATIONS)}): run any engine "
+                    "command once with write access to upgrade it"
+                )
+            )
+    except BaseException as exc:
+        if db is not None:
+            await db.close()
+        if isinstance(exc, sqlite3.Error):
+            raise store_error(exc, path) from exc
+        raise
+    return db
+
+
+def _not_valid(path: Path, why: str) -> str:
+    return (
+        f"{path} is not a valid database ({why}); restore it from a backup, or move it aside "
+        "(with its -wal and -shm files) to start an empty one"
+    )
+
+
+def store_error(exc: sqlite3.Error, path: Path) -> StoreError:
+    """A SQLite error, in words that name the file and what to do."""
+    name = str(getattr(exc, "sqlite_errorname", ""))
+    if name == "SQLITE_NOTADB" or name.startswith("SQLITE_CORRUPT"):
+        return StoreError(_not_valid(path, str(exc)))
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")):
+        return StoreError(
+            f"cannot use the store {path} ({exc}): engine commands need write access to the "
+            f"data directory {path.parent}; 'requests' and 'status' can read a read-only one"
+        )
+    return StoreError(f"the store {path} failed: {exc}")
 
 
 async def _require_full_sync(db: aiosqlite.Connection, path: Path) -> None:
