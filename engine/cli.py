@@ -96,6 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="processes that parse messages (default: one per CPU but one; 0: threads only)",
         )
+        replies = sp.add_argument_group(
+            "automatic replies", "rate limits, counted over every mailbox of the data directory"
+        )
+        replies.add_argument(
+            "--replies-per-address-per-day",
+            type=_at_least(0),
+            default=5,
+            help="to one address, case, +tag and quoting ignored (default 5)",
+        )
+        replies.add_argument(
+            "--replies-per-domain-per-hour",
+            type=_at_least(0),
+            default=20,
+            help="to the addresses of one domain (default 20)",
+        )
+        replies.add_argument(
+            "--replies-per-mailbox-per-hour",
+            type=_at_least(0),
+            default=60,
+            help="from one mailbox (default 60)",
+        )
 
     once = sub.add_parser("once", help="one pass over the mailboxes, then exit")
     src = once.add_mutually_exclusive_group(required=True)

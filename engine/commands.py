@@ -93,6 +93,7 @@ async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[i
             created_by = await _login(store, args)
             from engine.ops import bound_large_allocations
             from engine.supervisor import Engine, EngineSettings, default_parse_processes
+            from engine.writer import ReplyLimits
 
             bound_large_allocations()
             debug_dir = None
@@ -114,6 +115,11 @@ async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[i
                 ),
                 poll_interval=getattr(args, "poll_interval", 60.0),
                 metrics=bool(getattr(args, "http_port", 0)),
+                reply_limits=ReplyLimits(
+                    per_address_per_day=args.replies_per_address_per_day,
+                    per_domain_per_hour=args.replies_per_domain_per_hour,
+                    per_mailbox_per_hour=args.replies_per_mailbox_per_hour,
+                ),
             )
             return await body(Engine(store, settings))
         finally:

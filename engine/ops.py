@@ -95,6 +95,12 @@ class Metrics:
         self.commit_seconds = Histogram(
             "mailintegration_commit_seconds", "Duration of a writer transaction.", registry=r
         )
+        self.replies = Counter(
+            "mailintegration_replies",
+            "Sends of automatic replies by result (sent, retry, failed).",
+            ["mailbox", "result"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
