@@ -118,13 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
             help="from one mailbox (default 60)",
         )
 
+    def http_opts(sp: argparse.ArgumentParser, port: int, help_port: str) -> None:
+        sp.add_argument("--http-port", type=int, default=port, help=help_port)
+        sp.add_argument("--http-host", default="127.0.0.1")
+        sp.add_argument(
+            "--http-max-connections",
+            type=_at_least(1),
+            default=100,
+            help="open HTTP connections at once; more are closed at once (default 100)",
+        )
+
     once = sub.add_parser("once", help="one pass over the mailboxes, then exit")
     src = once.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", type=Path, help="one mailbox XML file")
     src.add_argument("--config-dir", type=Path, help="a folder of mailbox XML files")
     once.add_argument("--dry-run", action="store_true", help="fetch and explain; change nothing")
-    once.add_argument("--http-port", type=int, default=0, help="serve /healthz, /metrics")
-    once.add_argument("--http-host", default="127.0.0.1")
+    http_opts(once, 0, "serve /healthz, /metrics")
     engine_opts(once)
 
     run = sub.add_parser("run", help="the daemon: poll every mailbox, hot-reload the folder")
@@ -132,8 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--poll-interval", type=float, default=60.0, help="seconds (default 60)")
     run.add_argument("--reload-seconds", type=float, default=2.0)
     run.add_argument("--grace-seconds", type=float, default=30.0)
-    run.add_argument("--http-host", default="127.0.0.1")
-    run.add_argument("--http-port", type=int, default=8080, help="0 turns the endpoint off")
+    http_opts(run, 8080, "0 turns the endpoint off")
     engine_opts(run)
 
     ingest = sub.add_parser("ingest", help="process .eml files as if fetched from a mailbox")
