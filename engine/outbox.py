@@ -9,8 +9,9 @@ its commit and before it took the next batch. Now the protocol between the two i
    item on the writer's queue (only the writer touches the store), for the mailboxes whose
    SMTP settings it knows, and sends each in a worker thread, a few at a time.
 3. Each send is bounded by an overall deadline (``DEADLINE_FACTOR`` x the SMTP
-   ``timeoutSeconds``, the socket time-out bounding each operation within it); past it the
-   socket is shut down, which ends the blocked thread.
+   ``timeoutSeconds``, the socket time-out bounding each operation within it, and never past
+   the end of a drain); past it the socket is shut down, which ends the blocked thread, and
+   the attempt is recorded as failed (to be retried).
 4. Its result goes back as an :class:`~engine.writer.OutboxResult` item: sent; or to be
    retried after an exponential backoff; or, after ``max_attempts`` or a permanent (5xx)
    answer, failed for good with the error (scrubbed of secrets) on the row.
@@ -73,6 +74,8 @@ class Outbox:
         self._in_flight: set[int] = set()
         self._draining = False
         self._stopping = False
+        self._deadline: float | None = None  # the drain's, once draining
+        self._sending: set[anyio.CancelScope] = set()  # one per send under way
 
     def wake(self) -> None:
         """Something may be due: a reply was committed, or a mailbox became known."""
@@ -97,18 +100,19 @@ class Outbox:
         """Until drained or stopped; closes ``send`` (its clone of the writer's queue)."""
         async with send, anyio.create_task_group() as sends:
             task_status.started()
-            deadline: float | None = None
             while not self._stopping:
                 self._wake = anyio.Event()  # before asking: a wake-up meanwhile is kept
-                if self._draining and deadline is None:
-                    deadline = anyio.current_time() + self.drain_seconds
-                if deadline is not None and anyio.current_time() >= deadline:
+                if self._draining and self._deadline is None:
+                    self._deadline = anyio.current_time() + self.drain_seconds
+                    for scope in self._sending:  # sends under way end with the drain too
+                        scope.deadline = min(scope.deadline, self._deadline)
+                if self._deadline is not None and anyio.current_time() >= self._deadline:
                     log.warning("replies still due are left for the next run (drain deadline)")
                     break
                 started, next_due = await self._start_due(send, sends)
                 if self._draining and not started and not self._in_flight:
                     break  # nothing due now, nothing under way
-                await self._sleep(next_due, deadline)
+                await self._sleep(next_due, self._deadline)
 
     async def _start_due(
         self, send: MemoryObjectSendStream[Item], sends: anyio.abc.TaskGroup
@@ -148,7 +152,21 @@ class Outbox:
             smtp = self.smtp_for(row.mailbox)
             if smtp is None:
                 return  # its mailbox went away meanwhile: the row waits for it
-            error, permanent = await _send(smtp, row)
+            started = anyio.current_time()
+            deadline = started + DEADLINE_FACTOR * smtp.timeout
+            if self._deadline is not None:  # draining: a send ends with the drain at the latest
+                deadline = min(deadline, max(started + 1.0, self._deadline))
+            waited = "no answer within the deadline of a send ({:.0f} s)"
+            error: str | None = None
+            permanent = False
+            with anyio.CancelScope(deadline=deadline) as scope:
+                self._sending.add(scope)
+                try:
+                    error, permanent = await _send(smtp, row)
+                finally:
+                    self._sending.discard(scope)
+            if scope.cancelled_caught:
+                error = waited.format(anyio.current_time() - started)
             result = self._result(row, error, permanent)
             await send.send(result)
             await result.done.wait()
@@ -194,19 +212,15 @@ class Outbox:
 
 
 async def _send(smtp: SmtpConfig, row: PendingReply) -> tuple[str | None, bool]:
-    """Send in a worker thread within the overall deadline: (error or None, permanent)."""
-    deadline = DEADLINE_FACTOR * smtp.timeout
+    """Send in a worker thread: (error or None, permanent). Cancel it to cut it short."""
     delivery = Delivery(smtp, row.recipient, row.message)
     try:
-        with anyio.fail_after(deadline):
-            try:
-                await anyio.to_thread.run_sync(delivery.run, abandon_on_cancel=True)
-            finally:
-                # Cancelled (the deadline, or the engine stopping): the abandoned thread is
-                # still blocked on its socket; shutting it down ends the thread at once.
-                delivery.abort()
-    except TimeoutError:
-        return f"no answer within the {deadline:.0f} s deadline of a send", False
+        try:
+            await anyio.to_thread.run_sync(delivery.run, abandon_on_cancel=True)
+        finally:
+            # Cancelled (the deadline, or the engine stopping): the abandoned thread is still
+            # blocked on its socket; shutting the socket down ends the thread at once.
+            delivery.abort()
     except smtplib.SMTPRecipientsRefused as exc:
         code, text = next(iter(exc.recipients.values()), (0, b""))
         return _describe(code, text), code >= 500

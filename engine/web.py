@@ -99,10 +99,11 @@ class CappedListener(socket.socket):
             self._logged_at, self._logged_count = now, self.refused
 
 
-def listen(host: str, port: int, max_connections: int) -> CappedListener:
+async def listen(host: str, port: int, max_connections: int) -> CappedListener:
     """Bind and listen (before Hypercorn starts: connections wait in the backlog)."""
-    family, _, _, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    # Resolved in a thread: a host name asks DNS, which must not stall the event loop.
+    family, _, _, _, address = (
+        await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     )[0]
     sock = CappedListener(family, max_connections)
     try:
@@ -139,7 +140,7 @@ async def serve(
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled. ``task_status`` receives the bound port (useful with port 0)."""
-    sock = listen(host, port, max_connections)
+    sock = await listen(host, port, max_connections)
     config = _config()
     # Starlette is an ASGI callable; Hypercorn's type names its own scope classes.
     asgi = wrap_app(app(health, metrics), config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]

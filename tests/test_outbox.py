@@ -285,7 +285,7 @@ def test_a_reply_left_pending_by_a_killed_run_is_sent_by_the_next_one(
 SMTP_PASSWORD = "smtp-Secret-42"
 
 
-def _refused_message(tmp_path: Path, port: int) -> tuple[Path, Path, Path]:
+def _refused_message(tmp_path: Path, port: int, timeout: int = 5) -> tuple[Path, Path, Path]:
     """A data dir, a mailbox that refuses and replies through ``port`` (with SMTP auth), and
     a message file for it: (data, config, message)."""
     data = tmp_path / "data"
@@ -296,14 +296,24 @@ def _refused_message(tmp_path: Path, port: int) -> tuple[Path, Path, Path]:
         user="noreq",
         password="pop-pw-1",
         createNewRequests="false",
-        smtp=_smtp_xml(port, 5, f"<userName>desk</userName><password>{SMTP_PASSWORD}</password>"),
+        smtp=_smtp_xml(
+            port, timeout, f"<userName>desk</userName><password>{SMTP_PASSWORD}</password>"
+        ),
     )
     eml = tmp_path / "ask.eml"
     eml.write_bytes(message("Please register me"))
     return data, cfg, eml
 
 
-def _ingest(data: Path, cfg: Path, eml: Path, *, retry_seconds: float, max_attempts: int) -> str:
+def _ingest(
+    data: Path,
+    cfg: Path,
+    eml: Path,
+    *,
+    retry_seconds: float = 60.0,
+    max_attempts: int = 8,
+    drain_seconds: float = 60.0,
+) -> str:
     """One `ingest` run of the engine (a process start): the message (a duplicate after the
     first run), then the replies due; returns the message's outcome."""
 
@@ -317,6 +327,7 @@ def _ingest(data: Path, cfg: Path, eml: Path, *, retry_seconds: float, max_attem
                 metrics=False,
                 reply_retry_seconds=retry_seconds,
                 reply_max_attempts=max_attempts,
+                reply_drain_seconds=drain_seconds,
             )
             engine = Engine(store, settings)
             [(_, env)] = await engine.ingest(MailboxSource("noreq", cfg), [eml])
@@ -376,6 +387,19 @@ def test_a_permanent_refusal_fails_the_reply_at_once(tmp_path: Path) -> None:
     [row] = _outbox(data)
     assert row["attempts"] == 1 and row["failed_at"] is not None
     assert row["error"] == "550 5.1.1 no such user"
+
+
+def test_the_end_of_a_drain_cuts_a_send_under_way(tmp_path: Path, trickle: Trickle) -> None:
+    """A run ends within its drain time (2 s here), even when a send under way was allowed
+    90 s (3 x timeoutSeconds 30) by itself; the cut attempt is recorded, to be retried."""
+    data, cfg, eml = _refused_message(tmp_path, trickle.port, timeout=30)
+    started = time.monotonic()
+    assert _ingest(data, cfg, eml, drain_seconds=2) == "refused: replied"
+    assert time.monotonic() - started < 8
+    assert trickle.connections == 1
+    [row] = _outbox(data)
+    assert row["attempts"] == 1 and row["sent_at"] is None and row["failed_at"] is None
+    assert row["error"].startswith("no answer within the deadline of a send")
 
 
 def test_migration_4_keeps_old_outbox_rows_verdicts(tmp_path: Path) -> None:
