@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import email.utils
+import functools
 import re
 import smtplib
 import socket
@@ -261,6 +262,14 @@ def build_reply(
     return Reply(to=to, message_id=message_id, subject=visible, data=b"".join(head) + bytes(part))
 
 
+@functools.cache
+def _ehlo_name() -> str:
+    """Our name in EHLO, as smtplib finds it (socket.getfqdn(), else our address). That asks
+    the resolver for a reverse lookup, which a host with a silent DNS answers only after the
+    resolver's time-out: asked once per process (in a send's worker thread), not per send."""
+    return smtplib.SMTP().local_hostname
+
+
 class Delivery:
     """One send of one reply with ``MAIL FROM:<>``, in a worker thread (:meth:`run`), that the
     event loop can cut short (:meth:`abort`) when its overall deadline passes.
@@ -288,10 +297,11 @@ class Delivery:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
         client: smtplib.SMTP
+        name = _ehlo_name()
         if smtp.use_ssl:
-            client = smtplib.SMTP_SSL(timeout=smtp.timeout, context=context)
+            client = smtplib.SMTP_SSL(local_hostname=name, timeout=smtp.timeout, context=context)
         else:
-            client = smtplib.SMTP(timeout=smtp.timeout)
+            client = smtplib.SMTP(local_hostname=name, timeout=smtp.timeout)
         with self._lock:
             if self._aborted:
                 raise TimeoutError("the send was aborted before it connected")

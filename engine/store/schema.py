@@ -147,7 +147,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX outbox_key ON outbox(rcpt_key, created_at);
     CREATE INDEX outbox_domain ON outbox(rcpt_domain, created_at);
     CREATE INDEX outbox_mailbox ON outbox(mailbox, created_at);
-    CREATE INDEX outbox_due ON outbox(next_attempt_at)
+    CREATE INDEX outbox_due ON outbox(mailbox, next_attempt_at)
         WHERE sent_at IS NULL AND failed_at IS NULL;
     """,
 )
