@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import signal
@@ -16,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import pytest
 from support import (
     LOGIN,
@@ -183,3 +186,47 @@ def test_a_flood_of_idle_http_connections_neither_kills_the_daemon_nor_stops_its
     assert peak < 200, peak
     assert "Too many open files" not in log.read_text()
     assert [r["outcome"] for r in ledger(data)] == ["created"]
+
+
+def test_healthz_and_metrics_are_served_as_before_and_a_failing_engine_says_503() -> None:
+    """The Starlette endpoint serves the same bytes, status codes and content types as the
+    hand-written one did (monitoring and the Docker healthcheck read them)."""
+    from engine.ops import Health, Metrics
+    from engine.web import serve
+
+    health, metrics = Health(), Metrics()
+    health.supervisor_alive = True
+    health.failure("box", "timeout", "no answer")
+    metrics.processed.labels("box").inc()
+
+    def get(port: int, path: str) -> tuple[int, str, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                return int(r.status), str(r.headers["Content-Type"]), bytes(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, str(exc.headers["Content-Type"]), bytes(exc.read())
+
+    async def go() -> list[tuple[int, str, bytes]]:
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(serve, "127.0.0.1", 0, health, metrics)
+            answers = [await anyio.to_thread.run_sync(get, port, "/healthz")]
+            health.writer_alive = True
+            answers.append(await anyio.to_thread.run_sync(get, port, "/healthz"))
+            answers.append(await anyio.to_thread.run_sync(get, port, "/metrics"))
+            answers.append(await anyio.to_thread.run_sync(get, port, "/nothing"))
+            tg.cancel_scope.cancel()
+        return answers
+
+    failing, ok, text, missing = anyio.run(go)
+    health.writer_alive = False
+    assert failing == (
+        503,
+        "application/json",
+        json.dumps(health.document(), indent=2).encode() + b"\n",
+    )
+    assert json.loads(failing[2])["mailboxes"]["box"]["outage"] == "timeout"
+    health.writer_alive = True
+    assert ok[:2] == (200, "application/json") and json.loads(ok[2])["status"] == "ok"
+    assert text == (200, metrics.content_type, metrics.render())
+    assert 'mailintegration_messages_processed_total{mailbox="box"} 1.0' in text[2].decode()
+    assert missing[0] == 404
