@@ -278,6 +278,10 @@ class Engine:
             failures = 0
             while not (stop.is_set() or loop.stop.is_set()):
                 outcome = await self.mailbox_once(loop.src, send)
+                if loop.stop.is_set() and not stop.is_set():
+                    # Removed while this session ran: its report must not bring it back to
+                    # /healthz (test_daemon_hot_reload_health_and_metrics failed so, once).
+                    self.health.forget(loop.src.name)
                 if outcome.error is None:
                     failures = 0
                     delay = outcome.poll_interval or self.settings.poll_interval
