@@ -98,6 +98,37 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="processes that parse messages (default: one per CPU but one; 0: threads only)",
         )
+        replies = sp.add_argument_group(
+            "automatic replies", "rate limits, counted over every mailbox of the data directory"
+        )
+        replies.add_argument(
+            "--replies-per-address-per-day",
+            type=_at_least(0),
+            default=5,
+            help="to one address, case, +tag and quoting ignored (default 5)",
+        )
+        replies.add_argument(
+            "--replies-per-domain-per-hour",
+            type=_at_least(0),
+            default=20,
+            help="to the addresses of one domain (default 20)",
+        )
+        replies.add_argument(
+            "--replies-per-mailbox-per-hour",
+            type=_at_least(0),
+            default=60,
+            help="from one mailbox (default 60)",
+        )
+
+    def http_opts(sp: argparse.ArgumentParser, port: int, help_port: str) -> None:
+        sp.add_argument("--http-port", type=int, default=port, help=help_port)
+        sp.add_argument("--http-host", default="127.0.0.1")
+        sp.add_argument(
+            "--http-max-connections",
+            type=_at_least(1),
+            default=100,
+            help="open HTTP connections at once; more are closed at once (default 100)",
+        )
 
     def follow_symlinks(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
@@ -113,8 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--config", type=Path, help="one mailbox XML file")
     src.add_argument("--config-dir", type=Path, help="a folder of mailbox XML files")
     once.add_argument("--dry-run", action="store_true", help="fetch and explain; change nothing")
-    once.add_argument("--http-port", type=int, default=0, help="serve /healthz, /metrics")
-    once.add_argument("--http-host", default="127.0.0.1")
+    http_opts(once, 0, "serve /healthz, /metrics")
     follow_symlinks(once)
     engine_opts(once)
 
@@ -123,8 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--poll-interval", type=float, default=60.0, help="seconds (default 60)")
     run.add_argument("--reload-seconds", type=float, default=2.0)
     run.add_argument("--grace-seconds", type=float, default=30.0)
-    run.add_argument("--http-host", default="127.0.0.1")
-    run.add_argument("--http-port", type=int, default=8080, help="0 turns the endpoint off")
+    http_opts(run, 8080, "0 turns the endpoint off")
     follow_symlinks(run)
     engine_opts(run)
 

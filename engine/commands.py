@@ -93,10 +93,12 @@ async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[i
         store = await open_store(args.data_dir, sweep=not dry_run)
         try:
             created_by = await _login(store, args)
-            from engine.ops import bound_large_allocations
+            from engine.ops import bound_large_allocations, raise_fd_limit
             from engine.supervisor import Engine, EngineSettings, default_parse_processes
+            from engine.writer import ReplyLimits
 
             bound_large_allocations()
+            raise_fd_limit()
             debug_dir = None
             if args.debug:
                 debug_dir = args.log_file.parent if args.log_file else args.data_dir / "logs"
@@ -117,6 +119,11 @@ async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[i
                 poll_interval=getattr(args, "poll_interval", 60.0),
                 metrics=bool(getattr(args, "http_port", 0)),
                 follow_symlinks=getattr(args, "follow_symlinks", False),
+                reply_limits=ReplyLimits(
+                    per_address_per_day=args.replies_per_address_per_day,
+                    per_domain_per_hour=args.replies_per_domain_per_hour,
+                    per_mailbox_per_hour=args.replies_per_mailbox_per_hour,
+                ),
             )
             return await body(Engine(store, settings))
         finally:
@@ -156,11 +163,17 @@ async def _serving(
 
         tg.start_soon(signals)
         if args.http_port:
-            from engine.ops import serve_http
+            from functools import partial
+
+            from engine.web import serve
 
             assert engine.metrics is not None  # built whenever there is a port (_engine)
             await tg.start(
-                serve_http, args.http_host, args.http_port, engine.health, engine.metrics
+                partial(serve, max_connections=args.http_max_connections),
+                args.http_host,
+                args.http_port,
+                engine.health,
+                engine.metrics,
             )
         await work()
         tg.cancel_scope.cancel()

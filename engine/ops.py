@@ -1,23 +1,15 @@
-"""Operations: Prometheus metrics, the ``/healthz`` + ``/metrics`` HTTP endpoint, and the
-process's memory behaviour.
-
-The endpoint is a few lines on an anyio listener rather than a web framework: it serves two
-read-only GETs and must never be a reason for the engine to fall over.
-"""
+"""Operations: Prometheus metrics, what ``/healthz`` reports (served by :mod:`engine.web`),
+and the process's resources (memory, file descriptors)."""
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
-import json
 import logging
+import resource
 import time
 from dataclasses import dataclass, field
 from typing import Any
-
-import anyio
-from anyio.abc import SocketStream
 
 log = logging.getLogger("engine.ops")
 
@@ -41,6 +33,30 @@ def bound_large_allocations() -> bool:
     except (OSError, AttributeError, TypeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_FROM))
+
+
+# With no hard limit, the soft one is raised this far: beyond it the kernel may refuse anyway.
+_FD_CEILING = 1 << 16
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard one, where allowed; (before, after).
+
+    The usual soft limit is 1,024: 1,100 idle connections to the HTTP endpoint made accept()
+    fail with EMFILE and the engine exit, and POP3 sessions, SQLite and attachment files
+    share the same table. The HTTP endpoint has its own cap (engine.web); this is the room.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = _FD_CEILING if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as exc:
+            log.debug("cannot raise the open-file limit from %d to %d: %s", soft, want, exc)
+            return soft, soft
+        log.debug("open-file limit raised from %d to %d", soft, want)
+        return soft, want
+    return soft, soft
 
 
 class Metrics:
@@ -94,6 +110,12 @@ class Metrics:
         )
         self.commit_seconds = Histogram(
             "mailintegration_commit_seconds", "Duration of a writer transaction.", registry=r
+        )
+        self.replies = Counter(
+            "mailintegration_replies",
+            "Sends of automatic replies by result (sent, retry, failed).",
+            ["mailbox", "result"],
+            registry=r,
         )
 
     def render(self) -> bytes:
@@ -158,49 +180,3 @@ class Health:
     @property
     def ok(self) -> bool:
         return self.supervisor_alive and self.writer_alive
-
-
-async def serve_http(
-    host: str,
-    port: int,
-    health: Health,
-    metrics: Metrics,
-    *,
-    task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve until cancelled. ``task_status`` receives the bound port (useful with port 0)."""
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
-
-    async def handle(stream: SocketStream) -> None:
-        async with stream:
-            try:
-                with anyio.fail_after(5):
-                    request = b""
-                    while b"\r\n\r\n" not in request and len(request) < 8192:
-                        request += await stream.receive(4096)
-            except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-                return
-            line = request.split(b"\r\n", 1)[0].decode("latin-1").split()
-            path = line[1].split("?")[0] if len(line) >= 2 else ""
-            if len(line) < 2 or line[0] != "GET":
-                status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
-            elif path == "/healthz":
-                status = "200 OK" if health.ok else "503 Service Unavailable"
-                ctype = "application/json"
-                body = json.dumps(health.document(), indent=2).encode() + b"\n"
-            elif path == "/metrics":
-                status, ctype, body = "200 OK", metrics.content_type, metrics.render()
-            else:
-                status, ctype, body = "404 Not Found", "text/plain", b"try /healthz or /metrics\n"
-            head = (
-                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            ).encode()
-            with contextlib.suppress(anyio.BrokenResourceError, OSError):
-                await stream.send(head + body)
-
-    async with listener:
-        bound = listener.extra(anyio.abc.SocketAttribute.local_port)
-        log.info("http: /healthz and /metrics on %s:%d", host, bound)
-        task_status.started(bound)
-        await listener.serve(handle)

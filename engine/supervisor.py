@@ -23,7 +23,7 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectSendStream
 
 from engine import logs
-from engine.config import MailboxConfig, load_mailbox, secret_values
+from engine.config import MailboxConfig, SmtpConfig, load_mailbox, secret_values
 from engine.errors import ConfigError, EngineError, ProtocolError, StoreError
 from engine.fetcher import (
     ByteBudget,
@@ -35,8 +35,9 @@ from engine.fetcher import (
     submit,
 )
 from engine.ops import Health, Metrics
+from engine.outbox import Outbox
 from engine.store import SqliteStore
-from engine.writer import DirectoryCheck, Envelope, Item, SessionReport, Writer
+from engine.writer import DirectoryCheck, Envelope, Item, ReplyLimits, SessionReport, Writer
 
 log = logging.getLogger("engine.supervisor")
 
@@ -154,6 +155,12 @@ class EngineSettings:
     metrics: bool = True
     # Whether discovery follows symbolic links that stay inside the config folder.
     follow_symlinks: bool = False
+    # Automatic replies: rate limits, and the outbox's retries (see engine/outbox.py).
+    reply_limits: ReplyLimits = field(default_factory=ReplyLimits)
+    reply_retry_seconds: float = 60.0
+    reply_max_attempts: int = 8
+    # How long `once` (and `ingest`) may spend sending the replies due before it exits.
+    reply_drain_seconds: float = 60.0
 
 
 @dataclass
@@ -182,8 +189,13 @@ class Engine:
             created_by=settings.created_by,
             default_team=settings.default_team,
             max_batch=settings.max_batch,
+            reply_limits=settings.reply_limits,
             metrics=self.metrics,
         )
+        # The latest configuration of each mailbox loaded in this process: the outbox sends
+        # a mailbox's replies with its SMTP settings (rows of other mailboxes wait).
+        self.mailboxes: dict[str, MailboxConfig] = {}
+        self.outbox: Outbox | None = None
         self.limiter = anyio.CapacityLimiter(settings.max_threads)
         self.sessions = anyio.Semaphore(settings.max_sessions)
         self.budget = ByteBudget(settings.max_inflight_bytes)
@@ -196,9 +208,14 @@ class Engine:
         self.on_outcome: Callable[[MailboxOutcome], None] | None = None
 
     async def _with_writer(
-        self, body: Callable[[MemoryObjectSendStream[Item]], Awaitable[None]]
+        self,
+        body: Callable[[MemoryObjectSendStream[Item]], Awaitable[None]],
+        *,
+        drain: bool = True,
     ) -> None:
-        """Run ``body`` with the writer behind it; returns once the writer has drained."""
+        """Run ``body`` with the writer and the outbox behind it; returns once the writer has
+        drained. ``drain``: the outbox sends what is due before it ends (``once``), else it
+        only finishes the sends under way (``run``, stopping)."""
         send, receive = anyio.create_memory_object_stream[Item](self.settings.queue_size)
 
         async def writer() -> None:
@@ -208,14 +225,54 @@ class Engine:
             finally:
                 self.health.writer_alive = False
 
+        outbox = None if self.settings.dry_run else self._outbox()
         async with anyio.create_task_group() as tg:
             tg.start_soon(writer)
+            if outbox is not None:
+                await tg.start(outbox.run, send.clone())
             self.health.supervisor_alive = True
             try:
                 async with send:
                     await body(send)
             finally:
                 self.health.supervisor_alive = False
+                if outbox is not None and drain:
+                    outbox.drain()
+                elif outbox is not None:
+                    outbox.stop()
+
+    def _outbox(self) -> Outbox:
+        """The outbox for one pass or daemon, woken by the writer's commits of replies."""
+
+        def smtp_for(name: str) -> SmtpConfig | None:
+            cfg = self.mailboxes.get(name)
+            return cfg.smtp if cfg is not None else None
+
+        def sendable() -> tuple[str, ...]:
+            return tuple(sorted(n for n, c in self.mailboxes.items() if c.smtp is not None))
+
+        def count(mailbox: str, result: str) -> None:
+            if self.metrics is not None:
+                self.metrics.replies.labels(mailbox, result).inc()
+
+        s = self.settings
+        self.outbox = Outbox(
+            smtp_for,
+            sendable,
+            retry_seconds=s.reply_retry_seconds,
+            max_attempts=s.reply_max_attempts,
+            drain_seconds=s.reply_drain_seconds,
+            on_result=count,
+        )
+        self.writer.on_reply = self.outbox.wake
+        return self.outbox
+
+    def _known(self, cfg: MailboxConfig) -> None:
+        """Remember a mailbox's latest configuration; the outbox may have replies for it."""
+        before = self.mailboxes.get(cfg.name)
+        self.mailboxes[cfg.name] = cfg
+        if self.outbox is not None and cfg.smtp is not None and before != cfg:
+            self.outbox.wake()
 
     async def once(self, sources: list[MailboxSource]) -> list[MailboxOutcome]:
         """One pass over every mailbox, concurrently; returns when the writer has drained."""
@@ -284,7 +341,7 @@ class Engine:
                 for loop in loops.values():
                     loop.stop.set()
 
-        await self._with_writer(body)
+        await self._with_writer(body, drain=False)
 
     async def _mailbox_loop(
         self, loop: _Loop, send: MemoryObjectSendStream[Item], stop: anyio.Event
@@ -293,6 +350,10 @@ class Engine:
             failures = 0
             while not (stop.is_set() or loop.stop.is_set()):
                 outcome = await self.mailbox_once(loop.src, send)
+                if loop.stop.is_set() and not stop.is_set():
+                    # Removed while this session ran: its report must not bring it back to
+                    # /healthz (test_daemon_hot_reload_health_and_metrics failed so, once).
+                    self.health.forget(loop.src.name)
                 if outcome.error is None:
                     failures = 0
                     delay = outcome.poll_interval or self.settings.poll_interval
@@ -312,6 +373,7 @@ class Engine:
         """Process message files as if fetched from the mailbox; the ledger keys them by content
         hash, so a file ingested twice is processed once."""
         cfg = await anyio.to_thread.run_sync(self.load, src)
+        self._known(cfg)
         done: list[tuple[Path, Envelope]] = []
         for path in files:
             # Before any is read or processed: a file is read whole, so it is bounded first.
@@ -369,6 +431,7 @@ class Engine:
             return outcome
         try:
             cfg = await anyio.to_thread.run_sync(self.load, src)
+            self._known(cfg)
             outcome.poll_interval = cfg.poll_interval
             async with self.sessions:
                 outcome.result = SessionResult()  # counted into, even if the session fails

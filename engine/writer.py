@@ -24,7 +24,7 @@ import anyio
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from engine import logs, reply
+from engine import reply
 from engine.config import MailboxConfig, mailbox_copy
 from engine.errors import DirectoryError, EngineError, MessageError, StoreError, sole
 from engine.model import Attachment, ParsedMessage
@@ -38,7 +38,7 @@ from engine.processors import (
     decide,
     referenced,
 )
-from engine.store import SqliteStore, Team
+from engine.store import PendingReply, SqliteStore, Team
 
 log = logging.getLogger("engine.writer")
 
@@ -105,6 +105,45 @@ class SessionReport(Item):
     failed: int = 0
 
 
+@dataclass(eq=False)
+class OutboxFetch(Item):
+    """The outbox asks for replies due now (see :mod:`engine.outbox`): of ``mailboxes`` only
+    (those it can send for), none of ``exclude`` (being sent), at most ``limit``."""
+
+    mailboxes: tuple[str, ...]
+    exclude: tuple[int, ...]
+    limit: int
+    due: list[PendingReply] = field(default_factory=list, init=False)
+    next_due: str | None = field(default=None, init=False)  # the next retry's time, ISO
+
+
+@dataclass(eq=False)
+class OutboxResult(Item):
+    """How one send of a reply went: sent (no ``error``), retry at ``retry_at``, or failed."""
+
+    reply_id: int
+    mailbox: str
+    error: str | None
+    retry_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ReplyLimits:
+    """How many automatic replies may be recorded, counted over every mailbox of the store.
+
+    Per address per day: RFC 3834 asks to answer one sender at most once in a while (Znuny
+    allows 40 a day; five is plenty for "this mailbox takes no requests"). The address is
+    normalized first (case, +tag, quotes, IDNA), or victim+1@, victim+2@... each got five.
+    Per domain per hour: a forged campaign at one domain through distinct local parts; 20 is
+    more than a desk gets from one company's people in an hour. Per mailbox per hour: what the
+    desk may reflect at all, one a minute on average.
+    """
+
+    per_address_per_day: int = 5
+    per_domain_per_hour: int = 20
+    per_mailbox_per_hour: int = 60
+
+
 @dataclass
 class WriterStats:
     transactions: int = 0
@@ -124,7 +163,7 @@ class Writer:
         max_batch_seconds: float = 2.0,
         min_batch: int = 128,
         linger: float = 0.02,
-        reply_limit_per_day: int = 5,
+        reply_limits: ReplyLimits | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.store = store
@@ -134,10 +173,14 @@ class Writer:
         self.max_batch_seconds = max_batch_seconds
         self.min_batch = min_batch
         self.linger = linger
-        self.reply_limit_per_day = reply_limit_per_day
+        self.reply_limits = reply_limits or ReplyLimits()
         self.stats = WriterStats()
         self.metrics = metrics
-        self._replies: list[tuple[int, MailboxConfig, str, bytes]] = []
+        # Called after a commit that recorded replies: the outbox's wake-up.
+        self.on_reply: Callable[[], None] | None = None
+        self._replies_queued = 0
+        # The rate limits already logged as reached: (kind, key, window); logged once each.
+        self._limits_logged: set[tuple[str, str, str]] = set()
         # (account, uidl) in the ledger, as seen by the current transaction.
         self._recorded: set[tuple[str, str]] = set()
 
@@ -237,7 +280,7 @@ class Writer:
                         len(batch),
                     )
                     await self.store.rollback()
-                    self._replies.clear()
+                    self._replies_queued = 0
                     for item in batch:
                         _reset(item)
                     careful = True
@@ -247,7 +290,7 @@ class Writer:
                     await self.store.rollback()
                 except sqlite3.Error:
                     log.exception("rollback failed")
-            self._replies.clear()
+            self._replies_queued = 0
             failure = StoreError(f"the store could not commit: {exc!r}")
             # Every answer must say "not committed", cancellation included: a fetcher that
             # outlives the writer must never take a rolled-back message for a durable one.
@@ -276,8 +319,10 @@ class Writer:
                     item.raw, item.parsed = b"", None
                     if item.on_done is not None:
                         item.on_done()
-        if self._replies:
-            await self._send_replies()
+        if self._replies_queued:
+            self._replies_queued = 0
+            if self.on_reply is not None:
+                self.on_reply()  # committed: the outbox may send them now
         return rest
 
     async def _transaction(
@@ -344,6 +389,12 @@ class Writer:
             item.problem = await self._check_directory(item.mailbox)
         elif isinstance(item, SessionReport):
             await self._session_report(item)
+        elif isinstance(item, OutboxFetch):
+            item.due, item.next_due = await self.store.due_replies(
+                item.mailboxes, exclude=item.exclude, limit=item.limit
+            )
+        elif isinstance(item, OutboxResult):
+            await self.store.record_attempt(item.reply_id, error=item.error, retry_at=item.retry_at)
         else:  # pragma: no cover - a programming error, surfaced loudly
             raise TypeError(f"unknown item {item!r}")
 
@@ -502,6 +553,8 @@ class Writer:
         return d.outcome, None
 
     async def _refuse(self, env: Envelope, d: Refuse) -> str:
+        """Record the refusal's automatic reply (an outbox row, in this transaction), unless
+        it would loop or go over a rate limit. The outbox sends it after the commit."""
         msg = env.parsed
         cfg = env.mailbox
         assert msg is not None
@@ -511,58 +564,60 @@ class Writer:
             msg.message_id or ""
         ).endswith(f".mailintegration@{reply.reply_domain(cfg)}"):
             return "refused: no reply (our own loop header or Message-ID)"
-        since = datetime.now(UTC) - timedelta(days=1)
-        if await self.store.replies_since(msg.from_addr, since) >= self.reply_limit_per_day:
-            log.warning(
-                "mailbox=%s uidl=%s no reply: %s already got %d replies today",
-                cfg.name,
-                env.uidl,
-                msg.from_addr,
-                self.reply_limit_per_day,
-            )
-            return "refused: no reply (rate limit)"
         try:
             out = reply.build_reply(
                 mailbox=cfg,
-                recipient=msg.from_addr,
+                recipient_address=msg.from_addr,
                 sender_name=msg.from_name,
                 subject=msg.subject,
                 in_reply_to=msg.message_id,
             )
         except ValueError as exc:
             return f"refused: no reply ({exc})"
-        data = out.as_bytes()
-        reply_id = await self.store.queue_reply(
+        if await self._over_reply_limit(env, out.to):
+            return "refused: no reply (rate limit)"
+        await self.store.queue_reply(
             mailbox=cfg.name,
             request_number=None,
-            recipient=msg.from_addr,
-            message_id=str(out["Message-ID"]).strip("<>"),
-            message=data,
+            recipient=out.to.address,
+            rcpt_key=out.to.key,
+            rcpt_domain=out.to.domain,
+            message_id=out.message_id,
+            message=out.data,
         )
-        self._replies.append((reply_id, cfg, msg.from_addr, data))
+        self._replies_queued += 1
         return "refused: replied"
 
-    async def _send_replies(self) -> None:
-        """Send the replies just committed. A crash before the mark means one resend at most."""
-        pending, self._replies = self._replies, []
-        results: list[tuple[int, str | None]] = []
-        for reply_id, cfg, rcpt, data in pending:
-            assert cfg.smtp is not None
-            try:
-                await anyio.to_thread.run_sync(reply.send, cfg.smtp, rcpt, data)
-                results.append((reply_id, None))
-            except Exception as exc:  # SMTP is best effort; the refusal itself is committed
-                log.warning("mailbox=%s reply to %s not sent: %s", cfg.name, rcpt, exc)
-                results.append((reply_id, logs.scrub(str(exc))[:500]))  # scrubbed, then cut
-        await self.store.begin()
-        try:
-            for reply_id, error in results:
-                await self.store.mark_reply(reply_id, error=error)
-            await self.store.commit()
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self.store.rollback()
-            raise
+    async def _over_reply_limit(self, env: Envelope, to: reply.Recipient) -> bool:
+        """Whether one more reply to ``to`` from this mailbox goes over a limit (logged once
+        per limit, key and window: a flood must not become a flood of log lines)."""
+        limits = self.reply_limits
+        now = datetime.now(UTC)
+        day, hour = now - timedelta(days=1), now - timedelta(hours=1)
+        for kind, column, key, since, limit, window in (
+            ("address", "rcpt_key", to.key, day, limits.per_address_per_day, "day"),
+            ("domain", "rcpt_domain", to.domain, hour, limits.per_domain_per_hour, "hour"),
+            ("mailbox", "mailbox", env.mailbox.name, hour, limits.per_mailbox_per_hour, "hour"),
+        ):
+            if await self.store.replies_since(column, key, since) < limit:
+                continue
+            stamp = now.strftime("%Y-%m-%d" if window == "day" else "%Y-%m-%dT%H")
+            if (kind, key, stamp) not in self._limits_logged:
+                if len(self._limits_logged) > 10_000:
+                    self._limits_logged.clear()  # bounded; at worst a limit is logged again
+                self._limits_logged.add((kind, key, stamp))
+                log.warning(
+                    "mailbox=%s uidl=%s no reply: the %s %s already got %d replies in the "
+                    "last %s (further replies over this limit are not logged)",
+                    env.mailbox.name,
+                    env.uidl,
+                    kind,
+                    key,
+                    limit,
+                    window,
+                )
+            return True
+        return False
 
     async def _failure_event(self, env: Envelope, exc: Exception) -> int:
         cfg = env.mailbox

@@ -6,6 +6,9 @@ import contextlib
 import io
 import json
 import sqlite3
+import sys
+import time
+from collections.abc import Callable
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import make_msgid
@@ -193,3 +196,34 @@ def ledger(data_dir: Path) -> list[sqlite3.Row]:
 
 def attachment_bytes(data_dir: Path, sha256: str) -> bytes:
     return (data_dir / "attachments" / sha256[:2] / sha256).read_bytes()
+
+
+def engine_argv(*args: str | Path) -> list[str]:
+    """The deployed command line, ``python -m engine …``, for the tests that need a process."""
+    return [sys.executable, "-m", "engine", *map(str, args)]
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll ``check`` a bounded number of times within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / 0.1) + 1):
+        if check():
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def count_rows(data: Path, sql: str) -> int:
+    """One number from the store, read by another connection (0 while there is none)."""
+    path = data / "mailintegration.sqlite3"
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(path, timeout=10)
+    try:
+        return int(db.execute(sql).fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        db.close()

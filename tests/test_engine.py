@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -20,12 +18,15 @@ from support import (
     LOGIN,
     LOGIN_PASSWORD,
     cli,
+    count_rows,
+    engine_argv,
     import_directory,
     ledger,
     mailbox_xml,
     message,
     once,
     requests,
+    wait_for,
 )
 
 from engine.model import ParsedMessage
@@ -36,36 +37,6 @@ from tools.fakepop3 import FakePOP3Server, Script
 
 pytestmark = pytest.mark.dovecot
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def engine_argv(*args: str | Path) -> list[str]:
-    """The deployed command line, ``python -m engine …``, for the tests that need a process."""
-    return [sys.executable, "-m", "engine", *map(str, args)]
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    """Poll ``check`` a bounded number of times within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / 0.1) + 1):
-        if check():
-            return
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def count_rows(data: Path, sql: str) -> int:
-    path = data / "mailintegration.sqlite3"
-    if not path.exists():
-        return 0
-    db = sqlite3.connect(path, timeout=10)
-    try:
-        return int(db.execute(sql).fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0
-    finally:
-        db.close()
 
 
 def test_twenty_mailboxes_once_each_message_exactly_once(tmp_path: Path, dovecot: Any) -> None:

@@ -172,3 +172,154 @@ def test_no_reply_to_a_message_carrying_our_loop_header_or_message_id(
     assert box["sink"].received == []
     [row] = ledger(box["data"])
     assert row["outcome"] == "refused: no reply (our own loop header or Message-ID)"
+
+
+# -- hostile text in the message answered (issue 12, item 4) ----------------------------------
+
+TEMPLATE_BODY = "Dear John Doe, mailbox noreq takes no new requests."
+REPLY_HEADERS = [
+    "From",
+    "To",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "In-Reply-To",
+    "References",
+    "Auto-Submitted",
+    "X-Loop",
+    "X-Auto-Response-Suppress",
+    "Precedence",
+    "MIME-Version",
+    "Content-Type",
+    "Content-Transfer-Encoding",
+]
+
+
+def _header_names(raw: bytes) -> list[str]:
+    """The header names of a message as written, continuation lines checked to be ASCII."""
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    names = []
+    for line in head.split(b"\r\n"):
+        assert line.isascii() and b"\r" not in line and b"\n" not in line, line
+        if not line.startswith((b" ", b"\t")):
+            names.append(line.split(b":", 1)[0].decode())
+    return names
+
+
+@pytest.mark.parametrize(
+    ("headers", "visible", "threaded"),
+    [
+        # A subject encoded twice: decoded once by us it reads as an encoded word, which the
+        # stdlib's header policy decoded again into CR LF, a Bcc and a second (HTML) body.
+        (
+            b"Subject: =?utf-8?q?=3D=3Futf-8=3Fq=3FHi=3D0D=3D0ABcc=3A=5Fvictim=40evil=2Eexample"
+            b"=3D0D=3D0A=3D0D=3D0A=3Chtml=3Eevil=3F=3D?=\r\nMessage-ID: <twice-1@example.com>\r\n",
+            "=?utf-8?q?Hi=0D=0ABcc:_victim@evil.example=0D=0A=0D=0A<html>evil?=",
+            True,
+        ),
+        # Encoded CR LF in a subject encoded once: the parser decodes it, we flatten it.
+        (
+            b"Subject: =?utf-8?q?Hello=0D=0ABcc=3A_victim=40evil=2Eexample?=\r\n"
+            b"Message-ID: <once-1@example.com>\r\n",
+            "Hello Bcc: victim@evil.example",
+            True,
+        ),
+        # An encoded word as the Message-ID: it went into In-Reply-To and References.
+        (
+            b"Subject: Printer\r\nMessage-ID: =?utf-8?q?x=0D=0ABcc:=20victim2@evil.example"
+            b"=0D=0A=0D=0A=3Chtml=3Eevil?=\r\n",
+            "Printer",
+            False,
+        ),
+        # A bidi override and a line separator in the subject are not text either.
+        (
+            "Subject: Invoice \u202egpj.exe\u2028Bcc: x@evil.example\r\n"
+            "Message-ID: <bidi-1@example.com>\r\n".encode(),
+            "Invoice gpj.exe Bcc: x@evil.example",
+            True,
+        ),
+    ],
+    ids=["subject-encoded-twice", "subject-encoded-crlf", "message-id-encoded-word", "bidi"],
+)
+def test_received_subject_and_message_id_never_inject_a_header_or_a_body(
+    box: dict[str, Any], dovecot: Any, headers: bytes, visible: str, threaded: bool
+) -> None:
+    """On this interpreter (3.11.7, without the CVE-2024-6923 fix): the reply received by a
+    real SMTP server has exactly our headers, one text/plain part, and the subject reads as
+    the received text made one line, nothing decoded twice."""
+    raw = b"From: John Doe <john.doe@example.com>\r\nTo: support@example.com\r\n" + headers
+    dovecot.deliver(box["user"], raw + b"\r\nbody\r\n")
+    assert once(box["data"], box["cfg"]) == 0
+    [(mail_from, rcpts, out)] = box["sink"].received
+    assert mail_from in ("", "<>") and rcpts == ["john.doe@example.com"]
+    expected = sorted(REPLY_HEADERS)
+    if not threaded:
+        expected = [h for h in expected if h not in ("In-Reply-To", "References")]
+    assert sorted(_header_names(out)) == expected  # each once, and no other
+    parsed = _parsed(out)
+    assert sorted(parsed.keys()) == expected  # the same once a reader has unfolded them
+    assert not parsed.is_multipart() and parsed.get_content_type() == "text/plain"
+    assert parsed["Subject"] == f"Not registered: {visible}"
+    assert parsed["To"] == "john.doe@example.com"
+    assert parsed.get_content().replace("\r\n", "\n") == TEMPLATE_BODY + "\n"
+    if threaded:
+        [mid] = [line for line in headers.split(b"\r\n") if line.startswith(b"Message-ID")]
+        assert parsed["In-Reply-To"] == mid.split(b": ", 1)[1].decode()
+
+
+# -- rate limits (issue 12, item 9) ---------------------------------------------------------
+
+
+def _sent_to(box: dict[str, Any]) -> list[str]:
+    return [rcpt for _, rcpts, _ in box["sink"].received for rcpt in rcpts]
+
+
+def test_address_variants_count_as_one_address_for_the_daily_limit(
+    box: dict[str, Any], dovecot: Any
+) -> None:
+    """+tags, case, a trailing dot and the IDNA or Unicode spelling of the domain were each a
+    new address: 11 replies to one person against a limit of 5."""
+    variants = [
+        "victim+1@xn--exmple-cua.com",
+        "victim+2@xn--exmple-cua.com",
+        "VICTIM@xn--exmple-cua.com",
+        "Victim@XN--EXMPLE-CUA.COM",
+        "victim@xn--exmple-cua.com.",
+        "victim+x@ex\u00e4mple.com",  # raw UTF-8 in the header (RFC 6532)
+        "victim@EX\u00c4MPLE.COM",
+        "vIctim+3@xn--exmple-cua.com",
+        "victim@xn--exmple-cua.com",
+        "victim+abc+def@ex\u00e4mple.com",
+        "VICTIM+4@xn--exmple-cua.com",
+    ]
+    for i, addr in enumerate(variants):
+        raw = (
+            f"From: Victim <{addr}>\r\nTo: support@example.com\r\nSubject: Ask {i}\r\n"
+            f"Message-ID: <variant-{i}@example.com>\r\n\r\nPlease\r\n"
+        )
+        dovecot.deliver(box["user"], raw.encode())
+    log = box["data"].parent / "engine.log"
+    assert once(box["data"], box["cfg"], "--log-file", log) == 0
+    sent = _sent_to(box)
+    assert len(sent) == 5, sent
+    assert all(a.endswith("@xn--exmple-cua.com") for a in sent), sent
+    outcomes = [r["outcome"] for r in ledger(box["data"])]
+    assert outcomes.count("refused: no reply (rate limit)") == 6
+    # Logged once, not once per refused reply.
+    lines = [line for line in log.read_text().splitlines() if "already got" in line]
+    assert len(lines) == 1 and "address victim@xn--exmple-cua.com" in lines[0], lines
+
+
+def test_replies_to_one_domain_and_from_one_mailbox_are_capped_per_hour(
+    box: dict[str, Any], dovecot: Any
+) -> None:
+    for i in range(25):
+        dovecot.deliver(box["user"], message(f"D {i}", sender=f"<user{i}@victim.example>"))
+    assert once(box["data"], box["cfg"]) == 0
+    assert len(_sent_to(box)) == 20  # the default: 20 per domain per hour
+    for i in range(5):
+        dovecot.deliver(box["user"], message(f"M {i}", sender=f"<someone@domain{i}.example>"))
+    assert once(box["data"], box["cfg"], "--replies-per-mailbox-per-hour", "22") == 0
+    assert len(_sent_to(box)) == 22  # two more, then the mailbox's hour is full
+    outcomes = [r["outcome"] for r in ledger(box["data"])]
+    assert outcomes.count("refused: no reply (rate limit)") == 5 + 3

@@ -7,6 +7,7 @@ will implement the same methods.
 from engine.store.lock import DataDirLock, private_file, secure_data_dir
 from engine.store.sqlite import (
     CLOSED_STATUSES,
+    PendingReply,
     RequestRef,
     SqliteStore,
     Team,
@@ -22,6 +23,7 @@ Store = SqliteStore
 __all__ = [
     "CLOSED_STATUSES",
     "DataDirLock",
+    "PendingReply",
     "RequestRef",
     "SqliteStore",
     "Store",

@@ -127,4 +127,27 @@ MIGRATIONS: tuple[str, ...] = (
         failed INTEGER NOT NULL DEFAULT 0
     );
     """,
+    # 3: reserved for a migration of another branch of issue 12; merged in its place.
+    """
+    SELECT 1;
+    """,
+    # 4: the outbox as a queue: sends are retried with a backoff until sent or failed for
+    # good, and replies are counted per normalized address, per domain and per mailbox
+    # (one indexed query each). Rows an older engine left failed keep that verdict.
+    """
+    ALTER TABLE outbox ADD COLUMN rcpt_key TEXT;
+    ALTER TABLE outbox ADD COLUMN rcpt_domain TEXT;
+    ALTER TABLE outbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE outbox ADD COLUMN next_attempt_at TEXT;
+    ALTER TABLE outbox ADD COLUMN failed_at TEXT;
+    UPDATE outbox SET rcpt_key = lower(recipient),
+        rcpt_domain = lower(substr(recipient, instr(recipient, '@') + 1)),
+        next_attempt_at = created_at;
+    UPDATE outbox SET failed_at = created_at WHERE sent_at IS NULL AND error IS NOT NULL;
+    CREATE INDEX outbox_key ON outbox(rcpt_key, created_at);
+    CREATE INDEX outbox_domain ON outbox(rcpt_domain, created_at);
+    CREATE INDEX outbox_mailbox ON outbox(mailbox, created_at);
+    CREATE INDEX outbox_due ON outbox(mailbox, next_attempt_at)
+        WHERE sent_at IS NULL AND failed_at IS NULL;
+    """,
 )

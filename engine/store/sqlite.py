@@ -22,7 +22,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,20 @@ class RequestRef:
     status: str
     kind: str
 
+
+@dataclass(frozen=True)
+class PendingReply:
+    """An outbox row to send."""
+
+    id: int
+    mailbox: str
+    recipient: str
+    message: bytes = field(repr=False)
+    attempts: int
+
+
+# The columns replies are counted by (each has an index with created_at).
+_REPLY_COUNTS = frozenset({"rcpt_key", "rcpt_domain", "mailbox"})
 
 CLOSED_STATUSES = frozenset({"closed", "resolved", "processed"})
 
@@ -664,34 +678,77 @@ class SqliteStore:
         mailbox: str,
         request_number: int | None,
         recipient: str,
+        rcpt_key: str,
+        rcpt_domain: str,
         message_id: str,
         message: bytes,
     ) -> int:
+        """Record a reply to send; the outbox sends it once the transaction has committed."""
+        at = now()
+        row = (mailbox, request_number, recipient, rcpt_key, rcpt_domain, message_id, message)
         return await self._insert(
-            "INSERT INTO outbox(mailbox, request_number, recipient, message_id, message, "
-            "created_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (mailbox, request_number, recipient, message_id, message, now()),
+            "INSERT INTO outbox(mailbox, request_number, recipient, rcpt_key, rcpt_domain, "
+            "message_id, message, created_at, next_attempt_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (*row, at, at),
         )
 
-    async def replies_since(self, recipient: str, since: datetime) -> int:
+    async def replies_since(self, by: str, value: str, since: datetime) -> int:
+        """Replies recorded since ``since`` for one normalized address (``by="rcpt_key"``),
+        domain (``"rcpt_domain"``) or mailbox (``"mailbox"``): one indexed count."""
+        if by not in _REPLY_COUNTS:
+            raise ValueError(f"cannot count replies by {by!r}")
         row = await self._one(
-            "SELECT count(*) FROM outbox WHERE recipient = ? AND created_at >= ?",
-            (recipient, since.isoformat(timespec="seconds")),
+            f"SELECT count(*) FROM outbox WHERE {by} = ? AND created_at >= ?",
+            (value, since.isoformat(timespec="seconds")),
         )
         return 0 if row is None else int(row[0])
 
-    async def pending_replies(self) -> list[tuple[int, str, bytes]]:
-        rows = await self._all(
-            "SELECT id, recipient, message FROM outbox WHERE sent_at IS NULL "
-            "AND error IS NULL ORDER BY id"
+    async def due_replies(
+        self, mailboxes: Sequence[str], *, exclude: Iterable[int], limit: int
+    ) -> tuple[list[PendingReply], str | None]:
+        """Up to ``limit`` unsent replies of ``mailboxes`` whose time has come (not those in
+        ``exclude``, being sent), and when the next of the others is due (or None)."""
+        names = list(mailboxes)
+        skip = list(exclude)
+        if not names or limit <= 0:
+            return [], None
+        where = (
+            "sent_at IS NULL AND failed_at IS NULL "
+            f"AND mailbox IN ({','.join('?' * len(names))}) "
+            f"AND id NOT IN ({','.join('?' * len(skip))})"
         )
-        return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
+        at = now()
+        rows = await self._all(
+            f"SELECT id, mailbox, recipient, message, attempts FROM outbox WHERE {where} "
+            "AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
+            (*names, *skip, at, limit),
+        )
+        later = await self._one(
+            f"SELECT min(next_attempt_at) FROM outbox WHERE {where} AND next_attempt_at > ?",
+            (*names, *skip, at),
+        )
+        due = [PendingReply(int(r[0]), str(r[1]), str(r[2]), bytes(r[3]), int(r[4])) for r in rows]
+        return due, (str(later[0]) if later is not None and later[0] is not None else None)
 
-    async def mark_reply(self, reply_id: int, *, error: str | None) -> None:
+    async def record_attempt(
+        self, reply_id: int, *, error: str | None, retry_at: datetime | None = None
+    ) -> None:
+        """One send of a reply: sent (no ``error``), to be tried again at ``retry_at``, or
+        failed for good (an ``error`` and no ``retry_at``)."""
+        args: tuple[str, ...]
         if error is None:
-            await self._exec("UPDATE outbox SET sent_at = ? WHERE id = ?", (now(), reply_id))
+            sql, args = "sent_at = ?, error = NULL", (now(),)
+        elif retry_at is not None:
+            # Rounded up to the second (the precision of every time here): never early.
+            retry = retry_at + timedelta(microseconds=-retry_at.microsecond % 1_000_000)
+            sql = "error = ?, next_attempt_at = ?"
+            args = (scrub(error), retry.isoformat(timespec="seconds"))
         else:
-            await self._exec("UPDATE outbox SET error = ? WHERE id = ?", (scrub(error), reply_id))
+            sql, args = "error = ?, failed_at = ?", (scrub(error), now())
+        await self._exec(
+            f"UPDATE outbox SET attempts = attempts + 1, {sql} WHERE id = ?", (*args, reply_id)
+        )
 
     # -- mailbox status --------------------------------------------------------------------
 
