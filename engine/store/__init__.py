@@ -7,6 +7,7 @@ will implement the same methods.
 from engine.store.lock import DataDirLock
 from engine.store.sqlite import (
     CLOSED_STATUSES,
+    LedgerRow,
     RequestRef,
     SqliteStore,
     Team,
@@ -21,6 +22,7 @@ Store = SqliteStore
 __all__ = [
     "CLOSED_STATUSES",
     "DataDirLock",
+    "LedgerRow",
     "RequestRef",
     "SqliteStore",
     "Store",
