@@ -484,7 +484,7 @@ def test_padding_and_list_size_override_make_a_lying_server() -> None:
 def test_endless_retr_and_endless_list_never_end() -> None:
     for fault, command in (({"endless_retr": 1}, b"RETR 1"), ({"endless_list": True}, b"LIST")):
         with (
-            FakePOP3Server(Script(messages=list(MESSAGES), **fault)) as srv,  # type: ignore[arg-type]
+            FakePOP3Server(Script(messages=list(MESSAGES), **fault)) as srv,
             socket.create_connection(srv.address, timeout=5) as sock,
         ):
             read_until(sock, b"\r\n")
