@@ -426,21 +426,10 @@ class SqliteStore:
 
     # -- ledger ----------------------------------------------------------------------------
 
-    async def known_uidls(self, account: str, uidls: Iterable[str]) -> set[str]:
-        known: set[str] = set()
-        # Chunks stay under SQLite's bound-parameter limit, whatever the mailbox holds.
-        async for chunk in chunked(uidls, 500):
-            marks = ",".join("?" * len(chunk))
-            rows = await self._all(
-                f"SELECT uidl FROM ledger WHERE account = ? AND uidl IN ({marks})",
-                (account, *chunk),
-            )
-            known.update(r[0] for r in rows)
-        return known
-
     async def ledger_rows(self, account: str, uidls: Iterable[str]) -> dict[str, LedgerRow]:
         """The ledger rows of these keys that exist, by key."""
         found: dict[str, LedgerRow] = {}
+        # Chunks stay under SQLite's bound-parameter limit, whatever the mailbox holds.
         async for chunk in chunked(uidls, 500):
             marks = ",".join("?" * len(chunk))
             rows = await self._all(
