@@ -48,7 +48,7 @@ from engine.pop3 import (
     read_cap,
 )
 from engine.store import LedgerRow
-from engine.writer import DirectoryCheck, Envelope, Item, KnownQuery
+from engine.writer import KEPT_AGAIN, DirectoryCheck, Envelope, Item, KnownQuery
 
 log = logging.getLogger("engine.fetcher")
 
@@ -449,12 +449,15 @@ async def _session(
                     await env.done.wait()
                 if env.failure is not None or env.outcome is None:
                     raise StoreError(f"message {env.uidl} was not committed: {env.failure}")
-                if env.outcome.startswith(("failed", "kept")):
+                if env.outcome.startswith("kept"):
+                    # Left on the server, never deleted; a failure event the first time.
+                    result.failed += env.outcome != KEPT_AGAIN
+                    continue
+                if env.outcome.startswith("failed"):
                     result.failed += 1
                 else:
                     result.processed += 1
-                if not env.outcome.startswith("kept"):
-                    gone.append((number, env.uidl))
+                gone.append((number, env.uidl))
             if gone and not opts.dry_run:
                 await thread(session.dele_many, [number for number, _ in gone])
                 result.deleted += len(gone)

@@ -49,6 +49,10 @@ from engine.store import LedgerRow, SqliteStore, Team
 
 log = logging.getLogger("engine.writer")
 
+# The outcome of a message left on the server before and read again unchanged: it stays
+# there (never deleted: it starts with "kept"), and there is nothing new to record or count.
+KEPT_AGAIN = "kept: as before"
+
 
 @dataclass(eq=False)
 class Item:
@@ -339,6 +343,9 @@ class Writer:
         cfg = env.mailbox
         kind = (env.outcome or "").split(":")[0]
         self.stats.outcomes[kind] += 1
+        if env.outcome == KEPT_AGAIN:
+            log.debug("mailbox=%s uidl=%s still left on the server", cfg.name, env.uidl)
+            return
         if kind in ("failed", "kept"):
             log.warning(
                 "mailbox=%s uidl=%s message could not be processed (%s); failure event #%d",
@@ -442,6 +449,17 @@ class Writer:
         cfg = env.mailbox
         if not env.dry_run and (env.account, env.uidl) in self._recorded:
             env.outcome = "duplicate"
+            return
+        left = self._kept.get((env.account, env.uidl))
+        if (
+            left is not None
+            and isinstance(env.error, MessageKept)
+            and not env.dry_run
+            and left.sha256 == _sha(env.raw)
+        ):
+            # Left on the server before, and cut off the same way again (a server without
+            # UIDL: it cannot be told before it is read): nothing new to record.
+            env.outcome, env.request_number = KEPT_AGAIN, left.request_number
             return
         writing = False
         if careful:

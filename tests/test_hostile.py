@@ -463,6 +463,25 @@ def test_a_message_over_max_bytes_is_left_on_the_server_until_the_limit_is_raise
     assert "taken whole" in failures(data)[0]["activities"][0]["body"]
 
 
+def test_without_uidl_a_message_left_on_the_server_adds_nothing_on_each_session(
+    tmp_path: Path, data: Path
+) -> None:
+    """A server without UIDL: the message over maxMessageBytes cannot be recognised before
+    its header is read, so it is read again each session; found the same, it adds nothing
+    (no activity every poll), and it is never deleted."""
+    big = message("Big, no UIDL", body="x" * 5000 + "\n")
+    with FakePOP3Server(Script(messages=[big], support_uidl=False)) as fake:
+        cfg = box(tmp_path, fake, maxMessageBytes="2048")
+        assert once(data, cfg) == 1
+        for _ in range(2):
+            assert once(data, cfg) == 0
+        fake.wait_idle()
+        assert fake.remaining == [1] and not any(c.startswith("RETR") for c in fake.commands)
+    [failure] = failures(data)
+    assert failure["activities"] == []
+    assert list(outcomes(data).values()) == ["kept: too-large"]
+
+
 def test_an_endless_retr_is_bounded_recorded_and_skipped_from_then_on(
     tmp_path: Path, data: Path
 ) -> None:
@@ -616,7 +635,10 @@ def test_a_server_that_keeps_deleted_mail_is_reported_once_and_nothing_is_proces
                     [outcome] = await engine.once([MailboxSource("box", cfg)])
                     assert outcome.error is None
                     assert engine.metrics is not None
-                    gauge.append(engine.metrics.kept_deleted.labels("box")._value.get())
+                    value = engine.metrics.registry.get_sample_value(
+                        "mailintegration_server_kept_deleted", {"mailbox": "box"}
+                    )
+                    gauge.append(value if value is not None else -1.0)
             finally:
                 await store.close()
             return gauge
