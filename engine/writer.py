@@ -381,28 +381,42 @@ class Writer:
 
     async def _resolve(self, cfg: MailboxConfig, *, remember: bool) -> str:
         """The account the ledger knows this mailbox by: its own (MailboxConfig.account),
-        unless it changed while the user name did not, the new one has no ledger rows and
-        the old one has (the server's name changed, say pop.example.com to 10.0.0.5: the
-        same mailbox, whose messages must not be taken again). ``accountId`` is taken as
-        given: the admin chose it."""
+        unless the mailbox used another one before, with the same user name, which has
+        ledger rows while the new one has none (the same mailbox, whose messages must not
+        be taken again):
+
+        - without ``accountId`` (the server's name changed, say pop.example.com to
+          10.0.0.5), the old account is kept, with a warning;
+        - with ``accountId``, taken as given, the old account's rows move to it (once: the
+          admin named the account, as the XSD tells them to when moving the mailbox).
+        """
         new, user = cfg.account, cfg.server.user_name
         last = await self.store.mailbox_account(cfg.name)
         if (
             last is not None
             and last[0] != new
-            and cfg.server.account_id is None
             and last[1] == user
             and not await self.store.account_has_rows(new)
             and await self.store.account_has_rows(last[0])
         ):
+            if cfg.server.account_id is None:
+                log.warning(
+                    "mailbox=%s its account is now %s, a name the ledger does not know; it "
+                    "keeps the one it had, %s (set <accountId> to name the account yourself)",
+                    cfg.name,
+                    new,
+                    last[0],
+                )
+                return last[0]
+            if not remember:  # a dry run changes nothing
+                return last[0]
             log.warning(
-                "mailbox=%s its account is now %s, a name the ledger does not know; it keeps "
-                "the one it had, %s (set <accountId> to name the account yourself)",
+                "mailbox=%s the ledger's entries of account %s now belong to accountId %s",
                 cfg.name,
-                new,
                 last[0],
+                new,
             )
-            return last[0]
+            await self.store.rename_account(last[0], new)
         if remember and last != (new, user):
             await self.store.remember_account(cfg.name, new, user)
         return new

@@ -268,7 +268,8 @@ def test_migration_3_moves_old_ledger_keys_to_the_account_without_port(tmp_path:
 
 def test_a_mailbox_whose_server_name_changes_keeps_its_ledger_account(tmp_path: Path) -> None:
     """pop.example.com becomes 10.0.0.5 with the same user: the new account has no rows, the
-    old one has, so the mailbox keeps the old one (and warns). accountId is taken as given."""
+    old one has, so the mailbox keeps the old one (and warns). accountId is taken as given,
+    and the first time, the mailbox's rows move to it: nothing known is forgotten."""
     import_directory(tmp_path / "data", tmp_path)
 
     def cfg(host: str, extra: str = "") -> Any:
@@ -309,6 +310,7 @@ def test_a_mailbox_whose_server_name_changes_keeps_its_ledger_account(tmp_path: 
         return got
 
     assert anyio.run(go) == ["u@pop.example.com", "u@pop.example.com", "desk"]
+    assert [(r["account"], r["uidl"]) for r in ledger(tmp_path / "data")] == [("desk", "uid-1")]
 
 
 # -- 10, 11, 13. Messages bounded while they are read; cut-off messages stay on the server ----

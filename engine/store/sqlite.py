@@ -470,6 +470,10 @@ class SqliteStore:
                 (at, account, *chunk),
             )
 
+    async def rename_account(self, old: str, new: str) -> None:
+        """Every ledger row of account ``old`` now belongs to ``new`` (which has none)."""
+        await self._exec("UPDATE ledger SET account = ? WHERE account = ?", (new, old))
+
     async def account_has_rows(self, account: str) -> bool:
         return (
             await self._one("SELECT 1 FROM ledger WHERE account = ? LIMIT 1", (account,))
