@@ -393,8 +393,10 @@ async def cmd_status(args: argparse.Namespace) -> int:
         return 0
     for r in rows:
         state = "OUTAGE: " + ", ".join(r["outages"]) if r["outages"] else "ok"
+        kept = r["server_kept_deleted"]
         print(
             f"{r['mailbox']:<24} {state:<28} last success {r['last_success'] or '-'}  "
             f"fetched {r['fetched']} processed {r['processed']} failed {r['failed']}"
+            + (f"  server keeps {kept} deleted message(s)" if kept else "")
         )
     return 0

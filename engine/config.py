@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from lxml import etree
 
 from engine.errors import ConfigError
+from engine.keys import account_key
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -76,6 +77,12 @@ class ServerConfig:
     # (relative to the file's folder) or the passwordEnv variable's name. Not secrets.
     password_file: str | None = None
     password_env: str | None = None
+    # The ledger's name for this account (``accountId``); None: user and normalized host.
+    account_id: str | None = None
+    # The whole session's deadline (``sessionTimeoutSeconds``); None: derived from the bytes
+    # to fetch at ``min_rate`` bytes a second (see engine.pop3.session_seconds).
+    session_timeout: float | None = None
+    min_rate: int = 32 * 1024
 
 
 @dataclass(frozen=True)
@@ -135,8 +142,10 @@ class MailboxConfig:
 
     @property
     def account(self) -> str:
-        """The POP3 account: what UIDLs are unique within, so the ledger's key."""
-        return f"{self.server.user_name}@{self.server.host}:{self.server.port}"
+        """The POP3 account: what UIDLs are unique within, so the ledger's key. Without
+        ``accountId``, the user and the normalized host, without the port (engine.keys)."""
+        s = self.server
+        return account_key(s.user_name, s.host, s.account_id)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1149,6 +1158,8 @@ def _server(el: etree._Element, base: Path, ctx: _Context) -> ServerConfig:
     host = _token(el, "serverName")
     user = _token(el, "userName")
     assert host is not None and user is not None  # required by the schema
+    session = _int(el, "sessionTimeoutSeconds")
+    min_rate = _int(el, "minimumBytesPerSecond")
     return ServerConfig(
         gateway=gateway,
         host=host,
@@ -1162,6 +1173,9 @@ def _server(el: etree._Element, base: Path, ctx: _Context) -> ServerConfig:
         timeout=float(_int(el, "timeoutSeconds") or 30),
         password_file=_token(el, "passwordFile"),
         password_env=_token(el, "passwordEnv"),
+        account_id=_token(el, "accountId"),
+        session_timeout=None if session is None else float(session),
+        min_rate=min_rate if min_rate is not None else ServerConfig.min_rate,
     )
 
 

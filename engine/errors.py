@@ -8,6 +8,8 @@ class in this module ever carries a password.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class EngineError(Exception):
     """Root of every error the engine raises on purpose."""
@@ -49,10 +51,15 @@ class ConfigError(EngineError):
 
 
 class FetchError(EngineError):
-    """A mailbox could not be read. ``cause`` names the kind of outage (one event per cause)."""
+    """A mailbox could not be read. ``cause`` names the kind of outage (one event per cause).
+
+    ``unfinished`` is set when the session lost step in the middle of a message it had
+    already decided to cut off (see :class:`MessageKept`): the fetcher records that message
+    as left on the server before the session aborts, so the next one skips it."""
 
     cause = "protocol"
     hint = "Check the mail server's log for this account."
+    unfinished: Any = None
 
 
 class ConnectError(FetchError):
@@ -130,6 +137,37 @@ class LimitExceeded(MessageError):
         "The message is over a configured limit (size, MIME depth, parts or headers). The "
         "original is attached; raise the limit in the mailbox config if it is legitimate."
     )
+
+
+class MessageKept(LimitExceeded):
+    """A message the engine could not take whole: too large, larger than the server listed
+    it, or with a line over the engine's limit. What was read of it (up to the limit) goes
+    into a failure event; the message itself is left on the server and later sessions
+    leave it alone, unless a raised ``maxMessageBytes`` now lets it in.
+
+    ``reason`` is one of :data:`KEPT_REASONS`; ``needed`` the bytes the message needs (its
+    size when it was read to its end, else more than was read)."""
+
+    def __init__(self, reason: str, needed: int, text: str) -> None:
+        assert reason in KEPT_REASONS
+        self.reason = reason
+        self.needed = needed
+        super().__init__(text)
+        if reason == "line-too-long":
+            self.hint = (
+                "The message has a line longer than the engine reads (1 MiB), so it was left "
+                "on the server and is skipped from now on; what was read of it is attached. "
+                "Fetch it with another client, then replay it with 'mailintegration ingest'."
+            )
+        else:
+            self.hint = (
+                "The message was left on the server and is skipped from now on; what was read "
+                "of it is attached. If it is legitimate, raise maxMessageBytes: the next "
+                "session then takes it and processes it."
+            )
+
+
+KEPT_REASONS = ("too-large", "larger-than-listed", "line-too-long")
 
 
 class StoreError(EngineError):

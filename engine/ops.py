@@ -96,6 +96,13 @@ class Metrics:
             ["mailbox"],
             registry=r,
         )
+        self.kept_deleted = Gauge(
+            "mailintegration_server_kept_deleted",
+            "Messages of the last listing whose deletion the server had confirmed before "
+            "(a server that keeps deleted mail).",
+            ["mailbox"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "mailintegration_queue_depth", "Items waiting for the writer.", registry=r
         )

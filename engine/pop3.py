@@ -1,20 +1,29 @@
 """The blocking POP3 session, on stdlib poplib. It runs only in worker threads.
 
-A thread cannot be cancelled, so the socket timeout is what bounds every call here. Every
-library exception is translated into :mod:`engine.errors` at this boundary. We never format
-the password into a message, but a server may echo it in its ``-ERR``: the line it sent is
-scrubbed of every configured secret before it is quoted or cut.
+A thread cannot be cancelled, so the socket timeout and the session's deadline are what
+bound every call here. Every library exception is translated into :mod:`engine.errors` at
+this boundary. We never format the password into a message, but a server may echo it in its
+``-ERR``: the line it sent is scrubbed of every configured secret before it is quoted or cut.
+
+What the server sends is bounded while it is read, never after: a line (status lines under
+:data:`MAX_LINE`, listing lines under :data:`LISTING_LINE`), a listing (:data:`MAX_LISTED`
+messages), a message (its :class:`Request`'s cap, see :func:`read_cap`), a message line (a
+longer one cuts that message off, not the session), and the whole session (its deadline,
+checked before every read, see :func:`session_seconds`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import poplib
 import re
 import socket
 import ssl
-from collections.abc import Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,23 +39,282 @@ from engine.errors import (
     ServerTempError,
     TLSError,
 )
+from engine.keys import uidl_key
 from engine.logs import scrub
 
 log = logging.getLogger("engine.pop3")
 
 # poplib's 2048-byte line limit rejects real mail (8-bit HTML has longer lines); getmail6
-# raises it the same way. The limit still bounds a hostile line.
+# raises it the same way. Status lines are read under it; message lines (read_answer) too,
+# but there a longer line is a property of that one message, not of the session.
 MAX_LINE = 1024 * 1024
 setattr(poplib, "_MAXLINE", MAX_LINE)  # noqa: B010 - a private knob, no API
 
+# A LIST, UIDL or CAPA line: RFC 1939 allows two numbers, or a number and 70 characters.
+LISTING_LINE = 1024
+# Messages one session takes from a listing. A larger mailbox (a backlog after a long
+# outage) is taken 100,000 at a time, oldest first, rather than refused: each session
+# deletes what it took, so the next one sees the rest. The lines past it are read and
+# dropped, up to ten times as many; an endless listing is a protocol error.
+MAX_LISTED = 100_000
+# The header of a message over maxMessageBytes, read with TOP n 0 for its failure event.
+HEADER_BYTES = 256 * 1024
+# After a message is cut off, the rest of its answer is read and dropped to stay in step
+# with the server, but never more than its cap again or 64 MiB, whichever is larger.
+DISCARD_BYTES = 64 * 1024 * 1024
+# The session deadline when not configured: a base for connecting, logging in and listing,
+# plus the bytes to fetch at the minimum rate, at most an hour (see session_seconds).
+SESSION_BASE_SECONDS = 60.0
+SESSION_MAX_SECONDS = 3600.0
+
 _CODE = re.compile(rb"\[([A-Z/-]+)\]")
+_CHUNK = 65536
 
 
 @dataclass(frozen=True)
 class Listed:
     number: int
-    uidl: str | None
+    uidl: str | None  # the ledger key of its UIDL (engine.keys.uidl_key), None without UIDL
     size: int
+
+
+@dataclass(frozen=True)
+class Request:
+    """One message to read: RETR, or only its header (``TOP n 0``). At most ``cap`` bytes
+    of the answer are kept; the rest is read and dropped (see :func:`read_answer`)."""
+
+    number: int
+    cap: int
+    headers_only: bool = False
+
+    @property
+    def command(self) -> bytes:
+        verb = f"TOP {self.number} 0" if self.headers_only else f"RETR {self.number}"
+        return verb.encode("ascii")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A multi-line answer as read: ``data`` (dot-stuffing removed) is all of it, or, when
+    ``cut`` says why not (``"size"``: over the cap, ``"line"``: a line over the limit), its
+    first bytes up to that limit. ``octets`` counts every byte of the answer before its
+    terminator, kept or not: the message's real size on the wire once read to its end."""
+
+    data: bytes
+    octets: int
+    cut: str | None = None
+
+
+class Unfinished(Exception):
+    """The session lost step in an answer that was already cut off: ``answer`` is what was
+    kept of it. Raised from the cause (end of connection, timeout, too much to drop)."""
+
+    def __init__(self, answer: Answer) -> None:
+        super().__init__("unfinished answer")
+        self.answer = answer
+
+
+def session_seconds(server: ServerConfig, nbytes: int) -> float:
+    """The time a whole session may take: ``sessionTimeoutSeconds``, else a base plus
+    ``nbytes`` at ``minimumBytesPerSecond``, at most an hour."""
+    if server.session_timeout is not None:
+        return server.session_timeout
+    return min(SESSION_MAX_SECONDS, SESSION_BASE_SECONDS + nbytes / server.min_rate)
+
+
+def read_cap(list_size: int, max_bytes: int) -> int:
+    """The most bytes of a message kept while reading it: ``maxMessageBytes``, and twice
+    the size the server listed plus 1 MiB. An honest LIST size is exact (RFC 1939); some
+    servers count the stored form (LF line ends: at most half the CRLF size) or round, and
+    the margin never cuts those. A LIST that lies (10 bytes for 20 MB) is bounded by it."""
+    return max(0, min(max_bytes, 2 * list_size + 1024 * 1024))
+
+
+def _no_wait() -> None:
+    return None
+
+
+def read_answer(
+    reader: Any,
+    *,
+    cap: int,
+    max_line: int = MAX_LINE,
+    discard: int = DISCARD_BYTES,
+    wait: Callable[[], None] = _no_wait,
+) -> Answer:
+    """Read a multi-line answer from ``reader`` (a buffered reader) up to ``.CRLF``.
+
+    Read in the reader's buffered chunks, not line by line (a 10 KiB message is ~150
+    lines: reading them one by one was most of the session thread's time), and only up to
+    the terminator: what follows is the next pipelined answer. A line is a run of bytes
+    ending in LF, as for readline: a bare-LF ``.`` line is content, not the end.
+
+    Bounded while reading, never after: past ``cap`` bytes, or at a line whose length (LF
+    included) would exceed ``max_line`` (exactly: a line of ``max_line`` bytes is fine, one
+    more is not, wherever the chunks end), nothing more is kept; the rest is read and dropped
+    up to the terminator, so the session stays in step, unless more than ``cap + discard``
+    bytes come. ``wait`` runs before every read (the session's deadline).
+    """
+    kept = bytearray()
+    tail = b"\n"  # the stream so far ends a line: ".\r\n" at once is the empty answer
+    octets = 0  # bytes of the answer before its terminator
+    run = 0  # bytes of the line still open
+    cut: str | None = None
+    cut_at = 0  # octets kept when the answer was cut
+    try:
+        while True:
+            wait()
+            chunk = reader.peek(_CHUNK)
+            if not chunk:
+                raise ProtocolError("the connection closed in the middle of an answer")
+            probe = tail + chunk
+            at = probe.find(b"\n.\r\n")
+            # Content bytes of this chunk, and the bytes to consume: all of them, or up to
+            # and including the terminator. The terminator may begin in bytes already taken
+            # as content (the ".", or ".\r", at the end of the previous chunk): then
+            # ``take`` is negative and they are given back.
+            take, used = (at + 1 - len(tail), at + 4 - len(tail)) if at >= 0 else (len(chunk),) * 2
+            if take > 0:
+                part = chunk if take == len(chunk) else chunk[:take]
+                if cut is None:
+                    stop, why = _limit(part, run, octets, cap, max_line)
+                    if why is not None:
+                        kept += part[:stop]
+                        cut, cut_at = why, octets + stop
+                    else:
+                        kept += part
+                        newline = part.rfind(b"\n")
+                        run = run + len(part) if newline < 0 else len(part) - newline - 1
+                octets += take
+                if cut is not None and octets > cap + discard:
+                    raise ProtocolError(
+                        f"an answer goes on past {octets} bytes without its end; gave up"
+                    )
+            elif take < 0:
+                octets += take
+                del kept[octets:]
+                if cut is not None and cut_at >= octets:
+                    cut = None  # what went over was the terminator itself
+            reader.read(used)
+            if at >= 0:
+                break
+            tail = probe[-3:]
+    except BaseException as exc:
+        if cut is None:
+            raise
+        raise Unfinished(Answer(_unstuff(kept), octets, cut)) from exc
+    return Answer(_unstuff(kept), octets, cut)
+
+
+def _limit(part: bytes, run: int, before: int, cap: int, max_line: int) -> tuple[int, str | None]:
+    """Where in ``part`` the answer goes over a limit, and which: ``(len(part), None)`` if
+    it does not. ``run`` is the length of the line still open before ``part``, ``before``
+    the bytes of the answer before it."""
+    stop, why = len(part), None
+    if before + len(part) > cap:
+        stop, why = cap - before, "size"
+    # Lines: the one still open (it goes over once it has max_line bytes and no LF yet),
+    # then, only if ``part`` is long enough to hold one, every line begun inside it.
+    first = part.find(b"\n")
+    if (first if first >= 0 else len(part)) + run >= max_line:
+        return (min(stop, max_line - run), "line") if max_line - run <= stop else (stop, why)
+    if first >= 0 and len(part) - first - 1 >= max_line:
+        start = first + 1
+        while start < stop:
+            end = part.find(b"\n", start)
+            if (end if end >= 0 else len(part)) - start >= max_line:
+                if start + max_line <= stop:
+                    return start + max_line, "line"
+                break
+            if end < 0:
+                break
+            start = end + 1
+    return stop, why
+
+
+def _unstuff(raw: bytearray) -> bytes:
+    """The answer's content without dot-stuffing (a leading "." doubled on each line)."""
+    if raw.startswith(b".."):
+        del raw[0]
+    data = bytes(raw)
+    raw.clear()  # two copies of a 20 MB message at most, never three
+    return data.replace(b"\n..", b"\n.") if b"\n.." in data else data
+
+
+def read_line(reader: Any, limit: int, wait: Callable[[], None] = _no_wait) -> bytes:
+    """One line, LF included (``b""`` at the end of the stream), checking ``wait`` before
+    every read: poplib's readline waits for a whole line however slowly it comes."""
+    line = b""
+    while True:
+        wait()
+        chunk: bytes = reader.peek(limit + 1 - len(line))
+        if not chunk:
+            return line
+        at = chunk.find(b"\n", 0, limit + 1 - len(line))
+        got: bytes = reader.read(at + 1 if at >= 0 else min(len(chunk), limit + 1 - len(line)))
+        line += got
+        if len(line) > limit:
+            raise ProtocolError(f"the server sent a line over {limit} bytes")
+        if at >= 0:
+            return line
+
+
+def read_lines(
+    reader: Any,
+    *,
+    keep: int,
+    limit: int = LISTING_LINE,
+    wait: Callable[[], None] = _no_wait,
+) -> tuple[list[bytes], int]:
+    """The lines of a short multi-line answer (LIST, UIDL, CAPA) without their line ends and
+    dot-stuffing: the first ``keep`` of them, and how many there were. Lines past ``keep``
+    are read and dropped, up to ten times as many; each is at most ``limit`` bytes."""
+    lines: list[bytes] = []
+    count = 0
+    while True:
+        line = read_line(reader, limit, wait)
+        if not line:
+            raise ProtocolError("the connection closed in the middle of a listing")
+        if line == b".\r\n":
+            return lines, count
+        count += 1
+        if count <= keep:
+            line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+            lines.append(line[1:] if line.startswith(b"..") else line)
+        elif count > 10 * max(keep, 1):
+            raise ProtocolError(f"a listing goes on past {count} lines without its end")
+
+
+class _Bounded:
+    """What poplib reads, bounded: every line in time (``wait``, the session deadline, runs
+    before each read) and in length, and CAPA in its number of lines (poplib reads a
+    multi-line answer whole, however long; ``stls()`` asks CAPA too)."""
+
+    file: Any
+    sock: Any
+    wait: Callable[[Any], None]
+
+    def _getline(self) -> tuple[bytes, int]:
+        line = read_line(self.file, MAX_LINE, lambda: self.wait(self.sock))
+        if not line:
+            raise poplib.error_proto("-ERR EOF")
+        if line[-2:] == b"\r\n":
+            return line[:-2], len(line)
+        if line[:1] == b"\r":
+            return line[1:-1], len(line)
+        return line[:-1], len(line)
+
+    def capa(self) -> dict[str, list[str]]:
+        conn: Any = self
+        conn._putcmd("CAPA")
+        conn._getresp()
+        lines, _ = read_lines(self.file, keep=100, wait=lambda: self.wait(self.sock))
+        caps: dict[str, list[str]] = {}
+        for line in lines:
+            words = line.decode("ascii", "replace").split()
+            if words:
+                caps[words[0].upper()] = words[1:]
+        return caps
 
 
 def tls_context(server: ServerConfig) -> ssl.SSLContext:
@@ -92,10 +360,11 @@ def _close_quietly(conn: poplib.POP3) -> None:
                 obj.close()
 
 
-class _POP3(poplib.POP3):
+class _POP3(_Bounded, poplib.POP3):
     """poplib leaks its socket when the greeting is -ERR; close it before raising."""
 
-    def __init__(self, host: str, port: int, timeout: float) -> None:
+    def __init__(self, host: str, port: int, timeout: float, wait: Callable[[Any], None]) -> None:
+        self.wait = wait  # before the greeting is read
         try:
             super().__init__(host, port, timeout=timeout)
         except BaseException:
@@ -103,8 +372,16 @@ class _POP3(poplib.POP3):
             raise
 
 
-class _POP3_SSL(poplib.POP3_SSL):
-    def __init__(self, host: str, port: int, timeout: float, context: ssl.SSLContext) -> None:
+class _POP3_SSL(_Bounded, poplib.POP3_SSL):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        timeout: float,
+        context: ssl.SSLContext,
+        wait: Callable[[Any], None],
+    ) -> None:
+        self.wait = wait
         try:
             super().__init__(host, port, timeout=timeout, context=context)
         except BaseException:
@@ -113,7 +390,12 @@ class _POP3_SSL(poplib.POP3_SSL):
 
 
 class Pop3Session:
-    """One POP3 session. Use :meth:`open` first and always :meth:`quit` or :meth:`abort`."""
+    """One POP3 session. Use :meth:`open` first and always :meth:`quit` or :meth:`abort`.
+
+    The whole session has a deadline (:func:`session_seconds`), checked before every read
+    from the server, so a server trickling a byte a second is cut off too: per-read
+    timeouts never fire on it.
+    """
 
     def __init__(self, server: ServerConfig) -> None:
         self.server = server
@@ -121,11 +403,45 @@ class Pop3Session:
         self._interrupted = False
         # Whether the server announced PIPELINING in CAPA (RFC 2449), learnt after login.
         self.pipelining = False
+        # Whether it announced TOP (None: it has no CAPA, so nobody knows; RFC 1939 TOP is
+        # optional but common).
+        self.top: bool | None = None
+        # The deadline runs from here: the caller bounds the session from the outside by it
+        # too (a TLS handshake, for one, reads nothing through _wait).
+        self.started = time.monotonic()
+        self.deadline = math.inf
+        self.extend(0)
+        # Commands sent (pipelined) whose answers are not read yet, oldest first.
+        self.outstanding: deque[Request] = deque()
+        # An answer was left half-read: nothing more can be said to this server.
+        self._lost = False
 
     def _c(self) -> poplib.POP3:
         if self.conn is None:
             raise ProtocolError("the session is not open")
         return self.conn
+
+    @property
+    def seconds(self) -> float:
+        """The session's time limit, as it stands."""
+        return self.deadline - self.started
+
+    def extend(self, nbytes: int) -> None:
+        """Set the deadline for a session that fetches ``nbytes`` (see session_seconds)."""
+        self.deadline = self.started + session_seconds(self.server, nbytes)
+
+    def _wait(self, sock: Any) -> None:
+        """Before each read: past the deadline, give up; near it, wait no longer than it."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            self._lost = True
+            raise FetchTimeout(
+                f"the session with {self.server.host}:{self.server.port} went over its "
+                f"deadline of {self.seconds:.0f} s (sessionTimeoutSeconds, or derived from "
+                "the bytes to fetch at minimumBytesPerSecond)"
+            )
+        if left < self.server.timeout and sock is not None:
+            sock.settimeout(left)
 
     def open(self) -> None:
         s = self.server
@@ -135,9 +451,9 @@ class Pop3Session:
             )
         try:
             if s.use_ssl:
-                self.conn = _POP3_SSL(s.host, s.port, s.timeout, tls_context(s))
+                self.conn = _POP3_SSL(s.host, s.port, s.timeout, tls_context(s), self._wait)
             else:
-                self.conn = _POP3(s.host, s.port, s.timeout)
+                self.conn = _POP3(s.host, s.port, s.timeout, self._wait)
                 if s.starttls:
                     self._starttls()
             if self._interrupted:
@@ -182,123 +498,151 @@ class Pop3Session:
         except poplib.error_proto as exc:
             raise _server_error(exc, "login") from None
         try:
-            self.pipelining = "PIPELINING" in conn.capa()
+            caps = conn.capa()
         except poplib.error_proto:
-            self.pipelining = False  # no CAPA: one command at a time
+            self.pipelining, self.top = False, None  # no CAPA: one command at a time
+        else:
+            self.pipelining, self.top = "PIPELINING" in caps, "TOP" in caps
+
+    def _lines(self, keep: int) -> tuple[list[bytes], int]:
+        conn: Any = self._c()
+        return read_lines(conn.file, keep=keep, wait=lambda: self._wait(conn.sock))
 
     def listing(self) -> list[Listed]:
-        """Every message with its size and UIDL (``None`` when the server lacks UIDL)."""
-        conn = self._c()
+        """Every message with its size and UIDL key (``None`` when the server lacks UIDL);
+        the first :data:`MAX_LISTED` of them when the server lists more."""
+        conn: Any = self._c()
         try:
-            _, lines, _ = conn.list()
+            conn._putcmd("LIST")
+            conn._getresp()
+            lines, count = self._lines(MAX_LISTED)
+            if count > len(lines):
+                log.warning(
+                    "server=%s lists %d messages: this session takes the first %d",
+                    self.server.host,
+                    count,
+                    len(lines),
+                )
             sizes: dict[int, int] = {}
             for line in lines:
-                num, size = line.split()[:2]
-                sizes[int(num)] = int(size)
-            uidls: dict[int, str] = {}
-            try:
-                _, ulines, _ = conn.uidl()
-            except poplib.error_proto:
-                ulines = []
-                log.warning("server=%s has no UIDL: keying messages by content", self.server.host)
-            seen: dict[str, int] = {}
-            for line in ulines:
-                num_b, uid_b = line.split()[:2]
-                uid = uid_b.decode("ascii", "replace")
-                if uid in seen:
-                    raise DuplicateUidlError(
-                        f"the server listed UIDL {uid!r} for messages {seen[uid]} and {int(num_b)}"
-                    )
-                seen[uid] = int(num_b)
-                uidls[int(num_b)] = uid
+                num, size = (int(field) for field in line.split()[:2])
+                if num < 1 or size < 0:
+                    raise ValueError(f"message {num} of {size} bytes")
+                sizes[num] = size
+            uidls = self._uidls(sizes)
         except FetchError:
+            self._lost = True
             raise
         except (poplib.error_proto, ValueError) as exc:
+            self._lost = True
             raise ProtocolError(f"the server's message listing is malformed: {exc}") from None
         except BaseException as exc:
+            self._lost = True
             raise self._translate(exc, "LIST") from exc
         return [Listed(n, uidls.get(n), sizes[n]) for n in sorted(sizes)]
 
-    def retr(self, number: int) -> bytes:
-        """The message exactly as sent, dot-stuffing removed.
-
-        Only ``.CRLF`` ends the answer: a bare-LF ``.`` line is message content, and treating
-        it as the end (as poplib does) would desynchronise the session.
-        """
-        return self.retr_many([number])[0]
-
-    def retr_many(self, numbers: Sequence[int]) -> list[bytes]:
-        """Several messages in one exchange: with PIPELINING (RFC 2449) every RETR goes out at
-        once and the answers are read in order, so the round trips overlap."""
-        # poplib has no streaming or pipelined RETR; its private helpers send and check +OK.
+    def _uidls(self, sizes: dict[int, int]) -> dict[int, str]:
+        """The UIDL keys of the listed messages: the exact bytes after "N SP" (never cut at
+        a space nor decoded), made into keys by engine.keys.uidl_key."""
         conn: Any = self._c()
-        during = f"RETR {numbers[0]}" if len(numbers) == 1 else f"RETR {numbers[0]}-{numbers[-1]}"
+        conn._putcmd("UIDL")
         try:
-            if len(numbers) > 1 and self.pipelining:
-                conn._putline("\r\n".join(f"RETR {n}" for n in numbers).encode("ascii"))
-                out = []
-                for n in numbers:
-                    conn._getresp()
-                    out.append(self._read_message(conn, n))
-                return out
-            out = []
-            for n in numbers:
-                conn._shortcmd(f"RETR {n}")
-                out.append(self._read_message(conn, n))
+            conn._getresp()
+        except poplib.error_proto:
+            log.warning("server=%s has no UIDL: keying messages by content", self.server.host)
+            return {}
+        lines, _ = self._lines(MAX_LISTED)
+        seen: dict[bytes, int] = {}
+        uidls: dict[int, str] = {}
+        for line in lines:
+            num_b, space, uid = line.partition(b" ")
+            num = int(num_b)
+            if not space:
+                raise ValueError(f"UIDL line of message {num} has no UIDL")
+            if num not in sizes:
+                continue  # past the messages this session takes
+            if uid in seen:
+                raise DuplicateUidlError(
+                    f"the server listed UIDL {uidl_key(uid)!r} for messages {seen[uid]} and {num}"
+                )
+            seen[uid] = num
+            uidls[num] = uidl_key(uid)
+        return uidls
+
+    def fetch_many(self, requests: Sequence[Request], grant: float = math.inf) -> list[Answer]:
+        """Several messages in one exchange: with PIPELINING (RFC 2449) every command goes
+        out at once and the answers are read in order, so the round trips overlap.
+
+        Each answer is bounded by its request's cap while it is read (:func:`read_answer`).
+        Once the answers read hold more than ``grant`` bytes (a server whose LIST sizes are
+        below the truth), the rest is left for the next call: their commands stay in
+        :attr:`outstanding` and their answers on the wire, and a call must start with them.
+        Nothing else may be sent meanwhile (an answer would be read as another's).
+        """
+        conn: Any = self._c()
+        waiting = [r.number for r in self.outstanding][: len(requests)]
+        if [r.number for r in requests[: len(waiting)]] != waiting:
+            raise ProtocolError(f"internal error: answers to {waiting} are still to be read")
+        out: list[Answer] = []
+        held = 0
+        request = requests[0]
+        try:
+            if self.pipelining and len(requests) > len(self.outstanding):
+                new = requests[len(self.outstanding) :]
+                conn._putline(b"\r\n".join(r.command for r in new))
+                self.outstanding.extend(new)
+            for request in requests:
+                if not self.outstanding:
+                    conn._putline(request.command)
+                    self.outstanding.append(request)
+                self.outstanding.popleft()
+                conn._getresp()
+                out.append(self._read_answer(conn, request))
+                held += len(out[-1].data)
+                if held > grant and len(out) < len(requests):
+                    break
             return out
+        except Unfinished as exc:
+            self._lost = True
+            cause = exc.__cause__ or exc
+            error = cause if isinstance(cause, FetchError) else self._translate(cause, "RETR")
+            if not isinstance(error, FetchError):
+                raise
+            error.unfinished = (request, exc.answer)
+            raise error from None
         except FetchError:
+            self._lost = True
             raise
         except poplib.error_proto as exc:
-            raise _server_error(exc, during) from None
+            self._lost = bool(self.outstanding)
+            raise _server_error(exc, request.command.decode()) from None
         except BaseException as exc:
-            raise self._translate(exc, during) from exc
+            self._lost = True
+            raise self._translate(exc, request.command.decode()) from exc
 
-    @staticmethod
-    def _read_message(conn: Any, number: int) -> bytes:
-        """The answer's lines up to ``.CRLF``, exactly as sent but for the dot-stuffing.
-
-        Read in the reader's buffered chunks, not line by line (a 10 KiB message is ~150
-        lines: reading them one by one was most of the session thread's time), and only up
-        to the terminator: what follows is the next pipelined answer. A line is a run of
-        bytes ending in LF, as for readline: a bare-LF ``.`` line is content, not the end.
-        """
-        reader = conn.file
-        raw = bytearray()
-        run = 0  # bytes since the last LF: the line still open, bounded by MAX_LINE
-        while True:
-            chunk = reader.peek(65536)
-            if not chunk:
-                raise ProtocolError(f"the connection closed during RETR {number}")
-            before = len(raw)
-            raw += chunk
-            if before < 3 and raw.startswith(b".\r\n"):
-                end, keep = 3, 0  # an empty message
-            else:
-                at = raw.find(b"\n.\r\n", max(0, before - 3))
-                end, keep = (at + 4, at + 1) if at >= 0 else (-1, -1)
-            if end >= 0:
-                reader.read(end - before)  # consume up to the terminator, no further
-                del raw[keep:]
-                break
-            reader.read(len(chunk))
-            newline = chunk.rfind(b"\n")
-            run = run + len(chunk) if newline < 0 else len(chunk) - newline - 1
-            if run > MAX_LINE:
-                raise ProtocolError(f"a line of message {number} exceeds {MAX_LINE} bytes")
-        if raw.startswith(b".."):
-            del raw[0]
-        data = bytes(raw)
-        raw.clear()  # two copies of a 20 MB message at most, never three
-        return data.replace(b"\n..", b"\n.") if b"\n.." in data else data
+    def _read_answer(self, conn: Any, request: Request) -> Answer:
+        try:
+            return read_answer(
+                conn.file,
+                cap=request.cap,
+                discard=max(request.cap, DISCARD_BYTES),
+                wait=lambda: self._wait(conn.sock),
+            )
+        except Unfinished:
+            raise
+        except ProtocolError as exc:
+            raise ProtocolError(f"{exc} ({request.command.decode()})") from None
 
     def dele(self, number: int) -> None:
         self.dele_many([number])
 
     def dele_many(self, numbers: Sequence[int]) -> None:
-        """Mark messages deleted (they go only at QUIT); pipelined like :meth:`retr_many`."""
+        """Mark messages deleted (they go only at QUIT); pipelined like :meth:`fetch_many`."""
         if not numbers:
             return
         conn: Any = self._c()
+        if self.outstanding:
+            raise ProtocolError("internal error: DELE while answers are still to be read")
         during = f"DELE {numbers[0]}" if len(numbers) == 1 else f"DELE {numbers[0]}-{numbers[-1]}"
         try:
             if len(numbers) > 1 and self.pipelining:
@@ -308,15 +652,21 @@ class Pop3Session:
             else:
                 for n in numbers:
                     conn.dele(n)
+        except FetchError:
+            self._lost = True
+            raise
         except poplib.error_proto as exc:
             raise _server_error(exc, during) from None
         except BaseException as exc:
+            self._lost = True
             raise self._translate(exc, during) from exc
 
     def quit(self) -> None:
         """QUIT: the server removes the deleted messages only if this succeeds."""
         try:
             self._c().quit()
+        except FetchError:
+            raise
         except poplib.error_proto as exc:
             raise _server_error(exc, "QUIT") from None
         except BaseException as exc:
@@ -325,14 +675,19 @@ class Pop3Session:
             self.close()
 
     def abort(self) -> None:
-        """Undo pending deletions (RSET), then QUIT; best effort, the socket closes anyway."""
+        """Undo pending deletions (RSET), then QUIT; best effort, the socket closes anyway.
+
+        Not when the session is out of step (an answer half-read, or not yet read) or past
+        its deadline: then it is only closed, which deletes nothing either (RFC 1939), and
+        takes no time whatever the server does."""
         conn = self.conn
         if conn is None:
             return
         try:
-            conn.rset()
-            conn.quit()
-        except (poplib.error_proto, OSError):
+            if not (self._lost or self.outstanding or time.monotonic() >= self.deadline):
+                conn.rset()
+                conn.quit()
+        except (poplib.error_proto, OSError, FetchError):
             pass
         finally:
             self.close()
@@ -344,6 +699,7 @@ class Pop3Session:
         reader's lock. The session is unusable afterwards and deletes nothing.
         """
         self._interrupted = True  # an open() still connecting gives up before logging in
+        self._lost = True
         conn = self.conn
         sock = getattr(conn, "sock", None) if conn is not None else None
         if sock is not None:
@@ -367,6 +723,11 @@ class Pop3Session:
         if isinstance(exc, ssl.SSLError):
             return TLSError(f"TLS with {where} failed: {exc.reason or exc}")
         if isinstance(exc, TimeoutError | socket.timeout):
+            if time.monotonic() >= self.deadline:  # waited only up to the deadline
+                return FetchTimeout(
+                    f"the session with {where} went over its deadline of {self.seconds:.0f} s "
+                    f"({during})"
+                )
             return FetchTimeout(f"{where} did not answer within {s.timeout:g} s ({during})")
         if isinstance(exc, socket.gaierror):
             return ConnectError(f"cannot resolve {s.host}: {exc.strerror}")

@@ -34,6 +34,7 @@ from engine.fetcher import (
     run_session,
     submit,
 )
+from engine.keys import ingest_key
 from engine.ops import Health, Metrics
 from engine.outbox import Outbox
 from engine.store import SqliteStore
@@ -202,6 +203,8 @@ class Engine:
         self.processes = Parsers(settings.parse_processes) if settings.parse_processes else None
         self.totals: dict[str, SessionResult] = {}
         self.errors: dict[str, str] = {}  # the last session's error, per failing mailbox
+        # Mailboxes whose server was seen keeping mail it had confirmed deleting (warned once).
+        self.kept_deleted: set[str] = set()
         # Set by a signal: loops finish their current session, then everything drains.
         self.stop = anyio.Event()
         # Called as each mailbox of a `once` pass finishes (progress on a terminal).
@@ -392,8 +395,9 @@ class Engine:
                 raise check.problem
             for path in files:
                 raw = await anyio.Path(path).read_bytes()
-                digest = hashlib.sha256(raw).hexdigest()
-                env = await anyio.to_thread.run_sync(make_envelope, cfg, f"sha256:{digest}", raw)
+                key = ingest_key(hashlib.sha256(raw).hexdigest())
+                env = await anyio.to_thread.run_sync(make_envelope, cfg, key, raw)
+                env.account = check.account
                 env.dry_run = self.settings.dry_run
                 await submit(send, env)
                 done.append((path, env))
@@ -466,6 +470,9 @@ class Engine:
             fetched=result.fetched,
             processed=result.processed,
             failed=result.failed,
+            account=result.account,
+            deleted=result.deleted_keys,
+            kept_deleted=result.kept_deleted,
         )
         try:
             await submit(send, report)
@@ -479,6 +486,18 @@ class Engine:
         if r is not None:
             if m is not None:
                 m.fetched.labels(name).inc(r.fetched)
+                if r.kept_deleted is not None:
+                    m.kept_deleted.labels(name).set(r.kept_deleted)
+            if r.kept_deleted and name not in self.kept_deleted:
+                self.kept_deleted.add(name)
+                log.warning(
+                    "mailbox=%s the server still lists %d message(s) whose deletion it had "
+                    "confirmed: it keeps deleted mail (a retention policy, or a broken index), "
+                    "and the mailbox grows; each is checked and deleted again, never processed "
+                    "twice (warned once)",
+                    name,
+                    r.kept_deleted,
+                )
             for key in ("listed", "fetched", "processed", "failed", "deleted"):
                 setattr(total, key, getattr(total, key) + getattr(r, key))
         cause = getattr(err, "cause", "error") if err is not None else None

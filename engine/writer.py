@@ -26,7 +26,14 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from engine import reply
 from engine.config import MailboxConfig, mailbox_copy
-from engine.errors import DirectoryError, EngineError, MessageError, StoreError, sole
+from engine.errors import (
+    DirectoryError,
+    EngineError,
+    MessageError,
+    MessageKept,
+    StoreError,
+    sole,
+)
 from engine.model import Attachment, ParsedMessage
 from engine.ops import Metrics
 from engine.processors import (
@@ -38,9 +45,13 @@ from engine.processors import (
     decide,
     referenced,
 )
-from engine.store import PendingReply, SqliteStore, Team
+from engine.store import LedgerRow, PendingReply, SqliteStore, Team
 
 log = logging.getLogger("engine.writer")
+
+# The outcome of a message left on the server before and read again unchanged: it stays
+# there (never deleted: it starts with "kept"), and there is nothing new to record or count.
+KEPT_AGAIN = "kept: as before"
 
 
 @dataclass(eq=False)
@@ -61,6 +72,10 @@ class Envelope(Item):
     parsed: ParsedMessage | None
     error: MessageError | None = None
     dry_run: bool = False
+    # The ledger's account (the one the session resolved; default: the mailbox's own).
+    account: str = ""
+    # The size the server listed (recorded in the ledger: a known UIDL is checked by it).
+    size: int | None = None
     outcome: str | None = field(default=None, init=False)
     request_number: int | None = field(default=None, init=False)
     explanation: str | None = field(default=None, init=False)
@@ -70,20 +85,29 @@ class Envelope(Item):
     # The session sends nothing more until this is answered: no use waiting for more.
     last: bool = field(default=False, init=False)
 
+    def __post_init__(self) -> None:
+        self.account = self.account or self.mailbox.account
+
 
 @dataclass(eq=False)
 class KnownQuery(Item):
+    """Which of these keys the ledger holds, with what it holds of them."""
+
     account: str
     uidls: list[str]
-    known: set[str] = field(default_factory=set, init=False)
+    known: dict[str, LedgerRow] = field(default_factory=dict, init=False)
 
 
 @dataclass(eq=False)
 class DirectoryCheck(Item):
-    """Before a session: does the directory hold what the mailbox config names?"""
+    """Before a session: does the directory hold what the mailbox config names, and which
+    account does the ledger know the mailbox by (``account``, see :meth:`Writer._resolve`)?
+    ``remember``: record that account for the mailbox (not in a dry run)."""
 
     mailbox: MailboxConfig
+    remember: bool = True
     problem: DirectoryError | None = field(default=None, init=False)
+    account: str = field(default="", init=False)
 
 
 @dataclass(eq=False)
@@ -103,6 +127,11 @@ class SessionReport(Item):
     fetched: int = 0
     processed: int = 0
     failed: int = 0
+    # The ledger keys whose deletion the server confirmed (QUIT), under ``account``.
+    account: str | None = None
+    deleted: list[str] = field(default_factory=list)
+    # Messages listed again although their deletion was confirmed before (None: unknown).
+    kept_deleted: int | None = None
 
 
 @dataclass(eq=False)
@@ -181,8 +210,10 @@ class Writer:
         self._replies_queued = 0
         # The rate limits already logged as reached: (kind, key, window); logged once each.
         self._limits_logged: set[tuple[str, str, str]] = set()
-        # (account, uidl) in the ledger, as seen by the current transaction.
+        # (account, uidl) in the ledger, as seen by the current transaction; and those whose
+        # message was left on the server (a later session may take it whole: see _ledger).
         self._recorded: set[tuple[str, str]] = set()
+        self._kept: dict[tuple[str, str], LedgerRow] = {}
 
     async def run(
         self,
@@ -332,14 +363,17 @@ class Writer:
         rest: list[Item] = []
         await self.store.begin()
         # The ledger rows of the whole batch in one query per account, not one per message.
-        self._recorded = set()
+        self._recorded, self._kept = set(), {}
         wanted: dict[str, list[str]] = {}
         for item in batch:
             if isinstance(item, Envelope) and not item.dry_run:
-                wanted.setdefault(item.mailbox.account, []).append(item.uidl)
+                wanted.setdefault(item.account, []).append(item.uidl)
         for account, uidls in wanted.items():
-            known = await self.store.known_uidls(account, uidls)
-            self._recorded.update((account, uidl) for uidl in known)
+            for uidl, row in (await self.store.ledger_rows(account, uidls)).items():
+                if row.kept:
+                    self._kept[account, uidl] = row
+                else:
+                    self._recorded.add((account, uidl))
         # And the requests their subjects name (replies), in one query too.
         await self.store.read_ahead(
             number
@@ -360,7 +394,10 @@ class Writer:
         cfg = env.mailbox
         kind = (env.outcome or "").split(":")[0]
         self.stats.outcomes[kind] += 1
-        if kind == "failed":
+        if env.outcome == KEPT_AGAIN:
+            log.debug("mailbox=%s uidl=%s still left on the server", cfg.name, env.uidl)
+            return
+        if kind in ("failed", "kept"):
             log.warning(
                 "mailbox=%s uidl=%s message could not be processed (%s); failure event #%d",
                 cfg.name,
@@ -377,16 +414,17 @@ class Writer:
                 env.request_number if env.request_number else "-",
             )
         if self.metrics is not None and kind not in ("duplicate", "dry-run"):
-            counter = self.metrics.failed if kind == "failed" else self.metrics.processed
+            counter = self.metrics.failed if kind in ("failed", "kept") else self.metrics.processed
             counter.labels(cfg.name).inc()
 
     async def _handle(self, item: Item, careful: bool) -> None:
         if isinstance(item, Envelope):
             await self._envelope(item, careful)
         elif isinstance(item, KnownQuery):
-            item.known = await self.store.known_uidls(item.account, item.uidls)
+            item.known = await self.store.ledger_rows(item.account, item.uidls)
         elif isinstance(item, DirectoryCheck):
             item.problem = await self._check_directory(item.mailbox)
+            item.account = await self._resolve(item.mailbox, remember=item.remember)
         elif isinstance(item, SessionReport):
             await self._session_report(item)
         elif isinstance(item, OutboxFetch):
@@ -397,6 +435,48 @@ class Writer:
             await self.store.record_attempt(item.reply_id, error=item.error, retry_at=item.retry_at)
         else:  # pragma: no cover - a programming error, surfaced loudly
             raise TypeError(f"unknown item {item!r}")
+
+    async def _resolve(self, cfg: MailboxConfig, *, remember: bool) -> str:
+        """The account the ledger knows this mailbox by: its own (MailboxConfig.account),
+        unless the mailbox used another one before, with the same user name, which has
+        ledger rows while the new one has none (the same mailbox, whose messages must not
+        be taken again):
+
+        - without ``accountId`` (the server's name changed, say pop.example.com to
+          10.0.0.5), the old account is kept, with a warning;
+        - with ``accountId``, taken as given, the old account's rows move to it (once: the
+          admin named the account, as the XSD tells them to when moving the mailbox).
+        """
+        new, user = cfg.account, cfg.server.user_name
+        last = await self.store.mailbox_account(cfg.name)
+        if (
+            last is not None
+            and last[0] != new
+            and last[1] == user
+            and not await self.store.account_has_rows(new)
+            and await self.store.account_has_rows(last[0])
+        ):
+            if cfg.server.account_id is None:
+                log.warning(
+                    "mailbox=%s its account is now %s, a name the ledger does not know; it "
+                    "keeps the one it had, %s (set <accountId> to name the account yourself)",
+                    cfg.name,
+                    new,
+                    last[0],
+                )
+                return last[0]
+            if not remember:  # a dry run changes nothing
+                return last[0]
+            log.warning(
+                "mailbox=%s the ledger's entries of account %s now belong to accountId %s",
+                cfg.name,
+                last[0],
+                new,
+            )
+            await self.store.rename_account(last[0], new)
+        if remember and last != (new, user):
+            await self.store.remember_account(cfg.name, new, user)
+        return new
 
     # -- teams and directory ---------------------------------------------------------------
 
@@ -438,8 +518,19 @@ class Writer:
 
     async def _envelope(self, env: Envelope, careful: bool) -> None:
         cfg = env.mailbox
-        if not env.dry_run and (cfg.account, env.uidl) in self._recorded:
+        if not env.dry_run and (env.account, env.uidl) in self._recorded:
             env.outcome = "duplicate"
+            return
+        left = self._kept.get((env.account, env.uidl))
+        if (
+            left is not None
+            and isinstance(env.error, MessageKept)
+            and not env.dry_run
+            and left.sha256 == _sha(env.raw)
+        ):
+            # Left on the server before, and cut off the same way again (a server without
+            # UIDL: it cannot be told before it is read): nothing new to record.
+            env.outcome, env.request_number = KEPT_AGAIN, left.request_number
             return
         writing = False
         if careful:
@@ -480,9 +571,10 @@ class Writer:
                 await self.store.savepoint("fail")
             try:
                 env.request_number = await self._failure_event(env, exc)
-                env.outcome = f"failed: {_cause(exc)}"
+                kept = exc if isinstance(exc, MessageKept) else None
+                env.outcome = f"kept: {kept.reason}" if kept else f"failed: {_cause(exc)}"
                 env.problem = f"{_cause(exc)}: {exc}"
-                await self._ledger(env)
+                await self._ledger(env, kept.needed if kept else None)
             except (sqlite3.Error, StoreError):
                 raise
             except Exception as again:
@@ -492,17 +584,40 @@ class Writer:
             if careful:
                 await self.store.release("fail")
 
-    async def _ledger(self, env: Envelope) -> None:
-        self._recorded.add((env.mailbox.account, env.uidl))
-        await self.store.record_ledger(
-            account=env.mailbox.account,
-            uidl=env.uidl,
-            mailbox=env.mailbox.name,
-            message_id=env.parsed.message_id if env.parsed else _message_id(env),
-            sha256=env.parsed.sha256 if env.parsed else _sha(env.raw),
-            outcome=env.outcome or "unknown",
-            request_number=env.request_number,
-        )
+    async def _ledger(self, env: Envelope, needed: int | None = None) -> None:
+        """The message's ledger row. One left on the server before (kept) and now taken
+        whole has its row updated, and its failure event says what became of it."""
+        key = (env.account, env.uidl)
+        outcome = env.outcome or "unknown"
+        fields: dict[str, Any] = {
+            "message_id": env.parsed.message_id if env.parsed else _message_id(env),
+            "sha256": env.parsed.sha256 if env.parsed else _sha(env.raw),
+            "outcome": outcome,
+            "request_number": env.request_number,
+            "size": env.size,
+            "needed": needed,
+        }
+        before = self._kept.pop(key, None)
+        if outcome.startswith("kept:"):
+            self._kept[key] = LedgerRow(**fields, deleted_at=None)
+        else:
+            self._recorded.add(key)
+        if before is None:
+            await self.store.record_ledger(
+                account=env.account, uidl=env.uidl, mailbox=env.mailbox.name, **fields
+            )
+            return
+        await self.store.update_ledger(account=env.account, uidl=env.uidl, **fields)
+        if before.request_number is not None and before.request_number != env.request_number:
+            number = f" #{env.request_number}" if env.request_number else ""
+            await self.store.add_activity(
+                before.request_number,
+                author="mailintegration",
+                email="",
+                body=f"The message (UIDL {env.uidl}) was taken whole from mailbox "
+                f"{env.mailbox.name} by a later session: {outcome}{number}.",
+                automatic=True,
+            )
 
     async def _apply(self, env: Envelope, team: Team, d: Decision) -> tuple[str, int | None]:
         msg = env.parsed
@@ -639,14 +754,26 @@ class Writer:
         team = await self._any_team(cfg.team)
         subject = env.parsed.subject if env.parsed else _header(env.raw, b"subject")
         sender = env.parsed.from_addr if env.parsed else _header(env.raw, b"from")
+        name, size, attached = (
+            "message.eml",
+            f"{len(env.raw)} bytes",
+            ("The original message is attached byte for byte (message.eml)."),
+        )
+        if isinstance(exc, MessageKept):
+            # Never taken whole: what was read of it is all the engine has.
+            name, size = "message-start.eml", f"{len(env.raw)} bytes read of {exc.needed}"
+            attached = (
+                f"The message is still on the server. What was read of it is attached ({name})."
+                if env.raw
+                else "The message is still on the server."
+            )
         description = (
             f"A message in mailbox {cfg.name} could not be turned into a request.\n\n"
             f"What went wrong: {exc}\n"
             f"Cause: {cause}\n"
             f"What to do: {hint}\n\n"
             f"From: {sender}\nSubject: {subject}\nMessage-ID: {mid or '(none)'}\n"
-            f"UIDL: {env.uidl}\nSize: {len(env.raw)} bytes\nSHA-256: {sha}\n\n"
-            "The original message is attached byte for byte (message.eml)."
+            f"UIDL: {env.uidl}\nSize: {size}\nSHA-256: {sha}\n\n{attached}"
         )
         number = await self.store.create_request(
             team_id=team.id,
@@ -661,9 +788,10 @@ class Writer:
             message_id=mid,
             sha256=sha,
         )
-        await self.store.add_attachments(
-            number, None, [Attachment("message.eml", "message/rfc822", env.raw)]
-        )
+        if env.raw:
+            await self.store.add_attachments(
+                number, None, [Attachment(name, "message/rfc822", env.raw)]
+            )
         return number
 
     # -- outages ---------------------------------------------------------------------------
@@ -724,12 +852,15 @@ class Writer:
                     )
                     await self.store.add_attachments(number, None, [copy])
                 log.error("mailbox=%s outage %s opened (#%d): %s", rep.name, cause, number, error)
+        if rep.account is not None and rep.deleted:
+            await self.store.mark_deleted(rep.account, rep.deleted)
         await self.store.note_session(
             rep.name,
             error=None if error is None else f"{getattr(error, 'cause', 'error')}: {error}",
             fetched=rep.fetched,
             processed=rep.processed,
             failed=rep.failed,
+            kept_deleted=rep.kept_deleted,
         )
 
 

@@ -121,7 +121,10 @@ def test_documentation_example_loads_with_every_field(tmp_path: Path) -> None:
     assert cfg.reply_template is None
     assert cfg.max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES == 26_214_400
     assert cfg.poll_interval is None
-    assert cfg.account == "support@example.com@pop.example.com:995"
+    # The account the ledger keys messages by: no port (a change of port must not duplicate).
+    assert cfg.account == "support@example.com@pop.example.com"
+    assert cfg.server.account_id is None
+    assert (cfg.server.session_timeout, cfg.server.min_rate) == (None, 32768)
     assert "secret" not in repr(cfg)
 
 
@@ -483,6 +486,22 @@ def test_other_ranges(tmp_path: Path) -> None:
     assert "from 1 to 3600" in err.reason
     err = load_error(tmp_path, mailbox(extra="<maxMessageBytes>10</maxMessageBytes>"))
     assert "from 1024 to" in err.reason
+
+
+def test_account_id_and_session_deadline(tmp_path: Path) -> None:
+    server = (
+        "<AccountId> support desk </AccountId><sessionTimeoutSeconds>900</sessionTimeoutSeconds>"
+        "<minimumBytesPerSecond>1000</minimumBytesPerSecond>"
+    )
+    cfg = load_mailbox(write(tmp_path, mailbox(server=server)))
+    assert cfg.account == cfg.server.account_id == "support desk"
+    assert (cfg.server.session_timeout, cfg.server.min_rate) == (900.0, 1000)
+    spelled = mailbox().replace("pop.example.com", "POP.Example.com.")
+    assert load_mailbox(write(tmp_path, spelled)).account == "support@example.com@pop.example.com"
+    err = load_error(tmp_path, mailbox(server="<sessionTimeoutSeconds>0</sessionTimeoutSeconds>"))
+    assert "from 1 to 86400" in err.reason and err.element == "server/sessionTimeoutSeconds"
+    err = load_error(tmp_path, mailbox(server="<minimumBytesPerSecond>x</minimumBytesPerSecond>"))
+    assert err.element == "server/minimumBytesPerSecond"
 
 
 def test_missing_server_name(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from support import (
 )
 
 from engine import fetcher
-from engine.pop3 import Pop3Session
+from engine.pop3 import Answer, Pop3Session, Request
 from engine.writer import Envelope, Item, KnownQuery, Writer
 
 pytestmark = pytest.mark.dovecot
@@ -67,13 +67,13 @@ def mix(count: int, tag: str) -> list[bytes]:
 def slow_retr(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     """A slow server: the worker processes (~0.2 s to start) are ready before the session
     is over, however loaded the machine."""
-    real = Pop3Session.retr_many
+    real = Pop3Session.fetch_many
 
-    def retr_many(self: Pop3Session, numbers: Sequence[int]) -> list[bytes]:
+    def fetch_many(self: Pop3Session, requests: Sequence[Request], grant: float) -> list[Answer]:
         time.sleep(seconds)
-        return real(self, numbers)
+        return real(self, requests, grant)
 
-    monkeypatch.setattr(Pop3Session, "retr_many", retr_many)
+    monkeypatch.setattr(Pop3Session, "fetch_many", fetch_many)
 
 
 def spy_processes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -192,14 +192,14 @@ def test_a_window_waits_for_a_busy_process_rather_than_parse_in_a_thread(
             await anyio.sleep(0.3)  # parsing slower than fetching: the process stays busy
         return await real_run(func, raws, *a, **kw)
 
-    real_retr = Pop3Session.retr_many
+    real_retr = Pop3Session.fetch_many
     first: set[int] = set()
 
-    def retr_many(self: Pop3Session, numbers: Sequence[int]) -> list[bytes]:
+    def fetch_many(self: Pop3Session, requests: Sequence[Request], grant: float) -> list[Answer]:
         if id(self) not in first:
             first.add(id(self))
             time.sleep(2)  # the process is up before each session's second window
-        return real_retr(self, numbers)
+        return real_retr(self, requests, grant)
 
     real_window = fetcher.fetch_window
 
@@ -208,7 +208,7 @@ def test_a_window_waits_for_a_busy_process_rather_than_parse_in_a_thread(
         return real_window(*args)
 
     monkeypatch.setattr(anyio.to_process, "run_sync", slow_parse)
-    monkeypatch.setattr(Pop3Session, "retr_many", retr_many)
+    monkeypatch.setattr(Pop3Session, "fetch_many", fetch_many)
     monkeypatch.setattr(fetcher, "fetch_window", fetch_window)
     assert once(data, folder) == 0
     assert len(requests(data)) == 150 * boxes

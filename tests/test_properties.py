@@ -7,7 +7,6 @@ import io
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import anyio
 from hypothesis import HealthCheck, given, settings
@@ -17,7 +16,7 @@ from support import DIRECTORY, LOGIN, mailbox_xml
 from engine.config import load_mailbox
 from engine.errors import ProtocolError
 from engine.fetcher import make_envelope
-from engine.pop3 import Pop3Session
+from engine.pop3 import read_answer
 from engine.store import open_store
 from engine.writer import Envelope, Writer
 
@@ -147,11 +146,10 @@ def test_retr_reading_in_chunks_equals_reading_line_by_line(
             got = "error"
         return got, reader.read()
 
-    conn = SimpleNamespace()
-
     def chunked(reader: io.BufferedReader) -> bytes:
-        conn.file = reader
-        return Pop3Session._read_message(conn, 1)
+        answer = read_answer(reader, cap=1 << 20)
+        assert answer.cut is None and answer.octets == len(wire)
+        return answer.data
 
     assert run(chunked) == run(_read_by_lines)
     # And a truncated answer is an error both ways, never a short message.

@@ -36,6 +36,8 @@ SAMPLES = {
     "booleanType": "true",
     "portType": "110",
     "timeoutSecondsType": "30",
+    "sessionSecondsType": "900",
+    "bytesPerSecondType": "32768",
     "messageBytesType": "2048",
     "attachmentBytesType": "1",
     "pollIntervalSecondsType": "60",

@@ -459,3 +459,60 @@ async def test_usable_from_async_code() -> None:
             writer.close()
             await writer.wait_closed()
     assert srv.sessions == 1
+
+
+def test_raw_byte_and_spaced_uidls_are_sent_as_they_are() -> None:
+    script = Script(messages=list(MESSAGES), uidls=[b"id\xff", "abc x", b"abc y"])
+    with FakePOP3Server(script) as srv, socket.create_connection(srv.address, timeout=5) as sock:
+        read_until(sock, b"\r\n")
+        sock.sendall(b"USER a\r\nPASS b\r\nUIDL\r\nUIDL 1\r\n")
+        data = read_until(sock, b"+OK 1 id\xff\r\n")
+    assert b"+OK\r\n1 id\xff\r\n2 abc x\r\n3 abc y\r\n.\r\n" in data
+
+
+def test_padding_and_list_size_override_make_a_lying_server() -> None:
+    script = Script(messages=list(MESSAGES[:1]), list_size_override={1: 10}, padding={1: 5000})
+    with FakePOP3Server(script) as srv:
+        client = login(srv)
+        assert words(client.list(1))[2] == b"10"
+        lines = client.retr(1)[1]
+        assert joined(lines[:3]) == crlf(MESSAGES[0])
+        assert len(lines) == 3 + 5 and all(line == b"x" * 998 for line in lines[3:])
+        client.quit()
+
+
+def test_endless_retr_and_endless_list_never_end() -> None:
+    for fault, command in (({"endless_retr": 1}, b"RETR 1"), ({"endless_list": True}, b"LIST")):
+        with (
+            FakePOP3Server(Script(messages=list(MESSAGES), **fault)) as srv,
+            socket.create_connection(srv.address, timeout=5) as sock,
+        ):
+            read_until(sock, b"\r\n")
+            sock.sendall(b"USER a\r\nPASS b\r\n" + command + b"\r\n")
+            sock.settimeout(5)
+            got = 0
+            while got < 2_000_000:  # far more than any message or listing here
+                chunk = sock.recv(65536)
+                assert chunk and b"\r\n.\r\n" not in chunk
+                got += len(chunk)
+
+
+def test_trickle_sends_a_byte_per_interval() -> None:
+    script = Script(messages=list(MESSAGES), trickle_greeting=True, trickle_interval=0.2)
+    with FakePOP3Server(script) as srv, socket.create_connection(srv.address, timeout=5) as sock:
+        started = time.monotonic()
+        first = sock.recv(100)
+        second = sock.recv(100)
+        assert (len(first), len(second)) == (1, 1)
+        assert first + second == b"+O"
+        assert 0.1 < time.monotonic() - started < 2
+
+
+def test_dele_keeps_says_ok_and_deletes_nothing() -> None:
+    with FakePOP3Server(Script(messages=list(MESSAGES), dele_keeps=True)) as srv:
+        client = login(srv)
+        client.dele(1)
+        client.dele(2)
+        assert client.quit().startswith(b"+OK")
+        assert srv.wait_idle()
+        assert srv.deleted == [] and srv.remaining == [1, 2, 3]

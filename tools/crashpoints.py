@@ -21,6 +21,7 @@ Kill points:
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -103,23 +104,28 @@ def arm(point: str, n: int) -> None:
 
         setattr(files, "os", _OsWithDeadlyReplace(countdown))  # noqa: B010
     else:
-        from engine.pop3 import Pop3Session
+        from engine.pop3 import Answer, Pop3Session, Request
 
-        real_retr_many = Pop3Session.retr_many
+        real_fetch_many = Pop3Session.fetch_many
 
-        def retr_many(self: Pop3Session, numbers: Sequence[int]) -> list[bytes]:
+        def fetch_many(
+            self: Pop3Session, requests: Sequence[Request], grant: float = math.inf
+        ) -> list[Answer]:
             # Counted per message, not per pipelined window: the N-th message's RETR dies.
-            for i, number in enumerate(numbers):
+            for i, request in enumerate(requests):
                 if countdown.hit():
                     if i:
-                        real_retr_many(self, numbers[:i])
+                        real_fetch_many(self, requests[:i], math.inf)
                     conn: Any = self.conn
-                    conn._shortcmd(f"RETR {number}")  # sends RETR, reads the +OK line
+                    if self.outstanding:  # already sent, pipelined: read its +OK line
+                        conn._getresp()
+                    else:
+                        conn._shortcmd(request.command.decode())  # sends RETR, reads +OK
                     conn.file.readline()  # and the first line of the message
                     die()
-            return real_retr_many(self, numbers)
+            return real_fetch_many(self, requests, grant)
 
-        Pop3Session.retr_many = retr_many  # type: ignore[method-assign]
+        Pop3Session.fetch_many = fetch_many  # type: ignore[method-assign]
 
 
 def run(point: str, n: int, argv: Sequence[str]) -> int:

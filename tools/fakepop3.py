@@ -19,6 +19,7 @@ fault and override fields of `Script` refer to ids.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import socket
 import ssl
@@ -45,14 +46,16 @@ class Script:
     """What the fake server holds and how it misbehaves.
 
     Faults (auth_response, stall_on_retr, drop_after_dele, drop_after_quit,
-    quit_response) apply in every session, or only in the first `fault_sessions` ones:
-    a client's retry then meets a healthy server.
+    quit_response, endless_retr, endless_list, trickle_retr, trickle_greeting) apply in
+    every session, or only in the first `fault_sessions` ones: a client's retry then meets
+    a healthy server.
     """
 
     messages: list[bytes] = field(default_factory=list)
     """Raw messages; LF or CRLF line ends (they are sent with CRLF, as real servers do)."""
-    uidls: list[str] | None = None
-    """UIDL of each message, by id (duplicates allowed); default "uid-<id>"."""
+    uidls: list[str | bytes] | None = None
+    """UIDL of each message, by id (duplicates allowed; bytes are sent as they are, spaces
+    and 8-bit bytes included); default "uid-<id>"."""
     capabilities: list[str] | None = None
     """CAPA lines; default USER, UIDL, TOP, PIPELINING, RESP-CODES, AUTH-RESP-CODE and
     STLS when an ssl_context is given without implicit_tls."""
@@ -81,6 +84,22 @@ class Script:
     raw_retr_override: dict[int, bytes] = field(default_factory=dict)
     """Message id -> bytes sent verbatim as the whole RETR response (status line, body
     and terminator are up to the test: e.g. a bare-LF "." line)."""
+    padding: dict[int, int] = field(default_factory=dict)
+    """Message id -> bytes of filler lines (of 1,000 bytes; rounded up) RETR sends after
+    the message's own lines, made as they are sent, never held: 48 messages of 20 MB cost
+    the server nothing. With list_size_override, a server whose LIST sizes lie."""
+    endless_retr: int | None = None
+    """Message id whose RETR answer never ends: filler lines until the client leaves."""
+    endless_list: bool = False
+    """LIST answers with message lines that never end."""
+    trickle_retr: int | None = None
+    """Message id whose RETR answer comes one byte every trickle_interval seconds."""
+    trickle_greeting: bool = False
+    """The greeting comes one byte every trickle_interval seconds."""
+    trickle_interval: float = 1.0
+    dele_keeps: bool = False
+    """DELE and QUIT say +OK, but nothing is ever removed (a server that keeps deleted
+    mail: a retention policy, or a broken index)."""
     ssl_context: ssl.SSLContext | None = None
     """Server-side context: implicit TLS if implicit_tls, else offered through STLS."""
     implicit_tls: bool = False
@@ -98,17 +117,21 @@ class _Closed(Exception):
 @dataclass(frozen=True)
 class _Message:
     raw: bytes
-    uidl: str
+    uidl: bytes
     lines: list[bytes]  # CRLF-stripped lines as sent
     size: int  # octets of the CRLF form, what RFC 1939 calls the message size
 
 
-def _parse_message(raw: bytes, uidl: str) -> _Message:
+def _parse_message(raw: bytes, uidl: str | bytes) -> _Message:
     lines = raw.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
     lines = [line.removesuffix(b"\r") for line in lines]
-    return _Message(raw, uidl, lines, sum(len(line) + 2 for line in lines))
+    uid = uidl if isinstance(uidl, bytes) else uidl.encode()
+    return _Message(raw, uid, lines, sum(len(line) + 2 for line in lines))
+
+
+_FILLER = b"x" * 998 + b"\r\n"
 
 
 def _dot_stuff(lines: list[bytes]) -> bytes:
@@ -235,7 +258,7 @@ class FakePOP3Server:
 
     # ------------------------------------------------------------------ mailbox
 
-    def add_message(self, raw: bytes, uidl: str | None = None) -> int:
+    def add_message(self, raw: bytes, uidl: str | bytes | None = None) -> int:
         """Add a message for the next sessions and return its id."""
         with self._lock:
             msg_id = len(self._messages) + 1
@@ -370,6 +393,28 @@ class _Session:
         self.sock = self.script.ssl_context.wrap_socket(self.sock, server_side=True)
         self.tls = True
 
+    def endless(self, lines: Iterator[bytes]) -> NoReturn:
+        """Send ``lines`` until the client leaves (or the server stops): an answer without
+        end, in pieces of about 64 KiB."""
+        piece = bytearray()
+        for line in lines:
+            piece += line
+            if len(piece) >= 65536:
+                if self.server._stopping.is_set():
+                    raise _Closed("server stopping")
+                self.send(bytes(piece))
+                piece.clear()
+        raise AssertionError("unreachable: the lines never end")
+
+    def trickle(self, data: bytes) -> None:
+        """Send ``data`` one byte at a time, ``trickle_interval`` seconds apart: each byte
+        comes well within any per-read timeout, the whole never does."""
+        for i in range(len(data)):
+            if self.server._stopping.is_set():
+                raise _Closed("server stopping")
+            self.send(data[i : i + 1])
+            time.sleep(self.script.trickle_interval)
+
     def stall(self) -> NoReturn:
         """Answer nothing more; keep reading (and recording) until the end of the stall."""
         deadline = time.monotonic() + self.script.stall_timeout
@@ -381,9 +426,11 @@ class _Session:
     def run(self) -> None:
         if self.script.implicit_tls:
             self.start_tls()
-        self.reply(
-            self.script.greeting or f"+OK fakepop3 ready <{os.getpid()}.{id(self)}@fakepop3>"
-        )
+        greeting = self.script.greeting or f"+OK fakepop3 ready <{os.getpid()}.{id(self)}@fakepop3>"
+        if self.faulty and self.script.trickle_greeting:
+            self.trickle(greeting.encode() + b"\r\n")
+        else:
+            self.reply(greeting)
         while True:
             line = self.readline()
             text = line.decode("utf-8", "replace")
@@ -463,7 +510,8 @@ class _Session:
                 raise _Closed("quit_response")
             # UPDATE state (RFC 1939): deletions take effect only now, before the answer,
             # so a client that read "+OK" can rely on them.
-            self.server._commit(sorted(self.marked))
+            if not self.script.dele_keeps:
+                self.server._commit(sorted(self.marked))
         self.reply("+OK bye")
         raise _Closed("quit")
 
@@ -506,6 +554,9 @@ class _Session:
                 self.reply(f"+OK {arg.split()[0]} {self._size(found[0])}")
             return
         rows = [f"{number} {self._size(msg_id)}\r\n" for number, msg_id in self._listing()]
+        if self.faulty and self.script.endless_list:
+            self.send(f"+OK {len(rows)} messages\r\n{''.join(rows)}".encode())
+            self.endless(b"%d 100\r\n" % n for n in itertools.count(len(rows) + 1))
         self.send(f"+OK {len(rows)} messages\r\n{''.join(rows)}.\r\n".encode())
 
     def cmd_UIDL(self, arg: str) -> None:
@@ -515,13 +566,13 @@ class _Session:
         if arg.strip():
             found = self._message(arg)
             if found is not None:
-                self.reply(f"+OK {arg.split()[0]} {found[1].uidl}")
+                self.send(b"+OK %s %s\r\n" % (arg.split()[0].encode(), found[1].uidl))
             return
         rows = [
-            f"{number} {self.server._messages[msg_id - 1].uidl}\r\n"
+            b"%d %s\r\n" % (number, self.server._messages[msg_id - 1].uidl)
             for number, msg_id in self._listing()
         ]
-        self.send(f"+OK\r\n{''.join(rows)}.\r\n".encode())
+        self.send(b"+OK\r\n" + b"".join(rows) + b".\r\n")
 
     def cmd_RETR(self, arg: str) -> None:
         found = self._message(arg)
@@ -532,10 +583,23 @@ class _Session:
             self.send(self.script.raw_retr_override[msg_id])
             return
         body = _dot_stuff(message.lines)
+        status = f"+OK {message.size} octets\r\n".encode()
         if self.faulty and self.script.stall_on_retr == msg_id:
-            self.send(f"+OK {message.size} octets\r\n".encode() + body[: len(body) // 2])
+            self.send(status + body[: len(body) // 2])
             self.stall()  # never returns
-        self.send(f"+OK {message.size} octets\r\n".encode() + body + b".\r\n")
+        if self.faulty and self.script.endless_retr == msg_id:
+            self.send(status + body)
+            self.endless(itertools.repeat(_FILLER))
+        if self.faulty and self.script.trickle_retr == msg_id:
+            self.trickle(status + body + b".\r\n")
+            return
+        self.send(status + body)
+        padding = self.script.padding.get(msg_id, 0)
+        while padding > 0:  # in pieces of 1 MiB: never the whole filler at once
+            piece = _FILLER * min(-(-padding // len(_FILLER)), 1024 * 1024 // len(_FILLER))
+            self.send(piece)
+            padding -= len(piece)
+        self.send(b".\r\n")
 
     def cmd_TOP(self, arg: str) -> None:
         parts = arg.split()

@@ -7,6 +7,7 @@ will implement the same methods.
 from engine.store.lock import DataDirLock, private_file, secure_data_dir
 from engine.store.sqlite import (
     CLOSED_STATUSES,
+    LedgerRow,
     PendingReply,
     RequestRef,
     SqliteStore,
@@ -23,6 +24,7 @@ Store = SqliteStore
 __all__ = [
     "CLOSED_STATUSES",
     "DataDirLock",
+    "LedgerRow",
     "PendingReply",
     "RequestRef",
     "SqliteStore",

@@ -127,9 +127,20 @@ MIGRATIONS: tuple[str, ...] = (
         failed INTEGER NOT NULL DEFAULT 0
     );
     """,
-    # 3: reserved for a migration of another branch of issue 12; merged in its place.
+    # 3: what a known UIDL is checked against before it is deleted again (the LIST size),
+    # messages left on the server (``needed``: the bytes one needs to be taken whole), the
+    # server's acknowledged deletions (``deleted_at``), and the account each mailbox used.
+    # Accounts are rewritten to the form without port (see ACCOUNTS below).
     """
-    SELECT 1;
+    ALTER TABLE ledger ADD COLUMN size INTEGER;
+    ALTER TABLE ledger ADD COLUMN needed INTEGER;
+    ALTER TABLE ledger ADD COLUMN deleted_at TEXT;
+    ALTER TABLE mailbox_status ADD COLUMN kept_deleted INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE mailbox_account (
+        mailbox TEXT PRIMARY KEY,
+        account TEXT NOT NULL,
+        user_name TEXT NOT NULL
+    );
     """,
     # 4: the outbox as a queue: sends are retried with a backoff until sent or failed for
     # good, and replies are counted per normalized address, per domain and per mailbox
@@ -151,3 +162,19 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE sent_at IS NULL AND failed_at IS NULL;
     """,
 )
+
+ACCOUNTS = 3
+"""The migration after whose script the ledger's accounts move from ``user@host:port`` to
+the normalized form of engine.keys (done in Python: IDNA and IP literals)."""
+
+
+def normalized_account(old: str) -> str:
+    """``user@host:port`` (before migration 3) as engine.keys.account_key makes it now; a
+    user may contain "@", a host ":" (IPv6). Anything else is left as it is."""
+    from engine.keys import account_key
+
+    rest, colon, port = old.rpartition(":")
+    user, at, host = rest.rpartition("@")
+    if not (colon and at and port.isdigit() and user and host):
+        return old
+    return account_key(user, host)

@@ -35,7 +35,7 @@ from engine.logs import scrub
 from engine.model import Attachment
 from engine.store.files import FileStore
 from engine.store.lock import secure_data_dir
-from engine.store.schema import MIGRATIONS
+from engine.store.schema import ACCOUNTS, MIGRATIONS, normalized_account
 
 # Attachments at least this big are hashed in a worker thread rather than on the event loop.
 _HASH_IN_THREAD = 1 << 20
@@ -99,6 +99,26 @@ class PendingReply:
 _REPLY_COUNTS = frozenset({"rcpt_key", "rcpt_domain", "mailbox"})
 
 CLOSED_STATUSES = frozenset({"closed", "resolved", "processed"})
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    """What the ledger holds of one message. ``size`` is the size the server listed
+    (None in rows older than migration 3); ``needed`` the bytes a message left on the
+    server needs to be taken whole; ``deleted_at`` when a QUIT confirmed its deletion."""
+
+    size: int | None
+    needed: int | None
+    message_id: str | None
+    sha256: str
+    outcome: str
+    request_number: int | None
+    deleted_at: str | None
+
+    @property
+    def kept(self) -> bool:
+        """Left on the server, not taken whole (see engine.errors.MessageKept)."""
+        return self.outcome.startswith("kept:")
 
 
 def hash_password(password: str, *, salt: bytes | None = None) -> str:
@@ -429,17 +449,74 @@ class SqliteStore:
 
     # -- ledger ----------------------------------------------------------------------------
 
-    async def known_uidls(self, account: str, uidls: Iterable[str]) -> set[str]:
-        known: set[str] = set()
+    async def ledger_rows(self, account: str, uidls: Iterable[str]) -> dict[str, LedgerRow]:
+        """The ledger rows of these keys that exist, by key."""
+        found: dict[str, LedgerRow] = {}
         # Chunks stay under SQLite's bound-parameter limit, whatever the mailbox holds.
         async for chunk in chunked(uidls, 500):
             marks = ",".join("?" * len(chunk))
             rows = await self._all(
-                f"SELECT uidl FROM ledger WHERE account = ? AND uidl IN ({marks})",
+                "SELECT uidl, size, needed, message_id, sha256, outcome, request_number, "
+                f"deleted_at FROM ledger WHERE account = ? AND uidl IN ({marks})",
                 (account, *chunk),
             )
-            known.update(r[0] for r in rows)
-        return known
+            found.update((r[0], LedgerRow(*r[1:])) for r in rows)
+        return found
+
+    async def update_ledger(
+        self,
+        *,
+        account: str,
+        uidl: str,
+        message_id: str | None,
+        sha256: str,
+        outcome: str,
+        request_number: int | None,
+        size: int | None,
+        needed: int | None,
+    ) -> None:
+        """A message left on the server once, now taken (or left again): its row anew."""
+        await self._exec(
+            "UPDATE ledger SET message_id = ?, sha256 = ?, outcome = ?, request_number = ?, "
+            "size = ?, needed = ?, processed_at = ? WHERE account = ? AND uidl = ?",
+            (message_id, sha256, outcome, request_number, size, needed, now(), account, uidl),
+        )
+
+    async def mark_deleted(self, account: str, uidls: Iterable[str]) -> None:
+        """The server confirmed (QUIT) the deletion of these messages."""
+        at = now()
+        async for chunk in chunked(uidls, 500):
+            marks = ",".join("?" * len(chunk))
+            await self._exec(
+                f"UPDATE ledger SET deleted_at = ? WHERE account = ? AND uidl IN ({marks}) "
+                "AND deleted_at IS NULL",
+                (at, account, *chunk),
+            )
+
+    async def rename_account(self, old: str, new: str) -> None:
+        """Every ledger row of account ``old`` now belongs to ``new`` (which has none)."""
+        await self._exec("UPDATE ledger SET account = ? WHERE account = ?", (new, old))
+
+    async def account_has_rows(self, account: str) -> bool:
+        return (
+            await self._one("SELECT 1 FROM ledger WHERE account = ? LIMIT 1", (account,))
+            is not None
+        )
+
+    async def mailbox_account(self, mailbox: str) -> tuple[str, str] | None:
+        """The account the mailbox last used, and its user name."""
+        row = await self._one(
+            "SELECT account, user_name FROM mailbox_account WHERE mailbox = ?", (mailbox,)
+        )
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    async def remember_account(self, mailbox: str, account: str, user_name: str) -> None:
+        await self._exec(
+            "INSERT INTO mailbox_account(mailbox, account, user_name) VALUES (?, ?, ?) "
+            "ON CONFLICT(mailbox) DO UPDATE SET account = excluded.account, "
+            "user_name = excluded.user_name",
+            (mailbox, account, user_name),
+        )
 
     async def ledger_has(self, account: str, uidl: str) -> bool:
         row = await self._one(
@@ -457,10 +534,23 @@ class SqliteStore:
         sha256: str,
         outcome: str,
         request_number: int | None,
+        size: int | None = None,
+        needed: int | None = None,
     ) -> None:
         self._defer(
             _INSERT_LEDGER,
-            (account, uidl, mailbox, message_id, sha256, scrub(outcome), request_number, now()),
+            (
+                account,
+                uidl,
+                mailbox,
+                message_id,
+                sha256,
+                scrub(outcome),
+                request_number,
+                now(),
+                size,
+                needed,
+            ),
         )
 
     # -- requests --------------------------------------------------------------------------
@@ -753,13 +843,23 @@ class SqliteStore:
     # -- mailbox status --------------------------------------------------------------------
 
     async def note_session(
-        self, mailbox: str, *, error: str | None, fetched: int, processed: int, failed: int
+        self,
+        mailbox: str,
+        *,
+        error: str | None,
+        fetched: int,
+        processed: int,
+        failed: int,
+        kept_deleted: int | None = None,
     ) -> None:
+        """``kept_deleted``: messages of the session's listing whose deletion the server had
+        confirmed before (None: the session did not get that far; the last count stays)."""
         at = now()
         await self._exec(
             "INSERT INTO mailbox_status(mailbox, last_success, last_error, last_error_at, "
-            "fetched, processed, failed) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "fetched, processed, failed, kept_deleted) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(mailbox) DO UPDATE SET "
+            "kept_deleted = COALESCE(?, kept_deleted), "
             "last_success = COALESCE(excluded.last_success, last_success), "
             "last_error = CASE WHEN excluded.last_error IS NULL THEN last_error "
             "ELSE excluded.last_error END, "
@@ -774,13 +874,15 @@ class SqliteStore:
                 fetched,
                 processed,
                 failed,
+                kept_deleted or 0,
+                kept_deleted,
             ),
         )
 
     async def mailbox_status(self) -> list[dict[str, Any]]:
         rows = await self._all(
             "SELECT mailbox, last_success, last_error, last_error_at, fetched, processed, "
-            "failed FROM mailbox_status ORDER BY mailbox"
+            "failed, kept_deleted FROM mailbox_status ORDER BY mailbox"
         )
         outages = await self._all(
             "SELECT mailbox, cause FROM requests WHERE kind = 'outage' "
@@ -798,6 +900,7 @@ class SqliteStore:
                 "fetched": r[4],
                 "processed": r[5],
                 "failed": r[6],
+                "server_kept_deleted": r[7],
                 "outages": sorted(causes.get(r[0], [])),
             }
             for r in rows
@@ -874,7 +977,7 @@ _INSERT_ACTIVITY = (
 
 _INSERT_LEDGER = (
     "INSERT INTO ledger(account, uidl, mailbox, message_id, sha256, outcome, "
-    "request_number, processed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "request_number, processed_at, size, needed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 _INSERT_REQUEST = (
@@ -1052,7 +1155,40 @@ async def _migrate(db: aiosqlite.Connection) -> None:
             f"({len(MIGRATIONS)}): upgrade the engine"
         )
     for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-        # executescript commits first, so the version bump rides in the same script.
-        await db.executescript(
-            f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;"
-        )
+        if number != ACCOUNTS:
+            # executescript commits first, so the version bump rides in the same script.
+            await db.executescript(
+                f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;"
+            )
+            continue
+        # The script, then Python, in one transaction: a crash leaves version 2 as it was.
+        await db.executescript(f"BEGIN IMMEDIATE;\n{script}")
+        try:
+            await _normalize_accounts(db)
+            await db.execute(f"PRAGMA user_version = {number}")
+            await db.execute("COMMIT")
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await db.execute("ROLLBACK")
+            raise
+
+
+async def _normalize_accounts(db: aiosqlite.Connection) -> None:
+    """Migration 3: ledger accounts from ``user@host:port`` to the normalized form without
+    port. Where two old accounts become one, a UIDL under both is the same message (the
+    same mailbox reached by two spellings): its oldest row stays, the others go. No other
+    row is lost."""
+    rows = await db.execute_fetchall("SELECT id, account, uidl FROM ledger ORDER BY id")
+    first: dict[tuple[str, str], int] = {}
+    drop: list[tuple[int]] = []
+    move: list[tuple[str, int]] = []
+    for row_id, account, uidl in rows:
+        new = normalized_account(account)
+        if (new, uidl) in first:
+            drop.append((row_id,))
+            continue
+        first[new, uidl] = row_id
+        if new != account:
+            move.append((new, row_id))
+    await db.executemany("DELETE FROM ledger WHERE id = ?", drop)
+    await db.executemany("UPDATE ledger SET account = ? WHERE id = ?", move)

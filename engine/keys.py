@@ -1,0 +1,99 @@
+"""What the ledger keys a message by: an account, and a key unique within it.
+
+Received text is hostile, so every key is made here, on purpose, and no two messages can
+share one:
+
+- A server's UIDL is kept as the exact bytes it sent (RFC 1939: 1 to 70 characters from
+  0x21 to 0x7E). Such a UIDL is its own key, as it always was, unless it starts with a
+  prefix the engine reserves; any other byte string (spaces, 8-bit bytes, a reserved
+  prefix, empty) becomes ``x-uidl:`` and the hex of its bytes. :func:`uidl_key` is
+  injective, and its keys never equal a key the engine mints itself.
+- The engine mints the other keys: ``x-sha256:`` (a server without UIDL: the content's
+  hash), ``sha256:`` (``ingest``: the file's hash) and ``x-reused:`` (a new message under a
+  UIDL the ledger already holds for another one).
+- The account is ``accountId`` when the configuration gives one, else the user and the
+  server's host name normalized (:func:`normalize_host`), without the port: ``127.0.0.1``,
+  ``localhost`` and ``LOCALHOST`` on 110 or 995 are one mailbox, and must not duplicate.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Final
+
+UIDL_PREFIX: Final = "x-uidl:"
+CONTENT_PREFIX: Final = "x-sha256:"
+INGEST_PREFIX: Final = "sha256:"
+REUSED_PREFIX: Final = "x-reused:"
+
+# Every prefix of a key the engine makes itself: a server's UIDL starting with one of them
+# is escaped, so it can never collide with an engine-made key. Compared without regard to
+# case, so that no collation or case-folding elsewhere can bring two keys together.
+RESERVED_PREFIXES: Final = (UIDL_PREFIX, CONTENT_PREFIX, INGEST_PREFIX, REUSED_PREFIX)
+
+
+def uidl_key(uidl: bytes) -> str:
+    """The ledger key of a UIDL exactly as the server sent it (without ``N SP`` and CRLF)."""
+    if uidl and all(0x21 <= b <= 0x7E for b in uidl):
+        text = uidl.decode("ascii")
+        if not text.lower().startswith(RESERVED_PREFIXES):
+            return text
+    return UIDL_PREFIX + uidl.hex()
+
+
+def content_key(sha256: str) -> str:
+    """A message of a server without UIDL, keyed by its content's hash."""
+    return CONTENT_PREFIX + sha256
+
+
+def ingest_key(sha256: str) -> str:
+    """A message file given to ``ingest``, keyed by its content's hash."""
+    return INGEST_PREFIX + sha256
+
+
+def reused_key(key: str, sha256: str) -> str:
+    """A new message that the server listed under a UIDL the ledger holds for another."""
+    return f"{REUSED_PREFIX}{key}:{sha256}"
+
+
+def account_key(user_name: str, host: str, account_id: str | None = None) -> str:
+    """The account the ledger's keys are unique within (see the module's docstring)."""
+    if account_id:
+        return account_id
+    return f"{user_name}@{normalize_host(host)}"
+
+
+def normalize_host(host: str) -> str:
+    """One spelling per server name: lowercase, no trailing dot, IDNA (``xn--``), IP
+    literals in canonical form, and every loopback spelling (``localhost``, its
+    subdomains, 127.0.0.0/8, ``::1``) as ``localhost``."""
+    name = host.strip().lower().rstrip(".")
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    ip = _ip_literal(name)
+    if ip is not None:
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return "localhost" if ip.is_loopback else ip.compressed
+    if name == "localhost" or name.endswith(".localhost"):  # RFC 6761: always loopback
+        return "localhost"
+    try:
+        return name.encode("idna").decode("ascii")
+    except UnicodeError:
+        return name  # not a valid IDNA name: connecting fails anyway; keep it as written
+
+
+def _ip_literal(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``name`` as an IP address, in any spelling the resolver accepts for one (also the
+    shorthand IPv4 forms ``127.1`` and ``0x7f000001`` that inet_aton reads)."""
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    if name and name[0].isdigit() and all(c in "0123456789abcdefx." for c in name):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(name))
+        except OSError:
+            return None
+    return None
