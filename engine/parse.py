@@ -44,6 +44,7 @@ import itertools
 import mimetypes
 import quopri
 import re
+import secrets
 import unicodedata
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
@@ -97,7 +98,6 @@ _ONE_LINE_RE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029 ]+")
 # In multi-line bodies only the controls that are never text are removed.
 _BODY_CTRL_RE: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _BODY_CTRL_TABLE: Final = dict.fromkeys([*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
-_NEWLINES_RE: Final = re.compile(r"\r\n?")
 _FOLD_RE: Final = re.compile(r"\r\n|\r|\n")
 
 
@@ -316,25 +316,92 @@ def _decode_8bit(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Base64: one decoder for every path
+# --------------------------------------------------------------------------------------------
+
+_B64_ALPHABET: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+# Everything but the alphabet and "=": removed before the general decoding.
+_B64_NOISE: Final = bytes(sorted(set(range(256)) - set(_B64_ALPHABET + b"=")))
+_B64_DATA_RE: Final = re.compile(rb"[A-Za-z0-9+/]")
+_B64_PADDING_RE: Final = re.compile(rb"=+")
+# Each run of padding costs a step of Python: past this many, the rest of a body is decoded
+# as one blob (no real part joins that many files; a text mislabelled base64 may hold as many
+# "=" as it likes).
+_B64_MAX_PADDING_RUNS: Final = 100_000
+
+
+def _b64_decode(data: bytes, start: int = 0, end: int | None = None) -> bytes:
+    """The octets of the base64 text ``data[start:end]``: the one decoder of every path.
+
+    Characters outside the alphabet (line ends, spaces, junk) are skipped. Padding that
+    completes a quantum ends a blob, and decoding goes on with the next one: two encoded files
+    joined in one part (some scanners append one) both come out whole, where
+    ``binascii.a2b_base64`` and the stdlib's ``get_payload(decode=True)`` stop at the first
+    padding and drop the rest. Padding that cannot end a blob (after 0 or 1 characters of a
+    quantum) is ignored; a blob's unpadded last quantum is decoded as if padded, and a lone last
+    character, which holds no whole octet, is dropped. It never fails.
+    """
+    stop = len(data) if end is None else end
+    first_pad = data.find(b"=", start, stop)
+    if first_pad < 0 or _B64_DATA_RE.search(data, first_pad, stop) is None:
+        # One blob, padded at most at its end: binascii decodes it in place, without a copy
+        # of the text, and gives what _b64_blobs gives whenever it succeeds.
+        try:
+            return binascii.a2b_base64(memoryview(data)[start:stop])
+        except binascii.Error:
+            pass  # an unpadded or cut last quantum
+    return _b64_blobs(data[start:stop].translate(None, _B64_NOISE))
+
+
+def _b64_blobs(text: bytes) -> bytes:
+    """Decode ``text`` (alphabet and "=" only) blob by blob, as :func:`_b64_decode` says."""
+    view = memoryview(text)
+    out: list[bytes] = []
+    blob: list[memoryview] = []
+    count = 0  # characters of the alphabet in the current blob
+    pos = 0
+    for runs, m in enumerate(_B64_PADDING_RE.finditer(text)):
+        if runs == _B64_MAX_PADDING_RUNS:
+            view = memoryview(text[pos:].replace(b"=", b""))
+            pos = 0
+            break
+        blob.append(view[pos : m.start()])
+        count += m.start() - pos
+        pos = m.end()
+        if count % 4 >= 2:
+            _b64_blob(blob, count, out)
+            blob, count = [], 0
+    blob.append(view[pos:])
+    _b64_blob(blob, count + len(view) - pos, out)
+    return b"".join(out)
+
+
+def _b64_blob(pieces: list[memoryview], count: int, out: list[bytes]) -> None:
+    """Append the octets of one blob (its alphabet characters, in ``pieces``) to ``out``."""
+    text: memoryview | bytes = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    whole = count - count % 4
+    out.append(binascii.a2b_base64(text[:whole]))
+    tail = bytes(text[whole:count])
+    if len(tail) >= 2:
+        out.append(binascii.a2b_base64(tail + b"=" * (4 - len(tail))))
+
+
+# --------------------------------------------------------------------------------------------
 # RFC 2047 encoded words
 # --------------------------------------------------------------------------------------------
 
 # Tolerant: any charset token, either case of B/Q, and an encoded text of anything but "?"
 # (which also keeps the match linear: a scan never runs past the next "?").
 _EW_RE: Final = re.compile(r"=\?([^?\s]{1,64})\?([bBqQ])\?([^?]*)\?=")
-_B64_JUNK_RE: Final = re.compile(rb"[^A-Za-z0-9+/]")
 
 
 def _ew_bytes(encoding: str, text: str) -> bytes | None:
     """The octets of one encoded word's text, or None if it cannot be decoded."""
     raw = _to_bytes(text)
+    if encoding in "bB":
+        return _b64_decode(raw)
     try:
-        if encoding in "qQ":
-            return binascii.a2b_qp(raw, header=True)
-        raw = _B64_JUNK_RE.sub(b"", raw)
-        if len(raw) % 4 == 1:
-            raw = raw[:-1]  # a lone trailing sextet carries no whole octet
-        return binascii.a2b_base64(raw + b"=" * (-len(raw) % 4))
+        return binascii.a2b_qp(raw, header=True)
     except (binascii.Error, ValueError):
         return None
 
@@ -1373,102 +1440,150 @@ class _TextCanvas:
 # --------------------------------------------------------------------------------------------
 
 
+def _raw_payload(part: Message) -> object:
+    """A part's payload as parsed: text (8-bit octets surrogate-escaped), a list of parts or None.
+
+    Never ``get_payload()``: on 8-bit text it decodes with whatever charset the part
+    declares (``utf-7``, ``unicode_escape``...), and the octets are then lost.
+    """
+    return getattr(part, "_payload", None)
+
+
+_UU_ENCODINGS: Final = frozenset({"x-uuencode", "uuencode", "uue", "x-uue"})
+
+
 def _payload_bytes(part: Message, cte_field: str | None) -> bytes:
     """The decoded octets of a leaf part (base64, quoted-printable, uuencode or as is).
 
-    ``cte_field`` is the part's raw Content-Transfer-Encoding value (None if absent).
+    ``cte_field`` is the part's raw Content-Transfer-Encoding value (None if absent). Base64
+    always goes through :func:`_b64_decode`, and a body that :func:`_elide_large_bodies` took
+    out of the parser's sight is decoded straight from the raw bytes: both give what the
+    small path gives for the same part.
     """
-    payload = part.get_payload(decode=True)
-    if not isinstance(payload, bytes):
+    payload = _raw_payload(part)
+    if not isinstance(payload, str):
         return b""
-    if payload.startswith(_ELIDED_PREFIX):
-        elided = _ELIDED.get()
-        if elided is not None and payload in elided[1]:
-            start, end = elided[1][payload]
-            return _b64_span(elided[0], start, end)
     cte = (cte_field or "").strip().lower()
-    stdlib_cte = str(part.get("content-transfer-encoding", "")).lower()
-    if cte != stdlib_cte:
-        # The stdlib compares the header without stripping it: "base64 " came back raw.
+    elided = _ELIDED.get()
+    span = elided[1].get(payload) if elided is not None else None
+    if span is not None and elided is not None:
+        raw, (start, end) = elided[0], span
         if cte == "base64":
-            return _lenient_b64(payload)
+            return _b64_decode(raw, start, end)
         if cte == "quoted-printable":
-            return quopri.decodestring(payload)
-    return payload
+            return binascii.a2b_qp(memoryview(raw)[start:end])  # what quopri.decodestring runs
+        if str(part.get("content-transfer-encoding", "")).lower() not in _UU_ENCODINGS:
+            return raw[start:end]
+        payload = raw[start:end].decode("ascii", "surrogateescape")
+        part = Message()
+        part["Content-Transfer-Encoding"] = "x-uuencode"
+        part.set_payload(payload)
+    if cte == "base64":
+        return _b64_decode(_to_bytes(payload))
+    if cte == "quoted-printable":
+        # The stdlib compares the header without stripping it: "quoted-printable " came
+        # back undecoded.
+        return quopri.decodestring(_to_bytes(payload))
+    decoded = part.get_payload(decode=True)  # uuencode or as is: no charset is involved
+    return decoded if isinstance(decoded, bytes) else b""
 
 
-# Large base64 bodies are decoded straight from the raw bytes instead of going through the
-# stdlib parser, which holds a 20 MB body as text lines, joined text and decoded bytes at once
-# (about 8 times the message at its peak). The parser sees a short base64 placeholder whose
-# decoded form names the span; _payload_bytes swaps the span's decoded bytes back in.
+# Large leaf bodies are taken straight from the raw bytes instead of going through the stdlib
+# parser, which holds a 20 MB body as text lines, joined text and decoded bytes at once (about
+# 8 times the message at its peak). The parser sees a short placeholder instead of each such
+# body; _payload_bytes decodes the span of the raw bytes it stands for. A placeholder is
+# trusted only where the parser made it the whole payload of a part of a multipart (or of the
+# whole message): anything else and the message is parsed again without elision.
 _ELIDE_FROM: Final = 2 * 1024 * 1024
 _ELIDE_PART: Final = 256 * 1024
-_ELIDED_PREFIX: Final = b"\x00mailintegration-elided-"
-_ELIDED: contextvars.ContextVar[tuple[bytes, dict[bytes, tuple[int, int]]] | None] = (
+_ELIDED: contextvars.ContextVar[tuple[bytes, dict[str, tuple[int, int]]] | None] = (
     contextvars.ContextVar("_ELIDED", default=None)
 )
-_CTE_BASE64_RE: Final = re.compile(rb"(?:\A|\n)content-transfer-encoding[ \t]*:\s*base64\b", re.I)
 _CT_CONTAINER_RE: Final = re.compile(
     rb"(?:\A|\n)content-type[ \t]*:\s*(?:multipart|message)/", re.I
 )
+_BLANK_LINE_RE: Final = re.compile(rb"\r?\n\r?\n")
 
 
-def _elide_large_bodies(raw: bytes, scan: _Scan) -> tuple[bytes, dict[bytes, tuple[int, int]]]:
-    """``raw`` with every large base64 leaf body replaced by a placeholder, and the spans."""
+def _elide_large_bodies(
+    raw: bytes, scan: _Scan, root_body: int
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """``raw`` with every large leaf body replaced by a placeholder; the spans by placeholder."""
     if len(raw) <= _ELIDE_FROM or not scan.offsets_valid:
         return raw, {}
-    delimiters = sorted(
-        (offset, close)
-        for boundary, found in scan.delimiters.items()
-        if scan.declared.get(boundary) == 1
-        for offset, close in found
-    )
+    candidates = _leaf_spans(raw, scan)
+    if not candidates and not _CT_CONTAINER_RE.search(raw, 0, root_body):
+        candidates = [(root_body, len(raw))]  # a single-part message
+    # A body holding a line that starts like a delimiter of any multipart would end a part
+    # where the parser reads the raw bytes: never hide such a line from it.
+    boundaries = [b.encode("utf-8", "surrogateescape") for b in scan.declared]
+    guard = re.compile(b"\n--(?:" + b"|".join(map(re.escape, boundaries)) + b")")
+    nonce = secrets.token_hex(8)
     pieces: list[bytes] = []
-    spans: dict[bytes, tuple[int, int]] = {}
+    spans: dict[str, tuple[int, int]] = {}
     last = 0
-    for (start, close), (end, _) in itertools.pairwise(delimiters):
-        if close:
-            continue  # an epilogue, not a part
-        head_start = raw.find(b"\n", start, end) + 1
-        if head_start <= 0:
+    for start, end in candidates:
+        if end - start < _ELIDE_PART or (boundaries and guard.search(raw, start - 1, end)):
             continue
-        blank = re.compile(rb"\r?\n\r?\n").search(raw, head_start - 1, end)
-        if blank is None:
-            continue
-        body_start, head = blank.end(), raw[head_start : blank.start()]
-        # The line end before the next delimiter belongs to that delimiter (RFC 2046).
-        body_end = end - 2 if raw[end - 2 : end] == b"\r\n" else end - 1
-        if body_end - body_start < _ELIDE_PART:
-            continue
-        if not _CTE_BASE64_RE.search(head) or _CT_CONTAINER_RE.search(head):
-            continue
-        marker = _ELIDED_PREFIX + str(len(spans)).encode() + b"\x00"
-        spans[marker] = (body_start, body_end)
-        pieces += [raw[last:body_start], binascii.b2a_base64(marker, newline=False)]
-        last = body_end
+        marker = f"mailintegration-elided-{nonce}-{len(spans)}"
+        spans[marker] = (start, end)
+        pieces += [raw[last:start], marker.encode("ascii")]
+        last = end
     if not spans:
         return raw, {}
     pieces.append(raw[last:])
     return b"".join(pieces), spans
 
 
-def _b64_span(raw: bytes, start: int, end: int) -> bytes:
-    """Decode a base64 body in place: no copy of the encoded text is made."""
-    try:
-        # Non-strict mode skips line ends and other characters outside the alphabet.
-        return binascii.a2b_base64(memoryview(raw)[start:end])
-    except (binascii.Error, ValueError):
-        return _lenient_b64(raw[start:end])
+def _leaf_spans(raw: bytes, scan: _Scan) -> list[tuple[int, int]]:
+    """(start, end) of the body of every part between two delimiters that may be a leaf."""
+    delimiters = sorted(
+        (offset, close)
+        for boundary, found in scan.delimiters.items()
+        if scan.declared.get(boundary) == 1
+        for offset, close in found
+    )
+    spans: list[tuple[int, int]] = []
+    for (start, close), (end, _) in itertools.pairwise(delimiters):
+        if close:
+            continue  # an epilogue, not a part
+        head_start = raw.find(b"\n", start, end) + 1
+        if head_start <= 0:
+            continue
+        blank = _BLANK_LINE_RE.search(raw, head_start - 1, end)
+        if blank is None:
+            continue
+        # The line end before the next delimiter belongs to that delimiter (RFC 2046).
+        body_end = end - 2 if raw[end - 2 : end] == b"\r\n" else end - 1
+        if body_end - blank.end() < _ELIDE_PART:
+            continue
+        if _CT_CONTAINER_RE.search(raw, head_start - 1, blank.start()):
+            continue
+        if _NOT_HEADER_LINE_RE.search(raw, head_start, blank.start()):
+            continue  # the parser's header block ends before the blank line
+        spans.append((blank.end(), body_end))
+    return spans
 
 
-def _lenient_b64(data: bytes) -> bytes:
-    data = _B64_JUNK_RE.sub(b"", data)
-    if len(data) % 4 == 1:
-        data = data[:-1]
-    try:
-        return binascii.a2b_base64(data + b"=" * (-len(data) % 4))
-    except (binascii.Error, ValueError):
-        return data
+def _elision_holds(tree: Message, spans: Mapping[str, tuple[int, int]]) -> bool:
+    """True if each placeholder is the whole payload of the message or of a multipart's part."""
+    if not isinstance(_raw_payload(tree), list):
+        return len(spans) == 1 and _raw_payload(tree) in spans
+    found = 0
+    stack = [tree]
+    while stack:
+        part = stack.pop()
+        in_multipart = part.get_content_maintype() == "multipart"
+        payload = _raw_payload(part)
+        for child in payload if isinstance(payload, list) else ():
+            if not isinstance(child, Message):
+                continue
+            child_payload = _raw_payload(child)
+            if isinstance(child_payload, list):
+                stack.append(child)
+            elif in_multipart and isinstance(child_payload, str) and child_payload in spans:
+                found += 1
+    return found == len(spans)
 
 
 def _part_charset(params: Mapping[str, _Param]) -> str | None:
@@ -1478,36 +1593,61 @@ def _part_charset(params: Mapping[str, _Param]) -> str | None:
     return charset.text if charset.data is None else charset.data.decode("latin-1")
 
 
-def _unflow(text: str, delsp: bool) -> str:
-    """Undo RFC 3676 format=flowed soft line breaks (lines ending in a space are joined)."""
+# format=flowed text is undone a chunk of whole lines at a time: splitting a 20 MB body of short
+# lines at once makes millions of small strings (about ten times the text).
+_UNFLOW_CHUNK: Final = 1 << 20
+
+
+def _unflow(text: str, delsp: bool, chunk: int = _UNFLOW_CHUNK) -> str:
+    """Undo RFC 3676 format=flowed soft line breaks (lines ending in a space are joined).
+
+    ``chunk`` only sets how much text is split into lines at once; the result is the same
+    for any value.
+    """
+    pieces: list[str] = []
     out: list[str] = []
     current: str | None = None
     current_depth = 0
-    for line in text.split("\n"):
-        depth = len(line) - len(line.lstrip(">"))
-        content = line[depth:]
-        if content.startswith(" "):
-            content = content[1:]  # space-stuffing
-        flowed = content.endswith(" ") and content != "-- "
-        if current is not None and depth == current_depth:
-            current += content
-        else:
-            if current is not None:
+    pos = 0
+    while True:
+        cut = text.find("\n", pos + chunk) if pos + chunk < len(text) else -1
+        for line in (text[pos:] if cut < 0 else text[pos:cut]).split("\n"):
+            depth = len(line) - len(line.lstrip(">"))
+            content = line[depth:]
+            if content.startswith(" "):
+                content = content[1:]  # space-stuffing
+            flowed = content.endswith(" ") and content != "-- "
+            if current is not None and depth == current_depth:
+                current += content
+            else:
+                if current is not None:
+                    out.append(">" * current_depth + (" " if current_depth else "") + current)
+                current, current_depth = content, depth
+            if flowed:
+                if delsp:
+                    current = current[:-1]
+            else:
                 out.append(">" * current_depth + (" " if current_depth else "") + current)
-            current, current_depth = content, depth
-        if flowed:
-            if delsp:
-                current = current[:-1]
-        else:
-            out.append(">" * current_depth + (" " if current_depth else "") + current)
-            current = None
+                current = None
+        if out:
+            pieces.append("\n".join(out))
+            out = []
+        if cut < 0:
+            break
+        pos = cut + 1
     if current is not None:
-        out.append(">" * current_depth + (" " if current_depth else "") + current)
-    return "\n".join(out)
+        pieces.append(">" * current_depth + (" " if current_depth else "") + current)
+    return "\n".join(pieces)
 
 
 def _clean_body(text: str) -> str:
-    text = _NEWLINES_RE.sub("\n", text)
+    """Body text with LF line ends and without the controls that are never text."""
+    if "\r" in text:
+        # Each CR, alone or before an LF, is one line end; str.replace makes no list of pieces
+        # (the regular expression \r\n? made one per line: ten times a body of short lines).
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if _BODY_CTRL_RE.search(text) is None:
+        return text
     # str.translate is fast on ASCII text only, the regular expression everywhere else.
     return text.translate(_BODY_CTRL_TABLE) if text.isascii() else _BODY_CTRL_RE.sub("", text)
 
@@ -1521,7 +1661,9 @@ def _text_of(
         m = _META_CHARSET_RE.search(data[:4096])
         if m is not None:
             charset = m.group(1).decode("ascii")
-    text = _clean_body(_decode_text(data, charset))
+    text = _decode_text(data, charset)
+    del data  # a large body is held as octets and as text, never longer than needed
+    text = _clean_body(text)
     if not html:
         flowed = params.get("format")
         if flowed is not None and flowed.text.strip().lower() == "flowed":
@@ -1596,9 +1738,9 @@ def _rebuild(entity: Message, linesep: bytes) -> bytes:
         for name, value in entity.raw_items()
     ]
     out.append(linesep)
-    payload = entity.get_payload()
+    payload = _raw_payload(entity)
     if isinstance(payload, str):
-        out.append(_to_bytes(payload))
+        out.append(_leaf_bytes(payload))
     elif isinstance(payload, list):
         children = [c for c in payload if isinstance(c, Message)]
         if entity.get_content_maintype() == "multipart":
@@ -1616,17 +1758,26 @@ def _rebuild(entity: Message, linesep: bytes) -> bytes:
     return b"".join(out)
 
 
+def _leaf_bytes(payload: str) -> bytes:
+    """The raw octets of a leaf's payload, the elided body it stands for included."""
+    elided = _ELIDED.get()
+    span = elided[1].get(payload) if elided is not None else None
+    if span is None or elided is None:
+        return _to_bytes(payload)
+    return elided[0][span[0] : span[1]]
+
+
 def _serialize(part: Message, linesep: bytes) -> bytes:
     """Fallback bytes of a message/* part when its exact span is unknown."""
-    payload = part.get_payload()
+    payload = _raw_payload(part)
     if not isinstance(payload, list):
-        return _to_bytes(payload) if isinstance(payload, str) else b""
+        return _leaf_bytes(payload) if isinstance(payload, str) else b""
     return linesep.join(_rebuild(sub, linesep) for sub in payload if isinstance(sub, Message))
 
 
 def _looks_like(data: bytes, part: Message) -> bool:
     """Sanity check of a span: it starts with the first header of the parsed message."""
-    payload = part.get_payload()
+    payload = _raw_payload(part)
     if not isinstance(payload, list) or not payload or not isinstance(payload[0], Message):
         return True
     keys = payload[0].keys()
@@ -2083,7 +2234,7 @@ class _Collector:
                 # 8-bit or spaced garbage: never let it into a stored content type.
                 ctype = "application/octet-stream"
             if ctype.startswith("multipart/") and part.is_multipart():
-                payload = part.get_payload()
+                payload = _raw_payload(part)
                 if isinstance(payload, list):
                     _, params = _parse_params(_part_header(part, "content-type") or "")
                     boundary = _scan_boundary(params.get("boundary"))
@@ -2167,12 +2318,12 @@ class _Collector:
         cte = (_part_header(part, "content-transfer-encoding") or "").strip().lower()
         # message/* may only be 7bit/8bit/binary, but some mailers base64 it anyway.
         if cte == "base64":
-            exact = _lenient_b64(exact)
+            exact = _b64_decode(exact)
         elif cte == "quoted-printable":
             exact = quopri.decodestring(exact)
         force_ext = ".eml" if ctype in ("message/rfc822", "message/global") else None
         if name is None and force_ext:
-            payload = part.get_payload()
+            payload = _raw_payload(part)
             if isinstance(payload, list) and payload and isinstance(payload[0], Message):
                 subject = _part_header(payload[0], "subject")
                 if subject is not None:
@@ -2315,18 +2466,22 @@ def _parse(raw: bytes, limits: ParseLimits) -> ParsedMessage:
             f"{limits.max_header_bytes}"
         )
     scan = _scan(raw, limits)
-    source, spans = _elide_large_bodies(raw, scan)
+    source, spans = _elide_large_bodies(raw, scan, root_body)
+    msg = _mime_tree(source, scan.offsets_valid)
+    del source
+    if spans and not _elision_holds(msg, spans):
+        spans = {}
+        msg = _mime_tree(raw, scan.offsets_valid)
     token = _ELIDED.set((raw, spans) if spans else None)
     try:
-        return _parse_scanned(raw, source, scan, root_body, limits)
+        return _parse_tree(raw, msg, scan, root_body, limits)
     finally:
         _ELIDED.reset(token)
 
 
-def _parse_scanned(
-    raw: bytes, source: bytes, scan: _Scan, root_body: int, limits: ParseLimits
+def _parse_tree(
+    raw: bytes, msg: Message, scan: _Scan, root_body: int, limits: ParseLimits
 ) -> ParsedMessage:
-    msg = _mime_tree(source, scan.offsets_valid)
     headers = _header_map(msg)
 
     from_pairs = _addresses(headers.get("from"), limits, "From")

@@ -7,17 +7,21 @@ instead, so that the corpus stays small and readable.
 from __future__ import annotations
 
 import base64
+import binascii
 import email as stdlib_email
 import hashlib
 import os
 import re
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from datetime import UTC, datetime, timedelta, timezone
 from email.message import Message
 from email.utils import getaddresses
 from pathlib import Path
+from unittest import mock
 
 import nh3
 import pytest
@@ -26,13 +30,22 @@ from hypothesis import strategies as st
 from inscriptis import get_text  # type: ignore[import-untyped, unused-ignore]
 from inscriptis.model.config import ParserConfig  # type: ignore[import-untyped, unused-ignore]
 
+import engine.parse
 from engine.errors import LimitExceeded, MessageError, ParseError
 from engine.model import ParsedMessage
 from engine.parse import (
+    _B64_NOISE,
     ParseLimits,
+    _b64_blobs,
+    _b64_decode,
+    _clean_body,
+    _elide_large_bodies,
+    _header_end,
+    _scan,
     _simple_addresses,
     _split_mime,
     _TextCanvas,
+    _unflow,
     _Unrenderable,
     message_summary,
     parse_message,
@@ -1003,6 +1016,385 @@ def test_large_base64_parts_decode_from_the_raw_bytes_exactly(crlf: bool) -> Non
 
 
 # ------------------------------------------------------------------------------------------
+# Base64 and large bodies: the same bytes whichever path a part takes
+# ------------------------------------------------------------------------------------------
+# Messages over 2 MiB have their parts of 256 KiB or more taken from the raw bytes (elided
+# from the stdlib parser's sight); smaller ones go through the parser. Both must decode alike.
+
+BOUNDARY = "=_Part_0_x9"
+ELISION_FILLER = base64.encodebytes(os.urandom(2 * 1024 * 1024))
+
+
+def message_with_part(
+    body: bytes, *, large: bool, cte: str = "base64", ctype: str = "application/octet-stream"
+) -> bytes:
+    """A message whose part "x.bin" has the encoded text ``body``; ``large`` adds a 2.8 MB
+    attachment that takes the message over the elision threshold."""
+    filler = b""
+    if large:
+        filler = (
+            f"--{BOUNDARY}\r\nContent-Type: application/octet-stream; name=filler.bin\r\n"
+            "Content-Transfer-Encoding: base64\r\n\r\n"
+        ).encode() + ELISION_FILLER
+    return (
+        (
+            "From: a@example.org\r\nSubject: part\r\nMIME-Version: 1.0\r\n"
+            f'Content-Type: multipart/mixed; boundary="{BOUNDARY}"\r\n\r\n'
+            f"--{BOUNDARY}\r\nContent-Type: text/plain\r\n\r\nSee the file.\r\n"
+            f'--{BOUNDARY}\r\nContent-Type: {ctype}; name="x.bin"\r\n'
+            f"Content-Transfer-Encoding: {cte}\r\n\r\n"
+        ).encode()
+        + body
+        + b"\r\n"
+        + filler
+        + f"--{BOUNDARY}--\r\n".encode()
+    )
+
+
+def part_data(raw: bytes, name: str = "x.bin") -> bytes:
+    [found] = [a.data for a in parse_message(raw).attachments if a.name == name]
+    return found
+
+
+def elided_bodies(raw: bytes) -> list[bytes]:
+    """The bodies of ``raw`` that the parser never sees (taken from the raw bytes instead)."""
+    limits = ParseLimits()
+    root_body = _header_end(raw, limits.max_header_bytes)
+    assert root_body is not None
+    spans = _elide_large_bodies(raw, _scan(raw, limits), root_body)[1].values()
+    return [raw[start:end] for start, end in spans]
+
+
+@pytest.mark.parametrize(
+    ("sizes", "elided"),
+    [((1_500_001, 1_500_000), True), ((1_001, 1_000), False), ((2, 7), False)],
+)
+def test_two_joined_base64_blobs_keep_every_byte(sizes: tuple[int, int], elided: bool) -> None:
+    """Issue 12 item 2: 3,000,001 bytes in two padded blobs came out as 1,500,001."""
+    first, second = os.urandom(sizes[0]), os.urandom(sizes[1])
+    raw_body = base64.encodebytes(first) + base64.encodebytes(second)
+    raw = message_with_part(raw_body, large=False)
+    assert (raw_body in elided_bodies(raw)) == elided
+    data = part_data(raw)
+    assert len(data) == sum(sizes) and data == first + second
+
+
+def test_a_lone_base64_blob_decodes_as_the_stdlib_decodes_it() -> None:
+    data = os.urandom(300 * 1024 + 1)
+    for large in (False, True):
+        raw = message_with_part(base64.encodebytes(data), large=large)
+        assert (base64.encodebytes(data) in elided_bodies(raw)) == large
+        assert part_data(raw) == data
+        reference = stdlib_email.message_from_bytes(raw)
+        [stdlib] = [p for p in reference.walk() if p.get_filename() == "x.bin"]
+        assert stdlib.get_payload(decode=True) == data
+
+
+B64_NOISE = [b"\r\n", b"\n", b" ", b"\t", b"!", b"*", b"\xff", b"=", b"==", b"\r\n\r\n"]
+
+
+@st.composite
+def base64ish(draw: st.DrawFn) -> tuple[bytes, bytes | None]:
+    """Base64-like text: joined blobs, broken padding, odd line lengths and junk; with the
+    octets it must give when it is a well-formed sequence of padded blobs (else None)."""
+    text = b""
+    expected: bytes | None = b""
+    for _ in range(draw(st.integers(1, 4))):
+        data = draw(st.binary(max_size=60))
+        blob = base64.b64encode(data)
+        damage = draw(st.sampled_from(["none", "none", "unpadded", "cut", "padding"]))
+        if damage == "unpadded":
+            blob = blob.rstrip(b"=")
+        elif damage == "cut":
+            blob = blob[: draw(st.integers(0, len(blob)))]
+        elif damage == "padding":
+            blob += b"=" * draw(st.integers(1, 3))
+        if damage != "none":
+            expected = None
+        elif expected is not None:
+            expected += data
+        width = draw(st.sampled_from([76, 64, 4, 7, 1]))
+        newline = draw(st.sampled_from([b"\r\n", b"\n"]))
+        text += newline.join(blob[i : i + width] for i in range(0, len(blob), width)) + newline
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(text)))
+        if text[at - 1 : at] == b"\r":
+            at -= 1  # never split a CRLF: bare CRs are line ends the fast path leaves alone
+        text = text[:at] + draw(st.sampled_from(B64_NOISE)) + text[at:]
+        expected = None
+    return text, expected
+
+
+@settings(max_examples=300, deadline=timedelta(seconds=1), derandomize=True, database=None)
+@given(case=base64ish())
+def test_property_the_in_place_base64_decoding_is_the_blob_by_blob_decoding(
+    case: tuple[bytes, bytes | None],
+) -> None:
+    text, expected = case
+    decoded = _b64_decode(text)
+    assert decoded == _b64_blobs(text.translate(None, _B64_NOISE))
+    if expected is not None:
+        assert decoded == expected
+    # A window of a larger buffer decodes as the same bytes on their own.
+    assert _b64_decode(b"QUJD" + text + b"=QQ", 4, 4 + len(text)) == decoded
+
+
+@raw_fuzz(60)
+@given(case=base64ish())
+def test_property_base64_parts_decode_alike_above_and_below_the_elision_threshold(
+    case: tuple[bytes, bytes | None],
+) -> None:
+    text, expected = case
+    # Repeated to the size of a part that a large message has taken from its raw bytes.
+    copies = 256 * 1024 // len(text) + 1
+    body = text * copies
+    small, large = (message_with_part(body, large=big) for big in (False, True))
+    assert body not in elided_bodies(small) and body in elided_bodies(large)
+    decoded = part_data(small)
+    assert part_data(large) == decoded == _b64_decode(body)
+    if expected is not None:
+        assert decoded == expected * copies
+
+
+def parse_without_elision(raw: bytes) -> ParsedMessage:
+    """The reference: every body goes through the stdlib parser, whatever its size."""
+    with mock.patch.object(engine.parse, "_ELIDE_FROM", 1 << 40):
+        return parse_message(raw)
+
+
+BIG_B64 = base64.encodebytes(os.urandom(300 * 1024))
+BIG_TEXT = b"".join(b"line %d of a long report, caf\xc3\xa9 and all\r\n" % i for i in range(9000))
+BIG_QP = BIG_TEXT.replace(b"\xc3\xa9", b"=C3=A9").replace(b"all\r\n", b"all=\r\n and more\r\n")
+UU_DATA = os.urandom(300 * 1024)
+UU_TEXT = b"".join(
+    binascii.b2a_uu(UU_DATA[i : i + 45]).replace(b"\n", b"\r\n") for i in range(0, len(UU_DATA), 45)
+)
+ZIP = b"Content-Type: application/zip\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+
+
+def multipart(*parts: bytes, boundary: str = BOUNDARY) -> bytes:
+    """The body of a multipart of ``parts`` (each a header block and a body)."""
+    b = boundary.encode()
+    return b"".join(b"--" + b + b"\r\n" + p + b"\r\n" for p in parts) + b"--" + b + b"--\r\n"
+
+
+def top(body: bytes, ctype: str = f'multipart/mixed; boundary="{BOUNDARY}"') -> bytes:
+    return f"From: a@example.org\r\nSubject: big\r\nContent-Type: {ctype}\r\n\r\n".encode() + body
+
+
+def big_message(*parts: bytes) -> bytes:
+    """A message over the elision threshold: ``parts``, then a 2.8 MB attachment."""
+    return top(multipart(*parts, ZIP + ELISION_FILLER))
+
+
+def attached(message: bytes) -> bytes:
+    return b"Content-Type: message/rfc822\r\n\r\n" + message
+
+
+ELISION_SHAPES = {
+    "single-part text": top(BIG_TEXT * 8, "text/plain; charset=utf-8"),
+    "single-part quoted-printable": (
+        b"From: a@example.org\r\nSubject: big\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + BIG_QP * 8
+    ),
+    "single-part with a non-header line in its header block": (
+        b"From: a@example.org\r\nnot a header\r\nSubject: x\r\n\r\n" + BIG_TEXT * 8
+    ),
+    "text, quoted-printable, html and base64 parts": big_message(
+        b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + BIG_TEXT,
+        b"Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: "
+        b"quoted-printable\r\n\r\n<p>" + BIG_QP + b"</p>",
+        b"Content-Type: text/plain; name=report.txt\r\n"
+        b"Content-Transfer-Encoding: base64 \r\n\r\n" + base64.encodebytes(BIG_TEXT),
+        b"Content-Type: application/pdf\r\nContent-Transfer-Encoding: x-uuencode\r\n\r\n"
+        b"begin 644 a.pdf\r\n" + UU_TEXT + b"`\r\nend\r\n",
+    ),
+    # A message pasted into a text body: its "delimiters" are text, not parts.
+    "pasted multipart in a text body": big_message(
+        b"Content-Type: text/plain\r\n\r\nForwarded:\r\n"
+        b'Content-Type: multipart/mixed; boundary="pasted"\r\n\r\n--pasted\r\n'
+        b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
+        b"\r\n" + BIG_B64 + b"--pasted--\r\nend of the forwarded text",
+    ),
+    # A text body with a line that starts like the enclosing delimiter.
+    "a delimiter-like line in a body": big_message(
+        b"Content-Type: text/plain\r\n\r\n"
+        + BIG_TEXT
+        + f"--{BOUNDARY}x is not a delimiter\r\n".encode()
+        + BIG_TEXT,
+    ),
+    "a non-header line in a part's header block": big_message(
+        b"Content-Type: application/octet-stream\r\nnot a header\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + BIG_B64,
+    ),
+    "two transfer encodings": big_message(
+        b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: 7bit\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + BIG_B64,
+    ),
+    "a digest part without a content type": big_message(
+        b'Content-Type: multipart/digest; boundary="dig"\r\n\r\n'
+        + multipart(b"\r\nSubject: digested\r\n\r\n" + BIG_TEXT, boundary="dig"),
+    ),
+    # An attached message after an mbox envelope line: its exact span does not start with
+    # its first header, so its bytes are rebuilt from the parsed tree, big parts included.
+    "an attached message rebuilt from the tree": big_message(
+        b"Content-Type: text/plain\r\n\r\nsee attached",
+        attached(
+            b"From sender@example.org Thu Nov 27 09:00:00 2026\r\n"
+            + top(
+                multipart(
+                    b"Content-Type: text/plain\r\n\r\ninner",
+                    b"Content-Type: text/plain; name=report.txt\r\n\r\n" + BIG_TEXT,
+                    b"Content-Type: application/pdf\r\nContent-Transfer-Encoding: "
+                    b"base64\r\n\r\n" + BIG_B64,
+                    boundary="inner",
+                ),
+                'multipart/mixed; boundary="inner"',
+            )
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ELISION_SHAPES))
+def test_large_bodies_taken_from_the_raw_bytes_parse_as_through_the_parser(name: str) -> None:
+    raw = ELISION_SHAPES[name]
+    assert len(raw) > 2 * 1024 * 1024
+    assert parse_message(raw) == parse_without_elision(raw)
+
+
+def test_an_attached_message_rebuilt_from_the_tree_keeps_its_large_parts() -> None:
+    raw = ELISION_SHAPES["an attached message rebuilt from the tree"]
+    assert BIG_TEXT in elided_bodies(raw) and BIG_B64 in elided_bodies(raw)
+    [eml] = [a.data for a in parse_message(raw).attachments if a.name.endswith(".eml")]
+    assert BIG_TEXT in eml and BIG_B64 in eml
+    inner = parse_message(eml)
+    assert inner.body == "inner"
+    assert [a.data for a in inner.attachments] == [BIG_TEXT, base64.b64decode(BIG_B64)]
+
+
+def test_a_rebuilt_attached_message_keeps_its_8bit_octets_whatever_its_charset() -> None:
+    """The stdlib's get_payload() decodes 8-bit text with the declared charset (here utf-7,
+    which turns "+ADw-" into "<"): the attached message must keep its octets."""
+    body = b"caf\xe9 +ADw-script+AD4- \xff"
+    inner = top(
+        multipart(b"Content-Type: text/plain; charset=utf-7\r\n\r\n" + body, boundary="in"),
+        'multipart/mixed; boundary="in"',
+    )
+    envelope = b"From sender@example.org Thu Nov 27 09:00:00 2026\r\n"
+    raw = top(multipart(b"Content-Type: text/plain\r\n\r\nsee", attached(envelope + inner)))
+    [eml] = [a.data for a in parse_message(raw).attachments if a.name.endswith(".eml")]
+    assert body in eml
+
+
+# ------------------------------------------------------------------------------------------
+# Memory: parsing a 20 MB message takes a small multiple of it, whatever its shape
+# ------------------------------------------------------------------------------------------
+
+MEMORY_PROBE = r"""
+import gc, re, sys
+from engine.parse import ParseLimits, parse_message
+
+def kib(field):
+    with open("/proc/self/status") as f:
+        return int(re.search(field + r":\s+(\d+)", f.read()).group(1))
+
+parse_message(b"Subject: warm-up\r\nContent-Type: text/html\r\n\r\n<p>caf\xe9</p>")
+with open(sys.argv[1], "rb") as f:
+    raw = f.read()
+gc.collect()
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM starts again from the present RSS
+except OSError:
+    pass  # then the file's bytes, the largest allocation so far, set the peak before parsing
+before = kib("VmRSS")
+msg = parse_message(raw, ParseLimits(max_bytes=len(raw)))
+print(kib("VmHWM") - before, len(msg.body), len(msg.attachments))
+"""
+MIB20 = 20 * 1024 * 1024
+SHORT_LINES = b"".join(b"ok %d\r\n" % (i % 1000) for i in range(MIB20 // 7))
+PROSE_LINE = b"The quick brown fox jumps over the lazy dog, caf\xc3\xa9 cr\xc3\xa8me, again.\r\n"
+
+
+def twenty_mb(shape: str) -> bytes:
+    """A message of about 20 MB of the given shape."""
+    head = "From: a@example.org\r\nTo: b@example.org\r\nSubject: big\r\n"
+    if shape == "short lines":
+        return top(SHORT_LINES, "text/plain; charset=utf-8")
+    if shape == "short lines in a multipart":
+        return top(multipart(b"Content-Type: text/plain\r\n\r\n" + SHORT_LINES))
+    if shape == "one text/plain part":
+        return top(PROSE_LINE * (MIB20 // len(PROSE_LINE)), "text/plain; charset=utf-8")
+    if shape == "quoted-printable":
+        line = (
+            b"Caf=C3=A9 cr=C3=A8me =E2=80=94 the quick brown fox jumps over the la=\r\nzy dog.\r\n"
+        )
+        cte = "Content-Transfer-Encoding: quoted-printable\r\n"
+        return (head + cte).encode() + top(line * (MIB20 // len(line)), "text/plain")
+    if shape == "format=flowed":
+        line = b"a flowed line of text that goes on \r\nand ends here.\r\n> quoted \r\n> more\r\n"
+        return top(line * (MIB20 // len(line)), "text/plain; format=flowed; delsp=yes")
+    if shape == "many small parts":
+        part = ZIP + base64.encodebytes(os.urandom(32_000))  # 485 parts: under max_parts
+        return top(multipart(*[part] * (MIB20 // len(part) + 1)))
+    if shape == "long html":
+        para = (
+            b"<p>Hello <b>world</b> &amp; friends, <a href='https://example.org'>a link</a></p>\n"
+        )
+        return top(b"<html><body>" + para * (MIB20 // len(para)), "text/html; charset=utf-8")
+    if shape == "base64 attachment":
+        return top(multipart(ZIP + base64.encodebytes(os.urandom(MIB20 * 3 // 4))))
+    if shape == "base64 text":
+        text = base64.encodebytes(PROSE_LINE * (MIB20 * 3 // 4 // len(PROSE_LINE)))
+        return top(
+            multipart(
+                b"Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\n" + text
+            )
+        )
+    if shape == "joined base64 blobs":
+        blobs = base64.encodebytes(os.urandom(MIB20 * 3 // 8 + 1)) * 2
+        return top(multipart(ZIP + blobs))
+    raise AssertionError(shape)
+
+
+MEMORY_SHAPES = [
+    "short lines",
+    "short lines in a multipart",
+    "one text/plain part",
+    "quoted-printable",
+    "format=flowed",
+    "many small parts",
+    "base64 attachment",
+    "base64 text",
+    "joined base64 blobs",
+]
+MEMORY_BOUND = 4  # peak memory of a parse, as a multiple of the message (issue 12: 14 times)
+
+
+@pytest.mark.parametrize("shape", MEMORY_SHAPES)
+def test_parsing_20_mb_takes_a_small_multiple_of_the_message(shape: str, tmp_path: Path) -> None:
+    """Issue 12 item 17e: a 20 MB message of short lines took 439 MiB to parse."""
+    raw = twenty_mb(shape)
+    assert MIB20 <= len(raw) <= 25 * 1024 * 1024
+    path = tmp_path / "big.eml"
+    path.write_bytes(raw)
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    ).stdout
+    peak_kib, body, attachments = map(int, out.split())
+    assert body > 0 or attachments > 0  # the message was read, not refused
+    assert peak_kib * 1024 <= MEMORY_BOUND * len(raw), (
+        f"{shape}: {peak_kib / 1024:.0f} MiB for {len(raw) / 2**20:.0f} MiB"
+    )
+
+
+# ------------------------------------------------------------------------------------------
 # Fast paths: each must give exactly what the library code it stands in for gives
 # ------------------------------------------------------------------------------------------
 # These reach into engine.parse's internals on purpose: what they check is the equality of a
@@ -1153,3 +1545,28 @@ def test_property_simple_address_lists_read_as_getaddresses(value: str) -> None:
     pairs = _simple_addresses(value)
     if pairs is not None:
         assert pairs == getaddresses([value])
+
+
+LINE_PIECES = st.sampled_from(["\r\n", "\n", "\r", " ", ">", "> ", "-- ", "x", "é", "\x00", "\t"])
+
+
+@settings(max_examples=300, deadline=timedelta(seconds=1), derandomize=True, database=None)
+@given(text=st.lists(LINE_PIECES, max_size=40).map("".join))
+def test_property_body_cleaning_is_the_regular_expressions_cleaning(text: str) -> None:
+    """str.replace stands in for re.sub(r"\r\n?", "\n"), which made a string per line."""
+    reference = re.sub(r"\r\n?", "\n", text)
+    reference = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "", reference)
+    assert _clean_body(text) == reference
+
+
+@settings(max_examples=300, deadline=timedelta(seconds=1), derandomize=True, database=None)
+@given(
+    text=st.lists(LINE_PIECES, max_size=60).map(lambda p: "".join(p).replace("\r", "")),
+    delsp=st.booleans(),
+    chunk=st.integers(1, 30),
+)
+def test_property_flowed_text_undone_in_chunks_is_undone_at_once(
+    text: str, delsp: bool, chunk: int
+) -> None:
+    """One chunk is the whole text split into lines at once, as before chunks."""
+    assert _unflow(text, delsp, chunk) == _unflow(text, delsp, len(text) + 1)
