@@ -644,9 +644,13 @@ def _scan(raw: bytes, limits: ParseLimits) -> _Scan:
 
     Nesting is followed with a stack: a multipart Content-Type pushes its boundary, a
     ``message/*`` one pushes a level without a boundary, a delimiter line of a boundary on the
-    stack pops what was opened inside it. This over-counts when Content-Type lines appear in
-    body text (a text/rfc822-headers part, a pasted header), which only ever makes the check
-    stricter, and the limits leave room for that.
+    stack pops what was opened inside it. Only the first Content-Type field of a header block
+    counts, as for the parser: the message's own, a part's (after a delimiter line) and an
+    attached message's (after its part's header block). One pasted into body text (a
+    forwarded message shown as text, a text/rfc822-headers part) is text to the parser and
+    nests nothing. A header block ends at its blank line; one without a blank line in
+    ``max_header_bytes`` reaches as far as the next block, which can only make the check
+    stricter than the parser.
     """
     data = raw
     offsets_valid = True
@@ -659,17 +663,31 @@ def _scan(raw: bytes, limits: ParseLimits) -> _Scan:
     delimiters: dict[str, list[tuple[int, bool]]] = {}
     declared: dict[str, int] = {}
     parts = 0
+    # The header block whose first Content-Type field is still to come, as [start, end).
+    block_end = _BlockEnds(data, limits.max_header_bytes)
+    block = (0, block_end(0))
+    typed = False
+    attached = False  # the block's type is message/*: an attached message's block follows
     first = _SCAN_FIRST_RE.match(data)
     matches = itertools.chain([first] if first is not None else [], _SCAN_RE.finditer(data))
     for m in matches:
         field = m.group(1)
         if field is not None:
+            at = m.start(1)
+            if attached and at >= block[1]:
+                block = (block[1], block_end(block[1]))
+                typed = attached = False
+            if not block[0] <= at < block[1]:
+                continue  # body text
             semicolons = field.count(b";")
             if semicolons > limits.max_header_params:
                 raise LimitExceeded(
                     f"a Content-Type field has {semicolons} parameters; the limit "
                     f"(max_header_params) is {limits.max_header_params}"
                 )
+            if typed:
+                continue  # the parser reads the first Content-Type field of a block
+            typed = True
             ctype, params = _parse_params(_unfold(field.decode("ascii", "surrogateescape")))
             if ctype.startswith("multipart/"):
                 boundary = _scan_boundary(params.get("boundary"))
@@ -679,6 +697,7 @@ def _scan(raw: bytes, limits: ParseLimits) -> _Scan:
                 declared[boundary] = declared.get(boundary, 0) + 1
             elif ctype.startswith("message/"):
                 stack.append(None)
+                attached = True
             else:
                 continue
             # The top-level entity is level 1; each container adds one.
@@ -704,12 +723,48 @@ def _scan(raw: bytes, limits: ParseLimits) -> _Scan:
                         f"is {limits.max_parts}"
                     )
                 delimiters.setdefault(boundary, []).append((m.start(2) - 2, False))
+                # The part's header block starts on the next line.
+                start = data.find(b"\n", m.end(2)) + 1 or len(data)
+                block = (start, block_end(start))
+                typed = attached = False
                 break
             if line == boundary + "--":
                 del stack[index:]
                 delimiters.setdefault(boundary, []).append((m.start(2) - 2, True))
+                block = (0, 0)  # an epilogue follows: text
+                typed = attached = False
                 break
     return _Scan(delimiters, declared, offsets_valid)
+
+
+class _BlockEnds:
+    """Where each header block ends: after its blank line, or, without one in ``window``
+    bytes, at the end of the data (an over-long block is header all along).
+
+    Blocks are asked for in order, and no byte is searched twice: a part without a blank line
+    would otherwise cost ``window`` bytes of search, 500 parts of them 128 MB.
+    """
+
+    def __init__(self, data: bytes, window: int) -> None:
+        self.data = data
+        self.window = window
+        self.searched = (0, 0)  # no blank line starts in there, but the one that ends at found
+        self.found: int | None = None
+
+    def __call__(self, start: int) -> int:
+        data = self.data
+        if data.startswith(b"\n", start) or data.startswith(b"\r\n", start):
+            return start  # no header fields at all
+        low, high = self.searched
+        # A blank line is at most 4 bytes ("\r\n\r\n"): a block starting before it ends there.
+        if self.found is not None and low <= start < self.found - 4:
+            return self.found
+        resume = max(start, high - 3) if low <= start <= high else start
+        limit = start + self.window
+        self.found = _blank_line_end(data, resume, limit)
+        low = low if low <= start <= high else start
+        self.searched = (low, limit if self.found is None else self.found)
+        return len(data) if self.found is None else self.found
 
 
 def _scan_boundary(param: _Param | None) -> str | None:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import zlib
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from email.message import Message
 from email.utils import getaddresses
@@ -38,6 +39,8 @@ from engine.parse import (
     ParseLimits,
     _b64_blobs,
     _b64_decode,
+    _blank_line_end,
+    _BlockEnds,
     _clean_body,
     _elide_large_bodies,
     _header_end,
@@ -655,6 +658,83 @@ def test_100000_parts(newline: bytes) -> None:
     assert "max_parts" in str(error) and "500" in str(error)
 
 
+def pasted_source(levels: int, lines: int) -> bytes:
+    """A forwarded message shown as text: its MIME structure is body text, not parts."""
+    out = b"Forwarded message source:\r\n"
+    for i in range(levels):
+        out += b'Content-Type: multipart/mixed; boundary="p%d"\r\n\r\n--p%d\r\n' % (i, i)
+    out += b"Content-Type: message/rfc822\r\n\r\n" * levels
+    return out + b"--p0\r\nContent-Type: text/plain\r\n\r\nx\r\n" * lines + b"--p0--\r\n"
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", "text/rfc822-headers"])
+def test_multipart_lines_pasted_into_a_body_count_as_neither_nesting_nor_parts(
+    ctype: str,
+) -> None:
+    """Issue 12 item 17d: body text with pasted Content-Type lines was refused as nesting."""
+    pasted = pasted_source(levels=30, lines=600)
+    single = simple(f"Subject: pasted\nContent-Type: {ctype}\n", pasted)
+    assert parse_message(single).body.replace("\n", "\r\n") == (
+        pasted.decode() if ctype == "text/plain" else ""
+    )
+    in_part = simple(
+        'Subject: pasted\nContent-Type: multipart/mixed; boundary="real"\n',
+        b"--real\r\nContent-Type: text/plain\r\n\r\nsee below\r\n--real\r\n"
+        b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + pasted + b"\r\n--real--\r\n",
+    )
+    msg = parse_message(in_part)
+    assert msg.body == "see below"
+    assert len(msg.attachments) == 1
+    assert msg.attachments[0].data == pasted
+
+
+def test_only_the_first_content_type_of_a_header_block_nests() -> None:
+    header = 'Content-Type: multipart/mixed; boundary="b"\r\n' * 40
+    raw = b"Subject: twice\r\n" + header.encode() + b"\r\n--b\r\n\r\nx\r\n--b--\r\n"
+    assert parse_message(raw).body == "x"
+
+
+def test_nesting_through_parts_and_attached_messages_is_still_refused_quickly() -> None:
+    level = (
+        b'Content-Type: multipart/mixed; boundary="b%d"\r\nX-Pad: y\r\n\r\n--b%d\r\n'
+        b"Content-Type: message/rfc822\r\n\r\n"
+    )
+    raw = b"Subject: deep\r\n" + b"".join(level % (i, i) for i in range(1000)) + b"\r\nx\r\n"
+    error = timed_refusal(raw)
+    assert "max_depth" in str(error)
+    # Header blocks without a blank line: the delimiter line ends them.
+    raw = b"Subject: s\r\n" + b"".join(
+        b'Content-Type: multipart/mixed; boundary="b%d"\r\nX: y\r\n--b%d\r\n' % (i, i)
+        for i in range(2000)
+    )
+    assert "max_depth" in str(timed_refusal(raw))
+    raw = (
+        b'Subject: s\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        + (b"--b\r\nContent-Type: text/plain\r\n" + b"X: y\r\n" * 10) * 100_000
+    )
+    assert "max_parts" in str(timed_refusal(raw))
+
+
+@settings(max_examples=300, deadline=timedelta(seconds=1), derandomize=True, database=None)
+@given(
+    lines=st.lists(st.sampled_from([b"X: y", b"", b"\r", b"--b", b"a" * 30]), max_size=40),
+    newline=st.sampled_from([b"\n", b"\r\n"]),
+    window=st.integers(1, 80),
+    picks=st.lists(st.integers(0, 40), max_size=10),
+)
+def test_property_header_block_ends_are_found_as_by_a_search_from_each_start(
+    lines: list[bytes], newline: bytes, window: int, picks: list[int]
+) -> None:
+    data = b"".join(line + newline for line in lines)
+    starts = [0] + [m.end() for m in re.finditer(rb"\n", data)]
+    ends = _BlockEnds(data, window)
+    for start in sorted({starts[i] for i in picks if i < len(starts)}):
+        naive = _blank_line_end(data, start, start + window)
+        if data.startswith((b"\n", b"\r\n"), start):
+            naive = start
+        assert ends(start) == (len(data) if naive is None else naive)
+
+
 def test_empty_boundary_parts_are_counted() -> None:
     raw = (
         b'Subject: e\r\nContent-Type: multipart/mixed; boundary=""\r\n\r\n'
@@ -955,6 +1035,62 @@ def test_property_any_input_parses_or_raises_message_error(raw: bytes, small: bo
     for attachment in msg.attachments:
         assert safe_filename(attachment.name, "x") == attachment.name
     assert message_summary(raw)[1] == msg.sha256
+
+
+def container_depth_and_parts(msg: Message) -> tuple[int, int]:
+    """(Nesting of containers, parts of multiparts) in a stdlib tree."""
+    depth = parts = 0
+    stack = [(msg, 1)]
+    while stack:
+        part, level = stack.pop()
+        payload = part._payload  # type: ignore[attr-defined]
+        if isinstance(payload, list):
+            depth = max(depth, level)
+            if part.get_content_maintype() == "multipart":
+                parts += len(payload)
+            stack += [(p, level + 1) for p in payload if isinstance(p, Message)]
+    return depth, parts
+
+
+@st.composite
+def raw_message_with_pasted_headers(draw: st.DrawFn) -> bytes:
+    """raw_message, with Content-Type and delimiter lines pasted somewhere in its text."""
+    raw = draw(raw_message())
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(raw)))
+        boundary = draw(st.sampled_from([b"b", b"b0", b"b1", b"", b"p"]))
+        pasted = draw(
+            st.sampled_from(
+                [
+                    b'\r\nContent-Type: multipart/mixed; boundary="' + boundary + b'"\r\n',
+                    b"\r\nContent-Type: message/rfc822\r\n\r\n",
+                    b"\r\n--" + boundary + b"\r\n",
+                    b"\r\n\r\n",
+                ]
+            )
+        )
+        raw = raw[:at] + pasted + raw[at:]
+    return raw
+
+
+@raw_fuzz(300)
+@given(raw=raw_message_with_pasted_headers())
+def test_property_the_pre_scan_never_counts_less_nesting_or_parts_than_the_parser(
+    raw: bytes,
+) -> None:
+    """What the pre-scan lets through, the stdlib parser cannot nest deeper or split more."""
+    depth, parts = container_depth_and_parts(stdlib_email.message_from_bytes(raw))
+    generous = ParseLimits(max_depth=1000, max_parts=100_000, max_header_params=10_000)
+    try:
+        _scan(raw, generous)
+    except MessageError:
+        return
+    if depth > 1:
+        with pytest.raises(LimitExceeded, match="max_depth"):
+            _scan(raw, replace(generous, max_depth=depth - 1))
+    if parts > 0:
+        with pytest.raises(LimitExceeded, match="max_parts"):
+            _scan(raw, replace(generous, max_parts=parts - 1))
 
 
 @settings(max_examples=200, deadline=timedelta(seconds=1), derandomize=True, database=None)
