@@ -64,22 +64,23 @@ __all__ = ["ParseLimits", "message_summary", "parse_message", "safe_filename"]
 
 @dataclass(frozen=True)
 class ParseLimits:
-    """Bounds on what one message may cost to parse; over any of them it is refused whole.
+    """Bounds on what one message may cost to parse; over most of them it is refused whole.
 
     ``max_bytes`` is the size of the raw message, ``max_depth`` the MIME nesting (multiparts
-    and ``message/*`` parts), ``max_parts`` the number of MIME parts, ``max_header_bytes`` the
-    size of the top-level header block and ``max_addresses`` the addresses in one address
-    header. ``max_header_params`` bounds the parameters of one Content-Type field (the stdlib
+    and ``message/*`` parts), ``max_parts`` the number of MIME parts and ``max_header_bytes``
+    the size of the top-level header block (room for a To of 10,000 named addresses).
+    ``max_header_params`` bounds the parameters of one Content-Type field (the stdlib
     splitter is quadratic in them), ``max_html_depth`` the nesting of block elements in an
-    HTML part (the HTML sanitizer is quadratic in it) and ``max_html_render_bytes`` the HTML
-    that is rendered to text with full layout; a larger HTML-only body is flattened with a
-    faster, plainer method instead of being refused.
+    HTML part (the HTML sanitizer is quadratic in it). These refuse nothing:
+    ``max_addresses``, the addresses read from one address header (the message gets a note
+    about the rest), ``max_html_render_bytes``, the HTML that is rendered to text with full
+    layout (a larger HTML-only body is flattened with a faster, plainer method).
     """
 
     max_bytes: int = 26_214_400
     max_depth: int = 20
     max_parts: int = 500
-    max_header_bytes: int = 256 * 1024
+    max_header_bytes: int = 1024 * 1024
     max_addresses: int = 1000
     max_header_params: int = 100
     max_html_depth: int = 1000
@@ -609,23 +610,26 @@ def _header_end(raw: bytes, limit: int) -> int | None:
     return None
 
 
+_LF_BLANK_LINE_RE: Final = re.compile(rb"\n\r?\n")
+
+
 def _blank_line_end(data: bytes, start: int, end: int) -> int | None:
     """``_HEADER_END_RE.search(data, start, end).end()``, None if it finds nothing.
 
-    With byte searches: the regular expression starts with an optional character, so its
-    engine tries it at every offset of the header block instead of skipping to line ends.
+    That regular expression starts with an optional character, so its engine tries it at
+    every offset of the header block; this one starts with a line end, and the "\r\r" that
+    bare CR line ends make is looked for only before the line break found.
     """
-    crlf = data.find(b"\n\r\n", start, end)
-    lf = data.find(b"\n\n", start, end if crlf < 0 else crlf + 1)
-    if lf < 0 and crlf < 0:
+    m = _LF_BLANK_LINE_RE.search(data, start, end)
+    if m is None:
         cr_cr = data.find(b"\r\r", start, end)
         return cr_cr + 2 if cr_cr >= 0 else None
-    first, after = (lf, lf + 2) if lf >= 0 else (crlf, crlf + 3)
+    first = m.start()
     if first > start and data[first - 1] == 0x0D:
         first -= 1  # the match starts at the CR of a CRLF
     # "\r\r" wins only where it starts before that line break.
     cr_cr = data.find(b"\r\r", start, first + 1)
-    return cr_cr + 2 if cr_cr >= 0 else after
+    return cr_cr + 2 if cr_cr >= 0 else m.end()
 
 
 @dataclass
@@ -923,13 +927,10 @@ _SIMPLE_ADDRESS_RE: Final = re.compile(
     rf"|({_ADDR_SPEC}))[ \t]*+"
 )
 _QUOTED_WORD_RE: Final = re.compile(r'"([^"]*)"|([^ \t"]+)')
-_MAX_SIMPLE_ADDRESSES: Final = 4096
 
 
 def _simple_addresses(value: str) -> list[tuple[str, str]] | None:
     """What ``getaddresses([value])`` returns, if ``value`` has only the common shapes."""
-    if len(value) > _MAX_SIMPLE_ADDRESSES:
-        return None
     pairs: list[tuple[str, str]] = []
     pos = 0
     while (m := _SIMPLE_ADDRESS_RE.match(value, pos)) is not None:
@@ -974,25 +975,82 @@ def _split_addresses(value: str) -> list[tuple[str, str]]:
     return pairs
 
 
+# What separates addresses, and what may hide a comma: quoted strings, comments, route
+# addresses and domain literals.
+_ADDR_LIST_TOKENS_RE: Final = re.compile(r'\\.|[()"<>\[\],]', re.S)
+# The text of an address header that is read: the parsers of odd shapes (quotes, comments)
+# take a second per MiB of hostile text, and 256 KiB hold several thousand real addresses.
+_MAX_ADDRESS_TEXT: Final = 256 * 1024
+
+
+def _cut_addresses(value: str, keep: int) -> tuple[str, int, int]:
+    """``value`` up to the end of its ``keep``-th address or of its last address within
+    _MAX_ADDRESS_TEXT characters; with the count of addresses kept and of those that follow.
+
+    Only commas outside quoted strings, comments, angle brackets and domain literals separate
+    addresses; both counts are upper bounds, as _address_count's. An address that runs past
+    the text limit is not kept at all: cut, it could read as another address.
+    """
+    if value.count(",") < keep and len(value) <= _MAX_ADDRESS_TEXT:
+        return value, value.count(",") + 1, 0
+    commas = depth = 0
+    cut = 0  # the end of the last whole address seen
+    quoted = routed = literal = False
+    for m in _ADDR_LIST_TOKENS_RE.finditer(value, 0, _MAX_ADDRESS_TEXT):
+        token = m.group(0)
+        if token[0] == "\\":
+            continue
+        if quoted:
+            quoted = token != '"'
+        elif token == '"':
+            quoted = True
+        elif token == "(":
+            depth += 1
+        elif depth:
+            depth -= token == ")"
+        elif literal:
+            literal = token != "]"
+        elif token == "[":
+            literal = True
+        elif routed:
+            routed = token != ">"
+        elif token == "<":
+            routed = True
+        elif token == ",":
+            commas += 1
+            cut = m.start()
+            if commas == keep:
+                break
+    else:
+        if len(value) <= _MAX_ADDRESS_TEXT:
+            return value, commas + 1, 0
+    if commas == 0:
+        return "", 0, _address_count(value)
+    return value[:cut], commas, _address_count(value[cut + 1 :])
+
+
 def _addresses(
-    values: list[str] | None, limits: ParseLimits, field: str
+    values: list[str] | None, limits: ParseLimits, field: str, notes: list[str]
 ) -> list[tuple[str, str]] | None:
     """(display name, address) pairs of an address header; None if the header is absent.
 
     Addresses are split on the raw header and only then are display names decoded, so that
-    an encoded word cannot smuggle a "<victim@example.org>" into the parse.
+    an encoded word cannot smuggle a "<victim@example.org>" into the parse. A header listing
+    more than ``max_addresses`` (or more than 256 KiB of them) is read up to there, and a note
+    says so: real mail goes out to thousands at times, and the rest costs time without telling
+    the processors anything more.
     """
     if not values:
         return None
-    raw = ", ".join(_unfold(v) for v in values)
-    count = _address_count(raw)
-    if count > limits.max_addresses:
-        raise LimitExceeded(
-            f"the {field} header has {count} addresses; the limit (max_addresses) is "
-            f"{limits.max_addresses}"
+    raw, kept, more = _cut_addresses(", ".join(_unfold(v) for v in values), limits.max_addresses)
+    if more:
+        notes.append(
+            f"The {field} header lists up to {kept + more} addresses; only the first {kept} "
+            f"were read (max_addresses is {limits.max_addresses}, and at most "
+            f"{_MAX_ADDRESS_TEXT // 1024} KiB of a header are read)."
         )
     result: list[tuple[str, str]] = []
-    for name, addr in _split_addresses(raw):
+    for name, addr in _split_addresses(raw) if raw else ():
         address = _decode_8bit(addr).strip()
         if not address or _BAD_ADDR_RE.search(address) or address.count("@") > 1:
             continue
@@ -2539,10 +2597,11 @@ def _parse_tree(
 ) -> ParsedMessage:
     headers = _header_map(msg)
 
-    from_pairs = _addresses(headers.get("from"), limits, "From")
-    to_pairs = _addresses(headers.get("to"), limits, "To")
+    notes: list[str] = []
+    from_pairs = _addresses(headers.get("from"), limits, "From", notes)
+    to_pairs = _addresses(headers.get("to"), limits, "To", notes)
     return_path = _first(headers, "return-path")
-    rp_pairs = _addresses(headers.get("return-path"), limits, "Return-Path")
+    rp_pairs = _addresses(headers.get("return-path"), limits, "Return-Path", notes)
 
     from_name, from_addr = from_pairs[0] if from_pairs else ("", "")
     from_value = _first(headers, "from")
@@ -2589,6 +2648,7 @@ def _parse_tree(
         auto_submitted=auto,
         auto_reason=reason,
         is_bounce=bounce,
+        notes=tuple(notes),
     )
 
 

@@ -227,3 +227,21 @@ def test_joined_base64_blobs_are_stored_whole(box: dict[str, Any]) -> None:
     assert stored["name"] == "scan.bin"
     data = attachment_bytes(box["data"], stored["sha256"])
     assert len(data) == 3_000_001 and data == first + second
+
+
+def test_a_to_of_1500_addresses_makes_a_request_that_says_what_was_left_out(
+    box: dict[str, Any],
+) -> None:
+    """Issue 12 item 17d: a To with 1,500 addresses failed the message (max_addresses)."""
+    to = ", ".join(f"Member {i} <member{i}@example.com>" for i in range(1500))
+    f = box["tmp"] / "all.eml"
+    f.write_bytes(message("Everyone").replace(b"To: support@example.com", b"To: " + to.encode()))
+    assert ingest(box["data"], box["cfg"], f)[0] == 0
+    [row] = ledger(box["data"])
+    assert row["outcome"] == "created"
+    [req] = requests(box["data"])
+    assert req["description"].startswith("Hello, it does not work.")
+    assert (
+        "The To header lists up to 1500 addresses; only the first 1000 were read"
+        in req["description"]
+    )
