@@ -74,7 +74,10 @@ class ParseLimits:
     HTML part (the HTML sanitizer is quadratic in it). These refuse nothing:
     ``max_addresses``, the addresses read from one address header (the message gets a note
     about the rest), ``max_html_render_bytes``, the HTML that is rendered to text with full
-    layout (a larger HTML-only body is flattened with a faster, plainer method).
+    layout (a larger HTML-only body is flattened with a faster, plainer method), and
+    ``max_html_sanitize_bytes``, the HTML that is sanitized and kept as the message's HTML (a
+    larger HTML body is attached as a file, its text read without building a tree: the
+    sanitizer's tree takes ~25 times the markup).
     """
 
     max_bytes: int = 26_214_400
@@ -85,6 +88,7 @@ class ParseLimits:
     max_header_params: int = 100
     max_html_depth: int = 1000
     max_html_render_bytes: int = 1024 * 1024
+    max_html_sanitize_bytes: int = 2 * 1024 * 1024
 
 
 _DEFAULT_LIMITS: Final = ParseLimits()
@@ -1228,6 +1232,164 @@ def _flatten_html(markup: str) -> str:
     """Plain text of HTML with no layout: the fast fallback for huge or unrenderable HTML."""
     text = html_lib.unescape(nh3.clean(markup, tags=set()))
     return _BLANK_LINES_RE.sub("\n\n", text).strip()
+
+
+# HTML over max_html_sanitize_bytes never reaches nh3, whose tree takes ~25 times the markup
+# (a 20 MB HTML body took 460 MiB to sanitize and as much again to flatten): its text is read
+# by _html_text_lean instead, which gives nh3's flattening without building any tree. The
+# tokens it tells apart, as html5ever's tokenizer does: comments (and the bogus ones a "<!",
+# "<?" or "</" that opens no tag makes), end tags and start tags (a quoted attribute value
+# may hold a ">"); a "<" that opens none of these is text.
+_HTML_ATTRIBUTES: Final = r"""(?:[^>"']++|"[^"]*+"|'[^']*+')*+(?:>|\Z)"""
+_HTML_NOT_TAGS: Final = (
+    r"<!---?>|<!--.*?(?:--!?>|\Z)|<[!?][^>]*+(?:>|\Z)|</>|</(?=[^A-Za-z>])[^>]*+(?:>|\Z)"
+)
+_HTML_TOKEN_RE: Final = re.compile(
+    rf"{_HTML_NOT_TAGS}|</[A-Za-z][^>]*+(?:>|\Z)|<([A-Za-z][^\s/>]*+){_HTML_ATTRIBUTES}", re.S
+)
+# Elements whose content the tokenizer reads as text up to their end tag: raw text, text with
+# character references (title, textarea), or dropped whole by nh3 (script and style).
+_RAW_TEXT_ELEMENTS: Final = frozenset({"xmp", "iframe", "noembed", "noframes", "noscript"})
+_ESCAPABLE_TEXT_ELEMENTS: Final = frozenset({"title", "textarea"})
+_DROPPED_ELEMENTS: Final = frozenset({"script", "style"})
+_TEXT_ELEMENTS: Final = _RAW_TEXT_ELEMENTS | _ESCAPABLE_TEXT_ELEMENTS | _DROPPED_ELEMENTS
+# The tree builder drops a line end right after these start tags.
+_LEADING_NEWLINE_ELEMENTS: Final = frozenset({"pre", "textarea", "listing"})
+# The common case in one regular expression, with no step of Python per tag: every token
+# becomes a NUL (which ends a character reference just as the end of a text node does, and
+# never occurs in a cleaned body), script and style go with their content, and the line end
+# after <pre>, <listing> and <textarea> with their start tag.
+_HTML_MARKUP: Final = "|".join(
+    [
+        _HTML_NOT_TAGS,
+        r"</[A-Za-z][^>]*+(?:>|\Z)",
+        *(
+            # (No group and back reference: with them, Python 3.11's sre gets a group's
+            # span wrong inside the repetition of _HTML_RUN_RE, and raises SystemError.)
+            rf"<{name}(?=[\s/>]){_HTML_ATTRIBUTES}.*?(?:</{name}(?=[\s/>])[^>]*+(?:>|\Z)|\Z)"
+            for name in ("script", "style")
+        ),
+        rf"<(?:pre|listing|textarea)(?=[\s/>]){_HTML_ATTRIBUTES}\n?",
+        rf"<[A-Za-z][^\s/>]*+{_HTML_ATTRIBUTES}",
+    ]
+)
+_HTML_MARKUP_RE: Final = re.compile(_HTML_MARKUP, re.S | re.I)
+# re.sub makes a list of every piece before joining them (ten times 20 MB of short pieces):
+# the document is read in runs of whole tokens and texts instead, each replaced on its own.
+_HTML_RUN_RE: Final = re.compile(rf"(?:[^<]++|{_HTML_MARKUP}|<){{1,4096}}", re.S | re.I)
+# What that expression does not read as the tokenizer does: raw text elements (their content
+# is neither markup nor character references), and title or textarea content holding a "<".
+_HTML_RAW_TEXT_RE: Final = re.compile(
+    r"<(?:xmp|iframe|noembed|noframes|noscript|plaintext)(?=[\s/>])", re.I
+)
+_HTML_ESCAPABLE_TEXT_RE: Final = re.compile(r"<(title|textarea)(?=[\s/>])", re.I)
+
+
+@functools.lru_cache(maxsize=16)
+def _end_tag_re(name: str) -> re.Pattern[str]:
+    return re.compile(rf"</{name}(?=[\s/>])[^>]*+(?:>|\Z)", re.I)
+
+
+def _html_text_lean(markup: str) -> str:
+    """``_flatten_html(markup)`` (nh3's text of ``markup``) without building a tree.
+
+    A property test holds the two equal on ordinary markup. They differ where html5ever's
+    tree builder moves text (text straight inside a <table> goes before it), where nh3 drops
+    text that this keeps (inside <svg>, <math> and <template>), and where the tokenizer reads
+    odd markup its own way ("<a b"c>").
+    """
+    if _html_markup_strippable(markup):
+        text = _html_text_stripped(markup)
+    else:
+        text = _html_text_tokens(markup)
+    text = _BLANK_LINES_RE.sub("\n\n", text)
+    return text.strip()
+
+
+def _html_markup_strippable(markup: str) -> bool:
+    """True if _html_text_stripped reads ``markup`` as the tokenizer does."""
+    if _HTML_RAW_TEXT_RE.search(markup):
+        return False
+    for m in _HTML_ESCAPABLE_TEXT_RE.finditer(markup):
+        end = _end_tag_re(m.group(1).lower()).search(markup, m.end())
+        if markup.find("<", m.end(), len(markup) if end is None else end.start()) >= 0:
+            return False
+    return True
+
+
+def _html_text_stripped(markup: str) -> str:
+    """The text of ``markup`` with every token removed at once (see _HTML_MARKUP_RE).
+
+    A run ends before a "<": a character reference never spans two of them.
+    """
+    out = _Pieces()
+    for run in _HTML_RUN_RE.finditer(markup):
+        text = _HTML_MARKUP_RE.sub("\x00", run.group())
+        out.append(html_lib.unescape(text).replace("\x00", ""))
+    return out.join()
+
+
+# A step of Python per tag costs ~5 us: past this many tags the rest of a document is read
+# by _html_text_stripped, which may read raw text elements as markup (their text is in the
+# HTML attached whole, see _attach_unsanitized_html).
+_HTML_TOKENS_READ: Final = 200_000
+
+
+def _html_text_tokens(markup: str) -> str:
+    """The text of ``markup``, token by token: any markup, a step of Python per tag."""
+    out = _Pieces()
+    pos = 0
+    for _ in range(_HTML_TOKENS_READ):
+        m = _HTML_TOKEN_RE.search(markup, pos)
+        if m is None:
+            break
+        if m.start() > pos:
+            out.append(html_lib.unescape(markup[pos : m.start()]))
+        pos = m.end()
+        name = (m.group(1) or "").lower()
+        if name in _LEADING_NEWLINE_ELEMENTS and markup.startswith("\n", pos):
+            pos += 1
+        if name == "plaintext":
+            out.append(markup[pos:])
+            pos = len(markup)
+            break
+        if name in _TEXT_ELEMENTS:
+            end = _end_tag_re(name).search(markup, pos)
+            stop = len(markup) if end is None else end.start()
+            if name in _RAW_TEXT_ELEMENTS:
+                out.append(markup[pos:stop])
+            elif name in _ESCAPABLE_TEXT_ELEMENTS:
+                out.append(html_lib.unescape(markup[pos:stop]))
+            pos = len(markup) if end is None else end.end()
+    else:
+        out.append(_html_text_stripped(markup[pos:]))
+        return out.join()
+    out.append(html_lib.unescape(markup[pos:]))
+    return out.join()
+
+
+class _Pieces:
+    """Strings to join, held in joined runs: a list of a million short pieces (the text
+    between the tags of 20 MB of HTML) takes ten times their text."""
+
+    _RUN: Final = 4096
+
+    def __init__(self) -> None:
+        self.runs: list[str] = []
+        self.pieces: list[str] = []
+
+    def append(self, piece: str) -> None:
+        self.pieces.append(piece)
+        if len(self.pieces) >= self._RUN:
+            self.runs.append("".join(self.pieces))
+            self.pieces.clear()
+
+    def join(self) -> str:
+        self.runs.append("".join(self.pieces))
+        self.pieces.clear()
+        text = "".join(self.runs)
+        self.runs.clear()
+        return text
 
 
 def _render_html(markup: str, limits: ParseLimits) -> str:
@@ -2395,9 +2557,7 @@ class _Collector:
                 return
         if ctype == "text/html" and not as_file:
             if self.html is None:
-                markup = _text_of(part, ct_params, cte, html=True)
-                _check_html_depth(markup, self.limits)
-                self.html = markup
+                self.html = _text_of(part, ct_params, cte, html=True)
                 return
             if parent_type == "multipart/alternative":
                 return
@@ -2503,6 +2663,25 @@ def _loop_verdict(
         if local in _SYSTEM_LOCAL_PARTS:
             return True, f"system sender {local}", False
     return False, None, False
+
+
+def _attach_unsanitized_html(
+    collector: _Collector, markup: str, limits: ParseLimits, text_from_it: bool
+) -> str:
+    """Keep HTML too large to sanitize as an attachment; the note that says so.
+
+    The sanitizer's tree takes ~25 times the markup: such an HTML body is not shown, but
+    nothing of it is lost. It is attached in UTF-8 (the text it was decoded to) with a byte
+    order mark, which browsers take as its charset when the file is opened.
+    """
+    collector.add("message.html", "text/html", markup.encode("utf-8-sig"))
+    name = collector.attachments[-1].name
+    text = " and the text above is taken from it" if text_from_it else ""
+    return (
+        f"The HTML version of this message ({len(markup)} characters) is over "
+        f"max_html_sanitize_bytes ({limits.max_html_sanitize_bytes}): it is attached as "
+        f"{name} instead of being shown{text}."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -2613,13 +2792,22 @@ def _parse_tree(
     collector.walk(msg)
 
     body = collector.body
-    html_source = collector.html
-    sanitized = _sanitize_html(html_source) if html_source is not None else None
-    if (body is None or not body.strip()) and sanitized is not None:
-        # HTML-only mail, or an alternative whose text/plain part is left empty. The text is
-        # rendered from the sanitized HTML, so that no script, style or javascript: URL
-        # shows up in it.
-        body = _render_html(sanitized, limits)
+    html_source, collector.html = collector.html, None
+    sanitized: str | None = None
+    # HTML-only mail, or an alternative whose text/plain part is left empty, takes its text
+    # from the HTML: rendered from the sanitized HTML, so that no script, style or
+    # javascript: URL shows up in it, or read without a tree from HTML too large to sanitize.
+    needs_text = body is None or not body.strip()
+    if html_source is not None and len(html_source) > limits.max_html_sanitize_bytes:
+        notes.append(_attach_unsanitized_html(collector, html_source, limits, needs_text))
+        if needs_text:
+            body = _html_text_lean(html_source)
+    elif html_source is not None:
+        _check_html_depth(html_source, limits)
+        sanitized = _sanitize_html(html_source)
+        if needs_text:
+            body = _render_html(sanitized, limits)
+    del html_source
     body = body or ""
     if not body.strip() and collector.tnef_body:
         body = _clean_body(collector.tnef_body)

@@ -46,7 +46,12 @@ from engine.parse import (
     _clean_body,
     _cut_addresses,
     _elide_large_bodies,
+    _flatten_html,
     _header_end,
+    _html_markup_strippable,
+    _html_text_lean,
+    _html_text_stripped,
+    _html_text_tokens,
     _scan,
     _simple_addresses,
     _split_mime,
@@ -1546,6 +1551,12 @@ def twenty_mb(shape: str) -> bytes:
             b"<p>Hello <b>world</b> &amp; friends, <a href='https://example.org'>a link</a></p>\n"
         )
         return top(b"<html><body>" + para * (MIB20 // len(para)), "text/html; charset=utf-8")
+    if shape == "html at the sanitizing limit":
+        para = (
+            b"<p>Hello <b>world</b> &amp; friends, <a href='https://example.org'>a link</a></p>\n"
+        )
+        html = b"Content-Type: text/html\r\n\r\n" + para * (2 * 1024 * 1024 // len(para))
+        return top(multipart(html, ZIP + base64.encodebytes(os.urandom(MIB20 * 3 // 4 - 2**20))))
     if shape == "base64 attachment":
         return top(multipart(ZIP + base64.encodebytes(os.urandom(MIB20 * 3 // 4))))
     if shape == "base64 text":
@@ -1568,6 +1579,8 @@ MEMORY_SHAPES = [
     "quoted-printable",
     "format=flowed",
     "many small parts",
+    "long html",
+    "html at the sanitizing limit",
     "base64 attachment",
     "base64 text",
     "joined base64 blobs",
@@ -1716,6 +1729,161 @@ def test_property_fast_html_text_is_inscriptis_text(markup: str, sanitize: bool)
     except _Unrenderable:
         return
     assert fast == get_text(markup, ParserConfig(display_links=True))
+
+
+LEAN_TEXTS = [
+    "x",
+    " ",
+    "\n",
+    " a ",
+    "  b\n c  ",
+    "\xa0",
+    "&amp;lt;",
+    "\t\n",
+    "é",
+    "&nbsp;",
+    "&amp",
+    "&ampx",
+    "&#169;",
+    "&#x263a;",
+    "&notin;",
+    "&notit;",
+    "a < b",
+    "a > b",
+    "&",
+    "&#0;",
+    "<",
+    "\n\n\n\n",
+    "&lt;b&gt;",
+    "x</",
+    "</>",
+    "<!-->",
+]
+LEAN_TAGS = [
+    "ul",
+    "ol",
+    "li",
+    "pre",
+    "a",
+    "p",
+    "div",
+    "span",
+    "q",
+    "b",
+    "blockquote",
+    "h2",
+    "br",
+    "img",
+    "textarea",
+    "title",
+    "xmp",
+    "script",
+    "style",
+    "noscript",
+    "iframe",
+    "listing",
+    "font",
+    "center",
+    "select",
+    "option",
+    "i",
+    "code",
+    "hr",
+    "head",
+    "body",
+    "html",
+    "SCRIPT",
+    "Title",
+]
+LEAN_ATTRIBUTES = [
+    "",
+    ' href="https://example.org/?a=1&amp;b=2"',
+    ' title="x>y"',
+    " alt='a>b'",
+    " class=c",
+    ' style="color:red"',
+    ' onclick="x()"',
+]
+LEAN_MARKUP = ["<!-- c -->", "<!DOCTYPE html>", "<!-->", "<?x?>", "</ g>", "<br/>"]
+
+
+@st.composite
+def html_document(draw: st.DrawFn, depth: int = 0) -> str:
+    """Markup of text, entities, comments, raw-text elements and tables of cells."""
+    out = []
+    for _ in range(draw(st.integers(0, 3 if depth < 4 else 1))):
+        kind = draw(st.sampled_from(["text", "text", "markup", "element", "element", "table"]))
+        if kind == "text":
+            out.append(draw(st.sampled_from(LEAN_TEXTS)))
+        elif kind == "markup":
+            out.append(draw(st.sampled_from(LEAN_MARKUP)))
+        elif kind == "table":
+            cells = "".join(
+                f"\n  <td{draw(st.sampled_from(LEAN_ATTRIBUTES))}>"
+                f"{draw(html_document(depth + 1))}</td>"
+                for _ in range(draw(st.integers(0, 2)))
+            )
+            out.append(f"<table>\n <tr>{cells}\n </tr>\n</table>")
+        else:
+            tag = draw(st.sampled_from(LEAN_TAGS))
+            attributes = draw(st.sampled_from(LEAN_ATTRIBUTES))
+            out.append(f"<{tag}{attributes}>{draw(html_document(depth + 1))}</{tag}>")
+    return "".join(out)
+
+
+@settings(max_examples=500, deadline=timedelta(seconds=2), derandomize=True, database=None)
+@given(markup=html_document())
+def test_property_the_lean_html_text_is_nh3s_flattening(markup: str) -> None:
+    """HTML over max_html_sanitize_bytes is read without nh3's tree, to the same text: token
+    by token, and all at once where the markup allows it."""
+    reference = _flatten_html(markup)
+    assert _html_text_lean(markup) == reference
+    tidy = "\n\n".join(re.split(r"\n{3,}", _html_text_tokens(markup))).strip()
+    assert tidy == reference
+    if _html_markup_strippable(markup):
+        assert "\n\n".join(re.split(r"\n{3,}", _html_text_stripped(markup))).strip() == reference
+
+
+def test_html_too_large_to_sanitize_is_attached_and_read_as_text() -> None:
+    """Issue 12 item 17e: 20 MB of HTML took 520 MiB (nh3's tree, twice)."""
+    markup = "<html><head><style>p {}</style><title>Report</title></head><body>" + (
+        "<p>Ligne <b>caf\u00e9</b> &amp; <a href='https://example.org'>lien</a></p>\n" * 4
+    )
+    limits = ParseLimits(max_html_sanitize_bytes=100)
+    for alternative in (False, True):
+        html_part = b"Content-Type: text/html; charset=utf-8\r\n\r\n" + markup.encode()
+        if alternative:
+            raw = top(
+                multipart(b"Content-Type: text/plain\r\n\r\nPlain text.", html_part),
+                f'multipart/alternative; boundary="{BOUNDARY}"',
+            )
+        else:
+            raw = simple("Subject: report\nContent-Type: text/html; charset=utf-8\n", b"") + (
+                markup.encode()
+            )
+        msg = parse_message(raw, limits)
+        assert msg.html is None
+        [attached] = msg.attachments
+        assert (attached.name, attached.content_type) == ("message.html", "text/html")
+        assert attached.data == b"\xef\xbb\xbf" + markup.encode()
+        [note] = msg.notes
+        assert "is over max_html_sanitize_bytes (100): it is attached as message.html" in note
+        if alternative:
+            assert msg.body == "Plain text." and "taken from it" not in note
+        else:
+            assert msg.body == _flatten_html(markup) and "taken from it" in note
+            assert msg.body.startswith("ReportLigne café & lien\nLigne")
+    sanitized = parse_message(raw)
+    assert sanitized.html is not None and "<style>" not in sanitized.html and not sanitized.notes
+
+
+def test_hostile_html_too_large_to_sanitize_is_read_in_bounded_time() -> None:
+    for markup in ("<noscript>x</noscript>" + "<a>" * 200_000, "<title>" * 100_000, "<!--" * 9):
+        raw = simple("Subject: h\nContent-Type: text/html\n", markup.encode())
+        start = time.perf_counter()
+        msg = parse_message(raw, ParseLimits(max_html_sanitize_bytes=10))
+        assert time.perf_counter() - start < 2 * FAST
+        assert msg.html is None and msg.attachments[0].name == "message.html"
 
 
 def test_html_tables_are_still_laid_out_by_inscriptis() -> None:
