@@ -70,18 +70,18 @@ class ParseLimits:
     and ``message/*`` parts), ``max_parts`` the number of MIME parts and ``max_header_bytes``
     the size of the top-level header block (room for a To of 10,000 named addresses).
     ``max_header_params`` bounds the parameters of one Content-Type field (the stdlib
-    splitter is quadratic in them), ``max_html_depth`` the nesting of block elements in an
-    HTML part (the HTML sanitizer is quadratic in it). These refuse nothing:
+    splitter is quadratic in them). These refuse nothing:
     ``max_addresses``, the addresses read from one address header (the message gets a note
     about the rest), ``max_html_render_bytes``, the HTML that is rendered to text with full
     layout (a larger HTML-only body is flattened with a faster, plainer method), and
-    ``max_html_sanitize_bytes``, the HTML that is sanitized and kept as the message's HTML (a
-    larger HTML body is attached as a file, its text read without building a tree: the
-    sanitizer's tree takes ~25 times the markup).
+    ``max_html_sanitize_bytes`` and ``max_html_depth``, the size and the nesting of block
+    elements of the HTML that is sanitized and kept as the message's HTML (the sanitizer's
+    tree takes ~25 times the markup, and time quadratic in that nesting): a larger or deeper
+    HTML body is attached as a file, its text read without building a tree.
     """
 
     max_bytes: int = 26_214_400
-    max_depth: int = 20
+    max_depth: int = 50
     max_parts: int = 500
     max_header_bytes: int = 1024 * 1024
     max_addresses: int = 1000
@@ -1204,23 +1204,25 @@ _META_CHARSET_RE: Final = re.compile(
 _BLANK_LINES_RE: Final = re.compile(r"\n{3,}")
 
 
-def _check_html_depth(markup: str, limits: ParseLimits) -> None:
+def _unsanitizable(markup: str, limits: ParseLimits) -> str | None:
+    """Why the sanitizer must not read ``markup`` (its tree takes ~25 times the markup, and
+    it is quadratic in the nesting of block elements), or None."""
+    if len(markup) > limits.max_html_sanitize_bytes:
+        return (
+            f"is {len(markup)} characters, over max_html_sanitize_bytes "
+            f"({limits.max_html_sanitize_bytes})"
+        )
     if markup.count("<") <= limits.max_html_depth:
-        return  # every level takes a start tag: too few tags to nest that deep
+        return None  # every level takes a start tag: too few tags to nest that deep
     depth = 0
-    deepest = 0
     for m in _HTML_BLOCK_TAG_RE.finditer(markup):
         if m.group(1):
             depth = max(0, depth - 1)
         else:
             depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > limits.max_html_depth:
-                    raise LimitExceeded(
-                        f"an HTML part nests block elements more than {limits.max_html_depth} "
-                        f"deep; the limit (max_html_depth) is {limits.max_html_depth}"
-                    )
+            if depth > limits.max_html_depth:
+                return f"nests block elements deeper than max_html_depth ({limits.max_html_depth})"
+    return None
 
 
 def _sanitize_html(markup: str) -> str:
@@ -2231,18 +2233,32 @@ def _tnef_safe(data: bytes, depth: int, budget: _TnefBudget) -> bool:
     return True
 
 
-def _tnef_files(data: bytes, max_files: int) -> tuple[list[tuple[str | None, bytes]], str]:
-    """The files inside a winmail.dat and its body text; ([], "") when it cannot be read."""
+class _TnefContent(NamedTuple):
+    """What a winmail.dat yields: its files, its plain text body, and whether that is all."""
+
+    files: list[tuple[str | None, bytes]]
+    body: str
+    complete: bool  # no file over the budget or without data, no RTF or HTML body
+
+
+def _tnef_files(data: bytes, max_files: int) -> _TnefContent:
+    """The files inside a winmail.dat and its body text; no files when it cannot be read.
+
+    When it holds more than that (files past ``max_files``, an RTF or HTML body, which are
+    not rendered here), it is not complete: the caller keeps winmail.dat itself as well.
+    """
     if not _tnef_safe(data, 0, _TnefBudget()):
-        return [], ""
+        return _TnefContent([], "", False)
     from tnefparse.tnef import TNEF  # type: ignore[import-untyped, unused-ignore]
 
     try:
         tnef = TNEF(data, do_checksum=False)
         files: list[tuple[str | None, bytes]] = []
+        complete = len(tnef.attachments) <= max_files and not (tnef.htmlbody or tnef._rtfbody)
         for item in tnef.attachments[:max_files]:
             content = item.data
             if not isinstance(content, bytes):
+                complete = False
                 continue
             try:
                 title = item.long_filename()
@@ -2254,9 +2270,9 @@ def _tnef_files(data: bytes, max_files: int) -> tuple[list[tuple[str | None, byt
         body = tnef.body
         if isinstance(body, bytes):
             body = _decode_undeclared(body)
-        return files, body if isinstance(body, str) else ""
+        return _TnefContent(files, body if isinstance(body, str) else "", complete)
     except Exception:  # any failure inside tnefparse: keep winmail.dat itself
-        return [], ""
+        return _TnefContent([], "", False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -2432,6 +2448,9 @@ class _Collector:
         self.next_copy: dict[str, int] = {}
         self.bounce = False
         self.parts = 0
+        self.notes: list[str] = []  # what the walk left out of the model (see ParsedMessage)
+        # Alternatives whose text is kept as a file (see alternatives): one version kept yet?
+        self.secondary: dict[int, bool] = {}
 
     def add(
         self,
@@ -2489,9 +2508,11 @@ class _Collector:
     def walk(self, root: Message) -> None:
         # Iterative, in document order: the stdlib tree can be as deep as the limits allow
         # and we never want Python recursion here.
-        stack: list[tuple[Message, int, str | None, str | None, int]] = [(root, 1, None, None, 0)]
+        stack: list[tuple[Message, int, str | None, str | None, int, Message | None]] = [
+            (root, 1, None, None, 0, None)
+        ]
         while stack:
-            part, depth, parent_type, parent_boundary, index = stack.pop()
+            part, depth, parent_type, parent_boundary, index, parent = stack.pop()
             # Counted like the pre-scan counts delimiters: every part but the root.
             self.parts += depth > 1
             if self.parts > self.limits.max_parts:
@@ -2514,13 +2535,23 @@ class _Collector:
                     _, params = _parse_params(_part_header(part, "content-type") or "")
                     boundary = _scan_boundary(params.get("boundary"))
                     children = [
-                        (child, depth + 1, ctype, boundary, i)
+                        (child, depth + 1, ctype, boundary, i, part)
                         for i, child in enumerate(payload)
                         if isinstance(child, Message)
                     ]
+                    if ctype == "multipart/alternative":
+                        self.alternatives(part, [child for child, *_ in children])
                     stack.extend(reversed(children))
                 continue
-            self.leaf(part, ctype, parent_type, parent_boundary, index, depth == 1)
+            group = id(parent) if parent_type == "multipart/alternative" else None
+            self.leaf(part, ctype, parent_type, parent_boundary, index, depth == 1, group)
+
+    def alternatives(self, part: Message, children: list[Message]) -> None:
+        """Note an alternative whose text versions would all be dropped as body and HTML are
+        taken already (a second alternative in a mixed part): one of them is kept as a file."""
+        html_child = any(c.get_content_type() == "text/html" for c in children)
+        if self.body is not None and (self.html is not None or not html_child):
+            self.secondary[id(part)] = False
 
     def leaf(
         self,
@@ -2530,6 +2561,7 @@ class _Collector:
         parent_boundary: str | None,
         index: int,
         is_root: bool,
+        group: int | None = None,
     ) -> None:
         fields = _part_fields(part)
         _, ct_params = _parse_params(fields.get("content-type", ""))
@@ -2549,6 +2581,11 @@ class _Collector:
             return
         if ctype.startswith("multipart/"):
             ctype = "text/plain"  # a multipart without a usable boundary: its body is text
+        if group in self.secondary and ctype in ("text/plain", "text/html") and not as_file:
+            if self.secondary[group]:
+                return  # another version of the same text is kept
+            self.secondary[group] = True
+            as_file = True
         if ctype == "text/plain" and not as_file:
             if self.body is None:
                 self.body = _text_of(part, ct_params, cte)
@@ -2564,12 +2601,19 @@ class _Collector:
         data = _payload_bytes(part, cte)
         if ctype == "application/ms-tnef" or (name or "").strip().lower() == "winmail.dat":
             budget = max(0, self.limits.max_parts - len(self.attachments))
-            files, tnef_body = _tnef_files(data, budget)
-            if files:
-                for file_name, content in files:
-                    self.add(file_name, _type_for(file_name), content)
-                self.tnef_body = self.tnef_body or tnef_body
+            tnef = _tnef_files(data, budget)
+            for file_name, content in tnef.files:
+                self.add(file_name, _type_for(file_name), content)
+            self.tnef_body = self.tnef_body or tnef.body
+            if tnef.files and tnef.complete:
                 return
+            if tnef.files:
+                # Files past the budget, or a rich text body: winmail.dat keeps them all.
+                self.notes.append(
+                    f"{len(tnef.files)} files were taken out of {name or 'winmail.dat'}, which "
+                    "holds more (more files than max_parts allows, or a formatted body): it is "
+                    "attached as well."
+                )
             name = name or "winmail.dat"
         inline = content_id is not None and disposition != "attachment"
         self.add(name, ctype, data, content_id=content_id, inline=inline)
@@ -2666,21 +2710,20 @@ def _loop_verdict(
 
 
 def _attach_unsanitized_html(
-    collector: _Collector, markup: str, limits: ParseLimits, text_from_it: bool
+    collector: _Collector, markup: str, why: str, text_from_it: bool
 ) -> str:
-    """Keep HTML too large to sanitize as an attachment; the note that says so.
+    """Keep HTML that cannot be sanitized as an attachment; the note that says so.
 
-    The sanitizer's tree takes ~25 times the markup: such an HTML body is not shown, but
-    nothing of it is lost. It is attached in UTF-8 (the text it was decoded to) with a byte
-    order mark, which browsers take as its charset when the file is opened.
+    Such an HTML body is not shown, but nothing of it is lost. It is attached in UTF-8 (the
+    text it was decoded to) with a byte order mark, which browsers take as its charset when
+    the file is opened.
     """
     collector.add("message.html", "text/html", markup.encode("utf-8-sig"))
     name = collector.attachments[-1].name
     text = " and the text above is taken from it" if text_from_it else ""
     return (
-        f"The HTML version of this message ({len(markup)} characters) is over "
-        f"max_html_sanitize_bytes ({limits.max_html_sanitize_bytes}): it is attached as "
-        f"{name} instead of being shown{text}."
+        f"The HTML version of this message {why}: it is attached as {name} instead of being "
+        f"shown{text}."
     )
 
 
@@ -2790,6 +2833,7 @@ def _parse_tree(
 
     collector = _Collector(raw, scan, root_body, limits)
     collector.walk(msg)
+    notes += collector.notes
 
     body = collector.body
     html_source, collector.html = collector.html, None
@@ -2798,12 +2842,12 @@ def _parse_tree(
     # from the HTML: rendered from the sanitized HTML, so that no script, style or
     # javascript: URL shows up in it, or read without a tree from HTML too large to sanitize.
     needs_text = body is None or not body.strip()
-    if html_source is not None and len(html_source) > limits.max_html_sanitize_bytes:
-        notes.append(_attach_unsanitized_html(collector, html_source, limits, needs_text))
+    why = _unsanitizable(html_source, limits) if html_source is not None else None
+    if html_source is not None and why is not None:
+        notes.append(_attach_unsanitized_html(collector, html_source, why, needs_text))
         if needs_text:
             body = _html_text_lean(html_source)
     elif html_source is not None:
-        _check_html_depth(html_source, limits)
         sanitized = _sanitize_html(html_source)
         if needs_text:
             body = _render_html(sanitized, limits)

@@ -530,6 +530,31 @@ def tnef_object(level: int, attribute: int, data: bytes) -> bytes:
 TNEF_HEADER = struct.pack("<IH", 0x223E9F78, 1)
 
 
+def test_a_winmail_dat_with_more_files_than_allowed_is_kept_as_well() -> None:
+    """Files past max_parts were dropped without a word, winmail.dat with them."""
+    files = [(f"file{i}.txt".encode(), b"content %d" % i) for i in range(5)]
+    winmail = TNEF_HEADER + b"".join(
+        tnef_object(2, 0x00069002, b"\0" * 14)  # attAttachRendData: a new attachment
+        + tnef_object(2, 0x00018010, title + b"\0")  # attAttachTitle
+        + tnef_object(2, 0x0006800F, data)  # attAttachData
+        for title, data in files
+    )
+    whole = parse_message(tnef_message(winmail))
+    assert [(a.name, a.data) for a in whole.attachments] == [
+        (title.decode(), data) for title, data in files
+    ]
+    assert not whole.notes
+    cut = parse_message(tnef_message(winmail), ParseLimits(max_parts=3))
+    assert [(a.name, a.data) for a in cut.attachments] == [
+        *((title.decode(), data) for title, data in files[:3]),
+        ("winmail.dat", winmail),
+    ]
+    assert cut.notes == (
+        "3 files were taken out of winmail.dat, which holds more (more files than max_parts "
+        "allows, or a formatted body): it is attached as well.",
+    )
+
+
 @pytest.mark.parametrize(
     "winmail",
     [
@@ -635,7 +660,63 @@ def test_2000_nested_multiparts() -> None:
         for i in range(2000)
     )
     error = timed_refusal(raw + b"x\r\n")
-    assert "max_depth" in str(error) and "20" in str(error)
+    assert "max_depth" in str(error) and "50" in str(error)
+
+
+def forwarded_as_attachment(times: int) -> bytes:
+    """A message forwarded as an attachment ``times`` times over (two levels each)."""
+    raw = simple(
+        'Subject: first\nContent-Type: multipart/alternative; boundary="alt"\n',
+        b"--alt\r\nContent-Type: text/plain\r\n\r\nthe first words\r\n--alt\r\n"
+        b"Content-Type: text/html\r\n\r\n<p>the first words</p>\r\n--alt--\r\n",
+    )
+    for i in range(times):
+        raw = simple(
+            f'Subject: Fwd {i}\nContent-Type: multipart/mixed; boundary="f{i}"\n',
+            f"--f{i}\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--f{i}\r\n"
+            "Content-Type: message/rfc822\r\n\r\n".encode()
+            + raw
+            + f"\r\n--f{i}--\r\n".encode(),
+        )
+    return raw
+
+
+def test_an_escalation_forwarded_as_attachment_twenty_times_is_read() -> None:
+    """Each forward as attachment nests two levels: 20 levels refused a chain of ten."""
+    raw = forwarded_as_attachment(20)
+    msg = parse_message(raw)
+    assert msg.subject == "Fwd 19" and msg.body == "see attached"
+    [eml] = msg.attachments
+    assert eml.name == "Fwd 18.eml" and b"the first words" in eml.data and eml.data in raw
+    assert "max_depth" in str(timed_refusal(forwarded_as_attachment(30)))
+
+
+def test_a_second_alternative_is_kept_as_a_file() -> None:
+    """Its text and HTML were both dropped: the body and the HTML were taken already."""
+    alternative = (
+        'Content-Type: multipart/alternative; boundary="{0}"\r\n\r\n--{0}\r\n'
+        "Content-Type: text/plain\r\n\r\n{1}\r\n--{0}\r\n"
+        "Content-Type: text/html\r\n\r\n<p>{1}</p>\r\n--{0}--\r\n"
+    )
+    raw = top(
+        multipart(
+            alternative.format("a1", "first text").encode(),
+            alternative.format("a2", "second text").encode(),
+            b"Content-Type: text/plain\r\n\r\nfooter",
+        )
+    )
+    msg = parse_message(raw)
+    assert (msg.body, msg.html) == ("first text", "<p>first text</p>")
+    assert [(a.name, a.data) for a in msg.attachments] == [
+        ("attachment-1.txt", b"second text"),
+        ("attachment-2.txt", b"footer"),
+    ]
+    # A text part before an alternative leaves the alternative its HTML, as before.
+    raw = top(
+        multipart(b"Content-Type: text/plain\r\n\r\nintro", alternative.format("a", "x").encode())
+    )
+    msg = parse_message(raw)
+    assert (msg.body, msg.html, msg.attachments) == ("intro", "<p>x</p>", ())
 
 
 def test_nested_attached_messages() -> None:
@@ -845,9 +926,15 @@ def test_quadratic_parameter_lists() -> None:
     assert "max_header_params" in str(timed_refusal(raw))
 
 
-def test_deeply_nested_html() -> None:
-    raw = simple("Subject: h\nContent-Type: text/html\n", b"<div>" * 100_000)
-    assert "max_html_depth" in str(timed_refusal(raw))
+def test_deeply_nested_html_is_attached_and_read_as_text() -> None:
+    """The sanitizer is quadratic in the nesting of blocks: such HTML is not refused, but
+    attached and read without a tree (it was a failure event)."""
+    raw = simple("Subject: h\nContent-Type: text/html\n", b"<div>" * 100_000 + b"deep text")
+    start = time.perf_counter()
+    msg = parse_message(raw)
+    assert time.perf_counter() - start < FAST
+    assert (msg.body, msg.html, msg.attachments[0].name) == ("deep text", None, "message.html")
+    assert "nests block elements deeper than max_html_depth (1000)" in msg.notes[0]
 
 
 def test_large_html_is_flattened_without_layout() -> None:
@@ -1867,7 +1954,7 @@ def test_html_too_large_to_sanitize_is_attached_and_read_as_text() -> None:
         assert (attached.name, attached.content_type) == ("message.html", "text/html")
         assert attached.data == b"\xef\xbb\xbf" + markup.encode()
         [note] = msg.notes
-        assert "is over max_html_sanitize_bytes (100): it is attached as message.html" in note
+        assert "over max_html_sanitize_bytes (100): it is attached as message.html" in note
         if alternative:
             assert msg.body == "Plain text." and "taken from it" not in note
         else:
