@@ -584,11 +584,15 @@ _NOT_HEADER_LINE_RE: Final = re.compile(rb"^(?!From |[\x21-\x39\x3b-\x7e]*:|[ \t
 # One pass finds every Content-Type field (with its continuation lines) and every line that
 # starts with "--" (a candidate boundary delimiter), in order. The pattern starts with a
 # literal newline rather than "^" so that the regex engine can skip ahead to line ends; the
-# first line is matched separately.
-_SCAN_BODY: Final = rb"(?:content-type[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)|--([^\r\n]*))"
+# first line is matched separately. Where a bare CR ends lines too, as for the feed parser,
+# _SCAN_CR_RE starts at either (three times slower): after the CR of a CRLF it finds an LF,
+# not a field, and goes on from there.
+_SCAN_BODY: Final = rb"(?:content-type[ \t]*:([^\r\n]*(?:(?:\r\n?|\n)[ \t][^\r\n]*)*)|--([^\r\n]*))"
 _SCAN_RE: Final = re.compile(rb"\n" + _SCAN_BODY, re.I)
+_SCAN_CR_RE: Final = re.compile(rb"[\r\n]" + _SCAN_BODY, re.I)
 _SCAN_FIRST_RE: Final = re.compile(_SCAN_BODY, re.I)
 _BARE_CR_RE: Final = re.compile(rb"\r(?!\n)")
+_LINE_END_RE: Final = re.compile(rb"\r\n?|\n")
 # Charsets the stdlib may meet in an RFC 2231 boundary parameter without harm.
 _SAFE_BOUNDARY_CHARSETS: Final = frozenset({"", "us-ascii", "ascii", "utf-8", "iso-8859-1"})
 
@@ -644,7 +648,7 @@ class _Scan:
     delimiters: dict[str, list[tuple[int, bool]]]
     # boundary -> how many Content-Type fields declare it (spans are trusted only if one)
     declared: dict[str, int]
-    offsets_valid: bool
+    bare_cr: bool  # some lines end with a CR alone
 
 
 def _scan(raw: bytes, limits: ParseLimits) -> _Scan:
@@ -661,12 +665,6 @@ def _scan(raw: bytes, limits: ParseLimits) -> _Scan:
     stricter than the parser.
     """
     data = raw
-    offsets_valid = True
-    if b"\r" in raw and _BARE_CR_RE.search(raw):
-        # Bare CR line ends: the feed parser splits on them too, so scan a normalized copy
-        # (its offsets no longer match the raw bytes).
-        data = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        offsets_valid = False
     stack: list[str | None] = []
     delimiters: dict[str, list[tuple[int, bool]]] = {}
     declared: dict[str, int] = {}
@@ -677,7 +675,9 @@ def _scan(raw: bytes, limits: ParseLimits) -> _Scan:
     typed = False
     attached = False  # the block's type is message/*: an attached message's block follows
     first = _SCAN_FIRST_RE.match(data)
-    matches = itertools.chain([first] if first is not None else [], _SCAN_RE.finditer(data))
+    bare_cr = b"\r" in data and _BARE_CR_RE.search(data) is not None
+    lines = (_SCAN_CR_RE if bare_cr else _SCAN_RE).finditer(data)
+    matches = itertools.chain([first] if first is not None else [], lines)
     for m in matches:
         field = m.group(1)
         if field is not None:
@@ -732,7 +732,7 @@ def _scan(raw: bytes, limits: ParseLimits) -> _Scan:
                     )
                 delimiters.setdefault(boundary, []).append((m.start(2) - 2, False))
                 # The part's header block starts on the next line.
-                start = data.find(b"\n", m.end(2)) + 1 or len(data)
+                start = m.end(2) + (2 if data.startswith(b"\r\n", m.end(2)) else 1)
                 block = (start, block_end(start))
                 typed = attached = False
                 break
@@ -742,7 +742,7 @@ def _scan(raw: bytes, limits: ParseLimits) -> _Scan:
                 block = (0, 0)  # an epilogue follows: text
                 typed = attached = False
                 break
-    return _Scan(delimiters, declared, offsets_valid)
+    return _Scan(delimiters, declared, bare_cr)
 
 
 class _BlockEnds:
@@ -761,7 +761,7 @@ class _BlockEnds:
 
     def __call__(self, start: int) -> int:
         data = self.data
-        if data.startswith(b"\n", start) or data.startswith(b"\r\n", start):
+        if data.startswith((b"\n", b"\r"), start):
             return start  # no header fields at all
         low, high = self.searched
         # A blank line is at most 4 bytes ("\r\n\r\n"): a block starting before it ends there.
@@ -1777,16 +1777,15 @@ _ELIDED: contextvars.ContextVar[tuple[bytes, dict[str, tuple[int, int]]] | None]
     contextvars.ContextVar("_ELIDED", default=None)
 )
 _CT_CONTAINER_RE: Final = re.compile(
-    rb"(?:\A|\n)content-type[ \t]*:\s*(?:multipart|message)/", re.I
+    rb"(?:\A|[\r\n])content-type[ \t]*:\s*(?:multipart|message)/", re.I
 )
-_BLANK_LINE_RE: Final = re.compile(rb"\r?\n\r?\n")
 
 
 def _elide_large_bodies(
     raw: bytes, scan: _Scan, root_body: int
 ) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """``raw`` with every large leaf body replaced by a placeholder; the spans by placeholder."""
-    if len(raw) <= _ELIDE_FROM or not scan.offsets_valid:
+    if len(raw) <= _ELIDE_FROM:
         return raw, {}
     candidates = _leaf_spans(raw, scan)
     if not candidates and not _CT_CONTAINER_RE.search(raw, 0, root_body):
@@ -1794,7 +1793,8 @@ def _elide_large_bodies(
     # A body holding a line that starts like a delimiter of any multipart would end a part
     # where the parser reads the raw bytes: never hide such a line from it.
     boundaries = [b.encode("utf-8", "surrogateescape") for b in scan.declared]
-    guard = re.compile(b"\n--(?:" + b"|".join(map(re.escape, boundaries)) + b")")
+    line_start = b"[\r\n]" if scan.bare_cr else b"\n"
+    guard = re.compile(line_start + b"--(?:" + b"|".join(map(re.escape, boundaries)) + b")")
     nonce = secrets.token_hex(8)
     pieces: list[bytes] = []
     spans: dict[str, tuple[int, int]] = {}
@@ -1824,21 +1824,23 @@ def _leaf_spans(raw: bytes, scan: _Scan) -> list[tuple[int, int]]:
     for (start, close), (end, _) in itertools.pairwise(delimiters):
         if close:
             continue  # an epilogue, not a part
-        head_start = raw.find(b"\n", start, end) + 1
-        if head_start <= 0:
-            continue
-        blank = _BLANK_LINE_RE.search(raw, head_start - 1, end)
-        if blank is None:
+        line_end = _LINE_END_RE.search(raw, start, end)
+        if line_end is None or raw.startswith((b"\n", b"\r"), line_end.end()):
+            continue  # no header block
+        head_start = line_end.end()
+        body_start = _blank_line_end(raw, head_start, end)
+        if body_start is None:
             continue
         # The line end before the next delimiter belongs to that delimiter (RFC 2046).
         body_end = end - 2 if raw[end - 2 : end] == b"\r\n" else end - 1
-        if body_end - blank.end() < _ELIDE_PART:
+        if body_end - body_start < _ELIDE_PART:
             continue
-        if _CT_CONTAINER_RE.search(raw, head_start - 1, blank.start()):
+        head_end = len(raw[head_start:body_start].rstrip(b"\r\n")) + head_start
+        if _CT_CONTAINER_RE.search(raw, head_start - 1, head_end):
             continue
-        if _NOT_HEADER_LINE_RE.search(raw, head_start, blank.start()):
+        if _NOT_HEADER_LINE_RE.search(raw, head_start, head_end):
             continue  # the parser's header block ends before the blank line
-        spans.append((blank.end(), body_end))
+        spans.append((body_start, body_end))
     return spans
 
 
@@ -1958,7 +1960,7 @@ def _span_body(raw: bytes, start: int, end: int) -> bytes:
     """Body of the entity raw[start:end]: what follows its header block."""
     if raw.startswith(b"\r\n", start):
         return raw[start + 2 : end]
-    if raw.startswith(b"\n", start):
+    if raw.startswith((b"\n", b"\r"), start):
         return raw[start + 1 : end]
     m = _HEADER_END_RE.search(raw, start, end)
     return raw[m.end() : end] if m is not None else b""
@@ -1973,8 +1975,6 @@ def _exact_message_bytes(
     Found from the delimiter offsets of the pre-scan, and trusted only when the boundary is
     declared once (two multiparts sharing a boundary make the offsets ambiguous).
     """
-    if not scan.offsets_valid:
-        return None
     if root_body is not None:
         return raw[root_body:]
     if parent_boundary is None or scan.declared.get(parent_boundary) != 1:
@@ -1984,16 +1984,16 @@ def _exact_message_bytes(
     if index >= len(opens):
         return None
     here = opens[index]
-    line_end = raw.find(b"\n", marks[here][0])
-    if line_end < 0:
+    line_end = _LINE_END_RE.search(raw, marks[here][0])
+    if line_end is None:
         return None
-    start = line_end + 1
+    start = line_end.end()
     if here + 1 < len(marks):
         end = marks[here + 1][0]
         # The line break before a delimiter belongs to the delimiter (RFC 2046 5.1.1).
         if raw[end - 2 : end] == b"\r\n":
             end -= 2
-        elif raw[end - 1 : end] == b"\n":
+        elif raw[end - 1 : end] in (b"\n", b"\r"):
             end -= 1
     else:
         end = len(raw)
@@ -2418,8 +2418,10 @@ def _delimiter_lines(
     return found
 
 
-def _mime_tree(source: bytes, simple_line_ends: bool) -> Message:
+def _mime_tree(source: bytes) -> Message:
     """The compat32 Message tree of ``source`` (see the module docstring for why compat32)."""
+    # The fast path leaves bare CR line ends to the feed parser.
+    simple_line_ends = b"\r" not in source or _BARE_CR_RE.search(source) is None
     tree = _split_mime(source) if simple_line_ends else None
     return tree if tree is not None else email.message_from_bytes(source)
 
@@ -2802,11 +2804,11 @@ def _parse(raw: bytes, limits: ParseLimits) -> ParsedMessage:
         )
     scan = _scan(raw, limits)
     source, spans = _elide_large_bodies(raw, scan, root_body)
-    msg = _mime_tree(source, scan.offsets_valid)
+    msg = _mime_tree(source)
     del source
     if spans and not _elision_holds(msg, spans):
         spans = {}
-        msg = _mime_tree(raw, scan.offsets_valid)
+        msg = _mime_tree(raw)
     token = _ELIDED.set((raw, spans) if spans else None)
     try:
         return _parse_tree(raw, msg, scan, root_body, limits)
