@@ -47,7 +47,7 @@ import re
 import secrets
 import unicodedata
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.message import Message
@@ -1749,20 +1749,70 @@ def _payload_bytes(part: Message, cte_field: str | None) -> bytes:
             return _b64_decode(raw, start, end)
         if cte == "quoted-printable":
             return binascii.a2b_qp(memoryview(raw)[start:end])  # what quopri.decodestring runs
-        if str(part.get("content-transfer-encoding", "")).lower() not in _UU_ENCODINGS:
-            return raw[start:end]
-        payload = raw[start:end].decode("ascii", "surrogateescape")
-        part = Message()
-        part["Content-Transfer-Encoding"] = "x-uuencode"
-        part.set_payload(payload)
+        data = raw[start:end]
+    else:
+        data = _to_bytes(payload)
     if cte == "base64":
-        return _b64_decode(_to_bytes(payload))
+        return _b64_decode(data)
     if cte == "quoted-printable":
         # The stdlib compares the header without stripping it: "quoted-printable " came
         # back undecoded.
-        return quopri.decodestring(_to_bytes(payload))
-    decoded = part.get_payload(decode=True)  # uuencode or as is: no charset is involved
-    return decoded if isinstance(decoded, bytes) else b""
+        return quopri.decodestring(data)
+    # The stdlib's get_payload(decode=True) for the rest: uuencode where the header says so
+    # unstripped, else the octets as they are.
+    if str(part.get("content-transfer-encoding", "")).lower() in _UU_ENCODINGS:
+        try:
+            return _uu_decode(data)
+        except ValueError:
+            return data
+    return data
+
+
+# Lines are split a chunk at a time: splitting 20 MB of uuencoded text at once makes a list of
+# 330,000 lines (about twice the text, and as much again for the decoded lines).
+_LINES_CHUNK: Final = 1 << 20
+
+
+def _uu_decode(data: bytes, chunk: int = _LINES_CHUNK) -> bytes:
+    """``email.message._decode_uu(data)``, lean: the same octets, or the same ValueError."""
+    lines = _lines(data, chunk)
+    for line in lines:
+        if line.startswith(b"begin "):
+            mode = line.removeprefix(b"begin ").partition(b" ")[0]
+            try:
+                int(mode, base=8)
+            except ValueError:
+                continue
+            break
+    else:
+        raise ValueError("`begin` line not found")
+    runs: list[bytes] = []
+    decoded: list[bytes] = []
+    for line in lines:
+        if not line:
+            raise ValueError("Truncated input")
+        if line.strip(b" \t\r\n\f") == b"end":
+            break
+        try:
+            decoded.append(binascii.a2b_uu(line))
+        except binascii.Error:
+            # The stdlib's workaround for broken uuencoders (by Fredrik Lundh).
+            decoded.append(binascii.a2b_uu(line[: (((line[0] - 32) & 63) * 4 + 5) // 3]))
+        if len(decoded) >= 4096:
+            runs.append(b"".join(decoded))
+            decoded.clear()
+    runs.append(b"".join(decoded))
+    return b"".join(runs)
+
+
+def _lines(data: bytes, chunk: int) -> Iterator[bytes]:
+    """``data.splitlines()``, split ``chunk`` bytes (and up to a line end) at a time."""
+    pos = 0
+    while pos < len(data):
+        end = _LINE_END_RE.search(data, pos + chunk) if pos + chunk < len(data) else None
+        stop = len(data) if end is None else end.end()
+        yield from data[pos:stop].splitlines()
+        pos = stop
 
 
 # Large leaf bodies are taken straight from the raw bytes instead of going through the stdlib
@@ -1814,11 +1864,10 @@ def _elide_large_bodies(
 
 def _leaf_spans(raw: bytes, scan: _Scan) -> list[tuple[int, int]]:
     """(start, end) of the body of every part between two delimiters that may be a leaf."""
+    # Boundaries declared twice (an attached message reusing the outer one) are followed too:
+    # a span the parser reads otherwise fails _elision_holds.
     delimiters = sorted(
-        (offset, close)
-        for boundary, found in scan.delimiters.items()
-        if scan.declared.get(boundary) == 1
-        for offset, close in found
+        (offset, close) for found in scan.delimiters.values() for offset, close in found
     )
     spans: list[tuple[int, int]] = []
     for (start, close), (end, _) in itertools.pairwise(delimiters):

@@ -20,6 +20,7 @@ import zlib
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from email.message import Message
+from email.message import _decode_uu as stdlib_decode_uu  # type: ignore[attr-defined]
 from email.utils import getaddresses
 from pathlib import Path
 from unittest import mock
@@ -58,6 +59,7 @@ from engine.parse import (
     _TextCanvas,
     _unflow,
     _Unrenderable,
+    _uu_decode,
     message_summary,
     parse_message,
     safe_filename,
@@ -1530,6 +1532,13 @@ ELISION_SHAPES = {
         b'Content-Type: multipart/digest; boundary="dig"\r\n\r\n'
         + multipart(b"\r\nSubject: digested\r\n\r\n" + BIG_TEXT, boundary="dig"),
     ),
+    # An attached message whose multipart reuses the outer boundary: the parser gives each
+    # delimiter line to the innermost multipart with that boundary, and so does the scan.
+    "an attached message sharing the outer boundary": big_message(
+        b"Content-Type: text/plain\r\n\r\nsee attached",
+        attached(top(multipart(b"Content-Type: text/plain\r\n\r\ninner", ZIP + BIG_B64))),
+        b"Content-Type: text/plain\r\n\r\nafter the attached message",
+    ),
     # An attached message after an mbox envelope line: its exact span does not start with
     # its first header, so its bytes are rebuilt from the parsed tree, big parts included.
     "an attached message rebuilt from the tree": big_message(
@@ -1656,6 +1665,19 @@ def twenty_mb(shape: str) -> bytes:
         )
         html = b"Content-Type: text/html\r\n\r\n" + para * (2 * 1024 * 1024 // len(para))
         return top(multipart(html, ZIP + base64.encodebytes(os.urandom(MIB20 * 3 // 4 - 2**20))))
+    if shape == "uuencoded attachment":
+        data = os.urandom(MIB20 * 3 // 4)
+        lines = (binascii.b2a_uu(data[i : i + 45]) for i in range(0, len(data), 45))
+        uu = b"begin 644 a.pdf\r\n" + b"".join(lines).replace(b"\n", b"\r\n") + b"`\r\nend\r\n"
+        return top(
+            multipart(
+                b"Content-Type: application/pdf\r\n"
+                b"Content-Transfer-Encoding: x-uuencode\r\n\r\n" + uu
+            )
+        )
+    if shape == "attached message sharing the outer boundary":
+        inner = top(multipart(b"Content-Type: text/plain\r\n\r\ninner", ZIP + ELISION_FILLER * 8))
+        return top(multipart(b"Content-Type: text/plain\r\n\r\nsee", attached(inner)))
     if shape == "base64 attachment":
         return top(multipart(ZIP + base64.encodebytes(os.urandom(MIB20 * 3 // 4))))
     if shape == "base64 text":
@@ -1682,6 +1704,8 @@ MEMORY_SHAPES = [
     "many small parts",
     "long html",
     "html at the sanitizing limit",
+    "uuencoded attachment",
+    "attached message sharing the outer boundary",
     "base64 attachment",
     "base64 text",
     "joined base64 blobs",
@@ -2034,6 +2058,40 @@ def test_property_a_cut_address_list_reads_as_the_first_addresses_of_the_whole(
         assert kept == keep and len(whole) == keep + more
     else:
         assert head == value and len(whole) <= kept <= keep
+
+
+@st.composite
+def uuencoded(draw: st.DrawFn) -> bytes:
+    """uuencoded text as mailers write it, and broken: no begin line, bad modes, short or
+    long lines, missing end, junk and blank lines."""
+    data = draw(st.binary(max_size=200))
+    lines = [binascii.b2a_uu(data[i : i + 45]).rstrip(b"\n") for i in range(0, len(data), 45)]
+    lines = [b"begin 644 f.bin", *lines, b"`", b"end"]
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(lines)))
+        junk = [b"", b"begin x f", b"begin 755", b"M" + b"!" * 70, b"#86)C", b" end ", b"\xff"]
+        lines.insert(at, draw(st.sampled_from(junk)))
+    if draw(st.booleans()):
+        del lines[draw(st.integers(0, len(lines) - 1))]
+    newline = draw(st.sampled_from([b"\r\n", b"\n", b"\r"]))
+    return newline.join(lines) + draw(st.sampled_from([newline, b""]))
+
+
+@settings(max_examples=300, deadline=timedelta(seconds=1), derandomize=True, database=None)
+@given(text=uuencoded(), chunk=st.integers(1, 64))
+def test_property_uudecoding_a_chunk_of_lines_at_a_time_is_the_stdlibs(
+    text: bytes, chunk: int
+) -> None:
+    """The stdlib splits the whole text into lines at once (twice its size for 20 MB)."""
+    try:
+        expected: bytes | str = stdlib_decode_uu(text)
+    except ValueError as exc:
+        expected = str(exc)
+    try:
+        got: bytes | str = _uu_decode(text, chunk)
+    except ValueError as exc:
+        got = str(exc)
+    assert got == expected
 
 
 LINE_PIECES = st.sampled_from(["\r\n", "\n", "\r", " ", ">", "> ", "-- ", "x", "é", "\x00", "\t"])
