@@ -9,8 +9,16 @@ Design notes (the reasons, so that nobody "simplifies" them away):
 * Limits are checked on the raw bytes *before* the stdlib parser sees them. The ``email``
   feed parser recurses once per MIME level (2,000 nested multiparts raise ``RecursionError``),
   takes seconds for 100,000 parts, and its parameter splitter is quadratic in the number of
-  quoted semicolons. A linear scan of the Content-Type fields and boundary lines catches all of
-  that in microseconds.
+  quoted semicolons. A linear scan of the header blocks and boundary lines catches all of
+  that in microseconds; MIME source pasted into a body is text to it, as to the parser.
+* A limit refuses a message only where reading it would cost out of proportion. Where real
+  mail can pass a limit (thousands of addresses, HTML too large or too deep to sanitize, a
+  winmail.dat holding more files than allowed), the message is read up to there, nothing of
+  it is lost (the rest stays in the raw message or is attached whole), and
+  ``ParsedMessage.notes`` says what was left out.
+* Memory stays within a few times the message (3.3 at most for 20 MB of any shape we know):
+  large bodies are taken from the raw bytes instead of the parser's lines, and no step keeps
+  a list of a million short strings.
 * The parser runs with the ``compat32`` policy and we decode headers ourselves: the
   ``policy.default`` header objects cost five times the whole parse, and we need a tolerant
   RFC 2047 decoder anyway (broken encoded words are common in real mail).
@@ -22,11 +30,16 @@ Design notes (the reasons, so that nobody "simplifies" them away):
 * Decoded header text is flattened to one line (CVE-2024-6923: a newline in a decoded header
   must never reach anything we build), and addresses are split on the *raw* header before
   display names are decoded, with the strict rules of the CVE-2023-27043 fix.
-* Three fast paths stand in for slow library code and must give exactly its results; each
-  accepts only the input shapes it is known to handle and leaves the rest to the library:
-  :func:`_split_mime` builds the feed parser's Message tree, :class:`_TextCanvas` renders
-  HTML to the text inscriptis gives, and :func:`_simple_addresses` reads the address lists
-  ``getaddresses`` would. Together they cut the cost of a typical parse by more than half.
+* Fast paths stand in for slow or memory-hungry library code and must give exactly its
+  results; each accepts only the input shapes it is known to handle and leaves the rest to
+  the library, and a property test holds the two equal: :func:`_split_mime` builds the feed
+  parser's Message tree, :class:`_TextCanvas` renders HTML to the text inscriptis gives,
+  :func:`_simple_addresses` reads the address lists ``getaddresses`` would,
+  :func:`_elide_large_bodies` keeps large bodies out of the parser and :func:`_uu_decode`
+  gives the stdlib's uudecoding without its lists. :func:`_html_text_lean`, nh3's text of
+  HTML too large to sanitize, cannot leave any markup to nh3: its docstring says where the
+  two differ. Base64 has one decoder for every path, :func:`_b64_decode`, which reads joined
+  padded blobs whole where binascii and the stdlib stop at the first padding.
 """
 
 from __future__ import annotations
