@@ -590,8 +590,9 @@ def _param_text(param: _Param | None, *, encoded_words: bool = False) -> str | N
 # Pre-scan: header block, MIME structure and limits, on the raw bytes
 # --------------------------------------------------------------------------------------------
 
-# A blank line; bare CR line ends ("\r\r") count too, as they do for the feed parser.
-_HEADER_END_RE: Final = re.compile(rb"\r?\n\r?\n|\r\r")
+# A blank line; bare CR line ends ("\r\r") count too, as they do for the feed parser, and
+# after "\r\r" an LF belongs to the empty line (a bare CR, then a CRLF).
+_HEADER_END_RE: Final = re.compile(rb"\r?\n\r?\n|\r\r\n?")
 # A line the feed parser would not take as a header line ends the header block too.
 _NOT_HEADER_LINE_RE: Final = re.compile(rb"^(?!From |[\x21-\x39\x3b-\x7e]*:|[ \t])", re.M)
 # One pass finds every Content-Type field (with its continuation lines) and every line that
@@ -644,13 +645,15 @@ def _blank_line_end(data: bytes, start: int, end: int) -> int | None:
     m = _LF_BLANK_LINE_RE.search(data, start, end)
     if m is None:
         cr_cr = data.find(b"\r\r", start, end)
-        return cr_cr + 2 if cr_cr >= 0 else None
-    first = m.start()
-    if first > start and data[first - 1] == 0x0D:
-        first -= 1  # the match starts at the CR of a CRLF
-    # "\r\r" wins only where it starts before that line break.
-    cr_cr = data.find(b"\r\r", start, first + 1)
-    return cr_cr + 2 if cr_cr >= 0 else m.end()
+    else:
+        first = m.start()
+        if first > start and data[first - 1] == 0x0D:
+            first -= 1  # the match starts at the CR of a CRLF
+        # "\r\r" wins only where it starts before that line break.
+        cr_cr = data.find(b"\r\r", start, first + 1)
+    if cr_cr < 0:
+        return None if m is None else m.end()
+    return cr_cr + (3 if data.startswith(b"\n", cr_cr + 2) and cr_cr + 3 <= end else 2)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from unittest import mock
 
 import nh3
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from inscriptis import get_text  # type: ignore[import-untyped, unused-ignore]
 from inscriptis.model.config import ParserConfig  # type: ignore[import-untyped, unused-ignore]
@@ -1236,6 +1236,10 @@ def raw_message_with_pasted_headers(draw: st.DrawFn) -> bytes:
 
 @raw_fuzz(300)
 @given(raw=raw_message_with_pasted_headers())
+@example(  # a bare CR, then a CRLF: the blank line ends after the LF
+    raw=b"Content-Type: message/delivery-status; charset=utf-8\r\r\n"
+    b"Content-Type: message/rfc822\r\n\r\n\nContent-Transfer-Encoding: base64\r\n\r\n"
+)
 def test_property_the_pre_scan_never_counts_less_nesting_or_parts_than_the_parser(
     raw: bytes,
 ) -> None:
