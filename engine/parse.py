@@ -684,6 +684,7 @@ def _scan(raw: bytes, limits: ParseLimits) -> _Scan:
     stack: list[str | None] = []
     delimiters: dict[str, list[tuple[int, bool]]] = {}
     declared: dict[str, int] = {}
+    digests: set[str] = set()  # boundaries of multipart/digest: parts are messages by default
     parts = 0
     # The header block whose first Content-Type field is still to come, as [start, end).
     block_end = _BlockEnds(data, limits.max_header_bytes)
@@ -719,17 +720,14 @@ def _scan(raw: bytes, limits: ParseLimits) -> _Scan:
                     continue
                 stack.append(boundary)
                 declared[boundary] = declared.get(boundary, 0) + 1
+                if ctype == "multipart/digest":
+                    digests.add(boundary)
             elif ctype.startswith("message/"):
                 stack.append(None)
                 attached = True
             else:
                 continue
-            # The top-level entity is level 1; each container adds one.
-            if len(stack) > limits.max_depth:
-                raise LimitExceeded(
-                    f"MIME nesting reaches at least {len(stack)} levels; the limit "
-                    f"(max_depth) is {limits.max_depth}"
-                )
+            _check_depth(stack, limits)
             continue
         if not stack:
             continue
@@ -751,6 +749,12 @@ def _scan(raw: bytes, limits: ParseLimits) -> _Scan:
                 start = m.end(2) + (2 if data.startswith(b"\r\n", m.end(2)) else 1)
                 block = (start, block_end(start))
                 typed = attached = False
+                if boundary in digests:
+                    # A message unless its header block says otherwise (and even then: one
+                    # level too many is only stricter), with a header block of its own next.
+                    stack.append(None)
+                    _check_depth(stack, limits)
+                    attached = True
                 break
             if line == boundary + "--":
                 del stack[index:]
@@ -759,6 +763,15 @@ def _scan(raw: bytes, limits: ParseLimits) -> _Scan:
                 typed = attached = False
                 break
     return _Scan(delimiters, declared, bare_cr)
+
+
+def _check_depth(stack: list[str | None], limits: ParseLimits) -> None:
+    # The top-level entity is level 1; each container adds one.
+    if len(stack) > limits.max_depth:
+        raise LimitExceeded(
+            f"MIME nesting reaches at least {len(stack)} levels; the limit (max_depth) is "
+            f"{limits.max_depth}"
+        )
 
 
 class _BlockEnds:

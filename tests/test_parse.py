@@ -1240,6 +1240,10 @@ def raw_message_with_pasted_headers(draw: st.DrawFn) -> bytes:
     raw=b"Content-Type: message/delivery-status; charset=utf-8\r\r\n"
     b"Content-Type: message/rfc822\r\n\r\n\nContent-Transfer-Encoding: base64\r\n\r\n"
 )
+@example(  # a digest's part is a message unless its (parser's) header block says otherwise
+    raw=b'Content-Type: multipart/digest; boundary="b1"\r\n\r\n--b1\r\x00\n'
+    b"Content-Type: text/plain\r\n\r\nx\r\n"
+)
 def test_property_the_pre_scan_never_counts_less_nesting_or_parts_than_the_parser(
     raw: bytes,
 ) -> None:
