@@ -1198,6 +1198,79 @@ def test_property_any_input_parses_or_raises_message_error(raw: bytes, small: bo
     assert message_summary(raw)[1] == msg.sha256
 
 
+LARGE_LINES = [
+    b"plain text, caf\xc3\xa9\r\n",
+    b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=\r\n",
+    b"--b\r\n",
+    b"--b0\r\n",
+    b"-- \r\n",
+    b'Content-Type: multipart/mixed; boundary="b"\r\n',
+    b"Content-Type: message/rfc822\r\n",
+    b"\r\n",
+    b"=C3=A9 soft break=\r\n",
+    b"begin 644 x.bin\r\n",
+    b"M86)C9&5F9VAI:FML;6YO<'%R<W1U=G=X>7I!0D-$149'2$E*2TQ-3D]045)3\r\n",
+    b"\r",
+    b"\x00\xff",
+]
+
+
+@st.composite
+def large_body(draw: st.DrawFn) -> bytes:
+    """A body of a few lines, repeated past the size of part taken from the raw bytes."""
+    text = b"".join(draw(st.lists(st.sampled_from(LARGE_LINES), min_size=1, max_size=6)))
+    return text * (300 * 1024 // len(text) + 1)
+
+
+@st.composite
+def large_mime_entity(draw: st.DrawFn, depth: int = 0) -> bytes:
+    """mime_entity with large leaves, boundaries reused between levels, and more."""
+    kinds = ["leaf", "leaf", "multipart", "message"] if depth < 3 else ["leaf"]
+    kind = draw(st.sampled_from(kinds))
+    if kind == "multipart":
+        boundary = draw(st.sampled_from([b"b", b"b0", b"c%d" % depth, b""]))
+        subtype = draw(st.sampled_from([b"mixed", b"alternative", b"digest", b"related"]))
+        children = draw(st.lists(large_mime_entity(depth + 1), min_size=1, max_size=3))
+        body = draw(st.sampled_from([b"", b"preamble\r\n"]))
+        for child in children:
+            body += b"--" + boundary + b"\r\n" + child + b"\r\n"
+        if draw(st.booleans()):
+            body += b"--" + boundary + b"--\r\n" + draw(st.sampled_from([b"", b"epilogue"]))
+        ctype = b"multipart/" + subtype + b'; boundary="' + boundary + b'"'
+        return draw(header_block(ctype)) + body
+    if kind == "message":
+        return draw(header_block(b"message/rfc822")) + draw(large_mime_entity(depth + 1))
+    ctype = draw(st.sampled_from(TYPES)).encode("utf-8")
+    body = draw(large_body()) if draw(st.booleans()) else draw(st.binary(max_size=100))
+    return draw(header_block(ctype)) + body
+
+
+@st.composite
+def large_message(draw: st.DrawFn) -> bytes:
+    raw = draw(large_mime_entity())
+    if len(raw) <= 2 * 1024 * 1024:
+        raw = top(multipart(raw, ZIP + ELISION_FILLER))
+    return raw.replace(b"\r\n", draw(st.sampled_from([b"\r\n", b"\n", b"\r"])))
+
+
+@raw_fuzz(25)
+@given(raw=large_message())
+def test_property_large_bodies_taken_from_the_raw_bytes_parse_as_through_the_parser(
+    raw: bytes,
+) -> None:
+    """Whatever the tree, transfer encodings, line ends and body text: the same result with
+    the bodies taken from the raw bytes as with every body through the parser."""
+    try:
+        reference: ParsedMessage | str = parse_without_elision(raw)
+    except MessageError as exc:
+        reference = str(exc)
+    try:
+        elided: ParsedMessage | str = parse_message(raw)
+    except MessageError as exc:
+        elided = str(exc)
+    assert elided == reference
+
+
 def container_depth_and_parts(msg: Message) -> tuple[int, int]:
     """(Nesting of containers, parts of multiparts) in a stdlib tree."""
     depth = parts = 0
