@@ -19,7 +19,11 @@ class Attachment:
 
 @dataclass(frozen=True)
 class ParsedMessage:
-    """A message as the processors see it. ``raw`` is the exact bytes received."""
+    """A message as the processors see it. ``raw`` is the exact bytes received.
+
+    ``notes`` say what the parser left out of this model (each a sentence for the request):
+    the addresses of a header beyond ``max_addresses``, an HTML body shown as an attachment.
+    """
 
     raw: bytes = field(repr=False)
     sha256: str
@@ -37,3 +41,4 @@ class ParsedMessage:
     auto_submitted: bool
     auto_reason: str | None
     is_bounce: bool
+    notes: tuple[str, ...] = ()

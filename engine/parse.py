@@ -9,8 +9,16 @@ Design notes (the reasons, so that nobody "simplifies" them away):
 * Limits are checked on the raw bytes *before* the stdlib parser sees them. The ``email``
   feed parser recurses once per MIME level (2,000 nested multiparts raise ``RecursionError``),
   takes seconds for 100,000 parts, and its parameter splitter is quadratic in the number of
-  quoted semicolons. A linear scan of the Content-Type fields and boundary lines catches all of
-  that in microseconds.
+  quoted semicolons. A linear scan of the header blocks and boundary lines catches all of
+  that in microseconds; MIME source pasted into a body is text to it, as to the parser.
+* A limit refuses a message only where reading it would cost out of proportion. Where real
+  mail can pass a limit (thousands of addresses, HTML too large or too deep to sanitize, a
+  winmail.dat holding more files than allowed), the message is read up to there, nothing of
+  it is lost (the rest stays in the raw message or is attached whole), and
+  ``ParsedMessage.notes`` says what was left out.
+* Memory stays within a few times the message (3.3 at most for 20 MB of any shape we know):
+  large bodies are taken from the raw bytes instead of the parser's lines, and no step keeps
+  a list of a million short strings.
 * The parser runs with the ``compat32`` policy and we decode headers ourselves: the
   ``policy.default`` header objects cost five times the whole parse, and we need a tolerant
   RFC 2047 decoder anyway (broken encoded words are common in real mail).
@@ -22,11 +30,16 @@ Design notes (the reasons, so that nobody "simplifies" them away):
 * Decoded header text is flattened to one line (CVE-2024-6923: a newline in a decoded header
   must never reach anything we build), and addresses are split on the *raw* header before
   display names are decoded, with the strict rules of the CVE-2023-27043 fix.
-* Three fast paths stand in for slow library code and must give exactly its results; each
-  accepts only the input shapes it is known to handle and leaves the rest to the library:
-  :func:`_split_mime` builds the feed parser's Message tree, :class:`_TextCanvas` renders
-  HTML to the text inscriptis gives, and :func:`_simple_addresses` reads the address lists
-  ``getaddresses`` would. Together they cut the cost of a typical parse by more than half.
+* Fast paths stand in for slow or memory-hungry library code and must give exactly its
+  results; each accepts only the input shapes it is known to handle and leaves the rest to
+  the library, and a property test holds the two equal: :func:`_split_mime` builds the feed
+  parser's Message tree, :class:`_TextCanvas` renders HTML to the text inscriptis gives,
+  :func:`_simple_addresses` reads the address lists ``getaddresses`` would,
+  :func:`_elide_large_bodies` keeps large bodies out of the parser and :func:`_uu_decode`
+  gives the stdlib's uudecoding without its lists. :func:`_html_text_lean`, nh3's text of
+  HTML too large to sanitize, cannot leave any markup to nh3: its docstring says where the
+  two differ. Base64 has one decoder for every path, :func:`_b64_decode`, which reads joined
+  padded blobs whole where binascii and the stdlib stop at the first padding.
 """
 
 from __future__ import annotations
@@ -44,9 +57,10 @@ import itertools
 import mimetypes
 import quopri
 import re
+import secrets
 import unicodedata
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.message import Message
@@ -63,26 +77,31 @@ __all__ = ["ParseLimits", "message_summary", "parse_message", "safe_filename"]
 
 @dataclass(frozen=True)
 class ParseLimits:
-    """Bounds on what one message may cost to parse; over any of them it is refused whole.
+    """Bounds on what one message may cost to parse; over most of them it is refused whole.
 
     ``max_bytes`` is the size of the raw message, ``max_depth`` the MIME nesting (multiparts
-    and ``message/*`` parts), ``max_parts`` the number of MIME parts, ``max_header_bytes`` the
-    size of the top-level header block and ``max_addresses`` the addresses in one address
-    header. ``max_header_params`` bounds the parameters of one Content-Type field (the stdlib
-    splitter is quadratic in them), ``max_html_depth`` the nesting of block elements in an
-    HTML part (the HTML sanitizer is quadratic in it) and ``max_html_render_bytes`` the HTML
-    that is rendered to text with full layout; a larger HTML-only body is flattened with a
-    faster, plainer method instead of being refused.
+    and ``message/*`` parts), ``max_parts`` the number of MIME parts and ``max_header_bytes``
+    the size of the top-level header block (room for a To of 10,000 named addresses).
+    ``max_header_params`` bounds the parameters of one Content-Type field (the stdlib
+    splitter is quadratic in them). These refuse nothing:
+    ``max_addresses``, the addresses read from one address header (the message gets a note
+    about the rest), ``max_html_render_bytes``, the HTML that is rendered to text with full
+    layout (a larger HTML-only body is flattened with a faster, plainer method), and
+    ``max_html_sanitize_bytes`` and ``max_html_depth``, the size and the nesting of block
+    elements of the HTML that is sanitized and kept as the message's HTML (the sanitizer's
+    tree takes ~25 times the markup, and time quadratic in that nesting): a larger or deeper
+    HTML body is attached as a file, its text read without building a tree.
     """
 
     max_bytes: int = 26_214_400
-    max_depth: int = 20
+    max_depth: int = 50
     max_parts: int = 500
-    max_header_bytes: int = 256 * 1024
+    max_header_bytes: int = 1024 * 1024
     max_addresses: int = 1000
     max_header_params: int = 100
     max_html_depth: int = 1000
     max_html_render_bytes: int = 1024 * 1024
+    max_html_sanitize_bytes: int = 2 * 1024 * 1024
 
 
 _DEFAULT_LIMITS: Final = ParseLimits()
@@ -97,7 +116,6 @@ _ONE_LINE_RE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029 ]+")
 # In multi-line bodies only the controls that are never text are removed.
 _BODY_CTRL_RE: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _BODY_CTRL_TABLE: Final = dict.fromkeys([*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
-_NEWLINES_RE: Final = re.compile(r"\r\n?")
 _FOLD_RE: Final = re.compile(r"\r\n|\r|\n")
 
 
@@ -316,25 +334,92 @@ def _decode_8bit(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Base64: one decoder for every path
+# --------------------------------------------------------------------------------------------
+
+_B64_ALPHABET: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+# Everything but the alphabet and "=": removed before the general decoding.
+_B64_NOISE: Final = bytes(sorted(set(range(256)) - set(_B64_ALPHABET + b"=")))
+_B64_DATA_RE: Final = re.compile(rb"[A-Za-z0-9+/]")
+_B64_PADDING_RE: Final = re.compile(rb"=+")
+# Each run of padding costs a step of Python: past this many, the rest of a body is decoded
+# as one blob (no real part joins that many files; a text mislabelled base64 may hold as many
+# "=" as it likes).
+_B64_MAX_PADDING_RUNS: Final = 100_000
+
+
+def _b64_decode(data: bytes, start: int = 0, end: int | None = None) -> bytes:
+    """The octets of the base64 text ``data[start:end]``: the one decoder of every path.
+
+    Characters outside the alphabet (line ends, spaces, junk) are skipped. Padding that
+    completes a quantum ends a blob, and decoding goes on with the next one: two encoded files
+    joined in one part (some scanners append one) both come out whole, where
+    ``binascii.a2b_base64`` and the stdlib's ``get_payload(decode=True)`` stop at the first
+    padding and drop the rest. Padding that cannot end a blob (after 0 or 1 characters of a
+    quantum) is ignored; a blob's unpadded last quantum is decoded as if padded, and a lone last
+    character, which holds no whole octet, is dropped. It never fails.
+    """
+    stop = len(data) if end is None else end
+    first_pad = data.find(b"=", start, stop)
+    if first_pad < 0 or _B64_DATA_RE.search(data, first_pad, stop) is None:
+        # One blob, padded at most at its end: binascii decodes it in place, without a copy
+        # of the text, and gives what _b64_blobs gives whenever it succeeds.
+        try:
+            return binascii.a2b_base64(memoryview(data)[start:stop])
+        except binascii.Error:
+            pass  # an unpadded or cut last quantum
+    return _b64_blobs(data[start:stop].translate(None, _B64_NOISE))
+
+
+def _b64_blobs(text: bytes) -> bytes:
+    """Decode ``text`` (alphabet and "=" only) blob by blob, as :func:`_b64_decode` says."""
+    view = memoryview(text)
+    out: list[bytes] = []
+    blob: list[memoryview] = []
+    count = 0  # characters of the alphabet in the current blob
+    pos = 0
+    for runs, m in enumerate(_B64_PADDING_RE.finditer(text)):
+        if runs == _B64_MAX_PADDING_RUNS:
+            view = memoryview(text[pos:].replace(b"=", b""))
+            pos = 0
+            break
+        blob.append(view[pos : m.start()])
+        count += m.start() - pos
+        pos = m.end()
+        if count % 4 >= 2:
+            _b64_blob(blob, count, out)
+            blob, count = [], 0
+    blob.append(view[pos:])
+    _b64_blob(blob, count + len(view) - pos, out)
+    return b"".join(out)
+
+
+def _b64_blob(pieces: list[memoryview], count: int, out: list[bytes]) -> None:
+    """Append the octets of one blob (its alphabet characters, in ``pieces``) to ``out``."""
+    text: memoryview | bytes = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    whole = count - count % 4
+    out.append(binascii.a2b_base64(text[:whole]))
+    tail = bytes(text[whole:count])
+    if len(tail) >= 2:
+        out.append(binascii.a2b_base64(tail + b"=" * (4 - len(tail))))
+
+
+# --------------------------------------------------------------------------------------------
 # RFC 2047 encoded words
 # --------------------------------------------------------------------------------------------
 
 # Tolerant: any charset token, either case of B/Q, and an encoded text of anything but "?"
 # (which also keeps the match linear: a scan never runs past the next "?").
 _EW_RE: Final = re.compile(r"=\?([^?\s]{1,64})\?([bBqQ])\?([^?]*)\?=")
-_B64_JUNK_RE: Final = re.compile(rb"[^A-Za-z0-9+/]")
 
 
 def _ew_bytes(encoding: str, text: str) -> bytes | None:
     """The octets of one encoded word's text, or None if it cannot be decoded."""
     raw = _to_bytes(text)
+    if encoding in "bB":
+        return _b64_decode(raw)
     try:
-        if encoding in "qQ":
-            return binascii.a2b_qp(raw, header=True)
-        raw = _B64_JUNK_RE.sub(b"", raw)
-        if len(raw) % 4 == 1:
-            raw = raw[:-1]  # a lone trailing sextet carries no whole octet
-        return binascii.a2b_base64(raw + b"=" * (-len(raw) % 4))
+        return binascii.a2b_qp(raw, header=True)
     except (binascii.Error, ValueError):
         return None
 
@@ -505,18 +590,23 @@ def _param_text(param: _Param | None, *, encoded_words: bool = False) -> str | N
 # Pre-scan: header block, MIME structure and limits, on the raw bytes
 # --------------------------------------------------------------------------------------------
 
-# A blank line; bare CR line ends ("\r\r") count too, as they do for the feed parser.
-_HEADER_END_RE: Final = re.compile(rb"\r?\n\r?\n|\r\r")
+# A blank line; bare CR line ends ("\r\r") count too, as they do for the feed parser, and
+# after "\r\r" an LF belongs to the empty line (a bare CR, then a CRLF).
+_HEADER_END_RE: Final = re.compile(rb"\r?\n\r?\n|\r\r\n?")
 # A line the feed parser would not take as a header line ends the header block too.
 _NOT_HEADER_LINE_RE: Final = re.compile(rb"^(?!From |[\x21-\x39\x3b-\x7e]*:|[ \t])", re.M)
 # One pass finds every Content-Type field (with its continuation lines) and every line that
 # starts with "--" (a candidate boundary delimiter), in order. The pattern starts with a
 # literal newline rather than "^" so that the regex engine can skip ahead to line ends; the
-# first line is matched separately.
-_SCAN_BODY: Final = rb"(?:content-type[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)|--([^\r\n]*))"
+# first line is matched separately. Where a bare CR ends lines too, as for the feed parser,
+# _SCAN_CR_RE starts at either (three times slower): after the CR of a CRLF it finds an LF,
+# not a field, and goes on from there.
+_SCAN_BODY: Final = rb"(?:content-type[ \t]*:([^\r\n]*(?:(?:\r\n?|\n)[ \t][^\r\n]*)*)|--([^\r\n]*))"
 _SCAN_RE: Final = re.compile(rb"\n" + _SCAN_BODY, re.I)
+_SCAN_CR_RE: Final = re.compile(rb"[\r\n]" + _SCAN_BODY, re.I)
 _SCAN_FIRST_RE: Final = re.compile(_SCAN_BODY, re.I)
 _BARE_CR_RE: Final = re.compile(rb"\r(?!\n)")
+_LINE_END_RE: Final = re.compile(rb"\r\n?|\n")
 # Charsets the stdlib may meet in an RFC 2231 boundary parameter without harm.
 _SAFE_BOUNDARY_CHARSETS: Final = frozenset({"", "us-ascii", "ascii", "utf-8", "iso-8859-1"})
 
@@ -542,23 +632,28 @@ def _header_end(raw: bytes, limit: int) -> int | None:
     return None
 
 
+_LF_BLANK_LINE_RE: Final = re.compile(rb"\n\r?\n")
+
+
 def _blank_line_end(data: bytes, start: int, end: int) -> int | None:
     """``_HEADER_END_RE.search(data, start, end).end()``, None if it finds nothing.
 
-    With byte searches: the regular expression starts with an optional character, so its
-    engine tries it at every offset of the header block instead of skipping to line ends.
+    That regular expression starts with an optional character, so its engine tries it at
+    every offset of the header block; this one starts with a line end, and the "\r\r" that
+    bare CR line ends make is looked for only before the line break found.
     """
-    crlf = data.find(b"\n\r\n", start, end)
-    lf = data.find(b"\n\n", start, end if crlf < 0 else crlf + 1)
-    if lf < 0 and crlf < 0:
+    m = _LF_BLANK_LINE_RE.search(data, start, end)
+    if m is None:
         cr_cr = data.find(b"\r\r", start, end)
-        return cr_cr + 2 if cr_cr >= 0 else None
-    first, after = (lf, lf + 2) if lf >= 0 else (crlf, crlf + 3)
-    if first > start and data[first - 1] == 0x0D:
-        first -= 1  # the match starts at the CR of a CRLF
-    # "\r\r" wins only where it starts before that line break.
-    cr_cr = data.find(b"\r\r", start, first + 1)
-    return cr_cr + 2 if cr_cr >= 0 else after
+    else:
+        first = m.start()
+        if first > start and data[first - 1] == 0x0D:
+            first -= 1  # the match starts at the CR of a CRLF
+        # "\r\r" wins only where it starts before that line break.
+        cr_cr = data.find(b"\r\r", start, first + 1)
+    if cr_cr < 0:
+        return None if m is None else m.end()
+    return cr_cr + (3 if data.startswith(b"\n", cr_cr + 2) and cr_cr + 3 <= end else 2)
 
 
 @dataclass
@@ -569,7 +664,7 @@ class _Scan:
     delimiters: dict[str, list[tuple[int, bool]]]
     # boundary -> how many Content-Type fields declare it (spans are trusted only if one)
     declared: dict[str, int]
-    offsets_valid: bool
+    bare_cr: bool  # some lines end with a CR alone
 
 
 def _scan(raw: bytes, limits: ParseLimits) -> _Scan:
@@ -577,32 +672,47 @@ def _scan(raw: bytes, limits: ParseLimits) -> _Scan:
 
     Nesting is followed with a stack: a multipart Content-Type pushes its boundary, a
     ``message/*`` one pushes a level without a boundary, a delimiter line of a boundary on the
-    stack pops what was opened inside it. This over-counts when Content-Type lines appear in
-    body text (a text/rfc822-headers part, a pasted header), which only ever makes the check
-    stricter, and the limits leave room for that.
+    stack pops what was opened inside it. Only the first Content-Type field of a header block
+    counts, as for the parser: the message's own, a part's (after a delimiter line) and an
+    attached message's (after its part's header block). One pasted into body text (a
+    forwarded message shown as text, a text/rfc822-headers part) is text to the parser and
+    nests nothing. A header block ends at its blank line; one without a blank line in
+    ``max_header_bytes`` reaches as far as the next block, which can only make the check
+    stricter than the parser.
     """
     data = raw
-    offsets_valid = True
-    if b"\r" in raw and _BARE_CR_RE.search(raw):
-        # Bare CR line ends: the feed parser splits on them too, so scan a normalized copy
-        # (its offsets no longer match the raw bytes).
-        data = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        offsets_valid = False
     stack: list[str | None] = []
     delimiters: dict[str, list[tuple[int, bool]]] = {}
     declared: dict[str, int] = {}
+    digests: set[str] = set()  # boundaries of multipart/digest: parts are messages by default
     parts = 0
+    # The header block whose first Content-Type field is still to come, as [start, end).
+    block_end = _BlockEnds(data, limits.max_header_bytes)
+    block = (0, block_end(0))
+    typed = False
+    attached = False  # the block's type is message/*: an attached message's block follows
     first = _SCAN_FIRST_RE.match(data)
-    matches = itertools.chain([first] if first is not None else [], _SCAN_RE.finditer(data))
+    bare_cr = b"\r" in data and _BARE_CR_RE.search(data) is not None
+    lines = (_SCAN_CR_RE if bare_cr else _SCAN_RE).finditer(data)
+    matches = itertools.chain([first] if first is not None else [], lines)
     for m in matches:
         field = m.group(1)
         if field is not None:
+            at = m.start(1)
+            if attached and at >= block[1]:
+                block = (block[1], block_end(block[1]))
+                typed = attached = False
+            if not block[0] <= at < block[1]:
+                continue  # body text
             semicolons = field.count(b";")
             if semicolons > limits.max_header_params:
                 raise LimitExceeded(
                     f"a Content-Type field has {semicolons} parameters; the limit "
                     f"(max_header_params) is {limits.max_header_params}"
                 )
+            if typed:
+                continue  # the parser reads the first Content-Type field of a block
+            typed = True
             ctype, params = _parse_params(_unfold(field.decode("ascii", "surrogateescape")))
             if ctype.startswith("multipart/"):
                 boundary = _scan_boundary(params.get("boundary"))
@@ -610,16 +720,14 @@ def _scan(raw: bytes, limits: ParseLimits) -> _Scan:
                     continue
                 stack.append(boundary)
                 declared[boundary] = declared.get(boundary, 0) + 1
+                if ctype == "multipart/digest":
+                    digests.add(boundary)
             elif ctype.startswith("message/"):
                 stack.append(None)
+                attached = True
             else:
                 continue
-            # The top-level entity is level 1; each container adds one.
-            if len(stack) > limits.max_depth:
-                raise LimitExceeded(
-                    f"MIME nesting reaches at least {len(stack)} levels; the limit "
-                    f"(max_depth) is {limits.max_depth}"
-                )
+            _check_depth(stack, limits)
             continue
         if not stack:
             continue
@@ -637,12 +745,63 @@ def _scan(raw: bytes, limits: ParseLimits) -> _Scan:
                         f"is {limits.max_parts}"
                     )
                 delimiters.setdefault(boundary, []).append((m.start(2) - 2, False))
+                # The part's header block starts on the next line.
+                start = m.end(2) + (2 if data.startswith(b"\r\n", m.end(2)) else 1)
+                block = (start, block_end(start))
+                typed = attached = False
+                if boundary in digests:
+                    # A message unless its header block says otherwise (and even then: one
+                    # level too many is only stricter), with a header block of its own next.
+                    stack.append(None)
+                    _check_depth(stack, limits)
+                    attached = True
                 break
             if line == boundary + "--":
                 del stack[index:]
                 delimiters.setdefault(boundary, []).append((m.start(2) - 2, True))
+                block = (0, 0)  # an epilogue follows: text
+                typed = attached = False
                 break
-    return _Scan(delimiters, declared, offsets_valid)
+    return _Scan(delimiters, declared, bare_cr)
+
+
+def _check_depth(stack: list[str | None], limits: ParseLimits) -> None:
+    # The top-level entity is level 1; each container adds one.
+    if len(stack) > limits.max_depth:
+        raise LimitExceeded(
+            f"MIME nesting reaches at least {len(stack)} levels; the limit (max_depth) is "
+            f"{limits.max_depth}"
+        )
+
+
+class _BlockEnds:
+    """Where each header block ends: after its blank line, or, without one in ``window``
+    bytes, at the end of the data (an over-long block is header all along).
+
+    Blocks are asked for in order, and no byte is searched twice: a part without a blank line
+    would otherwise cost ``window`` bytes of search, 500 parts of them 128 MB.
+    """
+
+    def __init__(self, data: bytes, window: int) -> None:
+        self.data = data
+        self.window = window
+        self.searched = (0, 0)  # no blank line starts in there, but the one that ends at found
+        self.found: int | None = None
+
+    def __call__(self, start: int) -> int:
+        data = self.data
+        if data.startswith((b"\n", b"\r"), start):
+            return start  # no header fields at all
+        low, high = self.searched
+        # A blank line is at most 4 bytes ("\r\n\r\n"): a block starting before it ends there.
+        if self.found is not None and low <= start < self.found - 4:
+            return self.found
+        resume = max(start, high - 3) if low <= start <= high else start
+        limit = start + self.window
+        self.found = _blank_line_end(data, resume, limit)
+        low = low if low <= start <= high else start
+        self.searched = (low, limit if self.found is None else self.found)
+        return len(data) if self.found is None else self.found
 
 
 def _scan_boundary(param: _Param | None) -> str | None:
@@ -801,13 +960,10 @@ _SIMPLE_ADDRESS_RE: Final = re.compile(
     rf"|({_ADDR_SPEC}))[ \t]*+"
 )
 _QUOTED_WORD_RE: Final = re.compile(r'"([^"]*)"|([^ \t"]+)')
-_MAX_SIMPLE_ADDRESSES: Final = 4096
 
 
 def _simple_addresses(value: str) -> list[tuple[str, str]] | None:
     """What ``getaddresses([value])`` returns, if ``value`` has only the common shapes."""
-    if len(value) > _MAX_SIMPLE_ADDRESSES:
-        return None
     pairs: list[tuple[str, str]] = []
     pos = 0
     while (m := _SIMPLE_ADDRESS_RE.match(value, pos)) is not None:
@@ -852,25 +1008,82 @@ def _split_addresses(value: str) -> list[tuple[str, str]]:
     return pairs
 
 
+# What separates addresses, and what may hide a comma: quoted strings, comments, route
+# addresses and domain literals.
+_ADDR_LIST_TOKENS_RE: Final = re.compile(r'\\.|[()"<>\[\],]', re.S)
+# The text of an address header that is read: the parsers of odd shapes (quotes, comments)
+# take a second per MiB of hostile text, and 256 KiB hold several thousand real addresses.
+_MAX_ADDRESS_TEXT: Final = 256 * 1024
+
+
+def _cut_addresses(value: str, keep: int) -> tuple[str, int, int]:
+    """``value`` up to the end of its ``keep``-th address or of its last address within
+    _MAX_ADDRESS_TEXT characters; with the count of addresses kept and of those that follow.
+
+    Only commas outside quoted strings, comments, angle brackets and domain literals separate
+    addresses; both counts are upper bounds, as _address_count's. An address that runs past
+    the text limit is not kept at all: cut, it could read as another address.
+    """
+    if value.count(",") < keep and len(value) <= _MAX_ADDRESS_TEXT:
+        return value, value.count(",") + 1, 0
+    commas = depth = 0
+    cut = 0  # the end of the last whole address seen
+    quoted = routed = literal = False
+    for m in _ADDR_LIST_TOKENS_RE.finditer(value, 0, _MAX_ADDRESS_TEXT):
+        token = m.group(0)
+        if token[0] == "\\":
+            continue
+        if quoted:
+            quoted = token != '"'
+        elif token == '"':
+            quoted = True
+        elif token == "(":
+            depth += 1
+        elif depth:
+            depth -= token == ")"
+        elif literal:
+            literal = token != "]"
+        elif token == "[":
+            literal = True
+        elif routed:
+            routed = token != ">"
+        elif token == "<":
+            routed = True
+        elif token == ",":
+            commas += 1
+            cut = m.start()
+            if commas == keep:
+                break
+    else:
+        if len(value) <= _MAX_ADDRESS_TEXT:
+            return value, commas + 1, 0
+    if commas == 0:
+        return "", 0, _address_count(value)
+    return value[:cut], commas, _address_count(value[cut + 1 :])
+
+
 def _addresses(
-    values: list[str] | None, limits: ParseLimits, field: str
+    values: list[str] | None, limits: ParseLimits, field: str, notes: list[str]
 ) -> list[tuple[str, str]] | None:
     """(display name, address) pairs of an address header; None if the header is absent.
 
     Addresses are split on the raw header and only then are display names decoded, so that
-    an encoded word cannot smuggle a "<victim@example.org>" into the parse.
+    an encoded word cannot smuggle a "<victim@example.org>" into the parse. A header listing
+    more than ``max_addresses`` (or more than 256 KiB of them) is read up to there, and a note
+    says so: real mail goes out to thousands at times, and the rest costs time without telling
+    the processors anything more.
     """
     if not values:
         return None
-    raw = ", ".join(_unfold(v) for v in values)
-    count = _address_count(raw)
-    if count > limits.max_addresses:
-        raise LimitExceeded(
-            f"the {field} header has {count} addresses; the limit (max_addresses) is "
-            f"{limits.max_addresses}"
+    raw, kept, more = _cut_addresses(", ".join(_unfold(v) for v in values), limits.max_addresses)
+    if more:
+        notes.append(
+            f"The {field} header lists up to {kept + more} addresses; only the first {kept} "
+            f"were read (max_addresses is {limits.max_addresses}, and at most "
+            f"{_MAX_ADDRESS_TEXT // 1024} KiB of a header are read)."
         )
     result: list[tuple[str, str]] = []
-    for name, addr in _split_addresses(raw):
+    for name, addr in _split_addresses(raw) if raw else ():
         address = _decode_8bit(addr).strip()
         if not address or _BAD_ADDR_RE.search(address) or address.count("@") > 1:
             continue
@@ -1020,23 +1233,25 @@ _META_CHARSET_RE: Final = re.compile(
 _BLANK_LINES_RE: Final = re.compile(r"\n{3,}")
 
 
-def _check_html_depth(markup: str, limits: ParseLimits) -> None:
+def _unsanitizable(markup: str, limits: ParseLimits) -> str | None:
+    """Why the sanitizer must not read ``markup`` (its tree takes ~25 times the markup, and
+    it is quadratic in the nesting of block elements), or None."""
+    if len(markup) > limits.max_html_sanitize_bytes:
+        return (
+            f"is {len(markup)} characters, over max_html_sanitize_bytes "
+            f"({limits.max_html_sanitize_bytes})"
+        )
     if markup.count("<") <= limits.max_html_depth:
-        return  # every level takes a start tag: too few tags to nest that deep
+        return None  # every level takes a start tag: too few tags to nest that deep
     depth = 0
-    deepest = 0
     for m in _HTML_BLOCK_TAG_RE.finditer(markup):
         if m.group(1):
             depth = max(0, depth - 1)
         else:
             depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > limits.max_html_depth:
-                    raise LimitExceeded(
-                        f"an HTML part nests block elements more than {limits.max_html_depth} "
-                        f"deep; the limit (max_html_depth) is {limits.max_html_depth}"
-                    )
+            if depth > limits.max_html_depth:
+                return f"nests block elements deeper than max_html_depth ({limits.max_html_depth})"
+    return None
 
 
 def _sanitize_html(markup: str) -> str:
@@ -1048,6 +1263,164 @@ def _flatten_html(markup: str) -> str:
     """Plain text of HTML with no layout: the fast fallback for huge or unrenderable HTML."""
     text = html_lib.unescape(nh3.clean(markup, tags=set()))
     return _BLANK_LINES_RE.sub("\n\n", text).strip()
+
+
+# HTML over max_html_sanitize_bytes never reaches nh3, whose tree takes ~25 times the markup
+# (a 20 MB HTML body took 460 MiB to sanitize and as much again to flatten): its text is read
+# by _html_text_lean instead, which gives nh3's flattening without building any tree. The
+# tokens it tells apart, as html5ever's tokenizer does: comments (and the bogus ones a "<!",
+# "<?" or "</" that opens no tag makes), end tags and start tags (a quoted attribute value
+# may hold a ">"); a "<" that opens none of these is text.
+_HTML_ATTRIBUTES: Final = r"""(?:[^>"']++|"[^"]*+"|'[^']*+')*+(?:>|\Z)"""
+_HTML_NOT_TAGS: Final = (
+    r"<!---?>|<!--.*?(?:--!?>|\Z)|<[!?][^>]*+(?:>|\Z)|</>|</(?=[^A-Za-z>])[^>]*+(?:>|\Z)"
+)
+_HTML_TOKEN_RE: Final = re.compile(
+    rf"{_HTML_NOT_TAGS}|</[A-Za-z][^>]*+(?:>|\Z)|<([A-Za-z][^\s/>]*+){_HTML_ATTRIBUTES}", re.S
+)
+# Elements whose content the tokenizer reads as text up to their end tag: raw text, text with
+# character references (title, textarea), or dropped whole by nh3 (script and style).
+_RAW_TEXT_ELEMENTS: Final = frozenset({"xmp", "iframe", "noembed", "noframes", "noscript"})
+_ESCAPABLE_TEXT_ELEMENTS: Final = frozenset({"title", "textarea"})
+_DROPPED_ELEMENTS: Final = frozenset({"script", "style"})
+_TEXT_ELEMENTS: Final = _RAW_TEXT_ELEMENTS | _ESCAPABLE_TEXT_ELEMENTS | _DROPPED_ELEMENTS
+# The tree builder drops a line end right after these start tags.
+_LEADING_NEWLINE_ELEMENTS: Final = frozenset({"pre", "textarea", "listing"})
+# The common case in one regular expression, with no step of Python per tag: every token
+# becomes a NUL (which ends a character reference just as the end of a text node does, and
+# never occurs in a cleaned body), script and style go with their content, and the line end
+# after <pre>, <listing> and <textarea> with their start tag.
+_HTML_MARKUP: Final = "|".join(
+    [
+        _HTML_NOT_TAGS,
+        r"</[A-Za-z][^>]*+(?:>|\Z)",
+        *(
+            # (No group and back reference: with them, Python 3.11's sre gets a group's
+            # span wrong inside the repetition of _HTML_RUN_RE, and raises SystemError.)
+            rf"<{name}(?=[\s/>]){_HTML_ATTRIBUTES}.*?(?:</{name}(?=[\s/>])[^>]*+(?:>|\Z)|\Z)"
+            for name in ("script", "style")
+        ),
+        rf"<(?:pre|listing|textarea)(?=[\s/>]){_HTML_ATTRIBUTES}\n?",
+        rf"<[A-Za-z][^\s/>]*+{_HTML_ATTRIBUTES}",
+    ]
+)
+_HTML_MARKUP_RE: Final = re.compile(_HTML_MARKUP, re.S | re.I)
+# re.sub makes a list of every piece before joining them (ten times 20 MB of short pieces):
+# the document is read in runs of whole tokens and texts instead, each replaced on its own.
+_HTML_RUN_RE: Final = re.compile(rf"(?:[^<]++|{_HTML_MARKUP}|<){{1,4096}}", re.S | re.I)
+# What that expression does not read as the tokenizer does: raw text elements (their content
+# is neither markup nor character references), and title or textarea content holding a "<".
+_HTML_RAW_TEXT_RE: Final = re.compile(
+    r"<(?:xmp|iframe|noembed|noframes|noscript|plaintext)(?=[\s/>])", re.I
+)
+_HTML_ESCAPABLE_TEXT_RE: Final = re.compile(r"<(title|textarea)(?=[\s/>])", re.I)
+
+
+@functools.lru_cache(maxsize=16)
+def _end_tag_re(name: str) -> re.Pattern[str]:
+    return re.compile(rf"</{name}(?=[\s/>])[^>]*+(?:>|\Z)", re.I)
+
+
+def _html_text_lean(markup: str) -> str:
+    """``_flatten_html(markup)`` (nh3's text of ``markup``) without building a tree.
+
+    A property test holds the two equal on ordinary markup. They differ where html5ever's
+    tree builder moves text (text straight inside a <table> goes before it), where nh3 drops
+    text that this keeps (inside <svg>, <math> and <template>), and where the tokenizer reads
+    odd markup its own way ("<a b"c>").
+    """
+    if _html_markup_strippable(markup):
+        text = _html_text_stripped(markup)
+    else:
+        text = _html_text_tokens(markup)
+    text = _BLANK_LINES_RE.sub("\n\n", text)
+    return text.strip()
+
+
+def _html_markup_strippable(markup: str) -> bool:
+    """True if _html_text_stripped reads ``markup`` as the tokenizer does."""
+    if _HTML_RAW_TEXT_RE.search(markup):
+        return False
+    for m in _HTML_ESCAPABLE_TEXT_RE.finditer(markup):
+        end = _end_tag_re(m.group(1).lower()).search(markup, m.end())
+        if markup.find("<", m.end(), len(markup) if end is None else end.start()) >= 0:
+            return False
+    return True
+
+
+def _html_text_stripped(markup: str) -> str:
+    """The text of ``markup`` with every token removed at once (see _HTML_MARKUP_RE).
+
+    A run ends before a "<": a character reference never spans two of them.
+    """
+    out = _Pieces()
+    for run in _HTML_RUN_RE.finditer(markup):
+        text = _HTML_MARKUP_RE.sub("\x00", run.group())
+        out.append(html_lib.unescape(text).replace("\x00", ""))
+    return out.join()
+
+
+# A step of Python per tag costs ~5 us: past this many tags the rest of a document is read
+# by _html_text_stripped, which may read raw text elements as markup (their text is in the
+# HTML attached whole, see _attach_unsanitized_html).
+_HTML_TOKENS_READ: Final = 200_000
+
+
+def _html_text_tokens(markup: str) -> str:
+    """The text of ``markup``, token by token: any markup, a step of Python per tag."""
+    out = _Pieces()
+    pos = 0
+    for _ in range(_HTML_TOKENS_READ):
+        m = _HTML_TOKEN_RE.search(markup, pos)
+        if m is None:
+            break
+        if m.start() > pos:
+            out.append(html_lib.unescape(markup[pos : m.start()]))
+        pos = m.end()
+        name = (m.group(1) or "").lower()
+        if name in _LEADING_NEWLINE_ELEMENTS and markup.startswith("\n", pos):
+            pos += 1
+        if name == "plaintext":
+            out.append(markup[pos:])
+            pos = len(markup)
+            break
+        if name in _TEXT_ELEMENTS:
+            end = _end_tag_re(name).search(markup, pos)
+            stop = len(markup) if end is None else end.start()
+            if name in _RAW_TEXT_ELEMENTS:
+                out.append(markup[pos:stop])
+            elif name in _ESCAPABLE_TEXT_ELEMENTS:
+                out.append(html_lib.unescape(markup[pos:stop]))
+            pos = len(markup) if end is None else end.end()
+    else:
+        out.append(_html_text_stripped(markup[pos:]))
+        return out.join()
+    out.append(html_lib.unescape(markup[pos:]))
+    return out.join()
+
+
+class _Pieces:
+    """Strings to join, held in joined runs: a list of a million short pieces (the text
+    between the tags of 20 MB of HTML) takes ten times their text."""
+
+    _RUN: Final = 4096
+
+    def __init__(self) -> None:
+        self.runs: list[str] = []
+        self.pieces: list[str] = []
+
+    def append(self, piece: str) -> None:
+        self.pieces.append(piece)
+        if len(self.pieces) >= self._RUN:
+            self.runs.append("".join(self.pieces))
+            self.pieces.clear()
+
+    def join(self) -> str:
+        self.runs.append("".join(self.pieces))
+        self.pieces.clear()
+        text = "".join(self.runs)
+        self.runs.clear()
+        return text
 
 
 def _render_html(markup: str, limits: ParseLimits) -> str:
@@ -1373,102 +1746,201 @@ class _TextCanvas:
 # --------------------------------------------------------------------------------------------
 
 
+def _raw_payload(part: Message) -> object:
+    """A part's payload as parsed: text (8-bit octets surrogate-escaped), a list of parts or None.
+
+    Never ``get_payload()``: on 8-bit text it decodes with whatever charset the part
+    declares (``utf-7``, ``unicode_escape``...), and the octets are then lost.
+    """
+    return getattr(part, "_payload", None)
+
+
+_UU_ENCODINGS: Final = frozenset({"x-uuencode", "uuencode", "uue", "x-uue"})
+
+
 def _payload_bytes(part: Message, cte_field: str | None) -> bytes:
     """The decoded octets of a leaf part (base64, quoted-printable, uuencode or as is).
 
-    ``cte_field`` is the part's raw Content-Transfer-Encoding value (None if absent).
+    ``cte_field`` is the part's raw Content-Transfer-Encoding value (None if absent). Base64
+    always goes through :func:`_b64_decode`, and a body that :func:`_elide_large_bodies` took
+    out of the parser's sight is decoded straight from the raw bytes: both give what the
+    small path gives for the same part.
     """
-    payload = part.get_payload(decode=True)
-    if not isinstance(payload, bytes):
+    payload = _raw_payload(part)
+    if not isinstance(payload, str):
         return b""
-    if payload.startswith(_ELIDED_PREFIX):
-        elided = _ELIDED.get()
-        if elided is not None and payload in elided[1]:
-            start, end = elided[1][payload]
-            return _b64_span(elided[0], start, end)
     cte = (cte_field or "").strip().lower()
-    stdlib_cte = str(part.get("content-transfer-encoding", "")).lower()
-    if cte != stdlib_cte:
-        # The stdlib compares the header without stripping it: "base64 " came back raw.
+    elided = _ELIDED.get()
+    span = elided[1].get(payload) if elided is not None else None
+    if span is not None and elided is not None:
+        raw, (start, end) = elided[0], span
         if cte == "base64":
-            return _lenient_b64(payload)
+            return _b64_decode(raw, start, end)
         if cte == "quoted-printable":
-            return quopri.decodestring(payload)
-    return payload
+            return binascii.a2b_qp(memoryview(raw)[start:end])  # what quopri.decodestring runs
+        data = raw[start:end]
+    else:
+        data = _to_bytes(payload)
+    if cte == "base64":
+        return _b64_decode(data)
+    if cte == "quoted-printable":
+        # The stdlib compares the header without stripping it: "quoted-printable " came
+        # back undecoded.
+        return quopri.decodestring(data)
+    # The stdlib's get_payload(decode=True) for the rest: uuencode where the header says so
+    # unstripped, else the octets as they are.
+    if str(part.get("content-transfer-encoding", "")).lower() in _UU_ENCODINGS:
+        try:
+            return _uu_decode(data)
+        except ValueError:
+            return data
+    return data
 
 
-# Large base64 bodies are decoded straight from the raw bytes instead of going through the
-# stdlib parser, which holds a 20 MB body as text lines, joined text and decoded bytes at once
-# (about 8 times the message at its peak). The parser sees a short base64 placeholder whose
-# decoded form names the span; _payload_bytes swaps the span's decoded bytes back in.
+# Lines are split a chunk at a time: splitting 20 MB of uuencoded text at once makes a list of
+# 330,000 lines (about twice the text, and as much again for the decoded lines).
+_LINES_CHUNK: Final = 1 << 20
+
+
+def _uu_decode(data: bytes, chunk: int = _LINES_CHUNK) -> bytes:
+    """``email.message._decode_uu(data)``, lean: the same octets, or the same ValueError."""
+    lines = _lines(data, chunk)
+    for line in lines:
+        if line.startswith(b"begin "):
+            mode = line.removeprefix(b"begin ").partition(b" ")[0]
+            try:
+                int(mode, base=8)
+            except ValueError:
+                continue
+            break
+    else:
+        raise ValueError("`begin` line not found")
+    runs: list[bytes] = []
+    decoded: list[bytes] = []
+    for line in lines:
+        if not line:
+            raise ValueError("Truncated input")
+        if line.strip(b" \t\r\n\f") == b"end":
+            break
+        try:
+            decoded.append(binascii.a2b_uu(line))
+        except binascii.Error:
+            # The stdlib's workaround for broken uuencoders (by Fredrik Lundh).
+            decoded.append(binascii.a2b_uu(line[: (((line[0] - 32) & 63) * 4 + 5) // 3]))
+        if len(decoded) >= 4096:
+            runs.append(b"".join(decoded))
+            decoded.clear()
+    runs.append(b"".join(decoded))
+    return b"".join(runs)
+
+
+def _lines(data: bytes, chunk: int) -> Iterator[bytes]:
+    """``data.splitlines()``, split ``chunk`` bytes (and up to a line end) at a time."""
+    pos = 0
+    while pos < len(data):
+        end = _LINE_END_RE.search(data, pos + chunk) if pos + chunk < len(data) else None
+        stop = len(data) if end is None else end.end()
+        yield from data[pos:stop].splitlines()
+        pos = stop
+
+
+# Large leaf bodies are taken straight from the raw bytes instead of going through the stdlib
+# parser, which holds a 20 MB body as text lines, joined text and decoded bytes at once (about
+# 8 times the message at its peak). The parser sees a short placeholder instead of each such
+# body; _payload_bytes decodes the span of the raw bytes it stands for. A placeholder is
+# trusted only where the parser made it the whole payload of a part of a multipart (or of the
+# whole message): anything else and the message is parsed again without elision.
 _ELIDE_FROM: Final = 2 * 1024 * 1024
 _ELIDE_PART: Final = 256 * 1024
-_ELIDED_PREFIX: Final = b"\x00mailintegration-elided-"
-_ELIDED: contextvars.ContextVar[tuple[bytes, dict[bytes, tuple[int, int]]] | None] = (
+_ELIDED: contextvars.ContextVar[tuple[bytes, dict[str, tuple[int, int]]] | None] = (
     contextvars.ContextVar("_ELIDED", default=None)
 )
-_CTE_BASE64_RE: Final = re.compile(rb"(?:\A|\n)content-transfer-encoding[ \t]*:\s*base64\b", re.I)
 _CT_CONTAINER_RE: Final = re.compile(
-    rb"(?:\A|\n)content-type[ \t]*:\s*(?:multipart|message)/", re.I
+    rb"(?:\A|[\r\n])content-type[ \t]*:\s*(?:multipart|message)/", re.I
 )
 
 
-def _elide_large_bodies(raw: bytes, scan: _Scan) -> tuple[bytes, dict[bytes, tuple[int, int]]]:
-    """``raw`` with every large base64 leaf body replaced by a placeholder, and the spans."""
-    if len(raw) <= _ELIDE_FROM or not scan.offsets_valid:
+def _elide_large_bodies(
+    raw: bytes, scan: _Scan, root_body: int
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """``raw`` with every large leaf body replaced by a placeholder; the spans by placeholder."""
+    if len(raw) <= _ELIDE_FROM:
         return raw, {}
-    delimiters = sorted(
-        (offset, close)
-        for boundary, found in scan.delimiters.items()
-        if scan.declared.get(boundary) == 1
-        for offset, close in found
-    )
+    candidates = _leaf_spans(raw, scan)
+    if not candidates and not _CT_CONTAINER_RE.search(raw, 0, root_body):
+        candidates = [(root_body, len(raw))]  # a single-part message
+    # A body holding a line that starts like a delimiter of any multipart would end a part
+    # where the parser reads the raw bytes: never hide such a line from it.
+    boundaries = [b.encode("utf-8", "surrogateescape") for b in scan.declared]
+    line_start = b"[\r\n]" if scan.bare_cr else b"\n"
+    guard = re.compile(line_start + b"--(?:" + b"|".join(map(re.escape, boundaries)) + b")")
+    nonce = secrets.token_hex(8)
     pieces: list[bytes] = []
-    spans: dict[bytes, tuple[int, int]] = {}
+    spans: dict[str, tuple[int, int]] = {}
     last = 0
-    for (start, close), (end, _) in itertools.pairwise(delimiters):
-        if close:
-            continue  # an epilogue, not a part
-        head_start = raw.find(b"\n", start, end) + 1
-        if head_start <= 0:
+    for start, end in candidates:
+        if end - start < _ELIDE_PART or (boundaries and guard.search(raw, start - 1, end)):
             continue
-        blank = re.compile(rb"\r?\n\r?\n").search(raw, head_start - 1, end)
-        if blank is None:
-            continue
-        body_start, head = blank.end(), raw[head_start : blank.start()]
-        # The line end before the next delimiter belongs to that delimiter (RFC 2046).
-        body_end = end - 2 if raw[end - 2 : end] == b"\r\n" else end - 1
-        if body_end - body_start < _ELIDE_PART:
-            continue
-        if not _CTE_BASE64_RE.search(head) or _CT_CONTAINER_RE.search(head):
-            continue
-        marker = _ELIDED_PREFIX + str(len(spans)).encode() + b"\x00"
-        spans[marker] = (body_start, body_end)
-        pieces += [raw[last:body_start], binascii.b2a_base64(marker, newline=False)]
-        last = body_end
+        marker = f"mailintegration-elided-{nonce}-{len(spans)}"
+        spans[marker] = (start, end)
+        pieces += [raw[last:start], marker.encode("ascii")]
+        last = end
     if not spans:
         return raw, {}
     pieces.append(raw[last:])
     return b"".join(pieces), spans
 
 
-def _b64_span(raw: bytes, start: int, end: int) -> bytes:
-    """Decode a base64 body in place: no copy of the encoded text is made."""
-    try:
-        # Non-strict mode skips line ends and other characters outside the alphabet.
-        return binascii.a2b_base64(memoryview(raw)[start:end])
-    except (binascii.Error, ValueError):
-        return _lenient_b64(raw[start:end])
+def _leaf_spans(raw: bytes, scan: _Scan) -> list[tuple[int, int]]:
+    """(start, end) of the body of every part between two delimiters that may be a leaf."""
+    # Boundaries declared twice (an attached message reusing the outer one) are followed too:
+    # a span the parser reads otherwise fails _elision_holds.
+    delimiters = sorted(
+        (offset, close) for found in scan.delimiters.values() for offset, close in found
+    )
+    spans: list[tuple[int, int]] = []
+    for (start, close), (end, _) in itertools.pairwise(delimiters):
+        if close:
+            continue  # an epilogue, not a part
+        line_end = _LINE_END_RE.search(raw, start, end)
+        if line_end is None or raw.startswith((b"\n", b"\r"), line_end.end()):
+            continue  # no header block
+        head_start = line_end.end()
+        body_start = _blank_line_end(raw, head_start, end)
+        if body_start is None:
+            continue
+        # The line end before the next delimiter belongs to that delimiter (RFC 2046).
+        body_end = end - 2 if raw[end - 2 : end] == b"\r\n" else end - 1
+        if body_end - body_start < _ELIDE_PART:
+            continue
+        head_end = len(raw[head_start:body_start].rstrip(b"\r\n")) + head_start
+        if _CT_CONTAINER_RE.search(raw, head_start - 1, head_end):
+            continue
+        if _NOT_HEADER_LINE_RE.search(raw, head_start, head_end):
+            continue  # the parser's header block ends before the blank line
+        spans.append((body_start, body_end))
+    return spans
 
 
-def _lenient_b64(data: bytes) -> bytes:
-    data = _B64_JUNK_RE.sub(b"", data)
-    if len(data) % 4 == 1:
-        data = data[:-1]
-    try:
-        return binascii.a2b_base64(data + b"=" * (-len(data) % 4))
-    except (binascii.Error, ValueError):
-        return data
+def _elision_holds(tree: Message, spans: Mapping[str, tuple[int, int]]) -> bool:
+    """True if each placeholder is the whole payload of the message or of a multipart's part."""
+    if not isinstance(_raw_payload(tree), list):
+        return len(spans) == 1 and _raw_payload(tree) in spans
+    found = 0
+    stack = [tree]
+    while stack:
+        part = stack.pop()
+        in_multipart = part.get_content_maintype() == "multipart"
+        payload = _raw_payload(part)
+        for child in payload if isinstance(payload, list) else ():
+            if not isinstance(child, Message):
+                continue
+            child_payload = _raw_payload(child)
+            if isinstance(child_payload, list):
+                stack.append(child)
+            elif in_multipart and isinstance(child_payload, str) and child_payload in spans:
+                found += 1
+    return found == len(spans)
 
 
 def _part_charset(params: Mapping[str, _Param]) -> str | None:
@@ -1478,36 +1950,61 @@ def _part_charset(params: Mapping[str, _Param]) -> str | None:
     return charset.text if charset.data is None else charset.data.decode("latin-1")
 
 
-def _unflow(text: str, delsp: bool) -> str:
-    """Undo RFC 3676 format=flowed soft line breaks (lines ending in a space are joined)."""
+# format=flowed text is undone a chunk of whole lines at a time: splitting a 20 MB body of short
+# lines at once makes millions of small strings (about ten times the text).
+_UNFLOW_CHUNK: Final = 1 << 20
+
+
+def _unflow(text: str, delsp: bool, chunk: int = _UNFLOW_CHUNK) -> str:
+    """Undo RFC 3676 format=flowed soft line breaks (lines ending in a space are joined).
+
+    ``chunk`` only sets how much text is split into lines at once; the result is the same
+    for any value.
+    """
+    pieces: list[str] = []
     out: list[str] = []
     current: str | None = None
     current_depth = 0
-    for line in text.split("\n"):
-        depth = len(line) - len(line.lstrip(">"))
-        content = line[depth:]
-        if content.startswith(" "):
-            content = content[1:]  # space-stuffing
-        flowed = content.endswith(" ") and content != "-- "
-        if current is not None and depth == current_depth:
-            current += content
-        else:
-            if current is not None:
+    pos = 0
+    while True:
+        cut = text.find("\n", pos + chunk) if pos + chunk < len(text) else -1
+        for line in (text[pos:] if cut < 0 else text[pos:cut]).split("\n"):
+            depth = len(line) - len(line.lstrip(">"))
+            content = line[depth:]
+            if content.startswith(" "):
+                content = content[1:]  # space-stuffing
+            flowed = content.endswith(" ") and content != "-- "
+            if current is not None and depth == current_depth:
+                current += content
+            else:
+                if current is not None:
+                    out.append(">" * current_depth + (" " if current_depth else "") + current)
+                current, current_depth = content, depth
+            if flowed:
+                if delsp:
+                    current = current[:-1]
+            else:
                 out.append(">" * current_depth + (" " if current_depth else "") + current)
-            current, current_depth = content, depth
-        if flowed:
-            if delsp:
-                current = current[:-1]
-        else:
-            out.append(">" * current_depth + (" " if current_depth else "") + current)
-            current = None
+                current = None
+        if out:
+            pieces.append("\n".join(out))
+            out = []
+        if cut < 0:
+            break
+        pos = cut + 1
     if current is not None:
-        out.append(">" * current_depth + (" " if current_depth else "") + current)
-    return "\n".join(out)
+        pieces.append(">" * current_depth + (" " if current_depth else "") + current)
+    return "\n".join(pieces)
 
 
 def _clean_body(text: str) -> str:
-    text = _NEWLINES_RE.sub("\n", text)
+    """Body text with LF line ends and without the controls that are never text."""
+    if "\r" in text:
+        # Each CR, alone or before an LF, is one line end; str.replace makes no list of pieces
+        # (the regular expression \r\n? made one per line: ten times a body of short lines).
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if _BODY_CTRL_RE.search(text) is None:
+        return text
     # str.translate is fast on ASCII text only, the regular expression everywhere else.
     return text.translate(_BODY_CTRL_TABLE) if text.isascii() else _BODY_CTRL_RE.sub("", text)
 
@@ -1521,7 +2018,9 @@ def _text_of(
         m = _META_CHARSET_RE.search(data[:4096])
         if m is not None:
             charset = m.group(1).decode("ascii")
-    text = _clean_body(_decode_text(data, charset))
+    text = _decode_text(data, charset)
+    del data  # a large body is held as octets and as text, never longer than needed
+    text = _clean_body(text)
     if not html:
         flowed = params.get("format")
         if flowed is not None and flowed.text.strip().lower() == "flowed":
@@ -1539,7 +2038,7 @@ def _span_body(raw: bytes, start: int, end: int) -> bytes:
     """Body of the entity raw[start:end]: what follows its header block."""
     if raw.startswith(b"\r\n", start):
         return raw[start + 2 : end]
-    if raw.startswith(b"\n", start):
+    if raw.startswith((b"\n", b"\r"), start):
         return raw[start + 1 : end]
     m = _HEADER_END_RE.search(raw, start, end)
     return raw[m.end() : end] if m is not None else b""
@@ -1554,8 +2053,6 @@ def _exact_message_bytes(
     Found from the delimiter offsets of the pre-scan, and trusted only when the boundary is
     declared once (two multiparts sharing a boundary make the offsets ambiguous).
     """
-    if not scan.offsets_valid:
-        return None
     if root_body is not None:
         return raw[root_body:]
     if parent_boundary is None or scan.declared.get(parent_boundary) != 1:
@@ -1565,16 +2062,16 @@ def _exact_message_bytes(
     if index >= len(opens):
         return None
     here = opens[index]
-    line_end = raw.find(b"\n", marks[here][0])
-    if line_end < 0:
+    line_end = _LINE_END_RE.search(raw, marks[here][0])
+    if line_end is None:
         return None
-    start = line_end + 1
+    start = line_end.end()
     if here + 1 < len(marks):
         end = marks[here + 1][0]
         # The line break before a delimiter belongs to the delimiter (RFC 2046 5.1.1).
         if raw[end - 2 : end] == b"\r\n":
             end -= 2
-        elif raw[end - 1 : end] == b"\n":
+        elif raw[end - 1 : end] in (b"\n", b"\r"):
             end -= 1
     else:
         end = len(raw)
@@ -1596,9 +2093,9 @@ def _rebuild(entity: Message, linesep: bytes) -> bytes:
         for name, value in entity.raw_items()
     ]
     out.append(linesep)
-    payload = entity.get_payload()
+    payload = _raw_payload(entity)
     if isinstance(payload, str):
-        out.append(_to_bytes(payload))
+        out.append(_leaf_bytes(payload))
     elif isinstance(payload, list):
         children = [c for c in payload if isinstance(c, Message)]
         if entity.get_content_maintype() == "multipart":
@@ -1616,17 +2113,26 @@ def _rebuild(entity: Message, linesep: bytes) -> bytes:
     return b"".join(out)
 
 
+def _leaf_bytes(payload: str) -> bytes:
+    """The raw octets of a leaf's payload, the elided body it stands for included."""
+    elided = _ELIDED.get()
+    span = elided[1].get(payload) if elided is not None else None
+    if span is None or elided is None:
+        return _to_bytes(payload)
+    return elided[0][span[0] : span[1]]
+
+
 def _serialize(part: Message, linesep: bytes) -> bytes:
     """Fallback bytes of a message/* part when its exact span is unknown."""
-    payload = part.get_payload()
+    payload = _raw_payload(part)
     if not isinstance(payload, list):
-        return _to_bytes(payload) if isinstance(payload, str) else b""
+        return _leaf_bytes(payload) if isinstance(payload, str) else b""
     return linesep.join(_rebuild(sub, linesep) for sub in payload if isinstance(sub, Message))
 
 
 def _looks_like(data: bytes, part: Message) -> bool:
     """Sanity check of a span: it starts with the first header of the parsed message."""
-    payload = part.get_payload()
+    payload = _raw_payload(part)
     if not isinstance(payload, list) or not payload or not isinstance(payload[0], Message):
         return True
     keys = payload[0].keys()
@@ -1805,18 +2311,32 @@ def _tnef_safe(data: bytes, depth: int, budget: _TnefBudget) -> bool:
     return True
 
 
-def _tnef_files(data: bytes, max_files: int) -> tuple[list[tuple[str | None, bytes]], str]:
-    """The files inside a winmail.dat and its body text; ([], "") when it cannot be read."""
+class _TnefContent(NamedTuple):
+    """What a winmail.dat yields: its files, its plain text body, and whether that is all."""
+
+    files: list[tuple[str | None, bytes]]
+    body: str
+    complete: bool  # no file over the budget or without data, no RTF or HTML body
+
+
+def _tnef_files(data: bytes, max_files: int) -> _TnefContent:
+    """The files inside a winmail.dat and its body text; no files when it cannot be read.
+
+    When it holds more than that (files past ``max_files``, an RTF or HTML body, which are
+    not rendered here), it is not complete: the caller keeps winmail.dat itself as well.
+    """
     if not _tnef_safe(data, 0, _TnefBudget()):
-        return [], ""
+        return _TnefContent([], "", False)
     from tnefparse.tnef import TNEF  # type: ignore[import-untyped, unused-ignore]
 
     try:
         tnef = TNEF(data, do_checksum=False)
         files: list[tuple[str | None, bytes]] = []
+        complete = len(tnef.attachments) <= max_files and not (tnef.htmlbody or tnef._rtfbody)
         for item in tnef.attachments[:max_files]:
             content = item.data
             if not isinstance(content, bytes):
+                complete = False
                 continue
             try:
                 title = item.long_filename()
@@ -1828,9 +2348,9 @@ def _tnef_files(data: bytes, max_files: int) -> tuple[list[tuple[str | None, byt
         body = tnef.body
         if isinstance(body, bytes):
             body = _decode_undeclared(body)
-        return files, body if isinstance(body, str) else ""
+        return _TnefContent(files, body if isinstance(body, str) else "", complete)
     except Exception:  # any failure inside tnefparse: keep winmail.dat itself
-        return [], ""
+        return _TnefContent([], "", False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1976,8 +2496,10 @@ def _delimiter_lines(
     return found
 
 
-def _mime_tree(source: bytes, simple_line_ends: bool) -> Message:
+def _mime_tree(source: bytes) -> Message:
     """The compat32 Message tree of ``source`` (see the module docstring for why compat32)."""
+    # The fast path leaves bare CR line ends to the feed parser.
+    simple_line_ends = b"\r" not in source or _BARE_CR_RE.search(source) is None
     tree = _split_mime(source) if simple_line_ends else None
     return tree if tree is not None else email.message_from_bytes(source)
 
@@ -2006,6 +2528,9 @@ class _Collector:
         self.next_copy: dict[str, int] = {}
         self.bounce = False
         self.parts = 0
+        self.notes: list[str] = []  # what the walk left out of the model (see ParsedMessage)
+        # Alternatives whose text is kept as a file (see alternatives): one version kept yet?
+        self.secondary: dict[int, bool] = {}
 
     def add(
         self,
@@ -2063,9 +2588,11 @@ class _Collector:
     def walk(self, root: Message) -> None:
         # Iterative, in document order: the stdlib tree can be as deep as the limits allow
         # and we never want Python recursion here.
-        stack: list[tuple[Message, int, str | None, str | None, int]] = [(root, 1, None, None, 0)]
+        stack: list[tuple[Message, int, str | None, str | None, int, Message | None]] = [
+            (root, 1, None, None, 0, None)
+        ]
         while stack:
-            part, depth, parent_type, parent_boundary, index = stack.pop()
+            part, depth, parent_type, parent_boundary, index, parent = stack.pop()
             # Counted like the pre-scan counts delimiters: every part but the root.
             self.parts += depth > 1
             if self.parts > self.limits.max_parts:
@@ -2083,18 +2610,28 @@ class _Collector:
                 # 8-bit or spaced garbage: never let it into a stored content type.
                 ctype = "application/octet-stream"
             if ctype.startswith("multipart/") and part.is_multipart():
-                payload = part.get_payload()
+                payload = _raw_payload(part)
                 if isinstance(payload, list):
                     _, params = _parse_params(_part_header(part, "content-type") or "")
                     boundary = _scan_boundary(params.get("boundary"))
                     children = [
-                        (child, depth + 1, ctype, boundary, i)
+                        (child, depth + 1, ctype, boundary, i, part)
                         for i, child in enumerate(payload)
                         if isinstance(child, Message)
                     ]
+                    if ctype == "multipart/alternative":
+                        self.alternatives(part, [child for child, *_ in children])
                     stack.extend(reversed(children))
                 continue
-            self.leaf(part, ctype, parent_type, parent_boundary, index, depth == 1)
+            group = id(parent) if parent_type == "multipart/alternative" else None
+            self.leaf(part, ctype, parent_type, parent_boundary, index, depth == 1, group)
+
+    def alternatives(self, part: Message, children: list[Message]) -> None:
+        """Note an alternative whose text versions would all be dropped as body and HTML are
+        taken already (a second alternative in a mixed part): one of them is kept as a file."""
+        html_child = any(c.get_content_type() == "text/html" for c in children)
+        if self.body is not None and (self.html is not None or not html_child):
+            self.secondary[id(part)] = False
 
     def leaf(
         self,
@@ -2104,6 +2641,7 @@ class _Collector:
         parent_boundary: str | None,
         index: int,
         is_root: bool,
+        group: int | None = None,
     ) -> None:
         fields = _part_fields(part)
         _, ct_params = _parse_params(fields.get("content-type", ""))
@@ -2123,6 +2661,11 @@ class _Collector:
             return
         if ctype.startswith("multipart/"):
             ctype = "text/plain"  # a multipart without a usable boundary: its body is text
+        if group in self.secondary and ctype in ("text/plain", "text/html") and not as_file:
+            if self.secondary[group]:
+                return  # another version of the same text is kept
+            self.secondary[group] = True
+            as_file = True
         if ctype == "text/plain" and not as_file:
             if self.body is None:
                 self.body = _text_of(part, ct_params, cte)
@@ -2131,21 +2674,26 @@ class _Collector:
                 return
         if ctype == "text/html" and not as_file:
             if self.html is None:
-                markup = _text_of(part, ct_params, cte, html=True)
-                _check_html_depth(markup, self.limits)
-                self.html = markup
+                self.html = _text_of(part, ct_params, cte, html=True)
                 return
             if parent_type == "multipart/alternative":
                 return
         data = _payload_bytes(part, cte)
         if ctype == "application/ms-tnef" or (name or "").strip().lower() == "winmail.dat":
             budget = max(0, self.limits.max_parts - len(self.attachments))
-            files, tnef_body = _tnef_files(data, budget)
-            if files:
-                for file_name, content in files:
-                    self.add(file_name, _type_for(file_name), content)
-                self.tnef_body = self.tnef_body or tnef_body
+            tnef = _tnef_files(data, budget)
+            for file_name, content in tnef.files:
+                self.add(file_name, _type_for(file_name), content)
+            self.tnef_body = self.tnef_body or tnef.body
+            if tnef.files and tnef.complete:
                 return
+            if tnef.files:
+                # Files past the budget, or a rich text body: winmail.dat keeps them all.
+                self.notes.append(
+                    f"{len(tnef.files)} files were taken out of {name or 'winmail.dat'}, which "
+                    "holds more (more files than max_parts allows, or a formatted body): it is "
+                    "attached as well."
+                )
             name = name or "winmail.dat"
         inline = content_id is not None and disposition != "attachment"
         self.add(name, ctype, data, content_id=content_id, inline=inline)
@@ -2167,12 +2715,12 @@ class _Collector:
         cte = (_part_header(part, "content-transfer-encoding") or "").strip().lower()
         # message/* may only be 7bit/8bit/binary, but some mailers base64 it anyway.
         if cte == "base64":
-            exact = _lenient_b64(exact)
+            exact = _b64_decode(exact)
         elif cte == "quoted-printable":
             exact = quopri.decodestring(exact)
         force_ext = ".eml" if ctype in ("message/rfc822", "message/global") else None
         if name is None and force_ext:
-            payload = part.get_payload()
+            payload = _raw_payload(part)
             if isinstance(payload, list) and payload and isinstance(payload[0], Message):
                 subject = _part_header(payload[0], "subject")
                 if subject is not None:
@@ -2239,6 +2787,24 @@ def _loop_verdict(
         if local in _SYSTEM_LOCAL_PARTS:
             return True, f"system sender {local}", False
     return False, None, False
+
+
+def _attach_unsanitized_html(
+    collector: _Collector, markup: str, why: str, text_from_it: bool
+) -> str:
+    """Keep HTML that cannot be sanitized as an attachment; the note that says so.
+
+    Such an HTML body is not shown, but nothing of it is lost. It is attached in UTF-8 (the
+    text it was decoded to) with a byte order mark, which browsers take as its charset when
+    the file is opened.
+    """
+    collector.add("message.html", "text/html", markup.encode("utf-8-sig"))
+    name = collector.attachments[-1].name
+    text = " and the text above is taken from it" if text_from_it else ""
+    return (
+        f"The HTML version of this message {why}: it is attached as {name} instead of being "
+        f"shown{text}."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -2315,24 +2881,29 @@ def _parse(raw: bytes, limits: ParseLimits) -> ParsedMessage:
             f"{limits.max_header_bytes}"
         )
     scan = _scan(raw, limits)
-    source, spans = _elide_large_bodies(raw, scan)
+    source, spans = _elide_large_bodies(raw, scan, root_body)
+    msg = _mime_tree(source)
+    del source
+    if spans and not _elision_holds(msg, spans):
+        spans = {}
+        msg = _mime_tree(raw)
     token = _ELIDED.set((raw, spans) if spans else None)
     try:
-        return _parse_scanned(raw, source, scan, root_body, limits)
+        return _parse_tree(raw, msg, scan, root_body, limits)
     finally:
         _ELIDED.reset(token)
 
 
-def _parse_scanned(
-    raw: bytes, source: bytes, scan: _Scan, root_body: int, limits: ParseLimits
+def _parse_tree(
+    raw: bytes, msg: Message, scan: _Scan, root_body: int, limits: ParseLimits
 ) -> ParsedMessage:
-    msg = _mime_tree(source, scan.offsets_valid)
     headers = _header_map(msg)
 
-    from_pairs = _addresses(headers.get("from"), limits, "From")
-    to_pairs = _addresses(headers.get("to"), limits, "To")
+    notes: list[str] = []
+    from_pairs = _addresses(headers.get("from"), limits, "From", notes)
+    to_pairs = _addresses(headers.get("to"), limits, "To", notes)
     return_path = _first(headers, "return-path")
-    rp_pairs = _addresses(headers.get("return-path"), limits, "Return-Path")
+    rp_pairs = _addresses(headers.get("return-path"), limits, "Return-Path", notes)
 
     from_name, from_addr = from_pairs[0] if from_pairs else ("", "")
     from_value = _first(headers, "from")
@@ -2342,15 +2913,25 @@ def _parse_scanned(
 
     collector = _Collector(raw, scan, root_body, limits)
     collector.walk(msg)
+    notes += collector.notes
 
     body = collector.body
-    html_source = collector.html
-    sanitized = _sanitize_html(html_source) if html_source is not None else None
-    if (body is None or not body.strip()) and sanitized is not None:
-        # HTML-only mail, or an alternative whose text/plain part is left empty. The text is
-        # rendered from the sanitized HTML, so that no script, style or javascript: URL
-        # shows up in it.
-        body = _render_html(sanitized, limits)
+    html_source, collector.html = collector.html, None
+    sanitized: str | None = None
+    # HTML-only mail, or an alternative whose text/plain part is left empty, takes its text
+    # from the HTML: rendered from the sanitized HTML, so that no script, style or
+    # javascript: URL shows up in it, or read without a tree from HTML too large to sanitize.
+    needs_text = body is None or not body.strip()
+    why = _unsanitizable(html_source, limits) if html_source is not None else None
+    if html_source is not None and why is not None:
+        notes.append(_attach_unsanitized_html(collector, html_source, why, needs_text))
+        if needs_text:
+            body = _html_text_lean(html_source)
+    elif html_source is not None:
+        sanitized = _sanitize_html(html_source)
+        if needs_text:
+            body = _render_html(sanitized, limits)
+    del html_source
     body = body or ""
     if not body.strip() and collector.tnef_body:
         body = _clean_body(collector.tnef_body)
@@ -2379,6 +2960,7 @@ def _parse_scanned(
         auto_submitted=auto,
         auto_reason=reason,
         is_bounce=bounce,
+        notes=tuple(notes),
     )
 
 

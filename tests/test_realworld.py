@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from support import (
     import_directory,
     ledger,
     mailbox_xml,
+    message,
     requests,
 )
 
@@ -153,8 +156,6 @@ def test_oversized_attachment_is_left_out_with_a_note(box: dict[str, Any]) -> No
         maxAttachmentBytes="1000",
         maxAttachmentsBytes="1500",
     )
-    from support import message
-
     raw = message(
         "Files",
         attachments=(
@@ -175,8 +176,6 @@ def test_oversized_attachment_is_left_out_with_a_note(box: dict[str, Any]) -> No
 
 
 def test_ignored_attachments_accept_globs(box: dict[str, Any]) -> None:
-    from support import message
-
     f = box["tmp"] / "v.eml"
     f.write_bytes(
         message(
@@ -210,3 +209,39 @@ def test_ingest_dry_run_writes_nothing(box: dict[str, Any]) -> None:
     assert ledger(box["data"]) == []
     code, out = cli("requests", "list", "--json", "--data-dir", box["data"])
     assert json.loads(out) == []
+
+
+def test_joined_base64_blobs_are_stored_whole(box: dict[str, Any]) -> None:
+    """Issue 12 item 2: two padded base64 blobs in one part of a 4 MB message were stored as
+    the first one only (1,500,001 of 3,000,001 bytes), as "created", without a word."""
+    first, second = os.urandom(1_500_001), os.urandom(1_500_000)
+    raw = message("Scan", attachments=(("scan.bin", "application/octet-stream", b"placeholder"),))
+    encoded = base64.encodebytes(b"placeholder").replace(b"\n", b"\r\n")
+    joined = (base64.encodebytes(first) + base64.encodebytes(second)).replace(b"\n", b"\r\n")
+    assert raw.count(encoded) == 1
+    f = box["tmp"] / "scan.eml"
+    f.write_bytes(raw.replace(encoded, joined))
+    assert ingest(box["data"], box["cfg"], f)[0] == 0
+    [req] = requests(box["data"])
+    [stored] = req["attachments"]
+    assert stored["name"] == "scan.bin"
+    data = attachment_bytes(box["data"], stored["sha256"])
+    assert len(data) == 3_000_001 and data == first + second
+
+
+def test_a_to_of_1500_addresses_makes_a_request_that_says_what_was_left_out(
+    box: dict[str, Any],
+) -> None:
+    """Issue 12 item 17d: a To with 1,500 addresses failed the message (max_addresses)."""
+    to = ", ".join(f"Member {i} <member{i}@example.com>" for i in range(1500))
+    f = box["tmp"] / "all.eml"
+    f.write_bytes(message("Everyone").replace(b"To: support@example.com", b"To: " + to.encode()))
+    assert ingest(box["data"], box["cfg"], f)[0] == 0
+    [row] = ledger(box["data"])
+    assert row["outcome"] == "created"
+    [req] = requests(box["data"])
+    assert req["description"].startswith("Hello, it does not work.")
+    assert (
+        "The To header lists up to 1500 addresses; only the first 1000 were read"
+        in req["description"]
+    )

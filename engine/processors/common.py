@@ -160,7 +160,7 @@ def activity_for(msg: ParsedMessage, ctx: Context, request: RequestRef, via: str
     return AddActivity(
         request=request,
         author=sender_label(msg),
-        body=with_notes(activity_body(msg.body), notes),
+        body=with_notes(activity_body(msg.body), (*msg.notes, *notes)),
         attachments=attachments,
         reopen=request.status in CLOSED_STATUSES,
         automatic=msg.is_bounce or msg.auto_submitted,

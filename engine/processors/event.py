@@ -34,7 +34,7 @@ async def decide(msg: ParsedMessage, ctx: Context, directory: Directory) -> Deci
     return NewRequest(
         type="event",
         subject=msg.subject or "(no subject)",
-        description=with_notes(msg.body, notes),
+        description=with_notes(msg.body, (*msg.notes, *notes)),
         html=msg.html,
         requester=requester,
         site=(requester.site if requester else None) or ctx.mailbox.fallback_site,

@@ -48,7 +48,7 @@ async def decide(msg: ParsedMessage, ctx: Context, directory: Directory) -> Deci
     return NewRequest(
         type="incident",
         subject=msg.subject or "(no subject)",
-        description=with_notes(msg.body, notes),
+        description=with_notes(msg.body, (*msg.notes, *notes)),
         html=msg.html,
         requester=user,
         site=user.site or ctx.mailbox.fallback_site,
