@@ -205,6 +205,7 @@ async def cmd_ingest(args: argparse.Namespace) -> int:
             raise ConfigError(f"{f} is not a readable file")
 
     async def body(engine: Engine) -> int:
+        from engine.items import Kind
         from engine.supervisor import MailboxSource
 
         results = await engine.ingest(MailboxSource(args.config.stem, args.config), args.files)
@@ -217,7 +218,7 @@ async def cmd_ingest(args: argparse.Namespace) -> int:
             what = env.explanation if env.dry_run else env.outcome
             number = f" #{env.request_number}" if env.request_number else ""
             print(logs.scrub(f"{path}: {what}{number}"))
-            failed += bool(env.outcome and env.outcome.startswith("failed"))
+            failed += env.outcome is not None and env.outcome.kind is Kind.FAILED
         return 0 if failed == 0 else 1
 
     return await _engine(args, body)

@@ -1,4 +1,7 @@
-"""What flows through the pipeline: parsed messages and the operations decided for them."""
+"""The shared vocabulary of the pipeline: parsed messages, the directory and the rows the
+session and the outbox read. Plain frozen dataclasses: this module imports no pipeline stage,
+so every stage (session, parse, processors, writer, store) can use it without importing another.
+"""
 
 from __future__ import annotations
 
@@ -42,3 +45,77 @@ class ParsedMessage:
     auto_reason: str | None
     is_bounce: bool
     notes: tuple[str, ...] = ()
+
+
+# -- the directory (read by processors through a view, written only by `directory import`) --
+
+
+@dataclass(frozen=True)
+class User:
+    """A user of the directory: a requester, a fallback user or an assignee."""
+
+    id: int
+    login: str
+    email: str | None
+    name: str
+    site: str | None
+
+
+@dataclass(frozen=True)
+class Team:
+    """A team: every request belongs to one. ``default_group`` is its group by default."""
+
+    id: int
+    number: int
+    name: str
+    default_group: str | None
+
+
+@dataclass(frozen=True)
+class RequestRef:
+    """What a processor needs to know of an existing request to add to it."""
+
+    number: int
+    team_id: int
+    type: str
+    status: str
+    kind: str
+
+
+# A reply to a request in one of these states reopens it.
+CLOSED_STATUSES = frozenset({"closed", "resolved", "processed"})
+
+
+# -- rows the session and the outbox read ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    """What the ledger holds of one message. ``size`` is the size the server listed
+    (None in rows older than migration 3); ``needed`` the bytes a message left on the
+    server needs to be taken whole; ``deleted_at`` when a QUIT confirmed its deletion.
+    ``outcome`` is the ledger text (see :class:`engine.items.Outcome`)."""
+
+    size: int | None
+    needed: int | None
+    message_id: str | None
+    sha256: str
+    outcome: str
+    request_number: int | None
+    deleted_at: str | None
+
+    @property
+    def kept(self) -> bool:
+        """Left on the server, not taken whole (see engine.errors.MessageKept)."""
+        return self.outcome.startswith("kept:")
+
+
+@dataclass(frozen=True)
+class PendingReply:
+    """An outbox row to send."""
+
+    id: int
+    mailbox: str
+    recipient: str
+    message: bytes = field(repr=False)
+    attempts: int

@@ -34,11 +34,12 @@ from engine.fetcher import (
     run_session,
     submit,
 )
+from engine.items import DirectoryCheck, Envelope, Item, SessionReport
 from engine.keys import ingest_key
 from engine.ops import Health, Metrics
 from engine.outbox import Outbox
 from engine.store import SqliteStore
-from engine.writer import DirectoryCheck, Envelope, Item, ReplyLimits, SessionReport, Writer
+from engine.writer import ReplyLimits, Writer
 
 log = logging.getLogger("engine.supervisor")
 

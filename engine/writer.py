@@ -17,7 +17,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -28,13 +27,23 @@ from engine import reply
 from engine.config import MailboxConfig, mailbox_copy
 from engine.errors import (
     DirectoryError,
-    EngineError,
     MessageError,
     MessageKept,
     StoreError,
     sole,
 )
-from engine.model import Attachment, ParsedMessage
+from engine.items import (
+    DirectoryCheck,
+    Envelope,
+    Item,
+    Kind,
+    KnownQuery,
+    OutboxFetch,
+    OutboxResult,
+    Outcome,
+    SessionReport,
+)
+from engine.model import Attachment, LedgerRow, Team
 from engine.ops import Metrics
 from engine.processors import (
     AddActivity,
@@ -45,115 +54,9 @@ from engine.processors import (
     decide,
     referenced,
 )
-from engine.store import LedgerRow, PendingReply, SqliteStore, Team
+from engine.store import SqliteStore
 
 log = logging.getLogger("engine.writer")
-
-# The outcome of a message left on the server before and read again unchanged: it stays
-# there (never deleted: it starts with "kept"), and there is nothing new to record or count.
-KEPT_AGAIN = "kept: as before"
-
-
-@dataclass(eq=False)
-class Item:
-    """Something for the writer. ``done`` is set once the answer is final (after commit)."""
-
-    done: anyio.Event = field(default_factory=anyio.Event, init=False)
-    failure: BaseException | None = field(default=None, init=False)
-
-
-@dataclass(eq=False)
-class Envelope(Item):
-    """One fetched message on its way to the store."""
-
-    mailbox: MailboxConfig
-    uidl: str
-    raw: bytes
-    parsed: ParsedMessage | None
-    error: MessageError | None = None
-    dry_run: bool = False
-    # The ledger's account (the one the session resolved; default: the mailbox's own).
-    account: str = ""
-    # The size the server listed (recorded in the ledger: a known UIDL is checked by it).
-    size: int | None = None
-    outcome: str | None = field(default=None, init=False)
-    request_number: int | None = field(default=None, init=False)
-    explanation: str | None = field(default=None, init=False)
-    problem: str | None = field(default=None, init=False)  # why it became a failure event
-    # Called once the answer is final (the fetcher's byte budget); never blocks.
-    on_done: Callable[[], None] | None = field(default=None, init=False, repr=False)
-    # The session sends nothing more until this is answered: no use waiting for more.
-    last: bool = field(default=False, init=False)
-
-    def __post_init__(self) -> None:
-        self.account = self.account or self.mailbox.account
-
-
-@dataclass(eq=False)
-class KnownQuery(Item):
-    """Which of these keys the ledger holds, with what it holds of them."""
-
-    account: str
-    uidls: list[str]
-    known: dict[str, LedgerRow] = field(default_factory=dict, init=False)
-
-
-@dataclass(eq=False)
-class DirectoryCheck(Item):
-    """Before a session: does the directory hold what the mailbox config names, and which
-    account does the ledger know the mailbox by (``account``, see :meth:`Writer._resolve`)?
-    ``remember``: record that account for the mailbox (not in a dry run)."""
-
-    mailbox: MailboxConfig
-    remember: bool = True
-    problem: DirectoryError | None = field(default=None, init=False)
-    account: str = field(default="", init=False)
-
-
-@dataclass(eq=False)
-class SessionReport(Item):
-    """How a mailbox session ended: opens, updates or closes its outage events.
-
-    ``config`` is the mailbox's configuration when it loaded (None when the file could not be
-    read as one): a new outage event attaches it, rebuilt from the model with its passwords
-    masked. The writer never reads the mailbox file itself.
-    """
-
-    name: str
-    path: Path
-    team: str | None
-    error: EngineError | None
-    config: MailboxConfig | None = None
-    fetched: int = 0
-    processed: int = 0
-    failed: int = 0
-    # The ledger keys whose deletion the server confirmed (QUIT), under ``account``.
-    account: str | None = None
-    deleted: list[str] = field(default_factory=list)
-    # Messages listed again although their deletion was confirmed before (None: unknown).
-    kept_deleted: int | None = None
-
-
-@dataclass(eq=False)
-class OutboxFetch(Item):
-    """The outbox asks for replies due now (see :mod:`engine.outbox`): of ``mailboxes`` only
-    (those it can send for), none of ``exclude`` (being sent), at most ``limit``."""
-
-    mailboxes: tuple[str, ...]
-    exclude: tuple[int, ...]
-    limit: int
-    due: list[PendingReply] = field(default_factory=list, init=False)
-    next_due: str | None = field(default=None, init=False)  # the next retry's time, ISO
-
-
-@dataclass(eq=False)
-class OutboxResult(Item):
-    """How one send of a reply went: sent (no ``error``), retry at ``retry_at``, or failed."""
-
-    reply_id: int
-    mailbox: str
-    error: str | None
-    retry_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -176,7 +79,7 @@ class ReplyLimits:
 @dataclass
 class WriterStats:
     transactions: int = 0
-    outcomes: Counter[str] = field(default_factory=Counter)
+    outcomes: Counter[Kind] = field(default_factory=Counter)
 
 
 class Writer:
@@ -392,12 +295,14 @@ class Writer:
     def _account(self, env: Envelope) -> None:
         """Log and count one committed message."""
         cfg = env.mailbox
-        kind = (env.outcome or "").split(":")[0]
+        outcome = env.outcome
+        assert outcome is not None  # every committed envelope is answered
+        kind = outcome.kind
         self.stats.outcomes[kind] += 1
-        if env.outcome == KEPT_AGAIN:
+        if outcome.again:
             log.debug("mailbox=%s uidl=%s still left on the server", cfg.name, env.uidl)
             return
-        if kind in ("failed", "kept"):
+        if kind in (Kind.FAILED, Kind.KEPT):
             log.warning(
                 "mailbox=%s uidl=%s message could not be processed (%s); failure event #%d",
                 cfg.name,
@@ -405,16 +310,17 @@ class Writer:
                 env.problem,
                 env.request_number,
             )
-        elif kind != "dry-run":
+        elif kind is not Kind.DRY_RUN:
             log.info(
                 "mailbox=%s uidl=%s %s #%s",
                 cfg.name,
                 env.uidl,
-                env.outcome,
+                outcome,
                 env.request_number if env.request_number else "-",
             )
-        if self.metrics is not None and kind not in ("duplicate", "dry-run"):
-            counter = self.metrics.failed if kind in ("failed", "kept") else self.metrics.processed
+        if self.metrics is not None and kind not in (Kind.DUPLICATE, Kind.DRY_RUN):
+            failed = kind in (Kind.FAILED, Kind.KEPT)
+            counter = self.metrics.failed if failed else self.metrics.processed
             counter.labels(cfg.name).inc()
 
     async def _handle(self, item: Item, careful: bool) -> None:
@@ -519,7 +425,7 @@ class Writer:
     async def _envelope(self, env: Envelope, careful: bool) -> None:
         cfg = env.mailbox
         if not env.dry_run and (env.account, env.uidl) in self._recorded:
-            env.outcome = "duplicate"
+            env.outcome = Outcome(Kind.DUPLICATE)
             return
         left = self._kept.get((env.account, env.uidl))
         if (
@@ -530,7 +436,7 @@ class Writer:
         ):
             # Left on the server before, and cut off the same way again (a server without
             # UIDL: it cannot be told before it is read): nothing new to record.
-            env.outcome, env.request_number = KEPT_AGAIN, left.request_number
+            env.outcome = Outcome.kept_again(left.request_number)
             return
         writing = False
         if careful:
@@ -546,13 +452,12 @@ class Writer:
                 )
             decision = await decide(env.parsed, Context(mailbox=cfg, team=team), self.store)
             if env.dry_run:
-                env.explanation = describe(decision)
-                env.outcome = "dry-run"
+                env.outcome = Outcome(Kind.DRY_RUN, note=describe(decision))
                 if careful:
                     await self.store.rollback_to("msg")
                 return
             writing = True
-            env.outcome, env.request_number = await self._apply(env, team, decision)
+            env.outcome = await self._apply(env, team, decision)
             await self._ledger(env)
             if careful:
                 await self.store.release("msg")
@@ -564,16 +469,18 @@ class Writer:
             if careful:
                 await self.store.rollback_to("msg")
             if env.dry_run:
-                env.outcome = "dry-run"
-                env.explanation = f"failure event: {_cause(exc)}: {exc}"
+                env.outcome = Outcome(Kind.DRY_RUN, note=f"failure event: {_cause(exc)}: {exc}")
                 return
             if careful:
                 await self.store.savepoint("fail")
             try:
-                env.request_number = await self._failure_event(env, exc)
+                number = await self._failure_event(env, exc)
                 kept = exc if isinstance(exc, MessageKept) else None
-                env.outcome = f"kept: {kept.reason}" if kept else f"failed: {_cause(exc)}"
-                env.problem = f"{_cause(exc)}: {exc}"
+                problem = f"{_cause(exc)}: {exc}"
+                if kept is not None:
+                    env.outcome = Outcome(Kind.KEPT, kept.reason, number, problem)
+                else:
+                    env.outcome = Outcome(Kind.FAILED, _cause(exc), number, problem)
                 await self._ledger(env, kept.needed if kept else None)
             except (sqlite3.Error, StoreError):
                 raise
@@ -588,7 +495,8 @@ class Writer:
         """The message's ledger row. One left on the server before (kept) and now taken
         whole has its row updated, and its failure event says what became of it."""
         key = (env.account, env.uidl)
-        outcome = env.outcome or "unknown"
+        assert env.outcome is not None
+        outcome = str(env.outcome)
         fields: dict[str, Any] = {
             "message_id": env.parsed.message_id if env.parsed else _message_id(env),
             "sha256": env.parsed.sha256 if env.parsed else _sha(env.raw),
@@ -598,7 +506,7 @@ class Writer:
             "needed": needed,
         }
         before = self._kept.pop(key, None)
-        if outcome.startswith("kept:"):
+        if env.outcome.kind is Kind.KEPT:
             self._kept[key] = LedgerRow(**fields, deleted_at=None)
         else:
             self._recorded.add(key)
@@ -619,7 +527,7 @@ class Writer:
                 automatic=True,
             )
 
-    async def _apply(self, env: Envelope, team: Team, d: Decision) -> tuple[str, int | None]:
+    async def _apply(self, env: Envelope, team: Team, d: Decision) -> Outcome:
         msg = env.parsed
         assert msg is not None
         if isinstance(d, NewRequest):
@@ -641,7 +549,7 @@ class Writer:
                 sha256=msg.sha256,
             )
             await self.store.add_attachments(number, None, d.attachments)
-            return "created", number
+            return Outcome(Kind.CREATED, request_number=number)
         if isinstance(d, AddActivity):
             number = d.request.number
             activity = await self.store.add_activity(
@@ -662,23 +570,24 @@ class Writer:
                     by=self.created_by,
                     why=f"Reopened by a reply from {msg.from_addr or d.author}.",
                 )
-            return "activity", number
+            return Outcome(Kind.ACTIVITY, request_number=number)
         if isinstance(d, Refuse):
-            return await self._refuse(env, d), None
-        return d.outcome, None
+            return Outcome(Kind.REFUSED, await self._refuse(env, d))
+        return Outcome(Kind.IGNORED, d.reason)
 
     async def _refuse(self, env: Envelope, d: Refuse) -> str:
         """Record the refusal's automatic reply (an outbox row, in this transaction), unless
-        it would loop or go over a rate limit. The outbox sends it after the commit."""
+        it would loop or go over a rate limit. The outbox sends it after the commit.
+        Returns the ledger detail of the refusal."""
         msg = env.parsed
         cfg = env.mailbox
         assert msg is not None
         if not d.reply or cfg.smtp is None:
-            return f"refused: no reply ({d.no_reply_because or 'no smtp configured'})"
+            return f"no reply ({d.no_reply_because or 'no smtp configured'})"
         if _header(env.raw, b"x-loop").startswith("mailintegration") or (
             msg.message_id or ""
         ).endswith(f".mailintegration@{reply.reply_domain(cfg)}"):
-            return "refused: no reply (our own loop header or Message-ID)"
+            return "no reply (our own loop header or Message-ID)"
         try:
             out = reply.build_reply(
                 mailbox=cfg,
@@ -688,9 +597,9 @@ class Writer:
                 in_reply_to=msg.message_id,
             )
         except ValueError as exc:
-            return f"refused: no reply ({exc})"
+            return f"no reply ({exc})"
         if await self._over_reply_limit(env, out.to):
-            return "refused: no reply (rate limit)"
+            return "no reply (rate limit)"
         await self.store.queue_reply(
             mailbox=cfg.name,
             request_number=None,
@@ -701,7 +610,7 @@ class Writer:
             message=out.data,
         )
         self._replies_queued += 1
-        return "refused: replied"
+        return "replied"
 
     async def _over_reply_limit(self, env: Envelope, to: reply.Recipient) -> bool:
         """Whether one more reply to ``to`` from this mailbox goes over a limit (logged once
@@ -871,7 +780,7 @@ class _Careful(Exception):
 def _reset(item: Item) -> None:
     """Forget what a rolled-back attempt decided for ``item``."""
     if isinstance(item, Envelope):
-        item.outcome = item.request_number = item.explanation = item.problem = None
+        item.outcome = None
 
 
 def describe(d: Decision) -> str:
@@ -893,7 +802,7 @@ def describe(d: Decision) -> str:
         return f"no request ({d.reason}); " + (
             "auto-reply" if d.reply else f"no reply ({d.no_reply_because})"
         )
-    return d.outcome
+    return str(Outcome(Kind.IGNORED, d.reason))
 
 
 def _cause(exc: BaseException) -> str:

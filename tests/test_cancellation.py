@@ -288,7 +288,8 @@ def test_a_cancelled_writer_answers_not_committed(tmp_path: Path) -> None:
     from support import DIRECTORY
 
     from engine.config import load_mailbox
-    from engine.writer import Envelope, Writer
+    from engine.items import Envelope
+    from engine.writer import Writer
 
     cfg = load_mailbox(mailbox_xml(tmp_path / "w.xml", port=110, user="u", password="p-secret"))
 

@@ -29,10 +29,11 @@ from support import (
     wait_for,
 )
 
+from engine.items import Envelope, Item
 from engine.model import ParsedMessage
 from engine.pop3 import Pop3Session
 from engine.store import open_store
-from engine.writer import Envelope, Item, Writer
+from engine.writer import Writer
 from tools.fakepop3 import FakePOP3Server, Script
 
 pytestmark = pytest.mark.dovecot
@@ -171,7 +172,7 @@ def test_group_commit_batches_many_messages_into_few_transactions(
             send.send_nowait(env)
         send.close()
         await writer.run(receive)
-        assert all(e.outcome == "created" for e in envelopes)
+        assert all(str(e.outcome) == "created" for e in envelopes)
         await store.close()
         return writer.stats.transactions, metrics.render().decode()
 

@@ -33,12 +33,13 @@ from support import (
 )
 
 from engine import pop3
+from engine.items import DirectoryCheck
 from engine.keys import uidl_key
 from engine.pop3 import Pop3Session
 from engine.store import open_store
 from engine.store.schema import MIGRATIONS
 from engine.supervisor import Engine, EngineSettings, MailboxSource
-from engine.writer import DirectoryCheck, Writer
+from engine.writer import Writer
 from tools.fakepop3 import FakePOP3Server, Script
 
 ROOT = Path(__file__).resolve().parent.parent

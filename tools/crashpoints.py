@@ -72,8 +72,9 @@ def arm(point: str, n: int) -> None:
         raise ValueError("N counts occurrences from 1")
     countdown = _Countdown(n)
     if point in ("after-commit", "before-commit"):
+        from engine.items import Envelope, Item
         from engine.store.sqlite import SqliteStore
-        from engine.writer import Envelope, Item, Writer
+        from engine.writer import Writer
 
         real_apply = Writer.apply
         real_commit = SqliteStore.commit

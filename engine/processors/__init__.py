@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from engine.config import MailboxConfig
-from engine.model import Attachment, ParsedMessage
-from engine.store import RequestRef, Team, User
+from engine.model import Attachment, ParsedMessage, RequestRef, Team, User
 
 
 class Directory(Protocol):
@@ -64,7 +63,7 @@ class Refuse:
 class Ignore:
     """Recorded in the ledger only (an auto-reply that answers nothing we know)."""
 
-    outcome: str
+    reason: str
 
 
 Decision = NewRequest | AddActivity | Refuse | Ignore

@@ -5,10 +5,9 @@ from __future__ import annotations
 import fnmatch
 import re
 
-from engine.model import Attachment, ParsedMessage
+from engine.model import CLOSED_STATUSES, Attachment, ParsedMessage, RequestRef
 from engine.parse import safe_filename
 from engine.processors import AddActivity, Context, Directory
-from engine.store import CLOSED_STATUSES, RequestRef
 
 # The communication types a subject reference may name, by the request type they refer to.
 # "[SPAM] 5 offers" must not become an activity on request #5.

@@ -28,7 +28,7 @@ async def decide(msg: ParsedMessage, ctx: Context, directory: Directory) -> Deci
         return activity_for(msg, ctx, request, via)
     if is_auto_reply(msg):
         # A bounce or out-of-office answer to nothing we know must never become a ticket.
-        return Ignore("ignored: auto-reply")
+        return Ignore("auto-reply")
     if not ctx.mailbox.create_new_requests:
         reason = "new requests are not allowed in this mailbox"
         if msg.auto_submitted or not msg.from_addr:

@@ -6,13 +6,7 @@ will implement the same methods.
 
 from engine.store.lock import DataDirLock, private_file, secure_data_dir
 from engine.store.sqlite import (
-    CLOSED_STATUSES,
-    LedgerRow,
-    PendingReply,
-    RequestRef,
     SqliteStore,
-    Team,
-    User,
     hash_password,
     open_store,
     store_error,
@@ -22,15 +16,9 @@ from engine.store.sqlite import (
 Store = SqliteStore
 
 __all__ = [
-    "CLOSED_STATUSES",
     "DataDirLock",
-    "LedgerRow",
-    "PendingReply",
-    "RequestRef",
     "SqliteStore",
     "Store",
-    "Team",
-    "User",
     "hash_password",
     "open_store",
     "private_file",

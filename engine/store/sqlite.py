@@ -32,7 +32,7 @@ from aioitertools.more_itertools import chunked
 
 from engine.errors import StoreError
 from engine.logs import scrub
-from engine.model import Attachment
+from engine.model import Attachment, LedgerRow, PendingReply, RequestRef, Team, User
 from engine.store.files import FileStore
 from engine.store.lock import secure_data_dir
 from engine.store.schema import ACCOUNTS, MIGRATIONS, normalized_account
@@ -58,67 +58,8 @@ def now() -> str:
     return _second[1]
 
 
-@dataclass(frozen=True)
-class User:
-    id: int
-    login: str
-    email: str | None
-    name: str
-    site: str | None
-
-
-@dataclass(frozen=True)
-class Team:
-    id: int
-    number: int
-    name: str
-    default_group: str | None
-
-
-@dataclass(frozen=True)
-class RequestRef:
-    number: int
-    team_id: int
-    type: str
-    status: str
-    kind: str
-
-
-@dataclass(frozen=True)
-class PendingReply:
-    """An outbox row to send."""
-
-    id: int
-    mailbox: str
-    recipient: str
-    message: bytes = field(repr=False)
-    attempts: int
-
-
 # The columns replies are counted by (each has an index with created_at).
 _REPLY_COUNTS = frozenset({"rcpt_key", "rcpt_domain", "mailbox"})
-
-CLOSED_STATUSES = frozenset({"closed", "resolved", "processed"})
-
-
-@dataclass(frozen=True)
-class LedgerRow:
-    """What the ledger holds of one message. ``size`` is the size the server listed
-    (None in rows older than migration 3); ``needed`` the bytes a message left on the
-    server needs to be taken whole; ``deleted_at`` when a QUIT confirmed its deletion."""
-
-    size: int | None
-    needed: int | None
-    message_id: str | None
-    sha256: str
-    outcome: str
-    request_number: int | None
-    deleted_at: str | None
-
-    @property
-    def kept(self) -> bool:
-        """Left on the server, not taken whole (see engine.errors.MessageKept)."""
-        return self.outcome.startswith("kept:")
 
 
 def hash_password(password: str, *, salt: bytes | None = None) -> str:
