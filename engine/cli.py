@@ -13,22 +13,21 @@ mailintegration /Login:system /Password:… /Team:1 /ConfigFilePath:C:\\x.xml
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
 import sqlite3
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import anyio
 
-from engine import logs
+from engine import commands, logs
 from engine.errors import AuthenticationFailed, ConfigError, EngineError
-from engine.store import SqliteStore, open_store, store_error
+from engine.store import store_error
 
 log = logging.getLogger("engine.cli")
 
@@ -266,20 +265,17 @@ def run() -> NoReturn:
     os._exit(code)
 
 
+# What each subcommand runs: the only way this module reaches engine.commands.
+COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
+    "once": commands.cmd_once,
+    "run": commands.cmd_run,
+    "ingest": commands.cmd_ingest,
+    "check": commands.cmd_check,
+    "requests": commands.cmd_requests,
+    "directory": commands.cmd_directory,
+    "status": commands.cmd_status,
+}
+
+
 async def _dispatch(args: argparse.Namespace) -> int:
-    from engine import commands
-
-    handler: Any = getattr(commands, f"cmd_{args.command}")
-    result: int = await handler(args)
-    return result
-
-
-async def open_for_reading(data_dir: Path) -> SqliteStore:
-    """The store, read-only: works on a read-only data directory, and never changes it."""
-    if not (data_dir / "mailintegration.sqlite3").exists():
-        raise EngineError(f"no store in {data_dir}: nothing has run there yet (see --data-dir)")
-    return await open_store(data_dir, read_only=True)
-
-
-def print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+    return await COMMANDS[args.command](args)

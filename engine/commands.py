@@ -1,4 +1,8 @@
-"""What each subcommand does, once :mod:`engine.cli` has parsed the command line."""
+"""What each subcommand does, once :mod:`engine.cli` has parsed the command line.
+
+This module never imports :mod:`engine.cli` (cli reaches it through its table of commands),
+and nothing else in the engine imports this one.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,12 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
 
 from engine import logs
-from engine.cli import open_for_reading, print_json
 from engine.errors import AuthenticationFailed, ConfigError, EngineError, FetchError
 from engine.store import DataDirLock, SqliteStore, open_store, private_file
 
@@ -28,6 +31,17 @@ if TYPE_CHECKING:
 _PIPELINE = ("engine.supervisor", "engine.ops", "engine.pop3")
 
 log = logging.getLogger("engine.cli")
+
+
+async def open_for_reading(data_dir: Path) -> SqliteStore:
+    """The store, read-only: works on a read-only data directory, and never changes it."""
+    if not (data_dir / "mailintegration.sqlite3").exists():
+        raise EngineError(f"no store in {data_dir}: nothing has run there yet (see --data-dir)")
+    return await open_store(data_dir, read_only=True)
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False, default=str))
 
 
 def _import_pipeline() -> None:
