@@ -21,7 +21,7 @@ import anyio.to_thread
 
 from engine import logs
 from engine.errors import AuthenticationFailed, ConfigError, EngineError, FetchError
-from engine.store import DataDirLock, SqliteStore, open_store, private_file
+from engine.store import DataDirLock, Store, open_store, private_file
 
 if TYPE_CHECKING:
     from engine.supervisor import Engine, MailboxOutcome, MailboxSource
@@ -33,7 +33,7 @@ _PIPELINE = ("engine.supervisor", "engine.ops", "engine.pop3")
 log = logging.getLogger("engine.cli")
 
 
-async def open_for_reading(data_dir: Path) -> SqliteStore:
+async def open_for_reading(data_dir: Path) -> Store:
     """The store, read-only: works on a read-only data directory, and never changes it."""
     if not (data_dir / "mailintegration.sqlite3").exists():
         raise EngineError(f"no store in {data_dir}: nothing has run there yet (see --data-dir)")
@@ -65,7 +65,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
     )
 
 
-async def _login(store: SqliteStore, args: argparse.Namespace) -> str:
+async def _login(store: Store, args: argparse.Namespace) -> str:
     """Check the login; meanwhile import the pipeline (see _PIPELINE), in a thread."""
     if not args.login or not args.password:
         raise AuthenticationFailed(
@@ -379,18 +379,10 @@ async def cmd_directory(args: argparse.Namespace) -> int:
     # No engine lock: SQLite's BEGIN IMMEDIATE serialises this with a running engine's writer.
     store = await open_store(args.data_dir)
     try:
-        await store.begin()
-        try:
-            counts = await store.import_directory(data)
-            await store.commit()
-        except (KeyError, TypeError, ValueError) as exc:
-            await store.rollback()
-            raise ConfigError(
-                f"the directory file is malformed: {exc!r}", file=str(args.file)
-            ) from exc
-        except BaseException:
-            await store.rollback()
-            raise
+        async with store.transaction() as tx:
+            counts = await tx.import_directory(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"the directory file is malformed: {exc!r}", file=str(args.file)) from exc
     finally:
         await store.close()
     print("imported: " + ", ".join(f"{v} {k}" for k, v in counts.items()))

@@ -5,6 +5,7 @@ so every stage (session, parse, processors, writer, store) can use it without im
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -119,3 +120,22 @@ class PendingReply:
     recipient: str
     message: bytes = field(repr=False)
     attempts: int
+
+
+@dataclass(frozen=True)
+class DirectoryView:
+    """The read-only questions a processor may ask: users, teams, and the requests a message
+    may refer to. The store's transaction makes one (its ``directory``); it holds that
+    transaction's read methods and nothing else, so a processor cannot write. Each answer
+    sees the transaction's own writes (a request created earlier in the same batch).
+
+    A test builds one from plain functions, without a store.
+    """
+
+    user_by_email: Callable[[str], Awaitable[User | None]]
+    user_by_login: Callable[[str], Awaitable[User | None]]
+    # A team by number or name; with no reference, the only team if there is just one.
+    team: Callable[[str | int | None], Awaitable[Team | None]]
+    request: Callable[[int], Awaitable[RequestRef | None]]
+    # The request a message with one of these Message-IDs created or updated (first match).
+    request_by_message_id: Callable[[Sequence[str]], Awaitable[RequestRef | None]]

@@ -38,7 +38,7 @@ from engine.items import DirectoryCheck, Envelope, Item, SessionReport
 from engine.keys import ingest_key
 from engine.ops import Health, Metrics
 from engine.outbox import Outbox
-from engine.store import SqliteStore
+from engine.store import Store
 from engine.writer import ReplyLimits, Writer
 
 log = logging.getLogger("engine.supervisor")
@@ -181,7 +181,7 @@ class MailboxOutcome:
 class Engine:
     """The pipeline for one data directory: fetchers → bounded queue → writer → store."""
 
-    def __init__(self, store: SqliteStore, settings: EngineSettings) -> None:
+    def __init__(self, store: Store, settings: EngineSettings) -> None:
         self.store = store
         self.settings = settings
         self.metrics = Metrics() if settings.metrics else None

@@ -135,11 +135,10 @@ def test_group_commit_batches_many_messages_into_few_transactions(
 
         data = tmp_path / "data"
         store = await open_store(data)
-        await store.begin()
         from support import DIRECTORY
 
-        await store.import_directory(DIRECTORY)
-        await store.commit()
+        async with store.transaction() as tx:
+            await tx.import_directory(DIRECTORY)
         cfg_path = mailbox_xml(tmp_path / "m.xml", port=110, user="u", password="p")
         cfg = load_mailbox(cfg_path)
         metrics = Metrics()
@@ -646,9 +645,8 @@ def test_byte_budget_is_given_back_when_a_session_fails_mid_window(tmp_path: Pat
 
         async def go() -> tuple[int, str | None]:
             store = await open_store(tmp_path / "data")
-            await store.begin()
-            await store.import_directory(DIRECTORY)
-            await store.commit()
+            async with store.transaction() as tx:
+                await tx.import_directory(DIRECTORY)
             engine = Engine(store, EngineSettings(data_dir=tmp_path / "data", created_by=LOGIN))
             [outcome] = await engine.once([MailboxSource("w", cfg)])
             await store.close()

@@ -295,17 +295,16 @@ def test_a_mailbox_whose_server_name_changes_keeps_its_ledger_account(tmp_path: 
                 await writer.apply([check])
                 got.append(check.account)
                 if len(got) == 1:
-                    await store.begin()
-                    await store.record_ledger(
-                        account=check.account,
-                        uidl="uid-1",
-                        mailbox="box",
-                        message_id=None,
-                        sha256="0" * 64,
-                        outcome="created",
-                        request_number=None,
-                    )
-                    await store.commit()
+                    async with store.transaction() as tx:
+                        await tx.record_ledger(
+                            account=check.account,
+                            uidl="uid-1",
+                            mailbox="box",
+                            message_id=None,
+                            sha256="0" * 64,
+                            outcome="created",
+                            request_number=None,
+                        )
         finally:
             await store.close()
         return got

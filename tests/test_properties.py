@@ -82,9 +82,8 @@ def test_any_message_ends_in_a_committed_outcome(tmp_path: Path, raws: list[byte
     async def go() -> list[Envelope]:
         store = await open_store(tmp_path / f"data-{time.monotonic_ns()}")
         try:
-            await store.begin()
-            await store.import_directory(DIRECTORY)
-            await store.commit()
+            async with store.transaction() as tx:
+                await tx.import_directory(DIRECTORY)
             writer = Writer(store, created_by=LOGIN)
             envelopes = [make_envelope(cfg, f"u{i}", raw) for i, raw in enumerate(raws)]
             with anyio.fail_after(30):

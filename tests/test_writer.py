@@ -20,7 +20,7 @@ from support import DIRECTORY, LOGIN, mailbox_xml
 from engine.config import MailboxConfig, load_mailbox
 from engine.items import Envelope, Item
 from engine.model import Attachment, ParsedMessage
-from engine.store import SqliteStore, open_store
+from engine.store import SqliteStore, SqliteTransaction, open_store
 from engine.writer import Writer
 
 
@@ -50,9 +50,8 @@ def parsed(i: int, *, sender: str = "john.doe@example.com", attachments: int = 0
 
 async def fresh_store(tmp_path: Path) -> tuple[SqliteStore, MailboxConfig]:
     store = await open_store(tmp_path / "data")
-    await store.begin()
-    await store.import_directory(DIRECTORY)
-    await store.commit()
+    async with store.transaction() as tx:
+        await tx.import_directory(DIRECTORY)
     cfg = load_mailbox(mailbox_xml(tmp_path / "m.xml", port=110, user="u", password="p"))
     return store, cfg
 
@@ -75,16 +74,16 @@ def test_a_message_failing_half_way_is_undone_alone(
 
     async def go() -> list[Envelope]:
         store, cfg = await fresh_store(tmp_path)
-        real = SqliteStore.add_attachments
+        real = SqliteTransaction.add_attachments
 
-        async def add_attachments(self: SqliteStore, number: int, *args: Any) -> None:
+        async def add_attachments(self: SqliteTransaction, number: int, *args: Any) -> None:
             await real(self, number, *args)
             # The request is not committed yet: only this connection sees it.
             row = await self._one("SELECT subject FROM requests WHERE number = ?", (number,))
             if row is not None and row[0] == "Printer 3 is jammed":
                 raise RuntimeError("a processor bug after the first write")
 
-        monkeypatch.setattr(SqliteStore, "add_attachments", add_attachments)
+        monkeypatch.setattr(SqliteTransaction, "add_attachments", add_attachments)
         envelopes = [
             Envelope(mailbox=cfg, uidl=f"u{i}", raw=f"message {i}".encode(), parsed=parsed(i))
             for i in range(6)
@@ -228,11 +227,10 @@ def test_a_directory_import_beside_the_engine_is_seen_by_its_next_transaction(
         first = Envelope(mailbox=cfg, uidl="u1", raw=b"x", parsed=parsed(1, sender="new@x.org"))
         await feed(writer, [first])
         other = await open_store(tmp_path / "data")
-        await other.begin()
-        await other.import_directory(
-            {"users": [{"login": "newbie", "email": "new@x.org", "name": "New Hire"}]}
-        )
-        await other.commit()
+        async with other.transaction() as tx:
+            await tx.import_directory(
+                {"users": [{"login": "newbie", "email": "new@x.org", "name": "New Hire"}]}
+            )
         await other.close()
         second = Envelope(mailbox=cfg, uidl="u2", raw=b"x", parsed=parsed(2, sender="new@x.org"))
         await feed(writer, [second])

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from engine.errors import MessageError
-from engine.model import ParsedMessage
-from engine.processors import Context, Decision, Directory, Ignore, NewRequest, Refuse
+from engine.model import DirectoryView, ParsedMessage
+from engine.processors import Context, Decision, Ignore, NewRequest, Refuse
 from engine.processors.common import (
     activity_for,
     is_auto_reply,
@@ -22,7 +22,7 @@ class UnknownFallbackUser(MessageError):
     )
 
 
-async def decide(msg: ParsedMessage, ctx: Context, directory: Directory) -> Decision:
+async def decide(msg: ParsedMessage, ctx: Context, directory: DirectoryView) -> Decision:
     request, via = await referenced_request(msg, ctx, directory)
     if request is not None:
         return activity_for(msg, ctx, request, via)
