@@ -459,8 +459,18 @@ class Engine:
             await env.done.wait()
             outcome.dry_run_lines.append(f"{env.uidl}: {env.explanation}")
         self._account(src.name, outcome)
-        if self.settings.dry_run:
-            return outcome
+        if not self.settings.dry_run:
+            await self._report(src, cfg, outcome, send)
+        return outcome
+
+    async def _report(
+        self,
+        src: MailboxSource,
+        cfg: MailboxConfig | None,
+        outcome: MailboxOutcome,
+        send: MemoryObjectSendStream[Item],
+    ) -> None:
+        """Have the writer record how the session ended (its outage events, its status)."""
         result = outcome.result or SessionResult()
         report = SessionReport(
             name=src.name,
@@ -479,7 +489,6 @@ class Engine:
             await submit(send, report)
         except StoreError as exc:
             log.error("mailbox=%s could not record the session: %s", src.name, exc)
-        return outcome
 
     def _account(self, name: str, outcome: MailboxOutcome) -> None:
         m, r, err = self.metrics, outcome.result, outcome.error
