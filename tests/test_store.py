@@ -97,7 +97,7 @@ def test_every_read_of_a_transaction_sees_its_own_writes(tmp_path: Path) -> None
                 request_number=mail,
             )
             await tx.add_activity(mail, author="a", email="", body="b")
-            seen = {
+            seen: dict[str, Any] = {
                 "request": await tx.request(mail),
                 "directory.request": await tx.directory.request(mail),
                 "by_message_id": await tx.request_by_message_id(["reply-source@example.org"]),

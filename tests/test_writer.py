@@ -109,6 +109,7 @@ def test_a_message_failing_half_way_is_undone_alone(
     assert [u for u, _ in ledger] == [f"u{i}" for i in range(6)]
     assert dict(ledger)["u3"] == "failed: processor-error"
     assert "done again with a savepoint per message" in caplog.text
+    assert "a message failed half-way (a processor bug after the first write)" in caplog.text
     # The rolled-back request gave its number back: no gap in what users see.
     numbers = [r[0] for r in rows_of(tmp_path, "SELECT number FROM requests ORDER BY number")]
     assert numbers == list(range(1, 7))

@@ -152,8 +152,12 @@ class SqliteStore(Store):
                     with anyio.CancelScope(shield=True):
                         await tx.rollback()
                     raise
-        except BaseExceptionGroup as group:  # the task group wraps what the block raised
-            raise sole(group) from None
+        except BaseExceptionGroup as group:
+            # The task group wraps what the block raised: raise that, with its own cause.
+            exc = sole(group)
+            if exc is group:
+                raise
+            raise exc from exc.__cause__
 
     def forget_directory(self) -> None:
         """Drop the cached directory (it changed, or this connection changed it)."""
