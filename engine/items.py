@@ -56,7 +56,8 @@ class Outcome:
     note: str | None = None  # for people: why it failed, or the dry-run explanation
 
     def __str__(self) -> str:
-        return self.kind.value if self.detail is None else f"{self.kind.value}: {self.detail}"
+        kind: str = self.kind._value_  # not .value: an enum property, twice the cost here
+        return kind if self.detail is None else f"{kind}: {self.detail}"
 
     @classmethod
     def from_ledger(cls, text: str, request_number: int | None = None) -> Outcome:
