@@ -13,22 +13,21 @@ mailintegration /Login:system /Password:… /Team:1 /ConfigFilePath:C:\\x.xml
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
 import sqlite3
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import anyio
 
-from engine import logs
+from engine import commands, logs
 from engine.errors import AuthenticationFailed, ConfigError, EngineError
-from engine.store import SqliteStore, open_store, store_error
+from engine.store import store_error
 
 log = logging.getLogger("engine.cli")
 
@@ -73,121 +72,148 @@ def translate_original(argv: Sequence[str]) -> list[str] | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mailintegration", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_once, _run, _ingest, _check, _requests, _directory, _status):
+        add(sub)
+    return p
 
-    def data_dir(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument(
-            "--data-dir",
-            type=Path,
-            default=Path(os.environ.get("MAILINTEGRATION_DATA_DIR", "data")),
-            help="database, attachments and logs (env MAILINTEGRATION_DATA_DIR, default ./data)",
-        )
 
-    def engine_opts(sp: argparse.ArgumentParser) -> None:
-        data_dir(sp)
-        sp.add_argument("--team", help="default team (number or name) for mailboxes without one")
-        sp.add_argument("--login", default=os.environ.get("MAILINTEGRATION_LOGIN"))
-        sp.add_argument("--password", default=os.environ.get("MAILINTEGRATION_PASSWORD"))
-        sp.add_argument("--log-file", type=Path, help="also log to this file")
-        sp.add_argument("--log-format", choices=["text", "json"], default="text")
-        sp.add_argument("--debug", action="store_true", help="debug log and RawMessage files")
-        sp.add_argument("--max-sessions", type=_at_least(1), default=16)
-        sp.add_argument("--queue-size", type=_at_least(1), default=256)
-        sp.add_argument(
-            "--parse-processes",
-            type=_at_least(0),
-            default=None,
-            help="processes that parse messages (default: one per CPU but one; 0: threads only)",
-        )
-        replies = sp.add_argument_group(
-            "automatic replies", "rate limits, counted over every mailbox of the data directory"
-        )
-        replies.add_argument(
-            "--replies-per-address-per-day",
-            type=_at_least(0),
-            default=5,
-            help="to one address, case, +tag and quoting ignored (default 5)",
-        )
-        replies.add_argument(
-            "--replies-per-domain-per-hour",
-            type=_at_least(0),
-            default=20,
-            help="to the addresses of one domain (default 20)",
-        )
-        replies.add_argument(
-            "--replies-per-mailbox-per-hour",
-            type=_at_least(0),
-            default=60,
-            help="from one mailbox (default 60)",
-        )
+# The subcommands' arguments; what each one does is in engine.commands (see COMMANDS).
 
-    def http_opts(sp: argparse.ArgumentParser, port: int, help_port: str) -> None:
-        sp.add_argument("--http-port", type=int, default=port, help=help_port)
-        sp.add_argument("--http-host", default="127.0.0.1")
-        sp.add_argument(
-            "--http-max-connections",
-            type=_at_least(1),
-            default=100,
-            help="open HTTP connections at once; more are closed at once (default 100)",
-        )
 
-    def follow_symlinks(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument(
-            "--follow-symlinks",
-            action="store_true",
-            help="read mailbox files (and team folders) that are symbolic links, if they lead "
-            "to a place inside the config folder (Kubernetes ConfigMap volumes need this); "
-            "off by default, and links leading out of the folder are refused anyway",
-        )
-
+def _once(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     once = sub.add_parser("once", help="one pass over the mailboxes, then exit")
     src = once.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", type=Path, help="one mailbox XML file")
     src.add_argument("--config-dir", type=Path, help="a folder of mailbox XML files")
     once.add_argument("--dry-run", action="store_true", help="fetch and explain; change nothing")
-    http_opts(once, 0, "serve /healthz, /metrics")
-    follow_symlinks(once)
-    engine_opts(once)
+    _http_opts(once, 0, "serve /healthz, /metrics")
+    _follow_symlinks(once)
+    _engine_opts(once)
 
+
+def _run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = sub.add_parser("run", help="the daemon: poll every mailbox, hot-reload the folder")
     run.add_argument("--config-dir", type=Path, default=Path("mailboxes.d"))
     run.add_argument("--poll-interval", type=float, default=60.0, help="seconds (default 60)")
     run.add_argument("--reload-seconds", type=float, default=2.0)
     run.add_argument("--grace-seconds", type=float, default=30.0)
-    http_opts(run, 8080, "0 turns the endpoint off")
-    follow_symlinks(run)
-    engine_opts(run)
+    _http_opts(run, 8080, "0 turns the endpoint off")
+    _follow_symlinks(run)
+    _engine_opts(run)
 
+
+def _ingest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ingest = sub.add_parser("ingest", help="process .eml files as if fetched from a mailbox")
     ingest.add_argument("files", type=Path, nargs="+")
     ingest.add_argument("--config", type=Path, required=True)
     ingest.add_argument("--dry-run", action="store_true")
-    engine_opts(ingest)
+    _engine_opts(ingest)
 
+
+def _check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     check = sub.add_parser("check", help="test a mailbox's POP3 connection; change nothing")
     check.add_argument("--config", type=Path, required=True)
 
+
+def _requests(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     req = sub.add_parser("requests", help="show requests")
     req_sub = req.add_subparsers(dest="action", required=True)
     rl = req_sub.add_parser("list")
     rl.add_argument("--type", choices=["incident", "event"])
     rl.add_argument("--status")
     rl.add_argument("--json", action="store_true")
-    data_dir(rl)
+    _data_dir(rl)
     rs = req_sub.add_parser("show")
     rs.add_argument("number", type=int)
     rs.add_argument("--json", action="store_true")
-    data_dir(rs)
+    _data_dir(rs)
 
+
+def _directory(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = sub.add_parser("directory", help="load the directory")
     d_sub = d.add_subparsers(dest="action", required=True)
     di = d_sub.add_parser("import")
     di.add_argument("file", type=Path)
-    data_dir(di)
+    _data_dir(di)
 
+
+def _status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     st = sub.add_parser("status", help="per-mailbox status from the store")
     st.add_argument("--json", action="store_true")
-    data_dir(st)
-    return p
+    _data_dir(st)
+
+
+def _data_dir(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("MAILINTEGRATION_DATA_DIR", "data")),
+        help="database, attachments and logs (env MAILINTEGRATION_DATA_DIR, default ./data)",
+    )
+
+
+def _engine_opts(sp: argparse.ArgumentParser) -> None:
+    _data_dir(sp)
+    sp.add_argument("--team", help="default team (number or name) for mailboxes without one")
+    sp.add_argument("--login", default=os.environ.get("MAILINTEGRATION_LOGIN"))
+    sp.add_argument("--password", default=os.environ.get("MAILINTEGRATION_PASSWORD"))
+    sp.add_argument("--log-file", type=Path, help="also log to this file")
+    sp.add_argument("--log-format", choices=["text", "json"], default="text")
+    sp.add_argument("--debug", action="store_true", help="debug log and RawMessage files")
+    sp.add_argument("--max-sessions", type=_at_least(1), default=16)
+    sp.add_argument("--queue-size", type=_at_least(1), default=256)
+    sp.add_argument(
+        "--parse-processes",
+        type=_at_least(0),
+        default=None,
+        help="processes that parse messages (default: one per CPU but one; 0: threads only)",
+    )
+    _reply_limits(sp)
+
+
+def _reply_limits(sp: argparse.ArgumentParser) -> None:
+    replies = sp.add_argument_group(
+        "automatic replies", "rate limits, counted over every mailbox of the data directory"
+    )
+    replies.add_argument(
+        "--replies-per-address-per-day",
+        type=_at_least(0),
+        default=5,
+        help="to one address, case, +tag and quoting ignored (default 5)",
+    )
+    replies.add_argument(
+        "--replies-per-domain-per-hour",
+        type=_at_least(0),
+        default=20,
+        help="to the addresses of one domain (default 20)",
+    )
+    replies.add_argument(
+        "--replies-per-mailbox-per-hour",
+        type=_at_least(0),
+        default=60,
+        help="from one mailbox (default 60)",
+    )
+
+
+def _http_opts(sp: argparse.ArgumentParser, port: int, help_port: str) -> None:
+    sp.add_argument("--http-port", type=int, default=port, help=help_port)
+    sp.add_argument("--http-host", default="127.0.0.1")
+    sp.add_argument(
+        "--http-max-connections",
+        type=_at_least(1),
+        default=100,
+        help="open HTTP connections at once; more are closed at once (default 100)",
+    )
+
+
+def _follow_symlinks(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="read mailbox files (and team folders) that are symbolic links, if they lead "
+        "to a place inside the config folder (Kubernetes ConfigMap volumes need this); "
+        "off by default, and links leading out of the folder are refused anyway",
+    )
 
 
 def _at_least(low: int) -> Callable[[str], int]:
@@ -266,20 +292,17 @@ def run() -> NoReturn:
     os._exit(code)
 
 
+# What each subcommand runs: the only way this module reaches engine.commands.
+COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
+    "once": commands.cmd_once,
+    "run": commands.cmd_run,
+    "ingest": commands.cmd_ingest,
+    "check": commands.cmd_check,
+    "requests": commands.cmd_requests,
+    "directory": commands.cmd_directory,
+    "status": commands.cmd_status,
+}
+
+
 async def _dispatch(args: argparse.Namespace) -> int:
-    from engine import commands
-
-    handler: Any = getattr(commands, f"cmd_{args.command}")
-    result: int = await handler(args)
-    return result
-
-
-async def open_for_reading(data_dir: Path) -> SqliteStore:
-    """The store, read-only: works on a read-only data directory, and never changes it."""
-    if not (data_dir / "mailintegration.sqlite3").exists():
-        raise EngineError(f"no store in {data_dir}: nothing has run there yet (see --data-dir)")
-    return await open_store(data_dir, read_only=True)
-
-
-def print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+    return await COMMANDS[args.command](args)

@@ -1,4 +1,8 @@
-"""What each subcommand does, once :mod:`engine.cli` has parsed the command line."""
+"""What each subcommand does, once :mod:`engine.cli` has parsed the command line.
+
+This module never imports :mod:`engine.cli` (cli reaches it through its table of commands),
+and nothing else in the engine imports this one.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,14 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
 
 from engine import logs
-from engine.cli import open_for_reading, print_json
 from engine.errors import AuthenticationFailed, ConfigError, EngineError, FetchError
-from engine.store import DataDirLock, SqliteStore, open_store, private_file
+from engine.store import DataDirLock, Store, open_store, private_file
 
 if TYPE_CHECKING:
     from engine.supervisor import Engine, MailboxOutcome, MailboxSource
@@ -28,6 +31,17 @@ if TYPE_CHECKING:
 _PIPELINE = ("engine.supervisor", "engine.ops", "engine.pop3")
 
 log = logging.getLogger("engine.cli")
+
+
+async def open_for_reading(data_dir: Path) -> Store:
+    """The store, read-only: works on a read-only data directory, and never changes it."""
+    if not (data_dir / "mailintegration.sqlite3").exists():
+        raise EngineError(f"no store in {data_dir}: nothing has run there yet (see --data-dir)")
+    return await open_store(data_dir, read_only=True)
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False, default=str))
 
 
 def _import_pipeline() -> None:
@@ -51,7 +65,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
     )
 
 
-async def _login(store: SqliteStore, args: argparse.Namespace) -> str:
+async def _login(store: Store, args: argparse.Namespace) -> str:
     """Check the login; meanwhile import the pipeline (see _PIPELINE), in a thread."""
     if not args.login or not args.password:
         raise AuthenticationFailed(
@@ -205,6 +219,7 @@ async def cmd_ingest(args: argparse.Namespace) -> int:
             raise ConfigError(f"{f} is not a readable file")
 
     async def body(engine: Engine) -> int:
+        from engine.items import Kind
         from engine.supervisor import MailboxSource
 
         results = await engine.ingest(MailboxSource(args.config.stem, args.config), args.files)
@@ -217,7 +232,7 @@ async def cmd_ingest(args: argparse.Namespace) -> int:
             what = env.explanation if env.dry_run else env.outcome
             number = f" #{env.request_number}" if env.request_number else ""
             print(logs.scrub(f"{path}: {what}{number}"))
-            failed += bool(env.outcome and env.outcome.startswith("failed"))
+            failed += env.outcome is not None and env.outcome.kind is Kind.FAILED
         return 0 if failed == 0 else 1
 
     return await _engine(args, body)
@@ -364,18 +379,10 @@ async def cmd_directory(args: argparse.Namespace) -> int:
     # No engine lock: SQLite's BEGIN IMMEDIATE serialises this with a running engine's writer.
     store = await open_store(args.data_dir)
     try:
-        await store.begin()
-        try:
-            counts = await store.import_directory(data)
-            await store.commit()
-        except (KeyError, TypeError, ValueError) as exc:
-            await store.rollback()
-            raise ConfigError(
-                f"the directory file is malformed: {exc!r}", file=str(args.file)
-            ) from exc
-        except BaseException:
-            await store.rollback()
-            raise
+        async with store.transaction() as tx:
+            counts = await tx.import_directory(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"the directory file is malformed: {exc!r}", file=str(args.file)) from exc
     finally:
         await store.close()
     print("imported: " + ", ".join(f"{v} {k}" for k, v in counts.items()))

@@ -35,8 +35,9 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from engine.config import MailboxConfig
 from engine.errors import FetchError, FetchTimeout, MessageError, MessageKept, StoreError, sole
+from engine.items import DirectoryCheck, Envelope, Item, Kind, KnownQuery, Outcome
 from engine.keys import content_key, reused_key
-from engine.model import ParsedMessage
+from engine.model import LedgerRow, ParsedMessage
 from engine.parse import parse_many, parse_raw, with_raw
 from engine.pop3 import (
     HEADER_BYTES,
@@ -47,8 +48,6 @@ from engine.pop3 import (
     Request,
     read_cap,
 )
-from engine.store import LedgerRow
-from engine.writer import KEPT_AGAIN, DirectoryCheck, Envelope, Item, KnownQuery
 
 log = logging.getLogger("engine.fetcher")
 
@@ -457,11 +456,11 @@ async def _session(
                     await env.done.wait()
                 if env.failure is not None or env.outcome is None:
                     raise StoreError(f"message {env.uidl} was not committed: {env.failure}")
-                if env.outcome.startswith("kept"):
+                if env.outcome.kind is Kind.KEPT:
                     # Left on the server, never deleted; a failure event the first time.
-                    result.failed += env.outcome != KEPT_AGAIN
+                    result.failed += env.outcome.failed
                     continue
-                if env.outcome.startswith("failed"):
+                if env.outcome.kind is Kind.FAILED:
                     result.failed += 1
                 else:
                     result.processed += 1
@@ -634,7 +633,7 @@ def _known(t: Todo, env: Envelope, result: SessionResult) -> bool:
         return False
     sha = env.parsed.sha256 if env.parsed is not None else hashlib.sha256(env.raw).hexdigest()
     if sha == row.sha256:
-        env.outcome = "duplicate"
+        env.outcome = Outcome(Kind.DUPLICATE)
         env.done.set()
         if row.deleted_at is not None:
             result.kept_deleted = (result.kept_deleted or 0) + 1

@@ -1,7 +1,11 @@
-"""What flows through the pipeline: parsed messages and the operations decided for them."""
+"""The shared vocabulary of the pipeline: parsed messages, the directory and the rows the
+session and the outbox read. Plain frozen dataclasses: this module imports no pipeline stage,
+so every stage (session, parse, processors, writer, store) can use it without importing another.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -42,3 +46,96 @@ class ParsedMessage:
     auto_reason: str | None
     is_bounce: bool
     notes: tuple[str, ...] = ()
+
+
+# -- the directory (read by processors through a view, written only by `directory import`) --
+
+
+@dataclass(frozen=True)
+class User:
+    """A user of the directory: a requester, a fallback user or an assignee."""
+
+    id: int
+    login: str
+    email: str | None
+    name: str
+    site: str | None
+
+
+@dataclass(frozen=True)
+class Team:
+    """A team: every request belongs to one. ``default_group`` is its group by default."""
+
+    id: int
+    number: int
+    name: str
+    default_group: str | None
+
+
+@dataclass(frozen=True)
+class RequestRef:
+    """What a processor needs to know of an existing request to add to it."""
+
+    number: int
+    team_id: int
+    type: str
+    status: str
+    kind: str
+
+
+# A reply to a request in one of these states reopens it.
+CLOSED_STATUSES = frozenset({"closed", "resolved", "processed"})
+
+
+# -- rows the session and the outbox read ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    """What the ledger holds of one message. ``size`` is the size the server listed
+    (None in rows older than migration 3); ``needed`` the bytes a message left on the
+    server needs to be taken whole; ``deleted_at`` when a QUIT confirmed its deletion.
+    ``outcome`` is the ledger text (see :class:`engine.items.Outcome`)."""
+
+    size: int | None
+    needed: int | None
+    message_id: str | None
+    sha256: str
+    outcome: str
+    request_number: int | None
+    deleted_at: str | None
+
+    @property
+    def kept(self) -> bool:
+        """Left on the server, not taken whole (see engine.errors.MessageKept)."""
+        return self.outcome.startswith("kept:")
+
+
+@dataclass(frozen=True)
+class PendingReply:
+    """An outbox row to send."""
+
+    id: int
+    mailbox: str
+    recipient: str
+    message: bytes = field(repr=False)
+    attempts: int
+
+
+@dataclass(frozen=True)
+class DirectoryView:
+    """The read-only questions a processor may ask: users, teams, and the requests a message
+    may refer to. The store's transaction makes one (its ``directory``); it holds that
+    transaction's read methods and nothing else, so a processor cannot write. Each answer
+    sees the transaction's own writes (a request created earlier in the same batch).
+
+    A test builds one from plain functions, without a store.
+    """
+
+    user_by_email: Callable[[str], Awaitable[User | None]]
+    user_by_login: Callable[[str], Awaitable[User | None]]
+    # A team by number or name; with no reference, the only team if there is just one.
+    team: Callable[[str | int | None], Awaitable[Team | None]]
+    request: Callable[[int], Awaitable[RequestRef | None]]
+    # The request a message with one of these Message-IDs created or updated (first match).
+    request_by_message_id: Callable[[Sequence[str]], Awaitable[RequestRef | None]]

@@ -5,14 +5,14 @@ its commit and before it took the next batch. Now the protocol between the two i
 
 1. The writer records a reply (an outbox row) in the transaction of the message it answers,
    and calls :meth:`Outbox.wake` once that transaction has committed.
-2. The outbox asks for the rows that are due with an :class:`~engine.writer.OutboxFetch`
+2. The outbox asks for the rows that are due with an :class:`~engine.items.OutboxFetch`
    item on the writer's queue (only the writer touches the store), for the mailboxes whose
    SMTP settings it knows, and sends each in a worker thread, a few at a time.
 3. Each send is bounded by an overall deadline (``DEADLINE_FACTOR`` x the SMTP
    ``timeoutSeconds``, the socket time-out bounding each operation within it, and never past
    the end of a drain); past it the socket is shut down, which ends the blocked thread, and
    the attempt is recorded as failed (to be retried).
-4. Its result goes back as an :class:`~engine.writer.OutboxResult` item: sent; or to be
+4. Its result goes back as an :class:`~engine.items.OutboxResult` item: sent; or to be
    retried after an exponential backoff; or, after ``max_attempts`` or a permanent (5xx)
    answer, failed for good with the error (scrubbed of secrets) on the row.
 
@@ -35,9 +35,9 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from engine import logs
 from engine.config import SmtpConfig
+from engine.items import Item, OutboxFetch, OutboxResult
+from engine.model import PendingReply
 from engine.reply import Delivery, one_line
-from engine.store import PendingReply
-from engine.writer import Item, OutboxFetch, OutboxResult
 
 log = logging.getLogger("engine.outbox")
 

@@ -34,11 +34,12 @@ from engine.fetcher import (
     run_session,
     submit,
 )
+from engine.items import DirectoryCheck, Envelope, Item, SessionReport
 from engine.keys import ingest_key
 from engine.ops import Health, Metrics
 from engine.outbox import Outbox
-from engine.store import SqliteStore
-from engine.writer import DirectoryCheck, Envelope, Item, ReplyLimits, SessionReport, Writer
+from engine.store import Store
+from engine.writer import ReplyLimits, Writer
 
 log = logging.getLogger("engine.supervisor")
 
@@ -180,7 +181,7 @@ class MailboxOutcome:
 class Engine:
     """The pipeline for one data directory: fetchers → bounded queue → writer → store."""
 
-    def __init__(self, store: SqliteStore, settings: EngineSettings) -> None:
+    def __init__(self, store: Store, settings: EngineSettings) -> None:
         self.store = store
         self.settings = settings
         self.metrics = Metrics() if settings.metrics else None
@@ -458,8 +459,18 @@ class Engine:
             await env.done.wait()
             outcome.dry_run_lines.append(f"{env.uidl}: {env.explanation}")
         self._account(src.name, outcome)
-        if self.settings.dry_run:
-            return outcome
+        if not self.settings.dry_run:
+            await self._report(src, cfg, outcome, send)
+        return outcome
+
+    async def _report(
+        self,
+        src: MailboxSource,
+        cfg: MailboxConfig | None,
+        outcome: MailboxOutcome,
+        send: MemoryObjectSendStream[Item],
+    ) -> None:
+        """Have the writer record how the session ended (its outage events, its status)."""
         result = outcome.result or SessionResult()
         report = SessionReport(
             name=src.name,
@@ -478,7 +489,6 @@ class Engine:
             await submit(send, report)
         except StoreError as exc:
             log.error("mailbox=%s could not record the session: %s", src.name, exc)
-        return outcome
 
     def _account(self, name: str, outcome: MailboxOutcome) -> None:
         m, r, err = self.metrics, outcome.result, outcome.error

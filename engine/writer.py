@@ -1,159 +1,69 @@
 """The single writer: the only code that touches the store.
 
-Fetchers send :class:`Envelope` items (one per fetched message) and a few kinds of small
-requests through one bounded memory channel. The writer takes whatever is waiting, up to a
-batch limit, and applies it in one ``BEGIN IMMEDIATE … COMMIT`` (group commit). A message that
-fails is rolled back alone (see :meth:`Writer.apply`) and recorded as a failure event in the
-same transaction as its ledger row. Only after the commit does the writer answer the items: a
-fetcher deletes a message from the server only once its answer says the outcome is durable.
+A runner, after GNU Mailman 3's ``core/runner.py``: the loop owns the commit and the safety
+net, and each kind of item has one handler (:attr:`Writer.handlers`) that only does its work
+inside the transaction it is given. The loop is
+
+1. **gather** (:meth:`Writer._gather`): whatever waits on the queue joins the batch, and while
+   messages keep coming a short linger gathers more (group commit);
+2. **one transaction** (:class:`TwoPassCommit`): each item's handler, in order, then COMMIT;
+   a message that fails becomes a failure event in the same transaction as its ledger row;
+3. **acknowledge** (:meth:`Writer.apply`): only after the commit is each item answered
+   (``done``); then a message's bytes are let go and its ``on_done`` called.
+
+A session deletes a message from the server only once its answer says the outcome is durable.
+The items and their promises are in :mod:`engine.items`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
-import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from engine import reply
-from engine.config import MailboxConfig, mailbox_copy
-from engine.errors import (
-    DirectoryError,
-    EngineError,
-    MessageError,
-    MessageKept,
-    StoreError,
-    sole,
+from engine.config import MailboxConfig
+from engine.errors import DirectoryError, MessageKept, StoreError
+from engine.items import (
+    DirectoryCheck,
+    Envelope,
+    Item,
+    Kind,
+    KnownQuery,
+    OutboxFetch,
+    OutboxResult,
+    Outcome,
+    SessionReport,
 )
-from engine.model import Attachment, ParsedMessage
+from engine.model import LedgerRow, Team
 from engine.ops import Metrics
 from engine.processors import (
     AddActivity,
+    AddNote,
+    Close,
     Context,
     Decision,
+    EventDecision,
+    NewEvent,
     NewRequest,
     Refuse,
     decide,
+    describe,
+    failure,
+    outage,
     referenced,
 )
-from engine.store import LedgerRow, PendingReply, SqliteStore, Team
+from engine.store.base import Store, Transaction
 
 log = logging.getLogger("engine.writer")
-
-# The outcome of a message left on the server before and read again unchanged: it stays
-# there (never deleted: it starts with "kept"), and there is nothing new to record or count.
-KEPT_AGAIN = "kept: as before"
-
-
-@dataclass(eq=False)
-class Item:
-    """Something for the writer. ``done`` is set once the answer is final (after commit)."""
-
-    done: anyio.Event = field(default_factory=anyio.Event, init=False)
-    failure: BaseException | None = field(default=None, init=False)
-
-
-@dataclass(eq=False)
-class Envelope(Item):
-    """One fetched message on its way to the store."""
-
-    mailbox: MailboxConfig
-    uidl: str
-    raw: bytes
-    parsed: ParsedMessage | None
-    error: MessageError | None = None
-    dry_run: bool = False
-    # The ledger's account (the one the session resolved; default: the mailbox's own).
-    account: str = ""
-    # The size the server listed (recorded in the ledger: a known UIDL is checked by it).
-    size: int | None = None
-    outcome: str | None = field(default=None, init=False)
-    request_number: int | None = field(default=None, init=False)
-    explanation: str | None = field(default=None, init=False)
-    problem: str | None = field(default=None, init=False)  # why it became a failure event
-    # Called once the answer is final (the fetcher's byte budget); never blocks.
-    on_done: Callable[[], None] | None = field(default=None, init=False, repr=False)
-    # The session sends nothing more until this is answered: no use waiting for more.
-    last: bool = field(default=False, init=False)
-
-    def __post_init__(self) -> None:
-        self.account = self.account or self.mailbox.account
-
-
-@dataclass(eq=False)
-class KnownQuery(Item):
-    """Which of these keys the ledger holds, with what it holds of them."""
-
-    account: str
-    uidls: list[str]
-    known: dict[str, LedgerRow] = field(default_factory=dict, init=False)
-
-
-@dataclass(eq=False)
-class DirectoryCheck(Item):
-    """Before a session: does the directory hold what the mailbox config names, and which
-    account does the ledger know the mailbox by (``account``, see :meth:`Writer._resolve`)?
-    ``remember``: record that account for the mailbox (not in a dry run)."""
-
-    mailbox: MailboxConfig
-    remember: bool = True
-    problem: DirectoryError | None = field(default=None, init=False)
-    account: str = field(default="", init=False)
-
-
-@dataclass(eq=False)
-class SessionReport(Item):
-    """How a mailbox session ended: opens, updates or closes its outage events.
-
-    ``config`` is the mailbox's configuration when it loaded (None when the file could not be
-    read as one): a new outage event attaches it, rebuilt from the model with its passwords
-    masked. The writer never reads the mailbox file itself.
-    """
-
-    name: str
-    path: Path
-    team: str | None
-    error: EngineError | None
-    config: MailboxConfig | None = None
-    fetched: int = 0
-    processed: int = 0
-    failed: int = 0
-    # The ledger keys whose deletion the server confirmed (QUIT), under ``account``.
-    account: str | None = None
-    deleted: list[str] = field(default_factory=list)
-    # Messages listed again although their deletion was confirmed before (None: unknown).
-    kept_deleted: int | None = None
-
-
-@dataclass(eq=False)
-class OutboxFetch(Item):
-    """The outbox asks for replies due now (see :mod:`engine.outbox`): of ``mailboxes`` only
-    (those it can send for), none of ``exclude`` (being sent), at most ``limit``."""
-
-    mailboxes: tuple[str, ...]
-    exclude: tuple[int, ...]
-    limit: int
-    due: list[PendingReply] = field(default_factory=list, init=False)
-    next_due: str | None = field(default=None, init=False)  # the next retry's time, ISO
-
-
-@dataclass(eq=False)
-class OutboxResult(Item):
-    """How one send of a reply went: sent (no ``error``), retry at ``retry_at``, or failed."""
-
-    reply_id: int
-    mailbox: str
-    error: str | None
-    retry_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -176,7 +86,32 @@ class ReplyLimits:
 @dataclass
 class WriterStats:
     transactions: int = 0
-    outcomes: Counter[str] = field(default_factory=Counter)
+    outcomes: Counter[Kind] = field(default_factory=Counter)
+
+
+@dataclass(eq=False)
+class Work:
+    """One pass of a transaction, as its handlers see it: the store's transaction, and what
+    the writer read ahead for the batch. A rolled-back pass is thrown away whole."""
+
+    tx: Transaction
+    # With a savepoint per message (the second pass of TwoPassCommit).
+    careful: bool
+    # (account, uidl) in the ledger; and those whose message was left on the server (a later
+    # session may take it whole: see Writer._ledger).
+    recorded: set[tuple[str, str]] = field(default_factory=set)
+    kept: dict[tuple[str, str], LedgerRow] = field(default_factory=dict)
+    replies: int = 0  # automatic replies recorded (the outbox is woken after the commit)
+
+
+Handler = Callable[[Work, Any], Awaitable[None]]
+
+
+class _Decided(NamedTuple):
+    """What a processor decided for a message, and the team it decided for."""
+
+    team: Team
+    decision: Decision
 
 
 class Writer:
@@ -184,7 +119,7 @@ class Writer:
 
     def __init__(
         self,
-        store: SqliteStore,
+        store: Store,
         *,
         created_by: str,
         default_team: str | None = None,
@@ -207,13 +142,20 @@ class Writer:
         self.metrics = metrics
         # Called after a commit that recorded replies: the outbox's wake-up.
         self.on_reply: Callable[[], None] | None = None
-        self._replies_queued = 0
         # The rate limits already logged as reached: (kind, key, window); logged once each.
         self._limits_logged: set[tuple[str, str, str]] = set()
-        # (account, uidl) in the ledger, as seen by the current transaction; and those whose
-        # message was left on the server (a later session may take it whole: see _ledger).
-        self._recorded: set[tuple[str, str]] = set()
-        self._kept: dict[tuple[str, str], LedgerRow] = {}
+        self._commit = TwoPassCommit(self)
+        # One handler per kind of item: all a kind of item needs of the writer.
+        self.handlers: Mapping[type[Item], Handler] = {
+            Envelope: self._commit.message,
+            KnownQuery: self._known_query,
+            DirectoryCheck: self._directory_check,
+            SessionReport: self._session_report,
+            OutboxFetch: self._outbox_fetch,
+            OutboxResult: self._outbox_result,
+        }
+
+    # -- the loop: gather -> one transaction -> acknowledge --------------------------------
 
     async def run(
         self,
@@ -223,32 +165,18 @@ class Writer:
     ) -> None:
         """Drain the channel until every sender has closed its clone, then return."""
         task_status.started()
-        # Attachment files are written by tasks of this group while transactions go on; they
-        # record their errors for the commit rather than raise.
-        try:
-            async with receive, anyio.create_task_group() as files:
-                self.store.spawn = files.start_soon
-                try:
-                    await self._drain(receive)
-                finally:
-                    self.store.spawn = None
-        except BaseExceptionGroup as group:
-            raise sole(group) from None
-
-    async def _drain(self, receive: MemoryObjectReceiveStream[Item]) -> None:
-        batch: list[Item] = []
-        while True:
-            if not batch:
-                try:
-                    batch.append(await receive.receive())
-                except anyio.EndOfStream:
-                    return
-            # Group commit: whatever is already waiting joins this transaction, and while
-            # messages keep coming a short wait gathers more.
-            await self._gather(batch, receive)
-            if self.metrics is not None:
-                self.metrics.queue_depth.set(receive.statistics().current_buffer_used)
-            batch = await self.apply(batch)
+        async with receive:
+            batch: list[Item] = []
+            while True:
+                if not batch:
+                    try:
+                        batch.append(await receive.receive())
+                    except anyio.EndOfStream:
+                        return
+                await self._gather(batch, receive)
+                if self.metrics is not None:
+                    self.metrics.queue_depth.set(receive.statistics().current_buffer_used)
+                batch = await self.apply(batch)
 
     async def _gather(self, batch: list[Item], receive: MemoryObjectReceiveStream[Item]) -> None:
         """Add what is waiting to ``batch``; with messages in it, wait up to ``linger`` for
@@ -284,120 +212,55 @@ class Writer:
                 messages = not item.last
 
     async def apply(self, batch: list[Item]) -> list[Item]:
-        """One transaction for (the head of) the batch; answer each item only once durable.
+        """One transaction for (the head of) the batch, then the answers; returns the rest
+        (see :class:`TwoPassCommit` for the bound on a transaction's time).
 
-        A transaction is bounded by count (the batch) and by time: once ``max_batch_seconds``
-        have passed it commits what it has, and the rest is returned for the next one, so a
-        fetcher never waits long for its acknowledgement behind a large batch.
-
-        The first attempt takes no savepoints (two round trips per message saved): a processor
-        only reads, so a message that fails before its first write still becomes a failure
-        event in place. Only a failure after a message's writes began sends the batch round
-        again, rolled back, with a savepoint per message so that message is undone alone.
+        Every item of the transaction is answered, committed or not, cancellation included:
+        a session that outlives the writer must never take a rolled-back message for a
+        durable one.
         """
         started = time.monotonic()
-        rest: list[Item] = []
         try:
-            careful = False
-            while True:
-                try:
-                    batch, rest = await self._transaction(batch, started, careful=careful)
-                    break
-                except _Careful as signal:
-                    log.warning(
-                        "a message failed half-way (%s): the transaction of %d item(s) is "
-                        "done again with a savepoint per message",
-                        signal.__cause__,
-                        len(batch),
-                    )
-                    await self.store.rollback()
-                    self._replies_queued = 0
-                    for item in batch:
-                        _reset(item)
-                    careful = True
+            work, batch, rest = await self._commit(batch, started)
         except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self.store.rollback()
-                except sqlite3.Error:
-                    log.exception("rollback failed")
-            self._replies_queued = 0
-            failure = StoreError(f"the store could not commit: {exc!r}")
-            # Every answer must say "not committed", cancellation included: a fetcher that
-            # outlives the writer must never take a rolled-back message for a durable one.
+            not_committed = StoreError(f"the store could not commit: {exc!r}")
             for item in batch:
-                item.failure = failure
+                item.failure = not_committed
+            _acknowledge(batch)
             if not isinstance(exc, Exception):
-                for item in rest:  # never to be handled now: answer them too
-                    item.failure = failure
-                    item.done.set()
                 raise
             log.error("transaction of %d item(s) failed, nothing is deleted: %s", len(batch), exc)
-        else:
-            self.stats.transactions += 1
-            if self.metrics is not None:
-                self.metrics.transactions.inc()
-                self.metrics.batch_size.observe(len(batch))
-                self.metrics.commit_seconds.observe(time.monotonic() - started)
-            for item in batch:
-                if isinstance(item, Envelope):
-                    self._account(item)
+            return []
+        try:
+            self._committed(batch, started)
         finally:
-            for item in batch:
-                item.done.set()
-                if isinstance(item, Envelope):
-                    # The fetcher needs only the answer now: let the bytes go.
-                    item.raw, item.parsed = b"", None
-                    if item.on_done is not None:
-                        item.on_done()
-        if self._replies_queued:
-            self._replies_queued = 0
-            if self.on_reply is not None:
-                self.on_reply()  # committed: the outbox may send them now
+            _acknowledge(batch)
+        if work.replies and self.on_reply is not None:
+            self.on_reply()  # committed: the outbox may send them now
         return rest
 
-    async def _transaction(
-        self, batch: list[Item], started: float, *, careful: bool
-    ) -> tuple[list[Item], list[Item]]:
-        """Handle and commit (the head of) ``batch``; returns it and the rest."""
-        rest: list[Item] = []
-        await self.store.begin()
-        # The ledger rows of the whole batch in one query per account, not one per message.
-        self._recorded, self._kept = set(), {}
-        wanted: dict[str, list[str]] = {}
+    def _committed(self, batch: list[Item], started: float) -> None:
+        """Count a committed transaction, and log and count its messages."""
+        self.stats.transactions += 1
+        if self.metrics is not None:
+            self.metrics.transactions.inc()
+            self.metrics.batch_size.observe(len(batch))
+            self.metrics.commit_seconds.observe(time.monotonic() - started)
         for item in batch:
-            if isinstance(item, Envelope) and not item.dry_run:
-                wanted.setdefault(item.account, []).append(item.uidl)
-        for account, uidls in wanted.items():
-            for uidl, row in (await self.store.ledger_rows(account, uidls)).items():
-                if row.kept:
-                    self._kept[account, uidl] = row
-                else:
-                    self._recorded.add((account, uidl))
-        # And the requests their subjects name (replies), in one query too.
-        await self.store.read_ahead(
-            number
-            for item in batch
-            if isinstance(item, Envelope) and item.parsed is not None
-            if (number := referenced(item.parsed, item.mailbox)) is not None
-        )
-        for i, item in enumerate(batch):
-            await self._handle(item, careful)
-            if time.monotonic() - started > self.max_batch_seconds:
-                batch, rest = batch[: i + 1], batch[i + 1 :]
-                break
-        await self.store.commit()
-        return batch, rest
+            if isinstance(item, Envelope):
+                self._account(item)
 
     def _account(self, env: Envelope) -> None:
         """Log and count one committed message."""
         cfg = env.mailbox
-        kind = (env.outcome or "").split(":")[0]
+        outcome = env.outcome
+        assert outcome is not None  # every committed envelope is answered
+        kind = outcome.kind
         self.stats.outcomes[kind] += 1
-        if env.outcome == KEPT_AGAIN:
+        if outcome.again:
             log.debug("mailbox=%s uidl=%s still left on the server", cfg.name, env.uidl)
             return
-        if kind in ("failed", "kept"):
+        if kind in (Kind.FAILED, Kind.KEPT):
             log.warning(
                 "mailbox=%s uidl=%s message could not be processed (%s); failure event #%d",
                 cfg.name,
@@ -405,225 +268,178 @@ class Writer:
                 env.problem,
                 env.request_number,
             )
-        elif kind != "dry-run":
+        elif kind is not Kind.DRY_RUN:
             log.info(
                 "mailbox=%s uidl=%s %s #%s",
                 cfg.name,
                 env.uidl,
-                env.outcome,
+                outcome,
                 env.request_number if env.request_number else "-",
             )
-        if self.metrics is not None and kind not in ("duplicate", "dry-run"):
-            counter = self.metrics.failed if kind in ("failed", "kept") else self.metrics.processed
+        if self.metrics is not None and kind not in (Kind.DUPLICATE, Kind.DRY_RUN):
+            failed = kind in (Kind.FAILED, Kind.KEPT)
+            counter = self.metrics.failed if failed else self.metrics.processed
             counter.labels(cfg.name).inc()
 
-    async def _handle(self, item: Item, careful: bool) -> None:
-        if isinstance(item, Envelope):
-            await self._envelope(item, careful)
-        elif isinstance(item, KnownQuery):
-            item.known = await self.store.ledger_rows(item.account, item.uidls)
-        elif isinstance(item, DirectoryCheck):
-            item.problem = await self._check_directory(item.mailbox)
-            item.account = await self._resolve(item.mailbox, remember=item.remember)
-        elif isinstance(item, SessionReport):
-            await self._session_report(item)
-        elif isinstance(item, OutboxFetch):
-            item.due, item.next_due = await self.store.due_replies(
-                item.mailboxes, exclude=item.exclude, limit=item.limit
-            )
-        elif isinstance(item, OutboxResult):
-            await self.store.record_attempt(item.reply_id, error=item.error, retry_at=item.retry_at)
-        else:  # pragma: no cover - a programming error, surfaced loudly
-            raise TypeError(f"unknown item {item!r}")
+    # -- a pass: what the handlers of a batch share ------------------------------------------
 
-    async def _resolve(self, cfg: MailboxConfig, *, remember: bool) -> str:
-        """The account the ledger knows this mailbox by: its own (MailboxConfig.account),
-        unless the mailbox used another one before, with the same user name, which has
-        ledger rows while the new one has none (the same mailbox, whose messages must not
-        be taken again):
+    async def begin(self, tx: Transaction, batch: list[Item], *, careful: bool) -> Work:
+        """Read ahead, for the whole batch, what its messages' handlers will ask: the ledger
+        rows of their keys (one query per account, not one per message) and the requests
+        their subjects name (one query)."""
+        work = Work(tx, careful)
+        wanted: dict[str, list[str]] = {}
+        for item in batch:
+            if isinstance(item, Envelope) and not item.dry_run:
+                wanted.setdefault(item.account, []).append(item.uidl)
+        for account, uidls in wanted.items():
+            for uidl, row in (await tx.ledger_rows(account, uidls)).items():
+                if row.kept:
+                    work.kept[account, uidl] = row
+                else:
+                    work.recorded.add((account, uidl))
+        await tx.read_ahead(
+            number
+            for item in batch
+            if isinstance(item, Envelope) and item.parsed is not None
+            if (number := referenced(item.parsed, item.mailbox)) is not None
+        )
+        return work
 
-        - without ``accountId`` (the server's name changed, say pop.example.com to
-          10.0.0.5), the old account is kept, with a warning;
-        - with ``accountId``, taken as given, the old account's rows move to it (once: the
-          admin named the account, as the XSD tells them to when moving the mailbox).
-        """
-        new, user = cfg.account, cfg.server.user_name
-        last = await self.store.mailbox_account(cfg.name)
-        if (
-            last is not None
-            and last[0] != new
-            and last[1] == user
-            and not await self.store.account_has_rows(new)
-            and await self.store.account_has_rows(last[0])
-        ):
-            if cfg.server.account_id is None:
-                log.warning(
-                    "mailbox=%s its account is now %s, a name the ledger does not know; it "
-                    "keeps the one it had, %s (set <accountId> to name the account yourself)",
-                    cfg.name,
-                    new,
-                    last[0],
-                )
-                return last[0]
-            if not remember:  # a dry run changes nothing
-                return last[0]
-            log.warning(
-                "mailbox=%s the ledger's entries of account %s now belong to accountId %s",
-                cfg.name,
-                last[0],
-                new,
-            )
-            await self.store.rename_account(last[0], new)
-        if remember and last != (new, user):
-            await self.store.remember_account(cfg.name, new, user)
-        return new
+    # -- messages: plan (reads only), then write (see TwoPassCommit) ------------------------
 
-    # -- teams and directory ---------------------------------------------------------------
-
-    async def _team(self, ref: str | None) -> Team | None:
-        return await self.store.team(ref if ref else self.default_team)
-
-    async def _any_team(self, ref: str | None) -> Team:
-        """The team an engine-made event goes to: the mailbox's, the default, else the first."""
-        team = await self._team(ref) or await self.store.team(self.default_team)
-        if team is None:
-            team = await self.store.first_team()
-        if team is None:
-            raise StoreError("the directory has no team: run 'mailintegration directory import'")
-        return team
-
-    async def _check_directory(self, cfg: MailboxConfig) -> DirectoryError | None:
-        problems = []
-        if await self._team(cfg.team) is None:
-            problems.append(
-                f"team {cfg.team or self.default_team or '(none given, and not exactly one)'}"
-                " is not in the directory"
-            )
-        if cfg.fallback_user and await self.store.user_by_login(cfg.fallback_user) is None:
-            problems.append(f"incidentFallbackUserLogon {cfg.fallback_user!r} is not a user")
-        if cfg.assignee and await self.store.user_by_login(cfg.assignee) is None:
-            problems.append(f"assignee {cfg.assignee!r} is not a user")
-        for table, label, value in (
-            ("sites", "incidentFallbackSiteName", cfg.fallback_site),
-            ("groups", "group" if cfg.processor == "event" else "incidentGroup", cfg.group),
-            ("sources", "incidentSource", cfg.source),
-        ):
-            if value and not await self.store.has_name(table, value):
-                problems.append(f"{label} {value!r} is not in the directory")
-        if not problems:
-            return None
-        return DirectoryError("; ".join(problems))
-
-    # -- messages --------------------------------------------------------------------------
-
-    async def _envelope(self, env: Envelope, careful: bool) -> None:
-        cfg = env.mailbox
-        if not env.dry_run and (env.account, env.uidl) in self._recorded:
-            env.outcome = "duplicate"
-            return
-        left = self._kept.get((env.account, env.uidl))
+    async def plan(self, work: Work, env: Envelope) -> Outcome | _Decided | Exception:
+        """What to do with a message, by reading only: a final outcome (nothing to write), a
+        processor's decision to write, or the error that makes it a failure event."""
+        key = (env.account, env.uidl)
+        if not env.dry_run and key in work.recorded:
+            return Outcome(Kind.DUPLICATE)
+        left = work.kept.get(key)
         if (
             left is not None
             and isinstance(env.error, MessageKept)
             and not env.dry_run
-            and left.sha256 == _sha(env.raw)
+            and left.sha256 == hashlib.sha256(env.raw).hexdigest()
         ):
             # Left on the server before, and cut off the same way again (a server without
             # UIDL: it cannot be told before it is read): nothing new to record.
-            env.outcome, env.request_number = KEPT_AGAIN, left.request_number
-            return
-        writing = False
-        if careful:
-            await self.store.savepoint("msg")
+            return Outcome.kept_again(left.request_number)
         try:
-            if env.error is not None:
-                raise env.error
-            assert env.parsed is not None
-            team = await self._team(cfg.team)
-            if team is None:
-                raise DirectoryError(
-                    f"team {cfg.team or self.default_team} is not in the directory"
-                )
-            decision = await decide(env.parsed, Context(mailbox=cfg, team=team), self.store)
-            if env.dry_run:
-                env.explanation = describe(decision)
-                env.outcome = "dry-run"
-                if careful:
-                    await self.store.rollback_to("msg")
-                return
-            writing = True
-            env.outcome, env.request_number = await self._apply(env, team, decision)
-            await self._ledger(env)
-            if careful:
-                await self.store.release("msg")
-        except (sqlite3.Error, StoreError):
-            raise  # the store itself is failing: the whole batch rolls back, nothing is deleted
+            decided = await self._decide(work.tx, env)
+        except self.store.failures:
+            raise  # the store itself is failing: the whole batch rolls back
         except Exception as exc:
-            if writing and not careful:
-                raise _Careful from exc
-            if careful:
-                await self.store.rollback_to("msg")
             if env.dry_run:
-                env.outcome = "dry-run"
-                env.explanation = f"failure event: {_cause(exc)}: {exc}"
-                return
-            if careful:
-                await self.store.savepoint("fail")
-            try:
-                env.request_number = await self._failure_event(env, exc)
-                kept = exc if isinstance(exc, MessageKept) else None
-                env.outcome = f"kept: {kept.reason}" if kept else f"failed: {_cause(exc)}"
-                env.problem = f"{_cause(exc)}: {exc}"
-                await self._ledger(env, kept.needed if kept else None)
-            except (sqlite3.Error, StoreError):
-                raise
-            except Exception as again:
-                if careful:
-                    raise
-                raise _Careful from again
-            if careful:
-                await self.store.release("fail")
+                note = f"failure event: {failure.cause(exc)}: {exc}"
+                return Outcome(Kind.DRY_RUN, note=note)
+            return exc
+        if env.dry_run:
+            return Outcome(Kind.DRY_RUN, note=describe(decided.decision))
+        return decided
 
-    async def _ledger(self, env: Envelope, needed: int | None = None) -> None:
+    async def _decide(self, tx: Transaction, env: Envelope) -> _Decided:
+        if env.error is not None:
+            raise env.error
+        assert env.parsed is not None
+        cfg = env.mailbox
+        team = await self._team(tx, cfg.team)
+        if team is None:
+            raise DirectoryError(f"team {cfg.team or self.default_team} is not in the directory")
+        decision = await decide(env.parsed, Context(mailbox=cfg, team=team), tx.directory)
+        return _Decided(team, decision)
+
+    async def write(self, work: Work, env: Envelope, decided: _Decided) -> Outcome:
+        """Apply a processor's decision and record the message's ledger row."""
+        outcome = await self._apply(work, env, decided.team, decided.decision)
+        await self._ledger(work, env, outcome)
+        return outcome
+
+    async def fail(self, work: Work, env: Envelope, exc: Exception) -> Outcome:
+        """Make (or add to) the message's failure event and record its ledger row."""
+        msg = failure.failed(env.mailbox.name, env.mailbox.team, env.uidl, env.raw, env.parsed)
+        existing = await work.tx.failure_event(msg.message_id, msg.sha256)
+        number = await self._event(work.tx, failure.decide(msg, exc, existing))
+        problem = f"{failure.cause(exc)}: {exc}"
+        if isinstance(exc, MessageKept):
+            outcome = Outcome(Kind.KEPT, exc.reason, number, problem)
+        else:
+            outcome = Outcome(Kind.FAILED, failure.cause(exc), number, problem)
+        await self._ledger(work, env, outcome, exc.needed if isinstance(exc, MessageKept) else None)
+        return outcome
+
+    async def _event(self, tx: Transaction, d: EventDecision) -> int:
+        """Apply a decision about an event the engine raises itself; returns its number."""
+        if isinstance(d, NewEvent):
+            team = await self._any_team(tx, d.team)
+            number = await tx.create_request(
+                team_id=team.id,
+                type="event",
+                kind=d.kind,
+                subject=d.subject,
+                description=d.description,
+                created_by=self.created_by,
+                group=team.default_group,
+                mailbox=d.mailbox,
+                cause=d.cause,
+                message_id=d.message_id,
+                sha256=d.sha256,
+            )
+            if d.attachments:
+                await tx.add_attachments(number, None, d.attachments)
+            return number
+        note = d.body if isinstance(d, AddNote) else d.note
+        await tx.add_activity(
+            d.number, author="mailintegration", email="", body=note, automatic=True
+        )
+        if isinstance(d, Close):
+            await tx.set_status(d.number, "processed", by=self.created_by, why=d.why)
+        return d.number
+
+    async def _ledger(
+        self, work: Work, env: Envelope, outcome: Outcome, needed: int | None = None
+    ) -> None:
         """The message's ledger row. One left on the server before (kept) and now taken
         whole has its row updated, and its failure event says what became of it."""
+        tx = work.tx
         key = (env.account, env.uidl)
-        outcome = env.outcome or "unknown"
+        text = str(outcome)
+        message_id, sha256 = failure.identity(env.raw, env.parsed)
         fields: dict[str, Any] = {
-            "message_id": env.parsed.message_id if env.parsed else _message_id(env),
-            "sha256": env.parsed.sha256 if env.parsed else _sha(env.raw),
-            "outcome": outcome,
-            "request_number": env.request_number,
+            "message_id": message_id,
+            "sha256": sha256,
+            "outcome": text,
+            "request_number": outcome.request_number,
             "size": env.size,
             "needed": needed,
         }
-        before = self._kept.pop(key, None)
-        if outcome.startswith("kept:"):
-            self._kept[key] = LedgerRow(**fields, deleted_at=None)
+        before = work.kept.pop(key, None)
+        if outcome.kind is Kind.KEPT:
+            work.kept[key] = LedgerRow(**fields, deleted_at=None)
         else:
-            self._recorded.add(key)
+            work.recorded.add(key)
         if before is None:
-            await self.store.record_ledger(
+            await tx.record_ledger(
                 account=env.account, uidl=env.uidl, mailbox=env.mailbox.name, **fields
             )
             return
-        await self.store.update_ledger(account=env.account, uidl=env.uidl, **fields)
-        if before.request_number is not None and before.request_number != env.request_number:
-            number = f" #{env.request_number}" if env.request_number else ""
-            await self.store.add_activity(
+        await tx.update_ledger(account=env.account, uidl=env.uidl, **fields)
+        number = outcome.request_number
+        if before.request_number is not None and before.request_number != number:
+            await tx.add_activity(
                 before.request_number,
                 author="mailintegration",
                 email="",
                 body=f"The message (UIDL {env.uidl}) was taken whole from mailbox "
-                f"{env.mailbox.name} by a later session: {outcome}{number}.",
+                f"{env.mailbox.name} by a later session: {text}{f' #{number}' if number else ''}.",
                 automatic=True,
             )
 
-    async def _apply(self, env: Envelope, team: Team, d: Decision) -> tuple[str, int | None]:
+    async def _apply(self, work: Work, env: Envelope, team: Team, d: Decision) -> Outcome:
+        tx = work.tx
         msg = env.parsed
         assert msg is not None
         if isinstance(d, NewRequest):
-            number = await self.store.create_request(
+            number = await tx.create_request(
                 team_id=team.id,
                 type=d.type,
                 subject=d.subject,
@@ -640,11 +456,11 @@ class Writer:
                 message_id=msg.message_id,
                 sha256=msg.sha256,
             )
-            await self.store.add_attachments(number, None, d.attachments)
-            return "created", number
+            await tx.add_attachments(number, None, d.attachments)
+            return Outcome(Kind.CREATED, request_number=number)
         if isinstance(d, AddActivity):
             number = d.request.number
-            activity = await self.store.add_activity(
+            activity = await tx.add_activity(
                 number,
                 author=d.author,
                 email=msg.from_addr,
@@ -653,32 +469,33 @@ class Writer:
                 automatic=d.automatic,
                 message_id=msg.message_id,
             )
-            await self.store.add_attachments(number, activity, d.attachments)
+            await tx.add_attachments(number, activity, d.attachments)
             if d.reopen and not d.automatic:
                 status = "new" if d.request.type == "event" else "reopened"
-                await self.store.set_status(
+                await tx.set_status(
                     number,
                     status,
                     by=self.created_by,
                     why=f"Reopened by a reply from {msg.from_addr or d.author}.",
                 )
-            return "activity", number
+            return Outcome(Kind.ACTIVITY, request_number=number)
         if isinstance(d, Refuse):
-            return await self._refuse(env, d), None
-        return d.outcome, None
+            return Outcome(Kind.REFUSED, await self._refuse(work, env, d))
+        return Outcome(Kind.IGNORED, d.reason)
 
-    async def _refuse(self, env: Envelope, d: Refuse) -> str:
+    async def _refuse(self, work: Work, env: Envelope, d: Refuse) -> str:
         """Record the refusal's automatic reply (an outbox row, in this transaction), unless
-        it would loop or go over a rate limit. The outbox sends it after the commit."""
+        it would loop or go over a rate limit. The outbox sends it after the commit.
+        Returns the ledger detail of the refusal."""
         msg = env.parsed
         cfg = env.mailbox
         assert msg is not None
         if not d.reply or cfg.smtp is None:
-            return f"refused: no reply ({d.no_reply_because or 'no smtp configured'})"
-        if _header(env.raw, b"x-loop").startswith("mailintegration") or (
+            return f"no reply ({d.no_reply_because or 'no smtp configured'})"
+        if failure.raw_header(env.raw, b"x-loop").startswith("mailintegration") or (
             msg.message_id or ""
         ).endswith(f".mailintegration@{reply.reply_domain(cfg)}"):
-            return "refused: no reply (our own loop header or Message-ID)"
+            return "no reply (our own loop header or Message-ID)"
         try:
             out = reply.build_reply(
                 mailbox=cfg,
@@ -688,10 +505,10 @@ class Writer:
                 in_reply_to=msg.message_id,
             )
         except ValueError as exc:
-            return f"refused: no reply ({exc})"
-        if await self._over_reply_limit(env, out.to):
-            return "refused: no reply (rate limit)"
-        await self.store.queue_reply(
+            return f"no reply ({exc})"
+        if await self._over_reply_limit(work.tx, env, out.to):
+            return "no reply (rate limit)"
+        await work.tx.queue_reply(
             mailbox=cfg.name,
             request_number=None,
             recipient=out.to.address,
@@ -700,10 +517,10 @@ class Writer:
             message_id=out.message_id,
             message=out.data,
         )
-        self._replies_queued += 1
-        return "refused: replied"
+        work.replies += 1
+        return "replied"
 
-    async def _over_reply_limit(self, env: Envelope, to: reply.Recipient) -> bool:
+    async def _over_reply_limit(self, tx: Transaction, env: Envelope, to: reply.Recipient) -> bool:
         """Whether one more reply to ``to`` from this mailbox goes over a limit (logged once
         per limit, key and window: a flood must not become a flood of log lines)."""
         limits = self.reply_limits
@@ -714,7 +531,7 @@ class Writer:
             ("domain", "rcpt_domain", to.domain, hour, limits.per_domain_per_hour, "hour"),
             ("mailbox", "mailbox", env.mailbox.name, hour, limits.per_mailbox_per_hour, "hour"),
         ):
-            if await self.store.replies_since(column, key, since) < limit:
+            if await tx.replies_since(column, key, since) < limit:
                 continue
             stamp = now.strftime("%Y-%m-%d" if window == "day" else "%Y-%m-%dT%H")
             if (kind, key, stamp) not in self._limits_logged:
@@ -734,129 +551,128 @@ class Writer:
             return True
         return False
 
-    async def _failure_event(self, env: Envelope, exc: Exception) -> int:
-        cfg = env.mailbox
-        sha = env.parsed.sha256 if env.parsed else _sha(env.raw)
-        mid = env.parsed.message_id if env.parsed else _message_id(env)
-        cause = _cause(exc)
-        hint = getattr(exc, "hint", MessageError.hint)
-        existing = await self.store.failure_event(mid, sha)
-        if existing is not None:
-            await self.store.add_activity(
-                existing,
-                author="mailintegration",
-                email="",
-                body=f"The same message arrived again in mailbox {cfg.name} (UIDL {env.uidl}) "
-                f"and still could not be processed: {exc}",
-                automatic=True,
-            )
-            return existing
-        team = await self._any_team(cfg.team)
-        subject = env.parsed.subject if env.parsed else _header(env.raw, b"subject")
-        sender = env.parsed.from_addr if env.parsed else _header(env.raw, b"from")
-        name, size, attached = (
-            "message.eml",
-            f"{len(env.raw)} bytes",
-            ("The original message is attached byte for byte (message.eml)."),
-        )
-        if isinstance(exc, MessageKept):
-            # Never taken whole: what was read of it is all the engine has.
-            name, size = "message-start.eml", f"{len(env.raw)} bytes read of {exc.needed}"
-            attached = (
-                f"The message is still on the server. What was read of it is attached ({name})."
-                if env.raw
-                else "The message is still on the server."
-            )
-        description = (
-            f"A message in mailbox {cfg.name} could not be turned into a request.\n\n"
-            f"What went wrong: {exc}\n"
-            f"Cause: {cause}\n"
-            f"What to do: {hint}\n\n"
-            f"From: {sender}\nSubject: {subject}\nMessage-ID: {mid or '(none)'}\n"
-            f"UIDL: {env.uidl}\nSize: {size}\nSHA-256: {sha}\n\n{attached}"
-        )
-        number = await self.store.create_request(
-            team_id=team.id,
-            type="event",
-            kind="message-failure",
-            subject=f"Mail integration: a message in {cfg.name} could not be processed",
-            description=description,
-            created_by=self.created_by,
-            group=team.default_group,
-            mailbox=cfg.name,
-            cause=cause,
-            message_id=mid,
-            sha256=sha,
-        )
-        if env.raw:
-            await self.store.add_attachments(
-                number, None, [Attachment(name, "message/rfc822", env.raw)]
-            )
-        return number
+    # -- the other items ---------------------------------------------------------------------
 
-    # -- outages ---------------------------------------------------------------------------
+    async def _known_query(self, work: Work, item: KnownQuery) -> None:
+        item.known = await work.tx.ledger_rows(item.account, item.uidls)
 
-    async def _session_report(self, rep: SessionReport) -> None:
-        open_events = await self.store.open_outages(rep.name)
-        error = rep.error
-        if error is None:
-            for cause, number in open_events.items():
-                await self.store.add_activity(
-                    number,
-                    author="mailintegration",
-                    email="",
-                    body=f"Mailbox {rep.name} works again; this {cause} outage is over.",
-                    automatic=True,
+    async def _outbox_fetch(self, work: Work, item: OutboxFetch) -> None:
+        item.due, item.next_due = await work.tx.due_replies(
+            item.mailboxes, exclude=item.exclude, limit=item.limit
+        )
+
+    async def _outbox_result(self, work: Work, item: OutboxResult) -> None:
+        await work.tx.record_attempt(item.reply_id, error=item.error, retry_at=item.retry_at)
+
+    async def _directory_check(self, work: Work, item: DirectoryCheck) -> None:
+        item.problem = await self._check_directory(work.tx, item.mailbox)
+        item.account = await self._resolve(work.tx, item.mailbox, remember=item.remember)
+
+    async def _resolve(self, tx: Transaction, cfg: MailboxConfig, *, remember: bool) -> str:
+        """The account the ledger knows this mailbox by: its own (MailboxConfig.account),
+        unless the mailbox used another one before, with the same user name, which has
+        ledger rows while the new one has none (the same mailbox, whose messages must not
+        be taken again):
+
+        - without ``accountId`` (the server's name changed, say pop.example.com to
+          10.0.0.5), the old account is kept, with a warning;
+        - with ``accountId``, taken as given, the old account's rows move to it (once: the
+          admin named the account, as the XSD tells them to when moving the mailbox).
+        """
+        new, user = cfg.account, cfg.server.user_name
+        last = await tx.mailbox_account(cfg.name)
+        if (
+            last is not None
+            and last[0] != new
+            and last[1] == user
+            and not await tx.account_has_rows(new)
+            and await tx.account_has_rows(last[0])
+        ):
+            if cfg.server.account_id is None:
+                log.warning(
+                    "mailbox=%s its account is now %s, a name the ledger does not know; it "
+                    "keeps the one it had, %s (set <accountId> to name the account yourself)",
+                    cfg.name,
+                    new,
+                    last[0],
                 )
-                await self.store.set_status(
-                    number, "processed", by=self.created_by, why="Closed: the mailbox works again."
-                )
-                log.info("mailbox=%s outage %s (#%d) closed", rep.name, cause, number)
-        else:
-            cause = getattr(error, "cause", "error")
-            hint = getattr(error, "hint", "")
-            stamp = datetime.now(UTC).isoformat(timespec="seconds")
-            if cause in open_events:
-                number = open_events[cause]
-                await self.store.add_activity(
-                    number,
-                    author="mailintegration",
-                    email="",
-                    body=f"{stamp}: still failing: {error}",
-                    automatic=True,
-                )
+                return last[0]
+            if not remember:  # a dry run changes nothing
+                return last[0]
+            log.warning(
+                "mailbox=%s the ledger's entries of account %s now belong to accountId %s",
+                cfg.name,
+                last[0],
+                new,
+            )
+            await tx.rename_account(last[0], new)
+        if remember and last != (new, user):
+            await tx.remember_account(cfg.name, new, user)
+        return new
+
+    async def _team(self, tx: Transaction, ref: str | None) -> Team | None:
+        return await tx.team(ref if ref else self.default_team)
+
+    async def _any_team(self, tx: Transaction, ref: str | None) -> Team:
+        """The team an engine-made event goes to: the mailbox's, the default, else the first."""
+        team = await self._team(tx, ref) or await tx.team(self.default_team)
+        if team is None:
+            team = await tx.first_team()
+        if team is None:
+            raise StoreError("the directory has no team: run 'mailintegration directory import'")
+        return team
+
+    async def _check_directory(self, tx: Transaction, cfg: MailboxConfig) -> DirectoryError | None:
+        problems = []
+        if await self._team(tx, cfg.team) is None:
+            problems.append(
+                f"team {cfg.team or self.default_team or '(none given, and not exactly one)'}"
+                " is not in the directory"
+            )
+        if cfg.fallback_user and await tx.user_by_login(cfg.fallback_user) is None:
+            problems.append(f"incidentFallbackUserLogon {cfg.fallback_user!r} is not a user")
+        if cfg.assignee and await tx.user_by_login(cfg.assignee) is None:
+            problems.append(f"assignee {cfg.assignee!r} is not a user")
+        for table, label, value in (
+            ("sites", "incidentFallbackSiteName", cfg.fallback_site),
+            ("groups", "group" if cfg.processor == "event" else "incidentGroup", cfg.group),
+            ("sources", "incidentSource", cfg.source),
+        ):
+            if value and not await tx.has_name(table, value):
+                problems.append(f"{label} {value!r} is not in the directory")
+        if not problems:
+            return None
+        return DirectoryError("; ".join(problems))
+
+    async def _session_report(self, work: Work, rep: SessionReport) -> None:
+        """The end of a mailbox session: its outage events, the deletions the server
+        confirmed, and its status."""
+        tx, error = work.tx, rep.error
+        cause = None if error is None else outage.cause(error)
+        decisions = outage.decide(
+            rep.name,
+            error,
+            await tx.open_outages(rep.name),
+            team=rep.team,
+            config=rep.config,
+            file_name=rep.path.name,
+            now=datetime.now(UTC),
+        )
+        for d in decisions:
+            number = await self._event(tx, d)
+            if isinstance(d, Close):
+                log.info("mailbox=%s outage %s (#%d) closed", rep.name, d.cause, number)
+            elif isinstance(d, NewEvent):
+                log.error("mailbox=%s outage %s opened (#%d): %s", rep.name, d.cause, number, error)
+            else:
                 log.warning(
                     "mailbox=%s outage %s goes on (#%d): %s", rep.name, cause, number, error
                 )
-            else:
-                team = await self._any_team(rep.team)
-                number = await self.store.create_request(
-                    team_id=team.id,
-                    type="event",
-                    kind="outage",
-                    subject=f"Mail integration: mailbox {rep.name} cannot be read ({cause})",
-                    description=(
-                        f"Since {stamp} the mailbox {rep.name} cannot be read.\n\n"
-                        f"What went wrong: {error}\nCause: {cause}\nWhat to check: {hint}\n\n"
-                        f"{_copy_note(rep.config)} Messages stay on the server until the "
-                        "mailbox works again; this event closes by itself then."
-                    ),
-                    created_by=self.created_by,
-                    group=team.default_group,
-                    mailbox=rep.name,
-                    cause=cause,
-                )
-                if rep.config is not None:
-                    copy = Attachment(
-                        rep.path.name or "config.xml", "application/xml", mailbox_copy(rep.config)
-                    )
-                    await self.store.add_attachments(number, None, [copy])
-                log.error("mailbox=%s outage %s opened (#%d): %s", rep.name, cause, number, error)
         if rep.account is not None and rep.deleted:
-            await self.store.mark_deleted(rep.account, rep.deleted)
-        await self.store.note_session(
+            await tx.mark_deleted(rep.account, rep.deleted)
+        await tx.note_session(
             rep.name,
-            error=None if error is None else f"{getattr(error, 'cause', 'error')}: {error}",
+            error=None if error is None else f"{cause}: {error}",
             fetched=rep.fetched,
             processed=rep.processed,
             failed=rep.failed,
@@ -864,72 +680,119 @@ class Writer:
         )
 
 
-class _Careful(Exception):
-    """A message failed after its first write, in a transaction without savepoints."""
+class TwoPassCommit:
+    """Handle (the head of) a batch in one transaction, and commit it. The protocol:
+
+    1. **First pass, no savepoints** (each costs two round trips per message). Each item goes
+       to its handler, in order. A message is first *planned*, by reading only (the ledger,
+       the processor over a read-only directory view); one that fails there, or arrived
+       failed, becomes a failure event in place: nothing of it was written.
+    2. A message failing **after its first write** cannot be undone alone: the pass is
+       rolled back whole, every answer it gave forgotten, and the batch handled again with
+       a **savepoint per message**. There, a failure rolls back that message's writes alone,
+       and its failure event is written under a savepoint of its own.
+    3. **The store failing** (``Store.failures``), a failure event failing in the second pass,
+       or a cancellation, rolls everything back; :meth:`Writer.apply` then answers every
+       item "not committed", so no session deletes anything of the batch.
+    4. **Bounded time**: once ``max_batch_seconds`` have passed since the batch began, the
+       items handled so far commit and the rest is returned for the next transaction, so a
+       session never waits long for its answer behind a large batch.
+
+    Why it is safe: a message's outcome and its ledger row are written in the same
+    transaction, and answers are given only after COMMIT; a pass that did not commit leaves
+    no answer behind (:func:`_reset`), and what it wrote is rolled back with it.
+    """
+
+    def __init__(self, writer: Writer) -> None:
+        self.writer = writer
+
+    async def __call__(
+        self, batch: list[Item], started: float
+    ) -> tuple[Work, list[Item], list[Item]]:
+        """Commit (the head of) ``batch``: (the pass that committed, the head, the rest)."""
+        try:
+            return await self._pass(batch, started, careful=False)
+        except _Replay as replay:
+            log.warning(
+                "a message failed half-way (%s): the transaction of %d item(s) is "
+                "done again with a savepoint per message",
+                replay.__cause__,
+                len(batch),
+            )
+        for item in batch:
+            _reset(item)
+        return await self._pass(batch, started, careful=True)
+
+    async def _pass(
+        self, batch: list[Item], started: float, *, careful: bool
+    ) -> tuple[Work, list[Item], list[Item]]:
+        writer = self.writer
+        rest: list[Item] = []
+        async with writer.store.transaction() as tx:
+            work = await writer.begin(tx, batch, careful=careful)
+            handlers = writer.handlers
+            for i, item in enumerate(batch):
+                await handlers[type(item)](work, item)
+                if time.monotonic() - started > writer.max_batch_seconds:
+                    batch, rest = batch[: i + 1], batch[i + 1 :]
+                    break
+        return work, batch, rest
+
+    async def message(self, work: Work, env: Envelope) -> None:
+        """The handler of a message: plan it, then write it, as the protocol says."""
+        writer = self.writer
+        plan = await writer.plan(work, env)
+        if isinstance(plan, Outcome):
+            env.outcome = plan
+        elif work.careful:
+            await self._carefully(work, env, plan)
+        else:
+            try:
+                if isinstance(plan, Exception):
+                    env.outcome = await writer.fail(work, env, plan)
+                else:
+                    env.outcome = await writer.write(work, env, plan)
+            except writer.store.failures:
+                raise
+            except Exception as exc:
+                raise _Replay from exc
+
+    async def _carefully(self, work: Work, env: Envelope, plan: _Decided | Exception) -> None:
+        """A message of the second pass: its writes under a savepoint, undone alone if they
+        fail; then its failure event under another."""
+        writer, tx = self.writer, work.tx
+        error = plan if isinstance(plan, Exception) else None
+        if not isinstance(plan, Exception):
+            try:
+                async with tx.savepoint():
+                    env.outcome = await writer.write(work, env, plan)
+                return
+            except writer.store.failures:
+                raise
+            except Exception as exc:
+                error = exc
+        assert error is not None
+        async with tx.savepoint():
+            env.outcome = await writer.fail(work, env, error)
+
+
+class _Replay(Exception):
+    """Raised by a first pass of :class:`TwoPassCommit` for a message that failed after its
+    first write; caught by it to roll back and replay (never leaves it)."""
 
 
 def _reset(item: Item) -> None:
-    """Forget what a rolled-back attempt decided for ``item``."""
+    """Forget what a rolled-back pass decided for ``item``."""
     if isinstance(item, Envelope):
-        item.outcome = item.request_number = item.explanation = item.problem = None
+        item.outcome = None
 
 
-def describe(d: Decision) -> str:
-    """One line for ``once --dry-run``."""
-    if isinstance(d, NewRequest):
-        who = d.requester.login if d.requester else "(no requester)"
-        names = ", ".join(a.name for a in d.attachments) or "none"
-        if d.notes:
-            names += f" ({len(d.notes)} left out over a size limit)"
-        return (
-            f"new {d.type} {d.subject!r}: requester {who}, site {d.site or '-'}, "
-            f"group {d.group or '-'}, assignee {d.assignee.login if d.assignee else '-'}, "
-            f"attachments: {names}"
-        )
-    if isinstance(d, AddActivity):
-        extra = " and reopen it" if d.reopen else ""
-        return f"activity on request #{d.request.number} (found by {d.via}){extra}"
-    if isinstance(d, Refuse):
-        return f"no request ({d.reason}); " + (
-            "auto-reply" if d.reply else f"no reply ({d.no_reply_because})"
-        )
-    return d.outcome
-
-
-def _cause(exc: BaseException) -> str:
-    return str(getattr(exc, "cause", None) or "processor-error")
-
-
-def _sha(raw: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(raw).hexdigest()
-
-
-def _header(raw: bytes, name: bytes) -> str:
-    """A header read without the parser, for messages the parser refused."""
-    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0][:65536]
-    for line in head.splitlines():
-        if line.lower().startswith(name + b":"):
-            text = line[len(name) + 1 :].decode("utf-8", "replace").strip()
-            return "".join(c if c.isprintable() else " " for c in text)[:300]
-    return ""
-
-
-def _message_id(env: Envelope) -> str | None:
-    mid = _header(env.raw, b"message-id").strip().strip("<>")
-    return mid or None
-
-
-def _copy_note(config: MailboxConfig | None) -> str:
-    """What an outage event says of the configuration attached, or of why none is."""
-    if config is not None:
-        return (
-            "The mailbox's configuration is attached as the engine read it, rebuilt from its "
-            "settings with every password removed."
-        )
-    return (
-        "No copy of the configuration is attached: the file could not be read as a mailbox "
-        "configuration, and the engine only ever attaches one it has read (a file that is "
-        "not one may hold anything)."
-    )
+def _acknowledge(batch: list[Item]) -> None:
+    """Answer every item of a transaction that ended (committed, or ``failure`` set)."""
+    for item in batch:
+        item.done.set()
+        if isinstance(item, Envelope):
+            # The session needs only the answer now: let the bytes go.
+            item.raw, item.parsed = b"", None
+            if item.on_done is not None:
+                item.on_done()

@@ -19,7 +19,7 @@ from support import LOGIN, import_directory, ledger, mailbox_xml, message, reque
 from engine.fetcher import make_envelope
 from engine.model import Attachment
 from engine.store import open_store
-from engine.store.sqlite import SqliteStore
+from engine.store.sqlite import SqliteTransaction
 from engine.supervisor import Engine, EngineSettings, MailboxOutcome, MailboxSource
 from tools.fakepop3 import FakePOP3Server, Script
 
@@ -148,10 +148,10 @@ def test_cancel_in_the_writer_mid_transaction_rolls_back_and_deletes_nothing(
 ) -> None:
     raws = messages()
     state = {"inside": False}
-    real = SqliteStore.add_attachments
+    real = SqliteTransaction.add_attachments
 
     async def slow(
-        self: SqliteStore, number: int, activity_id: int | None, atts: Iterable[Attachment]
+        self: SqliteTransaction, number: int, activity_id: int | None, atts: Iterable[Attachment]
     ) -> None:
         state["inside"] = True
         await anyio.sleep(60)  # the writer hangs inside its transaction
@@ -164,7 +164,7 @@ def test_cancel_in_the_writer_mid_transaction_rolls_back_and_deletes_nothing(
             await until(lambda: state["inside"], pause=0.2)
 
         with monkeypatch.context() as m:
-            m.setattr(SqliteStore, "add_attachments", slow)
+            m.setattr(SqliteTransaction, "add_attachments", slow)
             _, cancelled = anyio.run(lambda: run_once(data, cfg, cancel_when=mid_transaction))
         assert cancelled
         assert fake.wait_idle(10)
@@ -180,17 +180,17 @@ def test_cancel_between_commit_and_dele_loses_and_duplicates_nothing(
 ) -> None:
     raws = messages()
     state = {"committed": 0}
-    real_commit = SqliteStore.commit
-    real_add = SqliteStore.add_attachments
+    real_commit = SqliteTransaction.commit
+    real_add = SqliteTransaction.add_attachments
     carries_mail = {"now": False}
 
     async def add(
-        self: SqliteStore, number: int, activity_id: int | None, atts: Iterable[Attachment]
+        self: SqliteTransaction, number: int, activity_id: int | None, atts: Iterable[Attachment]
     ) -> None:
         carries_mail["now"] = True
         await real_add(self, number, activity_id, atts)
 
-    async def commit(self: SqliteStore) -> None:
+    async def commit(self: SqliteTransaction) -> None:
         await real_commit(self)
         if carries_mail["now"]:
             state["committed"] += 1
@@ -203,8 +203,8 @@ def test_cancel_between_commit_and_dele_loses_and_duplicates_nothing(
             await until(lambda: state["committed"] > 0, pause=0.2)
 
         with monkeypatch.context() as m:
-            m.setattr(SqliteStore, "commit", commit)
-            m.setattr(SqliteStore, "add_attachments", add)
+            m.setattr(SqliteTransaction, "commit", commit)
+            m.setattr(SqliteTransaction, "add_attachments", add)
             _, cancelled = anyio.run(lambda: run_once(data, cfg, cancel_when=after_commit))
         assert cancelled
         assert fake.wait_idle(10)
@@ -283,26 +283,28 @@ def test_cancel_scope_outside_once_is_reported_as_cancelled(tmp_path: Path, data
     assert_each_once(data, raws)
 
 
-def test_a_cancelled_writer_answers_not_committed(tmp_path: Path) -> None:
+def test_a_cancelled_writer_answers_not_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A fetcher that outlives a cancelled writer must never read its answer as durable."""
     from support import DIRECTORY
 
     from engine.config import load_mailbox
-    from engine.writer import Envelope, Writer
+    from engine.items import Envelope
+    from engine.writer import Writer
 
     cfg = load_mailbox(mailbox_xml(tmp_path / "w.xml", port=110, user="u", password="p-secret"))
 
     async def go() -> list[Envelope]:
         store = await open_store(tmp_path / "data")
-        await store.begin()
-        await store.import_directory(DIRECTORY)
-        await store.commit()
+        async with store.transaction() as tx:
+            await tx.import_directory(DIRECTORY)
         writer = Writer(store, created_by="system")
 
         async def hang(*args: object, **kwargs: object) -> None:
             await anyio.sleep(3600)
 
-        store.add_attachments = hang  # type: ignore[method-assign]
+        monkeypatch.setattr(SqliteTransaction, "add_attachments", hang)
         envelopes = [
             make_envelope(cfg, f"u{i}", message(f"m{i}", attachments=(("a", "text/plain", b"a"),)))
             for i in range(3)

@@ -24,7 +24,7 @@ from support import (
 )
 
 from engine.pop3 import Pop3Session
-from engine.store.sqlite import SqliteStore
+from engine.store.sqlite import SqliteTransaction
 
 pytestmark = pytest.mark.dovecot
 
@@ -212,10 +212,10 @@ def test_failed_commit_deletes_nothing(
 ) -> None:
     for i in range(3):
         dovecot.deliver(setup["user"], message(f"Commit fails {i}"))
-    real_commit = SqliteStore.commit
+    real_commit = SqliteTransaction.commit
     calls = {"n": 0}
 
-    async def failing_commit(self: SqliteStore) -> None:
+    async def failing_commit(self: SqliteTransaction) -> None:
         calls["n"] += 1
         # The first transaction answers the directory check; fail the ones after it.
         if calls["n"] > 2:
@@ -223,7 +223,7 @@ def test_failed_commit_deletes_nothing(
         await real_commit(self)
 
     with monkeypatch.context() as m:
-        m.setattr(SqliteStore, "commit", failing_commit)
+        m.setattr(SqliteTransaction, "commit", failing_commit)
         assert once(setup["data"], setup["cfg"]) != 0
     assert dovecot.count(setup["user"]) == 3
     assert ledger(setup["data"]) == []

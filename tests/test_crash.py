@@ -25,7 +25,7 @@ from support import import_directory, mailbox_xml, message, once
 
 from engine.errors import StoreError
 from engine.store import open_store
-from engine.store.sqlite import SqliteStore
+from engine.store.sqlite import SqliteTransaction
 from tools import crash
 from tools.crashpoints import POINTS
 from tools.dovecot import Dovecot
@@ -209,14 +209,14 @@ def test_every_engine_connection_is_wal_and_synchronous_full(
     opened: list[aiosqlite.Connection] = []
     seen: dict[int, tuple[int, str]] = {}
     real_connect = aiosqlite.connect
-    real_commit = SqliteStore.commit
+    real_commit = SqliteTransaction.commit
 
     def connect(*args: Any, **kwargs: Any) -> aiosqlite.Connection:
         conn = real_connect(*args, **kwargs)
         opened.append(conn)
         return conn
 
-    async def commit(self: SqliteStore) -> None:
+    async def commit(self: SqliteTransaction) -> None:
         async with self.db.execute("PRAGMA synchronous") as cur:
             sync = await cur.fetchone()
         async with self.db.execute("PRAGMA journal_mode") as cur:
@@ -226,7 +226,7 @@ def test_every_engine_connection_is_wal_and_synchronous_full(
         await real_commit(self)
 
     monkeypatch.setattr(aiosqlite, "connect", connect)
-    monkeypatch.setattr(SqliteStore, "commit", commit)
+    monkeypatch.setattr(SqliteTransaction, "commit", commit)
     script = Script(messages=[message("Durable", attachments=(("a.bin", "x/y", b"1"),))])
     with FakePOP3Server(script) as fake:
         cfg = mailbox_xml(tmp_path / "m.xml", port=fake.port, user="u", password="p")

@@ -29,10 +29,11 @@ from support import (
     wait_for,
 )
 
+from engine.items import Envelope, Item
 from engine.model import ParsedMessage
 from engine.pop3 import Pop3Session
 from engine.store import open_store
-from engine.writer import Envelope, Item, Writer
+from engine.writer import Writer
 from tools.fakepop3 import FakePOP3Server, Script
 
 pytestmark = pytest.mark.dovecot
@@ -134,11 +135,10 @@ def test_group_commit_batches_many_messages_into_few_transactions(
 
         data = tmp_path / "data"
         store = await open_store(data)
-        await store.begin()
         from support import DIRECTORY
 
-        await store.import_directory(DIRECTORY)
-        await store.commit()
+        async with store.transaction() as tx:
+            await tx.import_directory(DIRECTORY)
         cfg_path = mailbox_xml(tmp_path / "m.xml", port=110, user="u", password="p")
         cfg = load_mailbox(cfg_path)
         metrics = Metrics()
@@ -171,7 +171,7 @@ def test_group_commit_batches_many_messages_into_few_transactions(
             send.send_nowait(env)
         send.close()
         await writer.run(receive)
-        assert all(e.outcome == "created" for e in envelopes)
+        assert all(str(e.outcome) == "created" for e in envelopes)
         await store.close()
         return writer.stats.transactions, metrics.render().decode()
 
@@ -645,9 +645,8 @@ def test_byte_budget_is_given_back_when_a_session_fails_mid_window(tmp_path: Pat
 
         async def go() -> tuple[int, str | None]:
             store = await open_store(tmp_path / "data")
-            await store.begin()
-            await store.import_directory(DIRECTORY)
-            await store.commit()
+            async with store.transaction() as tx:
+                await tx.import_directory(DIRECTORY)
             engine = Engine(store, EngineSettings(data_dir=tmp_path / "data", created_by=LOGIN))
             [outcome] = await engine.once([MailboxSource("w", cfg)])
             await store.close()

@@ -26,8 +26,9 @@ from support import (
 )
 
 from engine import fetcher
+from engine.items import Envelope, Item, KnownQuery
 from engine.pop3 import Answer, Pop3Session, Request
-from engine.writer import Envelope, Item, KnownQuery, Writer
+from engine.writer import Writer
 
 pytestmark = pytest.mark.dovecot
 

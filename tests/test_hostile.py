@@ -33,12 +33,13 @@ from support import (
 )
 
 from engine import pop3
+from engine.items import DirectoryCheck
 from engine.keys import uidl_key
 from engine.pop3 import Pop3Session
 from engine.store import open_store
 from engine.store.schema import MIGRATIONS
 from engine.supervisor import Engine, EngineSettings, MailboxSource
-from engine.writer import DirectoryCheck, Writer
+from engine.writer import Writer
 from tools.fakepop3 import FakePOP3Server, Script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -294,17 +295,16 @@ def test_a_mailbox_whose_server_name_changes_keeps_its_ledger_account(tmp_path: 
                 await writer.apply([check])
                 got.append(check.account)
                 if len(got) == 1:
-                    await store.begin()
-                    await store.record_ledger(
-                        account=check.account,
-                        uidl="uid-1",
-                        mailbox="box",
-                        message_id=None,
-                        sha256="0" * 64,
-                        outcome="created",
-                        request_number=None,
-                    )
-                    await store.commit()
+                    async with store.transaction() as tx:
+                        await tx.record_ledger(
+                            account=check.account,
+                            uidl="uid-1",
+                            mailbox="box",
+                            message_id=None,
+                            sha256="0" * 64,
+                            outcome="created",
+                            request_number=None,
+                        )
         finally:
             await store.close()
         return got

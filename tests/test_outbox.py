@@ -427,7 +427,8 @@ def test_migration_4_keeps_old_outbox_rows_verdicts(tmp_path: Path) -> None:
     async def go() -> tuple[list[Any], str | None]:
         store = await open_store(data)
         try:
-            return await store.due_replies(["m"], exclude=[], limit=10)
+            async with store.transaction() as tx:
+                return await tx.due_replies(["m"], exclude=[], limit=10)
         finally:
             await store.close()
 

@@ -72,11 +72,12 @@ def arm(point: str, n: int) -> None:
         raise ValueError("N counts occurrences from 1")
     countdown = _Countdown(n)
     if point in ("after-commit", "before-commit"):
-        from engine.store.sqlite import SqliteStore
-        from engine.writer import Envelope, Item, Writer
+        from engine.items import Envelope, Item
+        from engine.store.sqlite import SqliteTransaction
+        from engine.writer import Writer
 
         real_apply = Writer.apply
-        real_commit = SqliteStore.commit
+        real_commit = SqliteTransaction.commit
         before = point == "before-commit"
         # Only the transactions that carry messages count: the others (directory checks,
         # ledger queries, session reports) hold nothing a DELE depends on.
@@ -89,7 +90,7 @@ def arm(point: str, n: int) -> None:
             finally:
                 carrying_mail[0] = False
 
-        async def commit(self: SqliteStore) -> None:
+        async def commit(self: SqliteTransaction) -> None:
             counts = carrying_mail[0]
             if before and counts and countdown.hit():
                 die()
@@ -98,7 +99,7 @@ def arm(point: str, n: int) -> None:
                 die()
 
         Writer.apply = apply  # type: ignore[method-assign]
-        SqliteStore.commit = commit  # type: ignore[method-assign]
+        SqliteTransaction.commit = commit  # type: ignore[method-assign]
     elif point == "attachment-write":
         from engine.store import files
 

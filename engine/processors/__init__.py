@@ -3,26 +3,19 @@
 A processor never writes. It returns a :data:`Decision`; the writer applies it inside the
 batch transaction. That keeps message semantics testable without a store, and lets
 ``once --dry-run`` print the same decision the real run would apply.
+
+The events the engine raises itself are decided the same way, from what the writer looked
+up: a message it could not process (:mod:`engine.processors.failure`) and a mailbox it
+cannot read (:mod:`engine.processors.outage`) become :data:`EventDecision` values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
 from engine.config import MailboxConfig
-from engine.model import Attachment, ParsedMessage
-from engine.store import RequestRef, Team, User
-
-
-class Directory(Protocol):
-    """The read-only questions a processor may ask of the store."""
-
-    async def user_by_email(self, email: str) -> User | None: ...
-    async def user_by_login(self, login: str) -> User | None: ...
-    async def request(self, number: int) -> RequestRef | None: ...
-    async def request_by_message_id(self, message_ids: Sequence[str]) -> RequestRef | None: ...
+from engine.model import Attachment, DirectoryView, ParsedMessage, RequestRef, Team, User
 
 
 @dataclass(frozen=True)
@@ -64,10 +57,48 @@ class Refuse:
 class Ignore:
     """Recorded in the ledger only (an auto-reply that answers nothing we know)."""
 
-    outcome: str
+    reason: str
 
 
 Decision = NewRequest | AddActivity | Refuse | Ignore
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event the engine raises itself. It goes to team ``team`` (a number or name; else
+    the engine's default team, else the first team), in that team's default group."""
+
+    kind: Literal["message-failure", "outage"]
+    team: str | None
+    mailbox: str
+    cause: str
+    subject: str
+    description: str
+    message_id: str | None = None
+    sha256: str | None = None
+    attachments: tuple[Attachment, ...] = ()
+
+
+@dataclass(frozen=True)
+class AddNote:
+    """An automatic activity by the engine on request ``number``."""
+
+    number: int
+    body: str
+
+
+@dataclass(frozen=True)
+class Close:
+    """The engine closes its event ``number`` (status processed): ``note`` as an automatic
+    activity, ``why`` in the history. ``cause``: the event's cause, for the log."""
+
+    number: int
+    cause: str
+    note: str
+    why: str
+
+
+EventDecision = NewEvent | AddNote | Close
 
 
 @dataclass(frozen=True)
@@ -88,7 +119,7 @@ def referenced(msg: ParsedMessage, mailbox: MailboxConfig) -> int | None:
     return None if ref is None else ref[0]
 
 
-async def decide(msg: ParsedMessage, ctx: Context, directory: Directory) -> Decision:
+async def decide(msg: ParsedMessage, ctx: Context, directory: DirectoryView) -> Decision:
     """Dispatch to the mailbox's processor."""
     # Imported here: the processor modules import this one for the decision types.
     from engine.processors import event, incident
@@ -96,3 +127,25 @@ async def decide(msg: ParsedMessage, ctx: Context, directory: Directory) -> Deci
     if ctx.mailbox.processor == "event":
         return await event.decide(msg, ctx, directory)
     return await incident.decide(msg, ctx, directory)
+
+
+def describe(d: Decision) -> str:
+    """One line for ``once --dry-run``."""
+    if isinstance(d, NewRequest):
+        who = d.requester.login if d.requester else "(no requester)"
+        names = ", ".join(a.name for a in d.attachments) or "none"
+        if d.notes:
+            names += f" ({len(d.notes)} left out over a size limit)"
+        return (
+            f"new {d.type} {d.subject!r}: requester {who}, site {d.site or '-'}, "
+            f"group {d.group or '-'}, assignee {d.assignee.login if d.assignee else '-'}, "
+            f"attachments: {names}"
+        )
+    if isinstance(d, AddActivity):
+        extra = " and reopen it" if d.reopen else ""
+        return f"activity on request #{d.request.number} (found by {d.via}){extra}"
+    if isinstance(d, Refuse):
+        return f"no request ({d.reason}); " + (
+            "auto-reply" if d.reply else f"no reply ({d.no_reply_because})"
+        )
+    return f"ignored: {d.reason}"

@@ -5,10 +5,9 @@ from __future__ import annotations
 import fnmatch
 import re
 
-from engine.model import Attachment, ParsedMessage
+from engine.model import CLOSED_STATUSES, Attachment, DirectoryView, ParsedMessage, RequestRef
 from engine.parse import safe_filename
-from engine.processors import AddActivity, Context, Directory
-from engine.store import CLOSED_STATUSES, RequestRef
+from engine.processors import AddActivity, Context
 
 # The communication types a subject reference may name, by the request type they refer to.
 # "[SPAM] 5 offers" must not become an activity on request #5.
@@ -43,7 +42,7 @@ def referenced_number(subject: str, pattern: re.Pattern[str]) -> tuple[int, str 
 
 
 async def referenced_request(
-    msg: ParsedMessage, ctx: Context, directory: Directory
+    msg: ParsedMessage, ctx: Context, directory: DirectoryView
 ) -> tuple[RequestRef | None, str]:
     """The team's request this message answers: by subject first, then by its thread headers.
 

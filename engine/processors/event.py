@@ -6,8 +6,8 @@ Monitoring systems send automated mail by design, so unlike the incident process
 
 from __future__ import annotations
 
-from engine.model import ParsedMessage
-from engine.processors import Context, Decision, Directory, NewRequest, Refuse
+from engine.model import DirectoryView, ParsedMessage
+from engine.processors import Context, Decision, NewRequest, Refuse
 from engine.processors.common import (
     activity_for,
     kept_attachments,
@@ -16,7 +16,7 @@ from engine.processors.common import (
 )
 
 
-async def decide(msg: ParsedMessage, ctx: Context, directory: Directory) -> Decision:
+async def decide(msg: ParsedMessage, ctx: Context, directory: DirectoryView) -> Decision:
     request, via = await referenced_request(msg, ctx, directory)
     if request is not None:
         return activity_for(msg, ctx, request, via)

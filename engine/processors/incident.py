@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from engine.errors import MessageError
-from engine.model import ParsedMessage
-from engine.processors import Context, Decision, Directory, Ignore, NewRequest, Refuse
+from engine.model import DirectoryView, ParsedMessage, User
+from engine.processors import Context, Decision, Ignore, NewRequest, Refuse
 from engine.processors.common import (
     activity_for,
     is_auto_reply,
@@ -22,27 +22,16 @@ class UnknownFallbackUser(MessageError):
     )
 
 
-async def decide(msg: ParsedMessage, ctx: Context, directory: Directory) -> Decision:
+async def decide(msg: ParsedMessage, ctx: Context, directory: DirectoryView) -> Decision:
     request, via = await referenced_request(msg, ctx, directory)
     if request is not None:
         return activity_for(msg, ctx, request, via)
     if is_auto_reply(msg):
         # A bounce or out-of-office answer to nothing we know must never become a ticket.
-        return Ignore("ignored: auto-reply")
+        return Ignore("auto-reply")
     if not ctx.mailbox.create_new_requests:
-        reason = "new requests are not allowed in this mailbox"
-        if msg.auto_submitted or not msg.from_addr:
-            return Refuse(reason, reply=False, no_reply_because=msg.auto_reason or "no sender")
-        return Refuse(reason, reply=ctx.mailbox.smtp is not None, no_reply_because=None)
-    user = await directory.user_by_email(msg.from_addr)
-    if user is None:
-        login = ctx.mailbox.fallback_user
-        user = await directory.user_by_login(login) if login else None
-        if user is None:
-            raise UnknownFallbackUser(
-                f"the sender {msg.from_addr or '(none)'} is unknown and the fallback user "
-                f"{login or '(not configured)'} does not exist"
-            )
+        return _refuse(msg, ctx)
+    user = await _requester(msg, ctx, directory)
     assignee = await directory.user_by_login(ctx.mailbox.assignee) if ctx.mailbox.assignee else None
     attachments, notes = kept_attachments(msg, ctx)
     return NewRequest(
@@ -58,3 +47,25 @@ async def decide(msg: ParsedMessage, ctx: Context, directory: Directory) -> Deci
         attachments=attachments,
         notes=notes,
     )
+
+
+def _refuse(msg: ParsedMessage, ctx: Context) -> Refuse:
+    """No new request here: an automatic reply says so, unless it would answer a machine."""
+    reason = "new requests are not allowed in this mailbox"
+    if msg.auto_submitted or not msg.from_addr:
+        return Refuse(reason, reply=False, no_reply_because=msg.auto_reason or "no sender")
+    return Refuse(reason, reply=ctx.mailbox.smtp is not None, no_reply_because=None)
+
+
+async def _requester(msg: ParsedMessage, ctx: Context, directory: DirectoryView) -> User:
+    """The sender as a user of the directory, else the mailbox's fallback user."""
+    user = await directory.user_by_email(msg.from_addr)
+    if user is None:
+        login = ctx.mailbox.fallback_user
+        user = await directory.user_by_login(login) if login else None
+        if user is None:
+            raise UnknownFallbackUser(
+                f"the sender {msg.from_addr or '(none)'} is unknown and the fallback user "
+                f"{login or '(not configured)'} does not exist"
+            )
+    return user

@@ -1,36 +1,27 @@
 """The store: where requests, activities, attachments and the ledger live.
 
-The writer talks to it through :class:`SqliteStore`; a PostgreSQL store for several replicas
-will implement the same methods.
+:mod:`engine.store.base` is the interface (a :class:`Store` and its :class:`Transaction`);
+:mod:`engine.store.sqlite` implements it over SQLite and attachment files. A PostgreSQL store
+for several replicas implements the same interface.
 """
 
+from engine.store.base import Store, Transaction
 from engine.store.lock import DataDirLock, private_file, secure_data_dir
 from engine.store.sqlite import (
-    CLOSED_STATUSES,
-    LedgerRow,
-    PendingReply,
-    RequestRef,
     SqliteStore,
-    Team,
-    User,
+    SqliteTransaction,
     hash_password,
     open_store,
     store_error,
     verify_password,
 )
 
-Store = SqliteStore
-
 __all__ = [
-    "CLOSED_STATUSES",
     "DataDirLock",
-    "LedgerRow",
-    "PendingReply",
-    "RequestRef",
     "SqliteStore",
+    "SqliteTransaction",
     "Store",
-    "Team",
-    "User",
+    "Transaction",
     "hash_password",
     "open_store",
     "private_file",

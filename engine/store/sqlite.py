@@ -10,32 +10,58 @@ outcomes, attachment names) goes through :func:`engine.logs.scrub` here, at the 
 boundary, so no caller can forget it: a server that echoes a password in its ``-ERR`` has it
 masked in the outage event as in the log. Keys (UIDLs, Message-IDs, hashes) are stored as
 they are: the ledger must find them again.
+
+Speed comes from two things a :class:`SqliteTransaction` does behind its interface (see
+:mod:`engine.store.base`):
+
+- **Write-behind.** The rows of the hot tables (requests, activities, ledger, history,
+  attachments) are kept in the transaction (:class:`_Pending`) and go to SQLite in one
+  ``executemany`` per statement, just before COMMIT or before a statement that must see them.
+  Each call into aiosqlite's thread costs ~0.1 ms of hand-offs, more than SQLite's own work
+  for a message. A read sends the pending rows first only when they are in a table it reads;
+  the reads the writer makes per message (the request a reply names, the thread's Message-IDs)
+  consult the pending rows themselves and never send them.
+- **Attachment files written as the transaction goes**, in worker threads of the
+  transaction's own task group, and awaited before the rows that cite them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiosqlite
 import anyio.to_thread
 from aioitertools.more_itertools import chunked
 
-from engine.errors import StoreError
+from engine.errors import StoreError, sole
 from engine.logs import scrub
-from engine.model import Attachment
+from engine.model import (
+    Attachment,
+    DirectoryView,
+    LedgerRow,
+    PendingReply,
+    RequestRef,
+    Team,
+    User,
+)
+from engine.store.base import Store, Transaction
 from engine.store.files import FileStore
 from engine.store.lock import secure_data_dir
 from engine.store.schema import ACCOUNTS, MIGRATIONS, normalized_account
+
+log = logging.getLogger("engine.store")
 
 # Attachments at least this big are hashed in a worker thread rather than on the event loop.
 _HASH_IN_THREAD = 1 << 20
@@ -58,67 +84,8 @@ def now() -> str:
     return _second[1]
 
 
-@dataclass(frozen=True)
-class User:
-    id: int
-    login: str
-    email: str | None
-    name: str
-    site: str | None
-
-
-@dataclass(frozen=True)
-class Team:
-    id: int
-    number: int
-    name: str
-    default_group: str | None
-
-
-@dataclass(frozen=True)
-class RequestRef:
-    number: int
-    team_id: int
-    type: str
-    status: str
-    kind: str
-
-
-@dataclass(frozen=True)
-class PendingReply:
-    """An outbox row to send."""
-
-    id: int
-    mailbox: str
-    recipient: str
-    message: bytes = field(repr=False)
-    attempts: int
-
-
 # The columns replies are counted by (each has an index with created_at).
 _REPLY_COUNTS = frozenset({"rcpt_key", "rcpt_domain", "mailbox"})
-
-CLOSED_STATUSES = frozenset({"closed", "resolved", "processed"})
-
-
-@dataclass(frozen=True)
-class LedgerRow:
-    """What the ledger holds of one message. ``size`` is the size the server listed
-    (None in rows older than migration 3); ``needed`` the bytes a message left on the
-    server needs to be taken whole; ``deleted_at`` when a QUIT confirmed its deletion."""
-
-    size: int | None
-    needed: int | None
-    message_id: str | None
-    sha256: str
-    outcome: str
-    request_number: int | None
-    deleted_at: str | None
-
-    @property
-    def kept(self) -> bool:
-        """Left on the server, not taken whole (see engine.errors.MessageKept)."""
-        return self.outcome.startswith("kept:")
 
 
 def hash_password(password: str, *, salt: bytes | None = None) -> str:
@@ -144,64 +111,53 @@ def verify_password(password: str, stored: str | None) -> bool:
     return hmac.compare_digest(got.hex(), key)
 
 
-@dataclass(eq=False)
-class _Files:
-    """The attachment files of one transaction (or of what is left of it since a flush)."""
+class SqliteStore(Store):
+    """The store. Open it with :func:`open_store`; one instance per connection.
 
-    data: dict[str, bytes] = field(default_factory=dict)
-    unstarted: list[str] = field(default_factory=list)
-    writing: int = 0
-    written: anyio.Event = field(default_factory=anyio.Event)
-    errors: list[OSError] = field(default_factory=list)
+    It keeps what stays true from one transaction to the next: the directory lookups and the
+    last numbers handed out, while no other connection commits (``PRAGMA data_version``
+    tells: a ``directory import`` may run beside the engine).
+    """
 
-
-class SqliteStore:
-    """The store. Open it with :func:`open_store`; one instance per connection."""
+    failures = (sqlite3.Error, StoreError)
 
     def __init__(self, db: aiosqlite.Connection, files: FileStore, path: Path) -> None:
         self.db = db
         self.files = files
         self.path = path
-        # Directory lookups, kept while no other connection commits (``PRAGMA data_version``
-        # tells): a ``directory import`` may run beside the engine.
         self._data_version: int | None = None
         self._ids: dict[tuple[str, str], int] = {}
         self._teams: dict[str | int | None, Team | None] = {}
         self._users: dict[tuple[str, str], User | None] = {}
-        # Write-behind: rows nothing reads back in the same transaction before a flush
-        # (ledger, history, attachment rows) go to SQLite in one executemany per statement
-        # just before COMMIT (or before any read, savepoint or other statement that needs
-        # them). Attachment files are written and fsynced meanwhile, in worker threads
-        # started through ``spawn`` (set by the writer while it runs; without it, at the
-        # flush), and awaited before the rows that cite them.
-        self._deferred: dict[str, list[Sequence[Any]]] = {}
-        self._files = _Files()
-        self._io = anyio.CapacityLimiter(8)  # attachment files written at once
-        self.spawn: Callable[..., object] | None = None
-        # The last request number and activity id handed out in this transaction (absent:
-        # ask the database), and the deferred requests, which reads must see.
+        # The last request number and activity id handed out (absent: ask the database).
         self._last_ids: dict[str, int] = {}
-        self._pending_requests: dict[int, RequestRef] = {}
-        # Requests read ahead for this transaction (None: no such request).
-        self._read_ahead: dict[int, RequestRef | None] = {}
-
-    # -- lifecycle -------------------------------------------------------------------------
+        self._io = anyio.CapacityLimiter(8)  # attachment files written at once
 
     async def close(self) -> None:
         await self.db.close()
 
-    async def begin(self) -> None:
-        # The last numbers handed out stay known from one committed transaction to the next
-        # (the data-directory lock makes this the only engine) unless another connection
-        # committed meanwhile: one query less per transaction.
-        self._discard(give_back_numbers=False)
-        await self._exec("BEGIN IMMEDIATE")
-        row = await self._one("PRAGMA data_version")
-        version = int(row[0]) if row else None
-        if version != self._data_version:
-            self._data_version = version
-            self.forget_directory()
-            self._last_ids.clear()
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[SqliteTransaction]:
+        """``BEGIN IMMEDIATE``, then ``COMMIT`` when the block ends, or ``ROLLBACK`` (shielded
+        from cancellation) when it raises. The attachment files the transaction writes run in
+        its own task group: started as it goes, awaited before COMMIT."""
+        try:
+            async with anyio.create_task_group() as files:
+                tx = SqliteTransaction(self, files.start_soon)
+                try:
+                    await tx.begin()
+                    yield tx
+                    await tx.commit()
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await tx.rollback()
+                    raise
+        except BaseExceptionGroup as group:
+            # The task group wraps what the block raised: raise that, with its own cause.
+            exc = sole(group)
+            if exc is group:
+                raise
+            raise exc from exc.__cause__
 
     def forget_directory(self) -> None:
         """Drop the cached directory (it changed, or this connection changed it)."""
@@ -209,159 +165,12 @@ class SqliteStore:
         self._teams.clear()
         self._users.clear()
 
-    async def commit(self) -> None:
-        await self.flush()
-        try:
-            await self._exec("COMMIT")
-        except BaseException:
-            self._last_ids.clear()  # not known to be in the database
-            raise
-
-    async def rollback(self) -> None:
-        self._discard()
-        if self.db.in_transaction:
-            await self._exec("ROLLBACK")
-
-    async def savepoint(self, name: str) -> None:
-        await self.flush()
-        await self._exec(f"SAVEPOINT {name}")
-
-    async def release(self, name: str) -> None:
-        await self._exec(f"RELEASE {name}")
-
-    async def rollback_to(self, name: str) -> None:
-        # Whatever is still deferred was written after the savepoint (it flushed).
-        self._discard()
-        await self._exec(f"ROLLBACK TO {name}")
-        await self._exec(f"RELEASE {name}")
-
-    async def flush(self) -> None:
-        """Send the deferred rows and files: files durable first, then their rows."""
-        if self._files.data:
-            files, self._files = self._files, _Files()
-            await self._write_files(files)
-        if self._deferred:
-            deferred, self._deferred = self._deferred, {}
-            self._pending_requests.clear()
-            # Requests, then activities: the other rows refer to them.
-            for sql in (_INSERT_REQUEST, _INSERT_ACTIVITY):
-                rows = deferred.pop(sql, None)
-                if rows:
-                    await self.db.executemany(sql, rows)
-            for sql, rows in deferred.items():
-                await self.db.executemany(sql, rows)
-
-    async def _write_file(self, files: _Files, digest: str, data: bytes) -> None:
-        """Write one file durably in a worker thread; never raises (``files`` records)."""
-        try:
-            await anyio.to_thread.run_sync(self.files.write, digest, data, limiter=self._io)
-        except OSError as exc:
-            files.errors.append(exc)
-        finally:
-            files.writing -= 1
-            if not files.writing:
-                files.written.set()
-
-    async def _write_files(self, files: _Files) -> None:
-        """Wait for the files' writes (or make them now, side by side).
-
-        One after the other, each file costs two fsyncs (~2 ms each on a busy virtual disk):
-        the commit waited ~10 ms per transaction for them. Written while the transaction
-        goes on, they are mostly done when it commits.
-        """
-        if files.unstarted:
-            async with anyio.create_task_group() as tg:
-                for digest in files.unstarted:
-                    files.writing += 1
-                    tg.start_soon(self._write_file, files, digest, files.data[digest])
-            files.unstarted.clear()
-        if files.writing:
-            await files.written.wait()
-        if files.errors:
-            # The store failing, never the message: nothing of the batch commits.
-            error = files.errors[0]
-            raise StoreError(f"cannot write attachment files: {error}") from error
-
-    def _discard(self, *, give_back_numbers: bool = True) -> None:
-        self._deferred.clear()
-        # Writes under way finish on their own; what they leave is swept as unreferenced.
-        self._files = _Files()
-        self._pending_requests.clear()
-        self._read_ahead.clear()
-        if give_back_numbers:  # a rollback gives back the numbers it undoes
-            self._last_ids.clear()
-
-    def _defer(self, sql: str, args: Sequence[Any]) -> None:
-        self._deferred.setdefault(sql, []).append(args)
-
-    # -- small helpers ---------------------------------------------------------------------
-
-    # Each call below is one round trip to aiosqlite's thread (execute, fetch and close in
-    # one): those hand-offs, not SQLite, were most of the writer's time per message. Every
-    # statement but the two hot inserts (requests, activities) flushes the deferred rows first,
-    # so what it reads or changes sees them.
-
-    async def _exec(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        if self._deferred or self._files.data:
-            await self.flush()
+    async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         return list(await self.db.execute_fetchall(sql, args))
 
     async def _one(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
-        rows = await self._exec(sql, args)
+        rows = await self._all(sql, args)
         return rows[0] if rows else None
-
-    async def _peek(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
-        """A read that needs no flush: the caller has looked at the deferred rows itself, or
-        reads a table that is never deferred."""
-        rows = list(await self.db.execute_fetchall(sql, args))
-        return rows[0] if rows else None
-
-    async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        return await self._exec(sql, args)
-
-    async def _insert(self, sql: str, args: Sequence[Any]) -> int:
-        # Flushed only for the requests a new row may refer to; the other deferred rows
-        # never constrain it.
-        if self._pending_requests:
-            await self.flush()
-        row = await self.db.execute_insert(sql, args)
-        assert row is not None
-        return int(row[0])
-
-    async def _name_id(self, table: str, name: str | None) -> int | None:
-        if not name:
-            return None
-        key = (table, name.casefold())
-        if key not in self._ids:
-            row = await self._one(f"SELECT id FROM {table} WHERE name = ?", (name,))
-            if row is None:
-                return None
-            self._ids[key] = int(row[0])
-        return self._ids[key]
-
-    # -- directory -------------------------------------------------------------------------
-
-    async def user_by_email(self, email: str) -> User | None:
-        if not email:
-            return None
-        key = ("email", email.casefold())
-        if key not in self._users:
-            self._users[key] = await self._user("u.email = ?", email)
-        return self._users[key]
-
-    async def user_by_login(self, login: str) -> User | None:
-        key = ("login", login)
-        if key not in self._users:
-            self._users[key] = await self._user("u.login = ?", login)
-        return self._users[key]
-
-    async def _user(self, where: str, arg: str) -> User | None:
-        row = await self._one(
-            "SELECT u.id, u.login, u.email, u.name, s.name FROM users u "
-            f"LEFT JOIN sites s ON s.id = u.site_id WHERE {where} ORDER BY u.id LIMIT 1",
-            (arg,),
-        )
-        return None if row is None else User(row[0], row[1], row[2], row[3], row[4])
 
     async def check_login(self, login: str, password: str) -> bool:
         row = await self._one("SELECT password_hash FROM users WHERE login = ?", (login,))
@@ -369,515 +178,7 @@ class SqliteStore:
         # scrypt is deliberately slow: keep it off the event loop.
         return await anyio.to_thread.run_sync(verify_password, password, stored)
 
-    async def has_name(self, table: str, name: str) -> bool:
-        assert table in {"sites", "groups", "sources"}
-        return await self._name_id(table, name) is not None
-
-    async def team(self, ref: str | int | None) -> Team | None:
-        """A team by number or name; with no reference, the only team if there is just one."""
-        if ref not in self._teams:
-            self._teams[ref] = await self._team(ref)
-        return self._teams[ref]
-
-    async def _team(self, ref: str | int | None) -> Team | None:
-        sql = (
-            "SELECT t.id, t.number, t.name, g.name FROM teams t "
-            "LEFT JOIN groups g ON g.id = t.default_group_id "
-        )
-        if ref is None or ref == "":
-            rows = await self._all(sql + "ORDER BY t.number LIMIT 2")
-            if len(rows) != 1:
-                return None
-            row: sqlite3.Row | None = rows[0]
-        elif isinstance(ref, int) or str(ref).isdigit():
-            row = await self._one(sql + "WHERE t.number = ?", (int(ref),))
-        else:
-            row = await self._one(sql + "WHERE t.name = ?", (ref,))
-        return None if row is None else Team(row[0], row[1], row[2], row[3])
-
-    async def first_team(self) -> Team | None:
-        rows = await self._all(
-            "SELECT t.id, t.number, t.name, g.name FROM teams t "
-            "LEFT JOIN groups g ON g.id = t.default_group_id ORDER BY t.number LIMIT 1"
-        )
-        return Team(rows[0][0], rows[0][1], rows[0][2], rows[0][3]) if rows else None
-
-    async def import_directory(self, data: Mapping[str, Any]) -> dict[str, int]:
-        """Insert or update teams, sites, groups, sources and users (keyed by name/login)."""
-        # This connection's own changes leave data_version alone: drop the cache by hand.
-        self.forget_directory()
-        counts = {"teams": 0, "sites": 0, "groups": 0, "sources": 0, "users": 0}
-        for table in ("sites", "groups", "sources"):
-            for name in data.get(table, []):
-                await self._exec(f"INSERT OR IGNORE INTO {table}(name) VALUES (?)", (name,))
-                counts[table] += 1
-        for team in data.get("teams", []):
-            group = team.get("defaultGroup")
-            if group:
-                await self._exec("INSERT OR IGNORE INTO groups(name) VALUES (?)", (group,))
-            group_id = await self._name_id("groups", group)
-            await self._exec(
-                "INSERT INTO teams(number, name, default_group_id) VALUES (?, ?, ?) "
-                "ON CONFLICT(number) DO UPDATE SET name = excluded.name, "
-                "default_group_id = excluded.default_group_id",
-                (int(team["number"]), team["name"], group_id),
-            )
-            counts["teams"] += 1
-        for user in data.get("users", []):
-            site = user.get("site")
-            if site:
-                await self._exec("INSERT OR IGNORE INTO sites(name) VALUES (?)", (site,))
-            password = user.get("password")
-            password_hash = (
-                await anyio.to_thread.run_sync(hash_password, password) if password else None
-            )
-            await self._exec(
-                "INSERT INTO users(login, email, name, site_id, password_hash) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(login) DO UPDATE SET "
-                "email = excluded.email, name = excluded.name, site_id = excluded.site_id, "
-                "password_hash = COALESCE(excluded.password_hash, users.password_hash)",
-                (
-                    user["login"],
-                    user.get("email"),
-                    user.get("name") or user["login"],
-                    await self._name_id("sites", site),
-                    password_hash,
-                ),
-            )
-            counts["users"] += 1
-        return counts
-
-    # -- ledger ----------------------------------------------------------------------------
-
-    async def ledger_rows(self, account: str, uidls: Iterable[str]) -> dict[str, LedgerRow]:
-        """The ledger rows of these keys that exist, by key."""
-        found: dict[str, LedgerRow] = {}
-        # Chunks stay under SQLite's bound-parameter limit, whatever the mailbox holds.
-        async for chunk in chunked(uidls, 500):
-            marks = ",".join("?" * len(chunk))
-            rows = await self._all(
-                "SELECT uidl, size, needed, message_id, sha256, outcome, request_number, "
-                f"deleted_at FROM ledger WHERE account = ? AND uidl IN ({marks})",
-                (account, *chunk),
-            )
-            found.update((r[0], LedgerRow(*r[1:])) for r in rows)
-        return found
-
-    async def update_ledger(
-        self,
-        *,
-        account: str,
-        uidl: str,
-        message_id: str | None,
-        sha256: str,
-        outcome: str,
-        request_number: int | None,
-        size: int | None,
-        needed: int | None,
-    ) -> None:
-        """A message left on the server once, now taken (or left again): its row anew."""
-        await self._exec(
-            "UPDATE ledger SET message_id = ?, sha256 = ?, outcome = ?, request_number = ?, "
-            "size = ?, needed = ?, processed_at = ? WHERE account = ? AND uidl = ?",
-            (message_id, sha256, outcome, request_number, size, needed, now(), account, uidl),
-        )
-
-    async def mark_deleted(self, account: str, uidls: Iterable[str]) -> None:
-        """The server confirmed (QUIT) the deletion of these messages."""
-        at = now()
-        async for chunk in chunked(uidls, 500):
-            marks = ",".join("?" * len(chunk))
-            await self._exec(
-                f"UPDATE ledger SET deleted_at = ? WHERE account = ? AND uidl IN ({marks}) "
-                "AND deleted_at IS NULL",
-                (at, account, *chunk),
-            )
-
-    async def rename_account(self, old: str, new: str) -> None:
-        """Every ledger row of account ``old`` now belongs to ``new`` (which has none)."""
-        await self._exec("UPDATE ledger SET account = ? WHERE account = ?", (new, old))
-
-    async def account_has_rows(self, account: str) -> bool:
-        return (
-            await self._one("SELECT 1 FROM ledger WHERE account = ? LIMIT 1", (account,))
-            is not None
-        )
-
-    async def mailbox_account(self, mailbox: str) -> tuple[str, str] | None:
-        """The account the mailbox last used, and its user name."""
-        row = await self._one(
-            "SELECT account, user_name FROM mailbox_account WHERE mailbox = ?", (mailbox,)
-        )
-        return None if row is None else (str(row[0]), str(row[1]))
-
-    async def remember_account(self, mailbox: str, account: str, user_name: str) -> None:
-        await self._exec(
-            "INSERT INTO mailbox_account(mailbox, account, user_name) VALUES (?, ?, ?) "
-            "ON CONFLICT(mailbox) DO UPDATE SET account = excluded.account, "
-            "user_name = excluded.user_name",
-            (mailbox, account, user_name),
-        )
-
-    async def ledger_has(self, account: str, uidl: str) -> bool:
-        row = await self._one(
-            "SELECT 1 FROM ledger WHERE account = ? AND uidl = ?", (account, uidl)
-        )
-        return row is not None
-
-    async def record_ledger(
-        self,
-        *,
-        account: str,
-        uidl: str,
-        mailbox: str,
-        message_id: str | None,
-        sha256: str,
-        outcome: str,
-        request_number: int | None,
-        size: int | None = None,
-        needed: int | None = None,
-    ) -> None:
-        self._defer(
-            _INSERT_LEDGER,
-            (
-                account,
-                uidl,
-                mailbox,
-                message_id,
-                sha256,
-                scrub(outcome),
-                request_number,
-                now(),
-                size,
-                needed,
-            ),
-        )
-
-    # -- requests --------------------------------------------------------------------------
-
-    async def read_ahead(self, numbers: Iterable[int]) -> None:
-        """Read these requests in one query; :meth:`request` answers from them until the
-        transaction ends (a status change updates them)."""
-        wanted = {n for n in numbers if n not in self._read_ahead and 0 < n < 2**63}
-        async for chunk in chunked(sorted(wanted), 500):
-            marks = ",".join("?" * len(chunk))
-            rows = await self.db.execute_fetchall(
-                "SELECT number, team_id, type, status, kind FROM requests "
-                f"WHERE number IN ({marks})",
-                chunk,
-            )
-            self._read_ahead.update((n, None) for n in chunk)
-            self._read_ahead.update((r[0], RequestRef(r[0], r[1], r[2], r[3], r[4])) for r in rows)
-
-    async def request(self, number: int) -> RequestRef | None:
-        # Requests are never updated while deferred (set_status flushes first).
-        if number in self._pending_requests:
-            return self._pending_requests[number]
-        if number in self._read_ahead:
-            return self._read_ahead[number]
-        row = await self._peek(
-            "SELECT number, team_id, type, status, kind FROM requests WHERE number = ?",
-            (number,),
-        )
-        return None if row is None else RequestRef(row[0], row[1], row[2], row[3], row[4])
-
-    async def request_by_message_id(self, message_ids: Sequence[str]) -> RequestRef | None:
-        """The request a message created or updated, found through the ledger."""
-        for mid in message_ids:
-            # The newest ledger row wins; deferred ones are newer than any in the database.
-            number = next(
-                (
-                    r[6]
-                    for r in reversed(self._deferred.get(_INSERT_LEDGER, []))
-                    if r[3] == mid and r[6] is not None
-                ),
-                None,
-            )
-            if number is not None:
-                return await self.request(int(number))
-            row = await self._peek(
-                "SELECT request_number FROM ledger WHERE message_id = ? "
-                "AND request_number IS NOT NULL ORDER BY id DESC LIMIT 1",
-                (mid,),
-            )
-            if row is None:
-                row = await self._peek(
-                    "SELECT request_number FROM outbox WHERE message_id = ? "
-                    "AND request_number IS NOT NULL",
-                    (mid,),
-                )
-            if row is not None:
-                return await self.request(int(row[0]))
-        return None
-
-    async def create_request(
-        self,
-        *,
-        team_id: int,
-        type: str,
-        subject: str,
-        description: str,
-        created_by: str,
-        status: str = "new",
-        kind: str = "mail",
-        html: str | None = None,
-        requester_id: int | None = None,
-        user_id: int | None = None,
-        site: str | None = None,
-        group: str | None = None,
-        assignee_id: int | None = None,
-        source: str | None = None,
-        mailbox: str | None = None,
-        cause: str | None = None,
-        message_id: str | None = None,
-        sha256: str | None = None,
-    ) -> int:
-        number = await self._next_id("requests")
-        ref = RequestRef(number, team_id, type, status, kind)
-        # Also over a read-ahead that found no such number yet (a reply in the same batch).
-        self._pending_requests[number] = self._read_ahead[number] = ref
-        self._defer(
-            _INSERT_REQUEST,
-            (
-                number,
-                team_id,
-                type,
-                status,
-                kind,
-                scrub(subject),
-                scrub(description),
-                None if html is None else scrub(html),
-                requester_id,
-                user_id,
-                await self._name_id("sites", site),
-                await self._name_id("groups", group),
-                assignee_id,
-                await self._name_id("sources", source),
-                mailbox,
-                cause,
-                message_id,
-                sha256,
-                now(),
-                created_by,
-            ),
-        )
-        await self.add_history(number, created_by, f"Created from {kind.replace('-', ' ')}.")
-        return number
-
-    async def _next_id(self, table: str) -> int:
-        """The next request number or activity id. We hold the write lock (BEGIN IMMEDIATE),
-        so they are ours to hand out; for requests AUTOINCREMENT's rule holds: never a number
-        used before, even by a deleted request."""
-        if table not in self._last_ids:
-            if table == "requests":
-                sql = (
-                    "SELECT max(coalesce((SELECT seq FROM sqlite_sequence "
-                    "WHERE name = 'requests'), 0), coalesce((SELECT max(number) FROM requests), 0))"
-                )
-            else:
-                sql = "SELECT coalesce(max(id), 0) FROM activities"
-            row = await self._one(sql)
-            self._last_ids[table] = int(row[0]) if row else 0
-        self._last_ids[table] += 1
-        return self._last_ids[table]
-
-    async def add_activity(
-        self,
-        number: int,
-        *,
-        author: str,
-        email: str,
-        body: str,
-        date: datetime | None = None,
-        automatic: bool = False,
-        message_id: str | None = None,
-    ) -> int:
-        activity = await self._next_id("activities")
-        self._defer(
-            _INSERT_ACTIVITY,
-            (
-                activity,
-                number,
-                scrub(author),
-                scrub(email),
-                (date or datetime.now(UTC)).isoformat(timespec="seconds"),
-                scrub(body),
-                int(automatic),
-                message_id,
-                now(),
-            ),
-        )
-        return activity
-
-    async def set_status(self, number: int, status: str, *, by: str, why: str) -> None:
-        await self._exec("UPDATE requests SET status = ? WHERE number = ?", (status, number))
-        self._read_ahead.pop(number, None)
-        await self.add_history(number, by, why)
-
-    async def add_history(self, number: int, by: str, text: str) -> None:
-        self._defer(
-            "INSERT INTO history(request_number, at, by, text) VALUES (?, ?, ?, ?)",
-            (number, now(), scrub(by), scrub(text)),
-        )
-
-    async def add_attachments(
-        self, number: int, activity_id: int | None, attachments: Iterable[Attachment]
-    ) -> None:
-        for att in attachments:
-            # Written and fsynced before the commit that cites it; from now on if the writer
-            # lets us (see flush).
-            if len(att.data) < _HASH_IN_THREAD:
-                digest = hashlib.sha256(att.data).hexdigest()
-            else:  # hashlib lets go of the GIL: keep the event loop free meanwhile
-                digest = await anyio.to_thread.run_sync(_sha256, att.data)
-            files = self._files
-            if digest not in files.data:
-                files.data[digest] = att.data
-                if self.spawn is None:
-                    files.unstarted.append(digest)
-                else:
-                    files.writing += 1
-                    self.spawn(self._write_file, files, digest, att.data)
-            self._defer(
-                "INSERT INTO attachments(request_number, activity_id, name, content_type, "
-                "size, sha256) VALUES (?, ?, ?, ?, ?, ?)",
-                (number, activity_id, scrub(att.name), att.content_type, len(att.data), digest),
-            )
-
-    async def failure_event(self, message_id: str | None, sha256: str) -> int | None:
-        row = await self._one(
-            "SELECT number FROM requests WHERE kind = 'message-failure' AND sha256 = ? "
-            "AND (message_id IS ? OR message_id = ?) ORDER BY number LIMIT 1",
-            (sha256, message_id, message_id),
-        )
-        return None if row is None else int(row[0])
-
-    async def open_outages(self, mailbox: str) -> dict[str, int]:
-        rows = await self._all(
-            "SELECT cause, number FROM requests WHERE kind = 'outage' AND mailbox = ? "
-            "AND status NOT IN ('processed', 'closed')",
-            (mailbox,),
-        )
-        return {r[0]: int(r[1]) for r in rows}
-
-    # -- outbox ----------------------------------------------------------------------------
-
-    async def queue_reply(
-        self,
-        *,
-        mailbox: str,
-        request_number: int | None,
-        recipient: str,
-        rcpt_key: str,
-        rcpt_domain: str,
-        message_id: str,
-        message: bytes,
-    ) -> int:
-        """Record a reply to send; the outbox sends it once the transaction has committed."""
-        at = now()
-        row = (mailbox, request_number, recipient, rcpt_key, rcpt_domain, message_id, message)
-        return await self._insert(
-            "INSERT INTO outbox(mailbox, request_number, recipient, rcpt_key, rcpt_domain, "
-            "message_id, message, created_at, next_attempt_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (*row, at, at),
-        )
-
-    async def replies_since(self, by: str, value: str, since: datetime) -> int:
-        """Replies recorded since ``since`` for one normalized address (``by="rcpt_key"``),
-        domain (``"rcpt_domain"``) or mailbox (``"mailbox"``): one indexed count."""
-        if by not in _REPLY_COUNTS:
-            raise ValueError(f"cannot count replies by {by!r}")
-        row = await self._one(
-            f"SELECT count(*) FROM outbox WHERE {by} = ? AND created_at >= ?",
-            (value, since.isoformat(timespec="seconds")),
-        )
-        return 0 if row is None else int(row[0])
-
-    async def due_replies(
-        self, mailboxes: Sequence[str], *, exclude: Iterable[int], limit: int
-    ) -> tuple[list[PendingReply], str | None]:
-        """Up to ``limit`` unsent replies of ``mailboxes`` whose time has come (not those in
-        ``exclude``, being sent), and when the next of the others is due (or None)."""
-        names = list(mailboxes)
-        skip = list(exclude)
-        if not names or limit <= 0:
-            return [], None
-        where = (
-            "sent_at IS NULL AND failed_at IS NULL "
-            f"AND mailbox IN ({','.join('?' * len(names))}) "
-            f"AND id NOT IN ({','.join('?' * len(skip))})"
-        )
-        at = now()
-        rows = await self._all(
-            f"SELECT id, mailbox, recipient, message, attempts FROM outbox WHERE {where} "
-            "AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
-            (*names, *skip, at, limit),
-        )
-        later = await self._one(
-            f"SELECT min(next_attempt_at) FROM outbox WHERE {where} AND next_attempt_at > ?",
-            (*names, *skip, at),
-        )
-        due = [PendingReply(int(r[0]), str(r[1]), str(r[2]), bytes(r[3]), int(r[4])) for r in rows]
-        return due, (str(later[0]) if later is not None and later[0] is not None else None)
-
-    async def record_attempt(
-        self, reply_id: int, *, error: str | None, retry_at: datetime | None = None
-    ) -> None:
-        """One send of a reply: sent (no ``error``), to be tried again at ``retry_at``, or
-        failed for good (an ``error`` and no ``retry_at``)."""
-        args: tuple[str, ...]
-        if error is None:
-            sql, args = "sent_at = ?, error = NULL", (now(),)
-        elif retry_at is not None:
-            # Rounded up to the second (the precision of every time here): never early.
-            retry = retry_at + timedelta(microseconds=-retry_at.microsecond % 1_000_000)
-            sql = "error = ?, next_attempt_at = ?"
-            args = (scrub(error), retry.isoformat(timespec="seconds"))
-        else:
-            sql, args = "error = ?, failed_at = ?", (scrub(error), now())
-        await self._exec(
-            f"UPDATE outbox SET attempts = attempts + 1, {sql} WHERE id = ?", (*args, reply_id)
-        )
-
-    # -- mailbox status --------------------------------------------------------------------
-
-    async def note_session(
-        self,
-        mailbox: str,
-        *,
-        error: str | None,
-        fetched: int,
-        processed: int,
-        failed: int,
-        kept_deleted: int | None = None,
-    ) -> None:
-        """``kept_deleted``: messages of the session's listing whose deletion the server had
-        confirmed before (None: the session did not get that far; the last count stays)."""
-        at = now()
-        await self._exec(
-            "INSERT INTO mailbox_status(mailbox, last_success, last_error, last_error_at, "
-            "fetched, processed, failed, kept_deleted) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(mailbox) DO UPDATE SET "
-            "kept_deleted = COALESCE(?, kept_deleted), "
-            "last_success = COALESCE(excluded.last_success, last_success), "
-            "last_error = CASE WHEN excluded.last_error IS NULL THEN last_error "
-            "ELSE excluded.last_error END, "
-            "last_error_at = COALESCE(excluded.last_error_at, last_error_at), "
-            "fetched = fetched + excluded.fetched, processed = processed + excluded.processed, "
-            "failed = failed + excluded.failed",
-            (
-                mailbox,
-                None if error else at,
-                None if error is None else scrub(error),
-                at if error else None,
-                fetched,
-                processed,
-                failed,
-                kept_deleted or 0,
-                kept_deleted,
-            ),
-        )
+    # -- reports ---------------------------------------------------------------------------
 
     async def mailbox_status(self) -> list[dict[str, Any]]:
         rows = await self._all(
@@ -905,8 +206,6 @@ class SqliteStore:
             }
             for r in rows
         ]
-
-    # -- reports ---------------------------------------------------------------------------
 
     async def list_requests(
         self, *, type: str | None = None, status: str | None = None
@@ -970,6 +269,56 @@ class SqliteStore:
         return {r[0] for r in await self._all("SELECT DISTINCT sha256 FROM attachments")}
 
 
+@dataclass(eq=False)
+class _Files:
+    """The attachment files of one transaction (or of what is left of it since a flush)."""
+
+    data: dict[str, bytes] = field(default_factory=dict)
+    writing: int = 0
+    written: anyio.Event = field(default_factory=anyio.Event)
+    errors: list[OSError] = field(default_factory=list)
+
+
+class _LedgerInsert(NamedTuple):
+    """A pending ledger row, as it goes to :data:`_INSERT_LEDGER`."""
+
+    account: str
+    uidl: str
+    mailbox: str
+    message_id: str | None
+    sha256: str
+    outcome: str
+    request_number: int | None
+    processed_at: str
+    size: int | None
+    needed: int | None
+
+
+@dataclass(eq=False)
+class _Pending:
+    """What the transaction wrote that SQLite has not seen yet: rows by table, and the
+    attachment files they cite."""
+
+    rows: dict[str, list[Any]] = field(default_factory=dict)  # only non-empty ones
+    ledger: list[_LedgerInsert] = field(default_factory=list)  # rows["ledger"], typed
+    # The pending requests as reads see them (their rows are in rows["requests"]).
+    requests: dict[int, RequestRef] = field(default_factory=dict)
+    files: _Files = field(default_factory=_Files)
+
+    def add(self, table: str, row: Sequence[Any]) -> None:
+        rows = self.rows.get(table)
+        if rows is None:
+            new: list[Any] = self.ledger if table == "ledger" else []
+            self.rows[table] = rows = new
+        rows.append(row)
+
+    def holds(self, tables: frozenset[str] | None) -> bool:
+        """Whether rows of one of ``tables`` (None: any table) wait to be sent."""
+        if not self.rows:
+            return False
+        return tables is None or not tables.isdisjoint(self.rows)
+
+
 _INSERT_ACTIVITY = (
     "INSERT INTO activities(id, request_number, author, email, date, body, automatic, "
     "message_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -986,6 +335,730 @@ _INSERT_REQUEST = (
     "message_id, sha256, created_at, created_by) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+
+_INSERT_HISTORY = "INSERT INTO history(request_number, at, by, text) VALUES (?, ?, ?, ?)"
+
+_INSERT_ATTACHMENT = (
+    "INSERT INTO attachments(request_number, activity_id, name, content_type, size, sha256) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+# The pending rows' statements by table, in the order a flush sends them: requests and
+# activities first, the rows of the other tables refer to them.
+_INSERTS = {
+    "requests": _INSERT_REQUEST,
+    "activities": _INSERT_ACTIVITY,
+    "ledger": _INSERT_LEDGER,
+    "history": _INSERT_HISTORY,
+    "attachments": _INSERT_ATTACHMENT,
+}
+
+
+def _tables(*names: str) -> frozenset[str]:
+    return frozenset(names)
+
+
+_NONE: frozenset[str] = frozenset()
+
+
+class SqliteTransaction(Transaction):
+    """One ``BEGIN IMMEDIATE … COMMIT`` of a :class:`SqliteStore` (see
+    :meth:`SqliteStore.transaction`). Every read method sees this transaction's writes."""
+
+    def __init__(self, store: SqliteStore, spawn: Callable[..., object]) -> None:
+        self._store = store
+        self.db = store.db
+        self._spawn = spawn  # starts a task in the transaction's task group (file writes)
+        self._pending = _Pending()
+        # Requests read ahead for this transaction (None: no such request).
+        self._read_ahead: dict[int, RequestRef | None] = {}
+        self._savepoints = 0
+        self._directory = DirectoryView(
+            user_by_email=self.user_by_email,
+            user_by_login=self.user_by_login,
+            team=self.team,
+            request=self.request,
+            request_by_message_id=self.request_by_message_id,
+        )
+
+    @property
+    def directory(self) -> DirectoryView:
+        return self._directory
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def begin(self) -> None:
+        # The last numbers handed out stay known from one committed transaction to the next
+        # (the data-directory lock makes this the only engine) unless another connection
+        # committed meanwhile: one query less per transaction.
+        store = self._store
+        await self.db.execute_fetchall("BEGIN IMMEDIATE")
+        row = await self._one("PRAGMA data_version", sees=_NONE)
+        version = int(row[0]) if row else None
+        if version != store._data_version:
+            store._data_version = version
+            store.forget_directory()
+            store._last_ids.clear()
+
+    async def commit(self) -> None:
+        await self.flush()
+        try:
+            await self.db.execute_fetchall("COMMIT")
+        except BaseException:
+            self._store._last_ids.clear()  # not known to be in the database
+            raise
+
+    async def rollback(self) -> None:
+        self._discard()
+        if not self.db.in_transaction:
+            return
+        try:
+            await self.db.execute_fetchall("ROLLBACK")
+        except sqlite3.Error:
+            # The error that brought us here says more; SQLite rolls back on close anyway.
+            log.exception("rollback failed")
+
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        """``SAVEPOINT``; ``RELEASE`` when the block ends; ``ROLLBACK TO`` when it raises a
+        message's error (an ``Exception`` that is not the store failing)."""
+        self._savepoints += 1
+        name = f"sp{self._savepoints}"
+        await self.flush()  # what is pending was written before the savepoint
+        await self.db.execute_fetchall(f"SAVEPOINT {name}")
+        try:
+            yield
+        except (sqlite3.Error, StoreError):
+            raise  # the store failing: the whole transaction rolls back
+        except Exception:
+            # Whatever is pending was written after the savepoint (it flushed).
+            self._discard()
+            await self.db.execute_fetchall(f"ROLLBACK TO {name}")
+            await self.db.execute_fetchall(f"RELEASE {name}")
+            raise
+        await self.db.execute_fetchall(f"RELEASE {name}")
+
+    async def flush(self) -> None:
+        """Send the pending rows and files: files durable first, then their rows."""
+        pending = self._pending
+        if pending.files.data:
+            files, pending.files = pending.files, _Files()
+            await self._write_files(files)
+        if pending.rows:
+            rows = pending.rows
+            pending.rows, pending.ledger = {}, []
+            pending.requests.clear()
+            for table, sql in _INSERTS.items():
+                if table in rows:
+                    await self.db.executemany(sql, rows[table])
+
+    async def _write_file(self, files: _Files, digest: str, data: bytes) -> None:
+        """Write one file durably in a worker thread; never raises (``files`` records)."""
+        store = self._store
+        try:
+            await anyio.to_thread.run_sync(store.files.write, digest, data, limiter=store._io)
+        except OSError as exc:
+            files.errors.append(exc)
+        finally:
+            files.writing -= 1
+            if not files.writing:
+                files.written.set()
+
+    async def _write_files(self, files: _Files) -> None:
+        """Wait for the files' writes, started as the transaction went (add_attachments).
+
+        One after the other, each file costs two fsyncs (~2 ms each on a busy virtual disk):
+        the commit waited ~10 ms per transaction for them. Written while the transaction
+        goes on, they are mostly done when it commits.
+        """
+        if files.writing:
+            await files.written.wait()
+        if files.errors:
+            # The store failing, never the message: nothing of the batch commits.
+            error = files.errors[0]
+            raise StoreError(f"cannot write attachment files: {error}") from error
+
+    def _discard(self) -> None:
+        """Forget what is pending (rolled back). Writes under way finish on their own; what
+        they leave is swept as unreferenced. The numbers rolled back are given again."""
+        self._pending = _Pending()
+        self._read_ahead.clear()
+        self._store._last_ids.clear()
+
+    # -- small helpers ---------------------------------------------------------------------
+
+    # Each call below is one round trip to aiosqlite's thread (execute, fetch and close in
+    # one). ``sees`` names the tables whose pending rows the statement must see (those it
+    # reads, changes or refers to; None: any): they are sent first, and only then.
+
+    async def _all(
+        self, sql: str, args: Sequence[Any] = (), *, sees: frozenset[str] | None = None
+    ) -> list[sqlite3.Row]:
+        if self._pending.holds(sees):
+            await self.flush()
+        return list(await self.db.execute_fetchall(sql, args))
+
+    async def _one(
+        self, sql: str, args: Sequence[Any] = (), *, sees: frozenset[str] | None = None
+    ) -> sqlite3.Row | None:
+        rows = await self._all(sql, args, sees=sees)
+        return rows[0] if rows else None
+
+    async def _name_id(self, table: str, name: str | None) -> int | None:
+        if not name:
+            return None
+        ids = self._store._ids
+        key = (table, name.casefold())
+        if key not in ids:
+            row = await self._one(f"SELECT id FROM {table} WHERE name = ?", (name,), sees=_NONE)
+            if row is None:
+                return None
+            ids[key] = int(row[0])
+        return ids[key]
+
+    # -- directory -------------------------------------------------------------------------
+
+    async def user_by_email(self, email: str) -> User | None:
+        if not email:
+            return None
+        users = self._store._users
+        key = ("email", email.casefold())
+        if key not in users:
+            users[key] = await self._user("u.email = ?", email)
+        return users[key]
+
+    async def user_by_login(self, login: str) -> User | None:
+        users = self._store._users
+        key = ("login", login)
+        if key not in users:
+            users[key] = await self._user("u.login = ?", login)
+        return users[key]
+
+    async def _user(self, where: str, arg: str) -> User | None:
+        # Users and sites are written by import_directory only, never pending.
+        row = await self._one(
+            "SELECT u.id, u.login, u.email, u.name, s.name FROM users u "
+            f"LEFT JOIN sites s ON s.id = u.site_id WHERE {where} ORDER BY u.id LIMIT 1",
+            (arg,),
+            sees=_NONE,
+        )
+        return None if row is None else User(row[0], row[1], row[2], row[3], row[4])
+
+    async def has_name(self, table: str, name: str) -> bool:
+        assert table in {"sites", "groups", "sources"}
+        return await self._name_id(table, name) is not None
+
+    async def team(self, ref: str | int | None) -> Team | None:
+        teams = self._store._teams
+        if ref not in teams:
+            teams[ref] = await self._team(ref)
+        return teams[ref]
+
+    async def _team(self, ref: str | int | None) -> Team | None:
+        sql = (
+            "SELECT t.id, t.number, t.name, g.name FROM teams t "
+            "LEFT JOIN groups g ON g.id = t.default_group_id "
+        )
+        if ref is None or ref == "":
+            rows = await self._all(sql + "ORDER BY t.number LIMIT 2", sees=_NONE)
+            if len(rows) != 1:
+                return None
+            row: sqlite3.Row | None = rows[0]
+        elif isinstance(ref, int) or str(ref).isdigit():
+            row = await self._one(sql + "WHERE t.number = ?", (int(ref),), sees=_NONE)
+        else:
+            row = await self._one(sql + "WHERE t.name = ?", (ref,), sees=_NONE)
+        return None if row is None else Team(row[0], row[1], row[2], row[3])
+
+    async def first_team(self) -> Team | None:
+        rows = await self._all(
+            "SELECT t.id, t.number, t.name, g.name FROM teams t "
+            "LEFT JOIN groups g ON g.id = t.default_group_id ORDER BY t.number LIMIT 1",
+            sees=_NONE,
+        )
+        return Team(rows[0][0], rows[0][1], rows[0][2], rows[0][3]) if rows else None
+
+    async def import_directory(self, data: Mapping[str, Any]) -> dict[str, int]:
+        # This connection's own changes leave data_version alone: drop the cache by hand.
+        self._store.forget_directory()
+        counts = {"teams": 0, "sites": 0, "groups": 0, "sources": 0, "users": 0}
+        for table in ("sites", "groups", "sources"):
+            for name in data.get(table, []):
+                await self._all(f"INSERT OR IGNORE INTO {table}(name) VALUES (?)", (name,))
+                counts[table] += 1
+        for team in data.get("teams", []):
+            group = team.get("defaultGroup")
+            if group:
+                await self._all("INSERT OR IGNORE INTO groups(name) VALUES (?)", (group,))
+            group_id = await self._name_id("groups", group)
+            await self._all(
+                "INSERT INTO teams(number, name, default_group_id) VALUES (?, ?, ?) "
+                "ON CONFLICT(number) DO UPDATE SET name = excluded.name, "
+                "default_group_id = excluded.default_group_id",
+                (int(team["number"]), team["name"], group_id),
+            )
+            counts["teams"] += 1
+        for user in data.get("users", []):
+            site = user.get("site")
+            if site:
+                await self._all("INSERT OR IGNORE INTO sites(name) VALUES (?)", (site,))
+            password = user.get("password")
+            password_hash = (
+                await anyio.to_thread.run_sync(hash_password, password) if password else None
+            )
+            await self._all(
+                "INSERT INTO users(login, email, name, site_id, password_hash) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(login) DO UPDATE SET "
+                "email = excluded.email, name = excluded.name, site_id = excluded.site_id, "
+                "password_hash = COALESCE(excluded.password_hash, users.password_hash)",
+                (
+                    user["login"],
+                    user.get("email"),
+                    user.get("name") or user["login"],
+                    await self._name_id("sites", site),
+                    password_hash,
+                ),
+            )
+            counts["users"] += 1
+        return counts
+
+    # -- ledger ----------------------------------------------------------------------------
+
+    async def ledger_rows(self, account: str, uidls: Iterable[str]) -> dict[str, LedgerRow]:
+        found: dict[str, LedgerRow] = {}
+        # Chunks stay under SQLite's bound-parameter limit, whatever the mailbox holds.
+        async for chunk in chunked(uidls, 500):
+            marks = ",".join("?" * len(chunk))
+            rows = await self._all(
+                "SELECT uidl, size, needed, message_id, sha256, outcome, request_number, "
+                f"deleted_at FROM ledger WHERE account = ? AND uidl IN ({marks})",
+                (account, *chunk),
+                sees=_LEDGER,
+            )
+            found.update((r[0], LedgerRow(*r[1:])) for r in rows)
+        return found
+
+    async def update_ledger(
+        self,
+        *,
+        account: str,
+        uidl: str,
+        message_id: str | None,
+        sha256: str,
+        outcome: str,
+        request_number: int | None,
+        size: int | None,
+        needed: int | None,
+    ) -> None:
+        await self._all(
+            "UPDATE ledger SET message_id = ?, sha256 = ?, outcome = ?, request_number = ?, "
+            "size = ?, needed = ?, processed_at = ? WHERE account = ? AND uidl = ?",
+            (message_id, sha256, outcome, request_number, size, needed, now(), account, uidl),
+            sees=_LEDGER_AND_REQUESTS,
+        )
+
+    async def mark_deleted(self, account: str, uidls: Iterable[str]) -> None:
+        at = now()
+        async for chunk in chunked(uidls, 500):
+            marks = ",".join("?" * len(chunk))
+            await self._all(
+                f"UPDATE ledger SET deleted_at = ? WHERE account = ? AND uidl IN ({marks}) "
+                "AND deleted_at IS NULL",
+                (at, account, *chunk),
+                sees=_LEDGER,
+            )
+
+    async def rename_account(self, old: str, new: str) -> None:
+        await self._all("UPDATE ledger SET account = ? WHERE account = ?", (new, old), sees=_LEDGER)
+
+    async def account_has_rows(self, account: str) -> bool:
+        row = await self._one(
+            "SELECT 1 FROM ledger WHERE account = ? LIMIT 1", (account,), sees=_LEDGER
+        )
+        return row is not None
+
+    async def mailbox_account(self, mailbox: str) -> tuple[str, str] | None:
+        row = await self._one(
+            "SELECT account, user_name FROM mailbox_account WHERE mailbox = ?",
+            (mailbox,),
+            sees=_NONE,
+        )
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    async def remember_account(self, mailbox: str, account: str, user_name: str) -> None:
+        await self._all(
+            "INSERT INTO mailbox_account(mailbox, account, user_name) VALUES (?, ?, ?) "
+            "ON CONFLICT(mailbox) DO UPDATE SET account = excluded.account, "
+            "user_name = excluded.user_name",
+            (mailbox, account, user_name),
+            sees=_NONE,
+        )
+
+    async def record_ledger(
+        self,
+        *,
+        account: str,
+        uidl: str,
+        mailbox: str,
+        message_id: str | None,
+        sha256: str,
+        outcome: str,
+        request_number: int | None,
+        size: int | None = None,
+        needed: int | None = None,
+    ) -> None:
+        self._pending.add(
+            "ledger",
+            _LedgerInsert(
+                account=account,
+                uidl=uidl,
+                mailbox=mailbox,
+                message_id=message_id,
+                sha256=sha256,
+                outcome=scrub(outcome),
+                request_number=request_number,
+                processed_at=now(),
+                size=size,
+                needed=needed,
+            ),
+        )
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def read_ahead(self, numbers: Iterable[int]) -> None:
+        """Read these requests in one query; :meth:`request` answers from them until the
+        transaction ends (a status change updates them)."""
+        wanted = {n for n in numbers if n not in self._read_ahead and 0 < n < 2**63}
+        async for chunk in chunked(sorted(wanted), 500):
+            marks = ",".join("?" * len(chunk))
+            # The pending requests need not be sent: request() consults them first.
+            rows = await self._all(
+                "SELECT number, team_id, type, status, kind FROM requests "
+                f"WHERE number IN ({marks})",
+                chunk,
+                sees=_NONE,
+            )
+            self._read_ahead.update((n, None) for n in chunk)
+            self._read_ahead.update((r[0], RequestRef(r[0], r[1], r[2], r[3], r[4])) for r in rows)
+
+    async def request(self, number: int) -> RequestRef | None:
+        # Pending requests are never updated (set_status sends them first).
+        if number in self._pending.requests:
+            return self._pending.requests[number]
+        if number in self._read_ahead:
+            return self._read_ahead[number]
+        row = await self._one(
+            "SELECT number, team_id, type, status, kind FROM requests WHERE number = ?",
+            (number,),
+            sees=_NONE,  # the pending requests were consulted above
+        )
+        return None if row is None else RequestRef(row[0], row[1], row[2], row[3], row[4])
+
+    async def request_by_message_id(self, message_ids: Sequence[str]) -> RequestRef | None:
+        for mid in message_ids:
+            # The newest ledger row wins; pending ones are newer than any in the database.
+            number = next(
+                (
+                    r.request_number
+                    for r in reversed(self._pending.ledger)
+                    if r.message_id == mid and r.request_number is not None
+                ),
+                None,
+            )
+            if number is not None:
+                return await self.request(number)
+            row = await self._one(
+                "SELECT request_number FROM ledger WHERE message_id = ? "
+                "AND request_number IS NOT NULL ORDER BY id DESC LIMIT 1",
+                (mid,),
+                sees=_NONE,  # the pending ledger rows were consulted above
+            )
+            if row is None:
+                row = await self._one(
+                    "SELECT request_number FROM outbox WHERE message_id = ? "
+                    "AND request_number IS NOT NULL",
+                    (mid,),
+                    sees=_OUTBOX,
+                )
+            if row is not None:
+                return await self.request(int(row[0]))
+        return None
+
+    async def create_request(
+        self,
+        *,
+        team_id: int,
+        type: str,
+        subject: str,
+        description: str,
+        created_by: str,
+        status: str = "new",
+        kind: str = "mail",
+        html: str | None = None,
+        requester_id: int | None = None,
+        user_id: int | None = None,
+        site: str | None = None,
+        group: str | None = None,
+        assignee_id: int | None = None,
+        source: str | None = None,
+        mailbox: str | None = None,
+        cause: str | None = None,
+        message_id: str | None = None,
+        sha256: str | None = None,
+    ) -> int:
+        number = await self._next_id("requests")
+        ref = RequestRef(number, team_id, type, status, kind)
+        # Also over a read-ahead that found no such number yet (a reply in the same batch).
+        self._pending.requests[number] = self._read_ahead[number] = ref
+        self._pending.add(
+            "requests",
+            (
+                number,
+                team_id,
+                type,
+                status,
+                kind,
+                scrub(subject),
+                scrub(description),
+                None if html is None else scrub(html),
+                requester_id,
+                user_id,
+                await self._name_id("sites", site),
+                await self._name_id("groups", group),
+                assignee_id,
+                await self._name_id("sources", source),
+                mailbox,
+                cause,
+                message_id,
+                sha256,
+                now(),
+                created_by,
+            ),
+        )
+        await self.add_history(number, created_by, f"Created from {kind.replace('-', ' ')}.")
+        return number
+
+    async def _next_id(self, table: str) -> int:
+        """The next request number or activity id. We hold the write lock (BEGIN IMMEDIATE),
+        so they are ours to hand out; for requests AUTOINCREMENT's rule holds: never a number
+        used before, even by a deleted request."""
+        last_ids = self._store._last_ids
+        if table not in last_ids:
+            if table == "requests":
+                sql = (
+                    "SELECT max(coalesce((SELECT seq FROM sqlite_sequence "
+                    "WHERE name = 'requests'), 0), coalesce((SELECT max(number) FROM requests), 0))"
+                )
+            else:
+                sql = "SELECT coalesce(max(id), 0) FROM activities"
+            row = await self._one(sql, sees=_tables(table))
+            last_ids[table] = int(row[0]) if row else 0
+        last_ids[table] += 1
+        return last_ids[table]
+
+    async def add_activity(
+        self,
+        number: int,
+        *,
+        author: str,
+        email: str,
+        body: str,
+        date: datetime | None = None,
+        automatic: bool = False,
+        message_id: str | None = None,
+    ) -> int:
+        activity = await self._next_id("activities")
+        self._pending.add(
+            "activities",
+            (
+                activity,
+                number,
+                scrub(author),
+                scrub(email),
+                (date or datetime.now(UTC)).isoformat(timespec="seconds"),
+                scrub(body),
+                int(automatic),
+                message_id,
+                now(),
+            ),
+        )
+        return activity
+
+    async def set_status(self, number: int, status: str, *, by: str, why: str) -> None:
+        await self._all(
+            "UPDATE requests SET status = ? WHERE number = ?", (status, number), sees=_REQUESTS
+        )
+        self._read_ahead.pop(number, None)
+        await self.add_history(number, by, why)
+
+    async def add_history(self, number: int, by: str, text: str) -> None:
+        self._pending.add("history", (number, now(), scrub(by), scrub(text)))
+
+    async def add_attachments(
+        self, number: int, activity_id: int | None, attachments: Iterable[Attachment]
+    ) -> None:
+        for att in attachments:
+            # Written and fsynced before the commit that cites it: from now on, in the
+            # transaction's task group.
+            if len(att.data) < _HASH_IN_THREAD:
+                digest = hashlib.sha256(att.data).hexdigest()
+            else:  # hashlib lets go of the GIL: keep the event loop free meanwhile
+                digest = await anyio.to_thread.run_sync(_sha256, att.data)
+            files = self._pending.files
+            if digest not in files.data:
+                files.data[digest] = att.data
+                files.writing += 1
+                self._spawn(self._write_file, files, digest, att.data)
+            self._pending.add(
+                "attachments",
+                (number, activity_id, scrub(att.name), att.content_type, len(att.data), digest),
+            )
+
+    async def failure_event(self, message_id: str | None, sha256: str) -> int | None:
+        row = await self._one(
+            "SELECT number FROM requests WHERE kind = 'message-failure' AND sha256 = ? "
+            "AND (message_id IS ? OR message_id = ?) ORDER BY number LIMIT 1",
+            (sha256, message_id, message_id),
+            sees=_REQUESTS,
+        )
+        return None if row is None else int(row[0])
+
+    async def open_outages(self, mailbox: str) -> dict[str, int]:
+        rows = await self._all(
+            "SELECT cause, number FROM requests WHERE kind = 'outage' AND mailbox = ? "
+            "AND status NOT IN ('processed', 'closed')",
+            (mailbox,),
+            sees=_REQUESTS,
+        )
+        return {r[0]: int(r[1]) for r in rows}
+
+    # -- outbox ----------------------------------------------------------------------------
+
+    async def queue_reply(
+        self,
+        *,
+        mailbox: str,
+        request_number: int | None,
+        recipient: str,
+        rcpt_key: str,
+        rcpt_domain: str,
+        message_id: str,
+        message: bytes,
+    ) -> int:
+        at = now()
+        row = (mailbox, request_number, recipient, rcpt_key, rcpt_domain, message_id, message)
+        # The request a reply refers to must be in the table first (a foreign key).
+        if self._pending.holds(_REQUESTS):
+            await self.flush()
+        inserted = await self.db.execute_insert(
+            "INSERT INTO outbox(mailbox, request_number, recipient, rcpt_key, rcpt_domain, "
+            "message_id, message, created_at, next_attempt_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (*row, at, at),
+        )
+        assert inserted is not None
+        return int(inserted[0])
+
+    async def replies_since(self, by: str, value: str, since: datetime) -> int:
+        if by not in _REPLY_COUNTS:
+            raise ValueError(f"cannot count replies by {by!r}")
+        row = await self._one(
+            f"SELECT count(*) FROM outbox WHERE {by} = ? AND created_at >= ?",
+            (value, since.isoformat(timespec="seconds")),
+            sees=_OUTBOX,
+        )
+        return 0 if row is None else int(row[0])
+
+    async def due_replies(
+        self, mailboxes: Sequence[str], *, exclude: Iterable[int], limit: int
+    ) -> tuple[list[PendingReply], str | None]:
+        names = list(mailboxes)
+        skip = list(exclude)
+        if not names or limit <= 0:
+            return [], None
+        where = (
+            "sent_at IS NULL AND failed_at IS NULL "
+            f"AND mailbox IN ({','.join('?' * len(names))}) "
+            f"AND id NOT IN ({','.join('?' * len(skip))})"
+        )
+        at = now()
+        rows = await self._all(
+            f"SELECT id, mailbox, recipient, message, attempts FROM outbox WHERE {where} "
+            "AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
+            (*names, *skip, at, limit),
+            sees=_OUTBOX,
+        )
+        later = await self._one(
+            f"SELECT min(next_attempt_at) FROM outbox WHERE {where} AND next_attempt_at > ?",
+            (*names, *skip, at),
+            sees=_OUTBOX,
+        )
+        due = [PendingReply(int(r[0]), str(r[1]), str(r[2]), bytes(r[3]), int(r[4])) for r in rows]
+        return due, (str(later[0]) if later is not None and later[0] is not None else None)
+
+    async def record_attempt(
+        self, reply_id: int, *, error: str | None, retry_at: datetime | None = None
+    ) -> None:
+        args: tuple[str, ...]
+        if error is None:
+            sql, args = "sent_at = ?, error = NULL", (now(),)
+        elif retry_at is not None:
+            # Rounded up to the second (the precision of every time here): never early.
+            retry = retry_at + timedelta(microseconds=-retry_at.microsecond % 1_000_000)
+            sql = "error = ?, next_attempt_at = ?"
+            args = (scrub(error), retry.isoformat(timespec="seconds"))
+        else:
+            sql, args = "error = ?, failed_at = ?", (scrub(error), now())
+        await self._all(
+            f"UPDATE outbox SET attempts = attempts + 1, {sql} WHERE id = ?",
+            (*args, reply_id),
+            sees=_OUTBOX,
+        )
+
+    # -- mailbox status --------------------------------------------------------------------
+
+    async def note_session(
+        self,
+        mailbox: str,
+        *,
+        error: str | None,
+        fetched: int,
+        processed: int,
+        failed: int,
+        kept_deleted: int | None = None,
+    ) -> None:
+        at = now()
+        await self._all(
+            "INSERT INTO mailbox_status(mailbox, last_success, last_error, last_error_at, "
+            "fetched, processed, failed, kept_deleted) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(mailbox) DO UPDATE SET "
+            "kept_deleted = COALESCE(?, kept_deleted), "
+            "last_success = COALESCE(excluded.last_success, last_success), "
+            "last_error = CASE WHEN excluded.last_error IS NULL THEN last_error "
+            "ELSE excluded.last_error END, "
+            "last_error_at = COALESCE(excluded.last_error_at, last_error_at), "
+            "fetched = fetched + excluded.fetched, processed = processed + excluded.processed, "
+            "failed = failed + excluded.failed",
+            (
+                mailbox,
+                None if error else at,
+                None if error is None else scrub(error),
+                at if error else None,
+                fetched,
+                processed,
+                failed,
+                kept_deleted or 0,
+                kept_deleted,
+            ),
+            sees=_NONE,
+        )
+
+
+_REQUESTS = _tables("requests")
+_LEDGER = _tables("ledger")
+_LEDGER_AND_REQUESTS = _tables("ledger", "requests")
+_OUTBOX = _tables("outbox")
+
 
 _REQUEST_SELECT = (
     "SELECT r.number, t.number, t.name, r.type, r.status, r.kind, r.subject, r.description, "

@@ -1,0 +1,293 @@
+"""The store's interface: what the writer and the commands need of any store.
+
+Two objects:
+
+- :class:`Store`, one per connection: read-only queries for the commands (``requests``,
+  ``status``, the login), and :meth:`Store.transaction`, the only way to write.
+- :class:`Transaction`, one ``BEGIN … COMMIT``: ``async with store.transaction() as tx:``
+  commits when the block ends and rolls back when it raises (cancellation included). Every
+  write is a method of the transaction; every read method of the transaction sees the
+  transaction's own writes (how an implementation does it, say by sending its pending rows
+  first, is its own business). ``async with tx.savepoint():`` undoes what its block wrote
+  when the block raises a message's error, and nothing else.
+
+Numbers are the transaction's to give: :meth:`Transaction.create_request` and
+:meth:`Transaction.add_activity` return the request number and activity id they used. A
+number is never given twice, even after a rollback or across engines (SQLite: the one writer
+holds the write lock and counts; PostgreSQL: sequences). Numbers rolled back may be given
+again (SQLite does) or leave a gap (sequences do); nobody may rely on either.
+
+Attachments are content: where their bytes live (files beside SQLite, rows in PostgreSQL)
+is the store's business, and they are durable when the transaction that cites them commits.
+Every text a store writes goes through :func:`engine.logs.scrub` (no secret in the store).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from typing import Any
+
+from engine.errors import StoreError
+from engine.model import (
+    Attachment,
+    DirectoryView,
+    LedgerRow,
+    PendingReply,
+    RequestRef,
+    Team,
+    User,
+)
+
+
+class Transaction(ABC):
+    """One transaction of the store (see the module's docstring for its promises)."""
+
+    @property
+    @abstractmethod
+    def directory(self) -> DirectoryView:
+        """The read-only view of this transaction that processors get."""
+
+    @abstractmethod
+    def savepoint(self) -> AbstractAsyncContextManager[None]:
+        """Undo the block's writes alone if it raises an ``Exception`` that is not the store
+        failing; a store error or a cancellation leaves the whole transaction to roll back."""
+
+    # -- directory -------------------------------------------------------------------------
+
+    @abstractmethod
+    async def user_by_email(self, email: str) -> User | None: ...
+
+    @abstractmethod
+    async def user_by_login(self, login: str) -> User | None: ...
+
+    @abstractmethod
+    async def team(self, ref: str | int | None) -> Team | None:
+        """A team by number or name; with no reference, the only team if there is just one."""
+
+    @abstractmethod
+    async def first_team(self) -> Team | None:
+        """The team with the lowest number, if any."""
+
+    @abstractmethod
+    async def has_name(self, table: str, name: str) -> bool:
+        """Whether ``sites``, ``groups`` or ``sources`` holds ``name``."""
+
+    @abstractmethod
+    async def import_directory(self, data: Mapping[str, Any]) -> dict[str, int]:
+        """Insert or update teams, sites, groups, sources and users (keyed by name/login)."""
+
+    # -- requests and activities -----------------------------------------------------------
+
+    @abstractmethod
+    async def read_ahead(self, numbers: Iterable[int]) -> None:
+        """A hint: these requests will be asked for (:meth:`request`) in this transaction."""
+
+    @abstractmethod
+    async def request(self, number: int) -> RequestRef | None: ...
+
+    @abstractmethod
+    async def request_by_message_id(self, message_ids: Sequence[str]) -> RequestRef | None:
+        """The request a message with one of these Message-IDs created or updated, through
+        the ledger (the newest row) or a reply the outbox sent; the first id found wins."""
+
+    @abstractmethod
+    async def create_request(
+        self,
+        *,
+        team_id: int,
+        type: str,
+        subject: str,
+        description: str,
+        created_by: str,
+        status: str = "new",
+        kind: str = "mail",
+        html: str | None = None,
+        requester_id: int | None = None,
+        user_id: int | None = None,
+        site: str | None = None,
+        group: str | None = None,
+        assignee_id: int | None = None,
+        source: str | None = None,
+        mailbox: str | None = None,
+        cause: str | None = None,
+        message_id: str | None = None,
+        sha256: str | None = None,
+    ) -> int:
+        """A new request, with its history line; returns the number it was given."""
+
+    @abstractmethod
+    async def add_activity(
+        self,
+        number: int,
+        *,
+        author: str,
+        email: str,
+        body: str,
+        date: datetime | None = None,
+        automatic: bool = False,
+        message_id: str | None = None,
+    ) -> int:
+        """An activity on request ``number``; returns the id it was given."""
+
+    @abstractmethod
+    async def set_status(self, number: int, status: str, *, by: str, why: str) -> None: ...
+
+    @abstractmethod
+    async def add_attachments(
+        self, number: int, activity_id: int | None, attachments: Iterable[Attachment]
+    ) -> None:
+        """Attachments of a request (``activity_id`` None) or of one of its activities."""
+
+    @abstractmethod
+    async def failure_event(self, message_id: str | None, sha256: str) -> int | None:
+        """The failure event already made of this message, if any."""
+
+    @abstractmethod
+    async def open_outages(self, mailbox: str) -> dict[str, int]:
+        """The mailbox's open outage events, by cause."""
+
+    # -- ledger ----------------------------------------------------------------------------
+
+    @abstractmethod
+    async def ledger_rows(self, account: str, uidls: Iterable[str]) -> dict[str, LedgerRow]:
+        """The ledger rows of these keys that exist, by key (any number of keys)."""
+
+    @abstractmethod
+    async def record_ledger(
+        self,
+        *,
+        account: str,
+        uidl: str,
+        mailbox: str,
+        message_id: str | None,
+        sha256: str,
+        outcome: str,
+        request_number: int | None,
+        size: int | None = None,
+        needed: int | None = None,
+    ) -> None:
+        """A message's ledger row; (account, uidl) is unique: a second one fails the commit."""
+
+    @abstractmethod
+    async def update_ledger(
+        self,
+        *,
+        account: str,
+        uidl: str,
+        message_id: str | None,
+        sha256: str,
+        outcome: str,
+        request_number: int | None,
+        size: int | None,
+        needed: int | None,
+    ) -> None:
+        """A message left on the server once, now taken (or left again): its row anew."""
+
+    @abstractmethod
+    async def mark_deleted(self, account: str, uidls: Iterable[str]) -> None:
+        """The server confirmed (QUIT) the deletion of these messages."""
+
+    @abstractmethod
+    async def account_has_rows(self, account: str) -> bool: ...
+
+    @abstractmethod
+    async def rename_account(self, old: str, new: str) -> None:
+        """Every ledger row of account ``old`` now belongs to ``new`` (which has none)."""
+
+    @abstractmethod
+    async def mailbox_account(self, mailbox: str) -> tuple[str, str] | None:
+        """The account the mailbox last used, and its user name."""
+
+    @abstractmethod
+    async def remember_account(self, mailbox: str, account: str, user_name: str) -> None: ...
+
+    # -- outbox ----------------------------------------------------------------------------
+
+    @abstractmethod
+    async def queue_reply(
+        self,
+        *,
+        mailbox: str,
+        request_number: int | None,
+        recipient: str,
+        rcpt_key: str,
+        rcpt_domain: str,
+        message_id: str,
+        message: bytes,
+    ) -> int:
+        """Record a reply to send; the outbox sends it once the transaction has committed."""
+
+    @abstractmethod
+    async def replies_since(self, by: str, value: str, since: datetime) -> int:
+        """Replies recorded since ``since`` for one normalized address (``by="rcpt_key"``),
+        domain (``"rcpt_domain"``) or mailbox (``"mailbox"``)."""
+
+    @abstractmethod
+    async def due_replies(
+        self, mailboxes: Sequence[str], *, exclude: Iterable[int], limit: int
+    ) -> tuple[list[PendingReply], str | None]:
+        """Up to ``limit`` unsent replies of ``mailboxes`` whose time has come (not those in
+        ``exclude``), and when the next of the others is due (ISO 8601, or None)."""
+
+    @abstractmethod
+    async def record_attempt(
+        self, reply_id: int, *, error: str | None, retry_at: datetime | None = None
+    ) -> None:
+        """One send of a reply: sent (no ``error``), to be tried again at ``retry_at``, or
+        failed for good (an ``error`` and no ``retry_at``)."""
+
+    # -- mailbox status --------------------------------------------------------------------
+
+    @abstractmethod
+    async def note_session(
+        self,
+        mailbox: str,
+        *,
+        error: str | None,
+        fetched: int,
+        processed: int,
+        failed: int,
+        kept_deleted: int | None = None,
+    ) -> None:
+        """How a session of ``mailbox`` went; ``kept_deleted`` None keeps the last count."""
+
+
+class Store(ABC):
+    """A store: read-only queries for the commands, and transactions for the writer."""
+
+    # The exceptions that mean the store itself is failing, not a message: the writer rolls
+    # the whole transaction back and answers every item "not committed". A store adds its
+    # driver's errors.
+    failures: tuple[type[Exception], ...] = (StoreError,)
+
+    @abstractmethod
+    def transaction(self) -> AbstractAsyncContextManager[Transaction]:
+        """``BEGIN`` (taking the write lock at once), then ``COMMIT`` when the block ends or
+        ``ROLLBACK`` when it raises. One transaction at a time per store."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def check_login(self, login: str, password: str) -> bool:
+        """Whether ``login`` is a user with that password."""
+
+    @abstractmethod
+    async def list_requests(
+        self, *, type: str | None = None, status: str | None = None
+    ) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    async def request_detail(self, number: int) -> dict[str, Any] | None:
+        """One request with its attachments, activities and history; None: no such request."""
+
+    @abstractmethod
+    async def mailbox_status(self) -> list[dict[str, Any]]:
+        """Per mailbox: its last sessions' counts and errors, and its open outages."""
+
+    @abstractmethod
+    async def counts(self) -> dict[str, int]:
+        """Rows per table (requests, activities, attachments, ledger, outbox)."""

@@ -1,0 +1,218 @@
+"""The store's transaction, against a real SQLite file: what its API promises."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import anyio
+import pytest
+from support import DIRECTORY
+
+from engine.model import Attachment
+from engine.store import SqliteStore, Store, Transaction, open_store
+
+
+def run(tmp_path: Path, body: Callable[[SqliteStore], Awaitable[Any]]) -> Any:
+    async def go() -> Any:
+        store = await open_store(tmp_path / "data")
+        try:
+            async with store.transaction() as tx:
+                await tx.import_directory(DIRECTORY)
+            return await body(store)
+        finally:
+            await store.close()
+
+    return anyio.run(go)
+
+
+def rows_of(tmp_path: Path, sql: str) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(tmp_path / "data" / "mailintegration.sqlite3") as db:
+        return db.execute(sql).fetchall()
+
+
+def spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The first word of each statement sent to SQLite, executemany marked as such."""
+    sent: list[str] = []
+    for name in ("execute_fetchall", "executemany", "execute_insert"):
+        real: Callable[..., Awaitable[Any]] = getattr(aiosqlite.Connection, name)
+
+        def counted(real: Any = real, name: str = name) -> Any:
+            async def call(self: aiosqlite.Connection, sql: str, *args: Any) -> Any:
+                sent.append(f"{name}:{sql.split()[0]}")
+                return await real(self, sql, *args)
+
+            return call
+
+        monkeypatch.setattr(aiosqlite.Connection, name, counted())
+    return sent
+
+
+async def new_request(tx: Transaction, subject: str, *, kind: str = "mail") -> int:
+    team = await tx.team("IT")
+    assert team is not None
+    return await tx.create_request(
+        team_id=team.id,
+        type="event",
+        kind=kind,
+        subject=subject,
+        description="d",
+        created_by="system",
+        mailbox="box",
+        cause="timeout" if kind == "outage" else "bad-mime",
+        message_id=f"{subject}@example.org",
+        sha256="a" * 64,
+    )
+
+
+def test_the_sqlite_store_implements_the_interface(tmp_path: Path) -> None:
+    async def body(store: SqliteStore) -> tuple[bool, bool]:
+        async with store.transaction() as tx:
+            return isinstance(store, Store), isinstance(tx, Transaction)
+
+    assert run(tmp_path, body) == (True, True)
+
+
+def test_every_read_of_a_transaction_sees_its_own_writes(tmp_path: Path) -> None:
+    """Whether the rows are still pending in the transaction or already in SQLite is the
+    store's business: every read method answers as if each write were done at once."""
+
+    async def body(store: SqliteStore) -> dict[str, Any]:
+        async with store.transaction() as tx:
+            failure = await new_request(tx, "f1", kind="message-failure")
+            outage = await new_request(tx, "o1", kind="outage")
+            mail = await new_request(tx, "m1")
+            await tx.record_ledger(
+                account="acct",
+                uidl="u1",
+                mailbox="box",
+                message_id="reply-source@example.org",
+                sha256="b" * 64,
+                outcome="created",
+                request_number=mail,
+            )
+            await tx.add_activity(mail, author="a", email="", body="b")
+            seen: dict[str, Any] = {
+                "request": await tx.request(mail),
+                "directory.request": await tx.directory.request(mail),
+                "by_message_id": await tx.request_by_message_id(["reply-source@example.org"]),
+                "failure_event": await tx.failure_event("f1@example.org", "a" * 64),
+                "open_outages": await tx.open_outages("box"),
+                "ledger_rows": await tx.ledger_rows("acct", ["u1", "u2"]),
+                "account_has_rows": await tx.account_has_rows("acct"),
+            }
+            await tx.set_status(outage, "processed", by="system", why="closed")
+            seen["closed"] = await tx.open_outages("box")
+            seen["numbers"] = (failure, outage, mail)
+            return seen
+
+    seen = run(tmp_path, body)
+    failure, outage, mail = seen["numbers"]
+    assert seen["request"].number == mail and seen["request"].status == "new"
+    assert seen["directory.request"] == seen["request"]
+    assert seen["by_message_id"] == seen["request"]
+    assert seen["failure_event"] == failure
+    assert seen["open_outages"] == {"timeout": outage}
+    assert list(seen["ledger_rows"]) == ["u1"]
+    assert seen["ledger_rows"]["u1"].request_number == mail
+    assert seen["account_has_rows"] is True
+    assert seen["closed"] == {}
+    assert rows_of(tmp_path, "SELECT count(*) FROM activities") == [(1,)]
+
+
+def test_a_read_sends_pending_rows_only_of_the_tables_it_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each statement sent is a round trip to aiosqlite's thread: reads of users, teams, the
+    outbox or a request by number leave the pending requests, history and ledger rows where
+    they are, and they go in one executemany per table at COMMIT."""
+
+    async def body(store: SqliteStore) -> tuple[list[str], list[str]]:
+        async with store.transaction() as tx:
+            sent = spy(monkeypatch)
+            number = await new_request(tx, "m1")
+            await tx.record_ledger(
+                account="acct",
+                uidl="u1",
+                mailbox="box",
+                message_id="m1@example.org",
+                sha256="b" * 64,
+                outcome="created",
+                request_number=number,
+            )
+            await tx.user_by_email("nobody@example.org")
+            await tx.user_by_login("nobody")
+            await tx.team(2)
+            await tx.replies_since("mailbox", "box", datetime(2000, 1, 1, tzinfo=UTC))
+            await tx.request(number)
+            await tx.request_by_message_id(["m1@example.org", "other@example.org"])
+            before_commit = list(sent)
+        return before_commit, sent
+
+    before_commit, sent = run(tmp_path, body)
+    assert not [s for s in before_commit if s.startswith("executemany")], before_commit
+    assert [s for s in sent if s.startswith("executemany")] == ["executemany:INSERT"] * 3
+
+
+def test_a_savepoint_undoes_its_block_alone(tmp_path: Path) -> None:
+    """A message's error inside ``savepoint()`` undoes what the block wrote, and only that;
+    the numbers it used are given again (no gap in what users see)."""
+
+    async def body(store: SqliteStore) -> list[int]:
+        numbers = []
+        async with store.transaction() as tx:
+            numbers.append(await new_request(tx, "kept-1"))
+            with pytest.raises(ValueError, match="a message's error"):
+                async with tx.savepoint():
+                    numbers.append(await new_request(tx, "undone"))
+                    raise ValueError("a message's error")
+            assert await tx.request(numbers[-1]) is None
+            numbers.append(await new_request(tx, "kept-2"))
+        return numbers
+
+    assert run(tmp_path, body) == [1, 2, 2]
+    assert rows_of(tmp_path, "SELECT number, subject FROM requests") == [
+        (1, "kept-1"),
+        (2, "kept-2"),
+    ]
+
+
+def test_a_transaction_that_raises_rolls_back_and_commits_nothing(tmp_path: Path) -> None:
+    async def body(store: SqliteStore) -> None:
+        with pytest.raises(RuntimeError, match="in the middle"):
+            async with store.transaction() as tx:
+                number = await new_request(tx, "gone")
+                await tx.add_attachments(number, None, [Attachment("a.txt", "text/plain", b"x")])
+                raise RuntimeError("in the middle")
+        assert not store.db.in_transaction
+
+    run(tmp_path, body)
+    assert rows_of(tmp_path, "SELECT count(*) FROM requests") == [(0,)]
+    assert rows_of(tmp_path, "SELECT count(*) FROM attachments") == [(0,)]
+
+
+def test_the_transaction_writes_its_attachment_files_as_it_goes(tmp_path: Path) -> None:
+    """The files start being written (and fsynced) when they are added, in the transaction's
+    own task group, not at COMMIT; the commit waits for them."""
+
+    async def body(store: SqliteStore) -> tuple[bool, bool]:
+        data = b"attachment bytes " * 100
+        async with store.transaction() as tx:
+            number = await new_request(tx, "with a file")
+            await tx.add_attachments(number, None, [Attachment("a.bin", "x/y", data)])
+            digest = hashlib.sha256(data).hexdigest()
+            path = store.files.path_for(digest)
+            for _ in range(1000):  # 10 s at most
+                if path.exists():
+                    break
+                await anyio.sleep(0.01)
+            before_commit = path.exists() and store.db.in_transaction
+        return before_commit, path.read_bytes() == data
+
+    assert run(tmp_path, body) == (True, True)
+    assert rows_of(tmp_path, "SELECT count(*) FROM attachments") == [(1,)]
