@@ -41,6 +41,7 @@ from engine.errors import (
 )
 from engine.keys import uidl_key
 from engine.logs import scrub
+from engine.tls import client_context
 
 log = logging.getLogger("engine.pop3")
 
@@ -317,20 +318,6 @@ class _Bounded:
         return caps
 
 
-def tls_context(server: ServerConfig) -> ssl.SSLContext:
-    """Verified by default (system CAs, or ``caFile``); unverified only when configured."""
-    cafile = str(server.ca_file) if server.ca_file else None
-    try:
-        context = ssl.create_default_context(cafile=cafile)
-    except (OSError, ssl.SSLError) as exc:
-        raise TLSError(f"cannot load caFile {cafile}: {exc}") from exc
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if not server.tls_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
 def _server_error(exc: poplib.error_proto, during: str) -> FetchError:
     """Classify a -ERR by its RFC 2449 / RFC 3206 response code."""
     text = exc.args[0] if exc.args else b""
@@ -451,7 +438,8 @@ class Pop3Session:
             )
         try:
             if s.use_ssl:
-                self.conn = _POP3_SSL(s.host, s.port, s.timeout, tls_context(s), self._wait)
+                context = client_context(s.ca_file, s.tls_verify)
+                self.conn = _POP3_SSL(s.host, s.port, s.timeout, context, self._wait)
             else:
                 self.conn = _POP3(s.host, s.port, s.timeout, self._wait)
                 if s.starttls:
@@ -480,7 +468,7 @@ class Pop3Session:
                 "the server does not offer STLS; refusing to log in without TLS (startTls true)"
             )
         try:
-            conn.stls(context=tls_context(self.server))
+            conn.stls(context=client_context(self.server.ca_file, self.server.tls_verify))
         except poplib.error_proto as exc:
             # Offered in CAPA, refused when asked: still a TLS problem, not the credentials.
             text = exc.args[0] if exc.args else b""
