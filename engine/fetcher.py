@@ -35,19 +35,20 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from engine.config import MailboxConfig
 from engine.errors import FetchError, FetchTimeout, MessageError, MessageKept, StoreError, sole
+from engine.gateways import (
+    HEADER_BYTES,
+    MAX_LINE,
+    Answer,
+    Gateway,
+    Listed,
+    Request,
+    gateway_for,
+    read_cap,
+)
 from engine.items import DirectoryCheck, Envelope, Item, Kind, KnownQuery, Outcome
 from engine.keys import content_key, reused_key
 from engine.model import LedgerRow, ParsedMessage
 from engine.parse import parse_many, parse_raw, with_raw
-from engine.pop3 import (
-    HEADER_BYTES,
-    MAX_LINE,
-    Answer,
-    Listed,
-    Pop3Session,
-    Request,
-    read_cap,
-)
 
 log = logging.getLogger("engine.fetcher")
 
@@ -323,9 +324,7 @@ def header_message_id(head: bytes) -> str | None:
     return ident.group(1).decode("utf-8", "replace") if ident else None
 
 
-def same_by_header(
-    session: Pop3Session, pairs: list[tuple[Listed, LedgerRow]], grant: int
-) -> set[int]:
+def same_by_header(session: Gateway, pairs: list[tuple[Listed, LedgerRow]], grant: int) -> set[int]:
     """The numbers of the known messages whose header (``TOP n 0``, pipelined like RETR)
     carries the Message-ID their ledger row has."""
     requests = [Request(m.number, HEADER_BYTES, headers_only=True) for m, _ in pairs]
@@ -371,7 +370,7 @@ async def run_session(
     ``result``, when given, is counted into as the session goes: a session that fails still
     tells how far it got.
 
-    The whole session is bounded by its deadline (engine.pop3.session_seconds), here as in
+    The whole session is bounded by its deadline (engine.gateways.session_seconds), here as in
     the thread that talks to the server, which checks it before every read: past it, a
     thread still blocked is abandoned, its socket shut down (no QUIT: nothing is deleted),
     and the session ends as a ``timeout`` outage.
@@ -380,7 +379,7 @@ async def run_session(
     assert isinstance(check, DirectoryCheck)
     if check.problem is not None:
         raise check.problem
-    session = Pop3Session(cfg.server)
+    session = gateway_for(cfg.server)
     with anyio.CancelScope() as scope:
 
         def follow() -> None:
@@ -401,7 +400,7 @@ async def _session(
     cfg: MailboxConfig,
     send: MemoryObjectSendStream[Item],
     opts: FetchOptions,
-    session: Pop3Session,
+    session: Gateway,
     result: SessionResult,
     follow: Callable[[], None],
 ) -> SessionResult:
@@ -451,6 +450,7 @@ async def _session(
             """Count the answered messages and DELE them, in one exchange with the server;
             never those left on the server (kept)."""
             gone = []
+            failed: list[int] = []
             for number, env in ready:
                 if not env.done.is_set():  # wait() yields to the event loop even when set
                     await env.done.wait()
@@ -462,11 +462,12 @@ async def _session(
                     continue
                 if env.outcome.kind is Kind.FAILED:
                     result.failed += 1
+                    failed.append(number)
                 else:
                     result.processed += 1
                 gone.append((number, env.uidl))
             if gone and not opts.dry_run:
-                await thread(session.dele_many, [number for number, _ in gone])
+                await thread(session.dispose, [number for number, _ in gone], failed)
                 result.deleted += len(gone)
                 result.deleted_keys += [key for _, key in gone]
 
@@ -503,7 +504,7 @@ async def _session(
             ready = 0
             while ready < len(pending) and pending[ready][1].done.is_set():
                 ready += 1
-            if ready and not session.outstanding:
+            if ready and not session.mid_exchange:
                 await settle(pending[:ready])
                 del pending[:ready]
 
@@ -514,7 +515,7 @@ async def _session(
         try:
             async with anyio.create_task_group() as tg:
                 while todo:
-                    if opts.stop is not None and opts.stop.is_set() and not session.outstanding:
+                    if opts.stop is not None and opts.stop.is_set() and not session.mid_exchange:
                         log.info("mailbox=%s stopping: the rest stays on the server", cfg.name)
                         break
                     # A window of messages fetched in one pipelined exchange, bounded by count
@@ -596,7 +597,7 @@ async def _session(
 async def _dispose_known(
     cfg: MailboxConfig,
     plan: Plan,
-    session: Pop3Session,
+    session: Gateway,
     thread: Callable[..., Awaitable[Any]],
     opts: FetchOptions,
     result: SessionResult,
@@ -619,7 +620,7 @@ async def _dispose_known(
         log.info(
             "mailbox=%s %d message(s) already in the ledger: deleting", cfg.name, len(plan.delete)
         )
-        await thread(session.dele_many, [m.number for m, _ in plan.delete])
+        await thread(session.dispose, [m.number for m, _ in plan.delete])
         result.deleted += len(plan.delete)
         result.deleted_keys += [key for m, _ in plan.delete if (key := m.uidl) is not None]
 
@@ -687,7 +688,7 @@ class _Window:
     parsed: anyio.Event = field(default_factory=anyio.Event)
 
 
-async def _interrupt(session: Pop3Session) -> None:
+async def _interrupt(session: Gateway) -> None:
     """On cancellation: end the call blocked in the abandoned thread, then close the socket for
     real (or it leaks until the garbage collector finds it). Bounded: the cancel stays prompt."""
     session.interrupt()
@@ -696,7 +697,7 @@ async def _interrupt(session: Pop3Session) -> None:
 
 
 def retr_window(
-    session: Pop3Session, cfg: MailboxConfig, todo: list[Todo], grant: float, debug_dir: Path | None
+    session: Gateway, cfg: MailboxConfig, todo: list[Todo], grant: float, debug_dir: Path | None
 ) -> list[Answer]:
     """Read a window of messages; fewer than asked once they hold more than ``grant``."""
     answers = session.fetch_many([t.request for t in todo if t.request is not None], grant)
@@ -707,7 +708,7 @@ def retr_window(
 
 
 def fetch_window(
-    session: Pop3Session,
+    session: Gateway,
     cfg: MailboxConfig,
     account: str,
     todo: list[Todo],

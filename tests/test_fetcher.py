@@ -26,8 +26,9 @@ from support import (
 )
 
 from engine import fetcher
+from engine.gateways import Answer, Request
+from engine.gateways.pop3 import Pop3Gateway
 from engine.items import Envelope, Item, KnownQuery
-from engine.pop3 import Answer, Pop3Session, Request
 from engine.writer import Writer
 
 pytestmark = pytest.mark.dovecot
@@ -68,13 +69,13 @@ def mix(count: int, tag: str) -> list[bytes]:
 def slow_retr(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     """A slow server: the worker processes (~0.2 s to start) are ready before the session
     is over, however loaded the machine."""
-    real = Pop3Session.fetch_many
+    real = Pop3Gateway.fetch_many
 
-    def fetch_many(self: Pop3Session, requests: Sequence[Request], grant: float) -> list[Answer]:
+    def fetch_many(self: Pop3Gateway, requests: Sequence[Request], grant: float) -> list[Answer]:
         time.sleep(seconds)
         return real(self, requests, grant)
 
-    monkeypatch.setattr(Pop3Session, "fetch_many", fetch_many)
+    monkeypatch.setattr(Pop3Gateway, "fetch_many", fetch_many)
 
 
 def spy_processes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -193,10 +194,10 @@ def test_a_window_waits_for_a_busy_process_rather_than_parse_in_a_thread(
             await anyio.sleep(0.3)  # parsing slower than fetching: the process stays busy
         return await real_run(func, raws, *a, **kw)
 
-    real_retr = Pop3Session.fetch_many
+    real_retr = Pop3Gateway.fetch_many
     first: set[int] = set()
 
-    def fetch_many(self: Pop3Session, requests: Sequence[Request], grant: float) -> list[Answer]:
+    def fetch_many(self: Pop3Gateway, requests: Sequence[Request], grant: float) -> list[Answer]:
         if id(self) not in first:
             first.add(id(self))
             time.sleep(2)  # the process is up before each session's second window
@@ -209,7 +210,7 @@ def test_a_window_waits_for_a_busy_process_rather_than_parse_in_a_thread(
         return real_window(*args)
 
     monkeypatch.setattr(anyio.to_process, "run_sync", slow_parse)
-    monkeypatch.setattr(Pop3Session, "fetch_many", fetch_many)
+    monkeypatch.setattr(Pop3Gateway, "fetch_many", fetch_many)
     monkeypatch.setattr(fetcher, "fetch_window", fetch_window)
     assert once(data, folder) == 0
     assert len(requests(data)) == 150 * boxes
@@ -356,14 +357,14 @@ def test_parsing_processes_start_with_the_engine_not_after_the_listing(
         order.append("window" if raws else "start")
         return await real_run(func, raws, *a, **kw)
 
-    real_open = Pop3Session.open
+    real_open = Pop3Gateway.open
 
-    def open_(self: Pop3Session) -> None:
+    def open_(self: Pop3Gateway) -> None:
         order.append("connect")
         real_open(self)
 
     monkeypatch.setattr(anyio.to_process, "run_sync", run_sync)
-    monkeypatch.setattr(Pop3Session, "open", open_)
+    monkeypatch.setattr(Pop3Gateway, "open", open_)
     assert once(data, cfg) == 0
     assert len(requests(data)) == 70
     assert order[:2] == ["start", "connect"], order

@@ -14,7 +14,7 @@ from support import import_directory, ledger, mailbox_xml, message, once, reques
 
 from engine.config import SmtpConfig, load_mailbox
 from engine.errors import TLSError
-from engine.pop3 import Pop3Session
+from engine.gateways.pop3 import Pop3Gateway
 from engine.reply import Delivery
 from tools.dovecot import Dovecot
 from tools.fakepop3 import FakePOP3Server, Script
@@ -236,7 +236,7 @@ def test_a_ca_file_without_certificates_is_one_tls_error_for_pop3_and_smtp(
     with FakePOP3Server(script(untrusted_context(), mode)) as fake:
         cfg = config(tmp_path, fake.port, mode=mode, ca=bad)
         with pytest.raises(TLSError) as pop3:
-            Pop3Session(load_mailbox(cfg).server).open()
+            Pop3Gateway(load_mailbox(cfg).server).open()
         assert once(data, cfg) == 1
         assert_refused_before_login(data, fake)
     smtp = SmtpConfig(
