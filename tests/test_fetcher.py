@@ -25,7 +25,7 @@ from support import (
     requests,
 )
 
-from engine import fetcher
+from engine import session
 from engine.gateways import Answer, Request
 from engine.gateways.pop3 import Pop3Gateway
 from engine.items import Envelope, Item, KnownQuery
@@ -203,7 +203,7 @@ def test_a_window_waits_for_a_busy_process_rather_than_parse_in_a_thread(
             time.sleep(2)  # the process is up before each session's second window
         return real_retr(self, requests, grant)
 
-    real_window = fetcher.fetch_window
+    real_window = session.fetch_window
 
     def fetch_window(*args: Any) -> Any:
         events.append("thread")
@@ -211,7 +211,7 @@ def test_a_window_waits_for_a_busy_process_rather_than_parse_in_a_thread(
 
     monkeypatch.setattr(anyio.to_process, "run_sync", slow_parse)
     monkeypatch.setattr(Pop3Gateway, "fetch_many", fetch_many)
-    monkeypatch.setattr(fetcher, "fetch_window", fetch_window)
+    monkeypatch.setattr(session, "fetch_window", fetch_window)
     assert once(data, folder) == 0
     assert len(requests(data)) == 150 * boxes
     # A session's first window may be fetched before the process is up; none after it.
@@ -386,13 +386,13 @@ def test_handing_a_message_over_does_not_go_round_the_event_loop() -> None:
         seen = []
         with anyio.CancelScope() as scope:
             scope.cancel()
-            await fetcher._send(send, KnownQuery(account="a", uidls=[]))  # no checkpoint
+            await session._send(send, KnownQuery(account="a", uidls=[]))  # no checkpoint
             seen.append("sent without yielding")
-            await fetcher._send(send, KnownQuery(account="a", uidls=[]))  # full: waits
+            await session._send(send, KnownQuery(account="a", uidls=[]))  # full: waits
             seen.append("not reached")
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(fetcher._send, send, KnownQuery(account="b", uidls=[]))
+                tg.start_soon(session._send, send, KnownQuery(account="b", uidls=[]))
                 await anyio.sleep(0.1)
                 seen.append(f"waiting for room: {send.statistics().tasks_waiting_send}")
                 assert isinstance(await receive.receive(), KnownQuery)
