@@ -15,8 +15,8 @@ import socket
 import ssl
 from dataclasses import dataclass
 
-# Same knob the engine turns (engine/pop3.py): poplib's 2048-byte line limit is too small for
-# real mail. Set here too so the reference loop does not depend on importing the engine.
+# Same knob the engine turns (engine/gateways/pop3.py): poplib's 2048-byte line limit is too
+# small for real mail. Set here too so the reference loop does not depend on importing the engine.
 setattr(poplib, "_MAXLINE", 1024 * 1024)  # noqa: B010
 
 TIMEOUT = 60.0

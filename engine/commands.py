@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 # The pipeline (supervisor, fetcher, parser, writer, config) is imported while the login is
 # checked: scrypt takes ~50 ms in a thread without the GIL, the imports ~50 ms with it.
-_PIPELINE = ("engine.supervisor", "engine.ops", "engine.pop3")
+_PIPELINE = ("engine.supervisor", "engine.ops", "engine.gateways")
 
 log = logging.getLogger("engine.cli")
 
@@ -278,7 +278,7 @@ def _outcome_line(o: MailboxOutcome) -> str:
 
 async def cmd_check(args: argparse.Namespace) -> int:
     from engine.config import load_mailbox, secret_values
-    from engine.pop3 import Pop3Session
+    from engine.gateways import gateway_for
 
     logs.configure(level=logging.WARNING)
     try:
@@ -290,7 +290,7 @@ async def cmd_check(args: argparse.Namespace) -> int:
         logs.register_secret(secret)
     s = cfg.server
     tls = "POP3S" if s.use_ssl else "STLS" if s.starttls else "none (plain text)"
-    session = Pop3Session(s)
+    session = gateway_for(s)
     try:
         await anyio.to_thread.run_sync(session.open)
         listing = await anyio.to_thread.run_sync(session.listing)

@@ -80,7 +80,7 @@ class ServerConfig:
     # The ledger's name for this account (``accountId``); None: user and normalized host.
     account_id: str | None = None
     # The whole session's deadline (``sessionTimeoutSeconds``); None: derived from the bytes
-    # to fetch at ``min_rate`` bytes a second (see engine.pop3.session_seconds).
+    # to fetch at ``min_rate`` bytes a second (see engine.gateways.session_seconds).
     session_timeout: float | None = None
     min_rate: int = 32 * 1024
 

@@ -54,8 +54,8 @@ class FetchError(EngineError):
     """A mailbox could not be read. ``cause`` names the kind of outage (one event per cause).
 
     ``unfinished`` is set when the session lost step in the middle of a message it had
-    already decided to cut off (see :class:`MessageKept`): the fetcher records that message
-    as left on the server before the session aborts, so the next one skips it."""
+    already decided to cut off (see :class:`MessageKept`): the session records that message
+    as left on the server before it aborts, so the next session skips it."""
 
     cause = "protocol"
     hint = "Check the mail server's log for this account."

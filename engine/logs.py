@@ -1,6 +1,6 @@
 """Logging configuration, in one place.
 
-Named loggers per subsystem (``engine.fetcher``, ``engine.writer``…), %-style arguments, and a
+Named loggers per subsystem (``engine.session``, ``engine.writer``…), %-style arguments, and a
 filter on every handler that replaces any configured password with ``********``: a secret that
 slips into an exception text from a library still never reaches a log line. The same
 :func:`scrub` guards every text the store writes (see ``engine.store.sqlite``), /healthz and

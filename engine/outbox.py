@@ -35,6 +35,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from engine import logs
 from engine.config import SmtpConfig
+from engine.errors import TLSError
 from engine.items import Item, OutboxFetch, OutboxResult
 from engine.model import PendingReply
 from engine.reply import Delivery, one_line
@@ -231,7 +232,8 @@ async def _send(smtp: SmtpConfig, row: PendingReply) -> tuple[str | None, bool]:
         return _describe(exc.smtp_code, exc.smtp_error), exc.smtp_code >= 500
     except smtplib.SMTPNotSupportedError as exc:
         return f"the SMTP server does not support it: {exc}", True
-    except (smtplib.SMTPException, OSError, ValueError) as exc:
+    except (smtplib.SMTPException, OSError, ValueError, TLSError) as exc:
+        # TLSError: a caFile that cannot be loaded (engine.tls); retried, as it may be fixed.
         return one_line(logs.scrub(f"{type(exc).__name__}: {exc}"), 300), False
     return None, False
 

@@ -27,7 +27,6 @@ import functools
 import re
 import smtplib
 import socket
-import ssl
 import threading
 from dataclasses import dataclass
 from email.message import MIMEPart
@@ -36,6 +35,7 @@ from email.policy import SMTP
 import idna
 
 from engine.config import MailboxConfig, ReplyTemplate, SmtpConfig
+from engine.tls import client_context
 
 LOOP_HEADER = "X-Loop"
 DEFAULT_TEMPLATE = ReplyTemplate(
@@ -288,14 +288,12 @@ class Delivery:
         self._aborted = False
 
     def run(self) -> None:
-        """Send. Blocking: call it from a worker thread. Raises what smtplib raises."""
+        """Send. Blocking: call it from a worker thread. Raises what smtplib raises, and
+        :class:`~engine.errors.TLSError` for a ``caFile`` that cannot be loaded."""
         smtp = self.smtp
         context = None
         if smtp.use_ssl or smtp.starttls:
-            context = ssl.create_default_context(cafile=str(smtp.ca_file) if smtp.ca_file else None)
-            if not smtp.tls_verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
+            context = client_context(smtp.ca_file, smtp.tls_verify)
         client: smtplib.SMTP
         name = _ehlo_name()
         if smtp.use_ssl:

@@ -23,21 +23,15 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectSendStream
 
 from engine import logs
+from engine.budget import ByteBudget
 from engine.config import MailboxConfig, SmtpConfig, load_mailbox, secret_values
 from engine.errors import ConfigError, EngineError, ProtocolError, StoreError
-from engine.fetcher import (
-    ByteBudget,
-    FetchOptions,
-    Parsers,
-    SessionResult,
-    make_envelope,
-    run_session,
-    submit,
-)
 from engine.items import DirectoryCheck, Envelope, Item, SessionReport
 from engine.keys import ingest_key
 from engine.ops import Health, Metrics
 from engine.outbox import Outbox
+from engine.parsers import Parsers
+from engine.session import FetchOptions, SessionResult, make_envelope, run_session, submit
 from engine.store import Store
 from engine.writer import ReplyLimits, Writer
 

@@ -11,6 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.errors import FetchTimeout, ProtocolError
+from engine.gateways import Answer, read_cap
+from engine.gateways.pop3 import Unfinished, read_answer, read_line, read_lines
 from engine.keys import (
     RESERVED_PREFIXES,
     account_key,
@@ -20,7 +22,6 @@ from engine.keys import (
     reused_key,
     uidl_key,
 )
-from engine.pop3 import Answer, Unfinished, read_answer, read_cap, read_line, read_lines
 
 _PIECES = st.sampled_from(
     [b"\r\n", b"\n", b".", b"..", b".\r\n", b"\n.\r\n", b"\r\n.\r", b"x", b"yyyyyyy", b"\r"]

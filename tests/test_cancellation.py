@@ -16,8 +16,8 @@ import anyio
 import pytest
 from support import LOGIN, import_directory, ledger, mailbox_xml, message, requests
 
-from engine.fetcher import make_envelope
 from engine.model import Attachment
+from engine.session import make_envelope
 from engine.store import open_store
 from engine.store.sqlite import SqliteTransaction
 from engine.supervisor import Engine, EngineSettings, MailboxOutcome, MailboxSource

@@ -23,7 +23,7 @@ from support import (
     requests,
 )
 
-from engine.pop3 import Pop3Session
+from engine.gateways.pop3 import Pop3Gateway
 from engine.store.sqlite import SqliteTransaction
 
 pytestmark = pytest.mark.dovecot
@@ -188,11 +188,11 @@ def test_crash_after_commit_before_quit_then_rerun_processes_each_once(
     for i in range(4):
         dovecot.deliver(setup["user"], message(f"Crash case {i}"))
 
-    def crash(self: Pop3Session) -> None:
+    def crash(self: Pop3Gateway) -> None:
         raise RuntimeError("simulated crash between commit and QUIT")
 
     with monkeypatch.context() as m:
-        m.setattr(Pop3Session, "quit", crash)
+        m.setattr(Pop3Gateway, "quit", crash)
         assert once(setup["data"], setup["cfg"]) != 0
     # Committed, but the deletions were never confirmed by QUIT: the mail is still there.
     mail = [r for r in requests(setup["data"]) if r["kind"] == "mail"]

@@ -29,9 +29,9 @@ from support import (
     wait_for,
 )
 
+from engine.gateways.pop3 import Pop3Gateway
 from engine.items import Envelope, Item
 from engine.model import ParsedMessage
-from engine.pop3 import Pop3Session
 from engine.store import open_store
 from engine.writer import Writer
 from tools.fakepop3 import FakePOP3Server, Script
@@ -194,15 +194,15 @@ def test_dele_only_after_the_ledger_row_is_committed(
     for i in range(30):
         dovecot.deliver(user, message(f"Order {i}"))
     seen: list[tuple[int, int]] = []
-    real = Pop3Session.dele_many
+    real = Pop3Gateway.dele_many
 
-    def spy(self: Pop3Session, numbers: Sequence[int]) -> None:
+    def spy(self: Pop3Gateway, numbers: Sequence[int]) -> None:
         # Another connection sees only committed rows.
         committed = count_rows(data, "SELECT count(*) FROM ledger")
         seen.extend((number, committed) for number in numbers)
         real(self, numbers)
 
-    monkeypatch.setattr(Pop3Session, "dele_many", spy)
+    monkeypatch.setattr(Pop3Gateway, "dele_many", spy)
     assert once(data, cfg) == 0
     assert sorted(n for n, _ in seen) == list(range(1, 31))
     assert all(committed >= number for number, committed in seen)

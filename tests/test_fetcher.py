@@ -25,9 +25,10 @@ from support import (
     requests,
 )
 
-from engine import fetcher
+from engine import session
+from engine.gateways import Answer, Request
+from engine.gateways.pop3 import Pop3Gateway
 from engine.items import Envelope, Item, KnownQuery
-from engine.pop3 import Answer, Pop3Session, Request
 from engine.writer import Writer
 
 pytestmark = pytest.mark.dovecot
@@ -68,13 +69,13 @@ def mix(count: int, tag: str) -> list[bytes]:
 def slow_retr(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     """A slow server: the worker processes (~0.2 s to start) are ready before the session
     is over, however loaded the machine."""
-    real = Pop3Session.fetch_many
+    real = Pop3Gateway.fetch_many
 
-    def fetch_many(self: Pop3Session, requests: Sequence[Request], grant: float) -> list[Answer]:
+    def fetch_many(self: Pop3Gateway, requests: Sequence[Request], grant: float) -> list[Answer]:
         time.sleep(seconds)
         return real(self, requests, grant)
 
-    monkeypatch.setattr(Pop3Session, "fetch_many", fetch_many)
+    monkeypatch.setattr(Pop3Gateway, "fetch_many", fetch_many)
 
 
 def spy_processes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -193,24 +194,24 @@ def test_a_window_waits_for_a_busy_process_rather_than_parse_in_a_thread(
             await anyio.sleep(0.3)  # parsing slower than fetching: the process stays busy
         return await real_run(func, raws, *a, **kw)
 
-    real_retr = Pop3Session.fetch_many
+    real_retr = Pop3Gateway.fetch_many
     first: set[int] = set()
 
-    def fetch_many(self: Pop3Session, requests: Sequence[Request], grant: float) -> list[Answer]:
+    def fetch_many(self: Pop3Gateway, requests: Sequence[Request], grant: float) -> list[Answer]:
         if id(self) not in first:
             first.add(id(self))
             time.sleep(2)  # the process is up before each session's second window
         return real_retr(self, requests, grant)
 
-    real_window = fetcher.fetch_window
+    real_window = session.fetch_window
 
     def fetch_window(*args: Any) -> Any:
         events.append("thread")
         return real_window(*args)
 
     monkeypatch.setattr(anyio.to_process, "run_sync", slow_parse)
-    monkeypatch.setattr(Pop3Session, "fetch_many", fetch_many)
-    monkeypatch.setattr(fetcher, "fetch_window", fetch_window)
+    monkeypatch.setattr(Pop3Gateway, "fetch_many", fetch_many)
+    monkeypatch.setattr(session, "fetch_window", fetch_window)
     assert once(data, folder) == 0
     assert len(requests(data)) == 150 * boxes
     # A session's first window may be fetched before the process is up; none after it.
@@ -356,14 +357,14 @@ def test_parsing_processes_start_with_the_engine_not_after_the_listing(
         order.append("window" if raws else "start")
         return await real_run(func, raws, *a, **kw)
 
-    real_open = Pop3Session.open
+    real_open = Pop3Gateway.open
 
-    def open_(self: Pop3Session) -> None:
+    def open_(self: Pop3Gateway) -> None:
         order.append("connect")
         real_open(self)
 
     monkeypatch.setattr(anyio.to_process, "run_sync", run_sync)
-    monkeypatch.setattr(Pop3Session, "open", open_)
+    monkeypatch.setattr(Pop3Gateway, "open", open_)
     assert once(data, cfg) == 0
     assert len(requests(data)) == 70
     assert order[:2] == ["start", "connect"], order
@@ -385,13 +386,13 @@ def test_handing_a_message_over_does_not_go_round_the_event_loop() -> None:
         seen = []
         with anyio.CancelScope() as scope:
             scope.cancel()
-            await fetcher._send(send, KnownQuery(account="a", uidls=[]))  # no checkpoint
+            await session._send(send, KnownQuery(account="a", uidls=[]))  # no checkpoint
             seen.append("sent without yielding")
-            await fetcher._send(send, KnownQuery(account="a", uidls=[]))  # full: waits
+            await session._send(send, KnownQuery(account="a", uidls=[]))  # full: waits
             seen.append("not reached")
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(fetcher._send, send, KnownQuery(account="b", uidls=[]))
+                tg.start_soon(session._send, send, KnownQuery(account="b", uidls=[]))
                 await anyio.sleep(0.1)
                 seen.append(f"waiting for room: {send.statistics().tasks_waiting_send}")
                 assert isinstance(await receive.receive(), KnownQuery)

@@ -32,10 +32,10 @@ from support import (
     requests,
 )
 
-from engine import pop3
+from engine.gateways import pop3
+from engine.gateways.pop3 import Pop3Gateway
 from engine.items import DirectoryCheck
 from engine.keys import uidl_key
-from engine.pop3 import Pop3Session
 from engine.store import open_store
 from engine.store.schema import MIGRATIONS
 from engine.supervisor import Engine, EngineSettings, MailboxSource
@@ -193,7 +193,7 @@ def test_a_change_of_host_spelling_or_port_processes_nothing_twice(
     account: 2 requests for 2 messages, not 8."""
     raws = [message("Spelling one"), message("Spelling two")]
     data, _ = mailbox_of(tmp_path, dovecot, pop3_user, raws)
-    monkeypatch.setattr(Pop3Session, "dele_many", lambda self, numbers: None)
+    monkeypatch.setattr(Pop3Gateway, "dele_many", lambda self, numbers: None)
     user, password = pop3_user
     spellings = [
         ("127.0.0.1", dovecot.pop3_port, False),

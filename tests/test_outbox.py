@@ -389,6 +389,32 @@ def test_a_permanent_refusal_fails_the_reply_at_once(tmp_path: Path) -> None:
     assert row["error"] == "550 5.1.1 no such user"
 
 
+def test_a_ca_file_without_certificates_fails_the_send_as_a_tls_error_retried_later(
+    tmp_path: Path,
+) -> None:
+    """The SMTP send builds its TLS context as POP3 does (engine.tls): the row says which
+    caFile could not be loaded, as a POP3 outage would, and the reply is tried again later
+    (the file may be put right meanwhile)."""
+    bad = tmp_path / "not-a-ca.pem"
+    bad.write_text("not a certificate\n", encoding="utf-8")
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    cfg = mailbox_xml(
+        tmp_path / "noreq.xml",
+        port=110,
+        user="noreq",
+        password="pop-pw-1",
+        createNewRequests="false",
+        smtp=_smtp_xml(1, 5, f"<useSsl>true</useSsl><caFile>{bad}</caFile>"),
+    )
+    eml = tmp_path / "ask.eml"
+    eml.write_bytes(message("Please register me"))
+    assert _ingest(data, cfg, eml) == "refused: replied"
+    [row] = _outbox(data)
+    assert row["attempts"] == 1 and row["sent_at"] is None and row["failed_at"] is None
+    assert row["error"].startswith(f"TLSError: cannot load caFile {bad}: [X509: NO_CERTIFICATE")
+
+
 def test_the_end_of_a_drain_cuts_a_send_under_way(tmp_path: Path, trickle: Trickle) -> None:
     """A run ends within its drain time (2 s here), even when a send under way was allowed
     90 s (3 x timeoutSeconds 30) by itself; the cut attempt is recorded, to be retried."""

@@ -15,9 +15,9 @@ from support import DIRECTORY, LOGIN, mailbox_xml
 
 from engine.config import load_mailbox
 from engine.errors import ProtocolError
-from engine.fetcher import make_envelope
+from engine.gateways.pop3 import read_answer
 from engine.items import Envelope
-from engine.pop3 import read_answer
+from engine.session import make_envelope
 from engine.store import open_store
 from engine.writer import Writer
 

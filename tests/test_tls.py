@@ -12,6 +12,10 @@ import pytest
 import trustme
 from support import import_directory, ledger, mailbox_xml, message, once, requests
 
+from engine.config import SmtpConfig, load_mailbox
+from engine.errors import TLSError
+from engine.gateways.pop3 import Pop3Gateway
+from engine.reply import Delivery
 from tools.dovecot import Dovecot
 from tools.fakepop3 import FakePOP3Server, Script
 
@@ -218,3 +222,34 @@ def test_dovecot_starttls_without_ca_file_is_refused(
     assert once(data, cfg) == 1
     assert dovecot.count(user) == 1
     assert [(r["kind"], r["cause"]) for r in requests(data)] == [("outage", "tls")]
+
+
+@pytest.mark.parametrize("mode", ["pop3s", "stls"])
+def test_a_ca_file_without_certificates_is_one_tls_error_for_pop3_and_smtp(
+    tmp_path: Path, data: Path, mode: str
+) -> None:
+    """POP3 and SMTP build their TLS context in one place (engine.tls): a caFile that holds
+    no certificate (the config checks only that it exists) is the same TLSError for both,
+    before the password goes anywhere. The SMTP send let ssl.SSLError through before."""
+    bad = tmp_path / "not-a-ca.pem"
+    bad.write_text("not a certificate\n", encoding="utf-8")
+    with FakePOP3Server(script(untrusted_context(), mode)) as fake:
+        cfg = config(tmp_path, fake.port, mode=mode, ca=bad)
+        with pytest.raises(TLSError) as pop3:
+            Pop3Gateway(load_mailbox(cfg).server).open()
+        assert once(data, cfg) == 1
+        assert_refused_before_login(data, fake)
+    smtp = SmtpConfig(
+        host="127.0.0.1",
+        port=1,
+        sender="desk@example.com",
+        use_ssl=mode == "pop3s",
+        starttls=mode == "stls",
+        user_name="desk",
+        password=CANARY,
+        ca_file=bad,
+    )
+    with pytest.raises(TLSError) as sent:
+        Delivery(smtp, "john.doe@example.com", b"Subject: x\r\n\r\nx\r\n").run()
+    assert str(sent.value) == str(pop3.value)
+    assert str(pop3.value).startswith(f"cannot load caFile {bad}: [X509: NO_CERTIFICATE")

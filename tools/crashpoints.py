@@ -11,7 +11,7 @@ point below is a wrapper around a real engine function.
 Kill points:
 
 - ``after-commit``: right after the COMMIT of a batch holding messages returned, before any
-  answer reaches a fetcher (so before the DELE of those messages);
+  answer reaches a session (so before the DELE of those messages);
 - ``before-commit``: a batch transaction holding messages is complete, COMMIT not called yet;
 - ``attachment-write``: an attachment file is written and fsynced under its temporary name,
   and not yet renamed into place;
@@ -105,12 +105,13 @@ def arm(point: str, n: int) -> None:
 
         setattr(files, "os", _OsWithDeadlyReplace(countdown))  # noqa: B010
     else:
-        from engine.pop3 import Answer, Pop3Session, Request
+        from engine.gateways import Answer, Request
+        from engine.gateways.pop3 import Pop3Gateway, command
 
-        real_fetch_many = Pop3Session.fetch_many
+        real_fetch_many = Pop3Gateway.fetch_many
 
         def fetch_many(
-            self: Pop3Session, requests: Sequence[Request], grant: float = math.inf
+            self: Pop3Gateway, requests: Sequence[Request], grant: float = math.inf
         ) -> list[Answer]:
             # Counted per message, not per pipelined window: the N-th message's RETR dies.
             for i, request in enumerate(requests):
@@ -121,12 +122,12 @@ def arm(point: str, n: int) -> None:
                     if self.outstanding:  # already sent, pipelined: read its +OK line
                         conn._getresp()
                     else:
-                        conn._shortcmd(request.command.decode())  # sends RETR, reads +OK
+                        conn._shortcmd(command(request).decode())  # sends RETR, reads +OK
                     conn.file.readline()  # and the first line of the message
                     die()
             return real_fetch_many(self, requests, grant)
 
-        Pop3Session.fetch_many = fetch_many  # type: ignore[method-assign]
+        Pop3Gateway.fetch_many = fetch_many  # type: ignore[method-assign]
 
 
 def run(point: str, n: int, argv: Sequence[str]) -> int:

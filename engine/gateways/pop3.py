@@ -1,9 +1,10 @@
-"""The blocking POP3 session, on stdlib poplib. It runs only in worker threads.
+"""The POP3 gateway (:class:`Pop3Gateway`), on stdlib poplib. It runs only in worker threads.
 
 A thread cannot be cancelled, so the socket timeout and the session's deadline are what
 bound every call here. Every library exception is translated into :mod:`engine.errors` at
-this boundary. We never format the password into a message, but a server may echo it in its
-``-ERR``: the line it sent is scrubbed of every configured secret before it is quoted or cut.
+this boundary, in one place (:meth:`Pop3Gateway._mapped`). We never format the password into
+a message, but a server may echo it in its ``-ERR``: the line it sent is scrubbed of every
+configured secret before it is quoted or cut.
 
 What the server sends is bounded while it is read, never after: a line (status lines under
 :data:`MAX_LINE`, listing lines under :data:`LISTING_LINE`), a listing (:data:`MAX_LISTED`
@@ -23,8 +24,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 from engine.config import ServerConfig
@@ -39,15 +39,16 @@ from engine.errors import (
     ServerTempError,
     TLSError,
 )
+from engine.gateways.base import MAX_LINE, Answer, Listed, Request, session_seconds
 from engine.keys import uidl_key
 from engine.logs import scrub
+from engine.tls import client_context
 
-log = logging.getLogger("engine.pop3")
+# The logger keeps the name it had before gateways were a package: operators filter on it.
+log = logging.getLogger("engine.gateways.pop3")
 
-# poplib's 2048-byte line limit rejects real mail (8-bit HTML has longer lines); getmail6
-# raises it the same way. Status lines are read under it; message lines (read_answer) too,
-# but there a longer line is a property of that one message, not of the session.
-MAX_LINE = 1024 * 1024
+# poplib's 2048-byte line limit rejects real mail. Status lines are read under MAX_LINE;
+# message lines (read_answer) too, but there a longer line cuts that one message off.
 setattr(poplib, "_MAXLINE", MAX_LINE)  # noqa: B010 - a private knob, no API
 
 # A LIST, UIDL or CAPA line: RFC 1939 allows two numbers, or a number and 70 characters.
@@ -57,52 +58,18 @@ LISTING_LINE = 1024
 # deletes what it took, so the next one sees the rest. The lines past it are read and
 # dropped, up to ten times as many; an endless listing is a protocol error.
 MAX_LISTED = 100_000
-# The header of a message over maxMessageBytes, read with TOP n 0 for its failure event.
-HEADER_BYTES = 256 * 1024
 # After a message is cut off, the rest of its answer is read and dropped to stay in step
 # with the server, but never more than its cap again or 64 MiB, whichever is larger.
 DISCARD_BYTES = 64 * 1024 * 1024
-# The session deadline when not configured: a base for connecting, logging in and listing,
-# plus the bytes to fetch at the minimum rate, at most an hour (see session_seconds).
-SESSION_BASE_SECONDS = 60.0
-SESSION_MAX_SECONDS = 3600.0
 
 _CODE = re.compile(rb"\[([A-Z/-]+)\]")
 _CHUNK = 65536
 
 
-@dataclass(frozen=True)
-class Listed:
-    number: int
-    uidl: str | None  # the ledger key of its UIDL (engine.keys.uidl_key), None without UIDL
-    size: int
-
-
-@dataclass(frozen=True)
-class Request:
-    """One message to read: RETR, or only its header (``TOP n 0``). At most ``cap`` bytes
-    of the answer are kept; the rest is read and dropped (see :func:`read_answer`)."""
-
-    number: int
-    cap: int
-    headers_only: bool = False
-
-    @property
-    def command(self) -> bytes:
-        verb = f"TOP {self.number} 0" if self.headers_only else f"RETR {self.number}"
-        return verb.encode("ascii")
-
-
-@dataclass(frozen=True)
-class Answer:
-    """A multi-line answer as read: ``data`` (dot-stuffing removed) is all of it, or, when
-    ``cut`` says why not (``"size"``: over the cap, ``"line"``: a line over the limit), its
-    first bytes up to that limit. ``octets`` counts every byte of the answer before its
-    terminator, kept or not: the message's real size on the wire once read to its end."""
-
-    data: bytes
-    octets: int
-    cut: str | None = None
+def command(request: Request) -> bytes:
+    """The command that reads ``request``: RETR, or only its header with ``TOP n 0``."""
+    verb = f"TOP {request.number} 0" if request.headers_only else f"RETR {request.number}"
+    return verb.encode("ascii")
 
 
 class Unfinished(Exception):
@@ -112,22 +79,6 @@ class Unfinished(Exception):
     def __init__(self, answer: Answer) -> None:
         super().__init__("unfinished answer")
         self.answer = answer
-
-
-def session_seconds(server: ServerConfig, nbytes: int) -> float:
-    """The time a whole session may take: ``sessionTimeoutSeconds``, else a base plus
-    ``nbytes`` at ``minimumBytesPerSecond``, at most an hour."""
-    if server.session_timeout is not None:
-        return server.session_timeout
-    return min(SESSION_MAX_SECONDS, SESSION_BASE_SECONDS + nbytes / server.min_rate)
-
-
-def read_cap(list_size: int, max_bytes: int) -> int:
-    """The most bytes of a message kept while reading it: ``maxMessageBytes``, and twice
-    the size the server listed plus 1 MiB. An honest LIST size is exact (RFC 1939); some
-    servers count the stored form (LF line ends: at most half the CRLF size) or round, and
-    the margin never cuts those. A LIST that lies (10 bytes for 20 MB) is bounded by it."""
-    return max(0, min(max_bytes, 2 * list_size + 1024 * 1024))
 
 
 def _no_wait() -> None:
@@ -142,18 +93,15 @@ def read_answer(
     discard: int = DISCARD_BYTES,
     wait: Callable[[], None] = _no_wait,
 ) -> Answer:
-    """Read a multi-line answer from ``reader`` (a buffered reader) up to ``.CRLF``.
+    """Read a multi-line answer from ``reader`` (a buffered reader) up to ``.CRLF``, in its
+    buffered chunks (line by line, a 10 KiB message of ~150 lines took most of the session
+    thread's time) and only up to the terminator: what follows is the next pipelined answer.
+    A line is a run of bytes ending in LF, as for readline: a bare-LF ``.`` line is content.
 
-    Read in the reader's buffered chunks, not line by line (a 10 KiB message is ~150
-    lines: reading them one by one was most of the session thread's time), and only up to
-    the terminator: what follows is the next pipelined answer. A line is a run of bytes
-    ending in LF, as for readline: a bare-LF ``.`` line is content, not the end.
-
-    Bounded while reading, never after: past ``cap`` bytes, or at a line whose length (LF
-    included) would exceed ``max_line`` (exactly: a line of ``max_line`` bytes is fine, one
-    more is not, wherever the chunks end), nothing more is kept; the rest is read and dropped
-    up to the terminator, so the session stays in step, unless more than ``cap + discard``
-    bytes come. ``wait`` runs before every read (the session's deadline).
+    Bounded while reading, never after: past ``cap`` bytes, or at a line over ``max_line``
+    bytes, LF included (exactly, wherever the chunks end), nothing more is kept; the rest is
+    read and dropped up to the terminator, so the session stays in step, unless more than
+    ``cap + discard`` bytes come. ``wait`` runs before every read (the session's deadline).
     """
     kept = bytearray()
     tail = b"\n"  # the stream so far ends a line: ".\r\n" at once is the empty answer
@@ -175,16 +123,9 @@ def read_answer(
             # ``take`` is negative and they are given back.
             take, used = (at + 1 - len(tail), at + 4 - len(tail)) if at >= 0 else (len(chunk),) * 2
             if take > 0:
-                part = chunk if take == len(chunk) else chunk[:take]
                 if cut is None:
-                    stop, why = _limit(part, run, octets, cap, max_line)
-                    if why is not None:
-                        kept += part[:stop]
-                        cut, cut_at = why, octets + stop
-                    else:
-                        kept += part
-                        newline = part.rfind(b"\n")
-                        run = run + len(part) if newline < 0 else len(part) - newline - 1
+                    part = chunk if take == len(chunk) else chunk[:take]
+                    run, cut, cut_at = _keep(kept, part, run, octets, cap, max_line)
                 octets += take
                 if cut is not None and octets > cap + discard:
                     raise ProtocolError(
@@ -192,9 +133,7 @@ def read_answer(
                     )
             elif take < 0:
                 octets += take
-                del kept[octets:]
-                if cut is not None and cut_at >= octets:
-                    cut = None  # what went over was the terminator itself
+                cut = _give_back(kept, octets, cut, cut_at)
             reader.read(used)
             if at >= 0:
                 break
@@ -204,6 +143,29 @@ def read_answer(
             raise
         raise Unfinished(Answer(_unstuff(kept), octets, cut)) from exc
     return Answer(_unstuff(kept), octets, cut)
+
+
+def _keep(
+    kept: bytearray, part: bytes, run: int, before: int, cap: int, max_line: int
+) -> tuple[int, str | None, int]:
+    """Add the content bytes ``part`` to ``kept``, up to the first limit they go over.
+    Returns the length of the line left open, why the answer was cut (None: it was not)
+    and, if it was, the octets kept: ``before`` the bytes of the answer before ``part``."""
+    stop, why = _limit(part, run, before, cap, max_line)
+    if why is not None:
+        kept += part[:stop]
+        return run, why, before + stop
+    kept += part
+    newline = part.rfind(b"\n")
+    return (run + len(part) if newline < 0 else len(part) - newline - 1), None, 0
+
+
+def _give_back(kept: bytearray, octets: int, cut: str | None, cut_at: int) -> str | None:
+    """The terminator began in bytes already taken as content: keep only the ``octets``
+    before it, and return why the answer is cut, if it still is (it is not when what went
+    over a limit was the terminator itself)."""
+    del kept[octets:]
+    return None if cut is not None and cut_at >= octets else cut
 
 
 def _limit(part: bytes, run: int, before: int, cap: int, max_line: int) -> tuple[int, str | None]:
@@ -317,20 +279,6 @@ class _Bounded:
         return caps
 
 
-def tls_context(server: ServerConfig) -> ssl.SSLContext:
-    """Verified by default (system CAs, or ``caFile``); unverified only when configured."""
-    cafile = str(server.ca_file) if server.ca_file else None
-    try:
-        context = ssl.create_default_context(cafile=cafile)
-    except (OSError, ssl.SSLError) as exc:
-        raise TLSError(f"cannot load caFile {cafile}: {exc}") from exc
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if not server.tls_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
 def _server_error(exc: poplib.error_proto, during: str) -> FetchError:
     """Classify a -ERR by its RFC 2449 / RFC 3206 response code."""
     text = exc.args[0] if exc.args else b""
@@ -389,8 +337,9 @@ class _POP3_SSL(_Bounded, poplib.POP3_SSL):
             raise
 
 
-class Pop3Session:
-    """One POP3 session. Use :meth:`open` first and always :meth:`quit` or :meth:`abort`.
+class Pop3Gateway:
+    """One POP3 session: the POP3 implementation of :class:`engine.gateways.Gateway`. Use
+    :meth:`open` first and always :meth:`quit` or :meth:`abort`.
 
     The whole session has a deadline (:func:`session_seconds`), checked before every read
     from the server, so a server trickling a byte a second is cut off too: per-read
@@ -426,6 +375,11 @@ class Pop3Session:
         """The session's time limit, as it stands."""
         return self.deadline - self.started
 
+    @property
+    def mid_exchange(self) -> bool:
+        """RETRs sent (pipelined) whose answers are not read yet: see :meth:`fetch_many`."""
+        return bool(self.outstanding)
+
     def extend(self, nbytes: int) -> None:
         """Set the deadline for a session that fetches ``nbytes`` (see session_seconds)."""
         self.deadline = self.started + session_seconds(self.server, nbytes)
@@ -444,29 +398,33 @@ class Pop3Session:
             sock.settimeout(left)
 
     def open(self) -> None:
+        """Connect (POP3S, or STLS that fails closed), log in, read CAPA."""
         s = self.server
         if not s.tls_verify and (s.use_ssl or s.starttls):
             log.warning(
                 "server=%s:%d TLS certificate verification is OFF (tlsVerify false)", s.host, s.port
             )
         try:
-            if s.use_ssl:
-                self.conn = _POP3_SSL(s.host, s.port, s.timeout, tls_context(s), self._wait)
-            else:
-                self.conn = _POP3(s.host, s.port, s.timeout, self._wait)
-                if s.starttls:
-                    self._starttls()
-            if self._interrupted:
-                # Cancelled while connecting (the caller abandoned this thread): close what
-                # was opened instead of logging in on a session nobody will use or close.
-                raise ProtocolError("the session was cancelled while connecting")
-            self._login()
-        except FetchError:
+            with self._mapped("login"):
+                self._connect()
+                if self._interrupted:
+                    # Cancelled while connecting (the caller abandoned this thread): close
+                    # what was opened instead of logging in on a session nobody will use.
+                    raise ProtocolError("the session was cancelled while connecting")
+                self._login()
+        except BaseException:
             self.close()
             raise
-        except BaseException as exc:
-            self.close()
-            raise self._translate(exc, "login") from exc
+
+    def _connect(self) -> None:
+        s = self.server
+        if s.use_ssl:
+            context = client_context(s.ca_file, s.tls_verify)
+            self.conn = _POP3_SSL(s.host, s.port, s.timeout, context, self._wait)
+        else:
+            self.conn = _POP3(s.host, s.port, s.timeout, self._wait)
+            if s.starttls:
+                self._starttls()
 
     def _starttls(self) -> None:
         conn = self._c()
@@ -480,7 +438,7 @@ class Pop3Session:
                 "the server does not offer STLS; refusing to log in without TLS (startTls true)"
             )
         try:
-            conn.stls(context=tls_context(self.server))
+            conn.stls(context=client_context(self.server.ca_file, self.server.tls_verify))
         except poplib.error_proto as exc:
             # Offered in CAPA, refused when asked: still a TLS problem, not the credentials.
             text = exc.args[0] if exc.args else b""
@@ -491,12 +449,10 @@ class Pop3Session:
             ) from None
 
     def _login(self) -> None:
+        # A -ERR to USER or PASS is classified by _mapped (AuthError, or [IN-USE]...).
         conn = self._c()
-        try:
-            conn.user(self.server.user_name)
-            conn.pass_(self.server.password)
-        except poplib.error_proto as exc:
-            raise _server_error(exc, "login") from None
+        conn.user(self.server.user_name)
+        conn.pass_(self.server.password)
         try:
             caps = conn.capa()
         except poplib.error_proto:
@@ -512,7 +468,7 @@ class Pop3Session:
         """Every message with its size and UIDL key (``None`` when the server lacks UIDL);
         the first :data:`MAX_LISTED` of them when the server lists more."""
         conn: Any = self._c()
-        try:
+        with self._mapped("LIST", malformed=True):
             conn._putcmd("LIST")
             conn._getresp()
             lines, count = self._lines(MAX_LISTED)
@@ -523,22 +479,8 @@ class Pop3Session:
                     count,
                     len(lines),
                 )
-            sizes: dict[int, int] = {}
-            for line in lines:
-                num, size = (int(field) for field in line.split()[:2])
-                if num < 1 or size < 0:
-                    raise ValueError(f"message {num} of {size} bytes")
-                sizes[num] = size
+            sizes = _sizes(lines)
             uidls = self._uidls(sizes)
-        except FetchError:
-            self._lost = True
-            raise
-        except (poplib.error_proto, ValueError) as exc:
-            self._lost = True
-            raise ProtocolError(f"the server's message listing is malformed: {exc}") from None
-        except BaseException as exc:
-            self._lost = True
-            raise self._translate(exc, "LIST") from exc
         return [Listed(n, uidls.get(n), sizes[n]) for n in sorted(sizes)]
 
     def _uidls(self, sizes: dict[int, int]) -> dict[int, str]:
@@ -585,15 +527,15 @@ class Pop3Session:
             raise ProtocolError(f"internal error: answers to {waiting} are still to be read")
         out: list[Answer] = []
         held = 0
-        request = requests[0]
-        try:
+        # A failure names the command whose answer was being read: the len(out)-th.
+        with self._mapped(lambda: command(requests[len(out)]).decode()):
             if self.pipelining and len(requests) > len(self.outstanding):
                 new = requests[len(self.outstanding) :]
-                conn._putline(b"\r\n".join(r.command for r in new))
+                conn._putline(b"\r\n".join(command(r) for r in new))
                 self.outstanding.extend(new)
             for request in requests:
                 if not self.outstanding:
-                    conn._putline(request.command)
+                    conn._putline(command(request))
                     self.outstanding.append(request)
                 self.outstanding.popleft()
                 conn._getresp()
@@ -601,24 +543,7 @@ class Pop3Session:
                 held += len(out[-1].data)
                 if held > grant and len(out) < len(requests):
                     break
-            return out
-        except Unfinished as exc:
-            self._lost = True
-            cause = exc.__cause__ or exc
-            error = cause if isinstance(cause, FetchError) else self._translate(cause, "RETR")
-            if not isinstance(error, FetchError):
-                raise
-            error.unfinished = (request, exc.answer)
-            raise error from None
-        except FetchError:
-            self._lost = True
-            raise
-        except poplib.error_proto as exc:
-            self._lost = bool(self.outstanding)
-            raise _server_error(exc, request.command.decode()) from None
-        except BaseException as exc:
-            self._lost = True
-            raise self._translate(exc, request.command.decode()) from exc
+        return out
 
     def _read_answer(self, conn: Any, request: Request) -> Answer:
         try:
@@ -628,13 +553,22 @@ class Pop3Session:
                 discard=max(request.cap, DISCARD_BYTES),
                 wait=lambda: self._wait(conn.sock),
             )
-        except Unfinished:
-            raise
+        except Unfinished as exc:
+            # Lost step in a message already cut off: the error carries what was kept of
+            # it, so the session can record it as left on the server (FetchError.unfinished).
+            cause = exc.__cause__ or exc
+            error = cause if isinstance(cause, FetchError) else self._library_error(cause, "RETR")
+            if error is None:
+                raise
+            error.unfinished = (request, exc.answer)
+            raise error from None
         except ProtocolError as exc:
-            raise ProtocolError(f"{exc} ({request.command.decode()})") from None
+            raise ProtocolError(f"{exc} ({command(request).decode()})") from None
 
-    def dele(self, number: int) -> None:
-        self.dele_many([number])
+    def dispose(self, numbers: Sequence[int], failed: Collection[int] = ()) -> None:
+        """DELE them all (a failure event holds its message: nothing is lost with it). POP3
+        has no other disposal; the server removes them only at a successful QUIT."""
+        self.dele_many(numbers)
 
     def dele_many(self, numbers: Sequence[int]) -> None:
         """Mark messages deleted (they go only at QUIT); pipelined like :meth:`fetch_many`."""
@@ -644,7 +578,7 @@ class Pop3Session:
         if self.outstanding:
             raise ProtocolError("internal error: DELE while answers are still to be read")
         during = f"DELE {numbers[0]}" if len(numbers) == 1 else f"DELE {numbers[0]}-{numbers[-1]}"
-        try:
+        with self._mapped(during):
             if len(numbers) > 1 and self.pipelining:
                 conn._putline("\r\n".join(f"DELE {n}" for n in numbers).encode("ascii"))
                 for _ in numbers:
@@ -652,25 +586,12 @@ class Pop3Session:
             else:
                 for n in numbers:
                     conn.dele(n)
-        except FetchError:
-            self._lost = True
-            raise
-        except poplib.error_proto as exc:
-            raise _server_error(exc, during) from None
-        except BaseException as exc:
-            self._lost = True
-            raise self._translate(exc, during) from exc
 
     def quit(self) -> None:
         """QUIT: the server removes the deleted messages only if this succeeds."""
         try:
-            self._c().quit()
-        except FetchError:
-            raise
-        except poplib.error_proto as exc:
-            raise _server_error(exc, "QUIT") from None
-        except BaseException as exc:
-            raise self._translate(exc, "QUIT") from exc
+            with self._mapped("QUIT"):
+                self._c().quit()
         finally:
             self.close()
 
@@ -713,7 +634,39 @@ class Pop3Session:
             with contextlib.suppress(OSError):
                 conn.close()
 
-    def _translate(self, exc: BaseException, during: str) -> BaseException:
+    @contextlib.contextmanager
+    def _mapped(
+        self, during: str | Callable[[], str], *, malformed: bool = False
+    ) -> Iterator[None]:
+        """Translate what poplib, ssl and socket raise inside into :mod:`engine.errors`
+        (httpcore's ``map_exceptions`` is the model), ``during`` naming the command (or a
+        function giving it, called only on failure). ``malformed``: the answers make a
+        listing, and a -ERR or a bad line in it is a malformed listing.
+
+        Any failure leaves the session out of step (see :meth:`abort`), except a -ERR to a
+        command when no other answer is pending: the server said no, and knows where it is.
+        """
+        try:
+            yield
+        except poplib.error_proto as exc:
+            self._lost = self._lost or malformed or bool(self.outstanding)
+            if malformed:
+                raise _malformed(exc) from None
+            raise _server_error(exc, during if isinstance(during, str) else during()) from None
+        except FetchError:
+            self._lost = True
+            raise
+        except BaseException as exc:
+            self._lost = True
+            if malformed and isinstance(exc, ValueError):  # a line that is not a listing's
+                raise _malformed(exc) from None
+            error = self._library_error(exc, during if isinstance(during, str) else during())
+            if error is None:
+                raise
+            raise error from exc
+
+    def _library_error(self, exc: BaseException, during: str) -> FetchError | None:
+        """The engine's error for an exception of poplib, ssl or socket; None for another."""
         s = self.server
         where = f"{s.host}:{s.port}"
         if isinstance(exc, poplib.error_proto):
@@ -734,7 +687,22 @@ class Pop3Session:
         if isinstance(exc, ConnectionRefusedError):
             return ConnectError(f"{where} refused the connection")
         if isinstance(exc, OSError):
-            if during == "login" and self.conn is None:
+            if during == "login":  # before the session is open: it could not connect
                 return ConnectError(f"cannot connect to {where}: {exc.strerror or exc}")
             return ProtocolError(f"the connection to {where} was lost ({during}): {exc}")
-        return exc
+        return None
+
+
+def _sizes(lines: list[bytes]) -> dict[int, int]:
+    """The sizes a LIST answer gives, by message number. Raises ValueError if malformed."""
+    sizes: dict[int, int] = {}
+    for line in lines:
+        num, size = (int(field) for field in line.split()[:2])
+        if num < 1 or size < 0:
+            raise ValueError(f"message {num} of {size} bytes")
+        sizes[num] = size
+    return sizes
+
+
+def _malformed(exc: Exception) -> ProtocolError:
+    return ProtocolError(f"the server's message listing is malformed: {exc}")

@@ -1,0 +1,87 @@
+"""Gateways: the blocking clients that talk to a mailbox's server, behind one interface.
+
+A mailbox session (:mod:`engine.session`) asks a :class:`Gateway` for seven things, each a
+blocking call it runs in a worker thread (one at a time; only :meth:`~Gateway.interrupt`
+comes from another thread):
+
+``open``
+    connect, TLS, authenticate, learn the capabilities (``pipelining``, ``top``);
+``listing``
+    the messages waiting, each a :class:`Listed` (the gateway's handle, its ledger key, its
+    size as announced);
+``fetch_many``
+    a window of messages, each a :class:`Request` answered by an :class:`Answer`: pipelined
+    where the server allows it, bounded while reading (a cap per message, :data:`MAX_LINE`
+    per line, the session deadline before every read), fewer than asked once a byte
+    ``grant`` is used up;
+``dispose``
+    the messages whose outcome is committed (POP3: DELE);
+``quit`` / ``abort`` / ``close``
+    end the session confirming, undoing, or simply dropping the disposals;
+``interrupt``
+    from another thread, make a blocked call return at once (cancellation, the deadline).
+
+Which gateway serves a mailbox is the XML's ``gatewayTypeName``: the config reads it into a
+kind (``ServerConfig.gateway``), and :data:`GATEWAYS`, the one place that maps a kind to its
+class, makes the gateway (:func:`gateway_for`).
+
+The interface is shaped to carry what comes next without a change to the session:
+
+- **IMAP** (issue 15) is one more class in :data:`GATEWAYS`. ``Listed.number`` is the
+  gateway's own handle (an index it maps to folder and UID, so several folders are one
+  listing), and ``Listed.uidl`` the ledger key it makes (account, folder, UIDVALIDITY, UID,
+  through :mod:`engine.keys`). ``fetch_many`` becomes one ``UID FETCH`` of ``BODY.PEEK[]``
+  (``BODY.PEEK[HEADER]`` for ``headers_only``), which marks nothing read; ``top`` is then
+  always true and ``pipelining`` too. ``dispose`` applies the mailbox's ``afterProcessing``
+  (``\\Deleted`` + ``UID EXPUNGE``, MOVE, or a keyword that ``listing`` then skips), and
+  ``failed`` lets it move failure events to a folder of their own; ``quit`` is ``LOGOUT``
+  and ``abort`` drops the connection. A changed UIDVALIDITY gives new keys: the content-hash
+  fallback belongs to the ledger's answer to the session (``KnownQuery``), not to the
+  session. IDLE is a wait between sessions, for the supervisor, not a step of one.
+- **SASL** (issue 14: XOAUTH2, OAUTHBEARER) happens inside ``open``, where CAPA (POP3), the
+  CAPABILITY response (IMAP) or EHLO (SMTP) is read: the gateway picks the mechanism, its
+  constructor takes the token source from the factory in :data:`GATEWAYS`, and a refused
+  token is one more :class:`~engine.errors.FetchError` subclass (its ``cause``, e.g.
+  ``oauth``, names the outage). The session only ever calls ``open``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from engine.config import ServerConfig
+from engine.gateways.base import (
+    HEADER_BYTES,
+    MAX_LINE,
+    Answer,
+    Gateway,
+    Listed,
+    Request,
+    read_cap,
+    session_seconds,
+)
+from engine.gateways.pop3 import Pop3Gateway
+
+__all__ = [
+    "GATEWAYS",
+    "HEADER_BYTES",
+    "MAX_LINE",
+    "Answer",
+    "Gateway",
+    "Listed",
+    "Request",
+    "gateway_for",
+    "read_cap",
+    "session_seconds",
+]
+
+# The one place that maps a gateway kind (ServerConfig.gateway, read from gatewayTypeName)
+# to what makes its sessions.
+GATEWAYS: dict[str, Callable[[ServerConfig], Gateway]] = {
+    "pop3": Pop3Gateway,
+}
+
+
+def gateway_for(server: ServerConfig) -> Gateway:
+    """A new, unopened session with ``server``, by the gateway its config names."""
+    return GATEWAYS[server.gateway](server)
