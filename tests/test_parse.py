@@ -32,38 +32,32 @@ from hypothesis import strategies as st
 from inscriptis import get_text  # type: ignore[import-untyped, unused-ignore]
 from inscriptis.model.config import ParserConfig  # type: ignore[import-untyped, unused-ignore]
 
-import engine.parse
+import engine.parse.mime
 from engine.errors import LimitExceeded, MessageError, ParseError
 from engine.model import ParsedMessage
-from engine.parse import (
-    _B64_NOISE,
-    _HEADER_END_RE,
-    ParseLimits,
-    _address_count,
-    _b64_blobs,
-    _b64_decode,
-    _blank_line_end,
-    _BlockEnds,
-    _clean_body,
-    _cut_addresses,
-    _elide_large_bodies,
+from engine.parse import ParseLimits, message_summary, parse_message, safe_filename
+from engine.parse.addresses import _address_count, _cut_addresses, _simple_addresses
+from engine.parse.bodies import (
     _flatten_html,
-    _header_end,
     _html_markup_strippable,
-    _html_text_lean,
     _html_text_stripped,
     _html_text_tokens,
-    _scan,
-    _simple_addresses,
-    _split_mime,
     _TextCanvas,
     _unflow,
     _Unrenderable,
-    _uu_decode,
-    message_summary,
-    parse_message,
-    safe_filename,
+    clean_body,
+    html_text_lean,
 )
+from engine.parse.mime import (
+    HEADER_END_RE,
+    _blank_line_end,
+    _BlockEnds,
+    _split_mime,
+    elide_large_bodies,
+    header_end,
+    prescan,
+)
+from engine.parse.transfer import _B64_NOISE, _b64_blobs, b64_decode, uu_decode
 
 CORPUS = Path(__file__).parent / "corpus"
 ALL_CASES = sorted(p.stem for p in CORPUS.glob("*.eml"))
@@ -815,7 +809,7 @@ def test_nesting_through_parts_and_attached_messages_is_still_refused_quickly() 
 def test_property_blank_lines_are_found_as_the_regular_expression_finds_them(
     data: bytes, start: int, window: int
 ) -> None:
-    m = _HEADER_END_RE.search(data, start, start + window)
+    m = HEADER_END_RE.search(data, start, start + window)
     assert _blank_line_end(data, start, start + window) == (None if m is None else m.end())
 
 
@@ -1324,15 +1318,15 @@ def test_property_the_pre_scan_never_counts_less_nesting_or_parts_than_the_parse
     depth, parts = container_depth_and_parts(stdlib_email.message_from_bytes(raw))
     generous = ParseLimits(max_depth=1000, max_parts=100_000, max_header_params=10_000)
     try:
-        _scan(raw, generous)
+        prescan(raw, generous)
     except MessageError:
         return
     if depth > 1:
         with pytest.raises(LimitExceeded, match="max_depth"):
-            _scan(raw, replace(generous, max_depth=depth - 1))
+            prescan(raw, replace(generous, max_depth=depth - 1))
     if parts > 0:
         with pytest.raises(LimitExceeded, match="max_parts"):
-            _scan(raw, replace(generous, max_parts=parts - 1))
+            prescan(raw, replace(generous, max_parts=parts - 1))
 
 
 @settings(max_examples=200, deadline=timedelta(seconds=1), derandomize=True, database=None)
@@ -1437,9 +1431,9 @@ def part_data(raw: bytes, name: str = "x.bin") -> bytes:
 def elided_bodies(raw: bytes) -> list[bytes]:
     """The bodies of ``raw`` that the parser never sees (taken from the raw bytes instead)."""
     limits = ParseLimits()
-    root_body = _header_end(raw, limits.max_header_bytes)
+    root_body = header_end(raw, limits.max_header_bytes)
     assert root_body is not None
-    spans = _elide_large_bodies(raw, _scan(raw, limits), root_body)[1].values()
+    spans = elide_large_bodies(raw, prescan(raw, limits), root_body)[1].values()
     return [raw[start:end] for start, end in spans]
 
 
@@ -1509,12 +1503,12 @@ def test_property_the_in_place_base64_decoding_is_the_blob_by_blob_decoding(
     case: tuple[bytes, bytes | None],
 ) -> None:
     text, expected = case
-    decoded = _b64_decode(text)
+    decoded = b64_decode(text)
     assert decoded == _b64_blobs(text.translate(None, _B64_NOISE))
     if expected is not None:
         assert decoded == expected
     # A window of a larger buffer decodes as the same bytes on their own.
-    assert _b64_decode(b"QUJD" + text + b"=QQ", 4, 4 + len(text)) == decoded
+    assert b64_decode(b"QUJD" + text + b"=QQ", 4, 4 + len(text)) == decoded
 
 
 @raw_fuzz(60)
@@ -1529,14 +1523,14 @@ def test_property_base64_parts_decode_alike_above_and_below_the_elision_threshol
     small, large = (message_with_part(body, large=big) for big in (False, True))
     assert body not in elided_bodies(small) and body in elided_bodies(large)
     decoded = part_data(small)
-    assert part_data(large) == decoded == _b64_decode(body)
+    assert part_data(large) == decoded == b64_decode(body)
     if expected is not None:
         assert decoded == expected * copies
 
 
 def parse_without_elision(raw: bytes) -> ParsedMessage:
     """The reference: every body goes through the stdlib parser, whatever its size."""
-    with mock.patch.object(engine.parse, "_ELIDE_FROM", 1 << 40):
+    with mock.patch.object(engine.parse.mime, "_ELIDE_FROM", 1 << 40):
         return parse_message(raw)
 
 
@@ -2043,7 +2037,7 @@ def test_property_the_lean_html_text_is_nh3s_flattening(markup: str) -> None:
     """HTML over max_html_sanitize_bytes is read without nh3's tree, to the same text: token
     by token, and all at once where the markup allows it."""
     reference = _flatten_html(markup)
-    assert _html_text_lean(markup) == reference
+    assert html_text_lean(markup) == reference
     tidy = "\n\n".join(re.split(r"\n{3,}", _html_text_tokens(markup))).strip()
     assert tidy == reference
     if _html_markup_strippable(markup):
@@ -2169,7 +2163,7 @@ def test_property_uudecoding_a_chunk_of_lines_at_a_time_is_the_stdlibs(
     except ValueError as exc:
         expected = str(exc)
     try:
-        got: bytes | str = _uu_decode(text, chunk)
+        got: bytes | str = uu_decode(text, chunk)
     except ValueError as exc:
         got = str(exc)
     assert got == expected
@@ -2184,7 +2178,7 @@ def test_property_body_cleaning_is_the_regular_expressions_cleaning(text: str) -
     """str.replace stands in for re.sub(r"\r\n?", "\n"), which made a string per line."""
     reference = re.sub(r"\r\n?", "\n", text)
     reference = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "", reference)
-    assert _clean_body(text) == reference
+    assert clean_body(text) == reference
 
 
 @settings(max_examples=300, deadline=timedelta(seconds=1), derandomize=True, database=None)

@@ -1,0 +1,263 @@
+"""Turn the raw bytes of one message into a :class:`~engine.model.ParsedMessage`.
+
+Everything here is a pure function of its arguments: no I/O, no global state changed, safe to
+call from several worker threads at once. :func:`parse_message` raises only
+:class:`~engine.errors.LimitExceeded` or :class:`~engine.errors.ParseError`, whatever the bytes.
+
+A parse in order, one module per concern (each holds the design notes of its concern, so
+that nobody "simplifies" them away):
+
+* :mod:`~engine.parse.limits`: what a message may cost; over most limits it is refused whole.
+* :mod:`~engine.parse.mime`: the pre-scan checks the limits on the raw bytes, large bodies are
+  elided, and the compat32 MIME tree is built.
+* :mod:`~engine.parse.headers` (encoded words, parameters, Message-IDs, dates),
+  :mod:`~engine.parse.addresses` and :mod:`~engine.parse.charsets` read the header fields.
+* :mod:`~engine.parse.parts` walks the tree: what becomes the body, the HTML, an attachment,
+  with :mod:`~engine.parse.bodies` (payloads, text parts, HTML to text),
+  :mod:`~engine.parse.transfer` (base64, uuencode) and :mod:`~engine.parse.attachments`
+  (file names, attached messages, TNEF).
+* :mod:`~engine.parse.verdicts`: auto-reply, bounce and loop verdicts.
+
+Two rules hold throughout:
+
+* Memory stays within a few times the message (3.3 at most for 20 MB of any shape we know):
+  large bodies are taken from the raw bytes instead of the parser's lines, and no step keeps
+  a list of a million short strings.
+* Fast paths stand in for slow or memory-hungry library code and must give exactly its
+  results; each accepts only the input shapes it is known to handle and leaves the rest to
+  the library, sits beside what it replaces, in the same module, and has a property test
+  holding the two equal (tests/parse/).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import replace
+from email.message import Message
+from typing import Final
+
+from engine.errors import LimitExceeded, MessageError, ParseError
+from engine.model import ParsedMessage
+from engine.parse.addresses import read_addresses
+from engine.parse.attachments import safe_filename
+from engine.parse.bodies import (
+    clean_body,
+    html_text_lean,
+    render_html,
+    sanitize_html,
+    unsanitizable,
+)
+from engine.parse.headers import (
+    decode_words,
+    first_field,
+    header_map,
+    msgid,
+    msgids,
+    one_line,
+    parse_date,
+    parse_params,
+    unfold,
+)
+from engine.parse.limits import DEFAULT_LIMITS, ParseLimits
+from engine.parse.mime import (
+    ELIDED,
+    Scan,
+    elide_large_bodies,
+    elision_holds,
+    header_end,
+    mime_tree,
+    prescan,
+)
+from engine.parse.parts import Collector, attach_unsanitized_html
+from engine.parse.verdicts import loop_verdict
+
+__all__ = ["ParseLimits", "message_summary", "parse_message", "safe_filename"]
+
+
+def _sanitize_exc(exc: BaseException) -> str:
+    """One safe line describing an exception, for a ParseError message."""
+    text = f"{type(exc).__name__}: {exc}".encode("utf-8", "backslashreplace").decode("utf-8")
+    return one_line(text)[:200]
+
+
+def message_summary(raw: bytes) -> tuple[str | None, str]:
+    """(Message-ID without brackets, sha256 hex) of raw bytes, cheaply and never failing.
+
+    Used for the ledger when a message cannot be parsed: only the top-level header block is
+    scanned (bounded to the default header limit), with the same id extraction as
+    :func:`parse_message`, so both agree on the id of the same bytes.
+    """
+    data = bytes(raw) if isinstance(raw, bytearray | memoryview) else raw
+    if not isinstance(data, bytes):
+        return None, hashlib.sha256(b"").hexdigest()
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        limit = DEFAULT_LIMITS.max_header_bytes
+        end = header_end(data, limit)
+        block = data[: end if end is not None else limit]
+        m = _MESSAGE_ID_FIELD_RE.search(block)
+        if m is None:
+            return None, digest
+        return msgid(unfold(m.group(1).decode("ascii", "surrogateescape"))), digest
+    except Exception:  # a summary must never fail: no id is an acceptable answer
+        return None, digest
+
+
+_MESSAGE_ID_FIELD_RE: Final = re.compile(
+    rb"^message-id[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)", re.M | re.I
+)
+
+
+def parse_message(raw: bytes, limits: ParseLimits = DEFAULT_LIMITS) -> ParsedMessage:
+    """Parse one raw RFC 5322 message.
+
+    Raises :class:`LimitExceeded` (naming the limit, the value and the limit) when the message
+    is over one of ``limits``, and :class:`ParseError` when it cannot be read; never anything
+    else, whatever the bytes.
+    """
+    if isinstance(raw, bytearray | memoryview):
+        raw = bytes(raw)
+    if not isinstance(raw, bytes):
+        raise ParseError(f"a message must be bytes, not {type(raw).__name__}")
+    try:
+        return _parse(raw, limits)
+    except MessageError:
+        raise
+    except RecursionError as exc:
+        raise LimitExceeded(
+            f"the message is nested too deeply for the parser; the limit (max_depth) is "
+            f"{limits.max_depth}"
+        ) from exc
+    except MemoryError as exc:
+        raise LimitExceeded(
+            f"the message ({len(raw)} bytes) needs more memory than is available"
+        ) from exc
+    except Exception as exc:
+        raise ParseError(f"the message cannot be parsed: {_sanitize_exc(exc)}") from exc
+
+
+def _parse(raw: bytes, limits: ParseLimits) -> ParsedMessage:
+    if len(raw) > limits.max_bytes:
+        raise LimitExceeded(
+            f"the message is {len(raw)} bytes; the limit (max_bytes) is {limits.max_bytes}"
+        )
+    root_body = header_end(raw, limits.max_header_bytes)
+    if root_body is None or root_body > limits.max_header_bytes + 4:
+        size = "more than " + str(limits.max_header_bytes) if root_body is None else str(root_body)
+        raise LimitExceeded(
+            f"the header block is {size} bytes; the limit (max_header_bytes) is "
+            f"{limits.max_header_bytes}"
+        )
+    scan = prescan(raw, limits)
+    source, spans = elide_large_bodies(raw, scan, root_body)
+    msg = mime_tree(source)
+    del source
+    if spans and not elision_holds(msg, spans):
+        spans = {}
+        msg = mime_tree(raw)
+    token = ELIDED.set((raw, spans) if spans else None)
+    try:
+        return _parse_tree(raw, msg, scan, root_body, limits)
+    finally:
+        ELIDED.reset(token)
+
+
+def _parse_tree(
+    raw: bytes, msg: Message, scan: Scan, root_body: int, limits: ParseLimits
+) -> ParsedMessage:
+    headers = header_map(msg)
+
+    notes: list[str] = []
+    from_pairs = read_addresses(headers.get("from"), limits, "From", notes)
+    to_pairs = read_addresses(headers.get("to"), limits, "To", notes)
+    return_path = first_field(headers, "return-path")
+    rp_pairs = read_addresses(headers.get("return-path"), limits, "Return-Path", notes)
+
+    from_name, from_addr = from_pairs[0] if from_pairs else ("", "")
+    from_value = first_field(headers, "from")
+    null_sender = (return_path is not None and return_path.strip() == "<>") or (
+        from_value is None or from_value.strip() in ("", "<>")
+    )
+
+    collector = Collector(raw, scan, root_body, limits)
+    collector.walk(msg)
+    notes += collector.notes
+
+    body = collector.body
+    html_source, collector.html = collector.html, None
+    sanitized: str | None = None
+    # HTML-only mail, or an alternative whose text/plain part is left empty, takes its text
+    # from the HTML: rendered from the sanitized HTML, so that no script, style or
+    # javascript: URL shows up in it, or read without a tree from HTML too large to sanitize.
+    needs_text = body is None or not body.strip()
+    why = unsanitizable(html_source, limits) if html_source is not None else None
+    if html_source is not None and why is not None:
+        notes.append(attach_unsanitized_html(collector, html_source, why, needs_text))
+        if needs_text:
+            body = html_text_lean(html_source)
+    elif html_source is not None:
+        sanitized = sanitize_html(html_source)
+        if needs_text:
+            body = render_html(sanitized, limits)
+    del html_source
+    body = body or ""
+    if not body.strip() and collector.tnef_body:
+        body = clean_body(collector.tnef_body)
+
+    top_type, top_params = parse_params(first_field(headers, "content-type") or "")
+    senders = [from_addr, *(addr for _, addr in rp_pairs or [])]
+    auto, reason, bounce = loop_verdict(
+        headers, top_type, top_params, collector.bounce, senders, null_sender
+    )
+
+    subject = first_field(headers, "subject")
+    return ParsedMessage(
+        raw=raw,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        message_id=msgid(first_field(headers, "message-id")),
+        subject=one_line(decode_words(subject)) if subject is not None else "",
+        from_name=from_name,
+        from_addr=from_addr,
+        to=tuple(addr for _, addr in to_pairs or []),
+        date=parse_date(first_field(headers, "date")),
+        in_reply_to=msgid(first_field(headers, "in-reply-to")),
+        references=msgids(first_field(headers, "references")),
+        body=body,
+        html=sanitized,
+        attachments=tuple(collector.attachments),
+        auto_submitted=auto,
+        auto_reason=reason,
+        is_bounce=bounce,
+        notes=tuple(notes),
+    )
+
+
+def parse_raw(raw: bytes, max_bytes: int) -> ParsedMessage | MessageError:
+    """``parse_message`` with the size limit checked first; a refusal is returned, not raised
+    (it crosses a process boundary as a value)."""
+    try:
+        if len(raw) > max_bytes:
+            raise LimitExceeded(
+                f"the message is {len(raw)} bytes, over maxMessageBytes ({max_bytes})"
+            )
+        return parse_message(raw, ParseLimits(max_bytes=max_bytes))
+    except MessageError as exc:
+        return exc
+
+
+def parse_many(raws: list[bytes], max_bytes: int) -> list[ParsedMessage | MessageError]:
+    """A window of messages in one call: what a parsing worker process runs.
+
+    The results come back without ``raw``: the caller has it already, and sending it back
+    through the pipe doubled what crossed it (see :func:`with_raw`)."""
+    out: list[ParsedMessage | MessageError] = []
+    for raw in raws:
+        result = parse_raw(raw, max_bytes)
+        out.append(replace(result, raw=b"") if isinstance(result, ParsedMessage) else result)
+    return out
+
+
+def with_raw(result: ParsedMessage | MessageError, raw: bytes) -> ParsedMessage | MessageError:
+    """A result of :func:`parse_many` with its message's bytes put back."""
+    return replace(result, raw=raw) if isinstance(result, ParsedMessage) else result
