@@ -18,7 +18,11 @@ that nobody "simplifies" them away):
   (file names, attached messages, TNEF).
 * :mod:`~engine.parse.verdicts`: auto-reply, bounce and loop verdicts.
 
-Two rules hold throughout:
+Three rules hold throughout:
+
+* Nothing is handed over on the side: what one step needs of another (the raw bytes behind an
+  elided body) travels in the :class:`~engine.parse.mime.MimeTree` that the parse call owns,
+  passed as an argument; no context variable or global holds it.
 
 * Memory stays within a few times the message (3.3 at most for 20 MB of any shape we know):
   large bodies are taken from the raw bytes instead of the parser's lines, and no step keeps
@@ -34,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import replace
-from email.message import Message
 from typing import Final
 
 from engine.errors import LimitExceeded, MessageError, ParseError
@@ -60,15 +63,7 @@ from engine.parse.headers import (
     unfold,
 )
 from engine.parse.limits import DEFAULT_LIMITS, ParseLimits
-from engine.parse.mime import (
-    ELIDED,
-    Scan,
-    elide_large_bodies,
-    elision_holds,
-    header_end,
-    mime_tree,
-    prescan,
-)
+from engine.parse.mime import MimeTree, header_end, read_mime
 from engine.parse.parts import Collector, attach_unsanitized_html
 from engine.parse.verdicts import loop_verdict
 
@@ -142,31 +137,12 @@ def _parse(raw: bytes, limits: ParseLimits) -> ParsedMessage:
         raise LimitExceeded(
             f"the message is {len(raw)} bytes; the limit (max_bytes) is {limits.max_bytes}"
         )
-    root_body = header_end(raw, limits.max_header_bytes)
-    if root_body is None or root_body > limits.max_header_bytes + 4:
-        size = "more than " + str(limits.max_header_bytes) if root_body is None else str(root_body)
-        raise LimitExceeded(
-            f"the header block is {size} bytes; the limit (max_header_bytes) is "
-            f"{limits.max_header_bytes}"
-        )
-    scan = prescan(raw, limits)
-    source, spans = elide_large_bodies(raw, scan, root_body)
-    msg = mime_tree(source)
-    del source
-    if spans and not elision_holds(msg, spans):
-        spans = {}
-        msg = mime_tree(raw)
-    token = ELIDED.set((raw, spans) if spans else None)
-    try:
-        return _parse_tree(raw, msg, scan, root_body, limits)
-    finally:
-        ELIDED.reset(token)
+    return _parse_tree(read_mime(raw, limits), limits)
 
 
-def _parse_tree(
-    raw: bytes, msg: Message, scan: Scan, root_body: int, limits: ParseLimits
-) -> ParsedMessage:
-    headers = header_map(msg)
+def _parse_tree(tree: MimeTree, limits: ParseLimits) -> ParsedMessage:
+    raw = tree.raw
+    headers = header_map(tree.root)
 
     notes: list[str] = []
     from_pairs = read_addresses(headers.get("from"), limits, "From", notes)
@@ -180,8 +156,8 @@ def _parse_tree(
         from_value is None or from_value.strip() in ("", "<>")
     )
 
-    collector = Collector(raw, scan, root_body, limits)
-    collector.walk(msg)
+    collector = Collector(tree, limits)
+    collector.walk(tree.root)
     notes += collector.notes
 
     body = collector.body

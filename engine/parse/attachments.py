@@ -20,7 +20,14 @@ from typing import Final, NamedTuple
 
 from engine.parse.charsets import decode_undeclared, to_bytes
 from engine.parse.headers import parse_params, part_header
-from engine.parse.mime import ELIDED, HEADER_END_RE, LINE_END_RE, Scan, raw_payload, scan_boundary
+from engine.parse.mime import (
+    HEADER_END_RE,
+    LINE_END_RE,
+    MimeTree,
+    Scan,
+    raw_payload,
+    scan_boundary,
+)
 
 _RESERVED_NAMES: Final = frozenset(
     {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
@@ -185,7 +192,7 @@ def exact_message_bytes(
     return _span_body(raw, start, max(start, end))
 
 
-def _rebuild(entity: Message, linesep: bytes) -> bytes:
+def _rebuild(entity: Message, linesep: bytes, tree: MimeTree) -> bytes:
     """Bytes of a parsed entity rebuilt from its raw header lines and payloads.
 
     Used when the exact span of an attached message is unknown. Unlike ``as_bytes()`` it
@@ -202,7 +209,7 @@ def _rebuild(entity: Message, linesep: bytes) -> bytes:
     out.append(linesep)
     payload = raw_payload(entity)
     if isinstance(payload, str):
-        out.append(_leaf_bytes(payload))
+        out.append(tree.octets(payload))
     elif isinstance(payload, list):
         children = [c for c in payload if isinstance(c, Message)]
         if entity.get_content_maintype() == "multipart":
@@ -211,30 +218,21 @@ def _rebuild(entity: Message, linesep: bytes) -> bytes:
             if entity.preamble:
                 out += [to_bytes(entity.preamble), linesep]
             for child in children:
-                out += [b"--", boundary, linesep, _rebuild(child, linesep), linesep]
+                out += [b"--", boundary, linesep, _rebuild(child, linesep, tree), linesep]
             out += [b"--", boundary, b"--", linesep]
             if entity.epilogue:
                 out.append(to_bytes(entity.epilogue))
         else:
-            out.append(linesep.join(_rebuild(child, linesep) for child in children))
+            out.append(linesep.join(_rebuild(child, linesep, tree) for child in children))
     return b"".join(out)
 
 
-def _leaf_bytes(payload: str) -> bytes:
-    """The raw octets of a leaf's payload, the elided body it stands for included."""
-    elided = ELIDED.get()
-    span = elided[1].get(payload) if elided is not None else None
-    if span is None or elided is None:
-        return to_bytes(payload)
-    return elided[0][span[0] : span[1]]
-
-
-def serialize(part: Message, linesep: bytes) -> bytes:
+def serialize(part: Message, linesep: bytes, tree: MimeTree) -> bytes:
     """Fallback bytes of a message/* part when its exact span is unknown."""
     payload = raw_payload(part)
     if not isinstance(payload, list):
-        return _leaf_bytes(payload) if isinstance(payload, str) else b""
-    return linesep.join(_rebuild(sub, linesep) for sub in payload if isinstance(sub, Message))
+        return tree.octets(payload) if isinstance(payload, str) else b""
+    return linesep.join(_rebuild(sub, linesep, tree) for sub in payload if isinstance(sub, Message))
 
 
 def looks_like(data: bytes, part: Message) -> bool:

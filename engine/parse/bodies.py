@@ -30,11 +30,11 @@ from lxml import etree
 from engine.parse.charsets import decode_text, to_bytes
 from engine.parse.headers import Param
 from engine.parse.limits import ParseLimits
-from engine.parse.mime import ELIDED, raw_payload
+from engine.parse.mime import MimeTree, raw_payload
 from engine.parse.transfer import UU_ENCODINGS, b64_decode, uu_decode
 
 
-def payload_bytes(part: Message, cte_field: str | None) -> bytes:
+def payload_bytes(part: Message, cte_field: str | None, tree: MimeTree) -> bytes:
     """The decoded octets of a leaf part (base64, quoted-printable, uuencode or as is).
 
     ``cte_field`` is the part's raw Content-Transfer-Encoding value (None if absent). Base64
@@ -46,10 +46,9 @@ def payload_bytes(part: Message, cte_field: str | None) -> bytes:
     if not isinstance(payload, str):
         return b""
     cte = (cte_field or "").strip().lower()
-    elided = ELIDED.get()
-    span = elided[1].get(payload) if elided is not None else None
-    if span is not None and elided is not None:
-        raw, (start, end) = elided[0], span
+    span = tree.elided_span(payload)
+    if span is not None:
+        raw, (start, end) = tree.raw, span
         if cte == "base64":
             return b64_decode(raw, start, end)
         if cte == "quoted-printable":
@@ -145,9 +144,15 @@ def clean_body(text: str) -> str:
 
 
 def text_of(
-    part: Message, params: Mapping[str, Param], cte_field: str | None, *, html: bool = False
+    part: Message,
+    params: Mapping[str, Param],
+    cte_field: str | None,
+    tree: MimeTree,
+    *,
+    html: bool = False,
 ) -> str:
-    data = payload_bytes(part, cte_field)
+    """The text of a text part: decoded, cleaned, and format=flowed undone (not for HTML)."""
+    data = payload_bytes(part, cte_field, tree)
     charset = _part_charset(params)
     if charset is None and html:
         m = _META_CHARSET_RE.search(data[:4096])

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import contextvars
 import email
 import itertools
 import re
@@ -28,6 +27,7 @@ from email.message import Message
 from typing import Final
 
 from engine.errors import LimitExceeded, ParseError
+from engine.parse.charsets import to_bytes
 from engine.parse.headers import Param, parse_params, unfold
 from engine.parse.limits import ParseLimits
 
@@ -419,14 +419,12 @@ def raw_payload(part: Message) -> object:
 # Large leaf bodies are taken straight from the raw bytes instead of going through the stdlib
 # parser, which holds a 20 MB body as text lines, joined text and decoded bytes at once (about
 # 8 times the message at its peak). The parser sees a short placeholder instead of each such
-# body; payload_bytes decodes the span of the raw bytes it stands for. A placeholder is
-# trusted only where the parser made it the whole payload of a part of a multipart (or of the
-# whole message): anything else and the message is parsed again without elision.
+# body, and the MimeTree maps each placeholder to the span of the raw bytes it stands for. A
+# placeholder is trusted only where the parser made it the whole payload of a part of a
+# multipart (or of the whole message): anything else and the message is parsed again without
+# elision.
 _ELIDE_FROM: Final = 2 * 1024 * 1024
 _ELIDE_PART: Final = 256 * 1024
-ELIDED: contextvars.ContextVar[tuple[bytes, dict[str, tuple[int, int]]] | None] = (
-    contextvars.ContextVar("ELIDED", default=None)
-)
 _CT_CONTAINER_RE: Final = re.compile(
     rb"(?:\A|[\r\n])content-type[ \t]*:\s*(?:multipart|message)/", re.I
 )
@@ -513,3 +511,54 @@ def elision_holds(tree: Message, spans: Mapping[str, tuple[int, int]]) -> bool:
             elif in_multipart and isinstance(child_payload, str) and child_payload in spans:
                 found += 1
     return found == len(spans)
+
+
+@dataclass(frozen=True, slots=True)
+class MimeTree:
+    """The MIME tree of one message and what reading its bodies needs; one parse call owns it.
+
+    ``root`` is the compat32 tree the parser built, in which each large leaf body may be a
+    placeholder (see :func:`elide_large_bodies`): ``elided`` maps each placeholder to the span
+    of ``raw`` it stands for. The tree and its bodies are read only through this object,
+    passed as an argument, so that every function reading a body is a pure function of its
+    arguments: no context variable or global hands the raw bytes over.
+    """
+
+    raw: bytes  # the message as received
+    root: Message
+    scan: Scan  # the pre-scan's delimiter offsets, for the exact bytes of attached messages
+    root_body: int  # where the top-level body starts
+    elided: Mapping[str, tuple[int, int]]  # placeholder -> (start, end) in raw
+
+    def elided_span(self, payload: str) -> tuple[int, int] | None:
+        """The span of ``raw`` that a leaf's payload stands for, or None if it is its own."""
+        return self.elided.get(payload) if self.elided else None
+
+    def octets(self, payload: str) -> bytes:
+        """The raw octets of a leaf's payload, the elided body it stands for included."""
+        span = self.elided_span(payload)
+        return to_bytes(payload) if span is None else self.raw[span[0] : span[1]]
+
+
+def read_mime(raw: bytes, limits: ParseLimits) -> MimeTree:
+    """The MIME tree of ``raw``, its limits checked on the raw bytes first.
+
+    Raises :class:`LimitExceeded` for a header block over ``max_header_bytes`` and for what
+    :func:`prescan` refuses; large bodies are elided where the parser reads the tree as the
+    pre-scan does, and the message is parsed again whole where it does not.
+    """
+    root_body = header_end(raw, limits.max_header_bytes)
+    if root_body is None or root_body > limits.max_header_bytes + 4:
+        size = "more than " + str(limits.max_header_bytes) if root_body is None else str(root_body)
+        raise LimitExceeded(
+            f"the header block is {size} bytes; the limit (max_header_bytes) is "
+            f"{limits.max_header_bytes}"
+        )
+    scan = prescan(raw, limits)
+    source, spans = elide_large_bodies(raw, scan, root_body)
+    root = mime_tree(source)
+    del source
+    if spans and not elision_holds(root, spans):
+        spans = {}
+        root = mime_tree(raw)
+    return MimeTree(raw, root, scan, root_body, spans)

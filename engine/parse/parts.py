@@ -36,7 +36,7 @@ from engine.parse.headers import (
     part_header,
 )
 from engine.parse.limits import ParseLimits
-from engine.parse.mime import Scan, raw_payload, scan_boundary
+from engine.parse.mime import MimeTree, raw_payload, scan_boundary
 from engine.parse.transfer import b64_decode
 
 _CONTENT_TYPE_RE: Final = re.compile(r"[a-z0-9!#$&^_.+-]{1,64}/[a-z0-9!#$&^_.+-]{1,128}")
@@ -45,10 +45,8 @@ _CONTENT_TYPE_RE: Final = re.compile(r"[a-z0-9!#$&^_.+-]{1,64}/[a-z0-9!#$&^_.+-]
 class Collector:
     """Accumulates body, html and attachments while walking the tree."""
 
-    def __init__(self, raw: bytes, scan: Scan, root_body: int, limits: ParseLimits) -> None:
-        self.raw = raw
-        self.scan = scan
-        self.root_body = root_body
+    def __init__(self, tree: MimeTree, limits: ParseLimits) -> None:
+        self.tree = tree
         self.limits = limits
         self.body: str | None = None
         self.html: str | None = None
@@ -198,17 +196,17 @@ class Collector:
             as_file = True
         if ctype == "text/plain" and not as_file:
             if self.body is None:
-                self.body = text_of(part, ct_params, cte)
+                self.body = text_of(part, ct_params, cte, self.tree)
                 return
             if parent_type == "multipart/alternative":
                 return
         if ctype == "text/html" and not as_file:
             if self.html is None:
-                self.html = text_of(part, ct_params, cte, html=True)
+                self.html = text_of(part, ct_params, cte, self.tree, html=True)
                 return
             if parent_type == "multipart/alternative":
                 return
-        data = payload_bytes(part, cte)
+        data = payload_bytes(part, cte, self.tree)
         if ctype == "application/ms-tnef" or (name or "").strip().lower() == "winmail.dat":
             budget = max(0, self.limits.max_parts - len(self.attachments))
             tnef = tnef_files(data, budget)
@@ -238,10 +236,16 @@ class Collector:
         is_root: bool,
     ) -> None:
         exact = exact_message_bytes(
-            self.raw, self.scan, parent_boundary, index, self.root_body if is_root else None
+            self.tree.raw,
+            self.tree.scan,
+            parent_boundary,
+            index,
+            self.tree.root_body if is_root else None,
         )
         if exact is None or not looks_like(exact, part):
-            exact = serialize(part, b"\r\n" if b"\r\n" in self.raw[:4096] else b"\n")
+            exact = serialize(
+                part, b"\r\n" if b"\r\n" in self.tree.raw[:4096] else b"\n", self.tree
+            )
         cte = (part_header(part, "content-transfer-encoding") or "").strip().lower()
         # message/* may only be 7bit/8bit/binary, but some mailers base64 it anyway.
         if cte == "base64":

@@ -1,18 +1,27 @@
 """engine.parse's entry points: the whole corpus, any input parsed or refused with a
-MessageError, message_summary, and the memory a parse takes."""
+MessageError, message_summary, the memory a parse takes, and the same results whether
+messages are parsed one at a time, side by side in threads or in worker processes."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextvars
 import hashlib
+import importlib
 import os
+import pkgutil
+import random
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import anyio
+import anyio.to_process
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -23,6 +32,7 @@ from samples import (
     FAST,
     ZIP,
     attached,
+    elided_bodies,
     load,
     multipart,
     parse,
@@ -33,9 +43,17 @@ from samples import (
     top,
 )
 
+import engine.parse
 from engine.errors import LimitExceeded, MessageError, ParseError
 from engine.model import ParsedMessage
-from engine.parse import ParseLimits, message_summary, parse_message, safe_filename
+from engine.parse import (
+    ParseLimits,
+    message_summary,
+    parse_many,
+    parse_message,
+    safe_filename,
+    with_raw,
+)
 
 
 def single_line_fields(msg: ParsedMessage) -> list[str]:
@@ -318,3 +336,109 @@ def test_parsing_20_mb_takes_a_small_multiple_of_the_message(shape: str, tmp_pat
     assert peak_kib * 1024 <= MEMORY_BOUND * len(raw), (
         f"{shape}: {peak_kib / 1024:.0f} MiB for {len(raw) / 2**20:.0f} MiB"
     )
+
+
+# ------------------------------------------------------------------------------------------
+# Pure: the same results in threads, in worker processes, and one at a time
+# ------------------------------------------------------------------------------------------
+# Large bodies are read from the raw bytes through the MimeTree a parse owns; they were handed
+# over through a context variable (issue 13). Messages over the elision threshold, each with
+# bytes of its own, parsed side by side must each come out as when parsed alone.
+
+THREADS = 4
+
+
+def large_message(rng: random.Random) -> bytes:
+    """A message over 2 MiB whose large bodies are all taken from the raw bytes: a text body,
+    a base64 attachment, and an attached message rebuilt from the tree (its span starts with
+    an mbox envelope line) holding a large part."""
+    text = b"".join(b"line %d of report %d\r\n" % (i, rng.randrange(10**6)) for i in range(16_000))
+    inner = top(
+        multipart(
+            b"Content-Type: text/plain\r\n\r\ninner",
+            ZIP + base64.encodebytes(rng.randbytes(300 * 1024)),
+            boundary="inner",
+        ),
+        'multipart/mixed; boundary="inner"',
+    )
+    return top(
+        multipart(
+            b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + text,
+            ZIP + base64.encodebytes(rng.randbytes(1024 * 1024)),
+            attached(b"From sender@example.org Thu Nov 27 09:00:00 2026\r\n" + inner),
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def large_messages() -> list[bytes]:
+    rng = random.Random(13)
+    raws = [large_message(rng) for _ in range(6)]
+    for raw in raws:
+        assert len(raw) > 2 * 1024 * 1024 and len(elided_bodies(raw)) == 3
+    return raws
+
+
+def test_no_module_of_the_parser_hands_data_over_in_a_context_variable() -> None:
+    """Issue 13: the large-body fast path handed the raw bytes over in a ContextVar."""
+    modules = [engine.parse]
+    for info in pkgutil.iter_modules(getattr(engine.parse, "__path__", [])):
+        modules.append(importlib.import_module(f"engine.parse.{info.name}"))
+    side_channels = [
+        f"{module.__name__}.{name}"
+        for module in modules
+        for name, value in vars(module).items()
+        if isinstance(value, contextvars.ContextVar | threading.local)
+    ]
+    if hasattr(engine.parse, "__path__"):
+        assert len(modules) > 1  # the package's modules were all looked at
+    assert side_channels == []
+
+
+def test_large_messages_parsed_in_threads_come_out_as_parsed_one_at_a_time(
+    large_messages: list[bytes],
+) -> None:
+    alone = [parse_message(raw) for raw in large_messages]
+    start = threading.Barrier(THREADS, timeout=60)
+
+    def parse_all(offset: int) -> list[ParsedMessage]:
+        start.wait()
+        # Each thread starts on another message: every pair is parsed side by side.
+        order = large_messages[offset:] + large_messages[:offset]
+        return [parse_message(raw) for raw in order]
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads every few bytecodes, not every 5 ms
+    try:
+        with ThreadPoolExecutor(THREADS) as pool:
+            futures = [pool.submit(parse_all, offset) for offset in range(THREADS)]
+            results = [future.result(timeout=300) for future in futures]
+    finally:
+        sys.setswitchinterval(interval)
+    for offset, parsed in enumerate(results):
+        assert parsed == alone[offset:] + alone[:offset]
+
+
+def test_large_messages_parsed_by_worker_processes_come_out_as_parsed_one_at_a_time(
+    large_messages: list[bytes],
+) -> None:
+    """The engine parses busy mailboxes with parse_many in worker processes (anyio's)."""
+    max_bytes = ParseLimits().max_bytes
+    windows = [large_messages, large_messages[::-1]]
+    results: dict[int, list[ParsedMessage | MessageError]] = {}
+
+    async def parse_windows() -> None:
+        with anyio.fail_after(300):
+            async with anyio.create_task_group() as tg:
+                for index, window in enumerate(windows):
+                    tg.start_soon(parse_window, index, window)
+
+    async def parse_window(index: int, window: list[bytes]) -> None:
+        results[index] = await anyio.to_process.run_sync(parse_many, window, max_bytes)
+
+    anyio.run(parse_windows)
+    alone = [parse_message(raw) for raw in large_messages]
+    for index, window in enumerate(windows):
+        assert all(isinstance(r, ParsedMessage) and r.raw == b"" for r in results[index])
+        parsed = [with_raw(result, raw) for result, raw in zip(results[index], window, strict=True)]
+        assert parsed == (alone if index == 0 else alone[::-1])

@@ -39,12 +39,14 @@ import engine.parse.mime
 from engine.errors import LimitExceeded, MessageError, ParseError
 from engine.model import ParsedMessage
 from engine.parse import ParseLimits, parse_message
+from engine.parse.bodies import payload_bytes
 from engine.parse.mime import (
     HEADER_END_RE,
     _blank_line_end,
     _BlockEnds,
     _split_mime,
     prescan,
+    read_mime,
 )
 
 # ------------------------------------------------------------------------------------------
@@ -485,6 +487,18 @@ def test_large_bodies_taken_from_the_raw_bytes_parse_as_through_the_parser(
     if name != "single-part with a non-header line in its header block":
         assert elided_bodies(raw)
     assert parse_message(raw) == parse_without_elision(raw)
+
+
+def test_two_trees_read_side_by_side_each_give_their_own_large_bodies() -> None:
+    """A large body is read from the MimeTree passed in, not from whichever parse ran last."""
+    files = [os.urandom(400 * 1024) for _ in range(2)]
+    pdf = b"Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+    trees = [read_mime(big_message(pdf + base64.encodebytes(f)), ParseLimits()) for f in files]
+    for tree, data in reversed(list(zip(trees, files, strict=True))):
+        [part] = [p for p in tree.root.walk() if p.get_content_type() == "application/pdf"]
+        payload = part.get_payload()
+        assert isinstance(payload, str) and tree.elided_span(payload) is not None  # elided
+        assert payload_bytes(part, "base64", tree) == data
 
 
 def test_an_attached_message_rebuilt_from_the_tree_keeps_its_large_parts() -> None:
