@@ -296,81 +296,122 @@ def _mapi_walk(data: bytes, offset: int, depth: int, budget: _TnefBudget) -> int
     logs) 4 billion times. We accept only counts the remaining bytes can hold, charge every
     value to the budget, and refuse anything we cannot follow exactly.
     """
-    n = len(data)
-    count = _u32(data, offset)
-    if count is None:
+    walk = _MapiWalk(data, offset, depth, budget)
+    try:
+        walk.properties()
+    except _MapiStops:
+        return _STOPPED
+    except _MapiUnsafe:
         return None
-    offset += 4
-    if count > (n - offset) // 4 + 1:
-        return None
-    for _ in range(count):
-        budget.properties += 1
-        if budget.properties > _TNEF_MAX_PROPERTIES:
-            return None
-        attr_type = _u16(data, offset)
-        attr_name = _u16(data, offset + 2)
+    return walk.offset
+
+
+class _MapiStops(Exception):
+    """``decode_mapi`` stops here on an error of its own, and catches it."""
+
+
+class _MapiUnsafe(Exception):
+    """``decode_mapi`` would spin, recurse or allocate out of proportion here: refuse."""
+
+
+class _MapiWalk:
+    """A cursor over a MAPI property list, moved as ``decode_mapi`` moves through it."""
+
+    def __init__(self, data: bytes, offset: int, depth: int, budget: _TnefBudget) -> None:
+        self.data = data
+        self.offset = offset
+        self.depth = depth
+        self.budget = budget
+
+    def properties(self) -> None:
+        """The property count, then each property."""
+        count = _u32(self.data, self.offset)
+        if count is None:
+            raise _MapiUnsafe
+        self.offset += 4
+        self._room_for(count, 4)
+        for _ in range(count):
+            self._property()
+
+    def _property(self) -> None:
+        """One property: its type and id, its name if it is named, then its values."""
+        self._charge(1)
+        attr_type = _u16(self.data, self.offset)
+        attr_name = _u16(self.data, self.offset + 2)
         if attr_type is None or attr_name is None:
             # decode_mapi spins through the remaining count past the end: refuse.
-            return None
-        offset += 4
+            raise _MapiUnsafe
+        self.offset += 4
         if attr_name >= 0x8000:
-            kind = _u32(data, offset + 16)
-            if kind is None:
-                return _STOPPED
-            offset += 20
-            if kind == 0:
-                offset += 4
-            else:
-                length = _u32(data, offset)
-                if length is None:
-                    return _STOPPED
-                offset += 4 + length + (-length % 4)
+            self._skip_name()
         values: int | None = None
         if attr_type & 0x1000:
             attr_type ^= 0x1000
-            values = _u32(data, offset)
-            if values is None:
-                return _STOPPED
-            offset += 4
-            budget.properties += values
-            if values > (n - offset) // 2 + 1 or budget.properties > _TNEF_MAX_PROPERTIES:
-                return None
+            values = self._read_u32()
+            self.offset += 4
+            self._charge(values)
+            self._room_for(values, 2)
         for _ in range(values or 1):
-            if attr_type in _FIXED_MAPI_SIZES:
-                offset += _FIXED_MAPI_SIZES[attr_type]
-                continue
-            if attr_type not in _VARIABLE_MAPI_TYPES:
-                return _STOPPED  # decode_mapi raises ValueError on the type and stops
-            items = 1
-            if not values:
-                declared = _u32(data, offset)
-                if declared is None:
-                    return _STOPPED
-                items = declared
-                offset += 4
-                budget.properties += items
-                if items > (n - offset) // 4 + 1 or budget.properties > _TNEF_MAX_PROPERTIES:
-                    return None
-            chunks: list[bytes] = []
-            for _ in range(items):
-                length = _u32(data, offset)
-                if length is None:
-                    return _STOPPED
-                offset += 4
-                padded = length + (-length % 4)
-                if attr_name == 0x3701:
-                    chunks.append(data[offset : offset + padded].rstrip(b"\x00"))
-                offset += padded
-            if chunks:
-                # An attached Outlook item: tnefparse decodes it as a nested TNEF.
-                embedded = b"".join(chunks)
-                if embedded.startswith(_IMESSAGE_SIG) and not _tnef_safe(
-                    embedded[len(_IMESSAGE_SIG) :], depth + 1, budget
-                ):
-                    return None
+            self._value(attr_type, attr_name, values)
         if (values or 1) % 2 and attr_type in (0x0002, 0x000B):
-            offset += 2
-    return offset
+            self.offset += 2
+
+    def _skip_name(self) -> None:
+        """A named property's name: a GUID and a kind, then a number or a padded string."""
+        kind = self._read_u32(16)
+        self.offset += 20
+        if kind == 0:
+            self.offset += 4
+        else:
+            length = self._read_u32()
+            self.offset += 4 + length + (-length % 4)
+
+    def _value(self, attr_type: int, attr_name: int, values: int | None) -> None:
+        """One value of a property (a variable-size one may hold several items)."""
+        if attr_type in _FIXED_MAPI_SIZES:
+            self.offset += _FIXED_MAPI_SIZES[attr_type]
+            return
+        if attr_type not in _VARIABLE_MAPI_TYPES:
+            raise _MapiStops  # decode_mapi raises ValueError on the type and stops
+        items = 1
+        if not values:
+            items = self._read_u32()
+            self.offset += 4
+            self._charge(items)
+            self._room_for(items, 4)
+        chunks: list[bytes] = []
+        for _ in range(items):
+            length = self._read_u32()
+            self.offset += 4
+            padded = length + (-length % 4)
+            if attr_name == 0x3701:
+                chunks.append(self.data[self.offset : self.offset + padded].rstrip(b"\x00"))
+            self.offset += padded
+        if chunks:
+            self._embedded(b"".join(chunks))
+
+    def _embedded(self, item: bytes) -> None:
+        """An attached Outlook item: tnefparse decodes it as a nested TNEF."""
+        if item.startswith(_IMESSAGE_SIG) and not _tnef_safe(
+            item[len(_IMESSAGE_SIG) :], self.depth + 1, self.budget
+        ):
+            raise _MapiUnsafe
+
+    def _read_u32(self, ahead: int = 0) -> int:
+        value = _u32(self.data, self.offset + ahead)
+        if value is None:
+            raise _MapiStops  # decode_mapi reads past the end of its data and stops
+        return value
+
+    def _charge(self, count: int) -> None:
+        self.budget.properties += count
+        if self.budget.properties > _TNEF_MAX_PROPERTIES:
+            raise _MapiUnsafe
+
+    def _room_for(self, count: int, size: int) -> None:
+        """Refuse a count of ``size``-byte items that the remaining bytes cannot hold."""
+        if count > (len(self.data) - self.offset) // size + 1:
+            raise _MapiUnsafe
 
 
 def _tnef_safe(data: bytes, depth: int, budget: _TnefBudget) -> bool:
@@ -396,19 +437,24 @@ def _tnef_safe(data: bytes, depth: int, budget: _TnefBudget) -> bool:
         if name in (0x9003, 0x9005):
             if _mapi_walk(body, 0, depth, budget) is None:
                 return False
-        elif name == 0x9004:
-            # Recipient rows: each row continues where the previous one ended, so every row
-            # must be followed exactly.
-            rows = _u32(body, 0)
-            if rows is None or rows > len(body) // 4:
-                return False
-            position = 4
-            for _ in range(rows):
-                after = _mapi_walk(body, position, depth, budget)
-                if after is None or after == _STOPPED:
-                    return False
-                position = after
+        elif name == 0x9004 and not _recipient_rows_safe(body, depth, budget):
+            return False
         offset += length
+    return True
+
+
+def _recipient_rows_safe(body: bytes, depth: int, budget: _TnefBudget) -> bool:
+    """Recipient rows: each row continues where the previous one ended, so every row must be
+    followed exactly."""
+    rows = _u32(body, 0)
+    if rows is None or rows > len(body) // 4:
+        return False
+    position = 4
+    for _ in range(rows):
+        after = _mapi_walk(body, position, depth, budget)
+        if after is None or after == _STOPPED:
+            return False
+        position = after
     return True
 
 

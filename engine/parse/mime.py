@@ -121,98 +121,112 @@ def prescan(raw: bytes, limits: ParseLimits) -> Scan:
     ``max_header_bytes`` reaches as far as the next block, which can only make the check
     stricter than the parser.
     """
-    data = raw
-    stack: list[str | None] = []
-    delimiters: dict[str, list[tuple[int, bool]]] = {}
-    declared: dict[str, int] = {}
-    digests: set[str] = set()  # boundaries of multipart/digest: parts are messages by default
-    parts = 0
-    # The header block whose first Content-Type field is still to come, as [start, end).
-    block_end = _BlockEnds(data, limits.max_header_bytes)
-    block = (0, block_end(0))
-    typed = False
-    attached = False  # the block's type is message/*: an attached message's block follows
-    first = _SCAN_FIRST_RE.match(data)
-    bare_cr = b"\r" in data and _BARE_CR_RE.search(data) is not None
-    lines = (_SCAN_CR_RE if bare_cr else _SCAN_RE).finditer(data)
-    matches = itertools.chain([first] if first is not None else [], lines)
-    for m in matches:
+    state = _Prescan(raw, limits)
+    first = _SCAN_FIRST_RE.match(raw)
+    bare_cr = b"\r" in raw and _BARE_CR_RE.search(raw) is not None
+    lines = (_SCAN_CR_RE if bare_cr else _SCAN_RE).finditer(raw)
+    for m in itertools.chain([first] if first is not None else [], lines):
         field = m.group(1)
         if field is not None:
-            at = m.start(1)
-            if attached and at >= block[1]:
-                block = (block[1], block_end(block[1]))
-                typed = attached = False
-            if not block[0] <= at < block[1]:
-                continue  # body text
-            semicolons = field.count(b";")
-            if semicolons > limits.max_header_params:
-                raise LimitExceeded(
-                    f"a Content-Type field has {semicolons} parameters; the limit "
-                    f"(max_header_params) is {limits.max_header_params}"
-                )
-            if typed:
-                continue  # the parser reads the first Content-Type field of a block
-            typed = True
-            ctype, params = parse_params(unfold(field.decode("ascii", "surrogateescape")))
-            if ctype.startswith("multipart/"):
-                boundary = scan_boundary(params.get("boundary"))
-                if boundary is None:
-                    continue
-                stack.append(boundary)
-                declared[boundary] = declared.get(boundary, 0) + 1
-                if ctype == "multipart/digest":
-                    digests.add(boundary)
-            elif ctype.startswith("message/"):
-                stack.append(None)
-                attached = True
-            else:
-                continue
-            _check_depth(stack, limits)
-            continue
-        if not stack:
-            continue
-        line = m.group(2).decode("ascii", "surrogateescape").rstrip(" \t")
-        for index in range(len(stack) - 1, -1, -1):
-            boundary = stack[index]
+            state.content_type(field, m.start(1))
+        elif state.stack:
+            line = m.group(2).decode("ascii", "surrogateescape").rstrip(" \t")
+            state.dash_line(line, m.start(2) - 2, m.end(2))
+    return Scan(state.delimiters, state.declared, bare_cr)
+
+
+class _Prescan:
+    """What the pre-scan knows at a point of the raw bytes, read in order (see prescan)."""
+
+    def __init__(self, data: bytes, limits: ParseLimits) -> None:
+        self.data = data
+        self.limits = limits
+        self.stack: list[str | None] = []  # the open containers: a boundary, None for message/*
+        self.delimiters: dict[str, list[tuple[int, bool]]] = {}
+        self.declared: dict[str, int] = {}
+        self.digests: set[str] = set()  # boundaries of multipart/digest: parts are messages
+        self.parts = 0
+        # The header block whose first Content-Type field is still to come, as [start, end).
+        self.block_end = _BlockEnds(data, limits.max_header_bytes)
+        self.block = (0, self.block_end(0))
+        self.typed = False  # the block's Content-Type field was read
+        self.attached = False  # the block's type is message/*: an attached message's block follows
+
+    def content_type(self, field: bytes, at: int) -> None:
+        """A Content-Type field at offset ``at``: only the first of a header block nests."""
+        if self.attached and at >= self.block[1]:
+            self._new_block(self.block[1])
+        if not self.block[0] <= at < self.block[1]:
+            return  # body text
+        semicolons = field.count(b";")
+        if semicolons > self.limits.max_header_params:
+            raise LimitExceeded(
+                f"a Content-Type field has {semicolons} parameters; the limit "
+                f"(max_header_params) is {self.limits.max_header_params}"
+            )
+        if self.typed:
+            return  # the parser reads the first Content-Type field of a block
+        self.typed = True
+        ctype, params = parse_params(unfold(field.decode("ascii", "surrogateescape")))
+        if ctype.startswith("multipart/"):
+            boundary = scan_boundary(params.get("boundary"))
+            if boundary is None:
+                return
+            self.declared[boundary] = self.declared.get(boundary, 0) + 1
+            if ctype == "multipart/digest":
+                self.digests.add(boundary)
+            self._push(boundary)
+        elif ctype.startswith("message/"):
+            self._push(None)
+            self.attached = True
+
+    def dash_line(self, line: str, start: int, end: int) -> None:
+        """A line that starts with "--" at ``start`` (its text ``line`` ends at ``end``): a
+        delimiter of the innermost open multipart with that boundary, or text."""
+        for index in range(len(self.stack) - 1, -1, -1):
+            boundary = self.stack[index]
             if boundary is None:
                 continue
             if line == boundary:
-                del stack[index + 1 :]
-                parts += 1
-                if parts > limits.max_parts:
-                    raise LimitExceeded(
-                        f"the message has at least {parts} MIME parts; the limit (max_parts) "
-                        f"is {limits.max_parts}"
-                    )
-                delimiters.setdefault(boundary, []).append((m.start(2) - 2, False))
-                # The part's header block starts on the next line.
-                start = m.end(2) + (2 if data.startswith(b"\r\n", m.end(2)) else 1)
-                block = (start, block_end(start))
-                typed = attached = False
-                if boundary in digests:
-                    # A message unless its header block says otherwise (and even then: one
-                    # level too many is only stricter), with a header block of its own next.
-                    stack.append(None)
-                    _check_depth(stack, limits)
-                    attached = True
-                break
+                self._delimiter(index, boundary, start, end)
+                return
             if line == boundary + "--":
-                del stack[index:]
-                delimiters.setdefault(boundary, []).append((m.start(2) - 2, True))
-                block = (0, 0)  # an epilogue follows: text
-                typed = attached = False
-                break
-    return Scan(delimiters, declared, bare_cr)
+                del self.stack[index:]
+                self.delimiters.setdefault(boundary, []).append((start, True))
+                self.block = (0, 0)  # an epilogue follows: text
+                self.typed = self.attached = False
+                return
 
+    def _delimiter(self, index: int, boundary: str, start: int, end: int) -> None:
+        """A delimiter line: a part of the multipart at ``stack[index]`` starts."""
+        del self.stack[index + 1 :]
+        self.parts += 1
+        if self.parts > self.limits.max_parts:
+            raise LimitExceeded(
+                f"the message has at least {self.parts} MIME parts; the limit (max_parts) "
+                f"is {self.limits.max_parts}"
+            )
+        self.delimiters.setdefault(boundary, []).append((start, False))
+        # The part's header block starts on the next line.
+        self._new_block(end + (2 if self.data.startswith(b"\r\n", end) else 1))
+        if boundary in self.digests:
+            # A message unless its header block says otherwise (and even then: one level too
+            # many is only stricter), with a header block of its own next.
+            self._push(None)
+            self.attached = True
 
-def _check_depth(stack: list[str | None], limits: ParseLimits) -> None:
-    # The top-level entity is level 1; each container adds one.
-    if len(stack) > limits.max_depth:
-        raise LimitExceeded(
-            f"MIME nesting reaches at least {len(stack)} levels; the limit (max_depth) is "
-            f"{limits.max_depth}"
-        )
+    def _new_block(self, start: int) -> None:
+        self.block = (start, self.block_end(start))
+        self.typed = self.attached = False
+
+    def _push(self, boundary: str | None) -> None:
+        self.stack.append(boundary)
+        # The top-level entity is level 1; each container adds one.
+        if len(self.stack) > self.limits.max_depth:
+            raise LimitExceeded(
+                f"MIME nesting reaches at least {len(self.stack)} levels; the limit "
+                f"(max_depth) is {self.limits.max_depth}"
+            )
 
 
 class _BlockEnds:
