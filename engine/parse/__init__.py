@@ -44,13 +44,6 @@ from engine.errors import LimitExceeded, MessageError, ParseError
 from engine.model import ParsedMessage
 from engine.parse.addresses import read_addresses
 from engine.parse.attachments import safe_filename
-from engine.parse.bodies import (
-    clean_body,
-    html_text_lean,
-    render_html,
-    sanitize_html,
-    unsanitizable,
-)
 from engine.parse.headers import (
     decode_words,
     first_field,
@@ -59,15 +52,22 @@ from engine.parse.headers import (
     msgids,
     one_line,
     parse_date,
-    parse_params,
     unfold,
 )
 from engine.parse.limits import DEFAULT_LIMITS, ParseLimits
 from engine.parse.mime import MimeTree, header_end, read_mime
-from engine.parse.parts import Collector, attach_unsanitized_html
+from engine.parse.parts import Collector
 from engine.parse.verdicts import loop_verdict
 
-__all__ = ["ParseLimits", "message_summary", "parse_message", "safe_filename"]
+__all__ = [
+    "ParseLimits",
+    "message_summary",
+    "parse_many",
+    "parse_message",
+    "parse_raw",
+    "safe_filename",
+    "with_raw",
+]
 
 
 def _sanitize_exc(exc: BaseException) -> str:
@@ -141,51 +141,21 @@ def _parse(raw: bytes, limits: ParseLimits) -> ParsedMessage:
 
 
 def _parse_tree(tree: MimeTree, limits: ParseLimits) -> ParsedMessage:
+    """The message of ``tree``: its header fields read, its parts walked, its verdict made."""
     raw = tree.raw
     headers = header_map(tree.root)
-
     notes: list[str] = []
     from_pairs = read_addresses(headers.get("from"), limits, "From", notes)
     to_pairs = read_addresses(headers.get("to"), limits, "To", notes)
-    return_path = first_field(headers, "return-path")
     rp_pairs = read_addresses(headers.get("return-path"), limits, "Return-Path", notes)
-
     from_name, from_addr = from_pairs[0] if from_pairs else ("", "")
-    from_value = first_field(headers, "from")
-    null_sender = (return_path is not None and return_path.strip() == "<>") or (
-        from_value is None or from_value.strip() in ("", "<>")
-    )
 
     collector = Collector(tree, limits)
     collector.walk(tree.root)
+    body, html = collector.body_and_html()
     notes += collector.notes
-
-    body = collector.body
-    html_source, collector.html = collector.html, None
-    sanitized: str | None = None
-    # HTML-only mail, or an alternative whose text/plain part is left empty, takes its text
-    # from the HTML: rendered from the sanitized HTML, so that no script, style or
-    # javascript: URL shows up in it, or read without a tree from HTML too large to sanitize.
-    needs_text = body is None or not body.strip()
-    why = unsanitizable(html_source, limits) if html_source is not None else None
-    if html_source is not None and why is not None:
-        notes.append(attach_unsanitized_html(collector, html_source, why, needs_text))
-        if needs_text:
-            body = html_text_lean(html_source)
-    elif html_source is not None:
-        sanitized = sanitize_html(html_source)
-        if needs_text:
-            body = render_html(sanitized, limits)
-    del html_source
-    body = body or ""
-    if not body.strip() and collector.tnef_body:
-        body = clean_body(collector.tnef_body)
-
-    top_type, top_params = parse_params(first_field(headers, "content-type") or "")
     senders = [from_addr, *(addr for _, addr in rp_pairs or [])]
-    auto, reason, bounce = loop_verdict(
-        headers, top_type, top_params, collector.bounce, senders, null_sender
-    )
+    verdict = loop_verdict(headers, collector.bounce, senders)
 
     subject = first_field(headers, "subject")
     return ParsedMessage(
@@ -200,11 +170,11 @@ def _parse_tree(tree: MimeTree, limits: ParseLimits) -> ParsedMessage:
         in_reply_to=msgid(first_field(headers, "in-reply-to")),
         references=msgids(first_field(headers, "references")),
         body=body,
-        html=sanitized,
-        attachments=tuple(collector.attachments),
-        auto_submitted=auto,
-        auto_reason=reason,
-        is_bounce=bounce,
+        html=html,
+        attachments=tuple(collector.attachments.items),
+        auto_submitted=verdict.auto_submitted,
+        auto_reason=verdict.reason,
+        is_bounce=verdict.is_bounce,
         notes=tuple(notes),
     )
 

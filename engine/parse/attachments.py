@@ -13,11 +13,13 @@ files inside a TNEF winmail.dat.
 from __future__ import annotations
 
 import mimetypes
+import quopri
 import re
 import unicodedata
 from email.message import Message
 from typing import Final, NamedTuple
 
+from engine.model import Attachment
 from engine.parse.charsets import decode_undeclared, to_bytes
 from engine.parse.headers import parse_params, part_header
 from engine.parse.mime import (
@@ -28,6 +30,7 @@ from engine.parse.mime import (
     raw_payload,
     scan_boundary,
 )
+from engine.parse.transfer import b64_decode
 
 _RESERVED_NAMES: Final = frozenset(
     {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
@@ -37,7 +40,7 @@ _SEPARATORS_RE: Final = re.compile(r"[/\\]")
 _MAX_NAME_INPUT: Final = 4096
 # Characters that Windows refuses in a name (the separators are handled before).
 _WINDOWS_ILLEGAL_RE: Final = re.compile(r'[<>:"|?*]')
-MAX_NAME_BYTES: Final = 150
+_MAX_NAME_BYTES: Final = 150
 _MAX_EXT_CHARS: Final = 16
 
 
@@ -53,7 +56,7 @@ def _strip_name_junk(name: str) -> str:
     )
 
 
-def truncate_utf8(text: str, limit: int) -> str:
+def _truncate_utf8(text: str, limit: int) -> str:
     data = text.encode("utf-8")
     if len(data) <= limit:
         return text
@@ -98,8 +101,8 @@ def _clean_name(name: str) -> str:
         ext = "." + ext
     if stem.split(".", 1)[0].rstrip(" ").upper() in _RESERVED_NAMES:
         stem = "_" + stem
-    room = MAX_NAME_BYTES - len(ext.encode("utf-8"))
-    stem = truncate_utf8(stem, room).rstrip(" .")
+    room = _MAX_NAME_BYTES - len(ext.encode("utf-8"))
+    stem = _truncate_utf8(stem, room).rstrip(" .")
     if not stem:
         return ""
     return stem + ext
@@ -144,8 +147,74 @@ def type_for(name: str | None) -> str:
     return "application/octet-stream"
 
 
-def extension_for(content_type: str) -> str:
+def _extension_for(content_type: str) -> str:
     return _PREFERRED_EXTENSIONS.get(content_type) or _EXTENSIONS_BY_TYPE.get(content_type, ".bin")
+
+
+class AttachmentList:
+    """The attachments of one message in order, each under a safe name no other one has."""
+
+    def __init__(self) -> None:
+        self.items: list[Attachment] = []
+        self.seen_names: set[str] = set()
+        self.next_copy: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(
+        self,
+        name: str | None,
+        content_type: str,
+        data: bytes,
+        *,
+        content_id: str | None = None,
+        inline: bool = False,
+        force_ext: str | None = None,
+    ) -> Attachment:
+        """Attach ``data`` under ``name`` made safe and unique (``attachment-N.ext`` if none)."""
+        number = len(self.items) + 1
+        fallback = f"attachment-{number}{_extension_for(content_type)}"
+        safe = safe_filename(name, fallback)
+        if force_ext and not safe.lower().endswith(force_ext):
+            safe = safe_filename(safe + force_ext, fallback)
+        attachment = Attachment(
+            name=self._unique(safe),
+            content_type=content_type,
+            data=data,
+            inline=inline,
+            content_id=content_id,
+        )
+        self.items.append(attachment)
+        return attachment
+
+    def _unique(self, name: str) -> str:
+        """``name``, or ``name (2)``... if an earlier attachment has it (in any case).
+
+        Case-insensitive because Windows and macOS file systems are: two attachments must
+        never be saved over each other.
+        """
+        key = name.lower()
+        if key not in self.seen_names:
+            self.seen_names.add(key)
+            return name
+        stem, dot, ext = name.rpartition(".")
+        if not dot or not stem:
+            stem, ext = name, ""
+        suffix = "." + ext if ext else ""
+        # Counting on from the last copy keeps 500 attachments of one name linear; the stem
+        # is shortened first so that the 150-byte cap never cuts the " (k)" marker off.
+        k = self.next_copy.get(key, 2)
+        for _ in range(len(self.seen_names) + 1):
+            marker = f" ({k}){suffix}"
+            room = _MAX_NAME_BYTES - len(marker.encode("utf-8"))
+            candidate = safe_filename(_truncate_utf8(stem, room).rstrip(" .") + marker, name)
+            k += 1
+            if candidate.lower() not in self.seen_names:
+                break
+        self.next_copy[key] = k
+        self.seen_names.add(candidate.lower())
+        return candidate
 
 
 def _span_body(raw: bytes, start: int, end: int) -> bytes:
@@ -158,7 +227,31 @@ def _span_body(raw: bytes, start: int, end: int) -> bytes:
     return raw[m.end() : end] if m is not None else b""
 
 
-def exact_message_bytes(
+def attached_message_bytes(
+    part: Message, tree: MimeTree, parent_boundary: str | None, index: int, is_root: bool
+) -> bytes:
+    """The bytes of an attached message (a ``message/*`` part), transfer encoding undone.
+
+    They are the exact bytes it had in the message where the pre-scan's offsets find them
+    (``part`` is the ``index``-th child of the multipart with ``parent_boundary``, or the
+    message itself), else rebuilt from the tree.
+    """
+    raw = tree.raw
+    exact = _exact_message_bytes(
+        raw, tree.scan, parent_boundary, index, tree.root_body if is_root else None
+    )
+    if exact is None or not _looks_like(exact, part):
+        exact = _serialize(part, b"\r\n" if b"\r\n" in raw[:4096] else b"\n", tree)
+    cte = (part_header(part, "content-transfer-encoding") or "").strip().lower()
+    # message/* may only be 7bit/8bit/binary, but some mailers base64 it anyway.
+    if cte == "base64":
+        return b64_decode(exact)
+    if cte == "quoted-printable":
+        return quopri.decodestring(exact)
+    return exact
+
+
+def _exact_message_bytes(
     raw: bytes, scan: Scan, parent_boundary: str | None, index: int, root_body: int | None
 ) -> bytes | None:
     """The bytes of the ``index``-th child of the multipart with ``parent_boundary``.
@@ -227,7 +320,7 @@ def _rebuild(entity: Message, linesep: bytes, tree: MimeTree) -> bytes:
     return b"".join(out)
 
 
-def serialize(part: Message, linesep: bytes, tree: MimeTree) -> bytes:
+def _serialize(part: Message, linesep: bytes, tree: MimeTree) -> bytes:
     """Fallback bytes of a message/* part when its exact span is unknown."""
     payload = raw_payload(part)
     if not isinstance(payload, list):
@@ -235,7 +328,7 @@ def serialize(part: Message, linesep: bytes, tree: MimeTree) -> bytes:
     return linesep.join(_rebuild(sub, linesep, tree) for sub in payload if isinstance(sub, Message))
 
 
-def looks_like(data: bytes, part: Message) -> bool:
+def _looks_like(data: bytes, part: Message) -> bool:
     """Sanity check of a span: it starts with the first header of the parsed message."""
     payload = raw_payload(part)
     if not isinstance(payload, list) or not payload or not isinstance(payload[0], Message):
@@ -458,7 +551,7 @@ def _recipient_rows_safe(body: bytes, depth: int, budget: _TnefBudget) -> bool:
     return True
 
 
-class _TnefContent(NamedTuple):
+class TnefContent(NamedTuple):
     """What a winmail.dat yields: its files, its plain text body, and whether that is all."""
 
     files: list[tuple[str | None, bytes]]
@@ -466,14 +559,14 @@ class _TnefContent(NamedTuple):
     complete: bool  # no file over the budget or without data, no RTF or HTML body
 
 
-def tnef_files(data: bytes, max_files: int) -> _TnefContent:
+def tnef_files(data: bytes, max_files: int) -> TnefContent:
     """The files inside a winmail.dat and its body text; no files when it cannot be read.
 
     When it holds more than that (files past ``max_files``, an RTF or HTML body, which are
     not rendered here), it is not complete: the caller keeps winmail.dat itself as well.
     """
     if not _tnef_safe(data, 0, _TnefBudget()):
-        return _TnefContent([], "", False)
+        return TnefContent([], "", False)
     from tnefparse.tnef import TNEF  # type: ignore[import-untyped, unused-ignore]
 
     try:
@@ -495,6 +588,6 @@ def tnef_files(data: bytes, max_files: int) -> _TnefContent:
         body = tnef.body
         if isinstance(body, bytes):
             body = decode_undeclared(body)
-        return _TnefContent(files, body if isinstance(body, str) else "", complete)
+        return TnefContent(files, body if isinstance(body, str) else "", complete)
     except Exception:  # any failure inside tnefparse: keep winmail.dat itself
-        return _TnefContent([], "", False)
+        return TnefContent([], "", False)

@@ -7,26 +7,24 @@ are attachments. The walk is iterative: the tree can be as deep as the limits al
 
 from __future__ import annotations
 
-import quopri
 import re
+from collections.abc import Mapping
 from email.message import Message
 from typing import Final
 
 from engine.errors import LimitExceeded
-from engine.model import Attachment
-from engine.parse.attachments import (
-    MAX_NAME_BYTES,
-    exact_message_bytes,
-    extension_for,
-    looks_like,
-    safe_filename,
-    serialize,
-    tnef_files,
-    truncate_utf8,
-    type_for,
+from engine.parse.attachments import AttachmentList, attached_message_bytes, tnef_files, type_for
+from engine.parse.bodies import (
+    clean_body,
+    html_text_lean,
+    payload_bytes,
+    render_html,
+    sanitize_html,
+    text_of,
+    unsanitizable,
 )
-from engine.parse.bodies import payload_bytes, text_of
 from engine.parse.headers import (
+    Param,
     decode_words,
     msgid,
     one_line,
@@ -37,9 +35,12 @@ from engine.parse.headers import (
 )
 from engine.parse.limits import ParseLimits
 from engine.parse.mime import MimeTree, raw_payload, scan_boundary
-from engine.parse.transfer import b64_decode
 
 _CONTENT_TYPE_RE: Final = re.compile(r"[a-z0-9!#$&^_.+-]{1,64}/[a-z0-9!#$&^_.+-]{1,128}")
+
+# A part still to visit: the part, its depth (the message is 1), its parent's content type
+# and boundary, its index among its parent's parts, and its parent.
+_Visit = tuple[Message, int, str | None, str | None, int, Message | None]
 
 
 class Collector:
@@ -51,108 +52,60 @@ class Collector:
         self.body: str | None = None
         self.html: str | None = None
         self.tnef_body = ""
-        self.attachments: list[Attachment] = []
-        self.seen_names: set[str] = set()
-        self.next_copy: dict[str, int] = {}
+        self.attachments = AttachmentList()
         self.bounce = False
         self.parts = 0
         self.notes: list[str] = []  # what the walk left out of the model (see ParsedMessage)
         # Alternatives whose text is kept as a file (see alternatives): one version kept yet?
         self.secondary: dict[int, bool] = {}
 
-    def add(
-        self,
-        name: str | None,
-        content_type: str,
-        data: bytes,
-        *,
-        content_id: str | None = None,
-        inline: bool = False,
-        force_ext: str | None = None,
-    ) -> None:
-        number = len(self.attachments) + 1
-        fallback = f"attachment-{number}{extension_for(content_type)}"
-        safe = safe_filename(name, fallback)
-        if force_ext and not safe.lower().endswith(force_ext):
-            safe = safe_filename(safe + force_ext, fallback)
-        self.attachments.append(
-            Attachment(
-                name=self._unique(safe),
-                content_type=content_type,
-                data=data,
-                inline=inline,
-                content_id=content_id,
-            )
-        )
-
-    def _unique(self, name: str) -> str:
-        """``name``, or ``name (2)``... if an earlier attachment has it (in any case).
-
-        Case-insensitive because Windows and macOS file systems are: two attachments must
-        never be saved over each other.
-        """
-        key = name.lower()
-        if key not in self.seen_names:
-            self.seen_names.add(key)
-            return name
-        stem, dot, ext = name.rpartition(".")
-        if not dot or not stem:
-            stem, ext = name, ""
-        suffix = "." + ext if ext else ""
-        # Counting on from the last copy keeps 500 attachments of one name linear; the stem
-        # is shortened first so that the 150-byte cap never cuts the " (k)" marker off.
-        k = self.next_copy.get(key, 2)
-        for _ in range(len(self.seen_names) + 1):
-            marker = f" ({k}){suffix}"
-            room = MAX_NAME_BYTES - len(marker.encode("utf-8"))
-            candidate = safe_filename(truncate_utf8(stem, room).rstrip(" .") + marker, name)
-            k += 1
-            if candidate.lower() not in self.seen_names:
-                break
-        self.next_copy[key] = k
-        self.seen_names.add(candidate.lower())
-        return candidate
-
     def walk(self, root: Message) -> None:
-        # Iterative, in document order: the stdlib tree can be as deep as the limits allow
-        # and we never want Python recursion here.
-        stack: list[tuple[Message, int, str | None, str | None, int, Message | None]] = [
-            (root, 1, None, None, 0, None)
-        ]
+        """Visit every part in document order: multiparts open, the others are leaves."""
+        # Iterative: the stdlib tree can be as deep as the limits allow and we never want
+        # Python recursion here.
+        stack: list[_Visit] = [(root, 1, None, None, 0, None)]
         while stack:
             part, depth, parent_type, parent_boundary, index, parent = stack.pop()
-            # Counted like the pre-scan counts delimiters: every part but the root.
-            self.parts += depth > 1
-            if self.parts > self.limits.max_parts:
-                raise LimitExceeded(
-                    f"the message has more than {self.limits.max_parts} MIME parts; the limit "
-                    f"(max_parts) is {self.limits.max_parts}"
-                )
-            if depth > self.limits.max_depth + 1:
-                raise LimitExceeded(
-                    f"MIME nesting is deeper than {depth - 1} levels; the limit (max_depth) is "
-                    f"{self.limits.max_depth}"
-                )
+            self._count(depth)
             ctype = part.get_content_type()
             if not _CONTENT_TYPE_RE.fullmatch(ctype):
                 # 8-bit or spaced garbage: never let it into a stored content type.
                 ctype = "application/octet-stream"
             if ctype.startswith("multipart/") and part.is_multipart():
-                payload = raw_payload(part)
-                if isinstance(payload, list):
-                    _, params = parse_params(part_header(part, "content-type") or "")
-                    boundary = scan_boundary(params.get("boundary"))
-                    children = [
-                        (child, depth + 1, ctype, boundary, i, part)
-                        for i, child in enumerate(payload)
-                        if isinstance(child, Message)
-                    ]
-                    if ctype == "multipart/alternative":
-                        self.alternatives(part, [child for child, *_ in children])
-                    stack.extend(reversed(children))
+                stack.extend(reversed(self._children(part, ctype, depth)))
                 continue
             group = id(parent) if parent_type == "multipart/alternative" else None
             self.leaf(part, ctype, parent_type, parent_boundary, index, depth == 1, group)
+
+    def _count(self, depth: int) -> None:
+        """Count a part against the limits, as the pre-scan counts delimiters."""
+        self.parts += depth > 1  # every part but the root
+        if self.parts > self.limits.max_parts:
+            raise LimitExceeded(
+                f"the message has more than {self.limits.max_parts} MIME parts; the limit "
+                f"(max_parts) is {self.limits.max_parts}"
+            )
+        if depth > self.limits.max_depth + 1:
+            raise LimitExceeded(
+                f"MIME nesting is deeper than {depth - 1} levels; the limit (max_depth) is "
+                f"{self.limits.max_depth}"
+            )
+
+    def _children(self, part: Message, ctype: str, depth: int) -> list[_Visit]:
+        """The parts of the multipart ``part``, to visit in order."""
+        payload = raw_payload(part)
+        if not isinstance(payload, list):
+            return []
+        _, params = parse_params(part_header(part, "content-type") or "")
+        boundary = scan_boundary(params.get("boundary"))
+        children: list[_Visit] = [
+            (child, depth + 1, ctype, boundary, i, part)
+            for i, child in enumerate(payload)
+            if isinstance(child, Message)
+        ]
+        if ctype == "multipart/alternative":
+            self.alternatives(part, [child for child, *_ in children])
+        return children
 
     def alternatives(self, part: Message, children: list[Message]) -> None:
         """Note an alternative whose text versions would all be dropped as body and HTML are
@@ -171,60 +124,76 @@ class Collector:
         is_root: bool,
         group: int | None = None,
     ) -> None:
+        """A part that is not a multipart: the body, the HTML, or an attachment.
+
+        ``group`` identifies the alternative it is a version in, if any.
+        """
         fields = part_fields(part)
         _, ct_params = parse_params(fields.get("content-type", ""))
         disposition, cd_params = parse_params(fields.get("content-disposition", ""))
-        name = param_text(cd_params.get("filename"), encoded_words=True)
-        if name is None:
-            name = param_text(ct_params.get("name"), encoded_words=True)
-        content_id = msgid(fields.get("content-id"))
-        cte = fields.get("content-transfer-encoding")
-        as_file = disposition == "attachment" or name is not None
-        maintype = ctype.split("/", 1)[0]
-
-        if maintype == "message":
+        name = _file_name(ct_params, cd_params)
+        if ctype.startswith("message/"):
             if ctype == "message/delivery-status":
                 self.bounce = True
             self.message_part(part, ctype, name, parent_boundary, index, is_root)
             return
         if ctype.startswith("multipart/"):
             ctype = "text/plain"  # a multipart without a usable boundary: its body is text
-        if group in self.secondary and ctype in ("text/plain", "text/html") and not as_file:
-            if self.secondary[group]:
-                return  # another version of the same text is kept
-            self.secondary[group] = True
-            as_file = True
-        if ctype == "text/plain" and not as_file:
-            if self.body is None:
-                self.body = text_of(part, ct_params, cte, self.tree)
-                return
-            if parent_type == "multipart/alternative":
-                return
-        if ctype == "text/html" and not as_file:
-            if self.html is None:
-                self.html = text_of(part, ct_params, cte, self.tree, html=True)
-                return
-            if parent_type == "multipart/alternative":
-                return
+        cte = fields.get("content-transfer-encoding")
+        as_file = disposition == "attachment" or name is not None
+        is_text = ctype in ("text/plain", "text/html")
+        if is_text and not as_file and self._text(part, ctype, ct_params, cte, parent_type, group):
+            return
         data = payload_bytes(part, cte, self.tree)
         if ctype == "application/ms-tnef" or (name or "").strip().lower() == "winmail.dat":
-            budget = max(0, self.limits.max_parts - len(self.attachments))
-            tnef = tnef_files(data, budget)
-            for file_name, content in tnef.files:
-                self.add(file_name, type_for(file_name), content)
-            self.tnef_body = self.tnef_body or tnef.body
-            if tnef.files and tnef.complete:
+            if self._tnef(data, name):
                 return
-            if tnef.files:
-                # Files past the budget, or a rich text body: winmail.dat keeps them all.
-                self.notes.append(
-                    f"{len(tnef.files)} files were taken out of {name or 'winmail.dat'}, which "
-                    "holds more (more files than max_parts allows, or a formatted body): it is "
-                    "attached as well."
-                )
             name = name or "winmail.dat"
+        content_id = msgid(fields.get("content-id"))
         inline = content_id is not None and disposition != "attachment"
-        self.add(name, ctype, data, content_id=content_id, inline=inline)
+        self.attachments.add(name, ctype, data, content_id=content_id, inline=inline)
+
+    def _text(
+        self,
+        part: Message,
+        ctype: str,
+        params: Mapping[str, Param],
+        cte: str | None,
+        parent_type: str | None,
+        group: int | None,
+    ) -> bool:
+        """A text/plain or text/html part that is not a file by its headers: True if it is
+        taken as the body or the HTML, or dropped as another version of them; False if it is
+        to be kept as a file."""
+        if group in self.secondary:
+            if self.secondary[group]:
+                return True  # another version of the same text is kept
+            self.secondary[group] = True
+            return False
+        if ctype == "text/plain":
+            if self.body is None:
+                self.body = text_of(part, params, cte, self.tree)
+                return True
+        elif self.html is None:
+            self.html = text_of(part, params, cte, self.tree, html=True)
+            return True
+        return parent_type == "multipart/alternative"
+
+    def _tnef(self, data: bytes, name: str | None) -> bool:
+        """Attach the files inside a winmail.dat; True if they stand for it whole."""
+        budget = max(0, self.limits.max_parts - len(self.attachments))
+        tnef = tnef_files(data, budget)
+        for file_name, content in tnef.files:
+            self.attachments.add(file_name, type_for(file_name), content)
+        self.tnef_body = self.tnef_body or tnef.body
+        if tnef.files and not tnef.complete:
+            # Files past the budget, or a rich text body: winmail.dat keeps them all.
+            self.notes.append(
+                f"{len(tnef.files)} files were taken out of {name or 'winmail.dat'}, which "
+                "holds more (more files than max_parts allows, or a formatted body): it is "
+                "attached as well."
+            )
+        return bool(tnef.files) and tnef.complete
 
     def message_part(
         self,
@@ -235,45 +204,69 @@ class Collector:
         index: int,
         is_root: bool,
     ) -> None:
-        exact = exact_message_bytes(
-            self.tree.raw,
-            self.tree.scan,
-            parent_boundary,
-            index,
-            self.tree.root_body if is_root else None,
-        )
-        if exact is None or not looks_like(exact, part):
-            exact = serialize(
-                part, b"\r\n" if b"\r\n" in self.tree.raw[:4096] else b"\n", self.tree
-            )
-        cte = (part_header(part, "content-transfer-encoding") or "").strip().lower()
-        # message/* may only be 7bit/8bit/binary, but some mailers base64 it anyway.
-        if cte == "base64":
-            exact = b64_decode(exact)
-        elif cte == "quoted-printable":
-            exact = quopri.decodestring(exact)
+        """An attached message: attached whole, named after its subject if nothing else."""
+        data = attached_message_bytes(part, self.tree, parent_boundary, index, is_root)
         force_ext = ".eml" if ctype in ("message/rfc822", "message/global") else None
         if name is None and force_ext:
-            payload = raw_payload(part)
-            if isinstance(payload, list) and payload and isinstance(payload[0], Message):
-                subject = part_header(payload[0], "subject")
-                if subject is not None:
-                    # Only as much as a file name can hold is worth decoding.
-                    name = one_line(decode_words(subject[:1024])) or None
-        self.add(name, ctype, exact, force_ext=force_ext)
+            name = _subject_of(part)
+        self.attachments.add(name, ctype, data, force_ext=force_ext)
+
+    def body_and_html(self) -> tuple[str, str | None]:
+        """The body text and the sanitized HTML, once the walk is done.
+
+        HTML-only mail, or an alternative whose text/plain part is left empty, takes its text
+        from the HTML: rendered from the sanitized HTML, so that no script, style or
+        javascript: URL shows up in it, or read without a tree from HTML too large to
+        sanitize (which is attached instead, and a note says so).
+        """
+        body = self.body
+        markup, self.html = self.html, None
+        sanitized: str | None = None
+        needs_text = body is None or not body.strip()
+        why = unsanitizable(markup, self.limits) if markup is not None else None
+        if markup is not None and why is not None:
+            self.notes.append(self._attach_html(markup, why, needs_text))
+            if needs_text:
+                body = html_text_lean(markup)
+        elif markup is not None:
+            sanitized = sanitize_html(markup)
+            if needs_text:
+                body = render_html(sanitized, self.limits)
+        del markup
+        body = body or ""
+        if not body.strip() and self.tnef_body:
+            body = clean_body(self.tnef_body)
+        return body, sanitized
+
+    def _attach_html(self, markup: str, why: str, text_from_it: bool) -> str:
+        """Keep HTML that cannot be sanitized as an attachment; the note that says so.
+
+        Such an HTML body is not shown, but nothing of it is lost. It is attached in UTF-8
+        (the text it was decoded to) with a byte order mark, which browsers take as its
+        charset when the file is opened.
+        """
+        name = self.attachments.add("message.html", "text/html", markup.encode("utf-8-sig")).name
+        text = " and the text above is taken from it" if text_from_it else ""
+        return (
+            f"The HTML version of this message {why}: it is attached as {name} instead of "
+            f"being shown{text}."
+        )
 
 
-def attach_unsanitized_html(collector: Collector, markup: str, why: str, text_from_it: bool) -> str:
-    """Keep HTML that cannot be sanitized as an attachment; the note that says so.
+def _file_name(ct_params: Mapping[str, Param], cd_params: Mapping[str, Param]) -> str | None:
+    """The file name a part declares: Content-Disposition's, else Content-Type's."""
+    name = param_text(cd_params.get("filename"), encoded_words=True)
+    if name is None:
+        name = param_text(ct_params.get("name"), encoded_words=True)
+    return name
 
-    Such an HTML body is not shown, but nothing of it is lost. It is attached in UTF-8 (the
-    text it was decoded to) with a byte order mark, which browsers take as its charset when
-    the file is opened.
-    """
-    collector.add("message.html", "text/html", markup.encode("utf-8-sig"))
-    name = collector.attachments[-1].name
-    text = " and the text above is taken from it" if text_from_it else ""
-    return (
-        f"The HTML version of this message {why}: it is attached as {name} instead of being "
-        f"shown{text}."
-    )
+
+def _subject_of(part: Message) -> str | None:
+    """The subject of the message attached as ``part``, decoded to one line, or None."""
+    payload = raw_payload(part)
+    if isinstance(payload, list) and payload and isinstance(payload[0], Message):
+        subject = part_header(payload[0], "subject")
+        if subject is not None:
+            # Only as much as a file name can hold is worth decoding.
+            return one_line(decode_words(subject[:1024])) or None
+    return None
