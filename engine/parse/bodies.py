@@ -638,6 +638,7 @@ class _TextCanvas:
         return "\n".join(self.blocks)
 
     def _element(self, element: etree._Element, parent: _Box, depth: int) -> None:
+        """Render ``element``: its start, its text and children, its end, then its tail."""
         tag = element.tag
         if not isinstance(tag, str):
             if tag is etree.Comment and element.tail:
@@ -649,20 +650,25 @@ class _TextCanvas:
             or element.get("style") is not None
         ):
             raise _Unrenderable
-        layout = _LAYOUTS.get(tag)
+        box = self._start(element, tag, parent)
+        text = element.text
+        if text:
+            self._merge(box.prefix + text + box.suffix, box.pre)
+        for child in element:
+            self._element(child, box, depth + 1)
+        self._end(tag, box)
+        tail = element.tail
+        if tail:
+            self._merge(parent.prefix + tail + parent.suffix, parent.pre)
+
+    def _start(self, element: etree._Element, tag: str, parent: _Box) -> _Box:
+        """What an element's start does (a link's "[", a line break, a list's counter, a
+        block's margin); the element's box."""
         if tag == "li":
-            if element.get("value") is not None:
-                raise _Unrenderable
-            counter = self.list_counters[-1] if self.list_counters else "* "
-            if isinstance(counter, int):
-                self.list_counters[-1] = counter + 1
-                box = _Box(_PLAIN_BLOCK, parent, f"{counter}. ")
-            else:
-                box = _Box(_PLAIN_BLOCK, parent, counter)
-        elif layout is None:
-            box = _PLAIN_INLINE_BOX
+            box = self._list_item(element, parent)
         else:
-            box = _Box(layout, parent)
+            layout = _LAYOUTS.get(tag)
+            box = _PLAIN_INLINE_BOX if layout is None else _Box(layout, parent)
         if tag == "a":
             self.link_target = element.get("href", "")
             if self.link_target:
@@ -675,11 +681,20 @@ class _TextCanvas:
             self.list_counters.append(1)
         if box.block:
             self._open_block(box)
-        text = element.text
-        if text:
-            self._merge(box.prefix + text + box.suffix, box.pre)
-        for child in element:
-            self._element(child, box, depth + 1)
+        return box
+
+    def _list_item(self, element: etree._Element, parent: _Box) -> _Box:
+        """The box of an <li>: a block whose bullet is its list's next number or sign."""
+        if element.get("value") is not None:
+            raise _Unrenderable
+        counter = self.list_counters[-1] if self.list_counters else "* "
+        if isinstance(counter, int):
+            self.list_counters[-1] = counter + 1
+            return _Box(_PLAIN_BLOCK, parent, f"{counter}. ")
+        return _Box(_PLAIN_BLOCK, parent, counter)
+
+    def _end(self, tag: str, box: _Box) -> None:
+        """What an element's end does: a link's "](url)", a list's counter, a block's margin."""
         if tag == "a":
             if self.link_target:
                 self._merge(f"]({self.link_target})", False)
@@ -687,6 +702,3 @@ class _TextCanvas:
             self.list_counters.pop()
         if box.block:
             self._close_block(box)
-        tail = element.tail
-        if tail:
-            self._merge(parent.prefix + tail + parent.suffix, parent.pre)
