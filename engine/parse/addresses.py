@@ -15,7 +15,7 @@ from __future__ import annotations
 import email.utils
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final
 
 from engine.parse.charsets import decode_8bit
@@ -138,8 +138,24 @@ def _cut_addresses(value: str, keep: int) -> tuple[str, int, int]:
     """
     if value.count(",") < keep and len(value) <= _MAX_ADDRESS_TEXT:
         return value, value.count(",") + 1, 0
-    commas = depth = 0
-    cut = 0  # the end of the last whole address seen
+    commas = cut = 0  # cut: the end of the last whole address seen
+    for at in _separating_commas(value):
+        commas, cut = commas + 1, at
+        if commas == keep:
+            break
+    else:
+        if len(value) <= _MAX_ADDRESS_TEXT:
+            return value, commas + 1, 0
+    if commas == 0:
+        return "", 0, _address_count(value)
+    return value[:cut], commas, _address_count(value[cut + 1 :])
+
+
+def _separating_commas(value: str) -> Iterator[int]:
+    """The offset of each comma that separates two addresses in the first _MAX_ADDRESS_TEXT
+    characters of ``value``: one outside quoted strings, comments, angle brackets and domain
+    literals."""
+    depth = 0
     quoted = routed = literal = False
     for m in _ADDR_LIST_TOKENS_RE.finditer(value, 0, _MAX_ADDRESS_TEXT):
         token = m.group(0)
@@ -162,16 +178,7 @@ def _cut_addresses(value: str, keep: int) -> tuple[str, int, int]:
         elif token == "<":
             routed = True
         elif token == ",":
-            commas += 1
-            cut = m.start()
-            if commas == keep:
-                break
-    else:
-        if len(value) <= _MAX_ADDRESS_TEXT:
-            return value, commas + 1, 0
-    if commas == 0:
-        return "", 0, _address_count(value)
-    return value[:cut], commas, _address_count(value[cut + 1 :])
+            yield m.start()
 
 
 def read_addresses(

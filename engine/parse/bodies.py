@@ -20,7 +20,7 @@ import functools
 import html as html_lib
 import quopri
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from email.message import Message
 from typing import Final, NamedTuple
 
@@ -91,39 +91,54 @@ def _unflow(text: str, delsp: bool, chunk: int = _UNFLOW_CHUNK) -> str:
     for any value.
     """
     pieces: list[str] = []
-    out: list[str] = []
-    current: str | None = None
-    current_depth = 0
+    pending: tuple[str, int] | None = None
+    for lines in _chunks_of_lines(text, chunk):
+        out, pending = _unflow_lines(lines, pending, delsp)
+        if out:
+            pieces.append("\n".join(out))
+    if pending is not None:
+        current, depth = pending
+        pieces.append(">" * depth + (" " if depth else "") + current)
+    return "\n".join(pieces)
+
+
+def _chunks_of_lines(text: str, chunk: int) -> Iterator[list[str]]:
+    """``text.split("\n")``, split ``chunk`` characters (and up to a line end) at a time."""
     pos = 0
     while True:
         cut = text.find("\n", pos + chunk) if pos + chunk < len(text) else -1
-        for line in (text[pos:] if cut < 0 else text[pos:cut]).split("\n"):
-            depth = len(line) - len(line.lstrip(">"))
-            content = line[depth:]
-            if content.startswith(" "):
-                content = content[1:]  # space-stuffing
-            flowed = content.endswith(" ") and content != "-- "
-            if current is not None and depth == current_depth:
-                current += content
-            else:
-                if current is not None:
-                    out.append(">" * current_depth + (" " if current_depth else "") + current)
-                current, current_depth = content, depth
-            if flowed:
-                if delsp:
-                    current = current[:-1]
-            else:
-                out.append(">" * current_depth + (" " if current_depth else "") + current)
-                current = None
-        if out:
-            pieces.append("\n".join(out))
-            out = []
+        yield (text[pos:] if cut < 0 else text[pos:cut]).split("\n")
         if cut < 0:
-            break
+            return
         pos = cut + 1
-    if current is not None:
-        pieces.append(">" * current_depth + (" " if current_depth else "") + current)
-    return "\n".join(pieces)
+
+
+def _unflow_lines(
+    lines: list[str], pending: tuple[str, int] | None, delsp: bool
+) -> tuple[list[str], tuple[str, int] | None]:
+    """The unflowed lines that ``lines`` complete, after the ``pending`` flowed line and its
+    quote depth (None if there is none); and the flowed line they leave pending."""
+    out: list[str] = []
+    current, current_depth = pending if pending is not None else (None, 0)
+    for line in lines:
+        depth = len(line) - len(line.lstrip(">"))
+        content = line[depth:]
+        if content.startswith(" "):
+            content = content[1:]  # space-stuffing
+        flowed = content.endswith(" ") and content != "-- "
+        if current is not None and depth == current_depth:
+            current += content
+        else:
+            if current is not None:
+                out.append(">" * current_depth + (" " if current_depth else "") + current)
+            current, current_depth = content, depth
+        if flowed:
+            if delsp:
+                current = current[:-1]
+        else:
+            out.append(">" * current_depth + (" " if current_depth else "") + current)
+            current = None
+    return out, None if current is None else (current, current_depth)
 
 
 # In multi-line bodies only the controls that are never text are removed.
