@@ -165,6 +165,7 @@ def _parse_params_cached(value: str) -> tuple[str, Mapping[str, Param]]:
 
 
 def _parse_params_uncached(value: str) -> tuple[str, dict[str, Param]]:
+    """parse_params without the cache: the value split once, RFC 2231 sections joined."""
     segments = _split_params(value)
     main = segments[0].strip().lower() if segments else ""
     params: dict[str, Param] = {}
@@ -182,26 +183,29 @@ def _parse_params_uncached(value: str) -> tuple[str, dict[str, Param]]:
         encoded = m.group(2) is None or m.group(3) is not None
         extended.setdefault(m.group(1), []).append((number, _unquote(val), encoded))
     for name, pieces in extended.items():
-        if name in params:
-            continue
-        pieces.sort(key=lambda p: p[0])
-        charset = ""
-        chunks: list[bytes] = []
-        any_encoded = False
-        for index, (_, text, encoded) in enumerate(pieces):
-            if encoded:
-                any_encoded = True
-                if index == 0 and text.count("'") >= 2:
-                    charset, _lang, text = text.split("'", 2)
-                chunks.append(urllib.parse.unquote_to_bytes(to_bytes(text)))
-            else:
-                chunks.append(to_bytes(text))
-        data = b"".join(chunks)
-        if any_encoded:
-            params[name] = Param("", data, charset.strip())
-        else:
-            params[name] = Param(data.decode("utf-8", "surrogateescape"))
+        if name not in params:
+            params[name] = _rfc2231_param(pieces)
     return main, params
+
+
+def _rfc2231_param(pieces: list[tuple[int, str, bool]]) -> Param:
+    """One RFC 2231 parameter from its (section number, text, is encoded) pieces."""
+    pieces.sort(key=lambda p: p[0])
+    charset = ""
+    chunks: list[bytes] = []
+    any_encoded = False
+    for index, (_, text, encoded) in enumerate(pieces):
+        if encoded:
+            any_encoded = True
+            if index == 0 and text.count("'") >= 2:
+                charset, _lang, text = text.split("'", 2)
+            chunks.append(urllib.parse.unquote_to_bytes(to_bytes(text)))
+        else:
+            chunks.append(to_bytes(text))
+    data = b"".join(chunks)
+    if any_encoded:
+        return Param("", data, charset.strip())
+    return Param(data.decode("utf-8", "surrogateescape"))
 
 
 def param_text(param: Param | None, *, encoded_words: bool = False) -> str | None:
