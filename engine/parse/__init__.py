@@ -23,7 +23,6 @@ Three rules hold throughout:
 * Nothing is handed over on the side: what one step needs of another (the raw bytes behind an
   elided body) travels in the :class:`~engine.parse.mime.MimeTree` that the parse call owns,
   passed as an argument; no context variable or global holds it.
-
 * Memory stays within a few times the message (3.3 at most for 20 MB of any shape we know):
   large bodies are taken from the raw bytes instead of the parser's lines, and no step keeps
   a list of a million short strings.

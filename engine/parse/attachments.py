@@ -140,6 +140,7 @@ _EXTENSIONS_BY_TYPE: Final = _invert(_TYPES_BY_EXTENSION)
 
 
 def type_for(name: str | None) -> str:
+    """The content type a file name's extension suggests (mimetypes' built-in table)."""
     if name and "." in name:
         return _TYPES_BY_EXTENSION.get(
             "." + name.rpartition(".")[2].lower(), "application/octet-stream"

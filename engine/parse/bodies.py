@@ -328,7 +328,7 @@ def _html_text_stripped(markup: str) -> str:
 
 # A step of Python per tag costs ~5 us: past this many tags the rest of a document is read
 # by _html_text_stripped, which may read raw text elements as markup (their text is in the
-# HTML attached whole, see attach_unsanitized_html).
+# HTML attached whole, see parts.Collector._attach_html).
 _HTML_TOKENS_READ: Final = 200_000
 
 

@@ -231,6 +231,7 @@ def header_map(msg: Message) -> dict[str, list[str]]:
 
 
 def first_field(headers: dict[str, list[str]], name: str) -> str | None:
+    """The first value of the header field ``name`` (lowercase) in ``headers``, unfolded."""
     values = headers.get(name)
     return unfold(values[0]) if values else None
 
@@ -287,6 +288,7 @@ def msgids(value: str | None) -> tuple[str, ...]:
 
 
 def parse_date(value: str | None) -> datetime | None:
+    """A Date value as an aware datetime (UTC if it has no zone), or None if unreadable."""
     if not value:
         return None
     try:

@@ -12,7 +12,9 @@
   the two equal.
 * Memory stays within a few times the message: large leaf bodies are taken from the raw bytes
   instead of the parser's lines (:func:`elide_large_bodies`); a property test holds a parse
-  with them elided equal to one without.
+  with them elided equal to one without. The parser sees a placeholder for each, and the
+  :class:`MimeTree` that :func:`read_mime` returns carries the placeholders' spans with the
+  tree: whatever reads a body gets that object as an argument.
 """
 
 from __future__ import annotations
@@ -30,6 +32,61 @@ from engine.errors import LimitExceeded, ParseError
 from engine.parse.charsets import to_bytes
 from engine.parse.headers import Param, parse_params, unfold
 from engine.parse.limits import ParseLimits
+
+
+@dataclass(frozen=True, slots=True)
+class MimeTree:
+    """The MIME tree of one message and what reading its bodies needs; one parse call owns it.
+
+    ``root`` is the compat32 tree the parser built, in which each large leaf body may be a
+    placeholder (see :func:`elide_large_bodies`): ``elided`` maps each placeholder to the span
+    of ``raw`` it stands for. The tree and its bodies are read only through this object,
+    passed as an argument, so that every function reading a body is a pure function of its
+    arguments: no context variable or global hands the raw bytes over.
+    """
+
+    raw: bytes  # the message as received
+    root: Message
+    scan: Scan  # the pre-scan's delimiter offsets, for the exact bytes of attached messages
+    root_body: int  # where the top-level body starts
+    elided: Mapping[str, tuple[int, int]]  # placeholder -> (start, end) in raw
+
+    def elided_span(self, payload: str) -> tuple[int, int] | None:
+        """The span of ``raw`` that a leaf's payload stands for, or None if it is its own."""
+        return self.elided.get(payload) if self.elided else None
+
+    def octets(self, payload: str) -> bytes:
+        """The raw octets of a leaf's payload, the elided body it stands for included."""
+        span = self.elided_span(payload)
+        return to_bytes(payload) if span is None else self.raw[span[0] : span[1]]
+
+
+def read_mime(raw: bytes, limits: ParseLimits) -> MimeTree:
+    """The MIME tree of ``raw``, its limits checked on the raw bytes first.
+
+    Raises :class:`LimitExceeded` for a header block over ``max_header_bytes`` and for what
+    :func:`prescan` refuses. In a message over 2 MiB, leaf bodies of 256 KiB or more are
+    replaced by placeholders before the parser sees them (:func:`elide_large_bodies`); the
+    placeholders are trusted only if the parser made each the whole payload of a part of a
+    multipart, or of the message (:func:`elision_holds`), else the message is parsed again
+    whole. Readers find each placeholder's span in the tree's ``elided``.
+    """
+    root_body = header_end(raw, limits.max_header_bytes)
+    if root_body is None or root_body > limits.max_header_bytes + 4:
+        size = "more than " + str(limits.max_header_bytes) if root_body is None else str(root_body)
+        raise LimitExceeded(
+            f"the header block is {size} bytes; the limit (max_header_bytes) is "
+            f"{limits.max_header_bytes}"
+        )
+    scan = prescan(raw, limits)
+    source, spans = elide_large_bodies(raw, scan, root_body)
+    root = mime_tree(source)
+    del source
+    if spans and not elision_holds(root, spans):
+        spans = {}
+        root = mime_tree(raw)
+    return MimeTree(raw, root, scan, root_body, spans)
+
 
 # A blank line; bare CR line ends ("\r\r") count too, as they do for the feed parser, and
 # after "\r\r" an LF belongs to the empty line (a bare CR, then a CRLF).
@@ -414,7 +471,7 @@ def _delimiter_lines(
 
 
 def mime_tree(source: bytes) -> Message:
-    """The compat32 Message tree of ``source`` (see the module docstring for why compat32)."""
+    """The compat32 Message tree of ``source`` (see engine.parse.headers for why compat32)."""
     # The fast path leaves bare CR line ends to the feed parser.
     simple_line_ends = b"\r" not in source or _BARE_CR_RE.search(source) is None
     tree = _split_mime(source) if simple_line_ends else None
@@ -525,54 +582,3 @@ def elision_holds(tree: Message, spans: Mapping[str, tuple[int, int]]) -> bool:
             elif in_multipart and isinstance(child_payload, str) and child_payload in spans:
                 found += 1
     return found == len(spans)
-
-
-@dataclass(frozen=True, slots=True)
-class MimeTree:
-    """The MIME tree of one message and what reading its bodies needs; one parse call owns it.
-
-    ``root`` is the compat32 tree the parser built, in which each large leaf body may be a
-    placeholder (see :func:`elide_large_bodies`): ``elided`` maps each placeholder to the span
-    of ``raw`` it stands for. The tree and its bodies are read only through this object,
-    passed as an argument, so that every function reading a body is a pure function of its
-    arguments: no context variable or global hands the raw bytes over.
-    """
-
-    raw: bytes  # the message as received
-    root: Message
-    scan: Scan  # the pre-scan's delimiter offsets, for the exact bytes of attached messages
-    root_body: int  # where the top-level body starts
-    elided: Mapping[str, tuple[int, int]]  # placeholder -> (start, end) in raw
-
-    def elided_span(self, payload: str) -> tuple[int, int] | None:
-        """The span of ``raw`` that a leaf's payload stands for, or None if it is its own."""
-        return self.elided.get(payload) if self.elided else None
-
-    def octets(self, payload: str) -> bytes:
-        """The raw octets of a leaf's payload, the elided body it stands for included."""
-        span = self.elided_span(payload)
-        return to_bytes(payload) if span is None else self.raw[span[0] : span[1]]
-
-
-def read_mime(raw: bytes, limits: ParseLimits) -> MimeTree:
-    """The MIME tree of ``raw``, its limits checked on the raw bytes first.
-
-    Raises :class:`LimitExceeded` for a header block over ``max_header_bytes`` and for what
-    :func:`prescan` refuses; large bodies are elided where the parser reads the tree as the
-    pre-scan does, and the message is parsed again whole where it does not.
-    """
-    root_body = header_end(raw, limits.max_header_bytes)
-    if root_body is None or root_body > limits.max_header_bytes + 4:
-        size = "more than " + str(limits.max_header_bytes) if root_body is None else str(root_body)
-        raise LimitExceeded(
-            f"the header block is {size} bytes; the limit (max_header_bytes) is "
-            f"{limits.max_header_bytes}"
-        )
-    scan = prescan(raw, limits)
-    source, spans = elide_large_bodies(raw, scan, root_body)
-    root = mime_tree(source)
-    del source
-    if spans and not elision_holds(root, spans):
-        spans = {}
-        root = mime_tree(raw)
-    return MimeTree(raw, root, scan, root_body, spans)
