@@ -656,8 +656,7 @@ class _TextCanvas:
         """Render ``element``: its start, its text and children, its end, then its tail."""
         tag = element.tag
         if not isinstance(tag, str):
-            if tag is etree.Comment and element.tail:
-                self._merge(element.tail, parent.pre)
+            self._not_element(tag, element, parent)
             return
         if (
             depth > _RENDER_MAX_DEPTH
@@ -671,10 +670,23 @@ class _TextCanvas:
             self._merge(box.prefix + text + box.suffix, box.pre)
         for child in element:
             self._element(child, box, depth + 1)
-        self._end(tag, box)
+        # The end (inline here: every element of a document comes this way).
+        if tag == "a":
+            if self.link_target:
+                self._merge(f"]({self.link_target})", False)
+        elif tag == "ul" or tag == "ol":
+            self.list_counters.pop()
+        if box.block:
+            self._close_block(box)
         tail = element.tail
         if tail:
             self._merge(parent.prefix + tail + parent.suffix, parent.pre)
+
+    def _not_element(self, tag: object, node: etree._Element, parent: _Box) -> None:
+        """A comment or processing instruction (``tag`` is a factory): only a comment's tail
+        is text."""
+        if tag is etree.Comment and node.tail:
+            self._merge(node.tail, parent.pre)
 
     def _start(self, element: etree._Element, tag: str, parent: _Box) -> _Box:
         """What an element's start does (a link's "[", a line break, a list's counter, a
@@ -707,13 +719,3 @@ class _TextCanvas:
             self.list_counters[-1] = counter + 1
             return _Box(_PLAIN_BLOCK, parent, f"{counter}. ")
         return _Box(_PLAIN_BLOCK, parent, counter)
-
-    def _end(self, tag: str, box: _Box) -> None:
-        """What an element's end does: a link's "](url)", a list's counter, a block's margin."""
-        if tag == "a":
-            if self.link_target:
-                self._merge(f"]({self.link_target})", False)
-        elif tag == "ul" or tag == "ol":
-            self.list_counters.pop()
-        if box.block:
-            self._close_block(box)
