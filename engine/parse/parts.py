@@ -66,7 +66,10 @@ class Collector:
         stack: list[_Visit] = [(root, 1, None, None, 0, None)]
         while stack:
             part, depth, parent_type, parent_boundary, index, parent = stack.pop()
-            self._count(depth)
+            # Counted like the pre-scan counts delimiters: every part but the root.
+            self.parts += depth > 1
+            if self.parts > self.limits.max_parts or depth > self.limits.max_depth + 1:
+                self._over_limits(depth)
             ctype = part.get_content_type()
             if not _CONTENT_TYPE_RE.fullmatch(ctype):
                 # 8-bit or spaced garbage: never let it into a stored content type.
@@ -77,19 +80,17 @@ class Collector:
             group = id(parent) if parent_type == "multipart/alternative" else None
             self.leaf(part, ctype, parent_type, parent_boundary, index, depth == 1, group)
 
-    def _count(self, depth: int) -> None:
-        """Count a part against the limits, as the pre-scan counts delimiters."""
-        self.parts += depth > 1  # every part but the root
+    def _over_limits(self, depth: int) -> None:
+        """Refuse a tree with more parts or levels than the pre-scan let through."""
         if self.parts > self.limits.max_parts:
             raise LimitExceeded(
                 f"the message has more than {self.limits.max_parts} MIME parts; the limit "
                 f"(max_parts) is {self.limits.max_parts}"
             )
-        if depth > self.limits.max_depth + 1:
-            raise LimitExceeded(
-                f"MIME nesting is deeper than {depth - 1} levels; the limit (max_depth) is "
-                f"{self.limits.max_depth}"
-            )
+        raise LimitExceeded(
+            f"MIME nesting is deeper than {depth - 1} levels; the limit (max_depth) is "
+            f"{self.limits.max_depth}"
+        )
 
     def _children(self, part: Message, ctype: str, depth: int) -> list[_Visit]:
         """The parts of the multipart ``part``, to visit in order."""
