@@ -47,31 +47,21 @@ def loop_verdict(
 
     ``headers`` are the message's header fields (see :func:`~engine.parse.headers.header_map`),
     ``has_dsn_part`` says a part is a ``message/delivery-status``, ``senders`` are the
-    addresses of From and Return-Path. Reports come first, then the headers that mark
-    automatic mail, then the sender.
+    addresses of From and Return-Path. Reports come first (a delivery status notification is a
+    bounce), then the headers that mark automatic mail, then the sender.
     """
-    return (
-        _report(headers, has_dsn_part)
-        or _auto_reply_header(headers)
-        or _bulk_header(headers)
-        or _automatic_sender(headers, senders)
-        or _HUMAN
-    )
-
-
-def _report(headers: dict[str, list[str]], has_dsn_part: bool) -> Verdict | None:
-    """A delivery status notification (a bounce) or another multipart/report."""
     top_type, top_params = parse_params(first_field(headers, "content-type") or "")
     report_type = (param_text(top_params.get("report-type")) or "").strip().lower()
     if has_dsn_part or (top_type == "multipart/report" and report_type == "delivery-status"):
         return Verdict(True, "delivery status notification", True)
     if top_type == "multipart/report":
         return Verdict(True, f"report: {_reason_text(report_type) or 'unknown'}", False)
-    return None
+    return _automatic_header(headers) or _automatic_sender(headers, senders) or _HUMAN
 
 
-def _auto_reply_header(headers: dict[str, list[str]]) -> Verdict | None:
-    """Auto-Submitted other than "no" (RFC 3834), X-Autoreply and the like."""
+def _automatic_header(headers: dict[str, list[str]]) -> Verdict | None:
+    """Auto-Submitted other than "no" (RFC 3834), X-Autoreply and the like, then bulk, junk
+    and list mail (Precedence, List-Id, List-Unsubscribe)."""
     auto = first_field(headers, "auto-submitted")
     if auto is not None and _token(auto) != "no":
         return Verdict(True, f"Auto-Submitted: {_reason_text(_token(auto))}", False)
@@ -83,11 +73,6 @@ def _auto_reply_header(headers: dict[str, list[str]]) -> Verdict | None:
         tokens = {t.strip().lower() for t in decode_8bit(suppress).split(",")}
         if tokens & {"all", "autoreply", "oof"}:
             return Verdict(True, "X-Auto-Response-Suppress: " + _reason_text(suppress), False)
-    return None
-
-
-def _bulk_header(headers: dict[str, list[str]]) -> Verdict | None:
-    """Bulk, junk and list mail: Precedence, List-Id, List-Unsubscribe."""
     precedence = first_field(headers, "precedence")
     if precedence is not None and _token(precedence) in ("bulk", "junk", "list", "auto_reply"):
         return Verdict(True, f"Precedence: {_reason_text(_token(precedence))}", False)
