@@ -1,0 +1,208 @@
+"""Turn the raw bytes of one message into a :class:`~engine.model.ParsedMessage`.
+
+Everything here is a pure function of its arguments: no I/O, no global state changed, safe to
+call from several worker threads at once. :func:`parse_message` raises only
+:class:`~engine.errors.LimitExceeded` or :class:`~engine.errors.ParseError`, whatever the bytes.
+
+A parse in order, one module per concern (each holds the design notes of its concern, so
+that nobody "simplifies" them away):
+
+* :mod:`~engine.parse.limits`: what a message may cost; over most limits it is refused whole.
+* :mod:`~engine.parse.mime`: the pre-scan checks the limits on the raw bytes, large bodies are
+  elided, and the compat32 MIME tree is built.
+* :mod:`~engine.parse.headers` (encoded words, parameters, Message-IDs, dates),
+  :mod:`~engine.parse.addresses` and :mod:`~engine.parse.charsets` read the header fields.
+* :mod:`~engine.parse.parts` walks the tree: what becomes the body, the HTML, an attachment,
+  with :mod:`~engine.parse.bodies` (payloads, text parts, HTML to text),
+  :mod:`~engine.parse.transfer` (base64, uuencode) and :mod:`~engine.parse.attachments`
+  (file names, attached messages, TNEF).
+* :mod:`~engine.parse.verdicts`: auto-reply, bounce and loop verdicts.
+
+Three rules hold throughout:
+
+* Nothing is handed over on the side: what one step needs of another (the raw bytes behind an
+  elided body) travels in the :class:`~engine.parse.mime.MimeTree` that the parse call owns,
+  passed as an argument; no context variable or global holds it.
+* Memory stays within a few times the message (3.3 at most for 20 MB of any shape we know):
+  large bodies are taken from the raw bytes instead of the parser's lines, and no step keeps
+  a list of a million short strings.
+* Fast paths stand in for slow or memory-hungry library code and must give exactly its
+  results; each accepts only the input shapes it is known to handle and leaves the rest to
+  the library, sits beside what it replaces, in the same module, and has a property test
+  holding the two equal (tests/parse/).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import replace
+from typing import Final
+
+from engine.errors import LimitExceeded, MessageError, ParseError
+from engine.model import ParsedMessage
+from engine.parse.addresses import read_addresses
+from engine.parse.attachments import safe_filename
+from engine.parse.headers import (
+    decode_words,
+    first_field,
+    header_map,
+    msgid,
+    msgids,
+    one_line,
+    parse_date,
+    unfold,
+)
+from engine.parse.limits import DEFAULT_LIMITS, ParseLimits
+from engine.parse.mime import MimeTree, header_end, read_mime
+from engine.parse.parts import Collector
+from engine.parse.verdicts import loop_verdict
+
+__all__ = [
+    "ParseLimits",
+    "message_summary",
+    "parse_many",
+    "parse_message",
+    "parse_raw",
+    "safe_filename",
+    "with_raw",
+]
+
+
+def _sanitize_exc(exc: BaseException) -> str:
+    """One safe line describing an exception, for a ParseError message."""
+    text = f"{type(exc).__name__}: {exc}".encode("utf-8", "backslashreplace").decode("utf-8")
+    return one_line(text)[:200]
+
+
+def message_summary(raw: bytes) -> tuple[str | None, str]:
+    """(Message-ID without brackets, sha256 hex) of raw bytes, cheaply and never failing.
+
+    Used for the ledger when a message cannot be parsed: only the top-level header block is
+    scanned (bounded to the default header limit), with the same id extraction as
+    :func:`parse_message`, so both agree on the id of the same bytes.
+    """
+    data = bytes(raw) if isinstance(raw, bytearray | memoryview) else raw
+    if not isinstance(data, bytes):
+        return None, hashlib.sha256(b"").hexdigest()
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        limit = DEFAULT_LIMITS.max_header_bytes
+        end = header_end(data, limit)
+        block = data[: end if end is not None else limit]
+        m = _MESSAGE_ID_FIELD_RE.search(block)
+        if m is None:
+            return None, digest
+        return msgid(unfold(m.group(1).decode("ascii", "surrogateescape"))), digest
+    except Exception:  # a summary must never fail: no id is an acceptable answer
+        return None, digest
+
+
+_MESSAGE_ID_FIELD_RE: Final = re.compile(
+    rb"^message-id[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)", re.M | re.I
+)
+
+
+def parse_message(raw: bytes, limits: ParseLimits = DEFAULT_LIMITS) -> ParsedMessage:
+    """Parse one raw RFC 5322 message.
+
+    Raises :class:`LimitExceeded` (naming the limit, the value and the limit) when the message
+    is over one of ``limits``, and :class:`ParseError` when it cannot be read; never anything
+    else, whatever the bytes.
+    """
+    if isinstance(raw, bytearray | memoryview):
+        raw = bytes(raw)
+    if not isinstance(raw, bytes):
+        raise ParseError(f"a message must be bytes, not {type(raw).__name__}")
+    try:
+        return _parse(raw, limits)
+    except MessageError:
+        raise
+    except RecursionError as exc:
+        raise LimitExceeded(
+            f"the message is nested too deeply for the parser; the limit (max_depth) is "
+            f"{limits.max_depth}"
+        ) from exc
+    except MemoryError as exc:
+        raise LimitExceeded(
+            f"the message ({len(raw)} bytes) needs more memory than is available"
+        ) from exc
+    except Exception as exc:
+        raise ParseError(f"the message cannot be parsed: {_sanitize_exc(exc)}") from exc
+
+
+def _parse(raw: bytes, limits: ParseLimits) -> ParsedMessage:
+    if len(raw) > limits.max_bytes:
+        raise LimitExceeded(
+            f"the message is {len(raw)} bytes; the limit (max_bytes) is {limits.max_bytes}"
+        )
+    return _parse_tree(read_mime(raw, limits), limits)
+
+
+def _parse_tree(tree: MimeTree, limits: ParseLimits) -> ParsedMessage:
+    """The message of ``tree``: its header fields read, its parts walked, its verdict made."""
+    raw = tree.raw
+    headers = header_map(tree.root)
+    notes: list[str] = []
+    from_pairs = read_addresses(headers.get("from"), limits, "From", notes)
+    to_pairs = read_addresses(headers.get("to"), limits, "To", notes)
+    rp_pairs = read_addresses(headers.get("return-path"), limits, "Return-Path", notes)
+    from_name, from_addr = from_pairs[0] if from_pairs else ("", "")
+
+    collector = Collector(tree, limits)
+    collector.walk(tree.root)
+    body, html = collector.body_and_html()
+    notes += collector.notes
+    senders = [from_addr, *(addr for _, addr in rp_pairs or [])]
+    verdict = loop_verdict(headers, collector.bounce, senders)
+
+    subject = first_field(headers, "subject")
+    return ParsedMessage(
+        raw=raw,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        message_id=msgid(first_field(headers, "message-id")),
+        subject=one_line(decode_words(subject)) if subject is not None else "",
+        from_name=from_name,
+        from_addr=from_addr,
+        to=tuple(addr for _, addr in to_pairs or []),
+        date=parse_date(first_field(headers, "date")),
+        in_reply_to=msgid(first_field(headers, "in-reply-to")),
+        references=msgids(first_field(headers, "references")),
+        body=body,
+        html=html,
+        attachments=tuple(collector.attachments.items),
+        auto_submitted=verdict.auto_submitted,
+        auto_reason=verdict.reason,
+        is_bounce=verdict.is_bounce,
+        notes=tuple(notes),
+    )
+
+
+def parse_raw(raw: bytes, max_bytes: int) -> ParsedMessage | MessageError:
+    """``parse_message`` with the size limit checked first; a refusal is returned, not raised
+    (it crosses a process boundary as a value)."""
+    try:
+        if len(raw) > max_bytes:
+            raise LimitExceeded(
+                f"the message is {len(raw)} bytes, over maxMessageBytes ({max_bytes})"
+            )
+        return parse_message(raw, ParseLimits(max_bytes=max_bytes))
+    except MessageError as exc:
+        return exc
+
+
+def parse_many(raws: list[bytes], max_bytes: int) -> list[ParsedMessage | MessageError]:
+    """A window of messages in one call: what a parsing worker process runs.
+
+    The results come back without ``raw``: the caller has it already, and sending it back
+    through the pipe doubled what crossed it (see :func:`with_raw`)."""
+    out: list[ParsedMessage | MessageError] = []
+    for raw in raws:
+        result = parse_raw(raw, max_bytes)
+        out.append(replace(result, raw=b"") if isinstance(result, ParsedMessage) else result)
+    return out
+
+
+def with_raw(result: ParsedMessage | MessageError, raw: bytes) -> ParsedMessage | MessageError:
+    """A result of :func:`parse_many` with its message's bytes put back."""
+    return replace(result, raw=raw) if isinstance(result, ParsedMessage) else result

@@ -1,0 +1,301 @@
+"""Header fields: unfolding, RFC 2047 encoded words, MIME parameters (RFC 2231), header maps,
+Message-IDs and dates.
+
+* The parser runs with the ``compat32`` policy and we decode headers ourselves: the
+  ``policy.default`` header objects cost five times the whole parse, and we need a tolerant
+  RFC 2047 decoder anyway (broken encoded words are common in real mail). Raw values are read
+  with ``raw_items()`` (8-bit octets surrogate-escaped), never the stdlib's decoded view.
+* Decoded header text is flattened to one line by :func:`one_line` (CVE-2024-6923: a newline
+  in a decoded header must never reach anything we build).
+* MIME parameters have our own linear parser: the stdlib's splitter is quadratic in the
+  number of quoted semicolons, and an RFC 2231 value must reach a codec only through
+  :func:`~engine.parse.charsets.decode_text`.
+"""
+
+from __future__ import annotations
+
+import binascii
+import email.utils
+import functools
+import re
+import urllib.parse
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from email.message import Message
+from typing import Final, NamedTuple
+
+from engine.parse.charsets import decode_8bit, decode_text, to_bytes
+from engine.parse.transfer import b64_decode
+
+# Every C0/C1 control, DEL and the Unicode line/paragraph separators become one space, and
+# runs of spaces collapse: the result is always a single line.
+_ONE_LINE_RE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029 ]+")
+_FOLD_RE: Final = re.compile(r"\r\n|\r|\n")
+
+
+def one_line(text: str) -> str:
+    """Flatten decoded header text to one line: no CR, LF or other control character."""
+    if text.isprintable() and "  " not in text:
+        return text.strip()  # every character the expression replaces is unprintable but " "
+    return _ONE_LINE_RE.sub(" ", text).strip()
+
+
+# Tolerant: any charset token, either case of B/Q, and an encoded text of anything but "?"
+# (which also keeps the match linear: a scan never runs past the next "?").
+_EW_RE: Final = re.compile(r"=\?([^?\s]{1,64})\?([bBqQ])\?([^?]*)\?=")
+
+
+def _ew_bytes(encoding: str, text: str) -> bytes | None:
+    """The octets of one encoded word's text, or None if it cannot be decoded."""
+    raw = to_bytes(text)
+    if encoding in "bB":
+        return b64_decode(raw)
+    try:
+        return binascii.a2b_qp(raw, header=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def decode_words(value: str) -> str:
+    """Decode RFC 2047 encoded words in header text, tolerating the usual breakage.
+
+    Adjacent words in the same charset are joined before decoding, because senders split
+    multi-byte characters across words; white space between encoded words is dropped as
+    RFC 2047 section 6.2 says. A word that cannot be decoded stays as it was written.
+    """
+    if "=?" not in value:
+        return decode_8bit(value)
+    out: list[str] = []
+    pending = bytearray()
+    pending_charset = ""
+    pos = 0
+    after_word = False
+
+    def flush() -> None:
+        if pending:
+            out.append(decode_text(bytes(pending), pending_charset or None))
+            pending.clear()
+
+    for m in _EW_RE.finditer(value):
+        between = value[pos : m.start()]
+        if between and not (after_word and between.isspace()):
+            flush()
+            out.append(decode_8bit(between))
+        charset = m.group(1).split("*", 1)[0].lower()
+        data = _ew_bytes(m.group(2), m.group(3))
+        if data is None:
+            flush()
+            out.append(decode_8bit(m.group(0)))
+            after_word = False
+        else:
+            if pending and charset != pending_charset:
+                flush()
+            pending_charset = charset
+            pending.extend(data)
+            after_word = True
+        pos = m.end()
+    flush()
+    out.append(decode_8bit(value[pos:]))
+    return "".join(out)
+
+
+class Param(NamedTuple):
+    """One parameter: ``text`` as written (unquoted) or, for RFC 2231, ``data`` + charset."""
+
+    text: str
+    data: bytes | None = None
+    charset: str = ""
+
+
+_RFC2231_NAME_RE: Final = re.compile(r"([^*]+)\*(?:([0-9]{1,4})(\*)?)?")
+
+
+def _unquote(value: str) -> str:
+    """Unquote a parameter value exactly as ``email.utils.unquote`` does."""
+    value = value.strip()
+    if len(value) > 1:
+        if value[0] == '"' and value[-1] == '"':
+            return value[1:-1].replace("\\\\", "\\").replace('\\"', '"')
+        if value[0] == "<" and value[-1] == ">":
+            return value[1:-1]
+    return value
+
+
+def _split_params(value: str) -> list[str]:
+    """Split on ";" outside quoted strings, in one linear pass."""
+    segments: list[str] = []
+    current: list[str] = []
+    quotes = 0
+    for piece in value.split(";"):
+        current.append(piece)
+        quotes += piece.count('"') - piece.count('\\"')
+        if quotes % 2 == 0:
+            segments.append(";".join(current))
+            current = []
+            quotes = 0
+    if current:
+        segments.append(";".join(current))
+    return segments
+
+
+# Values up to this long are remembered: a message has the same Content-Type read by the
+# pre-scan and by the walk, and mail repeats a few values ('text/plain; charset="utf-8"').
+_PARAMS_CACHE_MAX_VALUE: Final = 512
+
+
+def parse_params(value: str) -> tuple[str, Mapping[str, Param]]:
+    """Split a Content-Type/Disposition value into its lowercased main value and parameters.
+
+    RFC 2231 continuations (``name*0*=``) and charset/language prefixes are honoured; the
+    octets of an extended value are returned undecoded with their charset label, so that the
+    caller decodes them through the safe codec lookup. As in the stdlib, a plain parameter
+    wins over an extended one of the same name, and the first of duplicates wins. The
+    parameters are shared between calls: read them, never change them.
+    """
+    if ";" not in value:
+        return value.strip().lower(), {}
+    if len(value) <= _PARAMS_CACHE_MAX_VALUE:
+        return _parse_params_cached(value)
+    return _parse_params_uncached(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_params_cached(value: str) -> tuple[str, Mapping[str, Param]]:
+    return _parse_params_uncached(value)
+
+
+def _parse_params_uncached(value: str) -> tuple[str, dict[str, Param]]:
+    """parse_params without the cache: the value split once, RFC 2231 sections joined."""
+    segments = _split_params(value)
+    main = segments[0].strip().lower() if segments else ""
+    params: dict[str, Param] = {}
+    extended: dict[str, list[tuple[int, str, bool]]] = {}
+    for segment in segments[1:]:
+        name, sep, val = segment.partition("=")
+        name = name.strip().lower()
+        if not sep or not name:
+            continue
+        m = _RFC2231_NAME_RE.fullmatch(name)
+        if m is None:
+            params.setdefault(name, Param(_unquote(val)))
+            continue
+        number = int(m.group(2)) if m.group(2) is not None else 0
+        encoded = m.group(2) is None or m.group(3) is not None
+        extended.setdefault(m.group(1), []).append((number, _unquote(val), encoded))
+    for name, pieces in extended.items():
+        if name not in params:
+            params[name] = _rfc2231_param(pieces)
+    return main, params
+
+
+def _rfc2231_param(pieces: list[tuple[int, str, bool]]) -> Param:
+    """One RFC 2231 parameter from its (section number, text, is encoded) pieces."""
+    pieces.sort(key=lambda p: p[0])
+    charset = ""
+    chunks: list[bytes] = []
+    any_encoded = False
+    for index, (_, text, encoded) in enumerate(pieces):
+        if encoded:
+            any_encoded = True
+            if index == 0 and text.count("'") >= 2:
+                charset, _lang, text = text.split("'", 2)
+            chunks.append(urllib.parse.unquote_to_bytes(to_bytes(text)))
+        else:
+            chunks.append(to_bytes(text))
+    data = b"".join(chunks)
+    if any_encoded:
+        return Param("", data, charset.strip())
+    return Param(data.decode("utf-8", "surrogateescape"))
+
+
+def param_text(param: Param | None, *, encoded_words: bool = False) -> str | None:
+    """The decoded text of a parameter (None if absent)."""
+    if param is None:
+        return None
+    if param.data is not None:
+        return decode_text(param.data, param.charset or None)
+    return decode_words(param.text) if encoded_words else decode_8bit(param.text)
+
+
+def unfold(value: str) -> str:
+    """RFC 5322 unfolding: remove the line breaks, keep the white space after them."""
+    return _FOLD_RE.sub("", value) if "\n" in value or "\r" in value else value
+
+
+def header_map(msg: Message) -> dict[str, list[str]]:
+    """All top-level header values by lowercased name, raw (8-bit octets surrogate-escaped)."""
+    headers: dict[str, list[str]] = {}
+    for name, value in msg.raw_items():
+        headers.setdefault(name.strip().lower(), []).append(value)
+    return headers
+
+
+def first_field(headers: dict[str, list[str]], name: str) -> str | None:
+    """The first value of the header field ``name`` (lowercase) in ``headers``, unfolded."""
+    values = headers.get(name)
+    return unfold(values[0]) if values else None
+
+
+def part_header(part: Message, name: str) -> str | None:
+    """First raw value of a header of a MIME part (never the stdlib's decoded view)."""
+    for key, value in part.raw_items():
+        if key.strip().lower() == name:
+            return unfold(value)
+    return None
+
+
+def part_fields(part: Message) -> dict[str, str]:
+    """Each header field of a MIME part by lowercased name: its first value, as part_header."""
+    fields: dict[str, str] = {}
+    for key, value in part.raw_items():
+        name = key.strip().lower()
+        if name not in fields:
+            fields[name] = unfold(value)
+    return fields
+
+
+_MSGID_RE: Final = re.compile(r"<([^<>\s]{1,998})>")
+_MAX_REFERENCES: Final = 200
+
+
+def _clean_id(text: str) -> str | None:
+    ident = one_line(decode_8bit(text)).replace(" ", "")
+    return ident[:998] or None
+
+
+def msgid(value: str | None) -> str | None:
+    """The message-id in a Message-ID/In-Reply-To value, without angle brackets."""
+    if value is None:
+        return None
+    m = _MSGID_RE.search(value)
+    if m is not None:
+        return _clean_id(m.group(1))
+    token = value.strip()
+    if token and not any(ch.isspace() for ch in token):
+        return _clean_id(token.strip("<>"))
+    return None
+
+
+def msgids(value: str | None) -> tuple[str, ...]:
+    """All message-ids of a References value, oldest first."""
+    if not value:
+        return ()
+    ids = [i for i in (_clean_id(m) for m in _MSGID_RE.findall(value)) if i]
+    if len(ids) > _MAX_REFERENCES:
+        # The root and the most recent ancestors are the ones threading needs.
+        ids = [ids[0], *ids[-(_MAX_REFERENCES - 1) :]]
+    return tuple(ids)
+
+
+def parse_date(value: str | None) -> datetime | None:
+    """A Date value as an aware datetime (UTC if it has no zone), or None if unreadable."""
+    if not value:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(decode_8bit(value).strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if parsed.tzinfo is None:
+        # "-0000" means "UTC, but the sender's zone is unknown" (RFC 5322 3.3).
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
