@@ -343,8 +343,20 @@ def mailbox_copy(cfg: MailboxConfig) -> bytes:
         )
     )
     w.add(root, "messageProcessorTypeName", _PROCESSOR_TYPE_NAMES[cfg.processor])
-    s = cfg.server
-    server = etree.SubElement(root, "server")
+    _copy_server(w, etree.SubElement(root, "server"), cfg.server)
+    _copy_settings(w, root, cfg)
+    if cfg.smtp is not None:
+        _copy_smtp(w, etree.SubElement(root, "smtp"), cfg.smtp)
+    if cfg.reply_template is not None:
+        reply = etree.SubElement(root, "replyTemplate")
+        w.add(reply, "subject", cfg.reply_template.subject)
+        w.add(reply, "body", cfg.reply_template.body)
+    etree.indent(root, space="  ")
+    out: bytes = etree.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
+    return out
+
+
+def _copy_server(w: _CopyWriter, server: etree._Element, s: ServerConfig) -> None:
     w.add(server, "gatewayTypeName", s.gateway)
     w.add(server, "serverName", s.host)
     w.add(server, "port", s.port)
@@ -355,6 +367,13 @@ def mailbox_copy(cfg: MailboxConfig) -> bytes:
     w.add(server, "caFile", s.ca_file)
     w.add(server, "tlsVerify", s.tls_verify)
     w.add(server, "timeoutSeconds", int(s.timeout))
+    w.add(server, "accountId", s.account_id)
+    timeout = s.session_timeout
+    w.add(server, "sessionTimeoutSeconds", None if timeout is None else int(timeout))
+    w.add(server, "minimumBytesPerSecond", s.min_rate)
+
+
+def _copy_settings(w: _CopyWriter, root: etree._Element, cfg: MailboxConfig) -> None:
     w.add(root, "team", cfg.team)
     w.add(root, "incidentFallbackSiteName", cfg.fallback_site)
     w.add(root, "incidentFallbackUserLogon", cfg.fallback_user)
@@ -372,26 +391,19 @@ def mailbox_copy(cfg: MailboxConfig) -> bytes:
     w.add(root, "maxAttachmentsBytes", cfg.max_attachments_bytes)
     poll = cfg.poll_interval
     w.add(root, "pollIntervalSeconds", None if poll is None else int(poll))
-    if cfg.smtp is not None:
-        m = cfg.smtp
-        smtp = etree.SubElement(root, "smtp")
-        w.add(smtp, "serverName", m.host)
-        w.add(smtp, "port", m.port)
-        w.add(smtp, "useSsl", m.use_ssl)
-        w.add(smtp, "startTls", m.starttls)
-        w.add(smtp, "userName", m.user_name)
-        w.password(smtp, m.password, m.password_file, m.password_env)
-        w.add(smtp, "from", m.sender)
-        w.add(smtp, "caFile", m.ca_file)
-        w.add(smtp, "tlsVerify", m.tls_verify)
-        w.add(smtp, "timeoutSeconds", int(m.timeout))
-    if cfg.reply_template is not None:
-        reply = etree.SubElement(root, "replyTemplate")
-        w.add(reply, "subject", cfg.reply_template.subject)
-        w.add(reply, "body", cfg.reply_template.body)
-    etree.indent(root, space="  ")
-    out: bytes = etree.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
-    return out
+
+
+def _copy_smtp(w: _CopyWriter, smtp: etree._Element, m: SmtpConfig) -> None:
+    w.add(smtp, "serverName", m.host)
+    w.add(smtp, "port", m.port)
+    w.add(smtp, "useSsl", m.use_ssl)
+    w.add(smtp, "startTls", m.starttls)
+    w.add(smtp, "userName", m.user_name)
+    w.password(smtp, m.password, m.password_file, m.password_env)
+    w.add(smtp, "from", m.sender)
+    w.add(smtp, "caFile", m.ca_file)
+    w.add(smtp, "tlsVerify", m.tls_verify)
+    w.add(smtp, "timeoutSeconds", int(m.timeout))
 
 
 def redact_config(data: bytes) -> bytes:
@@ -550,6 +562,12 @@ def _parse(path: Path, ctx: _Context) -> etree._Element:
     if docinfo.internalDTD is not None:
         raise ctx.error("DOCTYPE declarations are not allowed", line=1)
 
+    _refuse_schema_attributes(root, ctx)
+    return root
+
+
+def _refuse_schema_attributes(root: etree._Element, ctx: _Context) -> None:
+    """No location hint is ever followed, and no xsi: attribute changes the validation."""
     for el in root.iter():
         for attr in el.attrib:
             qname = etree.QName(attr)
@@ -567,7 +585,6 @@ def _parse(path: Path, ctx: _Context) -> etree._Element:
                     "attributes; remove it",
                     at=el,
                 )
-    return root
 
 
 def _read_bounded(path: Path, limit: int) -> bytes | None:
@@ -956,58 +973,74 @@ def _schema_error(err: XMLSchemaValidationError, ctx: _Context) -> ConfigError:
 
     xmlschema's reasons may quote the instance (a password included), so they only help to
     recognise the case and are never copied, except, quotes stripped, in the last fallback.
+    Each case below is tried in turn; the first that recognises the error words it.
     """
-    # Imported by _xmlschema(), which produced ``err``.
-    from xmlschema import XMLSchemaChildrenValidationError
-
     reason = str(err.reason or "")
     elem: Any = err.elem
     if not isinstance(elem, etree._Element):
         return ctx.error(f"does not match the schema: {_strip_quotes(reason)}")
     el: etree._Element = elem
     path = tuple(_display(e) for e in _ancestors_and_self(el))
-    decl = _decls().get(path)
-
     if el.getparent() is None and el.tag != _ROOT:
         return ctx.error(f"the root element must be <{_ROOT}>, not <{_display(el)}>", at=el)
-
     allowed = list(_CHILDREN.get(path, {}).values())
-    if isinstance(err, XMLSchemaChildrenValidationError):
-        child: Any = err.invalid_child
-        if isinstance(child, etree._Element):
-            if _is_plain(child) and child.tag in allowed:
-                return ctx.error(
-                    f"<{child.tag}> appears more than once in <{el.tag}>; each element may be "
-                    "given at most once",
-                    at=child,
-                )
+    return (
+        _children_error(err, el, allowed, ctx)
+        or _content_error(reason, el, _decls().get(path), allowed, ctx)
+        or ctx.error(f"does not match the schema: {_strip_quotes(reason)}", at=el)
+    )
+
+
+def _children_error(
+    err: XMLSchemaValidationError, el: etree._Element, allowed: list[str], ctx: _Context
+) -> ConfigError | None:
+    """A child element too many, unknown or missing."""
+    # Imported by _xmlschema(), which produced ``err``.
+    from xmlschema import XMLSchemaChildrenValidationError
+
+    if not isinstance(err, XMLSchemaChildrenValidationError):
+        return None
+    child: Any = err.invalid_child
+    if isinstance(child, etree._Element):
+        if _is_plain(child) and child.tag in allowed:
             return ctx.error(
-                f"unknown element <{_display(child)}> in <{el.tag}>; valid elements here: "
-                + ", ".join(allowed),
+                f"<{child.tag}> appears more than once in <{el.tag}>; each element may be "
+                "given at most once",
                 at=child,
             )
-        missing = [str(tag) for tag in (err.expected_tags or ())]
-        if missing:
-            what = "element" if len(missing) == 1 else "elements"
-            listed = ", ".join(f"<{m}>" for m in missing)
-            return ctx.error(f"missing required {what} {listed} in <{el.tag}>", at=el)
+        return ctx.error(
+            f"unknown element <{_display(child)}> in <{el.tag}>; valid elements here: "
+            + ", ".join(allowed),
+            at=child,
+        )
+    missing = [str(tag) for tag in (err.expected_tags or ())]
+    if not missing:
+        return None
+    what = "element" if len(missing) == 1 else "elements"
+    listed = ", ".join(f"<{m}>" for m in missing)
+    return ctx.error(f"missing required {what} {listed} in <{el.tag}>", at=el)
 
+
+def _content_error(
+    reason: str, el: etree._Element, decl: Any, allowed: list[str], ctx: _Context
+) -> ConfigError | None:
+    """Attributes, a bad value, elements inside a value, or text among elements."""
     if "attribute" in reason and el.attrib:
         names = ", ".join(sorted(str(a) for a in el.attrib))
         return ctx.error(f"attributes are not used in mailbox files; remove {names}", at=el)
-
-    if decl is not None and decl.type.is_simple():
+    if decl is None:
+        return None
+    if decl.type.is_simple():
         if len(el):
             return ctx.error("must contain text only, not elements", at=el)
         return ctx.error(_bad_value(el, decl.type, ctx), at=el)
-
-    if decl is not None and ((el.text or "").strip() or any((c.tail or "").strip() for c in el)):
+    if (el.text or "").strip() or any((c.tail or "").strip() for c in el):
         return ctx.error(
             f"text is not allowed directly inside <{el.tag}>, only the elements "
             + ", ".join(allowed),
             at=el,
         )
-    return ctx.error(f"does not match the schema: {_strip_quotes(reason)}", at=el)
+    return None
 
 
 def _bad_value(el: etree._Element, xsd_type: Any, ctx: _Context) -> str:

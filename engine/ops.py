@@ -65,44 +65,63 @@ class Metrics:
     def __init__(self) -> None:
         # Imported here, not at the top: prometheus_client brings http.server, wsgiref and
         # urllib (about 15 ms) to every command, and only an engine has metrics.
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry
 
         self.registry = CollectorRegistry()
-        r = self.registry
+        self._mailbox_metrics()
+        self._writer_metrics()
+
+    def _mailbox_metrics(self) -> None:
+        """What each mailbox did: messages, sessions, outages, replies."""
+        from prometheus_client import Counter, Gauge
+
+        r, mailbox = self.registry, ["mailbox"]
         self.fetched = Counter(
-            "mailintegration_messages_fetched", "Messages fetched (RETR).", ["mailbox"], registry=r
+            "mailintegration_messages_fetched", "Messages fetched (RETR).", mailbox, registry=r
         )
         self.processed = Counter(
             "mailintegration_messages_processed",
             "Messages committed as a request, activity or refusal.",
-            ["mailbox"],
+            mailbox,
             registry=r,
         )
         self.failed = Counter(
             "mailintegration_messages_failed",
             "Messages committed as a failure event.",
-            ["mailbox"],
+            mailbox,
             registry=r,
         )
         self.sessions = Counter(
             "mailintegration_sessions",
             "Mailbox sessions by result.",
-            ["mailbox", "result"],
+            [*mailbox, "result"],
             registry=r,
         )
         self.outage = Gauge(
             "mailintegration_mailbox_outage",
             "1 while the mailbox cannot be read.",
-            ["mailbox"],
+            mailbox,
             registry=r,
         )
         self.kept_deleted = Gauge(
             "mailintegration_server_kept_deleted",
             "Messages of the last listing whose deletion the server had confirmed before "
             "(a server that keeps deleted mail).",
-            ["mailbox"],
+            mailbox,
             registry=r,
         )
+        self.replies = Counter(
+            "mailintegration_replies",
+            "Sends of automatic replies by result (sent, retry, failed).",
+            [*mailbox, "result"],
+            registry=r,
+        )
+
+    def _writer_metrics(self) -> None:
+        """How the single writer keeps up: its queue, transactions and their sizes."""
+        from prometheus_client import Counter, Gauge, Histogram
+
+        r = self.registry
         self.queue_depth = Gauge(
             "mailintegration_queue_depth", "Items waiting for the writer.", registry=r
         )
@@ -117,12 +136,6 @@ class Metrics:
         )
         self.commit_seconds = Histogram(
             "mailintegration_commit_seconds", "Duration of a writer transaction.", registry=r
-        )
-        self.replies = Counter(
-            "mailintegration_replies",
-            "Sends of automatic replies by result (sent, retry, failed).",
-            ["mailbox", "result"],
-            registry=r,
         )
 
     def render(self) -> bytes:

@@ -1002,6 +1002,21 @@ def test_mailbox_copy_loads_back_to_the_same_model(
     assert _but_secrets(again, cfg) == cfg
 
 
+def test_mailbox_copy_keeps_the_session_settings_of_the_server(tmp_path: Path) -> None:
+    """accountId (the ledger's name for the account), sessionTimeoutSeconds and
+    minimumBytesPerSecond are in the copy: an outage event shows what the engine used."""
+    server = (
+        "<accountId>support-mailbox</accountId><sessionTimeoutSeconds>120</sessionTimeoutSeconds>"
+        "<minimumBytesPerSecond>4096</minimumBytesPerSecond>"
+    )
+    cfg = load_mailbox(write(tmp_path, mailbox(server=server)))
+    copy = mailbox_copy(cfg)
+    assert b"<accountId>support-mailbox</accountId>" in copy
+    again = load_mailbox(write(tmp_path, copy, "copy.xml"))
+    assert _but_secrets(again, cfg) == cfg
+    assert again.server.session_timeout == 120 and again.server.min_rate == 4096
+
+
 def test_mailbox_copy_masks_a_password_repeated_in_other_values(tmp_path: Path) -> None:
     text = mailbox(extra=f"<incidentSource>{CANARY}</incidentSource><team>x{CANARY}y</team>")
     text = text.replace("support@example.com", CANARY)
