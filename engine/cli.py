@@ -150,6 +150,25 @@ def _data_dir(sp: argparse.ArgumentParser) -> None:
         default=Path(os.environ.get("MAILINTEGRATION_DATA_DIR", "data")),
         help="database, attachments and logs (env MAILINTEGRATION_DATA_DIR, default ./data)",
     )
+    sp.add_argument(
+        "--store",
+        default=os.environ.get("MAILINTEGRATION_STORE") or None,
+        help="postgresql://user@host:port/db to keep the store in PostgreSQL, shared by "
+        "several replicas (env MAILINTEGRATION_STORE; default: SQLite in --data-dir). Put "
+        "no password in it: use --store-password-file, PGPASSFILE or PGPASSWORD",
+    )
+    sp.add_argument(
+        "--store-password-file",
+        type=Path,
+        default=_env_path("MAILINTEGRATION_STORE_PASSWORD_FILE"),
+        help="a file whose first line is the store's password (env "
+        "MAILINTEGRATION_STORE_PASSWORD_FILE; a Kubernetes secret mounted as a file)",
+    )
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
 
 
 def _engine_opts(sp: argparse.ArgumentParser) -> None:

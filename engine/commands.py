@@ -33,8 +33,36 @@ _PIPELINE = ("engine.supervisor", "engine.ops", "engine.gateways")
 log = logging.getLogger("engine.cli")
 
 
-async def open_for_reading(data_dir: Path) -> Store:
+def _postgres(args: argparse.Namespace) -> str | None:
+    """The PostgreSQL DSN ``--store`` names, if it names one."""
+    from engine.store.postgres import is_postgres
+
+    store: str | None = getattr(args, "store", None)
+    if store and not is_postgres(store):
+        raise ConfigError(
+            "--store (MAILINTEGRATION_STORE) must be a postgresql:// URL; leave it out to "
+            "keep the store in SQLite in --data-dir"
+        )
+    return store
+
+
+async def open_any_store(args: argparse.Namespace, *, sweep: bool = False) -> Store:
+    """The store ``--store`` names (PostgreSQL), or SQLite in ``--data-dir``. asyncpg is
+    imported only for PostgreSQL: a SQLite user's every start does not pay for it."""
+    dsn = _postgres(args)
+    if dsn is None:
+        return await open_store(args.data_dir, sweep=sweep)
+    from engine.store.postgres import open_postgres, read_password
+
+    password = read_password(getattr(args, "store_password_file", None))
+    return await open_postgres(dsn, password=password)
+
+
+async def open_for_reading(args: argparse.Namespace) -> Store:
     """The store, read-only: works on a read-only data directory, and never changes it."""
+    if _postgres(args) is not None:
+        return await open_any_store(args)
+    data_dir: Path = args.data_dir
     if not (data_dir / "mailintegration.sqlite3").exists():
         raise EngineError(f"no store in {data_dir}: nothing has run there yet (see --data-dir)")
     return await open_store(data_dir, read_only=True)
@@ -101,10 +129,12 @@ async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[i
     """Lock the data directory, open the store, log in, build the engine, run ``body``."""
     _setup_logging(args)
     dry_run = getattr(args, "dry_run", False)
-    lock = DataDirLock(args.data_dir)
-    lock.acquire()
+    # SQLite: one engine per data directory. PostgreSQL: replicas share it (leases).
+    lock = DataDirLock(args.data_dir) if _postgres(args) is None else None
+    if lock is not None:
+        lock.acquire()
     try:
-        store = await open_store(args.data_dir, sweep=not dry_run)
+        store = await open_any_store(args, sweep=not dry_run)
         try:
             created_by = await _login(store, args)
             from engine.ops import bound_large_allocations, raise_fd_limit
@@ -144,7 +174,8 @@ async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[i
             with anyio.CancelScope(shield=True):
                 await store.close()
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 async def _serving(
@@ -310,7 +341,7 @@ async def cmd_check(args: argparse.Namespace) -> int:
 
 
 async def cmd_requests(args: argparse.Namespace) -> int:
-    store = await open_for_reading(args.data_dir)
+    store = await open_for_reading(args)
     try:
         if args.action == "list":
             rows = await store.list_requests(type=args.type, status=args.status)
@@ -377,7 +408,7 @@ async def cmd_directory(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read the directory file: {exc}", file=str(args.file)) from exc
     # No engine lock: SQLite's BEGIN IMMEDIATE serialises this with a running engine's writer.
-    store = await open_store(args.data_dir)
+    store = await open_any_store(args)
     try:
         async with store.transaction() as tx:
             counts = await tx.import_directory(data)
@@ -390,7 +421,7 @@ async def cmd_directory(args: argparse.Namespace) -> int:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    store = await open_for_reading(args.data_dir)
+    store = await open_for_reading(args)
     try:
         rows = await store.mailbox_status()
     finally:
