@@ -68,11 +68,17 @@ async def main(dsn: str) -> None:
             old = best.setdefault(name, [single, many])
             best[name] = [min(old[0], single), min(old[1], many)]
     p, a = best["psycopg"], best["asyncpg"]
-    print(f"{N} single-row INSERT..RETURNING in one transaction: psycopg {p[0]*1e3:.0f} ms, "
-          f"asyncpg {a[0]*1e3:.0f} ms, psycopg/asyncpg {p[0]/a[0]:.2f}")
-    print(f"executemany of {N} rows: psycopg {p[1]*1e3:.0f} ms, asyncpg {a[1]*1e3:.0f} ms, "
-          f"psycopg/asyncpg {p[1]/a[1]:.2f}")
+    print(
+        f"{N} single-row INSERT..RETURNING in one transaction: psycopg {p[0] * 1e3:.0f} ms, "
+        f"asyncpg {a[0] * 1e3:.0f} ms, psycopg/asyncpg {p[0] / a[0]:.2f}"
+    )
+    print(
+        f"executemany of {N} rows: psycopg {p[1] * 1e3:.0f} ms, asyncpg {a[1] * 1e3:.0f} ms, "
+        f"psycopg/asyncpg {p[1] / a[1]:.2f}"
+    )
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "postgresql://postgres@127.0.0.1:5432/test"))
+    asyncio.run(
+        main(sys.argv[1] if len(sys.argv) > 1 else "postgresql://postgres@127.0.0.1:5432/test")
+    )

@@ -26,6 +26,7 @@ from support import (
     message,
     once,
     requests,
+    store_args,
     wait_for,
 )
 
@@ -40,7 +41,9 @@ pytestmark = pytest.mark.dovecot
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_twenty_mailboxes_once_each_message_exactly_once(tmp_path: Path, dovecot: Any) -> None:
+def test_twenty_mailboxes_once_each_message_exactly_once(
+    tmp_path: Path, dovecot: Any, store: str
+) -> None:
     data = tmp_path / "data"
     import_directory(data, tmp_path)
     conf = tmp_path / "mailboxes.d"
@@ -69,11 +72,13 @@ def test_twenty_mailboxes_once_each_message_exactly_once(tmp_path: Path, dovecot
     assert {r["team"] for r in reqs} == {"IT"}
     assert len(ledger(data)) == 100
     assert all(dovecot.count(user) == 0 for user in delivered)
-    code, out = cli("status", "--data-dir", data)
+    code, out = cli("status", "--data-dir", data, *store_args())
     assert code == 0 and "IT/box1" in out and "processed 5" in out
 
 
-def test_a_stalled_server_does_not_hold_up_the_others(tmp_path: Path, dovecot: Any) -> None:
+def test_a_stalled_server_does_not_hold_up_the_others(
+    tmp_path: Path, dovecot: Any, store: str
+) -> None:
     data = tmp_path / "data"
     import_directory(data, tmp_path)
     conf = tmp_path / "conf"
@@ -104,7 +109,7 @@ def test_a_stalled_server_does_not_hold_up_the_others(tmp_path: Path, dovecot: A
     assert all(dovecot.count(u) == 0 for u in users)
 
 
-def test_in_use_is_a_locked_mailbox_not_bad_credentials(tmp_path: Path) -> None:
+def test_in_use_is_a_locked_mailbox_not_bad_credentials(tmp_path: Path, store: str) -> None:
     data = tmp_path / "data"
     import_directory(data, tmp_path)
     causes = {}

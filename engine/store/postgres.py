@@ -482,7 +482,9 @@ class PostgresTransaction(Transaction):
         )
 
     async def account_has_rows(self, account: str) -> bool:
-        return await self._one("SELECT 1 FROM ledger WHERE account = $1 LIMIT 1", account) is not None
+        return (
+            await self._one("SELECT 1 FROM ledger WHERE account = $1 LIMIT 1", account) is not None
+        )
 
     async def rename_account(self, old: str, new: str) -> None:
         await self.conn.execute("UPDATE ledger SET account = $1 WHERE account = $2", new, old)
@@ -818,11 +820,14 @@ _REQUEST_SELECT = (
 
 
 def _request_dict(r: asyncpg.Record) -> dict[str, Any]:
-    keys = (
-        "number team_number team type status kind subject description requester user site "
-        "group assignee source created_at created_by mailbox cause html"
-    ).split()
-    return dict(zip(keys, r, strict=True))
+    return dict(zip(_REQUEST_KEYS, r, strict=True))
+
+
+_REQUEST_KEYS = (
+    *("number", "team_number", "team", "type", "status", "kind", "subject", "description"),
+    *("requester", "user", "site", "group", "assignee", "source", "created_at", "created_by"),
+    *("mailbox", "cause", "html"),
+)
 
 
 # -- opening and migrating -------------------------------------------------------------------
