@@ -709,7 +709,32 @@ class TwoPassCommit:
     async def __call__(
         self, batch: list[Item], started: float
     ) -> tuple[Work, list[Item], list[Item]]:
-        """Commit (the head of) ``batch``: (the pass that committed, the head, the rest)."""
+        """Commit (the head of) ``batch``: (the pass that committed, the head, the rest).
+
+        5. **A replica committed first** (``Store.conflicts``: the ledger's unique key, say,
+           of a message two replicas raced for): the transaction is done again from the
+           start; its reads now see the other's rows, so such a message is a duplicate,
+           deleted without being processed. Bounded: the last conflict is a failure.
+        """
+        for attempt in range(_CONFLICT_REPLAYS + 1):
+            try:
+                return await self._passes(batch, started)
+            except self.writer.store.conflicts as exc:
+                if attempt == _CONFLICT_REPLAYS:
+                    raise
+                log.warning(
+                    "another writer committed first what this transaction of %d item(s) "
+                    "also wrote (%s): done again",
+                    len(batch),
+                    type(exc).__name__,
+                )
+                for item in batch:
+                    _reset(item)
+        raise AssertionError("unreachable")
+
+    async def _passes(
+        self, batch: list[Item], started: float
+    ) -> tuple[Work, list[Item], list[Item]]:
         try:
             return await self._pass(batch, started, careful=False)
         except _Replay as replay:
@@ -774,6 +799,10 @@ class TwoPassCommit:
         assert error is not None
         async with tx.savepoint():
             env.outcome = await writer.fail(work, env, error)
+
+
+# How many times a transaction is done again after a conflict with another replica.
+_CONFLICT_REPLAYS = 3
 
 
 class _Replay(Exception):

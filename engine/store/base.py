@@ -262,6 +262,11 @@ class Store(ABC):
     # the whole transaction back and answers every item "not committed". A store adds its
     # driver's errors.
     failures: tuple[type[Exception], ...] = (StoreError,)
+    # Among the failures, those that mean another writer (a replica) committed first what
+    # this transaction also wrote: a ledger key (the unique constraint), an open outage.
+    # The writer does the transaction again, and then finds the other's rows (the message is
+    # a duplicate, deleted without being processed). SQLite has one writer: none.
+    conflicts: tuple[type[Exception], ...] = ()
 
     @abstractmethod
     def transaction(self) -> AbstractAsyncContextManager[Transaction]:

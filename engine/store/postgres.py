@@ -102,6 +102,7 @@ class PostgresStore(Store):
     """A store on one asyncpg connection. Open it with :func:`open_postgres`."""
 
     failures = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, StoreError)
+    conflicts = (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError)
 
     def __init__(self, conn: asyncpg.Connection, dsn: str) -> None:
         self.conn = conn

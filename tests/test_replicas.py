@@ -1,0 +1,140 @@
+"""Issue 16: several engine replicas on one PostgreSQL database: exactly-once when two of
+them race for a message, and the mailbox leases."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import support
+from support import (
+    DIRECTORY,
+    LOGIN,
+    LOGIN_PASSWORD,
+    engine_argv,
+    import_directory,
+    mailbox_xml,
+    message,
+    store_rows,
+)
+from test_writer import feed, parsed
+
+from engine.config import load_mailbox
+from engine.items import Envelope, Kind
+from engine.store.postgres import open_postgres
+from engine.writer import Writer
+from tools.postgres import postgres_available, throwaway_database
+
+pytestmark = pytest.mark.postgres
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def pg() -> Iterator[str]:
+    """A fresh PostgreSQL database that the support helpers use, for this test."""
+    if not postgres_available():
+        pytest.skip("no PostgreSQL answers")
+    with throwaway_database() as dsn:
+        support.STORE = dsn
+        try:
+            yield dsn
+        finally:
+            support.STORE = None
+
+
+def test_the_loser_of_a_race_for_a_message_records_it_once_and_processes_nothing(
+    tmp_path: Path, pg: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Replica B holds the ledger row of a message in a transaction not yet committed while
+    replica A's writer handles the same message: A's insert waits on the unique key, fails
+    when B commits, and A's transaction is done again: the message is then a duplicate
+    (deleted by A's session without being processed), and A's request was rolled back."""
+    cfg = load_mailbox(mailbox_xml(tmp_path / "m.xml", port=110, user="u", password="p"))
+
+    async def go() -> tuple[Envelope, Envelope]:
+        a, b = await open_postgres(pg), await open_postgres(pg)
+        try:
+            async with a.transaction() as tx:
+                await tx.import_directory(DIRECTORY)
+            raced = Envelope(mailbox=cfg, uidl="u1", raw=b"x", parsed=parsed(1))
+            other = Envelope(mailbox=cfg, uidl="u2", raw=b"y", parsed=parsed(2))
+            async with anyio.create_task_group() as tg:
+                async with b.transaction() as tx_b:
+                    await tx_b.record_ledger(
+                        account=raced.account,
+                        uidl="u1",
+                        mailbox=cfg.name,
+                        message_id=None,
+                        sha256="b" * 64,
+                        outcome="created",
+                        request_number=None,
+                    )
+                    tg.start_soon(feed, Writer(a, created_by=LOGIN), [raced, other])
+                    await anyio.sleep(1.0)  # A now waits on B's uncommitted key
+                    assert not raced.done.is_set()
+                # B committed: A goes on.
+                with anyio.fail_after(30):
+                    await raced.done.wait()
+            return raced, other
+        finally:
+            await a.close()
+            await b.close()
+
+    with caplog.at_level(logging.WARNING, logger="engine.writer"):
+        raced, other = anyio.run(go)
+    assert raced.failure is None and raced.outcome is not None
+    assert raced.outcome.kind is Kind.DUPLICATE
+    assert other.failure is None and str(other.outcome) == "created"
+    assert "UniqueViolationError" in caplog.text
+    subjects = [r["subject"] for r in store_rows(tmp_path, "SELECT subject FROM requests")]
+    assert subjects == ["Printer 2 is jammed"]
+    assert store_rows(tmp_path, "SELECT uidl, outcome FROM ledger ORDER BY uidl") == [
+        {"uidl": "u1", "outcome": "created"},
+        {"uidl": "u2", "outcome": "created"},
+    ]
+
+
+@pytest.mark.dovecot
+def test_two_engines_on_one_mailbox_process_each_message_once(
+    tmp_path: Path, pg: str, dovecot: Any, pop3_user: tuple[str, str]
+) -> None:
+    """Two `once` processes on one mailbox at the same moment: every message is recorded
+    and processed once, and the mailbox ends empty."""
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    user, password = pop3_user
+    for i in range(60):
+        dovecot.deliver(user, message(f"Raced {i}"))
+    cfg = mailbox_xml(tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=password)
+    argv = engine_argv(
+        "once", "--config", cfg, "--store", pg, "--login", LOGIN, "--password", LOGIN_PASSWORD
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen(
+            [*argv, "--data-dir", tmp_path / f"d{i}"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
+    deadline = time.monotonic() + 90
+    logs = [p.communicate(timeout=max(1, deadline - time.monotonic()))[1] for p in procs]
+    assert b"Traceback" not in b"".join(logs)
+    if dovecot.count(user):  # a session the other's deletions cut short: once more
+        subprocess.run([*argv, "--data-dir", tmp_path / "d0"], cwd=ROOT, env=env, timeout=60)
+    assert dovecot.count(user) == 0
+    subjects = [r["subject"] for r in store_rows(data, "SELECT subject FROM requests")]
+    mail = sorted(s for s in subjects if s.startswith("Raced"))
+    assert mail == sorted(f"Raced {i}" for i in range(60))
+    [n] = store_rows(data, "SELECT count(*) AS n FROM ledger")
+    assert n["n"] == 60
