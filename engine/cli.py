@@ -97,9 +97,29 @@ def _run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--poll-interval", type=float, default=60.0, help="seconds (default 60)")
     run.add_argument("--reload-seconds", type=float, default=2.0)
     run.add_argument("--grace-seconds", type=float, default=30.0)
+    _replica_opts(run)
     _http_opts(run, 8080, "0 turns the endpoint off")
     _follow_symlinks(run)
     _engine_opts(run)
+
+
+def _replica_opts(sp: argparse.ArgumentParser) -> None:
+    group = sp.add_argument_group(
+        "replicas", "with --store postgresql://...: several replicas share the mailboxes"
+    )
+    group.add_argument(
+        "--replica-id",
+        default=os.environ.get("MAILINTEGRATION_REPLICA_ID") or None,
+        help="this replica's name in the leases and `status` (env MAILINTEGRATION_REPLICA_ID; "
+        "default: host name and process id)",
+    )
+    group.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=float(os.environ.get("MAILINTEGRATION_LEASE_SECONDS") or 30.0),
+        help="how long a mailbox lease lasts unrenewed: a replica killed with -9 has its "
+        "mailboxes taken over after this plus a poll interval (default 30)",
+    )
 
 
 def _ingest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

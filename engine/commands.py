@@ -24,6 +24,7 @@ from engine.errors import AuthenticationFailed, ConfigError, EngineError, FetchE
 from engine.store import DataDirLock, Store, open_store, private_file
 
 if TYPE_CHECKING:
+    from engine.leases import Leases
     from engine.supervisor import Engine, MailboxOutcome, MailboxSource
 
 # The pipeline (supervisor, fetcher, parser, writer, config) is imported while the login is
@@ -277,11 +278,36 @@ async def cmd_run(args: argparse.Namespace) -> int:
         async def work() -> None:
             await engine.run(args.config_dir, reload_seconds=args.reload_seconds)
 
-        await _serving(args, engine, work)
+        leases = await _leases(args)
+        if leases is not None:
+            engine.use_leases(leases)
+        try:
+            await _serving(args, engine, work)
+        finally:
+            if leases is not None:
+                await leases.backend.close()
         log.info("stopped: %s", engine.summary())
         return 0
 
     return await _engine(args, body)
+
+
+async def _leases(args: argparse.Namespace) -> Leases | None:
+    """With PostgreSQL, this replica's leases, on a connection of their own."""
+    dsn = _postgres(args)
+    if dsn is None:
+        return None
+    import os
+    import socket
+
+    from engine.leases import Leases
+    from engine.store.postgres import open_leases, read_password
+
+    password = read_password(getattr(args, "store_password_file", None))
+    backend = await open_leases(dsn, password=password)
+    replica = args.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+    log.info("replica %s: leases of %g s", replica, args.lease_seconds)
+    return Leases(backend, replica, ttl=args.lease_seconds)
 
 
 def _print_outcomes(outcomes: list[MailboxOutcome], *, dry_run: bool) -> None:
@@ -432,9 +458,11 @@ async def cmd_status(args: argparse.Namespace) -> int:
     for r in rows:
         state = "OUTAGE: " + ", ".join(r["outages"]) if r["outages"] else "ok"
         kept = r["server_kept_deleted"]
+        owner = r.get("owner")
         print(
             f"{r['mailbox']:<24} {state:<28} last success {r['last_success'] or '-'}  "
             f"fetched {r['fetched']} processed {r['processed']} failed {r['failed']}"
             + (f"  server keeps {kept} deleted message(s)" if kept else "")
+            + (f"  polled by {owner}" if owner else "")
         )
     return 0

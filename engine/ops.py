@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +140,26 @@ class Metrics:
             "mailintegration_commit_seconds", "Duration of a writer transaction.", registry=r
         )
 
+    def lease_metrics(self, replica: str, counts: Callable[[], dict[str, int]]) -> None:
+        """With leases: this replica's id and its lease counts, read when scraped."""
+        from prometheus_client import Gauge
+
+        r = self.registry
+        info = Gauge(
+            "mailintegration_replica",
+            "1, labelled with this replica's id.",
+            ["replica"],
+            registry=r,
+        )
+        info.labels(replica).set(1)
+        for key, text in (
+            ("held", "Mailbox leases this replica holds."),
+            ("mailboxes", "Mailboxes in this replica's configuration."),
+            ("replicas", "Replicas alive, as this replica last saw them."),
+        ):
+            gauge = Gauge(f"mailintegration_leases_{key}", text, ["replica"], registry=r)
+            gauge.labels(replica).set_function(functools.partial(_count, counts, key))
+
     def render(self) -> bytes:
         from prometheus_client import generate_latest
 
@@ -149,6 +171,10 @@ class Metrics:
         from prometheus_client import CONTENT_TYPE_LATEST
 
         return CONTENT_TYPE_LATEST
+
+
+def _count(counts: Callable[[], dict[str, int]], key: str) -> float:
+    return float(counts()[key])
 
 
 @dataclass
@@ -166,6 +192,9 @@ class Health:
     supervisor_alive: bool = False
     writer_alive: bool = False
     mailboxes: dict[str, MailboxHealth] = field(default_factory=dict)
+    # With leases (several replicas): this replica's id and its lease counts.
+    replica: str | None = None
+    leases: Callable[[], dict[str, int]] | None = None
 
     def success(self, name: str) -> None:
         h = self.mailboxes.setdefault(name, MailboxHealth())
@@ -182,7 +211,7 @@ class Health:
         def ts(t: float | None) -> str | None:
             return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
-        return {
+        doc: dict[str, Any] = {
             "status": "ok" if self.ok else "failing",
             "supervisor": self.supervisor_alive,
             "writer": self.writer_alive,
@@ -196,6 +225,11 @@ class Health:
                 for name, h in sorted(self.mailboxes.items())
             },
         }
+        if self.replica is not None:
+            doc["replica"] = self.replica
+        if self.leases is not None:
+            doc["leases"] = self.leases()
+        return doc
 
     @property
     def ok(self) -> bool:

@@ -28,6 +28,7 @@ from engine.config import MailboxConfig, SmtpConfig, load_mailbox, secret_values
 from engine.errors import ConfigError, EngineError, ProtocolError, StoreError
 from engine.items import DirectoryCheck, Envelope, Item, SessionReport
 from engine.keys import ingest_key
+from engine.leases import Leases
 from engine.ops import Health, Metrics
 from engine.outbox import Outbox
 from engine.parsers import Parsers
@@ -204,6 +205,17 @@ class Engine:
         self.stop = anyio.Event()
         # Called as each mailbox of a `once` pass finishes (progress on a terminal).
         self.on_outcome: Callable[[MailboxOutcome], None] | None = None
+        # With several replicas on one PostgreSQL store: which mailboxes are this one's.
+        self.leases: Leases | None = None
+
+    def use_leases(self, leases: Leases) -> None:
+        """Poll only the mailboxes this replica holds; fence the writer's commits."""
+        self.leases = leases
+        self.writer.fences = leases.fence
+        self.health.replica = leases.replica
+        self.health.leases = leases.counts
+        if self.metrics is not None:
+            self.metrics.lease_metrics(leases.replica, leases.counts)
 
     async def _with_writer(
         self,
@@ -247,7 +259,15 @@ class Engine:
             return cfg.smtp if cfg is not None else None
 
         def sendable() -> tuple[str, ...]:
-            return tuple(sorted(n for n, c in self.mailboxes.items() if c.smtp is not None))
+            # With leases, a mailbox's replies are sent by the replica that holds it.
+            leases = self.leases
+            return tuple(
+                sorted(
+                    n
+                    for n, c in self.mailboxes.items()
+                    if c.smtp is not None and (leases is None or leases.holds(n))
+                )
+            )
 
         def count(mailbox: str, result: str) -> None:
             if self.metrics is not None:
@@ -311,6 +331,7 @@ class Engine:
             async with anyio.create_task_group() as tg:
                 if self.processes is not None:
                     tg.start_soon(self.processes.start)
+                started_leases = False
                 while not stop.is_set():
                     found = await anyio.to_thread.run_sync(
                         functools.partial(
@@ -318,6 +339,11 @@ class Engine:
                         )
                     )
                     current = {src.name: src for src in found}
+                    if self.leases is not None:
+                        self.leases.names = sorted(current)
+                        if not started_leases:
+                            await tg.start(self.leases.run, stop)
+                            started_leases = True
                     for name, loop in list(loops.items()):
                         if name not in current or loop.src.path != current[name].path:
                             log.info("mailbox=%s removed: stopping after its current session", name)
@@ -347,7 +373,9 @@ class Engine:
         async with send:
             failures = 0
             while not (stop.is_set() or loop.stop.is_set()):
-                outcome = await self.mailbox_once(loop.src, send)
+                if not await self._leased(loop, stop):
+                    continue
+                outcome = await self._leased_once(loop.src, send)
                 if loop.stop.is_set() and not stop.is_set():
                     # Removed while this session ran: its report must not bring it back to
                     # /healthz (test_daemon_hot_reload_health_and_metrics failed so, once).
@@ -366,6 +394,27 @@ class Engine:
                     await anyio.sleep(delay)
                     waiters.cancel_scope.cancel()
                 loop.woken = anyio.Event()
+
+    async def _leased(self, loop: _Loop, stop: anyio.Event) -> bool:
+        """Whether this replica may poll the loop's mailbox now; if not, wait for a lease to
+        be gained (or one tick) first."""
+        leases = self.leases
+        if leases is None or leases.holds(loop.src.name):
+            return True
+        async with anyio.create_task_group() as waiters:
+            for event in (stop, loop.stop, leases.changed):
+                waiters.start_soon(_wait_then_cancel, event, waiters.cancel_scope)
+            await anyio.sleep(leases.interval)
+            waiters.cancel_scope.cancel()
+        return False
+
+    async def _leased_once(
+        self, src: MailboxSource, send: MemoryObjectSendStream[Item]
+    ) -> MailboxOutcome:
+        if self.leases is None:
+            return await self.mailbox_once(src, send)
+        async with self.leases.session(src.name):
+            return await self.mailbox_once(src, send)
 
     async def ingest(self, src: MailboxSource, files: list[Path]) -> list[tuple[Path, Envelope]]:
         """Process message files as if fetched from the mailbox; the ledger keys them by content

@@ -138,6 +138,8 @@ class Writer:
         self.min_batch = min_batch
         self.linger = linger
         self.reply_limits = reply_limits or ReplyLimits()
+        # Set by the supervisor with leases: mailbox -> (this replica, the lease's epoch).
+        self.fences: Callable[[str], tuple[str, int]] | None = None
         self.stats = WriterStats()
         self.metrics = metrics
         # Called after a commit that recorded replies: the outbox's wake-up.
@@ -220,6 +222,9 @@ class Writer:
         durable one.
         """
         started = time.monotonic()
+        batch = self._unleased(batch)
+        if not batch:
+            return []
         try:
             work, batch, rest = await self._commit(batch, started)
         except BaseException as exc:
@@ -238,6 +243,29 @@ class Writer:
         if work.replies and self.on_reply is not None:
             self.on_reply()  # committed: the outbox may send them now
         return rest
+
+    def _unleased(self, batch: list[Item]) -> list[Item]:
+        """Answer at once, "not committed", the messages and reports of mailboxes whose
+        lease this replica no longer holds (it knows): they would fail the fence of the whole
+        transaction. Their session stops without deleting; the new owner redoes them."""
+        if self.fences is None:
+            return batch
+        fences = self.fences
+        keep: list[Item] = []
+        for item in batch:
+            name = (
+                item.mailbox.name
+                if isinstance(item, Envelope)
+                else item.name
+                if isinstance(item, SessionReport)
+                else None
+            )
+            if name is not None and fences(name)[1] < 0:
+                item.failure = StoreError(f"the lease of mailbox {name} was lost")
+                _acknowledge([item])
+            else:
+                keep.append(item)
+        return keep
 
     def _committed(self, batch: list[Item], started: float) -> None:
         """Count a committed transaction, and log and count its messages."""
@@ -282,6 +310,17 @@ class Writer:
             counter.labels(cfg.name).inc()
 
     # -- a pass: what the handlers of a batch share ------------------------------------------
+
+    def fence(self, tx: Transaction, batch: list[Item]) -> None:
+        """With leases (several replicas): the transaction commits only if this replica
+        still holds the lease of every mailbox whose messages or session report it carries
+        (engine/leases.py, step 3)."""
+        if self.fences is None:
+            return
+        names = {item.mailbox.name for item in batch if isinstance(item, Envelope)}
+        names.update(item.name for item in batch if isinstance(item, SessionReport))
+        for name in sorted(names):
+            tx.fence(name, *self.fences(name))
 
     async def begin(self, tx: Transaction, batch: list[Item], *, careful: bool) -> Work:
         """Read ahead, for the whole batch, what its messages' handlers will ask: the ledger
@@ -761,6 +800,7 @@ class TwoPassCommit:
                 if time.monotonic() - started > writer.max_batch_seconds:
                     batch, rest = batch[: i + 1], batch[i + 1 :]
                     break
+            writer.fence(tx, batch)
         return work, batch, rest
 
     async def message(self, work: Work, env: Envelope) -> None:

@@ -7,11 +7,13 @@ import logging
 import os
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import psycopg
 import pytest
 import support
 from support import (
@@ -28,7 +30,8 @@ from test_writer import feed, parsed
 
 from engine.config import load_mailbox
 from engine.items import Envelope, Kind
-from engine.store.postgres import open_postgres
+from engine.leases import Leases
+from engine.store.postgres import open_leases, open_postgres
 from engine.writer import Writer
 from tools.postgres import postgres_available, throwaway_database
 
@@ -138,3 +141,95 @@ def test_two_engines_on_one_mailbox_process_each_message_once(
     assert mail == sorted(f"Raced {i}" for i in range(60))
     [n] = store_rows(data, "SELECT count(*) AS n FROM ledger")
     assert n["n"] == 60
+
+
+async def _replicas(dsn: str, count: int, ttl: float) -> list[Leases]:
+    await (await open_postgres(dsn)).close()  # migrated
+    return [Leases(await open_leases(dsn), f"r{i}", ttl=ttl) for i in range(count)]
+
+
+def _owners(dsn: str) -> dict[str, str | None]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT mailbox, CASE WHEN expires_at > now() THEN owner END FROM leases"
+        ).fetchall()
+    return {r[0]: r[1] for r in rows}
+
+
+def test_leases_balance_three_replicas_and_rebalance_when_one_leaves(pg: str) -> None:
+    """3 replicas over 300 mailboxes own 100 ± 10 each, no mailbox held twice; when one stops
+    (and gives its leases back) the two others own them all within two lease periods, and
+    when a fourth joins it gets its share within two lease periods."""
+    names = [f"box{i:03}" for i in range(300)]
+    ttl = 1.5
+
+    async def rounds(replicas: list[Leases], seconds: float) -> None:
+        deadline = anyio.current_time() + seconds
+        while anyio.current_time() < deadline:
+            for r in replicas:
+                await r.tick()
+            await anyio.sleep(replicas[0].interval)
+
+    async def go() -> tuple[list[int], list[int], list[int], int]:
+        replicas = await _replicas(pg, 4, ttl)
+        first, last = replicas[:3], replicas[3]
+        try:
+            for r in replicas:
+                r.names = names
+            await rounds(first, 2 * ttl)
+            three = [len(r.held) for r in first]
+            await first[2].release_all()
+            await rounds(first[:2], 2 * ttl)
+            two = [len(r.held) for r in first[:2]]
+            await rounds([*first[:2], last], 2 * ttl)
+            again = [len(r.held) for r in (*first[:2], last)]
+            held = [n for r in (*first[:2], last) for n in r.held]
+            return three, two, again, len(held) - len(set(held))
+        finally:
+            for r in replicas:
+                await r.backend.close()
+
+    three, two, again, doubled = anyio.run(go)
+    assert all(90 <= n <= 110 for n in three) and sum(three) == 300, three
+    assert sorted(two) == [150, 150], two
+    assert all(90 <= n <= 110 for n in again) and sum(again) == 300, again
+    assert doubled == 0
+    owners = _owners(pg)
+    assert sorted(Counter(owners.values()).values()) == [100, 100, 100]
+
+
+def test_a_commit_fenced_by_a_lease_another_replica_took_commits_nothing(
+    tmp_path: Path, pg: str
+) -> None:
+    """Replica A holds a mailbox, then pauses past its lease; B takes it over (a new
+    epoch). A's writer, waking with the old epoch, commits nothing: its transaction fails
+    its fence, and every message of it is answered "not committed"."""
+    cfg = load_mailbox(mailbox_xml(tmp_path / "m.xml", port=110, user="u", password="p"))
+
+    async def go() -> tuple[Envelope, int, int]:
+        store = await open_postgres(pg)
+        async with store.transaction() as tx:
+            await tx.import_directory(DIRECTORY)
+        a, b = await _replicas(pg, 2, 1.0)
+        try:
+            a.names = b.names = [cfg.name]
+            await a.tick()
+            epoch = a.held[cfg.name]
+            writer = Writer(store, created_by=LOGIN)
+            stale = a.fence(cfg.name)  # what A's writer knew before its pause
+            writer.fences = lambda name: stale
+            await anyio.sleep(1.2)  # A paused past its lease...
+            await b.tick()  # ...and B took it over
+            env = Envelope(mailbox=cfg, uidl="u1", raw=b"x", parsed=parsed(1))
+            await feed(writer, [env])
+            return env, epoch, b.held[cfg.name]
+        finally:
+            await store.close()
+            await a.backend.close()
+            await b.backend.close()
+
+    env, old, new = anyio.run(go)
+    assert new == old + 1
+    assert env.failure is not None and "lease" in str(env.failure)
+    assert store_rows(tmp_path, "SELECT count(*) AS n FROM requests") == [{"n": 0}]
+    assert store_rows(tmp_path, "SELECT count(*) AS n FROM ledger") == [{"n": 0}]

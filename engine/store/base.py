@@ -50,6 +50,12 @@ class Transaction(ABC):
     def directory(self) -> DirectoryView:
         """The read-only view of this transaction that processors get."""
 
+    def fence(self, mailbox: str, owner: str, epoch: int) -> None:
+        """Commit only if ``owner`` still holds ``mailbox``'s lease at ``epoch`` (see
+        engine/leases.py); a lost lease fails the commit with a StoreError. SQLite: nothing
+        to check, its data-directory lock makes one engine."""
+        del mailbox, owner, epoch
+
     @abstractmethod
     def savepoint(self) -> AbstractAsyncContextManager[None]:
         """Undo the block's writes alone if it raises an ``Exception`` that is not the store

@@ -907,3 +907,98 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
 def store_from_env(value: str | None) -> str | None:
     """``--store``'s default: MAILINTEGRATION_STORE."""
     return value or os.environ.get("MAILINTEGRATION_STORE") or None
+
+
+class PostgresLeases:
+    """The lease table, on a connection of its own (a renewal never waits behind the
+    writer's transaction). Times are the database's (``now()``): replicas' clocks may
+    disagree, the server's is the one they share. See :mod:`engine.leases`."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def close(self) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await self.conn.close()
+        if not self.conn.is_closed():
+            self.conn.terminate()
+
+    async def heartbeat(self, replica: str, ttl: float) -> int:
+        """This replica is alive; returns how many are (seen within one lease period)."""
+        async with self.conn.transaction():
+            await self.conn.execute(
+                "INSERT INTO replicas(id, seen_at, started_at) VALUES ($1, now(), now()) "
+                "ON CONFLICT (id) DO UPDATE SET seen_at = now()",
+                replica,
+            )
+            await self.conn.execute(
+                "DELETE FROM replicas WHERE seen_at < now() - make_interval(secs => $1)",
+                ttl * 10,
+            )
+            live = await self.conn.fetchval(
+                "SELECT count(*) FROM replicas WHERE seen_at > now() - make_interval(secs => $1)",
+                ttl,
+            )
+        return int(live)
+
+    async def register(self, mailboxes: Sequence[str]) -> None:
+        await self.conn.execute(
+            "INSERT INTO leases(mailbox) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+            list(mailboxes),
+        )
+
+    async def renew(self, replica: str, ttl: float) -> dict[str, int]:
+        """Extend every lease still ours (a lease another replica took is no longer)."""
+        rows = await self.conn.fetch(
+            "UPDATE leases SET expires_at = now() + make_interval(secs => $2) "
+            "WHERE owner = $1 RETURNING mailbox, epoch",
+            replica,
+            ttl,
+        )
+        return {r[0]: int(r[1]) for r in rows}
+
+    async def claim(
+        self, replica: str, ttl: float, names: Sequence[str], count: int
+    ) -> dict[str, int]:
+        """Take up to ``count`` of ``names`` that nobody holds (or whose lease expired), each
+        with a new epoch; rows another replica is claiming are skipped, not waited for."""
+        if count <= 0 or not names:
+            return {}
+        rows = await self.conn.fetch(
+            "UPDATE leases l SET owner = $1, epoch = l.epoch + 1, "
+            "expires_at = now() + make_interval(secs => $2) "
+            "FROM (SELECT mailbox FROM leases WHERE mailbox = ANY($3::text[]) "
+            "AND (owner IS NULL OR expires_at <= now()) ORDER BY random() LIMIT $4 "
+            "FOR UPDATE SKIP LOCKED) free WHERE l.mailbox = free.mailbox "
+            "RETURNING l.mailbox, l.epoch",
+            replica,
+            ttl,
+            list(names),
+            count,
+        )
+        return {r[0]: int(r[1]) for r in rows}
+
+    async def release(self, replica: str, names: Sequence[str] | None = None) -> None:
+        """Give leases back at once (all of them: ``names`` None), for another to take."""
+        await self.conn.execute(
+            "UPDATE leases SET owner = NULL, expires_at = now() WHERE owner = $1 "
+            "AND ($2::text[] IS NULL OR mailbox = ANY($2::text[]))",
+            replica,
+            None if names is None else list(names),
+        )
+        if names is None:
+            await self.conn.execute("DELETE FROM replicas WHERE id = $1", replica)
+
+
+async def open_leases(dsn: str, *, password: str | None = None) -> PostgresLeases:
+    """A second connection, for the leases (the store's was opened and migrated first)."""
+    try:
+        conn = await asyncpg.connect(
+            dsn,
+            password=password,
+            timeout=_CONNECT_TIMEOUT,
+            server_settings={"application_name": "mailintegration-leases"},
+        )
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        raise StoreError(f"cannot connect to the store {safe_dsn(dsn)}: {_reason(exc)}") from None
+    return PostgresLeases(conn)
