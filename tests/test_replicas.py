@@ -3,12 +3,14 @@ them race for a message, and the mailbox leases."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +22,17 @@ from support import (
     DIRECTORY,
     LOGIN,
     LOGIN_PASSWORD,
+    cli,
+    count_rows,
     engine_argv,
     import_directory,
+    ledger,
     mailbox_xml,
     message,
     store_rows,
+    wait_for,
 )
+from test_engine import Daemon, _free_port, _up
 from test_writer import feed, parsed
 
 from engine.config import load_mailbox
@@ -233,3 +240,116 @@ def test_a_commit_fenced_by_a_lease_another_replica_took_commits_nothing(
     assert env.failure is not None and "lease" in str(env.failure)
     assert store_rows(tmp_path, "SELECT count(*) AS n FROM requests") == [{"n": 0}]
     assert store_rows(tmp_path, "SELECT count(*) AS n FROM ledger") == [{"n": 0}]
+
+
+def _mailboxes(tmp_path: Path, dovecot: Any, count: int) -> tuple[Path, list[str]]:
+    conf = tmp_path / "mailboxes.d"
+    conf.mkdir()
+    users = []
+    for i in range(count):
+        user, pw = f"lease{i}-{time.monotonic_ns()}", f"pw-{i}"
+        dovecot.add_user(user, pw)
+        mailbox_xml(conf / f"box{i}.xml", port=dovecot.pop3_port, user=user, password=pw)
+        users.append(user)
+    return conf, users
+
+
+@pytest.fixture
+def replica(tmp_path: Path, pg: str) -> Iterator[Callable[..., Daemon]]:
+    """Start ``run`` replicas on the test's database: ``replica(conf, "A", lease)``; every
+    one still running is killed at the end."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(conf: Path, name: str, lease: float, *extra: str) -> Daemon:
+        port = _free_port()
+        log = tmp_path / f"replica-{name}-{len(procs)}.log"
+        env = dict(os.environ, MAILINTEGRATION_LOGIN=LOGIN, MAILINTEGRATION_PASSWORD=LOGIN_PASSWORD)
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                engine_argv(
+                    *("run", "--config-dir", conf, "--data-dir", tmp_path / f"data-{name}"),
+                    *("--store", pg, "--replica-id", name, "--lease-seconds", str(lease)),
+                    *("--poll-interval", "1", "--reload-seconds", "0.5", "--parse-processes", "0"),
+                    *("--http-port", str(port), "--grace-seconds", "10", *extra),
+                ),
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=out,
+            )
+        procs.append(proc)
+        d = Daemon(proc, port, log)
+        wait_for(lambda: _up(d), 30, f"replica {name}'s /healthz")
+        return d
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGCONT)
+            p.kill()
+        p.wait(10)
+
+
+def _held(pg: str) -> Counter[str | None]:
+    return Counter(_owners(pg).values())
+
+
+@pytest.mark.dovecot
+def test_sigterm_gives_the_leases_back_at_once_and_health_names_the_replica(
+    tmp_path: Path, pg: str, dovecot: Any, replica: Callable[..., Daemon]
+) -> None:
+    """Two replicas share 6 mailboxes 3 and 3; /healthz names each replica and its lease
+    counts. A SIGTERM gives the leases back on the way out: the other replica holds them all
+    within one tick, long before they would have expired."""
+    import_directory(tmp_path / "data", tmp_path)
+    conf, _ = _mailboxes(tmp_path, dovecot, 6)
+    lease = 9.0
+    a = replica(conf, "A", lease)
+    b = replica(conf, "B", lease)
+    wait_for(lambda: _held(pg) == Counter({"A": 3, "B": 3}), 3 * lease, "3 and 3")
+    _, body = a.get("/healthz")
+    health = json.loads(body)
+    assert health["replica"] == "A" and health["leases"]["held"] == 3
+    assert health["leases"]["mailboxes"] == 6 and health["leases"]["replicas"] == 2
+    _, metrics = b.get("/metrics")
+    assert b'mailintegration_leases_held{replica="B"} 3.0' in metrics
+    a.proc.send_signal(signal.SIGTERM)
+    a.proc.wait(timeout=30)
+    released = time.monotonic()
+    assert "A" not in _held(pg)  # given back, not left to expire
+    wait_for(lambda: _held(pg) == Counter({"B": 6}), lease, "B holding all six")
+    assert time.monotonic() - released < lease
+    code, out = cli("status", "--data-dir", tmp_path, "--store", pg)
+    assert code == 0 and out.count("polled by B") == 6, out
+
+
+@pytest.mark.dovecot
+def test_a_replica_killed_with_9_is_taken_over_within_a_lease_and_a_poll(
+    tmp_path: Path, pg: str, dovecot: Any, replica: Callable[..., Daemon]
+) -> None:
+    """kill -9 leaves its leases to expire: the other replica polls its mailboxes within
+    one lease period plus one poll interval, and the mail delivered meanwhile is processed
+    once."""
+    import_directory(tmp_path / "data", tmp_path)
+    conf, users = _mailboxes(tmp_path, dovecot, 6)
+    lease, poll = 3.0, 1.0
+    a = replica(conf, "A", lease)
+    replica(conf, "B", lease)
+    wait_for(lambda: _held(pg) == Counter({"A": 3, "B": 3}), 4 * lease, "3 and 3")
+    orphans = [n for n, owner in _owners(pg).items() if owner == "A"]
+    a.proc.kill()
+    killed = time.monotonic()
+    for user in users:
+        dovecot.deliver(user, message(f"After the kill {user}"))
+    wait_for(lambda: _held(pg) == Counter({"B": 6}), 3 * lease, "B taking A's leases")
+    took = time.monotonic() - killed
+    mail = "SELECT count(*) FROM requests WHERE kind = 'mail'"
+    wait_for(lambda: count_rows(tmp_path, mail) == 6, 3 * lease, "every message")
+    polled = time.monotonic() - killed
+    assert len(orphans) == 3
+    # Expiry, then B's next tick (lease / 3), then its poll; 1 s of slack for a busy machine.
+    assert took <= lease + lease / 3 + 1.0, took
+    assert polled <= lease + lease / 3 + poll + 2.0, polled
+    assert all(dovecot.count(u) == 0 for u in users)
+    assert len(ledger(tmp_path)) == 6

@@ -104,10 +104,9 @@ class PostgresStore(Store):
     failures = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, StoreError)
     conflicts = (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError)
 
-    def __init__(self, conn: asyncpg.Connection, dsn: str) -> None:
+    def __init__(self, conn: asyncpg.Connection, connect: _Connect) -> None:
         self.conn = conn
-        self.dsn = safe_dsn(dsn)
-        self._team_cache: dict[str | int | None, Team | None] = {}
+        self._connect = connect
 
     async def close(self) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
@@ -119,6 +118,11 @@ class PostgresStore(Store):
     async def transaction(self) -> AsyncIterator[PostgresTransaction]:
         """``BEGIN``, then the fences and ``COMMIT`` when the block ends; ``ROLLBACK``
         (shielded from cancellation) when it raises."""
+        if self.conn.is_closed():
+            # The connection was lost (a restarted server, a cut network, a session the
+            # server ended): the transaction that met it failed; this one reconnects.
+            self.conn = await self._connect()
+            log.warning("store: reconnected to %s", self._connect.where)
         tx = PostgresTransaction(self)
         outer = self.conn.transaction()
         await outer.start()
@@ -834,6 +838,26 @@ _REQUEST_KEYS = (
 # -- opening and migrating -------------------------------------------------------------------
 
 
+class _Connect:
+    """How to open a connection to the store again (the DSN and password kept in memory,
+    never in an error: ``where`` is the DSN without the password)."""
+
+    def __init__(self, dsn: str, password: str | None, settings: dict[str, str]) -> None:
+        self.dsn, self.password, self.settings = dsn, password, settings
+        self.where = safe_dsn(dsn)
+
+    async def __call__(self) -> asyncpg.Connection:
+        try:
+            return await asyncpg.connect(
+                self.dsn,
+                password=self.password,
+                timeout=_CONNECT_TIMEOUT,
+                server_settings=self.settings,
+            )
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            raise StoreError(f"cannot connect to the store {self.where}: {_reason(exc)}") from None
+
+
 async def open_postgres(
     dsn: str, *, password: str | None = None, idle_in_transaction_seconds: float = 15.0
 ) -> PostgresStore:
@@ -846,27 +870,23 @@ async def open_postgres(
     """
     register_secret(password)
     register_secret(urllib.parse.urlsplit(dsn).password if "://" in dsn else None)
-    where = safe_dsn(dsn)
-    try:
-        conn = await asyncpg.connect(
-            dsn,
-            password=password,
-            timeout=_CONNECT_TIMEOUT,
-            server_settings={
-                "application_name": "mailintegration",
-                "idle_in_transaction_session_timeout": str(int(idle_in_transaction_seconds * 1000)),
-            },
-        )
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-        raise StoreError(f"cannot connect to the store {where}: {_reason(exc)}") from None
+    connect = _Connect(
+        dsn,
+        password,
+        {
+            "application_name": "mailintegration",
+            "idle_in_transaction_session_timeout": str(int(idle_in_transaction_seconds * 1000)),
+        },
+    )
+    conn = await connect()
     try:
         await migrate(conn)
     except BaseException as exc:
         conn.terminate()
         if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError):
-            raise StoreError(f"cannot migrate the store {where}: {_reason(exc)}") from None
+            raise StoreError(f"cannot migrate the store {connect.where}: {_reason(exc)}") from None
         raise
-    return PostgresStore(conn, dsn)
+    return PostgresStore(conn, connect)
 
 
 def _reason(exc: BaseException) -> str:
@@ -914,8 +934,9 @@ class PostgresLeases:
     writer's transaction). Times are the database's (``now()``): replicas' clocks may
     disagree, the server's is the one they share. See :mod:`engine.leases`."""
 
-    def __init__(self, conn: asyncpg.Connection) -> None:
+    def __init__(self, conn: asyncpg.Connection, connect: _Connect) -> None:
         self.conn = conn
+        self._connect = connect
 
     async def close(self) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
@@ -924,7 +945,10 @@ class PostgresLeases:
             self.conn.terminate()
 
     async def heartbeat(self, replica: str, ttl: float) -> int:
-        """This replica is alive; returns how many are (seen within one lease period)."""
+        """This replica is alive; returns how many are (seen within one lease period).
+        The first call of a tick: it reconnects a lost connection."""
+        if self.conn.is_closed():
+            self.conn = await self._connect()
         async with self.conn.transaction():
             await self.conn.execute(
                 "INSERT INTO replicas(id, seen_at, started_at) VALUES ($1, now(), now()) "
@@ -992,13 +1016,5 @@ class PostgresLeases:
 
 async def open_leases(dsn: str, *, password: str | None = None) -> PostgresLeases:
     """A second connection, for the leases (the store's was opened and migrated first)."""
-    try:
-        conn = await asyncpg.connect(
-            dsn,
-            password=password,
-            timeout=_CONNECT_TIMEOUT,
-            server_settings={"application_name": "mailintegration-leases"},
-        )
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-        raise StoreError(f"cannot connect to the store {safe_dsn(dsn)}: {_reason(exc)}") from None
-    return PostgresLeases(conn)
+    connect = _Connect(dsn, password, {"application_name": "mailintegration-leases"})
+    return PostgresLeases(await connect(), connect)
