@@ -353,3 +353,37 @@ def test_a_replica_killed_with_9_is_taken_over_within_a_lease_and_a_poll(
     assert polled <= lease + lease / 3 + poll + 2.0, polled
     assert all(dovecot.count(u) == 0 for u in users)
     assert len(ledger(tmp_path)) == 6
+
+
+@pytest.mark.dovecot
+def test_a_replica_paused_past_its_lease_commits_nothing_when_it_wakes(
+    tmp_path: Path, pg: str, dovecot: Any, replica: Callable[..., Daemon]
+) -> None:
+    """SIGSTOP replica A in the middle of a long session, past its lease; B takes the mailbox
+    over (a new epoch) and empties it. SIGCONT A: what A had fetched and not committed fails
+    its fence; no message is lost or doubled."""
+    import_directory(tmp_path / "data", tmp_path)
+    conf, [user] = _mailboxes(tmp_path, dovecot, 1)
+    total, lease = 600, 2.0
+    for i in range(total):
+        dovecot.deliver(user, message(f"Paused {i}", body="x" * 2000))
+    mail = "SELECT count(*) FROM requests WHERE kind = 'mail'"
+    a = replica(conf, "A", lease)
+    wait_for(lambda: count_rows(tmp_path, mail) >= 20, 60, "A under way")
+    os.kill(a.proc.pid, signal.SIGSTOP)
+    paused_at = count_rows(tmp_path, mail)
+    assert paused_at < total, "A finished before it could be paused: use more messages"
+    b = replica(conf, "B", lease)
+    wait_for(lambda: count_rows(tmp_path, mail) == total, 90, "B finishing the mailbox")
+    wait_for(lambda: dovecot.count(user) == 0, 30, "the mailbox emptied")
+    os.kill(a.proc.pid, signal.SIGCONT)
+    time.sleep(2 * lease)  # A wakes, meets its fences, finds the lease gone
+    for d in (a, b):
+        d.proc.send_signal(signal.SIGTERM)
+        d.proc.wait(timeout=30)
+    rows = store_rows(tmp_path, "SELECT subject FROM requests WHERE kind = 'mail'")
+    subjects = Counter(r["subject"] for r in rows)
+    assert len(subjects) == total and set(subjects.values()) == {1}
+    assert len(ledger(tmp_path)) == total
+    assert dovecot.count(user) == 0
+    assert "lease" in a.log.read_text()
