@@ -196,6 +196,13 @@ def _engine_opts(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--team", help="default team (number or name) for mailboxes without one")
     sp.add_argument("--login", default=os.environ.get("MAILINTEGRATION_LOGIN"))
     sp.add_argument("--password", default=os.environ.get("MAILINTEGRATION_PASSWORD"))
+    sp.add_argument(
+        "--password-file",
+        type=Path,
+        default=_env_path("MAILINTEGRATION_PASSWORD_FILE"),
+        help="the login's password as the first line of a file, when --password is not "
+        "given (env MAILINTEGRATION_PASSWORD_FILE; a secret mounted as a file)",
+    )
     sp.add_argument("--log-file", type=Path, help="also log to this file")
     sp.add_argument("--log-format", choices=["text", "json"], default="text")
     sp.add_argument("--debug", action="store_true", help="debug log and RawMessage files")

@@ -84,6 +84,13 @@ def _setup_logging(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"the folder of the log file {log_file} does not exist; create it or fix /LogFilePath"
         )
+    password_file: Path | None = getattr(args, "password_file", None)
+    if password_file is not None and not getattr(args, "password", None):
+        try:
+            lines = password_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the password file {password_file}: {exc}") from None
+        args.password = lines[0] if lines else ""
     logs.register_secret(getattr(args, "password", None))
     if log_file is not None:
         private_file(log_file)

@@ -51,8 +51,11 @@ def test_every_command_works_against_postgresql(tmp_path: Path, pg: str) -> None
     login = ["--login", LOGIN, "--password", LOGIN_PASSWORD]
     code, out = cli("ingest", eml, "--config", cfg, "--data-dir", data, *login, *store_args())
     assert code == 0 and "#1" in out, out
-    # The same file again: the ledger (in PostgreSQL) knows it.
-    code, out = cli("ingest", eml, "--config", cfg, "--data-dir", data, *login, *store_args())
+    # The same file again (the login's password from a file): the ledger knows it.
+    secret = tmp_path / "login-password"
+    secret.write_text(LOGIN_PASSWORD + "\n")
+    by_file = ["--login", LOGIN, "--password-file", secret]
+    code, out = cli("ingest", eml, "--config", cfg, "--data-dir", data, *by_file, *store_args())
     assert code == 0 and "duplicate" in out, out
     code, out = cli("requests", "list", "--json", "--data-dir", data, *store_args())
     assert code == 0
@@ -160,3 +163,41 @@ def test_three_processes_migrating_at_once_migrate_once(tmp_path: Path) -> None:
         with psycopg.connect(dsn) as conn:
             rows: list[Any] = conn.execute("SELECT version FROM schema_versions").fetchall()
         assert sorted(r[0] for r in rows) == sorted(POSTGRES_MIGRATIONS)
+
+
+def test_the_compose_profile_and_the_kubernetes_example_hold_together() -> None:
+    """The "replicas" profile: PostgreSQL and two replicas reading the store's password from
+    a secret file; the Kubernetes example: 3 replicas, readiness on /healthz, secrets as
+    files, a PodDisruptionBudget; every option they pass is one the engine knows."""
+    yaml = pytest.importorskip("yaml")
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    replicas = [n for n, s in services.items() if n.startswith("replica-")]
+    assert len(replicas) == 2 and "postgres" in services
+    for name in [*replicas, "postgres", "directory-pg"]:
+        assert services[name]["profiles"] == ["replicas"]
+    for name in replicas:
+        env = services[name]["environment"]
+        assert env["MAILINTEGRATION_STORE"].startswith("postgresql://")
+        assert (
+            "@" in env["MAILINTEGRATION_STORE"]
+            and ":" not in env["MAILINTEGRATION_STORE"][13:].split("@")[0]
+        )
+        assert env["MAILINTEGRATION_STORE_PASSWORD_FILE"] == "/run/secrets/store_password"
+    assert (ROOT / compose["secrets"]["store_password"]["file"]).exists()
+    docs = list(yaml.safe_load_all((ROOT / "deploy/kubernetes/mailintegration.yaml").read_text()))
+    kinds = {d["kind"]: d for d in docs}
+    assert {"Deployment", "PodDisruptionBudget", "Secret", "ConfigMap"} <= kinds.keys()
+    deployment = kinds["Deployment"]
+    assert deployment["spec"]["replicas"] == 3
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MAILINTEGRATION_STORE_PASSWORD_FILE"].startswith("/run/secrets/")
+    assert env["MAILINTEGRATION_PASSWORD_FILE"].startswith("/run/secrets/")
+    assert not any("PASSWORD" in n and not n.endswith("_FILE") for n in env)
+    assert kinds["PodDisruptionBudget"]["spec"]["minAvailable"] == 2
+    from engine.cli import build_parser
+
+    args = build_parser().parse_args(container["args"])
+    assert args.follow_symlinks and args.http_port == 8080
