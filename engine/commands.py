@@ -311,7 +311,9 @@ async def _leases(args: argparse.Namespace) -> Leases | None:
     from engine.store.postgres import open_leases, read_password
 
     password = read_password(getattr(args, "store_password_file", None))
-    backend = await open_leases(dsn, password=password)
+    backend = await open_leases(
+        dsn, password=password, command_seconds=max(1.0, args.lease_seconds / 3)
+    )
     replica = args.replica_id or f"{socket.gethostname()}-{os.getpid()}"
     log.info("replica %s: leases of %g s", replica, args.lease_seconds)
     return Leases(backend, replica, ttl=args.lease_seconds)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
@@ -55,6 +55,8 @@ class LeaseBackend(Protocol):
 
     async def release(self, replica: str, names: Sequence[str] | None = None) -> None: ...
 
+    def reset(self) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -71,6 +73,8 @@ class Leases:
         self.live = 1
         self._renewed = -math.inf  # time.monotonic() of the last renewal
         self.changed = anyio.Event()  # set when a lease was gained (loops wake up)
+        # Told whether the store answers: a tick's failure, or None after one that worked.
+        self.on_store: Callable[[str | None], None] | None = None
 
     @property
     def interval(self) -> float:
@@ -134,10 +138,7 @@ class Leases:
         started = False
         try:
             while not stop.is_set():
-                try:
-                    await self.tick()
-                except Exception as exc:  # the store failing: logged, retried
-                    log.error("leases could not be renewed: %s: %s", type(exc).__name__, exc)
+                await self._tick_or_log()
                 if not started:
                     task_status.started()
                     started = True
@@ -153,13 +154,24 @@ class Leases:
         self.names = []
         with anyio.move_on_after(self.ttl):
             while True:
-                try:
-                    await self.tick()
-                except Exception as exc:
-                    log.error("leases could not be renewed: %s: %s", type(exc).__name__, exc)
+                await self._tick_or_log()
                 if not self.busy:
                     return
                 await anyio.sleep(min(0.1, self.interval))
+
+    async def _tick_or_log(self) -> None:
+        """A tick; its failure (the store's) is logged and told, and retried next time."""
+        try:
+            await self.tick()
+        except Exception as exc:
+            self.backend.reset()
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("leases could not be renewed: %s", error)
+            if self.on_store is not None:
+                self.on_store(f"leases: {error}")
+            return
+        if self.on_store is not None:
+            self.on_store(None)
 
     async def release_all(self) -> None:
         """Step 5: a graceful stop gives every lease back at once."""

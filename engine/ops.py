@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.logs import scrub
+
 log = logging.getLogger("engine.ops")
 
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
@@ -192,6 +194,8 @@ class Health:
     supervisor_alive: bool = False
     writer_alive: bool = False
     mailboxes: dict[str, MailboxHealth] = field(default_factory=dict)
+    # The last transaction's failure while the store fails (None: it commits).
+    store_error: str | None = None
     # With leases (several replicas): this replica's id and its lease counts.
     replica: str | None = None
     leases: Callable[[], dict[str, int]] | None = None
@@ -215,6 +219,7 @@ class Health:
             "status": "ok" if self.ok else "failing",
             "supervisor": self.supervisor_alive,
             "writer": self.writer_alive,
+            "store": "ok" if self.store_error is None else self.store_error,
             "mailboxes": {
                 name: {
                     "last_success": ts(h.last_success),
@@ -231,6 +236,11 @@ class Health:
             doc["leases"] = self.leases()
         return doc
 
+    def store_state(self, error: str | None) -> None:
+        """The writer's word on the store: an error (scrubbed here), or None: it commits."""
+        self.store_error = None if error is None else scrub(error)
+
     @property
     def ok(self) -> bool:
-        return self.supervisor_alive and self.writer_alive
+        """Alive, and the store commits: a replica whose store fails is not ready."""
+        return self.supervisor_alive and self.writer_alive and self.store_error is None

@@ -189,6 +189,7 @@ class Engine:
             reply_limits=settings.reply_limits,
             metrics=self.metrics,
         )
+        self.writer.on_store = self.health.store_state
         # The latest configuration of each mailbox loaded in this process: the outbox sends
         # a mailbox's replies with its SMTP settings (rows of other mailboxes wait).
         self.mailboxes: dict[str, MailboxConfig] = {}
@@ -212,6 +213,7 @@ class Engine:
         """Poll only the mailboxes this replica holds; fence the writer's commits."""
         self.leases = leases
         self.writer.fences = leases.fence
+        leases.on_store = self.health.store_state
         self.health.replica = leases.replica
         self.health.leases = leases.counts
         if self.metrics is not None:

@@ -140,6 +140,8 @@ class Writer:
         self.reply_limits = reply_limits or ReplyLimits()
         # Set by the supervisor with leases: mailbox -> (this replica, the lease's epoch).
         self.fences: Callable[[str], tuple[str, int]] | None = None
+        # Told whether the store works: the last failure's text, or None after a commit.
+        self.on_store: Callable[[str | None], None] | None = None
         self.stats = WriterStats()
         self.metrics = metrics
         # Called after a commit that recorded replies: the outbox's wake-up.
@@ -235,7 +237,11 @@ class Writer:
             if not isinstance(exc, Exception):
                 raise
             log.error("transaction of %d item(s) failed, nothing is deleted: %s", len(batch), exc)
+            if self.on_store is not None:
+                self.on_store(f"{type(exc).__name__}: {exc}")
             return []
+        if self.on_store is not None:
+            self.on_store(None)
         try:
             self._committed(batch, started)
         finally:

@@ -8,7 +8,9 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +43,7 @@ from engine.leases import Leases
 from engine.store.postgres import open_leases, open_postgres
 from engine.writer import Writer
 from tools.postgres import postgres_available, throwaway_database
+from tools.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.postgres
 ROOT = Path(__file__).resolve().parent.parent
@@ -405,3 +408,111 @@ def test_the_multi_replica_kill_9_harness_finds_no_loss_and_no_duplicate(
     assert out["drained"], out
     assert (out["losses"], out["duplicates"], out["left_on_server"]) == (0, 0, 0), out
     assert out["ledger_keys_twice"] == 0
+
+
+def _through(dsn: str, port: int) -> str:
+    parts = urllib.parse.urlsplit(dsn)
+    user = f"{parts.username}@" if parts.username else ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{port}"))
+
+
+@pytest.mark.dovecot
+def test_postgresql_lost_under_load_fails_cleanly_shows_and_resumes(
+    tmp_path: Path, pg: str, dovecot: Any, replica: Callable[..., Daemon]
+) -> None:
+    """The replica reaches PostgreSQL through a proxy that drops every connection in the
+    middle of the work, three times, then refuses connections for longer than a lease: the
+    transactions fail and nothing is deleted; /healthz says the store fails (503); once
+    PostgreSQL answers again the replica reconnects by itself and every message is processed
+    exactly once."""
+    import_directory(tmp_path / "data", tmp_path)
+    conf, users = _mailboxes(tmp_path, dovecot, 3)
+    total, lease = 150, 3.0
+    host, port = urllib.parse.urlsplit(pg).hostname or "", urllib.parse.urlsplit(pg).port or 5432
+    mail = "SELECT count(*) FROM requests WHERE kind = 'mail'"
+
+    def deliver() -> None:
+        for i in range(total):
+            dovecot.deliver(users[i % 3], message(f"Under load {i}"))
+            time.sleep(0.02)
+
+    with TcpProxy(host, port) as proxy:
+        a = replica(conf, "A", lease, "--store", _through(pg, proxy.port))
+        feeder = threading.Thread(target=deliver)
+        feeder.start()
+        try:
+            wait_for(lambda: count_rows(tmp_path, mail) >= 10, 60, "work under way")
+            for _ in range(3):
+                proxy.cut()
+                time.sleep(0.3)
+            proxy.refuse(True)
+            proxy.cut()
+
+            def failing() -> bool:
+                code, body = a.get("/healthz")
+                return code == 503 and json.loads(body)["store"] != "ok"
+
+            wait_for(failing, 2 * lease, "/healthz saying the store fails")
+            time.sleep(lease)
+            proxy.refuse(False)
+        finally:
+            feeder.join(30)
+        wait_for(lambda: count_rows(tmp_path, mail) == total, 90, "every message")
+        wait_for(lambda: all(dovecot.count(u) == 0 for u in users), 30, "the mailboxes emptied")
+        wait_for(lambda: a.get("/healthz")[0] == 200, 30, "/healthz well again")
+    rows = store_rows(tmp_path, "SELECT subject FROM requests WHERE kind = 'mail'")
+    assert sorted(Counter(r["subject"] for r in rows).values()) == [1] * total
+    assert len(ledger(tmp_path)) == total
+    log = a.log.read_text()
+    assert "reconnected" in log and "nothing is deleted" in log
+
+
+def test_a_connection_dropped_or_gone_silent_mid_transaction_fails_it_and_the_next_reconnects(
+    tmp_path: Path, pg: str
+) -> None:
+    """Through a proxy: a connection reset in the middle of a transaction fails that
+    transaction (a store failure, nothing of it committed); one gone silent (half-open: no
+    reset, nothing arrives) fails it within the statement bound instead of hanging; each
+    time the next transaction reconnects by itself."""
+    url = urllib.parse.urlsplit(pg)
+
+    async def attempt(store: Any, subject: str, fault: Callable[[], None] | None) -> str:
+        try:
+            async with store.transaction() as tx:
+                team = await tx.team("IT")
+                await tx.create_request(
+                    team_id=team.id,
+                    type="event",
+                    subject=subject,
+                    description="d",
+                    created_by="t",
+                )
+                if fault is not None:
+                    fault()
+                    await tx.open_outages("box")  # a statement after the fault
+        except store.failures as exc:
+            return type(exc).__name__
+        return "committed"
+
+    async def go(proxy: TcpProxy) -> list[str]:
+        store = await open_postgres(_through(pg, proxy.port), command_seconds=1.0)
+        try:
+            async with store.transaction() as tx:
+                await tx.import_directory(DIRECTORY)
+            seen = [await attempt(store, "before", None)]
+            seen.append(await attempt(store, "reset", proxy.cut))
+            seen.append(await attempt(store, "after reset", None))
+            with anyio.fail_after(20):
+                seen.append(await attempt(store, "silent", lambda: proxy.stall(True)))
+            proxy.stall(False)
+            seen.append(await attempt(store, "after silence", None))
+            return seen
+        finally:
+            await store.close()
+
+    with TcpProxy(url.hostname or "", url.port or 5432) as proxy:
+        seen = anyio.run(go, proxy)
+    assert seen[0] == "committed" and seen[2] == "committed" and seen[4] == "committed"
+    assert seen[1] != "committed" and seen[3] == "TimeoutError", seen
+    rows = store_rows(tmp_path, "SELECT subject FROM requests ORDER BY number")
+    assert [r["subject"] for r in rows] == ["before", "after reset", "after silence"]

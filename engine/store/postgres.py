@@ -130,9 +130,14 @@ class PostgresStore(Store):
             yield tx
             await tx.check_fences()
             await outer.commit()
-        except BaseException:
+        except BaseException as exc:
             with anyio.CancelScope(shield=True):
-                await _rollback(outer)
+                if isinstance(exc, OSError | asyncpg.InterfaceError):
+                    # A statement timed out (a half-open connection) or the socket failed:
+                    # the connection cannot be trusted; the next transaction reconnects.
+                    self.conn.terminate()
+                else:
+                    await _rollback(outer)
             raise
 
     async def _all(self, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -842,16 +847,22 @@ class _Connect:
     """How to open a connection to the store again (the DSN and password kept in memory,
     never in an error: ``where`` is the DSN without the password)."""
 
-    def __init__(self, dsn: str, password: str | None, settings: dict[str, str]) -> None:
+    def __init__(
+        self, dsn: str, password: str | None, settings: dict[str, str], command_seconds: float
+    ) -> None:
         self.dsn, self.password, self.settings = dsn, password, settings
+        self.command_seconds = command_seconds
         self.where = safe_dsn(dsn)
 
     async def __call__(self) -> asyncpg.Connection:
         try:
+            # command_timeout bounds every statement: a connection whose peer vanished
+            # without a reset (a cut network, a frozen server) would otherwise wait for ever.
             return await asyncpg.connect(
                 self.dsn,
                 password=self.password,
                 timeout=_CONNECT_TIMEOUT,
+                command_timeout=self.command_seconds,
                 server_settings=self.settings,
             )
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
@@ -859,14 +870,18 @@ class _Connect:
 
 
 async def open_postgres(
-    dsn: str, *, password: str | None = None, idle_in_transaction_seconds: float = 15.0
+    dsn: str,
+    *,
+    password: str | None = None,
+    idle_in_transaction_seconds: float = 15.0,
+    command_seconds: float = 60.0,
 ) -> PostgresStore:
     """Connect, migrate (under the advisory lock) and return the store.
 
     ``idle_in_transaction_seconds``: the server ends a session that sits in a transaction
     that long (a replica paused mid-transaction must not hold its row locks, and so its
-    leases, for ever). Every failure is a :class:`StoreError` naming the DSN without its
-    password.
+    leases, for ever). ``command_seconds`` bounds each statement (the migrations' included).
+    Every failure is a :class:`StoreError` naming the DSN without its password.
     """
     register_secret(password)
     register_secret(urllib.parse.urlsplit(dsn).password if "://" in dsn else None)
@@ -877,6 +892,7 @@ async def open_postgres(
             "application_name": "mailintegration",
             "idle_in_transaction_session_timeout": str(int(idle_in_transaction_seconds * 1000)),
         },
+        command_seconds,
     )
     conn = await connect()
     try:
@@ -965,6 +981,10 @@ class PostgresLeases:
             )
         return int(live)
 
+    def reset(self) -> None:
+        """A tick failed: drop the connection (it may be half-open); the next reconnects."""
+        self.conn.terminate()
+
     async def register(self, mailboxes: Sequence[str]) -> None:
         await self.conn.execute(
             "INSERT INTO leases(mailbox) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
@@ -1014,7 +1034,12 @@ class PostgresLeases:
             await self.conn.execute("DELETE FROM replicas WHERE id = $1", replica)
 
 
-async def open_leases(dsn: str, *, password: str | None = None) -> PostgresLeases:
-    """A second connection, for the leases (the store's was opened and migrated first)."""
-    connect = _Connect(dsn, password, {"application_name": "mailintegration-leases"})
+async def open_leases(
+    dsn: str, *, password: str | None = None, command_seconds: float = 10.0
+) -> PostgresLeases:
+    """A second connection, for the leases (the store's was opened and migrated first).
+    ``command_seconds``: keep it under the lease period, or a stalled renewal outlives it."""
+    connect = _Connect(
+        dsn, password, {"application_name": "mailintegration-leases"}, command_seconds
+    )
     return PostgresLeases(await connect(), connect)
