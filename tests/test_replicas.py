@@ -516,3 +516,51 @@ def test_a_connection_dropped_or_gone_silent_mid_transaction_fails_it_and_the_ne
     assert seen[1] != "committed" and seen[3] == "TimeoutError", seen
     rows = store_rows(tmp_path, "SELECT subject FROM requests ORDER BY number")
     assert [r["subject"] for r in rows] == ["before", "after reset", "after silence"]
+
+
+def test_two_replicas_cannot_open_the_same_outage_twice(tmp_path: Path, pg: str) -> None:
+    """Outage events stay one per mailbox and cause across replicas: a second open one is
+    refused by the database as a conflict (which the writer does again, then finds the
+    first and adds to it), and once the first is closed a new one may open."""
+
+    async def outage(tx: Any) -> int:
+        team = await tx.team("IT")
+        return int(
+            await tx.create_request(
+                team_id=team.id,
+                type="event",
+                kind="outage",
+                subject="box: timeout",
+                description="d",
+                created_by="t",
+                mailbox="box",
+                cause="timeout",
+            )
+        )
+
+    async def go() -> tuple[str, int, int]:
+        a, b = await open_postgres(pg), await open_postgres(pg)
+        try:
+            async with a.transaction() as tx:
+                await tx.import_directory(DIRECTORY)
+            result = "committed"
+            async with b.transaction() as tx_b:
+                first = await outage(tx_b)
+            try:
+                async with a.transaction() as tx_a:
+                    await outage(tx_a)
+            except a.conflicts as exc:
+                result = type(exc).__name__
+            async with a.transaction() as tx_a:
+                await tx_a.set_status(first, "processed", by="t", why="recovered")
+            async with a.transaction() as tx_a:
+                second = await outage(tx_a)
+            return result, first, second
+        finally:
+            await a.close()
+            await b.close()
+
+    result, first, second = anyio.run(go)
+    assert result == "UniqueViolationError" and second > first
+    rows = store_rows(tmp_path, "SELECT status FROM requests WHERE kind = 'outage' ORDER BY number")
+    assert [r["status"] for r in rows] == ["processed", "new"]
