@@ -14,7 +14,8 @@ import logging
 import os
 import random
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,6 +168,8 @@ class MailboxOutcome:
     error: EngineError | None
     dry_run_lines: list[str] = field(default_factory=list)
     poll_interval: float | None = None
+    # Not polled: its lease went while the session waited for a slot (nothing happened).
+    skipped: bool = False
 
     @property
     def ok(self) -> bool:
@@ -377,7 +380,9 @@ class Engine:
             while not (stop.is_set() or loop.stop.is_set()):
                 if not await self._leased(loop, stop):
                     continue
-                outcome = await self._leased_once(loop.src, send)
+                outcome = await self.mailbox_once(loop.src, send)
+                if outcome.skipped:  # its lease went while it waited for a session slot
+                    continue
                 if loop.stop.is_set() and not stop.is_set():
                     # Removed while this session ran: its report must not bring it back to
                     # /healthz (test_daemon_hot_reload_health_and_metrics failed so, once).
@@ -410,13 +415,20 @@ class Engine:
             waiters.cancel_scope.cancel()
         return False
 
-    async def _leased_once(
-        self, src: MailboxSource, send: MemoryObjectSendStream[Item]
-    ) -> MailboxOutcome:
-        if self.leases is None:
-            return await self.mailbox_once(src, send)
-        async with self.leases.session(src.name):
-            return await self.mailbox_once(src, send)
+    @asynccontextmanager
+    async def _session_slot(self, name: str) -> AsyncIterator[None]:
+        """One of ``--max-sessions``; with leases, only while this replica holds the mailbox,
+        checked again once the slot is had (the lease may have gone meanwhile); the mailbox
+        is then busy: the balance does not give its lease back before the session ends."""
+        async with self.sessions:
+            leases = self.leases
+            if leases is None:
+                yield
+                return
+            if not leases.holds(name):
+                raise _NotLeased(name)
+            async with leases.session(name):
+                yield
 
     async def ingest(self, src: MailboxSource, files: list[Path]) -> list[tuple[Path, Envelope]]:
         """Process message files as if fetched from the mailbox; the ledger keys them by content
@@ -483,9 +495,12 @@ class Engine:
             cfg = await anyio.to_thread.run_sync(self.load, src)
             self._known(cfg)
             outcome.poll_interval = cfg.poll_interval
-            async with self.sessions:
+            async with self._session_slot(src.name):
                 outcome.result = SessionResult()  # counted into, even if the session fails
                 await run_session(cfg, send, opts, outcome.result)
+        except _NotLeased:
+            outcome.skipped = True
+            return outcome
         except StoreError as exc:
             log.error("mailbox=%s the store failed; nothing was deleted: %s", src.name, exc)
             outcome.error = exc
@@ -575,6 +590,10 @@ class Engine:
                 part += f" ({self.errors[name]})"
             parts.append(part)
         return "; ".join(parts) or "no mailbox"
+
+
+class _NotLeased(Exception):
+    """Raised by Engine._session_slot: the mailbox's lease is no longer this replica's."""
 
 
 @dataclass(eq=False)

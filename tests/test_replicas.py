@@ -89,9 +89,11 @@ def test_the_loser_of_a_race_for_a_message_records_it_once_and_processes_nothing
                         outcome="created",
                         request_number=None,
                     )
+                    # A read of the ledger sends B's row (a store may hold it back till then).
+                    assert list(await tx_b.ledger_rows(raced.account, ["u1"])) == ["u1"]
                     tg.start_soon(feed, Writer(a, created_by=LOGIN), [raced, other])
                     await anyio.sleep(1.0)  # A now waits on B's uncommitted key
-                    assert not raced.done.is_set()
+                    assert not raced.done.is_set(), (raced.failure, raced.outcome)
                 # B committed: A goes on.
                 with anyio.fail_after(30):
                     await raced.done.wait()

@@ -30,7 +30,7 @@ import hashlib
 import logging
 import os
 import urllib.parse
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -60,6 +60,8 @@ log = logging.getLogger("engine.store")
 # pg_advisory_lock's key for migrations: any constant the engine alone uses ("MI-MIGR").
 _MIGRATION_LOCK = 0x4D492D4D49475200
 _REPLY_COUNTS = frozenset({"rcpt_key", "rcpt_domain", "mailbox"})
+# Attachments at least this big are hashed in a worker thread rather than on the event loop.
+_HASH_IN_THREAD = 1 << 20
 _CONNECT_TIMEOUT = 10.0
 
 
@@ -107,6 +109,17 @@ class PostgresStore(Store):
     def __init__(self, conn: asyncpg.Connection, connect: _Connect) -> None:
         self.conn = conn
         self._connect = connect
+        # Directory lookups, kept while the directory's version stays the one they were
+        # read at (a `directory import` by any process bumps it): most of a message's
+        # statements otherwise.
+        self.directory_cache: dict[tuple[str, str], Any] = {}
+        self._directory_version: int | None = None
+
+    async def _check_directory_version(self) -> None:
+        version = int(await self.conn.fetchval("SELECT last_value FROM directory_version"))
+        if version != self._directory_version:
+            self.directory_cache.clear()
+            self._directory_version = version
 
     async def close(self) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
@@ -127,7 +140,9 @@ class PostgresStore(Store):
         outer = self.conn.transaction()
         await outer.start()
         try:
+            await self._check_directory_version()
             yield tx
+            await tx.flush()
             await tx.check_fences()
             await outer.commit()
         except BaseException as exc:
@@ -260,6 +275,9 @@ class PostgresTransaction(Transaction):
         self.conn = store.conn
         self._fences: dict[str, tuple[str, int]] = {}
         self._read_ahead: dict[int, RequestRef | None] = {}
+        # Ledger rows not sent yet: one executemany at COMMIT (or before a statement that
+        # reads or changes the ledger) instead of a round trip per message.
+        self._ledger: list[tuple[Any, ...]] = []
         self._directory = DirectoryView(
             user_by_email=self.user_by_email,
             user_by_login=self.user_by_login,
@@ -272,8 +290,15 @@ class PostgresTransaction(Transaction):
     def directory(self) -> DirectoryView:
         return self._directory
 
+    async def flush(self) -> None:
+        """Send the pending ledger rows (a row another replica committed fails here)."""
+        if self._ledger:
+            rows, self._ledger = self._ledger, []
+            await self.conn.executemany(_INSERT_LEDGER, rows)
+
     @asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:
+        await self.flush()  # what is pending was written before the savepoint
         sp = self.conn.transaction()
         await sp.start()
         try:
@@ -282,6 +307,7 @@ class PostgresTransaction(Transaction):
             raise  # the store failing: the whole transaction rolls back
         except Exception:
             self._read_ahead.clear()
+            self._ledger = []  # written inside the block: undone with it
             await sp.rollback()
             raise
         await sp.commit()
@@ -315,21 +341,39 @@ class PostgresTransaction(Transaction):
     async def _all(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         return list(await self.conn.fetch(sql, *args))
 
+    async def _cached(self, key: tuple[str, str], read: Callable[[], Awaitable[Any]]) -> Any:
+        """A directory lookup, from the store's cache while the directory is unchanged."""
+        cache = self._store.directory_cache
+        if key not in cache:
+            cache[key] = await read()
+        return cache[key]
+
     async def _name_id(self, table: str, name: str | None) -> int | None:
         if not name:
             return None
-        value = await self.conn.fetchval(
-            f"SELECT id FROM {table} WHERE lower(name) = lower($1)", name
-        )
-        return None if value is None else int(value)
+
+        async def read() -> int | None:
+            value = await self.conn.fetchval(
+                f"SELECT id FROM {table} WHERE lower(name) = lower($1)", name
+            )
+            return None if value is None else int(value)
+
+        found: int | None = await self._cached((table, name.casefold()), read)
+        return found
 
     async def user_by_email(self, email: str) -> User | None:
         if not email:
             return None
-        return await self._user("lower(u.email) = lower($1)", email)
+        found: User | None = await self._cached(
+            ("email", email.casefold()), lambda: self._user("lower(u.email) = lower($1)", email)
+        )
+        return found
 
     async def user_by_login(self, login: str) -> User | None:
-        return await self._user("lower(u.login) = lower($1)", login)
+        found: User | None = await self._cached(
+            ("login", login.casefold()), lambda: self._user("lower(u.login) = lower($1)", login)
+        )
+        return found
 
     async def _user(self, where: str, arg: str) -> User | None:
         row = await self._one(
@@ -344,6 +388,10 @@ class PostgresTransaction(Transaction):
         return await self._name_id(table, name) is not None
 
     async def team(self, ref: str | int | None) -> Team | None:
+        found: Team | None = await self._cached(("team", repr(ref)), lambda: self._team(ref))
+        return found
+
+    async def _team(self, ref: str | int | None) -> Team | None:
         sql = (
             "SELECT t.id, t.number, t.name, g.name FROM teams t "
             "LEFT JOIN groups g ON g.id = t.default_group_id "
@@ -370,6 +418,9 @@ class PostgresTransaction(Transaction):
         )
 
     async def import_directory(self, data: Mapping[str, Any]) -> dict[str, int]:
+        # Every replica's directory cache is stale from the commit of this on.
+        await self.conn.execute("SELECT nextval('directory_version')")
+        self._store.directory_cache.clear()
         counts = {"teams": 0, "sites": 0, "groups": 0, "sources": 0, "users": 0}
         for table in ("sites", "groups", "sources"):
             for name in data.get(table, []):
@@ -416,6 +467,7 @@ class PostgresTransaction(Transaction):
     # -- ledger ----------------------------------------------------------------------------
 
     async def ledger_rows(self, account: str, uidls: Iterable[str]) -> dict[str, LedgerRow]:
+        await self.flush()
         rows = await self._all(
             "SELECT uidl, size, needed, message_id, sha256, outcome, request_number, "
             "deleted_at FROM ledger WHERE account = $1 AND uidl = ANY($2::text[])",
@@ -437,22 +489,21 @@ class PostgresTransaction(Transaction):
         size: int | None = None,
         needed: int | None = None,
     ) -> None:
-        # A row another replica committed meanwhile fails this statement (the unique
-        # constraint), and with it the transaction: see engine/writer.py's race handling.
-        await self.conn.execute(
-            "INSERT INTO ledger(account, uidl, mailbox, message_id, sha256, outcome, "
-            "request_number, processed_at, size, needed) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            account,
-            uidl,
-            mailbox,
-            message_id,
-            sha256,
-            scrub(outcome),
-            request_number,
-            now(),
-            size,
-            needed,
+        # Sent at COMMIT (flush): a row another replica committed meanwhile fails it, and
+        # with it the transaction; see engine/writer.py's conflicts.
+        self._ledger.append(
+            (
+                account,
+                uidl,
+                mailbox,
+                message_id,
+                sha256,
+                scrub(outcome),
+                request_number,
+                now(),
+                size,
+                needed,
+            )
         )
 
     async def update_ledger(
@@ -467,6 +518,7 @@ class PostgresTransaction(Transaction):
         size: int | None,
         needed: int | None,
     ) -> None:
+        await self.flush()
         await self.conn.execute(
             "UPDATE ledger SET message_id = $1, sha256 = $2, outcome = $3, "
             "request_number = $4, size = $5, needed = $6, processed_at = $7 "
@@ -483,6 +535,7 @@ class PostgresTransaction(Transaction):
         )
 
     async def mark_deleted(self, account: str, uidls: Iterable[str]) -> None:
+        await self.flush()
         await self.conn.execute(
             "UPDATE ledger SET deleted_at = $1 WHERE account = $2 AND uidl = ANY($3::text[]) "
             "AND deleted_at IS NULL",
@@ -492,11 +545,13 @@ class PostgresTransaction(Transaction):
         )
 
     async def account_has_rows(self, account: str) -> bool:
+        await self.flush()
         return (
             await self._one("SELECT 1 FROM ledger WHERE account = $1 LIMIT 1", account) is not None
         )
 
     async def rename_account(self, old: str, new: str) -> None:
+        await self.flush()
         await self.conn.execute("UPDATE ledger SET account = $1 WHERE account = $2", new, old)
 
     async def mailbox_account(self, mailbox: str) -> tuple[str, str] | None:
@@ -540,6 +595,7 @@ class PostgresTransaction(Transaction):
         return None if row is None else RequestRef(row[0], row[1], row[2], row[3], row[4])
 
     async def request_by_message_id(self, message_ids: Sequence[str]) -> RequestRef | None:
+        await self.flush()
         for mid in message_ids:
             number = await self.conn.fetchval(
                 "SELECT request_number FROM ledger WHERE message_id = $1 "
@@ -600,10 +656,11 @@ class PostgresTransaction(Transaction):
                 sha256,
                 now(),
                 created_by,
+                scrub(created_by),
+                scrub(f"Created from {kind.replace('-', ' ')}."),
             )
         )
         self._read_ahead[number] = RequestRef(number, team_id, type, status, kind)
-        await self.add_history(number, created_by, f"Created from {kind.replace('-', ' ')}.")
         return number
 
     async def add_activity(
@@ -649,15 +706,15 @@ class PostgresTransaction(Transaction):
         self, number: int, activity_id: int | None, attachments: Iterable[Attachment]
     ) -> None:
         for att in attachments:
-            digest = await anyio.to_thread.run_sync(_sha256, att.data)
-            # Content-addressed: the same bytes are stored once, whoever cites them.
+            if len(att.data) < _HASH_IN_THREAD:
+                digest = _sha256(att.data)
+            else:  # hashlib lets go of the GIL: keep the event loop free meanwhile
+                digest = await anyio.to_thread.run_sync(_sha256, att.data)
+            # Content-addressed: the same bytes are stored once, whoever cites them; the
+            # content and the row citing it in one round trip.
             await self.conn.execute(
-                "INSERT INTO attachment_blobs(sha256, data) VALUES ($1, $2) "
-                "ON CONFLICT (sha256) DO NOTHING",
-                digest,
-                att.data,
-            )
-            await self.conn.execute(
+                "WITH b AS (INSERT INTO attachment_blobs(sha256, data) VALUES ($6, $7) "
+                "ON CONFLICT (sha256) DO NOTHING) "
                 "INSERT INTO attachments(request_number, activity_id, name, content_type, "
                 "size, sha256) VALUES ($1, $2, $3, $4, $5, $6)",
                 number,
@@ -666,6 +723,7 @@ class PostgresTransaction(Transaction):
                 att.content_type,
                 len(att.data),
                 digest,
+                att.data,
             )
 
     async def failure_event(self, message_id: str | None, sha256: str) -> int | None:
@@ -810,12 +868,20 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# The request and its first history line in one round trip.
+_INSERT_LEDGER = (
+    "INSERT INTO ledger(account, uidl, mailbox, message_id, sha256, outcome, request_number, "
+    "processed_at, size, needed) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+)
+
 _INSERT_REQUEST = (
-    "INSERT INTO requests(team_id, type, status, kind, subject, description, html, "
+    "WITH r AS (INSERT INTO requests(team_id, type, status, kind, subject, description, html, "
     "requester_id, user_id, site_id, group_id, assignee_id, source_id, mailbox, cause, "
     "message_id, sha256, created_at, created_by) "
     "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, "
-    "$18, $19) RETURNING number"
+    "$18, $19) RETURNING number), "
+    "h AS (INSERT INTO history(request_number, at, by, text) SELECT number, $18, $20, $21 "
+    "FROM r) SELECT number FROM r"
 )
 
 _REQUEST_SELECT = (

@@ -308,7 +308,10 @@ POSTGRES_MIGRATIONS: dict[int, str] = {
     #   committing transaction checks (engine/store/leases.py).
     # - replicas: who is alive (a heartbeat), for the balance of leases.
     # - at most one open outage event per mailbox and cause, whichever replica opens it.
+    # - directory_version: bumped by each directory import, so that a replica may keep its
+    #   directory lookups from one transaction to the next until another one imports.
     11: """
+    CREATE SEQUENCE directory_version;
     CREATE TABLE attachment_blobs (
         sha256 text PRIMARY KEY,
         data bytea NOT NULL
