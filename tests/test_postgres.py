@@ -201,3 +201,35 @@ def test_the_compose_profile_and_the_kubernetes_example_hold_together() -> None:
 
     args = build_parser().parse_args(container["args"])
     assert args.follow_symlinks and args.http_port == 8080
+
+
+@pytest.mark.parametrize("store", ["postgresql"], indirect=True)
+def test_a_directory_import_by_another_process_is_seen_by_the_next_transaction(
+    tmp_path: Path, pg: str
+) -> None:
+    """The store keeps its directory lookups between transactions, until a directory import
+    by any process (here the command line, beside an open store) bumps the version."""
+    import anyio
+
+    from engine.store.postgres import open_postgres
+
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    newcomer = {"login": "newcomer", "email": "new@example.com", "name": "New"}
+
+    async def go() -> tuple[object, object]:
+        store = await open_postgres(pg)
+        try:
+            async with store.transaction() as tx:
+                before = await tx.user_by_login("newcomer")
+                assert await tx.user_by_login("jdoe") is not None  # cached too
+            directory = {**support.DIRECTORY, "users": [newcomer]}
+            await anyio.to_thread.run_sync(import_directory, data, tmp_path, directory)
+            async with store.transaction() as tx:
+                after = await tx.user_by_login("newcomer")
+            return before, after
+        finally:
+            await store.close()
+
+    before, after = anyio.run(go)
+    assert before is None and after is not None
