@@ -20,15 +20,23 @@ What differs from SQLite, behind the same interface (see :mod:`engine.store.base
   (:meth:`PostgresTransaction.fence`); a paused replica whose lease was taken over commits
   nothing.
 
-Every text written goes through :func:`engine.logs.scrub`, as in SQLite. The DSN's password
-never appears in an error: errors name the DSN without it (:func:`safe_dsn`).
+Speed: each statement is a round trip to the server (~0.1 ms here, more under load), so a
+message costs about two: its request (with its first history line, one statement) or activity,
+and its attachments (content and row, one statement each). The ledger rows go in one
+``executemany`` at COMMIT, or before a statement that reads or changes the ledger; the
+directory lookups are kept from one transaction to the next while the ``directory_version``
+sequence (bumped by every import, read at BEGIN) stands.
+
+Robustness: every statement is bounded (``command_timeout``), so a connection gone silent
+fails its transaction instead of hanging it; a connection that failed is dropped, and the next
+transaction reconnects. Every text written goes through :func:`engine.logs.scrub`, as in
+SQLite. The DSN's password never appears in an error: errors name it without (:func:`safe_dsn`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -1004,11 +1012,6 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
     finally:
         with anyio.CancelScope(shield=True):
             await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
-
-
-def store_from_env(value: str | None) -> str | None:
-    """``--store``'s default: MAILINTEGRATION_STORE."""
-    return value or os.environ.get("MAILINTEGRATION_STORE") or None
 
 
 class PostgresLeases:
