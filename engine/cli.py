@@ -86,6 +86,7 @@ def _once(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     src.add_argument("--config", type=Path, help="one mailbox XML file")
     src.add_argument("--config-dir", type=Path, help="a folder of mailbox XML files")
     once.add_argument("--dry-run", action="store_true", help="fetch and explain; change nothing")
+    _replica_opts(once)
     _http_opts(once, 0, "serve /healthz, /metrics")
     _follow_symlinks(once)
     _engine_opts(once)

@@ -242,7 +242,17 @@ async def cmd_once(args: argparse.Namespace) -> int:
         if sys.stdout.isatty() and not args.dry_run:
             engine.on_outcome = lambda o: print(_outcome_line(o), flush=True)
 
-        await _serving(args, engine, work)
+        leases = None if args.dry_run else await _leases(args)
+        if leases is not None:
+            engine.use_leases(leases)
+        try:
+            await _serving(args, engine, work)
+        finally:
+            if leases is not None:
+                await leases.backend.close()
+        for o in outcomes:
+            if o.skipped:
+                print(f"{o.name}: skipped: another replica polls it now")
         log.info("once: %s", engine.summary())
         _print_outcomes(outcomes, dry_run=args.dry_run)
         if engine.stop.is_set() or len(outcomes) < len(_sources(args)):

@@ -71,6 +71,8 @@ class Leases:
         self.names: list[str] = []  # every mailbox this replica's configuration knows
         self.busy: set[str] = set()  # mailboxes in a session now
         self.live = 1
+        # A `once` pass takes every mailbox it can, not a share (see target).
+        self.greedy = False
         self._renewed = -math.inf  # time.monotonic() of the last renewal
         self.changed = anyio.Event()  # set when a lease was gained (loops wake up)
         # Told whether the store answers: a tick's failure, or None after one that worked.
@@ -96,7 +98,10 @@ class Leases:
         return {"held": len(self.held), "mailboxes": len(self.names), "replicas": self.live}
 
     def target(self) -> int:
-        """How many mailboxes this replica aims at: its share, rounded up."""
+        """How many mailboxes this replica aims at: its share, rounded up (all of them for a
+        greedy `once` pass)."""
+        if self.greedy:
+            return len(self.names)
         return math.ceil(len(self.names) / max(1, self.live))
 
     async def tick(self) -> None:

@@ -8,6 +8,7 @@ and when the last one closes the writer drains what is left and ends by itself.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectSendStream
 
@@ -302,16 +304,35 @@ class Engine:
         outcomes: list[MailboxOutcome] = []
 
         async def body(send: MemoryObjectSendStream[Item]) -> None:
-            async with anyio.create_task_group() as tg:
-                if self.processes is not None:
-                    tg.start_soon(self.processes.start)
-                async with anyio.create_task_group() as fetchers:
-                    for src in sources:
-                        fetchers.start_soon(self._collect, src, send.clone(), outcomes)
-                tg.cancel_scope.cancel()  # processes still starting: not needed any more
+            # The leases' task outside the one cancelled at the end: it gives them back
+            # when told, never cut off in the middle of a statement.
+            async with anyio.create_task_group() as outer:
+                done = await self._once_leases(outer, sources)
+                async with anyio.create_task_group() as tg:
+                    if self.processes is not None:
+                        tg.start_soon(self.processes.start)
+                    async with anyio.create_task_group() as fetchers:
+                        for src in sources:
+                            fetchers.start_soon(self._collect, src, send.clone(), outcomes)
+                    tg.cancel_scope.cancel()  # processes still starting: not needed any more
+                if done is not None:
+                    done.set()
 
         await self._with_writer(body)
         return outcomes
+
+    async def _once_leases(
+        self, tg: anyio.abc.TaskGroup, sources: list[MailboxSource]
+    ) -> anyio.Event | None:
+        """With leases, a pass takes every mailbox nobody else holds (not a share: it is to
+        fetch them all) and skips the others; returns the event that gives them back."""
+        if self.leases is None:
+            return None
+        done = anyio.Event()
+        self.leases.names = sorted(src.name for src in sources)
+        self.leases.greedy = True
+        await tg.start(self.leases.run, done)
+        return done
 
     async def _collect(
         self, src: MailboxSource, send: MemoryObjectSendStream[Item], out: list[MailboxOutcome]
@@ -520,7 +541,11 @@ class Engine:
             outcome.dry_run_lines.append(f"{env.uidl}: {env.explanation}")
         self._account(src.name, outcome)
         if not self.settings.dry_run:
-            await self._report(src, cfg, outcome, send)
+            # Busy until recorded: the balance must not give the lease back before the
+            # report commits (its transaction is fenced too).
+            leases = self.leases
+            async with leases.session(src.name) if leases else contextlib.nullcontext():
+                await self._report(src, cfg, outcome, send)
         return outcome
 
     async def _report(

@@ -566,3 +566,36 @@ def test_two_replicas_cannot_open_the_same_outage_twice(tmp_path: Path, pg: str)
     assert result == "UniqueViolationError" and second > first
     rows = store_rows(tmp_path, "SELECT status FROM requests WHERE kind = 'outage' ORDER BY number")
     assert [r["status"] for r in rows] == ["processed", "new"]
+
+
+@pytest.mark.dovecot
+def test_once_skips_a_mailbox_another_replica_holds_and_takes_it_once_free(
+    tmp_path: Path, pg: str, dovecot: Any, pop3_user: tuple[str, str]
+) -> None:
+    """`once` with PostgreSQL takes the lease of every mailbox nobody holds: a mailbox a live
+    replica holds is skipped (its mail left to that replica), and polled once it is free;
+    the pass gives its leases back when it ends."""
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    user, password = pop3_user
+    dovecot.deliver(user, message("Held elsewhere"))
+    cfg = mailbox_xml(tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=password)
+    with psycopg.connect(pg, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO leases(mailbox, owner, expires_at, epoch) "
+            "VALUES ('m', 'other', now() + interval '60 seconds', 7)"
+        )
+    args = ("once", "--config", cfg, "--data-dir", data, "--store", pg, "--replica-id", "cron")
+    login = ("--login", LOGIN, "--password", LOGIN_PASSWORD)
+    code, out = cli(*args, *login)
+    assert code == 0 and "m: skipped: another replica polls it now" in out
+    assert dovecot.count(user) == 1
+    with psycopg.connect(pg, autocommit=True) as conn:
+        conn.execute("UPDATE leases SET expires_at = now() WHERE mailbox = 'm'")
+    code, out = cli(*args, *login)
+    assert code == 0 and "skipped" not in out
+    assert dovecot.count(user) == 0
+    assert [r["subject"] for r in store_rows(data, "SELECT subject FROM requests")] == [
+        "Held elsewhere"
+    ]
+    assert _owners(pg) == {"m": None}  # given back at the end of the pass
