@@ -16,6 +16,7 @@ for support bundles.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import functools
 import html
 import html.entities
@@ -30,11 +31,12 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from lxml import etree
 
+from engine.config_rules import CustomRecogniser, Processing, Rule, build, rules_of
 from engine.errors import ConfigError
 from engine.keys import account_key
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     import xmlschema
     from xmlschema import XMLSchemaValidationError
@@ -45,9 +47,12 @@ __all__ = [
     "MAX_COPY_BYTES",
     "REPLY_PLACEHOLDERS",
     "SCHEMA_PATH",
+    "CustomRecogniser",
     "MailboxConfig",
+    "Processing",
     "ProcessorKind",
     "ReplyTemplate",
+    "Rule",
     "ServerConfig",
     "SmtpConfig",
     "load_mailbox",
@@ -56,7 +61,7 @@ __all__ = [
     "secret_values",
 ]
 
-ProcessorKind = Literal["incident", "event"]
+ProcessorKind = Literal["incident", "event", "service-request"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,8 @@ class MailboxConfig:
     poll_interval: float | None
     max_attachment_bytes: int | None = None
     max_attachments_bytes: int | None = None
+    # Correlation, service requests, priority, routing rules, foreign numbers (issue 17).
+    processing: Processing = field(default_factory=Processing)
 
     @property
     def account(self) -> str:
@@ -185,13 +192,12 @@ _PASSWORD_SOURCES: Final = ("password", "passwordFile", "passwordEnv")
 _PROCESSORS: Final[dict[str, ProcessorKind]] = {
     "enduserincidentmailmessageprocessor": "incident",
     "eventmailmessageprocessor": "event",
-}
-_UNSUPPORTED_PROCESSORS: Final = {
-    "endusernewsrmailmessageprocessor": "EndUserNewSRMailMessageProcessor (service requests)",
+    "endusernewsrmailmessageprocessor": "service-request",
 }
 _VALID_PROCESSORS: Final = (
     "Octopus.MailIntegration.Processors.EndUserIncidentMailMessageProcessor (incidents) or "
-    "Octopus.MailIntegration.Processors.EventMailMessageProcessor (events), optionally "
+    "Octopus.MailIntegration.Processors.EventMailMessageProcessor (events), "
+    "ESI.Octopus.MailIntegration.EndUserNewSRMailMessageProcessor (service requests), optionally "
     'followed by ", Octopus.MailIntegration"'
 )
 _POP3_GATEWAYS: Final = frozenset({"sidepopmailboxgateway", "mailkitmailboxgateway"})
@@ -243,22 +249,43 @@ def _load_schema() -> tuple[etree.XMLSchema, dict[tuple[str, ...], dict[str, str
     xsd = etree.parse(str(SCHEMA_PATH), parser)
     children: dict[tuple[str, ...], dict[str, str]] = {}
 
+    top = xsd.getroot()
+
+    def content(decl: etree._Element) -> etree._Element | None:
+        """The xs:all or xs:sequence of an element's complex type: inline, named
+        (type="ruleType") or through a reference to a global element (ref="rules")."""
+        ref = decl.get("ref")
+        if ref is not None:
+            found = top.find(f"{_XS}element[@name='{ref}']")
+            assert found is not None, ref
+            decl = found
+        complex_type = decl.find(f"{_XS}complexType")
+        named = decl.get("type")
+        if complex_type is None and named is not None:
+            complex_type = top.find(f"{_XS}complexType[@name='{named}']")
+        if complex_type is None:
+            return None
+        found_all = complex_type.find(f"{_XS}all")
+        return found_all if found_all is not None else complex_type.find(f"{_XS}sequence")
+
     def walk(decl: etree._Element, path: tuple[str, ...]) -> None:
-        # Every element of the format declares its complex type inline, as an xs:all.
-        content = decl.find(f"{_XS}complexType/{_XS}all")
-        if content is None:
+        body = content(decl)
+        if body is None:
             return
         names: dict[str, str] = {}
-        for child in content.iterfind(f"{_XS}element"):
-            name = str(child.get("name"))
+        for child in body.iterfind(f"{_XS}element"):
+            name = str(child.get("name") or child.get("ref"))
             names[name.lower()] = name
             walk(child, (*path, name))
         children[path] = names
 
-    root = xsd.getroot().find(f"{_XS}element[@name='{_ROOT}']")
+    root = top.find(f"{_XS}element[@name='{_ROOT}']")
     if root is None:
         raise RuntimeError(f"{SCHEMA_PATH} declares no <{_ROOT}> element")
     walk(root, (_ROOT,))
+    rules = top.find(f"{_XS}element[@name='rules']")
+    assert rules is not None
+    walk(rules, ("rules",))  # the root of a team folder's _rules.xml
     return etree.XMLSchema(xsd), children
 
 
@@ -295,6 +322,7 @@ def _decls() -> dict[tuple[str, ...], Any]:
             walk(child, (*path, child.local_name))
 
     walk(_xmlschema().elements[_ROOT], (_ROOT,))
+    walk(_xmlschema().elements["rules"], ("rules",))  # a team folder's _rules.xml
     return decls
 
 
@@ -304,7 +332,11 @@ def _decls() -> dict[tuple[str, ...], Any]:
 
 
 def load_mailbox(
-    path: Path, *, default_team: str | None = None, name: str | None = None
+    path: Path,
+    *,
+    default_team: str | None = None,
+    name: str | None = None,
+    team_rules: Path | None = None,
 ) -> MailboxConfig:
     """Read, validate and convert one mailbox file.
 
@@ -320,8 +352,35 @@ def load_mailbox(
     ctx = _Context(str(path))
     root = _parse(path, ctx)
     _canonicalize(root)
+    if root.tag != _ROOT:
+        raise ctx.error(f"the root element must be <{_ROOT}>, not <{_display(root)}>", at=root)
     _validate(root, ctx)
-    return _build(root, path, ctx, default_team=default_team, name=name or path.stem)
+    cfg = _build(root, path, ctx, default_team=default_team, name=name or path.stem)
+    if team_rules is None:
+        return cfg
+    # The team folder's rules apply after the mailbox's own.
+    extra = load_rules(team_rules)
+    processing = dataclasses.replace(cfg.processing, rules=cfg.processing.rules + extra)
+    return dataclasses.replace(cfg, processing=processing)
+
+
+def load_rules(path: Path) -> tuple[Rule, ...]:
+    """A team folder's ``_rules.xml``: a ``<rules>`` root element, read and validated as
+    safely as a mailbox file, against the same schema."""
+    ctx = _Context(str(path))
+    root = _parse(path, ctx)
+    _canonicalize(root)
+    if root.tag != "rules":
+        raise ctx.error(f"the root element must be <rules>, not <{_display(root)}>", at=root)
+    _validate(root, ctx)
+    return rules_of(root, _error_at(ctx), str(path))
+
+
+def _error_at(ctx: _Context) -> Callable[[str, etree._Element | None], ConfigError]:
+    def error(reason: str, at: etree._Element | None) -> ConfigError:
+        return ctx.error(reason, at=at)
+
+    return error
 
 
 def mailbox_copy(cfg: MailboxConfig) -> bytes:
@@ -907,11 +966,12 @@ def _redact_text(text: str) -> str:
 
 def _canonicalize(root: etree._Element) -> None:
     """Rename known elements to the schema's spelling; unknown ones stay as written."""
-    if _is_plain(root) and root.tag.lower() == _ROOT.lower():
-        root.tag = _ROOT
-    if root.tag != _ROOT:
+    roots = {_ROOT.lower(): _ROOT, "rules": "rules"}
+    if _is_plain(root) and root.tag.lower() in roots:
+        root.tag = roots[root.tag.lower()]
+    if root.tag not in roots.values():
         return
-    stack: list[tuple[etree._Element, tuple[str, ...]]] = [(root, (_ROOT,))]
+    stack: list[tuple[etree._Element, tuple[str, ...]]] = [(root, (root.tag,))]
     while stack:
         el, path = stack.pop()
         names = _CHILDREN.get(path)
@@ -1123,10 +1183,11 @@ def _build(
 
     incident_group = _token(root, "incidentGroup")
     event_group = _token(root, "group")
-    if processor == "incident":
-        group = incident_group or event_group
-    else:
-        group = event_group or incident_group
+    # Events name their group <group>; incidents and service requests <incidentGroup>.
+    first, second = (
+        (event_group, incident_group) if processor == "event" else (incident_group, event_group)
+    )
+    group = first or second
     ignored = tuple(part.strip() for part in (_token(root, "ignoredAttachments") or "").split(","))
     max_bytes = _int(root, "maxMessageBytes")
     poll = _int(root, "pollIntervalSeconds")
@@ -1151,6 +1212,7 @@ def _build(
         poll_interval=None if poll is None else float(poll),
         max_attachment_bytes=_int(root, "maxAttachmentBytes"),
         max_attachments_bytes=_int(root, "maxAttachmentsBytes"),
+        processing=build(root, _error_at(ctx), str(path)),
     )
 
 
@@ -1161,12 +1223,6 @@ def _processor(root: etree._Element, ctx: _Context) -> ProcessorKind:
     leaf = _type_leaf(value)
     if leaf in _PROCESSORS:
         return _PROCESSORS[leaf]
-    if leaf in _UNSUPPORTED_PROCESSORS:
-        raise ctx.error(
-            f"{_UNSUPPORTED_PROCESSORS[leaf]} is not supported yet; valid values: "
-            + _VALID_PROCESSORS,
-            at=el,
-        )
     raise ctx.error(f"unknown processor {value!r}; valid values: {_VALID_PROCESSORS}", at=el)
 
 

@@ -174,8 +174,6 @@ class DirectoryView:
     # The newest event of a correlation key (see engine.processors.correlation).
     correlated_event: Callable[[str], Awaitable[CorrelatedEvent | None]] = _no_event
     # The newest request that carries one of these foreign ticket numbers.
-    request_by_foreign_number: Callable[[Sequence[str]], Awaitable[RequestRef | None]] = (
-        _no_request
-    )
+    request_by_foreign_number: Callable[[Sequence[str]], Awaitable[RequestRef | None]] = _no_request
     # Whether "sites", "groups", "sources" or "priorities" holds a name.
     has_name: Callable[[str, str], Awaitable[bool]] = _always

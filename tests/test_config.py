@@ -287,14 +287,15 @@ def test_every_schema_element_is_documented() -> None:
 # ------------------------------------------------------------------------------- processors
 
 
-def test_unsupported_processor(tmp_path: Path) -> None:
-    sr = (
+def test_service_request_processor_is_read_under_both_names(tmp_path: Path) -> None:
+    for sr in (
         "Octopus.MailIntegration.Processors.EndUserNewSRMailMessageProcessor, "
-        "Octopus.MailIntegration"
-    )
-    err = load_error(tmp_path, mailbox(processor=sr))
-    assert "not supported yet" in err.reason
-    assert err.line == 3 and err.element == "messageProcessorTypeName"
+        "Octopus.MailIntegration",
+        "ESI.Octopus.MailIntegration.EndUserNewSRMailMessageProcessor",
+    ):
+        cfg = load_mailbox(write(tmp_path, mailbox(processor=sr)))
+        assert cfg.processor == "service-request"
+        assert cfg.processing.service_requests.token == "CreateSR"
 
 
 def test_unknown_processor_lists_valid_values(tmp_path: Path) -> None:

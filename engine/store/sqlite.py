@@ -374,9 +374,7 @@ _INSERTS = {
     "attachments": _INSERT_ATTACHMENT,
     "request_fields": "INSERT INTO request_fields(request_number, name, value) VALUES (?, ?, ?)",
     "request_tags": "INSERT OR IGNORE INTO request_tags(request_number, tag) VALUES (?, ?)",
-    "foreign_numbers": (
-        "INSERT OR IGNORE INTO foreign_numbers(ref, request_number) VALUES (?, ?)"
-    ),
+    "foreign_numbers": ("INSERT OR IGNORE INTO foreign_numbers(ref, request_number) VALUES (?, ?)"),
 }
 
 
