@@ -183,32 +183,33 @@ def build(root: etree._Element, error: ErrorAt, file: str) -> Processing:
 def _correlation(el: etree._Element | None, error: ErrorAt) -> Correlation:
     if el is None:
         return Correlation()
-    recognisers = []
     listed = el.find("recognisers")
-    for r in () if listed is None else listed.iterfind("recogniser"):
-        subject, body = r.find("subject"), r.find("body")
-        if subject is None and body is None:
-            raise error("a recogniser needs a <subject> or <body> pattern", r)
-        patterns = [_regex(p, error) for p in (subject, body) if p is not None]
-        if not any("host" in p.groupindex for p in patterns):
-            raise error('a recogniser needs a group named "host", such as (?P<host>\\S+)', r)
-        recognisers.append(
-            CustomRecogniser(
-                name=_text(r, "name") or "custom",
-                subject=_regex(subject, error) if subject is not None else None,
-                body=_regex(body, error) if body is not None else None,
-                problem=_states(r, "problemStates"),
-                recovery=_states(r, "recoveryStates"),
-                acknowledgement=_states(r, "acknowledgementStates"),
-            )
-        )
+    recognisers = () if listed is None else listed.iterfind("recogniser")
     mode = (_text(el, "flapping") or "reopen").lower()
     minutes = _text(el, "flappingMinutes")
     return Correlation(
         enabled=_flag(el, "enabled", True),
         flapping="activity" if mode == "activity" else "reopen",
         flapping_minutes=30 if minutes is None else int(minutes),
-        recognisers=tuple(recognisers),
+        recognisers=tuple(_recogniser(r, error) for r in recognisers),
+    )
+
+
+def _recogniser(r: etree._Element, error: ErrorAt) -> CustomRecogniser:
+    subject_el, body_el = r.find("subject"), r.find("body")
+    if subject_el is None and body_el is None:
+        raise error("a recogniser needs a <subject> or <body> pattern", r)
+    subject = _regex(subject_el, error) if subject_el is not None else None
+    body = _regex(body_el, error) if body_el is not None else None
+    if not any(p is not None and "host" in p.groupindex for p in (subject, body)):
+        raise error('a recogniser needs a group named "host", such as (?P<host>\\S+)', r)
+    return CustomRecogniser(
+        name=_text(r, "name") or "custom",
+        subject=subject,
+        body=body,
+        problem=_states(r, "problemStates"),
+        recovery=_states(r, "recoveryStates"),
+        acknowledgement=_states(r, "acknowledgementStates"),
     )
 
 

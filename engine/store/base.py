@@ -74,11 +74,13 @@ class Transaction(ABC):
 
     @abstractmethod
     async def has_name(self, table: str, name: str) -> bool:
-        """Whether ``sites``, ``groups``, ``sources`` or ``priorities`` holds ``name``."""
+        """Whether ``sites``, ``groups``, ``sources``, ``priorities`` or ``categories`` holds
+        ``name``."""
 
     @abstractmethod
     async def import_directory(self, data: Mapping[str, Any]) -> dict[str, int]:
-        """Insert or update teams, sites, groups, sources and users (keyed by name/login)."""
+        """Insert or update teams, sites, groups, sources, priorities, categories and users
+        (keyed by name/login)."""
 
     # -- requests and activities -----------------------------------------------------------
 

@@ -166,13 +166,18 @@ MIGRATIONS: tuple[str, ...] = (
     """
     SELECT 1;
     """,
-    # 6: correlation, service requests, priority, routing rules, foreign ticket numbers.
+    # 6: correlation, service requests (categories), priority, routing rules, foreign
+    # ticket numbers.
     # The requests table is rebuilt (SQLite cannot change a CHECK): type 'service request';
     # an event's correlation key and alert state; the priority; the SR's form; when it was
     # last closed (the flapping window). AUTOINCREMENT's counter is carried over, so no
     # number is ever given twice. Runs with foreign keys off (see REBUILDS).
     """
     CREATE TABLE priorities (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE COLLATE NOCASE
+    );
+    CREATE TABLE categories (
         id INTEGER PRIMARY KEY,
         name TEXT NOT NULL UNIQUE COLLATE NOCASE
     );

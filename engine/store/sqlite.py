@@ -572,7 +572,7 @@ class SqliteTransaction(Transaction):
         return None if row is None else User(row[0], row[1], row[2], row[3], row[4])
 
     async def has_name(self, table: str, name: str) -> bool:
-        assert table in {"sites", "groups", "sources", "priorities"}
+        assert table in {"sites", "groups", "sources", "priorities", "categories"}
         return await self._name_id(table, name) is not None
 
     async def team(self, ref: str | int | None) -> Team | None:
@@ -608,8 +608,10 @@ class SqliteTransaction(Transaction):
     async def import_directory(self, data: Mapping[str, Any]) -> dict[str, int]:
         # This connection's own changes leave data_version alone: drop the cache by hand.
         self._store.forget_directory()
-        counts = {"teams": 0, "sites": 0, "groups": 0, "sources": 0, "priorities": 0, "users": 0}
-        for table in ("sites", "groups", "sources", "priorities"):
+        counts = dict.fromkeys(
+            ("teams", "sites", "groups", "sources", "priorities", "categories", "users"), 0
+        )
+        for table in ("sites", "groups", "sources", "priorities", "categories"):
             for name in data.get(table, []):
                 await self._all(f"INSERT OR IGNORE INTO {table}(name) VALUES (?)", (name,))
                 counts[table] += 1
@@ -838,9 +840,10 @@ class SqliteTransaction(Transaction):
         form: str | None = None,
     ) -> int:
         number = await self._next_id("requests")
-        ref = RequestRef(number, team_id, type, status, kind)
         # Also over a read-ahead that found no such number yet (a reply in the same batch).
-        self._pending.requests[number] = self._read_ahead[number] = ref
+        self._pending.requests[number] = self._read_ahead[number] = RequestRef(
+            number, team_id, type, status, kind
+        )
         self._pending.add(
             "requests",
             (
@@ -865,9 +868,7 @@ class SqliteTransaction(Transaction):
                 now(),
                 created_by,
                 await self._name_id("priorities", priority),
-                correlation_key,
-                alert_state,
-                None if form is None else scrub(form),
+                *(correlation_key, alert_state, None if form is None else scrub(form)),
             ),
         )
         await self.add_history(number, created_by, f"Created from {kind.replace('-', ' ')}.")
