@@ -667,9 +667,42 @@ class Writer:
         ):
             if value and not await tx.has_name(table, value):
                 problems.append(f"{label} {value!r} is not in the directory")
+        problems += await self._check_processing(tx, cfg)
         if not problems:
             return None
         return DirectoryError("; ".join(problems))
+
+    async def _check_processing(self, tx: Transaction, cfg: MailboxConfig) -> list[str]:
+        """The names the priority settings and the routing rules give, each checked against
+        the directory; a rule's problem names its file and line."""
+        p = cfg.processing
+        named: list[tuple[str, str, str | None]] = [("incidentPriority", "priorities", p.priority)]
+        if any(rule.priority_from_headers for rule in p.rules):
+            named += [
+                (f"headerPriorities {level}", "priorities", getattr(p.header_priorities, level))
+                for level in ("high", "normal", "low")
+            ]
+        for rule in p.rules:
+            where = f"rule {rule.name!r} ({rule.where})"
+            named += [
+                (f"{where} setGroup", "groups", rule.group),
+                (f"{where} setPriority", "priorities", rule.priority),
+                (f"{where} setSource", "sources", rule.source),
+                (f"{where} setAssignee", "users", rule.assignee),
+                (f"{where} setTeam", "teams", rule.team),
+            ]
+        problems = []
+        for label, table, value in named:
+            if value and not await self._known(tx, table, value):
+                problems.append(f"{label}: {value!r} is not in the directory")
+        return problems
+
+    async def _known(self, tx: Transaction, table: str, value: str) -> bool:
+        if table == "users":
+            return await tx.user_by_login(value) is not None
+        if table == "teams":
+            return await tx.team(value) is not None
+        return await tx.has_name(table, value)
 
     async def _session_report(self, work: Work, rep: SessionReport) -> None:
         """The end of a mailbox session: its outage events, the deletions the server

@@ -175,7 +175,8 @@ def zabbix(msg: ParsedMessage) -> Alert | None:
 # -- Checkmk (the default ASCII/HTML mail notification) ------------------------------------
 
 _CHECKMK_SUBJECT: Final = re.compile(
-    r"^Check_?MK: (?P<host>[^\s/]{1,255})(?:/(?P<service>.{1,300}?)| -) (?P<event>.{1,80})$",
+    r"^Check_?MK: (?P<host>[^\s/]{1,255})(?:/(?P<service>.{1,300}?)| -) "
+    r"(?P<event>[A-Z]{1,10} -> [A-Z]{1,10}|[A-Z]{4,30}(?: \([A-Z]{1,10}\))?)$",
     re.I,
 )
 _CHECKMK_PROBLEM: Final = frozenset({"WARN", "CRIT", "UNKNOWN", "UNKN", "DOWN", "UNREACH"})
@@ -195,7 +196,11 @@ def checkmk(msg: ParsedMessage) -> Alert | None:
     else:
         state = event.rsplit("->", 1)[-1].strip().upper()
         phase = _phase(state, _CHECKMK_PROBLEM, _CHECKMK_OK)
-    return Alert("checkmk", m.group("host"), m.group("service"), state.upper(), phase)
+    f = fields(msg.body)
+    host, service = f.get("host", m.group("host")), m.group("service")
+    if service is not None:
+        service = f.get("service", service)
+    return Alert("checkmk", host, service, state.upper(), phase)
 
 
 # -- Prometheus Alertmanager and Grafana alerting (the same default title) -----------------
@@ -235,7 +240,8 @@ def grafana(msg: ParsedMessage) -> Alert | None:
 
 # -- Monit (the default mail-format) --------------------------------------------------------
 
-_MONIT_SUBJECT: Final = re.compile(r"^monit alert --\s+(.{1,80}?)\s+(\S.{0,300})$", re.I)
+# The event may be several words; the service name is one (Monit's names have no spaces).
+_MONIT_SUBJECT: Final = re.compile(r"^monit alert --\s+(.{1,80}?)\s+(\S{1,300})$", re.I)
 _MONIT_RECOVERY: Final = re.compile(r"(succeeded|passed|^exists$|^started$|^running$)", re.I)
 _MONIT_INFO: Final = frozenset({"action done", "monit instance changed", "monit instance started"})
 
@@ -277,7 +283,9 @@ def uptime_kuma(msg: ParsedMessage) -> Alert | None:
 # -- SCOM (the default e-mail notification format) -----------------------------------------
 
 _SCOM_SUBJECT: Final = re.compile(r"^Alert: (.{1,300}?) Resolution state: (.{1,60})$")
-_SCOM_ID: Final = re.compile(r"AlertID=([0-9A-Fa-f-]{36}|%7B[0-9A-Fa-f-]{36}%7D)")
+_SCOM_ID: Final = re.compile(
+    r"AlertID=(?:%7B|\{)?([0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12})", re.I
+)
 
 
 def scom(msg: ParsedMessage) -> Alert | None:
@@ -300,7 +308,7 @@ def scom(msg: ParsedMessage) -> Alert | None:
         phase = "info"
     host = f.get("path") or f.get("source") or "-"
     found = _SCOM_ID.search(msg.body[:MAX_SCAN])
-    alert_id = found.group(1).strip("%7BD").lower() if found else None
+    alert_id = found.group(1).lower() if found else None
     return Alert("scom", host, m.group(1).strip(), state.upper(), phase, alert_id=alert_id)
 
 
