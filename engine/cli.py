@@ -119,7 +119,7 @@ def _requests(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     req = sub.add_parser("requests", help="show requests")
     req_sub = req.add_subparsers(dest="action", required=True)
     rl = req_sub.add_parser("list")
-    rl.add_argument("--type", choices=["incident", "event"])
+    rl.add_argument("--type", choices=["incident", "event", "service request"])
     rl.add_argument("--status")
     rl.add_argument("--json", action="store_true")
     _data_dir(rl)

@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
-from support import ledger, mailbox_of, mailbox_xml, message, once, requests
+from support import cli, ledger, mailbox_of, mailbox_xml, message, once, requests
 
 from engine.config import MailboxConfig, load_mailbox
 from engine.model import DirectoryView, ParsedMessage, Team, User
@@ -155,3 +155,7 @@ def test_service_requests_end_to_end(tmp_path: Path, dovecot: Any, pop3_user: An
     outcomes = sorted(r["outcome"] for r in ledger(data))
     assert outcomes == ["created", "failed: bad-service-request"]
     assert dovecot.count(pop3_user[0]) == 0
+    code, out = cli("requests", "show", str(sr["number"]), "--data-dir", data)
+    assert code == 0 and "form: New laptop" in out and "Model: 14-inch" in out
+    code, out = cli("requests", "list", "--type", "service request", "--data-dir", data)
+    assert code == 0 and "Laptop for Alice" in out and "1 request(s)" in out
