@@ -338,3 +338,40 @@ def test_a_rule_naming_an_unknown_group_stops_the_mailbox_with_file_and_line(
         in (outage["description"])
     )
     assert dovecot.count(pop3_user[0]) == 1  # nothing was read
+
+
+def test_the_readme_examples_of_issue_17_load(tmp_path: Path) -> None:
+    """Each XML example of the README's section on correlation, service requests, priority,
+    rules and foreign numbers is a valid part of a mailbox file."""
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## What messages mean", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```xml\n(.*?)```", section, re.S)
+    assert len(blocks) == 5
+    loaded = []
+    for i, block in enumerate(blocks):
+        processor = re.search(r"<messageProcessorTypeName>(.*?)</", block)
+        inner = re.sub(r"</?mailIntegration>|<messageProcessorTypeName>.*?</[^>]+>", "", block)
+        path = mailbox_xml(
+            tmp_path / f"readme{i}.xml",
+            port=110,
+            user="u",
+            password="Canary-pw-9d",
+            server_extra="",
+            **({"processor": processor.group(1)} if processor else {}),  # type: ignore[arg-type]
+        )
+        text = path.read_text(encoding="utf-8").replace(
+            "</mailIntegration>", inner + "</mailIntegration>"
+        )
+        path.write_text(text, encoding="utf-8")
+        loaded.append(load_mailbox(path))
+    correlation, sr, priority, routing, foreign = loaded
+    assert correlation.processor == "event"
+    assert correlation.processing.correlation.recognisers[0].name == "ups"
+    assert sr.processor == "service-request"
+    assert sr.processing.service_requests.default_form == "General request"
+    assert priority.processing.priority == "Medium"
+    assert priority.processing.header_priorities.normal is None
+    assert [r.name for r in routing.processing.rules] == ["spam", "network vendor", "facilities"]
+    assert [p.system for p in foreign.processing.foreign_patterns] == ["ServiceNow", "Jira"]
