@@ -47,13 +47,14 @@ class ParsedMessage:
     is_bounce: bool
     notes: tuple[str, ...] = ()
     cc: tuple[str, ...] = ()
-    # The top-level header fields (lower-cased name, decoded one-line value), bounded (see
+    # The top-level header fields (lower-cased name, value as received: folded, encoded
+    # words not decoded; engine.parse.header_text reads one), bounded (see
     # engine.parse.MAX_KEPT_HEADERS): what routing rules, priority mapping and alert
     # recognisers read. Never copied into an outgoing header.
     headers: tuple[tuple[str, str], ...] = ()
 
     def header(self, name: str) -> str | None:
-        """The first value of header field ``name`` (any case), decoded, or None."""
+        """The first value of header field ``name`` (any case) as received, or None."""
         wanted = name.lower()
         return next((v for k, v in self.headers if k == wanted), None)
 

@@ -375,3 +375,22 @@ def test_the_readme_examples_of_issue_17_load(tmp_path: Path) -> None:
     assert priority.processing.header_priorities.normal is None
     assert [r.name for r in routing.processing.rules] == ["spam", "network vendor", "facilities"]
     assert [p.system for p in foreign.processing.foreign_patterns] == ["ServiceNow", "Jira"]
+
+
+def test_a_header_condition_reads_the_decoded_value(tmp_path: Path) -> None:
+    cfg = config(
+        tmp_path, rules="<rule><header>X-Site: ^montréal$</header><addTag>mtl</addTag></rule>"
+    )
+    raw = message("Hi").replace(
+        b"Subject: Hi\r\n", b"Subject: Hi\r\nX-Site: =?utf-8?q?Montr=C3=A9al?=\r\n"
+    )
+    d = run(parse_message(raw), cfg)
+    assert isinstance(d, NewRequest) and d.tags == ("mtl",)
+
+
+def test_a_message_keeps_a_bounded_number_of_header_fields() -> None:
+    from engine.parse import MAX_KEPT_HEADERS
+
+    fields = b"".join(b"X-Noise-%d: n\r\n" % i for i in range(MAX_KEPT_HEADERS + 300))
+    msg = parse_message(message("Hi").replace(b"Subject: Hi\r\n", b"Subject: Hi\r\n" + fields))
+    assert len(msg.headers) == MAX_KEPT_HEADERS

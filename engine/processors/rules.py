@@ -21,6 +21,7 @@ from typing import Any, Final
 from engine.config_rules import Condition, HeaderPriorities, Rule
 from engine.errors import DirectoryError
 from engine.model import DirectoryView, ParsedMessage
+from engine.parse import header_text
 from engine.processors import Context, Decision, NewRequest, Refuse
 
 MAX_BODY: Final = 65_536
@@ -40,7 +41,7 @@ def _texts(msg: ParsedMessage, c: Condition) -> Iterable[str]:
         return (msg.subject,)
     if c.what == "body":
         return (msg.body[:MAX_BODY],)
-    return (value for name, value in msg.headers if name == c.header)
+    return (header_text(value) for name, value in msg.headers if name == c.header)
 
 
 def matches(msg: ParsedMessage, rule: Rule) -> bool:
@@ -73,12 +74,12 @@ def header_priority(msg: ParsedMessage, names: HeaderPriorities) -> str | None:
     """The directory's priority for what the sender marked: X-Priority (1-2 high, 3 normal,
     4-5 low), then Importance, then Priority; None if unmarked or mapped to nothing."""
     level = None
-    x = _X_PRIORITY.match(msg.header("x-priority") or "")
+    x = _X_PRIORITY.match(header_text(msg.header("x-priority") or ""))
     if x is not None:
         level = {"1": "high", "2": "high", "3": "normal"}.get(x.group(1), "low")
     for field in ("importance", "priority"):
         if level is None:
-            level = _WORDS.get((msg.header(field) or "").strip().lower())
+            level = _WORDS.get(header_text(msg.header(field) or "").lower())
     return None if level is None else getattr(names, level)
 
 
