@@ -294,3 +294,12 @@ def test_alerts_correlate_end_to_end(tmp_path: Path, dovecot: Any, pop3_user: An
     [ev] = requests(data)
     assert ev["status"] == "new" and ev["alert_state"] == "CRITICAL"
     assert dovecot.count(pop3_user[0]) == 0
+
+
+def test_a_key_holds_nothing_unprintable(cfg: MailboxConfig) -> None:
+    msg = sample("nagios-host-problem")
+    msg = dataclasses.replace(
+        msg, subject="** PROBLEM Host Alert: db\x1b[2J02 is DOWN **", body="no fields"
+    )
+    alert = recognise(msg)
+    assert alert is not None and alert.key == "nagios|db[2j02|-"

@@ -394,3 +394,25 @@ def test_a_message_keeps_a_bounded_number_of_header_fields() -> None:
     fields = b"".join(b"X-Noise-%d: n\r\n" % i for i in range(MAX_KEPT_HEADERS + 300))
     msg = parse_message(message("Hi").replace(b"Subject: Hi\r\n", b"Subject: Hi\r\n" + fields))
     assert len(msg.headers) == MAX_KEPT_HEADERS
+
+
+@pytest.mark.dovecot
+def test_a_team_folder_rules_file_routes_its_mailboxes_end_to_end(
+    tmp_path: Path, dovecot: Any, pop3_user: Any
+) -> None:
+    data, cfg = mailbox_of(
+        tmp_path, dovecot, pop3_user, [message("Printer jammed"), message("Hello")], team=None
+    )
+    team = tmp_path / "mailboxes.d" / "IT"
+    team.mkdir(parents=True)
+    cfg.rename(team / "support.xml")
+    (team / "_rules.xml").write_text(
+        "<rules>\n  <rule><subject>printer</subject><setGroup>Infrastructure</setGroup>"
+        "<addTag>hardware</addTag></rule>\n</rules>\n",
+        encoding="utf-8",
+    )
+    assert once(data, tmp_path / "mailboxes.d") == 0
+    printer, hello = requests(data)
+    assert (printer["group"], printer["tags"]) == ("Infrastructure", ["hardware"])
+    assert (hello["group"], hello["tags"]) == ("Service Desk", [])
+    assert {r["mailbox"] for r in ledger(data)} == {"IT/support"}

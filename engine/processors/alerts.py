@@ -46,7 +46,8 @@ class Alert:
         """The correlation key: one open event per key."""
         what = self.service or self.alert_id or "-"
         key = f"{self.source}|{' '.join(self.host.split())}|{' '.join(what.split())}"
-        return key.casefold()[:MAX_KEY]
+        # Received text: it goes into the ledger and the logs, so nothing unprintable.
+        return "".join(c for c in key.casefold()[:MAX_KEY] if c.isprintable())
 
     def describe(self) -> str:
         what = f"{self.service} on {self.host}" if self.service else self.host
