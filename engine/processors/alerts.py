@@ -271,13 +271,16 @@ _KUMA_SUBJECT: Final = re.compile(
 )
 
 
+_KUMA_PHASES: Final[dict[str, Phase]] = {"UP": "recovery", "DOWN": "problem"}
+
+
 def uptime_kuma(msg: ParsedMessage) -> Alert | None:
     """``[My Website] [🔴 Down] Request failed…`` / ``[My Website] [✅ Up] 200 - OK``."""
     m = _KUMA_SUBJECT.match(msg.subject)
     if m is None:
         return None
     state = m.group(2).upper()
-    phase: Phase = {"UP": "recovery", "DOWN": "problem"}.get(state, "info")  # type: ignore[assignment]
+    phase = _KUMA_PHASES.get(state, "info")
     return Alert("uptime-kuma", m.group(1).strip(), None, state, phase)
 
 
