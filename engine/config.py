@@ -410,9 +410,94 @@ def mailbox_copy(cfg: MailboxConfig) -> bytes:
         reply = etree.SubElement(root, "replyTemplate")
         w.add(reply, "subject", cfg.reply_template.subject)
         w.add(reply, "body", cfg.reply_template.body)
+    added = _copy_processing(w, root, cfg)
     etree.indent(root, space="  ")
     out: bytes = etree.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
+    if len(out) > MAX_COPY_BYTES:
+        # Many long rules: the copy stays bounded, and says what it leaves out.
+        for el in added:
+            root.remove(el)
+        root.append(etree.Comment(" rules, correlation and the like: too large to show "))
+        out = etree.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
     return out
+
+
+def _copy_processing(w: _CopyWriter, root: etree._Element, cfg: MailboxConfig) -> list[Any]:
+    """The settings of engine.config_rules, as elements of ``root``; returns them."""
+    p = cfg.processing
+    before = len(root)
+    w.add(root, "incidentPriority", p.priority)
+    sr = p.service_requests
+    if cfg.processor == "service-request":
+        w.add(root, "newSRBodyEnclosingToken", sr.token)
+        w.add(root, "serviceRequestFormField", sr.form_field)
+        w.add(root, "serviceRequestForm", sr.default_form)
+    levels = etree.SubElement(root, "headerPriorities")
+    for level in ("high", "normal", "low"):
+        etree.SubElement(levels, level).text = getattr(p.header_priorities, level) or ""
+    _copy_correlation(w, etree.SubElement(root, "correlation"), p)
+    if p.rules:
+        rules = etree.SubElement(root, "rules")
+        for rule in p.rules:
+            _copy_rule(w, etree.SubElement(rules, "rule"), rule)
+    if p.foreign_patterns:
+        foreign = etree.SubElement(root, "foreignTicketNumbers")
+        for f in p.foreign_patterns:
+            el = etree.SubElement(foreign, "foreignTicketNumber")
+            w.add(el, "system", f.system)
+            w.add(el, "pattern", f.pattern.pattern)
+    return list(root)[before:]
+
+
+def _copy_correlation(w: _CopyWriter, el: etree._Element, p: Processing) -> None:
+    c = p.correlation
+    w.add(el, "enabled", c.enabled)
+    w.add(el, "flapping", c.flapping)
+    w.add(el, "flappingMinutes", c.flapping_minutes)
+    if not c.recognisers:
+        return
+    listed = etree.SubElement(el, "recognisers")
+    for r in c.recognisers:
+        one = etree.SubElement(listed, "recogniser")
+        w.add(one, "name", r.name)
+        w.add(one, "subject", None if r.subject is None else r.subject.pattern)
+        w.add(one, "body", None if r.body is None else r.body.pattern)
+        for name, states in (
+            ("problemStates", r.problem),
+            ("recoveryStates", r.recovery),
+            ("acknowledgementStates", r.acknowledgement),
+        ):
+            w.add(one, name, ", ".join(sorted(states)) or None)
+
+
+def _copy_rule(w: _CopyWriter, el: etree._Element, rule: Rule) -> None:
+    w.add(el, "name", rule.name)
+    for c in rule.conditions:
+        w.add(
+            el,
+            c.what,
+            c.pattern.pattern if c.header is None else f"{c.header}: {c.pattern.pattern}",
+        )
+    if rule.conditions and not rule.conditions[0].pattern.flags & re.IGNORECASE:
+        w.add(el, "caseSensitive", True)
+    for name, value in (
+        ("setTeam", rule.team),
+        ("setGroup", rule.group),
+        ("setAssignee", rule.assignee),
+        ("setPriority", rule.priority),
+        ("setType", rule.type),
+        ("setSource", rule.source),
+        ("addTag", ", ".join(rule.tags) or None),
+    ):
+        w.add(el, name, value)
+    for name, flag in (
+        ("priorityFromHeaders", rule.priority_from_headers),
+        ("ignore", rule.ignore),
+        ("refuse", rule.refuse),
+        ("stop", rule.stop),
+    ):
+        if flag:
+            w.add(el, name, True)
 
 
 def _copy_server(w: _CopyWriter, server: etree._Element, s: ServerConfig) -> None:
@@ -437,7 +522,7 @@ def _copy_settings(w: _CopyWriter, root: etree._Element, cfg: MailboxConfig) -> 
     w.add(root, "incidentFallbackSiteName", cfg.fallback_site)
     w.add(root, "incidentFallbackUserLogon", cfg.fallback_user)
     # The model keeps one group: the element this processor reads first gives it back.
-    w.add(root, "incidentGroup" if cfg.processor == "incident" else "group", cfg.group)
+    w.add(root, "incidentGroup" if cfg.processor != "event" else "group", cfg.group)
     w.add(root, "assignee", cfg.assignee)
     w.add(root, "incidentSource", cfg.source)
     w.add(root, "ignoredAttachments", ", ".join(cfg.ignored_attachments) or None)
@@ -874,6 +959,7 @@ _PROCESSOR_TYPE_NAMES: Final[dict[ProcessorKind, str]] = {
     "Octopus.MailIntegration",
     "event": "Octopus.MailIntegration.Processors.EventMailMessageProcessor, "
     "Octopus.MailIntegration",
+    "service-request": "ESI.Octopus.MailIntegration.EndUserNewSRMailMessageProcessor",
 }
 _MAX_COPY_VALUE_BYTES: Final = 4096
 MAX_COPY_BYTES: Final = 256 * 1024
