@@ -67,9 +67,7 @@ def discover(config_dir: Path, *, follow_symlinks: bool = False) -> list[Mailbox
     root = config_dir.resolve()
     found: list[MailboxSource] = []
     entries = sorted(config_dir.iterdir())
-    for p in entries:
-        if p.name.endswith(".xml") and not _is_folder(p):
-            found.append(_source(p.stem, p, None, root, follow_symlinks))
+    found += _folder_sources(config_dir, "", None, root, follow_symlinks)
     for sub in entries:
         if sub.name.startswith(".") or not _is_folder(sub):
             continue
@@ -78,25 +76,35 @@ def discover(config_dir: Path, *, follow_symlinks: bool = False) -> list[Mailbox
             if why is not None:
                 found.append(MailboxSource(f"{sub.name}/", sub, team=sub.name, refused=why))
                 continue
-        rules = sub / TEAM_RULES
-        for p in sorted(sub.iterdir()):
-            if p.name.endswith(".xml") and not _is_folder(p) and p.name != TEAM_RULES:
-                src = _source(f"{sub.name}/{p.stem}", p, sub.name, root, follow_symlinks)
-                if rules.exists() or rules.is_symlink():
-                    src = _with_rules(src, rules, root, follow_symlinks)
-                found.append(src)
+        found += _folder_sources(sub, f"{sub.name}/", sub.name, root, follow_symlinks)
     return found
 
 
 TEAM_RULES = "_rules.xml"
-"""A team folder's routing rules: applied to each of its mailboxes after the mailbox's own."""
+"""A folder's routing rules (``mailboxes.d/IT/_rules.xml``, or ``mailboxes.d/_rules.xml``
+for the mailboxes outside team folders): applied to each of its mailboxes after the
+mailbox's own. Never a mailbox itself."""
+
+
+def _folder_sources(
+    folder: Path, prefix: str, team: str | None, root: Path, follow_symlinks: bool
+) -> list[MailboxSource]:
+    """The mailbox files of one folder, each with the folder's rules file if it has one."""
+    rules = folder / TEAM_RULES
+    with_rules = rules.exists() or rules.is_symlink()
+    found = []
+    for p in sorted(folder.iterdir()):
+        if p.name.endswith(".xml") and not _is_folder(p) and p.name != TEAM_RULES:
+            src = _source(f"{prefix}{p.stem}", p, team, root, follow_symlinks)
+            found.append(_with_rules(src, rules, root, follow_symlinks) if with_rules else src)
+    return found
 
 
 def _with_rules(src: MailboxSource, rules: Path, root: Path, follow: bool) -> MailboxSource:
-    """``src`` with its team's rules file, or refused as the rules file would be."""
+    """``src`` with its folder's rules file, or refused as the rules file would be."""
     checked = _source(src.name, rules, src.team, root, follow)
     if checked.refused is not None and src.refused is None:
-        return dataclasses.replace(src, refused=f"its team's {TEAM_RULES} {checked.refused}")
+        return dataclasses.replace(src, refused=f"its folder's {TEAM_RULES} {checked.refused}")
     return dataclasses.replace(src, rules=rules)
 
 

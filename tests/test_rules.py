@@ -416,3 +416,18 @@ def test_a_team_folder_rules_file_routes_its_mailboxes_end_to_end(
     assert (printer["group"], printer["tags"]) == ("Infrastructure", ["hardware"])
     assert (hello["group"], hello["tags"]) == ("Service Desk", [])
     assert {r["mailbox"] for r in ledger(data)} == {"IT/support"}
+
+
+def test_a_rules_file_is_never_a_mailbox_and_a_linked_one_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "mailboxes.d"
+    (folder / "IT").mkdir(parents=True)
+    mailbox_xml(folder / "top.xml", port=110, user="u", password="Canary-pw-9d")
+    mailbox_xml(folder / "IT" / "desk.xml", port=110, user="u", password="Canary-pw-9d")
+    (folder / "_rules.xml").write_text("<rules/>\n", encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere.xml"
+    elsewhere.write_text("<rules/>\n", encoding="utf-8")
+    (folder / "IT" / "_rules.xml").symlink_to(elsewhere)
+    desk, top = sorted(discover(folder), key=lambda s: s.name)
+    assert (top.name, top.rules, top.refused) == ("top", folder / "_rules.xml", None)
+    assert desk.name == "IT/desk" and desk.rules is None
+    assert desk.refused is not None and desk.refused.startswith("its folder's _rules.xml")
