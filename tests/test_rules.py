@@ -431,3 +431,12 @@ def test_a_rules_file_is_never_a_mailbox_and_a_linked_one_is_refused(tmp_path: P
     assert (top.name, top.rules, top.refused) == ("top", folder / "_rules.xml", None)
     assert desk.name == "IT/desk" and desk.rules is None
     assert desk.refused is not None and desk.refused.startswith("its folder's _rules.xml")
+
+
+def test_dry_run_names_the_rules_that_matched_a_reply_too(routed: MailboxConfig) -> None:
+    msg = parsed("RE: [Incident] #31 OUTAGE", sender="ops@netvendor.example")
+    d = run(msg, routed)
+    assert isinstance(d, AddActivity) and d.matched_rules == ("network vendor",)
+    assert describe(d).endswith("; rules matched: network vendor")
+    d = run(parsed(sender="marketing@example.com"), routed)
+    assert describe(d).endswith("rules matched: no thanks")

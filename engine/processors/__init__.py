@@ -63,6 +63,8 @@ class AddActivity:
     via: str = "subject"
     close: str | None = None
     state: str | None = None
+    # The routing rules that matched (not applied: a reply is not routed; for --dry-run).
+    matched_rules: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class Refuse:
     reason: str
     reply: bool
     no_reply_because: str | None = None
+    matched_rules: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class Ignore:
     """Recorded in the ledger only (an auto-reply that answers nothing we know)."""
 
     reason: str
+    matched_rules: tuple[str, ...] = ()
 
 
 Decision = NewRequest | AddActivity | Refuse | Ignore
@@ -150,7 +154,8 @@ async def decide(msg: ParsedMessage, ctx: Context, directory: DirectoryView) -> 
     matched = rules.matching(msg, ctx.mailbox.processing.rules)
     ignoring = next((r for r in matched if r.ignore), None)
     if ignoring is not None:
-        return Ignore(f"rule {ignoring.name!r} ({ignoring.where})")
+        names = tuple(r.name for r in matched)
+        return Ignore(f"rule {ignoring.name!r} ({ignoring.where})", matched_rules=names)
     decision: Decision
     if ctx.mailbox.processor == "event":
         decision = await event.decide(msg, ctx, directory)
@@ -159,6 +164,18 @@ async def decide(msg: ParsedMessage, ctx: Context, directory: DirectoryView) -> 
     else:
         decision = await incident.decide(msg, ctx, directory)
     return await rules.apply(msg, ctx, directory, decision, matched)
+
+
+def _describe_new(d: NewRequest) -> str:
+    who = d.requester.login if d.requester else "(no requester)"
+    names = ", ".join(a.name for a in d.attachments) or "none"
+    if d.notes:
+        names += f" ({len(d.notes)} left out over a size limit)"
+    return (
+        f"new {d.type} {d.subject!r}: requester {who}, site {d.site or '-'}, "
+        f"group {d.group or '-'}, assignee {d.assignee.login if d.assignee else '-'}, "
+        f"priority {d.priority or '-'}, attachments: {names}" + _extras(d)
+    )
 
 
 def _extras(d: NewRequest) -> str:
@@ -172,20 +189,15 @@ def _extras(d: NewRequest) -> str:
 def describe(d: Decision) -> str:
     """One line for ``once --dry-run``."""
     if isinstance(d, NewRequest):
-        who = d.requester.login if d.requester else "(no requester)"
-        names = ", ".join(a.name for a in d.attachments) or "none"
-        if d.notes:
-            names += f" ({len(d.notes)} left out over a size limit)"
-        return (
-            f"new {d.type} {d.subject!r}: requester {who}, site {d.site or '-'}, "
-            f"group {d.group or '-'}, assignee {d.assignee.login if d.assignee else '-'}, "
-            f"priority {d.priority or '-'}, attachments: {names}" + _extras(d)
-        )
+        return _describe_new(d)
+    rules = f"; rules matched: {', '.join(d.matched_rules)}" if d.matched_rules else ""
     if isinstance(d, AddActivity):
         extra = " and reopen it" if d.reopen else " and close it" if d.close else ""
-        return f"activity on request #{d.request.number} (found by {d.via}){extra}"
+        return f"activity on request #{d.request.number} (found by {d.via}){extra}{rules}"
     if isinstance(d, Refuse):
-        return f"no request ({d.reason}); " + (
-            "auto-reply" if d.reply else f"no reply ({d.no_reply_because})"
+        return (
+            f"no request ({d.reason}); "
+            + ("auto-reply" if d.reply else f"no reply ({d.no_reply_because})")
+            + rules
         )
-    return f"ignored: {d.reason}"
+    return f"ignored: {d.reason}{rules}"

@@ -91,14 +91,16 @@ async def apply(
     matched: tuple[Rule, ...],
 ) -> Decision:
     """``decision`` changed by the actions of the ``matched`` rules (a new request only)."""
-    if not matched or not isinstance(decision, NewRequest):
+    if not matched:
         return decision
     names = tuple(r.name for r in matched)
+    if not isinstance(decision, NewRequest):
+        return dataclasses.replace(decision, matched_rules=names)
     changes: dict[str, Any] = {}
     tags = list(decision.tags)
     for rule in matched:
         if rule.refuse:
-            return _refuse(msg, ctx, rule)
+            return dataclasses.replace(_refuse(msg, ctx, rule), matched_rules=names)
         for attr in ("team", "group", "priority", "type", "source"):
             if getattr(rule, attr) is not None:
                 changes[attr] = getattr(rule, attr)
