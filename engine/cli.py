@@ -4,7 +4,7 @@ mailintegration once --config box.xml            one pass (cron, Task Scheduler,
 mailintegration run --config-dir mailboxes.d     the daemon
 mailintegration check --config box.xml           test the POP3 connection, change nothing
 mailintegration requests list|show               what was created
-mailintegration directory import dir.json        teams, sites, groups, sources, users
+mailintegration directory import dir.json        teams, sites, groups, sources, priorities, users...
 mailintegration status                           per-mailbox health from the store
 mailintegration /Login:system /Password:… /Team:1 /ConfigFilePath:C:\\x.xml
         [/LogFilePath:…] [/Debug]                    the original command line
