@@ -163,16 +163,13 @@ def _regex(
 
 def build(root: etree._Element, error: ErrorAt, file: str) -> Processing:
     """The processing settings of a validated mailbox root element."""
-    sr = root.find("newSRBodyEnclosingToken")
     return Processing(
         correlation=_correlation(root.find("correlation"), error),
         service_requests=ServiceRequests(
             token=_text(root, "newSRBodyEnclosingToken") or "CreateSR",
             form_field=_text(root, "serviceRequestFormField") or "Form",
             default_form=_text(root, "serviceRequestForm"),
-        )
-        if sr is not None or root.find("serviceRequestForm") is not None
-        else ServiceRequests(),
+        ),
         priority=_text(root, "incidentPriority"),
         header_priorities=_header_priorities(root.find("headerPriorities")),
         rules=rules_of(root.find("rules"), error, file),
