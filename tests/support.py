@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import socket
 import sqlite3
 import sys
 import time
@@ -192,6 +193,18 @@ def ledger(data_dir: Path) -> list[sqlite3.Row]:
         return db.execute("SELECT * FROM ledger ORDER BY id").fetchall()
     finally:
         db.close()
+
+
+def free_port() -> int:
+    """A loopback TCP port that nobody listens on: bound to port 0, then released.
+
+    For a server the test starts next on it (aiosmtpd's Controller, the daemon's --http-port)
+    or for a mailbox whose connection must be refused. The one helper of its kind: the
+    architecture test fails on any other test module binding port 0 to learn a free port.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def attachment_bytes(data_dir: Path, sha256: str) -> bytes:

@@ -20,6 +20,7 @@ from support import (
     cli,
     count_rows,
     engine_argv,
+    free_port,
     import_directory,
     ledger,
     mailbox_xml,
@@ -272,21 +273,13 @@ class Daemon:
             return exc.code, exc.read()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     procs: list[subprocess.Popen[bytes]] = []
     files: list[Any] = []
 
     def start(conf: Path, data: Path, *extra: str) -> Daemon:
-        port = _free_port()
+        port = free_port()
         log = tmp_path / f"daemon-{len(procs)}.log"
         env = dict(os.environ, MAILINTEGRATION_LOGIN=LOGIN, MAILINTEGRATION_PASSWORD=LOGIN_PASSWORD)
         files.append(open(log, "wb"))  # noqa: SIM115 - closed at teardown
@@ -574,18 +567,13 @@ def test_once_on_a_terminal_shows_progress_per_mailbox(
 def test_a_failing_mailbox_backs_off_while_a_healthy_one_keeps_its_pace(
     tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], daemon: Callable[..., Daemon]
 ) -> None:
-    import socket
-
     data = tmp_path / "data"
     import_directory(data, tmp_path)
     conf = tmp_path / "mailboxes.d"
     conf.mkdir()
     user, pw = pop3_user
     mailbox_xml(conf / "healthy.xml", port=dovecot.pop3_port, user=user, password=pw)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = int(s.getsockname()[1])
-    mailbox_xml(conf / "down.xml", port=closed, user="x", password="y")
+    mailbox_xml(conf / "down.xml", port=free_port(), user="x", password="y")
     d = daemon(conf, data, "--poll-interval", "0.2")
     time.sleep(4.0)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from support import (
     EVENT,
     attachment_bytes,
     cli,
+    free_port,
     import_directory,
     ledger,
     mailbox_xml,
@@ -203,18 +203,10 @@ def test_wrong_password_outage_event_updates_then_closes(
     assert [r["subject"] for r in reqs if r["kind"] == "mail"] == ["Waiting on the server"]
 
 
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
-
-
 def test_server_down_and_tls_failure_are_outages_of_their_own_causes(
     env: dict[str, Any], dovecot: Any
 ) -> None:
-    down = mailbox_xml(env["tmp"] / "down.xml", port=_closed_port(), user="x", password="y")
+    down = mailbox_xml(env["tmp"] / "down.xml", port=free_port(), user="x", password="y")
     tls = mailbox_xml(
         env["tmp"] / "tls.xml",
         port=dovecot.pop3s_port,
@@ -253,7 +245,7 @@ def test_invalid_config_file_becomes_outage_without_a_copy(env: dict[str, Any]) 
 
 
 def test_events_are_listed_with_kind_mailbox_and_cause(env: dict[str, Any]) -> None:
-    cfg = mailbox_xml(env["tmp"] / "down.xml", port=_closed_port(), user="x", password="y")
+    cfg = mailbox_xml(env["tmp"] / "down.xml", port=free_port(), user="x", password="y")
     once(env["data"], cfg)
     code, out = cli(
         "requests",

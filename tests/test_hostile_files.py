@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import socket
 import sqlite3
 import stat
 import subprocess
@@ -27,7 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import LOGIN, LOGIN_PASSWORD, import_directory, mailbox_xml, message, requests
+from support import (
+    LOGIN,
+    LOGIN_PASSWORD,
+    free_port,
+    import_directory,
+    mailbox_xml,
+    message,
+    requests,
+)
 
 from tools.fakepop3 import FakePOP3Server, Script
 
@@ -87,12 +94,6 @@ def engine(
             err.read().decode(errors="replace"),
             int(usage.ru_maxrss),
         )
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def everything_under(*roots: Path) -> bytes:
@@ -226,7 +227,7 @@ def test_every_file_the_engine_makes_is_private_whatever_the_umask(tmp_path: Pat
         mailbox_xml(
             conf / "ok.xml", port=server.port, user="u", password="pw-ok", maxMessageBytes="2048"
         )
-        mailbox_xml(conf / "down.xml", port=closed_port(), user="u", password="pw-down")
+        mailbox_xml(conf / "down.xml", port=free_port(), user="u", password="pw-down")
         args = ("--config-dir", conf, "--data-dir", data, "--debug", "--log-file", log_file)
         # Killed after its first commit: the -wal and -shm are left to be looked at.
         run = engine(
@@ -268,7 +269,7 @@ def test_every_file_the_engine_makes_is_private_whatever_the_umask(tmp_path: Pat
 
 
 def test_a_corrupt_or_truncated_database_is_a_clear_error_with_status_2(tmp_path: Path) -> None:
-    conf = mailbox_xml(tmp_path / "box.xml", port=closed_port(), user="u", password="p")
+    conf = mailbox_xml(tmp_path / "box.xml", port=free_port(), user="u", password="p")
     garbage = tmp_path / "garbage"
     garbage.mkdir()
     (garbage / "mailintegration.sqlite3").write_bytes(hashlib.sha512(b"x").digest() * 100)

@@ -3,7 +3,6 @@ delivers every reply into the other engine's real Dovecot mailbox, go quiet at o
 
 from __future__ import annotations
 
-import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
-from support import import_directory, ledger, mailbox_xml, message, once, requests
+from support import free_port, import_directory, ledger, mailbox_xml, message, once, requests
 
 from tools.dovecot import Dovecot
 
@@ -45,16 +44,10 @@ class Relay:
         return "250 OK"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def relay(dovecot: Dovecot) -> Iterator[tuple[Relay, int]]:
     handler = Relay(dovecot)
-    port = _free_port()
+    port = free_port()
     controller = Controller(handler, hostname="127.0.0.1", port=port)
     controller.start()
     try:

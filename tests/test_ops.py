@@ -25,6 +25,7 @@ from support import (
     LOGIN_PASSWORD,
     count_rows,
     engine_argv,
+    free_port,
     ledger,
     mailbox_of,
     message,
@@ -129,9 +130,7 @@ def test_a_flood_of_idle_http_connections_neither_kills_the_daemon_nor_stops_its
     conf.mkdir()
     cfg.rename(conf / "m.xml")
     user = pop3_user[0]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1] if hard_limit == "raisable" else 1024
 
     def limit_fds() -> None:

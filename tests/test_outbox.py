@@ -25,6 +25,7 @@ from support import (
     LOGIN_PASSWORD,
     count_rows,
     engine_argv,
+    free_port,
     import_directory,
     ledger,
     mailbox_xml,
@@ -123,9 +124,7 @@ def _accept_login(*_: Any) -> AuthResult:
 
 
 def _smtp_server(handler: Answers) -> tuple[Controller, int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     controller = Controller(
         handler,
         hostname="127.0.0.1",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import email
-import socket
 from collections.abc import Iterator
 from email.policy import default as default_policy
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
-from support import import_directory, ledger, mailbox_xml, message, once, requests
+from support import free_port, import_directory, ledger, mailbox_xml, message, once, requests
 
 pytestmark = pytest.mark.dovecot
 
@@ -25,16 +24,10 @@ class Sink:
         return "250 OK"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def smtp_sink() -> Iterator[tuple[Sink, int]]:
     sink = Sink()
-    port = _free_port()
+    port = free_port()
     controller = Controller(sink, hostname="127.0.0.1", port=port)
     controller.start()
     try:

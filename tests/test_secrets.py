@@ -16,7 +16,6 @@ import html
 import json
 import os
 import re
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -29,7 +28,16 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import LOGIN, LOGIN_PASSWORD, import_directory, mailbox_xml, message, once, requests
+from support import (
+    LOGIN,
+    LOGIN_PASSWORD,
+    free_port,
+    import_directory,
+    mailbox_xml,
+    message,
+    once,
+    requests,
+)
 
 from engine import logs
 from tools.fakepop3 import FakePOP3Server, Script
@@ -58,12 +66,6 @@ def engine(*args: str | Path, module: tuple[str, ...] = ("engine",)) -> tuple[in
         proc.stdout.decode(errors="replace"),
         proc.stderr.decode(errors="replace"),
     )
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def hostile_names_message() -> bytes:
@@ -123,7 +125,7 @@ def test_the_canary_password_never_leaks(tmp_path: Path) -> None:
             maxMessageBytes="2048",
         )
         mailbox_xml(conf / "auth.xml", port=auth_server.port, user="sd", password=CANARY)
-        mailbox_xml(conf / "down.xml", port=closed_port(), user="sd", password=CANARY)
+        mailbox_xml(conf / "down.xml", port=free_port(), user="sd", password=CANARY)
         (conf / "truncated.xml").write_text(
             "<mailIntegration>\n  <server>\n    <serverName>pop.example.com</serverName>\n"
             f"    <password>{CANARY}</password>\n    <userName>sd"
@@ -304,7 +306,7 @@ def test_a_server_echoing_the_password_leaks_it_nowhere(tmp_path: Path) -> None:
             code, out, err = engine("once", *common)
             assert code == 1, err
             outputs += [out, err]
-        port = closed_port()
+        port = free_port()
         daemon = subprocess.Popen(
             [sys.executable, "-m", "engine", "run", *map(str, common), "--http-port", str(port)],
             cwd=ROOT,
