@@ -55,45 +55,65 @@ EVENT = "Octopus.MailIntegration.Processors.EventMailMessageProcessor, Octopus.M
 GATEWAY = "Octopus.MailIntegration.Gateways.SidePopMailboxGateway, Octopus.MailIntegration"
 
 
-def mailbox_xml(
-    path: Path,
+# The root elements every incident mailbox of the tests has, unless told otherwise.
+INCIDENT_DEFAULTS: dict[str, str | None] = {
+    "team": "1",
+    "incidentFallbackSiteName": "Montr&eacute;al",
+    "incidentFallbackUserLogon": "unknown.user",
+    "incidentGroup": "Service Desk",
+    "incidentSource": "Email",
+}
+
+
+def mailbox_text(
     *,
-    port: int,
-    user: str,
-    password: str,
+    port: int | None,
+    user: str | None,
+    password: str | None,
     host: str = "127.0.0.1",
     processor: str = INCIDENT,
+    gateway: str = GATEWAY,
+    use_ssl: bool | None = False,
+    timeout: int | str | None = 5,
     server_extra: str = "",
-    use_ssl: bool = False,
+    root_extra: str = "",
+    defaults: bool = True,
     **elements: str | None,
-) -> Path:
-    """Write a mailbox file; ``elements`` become root elements (``team="1"`` → <team>1</team>)."""
-    defaults: dict[str, str | None] = {
-        "team": "1",
-        "incidentFallbackSiteName": "Montr&eacute;al",
-        "incidentFallbackUserLogon": "unknown.user",
-        "incidentGroup": "Service Desk",
-        "incidentSource": "Email",
+) -> str:
+    """The one mailbox XML template of the tests (and of tools/crash.py).
+
+    Each server element on its own line, in this order: gatewayTypeName, serverName, port,
+    useSsl, userName, password, timeoutSeconds, then ``server_extra`` as written; a ``None``
+    leaves its element out. Root elements: :data:`INCIDENT_DEFAULTS` (unless ``defaults`` is
+    false) updated with ``elements`` (``team="1"`` → <team>1</team>, ``None`` removes one),
+    then ``root_extra`` as written. Values are not escaped: a test may write an entity or a
+    broken value on purpose.
+    """
+    ssl = None if use_ssl is None else ("true" if use_ssl else "false")
+    server = {
+        "gatewayTypeName": gateway,
+        "serverName": host,
+        "port": port,
+        "useSsl": ssl,
+        "userName": user,
+        "password": password,
+        "timeoutSeconds": timeout,
     }
-    defaults.update(elements)
-    body = "".join(f"  <{k}>{v}</{k}>\n" for k, v in defaults.items() if v is not None)
-    path.write_text(
-        f"""<?xml version="1.0" encoding="utf-8"?>
-<mailIntegration>
-  <messageProcessorTypeName>{processor}</messageProcessorTypeName>
-  <server>
-    <gatewayTypeName>{GATEWAY}</gatewayTypeName>
-    <serverName>{host}</serverName>
-    <port>{port}</port>
-    <useSsl>{"true" if use_ssl else "false"}</useSsl>
-    <userName>{user}</userName>
-    <password>{password}</password>
-    <timeoutSeconds>5</timeoutSeconds>
-{server_extra}  </server>
-{body}</mailIntegration>
-""",
-        encoding="utf-8",
+    root = dict(INCIDENT_DEFAULTS if defaults else {}) | elements
+    inner = "".join(f"    <{k}>{v}</{k}>\n" for k, v in server.items() if v is not None)
+    body = "".join(f"  <{k}>{v}</{k}>\n" for k, v in root.items() if v is not None)
+    return (
+        '<?xml version="1.0" encoding="utf-8"?>\n'
+        "<mailIntegration>\n"
+        f"  <messageProcessorTypeName>{processor}</messageProcessorTypeName>\n"
+        f"  <server>\n{inner}{server_extra}  </server>\n"
+        f"{body}{root_extra}</mailIntegration>\n"
     )
+
+
+def mailbox_xml(path: Path, **settings: Any) -> Path:
+    """Write :func:`mailbox_text` (same keywords) to ``path``; returns ``path``."""
+    path.write_text(mailbox_text(**settings), encoding="utf-8")
     return path
 
 

@@ -125,8 +125,7 @@ def test_cancel_mid_retr_deletes_nothing_and_the_rerun_completes(
     script = Script(messages=raws, stall_on_retr=2, stall_timeout=60, fault_sessions=1)
     with FakePOP3Server(script) as fake:
         # A long timeout: it is the cancellation that must end the stalled RETR, not the socket.
-        cfg = mailbox_xml(tmp_path / "box.xml", port=fake.port, user="u", password="p")
-        cfg.write_text(cfg.read_text().replace("<timeoutSeconds>5<", "<timeoutSeconds>60<"))
+        cfg = mailbox_xml(tmp_path / "box.xml", port=fake.port, user="u", password="p", timeout=60)
 
         async def mid_retr() -> None:
             await until(lambda: "RETR 2" in fake.commands, pause=0.3)
@@ -247,8 +246,7 @@ def test_cancel_while_connecting_never_logs_in_afterwards(tmp_path: Path, data: 
     server.start()
     try:
         port = listener.getsockname()[1]
-        cfg = mailbox_xml(tmp_path / "box.xml", port=port, user="u", password=password)
-        cfg.write_text(cfg.read_text().replace("<timeoutSeconds>5<", "<timeoutSeconds>60<"))
+        cfg = mailbox_xml(tmp_path / "box.xml", port=port, user="u", password=password, timeout=60)
 
         async def go() -> bool:
             async def connecting() -> None:

@@ -88,8 +88,7 @@ def test_a_stalled_server_does_not_hold_up_the_others(tmp_path: Path, dovecot: A
         dovecot.deliver(user, message(f"Fine {i}"))
     stall = Script(messages=[message("Stalls")], stall_on_retr=1, stall_timeout=20)
     with FakePOP3Server(stall) as fake:
-        xml = mailbox_xml(conf / "stalled.xml", port=fake.port, user="u", password="p")
-        xml.write_text(xml.read_text().replace("<timeoutSeconds>5<", "<timeoutSeconds>2<"))
+        mailbox_xml(conf / "stalled.xml", port=fake.port, user="u", password="p", timeout=2)
         started = time.monotonic()
         assert once(data, conf) == 1
         elapsed = time.monotonic() - started
@@ -251,8 +250,13 @@ def test_password_env_and_file(
         ("env", "<passwordEnv>BOX_PW</passwordEnv>"),
         ("file", f"<passwordFile>{secret}</passwordFile>"),
     ):
-        cfg = mailbox_xml(tmp_path / f"{name}.xml", port=dovecot.pop3_port, user=user, password="x")
-        cfg.write_text(cfg.read_text().replace("<password>x</password>", extra))
+        cfg = mailbox_xml(
+            tmp_path / f"{name}.xml",
+            port=dovecot.pop3_port,
+            user=user,
+            password=None,
+            server_extra=f"    {extra}\n",
+        )
         dovecot.deliver(user, message(f"Via {name}"))
         assert once(data, cfg) == 0
     assert [r["subject"] for r in requests(data)] == ["Via env", "Via file"]
@@ -494,8 +498,7 @@ def test_second_signal_cancels_at_once_without_loss(
         messages=[message("Stalls")], stall_on_retr=1, stall_timeout=90, fault_sessions=1
     )
     with FakePOP3Server(stall) as fake:
-        xml = mailbox_xml(conf / "stalled.xml", port=fake.port, user="u", password="p")
-        xml.write_text(xml.read_text().replace("<timeoutSeconds>5<", "<timeoutSeconds>60<"))
+        mailbox_xml(conf / "stalled.xml", port=fake.port, user="u", password="p", timeout=60)
         d = daemon(conf, data, "--grace-seconds", "300")
         wait_for(lambda: count_rows(data, "SELECT count(*) FROM ledger") > 10, what="progress")
         wait_for(lambda: fake.sessions >= 1, what="the stalled session")
@@ -628,8 +631,9 @@ def test_byte_budget_is_given_back_when_a_session_fails_mid_window(tmp_path: Pat
 
     stall = Script(messages=[message(f"m{i}") for i in range(5)], stall_on_retr=3, stall_timeout=1)
     with FakePOP3Server(stall) as fake:
-        cfg = mailbox_xml(tmp_path / "w.xml", port=fake.port, user="u", password="p-secret")
-        cfg.write_text(cfg.read_text().replace("<timeoutSeconds>5<", "<timeoutSeconds>2<"))
+        cfg = mailbox_xml(
+            tmp_path / "w.xml", port=fake.port, user="u", password="p-secret", timeout=2
+        )
 
         async def go() -> tuple[int, str | None]:
             store = await open_store(tmp_path / "data")

@@ -31,10 +31,9 @@ def three() -> list[bytes]:
 
 
 def box(tmp_path: Path, fake: FakePOP3Server, *, timeout: int = 5, **elements: Any) -> Path:
-    cfg = mailbox_xml(tmp_path / "box.xml", port=fake.port, user="u", password="p", **elements)
-    if timeout != 5:
-        cfg.write_text(cfg.read_text().replace("<timeoutSeconds>5<", f"<timeoutSeconds>{timeout}<"))
-    return cfg
+    return mailbox_xml(
+        tmp_path / "box.xml", port=fake.port, user="u", password="p", timeout=timeout, **elements
+    )
 
 
 def mail(data: Path) -> list[dict[str, Any]]:

@@ -43,8 +43,9 @@ ENGINE = Path(__file__).resolve().parent.parent / "engine"
     [GATEWAY, "Octopus.MailIntegration.Gateways.MailKitMailboxGateway", "pop3"],
 )
 def test_the_registry_makes_the_gateway_the_xml_names(tmp_path: Path, type_name: str) -> None:
-    cfg = mailbox_xml(tmp_path / "m.xml", port=110, user="u", password="pw-123456")
-    cfg.write_text(cfg.read_text().replace(GATEWAY, type_name), encoding="utf-8")
+    cfg = mailbox_xml(
+        tmp_path / "m.xml", port=110, user="u", password="pw-123456", gateway=type_name
+    )
     server = load_mailbox(cfg).server
     assert {"pop3": Pop3Gateway} == gateways.GATEWAYS
     assert isinstance(gateway_for(server), Pop3Gateway)

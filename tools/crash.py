@@ -52,19 +52,13 @@ from email.utils import make_msgid
 from pathlib import Path
 from typing import Protocol
 
-from tests.support import DIRECTORY, LOGIN, LOGIN_PASSWORD
+from tests.support import DIRECTORY, LOGIN, LOGIN_PASSWORD, mailbox_xml
 from tools.crashpoints import POINTS, fork_child
 from tools.dovecot import Dovecot, start_dovecot
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The engine's login and the directory are the tests' own (tests/support.py).
-
-GATEWAY = "Octopus.MailIntegration.Gateways.SidePopMailboxGateway, Octopus.MailIntegration"
-INCIDENT = (
-    "Octopus.MailIntegration.Processors.EndUserIncidentMailMessageProcessor, "
-    "Octopus.MailIntegration"
-)
+# The engine's login, the directory and the mailbox files are the tests' own (tests/support.py).
 
 # The same bytes attached to several messages: stored once, cited by several rows.
 SHARED_ATTACHMENTS: tuple[tuple[str, str, bytes], ...] = (
@@ -228,31 +222,6 @@ def make_message(rng: random.Random, tag: str) -> tuple[bytes, str, frozenset[st
         payloads.append(data)
     digests = frozenset(hashlib.sha256(p).hexdigest() for p in payloads)
     return msg.as_bytes(policy=SMTP), message_id.strip("<>"), digests
-
-
-def write_mailbox(path: Path, *, port: int, user: str, password: str) -> None:
-    path.write_text(
-        f"""<?xml version="1.0" encoding="utf-8"?>
-<mailIntegration>
-  <messageProcessorTypeName>{INCIDENT}</messageProcessorTypeName>
-  <server>
-    <gatewayTypeName>{GATEWAY}</gatewayTypeName>
-    <serverName>127.0.0.1</serverName>
-    <port>{port}</port>
-    <useSsl>false</useSsl>
-    <userName>{user}</userName>
-    <password>{password}</password>
-    <timeoutSeconds>5</timeoutSeconds>
-  </server>
-  <team>1</team>
-  <incidentFallbackSiteName>Montr&eacute;al</incidentFallbackSiteName>
-  <incidentFallbackUserLogon>unknown.user</incidentFallbackUserLogon>
-  <incidentGroup>Service Desk</incidentGroup>
-  <incidentSource>Email</incidentSource>
-</mailIntegration>
-""",
-        encoding="utf-8",
-    )
 
 
 def make_template(directory: Path) -> Path:
@@ -463,7 +432,7 @@ def iteration(
     for box in range(rng.randint(2, 3)):
         user, password = f"crash-{token}-{box}", f"pw-{rng.getrandbits(64):016x}"
         dovecot.add_user(user, password)
-        write_mailbox(conf / f"box{box}.xml", port=dovecot.pop3_port, user=user, password=password)
+        mailbox_xml(conf / f"box{box}.xml", port=dovecot.pop3_port, user=user, password=password)
         for i in range(rng.randint(3, 6)):
             raw, mid, attachments = make_message(rng, f"{token}-{box}-{i}")
             dovecot.deliver(user, raw)
