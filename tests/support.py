@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
 import io
 import json
 import socket
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 from email.message import EmailMessage
-from email.policy import SMTP
+from email.parser import BytesHeaderParser
+from email.policy import SMTP, compat32
 from email.utils import make_msgid
 from pathlib import Path
 from typing import Any
@@ -260,3 +264,184 @@ def count_rows(data: Path, sql: str) -> int:
         return 0
     finally:
         db.close()
+
+
+# --------------------------------------------------------------------------- exactly once
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """A message put in a mailbox, as the store must then hold it: once.
+
+    ``sha256`` (of the delivered bytes) and ``attachments`` (the sha256 of each attachment's
+    bytes) are checked when known; ``user`` names the Dovecot mailbox that must end up empty.
+    """
+
+    user: str
+    message_id: str
+    sha256: str | None = None
+    attachments: frozenset[str] | None = None
+
+    @classmethod
+    def of(cls, raw: bytes, user: str = "") -> Delivered:
+        """Read from the delivered bytes themselves (stdlib parser, not the engine's)."""
+        header = BytesHeaderParser(policy=compat32).parsebytes(raw).get("Message-ID")
+        assert header, "a message without a Message-ID cannot be followed through the store"
+        mid = " ".join(str(header).split()).strip("<>")
+        return cls(user, mid, hashlib.sha256(raw).hexdigest())
+
+
+@dataclass
+class OnceCheck:
+    """What :func:`check_exactly_once` found: losses and duplicates counted, every problem
+    in words (empty when all is well)."""
+
+    losses: int = 0
+    duplicates: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+# Outcomes whose message has one effect, carrying its Message-ID: a request (mail, or a
+# failure event holding it) or an activity written from it.
+_WITH_EFFECT = ("created", "activity", "failed")
+
+
+@dataclass
+class _Store:
+    integrity: list[str]
+    ledger: dict[str, list[tuple[str, str]]]  # Message-ID -> [(sha256, outcome kind)]
+    keys_twice: list[tuple[str, str]]
+    effects: dict[str, list[int]]  # Message-ID -> request numbers (0 for an activity)
+    outages: list[tuple[int, str, str]]
+    cited: dict[int, set[str]]  # request number -> attachment sha256s
+
+
+def _read_store(data_dir: Path) -> _Store:
+    db = sqlite3.connect(f"file:{data_dir / 'mailintegration.sqlite3'}?mode=ro", uri=True)
+    try:
+        store = _Store(
+            [str(r[0]) for r in db.execute("PRAGMA integrity_check")],
+            collections.defaultdict(list),
+            db.execute(
+                "SELECT account, uidl FROM ledger GROUP BY account, uidl HAVING count(*) > 1"
+            ).fetchall(),
+            collections.defaultdict(list),
+            db.execute(
+                "SELECT number, mailbox, cause FROM requests WHERE kind = 'outage'"
+            ).fetchall(),
+            collections.defaultdict(set),
+        )
+        for mid, sha, outcome in db.execute("SELECT message_id, sha256, outcome FROM ledger"):
+            store.ledger[str(mid)].append((str(sha), str(outcome).split(":")[0]))
+        for number, mid in db.execute(
+            "SELECT number, message_id FROM requests WHERE kind IN ('mail', 'message-failure') "
+            "UNION ALL SELECT 0, message_id FROM activities WHERE automatic = 0"
+        ):
+            store.effects[str(mid)].append(int(number))
+        for number, sha in db.execute("SELECT request_number, sha256 FROM attachments"):
+            store.cited[int(number)].add(str(sha))
+    finally:
+        db.close()
+    return store
+
+
+def check_exactly_once(
+    data_dir: Path,
+    delivered: Sequence[Delivered],
+    dovecot: Any = None,
+    *,
+    outcomes: Collection[str] = ("created",),
+    outages: bool = False,
+) -> OnceCheck:
+    """Compare the store (and, given ``dovecot``, the delivered mailboxes) with what was
+    delivered: every Message-ID in the ledger exactly once with the delivered bytes' sha256
+    and an outcome of ``outcomes``; one request or activity for each; no ledger key twice,
+    no row for a message never delivered, no outage event unless ``outages``; attachment
+    files exactly those cited, each hashing to its name; every delivered mailbox empty.
+
+    The one exactly-once checker: the tests assert with it, tools/crash.py counts with it.
+    """
+    check, store = OnceCheck(), _read_store(data_dir)
+    problems = check.problems
+    if store.integrity != ["ok"]:
+        problems.append(f"integrity_check: {store.integrity[:5]}")
+    if store.keys_twice:
+        problems.append(f"ledger keys recorded twice: {store.keys_twice[:3]}")
+    on_server: set[str] = set()
+    for user in sorted({d.user for d in delivered}) if dovecot is not None else []:
+        left = dovecot.messages(user)
+        if left:
+            problems.append(f"{len(left)} message(s) left on the server in {user}")
+        on_server.update(hashlib.sha256(raw).hexdigest() for raw in left)
+    for d in delivered:
+        _check_one(check, store, d, on_server, outcomes)
+    ids = {d.message_id for d in delivered}
+    if unexpected := set(store.ledger) - ids:
+        problems.append(f"ledger rows for messages never delivered: {sorted(unexpected)[:3]}")
+    if unexpected := set(store.effects) - ids:
+        problems.append(f"requests or activities never delivered: {sorted(unexpected)[:3]}")
+    if store.outages and not outages:
+        problems.append(f"unexpected events: {store.outages[:3]}")
+    problems.extend(_check_files(data_dir / "attachments", set().union(*store.cited.values())))
+    return check
+
+
+def _check_one(
+    check: OnceCheck, store: _Store, d: Delivered, on_server: set[str], outcomes: Collection[str]
+) -> None:
+    seen, made = store.ledger.get(d.message_id, []), store.effects.get(d.message_id, [])
+    if not seen:
+        # Still on the server is not lost (only not processed yet); gone from both is.
+        lost = d.sha256 not in on_server
+        check.losses += lost
+        what = "lost" if lost else "not processed"
+        check.problems.append(f"{what} {d.message_id}: no ledger row, {len(made)} effect(s)")
+        return
+    if len(seen) > 1 or len(made) > 1:
+        check.duplicates += max(len(seen), len(made)) - 1
+        check.problems.append(f"duplicated {d.message_id}: ledger {len(seen)}, effects {len(made)}")
+    if d.sha256 is not None and any(sha != d.sha256 for sha, _ in seen):
+        check.problems.append(f"{d.message_id}: ledger sha256 differs from the delivered bytes")
+    kinds = [kind for _, kind in seen]
+    if any(kind not in outcomes for kind in kinds):
+        check.problems.append(f"{d.message_id}: outcome {kinds}, expected one of {outcomes}")
+    if not made and any(kind in _WITH_EFFECT for kind in kinds):
+        check.problems.append(f"{d.message_id}: {kinds[0]} without a request or activity")
+    if d.attachments is not None and made and store.cited.get(made[0], set()) != d.attachments:
+        check.problems.append(f"{d.message_id}: attachments differ from what was delivered")
+
+
+def _check_files(root: Path, referenced: set[str]) -> list[str]:
+    problems = []
+    found: set[str] = set()
+    for path in sorted(root.rglob("*")) if root.is_dir() else []:
+        if path.is_dir():
+            continue
+        rel = path.relative_to(root)
+        if len(rel.parts) != 2 or path.name.startswith(".") or rel.parts[0] != path.name[:2]:
+            problems.append(f"stray file in attachments/: {rel}")
+            continue
+        if hashlib.sha256(path.read_bytes()).hexdigest() != path.name:
+            problems.append(f"attachment file {rel} does not hash to its name (torn write?)")
+        found.add(path.name)
+    if found - referenced:
+        problems.append(f"orphan attachment files: {sorted(found - referenced)[:3]}")
+    if referenced - found:
+        problems.append(f"attachment rows without a file: {sorted(referenced - found)[:3]}")
+    return problems
+
+
+def assert_exactly_once(
+    data_dir: Path,
+    delivered: Iterable[bytes | Delivered],
+    dovecot: Any = None,
+    *,
+    user: str = "",
+    outcomes: Collection[str] = ("created",),
+    outages: bool = False,
+) -> None:
+    """:func:`check_exactly_once`, asserted. Raw bytes are read as :meth:`Delivered.of`
+    (delivered to ``user``); ``dovecot`` given, every delivered mailbox must be empty."""
+    items = [d if isinstance(d, Delivered) else Delivered.of(d, user) for d in delivered]
+    check = check_exactly_once(data_dir, items, dovecot, outcomes=outcomes, outages=outages)
+    assert check.problems == [], "\n".join(check.problems)

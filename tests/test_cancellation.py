@@ -4,9 +4,7 @@ and a rerun completes with every message exactly once."""
 
 from __future__ import annotations
 
-import hashlib
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -14,7 +12,15 @@ from pathlib import Path
 
 import anyio
 import pytest
-from support import LOGIN, import_directory, ledger, mailbox_xml, message, requests
+from support import (
+    LOGIN,
+    assert_exactly_once,
+    import_directory,
+    ledger,
+    mailbox_xml,
+    message,
+    requests,
+)
 
 from engine.model import Attachment
 from engine.session import make_envelope
@@ -92,22 +98,6 @@ def committed_ids(data: Path) -> set[int]:
     return {int(r["uidl"].removeprefix("uid-")) for r in ledger(data)}
 
 
-def assert_each_once(data: Path, raws: list[bytes]) -> None:
-    rows = ledger(data)
-    assert sorted(r["sha256"] for r in rows) == sorted(hashlib.sha256(m).hexdigest() for m in raws)
-    mail = [r for r in requests(data) if r["kind"] == "mail"]
-    assert len(mail) == len(raws)
-    assert len({r["subject"] for r in mail}) == len(raws)
-    db = sqlite3.connect(data / "mailintegration.sqlite3")
-    try:
-        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        cited = {r[0] for r in db.execute("SELECT sha256 FROM attachments")}
-    finally:
-        db.close()
-    files = {p.name for p in (data / "attachments").rglob("*") if p.is_file()}
-    assert files == cited  # no orphan, no temporary file, none missing
-
-
 def rerun_completes(data: Path, cfg: Path, fake: FakePOP3Server, raws: list[bytes]) -> None:
     outcomes, cancelled = anyio.run(lambda: run_once(data, cfg))
     assert not cancelled
@@ -115,7 +105,7 @@ def rerun_completes(data: Path, cfg: Path, fake: FakePOP3Server, raws: list[byte
     assert outcome.error is None
     fake.wait_idle()
     assert sorted(fake.deleted) == list(range(1, len(raws) + 1))
-    assert_each_once(data, raws)
+    assert_exactly_once(data, raws)
 
 
 def test_cancel_mid_retr_deletes_nothing_and_the_rerun_completes(
@@ -278,7 +268,7 @@ def test_cancel_scope_outside_once_is_reported_as_cancelled(tmp_path: Path, data
         assert not cancelled and [o.error for o in outcomes] == [None]
         fake.wait_idle()
         assert fake.deleted == [1]
-    assert_each_once(data, raws)
+    assert_exactly_once(data, raws)
 
 
 def test_a_cancelled_writer_answers_not_committed(

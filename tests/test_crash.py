@@ -21,7 +21,7 @@ import aiosqlite
 import anyio
 import pytest
 import support
-from support import import_directory, mailbox_xml, message, once
+from support import Delivered, check_exactly_once, import_directory, mailbox_xml, message, once
 
 from engine.errors import StoreError
 from engine.store import open_store
@@ -131,7 +131,7 @@ def test_crash_verification_notices_loss_duplicates_and_stray_files(
     nobody = f"nobody-{uuid.uuid4().hex[:8]}"
     dovecot.add_user(nobody, "nobody-pw")
     delivered = [
-        crash.Delivered(nobody, mid, sha, frozenset())
+        Delivered(nobody, mid, sha, frozenset())
         for mid, sha in db.execute("SELECT message_id, sha256 FROM ledger ORDER BY id")
     ]
     with db:
@@ -148,7 +148,7 @@ def test_crash_verification_notices_loss_duplicates_and_stray_files(
     (data / "attachments" / digest[:2]).mkdir(exist_ok=True)
     (data / "attachments" / digest[:2] / digest).write_bytes(orphan)
     (data / "attachments" / digest[:2] / ".tmp-abc").write_bytes(b"half")
-    check = crash.verify(data, delivered, dovecot)
+    check = check_exactly_once(data, delivered, dovecot)
     assert check.losses == 1 and check.duplicates == 1
     text = "\n".join(check.problems)
     assert f"lost {mids[0]}" in text

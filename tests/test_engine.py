@@ -17,6 +17,8 @@ import pytest
 from support import (
     LOGIN,
     LOGIN_PASSWORD,
+    Delivered,
+    assert_exactly_once,
     cli,
     count_rows,
     engine_argv,
@@ -46,7 +48,7 @@ def test_twenty_mailboxes_once_each_message_exactly_once(tmp_path: Path, dovecot
     import_directory(data, tmp_path)
     conf = tmp_path / "mailboxes.d"
     (conf / "IT").mkdir(parents=True)  # a per-team folder: its files need no <team>
-    delivered: dict[str, int] = {}
+    delivered: list[Delivered] = []
     for i in range(20):
         user, pw = f"multi{i}-{os.getpid()}-{time.monotonic_ns()}", f"pw-{i}-secret"
         dovecot.add_user(user, pw)
@@ -61,15 +63,13 @@ def test_twenty_mailboxes_once_each_message_exactly_once(tmp_path: Path, dovecot
         else:
             mailbox_xml(conf / f"box{i}.xml", port=dovecot.pop3_port, user=user, password=pw)
         for j in range(5):
-            dovecot.deliver(user, message(f"Box {i} message {j}"))
-        delivered[user] = 5
+            raw = message(f"Box {i} message {j}")
+            dovecot.deliver(user, raw)
+            delivered.append(Delivered.of(raw, user))
     assert once(data, conf) == 0
-    reqs = requests(data)
-    assert len(reqs) == 100
-    assert len({r["subject"] for r in reqs}) == 100
-    assert {r["team"] for r in reqs} == {"IT"}
-    assert len(ledger(data)) == 100
-    assert all(dovecot.count(user) == 0 for user in delivered)
+    assert len(delivered) == 100
+    assert_exactly_once(data, delivered, dovecot)
+    assert {r["team"] for r in requests(data)} == {"IT"}
     code, out = cli("status", "--data-dir", data)
     assert code == 0 and "IT/box1" in out and "processed 5" in out
 
@@ -417,43 +417,41 @@ def test_daemon_hot_reload_health_and_metrics(
 
 def busy_mailboxes(
     tmp_path: Path, dovecot: Any, prefix: str, boxes: int, per_box: int
-) -> tuple[Path, Path, list[str]]:
+) -> tuple[Path, Path, list[Delivered]]:
     """A store with the directory, and ``boxes`` mailbox files each holding ``per_box`` mails."""
     data = tmp_path / "data"
     import_directory(data, tmp_path)
     conf = tmp_path / "mailboxes.d"
     conf.mkdir()
-    users = []
+    delivered = []
     for i in range(boxes):
         user, pw = f"{prefix}{i}-{time.monotonic_ns()}", f"{prefix}-pw"
         dovecot.add_user(user, pw)
-        users.append(user)
         mailbox_xml(conf / f"{prefix}{i}.xml", port=dovecot.pop3_port, user=user, password=pw)
         for j in range(per_box):
-            dovecot.deliver(user, message(f"{prefix} {i}/{j}", body="x" * 2500))
-    return data, conf, users
+            raw = message(f"{prefix} {i}/{j}", body="x" * 2500)
+            dovecot.deliver(user, raw)
+            delivered.append(Delivered.of(raw, user))
+    return data, conf, delivered
 
 
-def assert_exactly_once(data: Path, conf: Path, dovecot: Any, users: list[str], n: int) -> None:
+def converges(data: Path, conf: Path, dovecot: Any, delivered: list[Delivered]) -> None:
     """A final `once` converges: every message once in the store, every mailbox empty."""
     assert once(data, conf) == 0
-    reqs = [r for r in requests(data) if r["kind"] == "mail"]
-    assert len(reqs) == n and len({r["subject"] for r in reqs}) == n
-    assert len(ledger(data)) == n
-    assert all(dovecot.count(u) == 0 for u in users)
+    assert_exactly_once(data, delivered, dovecot)
 
 
 def test_sigterm_during_a_busy_run_loses_and_duplicates_nothing(
     tmp_path: Path, dovecot: Any, daemon: Callable[..., Daemon]
 ) -> None:
-    data, conf, users = busy_mailboxes(tmp_path, dovecot, "busy", 4, 150)
+    data, conf, delivered = busy_mailboxes(tmp_path, dovecot, "busy", 4, 150)
     d = daemon(conf, data, "--grace-seconds", "20")
     wait_for(lambda: count_rows(data, "SELECT count(*) FROM ledger") > 20, what="progress")
     d.proc.send_signal(signal.SIGTERM)
     started = time.monotonic()
     assert d.proc.wait(30) == 0
     assert time.monotonic() - started < 25
-    assert_exactly_once(data, conf, dovecot, users, 600)
+    converges(data, conf, dovecot, delivered)
 
 
 def test_compose_file_names_only_things_that_exist() -> None:
@@ -492,7 +490,7 @@ def test_compose_file_names_only_things_that_exist() -> None:
 def test_second_signal_cancels_at_once_without_loss(
     tmp_path: Path, dovecot: Any, daemon: Callable[..., Daemon]
 ) -> None:
-    data, conf, users = busy_mailboxes(tmp_path, dovecot, "twice", 3, 200)
+    data, conf, delivered = busy_mailboxes(tmp_path, dovecot, "twice", 3, 200)
     # One mailbox hangs mid-RETR for a minute: the first signal alone waits for it.
     stall = Script(
         messages=[message("Stalls")], stall_on_retr=1, stall_timeout=90, fault_sessions=1
@@ -512,7 +510,7 @@ def test_second_signal_cancels_at_once_without_loss(
         assert time.monotonic() - started < 10
         assert fake.deleted == []
         (conf / "stalled.xml").unlink()
-    assert_exactly_once(data, conf, dovecot, users, 600)
+    converges(data, conf, dovecot, delivered)
 
 
 def test_once_on_a_terminal_shows_progress_per_mailbox(
