@@ -161,24 +161,58 @@ def import_directory(data_dir: Path, tmp: Path, directory: dict[str, Any] | None
     assert code == 0
 
 
-def mailbox_of(
-    tmp_path: Path,
-    dovecot: Any,
-    pop3_user: tuple[str, str],
-    raws: list[bytes],
-    **elements: str,
-) -> tuple[Path, Path]:
-    """A data dir with the directory imported, and a mailbox file for ``pop3_user`` (with
-    ``elements``), whose mailbox now holds ``raws``: (data dir, mailbox file)."""
+def data_dir(tmp_path: Path) -> Path:
+    """``tmp_path/data``, a data directory with the tests' :data:`DIRECTORY` imported."""
     data = tmp_path / "data"
     import_directory(data, tmp_path)
-    user, password = pop3_user
-    for raw in raws:
-        dovecot.deliver(user, raw)
-    cfg = mailbox_xml(
-        tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=password, **elements
-    )
-    return data, cfg
+    return data
+
+
+@dataclass
+class Mailbox:
+    """One test's mailbox on the session's Dovecot, end to end: a fresh user, a data directory
+    with the directory imported, and a mailbox file for the user (the conftest ``mailbox``
+    fixture). Delivers, runs ``once`` and reads the store; remembers what it delivered, so
+    :meth:`assert_exactly_once` knows what the store must hold."""
+
+    dovecot: Any
+    user: str
+    password: str
+    data: Path
+    config: Path
+    delivered: list[bytes] = field(default_factory=list)
+
+    def configure(self, **settings: Any) -> Path:
+        """(Re)write the mailbox file: :func:`mailbox_text`'s keywords, this user preset."""
+        preset = {"port": self.dovecot.pop3_port, "user": self.user, "password": self.password}
+        return mailbox_xml(self.config, **(preset | settings))
+
+    def deliver(self, *raws: bytes) -> None:
+        for raw in raws:
+            self.dovecot.deliver(self.user, raw)
+            self.delivered.append(raw)
+
+    def once(self, *extra: str | Path) -> int:
+        return once(self.data, self.config, *extra)
+
+    def requests(self, **filters: str) -> list[dict[str, Any]]:
+        return requests(self.data, **filters)
+
+    def mail(self) -> list[dict[str, Any]]:
+        """The requests made from mail (no outage or failure events)."""
+        return [r for r in requests(self.data) if r["kind"] == "mail"]
+
+    def ledger(self) -> list[sqlite3.Row]:
+        return ledger(self.data)
+
+    def left(self) -> int:
+        """How many messages are still on the server."""
+        return int(self.dovecot.count(self.user))
+
+    def assert_exactly_once(self, **options: Any) -> None:
+        """Everything :meth:`deliver` delivered is in the store once and the mailbox is empty
+        (:func:`assert_exactly_once`'s options)."""
+        assert_exactly_once(self.data, self.delivered, self.dovecot, user=self.user, **options)
 
 
 def once(data_dir: Path, config: Path, *extra: str | Path) -> int:

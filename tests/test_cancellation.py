@@ -15,7 +15,6 @@ import pytest
 from support import (
     LOGIN,
     assert_exactly_once,
-    import_directory,
     ledger,
     mailbox_xml,
     message,
@@ -28,13 +27,6 @@ from engine.store import open_store
 from engine.store.sqlite import SqliteTransaction
 from engine.supervisor import Engine, EngineSettings, MailboxOutcome, MailboxSource
 from tools.fakepop3 import FakePOP3Server, Script
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    d = tmp_path / "data"
-    import_directory(d, tmp_path)
-    return d
 
 
 def messages(n: int = 3) -> list[bytes]:

@@ -17,7 +17,6 @@ import pytest
 from support import (
     assert_exactly_once,
     attachment_bytes,
-    import_directory,
     ledger,
     mailbox_xml,
     message,
@@ -26,13 +25,6 @@ from support import (
 )
 
 from tools.fakepop3 import FakePOP3Server, Script
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    d = tmp_path / "data"
-    import_directory(d, tmp_path)
-    return d
 
 
 def three() -> list[bytes]:
