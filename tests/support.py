@@ -182,8 +182,12 @@ class Mailbox:
     config: Path
     delivered: list[bytes] = field(default_factory=list)
 
-    def configure(self, **settings: Any) -> Path:
-        """(Re)write the mailbox file: :func:`mailbox_text`'s keywords, this user preset."""
+    def configure(self, name: str | None = None, **settings: Any) -> Path:
+        """(Re)write the mailbox file: :func:`mailbox_text`'s keywords, this user preset.
+        ``name`` renames the mailbox (the file ``NAME.xml`` beside the old one, removed)."""
+        if name is not None:
+            self.config.unlink(missing_ok=True)
+            self.config = self.config.with_name(f"{name}.xml")
         preset = {"port": self.dovecot.pop3_port, "user": self.user, "password": self.password}
         return mailbox_xml(self.config, **(preset | settings))
 
