@@ -319,9 +319,7 @@ def test_requests_json_has_documented_fields(mailbox: Mailbox) -> None:
     assert [r["number"] for r in json.loads(out)] == [1]
 
 
-def test_directory_reimport_updates_without_duplicates(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
+def test_directory_reimport_updates_without_duplicates(tmp_path: Path, data: Path) -> None:
     import_directory(data, tmp_path)
     db = sqlite3.connect(data / "mailintegration.sqlite3")
     assert db.execute("SELECT count(*) FROM users").fetchone()[0] == 5

@@ -21,7 +21,7 @@ import aiosqlite
 import anyio
 import pytest
 import support
-from support import Delivered, check_exactly_once, import_directory, mailbox_xml, message, once
+from support import Delivered, check_exactly_once, mailbox_xml, message, once
 
 from engine.errors import StoreError
 from engine.store import open_store
@@ -201,11 +201,9 @@ def test_store_accepts_synchronous_extra(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_every_engine_connection_is_wal_and_synchronous_full(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Asked on the engine's own connections, while it writes: synchronous = 2 (FULL), WAL."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     opened: list[aiosqlite.Connection] = []
     seen: dict[int, tuple[int, str]] = {}
     real_connect = aiosqlite.connect

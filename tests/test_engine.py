@@ -43,9 +43,9 @@ pytestmark = pytest.mark.dovecot
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_twenty_mailboxes_once_each_message_exactly_once(tmp_path: Path, dovecot: Any) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
+def test_twenty_mailboxes_once_each_message_exactly_once(
+    tmp_path: Path, data: Path, dovecot: Any
+) -> None:
     conf = tmp_path / "mailboxes.d"
     (conf / "IT").mkdir(parents=True)  # a per-team folder: its files need no <team>
     delivered: list[Delivered] = []
@@ -74,9 +74,9 @@ def test_twenty_mailboxes_once_each_message_exactly_once(tmp_path: Path, dovecot
     assert code == 0 and "IT/box1" in out and "processed 5" in out
 
 
-def test_a_stalled_server_does_not_hold_up_the_others(tmp_path: Path, dovecot: Any) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
+def test_a_stalled_server_does_not_hold_up_the_others(
+    tmp_path: Path, data: Path, dovecot: Any
+) -> None:
     conf = tmp_path / "conf"
     conf.mkdir()
     users = []
@@ -104,9 +104,7 @@ def test_a_stalled_server_does_not_hold_up_the_others(tmp_path: Path, dovecot: A
     assert all(dovecot.count(u) == 0 for u in users)
 
 
-def test_in_use_is_a_locked_mailbox_not_bad_credentials(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
+def test_in_use_is_a_locked_mailbox_not_bad_credentials(tmp_path: Path, data: Path) -> None:
     causes = {}
     for code, name in (("[IN-USE]", "locked"), ("[SYS/TEMP]", "temp"), ("[AUTH]", "auth")):
         script = Script(messages=[message("x")], auth_response=f"-ERR {code} no")
@@ -185,10 +183,12 @@ def test_group_commit_batches_many_messages_into_few_transactions(
 
 
 def test_dele_only_after_the_ledger_row_is_committed(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    data: Path,
+    dovecot: Any,
+    pop3_user: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     user, pw = pop3_user
     cfg = mailbox_xml(tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=pw)
     for i in range(30):
@@ -209,10 +209,8 @@ def test_dele_only_after_the_ledger_row_is_committed(
 
 
 def test_dry_run_explains_and_changes_nothing(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]
+    tmp_path: Path, data: Path, dovecot: Any, pop3_user: tuple[str, str]
 ) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     user, pw = pop3_user
     cfg = mailbox_xml(tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=pw)
     dovecot.deliver(user, message("Dry", attachments=(("a.txt", "text/plain", b"a"),)))
@@ -238,10 +236,12 @@ def test_dry_run_explains_and_changes_nothing(
 
 
 def test_password_env_and_file(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    data: Path,
+    dovecot: Any,
+    pop3_user: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     user, pw = pop3_user
     monkeypatch.setenv("BOX_PW", pw)
     secret = tmp_path / "secret.txt"
@@ -332,10 +332,8 @@ def _up(d: Daemon) -> bool:
 
 
 def test_daemon_hot_reload_health_and_metrics(
-    tmp_path: Path, dovecot: Any, daemon: Callable[..., Daemon]
+    tmp_path: Path, data: Path, dovecot: Any, daemon: Callable[..., Daemon]
 ) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     conf = tmp_path / "mailboxes.d"
     conf.mkdir()
     users = {}
@@ -514,12 +512,10 @@ def test_second_signal_cancels_at_once_without_loss(
 
 
 def test_once_on_a_terminal_shows_progress_per_mailbox(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]
+    tmp_path: Path, data: Path, dovecot: Any, pop3_user: tuple[str, str]
 ) -> None:
     import pty
 
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     user, pw = pop3_user
     conf = tmp_path / "conf"
     conf.mkdir()
@@ -566,10 +562,12 @@ def test_once_on_a_terminal_shows_progress_per_mailbox(
 
 
 def test_a_failing_mailbox_backs_off_while_a_healthy_one_keeps_its_pace(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], daemon: Callable[..., Daemon]
+    tmp_path: Path,
+    data: Path,
+    dovecot: Any,
+    pop3_user: tuple[str, str],
+    daemon: Callable[..., Daemon],
 ) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     conf = tmp_path / "mailboxes.d"
     conf.mkdir()
     user, pw = pop3_user
@@ -596,10 +594,8 @@ def test_a_failing_mailbox_backs_off_while_a_healthy_one_keeps_its_pace(
 
 
 def test_json_logs_name_the_mailbox_and_uidl_of_each_message(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]
+    tmp_path: Path, data: Path, dovecot: Any, pop3_user: tuple[str, str]
 ) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     user, pw = pop3_user
     cfg = mailbox_xml(tmp_path / "jl.xml", port=dovecot.pop3_port, user=user, password=pw)
     dovecot.deliver(user, message("Logged as JSON"))

@@ -169,15 +169,13 @@ def test_a_window_parsed_apart_keeps_each_message_s_exact_bytes(
 
 @pytest.mark.parametrize("boxes", [1, 3])
 def test_a_window_waits_for_a_busy_process_rather_than_parse_in_a_thread(
-    tmp_path: Path, dovecot: Any, monkeypatch: pytest.MonkeyPatch, boxes: int
+    tmp_path: Path, data: Path, dovecot: Any, monkeypatch: pytest.MonkeyPatch, boxes: int
 ) -> None:
     """Parsing in a thread holds the GIL, and every handover the writer and SQLite's thread
     make then waits for it. Once the process is up, a window waits for it instead (meanwhile
     the next one is fetched): no window is parsed in a thread any more, however many
     sessions are busy. Before, every other window of a lone session was, and with three
     sessions every third."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     folder = tmp_path / "mailboxes.d"
     folder.mkdir()
     for b in range(boxes):

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from support import (
     GATEWAY,
-    import_directory,
     ledger,
     mailbox_xml,
     message,
@@ -126,13 +125,11 @@ def _bad_mime(tag: str) -> bytes:
 
 
 def test_a_session_runs_on_any_gateway_through_the_interface_alone(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The session knows gateways only by the interface: an in-memory one, registered for
     the kind the XML names, is read, its messages processed once, the failure named to its
     disposal, the one over maxMessageBytes left on it, and a known one disposed of unread."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     cfg = mailbox_xml(
         tmp_path / "m.xml", port=1, user="u", password="pw-123456", maxMessageBytes="30000"
     )

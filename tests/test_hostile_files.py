@@ -108,7 +108,9 @@ def everything_under(*roots: Path) -> bytes:
 # ------------------------------------------------------------------ the config folder
 
 
-def test_links_and_foreign_files_in_the_config_folder_are_never_read(tmp_path: Path) -> None:
+def test_links_and_foreign_files_in_the_config_folder_are_never_read(
+    tmp_path: Path, data: Path
+) -> None:
     """A link to a secret outside the folder, a link to /proc/self/environ, a symlinked team
     folder, an SSH key saved as key.xml and a 128 MiB file: each is a config outage with no
     attachment, and no byte of any of them reaches the store, the log or the terminal. A
@@ -120,8 +122,6 @@ def test_links_and_foreign_files_in_the_config_folder_are_never_read(tmp_path: P
         "key": "Canary-SshKey-a8e3f6",
         "huge": "Canary-Huge-5d1b92",
     }
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     outside = tmp_path / "outside"
     (outside / "team").mkdir(parents=True)
     (outside / "secret.xml").write_text(
@@ -390,12 +390,12 @@ def test_read_only_data_directory(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ a store error mid-run
 
 
-def test_a_store_error_is_reported_per_mailbox_never_as_no_mailbox(tmp_path: Path) -> None:
+def test_a_store_error_is_reported_per_mailbox_never_as_no_mailbox(
+    tmp_path: Path, data: Path
+) -> None:
     """The attachment's folder is taken by a file, so the transaction holding the message
     fails: nothing is deleted, the run exits 1, and its summary names the mailbox, its
     counts and the store error (it read "once: no mailbox")."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     payload = b"%PDF-1.7 blocked"
     digest = hashlib.sha256(payload).hexdigest()
     (data / "attachments").mkdir(exist_ok=True)
@@ -421,12 +421,12 @@ def test_a_store_error_is_reported_per_mailbox_never_as_no_mailbox(tmp_path: Pat
 # ------------------------------------------------------------------ files to replay
 
 
-def test_ingest_refuses_a_file_over_max_message_bytes_before_reading_it(tmp_path: Path) -> None:
+def test_ingest_refuses_a_file_over_max_message_bytes_before_reading_it(
+    tmp_path: Path, data: Path
+) -> None:
     """``ingest`` read each file whole: a 256 MiB file became a 256 MiB failure event (and as
     much memory). A file over the mailbox's maxMessageBytes is now refused before any file
     is read or processed, with status 2."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     conf = mailbox_xml(tmp_path / "box.xml", port=110, user="u", password="p")
     small = tmp_path / "small.eml"
     small.write_bytes(message("Small enough"))

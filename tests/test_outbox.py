@@ -390,14 +390,13 @@ def test_a_permanent_refusal_fails_the_reply_at_once(tmp_path: Path) -> None:
 
 def test_a_ca_file_without_certificates_fails_the_send_as_a_tls_error_retried_later(
     tmp_path: Path,
+    data: Path,
 ) -> None:
     """The SMTP send builds its TLS context as POP3 does (engine.tls): the row says which
     caFile could not be loaded, as a POP3 outage would, and the reply is tried again later
     (the file may be put right meanwhile)."""
     bad = tmp_path / "not-a-ca.pem"
     bad.write_text("not a certificate\n", encoding="utf-8")
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     cfg = mailbox_xml(
         tmp_path / "noreq.xml",
         port=110,

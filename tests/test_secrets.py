@@ -32,7 +32,6 @@ from support import (
     LOGIN,
     LOGIN_PASSWORD,
     free_port,
-    import_directory,
     mailbox_xml,
     message,
     once,
@@ -103,9 +102,7 @@ def leaks(root: Path, secret: str, *, allowed: set[Path]) -> list[str]:
     return found
 
 
-def test_the_canary_password_never_leaks(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
+def test_the_canary_password_never_leaks(tmp_path: Path, data: Path) -> None:
     conf = tmp_path / "mailboxes.d"
     conf.mkdir()
     logs = tmp_path / "logs"
@@ -182,9 +179,7 @@ def test_the_canary_password_never_leaks(tmp_path: Path) -> None:
     assert all(LOGIN_PASSWORD not in text for text in outputs)
 
 
-def test_hostile_attachment_names_stay_inside_the_store(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
+def test_hostile_attachment_names_stay_inside_the_store(tmp_path: Path, data: Path) -> None:
     before = {p for p in tmp_path.parent.rglob("*") if not p.is_relative_to(tmp_path)}
     raw = hostile_names_message()
     with FakePOP3Server(Script(messages=[raw])) as fake:
@@ -255,10 +250,10 @@ def test_hostile_attachment_names_stay_inside_the_store(tmp_path: Path) -> None:
         ),
     ],
 )
-def test_config_errors_never_echo_the_password(tmp_path: Path, old: str, new: str) -> None:
+def test_config_errors_never_echo_the_password(
+    tmp_path: Path, data: Path, old: str, new: str
+) -> None:
     """A config error names file, line and element, but never the password of that file."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     cfg = mailbox_xml(tmp_path / "box.xml", port=110, user="u", password=CANARY)
     text = cfg.read_text()
     assert old in text
@@ -279,13 +274,11 @@ def test_config_errors_never_echo_the_password(tmp_path: Path, old: str, new: st
 ECHO = "Echo-Canary-9d4e27"
 
 
-def test_a_server_echoing_the_password_leaks_it_nowhere(tmp_path: Path) -> None:
+def test_a_server_echoing_the_password_leaks_it_nowhere(tmp_path: Path, data: Path) -> None:
     """The server quotes the password in its -ERR. Logs were scrubbed; the store was not: the
     outage's description, its activities and mailbox_status.last_error held it in clear. Now
     the canary is in no database file (-wal and -shm included, looked at while the daemon
     runs), no log, no output and not in /healthz, and the stored texts show it masked."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     conf = tmp_path / "mailboxes.d"
     conf.mkdir()
     logs = tmp_path / "logs"

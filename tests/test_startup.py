@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from lxml import etree
-from support import LOGIN, LOGIN_PASSWORD, Mailbox, import_directory, message
+from support import LOGIN, LOGIN_PASSWORD, Mailbox, message
 
 from engine import config
 from engine.errors import ConfigError
@@ -285,11 +285,9 @@ def test_the_command_exits_without_the_interpreter_s_teardown_and_loses_no_outpu
     assert "teardown ran" not in refused.stderr
 
 
-def test_the_pipeline_is_imported_while_the_login_is_checked(tmp_path: Path) -> None:
+def test_the_pipeline_is_imported_while_the_login_is_checked(tmp_path: Path, data: Path) -> None:
     """scrypt checks the login in a thread without the GIL (~50 ms); the supervisor,
     fetcher, parser and writer (~50 ms of imports) load meanwhile, not before it."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     empty = tmp_path / "mailboxes.d"
     empty.mkdir()
     args = ["once", "--config-dir", str(empty), "--data-dir", str(data)]
