@@ -9,9 +9,9 @@ import secrets
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from support import Mailbox, data_dir
@@ -98,6 +98,17 @@ def mailbox(data: Path, dovecot: Dovecot, pop3_user: tuple[str, str]) -> Mailbox
     box = Mailbox(dovecot, *pop3_user, data=data, config=data.parent / "m.xml")
     box.configure()
     return box
+
+
+@pytest.fixture
+def new_mailbox(data: Path, dovecot: Dovecot) -> Callable[..., Mailbox]:
+    """More mailboxes beside `mailbox`, sharing `data`: ``new_mailbox(path, **settings)``
+    makes a Dovecot user and its mailbox file at ``path``."""
+
+    def make(config: Path, **settings: Any) -> Mailbox:
+        return Mailbox.create(dovecot, data, config, **settings)
+
+    return make
 
 
 @pytest.fixture

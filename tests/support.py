@@ -7,10 +7,12 @@ import contextlib
 import hashlib
 import io
 import json
+import secrets
 import socket
 import sqlite3
 import sys
 import time
+import uuid
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -182,6 +184,16 @@ class Mailbox:
     config: Path
     delivered: list[bytes] = field(default_factory=list)
 
+    @classmethod
+    def create(cls, dovecot: Any, data: Path, config: Path, **settings: Any) -> Mailbox:
+        """A new user on ``dovecot`` (unique name, random password), its file ``config``
+        written with ``settings``, its mail going to ``data``."""
+        user, password = f"user-{uuid.uuid4().hex[:12]}", secrets.token_urlsafe(12)
+        dovecot.add_user(user, password)
+        box = cls(dovecot, user, password, data, config)
+        box.configure(**settings)
+        return box
+
     def configure(self, name: str | None = None, **settings: Any) -> Path:
         """(Re)write the mailbox file: :func:`mailbox_text`'s keywords, this user preset.
         ``name`` renames the mailbox (the file ``NAME.xml`` beside the old one, removed)."""
@@ -212,6 +224,11 @@ class Mailbox:
     def left(self) -> int:
         """How many messages are still on the server."""
         return int(self.dovecot.count(self.user))
+
+    def expected(self) -> list[Delivered]:
+        """What :meth:`deliver` delivered, for :func:`assert_exactly_once` over several
+        mailboxes."""
+        return [Delivered.of(raw, self.user) for raw in self.delivered]
 
     def assert_exactly_once(self, **options: Any) -> None:
         """Everything :meth:`deliver` delivered is in the store once and the mailbox is empty

@@ -18,12 +18,12 @@ from support import (
     LOGIN,
     LOGIN_PASSWORD,
     Delivered,
+    Mailbox,
     assert_exactly_once,
     cli,
     count_rows,
     engine_argv,
     free_port,
-    import_directory,
     ledger,
     mailbox_xml,
     message,
@@ -44,28 +44,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_twenty_mailboxes_once_each_message_exactly_once(
-    tmp_path: Path, data: Path, dovecot: Any
+    tmp_path: Path, data: Path, dovecot: Any, new_mailbox: Callable[..., Mailbox]
 ) -> None:
     conf = tmp_path / "mailboxes.d"
     (conf / "IT").mkdir(parents=True)  # a per-team folder: its files need no <team>
     delivered: list[Delivered] = []
     for i in range(20):
-        user, pw = f"multi{i}-{os.getpid()}-{time.monotonic_ns()}", f"pw-{i}-secret"
-        dovecot.add_user(user, pw)
         if i % 2:
-            mailbox_xml(
-                conf / "IT" / f"box{i}.xml",
-                port=dovecot.pop3_port,
-                user=user,
-                password=pw,
-                team=None,
-            )
+            box = new_mailbox(conf / "IT" / f"box{i}.xml", team=None)
         else:
-            mailbox_xml(conf / f"box{i}.xml", port=dovecot.pop3_port, user=user, password=pw)
-        for j in range(5):
-            raw = message(f"Box {i} message {j}")
-            dovecot.deliver(user, raw)
-            delivered.append(Delivered.of(raw, user))
+            box = new_mailbox(conf / f"box{i}.xml")
+        box.deliver(*[message(f"Box {i} message {j}") for j in range(5)])
+        delivered += box.expected()
     assert once(data, conf) == 0
     assert len(delivered) == 100
     assert_exactly_once(data, delivered, dovecot)
@@ -75,17 +65,13 @@ def test_twenty_mailboxes_once_each_message_exactly_once(
 
 
 def test_a_stalled_server_does_not_hold_up_the_others(
-    tmp_path: Path, data: Path, dovecot: Any
+    tmp_path: Path, data: Path, new_mailbox: Callable[..., Mailbox]
 ) -> None:
     conf = tmp_path / "conf"
     conf.mkdir()
-    users = []
-    for i in range(5):
-        user, pw = f"fine{i}-{time.monotonic_ns()}", "fine-pw"
-        dovecot.add_user(user, pw)
-        users.append(user)
-        mailbox_xml(conf / f"fine{i}.xml", port=dovecot.pop3_port, user=user, password=pw)
-        dovecot.deliver(user, message(f"Fine {i}"))
+    fine = [new_mailbox(conf / f"fine{i}.xml") for i in range(5)]
+    for i, box in enumerate(fine):
+        box.deliver(message(f"Fine {i}"))
     stall = Script(messages=[message("Stalls")], stall_on_retr=1, stall_timeout=20)
     with FakePOP3Server(stall) as fake:
         mailbox_xml(conf / "stalled.xml", port=fake.port, user="u", password="p", timeout=2)
@@ -101,7 +87,7 @@ def test_a_stalled_server_does_not_hold_up_the_others(
     ]
     [outage] = [r for r in reqs if r["kind"] == "outage"]
     assert (outage["mailbox"], outage["cause"]) == ("stalled", "timeout")
-    assert all(dovecot.count(u) == 0 for u in users)
+    assert all(box.left() == 0 for box in fine)
 
 
 def test_in_use_is_a_locked_mailbox_not_bad_credentials(tmp_path: Path, data: Path) -> None:
@@ -414,23 +400,17 @@ def test_daemon_hot_reload_health_and_metrics(
 
 
 def busy_mailboxes(
-    tmp_path: Path, dovecot: Any, prefix: str, boxes: int, per_box: int
-) -> tuple[Path, Path, list[Delivered]]:
-    """A store with the directory, and ``boxes`` mailbox files each holding ``per_box`` mails."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
+    tmp_path: Path, new_mailbox: Callable[..., Mailbox], prefix: str, boxes: int, per_box: int
+) -> tuple[Path, list[Delivered]]:
+    """A folder of ``boxes`` mailbox files each holding ``per_box`` mails."""
     conf = tmp_path / "mailboxes.d"
     conf.mkdir()
     delivered = []
     for i in range(boxes):
-        user, pw = f"{prefix}{i}-{time.monotonic_ns()}", f"{prefix}-pw"
-        dovecot.add_user(user, pw)
-        mailbox_xml(conf / f"{prefix}{i}.xml", port=dovecot.pop3_port, user=user, password=pw)
-        for j in range(per_box):
-            raw = message(f"{prefix} {i}/{j}", body="x" * 2500)
-            dovecot.deliver(user, raw)
-            delivered.append(Delivered.of(raw, user))
-    return data, conf, delivered
+        box = new_mailbox(conf / f"{prefix}{i}.xml")
+        box.deliver(*[message(f"{prefix} {i}/{j}", body="x" * 2500) for j in range(per_box)])
+        delivered += box.expected()
+    return conf, delivered
 
 
 def converges(data: Path, conf: Path, dovecot: Any, delivered: list[Delivered]) -> None:
@@ -440,9 +420,13 @@ def converges(data: Path, conf: Path, dovecot: Any, delivered: list[Delivered]) 
 
 
 def test_sigterm_during_a_busy_run_loses_and_duplicates_nothing(
-    tmp_path: Path, dovecot: Any, daemon: Callable[..., Daemon]
+    tmp_path: Path,
+    data: Path,
+    dovecot: Any,
+    new_mailbox: Callable[..., Mailbox],
+    daemon: Callable[..., Daemon],
 ) -> None:
-    data, conf, delivered = busy_mailboxes(tmp_path, dovecot, "busy", 4, 150)
+    conf, delivered = busy_mailboxes(tmp_path, new_mailbox, "busy", 4, 150)
     d = daemon(conf, data, "--grace-seconds", "20")
     wait_for(lambda: count_rows(data, "SELECT count(*) FROM ledger") > 20, what="progress")
     d.proc.send_signal(signal.SIGTERM)
@@ -486,9 +470,13 @@ def test_compose_file_names_only_things_that_exist() -> None:
 
 
 def test_second_signal_cancels_at_once_without_loss(
-    tmp_path: Path, dovecot: Any, daemon: Callable[..., Daemon]
+    tmp_path: Path,
+    data: Path,
+    dovecot: Any,
+    new_mailbox: Callable[..., Mailbox],
+    daemon: Callable[..., Daemon],
 ) -> None:
-    data, conf, delivered = busy_mailboxes(tmp_path, dovecot, "twice", 3, 200)
+    conf, delivered = busy_mailboxes(tmp_path, new_mailbox, "twice", 3, 200)
     # One mailbox hangs mid-RETR for a minute: the first signal alone waits for it.
     stall = Script(
         messages=[message("Stalls")], stall_on_retr=1, stall_timeout=90, fault_sessions=1
