@@ -6,6 +6,7 @@ Every test here talks to a real Dovecot on 127.0.0.1 and a real SQLite file in t
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,7 @@ from support import (
     attachment_bytes,
     cli,
     import_directory,
-    mailbox_xml,
     message,
-    once,
 )
 
 from engine.gateways.pop3 import Pop3Gateway
@@ -83,21 +82,12 @@ def test_reply_with_request_number_adds_activity(mailbox: Mailbox, form: str) ->
 
 
 def test_reference_to_other_team_or_unknown_request_creates_incident(
-    tmp_path: Path, mailbox: Mailbox, dovecot: Any
+    tmp_path: Path, mailbox: Mailbox, new_mailbox: Callable[..., Mailbox]
 ) -> None:
     # A request of team 2 (Facilities), made through a second mailbox of that team.
-    fac_user, fac_pw = f"{mailbox.user}-fac", "fac-pw-1"
-    dovecot.add_user(fac_user, fac_pw)
-    fac = mailbox_xml(
-        tmp_path / "fac.xml",
-        port=dovecot.pop3_port,
-        user=fac_user,
-        password=fac_pw,
-        team="Facilities",
-        incidentGroup="Building Services",
-    )
-    dovecot.deliver(fac_user, message("Leaking tap"))
-    assert once(mailbox.data, fac) == 0
+    fac = new_mailbox(tmp_path / "fac.xml", team="Facilities", incidentGroup="Building Services")
+    fac.deliver(message("Leaking tap"))
+    assert fac.once() == 0
     [fac_req] = mailbox.requests()
     mailbox.deliver(message(f"RE: [Incident] #{fac_req['number']} Leaking tap"))
     mailbox.deliver(message("RE: [Incident] #99999 Unknown"))

@@ -169,16 +169,10 @@ def test_group_commit_batches_many_messages_into_few_transactions(
 
 
 def test_dele_only_after_the_ledger_row_is_committed(
-    tmp_path: Path,
-    data: Path,
-    dovecot: Any,
-    pop3_user: tuple[str, str],
-    monkeypatch: pytest.MonkeyPatch,
+    mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    user, pw = pop3_user
-    cfg = mailbox_xml(tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=pw)
-    for i in range(30):
-        dovecot.deliver(user, message(f"Order {i}"))
+    mailbox.deliver(*[message(f"Order {i}") for i in range(30)])
+    data = mailbox.data
     seen: list[tuple[int, int]] = []
     real = Pop3Gateway.dele_many
 
@@ -189,24 +183,21 @@ def test_dele_only_after_the_ledger_row_is_committed(
         real(self, numbers)
 
     monkeypatch.setattr(Pop3Gateway, "dele_many", spy)
-    assert once(data, cfg) == 0
+    assert mailbox.once() == 0
     assert sorted(n for n, _ in seen) == list(range(1, 31))
     assert all(committed >= number for number, committed in seen)
+    mailbox.assert_exactly_once()
 
 
-def test_dry_run_explains_and_changes_nothing(
-    tmp_path: Path, data: Path, dovecot: Any, pop3_user: tuple[str, str]
-) -> None:
-    user, pw = pop3_user
-    cfg = mailbox_xml(tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=pw)
-    dovecot.deliver(user, message("Dry", attachments=(("a.txt", "text/plain", b"a"),)))
-    dovecot.deliver(user, message("From a stranger", sender="who@nowhere.example"))
+def test_dry_run_explains_and_changes_nothing(mailbox: Mailbox) -> None:
+    mailbox.deliver(message("Dry", attachments=(("a.txt", "text/plain", b"a"),)))
+    mailbox.deliver(message("From a stranger", sender="who@nowhere.example"))
     code, out = cli(
         "once",
         "--config",
-        cfg,
+        mailbox.config,
         "--data-dir",
-        data,
+        mailbox.data,
         "--login",
         LOGIN,
         "--password",
@@ -217,8 +208,8 @@ def test_dry_run_explains_and_changes_nothing(
     assert "new incident 'Dry': requester jdoe, site Québec, group Service Desk" in out
     assert "attachments: a.txt" in out
     assert "requester unknown.user" in out
-    assert dovecot.count(user) == 2
-    assert requests(data) == [] and ledger(data) == []
+    assert mailbox.left() == 2
+    assert mailbox.requests() == [] and mailbox.ledger() == []
 
 
 def test_password_env_and_file(

@@ -169,7 +169,11 @@ def test_a_window_parsed_apart_keeps_each_message_s_exact_bytes(
 
 @pytest.mark.parametrize("boxes", [1, 3])
 def test_a_window_waits_for_a_busy_process_rather_than_parse_in_a_thread(
-    tmp_path: Path, data: Path, dovecot: Any, monkeypatch: pytest.MonkeyPatch, boxes: int
+    tmp_path: Path,
+    data: Path,
+    new_mailbox: Callable[..., Mailbox],
+    monkeypatch: pytest.MonkeyPatch,
+    boxes: int,
 ) -> None:
     """Parsing in a thread holds the GIL, and every handover the writer and SQLite's thread
     make then waits for it. Once the process is up, a window waits for it instead (meanwhile
@@ -179,11 +183,7 @@ def test_a_window_waits_for_a_busy_process_rather_than_parse_in_a_thread(
     folder = tmp_path / "mailboxes.d"
     folder.mkdir()
     for b in range(boxes):
-        user, password = f"user-{uuid.uuid4().hex[:12]}", secrets.token_urlsafe(12)
-        dovecot.add_user(user, password)
-        for i in range(150):
-            dovecot.deliver(user, message(f"Queue {b}.{i}"))
-        mailbox_xml(folder / f"m{b}.xml", port=dovecot.pop3_port, user=user, password=password)
+        new_mailbox(folder / f"m{b}.xml").deliver(*[message(f"Queue {b}.{i}") for i in range(150)])
     events: list[str] = []
     real_run: Callable[..., Any] = anyio.to_process.run_sync
 

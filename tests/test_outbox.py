@@ -12,7 +12,7 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from aiosmtpd.smtp import AuthResult
 from support import (
     LOGIN,
     LOGIN_PASSWORD,
+    Mailbox,
     count_rows,
     engine_argv,
     free_port,
@@ -164,34 +165,26 @@ def _outbox(data: Path) -> list[sqlite3.Row]:
 
 
 def _two_mailboxes(
-    tmp_path: Path, dovecot: Any, smtp_port: int, smtp_timeout: int
+    tmp_path: Path, new_mailbox: Callable[..., Mailbox], smtp_port: int, smtp_timeout: int
 ) -> tuple[Path, Path, str, str]:
     """A data dir and a folder with `noreq` (refuses, replies through ``smtp_port``) and
     `busy` (creates requests); (data, folder, noreq's user, busy's user)."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     conf = tmp_path / "mailboxes.d"
     conf.mkdir()
-    users = []
-    for name in ("noreq", "busy"):
-        user, pw = f"{name}-{time.monotonic_ns()}", f"{name}-pw-1"
-        dovecot.add_user(user, pw)
-        users.append(user)
-        extra: dict[str, str] = {}
-        if name == "noreq":
-            extra = {"createNewRequests": "false", "smtp": _smtp_xml(smtp_port, smtp_timeout)}
-        mailbox_xml(conf / f"{name}.xml", port=dovecot.pop3_port, user=user, password=pw, **extra)
-    return data, conf, users[0], users[1]
+    smtp = _smtp_xml(smtp_port, smtp_timeout)
+    noreq = new_mailbox(conf / "noreq.xml", createNewRequests="false", smtp=smtp)
+    busy = new_mailbox(conf / "busy.xml")
+    return noreq.data, conf, noreq.user, busy.user
 
 
 @pytest.mark.dovecot
 def test_a_trickling_smtp_server_holds_up_no_commit_and_no_other_mailbox(
-    tmp_path: Path, dovecot: Any, trickle: Trickle
+    tmp_path: Path, dovecot: Any, new_mailbox: Callable[..., Mailbox], trickle: Trickle
 ) -> None:
     """The daemon: while a reply is stuck on an SMTP server that answers a byte every half
     second (it kept the writer for as long as the server went on), another mailbox's mail is
     committed and deleted as usual; the send is cut at 3 x timeoutSeconds and recorded."""
-    data, conf, noreq, busy = _two_mailboxes(tmp_path, dovecot, trickle.port, smtp_timeout=2)
+    data, conf, noreq, busy = _two_mailboxes(tmp_path, new_mailbox, trickle.port, smtp_timeout=2)
     dovecot.deliver(noreq, message("Please register me"))
     log = tmp_path / "daemon.log"
     env = dict(os.environ, MAILINTEGRATION_LOGIN=LOGIN, MAILINTEGRATION_PASSWORD=LOGIN_PASSWORD)
@@ -233,11 +226,11 @@ def test_a_trickling_smtp_server_holds_up_no_commit_and_no_other_mailbox(
 
 @pytest.mark.dovecot
 def test_once_ends_within_the_send_deadline_with_a_trickling_smtp_server(
-    tmp_path: Path, dovecot: Any, trickle: Trickle
+    tmp_path: Path, dovecot: Any, new_mailbox: Callable[..., Mailbox], trickle: Trickle
 ) -> None:
     """`once` waits for its replies, but never longer than each send's deadline (3 s here):
     the trickling server kept it for as long as it trickled (40 s)."""
-    data, conf, noreq, busy = _two_mailboxes(tmp_path, dovecot, trickle.port, smtp_timeout=1)
+    data, conf, noreq, busy = _two_mailboxes(tmp_path, new_mailbox, trickle.port, smtp_timeout=1)
     dovecot.deliver(noreq, message("Please register me"))
     for i in range(5):
         dovecot.deliver(busy, message(f"Busy {i}"))
@@ -252,11 +245,15 @@ def test_once_ends_within_the_send_deadline_with_a_trickling_smtp_server(
 
 @pytest.mark.dovecot
 def test_a_reply_left_pending_by_a_killed_run_is_sent_by_the_next_one(
-    tmp_path: Path, dovecot: Any, trickle: Trickle, smtp: tuple[Answers, int]
+    tmp_path: Path,
+    dovecot: Any,
+    new_mailbox: Callable[..., Mailbox],
+    trickle: Trickle,
+    smtp: tuple[Answers, int],
 ) -> None:
     """SIGKILL while the reply is being sent: the refusal is committed, the reply is not
     recorded as sent. The next `once` sends it (it was never sent at all before)."""
-    data, conf, noreq, _ = _two_mailboxes(tmp_path, dovecot, trickle.port, smtp_timeout=30)
+    data, conf, noreq, _ = _two_mailboxes(tmp_path, new_mailbox, trickle.port, smtp_timeout=30)
     dovecot.deliver(noreq, message("Please register me", message_id="<pending-1@example.com>"))
     argv = engine_argv("once", "--config-dir", conf, "--data-dir", data)
     argv += ["--login", LOGIN, "--password", LOGIN_PASSWORD]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import email
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.policy import default as default_policy
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,6 @@ from aiosmtpd.controller import Controller
 from support import (
     Mailbox,
     free_port,
-    mailbox_xml,
     message,
     once,
 )
@@ -133,16 +132,12 @@ def test_replies_per_sender_are_rate_limited(mailbox: Mailbox, sink: Sink) -> No
 
 
 def test_reply_with_reference_still_adds_activity_when_new_requests_are_refused(
-    tmp_path: Path, mailbox: Mailbox, sink: Sink, dovecot: Any
+    tmp_path: Path, mailbox: Mailbox, sink: Sink, new_mailbox: Callable[..., Mailbox]
 ) -> None:
     # A request made through an open mailbox of the same team, then answered in this one.
-    open_user, open_pw = f"{mailbox.user}-open", "open-pw-1"
-    dovecot.add_user(open_user, open_pw)
-    open_cfg = mailbox_xml(
-        tmp_path / "open.xml", port=dovecot.pop3_port, user=open_user, password=open_pw
-    )
-    dovecot.deliver(open_user, message("Printer"))
-    assert once(mailbox.data, open_cfg) == 0
+    open_box = new_mailbox(tmp_path / "open.xml")
+    open_box.deliver(message("Printer"))
+    assert open_box.once() == 0
     mailbox.deliver(message("RE: [Incident] #1 Printer", body="Still broken\n"))
     assert mailbox.once() == 0
     [req] = mailbox.requests()
