@@ -142,6 +142,14 @@ def test_crash_verification_notices_loss_duplicates_and_stray_files(
             "processed_at FROM ledger WHERE message_id = ?",
             (mids[1],),
         )
+        # A request for a message nobody delivered, and an outage nobody expected.
+        for kind, mid in (("mail", "stranger@example.com"), ("outage", None)):
+            db.execute(
+                "INSERT INTO requests(team_id, type, status, kind, subject, description, "
+                "message_id, created_at, created_by) "
+                "VALUES (1, 'incident', 'new', ?, 'x', 'x', ?, '2026-12-04', 'test')",
+                (kind, mid),
+            )
     db.close()
     orphan = b"nobody cites me"
     digest = hashlib.sha256(orphan).hexdigest()
@@ -155,6 +163,8 @@ def test_crash_verification_notices_loss_duplicates_and_stray_files(
     assert f"duplicated {mids[1]}" in text
     assert "orphan attachment files" in text
     assert "stray file in attachments/: " in text
+    assert "requests or activities never delivered: ['stranger@example.com']" in text
+    assert "unexpected events: " in text
 
 
 # -- durability settings -------------------------------------------------------------------

@@ -19,10 +19,8 @@ import re
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,6 +34,7 @@ from support import (
     message,
     once,
     requests,
+    wait_for,
 )
 
 from engine import logs
@@ -312,7 +311,7 @@ def test_a_server_echoing_the_password_leaks_it_nowhere(tmp_path: Path, data: Pa
         try:
             health = _wait_for_failing_health(daemon, port, "echo")
             # The daemon's first session adds the outage's second activity: the -wal holds it.
-            _wait_for(lambda: _activities(data) >= 2, "the daemon's session in the store")
+            wait_for(lambda: _activities(data) >= 2, what="the daemon's session in the store")
             running = files_under(data)
         finally:
             daemon.terminate()
@@ -354,19 +353,8 @@ def _wait_for_failing_health(daemon: subprocess.Popen[bytes], port: int, name: s
             return False
         return bool(json.loads(body)["mailboxes"].get(name, {}).get("last_error"))
 
-    _wait_for(failing, "/healthz to report the failing mailbox")
+    wait_for(failing, what="/healthz to report the failing mailbox")
     return body
-
-
-def _wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / 0.1) + 1):
-        if check():
-            return
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _activities(data: Path) -> int:
