@@ -13,7 +13,7 @@ import sqlite3
 import sys
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
@@ -284,6 +284,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def smtp_server(handler: Any, **options: Any) -> Iterator[int]:
+    """aiosmtpd serving ``handler`` on a free loopback port, stopped afterwards; yields the
+    port. ``options`` go to its Controller (an authenticator, say)."""
+    from aiosmtpd.controller import Controller  # a test dependency: tools and bench import us
+
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port(), **options)
+    controller.start()
+    try:
+        yield int(controller.port)
+    finally:
+        controller.stop()
 
 
 def attachment_bytes(data_dir: Path, sha256: str) -> bytes:

@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
-from support import free_port, import_directory, ledger, mailbox_xml, message, once, requests
+from support import import_directory, ledger, mailbox_xml, message, once, requests, smtp_server
 
 from tools.dovecot import Dovecot
 
@@ -47,13 +46,8 @@ class Relay:
 @pytest.fixture
 def relay(dovecot: Dovecot) -> Iterator[tuple[Relay, int]]:
     handler = Relay(dovecot)
-    port = free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
+    with smtp_server(handler) as port:
         yield handler, port
-    finally:
-        controller.stop()
 
 
 @dataclass

@@ -4,6 +4,7 @@ server holds up no commit and no other mailbox."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -18,7 +19,6 @@ from typing import Any
 
 import anyio
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 from support import (
     LOGIN,
@@ -26,12 +26,12 @@ from support import (
     Mailbox,
     count_rows,
     engine_argv,
-    free_port,
     import_directory,
     ledger,
     mailbox_xml,
     message,
     once,
+    smtp_server,
     wait_for,
 )
 
@@ -124,27 +124,16 @@ def _accept_login(*_: Any) -> AuthResult:
     return AuthResult(success=True)
 
 
-def _smtp_server(handler: Answers) -> tuple[Controller, int]:
-    port = free_port()
-    controller = Controller(
-        handler,
-        hostname="127.0.0.1",
-        port=port,
-        authenticator=_accept_login,
-        auth_require_tls=False,
-    )
-    controller.start()
-    return controller, port
+def _smtp_server(handler: Answers) -> contextlib.AbstractContextManager[int]:
+    """An SMTP server that takes any login."""
+    return smtp_server(handler, authenticator=_accept_login, auth_require_tls=False)
 
 
 @pytest.fixture
 def smtp() -> Iterator[tuple[Answers, int]]:
     handler = Answers()
-    controller, port = _smtp_server(handler)
-    try:
+    with _smtp_server(handler) as port:
         yield handler, port
-    finally:
-        controller.stop()
 
 
 def _smtp_xml(port: int, timeout: int, extra: str = "") -> str:
@@ -341,15 +330,14 @@ def test_a_refused_send_is_retried_after_a_growing_backoff_then_given_up(
     between send nothing), and failed for good after the third attempt. The stored error is
     the server's answer with the SMTP password it echoed scrubbed."""
     handler = Answers(f"451 4.3.0 busy, try later: {SMTP_PASSWORD}")
-    controller, port = _smtp_server(handler)
     logs.register_secret(SMTP_PASSWORD)
-    data, cfg, eml = _refused_message(tmp_path, port)
 
     def run() -> int:
         _ingest(data, cfg, eml, retry_seconds=1, max_attempts=3)
         return len(handler.rcpts)
 
-    try:
+    with _smtp_server(handler) as port:
+        data, cfg, eml = _refused_message(tmp_path, port)
         assert _ingest(data, cfg, eml, retry_seconds=1, max_attempts=3) == "refused: replied"
         assert len(handler.rcpts) == 1
         assert run() == 1  # not due yet: the backoff holds
@@ -358,8 +346,6 @@ def test_a_refused_send_is_retried_after_a_growing_backoff_then_given_up(
         wait_for(lambda: run() == 3, 10, "the third attempt")
         time.sleep(2.5)
         assert run() == 3  # failed for good: never again
-    finally:
-        controller.stop()
     times = [t for t, _ in handler.rcpts]
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert gaps[0] >= 1.0 and gaps[1] >= 2.0, gaps
@@ -372,13 +358,10 @@ def test_a_refused_send_is_retried_after_a_growing_backoff_then_given_up(
 
 def test_a_permanent_refusal_fails_the_reply_at_once(tmp_path: Path) -> None:
     handler = Answers("550 5.1.1 no such user")
-    controller, port = _smtp_server(handler)
-    data, cfg, eml = _refused_message(tmp_path, port)
-    try:
+    with _smtp_server(handler) as port:
+        data, cfg, eml = _refused_message(tmp_path, port)
         _ingest(data, cfg, eml, retry_seconds=0, max_attempts=8)
         _ingest(data, cfg, eml, retry_seconds=0, max_attempts=8)
-    finally:
-        controller.stop()
     assert len(handler.rcpts) == 1
     [row] = _outbox(data)
     assert row["attempts"] == 1 and row["failed_at"] is not None

@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 from support import (
     Mailbox,
-    free_port,
     message,
     once,
+    smtp_server,
 )
 
 pytestmark = pytest.mark.dovecot
@@ -32,13 +31,8 @@ class Sink:
 @pytest.fixture
 def smtp_sink() -> Iterator[tuple[Sink, int]]:
     sink = Sink()
-    port = free_port()
-    controller = Controller(sink, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
+    with smtp_server(sink) as port:
         yield sink, port
-    finally:
-        controller.stop()
 
 
 @pytest.fixture
