@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
+from support import EVENT, GATEWAY, INCIDENT, mailbox_text
 
 from engine.config import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -31,12 +32,6 @@ from engine.errors import ConfigError
 CONFIGS = Path(__file__).parent / "configs"
 CANARY = "Canary-PW-8c1f"
 
-INCIDENT = (
-    "Octopus.MailIntegration.Processors.EndUserIncidentMailMessageProcessor, "
-    "Octopus.MailIntegration"
-)
-EVENT = "Octopus.MailIntegration.Processors.EventMailMessageProcessor, Octopus.MailIntegration"
-SIDEPOP = "Octopus.MailIntegration.Gateways.SidePopMailboxGateway, Octopus.MailIntegration"
 MAILKIT = "Octopus.MailIntegration.Gateways.MailKitMailboxGateway, Octopus.MailIntegration"
 
 EXAMPLE = (CONFIGS / "incident-example.xml").read_text(encoding="utf-8")
@@ -45,25 +40,26 @@ EXAMPLE = (CONFIGS / "incident-example.xml").read_text(encoding="utf-8")
 def mailbox(
     *,
     processor: str = INCIDENT,
-    gateway: str = SIDEPOP,
+    gateway: str = GATEWAY,
     server: str = "",
     password: str = f"<password>{CANARY}</password>",
     extra: str = "",
 ) -> str:
-    """A small valid file (line numbers below: the root is line 2, server line 4)."""
-    return (
-        '<?xml version="1.0" encoding="utf-8"?>\n'
-        "<mailIntegration>\n"
-        f"  <messageProcessorTypeName>{processor}</messageProcessorTypeName>\n"
-        "  <server>\n"
-        f"    <gatewayTypeName>{gateway}</gatewayTypeName>\n"
-        "    <serverName>pop.example.com</serverName>\n"
-        "    <userName>support@example.com</userName>\n"
-        f"    {password}\n"
-        f"    {server}\n"
-        "  </server>\n"
-        f"  {extra}\n"
-        "</mailIntegration>\n"
+    """A small valid file: the shared template with only what the schema requires, so each
+    test's own XML lands on a known line (the root is line 2, server line 4, ``password``
+    line 8, ``server`` line 9, ``extra`` line 11)."""
+    return mailbox_text(
+        host="pop.example.com",
+        port=None,
+        use_ssl=None,
+        user="support@example.com",
+        password=None,
+        timeout=None,
+        processor=processor,
+        gateway=gateway,
+        server_extra=f"    {password}\n    {server}\n",
+        root_extra=f"  {extra}\n",
+        defaults=False,
     )
 
 
@@ -183,7 +179,7 @@ def test_element_names_are_case_insensitive(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "gateway",
     [
-        SIDEPOP,
+        GATEWAY,
         MAILKIT,
         "Octopus.MailIntegration.Gateways.SidePopMailboxGateway",
         "MailKitMailboxGateway",
@@ -914,7 +910,7 @@ def mailbox_files(draw: st.DrawFn) -> tuple[str, dict[str, str]]:
 
     ints = st.none() | st.integers(1, 3600)
     server = (
-        el("gatewayTypeName", draw(st.sampled_from(["pop3", SIDEPOP, MAILKIT])))
+        el("gatewayTypeName", draw(st.sampled_from(["pop3", GATEWAY, MAILKIT])))
         + el("serverName", draw(TEXT))
         + el("port", draw(st.none() | st.integers(1, 65535)))
         + tls()
