@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 import pytest
-from support import EVENT, cli, ledger, mailbox_of, mailbox_xml, once, requests
+from support import EVENT, Mailbox, cli, ledger, mailbox_xml, once, requests
 
 from engine.config import MailboxConfig, load_mailbox
 from engine.model import CorrelatedEvent, DirectoryView, ParsedMessage, RequestRef, Team
@@ -259,7 +259,7 @@ def test_a_custom_recogniser_without_a_host_group_is_a_config_error(tmp_path: Pa
 
 
 @pytest.mark.dovecot
-def test_alerts_correlate_end_to_end(tmp_path: Path, dovecot: Any, pop3_user: Any) -> None:
+def test_alerts_correlate_end_to_end(tmp_path: Path, mailbox: Mailbox) -> None:
     """Problem, repeat, recovery, then a recovery of something never seen, then the same
     problem again (flapping: the closed event reopens)."""
     raws = [
@@ -268,14 +268,9 @@ def test_alerts_correlate_end_to_end(tmp_path: Path, dovecot: Any, pop3_user: An
     ]
     repeat = raws[0].replace(b"nagios-service-problem@", b"repeat@")
     unseen = (ALERTS / "scom-closed.eml").read_bytes()
-    data, cfg = mailbox_of(
-        tmp_path,
-        dovecot,
-        pop3_user,
-        [raws[0], repeat, raws[1], raws[2], unseen],
-        processor=EVENT,
-        incidentGroup="Monitoring",
-    )
+    mailbox.configure(processor=EVENT, incidentGroup="Monitoring")
+    mailbox.deliver(raws[0], repeat, raws[1], raws[2], unseen)
+    data, cfg = mailbox.data, mailbox.config
     assert once(data, cfg) == 0
     [ev] = requests(data)
     assert (ev["status"], ev["correlation_key"], ev["alert_state"]) == ("processed", KEY, "OK")
@@ -289,11 +284,11 @@ def test_alerts_correlate_end_to_end(tmp_path: Path, dovecot: Any, pop3_user: An
     assert code == 0 and shown["correlation_key"] == KEY and shown["alert_state"] == "OK"
 
     again = raws[0].replace(b"nagios-service-problem@", b"flap@")
-    dovecot.deliver(pop3_user[0], again)
+    mailbox.deliver(again)
     assert once(data, cfg) == 0
     [ev] = requests(data)
     assert ev["status"] == "new" and ev["alert_state"] == "CRITICAL"
-    assert dovecot.count(pop3_user[0]) == 0
+    assert mailbox.left() == 0
 
 
 def test_a_key_holds_nothing_unprintable(cfg: MailboxConfig) -> None:

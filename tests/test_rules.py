@@ -11,9 +11,9 @@ from typing import Any
 import anyio
 import pytest
 from support import (
+    Mailbox,
     cli,
     ledger,
-    mailbox_of,
     mailbox_xml,
     message,
     once,
@@ -277,24 +277,18 @@ def test_a_later_mail_with_the_same_foreign_number_is_an_activity(tmp_path: Path
 
 
 @pytest.mark.dovecot
-def test_rules_priority_and_foreign_numbers_end_to_end(
-    tmp_path: Path, dovecot: Any, pop3_user: Any
-) -> None:
+def test_rules_priority_and_foreign_numbers_end_to_end(tmp_path: Path, mailbox: Mailbox) -> None:
     raws = [
         message("Planned outage", sender="ops@netvendor.example", headers={"X-Priority": "1"}),
         message("Cheap pills", headers={"X-Spam-Flag": "YES"}),
         message("INC0012345: printer on fire", headers={"Importance": "low"}),
         message("Re: INC0012345 still burning", body="More smoke.\n"),
     ]
-    data, cfg = mailbox_of(
-        tmp_path,
-        dovecot,
-        pop3_user,
-        raws,
-        rules=RULES + RULES_FROM_HEADERS,
-        incidentPriority="Medium",
-        foreignTicketNumbers=FOREIGN,
+    mailbox.configure(
+        rules=RULES + RULES_FROM_HEADERS, incidentPriority="Medium", foreignTicketNumbers=FOREIGN
     )
+    mailbox.deliver(*raws)
+    data, cfg = mailbox.data, mailbox.config
     code, out = cli(
         "once", "--config", cfg, "--data-dir", data, "--dry-run", "--login", "system",
         "--password", "octo-Pa55",
@@ -320,15 +314,17 @@ def test_rules_priority_and_foreign_numbers_end_to_end(
         "created",
         f"ignored: rule 'spam' ({cfg}, line {line_of(cfg, '<rule>')})",
     ]
-    assert dovecot.count(pop3_user[0]) == 0
+    assert mailbox.left() == 0
 
 
 @pytest.mark.dovecot
 def test_a_rule_naming_an_unknown_group_stops_the_mailbox_with_file_and_line(
-    tmp_path: Path, dovecot: Any, pop3_user: Any
+    tmp_path: Path, mailbox: Mailbox
 ) -> None:
     rules = "\n<rule><name>lost</name><setGroup>Nowhere</setGroup></rule>"
-    data, cfg = mailbox_of(tmp_path, dovecot, pop3_user, [message("Hi")], rules=rules)
+    mailbox.configure(rules=rules)
+    mailbox.deliver(message("Hi"))
+    data, cfg = mailbox.data, mailbox.config
     line = line_of(cfg, "<rule><name>lost")
     assert once(data, cfg) == 1
     [outage] = requests(data)
@@ -337,7 +333,7 @@ def test_a_rule_naming_an_unknown_group_stops_the_mailbox_with_file_and_line(
         f"rule 'lost' ({cfg}, line {line}) setGroup: 'Nowhere' is not in the directory"
         in (outage["description"])
     )
-    assert dovecot.count(pop3_user[0]) == 1  # nothing was read
+    assert mailbox.left() == 1  # nothing was read
 
 
 def test_the_readme_examples_of_issue_17_load(tmp_path: Path) -> None:
@@ -398,11 +394,11 @@ def test_a_message_keeps_a_bounded_number_of_header_fields() -> None:
 
 @pytest.mark.dovecot
 def test_a_team_folder_rules_file_routes_its_mailboxes_end_to_end(
-    tmp_path: Path, dovecot: Any, pop3_user: Any
+    tmp_path: Path, mailbox: Mailbox
 ) -> None:
-    data, cfg = mailbox_of(
-        tmp_path, dovecot, pop3_user, [message("Printer jammed"), message("Hello")], team=None
-    )
+    mailbox.configure(team=None)
+    mailbox.deliver(message("Printer jammed"), message("Hello"))
+    data, cfg = mailbox.data, mailbox.config
     team = tmp_path / "mailboxes.d" / "IT"
     team.mkdir(parents=True)
     cfg.rename(team / "support.xml")

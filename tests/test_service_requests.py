@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
-from support import cli, ledger, mailbox_of, mailbox_xml, message, once, requests
+from support import Mailbox, cli, ledger, mailbox_xml, message, once, requests
 
 from engine.config import MailboxConfig, load_mailbox
 from engine.model import DirectoryView, ParsedMessage, Team, User
@@ -139,12 +139,14 @@ def test_no_form_named_and_no_default_fails_clearly(tmp_path: Path) -> None:
 
 
 @pytest.mark.dovecot
-def test_service_requests_end_to_end(tmp_path: Path, dovecot: Any, pop3_user: Any) -> None:
+def test_service_requests_end_to_end(tmp_path: Path, mailbox: Mailbox) -> None:
     """A good form becomes a service request; one naming an unknown site becomes a failure
     event and no request at all."""
     good = message("Laptop for Alice", body=FORM)
     bad = message("Desk", body="CreateSR\nForm: Desk\nSite: Atlantis\nCreateSR\n")
-    data, cfg = mailbox_of(tmp_path, dovecot, pop3_user, [good, bad], processor=SR)
+    mailbox.configure(processor=SR)
+    mailbox.deliver(good, bad)
+    data, cfg = mailbox.data, mailbox.config
     assert once(data, cfg) == 1  # one message became a failure event
     sr, failed = requests(data)
     assert sr["type"] == "service request" and sr["form"] == "New laptop"
@@ -154,7 +156,7 @@ def test_service_requests_end_to_end(tmp_path: Path, dovecot: Any, pop3_user: An
     assert failed["kind"] == "message-failure" and "Atlantis" in failed["description"]
     outcomes = sorted(r["outcome"] for r in ledger(data))
     assert outcomes == ["created", "failed: bad-service-request"]
-    assert dovecot.count(pop3_user[0]) == 0
+    assert mailbox.left() == 0
     code, out = cli("requests", "show", str(sr["number"]), "--data-dir", data)
     assert code == 0 and "form: New laptop" in out and "Model: 14-inch" in out
     code, out = cli("requests", "list", "--type", "service request", "--data-dir", data)
