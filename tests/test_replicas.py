@@ -27,6 +27,7 @@ from support import (
     cli,
     count_rows,
     engine_argv,
+    free_port,
     import_directory,
     ledger,
     mailbox_xml,
@@ -34,7 +35,7 @@ from support import (
     store_rows,
     wait_for,
 )
-from test_engine import Daemon, _free_port, _up
+from test_engine import Daemon, _up
 from test_writer import feed, parsed
 
 from engine.config import load_mailbox
@@ -266,7 +267,7 @@ def replica(tmp_path: Path, pg: str) -> Iterator[Callable[..., Daemon]]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(conf: Path, name: str, lease: float, *extra: str) -> Daemon:
-        port = _free_port()
+        port = free_port()
         log = tmp_path / f"replica-{name}-{len(procs)}.log"
         env = dict(os.environ, MAILINTEGRATION_LOGIN=LOGIN, MAILINTEGRATION_PASSWORD=LOGIN_PASSWORD)
         with open(log, "wb") as out:

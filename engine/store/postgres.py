@@ -51,7 +51,9 @@ import asyncpg
 from engine.errors import StoreError
 from engine.logs import register_secret, scrub
 from engine.model import (
+    CLOSED_STATUSES,
     Attachment,
+    CorrelatedEvent,
     DirectoryView,
     LedgerRow,
     PendingReply,
@@ -235,7 +237,25 @@ class PostgresStore(Store):
             "SELECT at, by, text FROM history WHERE request_number = $1 ORDER BY id", number
         )
         out["history"] = [{"at": h[0], "by": h[1], "text": h[2]} for h in hist]
+        out.update(await self._details(number))
         return out
+
+    async def _details(self, number: int) -> dict[str, Any]:
+        """A request's form fields, tags and foreign ticket numbers."""
+        fields = await self._all(
+            "SELECT name, value FROM request_fields WHERE request_number = $1 ORDER BY id", number
+        )
+        tags = await self._all(
+            "SELECT tag FROM request_tags WHERE request_number = $1 ORDER BY tag", number
+        )
+        refs = await self._all(
+            "SELECT ref FROM foreign_numbers WHERE request_number = $1 ORDER BY id", number
+        )
+        return {
+            "fields": {f[0]: f[1] for f in fields},
+            "tags": [t[0] for t in tags],
+            "foreign_numbers": [r[0] for r in refs],
+        }
 
     async def counts(self) -> dict[str, int]:
         out = {}
@@ -292,6 +312,9 @@ class PostgresTransaction(Transaction):
             team=self.team,
             request=self.request,
             request_by_message_id=self.request_by_message_id,
+            correlated_event=self.correlated_event,
+            request_by_foreign_number=self.request_by_foreign_number,
+            has_name=self.has_name,
         )
 
     @property
@@ -392,7 +415,7 @@ class PostgresTransaction(Transaction):
         return None if row is None else User(row[0], row[1], row[2], row[3], row[4])
 
     async def has_name(self, table: str, name: str) -> bool:
-        assert table in {"sites", "groups", "sources"}
+        assert table in {"sites", "groups", "sources", "priorities", "categories"}
         return await self._name_id(table, name) is not None
 
     async def team(self, ref: str | int | None) -> Team | None:
@@ -429,8 +452,10 @@ class PostgresTransaction(Transaction):
         # Every replica's directory cache is stale from the commit of this on.
         await self.conn.execute("SELECT nextval('directory_version')")
         self._store.directory_cache.clear()
-        counts = {"teams": 0, "sites": 0, "groups": 0, "sources": 0, "users": 0}
-        for table in ("sites", "groups", "sources"):
+        counts = dict.fromkeys(
+            ("teams", "sites", "groups", "sources", "priorities", "categories", "users"), 0
+        )
+        for table in ("sites", "groups", "sources", "priorities", "categories"):
             for name in data.get(table, []):
                 await self._add_name(table, name)
                 counts[table] += 1
@@ -641,6 +666,10 @@ class PostgresTransaction(Transaction):
         cause: str | None = None,
         message_id: str | None = None,
         sha256: str | None = None,
+        priority: str | None = None,
+        correlation_key: str | None = None,
+        alert_state: str | None = None,
+        form: str | None = None,
     ) -> int:
         number = int(
             await self.conn.fetchval(
@@ -666,6 +695,10 @@ class PostgresTransaction(Transaction):
                 created_by,
                 scrub(created_by),
                 scrub(f"Created from {kind.replace('-', ' ')}."),
+                await self._name_id("priorities", priority),
+                correlation_key,
+                alert_state,
+                None if form is None else scrub(form),
             )
         )
         self._read_ahead[number] = RequestRef(number, team_id, type, status, kind)
@@ -697,9 +730,71 @@ class PostgresTransaction(Transaction):
         return int(value)
 
     async def set_status(self, number: int, status: str, *, by: str, why: str) -> None:
-        await self.conn.execute("UPDATE requests SET status = $1 WHERE number = $2", status, number)
+        await self.conn.execute(
+            "UPDATE requests SET status = $1, "
+            "closed_at = CASE WHEN $2 THEN $3 ELSE closed_at END WHERE number = $4",
+            status,
+            status in CLOSED_STATUSES,
+            now(),
+            number,
+        )
         self._read_ahead.pop(number, None)
         await self.add_history(number, by, why)
+
+    async def add_request_details(
+        self,
+        number: int,
+        *,
+        fields: Sequence[tuple[str, str]] = (),
+        tags: Iterable[str] = (),
+        foreign_numbers: Iterable[str] = (),
+    ) -> None:
+        rows = [(number, scrub(name), scrub(value)) for name, value in fields]
+        if rows:
+            await self.conn.executemany(
+                "INSERT INTO request_fields(request_number, name, value) VALUES ($1, $2, $3)",
+                rows,
+            )
+        tag_rows = [(number, scrub(tag)) for tag in tags]
+        if tag_rows:
+            await self.conn.executemany(
+                "INSERT INTO request_tags(request_number, tag) VALUES ($1, $2) "
+                "ON CONFLICT DO NOTHING",
+                tag_rows,
+            )
+        refs = [(ref, number) for ref in foreign_numbers]
+        if refs:
+            await self.conn.executemany(
+                "INSERT INTO foreign_numbers(ref, request_number) VALUES ($1, $2) "
+                "ON CONFLICT DO NOTHING",
+                refs,
+            )
+
+    async def set_alert_state(self, number: int, state: str) -> None:
+        await self.conn.execute(
+            "UPDATE requests SET alert_state = $1 WHERE number = $2", scrub(state), number
+        )
+
+    async def correlated_event(self, key: str) -> CorrelatedEvent | None:
+        row = await self._one(
+            "SELECT number, team_id, type, status, kind, alert_state, closed_at FROM requests "
+            "WHERE correlation_key = $1 ORDER BY number DESC LIMIT 1",
+            key,
+        )
+        if row is None:
+            return None
+        ref = RequestRef(row[0], row[1], row[2], row[3], row[4])
+        closed = datetime.fromisoformat(row[6]) if row[6] and row[3] in CLOSED_STATUSES else None
+        return CorrelatedEvent(ref, row[5], closed)
+
+    async def request_by_foreign_number(self, refs: Sequence[str]) -> RequestRef | None:
+        for ref in refs:
+            number = await self.conn.fetchval(
+                "SELECT max(request_number) FROM foreign_numbers WHERE ref = $1", ref
+            )
+            if number is not None:
+                return await self.request(int(number))
+        return None
 
     async def add_history(self, number: int, by: str, text: str) -> None:
         await self.conn.execute(
@@ -885,9 +980,9 @@ _INSERT_LEDGER = (
 _INSERT_REQUEST = (
     "WITH r AS (INSERT INTO requests(team_id, type, status, kind, subject, description, html, "
     "requester_id, user_id, site_id, group_id, assignee_id, source_id, mailbox, cause, "
-    "message_id, sha256, created_at, created_by) "
-    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, "
-    "$18, $19) RETURNING number), "
+    "message_id, sha256, created_at, created_by, priority_id, correlation_key, alert_state, "
+    "form) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, "
+    "$18, $19, $22, $23, $24, $25) RETURNING number), "
     "h AS (INSERT INTO history(request_number, at, by, text) SELECT number, $18, $20, $21 "
     "FROM r) SELECT number FROM r"
 )
@@ -895,11 +990,12 @@ _INSERT_REQUEST = (
 _REQUEST_SELECT = (
     "SELECT r.number, t.number, t.name, r.type, r.status, r.kind, r.subject, r.description, "
     "rq.login, us.login, s.name, g.name, a.login, so.name, r.created_at, r.created_by, "
-    "r.mailbox, r.cause, r.html "
+    "r.mailbox, r.cause, r.html, p.name, r.correlation_key, r.alert_state, r.form, r.closed_at "
     "FROM requests r JOIN teams t ON t.id = r.team_id "
     "LEFT JOIN users rq ON rq.id = r.requester_id LEFT JOIN users us ON us.id = r.user_id "
     "LEFT JOIN sites s ON s.id = r.site_id LEFT JOIN groups g ON g.id = r.group_id "
-    "LEFT JOIN users a ON a.id = r.assignee_id LEFT JOIN sources so ON so.id = r.source_id"
+    "LEFT JOIN users a ON a.id = r.assignee_id LEFT JOIN sources so ON so.id = r.source_id "
+    "LEFT JOIN priorities p ON p.id = r.priority_id"
 )
 
 
@@ -910,7 +1006,8 @@ def _request_dict(r: asyncpg.Record) -> dict[str, Any]:
 _REQUEST_KEYS = (
     *("number", "team_number", "team", "type", "status", "kind", "subject", "description"),
     *("requester", "user", "site", "group", "assignee", "source", "created_at", "created_by"),
-    *("mailbox", "cause", "html"),
+    *("mailbox", "cause", "html", "priority", "correlation_key", "alert_state", "form"),
+    "closed_at",
 )
 
 
