@@ -37,8 +37,8 @@ from typing import Any
 
 import psycopg
 
-from tests.support import DIRECTORY, LOGIN, LOGIN_PASSWORD
-from tools.crash import Delivered, make_message, write_mailbox
+from tests.support import DIRECTORY, LOGIN, LOGIN_PASSWORD, Delivered, mailbox_xml
+from tools.crash import make_message
 from tools.dovecot import Dovecot
 from tools.postgres import throwaway_database
 
@@ -83,7 +83,7 @@ class Harness:
         for i in range(mailboxes):
             user, pw = f"rep{i}-{os.getpid()}-{time.monotonic_ns()}", f"pw-{i}"
             self.dovecot.add_user(user, pw)
-            write_mailbox(
+            mailbox_xml(
                 conf / f"box{i:02}.xml", port=self.dovecot.pop3_port, user=user, password=pw
             )
             self.users.append(user)
