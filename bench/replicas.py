@@ -22,6 +22,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -274,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", case_takeover(world, sizes, problems)]
     finally:
         dovecot.stop()
+        if not problems:
+            shutil.rmtree(base, ignore_errors=True)  # kept to look into when a case failed
     text = "\n".join(lines)
     print(text)
     if problems:
