@@ -52,6 +52,7 @@ INCIDENT = (
 )
 EVENT = "Octopus.MailIntegration.Processors.EventMailMessageProcessor, Octopus.MailIntegration"
 GATEWAY = "Octopus.MailIntegration.Gateways.SidePopMailboxGateway, Octopus.MailIntegration"
+IMAP_GATEWAY = "Octopus.MailIntegration.Gateways.ImapMailboxGateway, Octopus.MailIntegration"
 
 
 def mailbox_xml(
@@ -64,6 +65,7 @@ def mailbox_xml(
     processor: str = INCIDENT,
     server_extra: str = "",
     use_ssl: bool = False,
+    gateway: str = GATEWAY,
     **elements: str | None,
 ) -> Path:
     """Write a mailbox file; ``elements`` become root elements (``team="1"`` → <team>1</team>)."""
@@ -81,7 +83,7 @@ def mailbox_xml(
 <mailIntegration>
   <messageProcessorTypeName>{processor}</messageProcessorTypeName>
   <server>
-    <gatewayTypeName>{GATEWAY}</gatewayTypeName>
+    <gatewayTypeName>{gateway}</gatewayTypeName>
     <serverName>{host}</serverName>
     <port>{port}</port>
     <useSsl>{"true" if use_ssl else "false"}</useSsl>

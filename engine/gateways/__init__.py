@@ -60,6 +60,7 @@ from engine.gateways.base import (
     read_cap,
     session_seconds,
 )
+from engine.gateways.imap import ImapGateway
 from engine.gateways.pop3 import Pop3Gateway
 
 __all__ = [
@@ -79,6 +80,7 @@ __all__ = [
 # to what makes its sessions.
 GATEWAYS: dict[str, Callable[[ServerConfig], Gateway]] = {
     "pop3": Pop3Gateway,
+    "imap": ImapGateway,
 }
 
 

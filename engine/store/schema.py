@@ -161,6 +161,11 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX outbox_due ON outbox(mailbox, next_attempt_at)
         WHERE sent_at IS NULL AND failed_at IS NULL;
     """,
+    # 5: IMAP. A folder whose UIDVALIDITY changed gives its messages new keys; the ledger
+    # then finds them by content hash within the account (engine.writer, Writer.plan).
+    """
+    CREATE INDEX ledger_sha256 ON ledger(account, sha256);
+    """,
 )
 
 ACCOUNTS = 3
