@@ -189,6 +189,12 @@ class _IMAP4_SSL(_Bounded, imaplib.IMAP4_SSL):
         super().__init__(host, port, ssl_context=context, timeout=timeout)
 
 
+def exc_text(exc: BaseException) -> str:
+    """What imaplib put in an exception: often the server's line as bytes."""
+    arg = exc.args[0] if exc.args else ""
+    return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
+
+
 def server_error(text: str, during: str) -> FetchError:
     """Classify a NO, BAD or BYE by its response code (RFC 5530)."""
     line = scrub(text).strip()[:300]
@@ -226,6 +232,8 @@ class ImapGateway:
         self.selected: str | None = None
         self.permanent_keywords = True
         self._created: set[str] = set()
+        # Per folder listed: (EXISTS, messages to process), for `check`.
+        self.counts: dict[str, tuple[int, int]] = {}
         self._partial: tuple[Request, Answer] | None = None
 
     @property
@@ -303,18 +311,22 @@ class ImapGateway:
     def _login(self) -> None:
         conn = self._c()
         conn.login(self.server.user_name, self.server.password)
+        self._alerts()  # before the next command: imaplib then drops the untagged OKs
         _typ, data = conn.capability()
         words = b" ".join(d for d in data if isinstance(d, bytes)).decode("ascii", "replace")
         self.capabilities = frozenset(w.upper() for w in words.split())
         self._alerts()
 
     def _alerts(self) -> None:
-        """RFC 3501: an ``[ALERT]`` must reach a person: a warning in the log (scrubbed)."""
+        """RFC 3501: an ``[ALERT]`` must reach a person: a warning in the log (scrubbed).
+        imaplib files ``* OK [ALERT] text`` under OK (the text) and ALERT (no text)."""
         conn = self.conn
-        if conn is None:
+        if conn is None or conn.untagged_responses.pop("ALERT", None) is None:
             return
-        for text in conn.untagged_responses.pop("ALERT", []):
-            self._alert(text if isinstance(text, bytes) else str(text).encode())
+        for kind in ("OK", "NO", "BAD"):
+            for text in conn.untagged_responses.get(kind, []):
+                if isinstance(text, bytes) and text.startswith(b"[ALERT]"):
+                    self._alert(text[len(b"[ALERT]") :])
 
     def _alert(self, text: bytes) -> None:
         log.warning(
@@ -334,10 +346,9 @@ class ImapGateway:
         self.handles.clear()
         for folder in self.server.folders:
             exists = self.select(folder)
-            if exists == 0:
-                continue
+            rows = self._list_folder(folder, MAX_LISTED - len(out)) if exists else []
+            self.counts[folder] = (exists, len(rows))
             validity = self.validity[folder]
-            rows = self._list_folder(folder, MAX_LISTED - len(out))
             for uid, size in rows:
                 self.handles.append((folder, uid))
                 out.append(Listed(len(self.handles), imap_key(folder, validity, uid), size))
@@ -398,6 +409,24 @@ class ImapGateway:
             rows.append((int(uid.group(1)), int(size.group(1))))
         rows.sort()
         return rows[:room]
+
+    def describe(self) -> list[str]:
+        """For ``check``, after :meth:`listing`: the capabilities that matter, the server's
+        folders (the first 200), and each folder read with its UIDVALIDITY and counts."""
+        caps = ", ".join(
+            f"{c} {'yes' if c in self.capabilities else 'no'}" for c in ("IDLE", "MOVE", "UIDPLUS")
+        )
+        names: list[str] = []
+        for line, _ in self._exchange('LIST "" "*"', "LIST"):
+            if line.startswith(b"* LIST ") and len(names) < 200:
+                names.append(scrub(line.rstrip().rsplit(b" ", 1)[-1].decode("utf-8", "replace")))
+        lines = [f"capabilities: {caps}", f"folders on the server: {', '.join(names)}"]
+        for folder, (exists, todo) in self.counts.items():
+            lines.append(
+                f"{folder}: {exists} message(s), UIDVALIDITY {self.validity.get(folder)}, "
+                f"{todo} not marked {KEYWORD}"
+            )
+        return lines
 
     # -- fetch -----------------------------------------------------------------------------
 
@@ -642,9 +671,9 @@ class ImapGateway:
             raise
         except imaplib.IMAP4.abort as exc:  # BYE, a broken answer, the end of the stream
             self._lost = True
-            raise self._unfinished(server_error(str(exc), during)) from None
+            raise self._unfinished(server_error(exc_text(exc), during)) from None
         except imaplib.IMAP4.error as exc:  # a NO or BAD to a command imaplib sent
-            raise server_error(str(exc), during) from None
+            raise server_error(exc_text(exc), during) from None
         except BaseException as exc:
             self._lost = True
             error = network_error(exc, self.server, self.deadline, self.seconds, during)

@@ -1,0 +1,368 @@
+"""Issue 15: IMAP as a second gateway, exactly once by (folder, UIDVALIDITY, UID).
+
+Real Dovecot IMAP on loopback for what a real server does (TLS, the disposal modes, a
+UIDVALIDITY reset, a crash between commit and disposal); tools/fakeimap.py only for the
+faults Dovecot will not produce on demand (no UIDPLUS, a drop mid-FETCH, [UNAVAILABLE],
+[ALERT]).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import (
+    IMAP_GATEWAY,
+    cli,
+    import_directory,
+    ledger,
+    mailbox_xml,
+    message,
+    once,
+    requests,
+)
+
+from engine.errors import ProtocolError
+from engine.gateways.imap import KEYWORD, ImapGateway, first_long_line, mutf7, uid_set
+from engine.keys import imap_key, imap_key_parts, uidl_key
+from tools.fakeimap import FakeIMAPServer, Script
+
+pytestmark = [pytest.mark.dovecot, pytest.mark.usefixtures("require_imap")]
+
+
+def imap_mailbox(
+    tmp_path: Path,
+    port: int,
+    user: str,
+    password: str,
+    *,
+    server: str = "",
+    name: str = "imap.xml",
+    **elements: str | None,
+) -> Path:
+    return mailbox_xml(
+        tmp_path / name,
+        port=port,
+        user=user,
+        password=password,
+        gateway=IMAP_GATEWAY,
+        server_extra=server,
+        **elements,
+    )
+
+
+@pytest.fixture
+def box(tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]) -> dict[str, Any]:
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    user, password = pop3_user
+
+    def config(server: str = "", **elements: str | None) -> Path:
+        tls = f"<startTls>true</startTls><caFile>{dovecot.certificates.ca_file}</caFile>"
+        return imap_mailbox(
+            tmp_path, dovecot.imap_port, user, password, server=tls + server, **elements
+        )
+
+    return {"data": data, "user": user, "password": password, "config": config}
+
+
+def mail_requests(data: Path) -> list[dict[str, Any]]:
+    return [r for r in requests(data) if r["kind"] == "mail"]
+
+
+# ---------------------------------------------------------------------------- the pieces
+
+
+def test_imap_keys_are_injective_and_never_a_pop3_key() -> None:
+    keys = {
+        imap_key("INBOX", 7, 1),
+        imap_key("INBOX", 7, 11),
+        imap_key("INBOX", 71, 1),
+        imap_key("INBOX:7", 1, 1),
+        imap_key("Support", 7, 1),
+        imap_key("=Support", 7, 1),
+        imap_key("Été", 7, 1),
+        imap_key("#c389", 7, 1),
+    }
+    assert len(keys) == 8
+    assert imap_key_parts(imap_key("a:b:1", 2, 3)) == ("=a:b:1", 2, 3)
+    # A POP3 server's UIDL that spells an IMAP key is escaped: it cannot collide.
+    assert uidl_key(imap_key("INBOX", 7, 1).encode()).startswith("x-uidl:")
+    assert uidl_key(b"X-IMAP:=INBOX:7:1").startswith("x-uidl:")
+
+
+def test_folder_names_uid_sets_and_long_lines() -> None:
+    assert mutf7("INBOX") == "INBOX"
+    assert mutf7("Été & co") == "&AMk-t&AOk- &- co"
+    assert uid_set([5, 1, 2, 3, 7, 8]) == "1:3,5,7:8"
+    assert first_long_line(b"ab\ncd\n", 3) == 3
+    assert first_long_line(b"a\nbcdef", 3) == 5
+    assert first_long_line(b"a\nb\n", 3) == -1
+
+
+# ------------------------------------------------------------------- end to end, Dovecot
+
+
+def test_starttls_session_processes_each_message_once_and_deletes_it(
+    box: dict[str, Any], dovecot: Any
+) -> None:
+    for i in range(3):
+        dovecot.deliver(box["user"], message(f"IMAP case {i}"))
+    cfg = box["config"]()
+    assert once(box["data"], cfg) == 0
+    assert sorted(r["subject"] for r in mail_requests(box["data"])) == [
+        f"IMAP case {i}" for i in range(3)
+    ]
+    keys = [row["uidl"] for row in ledger(box["data"])]
+    validity = dovecot.folder_status(box["user"]).uidvalidity
+    assert keys == [imap_key("INBOX", validity, uid) for uid in (1, 2, 3)]
+    assert dovecot.list_messages(box["user"]) == []  # UID EXPUNGE: gone
+    assert once(box["data"], cfg) == 0
+    assert len(mail_requests(box["data"])) == 3
+
+
+def test_imaps_with_a_ca_file(tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]) -> None:
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    dovecot.deliver(pop3_user[0], message("Over IMAPS"))
+    cfg = imap_mailbox(
+        tmp_path,
+        dovecot.imaps_port,
+        *pop3_user,
+        server=f"<caFile>{dovecot.certificates.ca_file}</caFile>",
+        use_ssl=True,
+    )
+    assert once(data, cfg) == 0
+    assert [r["subject"] for r in mail_requests(data)] == ["Over IMAPS"]
+
+
+def test_dry_run_reads_nothing_as_seen_and_disposes_of_nothing(
+    box: dict[str, Any], dovecot: Any
+) -> None:
+    dovecot.deliver(box["user"], message("Look but do not touch"))
+    cfg = box["config"]()
+    assert once(box["data"], cfg, "--dry-run") == 0
+    [stored] = dovecot.list_messages(box["user"])
+    assert "\\Seen" not in stored.flags and not stored.deleted  # BODY.PEEK[]
+    assert mail_requests(box["data"]) == []
+    assert once(box["data"], cfg) == 0
+    assert len(mail_requests(box["data"])) == 1
+
+
+def test_move_creates_the_folder_and_moves_processed_and_failed_mail(
+    box: dict[str, Any], dovecot: Any
+) -> None:
+    user = box["user"]
+    dovecot.deliver(user, message("To the archive"))
+    dovecot.deliver(user, message("Unknown sender", sender="nobody@elsewhere.example"))
+    cfg = box["config"](
+        "<afterProcessing>move</afterProcessing><moveToFolder>Archive.Done</moveToFolder>"
+        "<failedFolder>Failed</failedFolder>",
+        incidentFallbackUserLogon=None,
+    )
+    assert once(box["data"], cfg) == 1  # one failure event
+    assert dovecot.list_messages(user) == []
+    assert len(dovecot.list_messages(user, "Archive.Done")) == 1
+    assert len(dovecot.list_messages(user, "Failed")) == 1
+    reqs = requests(box["data"])
+    assert sorted(r["kind"] for r in reqs) == ["mail", "message-failure"]
+    assert once(box["data"], cfg) == 0
+    assert len(requests(box["data"])) == 2
+
+
+def test_keep_marks_the_message_and_skips_it_afterwards(box: dict[str, Any], dovecot: Any) -> None:
+    user = box["user"]
+    dovecot.deliver(user, message("Keep me"))
+    cfg = box["config"]("<afterProcessing>keep</afterProcessing>")
+    assert once(box["data"], cfg) == 0
+    [stored] = dovecot.list_messages(user)
+    assert KEYWORD in stored.flags and not stored.deleted and "\\Seen" not in stored.flags
+    dovecot.deliver(user, message("Second"))
+    assert once(box["data"], cfg) == 0
+    assert sorted(r["subject"] for r in mail_requests(box["data"])) == ["Keep me", "Second"]
+    assert all(KEYWORD in m.flags for m in dovecot.list_messages(user))
+    assert len(ledger(box["data"])) == 2
+
+
+def test_several_folders_are_read_and_keyed_apart(box: dict[str, Any], dovecot: Any) -> None:
+    user = box["user"]
+    dovecot.create_folder(user, "Support")
+    dovecot.deliver(user, message("In the inbox"))
+    dovecot.deliver(user, message("In support"), folder="Support")
+    cfg = box["config"]("<folders><folder>INBOX</folder><folder>Support</folder></folders>")
+    assert once(box["data"], cfg) == 0
+    assert sorted(r["subject"] for r in mail_requests(box["data"])) == [
+        "In support",
+        "In the inbox",
+    ]
+    folders = sorted(imap_key_parts(row["uidl"])[0] for row in ledger(box["data"]))  # type: ignore[index]
+    assert folders == ["=INBOX", "=Support"]
+    assert dovecot.list_messages(user, "Support") == []
+
+
+def test_uidvalidity_reset_with_the_same_mail_processes_nothing_again(
+    box: dict[str, Any], dovecot: Any
+) -> None:
+    user = box["user"]
+    raws = [message(f"Before the reset {i}") for i in range(3)]
+    dovecot.create_folder(user, "Support")
+    for raw in raws:
+        dovecot.deliver(user, raw, folder="Support")
+    cfg = box["config"](
+        "<folders><folder>Support</folder></folders><afterProcessing>keep</afterProcessing>"
+    )
+    assert once(box["data"], cfg) == 0
+    before = dovecot.folder_status(user, "Support").uidvalidity
+    # The folder rebuilt with the same mail: new UIDVALIDITY, new UIDs, no keywords.
+    dovecot.delete_folder(user, "Support")
+    dovecot.create_folder(user, "Support")
+    for raw in raws:
+        dovecot.deliver(user, raw, folder="Support")
+    dovecot.deliver(user, message("After the reset"), folder="Support")
+    assert dovecot.folder_status(user, "Support").uidvalidity != before
+    assert once(box["data"], cfg) == 0
+    subjects = sorted(r["subject"] for r in mail_requests(box["data"]))
+    assert subjects == ["After the reset"] + [f"Before the reset {i}" for i in range(3)]
+    # Disposed of as known (keyword set), so the next session lists nothing at all.
+    assert all(KEYWORD in m.flags for m in dovecot.list_messages(user, "Support"))
+    assert once(box["data"], cfg) == 0
+    assert len(mail_requests(box["data"])) == 4
+
+
+def test_crash_after_commit_before_disposal_then_rerun_disposes_without_duplicate(
+    box: dict[str, Any], dovecot: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user = box["user"]
+    for i in range(4):
+        dovecot.deliver(user, message(f"Crash case {i}"))
+    cfg = box["config"]("<afterProcessing>move</afterProcessing><moveToFolder>Done</moveToFolder>")
+
+    def crash(self: ImapGateway, *args: object) -> None:
+        raise ProtocolError("the connection to the server was lost (simulated, MOVE)")
+
+    with monkeypatch.context() as m:
+        m.setattr(ImapGateway, "dispose", crash)
+        assert once(box["data"], cfg) == 1
+    assert len(mail_requests(box["data"])) == 4
+    assert len(dovecot.list_messages(user)) == 4  # committed, not disposed of
+    assert once(box["data"], cfg) == 0
+    assert len(mail_requests(box["data"])) == 4
+    assert len(ledger(box["data"])) == 4
+    assert dovecot.list_messages(user) == []
+    assert len(dovecot.list_messages(user, "Done")) == 4
+
+
+def test_wrong_password_is_an_auth_outage(box: dict[str, Any], dovecot: Any) -> None:
+    cfg = imap_mailbox(
+        box["data"].parent,
+        dovecot.imap_port,
+        box["user"],
+        "not-the-password",
+        server=f"<startTls>true</startTls><caFile>{dovecot.certificates.ca_file}</caFile>",
+    )
+    assert once(box["data"], cfg) == 1
+    [outage] = [r for r in requests(box["data"]) if r["kind"] == "outage"]
+    assert outage["cause"] == "authentication"
+    assert "not-the-password" not in str(outage)
+
+
+# -------------------------------------------------------------------- faults, fakeimap
+
+
+@pytest.fixture
+def fake_box(tmp_path: Path) -> dict[str, Any]:
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    return {"data": data, "tmp": tmp_path}
+
+
+def fake_config(fake_box: dict[str, Any], server: FakeIMAPServer, extra: str = "") -> Path:
+    return imap_mailbox(fake_box["tmp"], server.port, "box", "secret-pw", server=extra)
+
+
+def test_without_uidplus_delete_marks_and_never_expunges(fake_box: dict[str, Any]) -> None:
+    script = Script(messages=[message("One"), message("Two")], support_uidplus=False)
+    with FakeIMAPServer(script) as server:
+        server.add_message(message("Someone else's"), flags=["\\Deleted"])
+        cfg = fake_config(fake_box, server)
+        assert once(fake_box["data"], cfg) == 0
+        # Ours are marked, not expunged; the one another client marked \Deleted is still
+        # there (a bare EXPUNGE would have removed it), and was processed as mail.
+        stored = server.folder("INBOX")
+        assert len(stored) == 3
+        assert all("\\Deleted" in m.flags for m in stored)
+        assert [KEYWORD in m.flags for m in stored] == [True, True, True]
+        assert b"EXPUNGE" not in bytes(server.received)
+        assert once(fake_box["data"], cfg) == 0
+    assert len(mail_requests(fake_box["data"])) == 3
+
+
+def test_connection_dropped_mid_fetch_loses_and_duplicates_nothing(
+    fake_box: dict[str, Any],
+) -> None:
+    script = Script(
+        messages=[message(f"Dropped {i}") for i in range(3)], drop_on_fetch=1, fault_sessions=1
+    )
+    with FakeIMAPServer(script) as server:
+        cfg = fake_config(fake_box, server)
+        assert once(fake_box["data"], cfg) == 1
+        assert len(server.folder("INBOX")) == 3
+        assert mail_requests(fake_box["data"]) == []
+        assert once(fake_box["data"], cfg) == 0
+        assert server.folder("INBOX") == []
+    assert len(mail_requests(fake_box["data"])) == 3
+    outages = [r for r in requests(fake_box["data"]) if r["kind"] == "outage"]
+    assert [r["status"] for r in outages] == ["processed"]
+
+
+def test_unavailable_is_a_temporary_outage_then_the_rerun_works(fake_box: dict[str, Any]) -> None:
+    script = Script(
+        messages=[message("Later")],
+        login_response="NO [UNAVAILABLE] Maintenance, try later",
+        fault_sessions=1,
+    )
+    with FakeIMAPServer(script) as server:
+        cfg = fake_config(fake_box, server)
+        assert once(fake_box["data"], cfg) == 1
+        [outage] = [r for r in requests(fake_box["data"]) if r["kind"] == "outage"]
+        assert outage["cause"] == "server-temporary"
+        assert once(fake_box["data"], cfg) == 0
+    assert len(mail_requests(fake_box["data"])) == 1
+
+
+def test_an_alert_reaches_the_log_scrubbed(
+    fake_box: dict[str, Any], capfd: pytest.CaptureFixture[str]
+) -> None:
+    script = Script(messages=[message("Alerted")], alert="Mailbox over quota secret-pw")
+    with FakeIMAPServer(script) as server:
+        cfg = fake_config(fake_box, server)
+        assert once(fake_box["data"], cfg) == 0
+    err = capfd.readouterr().err
+    [alert] = [line for line in err.splitlines() if "ALERT" in line]
+    assert "WARNING" in alert and "Mailbox over quota" in alert
+    assert "secret-pw" not in err
+
+
+def test_starttls_missing_fails_closed_before_the_password(fake_box: dict[str, Any]) -> None:
+    with FakeIMAPServer(Script(messages=[message("Never read")])) as server:
+        cfg = fake_config(fake_box, server, "<startTls>true</startTls>")
+        assert once(fake_box["data"], cfg) == 1
+        assert b"secret-pw" not in bytes(server.received)
+        assert b"LOGIN" not in bytes(server.received).upper()
+    [outage] = [r for r in requests(fake_box["data"]) if r["kind"] == "outage"]
+    assert outage["cause"] == "tls"
+
+
+def test_check_lists_folders_uidvalidity_counts_and_capabilities(
+    box: dict[str, Any], dovecot: Any
+) -> None:
+    dovecot.deliver(box["user"], message("Counted"))
+    cfg = box["config"]()
+    code, out = cli("check", "--config", cfg)
+    assert code == 0, out
+    validity = dovecot.folder_status(box["user"]).uidvalidity
+    assert f"INBOX: 1 message(s), UIDVALIDITY {validity}" in out
+    for cap in ("IDLE", "MOVE", "UIDPLUS"):
+        assert cap in out
+    assert len(dovecot.list_messages(box["user"])) == 1
