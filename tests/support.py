@@ -98,6 +98,15 @@ def mailbox_xml(
     return path
 
 
+def gateway_elements(dovecot: Any, gateway: str) -> dict[str, Any]:
+    """Keyword arguments of :func:`mailbox_xml` that reach ``dovecot`` by ``gateway``:
+    plain POP3 (as the tests always did), or IMAP over STARTTLS with the server's CA."""
+    if gateway == "pop3":
+        return {"port": dovecot.pop3_port}
+    tls = f"<startTls>true</startTls><caFile>{dovecot.certificates.ca_file}</caFile>\n"
+    return {"port": dovecot.imap_port, "gateway": IMAP_GATEWAY, "server_extra": tls}
+
+
 def message(
     subject: str,
     *,

@@ -15,6 +15,7 @@ from support import (
     LOGIN_PASSWORD,
     attachment_bytes,
     cli,
+    gateway_elements,
     import_directory,
     ledger,
     mailbox_xml,
@@ -30,16 +31,38 @@ pytestmark = pytest.mark.dovecot
 
 
 @pytest.fixture
-def setup(tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]) -> dict[str, Any]:
+def gateway() -> str:
+    """The protocol a test's mailbox is read by; the tests of the core behaviour run
+    for both (``@both``)."""
+    return "pop3"
+
+
+both = pytest.mark.parametrize("gateway", ["pop3", "imap"])
+
+
+@pytest.fixture
+def setup(
+    tmp_path: Path,
+    dovecot: Any,
+    pop3_user: tuple[str, str],
+    gateway: str,
+    request: pytest.FixtureRequest,
+) -> dict[str, Any]:
+    if gateway == "imap":
+        request.getfixturevalue("require_imap")
     data = tmp_path / "data"
     import_directory(data, tmp_path)
     user, password = pop3_user
     cfg = mailbox_xml(
-        tmp_path / "support.xml", port=dovecot.pop3_port, user=user, password=password
+        tmp_path / "support.xml",
+        user=user,
+        password=password,
+        **gateway_elements(dovecot, gateway),
     )
     return {"data": data, "cfg": cfg, "user": user, "password": password, "tmp": tmp_path}
 
 
+@both
 def test_known_sender_creates_incident_with_that_requester(
     setup: dict[str, Any], dovecot: Any
 ) -> None:
@@ -59,6 +82,7 @@ def test_known_sender_creates_incident_with_that_requester(
     assert dovecot.count(setup["user"]) == 0
 
 
+@both
 def test_unknown_sender_gets_fallback_user_and_site(setup: dict[str, Any], dovecot: Any) -> None:
     dovecot.deliver(setup["user"], message("VPN down", sender="Nobody <nobody@else.example>"))
     dovecot.deliver(setup["user"], message("No site", sender="Alice <ASMITH@example.com>"))
@@ -125,6 +149,7 @@ def test_reference_to_other_team_or_unknown_request_creates_incident(
     assert [r["team"] for r in reqs[1:]] == ["IT", "IT"]
 
 
+@both
 def test_reply_to_closed_request_reopens_it(setup: dict[str, Any], dovecot: Any) -> None:
     dovecot.deliver(setup["user"], message("Printer jams"))
     assert once(setup["data"], setup["cfg"]) == 0
@@ -172,6 +197,7 @@ def test_attachments_minus_ignored_ones_with_exact_bytes(
     assert attachment_bytes(data, by_name["Report attached.eml"]["sha256"]) == raw
 
 
+@both
 def test_running_twice_creates_nothing_new(setup: dict[str, Any], dovecot: Any) -> None:
     for i in range(3):
         dovecot.deliver(setup["user"], message(f"Issue {i}"))

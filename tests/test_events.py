@@ -12,6 +12,7 @@ from support import (
     EVENT,
     attachment_bytes,
     cli,
+    gateway_elements,
     import_directory,
     ledger,
     mailbox_xml,
@@ -54,19 +55,47 @@ def scom_update(number: int) -> bytes:
 
 
 @pytest.fixture
-def env(tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]) -> dict[str, Any]:
+def gateway() -> str:
+    """The protocol of the mailboxes ``env["mailbox"]`` writes; the event, failure and
+    outage tests run for both (``@both``)."""
+    return "pop3"
+
+
+both = pytest.mark.parametrize("gateway", ["pop3", "imap"])
+
+
+@pytest.fixture
+def env(
+    tmp_path: Path,
+    dovecot: Any,
+    pop3_user: tuple[str, str],
+    gateway: str,
+    request: pytest.FixtureRequest,
+) -> dict[str, Any]:
+    if gateway == "imap":
+        request.getfixturevalue("require_imap")
     data = tmp_path / "data"
     import_directory(data, tmp_path)
     user, password = pop3_user
-    return {"data": data, "tmp": tmp_path, "user": user, "password": password}
+
+    def mailbox(path: Path, **kw: Any) -> Path:
+        return mailbox_xml(path, **{**gateway_elements(dovecot, gateway), **kw})
+
+    return {
+        "data": data,
+        "tmp": tmp_path,
+        "user": user,
+        "password": password,
+        "mailbox": mailbox,
+    }
 
 
+@both
 def test_alert_creates_event_and_its_update_adds_activity(
     env: dict[str, Any], dovecot: Any
 ) -> None:
-    cfg = mailbox_xml(
+    cfg = env["mailbox"](
         env["tmp"] / "events.xml",
-        port=dovecot.pop3_port,
         user=env["user"],
         password=env["password"],
         processor=EVENT,
@@ -106,12 +135,11 @@ def _deep(depth: int) -> bytes:
     return "".join(parts).encode()
 
 
+@both
 def test_unprocessable_message_between_good_ones_becomes_failure_event(
     env: dict[str, Any], dovecot: Any
 ) -> None:
-    cfg = mailbox_xml(
-        env["tmp"] / "m.xml", port=dovecot.pop3_port, user=env["user"], password=env["password"]
-    )
+    cfg = env["mailbox"](env["tmp"] / "m.xml", user=env["user"], password=env["password"])
     bad = _deep(200)
     dovecot.deliver(env["user"], message("Good one"))
     dovecot.deliver(env["user"], bad)
@@ -139,12 +167,12 @@ def test_unprocessable_message_between_good_ones_becomes_failure_event(
     assert len(failures[0]["activities"]) == 1
 
 
+@both
 def test_unknown_sender_without_fallback_user_becomes_failure_event(
     env: dict[str, Any], dovecot: Any
 ) -> None:
-    cfg = mailbox_xml(
+    cfg = env["mailbox"](
         env["tmp"] / "m.xml",
-        port=dovecot.pop3_port,
         user=env["user"],
         password=env["password"],
         incidentFallbackUserLogon=None,
@@ -167,13 +195,12 @@ def _everything_in(data: Path, logfile: Path | None = None) -> bytes:
     return blob
 
 
+@both
 def test_wrong_password_outage_event_updates_then_closes(
     env: dict[str, Any], dovecot: Any, capfd: Any
 ) -> None:
     wrong = "Canary-Wr0ng-Pw-77"
-    cfg = mailbox_xml(
-        env["tmp"] / "box.xml", port=dovecot.pop3_port, user=env["user"], password=wrong
-    )
+    cfg = env["mailbox"](env["tmp"] / "box.xml", user=env["user"], password=wrong)
     log = env["tmp"] / "engine.log"
     dovecot.deliver(env["user"], message("Waiting on the server"))
     assert once(env["data"], cfg, "--log-file", log) == 1
@@ -194,7 +221,7 @@ def test_wrong_password_outage_event_updates_then_closes(
     blob = _everything_in(env["data"], log) + captured.out.encode() + captured.err.encode()
     assert wrong.encode() not in blob
 
-    mailbox_xml(cfg, port=dovecot.pop3_port, user=env["user"], password=env["password"])
+    env["mailbox"](cfg, user=env["user"], password=env["password"])
     assert once(env["data"], cfg) == 0
     reqs = requests(env["data"])
     [outage] = [r for r in reqs if r["kind"] == "outage"]
