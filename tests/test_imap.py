@@ -8,19 +8,28 @@ faults Dovecot will not produce on demand (no UIDPLUS, a drop mid-FETCH, [UNAVAI
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support import (
     IMAP_GATEWAY,
+    LOGIN,
+    LOGIN_PASSWORD,
     cli,
+    count_rows,
+    engine_argv,
     import_directory,
     ledger,
     mailbox_xml,
     message,
     once,
     requests,
+    wait_for,
 )
 
 from engine.errors import ProtocolError
@@ -366,3 +375,85 @@ def test_check_lists_folders_uidvalidity_counts_and_capabilities(
     for cap in ("IDLE", "MOVE", "UIDPLUS"):
         assert cap in out
     assert len(dovecot.list_messages(box["user"])) == 1
+
+
+# ----------------------------------------------------------------------- IDLE, the daemon
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Callable[[Path, Path], Path]]:
+    """Start `run` over a config folder (a poll interval of 30 s: only a push is fast);
+    returns its log file. Killed at teardown."""
+    procs: list[subprocess.Popen[bytes]] = []
+    files: list[Any] = []
+
+    def start(conf: Path, data: Path) -> Path:
+        log = tmp_path / f"daemon-{len(procs)}.log"
+        env = dict(os.environ, MAILINTEGRATION_LOGIN=LOGIN, MAILINTEGRATION_PASSWORD=LOGIN_PASSWORD)
+        files.append(open(log, "wb"))  # noqa: SIM115 - closed at teardown
+        argv = engine_argv("run", "--config-dir", conf, "--data-dir", data, "--poll-interval", "30")
+        procs.append(
+            subprocess.Popen(
+                argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=files[-1]
+            )
+        )
+        return log
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait(10)
+    for f in files:
+        f.close()
+
+
+def _mail_count(data: Path) -> int:
+    return count_rows(data, "SELECT COUNT(*) FROM requests WHERE kind = 'mail'")
+
+
+def test_idle_push_fetches_new_mail_long_before_the_poll(
+    box: dict[str, Any], dovecot: Any, daemon: Callable[[Path, Path], Path]
+) -> None:
+    conf = box["data"].parent / "conf"
+    conf.mkdir()
+    box["config"]("<idleRenewSeconds>2</idleRenewSeconds>").rename(conf / "support.xml")
+    dovecot.deliver(box["user"], message("Before the daemon"))
+    log = daemon(conf, box["data"])
+    wait_for(lambda: _mail_count(box["data"]) == 1, 20, "the first session")
+    # Past one renewal of the IDLE (2 s), well before the next poll (30 s).
+    time.sleep(3)
+    for i in range(3):
+        dovecot.deliver(box["user"], message(f"Pushed {i}"))
+        wait_for(lambda i=i: _mail_count(box["data"]) == 2 + i, 10, f"pushed mail {i}")
+    text = log.read_text()
+    assert "new mail announced (IDLE)" in text
+    assert dovecot.list_messages(box["user"]) == []
+
+
+def test_idle_dropped_without_bye_reconnects_and_still_pushes(
+    fake_box: dict[str, Any], daemon: Callable[[Path, Path], Path]
+) -> None:
+    script = Script(messages=[message("First")], idle_drop_after=0.5)
+    with FakeIMAPServer(script) as server:
+        conf = fake_box["tmp"] / "conf"
+        conf.mkdir()
+        fake_config(fake_box, server).rename(conf / "fake.xml")
+        log = daemon(conf, fake_box["data"])
+        wait_for(lambda: _mail_count(fake_box["data"]) == 1, 20, "the first session")
+        wait_for(lambda: "IDLE failed" in log.read_text(), 10, "the dropped IDLE")
+        server.add_message(message("After the drop"))
+        wait_for(lambda: _mail_count(fake_box["data"]) == 2, 15, "the mail after the drop")
+        assert server.folder("INBOX") == []
+
+
+def test_without_idle_the_daemon_polls(
+    fake_box: dict[str, Any], daemon: Callable[[Path, Path], Path]
+) -> None:
+    with FakeIMAPServer(Script(messages=[message("Polled")], support_idle=False)) as server:
+        conf = fake_box["tmp"] / "conf"
+        conf.mkdir()
+        fake_config(fake_box, server).rename(conf / "fake.xml")
+        log = daemon(conf, fake_box["data"])
+        wait_for(lambda: _mail_count(fake_box["data"]) == 1, 20, "the first session")
+        wait_for(lambda: "no IDLE: polling only" in log.read_text(), 10, "the fallback")
+        assert b" IDLE\r\n" not in bytes(server.received)

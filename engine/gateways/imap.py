@@ -74,6 +74,9 @@ MAX_OTHER_LITERAL = 64 * 1024
 # UIDs per command: a UID set stays well under the line lengths servers accept (8 KiB+).
 UIDS_PER_COMMAND = 500
 
+# Untagged lines read while ending an IDLE before its tagged answer, at most.
+MAX_IDLE_LINES = 10_000
+
 _CODE = re.compile(rb"\[([A-Z-]+)[^\]]*\]")
 _LITERAL = re.compile(rb"\{(\d{1,12})\}\r?\n\Z")
 _FETCH = re.compile(rb"\* \d+ FETCH \(")
@@ -232,6 +235,8 @@ class ImapGateway:
         self.selected: str | None = None
         self.permanent_keywords = True
         self._created: set[str] = set()
+        # UIDNEXT of the folder selected last, when the server said it.
+        self.uidnext: int | None = None
         # Per folder listed: (EXISTS, messages to process), for `check`.
         self.counts: dict[str, tuple[int, int]] = {}
         self._partial: tuple[Request, Answer] | None = None
@@ -377,6 +382,8 @@ class ImapGateway:
                 x for x in conn.untagged_responses.get("PERMANENTFLAGS", []) if isinstance(x, bytes)
             )
             exists_raw = data[-1] if data else b"0"
+            nxt = conn.untagged_responses.get("UIDNEXT", [b""])[-1]
+            self.uidnext = int(nxt) if isinstance(nxt, bytes) and nxt.isdigit() else None
         if validity <= 0:
             raise ProtocolError(f"the server gave no UIDVALIDITY for {folder!r}")
         known = self.validity.get(folder)
@@ -724,3 +731,110 @@ def _groups(requests: Sequence[Request], handles: list[tuple[str, int]]) -> list
             continue
         groups.append([r])
     return groups
+
+
+class IdleWatcher:
+    """The daemon's wait for new mail on one IMAP mailbox: IDLE (RFC 2177) on its first
+    folder, on a connection of its own (one socket and one worker thread per mailbox while
+    it waits). Blocking, for a worker thread; :meth:`interrupt` from another thread.
+
+    Each IDLE lasts at most ``idleRenewSeconds`` (before the 29 minutes after which a server
+    may drop it) and ``idleKeepAliveSeconds``; then DONE and a NOOP, each answered within
+    ``timeoutSeconds`` or the connection is taken as dropped: a server that vanished without
+    a word is found within keep-alive plus timeout. A closed connection, a BYE, a NO: a
+    :class:`FetchError`, and the daemon reconnects with a backoff.
+    """
+
+    def __init__(self, server: ServerConfig) -> None:
+        self.server = server
+        self.gateway = ImapGateway(server)
+        # Waiting is bounded per read by the IDLE's own end and timeoutSeconds, not by a
+        # session's deadline.
+        self.gateway.deadline = math.inf
+        self.folder = server.folders[0]
+
+    def open(self) -> bool:
+        """Connect and select the folder; False when the server has no IDLE (then the
+        daemon polls at pollIntervalSeconds)."""
+        g = self.gateway
+        g.open()
+        if "IDLE" not in g.capabilities:
+            return False
+        g.select(self.folder)
+        return True
+
+    def wait(self, seconds: float, seen: int | None) -> int | None:
+        """Wait up to ``seconds`` for mail past UIDNEXT ``seen`` (None: any new mail from
+        now): its UIDNEXT once there is some, None when the time is up."""
+        g = self.gateway
+        if seen is not None and g.uidnext is not None and g.uidnext > seen:
+            return g.uidnext  # delivered before this wait began
+        end = time.monotonic() + seconds
+        cycle = min(self.server.idle_renew, self.server.idle_keepalive)
+        while (left := end - time.monotonic()) > 0:
+            if self._idle(min(cycle, left)):
+                return self._uidnext() or 1  # never None: that would say "no mail"
+            g._run("NOOP", "NOOP")  # the keep-alive: answered within timeoutSeconds
+        return None
+
+    def _idle(self, seconds: float) -> bool:
+        """One IDLE of at most ``seconds``: whether the server announced new mail."""
+        g = self.gateway
+        conn: Any = g._c()
+        pushed = False
+        with g._mapped("IDLE"):
+            tag = conn._new_tag()
+            conn.send(tag + b" IDLE\r\n")
+            first = conn.readline()
+            if not first.startswith(b"+"):
+                g._tagged(first.partition(b" ")[2], "IDLE")
+                raise ProtocolError(f"the server refused IDLE: {first[:200]!r}")
+            end = time.monotonic() + seconds
+            while not pushed and (left := end - time.monotonic()) > 0:
+                line = _line_within(conn, left)
+                if line is None:
+                    break
+                if line.startswith(b"* BYE"):
+                    raise server_error(line.decode("utf-8", "replace"), "IDLE")
+                pushed = line.startswith(b"* ") and line.rstrip().endswith(b" EXISTS")
+            conn.sock.settimeout(self.server.timeout)
+            conn.send(b"DONE\r\n")
+            for _ in range(MAX_IDLE_LINES):
+                answer = conn.readline()
+                if answer.startswith(tag + b" "):
+                    g._tagged(answer[len(tag) + 1 :], "IDLE")
+                    break
+            else:
+                raise ProtocolError(f"no end to IDLE after {MAX_IDLE_LINES} lines")
+        return pushed
+
+    def _uidnext(self) -> int | None:
+        highest = 0
+        for line, _ in self.gateway._exchange("UID FETCH * (UID)", "FETCH"):
+            m = _UID.search(line)
+            if m is not None:
+                highest = max(highest, int(m.group(1)))
+        return highest + 1 if highest else None
+
+    def interrupt(self) -> None:
+        """From another thread: end a wait blocked on the server at once."""
+        self.gateway.interrupt()
+
+    def close(self) -> None:
+        """LOGOUT when still in step, and close."""
+        self.gateway.abort()
+
+
+def _line_within(conn: Any, seconds: float) -> bytes | None:
+    """The next line, or None if none came within ``seconds``. After a timeout the socket's
+    file refuses to read again (SocketIO), so it is made anew: nothing was buffered in it,
+    since the read that timed out found its buffer empty."""
+    conn.sock.settimeout(seconds)
+    try:
+        line: bytes = conn.readline()
+    except TimeoutError:
+        old, conn.file = conn.file, conn.sock.makefile("rb")
+        with contextlib.suppress(OSError):
+            old.close()
+        return None
+    return line
