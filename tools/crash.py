@@ -2,6 +2,7 @@
 restart it, and check that every message ended up in the store exactly once.
 
     python -m tools.crash --iterations 1000 [--workers 2] [--launcher exec|fork] [--seed S]
+        [--gateway pop3|imap] [--after-processing delete|move|keep]
 
 Each iteration delivers a known set of messages (some with attachments, some attachments shared
 between messages) to 2 or 3 fresh mailboxes of a real Dovecot on 127.0.0.1, then runs
@@ -12,7 +13,8 @@ what was delivered:
 
 - every Message-ID is in the ledger exactly once, with the sha256 of the delivered bytes, and
   there is exactly one request for it, with exactly the attachments it carried;
-- nothing is left on the server;
+- nothing is left on the server (IMAP ``move``: each message is in the Done folder once and
+  nothing is left in INBOX; IMAP ``keep``: each is still in INBOX once, with the keyword);
 - the files under ``data/attachments/`` are exactly the ``attachments.sha256`` rows (no orphan,
   none missing, no temporary file), each file's content hashing to its name;
 - ``PRAGMA integrity_check`` is ``ok``.
@@ -61,6 +63,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # The engine's login and the directory are the tests' own (tests/support.py).
 
 GATEWAY = "Octopus.MailIntegration.Gateways.SidePopMailboxGateway, Octopus.MailIntegration"
+IMAP_GATEWAY = "Octopus.MailIntegration.Gateways.ImapMailboxGateway, Octopus.MailIntegration"
+MOVE_FOLDER = "Done"
+KEYWORD = "$MailIntegrationProcessed"
 INCIDENT = (
     "Octopus.MailIntegration.Processors.EndUserIncidentMailMessageProcessor, "
     "Octopus.MailIntegration"
@@ -230,13 +235,35 @@ def make_message(rng: random.Random, tag: str) -> tuple[bytes, str, frozenset[st
     return msg.as_bytes(policy=SMTP), message_id.strip("<>"), digests
 
 
-def write_mailbox(path: Path, *, port: int, user: str, password: str) -> None:
+@dataclass(frozen=True)
+class Target:
+    """What the runs read: POP3, or IMAP with its afterProcessing."""
+
+    gateway: str = "pop3"
+    after: str = "delete"
+
+    def port(self, dovecot: Dovecot) -> int:
+        return dovecot.imap_port if self.gateway == "imap" else dovecot.pop3_port
+
+    def server_xml(self) -> str:
+        if self.gateway == "pop3":
+            return f"<gatewayTypeName>{GATEWAY}</gatewayTypeName>"
+        move = f"<moveToFolder>{MOVE_FOLDER}</moveToFolder>" if self.after == "move" else ""
+        return (
+            f"<gatewayTypeName>{IMAP_GATEWAY}</gatewayTypeName>"
+            f"<afterProcessing>{self.after}</afterProcessing>{move}"
+        )
+
+
+def write_mailbox(
+    path: Path, *, port: int, user: str, password: str, target: Target = Target()
+) -> None:
     path.write_text(
         f"""<?xml version="1.0" encoding="utf-8"?>
 <mailIntegration>
   <messageProcessorTypeName>{INCIDENT}</messageProcessorTypeName>
   <server>
-    <gatewayTypeName>{GATEWAY}</gatewayTypeName>
+    {target.server_xml()}
     <serverName>127.0.0.1</serverName>
     <port>{port}</port>
     <useSsl>false</useSsl>
@@ -279,7 +306,9 @@ class Check:
     problems: list[str] = field(default_factory=list)
 
 
-def verify(data: Path, delivered: Sequence[Delivered], dovecot: Dovecot) -> Check:
+def verify(
+    data: Path, delivered: Sequence[Delivered], dovecot: Dovecot, target: Target = Target()
+) -> Check:
     """Compare the store and the server with what was delivered."""
     check = Check()
     problems = check.problems
@@ -306,13 +335,7 @@ def verify(data: Path, delivered: Sequence[Delivered], dovecot: Dovecot) -> Chec
     for number, sha in rows:
         cited[int(number)].add(str(sha))
     expected = {d.message_id for d in delivered}
-    users = sorted({d.user for d in delivered})
-    on_server: set[str] = set()
-    for user in users:
-        left = dovecot.messages(user)
-        if left:
-            problems.append(f"{len(left)} message(s) left on the server in {user}")
-        on_server.update(hashlib.sha256(raw).hexdigest() for raw in left)
+    on_server = _check_server(dovecot, delivered, target, problems)
     for d in delivered:
         seen = by_mid.get(d.message_id, [])
         made = requests.get(d.message_id, [])
@@ -341,6 +364,37 @@ def verify(data: Path, delivered: Sequence[Delivered], dovecot: Dovecot) -> Chec
         problems.append(f"unexpected events: {other[:3]}")
     problems.extend(_check_files(data / "attachments", {str(r[1]) for r in rows}))
     return check
+
+
+def _check_server(
+    dovecot: Dovecot, delivered: Sequence[Delivered], target: Target, problems: list[str]
+) -> set[str]:
+    """What the server holds against what the disposal says it should; returns the hashes of
+    the messages still in INBOX (not processed yet is not lost)."""
+    on_server: set[str] = set()
+    for user in sorted({d.user for d in delivered}):
+        mine = sorted(d.sha256 for d in delivered if d.user == user)
+        left = dovecot.messages(user)
+        hashes = sorted(hashlib.sha256(raw).hexdigest() for raw in left)
+        on_server.update(hashes)
+        if target.after == "keep":
+            if hashes != mine:
+                problems.append(f"{user}: INBOX holds {len(hashes)} of {len(mine)} messages")
+            unmarked = [m for m in dovecot.list_messages(user) if KEYWORD not in m.flags]
+            if unmarked:
+                problems.append(f"{user}: {len(unmarked)} message(s) without {KEYWORD}")
+            continue
+        if left:
+            problems.append(f"{len(left)} message(s) left on the server in {user}")
+        if target.after == "move":
+            there = MOVE_FOLDER in dovecot.folders(user)
+            moved = sorted(
+                hashlib.sha256(raw).hexdigest()
+                for raw in (dovecot.messages(user, MOVE_FOLDER) if there else [])
+            )
+            if moved != mine:
+                problems.append(f"{user}: {MOVE_FOLDER} holds {len(moved)} of {len(mine)}")
+    return on_server
 
 
 def _check_files(root: Path, referenced: set[str]) -> list[str]:
@@ -445,6 +499,7 @@ def iteration(
     *,
     modes: Sequence[str] | None = None,
     keep: bool = False,
+    target: Target = Target(),
 ) -> IterationResult:
     """Deliver, run-and-kill 1 to 3 times, finish, verify.
 
@@ -463,7 +518,13 @@ def iteration(
     for box in range(rng.randint(2, 3)):
         user, password = f"crash-{token}-{box}", f"pw-{rng.getrandbits(64):016x}"
         dovecot.add_user(user, password)
-        write_mailbox(conf / f"box{box}.xml", port=dovecot.pop3_port, user=user, password=password)
+        write_mailbox(
+            conf / f"box{box}.xml",
+            port=target.port(dovecot),
+            user=user,
+            password=password,
+            target=target,
+        )
         for i in range(rng.randint(3, 6)):
             raw, mid, attachments = make_message(rng, f"{token}-{box}-{i}")
             dovecot.deliver(user, raw)
@@ -488,7 +549,7 @@ def iteration(
     result.runs.append(("final", 0, code))
     if code != 0:
         result.problems.append(f"the final run exited with status {code}")
-    check = verify(data, delivered, dovecot)
+    check = verify(data, delivered, dovecot, target)
     result.losses, result.duplicates = check.losses, check.duplicates
     result.problems.extend(check.problems)
     result.seconds = time.monotonic() - started
@@ -546,6 +607,7 @@ def run_iterations(
     forced_modes: Sequence[Sequence[str]] = (),
     keep: bool = False,
     progress: Callable[[Figures], None] | None = None,
+    target: Target = Target(),
 ) -> Figures:
     """``iterations`` iterations on ``workers`` threads (each starting its own processes).
 
@@ -572,7 +634,16 @@ def run_iterations(
             modes = forced_modes[index] if index < len(forced_modes) else None
             try:
                 r = iteration(
-                    dovecot, base, template, index, rng, launcher, busy, modes=modes, keep=keep
+                    dovecot,
+                    base,
+                    template,
+                    index,
+                    rng,
+                    launcher,
+                    busy,
+                    modes=modes,
+                    keep=keep,
+                    target=target,
                 )
             except Exception as exc:  # a broken harness must show, not hang the others
                 r = IterationResult(index, problems=[f"harness error: {exc!r}"])
@@ -608,7 +679,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, help="start no iteration after this long")
     p.add_argument("--dir", type=Path, help="work directory (default: a new temporary one)")
     p.add_argument("--keep", action="store_true", help="keep every iteration's directory")
+    p.add_argument("--gateway", choices=["pop3", "imap"], default="pop3")
+    p.add_argument(
+        "--after-processing",
+        choices=["delete", "move", "keep"],
+        default="delete",
+        help="IMAP only: the mailboxes' afterProcessing (move: to the folder Done)",
+    )
     args = p.parse_args(argv)
+    if args.gateway == "pop3" and args.after_processing != "delete":
+        p.error("--after-processing move or keep needs --gateway imap")
     # SIGINT may be ignored when started in the background; SIGTERM should stop cleanly too:
     # both end the run after the iterations in progress, and stop Dovecot.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -640,12 +720,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_seconds=args.max_seconds,
             keep=args.keep,
             progress=progress,
+            target=Target(args.gateway, args.after_processing),
         )
     finally:
         launcher.close()
         server.stop()
     out = figures.as_dict()
     out["seed"] = args.seed
+    out["gateway"] = args.gateway
+    out["after_processing"] = args.after_processing
     out["work_dir"] = str(base)
     print(json.dumps(out, indent=2))
     ok = not figures.failed and figures.losses == 0 and figures.duplicates == 0
