@@ -353,7 +353,9 @@ class _Session:
         if plan.delete and not self.opts.dry_run:
             count = len(plan.delete)
             log.info("mailbox=%s %d message(s) already in the ledger: deleting", cfg.name, count)
-            await self.thread(self.gateway.dispose, [m.number for m, _ in plan.delete])
+            # Those whose ledger row is a failure event go where failure events' mail goes.
+            failed = [m.number for m, row in plan.delete if row.outcome.startswith("failed")]
+            await self.thread(self.gateway.dispose, [m.number for m, _ in plan.delete], failed)
             result.deleted += len(plan.delete)
             result.deleted_keys += [key for m, _ in plan.delete if (key := m.uidl) is not None]
 

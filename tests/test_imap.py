@@ -33,6 +33,7 @@ from support import (
 )
 
 from engine.errors import ProtocolError
+from engine.gateways import Request
 from engine.gateways.imap import KEYWORD, ImapGateway, first_long_line, mutf7, uid_set
 from engine.keys import imap_key, imap_key_parts, uidl_key
 from tools.fakeimap import FakeIMAPServer, Script
@@ -457,3 +458,43 @@ def test_without_idle_the_daemon_polls(
         wait_for(lambda: _mail_count(fake_box["data"]) == 1, 20, "the first session")
         wait_for(lambda: "no IDLE: polling only" in log.read_text(), 10, "the fallback")
         assert b" IDLE\r\n" not in bytes(server.received)
+
+
+def _gateway_for_fake(tmp_path: Path, server: FakeIMAPServer) -> ImapGateway:
+    from engine.config import load_mailbox
+
+    cfg = imap_mailbox(tmp_path, server.port, "box", "secret-pw", name="direct.xml")
+    return ImapGateway(load_mailbox(cfg).server)
+
+
+def test_a_window_keeps_no_more_than_its_grant_and_the_rest_comes_next(tmp_path: Path) -> None:
+    raws = [message(f"Grant {i}", body="x" * 5000 + "\n") for i in range(4)]
+    with FakeIMAPServer(Script(messages=raws)) as server:
+        g = _gateway_for_fake(tmp_path, server)
+        g.open()
+        try:
+            listing = g.listing()
+            requests = [Request(m.number, 1 << 20) for m in listing]
+            first = g.fetch_many(requests, grant=len(raws[0]) + 10)
+            assert [a.data for a in first] == raws[:2]  # over the grant after the second
+            assert not g.mid_exchange
+            rest = g.fetch_many(requests[2:], grant=1 << 20)
+            assert [a.data for a in rest] == raws[2:]
+            assert all("\\Seen" not in m.flags for m in server.folder("INBOX"))
+        finally:
+            g.quit()
+
+
+def test_a_literal_over_its_cap_is_cut_and_the_session_stays_in_step(tmp_path: Path) -> None:
+    big = message("Big", body="y" * 300_000 + "\n")
+    with FakeIMAPServer(Script(messages=[big, message("Small")])) as server:
+        g = _gateway_for_fake(tmp_path, server)
+        g.open()
+        try:
+            a, b = g.listing()
+            got = g.fetch_many([Request(a.number, 1000), Request(b.number, 1 << 20)])
+            assert got[0].cut == "size" and got[0].data == big[:1000]
+            assert got[0].octets == len(big)
+            assert got[1].cut is None and b"Subject: Small" in got[1].data
+        finally:
+            g.quit()

@@ -240,6 +240,9 @@ class ImapGateway:
         # Per folder listed: (EXISTS, messages to process), for `check`.
         self.counts: dict[str, tuple[int, int]] = {}
         self._partial: tuple[Request, Answer] | None = None
+        # The bytes a window may still keep (its grant), and the answers it kept.
+        self._room: float = math.inf
+        self._kept = 0
 
     @property
     def seconds(self) -> float:
@@ -413,9 +416,10 @@ class ImapGateway:
                 continue  # an unsolicited FETCH (flags changed), or not a FETCH at all
             if flags is not None and KEYWORD.lower().encode() in flags.group(1).lower().split():
                 continue
-            rows.append((int(uid.group(1)), int(size.group(1))))
+            if len(rows) < room:  # servers answer in UID order: these are the oldest
+                rows.append((int(uid.group(1)), int(size.group(1))))
         rows.sort()
-        return rows[:room]
+        return rows
 
     def describe(self) -> list[str]:
         """For ``check``, after :meth:`listing`: the capabilities that matter, the server's
@@ -426,7 +430,7 @@ class ImapGateway:
         names: list[str] = []
         for line, _ in self._exchange('LIST "" "*"', "LIST"):
             if line.startswith(b"* LIST ") and len(names) < 200:
-                names.append(scrub(line.rstrip().rsplit(b" ", 1)[-1].decode("utf-8", "replace")))
+                names.append(_printable(line.rstrip().rsplit(b" ", 1)[-1]))
         lines = [f"capabilities: {caps}", f"folders on the server: {', '.join(names)}"]
         for folder, (exists, todo) in self.counts.items():
             lines.append(
@@ -439,21 +443,30 @@ class ImapGateway:
 
     def fetch_many(self, requests: Sequence[Request], grant: float = math.inf) -> list[Answer]:
         """The messages of ``requests`` in one ``UID FETCH`` per folder and kind (whole, or
-        header alone), each literal bounded by its request's cap while it is read. All are
-        returned: the caps bound what one window holds (``grant`` is not needed to stop a
-        server whose sizes lie, since a literal announces its size before it comes)."""
+        header alone), each literal bounded by its request's cap while it is read. Once the
+        answers kept hold more than ``grant`` bytes (a server whose RFC822.SIZE is below the
+        truth), the literals still coming are read and dropped, and only the answers before
+        them are returned: the session asks for the rest again in its next window (nothing
+        stays pending on the connection, so :attr:`mid_exchange` is always false)."""
+        self._room, self._kept = grant, 0
         out: list[Answer] = []
         for group in _groups(requests, self.handles):
-            out.extend(self._fetch_group(group))
+            answers = self._fetch_group(group)
+            for answer in answers:
+                if answer is None:
+                    return out
+                out.append(answer)
+            if self._room <= 0:
+                break
         return out
 
-    def _fetch_group(self, group: list[Request]) -> list[Answer]:
+    def _fetch_group(self, group: list[Request]) -> list[Answer | None]:
         folder = self.handles[group[0].number - 1][0]
         if self.selected != folder:
             self.select(folder)
         by_uid = {self.handles[r.number - 1][1]: r for r in group}
         item = "BODY.PEEK[HEADER]" if group[0].headers_only else "BODY.PEEK[]"
-        got: dict[int, Answer] = {}
+        got: dict[int, Answer | None] = {}
         command = f"UID FETCH {uid_set(list(by_uid))} (UID {item})"
         for _line, literal in self._exchange(command, "FETCH", by_uid=by_uid):
             if literal is not None:
@@ -474,7 +487,7 @@ class ImapGateway:
         *,
         literals: bool = True,
         by_uid: dict[int, Request] | None = None,
-    ) -> Iterator[tuple[bytes, tuple[int, Answer] | None]]:
+    ) -> Iterator[tuple[bytes, tuple[int, Answer | None] | None]]:
         """Send one tagged command and yield its untagged responses as they are read:
         ``(line, None)``, or for a FETCH carrying a message literal, ``(line, (uid,
         answer))``. Ends at the tagged answer; a NO or BAD raises."""
@@ -506,17 +519,35 @@ class ImapGateway:
 
     def _message(
         self, conn: Any, line: bytes, size: int, by_uid: dict[int, Request]
-    ) -> tuple[int, Answer]:
+    ) -> tuple[int, Answer | None]:
         """The message literal announced at the end of ``line``, and the rest of its FETCH
-        response (which may carry its UID, when the server sends it after the body)."""
+        response (which may carry its UID, when the server sends it after the body). None
+        for a literal read and dropped because the window's grant is used up."""
         uid_m = _UID.search(line)
-        data, cut = self._literal(conn, size, uid_m, by_uid)
+        if self._kept and self._room <= 0:
+            self._drop(conn, size, uid_m, by_uid)
+            answer = None
+        else:
+            data, cut = self._literal(conn, size, uid_m, by_uid)
+            self._kept += 1
+            self._room -= len(data)
+            answer = Answer(data, size, cut)
         rest = conn.readline()  # ")" or " UID n)" and CRLF
         if uid_m is None:
             uid_m = _UID.search(rest)
             if uid_m is None or int(uid_m.group(1)) not in by_uid:
                 raise ProtocolError("a FETCH response without the UID of its message")
-        return int(uid_m.group(1)), Answer(data, size, cut)
+        return int(uid_m.group(1)), answer
+
+    def _drop(
+        self, conn: Any, size: int, uid_m: re.Match[bytes] | None, by_uid: dict[int, Request]
+    ) -> None:
+        request = by_uid.get(int(uid_m.group(1))) if uid_m is not None else None
+        cap = request.cap if request is not None else max(r.cap for r in by_uid.values())
+        if size > cap + max(cap, DISCARD_BYTES):
+            self._lost = True
+            raise ProtocolError(f"a message literal of {size} bytes, over any limit")
+        _discard(conn.file, size, lambda: self._wait(conn.sock))
 
     def _literal(
         self,
@@ -693,6 +724,12 @@ class ImapGateway:
             error.unfinished = self._partial
         self._partial = None
         return error
+
+
+def _printable(raw: bytes) -> str:
+    """A name the server sent, safe to print: control characters as ``?``, at most 200."""
+    text = scrub(raw.decode("utf-8", "replace"))[:200]
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def _text(data: list[Any]) -> str:
