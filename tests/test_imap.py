@@ -8,8 +8,11 @@ faults Dovecot will not produce on demand (no UIDPLUS, a drop mid-FETCH, [UNAVAI
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -498,3 +501,70 @@ def test_a_literal_over_its_cap_is_cut_and_the_session_stays_in_step(tmp_path: P
             assert got[1].cut is None and b"Subject: Small" in got[1].data
         finally:
             g.quit()
+
+
+class Blackhole:
+    """A TCP relay to ``target`` that, once ``silence`` is set, stops relaying in both
+    directions without closing anything: a server gone without a word (no FIN, no RST)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.silence = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            client, _ = self.listener.accept()
+            upstream = socket.create_connection(self.target, timeout=10)
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            for _ in range(100_000):
+                data = src.recv(65536)
+                if not data:
+                    return
+                if not self.silence.is_set():
+                    dst.sendall(data)
+
+    def close(self) -> None:
+        for s in self.sockets:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+def test_a_server_silent_during_idle_is_found_by_the_keep_alive_deadline(tmp_path: Path) -> None:
+    from engine.config import load_mailbox
+    from engine.errors import FetchTimeout
+    from engine.gateways.imap import IdleWatcher
+
+    with FakeIMAPServer(Script(messages=[message("Old")])) as server:
+        relay = Blackhole(server.address)
+        try:
+            cfg = imap_mailbox(
+                tmp_path,
+                relay.port,
+                "box",
+                "secret-pw",
+                name="idle.xml",
+                server="<idleKeepAliveSeconds>1</idleKeepAliveSeconds>",
+            )
+            text = cfg.read_text().replace("<timeoutSeconds>5<", "<timeoutSeconds>1<")
+            cfg.write_text(text)
+            watcher = IdleWatcher(load_mailbox(cfg).server)
+            assert watcher.open()
+            assert watcher.wait(1.5, None) is None  # quiet: NOOP keep-alives answered
+            relay.silence.set()
+            started = time.monotonic()
+            with pytest.raises(FetchTimeout):
+                watcher.wait(60, None)
+            # Found within one keep-alive and one timeoutSeconds, not at the 60 s wait's end.
+            assert time.monotonic() - started < 10
+            watcher.close()
+        finally:
+            relay.close()
