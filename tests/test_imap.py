@@ -568,3 +568,42 @@ def test_a_server_silent_during_idle_is_found_by_the_keep_alive_deadline(tmp_pat
             watcher.close()
         finally:
             relay.close()
+
+
+def test_idle_is_renewed_with_a_noop_between_and_a_delivery_ends_the_wait(
+    tmp_path: Path,
+) -> None:
+    from engine.config import load_mailbox
+    from engine.gateways.imap import IdleWatcher
+
+    with FakeIMAPServer(Script(messages=[message("Old")])) as server:
+        cfg = imap_mailbox(
+            tmp_path,
+            server.port,
+            "box",
+            "secret-pw",
+            name="renew.xml",
+            server="<idleRenewSeconds>1</idleRenewSeconds>",
+        )
+        watcher = IdleWatcher(load_mailbox(cfg).server)
+        try:
+            assert watcher.open()
+            start = watcher.gateway.uidnext
+            assert watcher.wait(2.5, start) is None
+            sent = bytes(server.received)
+            assert sent.count(b" IDLE\r\n") >= 2 and sent.count(b" NOOP\r\n") >= 2
+            threading.Timer(0.5, server.add_message, [message("New")]).start()
+            mark = watcher.wait(20, start)
+            assert mark is not None and start is not None and mark > start
+        finally:
+            watcher.close()
+        # Mail that came before a wait began (after the last session's listing) ends it at
+        # once: the new connection's SELECT shows a UIDNEXT past the one last seen.
+        again = IdleWatcher(load_mailbox(cfg).server)
+        try:
+            assert again.open()
+            began = time.monotonic()
+            assert again.wait(20, start) == again.gateway.uidnext
+            assert time.monotonic() - began < 5  # not the 20 s of the wait
+        finally:
+            again.close()
