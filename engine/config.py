@@ -271,8 +271,11 @@ def _load_schema() -> tuple[etree.XMLSchema, dict[tuple[str, ...], dict[str, str
     children: dict[tuple[str, ...], dict[str, str]] = {}
 
     def walk(decl: etree._Element, path: tuple[str, ...]) -> None:
-        # Every element of the format declares its complex type inline, as an xs:all.
+        # Every element of the format declares its complex type inline, as an xs:all (or,
+        # for a list such as <folders>, an xs:sequence of one repeated element).
         content = decl.find(f"{_XS}complexType/{_XS}all")
+        if content is None:
+            content = decl.find(f"{_XS}complexType/{_XS}sequence")
         if content is None:
             return
         names: dict[str, str] = {}

@@ -49,6 +49,9 @@ SAMPLES = {
     "mailAddressType": "a@example.com",
     "regexType": "(?P<number>[0-9]+)",
     "templateTextType": "{subject}",
+    "protocolType": "imap",
+    "afterProcessingType": "keep",
+    "idleSecondsType": "60",
 }
 
 # White space to Python but not to XSD: where xmlschema and libxml2 read xs:token differently.
@@ -63,6 +66,7 @@ VALUES = [
     *["\uff11", "\u0661\u0662", "\U0001d7cf", "\u00b2", "65535", "65536", "2147483647"],
     *["2147483648", "99999999999999999999", "1023", "1024", "1073741824", "1073741825"],
     *["3600", "3601", "86400", "86401", "true", "TRUE", "tRuE", " false ", "yes", "tru e"],
+    *["1740", "1741", "pop3", "IMAP", "imap4", "Move", "keep ", "archive"],
     *["a@b", "Name <a@b>", "<a@b>", "a@b@c", "a b@c", "\u00e9@\u00fc", "a@b c@d", "x <a@b> y"],
     *["A_1", "_", "1A", "A-B", "\u00c9", "x" * 300, "(?P<number>1)", "{subject}", "&", "]]>"],
     *PYTHON_ONLY_SPACE,
@@ -107,6 +111,8 @@ def every_element() -> tuple[etree._Element, set[str]]:
         name = str(decl.get("name"))
         el = etree.Element(name)
         content = decl.find(f"{XS}complexType/{XS}all")
+        if content is None:
+            content = decl.find(f"{XS}complexType/{XS}sequence")
         if content is None:
             xsd_type = str(decl.get("type"))
             el.text = SAMPLES[xsd_type]
