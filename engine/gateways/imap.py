@@ -74,6 +74,8 @@ MAX_OTHER_LITERAL = 64 * 1024
 # UIDs per command: a UID set stays well under the line lengths servers accept (8 KiB+).
 UIDS_PER_COMMAND = 500
 
+# Untagged lines of one answer, at most: a listing's 10 x MAX_LISTED, and some more.
+MAX_ANSWER_LINES = 10 * MAX_LISTED + 1000
 # Untagged lines read while ending an IDLE before its tagged answer, at most.
 MAX_IDLE_LINES = 10_000
 
@@ -495,7 +497,7 @@ class ImapGateway:
         with self._mapped(during):
             tag = conn._new_tag()
             conn.send(tag + b" " + command.encode("ascii") + b"\r\n")
-            while True:
+            for _ in range(MAX_ANSWER_LINES):
                 line = conn.readline()
                 if line.startswith(tag + b" "):
                     self._tagged(line[len(tag) + 1 :], during)
@@ -509,6 +511,7 @@ class ImapGateway:
                 if not literals or by_uid is None or _FETCH.match(line) is None:
                     raise ProtocolError(f"an unexpected literal in the answer to {during}")
                 yield line, self._message(conn, line, int(literal.group(1)), by_uid)
+            raise ProtocolError(f"the answer to {during} goes on past {MAX_ANSWER_LINES} lines")
 
     def _tagged(self, rest: bytes, during: str) -> None:
         if rest.startswith(b"OK"):
