@@ -124,6 +124,7 @@ async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[i
                 dry_run=dry_run,
                 debug_dir=debug_dir,
                 max_sessions=args.max_sessions,
+                max_idle=args.max_idle,
                 queue_size=args.queue_size,
                 parse_processes=(
                     default_parse_processes()

@@ -139,7 +139,7 @@ class EngineSettings:
     max_sessions: int = 16
     max_threads: int = 32
     # Worker threads held by IMAP mailboxes waiting for mail by IDLE (one each, with one
-    # connection); past it, a mailbox polls (engine.push).
+    # connection); past it, a mailbox polls (engine.push). 0: no IDLE at all.
     max_idle: int = 256
     max_batch: int = 256
     dry_run: bool = False
@@ -199,7 +199,7 @@ class Engine:
         self.mailboxes: dict[str, MailboxConfig] = {}
         self.outbox: Outbox | None = None
         self.limiter = anyio.CapacityLimiter(settings.max_threads)
-        self.idle_limiter = anyio.CapacityLimiter(settings.max_idle)
+        self.idle_limiter = anyio.CapacityLimiter(max(1, settings.max_idle))
         self.sessions = anyio.Semaphore(settings.max_sessions)
         self.budget = ByteBudget(settings.max_inflight_bytes)
         self.processes = Parsers(settings.parse_processes) if settings.parse_processes else None
@@ -445,7 +445,7 @@ class Engine:
             cfg = await anyio.to_thread.run_sync(self.load, src)
             self._known(cfg)
             outcome.poll_interval = cfg.poll_interval
-            if wants_push(cfg.server) and not self.settings.dry_run:
+            if wants_push(cfg.server) and self.settings.max_idle and not self.settings.dry_run:
                 outcome.push = cfg.server
             async with self.sessions:
                 outcome.result = SessionResult()  # counted into, even if the session fails

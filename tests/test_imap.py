@@ -385,17 +385,19 @@ def test_check_lists_folders_uidvalidity_counts_and_capabilities(
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Callable[[Path, Path], Path]]:
+def daemon(tmp_path: Path) -> Iterator[Callable[..., Path]]:
     """Start `run` over a config folder (a poll interval of 30 s: only a push is fast);
     returns its log file. Killed at teardown."""
     procs: list[subprocess.Popen[bytes]] = []
     files: list[Any] = []
 
-    def start(conf: Path, data: Path) -> Path:
+    def start(conf: Path, data: Path, *extra: str) -> Path:
         log = tmp_path / f"daemon-{len(procs)}.log"
         env = dict(os.environ, MAILINTEGRATION_LOGIN=LOGIN, MAILINTEGRATION_PASSWORD=LOGIN_PASSWORD)
         files.append(open(log, "wb"))  # noqa: SIM115 - closed at teardown
-        argv = engine_argv("run", "--config-dir", conf, "--data-dir", data, "--poll-interval", "30")
+        argv = engine_argv(
+            "run", "--config-dir", conf, "--data-dir", data, "--poll-interval", "30", *extra
+        )
         procs.append(
             subprocess.Popen(
                 argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=files[-1]
@@ -411,12 +413,26 @@ def daemon(tmp_path: Path) -> Iterator[Callable[[Path, Path], Path]]:
         f.close()
 
 
+def test_max_idle_zero_turns_push_off(
+    fake_box: dict[str, Any], daemon: Callable[..., Path]
+) -> None:
+    with FakeIMAPServer(Script(messages=[message("Polled only")])) as server:
+        conf = fake_box["tmp"] / "conf"
+        conf.mkdir()
+        fake_config(fake_box, server).rename(conf / "fake.xml")
+        daemon(conf, fake_box["data"], "--max-idle", "0")
+        wait_for(lambda: _mail_count(fake_box["data"]) == 1, 20, "the first session")
+        time.sleep(2)  # time enough for an IDLE connection to open, were there one
+        assert b" IDLE\r\n" not in bytes(server.received)
+        assert server.sessions == 1
+
+
 def _mail_count(data: Path) -> int:
     return count_rows(data, "SELECT COUNT(*) FROM requests WHERE kind = 'mail'")
 
 
 def test_idle_push_fetches_new_mail_long_before_the_poll(
-    box: dict[str, Any], dovecot: Any, daemon: Callable[[Path, Path], Path]
+    box: dict[str, Any], dovecot: Any, daemon: Callable[..., Path]
 ) -> None:
     conf = box["data"].parent / "conf"
     conf.mkdir()
@@ -435,7 +451,7 @@ def test_idle_push_fetches_new_mail_long_before_the_poll(
 
 
 def test_idle_dropped_without_bye_reconnects_and_still_pushes(
-    fake_box: dict[str, Any], daemon: Callable[[Path, Path], Path]
+    fake_box: dict[str, Any], daemon: Callable[..., Path]
 ) -> None:
     script = Script(messages=[message("First")], idle_drop_after=0.5)
     with FakeIMAPServer(script) as server:
@@ -451,7 +467,7 @@ def test_idle_dropped_without_bye_reconnects_and_still_pushes(
 
 
 def test_without_idle_the_daemon_polls(
-    fake_box: dict[str, Any], daemon: Callable[[Path, Path], Path]
+    fake_box: dict[str, Any], daemon: Callable[..., Path]
 ) -> None:
     with FakeIMAPServer(Script(messages=[message("Polled")], support_idle=False)) as server:
         conf = fake_box["tmp"] / "conf"
