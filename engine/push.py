@@ -16,8 +16,8 @@ before the 29-minute limit and sends NOOP keep-alives, each answered within
 after a backoff (1 s, doubling, at most 60 s) within the same wait.
 
 Mail delivered between a session's listing and the next IDLE is not missed: the folder's
-UIDNEXT when the last push came is remembered (``mark``), and a new IDLE connection whose
-SELECT shows a larger one ends the wait at once.
+UIDNEXT as of the last session's listing, or of the last push, is remembered (``mark``), and
+a new IDLE connection whose SELECT shows a larger one ends the wait at once.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -33,6 +33,9 @@ import anyio.to_thread
 from engine.config import ServerConfig
 from engine.errors import FetchError
 from engine.gateways.imap import IdleWatcher
+
+if TYPE_CHECKING:
+    from engine.session import SessionResult
 
 log = logging.getLogger("engine.push")
 
@@ -47,10 +50,16 @@ class PushState:
     """What a mailbox's waits carry from one to the next."""
 
     name: str
-    # UIDNEXT of the watched folder as of the last push (None: not known yet).
+    # UIDNEXT of the watched folder as of the last listing or push (None: not known yet).
     mark: int | None = None
     # Set once the server was found to have no IDLE: the mailbox only polls from then on.
     unsupported: bool = False
+
+    def learn(self, result: SessionResult | None) -> None:
+        """A session listed everything below its ``mark``: no wait need wake for that."""
+        mark = result.mark if result is not None else None
+        if mark is not None and (self.mark is None or mark > self.mark):
+            self.mark = mark
 
 
 def wants_push(server: ServerConfig) -> bool:

@@ -80,6 +80,8 @@ class SessionResult:
     deleted_keys: list[str] = field(default_factory=list)
     # Listed again although the server had confirmed their deletion (None: not listed).
     kept_deleted: int | None = None
+    # IMAP: the first folder's UIDNEXT when listed (the daemon's push starts from it).
+    mark: int | None = None
 
 
 @dataclass(frozen=True)
@@ -315,6 +317,7 @@ class _Session:
         """Step 3: what the server holds."""
         listing = await self.thread(self.gateway.listing)
         self.result.listed = len(listing)
+        self.result.mark = getattr(self.gateway, "mark", None)  # a gateway that has one
         self.by_number.update((m.number, m) for m in listing)
         return listing
 

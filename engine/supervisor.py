@@ -368,6 +368,7 @@ class Engine:
                     base = outcome.poll_interval or self.settings.poll_interval
                     delay = min(self.settings.max_backoff, base * 2 ** min(failures - 1, 16))
                 delay *= random.uniform(0.9, 1.1)
+                push.learn(outcome.result)
                 async with anyio.create_task_group() as waiters:
                     for event in (stop, loop.stop, loop.woken):
                         waiters.start_soon(_wait_then_cancel, event, waiters.cancel_scope)

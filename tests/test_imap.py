@@ -623,3 +623,44 @@ def test_idle_is_renewed_with_a_noop_between_and_a_delivery_ends_the_wait(
             assert time.monotonic() - began < 5  # not the 20 s of the wait
         finally:
             again.close()
+
+
+def test_a_session_marks_what_it_listed_so_the_push_wakes_only_for_newer_mail(
+    box: dict[str, Any], dovecot: Any
+) -> None:
+    import anyio
+
+    from engine.config import load_mailbox
+    from engine.push import PushState
+    from engine.session import FetchOptions, SessionResult, run_session
+    from engine.supervisor import Engine, EngineSettings
+
+    user = box["user"]
+    for i in range(2):
+        dovecot.deliver(user, message(f"Marked {i}"))
+    cfg = load_mailbox(box["config"]())
+
+    async def one_session() -> SessionResult:
+        from engine.store import open_store
+
+        store = await open_store(box["data"])
+        engine = Engine(store, EngineSettings(data_dir=box["data"], created_by=LOGIN))
+        result = SessionResult()
+
+        async def body(send: Any) -> None:
+            await run_session(cfg, send, FetchOptions(), result)
+
+        try:
+            await engine._with_writer(body)
+        finally:
+            await store.close()
+        return result
+
+    result = anyio.run(one_session)
+    assert result.processed == 2
+    assert result.mark == dovecot.folder_status(user).uidnext == 3
+    state = PushState("m", mark=2)
+    state.learn(result)
+    assert state.mark == 3
+    state.learn(SessionResult())  # a session that learnt nothing changes nothing
+    assert state.mark == 3

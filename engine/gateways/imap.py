@@ -239,6 +239,9 @@ class ImapGateway:
         self._created: set[str] = set()
         # UIDNEXT of the folder selected last, when the server said it.
         self.uidnext: int | None = None
+        # UIDNEXT of the first folder when listed, if the listing took all of it: the push
+        # (engine.push) need not wake for mail below it.
+        self.mark: int | None = None
         # Per folder listed: (EXISTS, messages to process), for `check`.
         self.counts: dict[str, tuple[int, int]] = {}
         self._partial: tuple[Request, Answer] | None = None
@@ -358,6 +361,8 @@ class ImapGateway:
             exists = self.select(folder)
             rows = self._list_folder(folder, MAX_LISTED - len(out)) if exists else []
             self.counts[folder] = (exists, len(rows))
+            if folder == self.server.folders[0] and len(rows) < MAX_LISTED - len(out):
+                self.mark = self.uidnext  # everything below it is in this listing
             validity = self.validity[folder]
             for uid, size in rows:
                 self.handles.append((folder, uid))
