@@ -31,6 +31,8 @@ DIRECTORY: dict[str, Any] = {
     "sites": ["Montréal", "Québec"],
     "groups": ["Service Desk", "Infrastructure", "Building Services", "Monitoring"],
     "sources": ["Email", "SCOM"],
+    "priorities": ["Low", "Medium", "High", "Critical"],
+    "categories": ["Hardware", "Access"],
     "users": [
         {
             "login": LOGIN,

@@ -8,6 +8,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -287,14 +288,15 @@ def test_every_schema_element_is_documented() -> None:
 # ------------------------------------------------------------------------------- processors
 
 
-def test_unsupported_processor(tmp_path: Path) -> None:
-    sr = (
+def test_service_request_processor_is_read_under_both_names(tmp_path: Path) -> None:
+    for sr in (
         "Octopus.MailIntegration.Processors.EndUserNewSRMailMessageProcessor, "
-        "Octopus.MailIntegration"
-    )
-    err = load_error(tmp_path, mailbox(processor=sr))
-    assert "not supported yet" in err.reason
-    assert err.line == 3 and err.element == "messageProcessorTypeName"
+        "Octopus.MailIntegration",
+        "ESI.Octopus.MailIntegration.EndUserNewSRMailMessageProcessor",
+    ):
+        cfg = load_mailbox(write(tmp_path, mailbox(processor=sr)))
+        assert cfg.processor == "service-request"
+        assert cfg.processing.service_requests.token == "CreateSR"
 
 
 def test_unknown_processor_lists_valid_values(tmp_path: Path) -> None:
@@ -1139,3 +1141,44 @@ def test_a_password_file_that_is_not_a_regular_file_is_refused_without_waiting(
     err = load_error(tmp_path, mailbox(password=f"<passwordFile>{fifo}</passwordFile>"))
     assert time.monotonic() - started < 5
     assert "is not a regular file" in err.reason and err.element == "server/passwordFile"
+
+
+def test_mailbox_copy_keeps_correlation_service_requests_rules_and_foreign_numbers(
+    tmp_path: Path,
+) -> None:
+    """Issue 17's settings are in the copy an outage attaches, and load back the same (the
+    rules' file and line are the copy's own)."""
+    sr = "ESI.Octopus.MailIntegration.EndUserNewSRMailMessageProcessor"
+    extra = (
+        "<incidentPriority>Medium</incidentPriority><serviceRequestForm>General</serviceRequestForm>"
+        "<newSRBodyEnclosingToken>##SR##</newSRBodyEnclosingToken>"
+        "<headerPriorities><high>P1</high><low></low></headerPriorities>"
+        "<correlation><flapping>activity</flapping><flappingMinutes>5</flappingMinutes>"
+        "<recognisers><recogniser><name>ups</name><subject>^UPS (?P&lt;host&gt;\\S+)</subject>"
+        "<problemStates>LOW, FAILED</problemStates></recogniser></recognisers></correlation>"
+        "<rules><rule><name>spam</name><header>X-Spam-Flag: ^yes$</header><ignore>true</ignore>"
+        "</rule><rule><subject>Outage</subject><caseSensitive>true</caseSensitive>"
+        "<setGroup>Infra</setGroup><setType>event</setType><addTag>a, b</addTag><stop>1</stop>"
+        "</rule></rules><foreignTicketNumbers><foreignTicketNumber><system>Jira</system>"
+        "<pattern>\\b[A-Z]+-[0-9]+\\b</pattern></foreignTicketNumber></foreignTicketNumbers>"
+    )
+    cfg = load_mailbox(write(tmp_path, mailbox(processor=sr, extra=extra)))
+    copy = mailbox_copy(cfg)
+    again = load_mailbox(write(tmp_path, copy, "copy.xml"))
+    assert again.processor == "service-request"
+
+    def placeless(c: MailboxConfig) -> Any:
+        rules = tuple(dataclasses.replace(r, file="", line=None) for r in c.processing.rules)
+        return dataclasses.replace(c.processing, rules=rules)
+
+    assert placeless(again) == placeless(cfg)
+    assert again.processing.rules[1].conditions[0].pattern.flags & re.IGNORECASE == 0
+    assert len(copy) <= MAX_COPY_BYTES
+
+
+def test_mailbox_copy_with_huge_rules_stays_bounded(tmp_path: Path) -> None:
+    rule = "<rule><subject>" + "x" * 4000 + "</subject><addTag>" + "t" * 4000 + "</addTag></rule>"
+    cfg = load_mailbox(write(tmp_path, mailbox(extra="<rules>" + rule * 60 + "</rules>")))
+    copy = mailbox_copy(cfg)
+    assert len(copy) <= MAX_COPY_BYTES and b"too large to show" in copy
+    load_mailbox(write(tmp_path, copy, "copy.xml"))

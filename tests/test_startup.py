@@ -52,7 +52,13 @@ SAMPLES = {
     "protocolType": "imap",
     "afterProcessingType": "keep",
     "idleSecondsType": "60",
+    "patternType": "(?P<host>x)",
+    "flappingType": "reopen",
+    "minutesType": "30",
 }
+
+# The named complex types of the schema (the rest are simple types).
+COMPLEX_TYPES = {"ruleType"}
 
 # White space to Python but not to XSD: where xmlschema and libxml2 read xs:token differently.
 PYTHON_ONLY_SPACE = [
@@ -107,12 +113,24 @@ def every_element() -> tuple[etree._Element, set[str]]:
     xsd = etree.parse(str(config.SCHEMA_PATH))
     one_per_type: dict[str, str] = {}
 
+    top = xsd.getroot()
+
     def build(decl: etree._Element, path: str) -> etree._Element:
+        ref = decl.get("ref")
+        if ref is not None:  # a global element (rules)
+            found = top.find(f"{XS}element[@name='{ref}']")
+            assert found is not None
+            decl = found
         name = str(decl.get("name"))
         el = etree.Element(name)
-        content = decl.find(f"{XS}complexType/{XS}all")
-        if content is None:
-            content = decl.find(f"{XS}complexType/{XS}sequence")
+        complex_type = decl.find(f"{XS}complexType")
+        if complex_type is None and decl.get("type") in COMPLEX_TYPES:
+            complex_type = top.find(f"{XS}complexType[@name='{decl.get('type')}']")
+        content = None
+        if complex_type is not None:
+            content = complex_type.find(f"{XS}all")
+            if content is None:
+                content = complex_type.find(f"{XS}sequence")
         if content is None:
             xsd_type = str(decl.get("type"))
             el.text = SAMPLES[xsd_type]
