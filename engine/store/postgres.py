@@ -539,6 +539,20 @@ class PostgresTransaction(Transaction):
             )
         )
 
+    async def ledger_keys_by_sha256(
+        self, account: str, sha256s: Iterable[str]
+    ) -> dict[str, list[str]]:
+        await self.flush()
+        rows = await self._all(
+            "SELECT sha256, uidl FROM ledger WHERE account = $1 AND sha256 = ANY($2::text[])",
+            account,
+            list(sha256s),
+        )
+        found: dict[str, list[str]] = {}
+        for sha, uidl in rows:
+            found.setdefault(sha, []).append(uidl)
+        return found
+
     async def update_ledger(
         self,
         *,
