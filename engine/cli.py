@@ -86,6 +86,7 @@ def _once(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     src.add_argument("--config", type=Path, help="one mailbox XML file")
     src.add_argument("--config-dir", type=Path, help="a folder of mailbox XML files")
     once.add_argument("--dry-run", action="store_true", help="fetch and explain; change nothing")
+    _replica_opts(once)
     _http_opts(once, 0, "serve /healthz, /metrics")
     _follow_symlinks(once)
     _engine_opts(once)
@@ -97,9 +98,29 @@ def _run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--poll-interval", type=float, default=60.0, help="seconds (default 60)")
     run.add_argument("--reload-seconds", type=float, default=2.0)
     run.add_argument("--grace-seconds", type=float, default=30.0)
+    _replica_opts(run)
     _http_opts(run, 8080, "0 turns the endpoint off")
     _follow_symlinks(run)
     _engine_opts(run)
+
+
+def _replica_opts(sp: argparse.ArgumentParser) -> None:
+    group = sp.add_argument_group(
+        "replicas", "with --store postgresql://...: several replicas share the mailboxes"
+    )
+    group.add_argument(
+        "--replica-id",
+        default=os.environ.get("MAILINTEGRATION_REPLICA_ID") or None,
+        help="this replica's name in the leases and `status` (env MAILINTEGRATION_REPLICA_ID; "
+        "default: host name and process id)",
+    )
+    group.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=float(os.environ.get("MAILINTEGRATION_LEASE_SECONDS") or 30.0),
+        help="how long a mailbox lease lasts unrenewed: a replica killed with -9 has its "
+        "mailboxes taken over after this plus a poll interval (default 30)",
+    )
 
 
 def _ingest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -150,6 +171,25 @@ def _data_dir(sp: argparse.ArgumentParser) -> None:
         default=Path(os.environ.get("MAILINTEGRATION_DATA_DIR", "data")),
         help="database, attachments and logs (env MAILINTEGRATION_DATA_DIR, default ./data)",
     )
+    sp.add_argument(
+        "--store",
+        default=os.environ.get("MAILINTEGRATION_STORE") or None,
+        help="postgresql://user@host:port/db to keep the store in PostgreSQL, shared by "
+        "several replicas (env MAILINTEGRATION_STORE; default: SQLite in --data-dir). Put "
+        "no password in it: use --store-password-file, PGPASSFILE or PGPASSWORD",
+    )
+    sp.add_argument(
+        "--store-password-file",
+        type=Path,
+        default=_env_path("MAILINTEGRATION_STORE_PASSWORD_FILE"),
+        help="a file whose first line is the store's password (env "
+        "MAILINTEGRATION_STORE_PASSWORD_FILE; a Kubernetes secret mounted as a file)",
+    )
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
 
 
 def _engine_opts(sp: argparse.ArgumentParser) -> None:
@@ -157,6 +197,13 @@ def _engine_opts(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--team", help="default team (number or name) for mailboxes without one")
     sp.add_argument("--login", default=os.environ.get("MAILINTEGRATION_LOGIN"))
     sp.add_argument("--password", default=os.environ.get("MAILINTEGRATION_PASSWORD"))
+    sp.add_argument(
+        "--password-file",
+        type=Path,
+        default=_env_path("MAILINTEGRATION_PASSWORD_FILE"),
+        help="the login's password as the first line of a file, when --password is not "
+        "given (env MAILINTEGRATION_PASSWORD_FILE; a secret mounted as a file)",
+    )
     sp.add_argument("--log-file", type=Path, help="also log to this file")
     sp.add_argument("--log-format", choices=["text", "json"], default="text")
     sp.add_argument("--debug", action="store_true", help="debug log and RawMessage files")

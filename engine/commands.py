@@ -24,6 +24,7 @@ from engine.errors import AuthenticationFailed, ConfigError, EngineError, FetchE
 from engine.store import DataDirLock, Store, open_store, private_file
 
 if TYPE_CHECKING:
+    from engine.leases import Leases
     from engine.supervisor import Engine, MailboxOutcome, MailboxSource
 
 # The pipeline (supervisor, fetcher, parser, writer, config) is imported while the login is
@@ -33,8 +34,36 @@ _PIPELINE = ("engine.supervisor", "engine.ops", "engine.gateways")
 log = logging.getLogger("engine.cli")
 
 
-async def open_for_reading(data_dir: Path) -> Store:
+def _postgres(args: argparse.Namespace) -> str | None:
+    """The PostgreSQL DSN ``--store`` names, if it names one."""
+    from engine.store.postgres import is_postgres
+
+    store: str | None = getattr(args, "store", None)
+    if store and not is_postgres(store):
+        raise ConfigError(
+            "--store (MAILINTEGRATION_STORE) must be a postgresql:// URL; leave it out to "
+            "keep the store in SQLite in --data-dir"
+        )
+    return store
+
+
+async def open_any_store(args: argparse.Namespace, *, sweep: bool = False) -> Store:
+    """The store ``--store`` names (PostgreSQL), or SQLite in ``--data-dir``. asyncpg is
+    imported only for PostgreSQL: a SQLite user's every start does not pay for it."""
+    dsn = _postgres(args)
+    if dsn is None:
+        return await open_store(args.data_dir, sweep=sweep)
+    from engine.store.postgres import open_postgres, read_password
+
+    password = read_password(getattr(args, "store_password_file", None))
+    return await open_postgres(dsn, password=password)
+
+
+async def open_for_reading(args: argparse.Namespace) -> Store:
     """The store, read-only: works on a read-only data directory, and never changes it."""
+    if _postgres(args) is not None:
+        return await open_any_store(args)
+    data_dir: Path = args.data_dir
     if not (data_dir / "mailintegration.sqlite3").exists():
         raise EngineError(f"no store in {data_dir}: nothing has run there yet (see --data-dir)")
     return await open_store(data_dir, read_only=True)
@@ -55,6 +84,13 @@ def _setup_logging(args: argparse.Namespace) -> None:
         raise ConfigError(
             f"the folder of the log file {log_file} does not exist; create it or fix /LogFilePath"
         )
+    password_file: Path | None = getattr(args, "password_file", None)
+    if password_file is not None and not getattr(args, "password", None):
+        try:
+            lines = password_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the password file {password_file}: {exc}") from None
+        args.password = lines[0] if lines else ""
     logs.register_secret(getattr(args, "password", None))
     if log_file is not None:
         private_file(log_file)
@@ -101,10 +137,12 @@ async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[i
     """Lock the data directory, open the store, log in, build the engine, run ``body``."""
     _setup_logging(args)
     dry_run = getattr(args, "dry_run", False)
-    lock = DataDirLock(args.data_dir)
-    lock.acquire()
+    # SQLite: one engine per data directory. PostgreSQL: replicas share it (leases).
+    lock = DataDirLock(args.data_dir) if _postgres(args) is None else None
+    if lock is not None:
+        lock.acquire()
     try:
-        store = await open_store(args.data_dir, sweep=not dry_run)
+        store = await open_any_store(args, sweep=not dry_run)
         try:
             created_by = await _login(store, args)
             from engine.ops import bound_large_allocations, raise_fd_limit
@@ -145,7 +183,8 @@ async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[i
             with anyio.CancelScope(shield=True):
                 await store.close()
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 async def _serving(
@@ -204,7 +243,17 @@ async def cmd_once(args: argparse.Namespace) -> int:
         if sys.stdout.isatty() and not args.dry_run:
             engine.on_outcome = lambda o: print(_outcome_line(o), flush=True)
 
-        await _serving(args, engine, work)
+        leases = None if args.dry_run else await _leases(args)
+        if leases is not None:
+            engine.use_leases(leases)
+        try:
+            await _serving(args, engine, work)
+        finally:
+            if leases is not None:
+                await leases.backend.close()
+        for o in outcomes:
+            if o.skipped:
+                print(f"{o.name}: skipped: another replica polls it now")
         log.info("once: %s", engine.summary())
         _print_outcomes(outcomes, dry_run=args.dry_run)
         if engine.stop.is_set() or len(outcomes) < len(_sources(args)):
@@ -247,11 +296,38 @@ async def cmd_run(args: argparse.Namespace) -> int:
         async def work() -> None:
             await engine.run(args.config_dir, reload_seconds=args.reload_seconds)
 
-        await _serving(args, engine, work)
+        leases = await _leases(args)
+        if leases is not None:
+            engine.use_leases(leases)
+        try:
+            await _serving(args, engine, work)
+        finally:
+            if leases is not None:
+                await leases.backend.close()
         log.info("stopped: %s", engine.summary())
         return 0
 
     return await _engine(args, body)
+
+
+async def _leases(args: argparse.Namespace) -> Leases | None:
+    """With PostgreSQL, this replica's leases, on a connection of their own."""
+    dsn = _postgres(args)
+    if dsn is None:
+        return None
+    import os
+    import socket
+
+    from engine.leases import Leases
+    from engine.store.postgres import open_leases, read_password
+
+    password = read_password(getattr(args, "store_password_file", None))
+    backend = await open_leases(
+        dsn, password=password, command_seconds=max(1.0, args.lease_seconds / 3)
+    )
+    replica = args.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+    log.info("replica %s: leases of %g s", replica, args.lease_seconds)
+    return Leases(backend, replica, ttl=args.lease_seconds)
 
 
 def _print_outcomes(outcomes: list[MailboxOutcome], *, dry_run: bool) -> None:
@@ -320,7 +396,7 @@ async def cmd_check(args: argparse.Namespace) -> int:
 
 
 async def cmd_requests(args: argparse.Namespace) -> int:
-    store = await open_for_reading(args.data_dir)
+    store = await open_for_reading(args)
     try:
         if args.action == "list":
             rows = await store.list_requests(type=args.type, status=args.status)
@@ -407,7 +483,7 @@ async def cmd_directory(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read the directory file: {exc}", file=str(args.file)) from exc
     # No engine lock: SQLite's BEGIN IMMEDIATE serialises this with a running engine's writer.
-    store = await open_store(args.data_dir)
+    store = await open_any_store(args)
     try:
         async with store.transaction() as tx:
             counts = await tx.import_directory(data)
@@ -420,7 +496,7 @@ async def cmd_directory(args: argparse.Namespace) -> int:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    store = await open_for_reading(args.data_dir)
+    store = await open_for_reading(args)
     try:
         rows = await store.mailbox_status()
     finally:
@@ -431,9 +507,11 @@ async def cmd_status(args: argparse.Namespace) -> int:
     for r in rows:
         state = "OUTAGE: " + ", ".join(r["outages"]) if r["outages"] else "ok"
         kept = r["server_kept_deleted"]
+        owner = r.get("owner")
         print(
             f"{r['mailbox']:<24} {state:<28} last success {r['last_success'] or '-'}  "
             f"fetched {r['fetched']} processed {r['processed']} failed {r['failed']}"
             + (f"  server keeps {kept} deleted message(s)" if kept else "")
+            + (f"  polled by {owner}" if owner else "")
         )
     return 0

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from engine.logs import scrub
 
 log = logging.getLogger("engine.ops")
 
@@ -138,6 +142,26 @@ class Metrics:
             "mailintegration_commit_seconds", "Duration of a writer transaction.", registry=r
         )
 
+    def lease_metrics(self, replica: str, counts: Callable[[], dict[str, int]]) -> None:
+        """With leases: this replica's id and its lease counts, read when scraped."""
+        from prometheus_client import Gauge
+
+        r = self.registry
+        info = Gauge(
+            "mailintegration_replica",
+            "1, labelled with this replica's id.",
+            ["replica"],
+            registry=r,
+        )
+        info.labels(replica).set(1)
+        for key, text in (
+            ("held", "Mailbox leases this replica holds."),
+            ("mailboxes", "Mailboxes in this replica's configuration."),
+            ("replicas", "Replicas alive, as this replica last saw them."),
+        ):
+            gauge = Gauge(f"mailintegration_leases_{key}", text, ["replica"], registry=r)
+            gauge.labels(replica).set_function(functools.partial(_count, counts, key))
+
     def render(self) -> bytes:
         from prometheus_client import generate_latest
 
@@ -149,6 +173,10 @@ class Metrics:
         from prometheus_client import CONTENT_TYPE_LATEST
 
         return CONTENT_TYPE_LATEST
+
+
+def _count(counts: Callable[[], dict[str, int]], key: str) -> float:
+    return float(counts()[key])
 
 
 @dataclass
@@ -166,6 +194,11 @@ class Health:
     supervisor_alive: bool = False
     writer_alive: bool = False
     mailboxes: dict[str, MailboxHealth] = field(default_factory=dict)
+    # The last transaction's failure while the store fails (None: it commits).
+    store_error: str | None = None
+    # With leases (several replicas): this replica's id and its lease counts.
+    replica: str | None = None
+    leases: Callable[[], dict[str, int]] | None = None
 
     def success(self, name: str) -> None:
         h = self.mailboxes.setdefault(name, MailboxHealth())
@@ -182,10 +215,11 @@ class Health:
         def ts(t: float | None) -> str | None:
             return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
-        return {
+        doc: dict[str, Any] = {
             "status": "ok" if self.ok else "failing",
             "supervisor": self.supervisor_alive,
             "writer": self.writer_alive,
+            "store": "ok" if self.store_error is None else self.store_error,
             "mailboxes": {
                 name: {
                     "last_success": ts(h.last_success),
@@ -196,7 +230,17 @@ class Health:
                 for name, h in sorted(self.mailboxes.items())
             },
         }
+        if self.replica is not None:
+            doc["replica"] = self.replica
+        if self.leases is not None:
+            doc["leases"] = self.leases()
+        return doc
+
+    def store_state(self, error: str | None) -> None:
+        """The writer's word on the store: an error (scrubbed here), or None: it commits."""
+        self.store_error = None if error is None else scrub(error)
 
     @property
     def ok(self) -> bool:
-        return self.supervisor_alive and self.writer_alive
+        """Alive, and the store commits: a replica whose store fails is not ready."""
+        return self.supervisor_alive and self.writer_alive and self.store_error is None

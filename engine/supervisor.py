@@ -8,6 +8,7 @@ and when the last one closes the writer drains what is left and ends by itself.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -15,11 +16,13 @@ import logging
 import os
 import random
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectSendStream
 
@@ -29,6 +32,7 @@ from engine.config import MailboxConfig, ServerConfig, SmtpConfig, load_mailbox,
 from engine.errors import ConfigError, EngineError, ProtocolError, StoreError
 from engine.items import DirectoryCheck, Envelope, Item, SessionReport
 from engine.keys import ingest_key
+from engine.leases import Leases
 from engine.ops import Health, Metrics
 from engine.outbox import Outbox
 from engine.parsers import Parsers
@@ -197,6 +201,8 @@ class MailboxOutcome:
     error: EngineError | None
     dry_run_lines: list[str] = field(default_factory=list)
     poll_interval: float | None = None
+    # Not polled: its lease went while the session waited for a slot (nothing happened).
+    skipped: bool = False
     # The account read, when the daemon waits for its mail by IDLE (engine.push).
     push: ServerConfig | None = None
 
@@ -221,6 +227,7 @@ class Engine:
             reply_limits=settings.reply_limits,
             metrics=self.metrics,
         )
+        self.writer.on_store = self.health.store_state
         # The latest configuration of each mailbox loaded in this process: the outbox sends
         # a mailbox's replies with its SMTP settings (rows of other mailboxes wait).
         self.mailboxes: dict[str, MailboxConfig] = {}
@@ -238,6 +245,18 @@ class Engine:
         self.stop = anyio.Event()
         # Called as each mailbox of a `once` pass finishes (progress on a terminal).
         self.on_outcome: Callable[[MailboxOutcome], None] | None = None
+        # With several replicas on one PostgreSQL store: which mailboxes are this one's.
+        self.leases: Leases | None = None
+
+    def use_leases(self, leases: Leases) -> None:
+        """Poll only the mailboxes this replica holds; fence the writer's commits."""
+        self.leases = leases
+        self.writer.fences = leases.fence
+        leases.on_store = self.health.store_state
+        self.health.replica = leases.replica
+        self.health.leases = leases.counts
+        if self.metrics is not None:
+            self.metrics.lease_metrics(leases.replica, leases.counts)
 
     async def _with_writer(
         self,
@@ -281,7 +300,15 @@ class Engine:
             return cfg.smtp if cfg is not None else None
 
         def sendable() -> tuple[str, ...]:
-            return tuple(sorted(n for n, c in self.mailboxes.items() if c.smtp is not None))
+            # With leases, a mailbox's replies are sent by the replica that holds it.
+            leases = self.leases
+            return tuple(
+                sorted(
+                    n
+                    for n, c in self.mailboxes.items()
+                    if c.smtp is not None and (leases is None or leases.holds(n))
+                )
+            )
 
         def count(mailbox: str, result: str) -> None:
             if self.metrics is not None:
@@ -311,16 +338,35 @@ class Engine:
         outcomes: list[MailboxOutcome] = []
 
         async def body(send: MemoryObjectSendStream[Item]) -> None:
-            async with anyio.create_task_group() as tg:
-                if self.processes is not None:
-                    tg.start_soon(self.processes.start)
-                async with anyio.create_task_group() as fetchers:
-                    for src in sources:
-                        fetchers.start_soon(self._collect, src, send.clone(), outcomes)
-                tg.cancel_scope.cancel()  # processes still starting: not needed any more
+            # The leases' task outside the one cancelled at the end: it gives them back
+            # when told, never cut off in the middle of a statement.
+            async with anyio.create_task_group() as outer:
+                done = await self._once_leases(outer, sources)
+                async with anyio.create_task_group() as tg:
+                    if self.processes is not None:
+                        tg.start_soon(self.processes.start)
+                    async with anyio.create_task_group() as fetchers:
+                        for src in sources:
+                            fetchers.start_soon(self._collect, src, send.clone(), outcomes)
+                    tg.cancel_scope.cancel()  # processes still starting: not needed any more
+                if done is not None:
+                    done.set()
 
         await self._with_writer(body)
         return outcomes
+
+    async def _once_leases(
+        self, tg: anyio.abc.TaskGroup, sources: list[MailboxSource]
+    ) -> anyio.Event | None:
+        """With leases, a pass takes every mailbox nobody else holds (not a share: it is to
+        fetch them all) and skips the others; returns the event that gives them back."""
+        if self.leases is None:
+            return None
+        done = anyio.Event()
+        self.leases.names = sorted(src.name for src in sources)
+        self.leases.greedy = True
+        await tg.start(self.leases.run, done)
+        return done
 
     async def _collect(
         self, src: MailboxSource, send: MemoryObjectSendStream[Item], out: list[MailboxOutcome]
@@ -345,6 +391,7 @@ class Engine:
             async with anyio.create_task_group() as tg:
                 if self.processes is not None:
                     tg.start_soon(self.processes.start)
+                started_leases = False
                 while not stop.is_set():
                     found = await anyio.to_thread.run_sync(
                         functools.partial(
@@ -352,6 +399,11 @@ class Engine:
                         )
                     )
                     current = {src.name: src for src in found}
+                    if self.leases is not None:
+                        self.leases.names = sorted(current)
+                        if not started_leases:
+                            await tg.start(self.leases.run, stop)
+                            started_leases = True
                     for name, loop in list(loops.items()):
                         if name not in current or loop.src.path != current[name].path:
                             log.info("mailbox=%s removed: stopping after its current session", name)
@@ -382,7 +434,11 @@ class Engine:
             failures = 0
             push = PushState(loop.src.name)
             while not (stop.is_set() or loop.stop.is_set()):
+                if not await self._leased(loop, stop):
+                    continue
                 outcome = await self.mailbox_once(loop.src, send)
+                if outcome.skipped:  # its lease went while it waited for a session slot
+                    continue
                 if loop.stop.is_set() and not stop.is_set():
                     # Removed while this session ran: its report must not bring it back to
                     # /healthz (test_daemon_hot_reload_health_and_metrics failed so, once).
@@ -407,6 +463,34 @@ class Engine:
                     await anyio.sleep(delay)
                     waiters.cancel_scope.cancel()
                 loop.woken = anyio.Event()
+
+    async def _leased(self, loop: _Loop, stop: anyio.Event) -> bool:
+        """Whether this replica may poll the loop's mailbox now; if not, wait for a lease to
+        be gained (or one tick) first."""
+        leases = self.leases
+        if leases is None or leases.holds(loop.src.name):
+            return True
+        async with anyio.create_task_group() as waiters:
+            for event in (stop, loop.stop, leases.changed):
+                waiters.start_soon(_wait_then_cancel, event, waiters.cancel_scope)
+            await anyio.sleep(leases.interval)
+            waiters.cancel_scope.cancel()
+        return False
+
+    @asynccontextmanager
+    async def _session_slot(self, name: str) -> AsyncIterator[None]:
+        """One of ``--max-sessions``; with leases, only while this replica holds the mailbox,
+        checked again once the slot is had (the lease may have gone meanwhile); the mailbox
+        is then busy: the balance does not give its lease back before the session ends."""
+        async with self.sessions:
+            leases = self.leases
+            if leases is None:
+                yield
+                return
+            if not leases.holds(name):
+                raise _NotLeased(name)
+            async with leases.session(name):
+                yield
 
     async def ingest(self, src: MailboxSource, files: list[Path]) -> list[tuple[Path, Envelope]]:
         """Process message files as if fetched from the mailbox; the ledger keys them by content
@@ -478,9 +562,12 @@ class Engine:
             outcome.poll_interval = cfg.poll_interval
             if wants_push(cfg.server) and self.settings.max_idle and not self.settings.dry_run:
                 outcome.push = cfg.server
-            async with self.sessions:
+            async with self._session_slot(src.name):
                 outcome.result = SessionResult()  # counted into, even if the session fails
                 await run_session(cfg, send, opts, outcome.result)
+        except _NotLeased:
+            outcome.skipped = True
+            return outcome
         except StoreError as exc:
             log.error("mailbox=%s the store failed; nothing was deleted: %s", src.name, exc)
             outcome.error = exc
@@ -500,7 +587,11 @@ class Engine:
             outcome.dry_run_lines.append(f"{env.uidl}: {env.explanation}")
         self._account(src.name, outcome)
         if not self.settings.dry_run:
-            await self._report(src, cfg, outcome, send)
+            # Busy until recorded: the balance must not give the lease back before the
+            # report commits (its transaction is fenced too).
+            leases = self.leases
+            async with leases.session(src.name) if leases else contextlib.nullcontext():
+                await self._report(src, cfg, outcome, send)
         return outcome
 
     async def _report(
@@ -570,6 +661,10 @@ class Engine:
                 part += f" ({self.errors[name]})"
             parts.append(part)
         return "; ".join(parts) or "no mailbox"
+
+
+class _NotLeased(Exception):
+    """Raised by Engine._session_slot: the mailbox's lease is no longer this replica's."""
 
 
 @dataclass(eq=False)

@@ -187,6 +187,10 @@ class Writer:
         self.min_batch = min_batch
         self.linger = linger
         self.reply_limits = reply_limits or ReplyLimits()
+        # Set by the supervisor with leases: mailbox -> (this replica, the lease's epoch).
+        self.fences: Callable[[str], tuple[str, int]] | None = None
+        # Told whether the store works: the last failure's text, or None after a commit.
+        self.on_store: Callable[[str | None], None] | None = None
         self.stats = WriterStats()
         self.metrics = metrics
         # Called after a commit that recorded replies: the outbox's wake-up.
@@ -269,6 +273,9 @@ class Writer:
         durable one.
         """
         started = time.monotonic()
+        batch = self._unleased(batch)
+        if not batch:
+            return []
         try:
             work, batch, rest = await self._commit(batch, started)
         except BaseException as exc:
@@ -279,7 +286,11 @@ class Writer:
             if not isinstance(exc, Exception):
                 raise
             log.error("transaction of %d item(s) failed, nothing is deleted: %s", len(batch), exc)
+            if self.on_store is not None:
+                self.on_store(f"{type(exc).__name__}: {exc}")
             return []
+        if self.on_store is not None:
+            self.on_store(None)
         try:
             self._committed(batch, started)
         finally:
@@ -287,6 +298,29 @@ class Writer:
         if work.replies and self.on_reply is not None:
             self.on_reply()  # committed: the outbox may send them now
         return rest
+
+    def _unleased(self, batch: list[Item]) -> list[Item]:
+        """Answer at once, "not committed", the messages and reports of mailboxes whose
+        lease this replica no longer holds (it knows): they would fail the fence of the whole
+        transaction. Their session stops without deleting; the new owner redoes them."""
+        if self.fences is None:
+            return batch
+        fences = self.fences
+        keep: list[Item] = []
+        for item in batch:
+            name = (
+                item.mailbox.name
+                if isinstance(item, Envelope)
+                else item.name
+                if isinstance(item, SessionReport)
+                else None
+            )
+            if name is not None and fences(name)[1] < 0:
+                item.failure = StoreError(f"the lease of mailbox {name} was lost")
+                _acknowledge([item])
+            else:
+                keep.append(item)
+        return keep
 
     def _committed(self, batch: list[Item], started: float) -> None:
         """Count a committed transaction, and log and count its messages."""
@@ -331,6 +365,17 @@ class Writer:
             counter.labels(cfg.name).inc()
 
     # -- a pass: what the handlers of a batch share ------------------------------------------
+
+    def fence(self, tx: Transaction, batch: list[Item]) -> None:
+        """With leases (several replicas): the transaction commits only if this replica
+        still holds the lease of every mailbox whose messages or session report it carries
+        (engine/leases.py, step 3)."""
+        if self.fences is None:
+            return
+        names = {item.mailbox.name for item in batch if isinstance(item, Envelope)}
+        names.update(item.name for item in batch if isinstance(item, SessionReport))
+        for name in sorted(names):
+            tx.fence(name, *self.fences(name))
 
     async def begin(self, tx: Transaction, batch: list[Item], *, careful: bool) -> Work:
         """Read ahead, for the whole batch, what its messages' handlers will ask: the ledger
@@ -821,7 +866,32 @@ class TwoPassCommit:
     async def __call__(
         self, batch: list[Item], started: float
     ) -> tuple[Work, list[Item], list[Item]]:
-        """Commit (the head of) ``batch``: (the pass that committed, the head, the rest)."""
+        """Commit (the head of) ``batch``: (the pass that committed, the head, the rest).
+
+        5. **A replica committed first** (``Store.conflicts``: the ledger's unique key, say,
+           of a message two replicas raced for): the transaction is done again from the
+           start; its reads now see the other's rows, so such a message is a duplicate,
+           deleted without being processed. Bounded: the last conflict is a failure.
+        """
+        for attempt in range(_CONFLICT_REPLAYS + 1):
+            try:
+                return await self._passes(batch, started)
+            except self.writer.store.conflicts as exc:
+                if attempt == _CONFLICT_REPLAYS:
+                    raise
+                log.warning(
+                    "another writer committed first what this transaction of %d item(s) "
+                    "also wrote (%s): done again",
+                    len(batch),
+                    type(exc).__name__,
+                )
+                for item in batch:
+                    _reset(item)
+        raise AssertionError("unreachable")
+
+    async def _passes(
+        self, batch: list[Item], started: float
+    ) -> tuple[Work, list[Item], list[Item]]:
         try:
             return await self._pass(batch, started, careful=False)
         except _Replay as replay:
@@ -848,6 +918,7 @@ class TwoPassCommit:
                 if time.monotonic() - started > writer.max_batch_seconds:
                     batch, rest = batch[: i + 1], batch[i + 1 :]
                     break
+            writer.fence(tx, batch)
         return work, batch, rest
 
     async def message(self, work: Work, env: Envelope) -> None:
@@ -886,6 +957,10 @@ class TwoPassCommit:
         assert error is not None
         async with tx.savepoint():
             env.outcome = await writer.fail(work, env, error)
+
+
+# How many times a transaction is done again after a conflict with another replica.
+_CONFLICT_REPLAYS = 3
 
 
 class _Replay(Exception):

@@ -187,6 +187,27 @@ def pg_database() -> Iterator[str]:
         yield dsn
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each store in turn: "sqlite" (the data directory's file), or "postgresql" (a fresh
+    database for this test, which tests/support.py's helpers then use: ``once`` and
+    ``import_directory`` pass ``--store``, ``requests``, ``ledger`` and ``store_rows``
+    read it)."""
+    import support
+
+    if request.param == "sqlite":
+        yield "sqlite"
+        return
+    if not postgres_available():
+        _skip_or_fail(f"no PostgreSQL answers at {server_dsn()} (bash scripts/setup.sh)")
+    with throwaway_database() as dsn:
+        support.STORE = dsn
+        try:
+            yield "postgresql"
+        finally:
+            support.STORE = None
+
+
 @pytest.fixture(scope="module")
 def chromium_browser() -> Iterator[Browser]:
     """Headless Debian Chromium driven by Playwright (tools/browser.py), for the module.

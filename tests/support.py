@@ -26,7 +26,42 @@ import anyio
 import pytest
 
 from engine.cli import main
-from engine.store import open_store
+from engine.store import Store, open_store
+
+# The PostgreSQL database the helpers below use instead of the data directory's SQLite
+# file; set by the ``store`` fixture (tests/conftest.py) for its "postgresql" run.
+STORE: str | None = None
+
+
+def store_args() -> list[str]:
+    """``--store DSN`` when the test runs against PostgreSQL, else nothing."""
+    return ["--store", STORE] if STORE else []
+
+
+async def open_test_store(data_dir: Path) -> Store:
+    """The store the test runs against (see STORE)."""
+    if STORE:
+        from engine.store.postgres import open_postgres
+
+        return await open_postgres(STORE)
+    return await open_store(data_dir)
+
+
+def store_rows(data_dir: Path, sql: str) -> list[dict[str, Any]]:
+    """Rows of ``sql`` (portable SQL, no parameters) from the store the test runs against."""
+    if STORE:
+        import psycopg
+        from psycopg.rows import dict_row
+
+        with psycopg.connect(STORE, row_factory=dict_row) as conn:
+            return list(conn.execute(sql).fetchall())
+    db = sqlite3.connect(data_dir / "mailintegration.sqlite3")
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in db.execute(sql).fetchall()]
+    finally:
+        db.close()
+
 
 LOGIN = "system"
 LOGIN_PASSWORD = "octo-Pa55"
@@ -177,7 +212,7 @@ def cli(*args: str | Path) -> tuple[int, str]:
 def import_directory(data_dir: Path, tmp: Path, directory: dict[str, Any] | None = None) -> None:
     f = tmp / "directory.json"
     f.write_text(json.dumps(directory or DIRECTORY), encoding="utf-8")
-    code, _ = cli("directory", "import", f, "--data-dir", data_dir)
+    code, _ = cli("directory", "import", f, "--data-dir", data_dir, *store_args())
     assert code == 0
 
 
@@ -268,6 +303,7 @@ def once(data_dir: Path, config: Path, *extra: str | Path) -> int:
         LOGIN,
         "--password",
         LOGIN_PASSWORD,
+        *store_args(),
         *extra,
     )
     return code
@@ -275,7 +311,7 @@ def once(data_dir: Path, config: Path, *extra: str | Path) -> int:
 
 def requests(data_dir: Path, **filters: str) -> list[dict[str, Any]]:
     async def go() -> list[dict[str, Any]]:
-        store = await open_store(data_dir)
+        store = await open_test_store(data_dir)
         try:
             rows = await store.list_requests(**filters)
             return [d for r in rows if (d := await store.request_detail(r["number"]))]
@@ -285,7 +321,9 @@ def requests(data_dir: Path, **filters: str) -> list[dict[str, Any]]:
     return anyio.run(go)
 
 
-def ledger(data_dir: Path) -> list[sqlite3.Row]:
+def ledger(data_dir: Path) -> list[Any]:
+    if STORE:
+        return store_rows(data_dir, "SELECT * FROM ledger ORDER BY id")
     db = sqlite3.connect(data_dir / "mailintegration.sqlite3")
     db.row_factory = sqlite3.Row
     try:
@@ -321,6 +359,15 @@ def smtp_server(handler: Any, **options: Any) -> Iterator[int]:
 
 
 def attachment_bytes(data_dir: Path, sha256: str) -> bytes:
+    if STORE:
+        import psycopg
+
+        with psycopg.connect(STORE) as conn:
+            row = conn.execute(
+                "SELECT data FROM attachment_blobs WHERE sha256 = %s", (sha256,)
+            ).fetchone()
+        assert row is not None, sha256
+        return bytes(row[0])
     return (data_dir / "attachments" / sha256[:2] / sha256).read_bytes()
 
 
@@ -343,6 +390,12 @@ def wait_for(check: Callable[[], bool], timeout: float = 30.0, what: str = "cond
 
 def count_rows(data: Path, sql: str) -> int:
     """One number from the store, read by another connection (0 while there is none)."""
+    if STORE:
+        try:
+            rows = store_rows(data, sql)
+        except Exception:  # the schema is not there yet
+            return 0
+        return int(next(iter(rows[0].values()))) if rows else 0
     path = data / "mailintegration.sqlite3"
     if not path.exists():
         return 0
@@ -405,8 +458,29 @@ class _Store:
     cited: dict[int, set[str]]  # request number -> attachment sha256s
 
 
+class _PgCursor:
+    """Just enough of sqlite3's ``execute`` over psycopg, for :func:`_read_store`."""
+
+    def __init__(self, dsn: str) -> None:
+        import psycopg
+
+        self.conn = psycopg.connect(dsn)
+
+    def execute(self, sql: str) -> Any:
+        if sql.startswith("PRAGMA integrity_check"):
+            return [("ok",)]
+        return self.conn.execute(sql)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 def _read_store(data_dir: Path) -> _Store:
-    db = sqlite3.connect(f"file:{data_dir / 'mailintegration.sqlite3'}?mode=ro", uri=True)
+    db: Any = (
+        _PgCursor(STORE)
+        if STORE
+        else sqlite3.connect(f"file:{data_dir / 'mailintegration.sqlite3'}?mode=ro", uri=True)
+    )
     try:
         store = _Store(
             [str(r[0]) for r in db.execute("PRAGMA integrity_check")],
@@ -473,8 +547,27 @@ def check_exactly_once(
         problems.append(f"requests or activities never delivered: {sorted(unexpected)[:3]}")
     if store.outages and not outages:
         problems.append(f"unexpected events: {store.outages[:3]}")
-    problems.extend(_check_files(data_dir / "attachments", set().union(*store.cited.values())))
+    cited = set().union(*store.cited.values())
+    problems.extend(_check_blobs(cited) if STORE else _check_files(data_dir / "attachments", cited))
     return check
+
+
+def _check_blobs(referenced: set[str]) -> list[str]:
+    """PostgreSQL: every cited attachment's content is there and hashes to its key."""
+    import psycopg
+
+    assert STORE is not None
+    with psycopg.connect(STORE) as conn:
+        rows = conn.execute("SELECT sha256, data FROM attachment_blobs").fetchall()
+    found = {str(sha) for sha, _ in rows}
+    problems = [
+        f"attachment content {sha} does not hash to its key"
+        for sha, data in rows
+        if hashlib.sha256(bytes(data)).hexdigest() != sha
+    ]
+    if referenced - found:
+        problems.append(f"attachment rows without content: {sorted(referenced - found)[:3]}")
+    return problems
 
 
 PROCESSED_KEYWORD = "$MailIntegrationProcessed"  # what IMAP's "keep" marks a message with

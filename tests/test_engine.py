@@ -29,6 +29,7 @@ from support import (
     message,
     once,
     requests,
+    store_args,
     wait_for,
 )
 
@@ -44,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_twenty_mailboxes_once_each_message_exactly_once(
-    tmp_path: Path, data: Path, dovecot: Any, new_mailbox: Callable[..., Mailbox]
+    tmp_path: Path, store: str, data: Path, dovecot: Any, new_mailbox: Callable[..., Mailbox]
 ) -> None:
     conf = tmp_path / "mailboxes.d"
     (conf / "IT").mkdir(parents=True)  # a per-team folder: its files need no <team>
@@ -60,12 +61,12 @@ def test_twenty_mailboxes_once_each_message_exactly_once(
     assert len(delivered) == 100
     assert_exactly_once(data, delivered, dovecot)
     assert {r["team"] for r in requests(data)} == {"IT"}
-    code, out = cli("status", "--data-dir", data)
+    code, out = cli("status", "--data-dir", data, *store_args())
     assert code == 0 and "IT/box1" in out and "processed 5" in out
 
 
 def test_a_stalled_server_does_not_hold_up_the_others(
-    tmp_path: Path, data: Path, new_mailbox: Callable[..., Mailbox]
+    tmp_path: Path, store: str, data: Path, new_mailbox: Callable[..., Mailbox]
 ) -> None:
     conf = tmp_path / "conf"
     conf.mkdir()
@@ -90,7 +91,9 @@ def test_a_stalled_server_does_not_hold_up_the_others(
     assert all(box.left() == 0 for box in fine)
 
 
-def test_in_use_is_a_locked_mailbox_not_bad_credentials(tmp_path: Path, data: Path) -> None:
+def test_in_use_is_a_locked_mailbox_not_bad_credentials(
+    tmp_path: Path, store: str, data: Path
+) -> None:
     causes = {}
     for code, name in (("[IN-USE]", "locked"), ("[SYS/TEMP]", "temp"), ("[AUTH]", "auth")):
         script = Script(messages=[message("x")], auth_response=f"-ERR {code} no")

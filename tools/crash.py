@@ -517,6 +517,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, help="start no iteration after this long")
     p.add_argument("--dir", type=Path, help="work directory (default: a new temporary one)")
     p.add_argument("--keep", action="store_true", help="keep every iteration's directory")
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        help="N > 0: the multi-replica harness (tools/crash_replicas.py), with --store",
+    )
+    p.add_argument("--store", help="postgresql://... server for --replicas (a database is made)")
+    p.add_argument("--mailboxes", type=int, default=30, help="with --replicas (default 30)")
+    p.add_argument("--lease-seconds", type=float, default=2.0, help="with --replicas")
     p.add_argument("--gateway", choices=["pop3", "imap"], default="pop3")
     p.add_argument(
         "--after-processing",
@@ -527,6 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.gateway == "pop3" and args.after_processing != "delete":
         p.error("--after-processing move or keep needs --gateway imap")
+    if args.replicas:
+        return _replicas_main(args)
     # SIGINT may be ignored when started in the background; SIGTERM should stop cleanly too:
     # both end the run after the iterations in progress, and stop Dovecot.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -570,6 +581,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     out["work_dir"] = str(base)
     print(json.dumps(out, indent=2))
     ok = not figures.failed and figures.losses == 0 and figures.duplicates == 0
+    if ok and not args.keep and args.dir is None:
+        shutil.rmtree(base, ignore_errors=True)
+    return 0 if ok else 1
+
+
+def _replicas_main(args: argparse.Namespace) -> int:
+    """``--replicas N --store DSN``: the multi-replica kill -9 harness."""
+    from tools.crash_replicas import run_replicas
+
+    if not args.store:
+        raise SystemExit("--replicas needs --store postgresql://...")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    base = Path(args.dir or tempfile.mkdtemp(prefix="mailintegration-replicas-")).resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    server = start_dovecot(base / "dovecot")
+    try:
+        out = run_replicas(
+            server,
+            base / "work",
+            store=args.store,
+            iterations=args.iterations,
+            replicas=args.replicas,
+            mailboxes=args.mailboxes,
+            lease=args.lease_seconds,
+            seed=args.seed,
+            max_seconds=args.max_seconds,
+        )
+    finally:
+        server.stop()
+    out["seed"] = args.seed
+    out["work_dir"] = str(base)
+    print(json.dumps(out, indent=2))
+    problems = out["losses"] or out["duplicates"] or out["left_on_server"]
+    ok = not problems and not out["ledger_keys_twice"] and out["drained"]
     if ok and not args.keep and args.dir is None:
         shutil.rmtree(base, ignore_errors=True)
     return 0 if ok else 1

@@ -1,8 +1,9 @@
 """The store: where requests, activities, attachments and the ledger live.
 
 :mod:`engine.store.base` is the interface (a :class:`Store` and its :class:`Transaction`);
-:mod:`engine.store.sqlite` implements it over SQLite and attachment files. A PostgreSQL store
-for several replicas implements the same interface.
+:mod:`engine.store.sqlite` implements it over SQLite and attachment files, and
+:mod:`engine.store.postgres` over PostgreSQL for several replicas (imported only when
+``--store`` names one: a SQLite user's start does not pay for asyncpg).
 """
 
 from engine.store.base import Store, Transaction

@@ -51,6 +51,12 @@ class Transaction(ABC):
     def directory(self) -> DirectoryView:
         """The read-only view of this transaction that processors get."""
 
+    def fence(self, mailbox: str, owner: str, epoch: int) -> None:
+        """Commit only if ``owner`` still holds ``mailbox``'s lease at ``epoch`` (see
+        engine/leases.py); a lost lease fails the commit with a StoreError. SQLite: nothing
+        to check, its data-directory lock makes one engine."""
+        del mailbox, owner, epoch
+
     @abstractmethod
     def savepoint(self) -> AbstractAsyncContextManager[None]:
         """Undo the block's writes alone if it raises an ``Exception`` that is not the store
@@ -300,6 +306,11 @@ class Store(ABC):
     # the whole transaction back and answers every item "not committed". A store adds its
     # driver's errors.
     failures: tuple[type[Exception], ...] = (StoreError,)
+    # Among the failures, those that mean another writer (a replica) committed first what
+    # this transaction also wrote: a ledger key (the unique constraint), an open outage.
+    # The writer does the transaction again, and then finds the other's rows (the message is
+    # a duplicate, deleted without being processed). SQLite has one writer: none.
+    conflicts: tuple[type[Exception], ...] = ()
 
     @abstractmethod
     def transaction(self) -> AbstractAsyncContextManager[Transaction]:

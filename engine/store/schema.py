@@ -266,3 +266,194 @@ def normalized_account(old: str) -> str:
     if not (colon and at and port.isdigit() and user and host):
         return old
     return account_key(user, host)
+
+
+# The same versions in PostgreSQL's dialect. One list of versions for both stores: a
+# version number means the same schema in each (tests/test_postgres.py holds the keys
+# equal). Differences, and why:
+# - ids and request numbers are ``bigserial``/``bigint``: sequences, unique across replicas;
+# - SQLite's ``COLLATE NOCASE`` is a unique index on ``lower(name)`` (no citext extension);
+# - migration 3's Python step (accounts with a port) is SQLite's only: no PostgreSQL store
+#   existed before the accounts changed form;
+# - 11 adds what several replicas need (see its comment); SQLite, with one engine per data
+#   directory behind its lock, has nothing to do for it.
+# Versions 7 to 10 are reserved for other branches; gaps are allowed (the version table
+# lists the versions applied, so one merged later is applied later).
+POSTGRES_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE groups (id bigserial PRIMARY KEY, name text NOT NULL);
+    CREATE UNIQUE INDEX groups_name ON groups (lower(name));
+    CREATE TABLE sites (id bigserial PRIMARY KEY, name text NOT NULL);
+    CREATE UNIQUE INDEX sites_name ON sites (lower(name));
+    CREATE TABLE sources (id bigserial PRIMARY KEY, name text NOT NULL);
+    CREATE UNIQUE INDEX sources_name ON sources (lower(name));
+    CREATE TABLE teams (
+        id bigserial PRIMARY KEY,
+        number bigint NOT NULL UNIQUE,
+        name text NOT NULL,
+        default_group_id bigint REFERENCES groups(id)
+    );
+    CREATE UNIQUE INDEX teams_name ON teams (lower(name));
+    CREATE TABLE users (
+        id bigserial PRIMARY KEY,
+        login text NOT NULL,
+        email text,
+        name text NOT NULL,
+        site_id bigint REFERENCES sites(id),
+        password_hash text
+    );
+    CREATE UNIQUE INDEX users_login ON users (lower(login));
+    CREATE INDEX users_email ON users (lower(email));
+    CREATE TABLE requests (
+        number bigserial PRIMARY KEY,
+        team_id bigint NOT NULL REFERENCES teams(id),
+        type text NOT NULL CHECK (type IN ('incident', 'event')),
+        status text NOT NULL,
+        kind text NOT NULL DEFAULT 'mail'
+            CHECK (kind IN ('mail', 'message-failure', 'outage')),
+        subject text NOT NULL,
+        description text NOT NULL,
+        html text,
+        requester_id bigint REFERENCES users(id),
+        user_id bigint REFERENCES users(id),
+        site_id bigint REFERENCES sites(id),
+        group_id bigint REFERENCES groups(id),
+        assignee_id bigint REFERENCES users(id),
+        source_id bigint REFERENCES sources(id),
+        mailbox text,
+        cause text,
+        message_id text,
+        sha256 text,
+        created_at text NOT NULL,
+        created_by text NOT NULL
+    );
+    CREATE INDEX requests_failure ON requests (kind, message_id, sha256);
+    CREATE INDEX requests_outage ON requests (kind, mailbox, cause, status);
+    CREATE TABLE activities (
+        id bigserial PRIMARY KEY,
+        request_number bigint NOT NULL REFERENCES requests(number),
+        author text NOT NULL,
+        email text NOT NULL,
+        date text NOT NULL,
+        body text NOT NULL,
+        automatic integer NOT NULL DEFAULT 0,
+        message_id text,
+        created_at text NOT NULL
+    );
+    CREATE INDEX activities_request ON activities (request_number);
+    CREATE TABLE attachments (
+        id bigserial PRIMARY KEY,
+        request_number bigint NOT NULL REFERENCES requests(number),
+        activity_id bigint REFERENCES activities(id),
+        name text NOT NULL,
+        content_type text NOT NULL,
+        size bigint NOT NULL,
+        sha256 text NOT NULL
+    );
+    CREATE INDEX attachments_request ON attachments (request_number);
+    CREATE INDEX attachments_sha ON attachments (sha256);
+    CREATE TABLE history (
+        id bigserial PRIMARY KEY,
+        request_number bigint NOT NULL REFERENCES requests(number),
+        at text NOT NULL,
+        by text NOT NULL,
+        text text NOT NULL
+    );
+    CREATE TABLE ledger (
+        id bigserial PRIMARY KEY,
+        account text NOT NULL,
+        uidl text NOT NULL,
+        mailbox text NOT NULL,
+        message_id text,
+        sha256 text NOT NULL,
+        outcome text NOT NULL,
+        request_number bigint REFERENCES requests(number),
+        processed_at text NOT NULL,
+        UNIQUE (account, uidl)
+    );
+    CREATE INDEX ledger_message ON ledger (message_id);
+    CREATE TABLE outbox (
+        id bigserial PRIMARY KEY,
+        mailbox text NOT NULL,
+        request_number bigint REFERENCES requests(number),
+        recipient text NOT NULL,
+        message_id text NOT NULL,
+        message bytea NOT NULL,
+        created_at text NOT NULL,
+        sent_at text,
+        error text
+    );
+    CREATE INDEX outbox_pending ON outbox (sent_at);
+    CREATE INDEX outbox_recipient ON outbox (lower(recipient), created_at);
+    """,
+    2: MIGRATIONS[1],
+    3: MIGRATIONS[2],
+    4: MIGRATIONS[3].replace("instr(recipient, '@')", "strpos(recipient, '@')"),
+    5: MIGRATIONS[4],  # IMAP: the ledger by content hash within an account (an index)
+    # 6: correlation, service requests, priority, rules, foreign numbers (SQLite's comment);
+    # PostgreSQL changes a CHECK in place: no rebuild.
+    6: """
+    CREATE TABLE priorities (id bigserial PRIMARY KEY, name text NOT NULL);
+    CREATE UNIQUE INDEX priorities_name ON priorities (lower(name));
+    CREATE TABLE categories (id bigserial PRIMARY KEY, name text NOT NULL);
+    CREATE UNIQUE INDEX categories_name ON categories (lower(name));
+    ALTER TABLE requests DROP CONSTRAINT requests_type_check;
+    ALTER TABLE requests ADD CONSTRAINT requests_type_check
+        CHECK (type IN ('incident', 'event', 'service request'));
+    ALTER TABLE requests ADD COLUMN priority_id bigint REFERENCES priorities(id);
+    ALTER TABLE requests ADD COLUMN correlation_key text;
+    ALTER TABLE requests ADD COLUMN alert_state text;
+    ALTER TABLE requests ADD COLUMN form text;
+    ALTER TABLE requests ADD COLUMN closed_at text;
+    CREATE INDEX requests_correlation ON requests (correlation_key, number)
+        WHERE correlation_key IS NOT NULL;
+    CREATE TABLE request_fields (
+        id bigserial PRIMARY KEY,
+        request_number bigint NOT NULL REFERENCES requests(number),
+        name text NOT NULL,
+        value text NOT NULL
+    );
+    CREATE INDEX request_fields_request ON request_fields (request_number);
+    CREATE TABLE request_tags (
+        request_number bigint NOT NULL REFERENCES requests(number),
+        tag text NOT NULL,
+        PRIMARY KEY (request_number, tag)
+    );
+    CREATE TABLE foreign_numbers (
+        id bigserial PRIMARY KEY,
+        ref text NOT NULL,
+        request_number bigint NOT NULL REFERENCES requests(number),
+        UNIQUE (ref, request_number)
+    );
+    """,
+    # 11: several replicas on one database.
+    # - attachment_blobs: attachments by content (sha256), so no replica needs a shared disk;
+    #   one row per content whatever cites it.
+    # - leases: which replica polls which mailbox, until when, and the fencing epoch a
+    #   committing transaction checks (engine/store/leases.py).
+    # - replicas: who is alive (a heartbeat), for the balance of leases.
+    # - at most one open outage event per mailbox and cause, whichever replica opens it.
+    # - directory_version: bumped by each directory import, so that a replica may keep its
+    #   directory lookups from one transaction to the next until another one imports.
+    11: """
+    CREATE SEQUENCE directory_version;
+    CREATE TABLE attachment_blobs (
+        sha256 text PRIMARY KEY,
+        data bytea NOT NULL
+    );
+    CREATE TABLE leases (
+        mailbox text PRIMARY KEY,
+        owner text,
+        expires_at timestamptz NOT NULL DEFAULT now(),
+        epoch bigint NOT NULL DEFAULT 0
+    );
+    CREATE INDEX leases_owner ON leases (owner);
+    CREATE TABLE replicas (
+        id text PRIMARY KEY,
+        seen_at timestamptz NOT NULL,
+        started_at timestamptz NOT NULL
+    );
+    CREATE UNIQUE INDEX requests_one_open_outage ON requests (mailbox, cause)
+        WHERE kind = 'outage' AND status NOT IN ('processed', 'closed');
+    """,
+}
