@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import threading
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -226,6 +227,53 @@ def test_the_transaction_writes_its_attachment_files_as_it_goes(tmp_path: Path) 
 
     assert run(tmp_path, body) == (True, True)
     assert rows_of(tmp_path, "SELECT count(*) FROM attachments") == [(1,)]
+
+
+def test_the_commit_waits_for_a_file_started_after_the_earlier_ones_finished(
+    tmp_path: Path,
+) -> None:
+    """A second file added once the first is on disk: COMMIT waits for it too. It did not
+    (the transaction's "all written" event was already set), so a crash right after the
+    commit left a row citing a file never written: found by the crash harness over IMAP."""
+    gate = threading.Event()
+    first, second = b"first file " * 100, b"second file " * 100
+
+    committed_first: list[int] = []
+
+    async def body(store: SqliteStore) -> tuple[bool, bool]:
+        real = store.files.write
+
+        def write(digest: str, data: bytes) -> None:
+            if data == second:
+                gate.wait(10)  # held until the timer below lets it go
+                # What another connection sees now: nothing, unless COMMIT went first.
+                committed_first.extend(n for (n,) in rows_of(tmp_path, COUNT_ATTACHMENTS))
+            real(digest, data)
+
+        store.files.write = write  # type: ignore[method-assign]
+        one = store.files.path_for(hashlib.sha256(first).hexdigest())
+        two = store.files.path_for(hashlib.sha256(second).hexdigest())
+        async with store.transaction() as tx:
+            number = await new_request(tx, "two files")
+            await tx.add_attachments(number, None, [Attachment("1.bin", "x/y", first)])
+            for _ in range(1000):  # 10 s at most
+                if one.exists():
+                    break
+                await anyio.sleep(0.01)
+            await anyio.sleep(0.2)  # the finished write's bookkeeping runs on the loop
+            await tx.add_attachments(number, None, [Attachment("2.bin", "x/y", second)])
+            threading.Timer(0.5, gate.set).start()
+        return one.exists(), two.exists()
+
+    try:
+        assert run(tmp_path, body) == (True, True)
+    finally:
+        gate.set()
+    assert committed_first == [0]
+    assert rows_of(tmp_path, COUNT_ATTACHMENTS) == [(2,)]
+
+
+COUNT_ATTACHMENTS = "SELECT count(*) FROM attachments"
 
 
 def test_migration_6_rebuilds_requests_keeping_numbers_and_references(tmp_path: Path) -> None:

@@ -299,6 +299,14 @@ class _Files:
     written: anyio.Event = field(default_factory=anyio.Event)
     errors: list[OSError] = field(default_factory=list)
 
+    def started(self) -> None:
+        """One more write under way. An Event stays set once set: a write that starts after
+        every earlier one has finished needs a new one, or the commit would not wait for it
+        (it cited a file that a crash then left unwritten: found by the crash harness)."""
+        if not self.writing and self.written.is_set():
+            self.written = anyio.Event()
+        self.writing += 1
+
 
 class _LedgerInsert(NamedTuple):
     """A pending ledger row, as it goes to :data:`_INSERT_LEDGER`."""
@@ -961,7 +969,7 @@ class SqliteTransaction(Transaction):
             files = self._pending.files
             if digest not in files.data:
                 files.data[digest] = att.data
-                files.writing += 1
+                files.started()
                 self._spawn(self._write_file, files, digest, att.data)
             self._pending.add(
                 "attachments",
