@@ -249,7 +249,8 @@ def make_template(directory: Path) -> Path:
     """A data directory with the directory imported: copied for every iteration."""
     from engine.cli import main as engine_main
 
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, exist_ok=True)  # as the engine wants it: no warning on open
     spec = directory.parent / "directory.json"
     spec.write_text(json.dumps(DIRECTORY), encoding="utf-8")
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
