@@ -1283,6 +1283,12 @@ def _server(el: etree._Element, base: Path, ctx: _Context) -> ServerConfig:
             raise ctx.error(
                 f"give either <oauth2> or <{given.tag}>: a mailbox signs in one way", at=given
             )
+        if not (use_ssl or starttls):
+            raise ctx.error(
+                "<oauth2> needs useSsl or startTls: a bearer token is worth a password and "
+                "never travels in clear",
+                at=oauth2_el,
+            )
         password = ""
     else:
         found = _password(el, base, ctx, required=True)

@@ -28,6 +28,7 @@ from engine.config import MailboxConfig, SmtpConfig, load_mailbox, secret_values
 from engine.errors import ConfigError, EngineError, ProtocolError, StoreError
 from engine.items import DirectoryCheck, Envelope, Item, SessionReport
 from engine.keys import ingest_key
+from engine.oauth.broker import TokenBroker
 from engine.ops import Health, Metrics
 from engine.outbox import Outbox
 from engine.parsers import Parsers
@@ -196,6 +197,8 @@ class Engine:
         self.sessions = anyio.Semaphore(settings.max_sessions)
         self.budget = ByteBudget(settings.max_inflight_bytes)
         self.processes = Parsers(settings.parse_processes) if settings.parse_processes else None
+        # Every OAuth2 mailbox's tokens, in the data directory (engine.oauth).
+        self.tokens = TokenBroker(settings.data_dir)
         self.totals: dict[str, SessionResult] = {}
         self.errors: dict[str, str] = {}  # the last session's error, per failing mailbox
         # Mailboxes whose server was seen keeping mail it had confirmed deleting (warned once).
@@ -425,6 +428,7 @@ class Engine:
             stop=self.stop,
             budget=self.budget,
             processes=self.processes,
+            tokens=self.tokens,
         )
         if self.stop.is_set():
             return outcome

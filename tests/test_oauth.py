@@ -1,0 +1,165 @@
+"""OAuth2 sign-in (issue 14) against a real Dovecot whose oauth2 passdb introspects the tokens
+of a real OAuth2 server on loopback (tools/oauthserver.py): SASL on POP3, token sources,
+the token store, refresh, outages, and the secret canaries extended to tokens."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import cli, import_directory, message, once, requests
+
+from engine.config import load_mailbox
+from engine.errors import OAuthError
+from engine.oauth import sasl
+from engine.oauth.broker import TokenBroker
+from tools.dovecot import Dovecot, start_dovecot
+from tools.oauthserver import OAuthServer
+
+pytestmark = pytest.mark.dovecot
+
+INCIDENT = (
+    "Octopus.MailIntegration.Processors.EndUserIncidentMailMessageProcessor, "
+    "Octopus.MailIntegration"
+)
+TENANT = "contoso-test"
+
+
+def oauth_xml(
+    path: Path,
+    dovecot: Dovecot,
+    user: str,
+    oauth2: str,
+    *,
+    smtp: str = "",
+) -> Path:
+    """A mailbox file that signs in to ``dovecot`` over POP3S with ``<oauth2>oauth2</oauth2>``."""
+    path.write_text(
+        f"""<?xml version="1.0" encoding="utf-8"?>
+<mailIntegration>
+  <messageProcessorTypeName>{INCIDENT}</messageProcessorTypeName>
+  <server>
+    <gatewayTypeName>pop3</gatewayTypeName>
+    <serverName>127.0.0.1</serverName>
+    <port>{dovecot.pop3s_port}</port>
+    <useSsl>true</useSsl>
+    <caFile>{dovecot.ca_file}</caFile>
+    <userName>{user}</userName>
+    <timeoutSeconds>5</timeoutSeconds>
+    <oauth2>{oauth2}</oauth2>
+  </server>
+  <team>1</team>
+  <incidentFallbackSiteName>Montr&#233;al</incidentFallbackSiteName>
+  <incidentFallbackUserLogon>unknown.user</incidentFallbackUserLogon>
+  <incidentGroup>Service Desk</incidentGroup>
+  <incidentSource>Email</incidentSource>
+{smtp}</mailIntegration>
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def generic_cc(server: OAuthServer, secret_file: Path, scope: str = "mail") -> str:
+    return (
+        "<provider>generic</provider><flow>clientCredentials</flow>"
+        f"<clientId>{secret_file.stem}</clientId><clientSecretFile>{secret_file}</clientSecretFile>"
+        f"<tokenEndpoint>{server.token_url()}</tokenEndpoint><scope>{scope}</scope>"
+        f"<caFile>{server.ca_file}</caFile>"
+    )
+
+
+@pytest.fixture
+def box(oauth_dovecot: Dovecot) -> str:
+    name = f"box-{uuid.uuid4().hex[:10]}"
+    oauth_dovecot.add_user(name, uuid.uuid4().hex)
+    return name
+
+
+@pytest.fixture
+def app(oauth_server: OAuthServer, box: str, tmp_path: Path) -> Iterator[Path]:
+    """A confidential client acting for ``box``; its secret in a file named after its id."""
+    client_id = f"app-{uuid.uuid4().hex[:8]}"
+    secret = f"secret-{uuid.uuid4().hex}"
+    oauth_server.add_client(client_id, secret, scopes=["mail", "calendar"], username=box)
+    path = tmp_path / f"{client_id}.secret"
+    path.write_text(secret + "\n")
+    yield path
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    return data
+
+
+def token_record(data: Path) -> dict[str, object]:
+    files = list((data / "oauth").glob("*.json"))
+    assert len(files) == 1, files
+    record: dict[str, object] = json.loads(files[0].read_text())
+    return record
+
+
+# --------------------------------------------------------------------------- SASL, pure
+
+
+def test_initial_responses_follow_the_two_mechanisms() -> None:
+    x = sasl.initial_response("XOAUTH2", "box@example.com", "tok", "h", 995)
+    assert x == b"user=box@example.com\x01auth=Bearer tok\x01\x01"
+    o = sasl.initial_response("OAUTHBEARER", "a,b=c", "tok", "mail.example", 995)
+    assert o == b"n,a=a=2Cb=3Dc,\x01host=mail.example\x01port=995\x01auth=Bearer tok\x01\x01"
+    assert sasl.choose(["PLAIN", "xoauth2"]) == "XOAUTH2"
+    assert sasl.choose(["XOAUTH2", "OAUTHBEARER"]) == "OAUTHBEARER"
+    assert sasl.choose(["PLAIN"]) is None
+
+
+def test_refusals_are_classified_by_status_scope_and_expiry() -> None:
+    granted = frozenset({"calendar"})
+    xo = sasl.parse_refusal(b"eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIiwic2NvcGUiOiJtYWlsIn0=")
+    assert xo == {"status": "401", "schemes": "bearer", "scope": "mail"}
+    assert sasl.classify(xo, "XOAUTH2", 2e9, granted, now=1e9).reason == "insufficient-scope"
+    ok_scope = frozenset({"mail"})
+    assert sasl.classify(xo, "XOAUTH2", 1e9 - 1, ok_scope, now=1e9).reason == "token-expired"
+    assert sasl.classify(xo, "XOAUTH2", 2e9, ok_scope, now=1e9).reason == "unknown-user"
+    bearer = {"status": "insufficient_scope"}
+    assert sasl.classify(bearer, "OAUTHBEARER", 2e9, ok_scope).reason == "insufficient-scope"
+    assert sasl.parse_refusal(b"not json") == {}
+
+
+# --------------------------------------------------------------------------- POP3 sign-in
+
+
+def test_client_credentials_sign_in_over_pop3_fetches_and_keeps_tokens_private(
+    oauth_server: OAuthServer,
+    oauth_dovecot: Dovecot,
+    box: str,
+    app: Path,
+    data: Path,
+    tmp_path: Path,
+) -> None:
+    for i in range(2):
+        oauth_dovecot.deliver(box, message(f"Printer {i} jammed"))
+    cfg = oauth_xml(tmp_path / "m.xml", oauth_dovecot, box, generic_cc(oauth_server, app))
+    assert once(data, cfg) == 0
+    assert oauth_dovecot.count(box) == 0
+    assert sorted(r["subject"] for r in requests(data)) == ["Printer 0 jammed", "Printer 1 jammed"]
+    record = token_record(data)
+    assert record["mechanism"] == "OAUTHBEARER"  # both offered: the standard one
+    assert record["scopes"] == ["mail"]
+    folder = data / "oauth"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    for path in folder.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    # The server saw the token it issued, active, for this mailbox.
+    assert any(r.active and r.username == box for r in oauth_server.introspections)
+    # A second run reuses the stored token: no new request to the token endpoint.
+    before = oauth_server.token_requests
+    assert once(data, cfg) == 0
+    assert oauth_server.token_requests == before
