@@ -163,3 +163,65 @@ def test_client_credentials_sign_in_over_pop3_fetches_and_keeps_tokens_private(
     before = oauth_server.token_requests
     assert once(data, cfg) == 0
     assert oauth_server.token_requests == before
+
+
+def one_mechanism_dovecot(base: Path, server: OAuthServer, mechanism: str) -> Dovecot:
+    return start_dovecot(
+        base,
+        imap=False,
+        oauth2_introspection_url=server.introspection_url,
+        oauth2_mechanisms=(mechanism,),
+        oauth2_scope="mail",
+    )
+
+
+@pytest.mark.parametrize("mechanism", ["xoauth2", "oauthbearer"])
+def test_a_server_offering_one_mechanism_is_signed_in_with_that_one(
+    mechanism: str, oauth_server: OAuthServer, dovecot_dir: Path, data: Path, tmp_path: Path
+) -> None:
+    server = one_mechanism_dovecot(dovecot_dir, oauth_server, mechanism)
+    try:
+        user = f"box-{uuid.uuid4().hex[:8]}"
+        server.add_user(user, uuid.uuid4().hex)
+        oauth_server.add_client("one-" + mechanism, "s3cret-" + mechanism, scopes=["mail"], username=user)
+        secret = tmp_path / f"one-{mechanism}.secret"
+        secret.write_text("s3cret-" + mechanism)
+        server.deliver(user, message("Only one mechanism"))
+        cfg = oauth_xml(tmp_path / "m.xml", server, user, generic_cc(oauth_server, secret))
+        assert once(data, cfg) == 0
+        assert server.count(user) == 0
+        assert token_record(data)["mechanism"] == mechanism.upper()
+    finally:
+        server.stop()
+
+
+def test_wrong_scope_and_wrong_user_are_classified_and_mail_stays(
+    oauth_server: OAuthServer, dovecot_dir: Path, data: Path, tmp_path: Path
+) -> None:
+    server = one_mechanism_dovecot(dovecot_dir, oauth_server, "xoauth2")
+    try:
+        user = f"box-{uuid.uuid4().hex[:8]}"
+        server.add_user(user, uuid.uuid4().hex)
+        server.add_user("someone-else", uuid.uuid4().hex)
+        oauth_server.add_client("scoped", "scoped-secret", scopes=["mail", "calendar"], username=user)
+        secret = tmp_path / "scoped.secret"
+        secret.write_text("scoped-secret")
+        server.deliver(user, message("Stays on the server"))
+        # A token for "calendar" only: Dovecot wants "mail".
+        cfg = oauth_xml(
+            tmp_path / "m.xml", server, user, generic_cc(oauth_server, secret, scope="calendar")
+        )
+        code, out = cli("check", "--config", cfg, "--data-dir", data)
+        assert code == 1
+        assert "insufficient-scope" in out and "calendar" in out, out
+        # The right scope, but the token is for another mailbox than userName.
+        other = oauth_xml(tmp_path / "o.xml", server, "someone-else", generic_cc(oauth_server, secret))
+        code, out = cli("check", "--config", other, "--data-dir", tmp_path / "d2")
+        assert code == 1
+        assert "unknown-user" in out, out
+        assert once(data, cfg) == 1
+        assert server.count(user) == 1
+        events = [r for r in requests(data) if "oauth" in r["subject"]]
+        assert len(events) == 1, [r["subject"] for r in requests(data)]
+    finally:
+        server.stop()
