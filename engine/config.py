@@ -157,8 +157,10 @@ class SmtpConfig:
     timeout: float = 30.0
     password_file: str | None = None
     password_env: str | None = None
-    # Sign in with the mailbox's OAuth2 token (server/oauth2) as user_name.
+    # Sign in with the mailbox's OAuth2 token (server/oauth2) as user_name; the tokens are
+    # the mailbox's own (the token store's record of this account).
     oauth2: OAuth2Config | None = None
+    oauth_account: str | None = None
 
 
 @dataclass(frozen=True)
@@ -1202,8 +1204,12 @@ def _build(
     server = _server(server_el, base, ctx)
     smtp_el = root.find("smtp")
     smtp = _smtp(smtp_el, base, ctx, server.oauth2) if smtp_el is not None else None
-    if smtp is not None and smtp.oauth2 is not None and smtp.user_name is None:
-        smtp = dataclasses.replace(smtp, user_name=server.user_name)
+    if smtp is not None and smtp.oauth2 is not None:
+        smtp = dataclasses.replace(
+            smtp,
+            user_name=smtp.user_name or server.user_name,
+            oauth_account=account_key(server.user_name, server.host, server.account_id),
+        )
     reply_el = root.find("replyTemplate")
     reply = None
     if reply_el is not None:
@@ -1429,9 +1435,10 @@ def _smtp(
     password = _password(el, base, ctx, required=False)
     use_oauth2 = _bool(el, "useOAuth2", False)
     if use_oauth2:
-        if oauth2 is None or password is not None:
+        if oauth2 is None or password is not None or not (use_ssl or starttls):
             raise ctx.error(
-                "useOAuth2 needs <oauth2> in <server>, and no password in <smtp>",
+                "useOAuth2 needs <oauth2> in <server>, no password in <smtp>, and useSsl or "
+                "startTls (a bearer token never travels in clear)",
                 at=el.find("useOAuth2"),
             )
     elif user is not None and password is None:

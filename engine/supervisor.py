@@ -264,6 +264,7 @@ class Engine:
             max_attempts=s.reply_max_attempts,
             drain_seconds=s.reply_drain_seconds,
             on_result=count,
+            tokens=self.tokens,
         )
         self.writer.on_reply = self.outbox.wake
         return self.outbox

@@ -4,21 +4,23 @@ the token store, refresh, outages, and the secret canaries extended to tokens.""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
-import logging
-import os
+import socket
+import ssl
 import stat
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import cli, import_directory, message, once, requests
 
-from engine.config import load_mailbox
-from engine.errors import OAuthError
 from engine.oauth import sasl
-from engine.oauth.broker import TokenBroker
 from tools.dovecot import Dovecot, start_dovecot
 from tools.oauthserver import OAuthServer
 
@@ -183,7 +185,9 @@ def test_a_server_offering_one_mechanism_is_signed_in_with_that_one(
     try:
         user = f"box-{uuid.uuid4().hex[:8]}"
         server.add_user(user, uuid.uuid4().hex)
-        oauth_server.add_client("one-" + mechanism, "s3cret-" + mechanism, scopes=["mail"], username=user)
+        oauth_server.add_client(
+            "one-" + mechanism, "s3cret-" + mechanism, scopes=["mail"], username=user
+        )
         secret = tmp_path / f"one-{mechanism}.secret"
         secret.write_text("s3cret-" + mechanism)
         server.deliver(user, message("Only one mechanism"))
@@ -203,7 +207,9 @@ def test_wrong_scope_and_wrong_user_are_classified_and_mail_stays(
         user = f"box-{uuid.uuid4().hex[:8]}"
         server.add_user(user, uuid.uuid4().hex)
         server.add_user("someone-else", uuid.uuid4().hex)
-        oauth_server.add_client("scoped", "scoped-secret", scopes=["mail", "calendar"], username=user)
+        oauth_server.add_client(
+            "scoped", "scoped-secret", scopes=["mail", "calendar"], username=user
+        )
         secret = tmp_path / "scoped.secret"
         secret.write_text("scoped-secret")
         server.deliver(user, message("Stays on the server"))
@@ -215,7 +221,9 @@ def test_wrong_scope_and_wrong_user_are_classified_and_mail_stays(
         assert code == 1
         assert "insufficient-scope" in out and "calendar" in out, out
         # The right scope, but the token is for another mailbox than userName.
-        other = oauth_xml(tmp_path / "o.xml", server, "someone-else", generic_cc(oauth_server, secret))
+        other = oauth_xml(
+            tmp_path / "o.xml", server, "someone-else", generic_cc(oauth_server, secret)
+        )
         code, out = cli("check", "--config", other, "--data-dir", tmp_path / "d2")
         assert code == 1
         assert "unknown-user" in out, out
@@ -225,3 +233,87 @@ def test_wrong_scope_and_wrong_user_are_classified_and_mail_stays(
         assert len(events) == 1, [r["subject"] for r in requests(data)]
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------- SMTP
+
+
+class OAuthSmtp:
+    """An aiosmtpd handler that signs in with XOAUTH2 only, checking the token with the
+    authorization server's introspection (as Dovecot does), and keeps what it receives."""
+
+    def __init__(self, server: OAuthServer) -> None:
+        self.server = server
+        self.received: list[tuple[str, bytes]] = []
+        self.logins: list[str] = []
+
+    async def auth_XOAUTH2(self, smtp: Any, args: list[str]) -> Any:
+        from aiosmtpd.smtp import AuthResult
+
+        blob = base64.b64decode(args[1]) if len(args) > 1 else await smtp.challenge_auth("")
+        fields = dict(part.split("=", 1) for part in blob.decode().split("\x01") if "=" in part)
+        token = fields.get("auth", "").removeprefix("Bearer ")
+        claims = await asyncio.to_thread(self._introspect, token)
+        if claims.get("active") and claims.get("username") == fields.get("user"):
+            self.logins.append(fields["user"])
+            return AuthResult(success=True, auth_data=fields["user"])
+        await smtp.challenge_auth(json.dumps({"status": "401", "schemes": "bearer"}))
+        return AuthResult(success=False)
+
+    def _introspect(self, token: str) -> dict[str, Any]:
+        body = urllib.parse.urlencode({"token": token}).encode()
+        with urllib.request.urlopen(self.server.introspection_url, body, timeout=10) as r:
+            claims: dict[str, Any] = json.loads(r.read())
+        return claims
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.received.append((envelope.mail_from, envelope.content))
+        return "250 OK"
+
+
+def test_replies_are_sent_over_smtp_signed_in_with_the_mailbox_token(
+    oauth_server: OAuthServer,
+    oauth_dovecot: Dovecot,
+    box: str,
+    app: Path,
+    data: Path,
+    tmp_path: Path,
+) -> None:
+    from aiosmtpd.controller import Controller
+
+    handler = OAuthSmtp(oauth_server)
+    certs = oauth_server.certificates
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs.cert_file, certs.key_file)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    controller = Controller(
+        handler,
+        hostname="127.0.0.1",
+        port=port,
+        tls_context=context,
+        require_starttls=True,
+        auth_exclude_mechanism=["LOGIN", "PLAIN"],
+    )
+    controller.start()
+    try:
+        oauth_dovecot.deliver(box, message("Please register me"))
+        smtp = (
+            f"<smtp><serverName>127.0.0.1</serverName><port>{port}</port><startTls>true</startTls>"
+            f"<caFile>{oauth_server.ca_file}</caFile><useOAuth2>true</useOAuth2>"
+            "<from>Desk &lt;desk@example.com&gt;</from><timeoutSeconds>5</timeoutSeconds></smtp>"
+            "<createNewRequests>false</createNewRequests>"
+            "<replyTemplate><subject>Not registered: {subject}</subject>"
+            "<body>Dear {sender}, this mailbox takes no new requests.</body></replyTemplate>"
+        )
+        cfg = oauth_xml(
+            tmp_path / "m.xml", oauth_dovecot, box, generic_cc(oauth_server, app), smtp=smtp
+        )
+        assert once(data, cfg) == 0
+        assert handler.logins == [box]
+        assert len(handler.received) == 1
+        assert handler.received[0][0] == "<>"  # MAIL FROM:<>
+        assert b"Not registered: Please register me" in handler.received[0][1]
+    finally:
+        controller.stop()
