@@ -10,6 +10,7 @@ import json
 import socket
 import ssl
 import stat
+import subprocess
 import urllib.parse
 import urllib.request
 import uuid
@@ -18,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import cli, import_directory, message, once, requests
+from support import cli, engine_argv, import_directory, message, once, requests
 
+from engine.config import load_mailbox
 from engine.oauth import sasl
+from engine.oauth.broker import TokenBroker
 from tools.dovecot import Dovecot, start_dovecot
 from tools.oauthserver import OAuthServer
 
@@ -317,3 +320,107 @@ def test_replies_are_sent_over_smtp_signed_in_with_the_mailbox_token(
         assert b"Not registered: Please register me" in handler.received[0][1]
     finally:
         controller.stop()
+
+
+# --------------------------------------------------------------------------- token sources
+
+
+def delegated(server: OAuthServer, provider: str, client_id: str, extra: str = "") -> str:
+    """A refreshToken mailbox: Microsoft through msal (Entra-like paths), or generic
+    (Google-like root endpoints) through authlib."""
+    if provider == "microsoft":
+        endpoints = f"<tokenEndpoint>{server.token_url(TENANT)}</tokenEndpoint>"
+    else:
+        endpoints = (
+            f"<tokenEndpoint>{server.token_url()}</tokenEndpoint>"
+            f"<deviceEndpoint>{server.device_url()}</deviceEndpoint>"
+        )
+    return (
+        f"<provider>{provider}</provider><flow>refreshToken</flow><clientId>{client_id}</clientId>"
+        f"{endpoints}<scope>mail offline_access</scope><caFile>{server.ca_file}</caFile>{extra}"
+    )
+
+
+def device_login(server: OAuthServer, cfg: Path, data: Path, user: str) -> str:
+    """Run `oauth login` as a process, approve its code as the user would; its output."""
+    proc = subprocess.Popen(
+        engine_argv("oauth", "login", "--config", cfg, "--data-dir", data),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for _ in range(20):
+            line = proc.stdout.readline()
+            lines.append(line)
+            if line.startswith("Code: ") or not line:
+                break
+        assert lines[-1].startswith("Code: "), lines
+        server.approve_device(lines[-1].split()[1], user)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, "".join(lines) + rest
+    return "".join(lines) + rest
+
+
+@pytest.mark.parametrize("provider", ["microsoft", "generic"])
+def test_device_login_then_the_refresh_token_flow_signs_in_and_rotates(
+    provider: str,
+    oauth_server: OAuthServer,
+    oauth_dovecot: Dovecot,
+    box: str,
+    data: Path,
+    tmp_path: Path,
+) -> None:
+    client_id = f"public-{provider}-{uuid.uuid4().hex[:6]}"
+    oauth_server.add_client(client_id, scopes=["mail"])
+    cfg = oauth_xml(
+        tmp_path / "m.xml", oauth_dovecot, box, delegated(oauth_server, provider, client_id)
+    )
+    # Before anyone signed in: an oauth outage that says to run oauth login; mail stays.
+    oauth_dovecot.deliver(box, message("Waiting for sign-in"))
+    assert once(data, cfg) == 1
+    assert oauth_dovecot.count(box) == 1
+    out = device_login(oauth_server, cfg, data, box)
+    assert "/device" in out and "OK: signed in" in out
+    first = token_record(data)["refresh_token"]
+    # The login's access token is used at once; a forced refresh rotates the refresh token.
+    assert once(data, cfg) == 0
+    assert oauth_dovecot.count(box) == 0
+    broker = TokenBroker(data)
+    loaded = load_mailbox(cfg)
+    assert loaded.server.oauth2 is not None
+    token = broker.access_token(loaded.account, loaded.server.oauth2, force=True)
+    assert token.fresh
+    second = token_record(data)["refresh_token"]
+    assert second and second != first
+    events = [r for r in requests(data) if "oauth" in r["subject"]]
+    assert len(events) == 1, events
+    assert events[0]["status"] == "processed"  # closed by the first sign-in that worked
+
+
+def test_microsoft_client_credentials_through_msal(
+    oauth_server: OAuthServer,
+    oauth_dovecot: Dovecot,
+    box: str,
+    app: Path,
+    data: Path,
+    tmp_path: Path,
+) -> None:
+    oauth2 = (
+        f"<provider>microsoft</provider><flow>clientCredentials</flow><tenant>{TENANT}</tenant>"
+        f"<clientId>{app.stem}</clientId><clientSecretFile>{app}</clientSecretFile>"
+        f"<tokenEndpoint>{oauth_server.token_url(TENANT)}</tokenEndpoint><scope>mail</scope>"
+        f"<caFile>{oauth_server.ca_file}</caFile>"
+    )
+    cfg = oauth_xml(tmp_path / "m.xml", oauth_dovecot, box, oauth2)
+    oauth_dovecot.deliver(box, message("From Entra"))
+    code, out = cli("check", "--config", cfg, "--data-dir", data)
+    assert code == 0, out
+    assert "OAUTHBEARER" in out and "microsoft clientCredentials (secret)" in out
+    assert once(data, cfg) == 0
+    assert oauth_dovecot.count(box) == 0

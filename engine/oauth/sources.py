@@ -288,7 +288,9 @@ def _generic_device_start(cfg: OAuth2Config, timeout: float) -> DeviceFlow:
         data = {"client_id": cfg.client_id, "scope": " ".join(cfg.scopes)}
         if cfg.client_secret:
             data["client_secret"] = cfg.client_secret
-        response = session.post(cfg.device_endpoint, data=data, timeout=timeout)
+        response = session.post(
+            cfg.device_endpoint, data=data, timeout=timeout, withhold_token=True
+        )
         body = response.json()
     except (requests.RequestException, OSError) as exc:
         raise _unreachable(cfg, exc) from None
