@@ -424,3 +424,76 @@ def test_microsoft_client_credentials_through_msal(
     assert "OAUTHBEARER" in out and "microsoft clientCredentials (secret)" in out
     assert once(data, cfg) == 0
     assert oauth_dovecot.count(box) == 0
+
+
+# --------------------------------------------------------------------------- refresh, outages
+
+
+def outages(data: Path) -> list[dict[str, Any]]:
+    return [r for r in requests(data) if r["kind"] == "outage"]
+
+
+def test_a_revoked_refresh_token_opens_one_outage_and_a_new_login_closes_it(
+    oauth_server: OAuthServer,
+    oauth_dovecot: Dovecot,
+    box: str,
+    data: Path,
+    tmp_path: Path,
+) -> None:
+    client_id = f"public-revoked-{uuid.uuid4().hex[:6]}"
+    oauth_server.add_client(client_id, scopes=["mail"])
+    cfg = oauth_xml(
+        tmp_path / "m.xml", oauth_dovecot, box, delegated(oauth_server, "generic", client_id)
+    )
+    device_login(oauth_server, cfg, data, box)
+    assert once(data, cfg) == 0
+    record = token_record(data)
+    assert oauth_server.revoke(str(record["refresh_token"]))  # its access tokens go with it
+    oauth_dovecot.deliver(box, message("Arrives while consent is revoked"))
+    for _ in range(2):
+        assert once(data, cfg) == 1
+    assert oauth_dovecot.count(box) == 1  # mail stays on the server
+    [outage] = outages(data)
+    assert outage["cause"] == "oauth"
+    assert "oauth login" in outage["description"]
+    assert outage["status"] != "processed"
+    device_login(oauth_server, cfg, data, box)
+    assert once(data, cfg) == 0
+    assert oauth_dovecot.count(box) == 0
+    [outage] = outages(data)
+    assert outage["status"] == "processed"
+
+
+def test_an_expired_client_secret_opens_an_outage_that_says_to_renew_it(
+    oauth_server: OAuthServer,
+    oauth_dovecot: Dovecot,
+    box: str,
+    app: Path,
+    data: Path,
+    tmp_path: Path,
+) -> None:
+    oauth2 = (
+        f"<provider>microsoft</provider><flow>clientCredentials</flow><tenant>{TENANT}</tenant>"
+        f"<clientId>{app.stem}</clientId><clientSecretFile>{app}</clientSecretFile>"
+        f"<tokenEndpoint>{oauth_server.token_url(TENANT)}</tokenEndpoint><scope>mail</scope>"
+        f"<caFile>{oauth_server.ca_file}</caFile>"
+    )
+    cfg = oauth_xml(tmp_path / "m.xml", oauth_dovecot, box, oauth2)
+    assert once(data, cfg) == 0
+    oauth_server.expire_client_secret(app.stem)
+    # The stored token has expired: the next session must go to the token endpoint.
+    store = TokenBroker(data).store
+    loaded = load_mailbox(cfg)
+    with store.locked(loaded.account):
+        record = store.load(loaded.account)
+        record.expires_at = 0
+        store.save(record)
+    oauth_dovecot.deliver(box, message("Waits for a new secret"))
+    assert once(data, cfg) == 1
+    assert oauth_dovecot.count(box) == 1
+    [outage] = outages(data)
+    assert outage["cause"] == "oauth"
+    assert "client secret has expired" in outage["description"]
+    code, out = cli("oauth", "status", "--config", cfg, "--data-dir", data)
+    assert code == 1
+    assert "last error: secret-expired" in out, out

@@ -15,6 +15,7 @@ message: only the provider's error code and its description, which name neither.
 
 from __future__ import annotations
 
+import datetime
 import re
 import time
 from collections.abc import Callable
@@ -98,12 +99,20 @@ def refusal_reason(error: str, description: str, codes: list[int] | None = None)
     return "token-endpoint"
 
 
-def _refused(error: str, description: str, codes: list[int] | None = None) -> OAuthError:
+def _refused(
+    cfg: OAuth2Config, error: str, description: str, codes: list[int] | None = None
+) -> OAuthError:
+    reason = refusal_reason(error, description, codes)
+    expires = cfg.client_secret_expires
+    if reason == "client-refused" and expires is not None and expires <= datetime.date.today():
+        # An RFC 6749 server says invalid_client for a wrong and an expired secret alike;
+        # the configured expiry tells them apart.
+        reason = "secret-expired"
     # The description is the provider's words (Entra's AADSTS text), never a token; cut short.
     text = f"the token endpoint refused: {error}" + (
         f" ({description[:300]})" if description else ""
     )
-    return OAuthError(refusal_reason(error, description, codes), text)
+    return OAuthError(reason, text)
 
 
 def _unreachable(cfg: OAuth2Config, exc: BaseException) -> OAuthError:
@@ -166,6 +175,7 @@ def _msal_call(cfg: OAuth2Config, call: Callable[[], Any]) -> Grant:
     if not isinstance(result, dict) or "access_token" not in result:
         result = result if isinstance(result, dict) else {}
         raise _refused(
+            cfg,
             str(result.get("error", "no_token")),
             str(result.get("error_description", "")),
             [c for c in result.get("error_codes", []) if isinstance(c, int)],
@@ -215,7 +225,7 @@ def _authlib_call(cfg: OAuth2Config, call: Callable[[Any], Any]) -> Grant:
     try:
         token = call(session)
     except AuthlibBaseError as exc:
-        raise _refused(str(exc.error or "error"), str(exc.description or "")) from None
+        raise _refused(cfg, str(exc.error or "error"), str(exc.description or "")) from None
     except (requests.RequestException, OSError) as exc:
         raise _unreachable(cfg, exc) from None
     except ValueError:
@@ -268,7 +278,9 @@ def device_start(cfg: OAuth2Config, timeout: float) -> DeviceFlow:
         except (requests.RequestException, OSError) as exc:
             raise _unreachable(cfg, exc) from None
         if "user_code" not in flow:
-            raise _refused(str(flow.get("error", "error")), str(flow.get("error_description", "")))
+            raise _refused(
+                cfg, str(flow.get("error", "error")), str(flow.get("error_description", ""))
+            )
         return DeviceFlow(
             message=str(flow.get("message", "")),
             user_code=str(flow["user_code"]),
@@ -300,7 +312,7 @@ def _generic_device_start(cfg: OAuth2Config, timeout: float) -> DeviceFlow:
         session.close()
     if not isinstance(body, dict) or "device_code" not in body:
         body = body if isinstance(body, dict) else {}
-        raise _refused(str(body.get("error", "error")), str(body.get("error_description", "")))
+        raise _refused(cfg, str(body.get("error", "error")), str(body.get("error_description", "")))
     uri = str(body.get("verification_uri") or body.get("verification_url") or "")
     return DeviceFlow(
         message=f"To sign in, open {uri} and enter the code {body['user_code']}",
