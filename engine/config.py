@@ -16,7 +16,6 @@ for support bundles.
 from __future__ import annotations
 
 import codecs
-import dataclasses
 import datetime
 import functools
 import html
@@ -1203,13 +1202,7 @@ def _build(
     assert server_el is not None  # required by the schema
     server = _server(server_el, base, ctx)
     smtp_el = root.find("smtp")
-    smtp = _smtp(smtp_el, base, ctx, server.oauth2) if smtp_el is not None else None
-    if smtp is not None and smtp.oauth2 is not None:
-        smtp = dataclasses.replace(
-            smtp,
-            user_name=smtp.user_name or server.user_name,
-            oauth_account=account_key(server.user_name, server.host, server.account_id),
-        )
+    smtp = _smtp(smtp_el, base, ctx, server) if smtp_el is not None else None
     reply_el = root.find("replyTemplate")
     reply = None
     if reply_el is not None:
@@ -1427,15 +1420,49 @@ def _client_secret(
     return value, None
 
 
-def _smtp(
-    el: etree._Element, base: Path, ctx: _Context, oauth2: OAuth2Config | None = None
-) -> SmtpConfig:
+def _smtp(el: etree._Element, base: Path, ctx: _Context, server: ServerConfig) -> SmtpConfig:
     use_ssl, starttls = _tls_mode(el, ctx)
     user = _token(el, "userName")
     password = _password(el, base, ctx, required=False)
+    use_oauth2 = _smtp_login(el, user, password, server, use_ssl or starttls, ctx)
+    port = _int(el, "port")
+    host = _token(el, "serverName")
+    sender = _token(el, "from")
+    assert host is not None and sender is not None  # required by the schema
+    return SmtpConfig(
+        host=host,
+        # 25 is plain SMTP; with TLS from the first byte, the standard port is 465.
+        port=port if port is not None else (465 if use_ssl else 25),
+        sender=sender,
+        use_ssl=use_ssl,
+        starttls=starttls,
+        user_name=user or (server.user_name if use_oauth2 else None),
+        password=password,
+        ca_file=_ca_file(el, base, ctx),
+        tls_verify=_bool(el, "tlsVerify", True),
+        timeout=float(_int(el, "timeoutSeconds") or 30),
+        password_file=_token(el, "passwordFile"),
+        password_env=_token(el, "passwordEnv"),
+        oauth2=server.oauth2 if use_oauth2 else None,
+        # The mailbox's own tokens (the token store keys them by its account).
+        oauth_account=(
+            account_key(server.user_name, server.host, server.account_id) if use_oauth2 else None
+        ),
+    )
+
+
+def _smtp_login(
+    el: etree._Element,
+    user: str | None,
+    password: str | None,
+    server: ServerConfig,
+    tls: bool,
+    ctx: _Context,
+) -> bool:
+    """Check how ``<smtp>`` signs in; True when with the mailbox's OAuth2 token."""
     use_oauth2 = _bool(el, "useOAuth2", False)
     if use_oauth2:
-        if oauth2 is None or password is not None or not (use_ssl or starttls):
+        if server.oauth2 is None or password is not None or not tls:
             raise ctx.error(
                 "useOAuth2 needs <oauth2> in <server>, no password in <smtp>, and useSsl or "
                 "startTls (a bearer token never travels in clear)",
@@ -1448,26 +1475,7 @@ def _smtp(
     if user is None and password is not None:
         source = next(e for n in _PASSWORD_SOURCES if (e := el.find(n)) is not None)
         raise ctx.error("a password needs a <userName> in <smtp>", at=source)
-    port = _int(el, "port")
-    host = _token(el, "serverName")
-    sender = _token(el, "from")
-    assert host is not None and sender is not None  # required by the schema
-    return SmtpConfig(
-        host=host,
-        # 25 is plain SMTP; with TLS from the first byte, the standard port is 465.
-        port=port if port is not None else (465 if use_ssl else 25),
-        sender=sender,
-        use_ssl=use_ssl,
-        starttls=starttls,
-        user_name=user,
-        password=password,
-        ca_file=_ca_file(el, base, ctx),
-        tls_verify=_bool(el, "tlsVerify", True),
-        timeout=float(_int(el, "timeoutSeconds") or 30),
-        password_file=_token(el, "passwordFile"),
-        password_env=_token(el, "passwordEnv"),
-        oauth2=oauth2 if use_oauth2 else None,
-    )
+    return use_oauth2
 
 
 def _tls_mode(el: etree._Element, ctx: _Context) -> tuple[bool, bool]:

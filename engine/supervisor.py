@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from engine.errors import ConfigError, EngineError, ProtocolError, StoreError
 from engine.items import DirectoryCheck, Envelope, Item, SessionReport
 from engine.keys import ingest_key
 from engine.oauth.broker import TokenBroker
+from engine.oauth.health import health
 from engine.ops import Health, Metrics
 from engine.outbox import Outbox
 from engine.parsers import Parsers
@@ -458,9 +460,30 @@ class Engine:
             await env.done.wait()
             outcome.dry_run_lines.append(f"{env.uidl}: {env.explanation}")
         self._account(src.name, outcome)
+        warnings: tuple[tuple[str, str], ...] = ()
+        if cfg is not None and cfg.server.oauth2 is not None:
+            warnings = await anyio.to_thread.run_sync(self._token_health, cfg)
         if not self.settings.dry_run:
-            await self._report(src, cfg, outcome, send)
+            await self._report(src, cfg, outcome, send, warnings)
         return outcome
+
+    def _token_health(self, cfg: MailboxConfig) -> tuple[tuple[str, str], ...]:
+        """An OAuth2 mailbox's token health into the metrics; its warnings (engine.oauth)."""
+        assert cfg.server.oauth2 is not None
+        h = health(cfg.name, cfg.server.oauth2, self.tokens.store.load(cfg.account))
+        m = self.metrics
+        if m is not None:
+            day = 86400.0
+            m.oauth_access_expiry.labels(cfg.name).set(h.access_expires_at)
+            m.oauth_last_refresh.labels(cfg.name).set(h.last_refresh)
+            age, idle = h.refresh_age_days, h.refresh_idle_days
+            m.oauth_refresh_age.labels(cfg.name).set(-1 if age is None else age * day)
+            m.oauth_refresh_idle.labels(cfg.name).set(-1 if idle is None else idle * day)
+            left = h.secret_days_left
+            expiry = -1.0 if left is None else time.time() + left * day
+            m.oauth_secret_expiry.labels(cfg.name).set(expiry)
+            m.oauth_warnings.labels(cfg.name).set(len(h.warnings))
+        return h.warnings
 
     async def _report(
         self,
@@ -468,8 +491,10 @@ class Engine:
         cfg: MailboxConfig | None,
         outcome: MailboxOutcome,
         send: MemoryObjectSendStream[Item],
+        warnings: tuple[tuple[str, str], ...] = (),
     ) -> None:
-        """Have the writer record how the session ended (its outage events, its status)."""
+        """Have the writer record how the session ended (its outage events, its status,
+        token health warnings)."""
         result = outcome.result or SessionResult()
         report = SessionReport(
             name=src.name,
@@ -483,6 +508,7 @@ class Engine:
             account=result.account,
             deleted=result.deleted_keys,
             kept_deleted=result.kept_deleted,
+            warnings=warnings,
         )
         try:
             await submit(send, report)

@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import socket
 import ssl
 import stat
 import subprocess
+import time
 import urllib.parse
 import urllib.request
 import uuid
@@ -19,7 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import cli, engine_argv, import_directory, message, once, requests
+from support import (
+    LOGIN,
+    LOGIN_PASSWORD,
+    cli,
+    engine_argv,
+    import_directory,
+    message,
+    once,
+    requests,
+    wait_for,
+)
+from test_secrets import leaks
 
 from engine.config import load_mailbox
 from engine.oauth import sasl
@@ -497,3 +510,79 @@ def test_an_expired_client_secret_opens_an_outage_that_says_to_renew_it(
     code, out = cli("oauth", "status", "--config", cfg, "--data-dir", data)
     assert code == 1
     assert "last error: secret-expired" in out, out
+
+
+def issued_tokens(server: OAuthServer, client_id: str) -> list[str]:
+    """Every token the server issued to ``client_id`` (access and refresh)."""
+    with server._lock:
+        return [t.value for t in server._tokens.values() if t.client_id == client_id]
+
+
+def test_five_second_tokens_refresh_through_a_30_s_daemon_run_without_a_failed_session(
+    oauth_server: OAuthServer,
+    oauth_dovecot: Dovecot,
+    box: str,
+    app: Path,
+    data: Path,
+    tmp_path: Path,
+) -> None:
+    """Also the token canaries: with --debug, no token issued during the run (nor the client
+    secret) is in the logs, the output, /metrics, the database or any other file but the
+    token store."""
+    conf = tmp_path / "mailboxes.d"
+    conf.mkdir()
+    oauth_xml(conf / "box.xml", oauth_dovecot, box, generic_cc(oauth_server, app))
+    log_file = tmp_path / "logs" / "engine.log"
+    log_file.parent.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    argv = engine_argv(
+        "run", "--config-dir", conf, "--data-dir", data, "--poll-interval", "1",
+        "--log-file", log_file, "--debug", "--http-port", port,
+    )  # fmt: skip
+    env = {**os.environ, "MAILINTEGRATION_LOGIN": LOGIN, "MAILINTEGRATION_PASSWORD": LOGIN_PASSWORD}
+    oauth_server.access_token_lifetime = 5
+    before = oauth_server.token_requests
+    sent = 0
+    metrics = ""
+    try:
+        proc = subprocess.Popen(
+            argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            started = time.monotonic()
+            for _ in range(60):  # bounded: 30 s of running, a message every 3 s
+                if time.monotonic() - started >= 30:
+                    break
+                if time.monotonic() - started >= sent * 3:
+                    oauth_dovecot.deliver(box, message(f"Message {sent}"))
+                    sent += 1
+                time.sleep(0.5)
+                assert proc.poll() is None, "the daemon exited"
+            wait_for(lambda: oauth_dovecot.count(box) == 0, 15, "the last messages")
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                metrics = r.read().decode()
+        finally:
+            proc.terminate()
+            out, err = proc.communicate(timeout=60)
+    finally:
+        oauth_server.access_token_lifetime = 3600
+    assert proc.returncode == 0, err[-2000:]
+    refreshes = oauth_server.token_requests - before
+    assert refreshes >= 5, refreshes  # 5 s tokens over 30 s, refreshed at half their life
+    assert len(requests(data)) == sent >= 10
+    assert outages(data) == []
+    mine = [r for r in oauth_server.introspections if r.username == box]
+    assert mine and all(r.active for r in mine)  # no token was ever refused
+    assert b"cannot be read" not in err
+    # The canaries: every token of the run, and the client secret.
+    tokens = issued_tokens(oauth_server, app.stem)
+    assert len(tokens) >= refreshes
+    secret = app.read_text().strip()
+    store = set((data / "oauth").glob("*.json"))
+    outputs = out.decode(errors="replace") + err.decode(errors="replace") + metrics
+    assert "mailintegration_oauth" in metrics
+    for canary in [*tokens, secret]:
+        assert canary not in outputs
+        assert leaks(tmp_path, canary, allowed=store | {app}) == []
