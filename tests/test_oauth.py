@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import json
 import os
 import socket
@@ -34,9 +35,11 @@ from support import (
 )
 from test_secrets import leaks
 
-from engine.config import load_mailbox
+from engine.config import OAuth2Config, load_mailbox
 from engine.oauth import sasl
 from engine.oauth.broker import TokenBroker
+from engine.oauth.health import health
+from engine.oauth.store import TokenRecord
 from tools.dovecot import Dovecot, start_dovecot
 from tools.oauthserver import OAuthServer
 
@@ -586,3 +589,53 @@ def test_five_second_tokens_refresh_through_a_30_s_daemon_run_without_a_failed_s
     for canary in [*tokens, secret]:
         assert canary not in outputs
         assert leaks(tmp_path, canary, allowed=store | {app}) == []
+
+
+# --------------------------------------------------------------------------- token health
+
+
+def test_a_secret_expiring_within_warn_days_raises_one_warning_event_and_status_shows_it(
+    oauth_server: OAuthServer,
+    oauth_dovecot: Dovecot,
+    box: str,
+    app: Path,
+    data: Path,
+    tmp_path: Path,
+) -> None:
+    soon = (datetime.date.today() + datetime.timedelta(days=10)).isoformat()
+    oauth2 = generic_cc(oauth_server, app) + f"<clientSecretExpires>{soon}</clientSecretExpires>"
+    cfg = oauth_xml(tmp_path / "m.xml", oauth_dovecot, box, oauth2)
+    for _ in range(2):
+        assert once(data, cfg) == 0  # mail is still read
+    [warning] = outages(data)
+    assert warning["cause"] == f"warning:secret:{soon}"
+    assert (
+        "expires in" in warning["description"] and "clientSecretExpires" in warning["description"]
+    )
+    assert warning["status"] != "processed"  # a working session does not close a warning
+    code, out = cli("oauth", "status", "--config", cfg, "--data-dir", data)
+    assert code == 1
+    assert f"client secret expires {soon}" in out and "WARNING" in out
+    assert "mechanism: OAUTHBEARER" in out
+    code, out = cli("oauth", "status", "--config", cfg, "--data-dir", data, "--json")
+    [entry] = json.loads(out)
+    assert entry["secret_expires"] == soon and entry["access_expires_at"] > 0
+    assert str(token_record(data)["access_token"]) not in out
+
+
+def test_an_unused_refresh_token_warns_before_the_providers_inactivity_expiry() -> None:
+    cfg = OAuth2Config(
+        provider="microsoft",
+        flow="refreshToken",
+        client_id="c",
+        token_endpoint="https://login.microsoftonline.com/t/oauth2/v2.0/token",
+        device_endpoint=None,
+        scopes=("s",),
+    )
+    now = 1e9
+    record = TokenRecord(account="a", refresh_token="rt", refresh_obtained_at=now - 100 * 86400)
+    record.refresh_last_used = now - 70 * 86400
+    assert health("m", cfg, record, now).warnings == ()
+    record.refresh_last_used = now - 80 * 86400  # 90 days for Entra, warned 14 days ahead
+    [(key, text)] = health("m", cfg, record, now).warnings
+    assert key.startswith("idle:") and "80 day(s)" in text and "oauth login" in text
