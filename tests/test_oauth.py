@@ -35,7 +35,8 @@ from support import (
 )
 from test_secrets import leaks
 
-from engine.config import OAuth2Config, load_mailbox
+from engine.config import OAuth2Config, load_mailbox, mailbox_copy, redact_config, secret_values
+from engine.errors import ConfigError
 from engine.oauth import sasl
 from engine.oauth.broker import TokenBroker
 from engine.oauth.health import health
@@ -639,3 +640,114 @@ def test_an_unused_refresh_token_warns_before_the_providers_inactivity_expiry() 
     record.refresh_last_used = now - 80 * 86400  # 90 days for Entra, warned 14 days ahead
     [(key, text)] = health("m", cfg, record, now).warnings
     assert key.startswith("idle:") and "80 day(s)" in text and "oauth login" in text
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def _xml(tmp_path: Path, oauth2: str, server_extra: str = "", tls: bool = True) -> Path:
+    path = tmp_path / "c.xml"
+    path.write_text(
+        f"""<mailIntegration>
+  <messageProcessorTypeName>{INCIDENT}</messageProcessorTypeName>
+  <server><gatewayTypeName>pop3</gatewayTypeName><serverName>outlook.office365.com</serverName>
+    <useSsl>{"true" if tls else "false"}</useSsl><userName>desk@contoso.com</userName>
+    {server_extra}<oauth2>{oauth2}</oauth2></server>
+</mailIntegration>"""
+    )
+    return path
+
+
+def test_provider_defaults_secret_sources_and_a_copy_without_the_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DESK_OAUTH_SECRET", "env-Secret-4711")
+    cfg = load_mailbox(
+        _xml(
+            tmp_path,
+            "<provider>microsoft</provider><flow>clientCredentials</flow>"
+            "<tenant>contoso.onmicrosoft.com</tenant><clientId>11111111-2222</clientId>"
+            "<clientSecretEnv>DESK_OAUTH_SECRET</clientSecretEnv>"
+            "<clientSecretExpires>2027-05-01</clientSecretExpires>",
+        )
+    )
+    o = cfg.server.oauth2
+    assert o is not None and o.client_secret == "env-Secret-4711"
+    assert o.token_endpoint == (
+        "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+    )
+    assert o.scopes == ("https://outlook.office365.com/.default",)
+    assert not o.custom_authority and o.warn_days == 14
+    assert cfg.server.password == ""
+    assert "env-Secret-4711" in secret_values(cfg)
+    copy = mailbox_copy(cfg).decode()
+    assert "env-Secret-4711" not in copy and "<clientSecretEnv>DESK_OAUTH_SECRET<" in copy
+    assert "<password>" not in copy
+    # The copy loads again as the same settings.
+    (tmp_path / "copy.xml").write_text(copy)
+    assert load_mailbox(tmp_path / "copy.xml").server.oauth2 == o
+    # Names of secrets' sources stay readable in a redacted file; a secret element does not.
+    text = _xml(
+        tmp_path, "<clientSecretFile>s.txt</clientSecretFile><clientSecret>x1y2z3</clientSecret>"
+    )
+    redacted = redact_config(text.read_bytes()).decode()
+    assert "<clientSecretFile>s.txt</clientSecretFile>" in redacted and "x1y2z3" not in redacted
+    google = load_mailbox(
+        _xml(tmp_path, "<provider>google</provider><flow>refreshToken</flow><clientId>g</clientId>")
+    ).server.oauth2
+    assert google is not None
+    assert google.token_endpoint == "https://oauth2.googleapis.com/token"
+    assert google.device_endpoint == "https://oauth2.googleapis.com/device/code"
+    assert google.scopes == ("https://mail.google.com/",)
+
+
+@pytest.mark.parametrize(
+    ("oauth2", "extra", "tls", "says"),
+    [
+        ("<provider>generic</provider><flow>refreshToken</flow><clientId>c</clientId>"
+         "<scope>s</scope>", "", True, "needs <tokenEndpoint>"),
+        ("<provider>generic</provider><flow>refreshToken</flow><clientId>c</clientId>"
+         "<tokenEndpoint>http://idp/token</tokenEndpoint><scope>s</scope>", "", True, "https://"),
+        ("<provider>microsoft</provider><flow>clientCredentials</flow><clientId>c</clientId>"
+         "<clientSecretEnv>X</clientSecretEnv>", "", True, "needs <tenant>"),
+        ("<provider>microsoft</provider><flow>clientCredentials</flow><tenant>t</tenant>"
+         "<clientId>c</clientId>", "", True, "needs one of <clientSecretFile>"),
+        ("<provider>google</provider><flow>refreshToken</flow><clientId>c</clientId>",
+         "<password>pw-1234</password>", True, "either <oauth2> or <password>"),
+        ("<provider>google</provider><flow>refreshToken</flow><clientId>c</clientId>",
+         "", False, "needs useSsl or startTls"),
+    ],
+)  # fmt: skip
+def test_invalid_oauth2_settings_are_refused_by_name(
+    oauth2: str, extra: str, tls: bool, says: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_mailbox(_xml(tmp_path, oauth2, extra, tls))
+    assert says in str(info.value)
+    assert "pw-1234" not in str(info.value)
+
+
+def test_a_certificate_credential_names_the_certificate_by_its_thumbprint(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    from engine.oauth.sources import _msal_credential
+    from tools.dovecot import make_certificates
+
+    certs = make_certificates(tmp_path / "tls")
+    pem = tmp_path / "app.pem"
+    pem.write_text(certs.key_file.read_text() + certs.cert_file.read_text())
+    cfg = load_mailbox(
+        _xml(
+            tmp_path,
+            "<provider>microsoft</provider><flow>clientCredentials</flow><tenant>t</tenant>"
+            f"<clientId>c</clientId><certificateFile>{pem}</certificateFile>",
+        )
+    ).server.oauth2
+    assert cfg is not None and cfg.certificate_file == pem
+    credential = _msal_credential(cfg)
+    assert isinstance(credential, dict)
+    cert = x509.load_pem_x509_certificate(certs.cert_file.read_bytes())
+    assert credential["thumbprint"] == cert.fingerprint(hashes.SHA1()).hex()
+    assert "PRIVATE KEY" in credential["private_key"]
+    assert "CERTIFICATE" not in credential["private_key"]
