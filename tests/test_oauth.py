@@ -9,10 +9,12 @@ import base64
 import datetime
 import json
 import os
+import shutil
 import socket
 import ssl
 import stat
 import subprocess
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -751,3 +753,41 @@ def test_a_certificate_credential_names_the_certificate_by_its_thumbprint(tmp_pa
     assert credential["thumbprint"] == cert.fingerprint(hashes.SHA1()).hex()
     assert "PRIVATE KEY" in credential["private_key"]
     assert "CERTIFICATE" not in credential["private_key"]
+
+
+# --------------------------------------------------------------------------- crash harness
+
+
+def test_kill_9_harness_over_oauth2_mailboxes_loses_and_duplicates_nothing(
+    oauth_server: OAuthServer, oauth_dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """tools/crash.py with every mailbox signing in with client-credentials tokens (one app
+    per mailbox): SIGKILL at each dangerous point and at random, then a run to the end."""
+    from tools import crash
+    from tools.crashpoints import POINTS
+
+    def write(path: Path, *, port: int, user: str, password: str) -> None:
+        client_id = f"crash-{uuid.uuid4().hex[:8]}"
+        oauth_server.add_client(client_id, password, scopes=["mail"], username=user)
+        secret = path.with_suffix(".secret")
+        secret.write_text(password)
+        (path.parent.parent / "secrets").mkdir(exist_ok=True)
+        moved = path.parent.parent / "secrets" / f"{client_id}.secret"
+        secret.rename(moved)
+        oauth_xml(path, oauth_dovecot, user, generic_cc(oauth_server, moved))
+
+    base = Path(tempfile.mkdtemp(prefix="mailintegration-crash-oauth-"))
+    launcher = crash.ExecLauncher()
+    forced = [[f"{point}:1"] for point in POINTS] + [["random", "random"]]
+    try:
+        figures = crash.run_iterations(
+            oauth_dovecot, base, 6, launcher=launcher, seed=14, workers=2, forced_modes=forced,
+            write=write,
+        )  # fmt: skip
+        assert figures.failed == [], figures.as_dict()
+        assert figures.iterations == 6
+        assert figures.losses == 0 and figures.duplicates == 0
+        assert sum(figures.kills.values()) >= 4, figures.as_dict()
+    finally:
+        launcher.close()
+        shutil.rmtree(base, ignore_errors=True)

@@ -230,6 +230,12 @@ def make_message(rng: random.Random, tag: str) -> tuple[bytes, str, frozenset[st
     return msg.as_bytes(policy=SMTP), message_id.strip("<>"), digests
 
 
+class MailboxWriter(Protocol):
+    """Writes the file of a mailbox whose Dovecot user ``user`` has ``password``."""
+
+    def __call__(self, path: Path, *, port: int, user: str, password: str) -> None: ...
+
+
 def write_mailbox(path: Path, *, port: int, user: str, password: str) -> None:
     path.write_text(
         f"""<?xml version="1.0" encoding="utf-8"?>
@@ -445,12 +451,15 @@ def iteration(
     *,
     modes: Sequence[str] | None = None,
     keep: bool = False,
+    write: MailboxWriter | None = None,
 ) -> IterationResult:
     """Deliver, run-and-kill 1 to 3 times, finish, verify.
 
     ``modes`` chooses the kills instead: one run per entry, ``"random"``, ``"POINT"`` (a random
-    N) or ``"POINT:N"``.
+    N) or ``"POINT:N"``. ``write`` writes each mailbox file (default :func:`write_mailbox`,
+    a password over plain POP3; the OAuth2 tests sign in with tokens instead).
     """
+    write = write or write_mailbox
     started = time.monotonic()
     result = IterationResult(index)
     work = base / f"it-{index:05d}"
@@ -463,7 +472,7 @@ def iteration(
     for box in range(rng.randint(2, 3)):
         user, password = f"crash-{token}-{box}", f"pw-{rng.getrandbits(64):016x}"
         dovecot.add_user(user, password)
-        write_mailbox(conf / f"box{box}.xml", port=dovecot.pop3_port, user=user, password=password)
+        write(conf / f"box{box}.xml", port=dovecot.pop3_port, user=user, password=password)
         for i in range(rng.randint(3, 6)):
             raw, mid, attachments = make_message(rng, f"{token}-{box}-{i}")
             dovecot.deliver(user, raw)
@@ -546,6 +555,7 @@ def run_iterations(
     forced_modes: Sequence[Sequence[str]] = (),
     keep: bool = False,
     progress: Callable[[Figures], None] | None = None,
+    write: MailboxWriter | None = None,
 ) -> Figures:
     """``iterations`` iterations on ``workers`` threads (each starting its own processes).
 
@@ -572,7 +582,16 @@ def run_iterations(
             modes = forced_modes[index] if index < len(forced_modes) else None
             try:
                 r = iteration(
-                    dovecot, base, template, index, rng, launcher, busy, modes=modes, keep=keep
+                    dovecot,
+                    base,
+                    template,
+                    index,
+                    rng,
+                    launcher,
+                    busy,
+                    modes=modes,
+                    keep=keep,
+                    write=write,
                 )
             except Exception as exc:  # a broken harness must show, not hang the others
                 r = IterationResult(index, problems=[f"harness error: {exc!r}"])
