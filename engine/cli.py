@@ -123,6 +123,11 @@ def _oauth(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     o_sub = oauth.add_subparsers(dest="oauth_command", required=True)
     login = o_sub.add_parser("login", help="sign in once with a device code (refreshToken flow)")
     login.add_argument("--config", type=Path, required=True)
+    login.add_argument(
+        "--refresh-token-file",
+        type=Path,
+        help="keep this refresh token (obtained elsewhere) instead of a device-code sign-in",
+    )
     _data_dir(login)
     status = o_sub.add_parser("status", help="per mailbox: token source, expiries, last refresh")
     status.add_argument("--config", type=Path, help="one mailbox file")

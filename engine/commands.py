@@ -326,7 +326,9 @@ async def cmd_oauth(args: argparse.Namespace) -> int:
 
     logs.configure(level=logging.WARNING)
     if args.oauth_command == "login":
-        return await anyio.to_thread.run_sync(admin.login, args.config, args.data_dir)
+        return await anyio.to_thread.run_sync(
+            admin.login, args.config, args.data_dir, args.refresh_token_file
+        )
     files: list[Path] = []
     if args.config is not None:
         files.append(args.config)

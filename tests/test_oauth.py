@@ -791,3 +791,32 @@ def test_kill_9_harness_over_oauth2_mailboxes_loses_and_duplicates_nothing(
     finally:
         launcher.close()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_refresh_token_obtained_elsewhere_is_imported_then_used(
+    oauth_server: OAuthServer,
+    oauth_dovecot: Dovecot,
+    box: str,
+    data: Path,
+    tmp_path: Path,
+) -> None:
+    """Google's device flow does not grant the mail scope: its refresh token comes from
+    another client, and `oauth login --refresh-token-file` keeps it after one refresh."""
+    client_id = f"public-import-{uuid.uuid4().hex[:6]}"
+    oauth_server.add_client(client_id, scopes=["mail"])
+    given = oauth_server.issue_tokens(client_id, box, ["mail"]).refresh_token
+    assert given is not None
+    token_file = tmp_path / "rt.txt"
+    token_file.write_text(given + "\n")
+    cfg = oauth_xml(
+        tmp_path / "m.xml", oauth_dovecot, box, delegated(oauth_server, "generic", client_id)
+    )
+    code, out = cli(
+        "oauth", "login", "--config", cfg, "--data-dir", data, "--refresh-token-file", token_file
+    )
+    assert code == 0, out
+    assert given not in out
+    oauth_dovecot.deliver(box, message("After the import"))
+    assert once(data, cfg) == 0
+    assert oauth_dovecot.count(box) == 0
+    assert token_record(data)["refresh_token"] not in ("", given)  # rotated at the import

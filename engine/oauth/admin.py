@@ -8,16 +8,21 @@ each mailbox's token health (:mod:`engine.oauth.health`) without asking any serv
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine import logs
-from engine.config import MailboxConfig, load_mailbox, secret_values
+from engine.config import MailboxConfig, OAuth2Config, load_mailbox, secret_values
 from engine.errors import ConfigError, OAuthError
 from engine.oauth.broker import TokenBroker
 from engine.oauth.health import Health, health
+
+if TYPE_CHECKING:
+    from engine.oauth.sources import Grant
 
 __all__ = ["login", "status"]
 
@@ -31,10 +36,10 @@ def _oauth_mailbox(path: Path) -> MailboxConfig:
     return cfg
 
 
-def login(path: Path, data_dir: Path, timeout: float = 30.0) -> int:
-    """Sign in once with a device code; keep the refresh token. 0 when done, 1 if refused."""
-    from engine.oauth import sources
-
+def login(path: Path, data_dir: Path, token_file: Path | None = None, timeout: float = 30.0) -> int:
+    """Sign in once with a device code, or keep the refresh token in ``token_file`` (for
+    providers whose device flow does not grant mail scopes, such as Google), after one
+    refresh proves it works. 0 when done, 1 if refused."""
     cfg = _oauth_mailbox(path)
     oauth2 = cfg.server.oauth2
     assert oauth2 is not None
@@ -44,15 +49,11 @@ def login(path: Path, data_dir: Path, timeout: float = 30.0) -> int:
             file=str(path),
         )
     try:
-        flow = sources.device_start(oauth2, timeout)
-        print(flow.message or f"Open {flow.verification_uri} and enter {flow.user_code}")
-        print(f"Code: {flow.user_code}", flush=True)
-        grant = sources.device_finish(oauth2, flow, timeout)
-        if not grant.refresh_token:
-            raise OAuthError(
-                "login-required",
-                "the sign-in gave no refresh token: add offline_access to <scope>",
-            )
+        grant = (
+            _device_grant(oauth2, timeout)
+            if token_file is None
+            else _imported(oauth2, token_file, timeout)
+        )
     except OAuthError as exc:
         print(f"FAILED ({exc.reason}): {logs.scrub(str(exc))}")
         print(f"What to do: {exc.hint}")
@@ -60,6 +61,36 @@ def login(path: Path, data_dir: Path, timeout: float = 30.0) -> int:
     TokenBroker(data_dir, timeout=timeout).login(cfg.account, oauth2, grant)
     print(f"OK: signed in; the refresh token for {cfg.server.user_name} is kept in {data_dir}.")
     return 0
+
+
+def _device_grant(oauth2: OAuth2Config, timeout: float) -> Grant:
+    from engine.oauth import sources
+
+    flow = sources.device_start(oauth2, timeout)
+    print(flow.message or f"Open {flow.verification_uri} and enter {flow.user_code}")
+    print(f"Code: {flow.user_code}", flush=True)
+    grant = sources.device_finish(oauth2, flow, timeout)
+    if not grant.refresh_token:
+        raise OAuthError(
+            "login-required", "the sign-in gave no refresh token: add offline_access to <scope>"
+        )
+    return grant
+
+
+def _imported(oauth2: OAuth2Config, token_file: Path, timeout: float) -> Grant:
+    from engine.oauth import sources
+
+    try:
+        token = token_file.read_text(encoding="utf-8-sig").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {token_file}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(f"{token_file} is empty")
+    logs.register_secret(token)
+    grant = sources.refresh(oauth2, token, timeout)
+    if grant.refresh_token is None:  # not rotated: the one given stays the one to use
+        grant = dataclasses.replace(grant, refresh_token=token)
+    return grant
 
 
 def status(paths: list[Path], data_dir: Path, as_json: bool) -> int:
