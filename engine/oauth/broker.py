@@ -153,6 +153,7 @@ class TokenBroker:
             record = self.store.load(account)
             record.last_sign_in = self.clock()
             record.mechanism = mechanism
+            record.last_error = ""  # a refusal before it is over
             self.store.save(record)
 
     def refused(self, account: str, token: AccessToken, error: OAuthError) -> None:
