@@ -49,6 +49,10 @@ SAMPLES = {
     "mailAddressType": "a@example.com",
     "regexType": "(?P<number>[0-9]+)",
     "templateTextType": "{subject}",
+    "oauthProviderType": "generic",
+    "oauthFlowType": "refreshToken",
+    "dateType": "2027-05-01",
+    "warnDaysType": "14",
 }
 
 # White space to Python but not to XSD: where xmlschema and libxml2 read xs:token differently.
