@@ -15,6 +15,7 @@ import ssl
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -481,6 +482,11 @@ def test_a_revoked_refresh_token_opens_one_outage_and_a_new_login_closes_it(
     assert oauth_dovecot.count(box) == 0
     [outage] = outages(data)
     assert outage["status"] == "processed"
+    # No token of this client in the event, its activities, or any file but the store.
+    store = set((data / "oauth").glob("*.json"))
+    for canary in issued_tokens(oauth_server, client_id):
+        assert canary not in json.dumps(outage)
+        assert leaks(tmp_path, canary, allowed=store) == []
 
 
 def test_an_expired_client_secret_opens_an_outage_that_says_to_renew_it(
@@ -592,6 +598,42 @@ def test_five_second_tokens_refresh_through_a_30_s_daemon_run_without_a_failed_s
     for canary in [*tokens, secret]:
         assert canary not in outputs
         assert leaks(tmp_path, canary, allowed=store | {app}) == []
+
+
+def test_concurrent_sessions_of_one_account_share_one_refresh(
+    oauth_server: OAuthServer, box: str, app: Path, tmp_path: Path
+) -> None:
+    """Eight threads ask for a token at once with an empty store: the per-account lock makes
+    the first one fetch it and the others find it stored (one request to the endpoint)."""
+    nowhere = _NoDovecot(oauth_server.ca_file)
+    cfg = load_mailbox(oauth_xml(tmp_path / "m.xml", nowhere, box, generic_cc(oauth_server, app)))
+    assert cfg.server.oauth2 is not None
+    broker = TokenBroker(tmp_path / "data")
+    before = oauth_server.token_requests
+    barrier = threading.Barrier(8)
+    got: list[str] = []
+
+    def ask() -> None:
+        barrier.wait(10)
+        assert cfg.server.oauth2 is not None
+        got.append(broker.access_token(cfg.account, cfg.server.oauth2).value)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(got) == 8 and len(set(got)) == 1
+    assert oauth_server.token_requests == before + 1
+
+
+class _NoDovecot:
+    """Where a mailbox file needs a server but the test signs in nowhere."""
+
+    pop3s_port = 995
+
+    def __init__(self, ca_file: Path) -> None:
+        self.ca_file = ca_file
 
 
 # --------------------------------------------------------------------------- token health
