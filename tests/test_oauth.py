@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
+import http.server
 import json
 import os
 import shutil
@@ -862,3 +864,38 @@ def test_a_refresh_token_obtained_elsewhere_is_imported_then_used(
     assert once(data, cfg) == 0
     assert oauth_dovecot.count(box) == 0
     assert token_record(data)["refresh_token"] not in ("", given)  # rotated at the import
+
+
+def test_an_endless_token_endpoint_answer_is_cut_off_as_a_token_endpoint_outage(
+    oauth_server: OAuthServer, oauth_dovecot: Dovecot, box: str, app: Path, tmp_path: Path
+) -> None:
+    """A token endpoint answering 64 MiB of JSON: read up to 256 KiB, then refused."""
+
+    class Flood(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                self.wfile.write(b'{"access_token": "' + b"A" * (64 * 1024 * 1024))
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flood)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    certs = oauth_server.certificates
+    context.load_cert_chain(certs.cert_file, certs.key_file)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"https://127.0.0.1:{httpd.server_address[1]}/token"
+        oauth2 = generic_cc(oauth_server, app).replace(oauth_server.token_url(), url)
+        cfg = oauth_xml(tmp_path / "m.xml", oauth_dovecot, box, oauth2)
+        code, out = cli("check", "--config", cfg, "--data-dir", tmp_path / "data")
+        assert code == 1
+        assert "FAILED (oauth, token-endpoint)" in out and "262144 bytes" in out, out
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -39,6 +39,8 @@ __all__ = [
 ]
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+# The longest answer read from a token, device or discovery endpoint.
+MAX_ANSWER_BYTES = 256 * 1024
 # OpenID Connect scopes msal adds by itself and refuses to be given.
 _MSAL_RESERVED = frozenset({"openid", "profile", "offline_access"})
 _PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----", re.DOTALL)
@@ -67,8 +69,13 @@ class DeviceFlow:
     state: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
+class TooLarge(requests.RequestException):
+    """An answer of a token or device endpoint over :data:`MAX_ANSWER_BYTES`."""
+
+
 class PinnedSession(requests.Session):
-    """A requests session that trusts only ``ca_file`` when one is configured.
+    """A requests session that trusts only ``ca_file`` when one is configured, and reads
+    no answer over :data:`MAX_ANSWER_BYTES` (an OAuth2 answer is a few KiB).
 
     requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override a session's ``verify``; a
     configured caFile must win, while the environment's proxies still apply."""
@@ -76,6 +83,22 @@ class PinnedSession(requests.Session):
     def __init__(self, ca_file: str | None) -> None:
         super().__init__()
         self.pinned = ca_file
+
+    def send(self, request: Any, **kwargs: Any) -> Any:
+        kwargs["stream"] = True  # read below, bounded, instead of whole by requests
+        response = super().send(request, **kwargs)
+        try:
+            body = response.raw.read(MAX_ANSWER_BYTES + 1, decode_content=True)
+        except Exception:
+            response.close()
+            raise
+        if len(body) > MAX_ANSWER_BYTES:
+            response.close()
+            raise TooLarge(f"the answer of {request.url} is over {MAX_ANSWER_BYTES} bytes")
+        response._content = body
+        response._content_consumed = True
+        response.close()
+        return response
 
     def merge_environment_settings(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         settings: dict[str, Any] = super().merge_environment_settings(*args, **kwargs)
@@ -116,6 +139,8 @@ def _refused(
 
 
 def _unreachable(cfg: OAuth2Config, exc: BaseException) -> OAuthError:
+    if isinstance(exc, TooLarge):
+        return OAuthError("token-endpoint", str(exc))
     return OAuthError(
         "token-endpoint",
         f"cannot reach the token endpoint {cfg.token_endpoint}: {type(exc).__name__}",
