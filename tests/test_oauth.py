@@ -899,3 +899,17 @@ def test_an_endless_token_endpoint_answer_is_cut_off_as_a_token_endpoint_outage(
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_the_scrubber_keeps_a_bounded_number_of_tokens_per_account(tmp_path: Path) -> None:
+    """Tokens are masked from the moment they are seen; a long-replaced one is forgotten, so
+    a daemon that refreshes every hour for a year does not grow the scrubber."""
+    from engine import logs
+
+    broker = TokenBroker(tmp_path)
+    values = [f"tok-{i:04d}-{uuid.uuid4().hex}" for i in range(40)]
+    for value in values:
+        broker._remember("acct", value)
+    assert logs.scrub(values[-1]) == "********"
+    assert logs.scrub(values[0]) == values[0]
+    assert sum(v in logs._SECRETS for v in values) <= 6

@@ -112,9 +112,10 @@ def classify(
         )
     if expires_at <= now + CLOCK_SKEW_SECONDS:
         return OAuthError("token-expired", f"{said}: the access token had expired")
+    unnamed = "" if wanted else " (or it lacks a scope the server did not name)"
     return OAuthError(
         "unknown-user",
-        f"{said}: a valid, unexpired token was refused for this user",
+        f"{said}: a valid, unexpired token was refused for this user{unnamed}",
     )
 
 
