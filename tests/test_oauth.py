@@ -596,7 +596,16 @@ def test_five_second_tokens_refresh_through_a_30_s_daemon_run_without_a_failed_s
     secret = app.read_text().strip()
     store = set((data / "oauth").glob("*.json"))
     outputs = out.decode(errors="replace") + err.decode(errors="replace") + metrics
-    assert "mailintegration_oauth" in metrics
+    gauges = {
+        line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("mailintegration_oauth_") and 'mailbox="box"' in line
+    }
+    assert gauges["mailintegration_oauth_access_token_expiry_timestamp_seconds"] > time.time() - 10
+    assert gauges["mailintegration_oauth_last_refresh_timestamp_seconds"] > time.time() - 10
+    assert gauges["mailintegration_oauth_refresh_token_age_seconds"] == -1  # app-only
+    assert gauges["mailintegration_oauth_client_secret_expiry_timestamp_seconds"] == -1
+    assert gauges["mailintegration_oauth_warnings"] == 0
     for canary in [*tokens, secret]:
         assert canary not in outputs
         assert leaks(tmp_path, canary, allowed=store | {app}) == []
