@@ -49,7 +49,14 @@ from pathlib import Path
 
 from bench.clients import Fetched, pipelined, poplib_loop
 from bench.corpus import Template, describe, make_corpus, stamp
-from tests.support import DIRECTORY, LOGIN, LOGIN_PASSWORD, mailbox_xml
+from tests.support import (
+    DIRECTORY,
+    LOGIN,
+    LOGIN_PASSWORD,
+    Delivered,
+    check_exactly_once,
+    mailbox_xml,
+)
 from tools.dovecot import Dovecot, start_dovecot
 
 REPO = Path(__file__).resolve().parent.parent
@@ -426,65 +433,24 @@ def _db(data_dir: Path) -> sqlite3.Connection:
 def verify(
     world: World, data_dir: Path, expected: dict[str, list[str]], case: str, report: Report
 ) -> str:
-    """Every delivered message in the store exactly once, every mailbox empty.
+    """Every delivered message in the store exactly once, every mailbox empty: the tests'
+    checker (tests.support.check_exactly_once), outcomes created or activity, no outage.
 
     Appends problems to the report and returns a short note for the table.
     """
-    problems: list[str] = []
-    mids = {mid: user for user, ids in expected.items() for mid in ids}
+    delivered = [Delivered(user, mid) for user, ids in expected.items() for mid in ids]
+    check = check_exactly_once(data_dir, delivered, world.dovecot, outcomes=("created", "activity"))
+    problems = check.problems
     db = _db(data_dir)
     try:
-        ledger = db.execute("SELECT mailbox, message_id, outcome FROM ledger").fetchall()
-        effects = Counter(
-            mid
-            for (mid,) in db.execute(
-                "SELECT message_id FROM requests WHERE kind IN ('mail', 'message-failure') "
-                "UNION ALL SELECT message_id FROM activities WHERE automatic = 0"
-            )
-        )
-        outages = db.execute(
-            "SELECT number, mailbox, cause FROM requests WHERE kind = 'outage'"
-        ).fetchall()
+        ledger = db.execute("SELECT mailbox, outcome FROM ledger").fetchall()
     finally:
         db.close()
-    per_mid = Counter(mid for _, mid, _ in ledger)
-    outcomes = Counter((outcome or "?").split(":")[0] for _, _, outcome in ledger)
-    by_box = Counter(box for box, _, _ in ledger)
-    missing = [m for m in mids if per_mid[m] == 0]
-    twice = {m: n for m, n in per_mid.items() if n > 1}
-    foreign = [m for m in per_mid if m not in mids]
-    if len(ledger) != len(mids):
-        problems.append(f"{len(ledger)} ledger rows for {len(mids)} delivered messages")
-    if missing:
-        problems.append(f"{len(missing)} message(s) not in the ledger, e.g. {missing[:3]}")
-    if twice:
-        problems.append(
-            f"{len(twice)} message(s) in the ledger more than once, e.g. {list(twice.items())[:3]}"
-        )
-    if foreign:
-        problems.append(f"{len(foreign)} ledger row(s) for messages never delivered: {foreign[:3]}")
+    outcomes = Counter((outcome or "?").split(":")[0] for _, outcome in ledger)
+    by_box = Counter(box for box, _ in ledger)
     for user, ids in expected.items():
         if by_box[user] != len(ids):
             problems.append(f"mailbox {user}: {by_box[user]} ledger rows for {len(ids)} messages")
-    # Each message processed (created, activity, failed) has exactly one effect: a request, a
-    # non-automatic activity, or a failure event, all carrying its Message-ID.
-    processed = {
-        mid
-        for _, mid, outcome in ledger
-        if (outcome or "").split(":")[0] in ("created", "activity", "failed")
-    }
-    wrong = {m: effects[m] for m in processed if effects[m] != 1}
-    if wrong:
-        problems.append(
-            f"{len(wrong)} message(s) without exactly one request/activity, e.g. "
-            f"{list(wrong.items())[:3]}"
-        )
-    if outages:
-        problems.append(f"{len(outages)} outage event(s): {outages[:3]}")
-    other = {k: v for k, v in outcomes.items() if k not in ("created", "activity")}
-    if other:
-        problems.append(f"outcomes other than created/activity: {dict(other)}")
-    problems += world.empty(list(expected))
     for p in problems:
         report.problems.append(f"{case}: {p}")
     mix = ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))

@@ -5,7 +5,7 @@ mailintegration run --config-dir mailboxes.d     the daemon
 mailintegration check --config box.xml           test the POP3 connection, change nothing
 mailintegration oauth login|status --config box.xml   OAuth2 device sign-in, token health
 mailintegration requests list|show               what was created
-mailintegration directory import dir.json        teams, sites, groups, sources, users
+mailintegration directory import dir.json        teams, sites, groups, sources, priorities, users...
 mailintegration status                           per-mailbox health from the store
 mailintegration /Login:system /Password:… /Team:1 /ConfigFilePath:C:\\x.xml
         [/LogFilePath:…] [/Debug]                    the original command line
@@ -140,7 +140,7 @@ def _requests(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     req = sub.add_parser("requests", help="show requests")
     req_sub = req.add_subparsers(dest="action", required=True)
     rl = req_sub.add_parser("list")
-    rl.add_argument("--type", choices=["incident", "event"])
+    rl.add_argument("--type", choices=["incident", "event", "service request"])
     rl.add_argument("--status")
     rl.add_argument("--json", action="store_true")
     _data_dir(rl)

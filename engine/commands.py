@@ -374,6 +374,24 @@ async def cmd_requests(args: argparse.Namespace) -> int:
         await store.close()
 
 
+def _print_issue17(d: dict[str, object]) -> None:
+    """What only some requests have: an event's correlation, a service request's form,
+    tags and foreign ticket numbers."""
+    if d.get("correlation_key"):
+        print(f"{'correlation':>11}: {d['correlation_key']} ({d.get('alert_state') or '-'})")
+    if d.get("form"):
+        print(f"{'form':>11}: {d['form']}")
+    fields = d.get("fields") or {}
+    assert isinstance(fields, dict)
+    for name, value in fields.items():
+        print(f"{'':>11}  {name}: {str(value).replace(chr(10), chr(10) + ' ' * 15)}")
+    for key in ("tags", "foreign_numbers"):
+        values = d.get(key)
+        if values:
+            assert isinstance(values, list)
+            print(f"{key.replace('_', ' '):>11}: {', '.join(values)}")
+
+
 def _print_detail(d: dict[str, object]) -> None:
     for key in (
         "number",
@@ -387,10 +405,12 @@ def _print_detail(d: dict[str, object]) -> None:
         "group",
         "assignee",
         "source",
+        "priority",
         "created_by",
         "created_at",
     ):
         print(f"{key:>11}: {d.get(key) if d.get(key) is not None else '-'}")
+    _print_issue17(d)
     print(f"\n{d['description']}\n")
     for a in d["attachments"]:  # type: ignore[attr-defined]
         print(f"  attachment: {a['name']} ({a['size']} bytes)")

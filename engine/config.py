@@ -16,6 +16,7 @@ for support bundles.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import datetime
 import functools
 import html
@@ -31,11 +32,12 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from lxml import etree
 
+from engine.config_rules import CustomRecogniser, Processing, Rule, build, rules_of
 from engine.errors import ConfigError
 from engine.keys import account_key
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     import xmlschema
     from xmlschema import XMLSchemaValidationError
@@ -46,10 +48,13 @@ __all__ = [
     "MAX_COPY_BYTES",
     "REPLY_PLACEHOLDERS",
     "SCHEMA_PATH",
+    "CustomRecogniser",
     "MailboxConfig",
     "OAuth2Config",
+    "Processing",
     "ProcessorKind",
     "ReplyTemplate",
+    "Rule",
     "ServerConfig",
     "SmtpConfig",
     "load_mailbox",
@@ -58,7 +63,7 @@ __all__ = [
     "secret_values",
 ]
 
-ProcessorKind = Literal["incident", "event"]
+ProcessorKind = Literal["incident", "event", "service-request"]
 
 
 OAuthProvider = Literal["microsoft", "google", "generic"]
@@ -198,6 +203,8 @@ class MailboxConfig:
     poll_interval: float | None
     max_attachment_bytes: int | None = None
     max_attachments_bytes: int | None = None
+    # Correlation, service requests, priority, routing rules, foreign numbers (issue 17).
+    processing: Processing = field(default_factory=Processing)
 
     @property
     def account(self) -> str:
@@ -244,13 +251,12 @@ _PASSWORD_SOURCES: Final = ("password", "passwordFile", "passwordEnv")
 _PROCESSORS: Final[dict[str, ProcessorKind]] = {
     "enduserincidentmailmessageprocessor": "incident",
     "eventmailmessageprocessor": "event",
-}
-_UNSUPPORTED_PROCESSORS: Final = {
-    "endusernewsrmailmessageprocessor": "EndUserNewSRMailMessageProcessor (service requests)",
+    "endusernewsrmailmessageprocessor": "service-request",
 }
 _VALID_PROCESSORS: Final = (
     "Octopus.MailIntegration.Processors.EndUserIncidentMailMessageProcessor (incidents) or "
-    "Octopus.MailIntegration.Processors.EventMailMessageProcessor (events), optionally "
+    "Octopus.MailIntegration.Processors.EventMailMessageProcessor (events), "
+    "ESI.Octopus.MailIntegration.EndUserNewSRMailMessageProcessor (service requests), optionally "
     'followed by ", Octopus.MailIntegration"'
 )
 _POP3_GATEWAYS: Final = frozenset({"sidepopmailboxgateway", "mailkitmailboxgateway"})
@@ -304,22 +310,43 @@ def _load_schema() -> tuple[etree.XMLSchema, dict[tuple[str, ...], dict[str, str
     xsd = etree.parse(str(SCHEMA_PATH), parser)
     children: dict[tuple[str, ...], dict[str, str]] = {}
 
+    top = xsd.getroot()
+
+    def content(decl: etree._Element) -> etree._Element | None:
+        """The xs:all or xs:sequence of an element's complex type: inline, named
+        (type="ruleType") or through a reference to a global element (ref="rules")."""
+        ref = decl.get("ref")
+        if ref is not None:
+            found = top.find(f"{_XS}element[@name='{ref}']")
+            assert found is not None, ref
+            decl = found
+        complex_type = decl.find(f"{_XS}complexType")
+        named = decl.get("type")
+        if complex_type is None and named is not None:
+            complex_type = top.find(f"{_XS}complexType[@name='{named}']")
+        if complex_type is None:
+            return None
+        found_all = complex_type.find(f"{_XS}all")
+        return found_all if found_all is not None else complex_type.find(f"{_XS}sequence")
+
     def walk(decl: etree._Element, path: tuple[str, ...]) -> None:
-        # Every element of the format declares its complex type inline, as an xs:all.
-        content = decl.find(f"{_XS}complexType/{_XS}all")
-        if content is None:
+        body = content(decl)
+        if body is None:
             return
         names: dict[str, str] = {}
-        for child in content.iterfind(f"{_XS}element"):
-            name = str(child.get("name"))
+        for child in body.iterfind(f"{_XS}element"):
+            name = str(child.get("name") or child.get("ref"))
             names[name.lower()] = name
             walk(child, (*path, name))
         children[path] = names
 
-    root = xsd.getroot().find(f"{_XS}element[@name='{_ROOT}']")
+    root = top.find(f"{_XS}element[@name='{_ROOT}']")
     if root is None:
         raise RuntimeError(f"{SCHEMA_PATH} declares no <{_ROOT}> element")
     walk(root, (_ROOT,))
+    rules = top.find(f"{_XS}element[@name='rules']")
+    assert rules is not None
+    walk(rules, ("rules",))  # the root of a team folder's _rules.xml
     return etree.XMLSchema(xsd), children
 
 
@@ -356,6 +383,7 @@ def _decls() -> dict[tuple[str, ...], Any]:
             walk(child, (*path, child.local_name))
 
     walk(_xmlschema().elements[_ROOT], (_ROOT,))
+    walk(_xmlschema().elements["rules"], ("rules",))  # a team folder's _rules.xml
     return decls
 
 
@@ -365,7 +393,11 @@ def _decls() -> dict[tuple[str, ...], Any]:
 
 
 def load_mailbox(
-    path: Path, *, default_team: str | None = None, name: str | None = None
+    path: Path,
+    *,
+    default_team: str | None = None,
+    name: str | None = None,
+    team_rules: Path | None = None,
 ) -> MailboxConfig:
     """Read, validate and convert one mailbox file.
 
@@ -381,8 +413,35 @@ def load_mailbox(
     ctx = _Context(str(path))
     root = _parse(path, ctx)
     _canonicalize(root)
+    if root.tag != _ROOT:
+        raise ctx.error(f"the root element must be <{_ROOT}>, not <{_display(root)}>", at=root)
     _validate(root, ctx)
-    return _build(root, path, ctx, default_team=default_team, name=name or path.stem)
+    cfg = _build(root, path, ctx, default_team=default_team, name=name or path.stem)
+    if team_rules is None:
+        return cfg
+    # The team folder's rules apply after the mailbox's own.
+    extra = load_rules(team_rules)
+    processing = dataclasses.replace(cfg.processing, rules=cfg.processing.rules + extra)
+    return dataclasses.replace(cfg, processing=processing)
+
+
+def load_rules(path: Path) -> tuple[Rule, ...]:
+    """A team folder's ``_rules.xml``: a ``<rules>`` root element, read and validated as
+    safely as a mailbox file, against the same schema."""
+    ctx = _Context(str(path))
+    root = _parse(path, ctx)
+    _canonicalize(root)
+    if root.tag != "rules":
+        raise ctx.error(f"the root element must be <rules>, not <{_display(root)}>", at=root)
+    _validate(root, ctx)
+    return rules_of(root, _error_at(ctx), str(path))
+
+
+def _error_at(ctx: _Context) -> Callable[[str, etree._Element | None], ConfigError]:
+    def error(reason: str, at: etree._Element | None) -> ConfigError:
+        return ctx.error(reason, at=at)
+
+    return error
 
 
 def mailbox_copy(cfg: MailboxConfig) -> bytes:
@@ -412,9 +471,94 @@ def mailbox_copy(cfg: MailboxConfig) -> bytes:
         reply = etree.SubElement(root, "replyTemplate")
         w.add(reply, "subject", cfg.reply_template.subject)
         w.add(reply, "body", cfg.reply_template.body)
+    added = _copy_processing(w, root, cfg)
     etree.indent(root, space="  ")
     out: bytes = etree.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
+    if len(out) > MAX_COPY_BYTES:
+        # Many long rules: the copy stays bounded, and says what it leaves out.
+        for el in added:
+            root.remove(el)
+        root.append(etree.Comment(" rules, correlation and the like: too large to show "))
+        out = etree.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
     return out
+
+
+def _copy_processing(w: _CopyWriter, root: etree._Element, cfg: MailboxConfig) -> list[Any]:
+    """The settings of engine.config_rules, as elements of ``root``; returns them."""
+    p = cfg.processing
+    before = len(root)
+    w.add(root, "incidentPriority", p.priority)
+    sr = p.service_requests
+    if cfg.processor == "service-request":
+        w.add(root, "newSRBodyEnclosingToken", sr.token)
+        w.add(root, "serviceRequestFormField", sr.form_field)
+        w.add(root, "serviceRequestForm", sr.default_form)
+    levels = etree.SubElement(root, "headerPriorities")
+    for level in ("high", "normal", "low"):
+        etree.SubElement(levels, level).text = getattr(p.header_priorities, level) or ""
+    _copy_correlation(w, etree.SubElement(root, "correlation"), p)
+    if p.rules:
+        rules = etree.SubElement(root, "rules")
+        for rule in p.rules:
+            _copy_rule(w, etree.SubElement(rules, "rule"), rule)
+    if p.foreign_patterns:
+        foreign = etree.SubElement(root, "foreignTicketNumbers")
+        for f in p.foreign_patterns:
+            el = etree.SubElement(foreign, "foreignTicketNumber")
+            w.add(el, "system", f.system)
+            w.add(el, "pattern", f.pattern.pattern)
+    return list(root)[before:]
+
+
+def _copy_correlation(w: _CopyWriter, el: etree._Element, p: Processing) -> None:
+    c = p.correlation
+    w.add(el, "enabled", c.enabled)
+    w.add(el, "flapping", c.flapping)
+    w.add(el, "flappingMinutes", c.flapping_minutes)
+    if not c.recognisers:
+        return
+    listed = etree.SubElement(el, "recognisers")
+    for r in c.recognisers:
+        one = etree.SubElement(listed, "recogniser")
+        w.add(one, "name", r.name)
+        w.add(one, "subject", None if r.subject is None else r.subject.pattern)
+        w.add(one, "body", None if r.body is None else r.body.pattern)
+        for name, states in (
+            ("problemStates", r.problem),
+            ("recoveryStates", r.recovery),
+            ("acknowledgementStates", r.acknowledgement),
+        ):
+            w.add(one, name, ", ".join(sorted(states)) or None)
+
+
+def _copy_rule(w: _CopyWriter, el: etree._Element, rule: Rule) -> None:
+    w.add(el, "name", rule.name)
+    for c in rule.conditions:
+        w.add(
+            el,
+            c.what,
+            c.pattern.pattern if c.header is None else f"{c.header}: {c.pattern.pattern}",
+        )
+    if rule.conditions and not rule.conditions[0].pattern.flags & re.IGNORECASE:
+        w.add(el, "caseSensitive", True)
+    for name, value in (
+        ("setTeam", rule.team),
+        ("setGroup", rule.group),
+        ("setAssignee", rule.assignee),
+        ("setPriority", rule.priority),
+        ("setType", rule.type),
+        ("setSource", rule.source),
+        ("addTag", ", ".join(rule.tags) or None),
+    ):
+        w.add(el, name, value)
+    for name, flag in (
+        ("priorityFromHeaders", rule.priority_from_headers),
+        ("ignore", rule.ignore),
+        ("refuse", rule.refuse),
+        ("stop", rule.stop),
+    ):
+        if flag:
+            w.add(el, name, True)
 
 
 def _copy_server(w: _CopyWriter, server: etree._Element, s: ServerConfig) -> None:
@@ -459,7 +603,7 @@ def _copy_settings(w: _CopyWriter, root: etree._Element, cfg: MailboxConfig) -> 
     w.add(root, "incidentFallbackSiteName", cfg.fallback_site)
     w.add(root, "incidentFallbackUserLogon", cfg.fallback_user)
     # The model keeps one group: the element this processor reads first gives it back.
-    w.add(root, "incidentGroup" if cfg.processor == "incident" else "group", cfg.group)
+    w.add(root, "incidentGroup" if cfg.processor != "event" else "group", cfg.group)
     w.add(root, "assignee", cfg.assignee)
     w.add(root, "incidentSource", cfg.source)
     w.add(root, "ignoredAttachments", ", ".join(cfg.ignored_attachments) or None)
@@ -904,6 +1048,7 @@ _PROCESSOR_TYPE_NAMES: Final[dict[ProcessorKind, str]] = {
     "Octopus.MailIntegration",
     "event": "Octopus.MailIntegration.Processors.EventMailMessageProcessor, "
     "Octopus.MailIntegration",
+    "service-request": "ESI.Octopus.MailIntegration.EndUserNewSRMailMessageProcessor",
 }
 _MAX_COPY_VALUE_BYTES: Final = 4096
 MAX_COPY_BYTES: Final = 256 * 1024
@@ -996,11 +1141,12 @@ def _redact_text(text: str) -> str:
 
 def _canonicalize(root: etree._Element) -> None:
     """Rename known elements to the schema's spelling; unknown ones stay as written."""
-    if _is_plain(root) and root.tag.lower() == _ROOT.lower():
-        root.tag = _ROOT
-    if root.tag != _ROOT:
+    roots = {_ROOT.lower(): _ROOT, "rules": "rules"}
+    if _is_plain(root) and root.tag.lower() in roots:
+        root.tag = roots[root.tag.lower()]
+    if root.tag not in roots.values():
         return
-    stack: list[tuple[etree._Element, tuple[str, ...]]] = [(root, (_ROOT,))]
+    stack: list[tuple[etree._Element, tuple[str, ...]]] = [(root, (root.tag,))]
     while stack:
         el, path = stack.pop()
         names = _CHILDREN.get(path)
@@ -1212,10 +1358,11 @@ def _build(
 
     incident_group = _token(root, "incidentGroup")
     event_group = _token(root, "group")
-    if processor == "incident":
-        group = incident_group or event_group
-    else:
-        group = event_group or incident_group
+    # Events name their group <group>; incidents and service requests <incidentGroup>.
+    first, second = (
+        (event_group, incident_group) if processor == "event" else (incident_group, event_group)
+    )
+    group = first or second
     ignored = tuple(part.strip() for part in (_token(root, "ignoredAttachments") or "").split(","))
     max_bytes = _int(root, "maxMessageBytes")
     poll = _int(root, "pollIntervalSeconds")
@@ -1240,6 +1387,7 @@ def _build(
         poll_interval=None if poll is None else float(poll),
         max_attachment_bytes=_int(root, "maxAttachmentBytes"),
         max_attachments_bytes=_int(root, "maxAttachmentsBytes"),
+        processing=build(root, _error_at(ctx), str(path)),
     )
 
 
@@ -1250,12 +1398,6 @@ def _processor(root: etree._Element, ctx: _Context) -> ProcessorKind:
     leaf = _type_leaf(value)
     if leaf in _PROCESSORS:
         return _PROCESSORS[leaf]
-    if leaf in _UNSUPPORTED_PROCESSORS:
-        raise ctx.error(
-            f"{_UNSUPPORTED_PROCESSORS[leaf]} is not supported yet; valid values: "
-            + _VALID_PROCESSORS,
-            at=el,
-        )
     raise ctx.error(f"unknown processor {value!r}; valid values: {_VALID_PROCESSORS}", at=el)
 
 

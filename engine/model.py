@@ -46,6 +46,17 @@ class ParsedMessage:
     auto_reason: str | None
     is_bounce: bool
     notes: tuple[str, ...] = ()
+    cc: tuple[str, ...] = ()
+    # The top-level header fields (lower-cased name, value as received: folded, encoded
+    # words not decoded; engine.parse.header_text reads one), bounded (see
+    # engine.parse.MAX_KEPT_HEADERS): what routing rules, priority mapping and alert
+    # recognisers read. Never copied into an outgoing header.
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def header(self, name: str) -> str | None:
+        """The first value of header field ``name`` (any case) as received, or None."""
+        wanted = name.lower()
+        return next((v for k, v in self.headers if k == wanted), None)
 
 
 # -- the directory (read by processors through a view, written only by `directory import`) --
@@ -81,6 +92,16 @@ class RequestRef:
     type: str
     status: str
     kind: str
+
+
+@dataclass(frozen=True)
+class CorrelatedEvent:
+    """The newest event of a correlation key: its request, its alert state and when it was
+    last closed (None while open)."""
+
+    request: RequestRef
+    state: str | None
+    closed_at: datetime | None
 
 
 # A reply to a request in one of these states reopens it.
@@ -122,6 +143,18 @@ class PendingReply:
     attempts: int
 
 
+async def _no_event(key: str) -> CorrelatedEvent | None:
+    return None
+
+
+async def _no_request(refs: Sequence[str]) -> RequestRef | None:
+    return None
+
+
+async def _always(table: str, name: str) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class DirectoryView:
     """The read-only questions a processor may ask: users, teams, and the requests a message
@@ -139,3 +172,9 @@ class DirectoryView:
     request: Callable[[int], Awaitable[RequestRef | None]]
     # The request a message with one of these Message-IDs created or updated (first match).
     request_by_message_id: Callable[[Sequence[str]], Awaitable[RequestRef | None]]
+    # The newest event of a correlation key (see engine.processors.correlation).
+    correlated_event: Callable[[str], Awaitable[CorrelatedEvent | None]] = _no_event
+    # The newest request that carries one of these foreign ticket numbers.
+    request_by_foreign_number: Callable[[Sequence[str]], Awaitable[RequestRef | None]] = _no_request
+    # Whether "sites", "groups", "sources" or "priorities" holds a name.
+    has_name: Callable[[str, str], Awaitable[bool]] = _always

@@ -8,6 +8,7 @@ and when the last one closes the writer drains what is left and ends by itself.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -53,6 +54,8 @@ class MailboxSource:
     path: Path
     team: str | None = None
     refused: str | None = None
+    # The team folder's routing rules (``<team>/_rules.xml``), if it has them.
+    rules: Path | None = None
 
 
 def discover(config_dir: Path, *, follow_symlinks: bool = False) -> list[MailboxSource]:
@@ -67,9 +70,7 @@ def discover(config_dir: Path, *, follow_symlinks: bool = False) -> list[Mailbox
     root = config_dir.resolve()
     found: list[MailboxSource] = []
     entries = sorted(config_dir.iterdir())
-    for p in entries:
-        if p.name.endswith(".xml") and not _is_folder(p):
-            found.append(_source(p.stem, p, None, root, follow_symlinks))
+    found += _folder_sources(config_dir, "", None, root, follow_symlinks)
     for sub in entries:
         if sub.name.startswith(".") or not _is_folder(sub):
             continue
@@ -78,10 +79,36 @@ def discover(config_dir: Path, *, follow_symlinks: bool = False) -> list[Mailbox
             if why is not None:
                 found.append(MailboxSource(f"{sub.name}/", sub, team=sub.name, refused=why))
                 continue
-        for p in sorted(sub.iterdir()):
-            if p.name.endswith(".xml") and not _is_folder(p):
-                found.append(_source(f"{sub.name}/{p.stem}", p, sub.name, root, follow_symlinks))
+        found += _folder_sources(sub, f"{sub.name}/", sub.name, root, follow_symlinks)
     return found
+
+
+TEAM_RULES = "_rules.xml"
+"""A folder's routing rules (``mailboxes.d/IT/_rules.xml``, or ``mailboxes.d/_rules.xml``
+for the mailboxes outside team folders): applied to each of its mailboxes after the
+mailbox's own. Never a mailbox itself."""
+
+
+def _folder_sources(
+    folder: Path, prefix: str, team: str | None, root: Path, follow_symlinks: bool
+) -> list[MailboxSource]:
+    """The mailbox files of one folder, each with the folder's rules file if it has one."""
+    rules = folder / TEAM_RULES
+    with_rules = rules.exists() or rules.is_symlink()
+    found = []
+    for p in sorted(folder.iterdir()):
+        if p.name.endswith(".xml") and not _is_folder(p) and p.name != TEAM_RULES:
+            src = _source(f"{prefix}{p.stem}", p, team, root, follow_symlinks)
+            found.append(_with_rules(src, rules, root, follow_symlinks) if with_rules else src)
+    return found
+
+
+def _with_rules(src: MailboxSource, rules: Path, root: Path, follow: bool) -> MailboxSource:
+    """``src`` with its folder's rules file, or refused as the rules file would be."""
+    checked = _source(src.name, rules, src.team, root, follow)
+    if checked.refused is not None and src.refused is None:
+        return dataclasses.replace(src, refused=f"its folder's {TEAM_RULES} {checked.refused}")
+    return dataclasses.replace(src, rules=rules)
 
 
 def _is_folder(path: Path) -> bool:
@@ -331,7 +358,7 @@ class Engine:
                             del loops[name]
                             self.health.forget(name)
                     for name, src in current.items():
-                        stamp = _stamp(src.path)
+                        stamp = _stamp(src.path, src.rules)
                         if name not in loops:
                             log.info("mailbox=%s added (%s)", name, src.path)
                             loops[name] = _Loop(src, stamp)
@@ -410,7 +437,10 @@ class Engine:
         if src.refused is not None:
             raise ConfigError(src.refused, file=str(src.path))
         cfg = load_mailbox(
-            src.path, default_team=src.team or self.settings.default_team, name=src.name
+            src.path,
+            default_team=src.team or self.settings.default_team,
+            name=src.name,
+            team_rules=src.rules,
         )
         for secret in secret_values(cfg):
             logs.register_secret(secret)
@@ -560,7 +590,7 @@ class Engine:
 @dataclass(eq=False)
 class _Loop:
     src: MailboxSource
-    stamp: tuple[int, int] | None
+    stamp: tuple[int, ...] | None
     stop: anyio.Event = field(default_factory=anyio.Event)
     woken: anyio.Event = field(default_factory=anyio.Event)
 
@@ -568,12 +598,15 @@ class _Loop:
         self.woken.set()
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
+def _stamp(path: Path, rules: Path | None = None) -> tuple[int, ...] | None:
+    """What says a mailbox file (or its team's rules file) changed."""
     try:
         st = path.stat()
+        extra = rules.stat() if rules is not None else None
     except OSError:
         return None
-    return (st.st_mtime_ns, st.st_size)
+    more = (extra.st_mtime_ns, extra.st_size) if extra is not None else ()
+    return (st.st_mtime_ns, st.st_size, *more)
 
 
 async def _wait_then_cancel(event: anyio.Event, scope: anyio.CancelScope) -> None:

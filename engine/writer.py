@@ -435,53 +435,80 @@ class Writer:
             )
 
     async def _apply(self, work: Work, env: Envelope, team: Team, d: Decision) -> Outcome:
-        tx = work.tx
-        msg = env.parsed
-        assert msg is not None
         if isinstance(d, NewRequest):
-            number = await tx.create_request(
-                team_id=team.id,
-                type=d.type,
-                subject=d.subject,
-                description=d.description,
-                html=d.html,
-                created_by=self.created_by,
-                requester_id=d.requester.id if d.requester else None,
-                user_id=d.requester.id if d.requester else None,
-                site=d.site,
-                group=d.group,
-                assignee_id=d.assignee.id if d.assignee else None,
-                source=d.source,
-                mailbox=env.mailbox.name,
-                message_id=msg.message_id,
-                sha256=msg.sha256,
-            )
-            await tx.add_attachments(number, None, d.attachments)
-            return Outcome(Kind.CREATED, request_number=number)
+            return Outcome(Kind.CREATED, request_number=await self._create(work, env, team, d))
         if isinstance(d, AddActivity):
-            number = d.request.number
-            activity = await tx.add_activity(
-                number,
-                author=d.author,
-                email=msg.from_addr,
-                body=d.body,
-                date=msg.date,
-                automatic=d.automatic,
-                message_id=msg.message_id,
-            )
-            await tx.add_attachments(number, activity, d.attachments)
-            if d.reopen and not d.automatic:
-                status = "new" if d.request.type == "event" else "reopened"
-                await tx.set_status(
-                    number,
-                    status,
-                    by=self.created_by,
-                    why=f"Reopened by a reply from {msg.from_addr or d.author}.",
-                )
-            return Outcome(Kind.ACTIVITY, request_number=number)
+            return Outcome(Kind.ACTIVITY, request_number=await self._add(work, env, d))
         if isinstance(d, Refuse):
             return Outcome(Kind.REFUSED, await self._refuse(work, env, d))
         return Outcome(Kind.IGNORED, d.reason)
+
+    async def _create(self, work: Work, env: Envelope, team: Team, d: NewRequest) -> int:
+        """A new request, in the team a routing rule named (checked before the session)."""
+        tx = work.tx
+        msg = env.parsed
+        assert msg is not None
+        if d.team is not None:
+            team = await tx.team(d.team) or team
+        number = await tx.create_request(
+            team_id=team.id,
+            type=d.type,
+            subject=d.subject,
+            description=d.description,
+            html=d.html,
+            created_by=self.created_by,
+            requester_id=d.requester.id if d.requester else None,
+            user_id=d.requester.id if d.requester else None,
+            site=d.site,
+            group=d.group,
+            assignee_id=d.assignee.id if d.assignee else None,
+            source=d.source,
+            mailbox=env.mailbox.name,
+            message_id=msg.message_id,
+            sha256=msg.sha256,
+            priority=d.priority,
+            correlation_key=d.correlation_key,
+            alert_state=d.alert_state,
+            form=d.form,
+        )
+        await tx.add_attachments(number, None, d.attachments)
+        if d.fields or d.tags or d.foreign_numbers:
+            await tx.add_request_details(
+                number, fields=d.fields, tags=d.tags, foreign_numbers=d.foreign_numbers
+            )
+        return number
+
+    async def _add(self, work: Work, env: Envelope, d: AddActivity) -> int:
+        """An activity; the request reopened by a person's reply or a correlated alert, or
+        closed by an alert's recovery; its alert state updated."""
+        tx = work.tx
+        msg = env.parsed
+        assert msg is not None
+        number = d.request.number
+        activity = await tx.add_activity(
+            number,
+            author=d.author,
+            email=msg.from_addr,
+            body=d.body,
+            date=msg.date,
+            automatic=d.automatic,
+            message_id=msg.message_id,
+        )
+        await tx.add_attachments(number, activity, d.attachments)
+        if d.state is not None:
+            await tx.set_alert_state(number, d.state)
+        if d.close is not None:
+            await tx.set_status(number, "processed", by=self.created_by, why=d.close)
+        elif d.reopen and (not d.automatic or d.via == "correlation"):
+            status = "new" if d.request.type == "event" else "reopened"
+            who = "an alert" if d.via == "correlation" else "a reply"
+            await tx.set_status(
+                number,
+                status,
+                by=self.created_by,
+                why=f"Reopened by {who} from {msg.from_addr or d.author}.",
+            )
+        return number
 
     async def _refuse(self, work: Work, env: Envelope, d: Refuse) -> str:
         """Record the refusal's automatic reply (an outbox row, in this transaction), unless
@@ -640,9 +667,42 @@ class Writer:
         ):
             if value and not await tx.has_name(table, value):
                 problems.append(f"{label} {value!r} is not in the directory")
+        problems += await self._check_processing(tx, cfg)
         if not problems:
             return None
         return DirectoryError("; ".join(problems))
+
+    async def _check_processing(self, tx: Transaction, cfg: MailboxConfig) -> list[str]:
+        """The names the priority settings and the routing rules give, each checked against
+        the directory; a rule's problem names its file and line."""
+        p = cfg.processing
+        named: list[tuple[str, str, str | None]] = [("incidentPriority", "priorities", p.priority)]
+        if any(rule.priority_from_headers for rule in p.rules):
+            named += [
+                (f"headerPriorities {level}", "priorities", getattr(p.header_priorities, level))
+                for level in ("high", "normal", "low")
+            ]
+        for rule in p.rules:
+            where = f"rule {rule.name!r} ({rule.where})"
+            named += [
+                (f"{where} setGroup", "groups", rule.group),
+                (f"{where} setPriority", "priorities", rule.priority),
+                (f"{where} setSource", "sources", rule.source),
+                (f"{where} setAssignee", "users", rule.assignee),
+                (f"{where} setTeam", "teams", rule.team),
+            ]
+        problems = []
+        for label, table, value in named:
+            if value and not await self._known(tx, table, value):
+                problems.append(f"{label}: {value!r} is not in the directory")
+        return problems
+
+    async def _known(self, tx: Transaction, table: str, value: str) -> bool:
+        if table == "users":
+            return await tx.user_by_login(value) is not None
+        if table == "teams":
+            return await tx.team(value) is not None
+        return await tx.has_name(table, value)
 
     async def _session_report(self, work: Work, rep: SessionReport) -> None:
         """The end of a mailbox session: its outage events, the deletions the server

@@ -1,6 +1,6 @@
-"""Shared fixtures: a real Dovecot for the whole session, and fresh mailboxes on it; an
-OAuth2 authorization server and a Dovecot that checks its tokens; a throwaway PostgreSQL
-database per module; headless Chromium."""
+"""Shared fixtures: a real Dovecot for the whole session, and fresh mailboxes on it (a user, or
+a whole `mailbox` with its `data` directory); an OAuth2 authorization server and a Dovecot that
+checks its tokens; a throwaway PostgreSQL database per module; headless Chromium."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import secrets
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from support import Mailbox, data_dir
 
 from tools.dovecot import Dovecot, find_dovecot, imap_available, make_certificates, start_dovecot
 from tools.oauthserver import OAuthServer
@@ -82,6 +83,32 @@ def pop3_user(dovecot: Dovecot) -> tuple[str, str]:
     password = secrets.token_urlsafe(12)
     dovecot.add_user(name, password)
     return name, password
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    """A data directory with the tests' directory (support.DIRECTORY) imported."""
+    return data_dir(tmp_path)
+
+
+@pytest.fixture
+def mailbox(data: Path, dovecot: Dovecot, pop3_user: tuple[str, str]) -> Mailbox:
+    """A fresh Dovecot user with its mailbox file (``m.xml``, support.mailbox_xml's defaults;
+    ``mailbox.configure(...)`` rewrites it) and ``data``: deliver, once, check the store."""
+    box = Mailbox(dovecot, *pop3_user, data=data, config=data.parent / "m.xml")
+    box.configure()
+    return box
+
+
+@pytest.fixture
+def new_mailbox(data: Path, dovecot: Dovecot) -> Callable[..., Mailbox]:
+    """More mailboxes beside `mailbox`, sharing `data`: ``new_mailbox(path, **settings)``
+    makes a Dovecot user and its mailbox file at ``path``."""
+
+    def make(config: Path, **settings: Any) -> Mailbox:
+        return Mailbox.create(dovecot, data, config, **settings)
+
+    return make
 
 
 @pytest.fixture

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
 import io
 import json
+import secrets
+import socket
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from email.message import EmailMessage
-from email.policy import SMTP
+from email.parser import BytesHeaderParser
+from email.policy import SMTP, compat32
 from email.utils import make_msgid
 from pathlib import Path
 from typing import Any
@@ -31,6 +38,8 @@ DIRECTORY: dict[str, Any] = {
     "sites": ["Montréal", "Québec"],
     "groups": ["Service Desk", "Infrastructure", "Building Services", "Monitoring"],
     "sources": ["Email", "SCOM"],
+    "priorities": ["Low", "Medium", "High", "Critical"],
+    "categories": ["Hardware", "Access"],
     "users": [
         {
             "login": LOGIN,
@@ -54,45 +63,65 @@ EVENT = "Octopus.MailIntegration.Processors.EventMailMessageProcessor, Octopus.M
 GATEWAY = "Octopus.MailIntegration.Gateways.SidePopMailboxGateway, Octopus.MailIntegration"
 
 
-def mailbox_xml(
-    path: Path,
+# The root elements every incident mailbox of the tests has, unless told otherwise.
+INCIDENT_DEFAULTS: dict[str, str | None] = {
+    "team": "1",
+    "incidentFallbackSiteName": "Montr&eacute;al",
+    "incidentFallbackUserLogon": "unknown.user",
+    "incidentGroup": "Service Desk",
+    "incidentSource": "Email",
+}
+
+
+def mailbox_text(
     *,
-    port: int,
-    user: str,
-    password: str,
+    port: int | None,
+    user: str | None,
+    password: str | None,
     host: str = "127.0.0.1",
     processor: str = INCIDENT,
+    gateway: str = GATEWAY,
+    use_ssl: bool | None = False,
+    timeout: int | str | None = 5,
     server_extra: str = "",
-    use_ssl: bool = False,
+    root_extra: str = "",
+    defaults: bool = True,
     **elements: str | None,
-) -> Path:
-    """Write a mailbox file; ``elements`` become root elements (``team="1"`` → <team>1</team>)."""
-    defaults: dict[str, str | None] = {
-        "team": "1",
-        "incidentFallbackSiteName": "Montr&eacute;al",
-        "incidentFallbackUserLogon": "unknown.user",
-        "incidentGroup": "Service Desk",
-        "incidentSource": "Email",
+) -> str:
+    """The one mailbox XML template of the tests (and of tools/crash.py).
+
+    Each server element on its own line, in this order: gatewayTypeName, serverName, port,
+    useSsl, userName, password, timeoutSeconds, then ``server_extra`` as written; a ``None``
+    leaves its element out. Root elements: :data:`INCIDENT_DEFAULTS` (unless ``defaults`` is
+    false) updated with ``elements`` (``team="1"`` → <team>1</team>, ``None`` removes one),
+    then ``root_extra`` as written. Values are not escaped: a test may write an entity or a
+    broken value on purpose.
+    """
+    ssl = None if use_ssl is None else ("true" if use_ssl else "false")
+    server = {
+        "gatewayTypeName": gateway,
+        "serverName": host,
+        "port": port,
+        "useSsl": ssl,
+        "userName": user,
+        "password": password,
+        "timeoutSeconds": timeout,
     }
-    defaults.update(elements)
-    body = "".join(f"  <{k}>{v}</{k}>\n" for k, v in defaults.items() if v is not None)
-    path.write_text(
-        f"""<?xml version="1.0" encoding="utf-8"?>
-<mailIntegration>
-  <messageProcessorTypeName>{processor}</messageProcessorTypeName>
-  <server>
-    <gatewayTypeName>{GATEWAY}</gatewayTypeName>
-    <serverName>{host}</serverName>
-    <port>{port}</port>
-    <useSsl>{"true" if use_ssl else "false"}</useSsl>
-    <userName>{user}</userName>
-    <password>{password}</password>
-    <timeoutSeconds>5</timeoutSeconds>
-{server_extra}  </server>
-{body}</mailIntegration>
-""",
-        encoding="utf-8",
+    root = dict(INCIDENT_DEFAULTS if defaults else {}) | elements
+    inner = "".join(f"    <{k}>{v}</{k}>\n" for k, v in server.items() if v is not None)
+    body = "".join(f"  <{k}>{v}</{k}>\n" for k, v in root.items() if v is not None)
+    return (
+        '<?xml version="1.0" encoding="utf-8"?>\n'
+        "<mailIntegration>\n"
+        f"  <messageProcessorTypeName>{processor}</messageProcessorTypeName>\n"
+        f"  <server>\n{inner}{server_extra}  </server>\n"
+        f"{body}{root_extra}</mailIntegration>\n"
     )
+
+
+def mailbox_xml(path: Path, **settings: Any) -> Path:
+    """Write :func:`mailbox_text` (same keywords) to ``path``; returns ``path``."""
+    path.write_text(mailbox_text(**settings), encoding="utf-8")
     return path
 
 
@@ -136,24 +165,77 @@ def import_directory(data_dir: Path, tmp: Path, directory: dict[str, Any] | None
     assert code == 0
 
 
-def mailbox_of(
-    tmp_path: Path,
-    dovecot: Any,
-    pop3_user: tuple[str, str],
-    raws: list[bytes],
-    **elements: str,
-) -> tuple[Path, Path]:
-    """A data dir with the directory imported, and a mailbox file for ``pop3_user`` (with
-    ``elements``), whose mailbox now holds ``raws``: (data dir, mailbox file)."""
+def data_dir(tmp_path: Path) -> Path:
+    """``tmp_path/data``, a data directory with the tests' :data:`DIRECTORY` imported."""
     data = tmp_path / "data"
     import_directory(data, tmp_path)
-    user, password = pop3_user
-    for raw in raws:
-        dovecot.deliver(user, raw)
-    cfg = mailbox_xml(
-        tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=password, **elements
-    )
-    return data, cfg
+    return data
+
+
+@dataclass
+class Mailbox:
+    """One test's mailbox on the session's Dovecot, end to end: a fresh user, a data directory
+    with the directory imported, and a mailbox file for the user (the conftest ``mailbox``
+    fixture). Delivers, runs ``once`` and reads the store; remembers what it delivered, so
+    :meth:`assert_exactly_once` knows what the store must hold."""
+
+    dovecot: Any
+    user: str
+    password: str
+    data: Path
+    config: Path
+    delivered: list[bytes] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, dovecot: Any, data: Path, config: Path, **settings: Any) -> Mailbox:
+        """A new user on ``dovecot`` (unique name, random password), its file ``config``
+        written with ``settings``, its mail going to ``data``."""
+        user, password = f"user-{uuid.uuid4().hex[:12]}", secrets.token_urlsafe(12)
+        dovecot.add_user(user, password)
+        box = cls(dovecot, user, password, data, config)
+        box.configure(**settings)
+        return box
+
+    def configure(self, name: str | None = None, **settings: Any) -> Path:
+        """(Re)write the mailbox file: :func:`mailbox_text`'s keywords, this user preset.
+        ``name`` renames the mailbox (the file ``NAME.xml`` beside the old one, removed)."""
+        if name is not None:
+            self.config.unlink(missing_ok=True)
+            self.config = self.config.with_name(f"{name}.xml")
+        preset = {"port": self.dovecot.pop3_port, "user": self.user, "password": self.password}
+        return mailbox_xml(self.config, **(preset | settings))
+
+    def deliver(self, *raws: bytes) -> None:
+        for raw in raws:
+            self.dovecot.deliver(self.user, raw)
+            self.delivered.append(raw)
+
+    def once(self, *extra: str | Path) -> int:
+        return once(self.data, self.config, *extra)
+
+    def requests(self, **filters: str) -> list[dict[str, Any]]:
+        return requests(self.data, **filters)
+
+    def mail(self) -> list[dict[str, Any]]:
+        """The requests made from mail (no outage or failure events)."""
+        return [r for r in requests(self.data) if r["kind"] == "mail"]
+
+    def ledger(self) -> list[sqlite3.Row]:
+        return ledger(self.data)
+
+    def left(self) -> int:
+        """How many messages are still on the server."""
+        return int(self.dovecot.count(self.user))
+
+    def expected(self) -> list[Delivered]:
+        """What :meth:`deliver` delivered, for :func:`assert_exactly_once` over several
+        mailboxes."""
+        return [Delivered.of(raw, self.user) for raw in self.delivered]
+
+    def assert_exactly_once(self, **options: Any) -> None:
+        """Everything :meth:`deliver` delivered is in the store once and the mailbox is empty
+        (:func:`assert_exactly_once`'s options)."""
+        assert_exactly_once(self.data, self.delivered, self.dovecot, user=self.user, **options)
 
 
 def once(data_dir: Path, config: Path, *extra: str | Path) -> int:
@@ -194,6 +276,32 @@ def ledger(data_dir: Path) -> list[sqlite3.Row]:
         db.close()
 
 
+def free_port() -> int:
+    """A loopback TCP port that nobody listens on: bound to port 0, then released.
+
+    For a server the test starts next on it (aiosmtpd's Controller, the daemon's --http-port)
+    or for a mailbox whose connection must be refused. The one helper of its kind: the
+    architecture test fails on any other test module binding port 0 to learn a free port.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def smtp_server(handler: Any, **options: Any) -> Iterator[int]:
+    """aiosmtpd serving ``handler`` on a free loopback port, stopped afterwards; yields the
+    port. ``options`` go to its Controller (an authenticator, say)."""
+    from aiosmtpd.controller import Controller  # a test dependency: tools and bench import us
+
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port(), **options)
+    controller.start()
+    try:
+        yield int(controller.port)
+    finally:
+        controller.stop()
+
+
 def attachment_bytes(data_dir: Path, sha256: str) -> bytes:
     return (data_dir / "attachments" / sha256[:2] / sha256).read_bytes()
 
@@ -227,3 +335,184 @@ def count_rows(data: Path, sql: str) -> int:
         return 0
     finally:
         db.close()
+
+
+# --------------------------------------------------------------------------- exactly once
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """A message put in a mailbox, as the store must then hold it: once.
+
+    ``sha256`` (of the delivered bytes) and ``attachments`` (the sha256 of each attachment's
+    bytes) are checked when known; ``user`` names the Dovecot mailbox that must end up empty.
+    """
+
+    user: str
+    message_id: str
+    sha256: str | None = None
+    attachments: frozenset[str] | None = None
+
+    @classmethod
+    def of(cls, raw: bytes, user: str = "") -> Delivered:
+        """Read from the delivered bytes themselves (stdlib parser, not the engine's)."""
+        header = BytesHeaderParser(policy=compat32).parsebytes(raw).get("Message-ID")
+        assert header, "a message without a Message-ID cannot be followed through the store"
+        mid = " ".join(str(header).split()).strip("<>")
+        return cls(user, mid, hashlib.sha256(raw).hexdigest())
+
+
+@dataclass
+class OnceCheck:
+    """What :func:`check_exactly_once` found: losses and duplicates counted, every problem
+    in words (empty when all is well)."""
+
+    losses: int = 0
+    duplicates: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+# Outcomes whose message has one effect, carrying its Message-ID: a request (mail, or a
+# failure event holding it) or an activity written from it.
+_WITH_EFFECT = ("created", "activity", "failed")
+
+
+@dataclass
+class _Store:
+    integrity: list[str]
+    ledger: dict[str, list[tuple[str, str]]]  # Message-ID -> [(sha256, outcome kind)]
+    keys_twice: list[tuple[str, str]]
+    effects: dict[str, list[int]]  # Message-ID -> request numbers (0 for an activity)
+    outages: list[tuple[int, str, str]]
+    cited: dict[int, set[str]]  # request number -> attachment sha256s
+
+
+def _read_store(data_dir: Path) -> _Store:
+    db = sqlite3.connect(f"file:{data_dir / 'mailintegration.sqlite3'}?mode=ro", uri=True)
+    try:
+        store = _Store(
+            [str(r[0]) for r in db.execute("PRAGMA integrity_check")],
+            collections.defaultdict(list),
+            db.execute(
+                "SELECT account, uidl FROM ledger GROUP BY account, uidl HAVING count(*) > 1"
+            ).fetchall(),
+            collections.defaultdict(list),
+            db.execute(
+                "SELECT number, mailbox, cause FROM requests WHERE kind = 'outage'"
+            ).fetchall(),
+            collections.defaultdict(set),
+        )
+        for mid, sha, outcome in db.execute("SELECT message_id, sha256, outcome FROM ledger"):
+            store.ledger[str(mid)].append((str(sha), str(outcome).split(":")[0]))
+        for number, mid in db.execute(
+            "SELECT number, message_id FROM requests WHERE kind IN ('mail', 'message-failure') "
+            "UNION ALL SELECT 0, message_id FROM activities WHERE automatic = 0"
+        ):
+            store.effects[str(mid)].append(int(number))
+        for number, sha in db.execute("SELECT request_number, sha256 FROM attachments"):
+            store.cited[int(number)].add(str(sha))
+    finally:
+        db.close()
+    return store
+
+
+def check_exactly_once(
+    data_dir: Path,
+    delivered: Sequence[Delivered],
+    dovecot: Any = None,
+    *,
+    outcomes: Collection[str] = ("created",),
+    outages: bool = False,
+) -> OnceCheck:
+    """Compare the store (and, given ``dovecot``, the delivered mailboxes) with what was
+    delivered: every Message-ID in the ledger exactly once with the delivered bytes' sha256
+    and an outcome of ``outcomes``; one request or activity for each; no ledger key twice,
+    no row for a message never delivered, no outage event unless ``outages``; attachment
+    files exactly those cited, each hashing to its name; every delivered mailbox empty.
+
+    The one exactly-once checker: the tests assert with it, tools/crash.py counts with it.
+    """
+    check, store = OnceCheck(), _read_store(data_dir)
+    problems = check.problems
+    if store.integrity != ["ok"]:
+        problems.append(f"integrity_check: {store.integrity[:5]}")
+    if store.keys_twice:
+        problems.append(f"ledger keys recorded twice: {store.keys_twice[:3]}")
+    on_server: set[str] = set()
+    for user in sorted({d.user for d in delivered}) if dovecot is not None else []:
+        left = dovecot.messages(user)
+        if left:
+            problems.append(f"{len(left)} message(s) left on the server in {user}")
+        on_server.update(hashlib.sha256(raw).hexdigest() for raw in left)
+    for d in delivered:
+        _check_one(check, store, d, on_server, outcomes)
+    ids = {d.message_id for d in delivered}
+    if unexpected := set(store.ledger) - ids:
+        problems.append(f"ledger rows for messages never delivered: {sorted(unexpected)[:3]}")
+    if unexpected := set(store.effects) - ids:
+        problems.append(f"requests or activities never delivered: {sorted(unexpected)[:3]}")
+    if store.outages and not outages:
+        problems.append(f"unexpected events: {store.outages[:3]}")
+    problems.extend(_check_files(data_dir / "attachments", set().union(*store.cited.values())))
+    return check
+
+
+def _check_one(
+    check: OnceCheck, store: _Store, d: Delivered, on_server: set[str], outcomes: Collection[str]
+) -> None:
+    seen, made = store.ledger.get(d.message_id, []), store.effects.get(d.message_id, [])
+    if not seen:
+        # Still on the server is not lost (only not processed yet); gone from both is.
+        lost = d.sha256 not in on_server
+        check.losses += lost
+        what = "lost" if lost else "not processed"
+        check.problems.append(f"{what} {d.message_id}: no ledger row, {len(made)} effect(s)")
+        return
+    if len(seen) > 1 or len(made) > 1:
+        check.duplicates += max(len(seen), len(made)) - 1
+        check.problems.append(f"duplicated {d.message_id}: ledger {len(seen)}, effects {len(made)}")
+    if d.sha256 is not None and any(sha != d.sha256 for sha, _ in seen):
+        check.problems.append(f"{d.message_id}: ledger sha256 differs from the delivered bytes")
+    kinds = [kind for _, kind in seen]
+    if any(kind not in outcomes for kind in kinds):
+        check.problems.append(f"{d.message_id}: outcome {kinds}, expected one of {outcomes}")
+    if not made and any(kind in _WITH_EFFECT for kind in kinds):
+        check.problems.append(f"{d.message_id}: {kinds[0]} without a request or activity")
+    if d.attachments is not None and made and store.cited.get(made[0], set()) != d.attachments:
+        check.problems.append(f"{d.message_id}: attachments differ from what was delivered")
+
+
+def _check_files(root: Path, referenced: set[str]) -> list[str]:
+    problems = []
+    found: set[str] = set()
+    for path in sorted(root.rglob("*")) if root.is_dir() else []:
+        if path.is_dir():
+            continue
+        rel = path.relative_to(root)
+        if len(rel.parts) != 2 or path.name.startswith(".") or rel.parts[0] != path.name[:2]:
+            problems.append(f"stray file in attachments/: {rel}")
+            continue
+        if hashlib.sha256(path.read_bytes()).hexdigest() != path.name:
+            problems.append(f"attachment file {rel} does not hash to its name (torn write?)")
+        found.add(path.name)
+    if found - referenced:
+        problems.append(f"orphan attachment files: {sorted(found - referenced)[:3]}")
+    if referenced - found:
+        problems.append(f"attachment rows without a file: {sorted(referenced - found)[:3]}")
+    return problems
+
+
+def assert_exactly_once(
+    data_dir: Path,
+    delivered: Iterable[bytes | Delivered],
+    dovecot: Any = None,
+    *,
+    user: str = "",
+    outcomes: Collection[str] = ("created",),
+    outages: bool = False,
+) -> None:
+    """:func:`check_exactly_once`, asserted. Raw bytes are read as :meth:`Delivered.of`
+    (delivered to ``user``); ``dovecot`` given, every delivered mailbox must be empty."""
+    items = [d if isinstance(d, Delivered) else Delivered.of(d, user) for d in delivered]
+    check = check_exactly_once(data_dir, items, dovecot, outcomes=outcomes, outages=outages)
+    assert check.problems == [], "\n".join(check.problems)

@@ -10,6 +10,7 @@ module and the forbidden import."""
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,67 @@ def test_no_function_of_the_engine_is_too_complex() -> None:
         if block.complexity > MAX_COMPLEXITY
     ]
     assert tangled == []
+
+
+# Issue 13: the tests' shared helpers live once, in tests/support.py and tests/conftest.py.
+TESTS = Path(__file__).resolve().parent
+SHARED = {TESTS / "support.py", TESTS / "conftest.py"}
+
+
+def free_port_copies(path: Path) -> list[str]:
+    """The functions of ``path`` that bind port 0 only to learn a port number: a ``bind`` to
+    ``(host, 0)`` with no ``listen`` in the same function. A real listener on port 0 (a
+    scripted server) binds and listens, and is not a copy of ``support.free_port``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    scopes: list[ast.AST] = [tree]
+    scopes += [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+    found = []
+    for scope in scopes:
+        calls = [n for n in own_nodes(scope) if isinstance(n, ast.Call)]
+        called = {c.func.attr for c in calls if isinstance(c.func, ast.Attribute)}
+        if "listen" not in called and any(binds_port_zero(c) for c in calls):
+            found.append(getattr(scope, "name", "<module>"))
+    return found
+
+
+def own_nodes(scope: ast.AST) -> Iterator[ast.AST]:
+    """The nodes of ``scope``, without those of the functions defined inside it."""
+    for child in ast.iter_child_nodes(scope):
+        if not isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            yield child
+            yield from own_nodes(child)
+
+
+def binds_port_zero(call: ast.Call) -> bool:
+    if not (isinstance(call.func, ast.Attribute) and call.func.attr == "bind" and call.args):
+        return False
+    address = call.args[0]
+    return (
+        isinstance(address, ast.Tuple)
+        and len(address.elts) == 2
+        and isinstance(port := address.elts[1], ast.Constant)
+        and port.value == 0
+    )
+
+
+def test_no_test_module_has_its_own_free_port_helper() -> None:
+    """support.free_port is the one way to learn a free loopback port."""
+    copies = [
+        f"{path.relative_to(TESTS)}:{name}"
+        for path in sorted(TESTS.rglob("*.py"))
+        if path not in SHARED
+        for name in free_port_copies(path)
+    ]
+    assert copies == [], "use support.free_port()"
+
+
+def test_the_free_port_rule_catches_a_copy(tmp_path: Path) -> None:
+    code = tmp_path / "x.py"
+    code.write_text(
+        "import socket\n"
+        "def port():\n    with socket.socket() as s:\n"
+        "        s.bind(('127.0.0.1', 0))\n        return s.getsockname()[1]\n"
+        "def server():\n    s = socket.socket()\n    s.bind(('127.0.0.1', 0))\n    s.listen(1)\n",
+        encoding="utf-8",
+    )
+    assert free_port_copies(code) == ["port"]

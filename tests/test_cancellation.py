@@ -4,9 +4,7 @@ and a rerun completes with every message exactly once."""
 
 from __future__ import annotations
 
-import hashlib
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -14,7 +12,14 @@ from pathlib import Path
 
 import anyio
 import pytest
-from support import LOGIN, import_directory, ledger, mailbox_xml, message, requests
+from support import (
+    LOGIN,
+    assert_exactly_once,
+    ledger,
+    mailbox_xml,
+    message,
+    requests,
+)
 
 from engine.model import Attachment
 from engine.session import make_envelope
@@ -22,13 +27,6 @@ from engine.store import open_store
 from engine.store.sqlite import SqliteTransaction
 from engine.supervisor import Engine, EngineSettings, MailboxOutcome, MailboxSource
 from tools.fakepop3 import FakePOP3Server, Script
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    d = tmp_path / "data"
-    import_directory(d, tmp_path)
-    return d
 
 
 def messages(n: int = 3) -> list[bytes]:
@@ -92,22 +90,6 @@ def committed_ids(data: Path) -> set[int]:
     return {int(r["uidl"].removeprefix("uid-")) for r in ledger(data)}
 
 
-def assert_each_once(data: Path, raws: list[bytes]) -> None:
-    rows = ledger(data)
-    assert sorted(r["sha256"] for r in rows) == sorted(hashlib.sha256(m).hexdigest() for m in raws)
-    mail = [r for r in requests(data) if r["kind"] == "mail"]
-    assert len(mail) == len(raws)
-    assert len({r["subject"] for r in mail}) == len(raws)
-    db = sqlite3.connect(data / "mailintegration.sqlite3")
-    try:
-        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        cited = {r[0] for r in db.execute("SELECT sha256 FROM attachments")}
-    finally:
-        db.close()
-    files = {p.name for p in (data / "attachments").rglob("*") if p.is_file()}
-    assert files == cited  # no orphan, no temporary file, none missing
-
-
 def rerun_completes(data: Path, cfg: Path, fake: FakePOP3Server, raws: list[bytes]) -> None:
     outcomes, cancelled = anyio.run(lambda: run_once(data, cfg))
     assert not cancelled
@@ -115,7 +97,7 @@ def rerun_completes(data: Path, cfg: Path, fake: FakePOP3Server, raws: list[byte
     assert outcome.error is None
     fake.wait_idle()
     assert sorted(fake.deleted) == list(range(1, len(raws) + 1))
-    assert_each_once(data, raws)
+    assert_exactly_once(data, raws)
 
 
 def test_cancel_mid_retr_deletes_nothing_and_the_rerun_completes(
@@ -125,8 +107,7 @@ def test_cancel_mid_retr_deletes_nothing_and_the_rerun_completes(
     script = Script(messages=raws, stall_on_retr=2, stall_timeout=60, fault_sessions=1)
     with FakePOP3Server(script) as fake:
         # A long timeout: it is the cancellation that must end the stalled RETR, not the socket.
-        cfg = mailbox_xml(tmp_path / "box.xml", port=fake.port, user="u", password="p")
-        cfg.write_text(cfg.read_text().replace("<timeoutSeconds>5<", "<timeoutSeconds>60<"))
+        cfg = mailbox_xml(tmp_path / "box.xml", port=fake.port, user="u", password="p", timeout=60)
 
         async def mid_retr() -> None:
             await until(lambda: "RETR 2" in fake.commands, pause=0.3)
@@ -247,8 +228,7 @@ def test_cancel_while_connecting_never_logs_in_afterwards(tmp_path: Path, data: 
     server.start()
     try:
         port = listener.getsockname()[1]
-        cfg = mailbox_xml(tmp_path / "box.xml", port=port, user="u", password=password)
-        cfg.write_text(cfg.read_text().replace("<timeoutSeconds>5<", "<timeoutSeconds>60<"))
+        cfg = mailbox_xml(tmp_path / "box.xml", port=port, user="u", password=password, timeout=60)
 
         async def go() -> bool:
             async def connecting() -> None:
@@ -280,7 +260,7 @@ def test_cancel_scope_outside_once_is_reported_as_cancelled(tmp_path: Path, data
         assert not cancelled and [o.error for o in outcomes] == [None]
         fake.wait_idle()
         assert fake.deleted == [1]
-    assert_each_once(data, raws)
+    assert_exactly_once(data, raws)
 
 
 def test_a_cancelled_writer_answers_not_committed(

@@ -8,11 +8,13 @@ import re
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
+from support import EVENT, GATEWAY, INCIDENT, mailbox_text
 
 from engine.config import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -30,12 +32,6 @@ from engine.errors import ConfigError
 CONFIGS = Path(__file__).parent / "configs"
 CANARY = "Canary-PW-8c1f"
 
-INCIDENT = (
-    "Octopus.MailIntegration.Processors.EndUserIncidentMailMessageProcessor, "
-    "Octopus.MailIntegration"
-)
-EVENT = "Octopus.MailIntegration.Processors.EventMailMessageProcessor, Octopus.MailIntegration"
-SIDEPOP = "Octopus.MailIntegration.Gateways.SidePopMailboxGateway, Octopus.MailIntegration"
 MAILKIT = "Octopus.MailIntegration.Gateways.MailKitMailboxGateway, Octopus.MailIntegration"
 
 EXAMPLE = (CONFIGS / "incident-example.xml").read_text(encoding="utf-8")
@@ -44,25 +40,26 @@ EXAMPLE = (CONFIGS / "incident-example.xml").read_text(encoding="utf-8")
 def mailbox(
     *,
     processor: str = INCIDENT,
-    gateway: str = SIDEPOP,
+    gateway: str = GATEWAY,
     server: str = "",
     password: str = f"<password>{CANARY}</password>",
     extra: str = "",
 ) -> str:
-    """A small valid file (line numbers below: the root is line 2, server line 4)."""
-    return (
-        '<?xml version="1.0" encoding="utf-8"?>\n'
-        "<mailIntegration>\n"
-        f"  <messageProcessorTypeName>{processor}</messageProcessorTypeName>\n"
-        "  <server>\n"
-        f"    <gatewayTypeName>{gateway}</gatewayTypeName>\n"
-        "    <serverName>pop.example.com</serverName>\n"
-        "    <userName>support@example.com</userName>\n"
-        f"    {password}\n"
-        f"    {server}\n"
-        "  </server>\n"
-        f"  {extra}\n"
-        "</mailIntegration>\n"
+    """A small valid file: the shared template with only what the schema requires, so each
+    test's own XML lands on a known line (the root is line 2, server line 4, ``password``
+    line 8, ``server`` line 9, ``extra`` line 11)."""
+    return mailbox_text(
+        host="pop.example.com",
+        port=None,
+        use_ssl=None,
+        user="support@example.com",
+        password=None,
+        timeout=None,
+        processor=processor,
+        gateway=gateway,
+        server_extra=f"    {password}\n    {server}\n",
+        root_extra=f"  {extra}\n",
+        defaults=False,
     )
 
 
@@ -182,7 +179,7 @@ def test_element_names_are_case_insensitive(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "gateway",
     [
-        SIDEPOP,
+        GATEWAY,
         MAILKIT,
         "Octopus.MailIntegration.Gateways.SidePopMailboxGateway",
         "MailKitMailboxGateway",
@@ -287,14 +284,15 @@ def test_every_schema_element_is_documented() -> None:
 # ------------------------------------------------------------------------------- processors
 
 
-def test_unsupported_processor(tmp_path: Path) -> None:
-    sr = (
+def test_service_request_processor_is_read_under_both_names(tmp_path: Path) -> None:
+    for sr in (
         "Octopus.MailIntegration.Processors.EndUserNewSRMailMessageProcessor, "
-        "Octopus.MailIntegration"
-    )
-    err = load_error(tmp_path, mailbox(processor=sr))
-    assert "not supported yet" in err.reason
-    assert err.line == 3 and err.element == "messageProcessorTypeName"
+        "Octopus.MailIntegration",
+        "ESI.Octopus.MailIntegration.EndUserNewSRMailMessageProcessor",
+    ):
+        cfg = load_mailbox(write(tmp_path, mailbox(processor=sr)))
+        assert cfg.processor == "service-request"
+        assert cfg.processing.service_requests.token == "CreateSR"
 
 
 def test_unknown_processor_lists_valid_values(tmp_path: Path) -> None:
@@ -912,7 +910,7 @@ def mailbox_files(draw: st.DrawFn) -> tuple[str, dict[str, str]]:
 
     ints = st.none() | st.integers(1, 3600)
     server = (
-        el("gatewayTypeName", draw(st.sampled_from(["pop3", SIDEPOP, MAILKIT])))
+        el("gatewayTypeName", draw(st.sampled_from(["pop3", GATEWAY, MAILKIT])))
         + el("serverName", draw(TEXT))
         + el("port", draw(st.none() | st.integers(1, 65535)))
         + tls()
@@ -1067,3 +1065,44 @@ def test_a_password_file_that_is_not_a_regular_file_is_refused_without_waiting(
     err = load_error(tmp_path, mailbox(password=f"<passwordFile>{fifo}</passwordFile>"))
     assert time.monotonic() - started < 5
     assert "is not a regular file" in err.reason and err.element == "server/passwordFile"
+
+
+def test_mailbox_copy_keeps_correlation_service_requests_rules_and_foreign_numbers(
+    tmp_path: Path,
+) -> None:
+    """Issue 17's settings are in the copy an outage attaches, and load back the same (the
+    rules' file and line are the copy's own)."""
+    sr = "ESI.Octopus.MailIntegration.EndUserNewSRMailMessageProcessor"
+    extra = (
+        "<incidentPriority>Medium</incidentPriority><serviceRequestForm>General</serviceRequestForm>"
+        "<newSRBodyEnclosingToken>##SR##</newSRBodyEnclosingToken>"
+        "<headerPriorities><high>P1</high><low></low></headerPriorities>"
+        "<correlation><flapping>activity</flapping><flappingMinutes>5</flappingMinutes>"
+        "<recognisers><recogniser><name>ups</name><subject>^UPS (?P&lt;host&gt;\\S+)</subject>"
+        "<problemStates>LOW, FAILED</problemStates></recogniser></recognisers></correlation>"
+        "<rules><rule><name>spam</name><header>X-Spam-Flag: ^yes$</header><ignore>true</ignore>"
+        "</rule><rule><subject>Outage</subject><caseSensitive>true</caseSensitive>"
+        "<setGroup>Infra</setGroup><setType>event</setType><addTag>a, b</addTag><stop>1</stop>"
+        "</rule></rules><foreignTicketNumbers><foreignTicketNumber><system>Jira</system>"
+        "<pattern>\\b[A-Z]+-[0-9]+\\b</pattern></foreignTicketNumber></foreignTicketNumbers>"
+    )
+    cfg = load_mailbox(write(tmp_path, mailbox(processor=sr, extra=extra)))
+    copy = mailbox_copy(cfg)
+    again = load_mailbox(write(tmp_path, copy, "copy.xml"))
+    assert again.processor == "service-request"
+
+    def placeless(c: MailboxConfig) -> Any:
+        rules = tuple(dataclasses.replace(r, file="", line=None) for r in c.processing.rules)
+        return dataclasses.replace(c.processing, rules=rules)
+
+    assert placeless(again) == placeless(cfg)
+    assert again.processing.rules[1].conditions[0].pattern.flags & re.IGNORECASE == 0
+    assert len(copy) <= MAX_COPY_BYTES
+
+
+def test_mailbox_copy_with_huge_rules_stays_bounded(tmp_path: Path) -> None:
+    rule = "<rule><subject>" + "x" * 4000 + "</subject><addTag>" + "t" * 4000 + "</addTag></rule>"
+    cfg = load_mailbox(write(tmp_path, mailbox(extra="<rules>" + rule * 60 + "</rules>")))
+    copy = mailbox_copy(cfg)
+    assert len(copy) <= MAX_COPY_BYTES and b"too large to show" in copy
+    load_mailbox(write(tmp_path, copy, "copy.xml"))

@@ -6,6 +6,7 @@ Every test here talks to a real Dovecot on 127.0.0.1 and a real SQLite file in t
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +14,11 @@ import pytest
 from support import (
     LOGIN,
     LOGIN_PASSWORD,
+    Mailbox,
     attachment_bytes,
     cli,
     import_directory,
-    ledger,
-    mailbox_xml,
     message,
-    once,
-    requests,
 )
 
 from engine.gateways.pop3 import Pop3Gateway
@@ -29,23 +27,10 @@ from engine.store.sqlite import SqliteTransaction
 pytestmark = pytest.mark.dovecot
 
 
-@pytest.fixture
-def setup(tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]) -> dict[str, Any]:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
-    user, password = pop3_user
-    cfg = mailbox_xml(
-        tmp_path / "support.xml", port=dovecot.pop3_port, user=user, password=password
-    )
-    return {"data": data, "cfg": cfg, "user": user, "password": password, "tmp": tmp_path}
-
-
-def test_known_sender_creates_incident_with_that_requester(
-    setup: dict[str, Any], dovecot: Any
-) -> None:
-    dovecot.deliver(setup["user"], message("Printer jams", body="The printer jams.\n"))
-    assert once(setup["data"], setup["cfg"]) == 0
-    [req] = requests(setup["data"])
+def test_known_sender_creates_incident_with_that_requester(mailbox: Mailbox) -> None:
+    mailbox.deliver(message("Printer jams", body="The printer jams.\n"))
+    assert mailbox.once() == 0
+    [req] = mailbox.requests()
     assert req["type"] == "incident"
     assert req["status"] == "new"
     assert req["subject"] == "Printer jams"
@@ -56,14 +41,14 @@ def test_known_sender_creates_incident_with_that_requester(
     assert req["source"] == "Email"
     assert req["team"] == "IT"
     assert req["created_by"] == LOGIN
-    assert dovecot.count(setup["user"]) == 0
+    assert mailbox.left() == 0
 
 
-def test_unknown_sender_gets_fallback_user_and_site(setup: dict[str, Any], dovecot: Any) -> None:
-    dovecot.deliver(setup["user"], message("VPN down", sender="Nobody <nobody@else.example>"))
-    dovecot.deliver(setup["user"], message("No site", sender="Alice <ASMITH@example.com>"))
-    assert once(setup["data"], setup["cfg"]) == 0
-    first, second = requests(setup["data"])
+def test_unknown_sender_gets_fallback_user_and_site(mailbox: Mailbox) -> None:
+    mailbox.deliver(message("VPN down", sender="Nobody <nobody@else.example>"))
+    mailbox.deliver(message("No site", sender="Alice <ASMITH@example.com>"))
+    assert mailbox.once() == 0
+    first, second = mailbox.requests()
     assert first["requester"] == "unknown.user"
     assert first["site"] == "Montréal"
     # Known sender (matched case-insensitively) without a site of her own → the fallback site.
@@ -80,18 +65,15 @@ def test_unknown_sender_gets_fallback_user_and_site(setup: dict[str, Any], dovec
         "AW: FW: [Incident] #{n}",
     ],
 )
-def test_reply_with_request_number_adds_activity(
-    setup: dict[str, Any], dovecot: Any, form: str
-) -> None:
-    dovecot.deliver(setup["user"], message("Printer jams"))
-    assert once(setup["data"], setup["cfg"]) == 0
-    [req] = requests(setup["data"])
-    dovecot.deliver(
-        setup["user"],
+def test_reply_with_request_number_adds_activity(mailbox: Mailbox, form: str) -> None:
+    mailbox.deliver(message("Printer jams"))
+    assert mailbox.once() == 0
+    [req] = mailbox.requests()
+    mailbox.deliver(
         message(form.format(n=req["number"]), sender="Alice <asmith@example.com>", body="Again.\n"),
     )
-    assert once(setup["data"], setup["cfg"]) == 0
-    [req] = requests(setup["data"])
+    assert mailbox.once() == 0
+    [req] = mailbox.requests()
     [activity] = req["activities"]
     assert activity["author"] == "Alice"
     assert activity["email"] == "asmith@example.com"
@@ -100,58 +82,39 @@ def test_reply_with_request_number_adds_activity(
 
 
 def test_reference_to_other_team_or_unknown_request_creates_incident(
-    setup: dict[str, Any], dovecot: Any, pop3_user: tuple[str, str]
+    tmp_path: Path, mailbox: Mailbox, new_mailbox: Callable[..., Mailbox]
 ) -> None:
     # A request of team 2 (Facilities), made through a second mailbox of that team.
-    fac_user, fac_pw = f"{setup['user']}-fac", "fac-pw-1"
-    dovecot.add_user(fac_user, fac_pw)
-    fac = mailbox_xml(
-        setup["tmp"] / "fac.xml",
-        port=dovecot.pop3_port,
-        user=fac_user,
-        password=fac_pw,
-        team="Facilities",
-        incidentGroup="Building Services",
-    )
-    dovecot.deliver(fac_user, message("Leaking tap"))
-    assert once(setup["data"], fac) == 0
-    [fac_req] = requests(setup["data"])
-    dovecot.deliver(setup["user"], message(f"RE: [Incident] #{fac_req['number']} Leaking tap"))
-    dovecot.deliver(setup["user"], message("RE: [Incident] #99999 Unknown"))
-    assert once(setup["data"], setup["cfg"]) == 0
-    reqs = requests(setup["data"])
+    fac = new_mailbox(tmp_path / "fac.xml", team="Facilities", incidentGroup="Building Services")
+    fac.deliver(message("Leaking tap"))
+    assert fac.once() == 0
+    [fac_req] = mailbox.requests()
+    mailbox.deliver(message(f"RE: [Incident] #{fac_req['number']} Leaking tap"))
+    mailbox.deliver(message("RE: [Incident] #99999 Unknown"))
+    assert mailbox.once() == 0
+    reqs = mailbox.requests()
     assert len(reqs) == 3
     assert reqs[0]["activities"] == []
     assert [r["team"] for r in reqs[1:]] == ["IT", "IT"]
 
 
-def test_reply_to_closed_request_reopens_it(setup: dict[str, Any], dovecot: Any) -> None:
-    dovecot.deliver(setup["user"], message("Printer jams"))
-    assert once(setup["data"], setup["cfg"]) == 0
-    db = sqlite3.connect(setup["data"] / "mailintegration.sqlite3")
+def test_reply_to_closed_request_reopens_it(mailbox: Mailbox) -> None:
+    mailbox.deliver(message("Printer jams"))
+    assert mailbox.once() == 0
+    db = sqlite3.connect(mailbox.data / "mailintegration.sqlite3")
     db.execute("UPDATE requests SET status = 'closed'")
     db.commit()
     db.close()
-    dovecot.deliver(setup["user"], message("RE: [Incident] #1 Printer jams"))
-    assert once(setup["data"], setup["cfg"]) == 0
-    [req] = requests(setup["data"])
+    mailbox.deliver(message("RE: [Incident] #1 Printer jams"))
+    assert mailbox.once() == 0
+    [req] = mailbox.requests()
     assert req["status"] == "reopened"
     assert any("Reopened by a reply from john.doe@example.com" in h["text"] for h in req["history"])
 
 
-def test_attachments_minus_ignored_ones_with_exact_bytes(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]
-) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
-    user, pw = pop3_user
-    cfg = mailbox_xml(
-        tmp_path / "m.xml",
-        port=dovecot.pop3_port,
-        user=user,
-        password=pw,
-        ignoredAttachments="IMAGE001.png, logo.gif",
-        includeRawMessageAsAttachment="TRUE",
+def test_attachments_minus_ignored_ones_with_exact_bytes(mailbox: Mailbox) -> None:
+    mailbox.configure(
+        ignoredAttachments="IMAGE001.png, logo.gif", includeRawMessageAsAttachment="TRUE"
     )
     pdf = b"%PDF-1.4\n" + bytes(range(256)) * 40
     raw = message(
@@ -162,56 +125,49 @@ def test_attachments_minus_ignored_ones_with_exact_bytes(
             ("logo.gif", "image/gif", b"GIF89a"),
         ),
     )
-    dovecot.deliver(user, raw)
-    assert once(data, cfg) == 0
-    [req] = requests(data)
+    mailbox.deliver(raw)
+    assert mailbox.once() == 0
+    [req] = mailbox.requests()
     names = sorted(a["name"] for a in req["attachments"])
     assert names == ["Report attached.eml", "report.pdf"]
     by_name = {a["name"]: a for a in req["attachments"]}
-    assert attachment_bytes(data, by_name["report.pdf"]["sha256"]) == pdf
-    assert attachment_bytes(data, by_name["Report attached.eml"]["sha256"]) == raw
+    assert attachment_bytes(mailbox.data, by_name["report.pdf"]["sha256"]) == pdf
+    assert attachment_bytes(mailbox.data, by_name["Report attached.eml"]["sha256"]) == raw
 
 
-def test_running_twice_creates_nothing_new(setup: dict[str, Any], dovecot: Any) -> None:
+def test_running_twice_creates_nothing_new(mailbox: Mailbox) -> None:
     for i in range(3):
-        dovecot.deliver(setup["user"], message(f"Issue {i}"))
-    assert once(setup["data"], setup["cfg"]) == 0
-    assert once(setup["data"], setup["cfg"]) == 0
-    assert len(requests(setup["data"])) == 3
-    assert len(ledger(setup["data"])) == 3
-    assert {r["outcome"] for r in ledger(setup["data"])} == {"created"}
+        mailbox.deliver(message(f"Issue {i}"))
+    assert mailbox.once() == 0
+    assert mailbox.once() == 0
+    mailbox.assert_exactly_once()
 
 
 def test_crash_after_commit_before_quit_then_rerun_processes_each_once(
-    setup: dict[str, Any], dovecot: Any, monkeypatch: pytest.MonkeyPatch
+    mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for i in range(4):
-        dovecot.deliver(setup["user"], message(f"Crash case {i}"))
+        mailbox.deliver(message(f"Crash case {i}"))
 
     def crash(self: Pop3Gateway) -> None:
         raise RuntimeError("simulated crash between commit and QUIT")
 
     with monkeypatch.context() as m:
         m.setattr(Pop3Gateway, "quit", crash)
-        assert once(setup["data"], setup["cfg"]) != 0
+        assert mailbox.once() != 0
     # Committed, but the deletions were never confirmed by QUIT: the mail is still there.
-    mail = [r for r in requests(setup["data"]) if r["kind"] == "mail"]
+    mail = [r for r in mailbox.requests() if r["kind"] == "mail"]
     assert len(mail) == 4
-    assert dovecot.count(setup["user"]) == 4
-    assert once(setup["data"], setup["cfg"]) == 0
-    reqs = requests(setup["data"])
-    assert len([r for r in reqs if r["kind"] == "mail"]) == 4
+    assert mailbox.left() == 4
+    assert mailbox.once() == 0
+    mailbox.assert_exactly_once(outages=True)
     # The crash was reported as an outage, closed by the run that worked.
-    assert [r["status"] for r in reqs if r["kind"] == "outage"] == ["processed"]
-    assert len(ledger(setup["data"])) == 4
-    assert dovecot.count(setup["user"]) == 0
+    assert [r["status"] for r in mailbox.requests() if r["kind"] == "outage"] == ["processed"]
 
 
-def test_failed_commit_deletes_nothing(
-    setup: dict[str, Any], dovecot: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_failed_commit_deletes_nothing(mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
     for i in range(3):
-        dovecot.deliver(setup["user"], message(f"Commit fails {i}"))
+        mailbox.deliver(message(f"Commit fails {i}"))
     real_commit = SqliteTransaction.commit
     calls = {"n": 0}
 
@@ -224,67 +180,48 @@ def test_failed_commit_deletes_nothing(
 
     with monkeypatch.context() as m:
         m.setattr(SqliteTransaction, "commit", failing_commit)
-        assert once(setup["data"], setup["cfg"]) != 0
-    assert dovecot.count(setup["user"]) == 3
-    assert ledger(setup["data"]) == []
-    assert requests(setup["data"]) == []
-    assert once(setup["data"], setup["cfg"]) == 0
-    assert len(requests(setup["data"])) == 3
-    assert dovecot.count(setup["user"]) == 0
+        assert mailbox.once() != 0
+    assert mailbox.left() == 3
+    assert mailbox.ledger() == []
+    assert mailbox.requests() == []
+    assert mailbox.once() == 0
+    mailbox.assert_exactly_once()
 
 
-def test_pop3s_with_ca_file_works(tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
-    user, pw = pop3_user
-    cfg = mailbox_xml(
-        tmp_path / "s.xml",
+def test_pop3s_with_ca_file_works(mailbox: Mailbox, dovecot: Any) -> None:
+    mailbox.configure(
         port=dovecot.pop3s_port,
-        user=user,
-        password=pw,
         use_ssl=True,
         host="localhost",
         server_extra=f"    <caFile>{dovecot.ca_file}</caFile>\n",
     )
-    dovecot.deliver(user, message("Over TLS"))
-    assert once(data, cfg) == 0
-    assert [r["subject"] for r in requests(data)] == ["Over TLS"]
-    assert dovecot.count(user) == 0
+    mailbox.deliver(message("Over TLS"))
+    assert mailbox.once() == 0
+    assert [r["subject"] for r in mailbox.requests()] == ["Over TLS"]
+    mailbox.assert_exactly_once()
 
 
-def test_untrusted_certificate_is_refused(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]
-) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
-    user, pw = pop3_user
-    cfg = mailbox_xml(
-        tmp_path / "s.xml",
-        port=dovecot.pop3s_port,
-        user=user,
-        password=pw,
-        use_ssl=True,
-        host="localhost",
-    )
-    dovecot.deliver(user, message("Never fetched"))
-    assert once(data, cfg) == 1
-    assert dovecot.count(user) == 1
-    assert [r["kind"] for r in requests(data)] == ["outage"]
-    code, out = cli("check", "--config", cfg)
+def test_untrusted_certificate_is_refused(mailbox: Mailbox, dovecot: Any) -> None:
+    mailbox.configure(port=dovecot.pop3s_port, use_ssl=True, host="localhost")
+    mailbox.deliver(message("Never fetched"))
+    assert mailbox.once() == 1
+    assert mailbox.left() == 1
+    assert [r["kind"] for r in mailbox.requests()] == ["outage"]
+    code, out = cli("check", "--config", mailbox.config)
     assert code == 1
     assert "FAILED (tls)" in out and "not trusted" in out
 
 
 def test_original_command_line_end_to_end(
-    setup: dict[str, Any], dovecot: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("MAILINTEGRATION_DATA_DIR", str(setup["data"]))
-    logs = setup["tmp"] / "log folder"
+    monkeypatch.setenv("MAILINTEGRATION_DATA_DIR", str(mailbox.data))
+    logs = tmp_path / "log folder"
     logs.mkdir()
-    spaced = setup["tmp"] / "config folder" / "email integration.xml"
+    spaced = tmp_path / "config folder" / "email integration.xml"
     spaced.parent.mkdir()
-    spaced.write_bytes(setup["cfg"].read_bytes())
-    dovecot.deliver(setup["user"], message("Original CLI"))
+    spaced.write_bytes(mailbox.config.read_bytes())
+    mailbox.deliver(message("Original CLI"))
     argv = [
         "/login:" + LOGIN,
         "/Password:" + LOGIN_PASSWORD,
@@ -295,11 +232,11 @@ def test_original_command_line_end_to_end(
     ]
     code, _ = cli(*argv)
     assert code == 0
-    [req] = requests(setup["data"])
+    [req] = mailbox.requests()
     assert req["subject"] == "Original CLI" and req["created_by"] == LOGIN
     log_text = (logs / "MailIntegration.log").read_text()
     assert "created" in log_text
-    assert LOGIN_PASSWORD not in log_text and setup["password"] not in log_text
+    assert LOGIN_PASSWORD not in log_text and mailbox.password not in log_text
     assert len(list(logs.glob("RawMessage-*.eml"))) == 1
 
 
@@ -314,14 +251,14 @@ def test_original_command_line_errors_are_clear(tmp_path: Path, capsys: Any) -> 
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_wrong_engine_login_is_refused(setup: dict[str, Any], dovecot: Any, capsys: Any) -> None:
-    dovecot.deliver(setup["user"], message("Never"))
+def test_wrong_engine_login_is_refused(mailbox: Mailbox, capsys: Any) -> None:
+    mailbox.deliver(message("Never"))
     code, _ = cli(
         "once",
         "--config",
-        setup["cfg"],
+        mailbox.config,
         "--data-dir",
-        setup["data"],
+        mailbox.data,
         "--login",
         LOGIN,
         "--password",
@@ -329,24 +266,24 @@ def test_wrong_engine_login_is_refused(setup: dict[str, Any], dovecot: Any, caps
     )
     assert code == 2
     assert "login 'system' failed" in capsys.readouterr().err
-    assert dovecot.count(setup["user"]) == 1
+    assert mailbox.left() == 1
 
 
-def test_check_reports_count_without_fetching(setup: dict[str, Any], dovecot: Any) -> None:
-    dovecot.deliver(setup["user"], message("One"))
-    dovecot.deliver(setup["user"], message("Two"))
-    code, out = cli("check", "--config", setup["cfg"])
+def test_check_reports_count_without_fetching(mailbox: Mailbox) -> None:
+    mailbox.deliver(message("One"))
+    mailbox.deliver(message("Two"))
+    code, out = cli("check", "--config", mailbox.config)
     assert code == 0
     assert "OK: connected" in out and "2 message(s)" in out
-    assert dovecot.count(setup["user"]) == 2
+    assert mailbox.left() == 2
 
 
-def test_requests_json_has_documented_fields(setup: dict[str, Any], dovecot: Any) -> None:
+def test_requests_json_has_documented_fields(mailbox: Mailbox) -> None:
     import json
 
-    dovecot.deliver(setup["user"], message("Json", attachments=(("a.txt", "text/plain", b"x"),)))
-    assert once(setup["data"], setup["cfg"]) == 0
-    code, out = cli("requests", "show", "1", "--json", "--data-dir", setup["data"])
+    mailbox.deliver(message("Json", attachments=(("a.txt", "text/plain", b"x"),)))
+    assert mailbox.once() == 0
+    code, out = cli("requests", "show", "1", "--json", "--data-dir", mailbox.data)
     assert code == 0
     doc = json.loads(out)
     for key in (
@@ -368,13 +305,11 @@ def test_requests_json_has_documented_fields(setup: dict[str, Any], dovecot: Any
     ):
         assert key in doc
     assert doc["attachments"][0].keys() >= {"name", "size", "sha256"}
-    code, out = cli("requests", "list", "--json", "--data-dir", setup["data"])
+    code, out = cli("requests", "list", "--json", "--data-dir", mailbox.data)
     assert [r["number"] for r in json.loads(out)] == [1]
 
 
-def test_directory_reimport_updates_without_duplicates(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
+def test_directory_reimport_updates_without_duplicates(tmp_path: Path, data: Path) -> None:
     import_directory(data, tmp_path)
     db = sqlite3.connect(data / "mailintegration.sqlite3")
     assert db.execute("SELECT count(*) FROM users").fetchone()[0] == 5

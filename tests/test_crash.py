@@ -21,7 +21,7 @@ import aiosqlite
 import anyio
 import pytest
 import support
-from support import import_directory, mailbox_xml, message, once
+from support import Delivered, check_exactly_once, mailbox_xml, message, once
 
 from engine.errors import StoreError
 from engine.store import open_store
@@ -131,7 +131,7 @@ def test_crash_verification_notices_loss_duplicates_and_stray_files(
     nobody = f"nobody-{uuid.uuid4().hex[:8]}"
     dovecot.add_user(nobody, "nobody-pw")
     delivered = [
-        crash.Delivered(nobody, mid, sha, frozenset())
+        Delivered(nobody, mid, sha, frozenset())
         for mid, sha in db.execute("SELECT message_id, sha256 FROM ledger ORDER BY id")
     ]
     with db:
@@ -142,19 +142,29 @@ def test_crash_verification_notices_loss_duplicates_and_stray_files(
             "processed_at FROM ledger WHERE message_id = ?",
             (mids[1],),
         )
+        # A request for a message nobody delivered, and an outage nobody expected.
+        for kind, mid in (("mail", "stranger@example.com"), ("outage", None)):
+            db.execute(
+                "INSERT INTO requests(team_id, type, status, kind, subject, description, "
+                "message_id, created_at, created_by) "
+                "VALUES (1, 'incident', 'new', ?, 'x', 'x', ?, '2026-12-04', 'test')",
+                (kind, mid),
+            )
     db.close()
     orphan = b"nobody cites me"
     digest = hashlib.sha256(orphan).hexdigest()
     (data / "attachments" / digest[:2]).mkdir(exist_ok=True)
     (data / "attachments" / digest[:2] / digest).write_bytes(orphan)
     (data / "attachments" / digest[:2] / ".tmp-abc").write_bytes(b"half")
-    check = crash.verify(data, delivered, dovecot)
+    check = check_exactly_once(data, delivered, dovecot)
     assert check.losses == 1 and check.duplicates == 1
     text = "\n".join(check.problems)
     assert f"lost {mids[0]}" in text
     assert f"duplicated {mids[1]}" in text
     assert "orphan attachment files" in text
     assert "stray file in attachments/: " in text
+    assert "requests or activities never delivered: ['stranger@example.com']" in text
+    assert "unexpected events: " in text
 
 
 # -- durability settings -------------------------------------------------------------------
@@ -201,11 +211,9 @@ def test_store_accepts_synchronous_extra(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_every_engine_connection_is_wal_and_synchronous_full(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Asked on the engine's own connections, while it writes: synchronous = 2 (FULL), WAL."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     opened: list[aiosqlite.Connection] = []
     seen: dict[int, tuple[int, str]] = {}
     real_connect = aiosqlite.connect

@@ -17,10 +17,13 @@ import pytest
 from support import (
     LOGIN,
     LOGIN_PASSWORD,
+    Delivered,
+    Mailbox,
+    assert_exactly_once,
     cli,
     count_rows,
     engine_argv,
-    import_directory,
+    free_port,
     ledger,
     mailbox_xml,
     message,
@@ -40,55 +43,38 @@ pytestmark = pytest.mark.dovecot
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_twenty_mailboxes_once_each_message_exactly_once(tmp_path: Path, dovecot: Any) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
+def test_twenty_mailboxes_once_each_message_exactly_once(
+    tmp_path: Path, data: Path, dovecot: Any, new_mailbox: Callable[..., Mailbox]
+) -> None:
     conf = tmp_path / "mailboxes.d"
     (conf / "IT").mkdir(parents=True)  # a per-team folder: its files need no <team>
-    delivered: dict[str, int] = {}
+    delivered: list[Delivered] = []
     for i in range(20):
-        user, pw = f"multi{i}-{os.getpid()}-{time.monotonic_ns()}", f"pw-{i}-secret"
-        dovecot.add_user(user, pw)
         if i % 2:
-            mailbox_xml(
-                conf / "IT" / f"box{i}.xml",
-                port=dovecot.pop3_port,
-                user=user,
-                password=pw,
-                team=None,
-            )
+            box = new_mailbox(conf / "IT" / f"box{i}.xml", team=None)
         else:
-            mailbox_xml(conf / f"box{i}.xml", port=dovecot.pop3_port, user=user, password=pw)
-        for j in range(5):
-            dovecot.deliver(user, message(f"Box {i} message {j}"))
-        delivered[user] = 5
+            box = new_mailbox(conf / f"box{i}.xml")
+        box.deliver(*[message(f"Box {i} message {j}") for j in range(5)])
+        delivered += box.expected()
     assert once(data, conf) == 0
-    reqs = requests(data)
-    assert len(reqs) == 100
-    assert len({r["subject"] for r in reqs}) == 100
-    assert {r["team"] for r in reqs} == {"IT"}
-    assert len(ledger(data)) == 100
-    assert all(dovecot.count(user) == 0 for user in delivered)
+    assert len(delivered) == 100
+    assert_exactly_once(data, delivered, dovecot)
+    assert {r["team"] for r in requests(data)} == {"IT"}
     code, out = cli("status", "--data-dir", data)
     assert code == 0 and "IT/box1" in out and "processed 5" in out
 
 
-def test_a_stalled_server_does_not_hold_up_the_others(tmp_path: Path, dovecot: Any) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
+def test_a_stalled_server_does_not_hold_up_the_others(
+    tmp_path: Path, data: Path, new_mailbox: Callable[..., Mailbox]
+) -> None:
     conf = tmp_path / "conf"
     conf.mkdir()
-    users = []
-    for i in range(5):
-        user, pw = f"fine{i}-{time.monotonic_ns()}", "fine-pw"
-        dovecot.add_user(user, pw)
-        users.append(user)
-        mailbox_xml(conf / f"fine{i}.xml", port=dovecot.pop3_port, user=user, password=pw)
-        dovecot.deliver(user, message(f"Fine {i}"))
+    fine = [new_mailbox(conf / f"fine{i}.xml") for i in range(5)]
+    for i, box in enumerate(fine):
+        box.deliver(message(f"Fine {i}"))
     stall = Script(messages=[message("Stalls")], stall_on_retr=1, stall_timeout=20)
     with FakePOP3Server(stall) as fake:
-        xml = mailbox_xml(conf / "stalled.xml", port=fake.port, user="u", password="p")
-        xml.write_text(xml.read_text().replace("<timeoutSeconds>5<", "<timeoutSeconds>2<"))
+        mailbox_xml(conf / "stalled.xml", port=fake.port, user="u", password="p", timeout=2)
         started = time.monotonic()
         assert once(data, conf) == 1
         elapsed = time.monotonic() - started
@@ -101,12 +87,10 @@ def test_a_stalled_server_does_not_hold_up_the_others(tmp_path: Path, dovecot: A
     ]
     [outage] = [r for r in reqs if r["kind"] == "outage"]
     assert (outage["mailbox"], outage["cause"]) == ("stalled", "timeout")
-    assert all(dovecot.count(u) == 0 for u in users)
+    assert all(box.left() == 0 for box in fine)
 
 
-def test_in_use_is_a_locked_mailbox_not_bad_credentials(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
+def test_in_use_is_a_locked_mailbox_not_bad_credentials(tmp_path: Path, data: Path) -> None:
     causes = {}
     for code, name in (("[IN-USE]", "locked"), ("[SYS/TEMP]", "temp"), ("[AUTH]", "auth")):
         script = Script(messages=[message("x")], auth_response=f"-ERR {code} no")
@@ -185,14 +169,10 @@ def test_group_commit_batches_many_messages_into_few_transactions(
 
 
 def test_dele_only_after_the_ledger_row_is_committed(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+    mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
-    user, pw = pop3_user
-    cfg = mailbox_xml(tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=pw)
-    for i in range(30):
-        dovecot.deliver(user, message(f"Order {i}"))
+    mailbox.deliver(*[message(f"Order {i}") for i in range(30)])
+    data = mailbox.data
     seen: list[tuple[int, int]] = []
     real = Pop3Gateway.dele_many
 
@@ -203,26 +183,21 @@ def test_dele_only_after_the_ledger_row_is_committed(
         real(self, numbers)
 
     monkeypatch.setattr(Pop3Gateway, "dele_many", spy)
-    assert once(data, cfg) == 0
+    assert mailbox.once() == 0
     assert sorted(n for n, _ in seen) == list(range(1, 31))
     assert all(committed >= number for number, committed in seen)
+    mailbox.assert_exactly_once()
 
 
-def test_dry_run_explains_and_changes_nothing(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]
-) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
-    user, pw = pop3_user
-    cfg = mailbox_xml(tmp_path / "m.xml", port=dovecot.pop3_port, user=user, password=pw)
-    dovecot.deliver(user, message("Dry", attachments=(("a.txt", "text/plain", b"a"),)))
-    dovecot.deliver(user, message("From a stranger", sender="who@nowhere.example"))
+def test_dry_run_explains_and_changes_nothing(mailbox: Mailbox) -> None:
+    mailbox.deliver(message("Dry", attachments=(("a.txt", "text/plain", b"a"),)))
+    mailbox.deliver(message("From a stranger", sender="who@nowhere.example"))
     code, out = cli(
         "once",
         "--config",
-        cfg,
+        mailbox.config,
         "--data-dir",
-        data,
+        mailbox.data,
         "--login",
         LOGIN,
         "--password",
@@ -233,15 +208,17 @@ def test_dry_run_explains_and_changes_nothing(
     assert "new incident 'Dry': requester jdoe, site Québec, group Service Desk" in out
     assert "attachments: a.txt" in out
     assert "requester unknown.user" in out
-    assert dovecot.count(user) == 2
-    assert requests(data) == [] and ledger(data) == []
+    assert mailbox.left() == 2
+    assert mailbox.requests() == [] and mailbox.ledger() == []
 
 
 def test_password_env_and_file(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    data: Path,
+    dovecot: Any,
+    pop3_user: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     user, pw = pop3_user
     monkeypatch.setenv("BOX_PW", pw)
     secret = tmp_path / "secret.txt"
@@ -250,8 +227,13 @@ def test_password_env_and_file(
         ("env", "<passwordEnv>BOX_PW</passwordEnv>"),
         ("file", f"<passwordFile>{secret}</passwordFile>"),
     ):
-        cfg = mailbox_xml(tmp_path / f"{name}.xml", port=dovecot.pop3_port, user=user, password="x")
-        cfg.write_text(cfg.read_text().replace("<password>x</password>", extra))
+        cfg = mailbox_xml(
+            tmp_path / f"{name}.xml",
+            port=dovecot.pop3_port,
+            user=user,
+            password=None,
+            server_extra=f"    {extra}\n",
+        )
         dovecot.deliver(user, message(f"Via {name}"))
         assert once(data, cfg) == 0
     assert [r["subject"] for r in requests(data)] == ["Via env", "Via file"]
@@ -272,21 +254,13 @@ class Daemon:
             return exc.code, exc.read()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     procs: list[subprocess.Popen[bytes]] = []
     files: list[Any] = []
 
     def start(conf: Path, data: Path, *extra: str) -> Daemon:
-        port = _free_port()
+        port = free_port()
         log = tmp_path / f"daemon-{len(procs)}.log"
         env = dict(os.environ, MAILINTEGRATION_LOGIN=LOGIN, MAILINTEGRATION_PASSWORD=LOGIN_PASSWORD)
         files.append(open(log, "wb"))  # noqa: SIM115 - closed at teardown
@@ -335,10 +309,8 @@ def _up(d: Daemon) -> bool:
 
 
 def test_daemon_hot_reload_health_and_metrics(
-    tmp_path: Path, dovecot: Any, daemon: Callable[..., Daemon]
+    tmp_path: Path, data: Path, dovecot: Any, daemon: Callable[..., Daemon]
 ) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     conf = tmp_path / "mailboxes.d"
     conf.mkdir()
     users = {}
@@ -419,44 +391,40 @@ def test_daemon_hot_reload_health_and_metrics(
 
 
 def busy_mailboxes(
-    tmp_path: Path, dovecot: Any, prefix: str, boxes: int, per_box: int
-) -> tuple[Path, Path, list[str]]:
-    """A store with the directory, and ``boxes`` mailbox files each holding ``per_box`` mails."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
+    tmp_path: Path, new_mailbox: Callable[..., Mailbox], prefix: str, boxes: int, per_box: int
+) -> tuple[Path, list[Delivered]]:
+    """A folder of ``boxes`` mailbox files each holding ``per_box`` mails."""
     conf = tmp_path / "mailboxes.d"
     conf.mkdir()
-    users = []
+    delivered = []
     for i in range(boxes):
-        user, pw = f"{prefix}{i}-{time.monotonic_ns()}", f"{prefix}-pw"
-        dovecot.add_user(user, pw)
-        users.append(user)
-        mailbox_xml(conf / f"{prefix}{i}.xml", port=dovecot.pop3_port, user=user, password=pw)
-        for j in range(per_box):
-            dovecot.deliver(user, message(f"{prefix} {i}/{j}", body="x" * 2500))
-    return data, conf, users
+        box = new_mailbox(conf / f"{prefix}{i}.xml")
+        box.deliver(*[message(f"{prefix} {i}/{j}", body="x" * 2500) for j in range(per_box)])
+        delivered += box.expected()
+    return conf, delivered
 
 
-def assert_exactly_once(data: Path, conf: Path, dovecot: Any, users: list[str], n: int) -> None:
+def converges(data: Path, conf: Path, dovecot: Any, delivered: list[Delivered]) -> None:
     """A final `once` converges: every message once in the store, every mailbox empty."""
     assert once(data, conf) == 0
-    reqs = [r for r in requests(data) if r["kind"] == "mail"]
-    assert len(reqs) == n and len({r["subject"] for r in reqs}) == n
-    assert len(ledger(data)) == n
-    assert all(dovecot.count(u) == 0 for u in users)
+    assert_exactly_once(data, delivered, dovecot)
 
 
 def test_sigterm_during_a_busy_run_loses_and_duplicates_nothing(
-    tmp_path: Path, dovecot: Any, daemon: Callable[..., Daemon]
+    tmp_path: Path,
+    data: Path,
+    dovecot: Any,
+    new_mailbox: Callable[..., Mailbox],
+    daemon: Callable[..., Daemon],
 ) -> None:
-    data, conf, users = busy_mailboxes(tmp_path, dovecot, "busy", 4, 150)
+    conf, delivered = busy_mailboxes(tmp_path, new_mailbox, "busy", 4, 150)
     d = daemon(conf, data, "--grace-seconds", "20")
     wait_for(lambda: count_rows(data, "SELECT count(*) FROM ledger") > 20, what="progress")
     d.proc.send_signal(signal.SIGTERM)
     started = time.monotonic()
     assert d.proc.wait(30) == 0
     assert time.monotonic() - started < 25
-    assert_exactly_once(data, conf, dovecot, users, 600)
+    converges(data, conf, dovecot, delivered)
 
 
 def test_compose_file_names_only_things_that_exist() -> None:
@@ -493,16 +461,19 @@ def test_compose_file_names_only_things_that_exist() -> None:
 
 
 def test_second_signal_cancels_at_once_without_loss(
-    tmp_path: Path, dovecot: Any, daemon: Callable[..., Daemon]
+    tmp_path: Path,
+    data: Path,
+    dovecot: Any,
+    new_mailbox: Callable[..., Mailbox],
+    daemon: Callable[..., Daemon],
 ) -> None:
-    data, conf, users = busy_mailboxes(tmp_path, dovecot, "twice", 3, 200)
+    conf, delivered = busy_mailboxes(tmp_path, new_mailbox, "twice", 3, 200)
     # One mailbox hangs mid-RETR for a minute: the first signal alone waits for it.
     stall = Script(
         messages=[message("Stalls")], stall_on_retr=1, stall_timeout=90, fault_sessions=1
     )
     with FakePOP3Server(stall) as fake:
-        xml = mailbox_xml(conf / "stalled.xml", port=fake.port, user="u", password="p")
-        xml.write_text(xml.read_text().replace("<timeoutSeconds>5<", "<timeoutSeconds>60<"))
+        mailbox_xml(conf / "stalled.xml", port=fake.port, user="u", password="p", timeout=60)
         d = daemon(conf, data, "--grace-seconds", "300")
         wait_for(lambda: count_rows(data, "SELECT count(*) FROM ledger") > 10, what="progress")
         wait_for(lambda: fake.sessions >= 1, what="the stalled session")
@@ -516,16 +487,14 @@ def test_second_signal_cancels_at_once_without_loss(
         assert time.monotonic() - started < 10
         assert fake.deleted == []
         (conf / "stalled.xml").unlink()
-    assert_exactly_once(data, conf, dovecot, users, 600)
+    converges(data, conf, dovecot, delivered)
 
 
 def test_once_on_a_terminal_shows_progress_per_mailbox(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]
+    tmp_path: Path, data: Path, dovecot: Any, pop3_user: tuple[str, str]
 ) -> None:
     import pty
 
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     user, pw = pop3_user
     conf = tmp_path / "conf"
     conf.mkdir()
@@ -572,20 +541,17 @@ def test_once_on_a_terminal_shows_progress_per_mailbox(
 
 
 def test_a_failing_mailbox_backs_off_while_a_healthy_one_keeps_its_pace(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], daemon: Callable[..., Daemon]
+    tmp_path: Path,
+    data: Path,
+    dovecot: Any,
+    pop3_user: tuple[str, str],
+    daemon: Callable[..., Daemon],
 ) -> None:
-    import socket
-
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     conf = tmp_path / "mailboxes.d"
     conf.mkdir()
     user, pw = pop3_user
     mailbox_xml(conf / "healthy.xml", port=dovecot.pop3_port, user=user, password=pw)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = int(s.getsockname()[1])
-    mailbox_xml(conf / "down.xml", port=closed, user="x", password="y")
+    mailbox_xml(conf / "down.xml", port=free_port(), user="x", password="y")
     d = daemon(conf, data, "--poll-interval", "0.2")
     time.sleep(4.0)
 
@@ -607,10 +573,8 @@ def test_a_failing_mailbox_backs_off_while_a_healthy_one_keeps_its_pace(
 
 
 def test_json_logs_name_the_mailbox_and_uidl_of_each_message(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]
+    tmp_path: Path, data: Path, dovecot: Any, pop3_user: tuple[str, str]
 ) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     user, pw = pop3_user
     cfg = mailbox_xml(tmp_path / "jl.xml", port=dovecot.pop3_port, user=user, password=pw)
     dovecot.deliver(user, message("Logged as JSON"))
@@ -640,8 +604,9 @@ def test_byte_budget_is_given_back_when_a_session_fails_mid_window(tmp_path: Pat
 
     stall = Script(messages=[message(f"m{i}") for i in range(5)], stall_on_retr=3, stall_timeout=1)
     with FakePOP3Server(stall) as fake:
-        cfg = mailbox_xml(tmp_path / "w.xml", port=fake.port, user="u", password="p-secret")
-        cfg.write_text(cfg.read_text().replace("<timeoutSeconds>5<", "<timeoutSeconds>2<"))
+        cfg = mailbox_xml(
+            tmp_path / "w.xml", port=fake.port, user="u", password="p-secret", timeout=2
+        )
 
         async def go() -> tuple[int, str | None]:
             store = await open_store(tmp_path / "data")

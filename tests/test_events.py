@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support import (
     EVENT,
+    Mailbox,
     attachment_bytes,
     cli,
-    import_directory,
-    ledger,
+    free_port,
     mailbox_xml,
     message,
     once,
@@ -53,22 +52,9 @@ def scom_update(number: int) -> bytes:
     ).encode()
 
 
-@pytest.fixture
-def env(tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]) -> dict[str, Any]:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
-    user, password = pop3_user
-    return {"data": data, "tmp": tmp_path, "user": user, "password": password}
-
-
-def test_alert_creates_event_and_its_update_adds_activity(
-    env: dict[str, Any], dovecot: Any
-) -> None:
-    cfg = mailbox_xml(
-        env["tmp"] / "events.xml",
-        port=dovecot.pop3_port,
-        user=env["user"],
-        password=env["password"],
+def test_alert_creates_event_and_its_update_adds_activity(mailbox: Mailbox) -> None:
+    mailbox.configure(
+        "events",
         processor=EVENT,
         incidentGroup=None,
         incidentFallbackUserLogon=None,
@@ -76,20 +62,20 @@ def test_alert_creates_event_and_its_update_adds_activity(
         assignee="oncall",
         incidentSource="SCOM",
     )
-    dovecot.deliver(env["user"], SCOM_ALERT)
-    assert once(env["data"], cfg) == 0
-    [event] = requests(env["data"])
+    mailbox.deliver(SCOM_ALERT)
+    assert mailbox.once() == 0
+    [event] = mailbox.requests()
     assert event["type"] == "event" and event["kind"] == "mail" and event["status"] == "new"
     assert event["group"] == "Monitoring"
     assert event["assignee"] == "oncall"
     assert event["source"] == "SCOM"
     assert "only 2% (812 MB)" in event["description"]
-    dovecot.deliver(env["user"], scom_update(event["number"]))
-    assert once(env["data"], cfg) == 0
-    [event] = requests(env["data"])
+    mailbox.deliver(scom_update(event["number"]))
+    assert mailbox.once() == 0
+    [event] = mailbox.requests()
     [activity] = event["activities"]
     assert "31% free space" in activity["body"]
-    assert dovecot.count(env["user"]) == 0
+    assert mailbox.left() == 0
 
 
 def _deep(depth: int) -> bytes:
@@ -106,18 +92,13 @@ def _deep(depth: int) -> bytes:
     return "".join(parts).encode()
 
 
-def test_unprocessable_message_between_good_ones_becomes_failure_event(
-    env: dict[str, Any], dovecot: Any
-) -> None:
-    cfg = mailbox_xml(
-        env["tmp"] / "m.xml", port=dovecot.pop3_port, user=env["user"], password=env["password"]
-    )
+def test_unprocessable_message_between_good_ones_becomes_failure_event(mailbox: Mailbox) -> None:
     bad = _deep(200)
-    dovecot.deliver(env["user"], message("Good one"))
-    dovecot.deliver(env["user"], bad)
-    dovecot.deliver(env["user"], message("Good two"))
-    assert once(env["data"], cfg) == 1  # a failed message is not "everything succeeded"
-    reqs = requests(env["data"])
+    mailbox.deliver(message("Good one"))
+    mailbox.deliver(bad)
+    mailbox.deliver(message("Good two"))
+    assert mailbox.once() == 1  # a failed message is not "everything succeeded"
+    reqs = mailbox.requests()
     mail = [r for r in reqs if r["kind"] == "mail"]
     [failure] = [r for r in reqs if r["kind"] == "message-failure"]
     assert [r["subject"] for r in mail] == ["Good one", "Good two"]
@@ -126,35 +107,29 @@ def test_unprocessable_message_between_good_ones_becomes_failure_event(
     assert "What to do" in failure["description"]
     [att] = failure["attachments"]
     assert att["name"] == "message.eml"
-    assert attachment_bytes(env["data"], att["sha256"]) == bad
-    assert dovecot.count(env["user"]) == 0
-    outcomes = [r["outcome"] for r in ledger(env["data"])]
+    assert attachment_bytes(mailbox.data, att["sha256"]) == bad
+    assert mailbox.left() == 0
+    outcomes = [r["outcome"] for r in mailbox.ledger()]
     assert outcomes == ["created", "failed: limit-exceeded", "created"]
 
     # The same message again: an activity on the same failure event, not a second event.
-    dovecot.deliver(env["user"], bad)
-    once(env["data"], cfg)
-    failures = [r for r in requests(env["data"]) if r["kind"] == "message-failure"]
+    mailbox.deliver(bad)
+    mailbox.once()
+    failures = [r for r in mailbox.requests() if r["kind"] == "message-failure"]
     assert len(failures) == 1
     assert len(failures[0]["activities"]) == 1
 
 
-def test_unknown_sender_without_fallback_user_becomes_failure_event(
-    env: dict[str, Any], dovecot: Any
-) -> None:
-    cfg = mailbox_xml(
-        env["tmp"] / "m.xml",
-        port=dovecot.pop3_port,
-        user=env["user"],
-        password=env["password"],
+def test_unknown_sender_without_fallback_user_becomes_failure_event(mailbox: Mailbox) -> None:
+    mailbox.configure(
         incidentFallbackUserLogon=None,
     )
-    dovecot.deliver(env["user"], message("Who am I", sender="stranger@nowhere.example"))
-    dovecot.deliver(env["user"], message("Known"))
-    once(env["data"], cfg)
-    kinds = sorted((r["kind"], r["cause"]) for r in requests(env["data"]))
+    mailbox.deliver(message("Who am I", sender="stranger@nowhere.example"))
+    mailbox.deliver(message("Known"))
+    mailbox.once()
+    kinds = sorted((r["kind"], r["cause"]) for r in mailbox.requests())
     assert kinds == [("mail", None), ("message-failure", "unknown-fallback-user")]
-    assert dovecot.count(env["user"]) == 0
+    assert mailbox.left() == 0
 
 
 def _everything_in(data: Path, logfile: Path | None = None) -> bytes:
@@ -168,71 +143,61 @@ def _everything_in(data: Path, logfile: Path | None = None) -> bytes:
 
 
 def test_wrong_password_outage_event_updates_then_closes(
-    env: dict[str, Any], dovecot: Any, capfd: Any
+    tmp_path: Path, mailbox: Mailbox, capfd: Any
 ) -> None:
     wrong = "Canary-Wr0ng-Pw-77"
-    cfg = mailbox_xml(
-        env["tmp"] / "box.xml", port=dovecot.pop3_port, user=env["user"], password=wrong
-    )
-    log = env["tmp"] / "engine.log"
-    dovecot.deliver(env["user"], message("Waiting on the server"))
-    assert once(env["data"], cfg, "--log-file", log) == 1
-    [outage] = requests(env["data"], type="event")
+    mailbox.configure("box", password=wrong)
+    log = tmp_path / "engine.log"
+    mailbox.deliver(message("Waiting on the server"))
+    assert mailbox.once("--log-file", log) == 1
+    [outage] = mailbox.requests(type="event")
     assert outage["kind"] == "outage" and outage["cause"] == "authentication"
     assert outage["status"] == "new" and outage["mailbox"] == "box"
     [config_att] = outage["attachments"]
-    redacted = attachment_bytes(env["data"], config_att["sha256"])
+    redacted = attachment_bytes(mailbox.data, config_att["sha256"])
     assert b"<password>********</password>" in redacted
-    assert b"<userName>" + env["user"].encode() in redacted
+    assert b"<userName>" + mailbox.user.encode() in redacted
     for _ in range(2):
-        assert once(env["data"], cfg, "--log-file", log) == 1
-    [outage] = requests(env["data"], type="event")
+        assert mailbox.once("--log-file", log) == 1
+    [outage] = mailbox.requests(type="event")
     assert len(outage["activities"]) == 2
     assert all("still failing" in a["body"] for a in outage["activities"])
-    assert dovecot.count(env["user"]) == 1
+    assert mailbox.left() == 1
     captured = capfd.readouterr()
-    blob = _everything_in(env["data"], log) + captured.out.encode() + captured.err.encode()
+    blob = _everything_in(mailbox.data, log) + captured.out.encode() + captured.err.encode()
     assert wrong.encode() not in blob
 
-    mailbox_xml(cfg, port=dovecot.pop3_port, user=env["user"], password=env["password"])
-    assert once(env["data"], cfg) == 0
-    reqs = requests(env["data"])
+    mailbox.configure()
+    assert mailbox.once() == 0
+    reqs = mailbox.requests()
     [outage] = [r for r in reqs if r["kind"] == "outage"]
     assert outage["status"] == "processed"
     assert "works again" in outage["activities"][-1]["body"]
     assert [r["subject"] for r in reqs if r["kind"] == "mail"] == ["Waiting on the server"]
 
 
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
-
-
 def test_server_down_and_tls_failure_are_outages_of_their_own_causes(
-    env: dict[str, Any], dovecot: Any
+    tmp_path: Path, mailbox: Mailbox, dovecot: Any
 ) -> None:
-    down = mailbox_xml(env["tmp"] / "down.xml", port=_closed_port(), user="x", password="y")
+    down = mailbox_xml(tmp_path / "down.xml", port=free_port(), user="x", password="y")
     tls = mailbox_xml(
-        env["tmp"] / "tls.xml",
+        tmp_path / "tls.xml",
         port=dovecot.pop3s_port,
-        user=env["user"],
-        password=env["password"],
+        user=mailbox.user,
+        password=mailbox.password,
         use_ssl=True,
         host="localhost",
     )
-    assert once(env["data"], down) == 1
-    assert once(env["data"], tls) == 1
-    got = sorted((r["mailbox"], r["cause"]) for r in requests(env["data"], type="event"))
+    assert once(mailbox.data, down) == 1
+    assert once(mailbox.data, tls) == 1
+    got = sorted((r["mailbox"], r["cause"]) for r in mailbox.requests(type="event"))
     assert got == [("down", "unreachable"), ("tls", "tls")]
 
 
-def test_invalid_config_file_becomes_outage_without_a_copy(env: dict[str, Any]) -> None:
+def test_invalid_config_file_becomes_outage_without_a_copy(tmp_path: Path, data: Path) -> None:
     """A file that does not load is never attached (it may be anything): the description
     names file, line and element, and says why no copy is attached."""
-    cfg = env["tmp"] / "broken.xml"
+    cfg = tmp_path / "broken.xml"
     cfg.write_text(
         "<?xml version='1.0'?>\n<mailIntegration>\n"
         "  <messageProcessorTypeName>EndUserIncidentMailMessageProcessor"
@@ -243,18 +208,18 @@ def test_invalid_config_file_becomes_outage_without_a_copy(env: dict[str, Any]) 
         "  </server>\n</mailIntegration>\n",
         encoding="utf-8",
     )
-    assert once(env["data"], cfg) == 1
-    [outage] = requests(env["data"], type="event")
+    assert once(data, cfg) == 1
+    [outage] = requests(data, type="event")
     assert outage["cause"] == "config"
     assert "line 9" in outage["description"] and "useSsl" in outage["description"]
     assert "No copy of the configuration is attached" in outage["description"]
     assert outage["attachments"] == []
-    assert b"Canary-Cfg-Pw-31" not in _everything_in(env["data"])
+    assert b"Canary-Cfg-Pw-31" not in _everything_in(data)
 
 
-def test_events_are_listed_with_kind_mailbox_and_cause(env: dict[str, Any]) -> None:
-    cfg = mailbox_xml(env["tmp"] / "down.xml", port=_closed_port(), user="x", password="y")
-    once(env["data"], cfg)
+def test_events_are_listed_with_kind_mailbox_and_cause(tmp_path: Path, data: Path) -> None:
+    cfg = mailbox_xml(tmp_path / "down.xml", port=free_port(), user="x", password="y")
+    once(data, cfg)
     code, out = cli(
         "requests",
         "list",
@@ -264,36 +229,33 @@ def test_events_are_listed_with_kind_mailbox_and_cause(env: dict[str, Any]) -> N
         "new",
         "--json",
         "--data-dir",
-        env["data"],
+        data,
     )
     assert code == 0
     [row] = json.loads(out)
     assert (row["kind"], row["mailbox"], row["cause"]) == ("outage", "down", "unreachable")
-    code, out = cli("requests", "list", "--type", "incident", "--json", "--data-dir", env["data"])
+    code, out = cli("requests", "list", "--type", "incident", "--json", "--data-dir", data)
     assert json.loads(out) == []
 
 
 def test_unknown_fallback_user_or_site_in_the_config_is_a_directory_outage(
-    env: dict[str, Any], dovecot: Any
+    mailbox: Mailbox,
 ) -> None:
-    cfg = mailbox_xml(
-        env["tmp"] / "dir.xml",
-        port=dovecot.pop3_port,
-        user=env["user"],
-        password=env["password"],
+    mailbox.configure(
+        "dir",
         incidentFallbackUserLogon="nobody.here",
         incidentFallbackSiteName="Atlantis",
     )
-    dovecot.deliver(env["user"], message("Waits for the directory"))
-    assert once(env["data"], cfg) == 1
-    [outage] = requests(env["data"], type="event")
+    mailbox.deliver(message("Waits for the directory"))
+    assert mailbox.once() == 1
+    [outage] = mailbox.requests(type="event")
     assert (outage["kind"], outage["cause"]) == ("outage", "directory")
     assert "'nobody.here' is not a user" in outage["description"]
     assert "'Atlantis' is not in the directory" in outage["description"]
     # Nothing was fetched: the mail waits on the server until the directory is fixed.
-    assert dovecot.count(env["user"]) == 1
-    mailbox_xml(cfg, port=dovecot.pop3_port, user=env["user"], password=env["password"])
-    assert once(env["data"], cfg) == 0
-    reqs = requests(env["data"])
+    assert mailbox.left() == 1
+    mailbox.configure()
+    assert mailbox.once() == 0
+    reqs = mailbox.requests()
     assert [r["status"] for r in reqs if r["kind"] == "outage"] == ["processed"]
     assert [r["subject"] for r in reqs if r["kind"] == "mail"] == ["Waits for the directory"]

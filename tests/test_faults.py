@@ -14,16 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import attachment_bytes, import_directory, ledger, mailbox_xml, message, once, requests
+from support import (
+    assert_exactly_once,
+    attachment_bytes,
+    ledger,
+    mailbox_xml,
+    message,
+    once,
+    requests,
+)
 
 from tools.fakepop3 import FakePOP3Server, Script
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    d = tmp_path / "data"
-    import_directory(d, tmp_path)
-    return d
 
 
 def three() -> list[bytes]:
@@ -31,10 +32,9 @@ def three() -> list[bytes]:
 
 
 def box(tmp_path: Path, fake: FakePOP3Server, *, timeout: int = 5, **elements: Any) -> Path:
-    cfg = mailbox_xml(tmp_path / "box.xml", port=fake.port, user="u", password="p", **elements)
-    if timeout != 5:
-        cfg.write_text(cfg.read_text().replace("<timeoutSeconds>5<", f"<timeoutSeconds>{timeout}<"))
-    return cfg
+    return mailbox_xml(
+        tmp_path / "box.xml", port=fake.port, user="u", password="p", timeout=timeout, **elements
+    )
 
 
 def mail(data: Path) -> list[dict[str, Any]]:
@@ -45,14 +45,8 @@ def outages(data: Path) -> list[tuple[str, str]]:
     return [(r["cause"], r["status"]) for r in requests(data) if r["kind"] == "outage"]
 
 
-def assert_each_once(data: Path, raws: list[bytes]) -> None:
-    """Every message: one ledger row with its exact sha256, one request."""
-    rows = ledger(data)
-    assert sorted(r["sha256"] for r in rows) == sorted(hashlib.sha256(m).hexdigest() for m in raws)
-    assert len({r["message_id"] for r in rows}) == len(raws)
-    reqs = mail(data)
-    assert len(reqs) == len(raws)
-    assert len({r["subject"] for r in reqs}) == len(raws)
+# Every fault here opens an outage event of its own (each test checks which): the exactly-once
+# checks below allow them.
 
 
 def committed_uidls(data: Path) -> set[str]:
@@ -82,7 +76,7 @@ def test_unconfirmed_deletion_then_rerun(tmp_path: Path, data: Path, fault: dict
         assert once(data, cfg) == 0
         fake.wait_idle()
         assert sorted(fake.deleted) == [1, 2, 3] and fake.remaining == []
-    assert_each_once(data, raws)
+    assert_exactly_once(data, raws, outages=True)
     assert outages(data) == [(cause, "processed")]
 
 
@@ -102,7 +96,7 @@ def test_stall_mid_retr_is_bounded_by_the_timeout(tmp_path: Path, data: Path) ->
         assert once(data, cfg) == 0
         fake.wait_idle()
         assert sorted(fake.deleted) == [1, 2, 3]
-    assert_each_once(data, raws)
+    assert_exactly_once(data, raws, outages=True)
     assert outages(data) == [("timeout", "processed")]
 
 
@@ -127,7 +121,7 @@ def test_in_use_and_sys_temp_are_outages_then_the_rerun_works(
         assert once(data, cfg) == 0
         fake.wait_idle()
         assert sorted(fake.deleted) == [1, 2, 3]
-    assert_each_once(data, raws)
+    assert_exactly_once(data, raws, outages=True)
     assert outages(data) == [(cause, "processed")]
 
 
@@ -156,7 +150,7 @@ def test_bare_lf_dot_line_is_content_and_keeps_the_session_in_step(
         fake.wait_idle()
         assert sorted(fake.deleted) == [1, 2, 3]
         assert fake.errors == []
-    assert_each_once(data, [first, odd, third])
+    assert_exactly_once(data, [first, odd, third], outages=True)
     by_subject = {r["subject"]: r for r in mail(data)}
     assert set(by_subject) == {"Before the odd one", "Bare LF dot", "After the odd one"}
     [raw_copy] = [a for a in by_subject["Bare LF dot"]["attachments"] if a["name"].endswith(".eml")]
@@ -181,7 +175,7 @@ def test_duplicate_uidl_quarantines_the_mailbox_until_repaired(tmp_path: Path, d
         assert once(data, cfg) == 0
         fake.wait_idle()
         assert sorted(fake.deleted) == [1, 2, 3]
-    assert_each_once(data, raws)
+    assert_exactly_once(data, raws, outages=True)
     assert outages(data) == [("duplicate-uidl", "processed")]
 
 
@@ -207,7 +201,7 @@ def test_without_uidl_messages_are_keyed_by_content_and_a_rerun_duplicates_nothi
         assert once(data, cfg, "--log-file", log) == 0
         fake.wait_idle()
         assert sorted(fake.deleted) == [1, 2, 3]
-    assert_each_once(data, raws)
+    assert_exactly_once(data, raws, outages=True)
     digests = {hashlib.sha256(m).hexdigest() for m in raws}
     assert {r["uidl"] for r in ledger(data)} == {f"x-sha256:{d}" for d in digests}
     text = log.read_text()
@@ -222,7 +216,7 @@ def test_list_size_unlike_the_retr_size_is_processed_normally(tmp_path: Path, da
         assert once(data, cfg) == 0
         fake.wait_idle()
         assert sorted(fake.deleted) == [1, 2, 3]
-    assert_each_once(data, raws)
+    assert_exactly_once(data, raws, outages=True)
     assert outages(data) == []
 
 
@@ -244,4 +238,4 @@ def test_a_stall_leaves_the_store_consistent(tmp_path: Path, data: Path) -> None
         db.close()
     files = {p.name for p in (data / "attachments").rglob("*") if p.is_file()}
     assert files == cited
-    assert_each_once(data, raws)
+    assert_exactly_once(data, raws, outages=True)

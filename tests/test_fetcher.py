@@ -16,9 +16,9 @@ import pytest
 from anyio import BrokenWorkerProcess
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from support import (
+    Mailbox,
     attachment_bytes,
     import_directory,
-    mailbox_of,
     mailbox_xml,
     message,
     once,
@@ -139,21 +139,22 @@ def test_a_busy_session_parses_in_worker_processes_with_the_same_results(
 
 
 def test_a_window_parsed_apart_keeps_each_message_s_exact_bytes(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+    mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The worker process sends its results back without the message bytes (they would
     double what crosses the pipe); the session puts them back, so the raw .eml attached to
     each request is still exactly the message as received."""
     raws = [message(f"Exact {i}", body=f"Body {i}\n" * (i + 1)) for i in range(100)]
-    data, cfg = mailbox_of(tmp_path, dovecot, pop3_user, raws, includeRawMessageAsAttachment="true")
+    mailbox.configure(includeRawMessageAsAttachment="true")
+    mailbox.deliver(*raws)
     shares = spy_processes(monkeypatch)
     slow_retr(monkeypatch, 0.5)
-    assert once(data, cfg) == 0
+    assert mailbox.once() == 0
     assert any(shares)
-    rows = requests(data)
+    rows = mailbox.requests()
     assert len(rows) == 100
     got = {
-        r["subject"]: attachment_bytes(data, a["sha256"])
+        r["subject"]: attachment_bytes(mailbox.data, a["sha256"])
         for r in rows
         for a in r["attachments"]
         if a["name"].endswith(".eml")
@@ -168,23 +169,21 @@ def test_a_window_parsed_apart_keeps_each_message_s_exact_bytes(
 
 @pytest.mark.parametrize("boxes", [1, 3])
 def test_a_window_waits_for_a_busy_process_rather_than_parse_in_a_thread(
-    tmp_path: Path, dovecot: Any, monkeypatch: pytest.MonkeyPatch, boxes: int
+    tmp_path: Path,
+    data: Path,
+    new_mailbox: Callable[..., Mailbox],
+    monkeypatch: pytest.MonkeyPatch,
+    boxes: int,
 ) -> None:
     """Parsing in a thread holds the GIL, and every handover the writer and SQLite's thread
     make then waits for it. Once the process is up, a window waits for it instead (meanwhile
     the next one is fetched): no window is parsed in a thread any more, however many
     sessions are busy. Before, every other window of a lone session was, and with three
     sessions every third."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     folder = tmp_path / "mailboxes.d"
     folder.mkdir()
     for b in range(boxes):
-        user, password = f"user-{uuid.uuid4().hex[:12]}", secrets.token_urlsafe(12)
-        dovecot.add_user(user, password)
-        for i in range(150):
-            dovecot.deliver(user, message(f"Queue {b}.{i}"))
-        mailbox_xml(folder / f"m{b}.xml", port=dovecot.pop3_port, user=user, password=password)
+        new_mailbox(folder / f"m{b}.xml").deliver(*[message(f"Queue {b}.{i}") for i in range(150)])
     events: list[str] = []
     real_run: Callable[..., Any] = anyio.to_process.run_sync
 
@@ -221,13 +220,14 @@ def test_a_window_waits_for_a_busy_process_rather_than_parse_in_a_thread(
 
 
 def test_few_messages_are_parsed_in_a_thread(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+    mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A worker process costs about 0.1 s to start: not worth it for a handful of messages."""
-    data, cfg = mailbox_of(tmp_path, dovecot, pop3_user, [message(f"Few {i}") for i in range(10)])
+    mailbox.deliver(*[message(f"Few {i}") for i in range(10)])
     shares = spy_processes(monkeypatch)
-    assert once(data, cfg) == 0
-    assert shares == [] and len(requests(data)) == 10
+    assert mailbox.once() == 0
+    assert shares == []
+    mailbox.assert_exactly_once()
 
 
 @pytest.mark.parametrize(
@@ -239,8 +239,7 @@ def test_few_messages_are_parsed_in_a_thread(
 )
 def test_a_dying_parse_process_falls_back_to_a_thread(
     tmp_path: Path,
-    dovecot: Any,
-    pop3_user: tuple[str, str],
+    mailbox: Mailbox,
     monkeypatch: pytest.MonkeyPatch,
     when: str,
     says: str,
@@ -248,8 +247,7 @@ def test_a_dying_parse_process_falls_back_to_a_thread(
     """A worker process that cannot start, or is killed under a window (a parser crash, the
     OOM killer), loses nothing: the windows are parsed in a thread, every message goes in
     once."""
-    data, cfg = mailbox_of(tmp_path, dovecot, pop3_user, [message(f"Crash {i}") for i in range(80)])
-    user = pop3_user[0]
+    mailbox.deliver(*[message(f"Crash {i}") for i in range(80)])
     calls = []
     real: Callable[..., Any] = anyio.to_process.run_sync
 
@@ -262,20 +260,20 @@ def test_a_dying_parse_process_falls_back_to_a_thread(
     monkeypatch.setattr(anyio.to_process, "run_sync", broken)
     slow_retr(monkeypatch, 0.5)
     log = tmp_path / "engine.log"
-    assert once(data, cfg, "--log-file", log) == 0
-    assert dovecot.count(user) == 0
-    assert sorted(r["subject"] for r in requests(data)) == sorted(f"Crash {i}" for i in range(80))
+    assert mailbox.once("--log-file", log) == 0
+    mailbox.assert_exactly_once()
+    assert sorted(r["subject"] for r in mailbox.requests()) == sorted(
+        f"Crash {i}" for i in range(80)
+    )
     assert says in log.read_text()
     assert any(calls) == (when == "under a window")
 
 
 def test_the_first_windows_parse_in_threads_while_the_processes_start(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+    mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Starting a worker process takes ~0.2 s; the session does not wait for it."""
-    raws = [message(f"Slow start {i}") for i in range(100)]
-    data, cfg = mailbox_of(tmp_path, dovecot, pop3_user, raws)
-    user = pop3_user[0]
+    mailbox.deliver(*[message(f"Slow start {i}") for i in range(100)])
     real: Callable[..., Any] = anyio.to_process.run_sync
     shares: list[int] = []
 
@@ -286,13 +284,13 @@ def test_the_first_windows_parse_in_threads_while_the_processes_start(
         return await real(func, raws, *args, **kw)
 
     monkeypatch.setattr(anyio.to_process, "run_sync", slow)
-    assert once(data, cfg) == 0
-    assert len(requests(data)) == 100 and dovecot.count(user) == 0
+    assert mailbox.once() == 0
+    mailbox.assert_exactly_once()
     assert not any(shares)  # every window went to a thread; the starts were then cancelled
 
 
 def test_a_message_over_the_byte_budget_does_not_wait_on_windows_still_in_flight(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+    mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A 17 MB message needs the whole 16 MiB budget, which the windows being parsed hold
     until they reach the writer: they are handed over first, or the session waits forever
@@ -300,8 +298,7 @@ def test_a_message_over_the_byte_budget_does_not_wait_on_windows_still_in_flight
     raws = [message(f"Small {i}") for i in range(120)]
     big = (("scan.pdf", "application/pdf", b"%" * 17_000_000),)
     raws.insert(100, message("Big scan", attachments=big))
-    data, cfg = mailbox_of(tmp_path, dovecot, pop3_user, raws)
-    user = pop3_user[0]
+    mailbox.deliver(*raws)
     shares = spy_processes(monkeypatch)
     slow_retr(monkeypatch, 0.3)
 
@@ -311,22 +308,21 @@ def test_a_message_over_the_byte_budget_does_not_wait_on_windows_still_in_flight
     previous = signal.signal(signal.SIGALRM, hung)
     signal.alarm(120)
     try:
-        assert once(data, cfg) == 0
+        assert mailbox.once() == 0
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     assert any(shares)  # windows were in flight in a worker process
-    assert len(requests(data)) == 121 and dovecot.count(user) == 0
+    mailbox.assert_exactly_once()
 
 
 def test_only_the_session_s_final_message_is_marked_last(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+    mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The writer stops gathering at a message marked last (nothing more is coming from
     its session); marking one too early would only cost batching, but marking none would
     hold every session's end back for the linger."""
-    raws = [message(f"Last {i}") for i in range(100)]
-    data, cfg = mailbox_of(tmp_path, dovecot, pop3_user, raws)
+    mailbox.deliver(*[message(f"Last {i}") for i in range(100)])
     seen: list[tuple[str, bool]] = []
     real = Writer._account
 
@@ -336,20 +332,19 @@ def test_only_the_session_s_final_message_is_marked_last(
         real(self, env)
 
     monkeypatch.setattr(Writer, "_account", account)
-    assert once(data, cfg) == 0
+    assert mailbox.once() == 0
     assert len(seen) == 100
     assert [s for s, last in seen if last] == ["Last 99"]
 
 
 def test_parsing_processes_start_with_the_engine_not_after_the_listing(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+    mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A process takes ~0.2 s to start. Started as the engine starts, it comes up while the
     engine logs in and the server opens the mailbox (Dovecot indexes a fresh one of 2,000
     messages in ~85 ms), instead of after the listing, with the first windows already being
     parsed in threads."""
-    raws = [message(f"Early {i}") for i in range(70)]
-    data, cfg = mailbox_of(tmp_path, dovecot, pop3_user, raws)
+    mailbox.deliver(*[message(f"Early {i}") for i in range(70)])
     order: list[str] = []
     real_run: Callable[..., Any] = anyio.to_process.run_sync
 
@@ -365,8 +360,8 @@ def test_parsing_processes_start_with_the_engine_not_after_the_listing(
 
     monkeypatch.setattr(anyio.to_process, "run_sync", run_sync)
     monkeypatch.setattr(Pop3Gateway, "open", open_)
-    assert once(data, cfg) == 0
-    assert len(requests(data)) == 70
+    assert mailbox.once() == 0
+    mailbox.assert_exactly_once()
     assert order[:2] == ["start", "connect"], order
 
 

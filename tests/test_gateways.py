@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from support import (
     GATEWAY,
-    import_directory,
     ledger,
     mailbox_xml,
     message,
@@ -43,8 +42,9 @@ ENGINE = Path(__file__).resolve().parent.parent / "engine"
     [GATEWAY, "Octopus.MailIntegration.Gateways.MailKitMailboxGateway", "pop3"],
 )
 def test_the_registry_makes_the_gateway_the_xml_names(tmp_path: Path, type_name: str) -> None:
-    cfg = mailbox_xml(tmp_path / "m.xml", port=110, user="u", password="pw-123456")
-    cfg.write_text(cfg.read_text().replace(GATEWAY, type_name), encoding="utf-8")
+    cfg = mailbox_xml(
+        tmp_path / "m.xml", port=110, user="u", password="pw-123456", gateway=type_name
+    )
     server = load_mailbox(cfg).server
     assert {"pop3": Pop3Gateway} == gateways.GATEWAYS
     assert isinstance(gateway_for(server), Pop3Gateway)
@@ -125,13 +125,11 @@ def _bad_mime(tag: str) -> bytes:
 
 
 def test_a_session_runs_on_any_gateway_through_the_interface_alone(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The session knows gateways only by the interface: an in-memory one, registered for
     the kind the XML names, is read, its messages processed once, the failure named to its
     disposal, the one over maxMessageBytes left on it, and a known one disposed of unread."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     cfg = mailbox_xml(
         tmp_path / "m.xml", port=1, user="u", password="pw-123456", maxMessageBytes="30000"
     )

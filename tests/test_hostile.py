@@ -22,10 +22,10 @@ import pytest
 from support import (
     LOGIN,
     LOGIN_PASSWORD,
+    Mailbox,
     cli,
     import_directory,
     ledger,
-    mailbox_of,
     mailbox_xml,
     message,
     once,
@@ -43,13 +43,6 @@ from engine.writer import Writer
 from tools.fakepop3 import FakePOP3Server, Script
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    d = tmp_path / "data"
-    import_directory(d, tmp_path)
-    return d
 
 
 def box(tmp_path: Path, fake: FakePOP3Server, *, server_extra: str = "", **elements: Any) -> Path:
@@ -186,15 +179,14 @@ def test_a_known_message_kept_by_the_server_is_deleted_again_without_fetching(
 
 
 def test_a_change_of_host_spelling_or_port_processes_nothing_twice(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+    mailbox: Mailbox, dovecot: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Against a server that keeps mail (here the engine's DELE does nothing, Dovecot holds
     the messages), 127.0.0.1, localhost, LOCALHOST and POP3S on another port are one
     account: 2 requests for 2 messages, not 8."""
-    raws = [message("Spelling one"), message("Spelling two")]
-    data, _ = mailbox_of(tmp_path, dovecot, pop3_user, raws)
+    mailbox.deliver(message("Spelling one"), message("Spelling two"))
     monkeypatch.setattr(Pop3Gateway, "dele_many", lambda self, numbers: None)
-    user, password = pop3_user
+    data, user = mailbox.data, mailbox.user
     spellings = [
         ("127.0.0.1", dovecot.pop3_port, False),
         ("localhost", dovecot.pop3_port, False),
@@ -202,16 +194,13 @@ def test_a_change_of_host_spelling_or_port_processes_nothing_twice(
         ("localhost", dovecot.pop3s_port, True),
     ]
     for i, (host, port, tls) in enumerate(spellings):
-        cfg = mailbox_xml(
-            tmp_path / "m.xml",
+        mailbox.configure(
             host=host,
             port=port,
-            user=user,
-            password=password,
             use_ssl=tls,
             server_extra=f"    <caFile>{dovecot.ca_file}</caFile>\n" if tls else "",
         )
-        assert once(data, cfg) == 0, (i, host, port)
+        assert mailbox.once() == 0, (i, host, port)
         assert dovecot.count(user) == 2
     assert sorted(r["subject"] for r in mail(data)) == ["Spelling one", "Spelling two"]
     assert {r["account"] for r in ledger(data)} == {f"{user}@localhost"}
@@ -557,19 +546,16 @@ def test_a_listing_over_the_session_limit_is_taken_in_parts(
     assert sorted(r["subject"] for r in mail(data)) == sorted(f"Backlog {i}" for i in range(8))
 
 
-def test_a_line_over_the_limit_fails_that_message_only(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]
-) -> None:
+def test_a_line_over_the_limit_fails_that_message_only(mailbox: Mailbox) -> None:
     """A message with a 1.5 MiB line (in a real Dovecot) is a failure event with its first
     bytes up to the limit, and stays on the server; the messages around it are processed,
     and later sessions skip it (a protocol outage every run before, and the mailbox blocked)."""
     long_line = b"A" * (1536 * 1024)
     odd = message("Long line").replace(b"Hello, it does not work.", long_line)
-    raws = [message("Before the long line"), odd, message("After the long line")]
-    data, cfg = mailbox_of(tmp_path, dovecot, pop3_user, raws)
-    user = pop3_user[0]
-    assert once(data, cfg) == 1
-    assert dovecot.count(user) == 1
+    mailbox.deliver(message("Before the long line"), odd, message("After the long line"))
+    data = mailbox.data
+    assert mailbox.once() == 1
+    assert mailbox.left() == 1
     assert sorted(r["subject"] for r in mail(data)) == [
         "After the long line",
         "Before the long line",
@@ -580,8 +566,8 @@ def test_a_line_over_the_limit_fails_that_message_only(
     assert start["name"] == "message-start.eml"
     assert 1024 * 1024 < start["size"] < 1024 * 1024 + 4096
     assert sorted(outcomes(data).values()) == ["created", "created", "kept: line-too-long"]
-    assert once(data, cfg) == 0
-    assert dovecot.count(user) == 1
+    assert mailbox.once() == 0
+    assert mailbox.left() == 1
     assert len(failures(data)) == 1 and failures(data)[0]["activities"] == []
     assert outages(data) == []
 

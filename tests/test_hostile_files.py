@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import socket
 import sqlite3
 import stat
 import subprocess
@@ -27,7 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import LOGIN, LOGIN_PASSWORD, import_directory, mailbox_xml, message, requests
+from support import (
+    LOGIN,
+    LOGIN_PASSWORD,
+    free_port,
+    import_directory,
+    mailbox_xml,
+    message,
+    requests,
+)
 
 from tools.fakepop3 import FakePOP3Server, Script
 
@@ -89,12 +96,6 @@ def engine(
         )
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def everything_under(*roots: Path) -> bytes:
     blob = b""
     for root in roots:
@@ -107,7 +108,9 @@ def everything_under(*roots: Path) -> bytes:
 # ------------------------------------------------------------------ the config folder
 
 
-def test_links_and_foreign_files_in_the_config_folder_are_never_read(tmp_path: Path) -> None:
+def test_links_and_foreign_files_in_the_config_folder_are_never_read(
+    tmp_path: Path, data: Path
+) -> None:
     """A link to a secret outside the folder, a link to /proc/self/environ, a symlinked team
     folder, an SSH key saved as key.xml and a 128 MiB file: each is a config outage with no
     attachment, and no byte of any of them reaches the store, the log or the terminal. A
@@ -119,8 +122,6 @@ def test_links_and_foreign_files_in_the_config_folder_are_never_read(tmp_path: P
         "key": "Canary-SshKey-a8e3f6",
         "huge": "Canary-Huge-5d1b92",
     }
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     outside = tmp_path / "outside"
     (outside / "team").mkdir(parents=True)
     (outside / "secret.xml").write_text(
@@ -226,7 +227,7 @@ def test_every_file_the_engine_makes_is_private_whatever_the_umask(tmp_path: Pat
         mailbox_xml(
             conf / "ok.xml", port=server.port, user="u", password="pw-ok", maxMessageBytes="2048"
         )
-        mailbox_xml(conf / "down.xml", port=closed_port(), user="u", password="pw-down")
+        mailbox_xml(conf / "down.xml", port=free_port(), user="u", password="pw-down")
         args = ("--config-dir", conf, "--data-dir", data, "--debug", "--log-file", log_file)
         # Killed after its first commit: the -wal and -shm are left to be looked at.
         run = engine(
@@ -268,7 +269,7 @@ def test_every_file_the_engine_makes_is_private_whatever_the_umask(tmp_path: Pat
 
 
 def test_a_corrupt_or_truncated_database_is_a_clear_error_with_status_2(tmp_path: Path) -> None:
-    conf = mailbox_xml(tmp_path / "box.xml", port=closed_port(), user="u", password="p")
+    conf = mailbox_xml(tmp_path / "box.xml", port=free_port(), user="u", password="p")
     garbage = tmp_path / "garbage"
     garbage.mkdir()
     (garbage / "mailintegration.sqlite3").write_bytes(hashlib.sha512(b"x").digest() * 100)
@@ -389,12 +390,12 @@ def test_read_only_data_directory(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ a store error mid-run
 
 
-def test_a_store_error_is_reported_per_mailbox_never_as_no_mailbox(tmp_path: Path) -> None:
+def test_a_store_error_is_reported_per_mailbox_never_as_no_mailbox(
+    tmp_path: Path, data: Path
+) -> None:
     """The attachment's folder is taken by a file, so the transaction holding the message
     fails: nothing is deleted, the run exits 1, and its summary names the mailbox, its
     counts and the store error (it read "once: no mailbox")."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     payload = b"%PDF-1.7 blocked"
     digest = hashlib.sha256(payload).hexdigest()
     (data / "attachments").mkdir(exist_ok=True)
@@ -420,12 +421,12 @@ def test_a_store_error_is_reported_per_mailbox_never_as_no_mailbox(tmp_path: Pat
 # ------------------------------------------------------------------ files to replay
 
 
-def test_ingest_refuses_a_file_over_max_message_bytes_before_reading_it(tmp_path: Path) -> None:
+def test_ingest_refuses_a_file_over_max_message_bytes_before_reading_it(
+    tmp_path: Path, data: Path
+) -> None:
     """``ingest`` read each file whole: a 256 MiB file became a 256 MiB failure event (and as
     much memory). A file over the mailbox's maxMessageBytes is now refused before any file
     is read or processed, with status 2."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     conf = mailbox_xml(tmp_path / "box.xml", port=110, user="u", password="p")
     small = tmp_path / "small.eml"
     small.write_bytes(message("Small enough"))

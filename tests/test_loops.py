@@ -3,7 +3,6 @@ delivers every reply into the other engine's real Dovecot mailbox, go quiet at o
 
 from __future__ import annotations
 
-import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -11,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
-from support import import_directory, ledger, mailbox_xml, message, once, requests
+from support import import_directory, ledger, mailbox_xml, message, once, requests, smtp_server
 
 from tools.dovecot import Dovecot
 
@@ -45,22 +43,11 @@ class Relay:
         return "250 OK"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def relay(dovecot: Dovecot) -> Iterator[tuple[Relay, int]]:
     handler = Relay(dovecot)
-    port = _free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
+    with smtp_server(handler) as port:
         yield handler, port
-    finally:
-        controller.stop()
 
 
 @dataclass

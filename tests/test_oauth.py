@@ -12,7 +12,6 @@ import http.server
 import json
 import os
 import shutil
-import socket
 import ssl
 import stat
 import subprocess
@@ -32,6 +31,7 @@ from support import (
     LOGIN_PASSWORD,
     cli,
     engine_argv,
+    free_port,
     import_directory,
     message,
     once,
@@ -310,9 +310,7 @@ def test_replies_are_sent_over_smtp_signed_in_with_the_mailbox_token(
     certs = oauth_server.certificates
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(certs.cert_file, certs.key_file)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     controller = Controller(
         handler,
         hostname="127.0.0.1",
@@ -548,9 +546,7 @@ def test_five_second_tokens_refresh_through_a_30_s_daemon_run_without_a_failed_s
     oauth_xml(conf / "box.xml", oauth_dovecot, box, generic_cc(oauth_server, app))
     log_file = tmp_path / "logs" / "engine.log"
     log_file.parent.mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     argv = engine_argv(
         "run", "--config-dir", conf, "--data-dir", data, "--poll-interval", "1",
         "--log-file", log_file, "--debug", "--http-port", port,

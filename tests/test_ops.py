@@ -15,7 +15,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -23,10 +22,11 @@ import pytest
 from support import (
     LOGIN,
     LOGIN_PASSWORD,
+    Mailbox,
     count_rows,
     engine_argv,
+    free_port,
     ledger,
-    mailbox_of,
     message,
     wait_for,
 )
@@ -117,21 +117,18 @@ def _room_for_the_flood() -> Iterator[None]:
 @pytest.mark.dovecot
 @pytest.mark.parametrize("hard_limit", ["raisable", "fixed-1024"])
 def test_a_flood_of_idle_http_connections_neither_kills_the_daemon_nor_stops_its_mail(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], hard_limit: str
+    tmp_path: Path, mailbox: Mailbox, hard_limit: str
 ) -> None:
     """With the usual soft limit of 1,024 descriptors, 1,100 idle connections made accept()
     fail with EMFILE and the daemon exit 1. Now the soft limit is raised to the hard one where
     allowed, the endpoint keeps at most --http-max-connections (100) open and closes the
     rest at once, idle ones are closed after 5 s: the daemon lives, its mailbox is read
     meanwhile, and /healthz answers while the flood is still connected."""
-    data, cfg = mailbox_of(tmp_path, dovecot, pop3_user, [])
+    data = mailbox.data
     conf = tmp_path / "mailboxes.d"
     conf.mkdir()
-    cfg.rename(conf / "m.xml")
-    user = pop3_user[0]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    mailbox.config.rename(conf / "m.xml")
+    port = free_port()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1] if hard_limit == "raisable" else 1024
 
     def limit_fds() -> None:
@@ -158,11 +155,10 @@ def test_a_flood_of_idle_http_connections_neither_kills_the_daemon_nor_stops_its
             assert len(flood) == FLOOD
             peak = _fds(proc.pid)
             assert proc.poll() is None, log.read_text()[-3000:]
-            dovecot.deliver(user, message("During the flood"))
+            mailbox.deliver(message("During the flood"))
             wait_for(
                 lambda: (
-                    dovecot.count(user) == 0
-                    and count_rows(data, "SELECT count(*) FROM ledger") == 1
+                    mailbox.left() == 0 and count_rows(data, "SELECT count(*) FROM ledger") == 1
                 ),
                 20,
                 "the mailbox processed during the flood",

@@ -4,6 +4,7 @@ server holds up no commit and no other mailbox."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -12,17 +13,17 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 from support import (
     LOGIN,
     LOGIN_PASSWORD,
+    Mailbox,
     count_rows,
     engine_argv,
     import_directory,
@@ -30,6 +31,7 @@ from support import (
     mailbox_xml,
     message,
     once,
+    smtp_server,
     wait_for,
 )
 
@@ -122,29 +124,16 @@ def _accept_login(*_: Any) -> AuthResult:
     return AuthResult(success=True)
 
 
-def _smtp_server(handler: Answers) -> tuple[Controller, int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    controller = Controller(
-        handler,
-        hostname="127.0.0.1",
-        port=port,
-        authenticator=_accept_login,
-        auth_require_tls=False,
-    )
-    controller.start()
-    return controller, port
+def _smtp_server(handler: Answers) -> contextlib.AbstractContextManager[int]:
+    """An SMTP server that takes any login."""
+    return smtp_server(handler, authenticator=_accept_login, auth_require_tls=False)
 
 
 @pytest.fixture
 def smtp() -> Iterator[tuple[Answers, int]]:
     handler = Answers()
-    controller, port = _smtp_server(handler)
-    try:
+    with _smtp_server(handler) as port:
         yield handler, port
-    finally:
-        controller.stop()
 
 
 def _smtp_xml(port: int, timeout: int, extra: str = "") -> str:
@@ -165,34 +154,26 @@ def _outbox(data: Path) -> list[sqlite3.Row]:
 
 
 def _two_mailboxes(
-    tmp_path: Path, dovecot: Any, smtp_port: int, smtp_timeout: int
+    tmp_path: Path, new_mailbox: Callable[..., Mailbox], smtp_port: int, smtp_timeout: int
 ) -> tuple[Path, Path, str, str]:
     """A data dir and a folder with `noreq` (refuses, replies through ``smtp_port``) and
     `busy` (creates requests); (data, folder, noreq's user, busy's user)."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     conf = tmp_path / "mailboxes.d"
     conf.mkdir()
-    users = []
-    for name in ("noreq", "busy"):
-        user, pw = f"{name}-{time.monotonic_ns()}", f"{name}-pw-1"
-        dovecot.add_user(user, pw)
-        users.append(user)
-        extra: dict[str, str] = {}
-        if name == "noreq":
-            extra = {"createNewRequests": "false", "smtp": _smtp_xml(smtp_port, smtp_timeout)}
-        mailbox_xml(conf / f"{name}.xml", port=dovecot.pop3_port, user=user, password=pw, **extra)
-    return data, conf, users[0], users[1]
+    smtp = _smtp_xml(smtp_port, smtp_timeout)
+    noreq = new_mailbox(conf / "noreq.xml", createNewRequests="false", smtp=smtp)
+    busy = new_mailbox(conf / "busy.xml")
+    return noreq.data, conf, noreq.user, busy.user
 
 
 @pytest.mark.dovecot
 def test_a_trickling_smtp_server_holds_up_no_commit_and_no_other_mailbox(
-    tmp_path: Path, dovecot: Any, trickle: Trickle
+    tmp_path: Path, dovecot: Any, new_mailbox: Callable[..., Mailbox], trickle: Trickle
 ) -> None:
     """The daemon: while a reply is stuck on an SMTP server that answers a byte every half
     second (it kept the writer for as long as the server went on), another mailbox's mail is
     committed and deleted as usual; the send is cut at 3 x timeoutSeconds and recorded."""
-    data, conf, noreq, busy = _two_mailboxes(tmp_path, dovecot, trickle.port, smtp_timeout=2)
+    data, conf, noreq, busy = _two_mailboxes(tmp_path, new_mailbox, trickle.port, smtp_timeout=2)
     dovecot.deliver(noreq, message("Please register me"))
     log = tmp_path / "daemon.log"
     env = dict(os.environ, MAILINTEGRATION_LOGIN=LOGIN, MAILINTEGRATION_PASSWORD=LOGIN_PASSWORD)
@@ -234,11 +215,11 @@ def test_a_trickling_smtp_server_holds_up_no_commit_and_no_other_mailbox(
 
 @pytest.mark.dovecot
 def test_once_ends_within_the_send_deadline_with_a_trickling_smtp_server(
-    tmp_path: Path, dovecot: Any, trickle: Trickle
+    tmp_path: Path, dovecot: Any, new_mailbox: Callable[..., Mailbox], trickle: Trickle
 ) -> None:
     """`once` waits for its replies, but never longer than each send's deadline (3 s here):
     the trickling server kept it for as long as it trickled (40 s)."""
-    data, conf, noreq, busy = _two_mailboxes(tmp_path, dovecot, trickle.port, smtp_timeout=1)
+    data, conf, noreq, busy = _two_mailboxes(tmp_path, new_mailbox, trickle.port, smtp_timeout=1)
     dovecot.deliver(noreq, message("Please register me"))
     for i in range(5):
         dovecot.deliver(busy, message(f"Busy {i}"))
@@ -253,11 +234,15 @@ def test_once_ends_within_the_send_deadline_with_a_trickling_smtp_server(
 
 @pytest.mark.dovecot
 def test_a_reply_left_pending_by_a_killed_run_is_sent_by_the_next_one(
-    tmp_path: Path, dovecot: Any, trickle: Trickle, smtp: tuple[Answers, int]
+    tmp_path: Path,
+    dovecot: Any,
+    new_mailbox: Callable[..., Mailbox],
+    trickle: Trickle,
+    smtp: tuple[Answers, int],
 ) -> None:
     """SIGKILL while the reply is being sent: the refusal is committed, the reply is not
     recorded as sent. The next `once` sends it (it was never sent at all before)."""
-    data, conf, noreq, _ = _two_mailboxes(tmp_path, dovecot, trickle.port, smtp_timeout=30)
+    data, conf, noreq, _ = _two_mailboxes(tmp_path, new_mailbox, trickle.port, smtp_timeout=30)
     dovecot.deliver(noreq, message("Please register me", message_id="<pending-1@example.com>"))
     argv = engine_argv("once", "--config-dir", conf, "--data-dir", data)
     argv += ["--login", LOGIN, "--password", LOGIN_PASSWORD]
@@ -345,15 +330,14 @@ def test_a_refused_send_is_retried_after_a_growing_backoff_then_given_up(
     between send nothing), and failed for good after the third attempt. The stored error is
     the server's answer with the SMTP password it echoed scrubbed."""
     handler = Answers(f"451 4.3.0 busy, try later: {SMTP_PASSWORD}")
-    controller, port = _smtp_server(handler)
     logs.register_secret(SMTP_PASSWORD)
-    data, cfg, eml = _refused_message(tmp_path, port)
 
     def run() -> int:
         _ingest(data, cfg, eml, retry_seconds=1, max_attempts=3)
         return len(handler.rcpts)
 
-    try:
+    with _smtp_server(handler) as port:
+        data, cfg, eml = _refused_message(tmp_path, port)
         assert _ingest(data, cfg, eml, retry_seconds=1, max_attempts=3) == "refused: replied"
         assert len(handler.rcpts) == 1
         assert run() == 1  # not due yet: the backoff holds
@@ -362,8 +346,6 @@ def test_a_refused_send_is_retried_after_a_growing_backoff_then_given_up(
         wait_for(lambda: run() == 3, 10, "the third attempt")
         time.sleep(2.5)
         assert run() == 3  # failed for good: never again
-    finally:
-        controller.stop()
     times = [t for t, _ in handler.rcpts]
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert gaps[0] >= 1.0 and gaps[1] >= 2.0, gaps
@@ -376,13 +358,10 @@ def test_a_refused_send_is_retried_after_a_growing_backoff_then_given_up(
 
 def test_a_permanent_refusal_fails_the_reply_at_once(tmp_path: Path) -> None:
     handler = Answers("550 5.1.1 no such user")
-    controller, port = _smtp_server(handler)
-    data, cfg, eml = _refused_message(tmp_path, port)
-    try:
+    with _smtp_server(handler) as port:
+        data, cfg, eml = _refused_message(tmp_path, port)
         _ingest(data, cfg, eml, retry_seconds=0, max_attempts=8)
         _ingest(data, cfg, eml, retry_seconds=0, max_attempts=8)
-    finally:
-        controller.stop()
     assert len(handler.rcpts) == 1
     [row] = _outbox(data)
     assert row["attempts"] == 1 and row["failed_at"] is not None
@@ -391,14 +370,13 @@ def test_a_permanent_refusal_fails_the_reply_at_once(tmp_path: Path) -> None:
 
 def test_a_ca_file_without_certificates_fails_the_send_as_a_tls_error_retried_later(
     tmp_path: Path,
+    data: Path,
 ) -> None:
     """The SMTP send builds its TLS context as POP3 does (engine.tls): the row says which
     caFile could not be loaded, as a POP3 outage would, and the reply is tried again later
     (the file may be put right meanwhile)."""
     bad = tmp_path / "not-a-ca.pem"
     bad.write_text("not a certificate\n", encoding="utf-8")
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     cfg = mailbox_xml(
         tmp_path / "noreq.xml",
         port=110,

@@ -102,7 +102,16 @@ def run_decide(msg: ParsedMessage, cfg: MailboxConfig, directory: DirectoryView)
 
 def test_the_directory_view_holds_only_read_methods() -> None:
     names = {f.name for f in dataclasses.fields(DirectoryView)}
-    assert names == {"user_by_email", "user_by_login", "team", "request", "request_by_message_id"}
+    assert names == {
+        "user_by_email",
+        "user_by_login",
+        "team",
+        "request",
+        "request_by_message_id",
+        "correlated_event",
+        "request_by_foreign_number",
+        "has_name",
+    }
     with pytest.raises(dataclasses.FrozenInstanceError):
         view().team = view().team  # type: ignore[misc]
 

@@ -15,7 +15,6 @@ from support import (
     LOGIN_PASSWORD,
     attachment_bytes,
     cli,
-    import_directory,
     ledger,
     mailbox_xml,
     message,
@@ -44,9 +43,7 @@ def ingest(data: Path, cfg: Path, *files: Path) -> tuple[int, str]:
 
 
 @pytest.fixture
-def box(tmp_path: Path) -> dict[str, Any]:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
+def box(tmp_path: Path, data: Path) -> dict[str, Any]:
     # ingest never contacts the server: the port is only part of the ledger's account key.
     cfg = mailbox_xml(
         tmp_path / "support.xml",

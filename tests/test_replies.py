@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import email
-import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.policy import default as default_policy
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
-from support import import_directory, ledger, mailbox_xml, message, once, requests
+from support import (
+    Mailbox,
+    message,
+    once,
+    smtp_server,
+)
 
 pytestmark = pytest.mark.dovecot
 
@@ -25,44 +28,31 @@ class Sink:
         return "250 OK"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def smtp_sink() -> Iterator[tuple[Sink, int]]:
     sink = Sink()
-    port = _free_port()
-    controller = Controller(sink, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
+    with smtp_server(sink) as port:
         yield sink, port
-    finally:
-        controller.stop()
 
 
 @pytest.fixture
-def box(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str], smtp_sink: tuple[Sink, int]
-) -> dict[str, Any]:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
-    user, pw = pop3_user
-    sink, port = smtp_sink
-    cfg = mailbox_xml(
-        tmp_path / "noreq.xml",
-        port=dovecot.pop3_port,
-        user=user,
-        password=pw,
+def mailbox(mailbox: Mailbox, smtp_sink: tuple[Sink, int]) -> Mailbox:
+    """Here the shared mailbox is `noreq`: it takes no new requests and replies through the
+    SMTP sink."""
+    mailbox.configure(
+        "noreq",
         createNewRequests="False",
-        smtp=f"<serverName>127.0.0.1</serverName><port>{port}</port>"
+        smtp=f"<serverName>127.0.0.1</serverName><port>{smtp_sink[1]}</port>"
         "<from>Service Desk &lt;servicedesk@example.com&gt;</from>",
         replyTemplate="<subject>Not registered: {subject}</subject>"
         "<body>Dear {sender}, mailbox {mailbox} takes no new requests.</body>",
     )
-    return {"data": data, "cfg": cfg, "user": user, "sink": sink}
+    return mailbox
+
+
+@pytest.fixture
+def sink(smtp_sink: tuple[Sink, int]) -> Sink:
+    return smtp_sink[0]
 
 
 def _parsed(raw: bytes) -> email.message.EmailMessage:
@@ -71,15 +61,13 @@ def _parsed(raw: bytes) -> email.message.EmailMessage:
     return msg
 
 
-def test_refused_message_gets_one_auto_reply_with_null_sender(
-    box: dict[str, Any], dovecot: Any
-) -> None:
-    dovecot.deliver(box["user"], message("Need a laptop", message_id="<ask-1@example.com>"))
-    assert once(box["data"], box["cfg"]) == 0
-    assert requests(box["data"]) == []
-    [row] = ledger(box["data"])
+def test_refused_message_gets_one_auto_reply_with_null_sender(mailbox: Mailbox, sink: Sink) -> None:
+    mailbox.deliver(message("Need a laptop", message_id="<ask-1@example.com>"))
+    assert mailbox.once() == 0
+    assert mailbox.requests() == []
+    [row] = mailbox.ledger()
     assert row["outcome"] == "refused: replied"
-    [(mail_from, rcpts, raw)] = box["sink"].received
+    [(mail_from, rcpts, raw)] = sink.received
     assert mail_from in ("", "<>")
     assert rcpts == ["john.doe@example.com"]
     reply = _parsed(raw)
@@ -88,7 +76,7 @@ def test_refused_message_gets_one_auto_reply_with_null_sender(
     assert reply["In-Reply-To"] == "<ask-1@example.com>"
     assert reply["X-Loop"]
     assert "Dear John Doe, mailbox noreq takes no new requests." in reply.get_content()
-    assert dovecot.count(box["user"]) == 0
+    assert mailbox.left() == 0
 
 
 @pytest.mark.parametrize(
@@ -103,58 +91,52 @@ def test_refused_message_gets_one_auto_reply_with_null_sender(
     ],
 )
 def test_no_reply_to_automated_or_null_senders(
-    box: dict[str, Any], dovecot: Any, sender: str, headers: dict[str, str]
+    mailbox: Mailbox, sink: Sink, sender: str, headers: dict[str, str]
 ) -> None:
-    dovecot.deliver(box["user"], message("Automatic", sender=sender, headers=headers))
-    assert once(box["data"], box["cfg"]) == 0
-    assert box["sink"].received == []
-    [row] = ledger(box["data"])
+    mailbox.deliver(message("Automatic", sender=sender, headers=headers))
+    assert mailbox.once() == 0
+    assert sink.received == []
+    [row] = mailbox.ledger()
     # An out-of-office answer to nothing we know is only recorded; the rest are refused.
     assert row["outcome"].startswith(("refused: no reply", "ignored: auto-reply"))
 
 
-def test_encoded_newline_in_subject_cannot_inject_a_header(
-    box: dict[str, Any], dovecot: Any
-) -> None:
+def test_encoded_newline_in_subject_cannot_inject_a_header(mailbox: Mailbox, sink: Sink) -> None:
     raw = (
         b"From: John Doe <john.doe@example.com>\r\nTo: support@example.com\r\n"
         b"Subject: =?utf-8?q?Hello=0D=0ABcc=3A_victim=40evil=2Eexample?=\r\n"
         b"Message-ID: <inject-1@example.com>\r\n\r\nbody\r\n"
     )
-    dovecot.deliver(box["user"], raw)
-    assert once(box["data"], box["cfg"]) == 0
-    [(_, rcpts, out)] = box["sink"].received
+    mailbox.deliver(raw)
+    assert mailbox.once() == 0
+    [(_, rcpts, out)] = sink.received
     assert rcpts == ["john.doe@example.com"]
     reply = _parsed(out)
     assert reply["Bcc"] is None
     assert "\n" not in reply["Subject"] and "\r" not in reply["Subject"]
 
 
-def test_replies_per_sender_are_rate_limited(box: dict[str, Any], dovecot: Any) -> None:
+def test_replies_per_sender_are_rate_limited(mailbox: Mailbox, sink: Sink) -> None:
     for i in range(7):
-        dovecot.deliver(box["user"], message(f"Ask {i}"))
-    assert once(box["data"], box["cfg"]) == 0
-    assert len(box["sink"].received) == 5
-    outcomes = [r["outcome"] for r in ledger(box["data"])]
+        mailbox.deliver(message(f"Ask {i}"))
+    assert mailbox.once() == 0
+    assert len(sink.received) == 5
+    outcomes = [r["outcome"] for r in mailbox.ledger()]
     assert outcomes.count("refused: no reply (rate limit)") == 2
 
 
 def test_reply_with_reference_still_adds_activity_when_new_requests_are_refused(
-    tmp_path: Path, box: dict[str, Any], dovecot: Any, pop3_user: tuple[str, str]
+    tmp_path: Path, mailbox: Mailbox, sink: Sink, new_mailbox: Callable[..., Mailbox]
 ) -> None:
     # A request made through an open mailbox of the same team, then answered in this one.
-    open_user, open_pw = f"{box['user']}-open", "open-pw-1"
-    dovecot.add_user(open_user, open_pw)
-    open_cfg = mailbox_xml(
-        tmp_path / "open.xml", port=dovecot.pop3_port, user=open_user, password=open_pw
-    )
-    dovecot.deliver(open_user, message("Printer"))
-    assert once(box["data"], open_cfg) == 0
-    dovecot.deliver(box["user"], message("RE: [Incident] #1 Printer", body="Still broken\n"))
-    assert once(box["data"], box["cfg"]) == 0
-    [req] = requests(box["data"])
+    open_box = new_mailbox(tmp_path / "open.xml")
+    open_box.deliver(message("Printer"))
+    assert open_box.once() == 0
+    mailbox.deliver(message("RE: [Incident] #1 Printer", body="Still broken\n"))
+    assert mailbox.once() == 0
+    [req] = mailbox.requests()
     assert len(req["activities"]) == 1
-    assert box["sink"].received == []
+    assert sink.received == []
 
 
 @pytest.mark.parametrize(
@@ -165,12 +147,12 @@ def test_reply_with_reference_still_adds_activity_when_new_requests_are_refused(
     ],
 )
 def test_no_reply_to_a_message_carrying_our_loop_header_or_message_id(
-    box: dict[str, Any], dovecot: Any, headers: dict[str, str], message_id: str | None
+    mailbox: Mailbox, sink: Sink, headers: dict[str, str], message_id: str | None
 ) -> None:
-    dovecot.deliver(box["user"], message("Echo", headers=headers, message_id=message_id))
-    assert once(box["data"], box["cfg"]) == 0
-    assert box["sink"].received == []
-    [row] = ledger(box["data"])
+    mailbox.deliver(message("Echo", headers=headers, message_id=message_id))
+    assert mailbox.once() == 0
+    assert sink.received == []
+    [row] = mailbox.ledger()
     assert row["outcome"] == "refused: no reply (our own loop header or Message-ID)"
 
 
@@ -242,15 +224,15 @@ def _header_names(raw: bytes) -> list[str]:
     ids=["subject-encoded-twice", "subject-encoded-crlf", "message-id-encoded-word", "bidi"],
 )
 def test_received_subject_and_message_id_never_inject_a_header_or_a_body(
-    box: dict[str, Any], dovecot: Any, headers: bytes, visible: str, threaded: bool
+    mailbox: Mailbox, sink: Sink, headers: bytes, visible: str, threaded: bool
 ) -> None:
     """On this interpreter (3.11.7, without the CVE-2024-6923 fix): the reply received by a
     real SMTP server has exactly our headers, one text/plain part, and the subject reads as
     the received text made one line, nothing decoded twice."""
     raw = b"From: John Doe <john.doe@example.com>\r\nTo: support@example.com\r\n" + headers
-    dovecot.deliver(box["user"], raw + b"\r\nbody\r\n")
-    assert once(box["data"], box["cfg"]) == 0
-    [(mail_from, rcpts, out)] = box["sink"].received
+    mailbox.deliver(raw + b"\r\nbody\r\n")
+    assert mailbox.once() == 0
+    [(mail_from, rcpts, out)] = sink.received
     assert mail_from in ("", "<>") and rcpts == ["john.doe@example.com"]
     expected = sorted(REPLY_HEADERS)
     if not threaded:
@@ -270,12 +252,12 @@ def test_received_subject_and_message_id_never_inject_a_header_or_a_body(
 # -- rate limits (issue 12, item 9) ---------------------------------------------------------
 
 
-def _sent_to(box: dict[str, Any]) -> list[str]:
-    return [rcpt for _, rcpts, _ in box["sink"].received for rcpt in rcpts]
+def _sent_to(sink: Sink) -> list[str]:
+    return [rcpt for _, rcpts, _ in sink.received for rcpt in rcpts]
 
 
 def test_address_variants_count_as_one_address_for_the_daily_limit(
-    box: dict[str, Any], dovecot: Any
+    mailbox: Mailbox, sink: Sink
 ) -> None:
     """+tags, case, a trailing dot and the IDNA or Unicode spelling of the domain were each a
     new address: 11 replies to one person against a limit of 5."""
@@ -297,13 +279,13 @@ def test_address_variants_count_as_one_address_for_the_daily_limit(
             f"From: Victim <{addr}>\r\nTo: support@example.com\r\nSubject: Ask {i}\r\n"
             f"Message-ID: <variant-{i}@example.com>\r\n\r\nPlease\r\n"
         )
-        dovecot.deliver(box["user"], raw.encode())
-    log = box["data"].parent / "engine.log"
-    assert once(box["data"], box["cfg"], "--log-file", log) == 0
-    sent = _sent_to(box)
+        mailbox.deliver(raw.encode())
+    log = mailbox.data.parent / "engine.log"
+    assert once(mailbox.data, mailbox.config, "--log-file", log) == 0
+    sent = _sent_to(sink)
     assert len(sent) == 5, sent
     assert all(a.endswith("@xn--exmple-cua.com") for a in sent), sent
-    outcomes = [r["outcome"] for r in ledger(box["data"])]
+    outcomes = [r["outcome"] for r in mailbox.ledger()]
     assert outcomes.count("refused: no reply (rate limit)") == 6
     # Logged once, not once per refused reply.
     lines = [line for line in log.read_text().splitlines() if "already got" in line]
@@ -311,15 +293,15 @@ def test_address_variants_count_as_one_address_for_the_daily_limit(
 
 
 def test_replies_to_one_domain_and_from_one_mailbox_are_capped_per_hour(
-    box: dict[str, Any], dovecot: Any
+    mailbox: Mailbox, sink: Sink
 ) -> None:
     for i in range(25):
-        dovecot.deliver(box["user"], message(f"D {i}", sender=f"<user{i}@victim.example>"))
-    assert once(box["data"], box["cfg"]) == 0
-    assert len(_sent_to(box)) == 20  # the default: 20 per domain per hour
+        mailbox.deliver(message(f"D {i}", sender=f"<user{i}@victim.example>"))
+    assert mailbox.once() == 0
+    assert len(_sent_to(sink)) == 20  # the default: 20 per domain per hour
     for i in range(5):
-        dovecot.deliver(box["user"], message(f"M {i}", sender=f"<someone@domain{i}.example>"))
-    assert once(box["data"], box["cfg"], "--replies-per-mailbox-per-hour", "22") == 0
-    assert len(_sent_to(box)) == 22  # two more, then the mailbox's hour is full
-    outcomes = [r["outcome"] for r in ledger(box["data"])]
+        mailbox.deliver(message(f"M {i}", sender=f"<someone@domain{i}.example>"))
+    assert once(mailbox.data, mailbox.config, "--replies-per-mailbox-per-hour", "22") == 0
+    assert len(_sent_to(sink)) == 22  # two more, then the mailbox's hour is full
+    outcomes = [r["outcome"] for r in mailbox.ledger()]
     assert outcomes.count("refused: no reply (rate limit)") == 5 + 3

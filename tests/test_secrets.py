@@ -16,20 +16,26 @@ import html
 import json
 import os
 import re
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import LOGIN, LOGIN_PASSWORD, import_directory, mailbox_xml, message, once, requests
+from support import (
+    LOGIN,
+    LOGIN_PASSWORD,
+    free_port,
+    mailbox_xml,
+    message,
+    once,
+    requests,
+    wait_for,
+)
 
 from engine import logs
 from tools.fakepop3 import FakePOP3Server, Script
@@ -58,12 +64,6 @@ def engine(*args: str | Path, module: tuple[str, ...] = ("engine",)) -> tuple[in
         proc.stdout.decode(errors="replace"),
         proc.stderr.decode(errors="replace"),
     )
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def hostile_names_message() -> bytes:
@@ -101,9 +101,7 @@ def leaks(root: Path, secret: str, *, allowed: set[Path]) -> list[str]:
     return found
 
 
-def test_the_canary_password_never_leaks(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
+def test_the_canary_password_never_leaks(tmp_path: Path, data: Path) -> None:
     conf = tmp_path / "mailboxes.d"
     conf.mkdir()
     logs = tmp_path / "logs"
@@ -123,15 +121,12 @@ def test_the_canary_password_never_leaks(tmp_path: Path) -> None:
             maxMessageBytes="2048",
         )
         mailbox_xml(conf / "auth.xml", port=auth_server.port, user="sd", password=CANARY)
-        mailbox_xml(conf / "down.xml", port=closed_port(), user="sd", password=CANARY)
+        mailbox_xml(conf / "down.xml", port=free_port(), user="sd", password=CANARY)
         (conf / "truncated.xml").write_text(
             "<mailIntegration>\n  <server>\n    <serverName>pop.example.com</serverName>\n"
             f"    <password>{CANARY}</password>\n    <userName>sd"
         )
-        invalid = mailbox_xml(conf / "invalid.xml", port=110, user="sd", password=CANARY)
-        invalid.write_text(
-            invalid.read_text().replace("<timeoutSeconds>5<", "<timeoutSeconds>soon<")
-        )
+        mailbox_xml(conf / "invalid.xml", port=110, user="sd", password=CANARY, timeout="soon")
         configs = {p for p in conf.iterdir()}
         assert all(CANARY.encode() in p.read_bytes() for p in configs)
 
@@ -183,9 +178,7 @@ def test_the_canary_password_never_leaks(tmp_path: Path) -> None:
     assert all(LOGIN_PASSWORD not in text for text in outputs)
 
 
-def test_hostile_attachment_names_stay_inside_the_store(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
+def test_hostile_attachment_names_stay_inside_the_store(tmp_path: Path, data: Path) -> None:
     before = {p for p in tmp_path.parent.rglob("*") if not p.is_relative_to(tmp_path)}
     raw = hostile_names_message()
     with FakePOP3Server(Script(messages=[raw])) as fake:
@@ -256,10 +249,10 @@ def test_hostile_attachment_names_stay_inside_the_store(tmp_path: Path) -> None:
         ),
     ],
 )
-def test_config_errors_never_echo_the_password(tmp_path: Path, old: str, new: str) -> None:
+def test_config_errors_never_echo_the_password(
+    tmp_path: Path, data: Path, old: str, new: str
+) -> None:
     """A config error names file, line and element, but never the password of that file."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     cfg = mailbox_xml(tmp_path / "box.xml", port=110, user="u", password=CANARY)
     text = cfg.read_text()
     assert old in text
@@ -280,13 +273,11 @@ def test_config_errors_never_echo_the_password(tmp_path: Path, old: str, new: st
 ECHO = "Echo-Canary-9d4e27"
 
 
-def test_a_server_echoing_the_password_leaks_it_nowhere(tmp_path: Path) -> None:
+def test_a_server_echoing_the_password_leaks_it_nowhere(tmp_path: Path, data: Path) -> None:
     """The server quotes the password in its -ERR. Logs were scrubbed; the store was not: the
     outage's description, its activities and mailbox_status.last_error held it in clear. Now
     the canary is in no database file (-wal and -shm included, looked at while the daemon
     runs), no log, no output and not in /healthz, and the stored texts show it masked."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     conf = tmp_path / "mailboxes.d"
     conf.mkdir()
     logs = tmp_path / "logs"
@@ -304,7 +295,7 @@ def test_a_server_echoing_the_password_leaks_it_nowhere(tmp_path: Path) -> None:
             code, out, err = engine("once", *common)
             assert code == 1, err
             outputs += [out, err]
-        port = closed_port()
+        port = free_port()
         daemon = subprocess.Popen(
             [sys.executable, "-m", "engine", "run", *map(str, common), "--http-port", str(port)],
             cwd=ROOT,
@@ -320,7 +311,7 @@ def test_a_server_echoing_the_password_leaks_it_nowhere(tmp_path: Path) -> None:
         try:
             health = _wait_for_failing_health(daemon, port, "echo")
             # The daemon's first session adds the outage's second activity: the -wal holds it.
-            _wait_for(lambda: _activities(data) >= 2, "the daemon's session in the store")
+            wait_for(lambda: _activities(data) >= 2, what="the daemon's session in the store")
             running = files_under(data)
         finally:
             daemon.terminate()
@@ -362,19 +353,8 @@ def _wait_for_failing_health(daemon: subprocess.Popen[bytes], port: int, name: s
             return False
         return bool(json.loads(body)["mailboxes"].get(name, {}).get("last_error"))
 
-    _wait_for(failing, "/healthz to report the failing mailbox")
+    wait_for(failing, what="/healthz to report the failing mailbox")
     return body
-
-
-def _wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / 0.1) + 1):
-        if check():
-            return
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _activities(data: Path) -> int:

@@ -14,11 +14,10 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from lxml import etree
-from support import LOGIN, LOGIN_PASSWORD, import_directory, mailbox_of, message
+from support import LOGIN, LOGIN_PASSWORD, Mailbox, message
 
 from engine import config
 from engine.errors import ConfigError
@@ -53,7 +52,13 @@ SAMPLES = {
     "oauthFlowType": "refreshToken",
     "dateType": "2027-05-01",
     "warnDaysType": "14",
+    "patternType": "(?P<host>x)",
+    "flappingType": "reopen",
+    "minutesType": "30",
 }
+
+# The named complex types of the schema (the rest are simple types).
+COMPLEX_TYPES = {"ruleType"}
 
 # White space to Python but not to XSD: where xmlschema and libxml2 read xs:token differently.
 PYTHON_ONLY_SPACE = [
@@ -107,10 +112,24 @@ def every_element() -> tuple[etree._Element, set[str]]:
     xsd = etree.parse(str(config.SCHEMA_PATH))
     one_per_type: dict[str, str] = {}
 
+    top = xsd.getroot()
+
     def build(decl: etree._Element, path: str) -> etree._Element:
+        ref = decl.get("ref")
+        if ref is not None:  # a global element (rules)
+            found = top.find(f"{XS}element[@name='{ref}']")
+            assert found is not None
+            decl = found
         name = str(decl.get("name"))
         el = etree.Element(name)
-        content = decl.find(f"{XS}complexType/{XS}all")
+        complex_type = decl.find(f"{XS}complexType")
+        if complex_type is None and decl.get("type") in COMPLEX_TYPES:
+            complex_type = top.find(f"{XS}complexType[@name='{decl.get('type')}']")
+        content = None
+        if complex_type is not None:
+            content = complex_type.find(f"{XS}all")
+            if content is None:
+                content = complex_type.find(f"{XS}sequence")
         if content is None:
             xsd_type = str(decl.get("type"))
             el.text = SAMPLES[xsd_type]
@@ -227,17 +246,13 @@ def test_engine_start_imports_neither_xmlschema_nor_prometheus() -> None:
 
 
 @pytest.mark.dovecot
-def test_a_run_over_plain_mail_imports_no_metrics_tables_or_tnef(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]
-) -> None:
+def test_a_run_over_plain_mail_imports_no_metrics_tables_or_tnef(mailbox: Mailbox) -> None:
     """Every start pays for what it imports (~15 ms for prometheus_client, ~9 ms each for
     inscriptis and tnefparse, ~110 ms for Starlette and Hypercorn). `once` without an HTTP
     port has no use for metrics nor a web server, and only tables in HTML and winmail.dat
     attachments need inscriptis and tnefparse."""
-    raws = [message(f"Plain {i}") for i in range(3)]
-    data, cfg = mailbox_of(tmp_path, dovecot, pop3_user, raws)
-    user = pop3_user[0]
-    args = ["once", "--config", str(cfg), "--data-dir", str(data)]
+    mailbox.deliver(*[message(f"Plain {i}") for i in range(3)])
+    args = ["once", "--config", str(mailbox.config), "--data-dir", str(mailbox.data)]
     args += ["--login", LOGIN, "--password", LOGIN_PASSWORD]
     script = (
         "import atexit, sys\n"
@@ -252,17 +267,18 @@ def test_a_run_over_plain_mail_imports_no_metrics_tables_or_tnef(
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
-    assert dovecot.count(user) == 0
+    mailbox.assert_exactly_once()
 
 
 @pytest.mark.dovecot
 def test_the_command_exits_without_the_interpreter_s_teardown_and_loses_no_output(
-    tmp_path: Path, dovecot: Any, pop3_user: tuple[str, str]
+    tmp_path: Path, mailbox: Mailbox
 ) -> None:
     """Freeing every imported module at exit took ~45 ms (10 ms for a bare interpreter):
     the command skips it (atexit handlers never run), after flushing the log, stdout and
     stderr, and keeps its exit code."""
-    data, cfg = mailbox_of(tmp_path, dovecot, pop3_user, [message(f"Exit {i}") for i in range(3)])
+    mailbox.deliver(*[message(f"Exit {i}") for i in range(3)])
+    data, cfg = mailbox.data, mailbox.config
     log = tmp_path / "engine.log"
 
     def command(*args: str) -> subprocess.CompletedProcess[str]:
@@ -293,11 +309,9 @@ def test_the_command_exits_without_the_interpreter_s_teardown_and_loses_no_outpu
     assert "teardown ran" not in refused.stderr
 
 
-def test_the_pipeline_is_imported_while_the_login_is_checked(tmp_path: Path) -> None:
+def test_the_pipeline_is_imported_while_the_login_is_checked(tmp_path: Path, data: Path) -> None:
     """scrypt checks the login in a thread without the GIL (~50 ms); the supervisor,
     fetcher, parser and writer (~50 ms of imports) load meanwhile, not before it."""
-    data = tmp_path / "data"
-    import_directory(data, tmp_path)
     empty = tmp_path / "mailboxes.d"
     empty.mkdir()
     args = ["once", "--config-dir", str(empty), "--data-dir", str(data)]

@@ -216,3 +216,55 @@ def test_the_transaction_writes_its_attachment_files_as_it_goes(tmp_path: Path) 
 
     assert run(tmp_path, body) == (True, True)
     assert rows_of(tmp_path, "SELECT count(*) FROM attachments") == [(1,)]
+
+
+def test_migration_6_rebuilds_requests_keeping_numbers_and_references(tmp_path: Path) -> None:
+    """A store at version 4 (requests, an activity, a deleted last request): migration 6
+    rebuilds the requests table; every row and reference stays, and no number is given
+    twice (AUTOINCREMENT's counter is carried over)."""
+
+    from engine.store.schema import MIGRATIONS
+
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    con = sqlite3.connect(data / "mailintegration.sqlite3", isolation_level=None)
+    con.execute("PRAGMA journal_mode = WAL")
+    for number, script in enumerate(MIGRATIONS[:4], start=1):
+        con.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+    con.executescript(
+        "INSERT INTO teams(number, name) VALUES (1, 'IT');"
+        "INSERT INTO requests(team_id, type, status, subject, description, created_at,"
+        " created_by) VALUES (1, 'incident', 'new', 's1', 'd', 'now', 'x');"
+        "INSERT INTO requests(team_id, type, status, subject, description, created_at,"
+        " created_by) VALUES (1, 'event', 'new', 's2', 'd', 'now', 'x');"
+        "INSERT INTO activities(request_number, author, email, date, body, created_at)"
+        " VALUES (1, 'a', 'e', 'now', 'b', 'now');"
+        "DELETE FROM requests WHERE number = 2;"
+    )
+    con.close()
+
+    async def go() -> int:
+        store = await open_store(data)
+        try:
+            async with store.transaction() as tx:
+                team = await tx.team(1)
+                assert team is not None
+                return await tx.create_request(
+                    team_id=team.id,
+                    type="service request",
+                    subject="s3",
+                    description="d",
+                    created_by="x",
+                    form="New laptop",
+                )
+        finally:
+            await store.close()
+
+    assert anyio.run(go) == 3  # not 2: request 2 existed once
+    con = sqlite3.connect(data / "mailintegration.sqlite3")
+    assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 6
+    assert con.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert con.execute("SELECT request_number FROM activities").fetchall() == [(1,)]
+    rows = con.execute("SELECT number, type, form FROM requests ORDER BY number").fetchall()
+    assert rows == [(1, "incident", None), (3, "service request", "New laptop")]
+    con.close()

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import trustme
-from support import import_directory, ledger, mailbox_xml, message, once, requests
+from support import ledger, mailbox_xml, message, once, requests
 
 from engine.config import SmtpConfig, load_mailbox
 from engine.errors import TLSError
@@ -44,13 +44,6 @@ def server_context(cert: trustme.LeafCert) -> ssl.SSLContext:
 def untrusted_context() -> ssl.SSLContext:
     """A certificate for the right names, from a CA nobody trusts (self-made)."""
     return server_context(trustme.CA().issue_cert("127.0.0.1", "localhost"))
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    d = tmp_path / "data"
-    import_directory(d, tmp_path)
-    return d
 
 
 def config(

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import socket
-
 import psycopg
 import pytest
+from support import free_port
 
 from tools.postgres import postgres_available, server_dsn, throwaway_database, with_database
 
@@ -52,7 +51,5 @@ def test_dsn_rewriting_and_an_unreachable_server() -> None:
     assert with_database("postgresql://u@h:5/test", "x") == "postgresql://u@h:5/x"
     conninfo = psycopg.conninfo.conninfo_to_dict(with_database("host=h dbname=test", "x"))
     assert conninfo == {"host": "h", "dbname": "x"}
-    with socket.socket() as probe:  # a loopback port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # a loopback port nobody listens on
     assert not postgres_available(f"postgresql://postgres@127.0.0.1:{port}/test", timeout=2)

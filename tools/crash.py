@@ -8,7 +8,7 @@ between messages) to 2 or 3 fresh mailboxes of a real Dovecot on 127.0.0.1, then
 ``mailintegration once`` over them as a separate process 1 to 3 times, each run SIGKILLed
 either at a random moment or at the N-th occurrence of a dangerous point (see
 :mod:`tools.crashpoints`), and finally once more to completion. It then compares the store with
-what was delivered:
+what was delivered, with the tests' own checker (``tests.support.check_exactly_once``):
 
 - every Message-ID is in the ledger exactly once, with the sha256 of the delivered bytes, and
   there is exactly one request for it, with exactly the attachments it carried;
@@ -37,7 +37,6 @@ import os
 import random
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -52,19 +51,20 @@ from email.utils import make_msgid
 from pathlib import Path
 from typing import Protocol
 
-from tests.support import DIRECTORY, LOGIN, LOGIN_PASSWORD
+from tests.support import (
+    DIRECTORY,
+    LOGIN,
+    LOGIN_PASSWORD,
+    Delivered,
+    check_exactly_once,
+    mailbox_xml,
+)
 from tools.crashpoints import POINTS, fork_child
 from tools.dovecot import Dovecot, start_dovecot
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The engine's login and the directory are the tests' own (tests/support.py).
-
-GATEWAY = "Octopus.MailIntegration.Gateways.SidePopMailboxGateway, Octopus.MailIntegration"
-INCIDENT = (
-    "Octopus.MailIntegration.Processors.EndUserIncidentMailMessageProcessor, "
-    "Octopus.MailIntegration"
-)
+# The engine's login, the directory and the mailbox files are the tests' own (tests/support.py).
 
 # The same bytes attached to several messages: stored once, cited by several rows.
 SHARED_ATTACHMENTS: tuple[tuple[str, str, bytes], ...] = (
@@ -195,14 +195,6 @@ def make_launcher(name: str) -> Launcher:
 # --------------------------------------------------------------------------- mail and config
 
 
-@dataclass(frozen=True)
-class Delivered:
-    user: str
-    message_id: str
-    sha256: str
-    attachments: frozenset[str]  # sha256 of each attachment's bytes
-
-
 def make_message(rng: random.Random, tag: str) -> tuple[bytes, str, frozenset[str]]:
     """A message with 0 to 3 attachments, shared ones included; CRLF as on the wire."""
     msg = EmailMessage()
@@ -233,32 +225,7 @@ def make_message(rng: random.Random, tag: str) -> tuple[bytes, str, frozenset[st
 class MailboxWriter(Protocol):
     """Writes the file of a mailbox whose Dovecot user ``user`` has ``password``."""
 
-    def __call__(self, path: Path, *, port: int, user: str, password: str) -> None: ...
-
-
-def write_mailbox(path: Path, *, port: int, user: str, password: str) -> None:
-    path.write_text(
-        f"""<?xml version="1.0" encoding="utf-8"?>
-<mailIntegration>
-  <messageProcessorTypeName>{INCIDENT}</messageProcessorTypeName>
-  <server>
-    <gatewayTypeName>{GATEWAY}</gatewayTypeName>
-    <serverName>127.0.0.1</serverName>
-    <port>{port}</port>
-    <useSsl>false</useSsl>
-    <userName>{user}</userName>
-    <password>{password}</password>
-    <timeoutSeconds>5</timeoutSeconds>
-  </server>
-  <team>1</team>
-  <incidentFallbackSiteName>Montr&eacute;al</incidentFallbackSiteName>
-  <incidentFallbackUserLogon>unknown.user</incidentFallbackUserLogon>
-  <incidentGroup>Service Desk</incidentGroup>
-  <incidentSource>Email</incidentSource>
-</mailIntegration>
-""",
-        encoding="utf-8",
-    )
+    def __call__(self, path: Path, *, port: int, user: str, password: str) -> object: ...
 
 
 def make_template(directory: Path) -> Path:
@@ -273,100 +240,6 @@ def make_template(directory: Path) -> Path:
     if code != 0:
         raise RuntimeError(f"directory import failed with status {code}")
     return directory
-
-
-# --------------------------------------------------------------------------- verification
-
-
-@dataclass
-class Check:
-    losses: int = 0
-    duplicates: int = 0
-    problems: list[str] = field(default_factory=list)
-
-
-def verify(data: Path, delivered: Sequence[Delivered], dovecot: Dovecot) -> Check:
-    """Compare the store and the server with what was delivered."""
-    check = Check()
-    problems = check.problems
-    db = sqlite3.connect(f"file:{data / 'mailintegration.sqlite3'}?mode=ro", uri=True)
-    try:
-        integrity = [r[0] for r in db.execute("PRAGMA integrity_check")]
-        if integrity != ["ok"]:
-            problems.append(f"integrity_check: {integrity[:5]}")
-        ledger = db.execute("SELECT message_id, sha256, outcome FROM ledger").fetchall()
-        mail = db.execute("SELECT number, message_id FROM requests WHERE kind = 'mail'").fetchall()
-        other = db.execute(
-            "SELECT number, kind, cause FROM requests WHERE kind != 'mail'"
-        ).fetchall()
-        rows = db.execute("SELECT request_number, sha256 FROM attachments").fetchall()
-    finally:
-        db.close()
-    by_mid: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
-    for mid, sha, outcome in ledger:
-        by_mid[str(mid)].append((str(sha), str(outcome)))
-    requests: dict[str, list[int]] = collections.defaultdict(list)
-    for number, mid in mail:
-        requests[str(mid)].append(int(number))
-    cited: dict[int, set[str]] = collections.defaultdict(set)
-    for number, sha in rows:
-        cited[int(number)].add(str(sha))
-    expected = {d.message_id for d in delivered}
-    users = sorted({d.user for d in delivered})
-    on_server: set[str] = set()
-    for user in users:
-        left = dovecot.messages(user)
-        if left:
-            problems.append(f"{len(left)} message(s) left on the server in {user}")
-        on_server.update(hashlib.sha256(raw).hexdigest() for raw in left)
-    for d in delivered:
-        seen = by_mid.get(d.message_id, [])
-        made = requests.get(d.message_id, [])
-        if not seen or not made:
-            # Still on the server is not lost (only not processed yet); gone from both is.
-            lost = not seen and d.sha256 not in on_server
-            check.losses += lost
-            problems.append(
-                f"{'lost' if lost else 'not processed'} {d.message_id}: {len(seen)} ledger "
-                f"row(s), {len(made)} request(s)"
-            )
-            continue
-        if len(seen) > 1 or len(made) > 1:
-            check.duplicates += max(len(seen), len(made)) - 1
-            problems.append(f"duplicated {d.message_id}: ledger {len(seen)}, requests {len(made)}")
-        if any(sha != d.sha256 for sha, _ in seen):
-            problems.append(f"{d.message_id}: ledger sha256 differs from the delivered bytes")
-        if any(outcome != "created" for _, outcome in seen):
-            problems.append(f"{d.message_id}: outcome {[o for _, o in seen]}")
-        if cited.get(made[0], set()) != d.attachments:
-            problems.append(f"{d.message_id}: attachments differ from what was delivered")
-    unexpected = set(by_mid) - expected
-    if unexpected:
-        problems.append(f"ledger rows for messages never delivered: {sorted(unexpected)[:3]}")
-    if other:
-        problems.append(f"unexpected events: {other[:3]}")
-    problems.extend(_check_files(data / "attachments", {str(r[1]) for r in rows}))
-    return check
-
-
-def _check_files(root: Path, referenced: set[str]) -> list[str]:
-    problems = []
-    found: set[str] = set()
-    for path in sorted(root.rglob("*")) if root.is_dir() else []:
-        if path.is_dir():
-            continue
-        rel = path.relative_to(root)
-        if len(rel.parts) != 2 or path.name.startswith(".") or rel.parts[0] != path.name[:2]:
-            problems.append(f"stray file in attachments/: {rel}")
-            continue
-        if hashlib.sha256(path.read_bytes()).hexdigest() != path.name:
-            problems.append(f"attachment file {rel} does not hash to its name (torn write?)")
-        found.add(path.name)
-    if found - referenced:
-        problems.append(f"orphan attachment files: {sorted(found - referenced)[:3]}")
-    if referenced - found:
-        problems.append(f"attachment rows without a file: {sorted(referenced - found)[:3]}")
-    return problems
 
 
 # --------------------------------------------------------------------------- iterations
@@ -456,10 +329,10 @@ def iteration(
     """Deliver, run-and-kill 1 to 3 times, finish, verify.
 
     ``modes`` chooses the kills instead: one run per entry, ``"random"``, ``"POINT"`` (a random
-    N) or ``"POINT:N"``. ``write`` writes each mailbox file (default :func:`write_mailbox`,
+    N) or ``"POINT:N"``. ``write`` writes each mailbox file (default the tests' mailbox_xml,
     a password over plain POP3; the OAuth2 tests sign in with tokens instead).
     """
-    write = write or write_mailbox
+    write = write or mailbox_xml
     started = time.monotonic()
     result = IterationResult(index)
     work = base / f"it-{index:05d}"
@@ -497,7 +370,7 @@ def iteration(
     result.runs.append(("final", 0, code))
     if code != 0:
         result.problems.append(f"the final run exited with status {code}")
-    check = verify(data, delivered, dovecot)
+    check = check_exactly_once(data, delivered, dovecot)
     result.losses, result.duplicates = check.losses, check.duplicates
     result.problems.extend(check.problems)
     result.seconds = time.monotonic() - started

@@ -60,6 +60,7 @@ from engine.parse.verdicts import loop_verdict
 
 __all__ = [
     "ParseLimits",
+    "header_text",
     "message_summary",
     "parse_many",
     "parse_message",
@@ -146,6 +147,7 @@ def _parse_tree(tree: MimeTree, limits: ParseLimits) -> ParsedMessage:
     notes: list[str] = []
     from_pairs = read_addresses(headers.get("from"), limits, "From", notes)
     to_pairs = read_addresses(headers.get("to"), limits, "To", notes)
+    cc_pairs = read_addresses(headers.get("cc"), limits, "Cc", notes)
     rp_pairs = read_addresses(headers.get("return-path"), limits, "Return-Path", notes)
     from_name, from_addr = from_pairs[0] if from_pairs else ("", "")
 
@@ -175,7 +177,34 @@ def _parse_tree(tree: MimeTree, limits: ParseLimits) -> ParsedMessage:
         auto_reason=verdict.reason,
         is_bounce=verdict.is_bounce,
         notes=tuple(notes),
+        cc=tuple(addr for _, addr in cc_pairs or []),
+        headers=kept_headers(headers),
     )
+
+
+MAX_KEPT_HEADERS: Final = 200
+"""How many top-level header fields a ParsedMessage keeps (the first ones), each cut to
+:data:`MAX_KEPT_HEADER_CHARS`: rules read them, and a message with 10,000 fields must not
+cost 10,000 copies."""
+MAX_KEPT_HEADER_CHARS: Final = 8_000
+
+
+def kept_headers(headers: dict[str, list[str]]) -> tuple[tuple[str, str], ...]:
+    """The header fields a ParsedMessage keeps, as received (bounded): decoding them all
+    cost a sixth of the parse of a small message, and only rules read them (through
+    :func:`header_text`)."""
+    out: list[tuple[str, str]] = []
+    for name, values in headers.items():
+        for value in values:
+            if len(out) >= MAX_KEPT_HEADERS:
+                return tuple(out)
+            out.append((name, value[:MAX_KEPT_HEADER_CHARS]))
+    return tuple(out)
+
+
+def header_text(value: str) -> str:
+    """A kept header value as text: unfolded, encoded words decoded, one line."""
+    return one_line(decode_words(unfold(value)))
 
 
 def parse_raw(raw: bytes, max_bytes: int) -> ParsedMessage | MessageError:

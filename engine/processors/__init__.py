@@ -12,6 +12,7 @@ cannot read (:mod:`engine.processors.outage`) become :data:`EventDecision` value
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Literal
 
 from engine.config import MailboxConfig
@@ -20,7 +21,7 @@ from engine.model import Attachment, DirectoryView, ParsedMessage, RequestRef, T
 
 @dataclass(frozen=True)
 class NewRequest:
-    type: Literal["incident", "event"]
+    type: Literal["incident", "event", "service request"]
     subject: str
     description: str
     html: str | None
@@ -31,10 +32,28 @@ class NewRequest:
     source: str | None
     attachments: tuple[Attachment, ...]
     notes: tuple[str, ...] = ()
+    priority: str | None = None
+    # An event's correlation key and alert state (engine.processors.alerts).
+    correlation_key: str | None = None
+    alert_state: str | None = None
+    # A service request's form and its fields, in order.
+    form: str | None = None
+    fields: tuple[tuple[str, str], ...] = ()
+    tags: tuple[str, ...] = ()
+    foreign_numbers: tuple[str, ...] = ()
+    # Another team than the mailbox's (a routing rule's setTeam: a number or name).
+    team: str | None = None
+    # The routing rules that matched, by name (for once --dry-run).
+    matched_rules: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class AddActivity:
+    """An activity on ``request``. ``reopen``: a closed request opens again (by a person's
+    reply, or a correlated alert whatever sent it: ``via == "correlation"``); ``close``:
+    the request closes (an alert's recovery), saying ``close`` in its history; ``state``:
+    the alert state the event now has."""
+
     request: RequestRef
     author: str
     body: str
@@ -42,6 +61,10 @@ class AddActivity:
     reopen: bool
     automatic: bool = False
     via: str = "subject"
+    close: str | None = None
+    state: str | None = None
+    # The routing rules that matched (not applied: a reply is not routed; for --dry-run).
+    matched_rules: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -51,6 +74,7 @@ class Refuse:
     reason: str
     reply: bool
     no_reply_because: str | None = None
+    matched_rules: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,6 +82,7 @@ class Ignore:
     """Recorded in the ledger only (an auto-reply that answers nothing we know)."""
 
     reason: str
+    matched_rules: tuple[str, ...] = ()
 
 
 Decision = NewRequest | AddActivity | Refuse | Ignore
@@ -108,6 +133,8 @@ class Context:
     mailbox: MailboxConfig
     team: Team
     extra_attachments: tuple[Attachment, ...] = field(default=())
+    # The time decisions are made at (the flapping window); None: now.
+    now: datetime | None = None
 
 
 def referenced(msg: ParsedMessage, mailbox: MailboxConfig) -> int | None:
@@ -122,30 +149,55 @@ def referenced(msg: ParsedMessage, mailbox: MailboxConfig) -> int | None:
 async def decide(msg: ParsedMessage, ctx: Context, directory: DirectoryView) -> Decision:
     """Dispatch to the mailbox's processor."""
     # Imported here: the processor modules import this one for the decision types.
-    from engine.processors import event, incident
+    from engine.processors import event, incident, rules, service_request
 
+    matched = rules.matching(msg, ctx.mailbox.processing.rules)
+    ignoring = next((r for r in matched if r.ignore), None)
+    if ignoring is not None:
+        names = tuple(r.name for r in matched)
+        return Ignore(f"rule {ignoring.name!r} ({ignoring.where})", matched_rules=names)
+    decision: Decision
     if ctx.mailbox.processor == "event":
-        return await event.decide(msg, ctx, directory)
-    return await incident.decide(msg, ctx, directory)
+        decision = await event.decide(msg, ctx, directory)
+    elif ctx.mailbox.processor == "service-request":
+        decision = await service_request.decide(msg, ctx, directory)
+    else:
+        decision = await incident.decide(msg, ctx, directory)
+    return await rules.apply(msg, ctx, directory, decision, matched)
+
+
+def _describe_new(d: NewRequest) -> str:
+    who = d.requester.login if d.requester else "(no requester)"
+    names = ", ".join(a.name for a in d.attachments) or "none"
+    if d.notes:
+        names += f" ({len(d.notes)} left out over a size limit)"
+    return (
+        f"new {d.type} {d.subject!r}: requester {who}, site {d.site or '-'}, "
+        f"group {d.group or '-'}, assignee {d.assignee.login if d.assignee else '-'}, "
+        f"priority {d.priority or '-'}, attachments: {names}" + _extras(d)
+    )
+
+
+def _extras(d: NewRequest) -> str:
+    """What else a dry run shows of a new request: its correlation, its rules."""
+    out = f", key {d.correlation_key} ({d.alert_state})" if d.correlation_key else ""
+    if d.tags:
+        out += f", tags: {', '.join(d.tags)}"
+    return out + (f", rules matched: {', '.join(d.matched_rules)}" if d.matched_rules else "")
 
 
 def describe(d: Decision) -> str:
     """One line for ``once --dry-run``."""
     if isinstance(d, NewRequest):
-        who = d.requester.login if d.requester else "(no requester)"
-        names = ", ".join(a.name for a in d.attachments) or "none"
-        if d.notes:
-            names += f" ({len(d.notes)} left out over a size limit)"
-        return (
-            f"new {d.type} {d.subject!r}: requester {who}, site {d.site or '-'}, "
-            f"group {d.group or '-'}, assignee {d.assignee.login if d.assignee else '-'}, "
-            f"attachments: {names}"
-        )
+        return _describe_new(d)
+    rules = f"; rules matched: {', '.join(d.matched_rules)}" if d.matched_rules else ""
     if isinstance(d, AddActivity):
-        extra = " and reopen it" if d.reopen else ""
-        return f"activity on request #{d.request.number} (found by {d.via}){extra}"
+        extra = " and reopen it" if d.reopen else " and close it" if d.close else ""
+        return f"activity on request #{d.request.number} (found by {d.via}){extra}{rules}"
     if isinstance(d, Refuse):
-        return f"no request ({d.reason}); " + (
-            "auto-reply" if d.reply else f"no reply ({d.no_reply_because})"
+        return (
+            f"no request ({d.reason}); "
+            + ("auto-reply" if d.reply else f"no reply ({d.no_reply_because})")
+            + rules
         )
-    return f"ignored: {d.reason}"
+    return f"ignored: {d.reason}{rules}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from typing import Final
 
 from engine.model import CLOSED_STATUSES, Attachment, DirectoryView, ParsedMessage, RequestRef
 from engine.parse import safe_filename
@@ -65,7 +66,29 @@ async def referenced_request(
         found = await directory.request_by_message_id(ids)
         if found is not None and found.team_id == ctx.team.id:
             return found, "thread"
+    refs = foreign_numbers(msg, ctx)
+    if refs:
+        found = await directory.request_by_foreign_number(refs)
+        if found is not None and found.team_id == ctx.team.id:
+            return found, "foreign number"
     return None, ""
+
+
+MAX_FOREIGN: Final = 20
+
+
+def foreign_numbers(msg: ParsedMessage, ctx: Context) -> tuple[str, ...]:
+    """The foreign ticket numbers (foreignTicketNumbers patterns) in the subject, in order,
+    each once, at most :data:`MAX_FOREIGN`: ``ServiceNow:INC0012345``. Prefixed with the
+    system's name, so that two systems' numbers never meet."""
+    found: dict[str, None] = {}
+    for p in ctx.mailbox.processing.foreign_patterns:
+        for m in p.pattern.finditer(msg.subject):
+            if m.group(0).strip():
+                found[f"{p.system}:{m.group(0).strip()[:100]}"] = None
+            if len(found) >= MAX_FOREIGN:
+                return tuple(found)
+    return tuple(found)
 
 
 def kept_attachments(

@@ -7,6 +7,7 @@ from engine.model import DirectoryView, ParsedMessage, User
 from engine.processors import Context, Decision, Ignore, NewRequest, Refuse
 from engine.processors.common import (
     activity_for,
+    foreign_numbers,
     is_auto_reply,
     kept_attachments,
     referenced_request,
@@ -30,8 +31,8 @@ async def decide(msg: ParsedMessage, ctx: Context, directory: DirectoryView) -> 
         # A bounce or out-of-office answer to nothing we know must never become a ticket.
         return Ignore("auto-reply")
     if not ctx.mailbox.create_new_requests:
-        return _refuse(msg, ctx)
-    user = await _requester(msg, ctx, directory)
+        return refuse(msg, ctx)
+    user = await requester(msg, ctx, directory)
     assignee = await directory.user_by_login(ctx.mailbox.assignee) if ctx.mailbox.assignee else None
     attachments, notes = kept_attachments(msg, ctx)
     return NewRequest(
@@ -46,10 +47,12 @@ async def decide(msg: ParsedMessage, ctx: Context, directory: DirectoryView) -> 
         source=ctx.mailbox.source,
         attachments=attachments,
         notes=notes,
+        priority=ctx.mailbox.processing.priority,
+        foreign_numbers=foreign_numbers(msg, ctx),
     )
 
 
-def _refuse(msg: ParsedMessage, ctx: Context) -> Refuse:
+def refuse(msg: ParsedMessage, ctx: Context) -> Refuse:
     """No new request here: an automatic reply says so, unless it would answer a machine."""
     reason = "new requests are not allowed in this mailbox"
     if msg.auto_submitted or not msg.from_addr:
@@ -57,7 +60,7 @@ def _refuse(msg: ParsedMessage, ctx: Context) -> Refuse:
     return Refuse(reason, reply=ctx.mailbox.smtp is not None, no_reply_because=None)
 
 
-async def _requester(msg: ParsedMessage, ctx: Context, directory: DirectoryView) -> User:
+async def requester(msg: ParsedMessage, ctx: Context, directory: DirectoryView) -> User:
     """The sender as a user of the directory, else the mailbox's fallback user."""
     user = await directory.user_by_email(msg.from_addr)
     if user is None:

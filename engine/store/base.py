@@ -33,6 +33,7 @@ from typing import Any
 from engine.errors import StoreError
 from engine.model import (
     Attachment,
+    CorrelatedEvent,
     DirectoryView,
     LedgerRow,
     PendingReply,
@@ -73,11 +74,13 @@ class Transaction(ABC):
 
     @abstractmethod
     async def has_name(self, table: str, name: str) -> bool:
-        """Whether ``sites``, ``groups`` or ``sources`` holds ``name``."""
+        """Whether ``sites``, ``groups``, ``sources``, ``priorities`` or ``categories`` holds
+        ``name``."""
 
     @abstractmethod
     async def import_directory(self, data: Mapping[str, Any]) -> dict[str, int]:
-        """Insert or update teams, sites, groups, sources and users (keyed by name/login)."""
+        """Insert or update teams, sites, groups, sources, priorities, categories and users
+        (keyed by name/login)."""
 
     # -- requests and activities -----------------------------------------------------------
 
@@ -115,8 +118,35 @@ class Transaction(ABC):
         cause: str | None = None,
         message_id: str | None = None,
         sha256: str | None = None,
+        priority: str | None = None,
+        correlation_key: str | None = None,
+        alert_state: str | None = None,
+        form: str | None = None,
     ) -> int:
         """A new request, with its history line; returns the number it was given."""
+
+    @abstractmethod
+    async def add_request_details(
+        self,
+        number: int,
+        *,
+        fields: Sequence[tuple[str, str]] = (),
+        tags: Iterable[str] = (),
+        foreign_numbers: Iterable[str] = (),
+    ) -> None:
+        """A service request's form fields (in order), tags and foreign ticket numbers."""
+
+    @abstractmethod
+    async def set_alert_state(self, number: int, state: str) -> None:
+        """The last alert state an event's monitoring mail reported."""
+
+    @abstractmethod
+    async def correlated_event(self, key: str) -> CorrelatedEvent | None:
+        """The newest event of correlation key ``key``."""
+
+    @abstractmethod
+    async def request_by_foreign_number(self, refs: Sequence[str]) -> RequestRef | None:
+        """The newest request carrying one of these foreign ticket numbers."""
 
     @abstractmethod
     async def add_activity(
@@ -133,7 +163,8 @@ class Transaction(ABC):
         """An activity on request ``number``; returns the id it was given."""
 
     @abstractmethod
-    async def set_status(self, number: int, status: str, *, by: str, why: str) -> None: ...
+    async def set_status(self, number: int, status: str, *, by: str, why: str) -> None:
+        """A new status, with its history line; a closing status records when."""
 
     @abstractmethod
     async def add_attachments(

@@ -161,7 +161,93 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX outbox_due ON outbox(mailbox, next_attempt_at)
         WHERE sent_at IS NULL AND failed_at IS NULL;
     """,
+    # 5: reserved for the IMAP branch (migration numbers are allotted per branch); a no-op
+    # here so that this branch's migration keeps its number 6.
+    """
+    SELECT 1;
+    """,
+    # 6: correlation, service requests (categories), priority, routing rules, foreign
+    # ticket numbers.
+    # The requests table is rebuilt (SQLite cannot change a CHECK): type 'service request';
+    # an event's correlation key and alert state; the priority; the SR's form; when it was
+    # last closed (the flapping window). AUTOINCREMENT's counter is carried over, so no
+    # number is ever given twice. Runs with foreign keys off (see REBUILDS).
+    """
+    CREATE TABLE priorities (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE COLLATE NOCASE
+    );
+    CREATE TABLE categories (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE COLLATE NOCASE
+    );
+    CREATE TABLE requests_new (
+        number INTEGER PRIMARY KEY AUTOINCREMENT,
+        team_id INTEGER NOT NULL REFERENCES teams(id),
+        type TEXT NOT NULL CHECK (type IN ('incident', 'event', 'service request')),
+        status TEXT NOT NULL,
+        kind TEXT NOT NULL DEFAULT 'mail'
+            CHECK (kind IN ('mail', 'message-failure', 'outage')),
+        subject TEXT NOT NULL,
+        description TEXT NOT NULL,
+        html TEXT,
+        requester_id INTEGER REFERENCES users(id),
+        user_id INTEGER REFERENCES users(id),
+        site_id INTEGER REFERENCES sites(id),
+        group_id INTEGER REFERENCES groups(id),
+        assignee_id INTEGER REFERENCES users(id),
+        source_id INTEGER REFERENCES sources(id),
+        mailbox TEXT,
+        cause TEXT,
+        message_id TEXT,
+        sha256 TEXT,
+        created_at TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        priority_id INTEGER REFERENCES priorities(id),
+        correlation_key TEXT,
+        alert_state TEXT,
+        form TEXT,
+        closed_at TEXT
+    );
+    INSERT INTO requests_new(number, team_id, type, status, kind, subject, description, html,
+        requester_id, user_id, site_id, group_id, assignee_id, source_id, mailbox, cause,
+        message_id, sha256, created_at, created_by)
+    SELECT number, team_id, type, status, kind, subject, description, html,
+        requester_id, user_id, site_id, group_id, assignee_id, source_id, mailbox, cause,
+        message_id, sha256, created_at, created_by FROM requests;
+    DELETE FROM sqlite_sequence WHERE name = 'requests_new';
+    INSERT INTO sqlite_sequence(name, seq)
+        SELECT 'requests_new', seq FROM sqlite_sequence WHERE name = 'requests';
+    DROP TABLE requests;
+    ALTER TABLE requests_new RENAME TO requests;
+    CREATE INDEX requests_failure ON requests(kind, message_id, sha256);
+    CREATE INDEX requests_outage ON requests(kind, mailbox, cause, status);
+    CREATE INDEX requests_correlation ON requests(correlation_key, number)
+        WHERE correlation_key IS NOT NULL;
+    CREATE TABLE request_fields (
+        id INTEGER PRIMARY KEY,
+        request_number INTEGER NOT NULL REFERENCES requests(number),
+        name TEXT NOT NULL,
+        value TEXT NOT NULL
+    );
+    CREATE INDEX request_fields_request ON request_fields(request_number);
+    CREATE TABLE request_tags (
+        request_number INTEGER NOT NULL REFERENCES requests(number),
+        tag TEXT NOT NULL,
+        PRIMARY KEY (request_number, tag)
+    );
+    CREATE TABLE foreign_numbers (
+        id INTEGER PRIMARY KEY,
+        ref TEXT NOT NULL,
+        request_number INTEGER NOT NULL REFERENCES requests(number),
+        UNIQUE (ref, request_number)
+    );
+    """,
 )
+
+REBUILDS = frozenset({6})
+"""Migrations that rebuild a table: run with ``foreign_keys`` off (it cannot change inside a
+transaction), then checked with ``PRAGMA foreign_key_check`` before they commit."""
 
 ACCOUNTS = 3
 """The migration after whose script the ledger's accounts move from ``user@host:port`` to

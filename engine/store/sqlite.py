@@ -48,7 +48,9 @@ from aioitertools.more_itertools import chunked
 from engine.errors import StoreError, sole
 from engine.logs import scrub
 from engine.model import (
+    CLOSED_STATUSES,
     Attachment,
+    CorrelatedEvent,
     DirectoryView,
     LedgerRow,
     PendingReply,
@@ -59,7 +61,7 @@ from engine.model import (
 from engine.store.base import Store, Transaction
 from engine.store.files import FileStore
 from engine.store.lock import secure_data_dir
-from engine.store.schema import ACCOUNTS, MIGRATIONS, normalized_account
+from engine.store.schema import ACCOUNTS, MIGRATIONS, REBUILDS, normalized_account
 
 log = logging.getLogger("engine.store")
 
@@ -256,7 +258,26 @@ class SqliteStore(Store):
             "SELECT at, by, text FROM history WHERE request_number = ? ORDER BY id", (number,)
         )
         out["history"] = [{"at": h[0], "by": h[1], "text": h[2]} for h in hist]
+        out.update(await self._details(number))
         return out
+
+    async def _details(self, number: int) -> dict[str, Any]:
+        """A request's form fields, tags and foreign ticket numbers."""
+        fields = await self._all(
+            "SELECT name, value FROM request_fields WHERE request_number = ? ORDER BY id",
+            (number,),
+        )
+        tags = await self._all(
+            "SELECT tag FROM request_tags WHERE request_number = ? ORDER BY tag", (number,)
+        )
+        refs = await self._all(
+            "SELECT ref FROM foreign_numbers WHERE request_number = ? ORDER BY id", (number,)
+        )
+        return {
+            "fields": {f[0]: f[1] for f in fields},
+            "tags": [t[0] for t in tags],
+            "foreign_numbers": [r[0] for r in refs],
+        }
 
     async def counts(self) -> dict[str, int]:
         out = {}
@@ -332,8 +353,8 @@ _INSERT_LEDGER = (
 _INSERT_REQUEST = (
     "INSERT INTO requests(number, team_id, type, status, kind, subject, description, html, "
     "requester_id, user_id, site_id, group_id, assignee_id, source_id, mailbox, cause, "
-    "message_id, sha256, created_at, created_by) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "message_id, sha256, created_at, created_by, priority_id, correlation_key, alert_state, "
+    "form) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 _INSERT_HISTORY = "INSERT INTO history(request_number, at, by, text) VALUES (?, ?, ?, ?)"
@@ -351,6 +372,9 @@ _INSERTS = {
     "ledger": _INSERT_LEDGER,
     "history": _INSERT_HISTORY,
     "attachments": _INSERT_ATTACHMENT,
+    "request_fields": "INSERT INTO request_fields(request_number, name, value) VALUES (?, ?, ?)",
+    "request_tags": "INSERT OR IGNORE INTO request_tags(request_number, tag) VALUES (?, ?)",
+    "foreign_numbers": ("INSERT OR IGNORE INTO foreign_numbers(ref, request_number) VALUES (?, ?)"),
 }
 
 
@@ -379,6 +403,9 @@ class SqliteTransaction(Transaction):
             team=self.team,
             request=self.request,
             request_by_message_id=self.request_by_message_id,
+            correlated_event=self.correlated_event,
+            request_by_foreign_number=self.request_by_foreign_number,
+            has_name=self.has_name,
         )
 
     @property
@@ -545,7 +572,7 @@ class SqliteTransaction(Transaction):
         return None if row is None else User(row[0], row[1], row[2], row[3], row[4])
 
     async def has_name(self, table: str, name: str) -> bool:
-        assert table in {"sites", "groups", "sources"}
+        assert table in {"sites", "groups", "sources", "priorities", "categories"}
         return await self._name_id(table, name) is not None
 
     async def team(self, ref: str | int | None) -> Team | None:
@@ -581,8 +608,10 @@ class SqliteTransaction(Transaction):
     async def import_directory(self, data: Mapping[str, Any]) -> dict[str, int]:
         # This connection's own changes leave data_version alone: drop the cache by hand.
         self._store.forget_directory()
-        counts = {"teams": 0, "sites": 0, "groups": 0, "sources": 0, "users": 0}
-        for table in ("sites", "groups", "sources"):
+        counts = dict.fromkeys(
+            ("teams", "sites", "groups", "sources", "priorities", "categories", "users"), 0
+        )
+        for table in ("sites", "groups", "sources", "priorities", "categories"):
             for name in data.get(table, []):
                 await self._all(f"INSERT OR IGNORE INTO {table}(name) VALUES (?)", (name,))
                 counts[table] += 1
@@ -805,11 +834,16 @@ class SqliteTransaction(Transaction):
         cause: str | None = None,
         message_id: str | None = None,
         sha256: str | None = None,
+        priority: str | None = None,
+        correlation_key: str | None = None,
+        alert_state: str | None = None,
+        form: str | None = None,
     ) -> int:
         number = await self._next_id("requests")
-        ref = RequestRef(number, team_id, type, status, kind)
         # Also over a read-ahead that found no such number yet (a reply in the same batch).
-        self._pending.requests[number] = self._read_ahead[number] = ref
+        self._pending.requests[number] = self._read_ahead[number] = RequestRef(
+            number, team_id, type, status, kind
+        )
         self._pending.add(
             "requests",
             (
@@ -833,6 +867,8 @@ class SqliteTransaction(Transaction):
                 sha256,
                 now(),
                 created_by,
+                await self._name_id("priorities", priority),
+                *(correlation_key, alert_state, None if form is None else scrub(form)),
             ),
         )
         await self.add_history(number, created_by, f"Created from {kind.replace('-', ' ')}.")
@@ -886,7 +922,10 @@ class SqliteTransaction(Transaction):
 
     async def set_status(self, number: int, status: str, *, by: str, why: str) -> None:
         await self._all(
-            "UPDATE requests SET status = ? WHERE number = ?", (status, number), sees=_REQUESTS
+            "UPDATE requests SET status = ?, closed_at = CASE WHEN ? THEN ? ELSE closed_at END "
+            "WHERE number = ?",
+            (status, status in CLOSED_STATUSES, now(), number),
+            sees=_REQUESTS,
         )
         self._read_ahead.pop(number, None)
         await self.add_history(number, by, why)
@@ -913,6 +952,52 @@ class SqliteTransaction(Transaction):
                 "attachments",
                 (number, activity_id, scrub(att.name), att.content_type, len(att.data), digest),
             )
+
+    async def add_request_details(
+        self,
+        number: int,
+        *,
+        fields: Sequence[tuple[str, str]] = (),
+        tags: Iterable[str] = (),
+        foreign_numbers: Iterable[str] = (),
+    ) -> None:
+        for name, value in fields:
+            self._pending.add("request_fields", (number, scrub(name), scrub(value)))
+        for tag in tags:
+            self._pending.add("request_tags", (number, scrub(tag)))
+        for ref in foreign_numbers:
+            self._pending.add("foreign_numbers", (ref, number))
+
+    async def set_alert_state(self, number: int, state: str) -> None:
+        await self._all(
+            "UPDATE requests SET alert_state = ? WHERE number = ?",
+            (scrub(state), number),
+            sees=_REQUESTS,
+        )
+
+    async def correlated_event(self, key: str) -> CorrelatedEvent | None:
+        row = await self._one(
+            "SELECT number, team_id, type, status, kind, alert_state, closed_at FROM requests "
+            "WHERE correlation_key = ? ORDER BY number DESC LIMIT 1",
+            (key,),
+            sees=_REQUESTS,
+        )
+        if row is None:
+            return None
+        ref = RequestRef(row[0], row[1], row[2], row[3], row[4])
+        closed = datetime.fromisoformat(row[6]) if row[6] and row[3] in CLOSED_STATUSES else None
+        return CorrelatedEvent(ref, row[5], closed)
+
+    async def request_by_foreign_number(self, refs: Sequence[str]) -> RequestRef | None:
+        for ref in refs:
+            row = await self._one(
+                "SELECT max(request_number) FROM foreign_numbers WHERE ref = ?",
+                (ref,),
+                sees=_FOREIGN,
+            )
+            if row is not None and row[0] is not None:
+                return await self.request(int(row[0]))
+        return None
 
     async def failure_event(self, message_id: str | None, sha256: str) -> int | None:
         row = await self._one(
@@ -1071,16 +1156,18 @@ _REQUESTS = _tables("requests")
 _LEDGER = _tables("ledger")
 _LEDGER_AND_REQUESTS = _tables("ledger", "requests")
 _OUTBOX = _tables("outbox")
+_FOREIGN = _tables("foreign_numbers")
 
 
 _REQUEST_SELECT = (
     "SELECT r.number, t.number, t.name, r.type, r.status, r.kind, r.subject, r.description, "
     "rq.login, us.login, s.name, g.name, a.login, so.name, r.created_at, r.created_by, "
-    "r.mailbox, r.cause, r.html "
+    "r.mailbox, r.cause, r.html, p.name, r.correlation_key, r.alert_state, r.form, r.closed_at "
     "FROM requests r JOIN teams t ON t.id = r.team_id "
     "LEFT JOIN users rq ON rq.id = r.requester_id LEFT JOIN users us ON us.id = r.user_id "
     "LEFT JOIN sites s ON s.id = r.site_id LEFT JOIN groups g ON g.id = r.group_id "
-    "LEFT JOIN users a ON a.id = r.assignee_id LEFT JOIN sources so ON so.id = r.source_id"
+    "LEFT JOIN users a ON a.id = r.assignee_id LEFT JOIN sources so ON so.id = r.source_id "
+    "LEFT JOIN priorities p ON p.id = r.priority_id"
 )
 
 
@@ -1105,6 +1192,11 @@ def _request_dict(r: sqlite3.Row) -> dict[str, Any]:
         "mailbox": r[16],
         "cause": r[17],
         "html": r[18],
+        "priority": r[19],
+        "correlation_key": r[20],
+        "alert_state": r[21],
+        "form": r[22],
+        "closed_at": r[23],
     }
 
 
@@ -1241,6 +1333,9 @@ async def _migrate(db: aiosqlite.Connection) -> None:
             f"({len(MIGRATIONS)}): upgrade the engine"
         )
     for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        if number in REBUILDS:
+            await _rebuild(db, script, number)
+            continue
         if number != ACCOUNTS:
             # executescript commits first, so the version bump rides in the same script.
             await db.executescript(
@@ -1257,6 +1352,26 @@ async def _migrate(db: aiosqlite.Connection) -> None:
             with anyio.CancelScope(shield=True):
                 await db.execute("ROLLBACK")
             raise
+
+
+async def _rebuild(db: aiosqlite.Connection, script: str, number: int) -> None:
+    """A migration that rebuilds a table (SQLite's documented procedure): foreign keys off
+    around the transaction, and every reference checked before it commits."""
+    await db.execute("PRAGMA foreign_keys = OFF")
+    try:
+        await db.executescript(f"BEGIN IMMEDIATE;\n{script}")
+        try:
+            broken = list(await db.execute_fetchall("PRAGMA foreign_key_check"))
+            if broken:
+                raise StoreError(f"migration {number} would break {len(broken)} reference(s)")
+            await db.execute(f"PRAGMA user_version = {number}")
+            await db.execute("COMMIT")
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await db.execute("ROLLBACK")
+            raise
+    finally:
+        await db.execute("PRAGMA foreign_keys = ON")
 
 
 async def _normalize_accounts(db: aiosqlite.Connection) -> None:

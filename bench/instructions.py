@@ -1,0 +1,118 @@
+"""Instructions per message of ``once`` under callgrind: an A/B measure other load cannot move.
+
+On a shared 2-core machine wall-clock and even CPU time move by 5-10 % from run to run; the
+number of instructions the engine executes does not (valgrind runs its threads one at a time).
+Each tree given is measured in its own process with the bench's corpus and a Dovecot of its
+own, and the totals of the engine and of its parsing process are summed::
+
+    python -m bench.instructions /tmp/before /tmp/after     # two checkouts, e.g. git worktrees
+
+Only what is timing-dependent still varies: whether a window is parsed in a thread or in the
+parsing process (a thread parse skips the pipe; that run prints fewer instructions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CASES = (("1 mailbox x 400", 1, 400), ("10 mailboxes x 40", 10, 40))
+
+_MEASURE = r"""
+import json, os, subprocess, sys, uuid
+from pathlib import Path
+from bench.corpus import make_corpus
+from bench.run import World, _compile_engine, _engine_env
+from tools.dovecot import start_dovecot
+
+out = Path(sys.argv[1])
+cases = json.loads(sys.argv[2])
+dovecot = start_dovecot(out / "dovecot", max_connections=200)
+try:
+    world = World(out / "cases", dovecot, uuid.uuid4().hex[:10])
+    corpus = make_corpus(max(boxes * per for _, boxes, per in cases))
+    _compile_engine()
+    for name, boxes, per in cases:
+        users = world.users("cg", boxes)
+        for j, user in enumerate(users):
+            world.deliver(user, [corpus[(j * per + i) % len(corpus)] for i in range(per)])
+        folder = world.fresh("cg")
+        config_dir, data_dir = world.engine_setup(folder, users)
+        subprocess.run(
+            ["valgrind", "--tool=callgrind", "--trace-children=yes",
+             f"--callgrind-out-file={folder}/callgrind.%p", sys.executable, "-m", "engine",
+             "once", "--config-dir", str(config_dir), "--data-dir", str(data_dir)],
+            env=_engine_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            timeout=3600, check=True,
+        )
+        left = sum(dovecot.count(u) for u in users)
+        print(json.dumps({"case": name, "folder": str(folder), "data": str(data_dir),
+                          "messages": boxes * per, "left": left}), flush=True)
+finally:
+    dovecot.stop()
+"""
+
+
+def _total(folder: Path) -> int:
+    """The sum of the ``totals:`` lines of every callgrind file a run wrote."""
+    total = 0
+    for path in folder.glob("callgrind.*"):
+        with path.open(errors="replace") as f:
+            for line in f:
+                if m := re.match(r"(?:summary|totals): (\d+)", line):
+                    total += int(m.group(1))
+                    break
+    return total
+
+
+def measure(tree: Path, work: Path) -> dict[str, float]:
+    """Instructions per message of each case, run from ``tree``; checks exactly once."""
+    work.mkdir(parents=True)
+    work.chmod(0o755)  # Dovecot's unprivileged processes must enter it
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(work), json.dumps(CASES)],
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result: dict[str, float] = {}
+    for line in done.stdout.splitlines():
+        run = json.loads(line)
+        db = sqlite3.connect(Path(run["data"]) / "mailintegration.sqlite3")
+        try:
+            rows = db.execute("SELECT count(DISTINCT message_id) FROM ledger").fetchone()[0]
+        finally:
+            db.close()
+        if rows != run["messages"] or run["left"]:
+            raise SystemExit(f"{tree}: {run['case']}: {rows} ledger rows, {run['left']} left")
+        result[run["case"]] = _total(Path(run["folder"])) / run["messages"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("before", type=Path)
+    parser.add_argument("after", type=Path)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="mi-instructions-") as tmp:
+        before = measure(args.before.resolve(), Path(tmp) / "before")
+        after = measure(args.after.resolve(), Path(tmp) / "after")
+    for case, _, _ in CASES:
+        ratio = after[case] / before[case]
+        print(
+            f"{case}: {before[case]:,.0f} -> {after[case]:,.0f} instructions/message ({ratio:.3f})"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
