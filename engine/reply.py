@@ -41,7 +41,7 @@ from engine.oauth import sasl
 from engine.tls import client_context
 
 if TYPE_CHECKING:
-    from engine.oauth.broker import TokenBroker
+    from engine.oauth.broker import AccessToken, TokenBroker
 
 LOOP_HEADER = "X-Loop"
 DEFAULT_TEMPLATE = ReplyTemplate(
@@ -336,8 +336,8 @@ class Delivery:
             client.close()
 
     def _oauth_login(self, client: smtplib.SMTP) -> None:
-        """SASL OAUTHBEARER / XOAUTH2, whichever EHLO's AUTH line offers (engine.oauth.sasl);
-        a refused token is dropped from the store and the refusal classified."""
+        """SASL OAUTHBEARER / XOAUTH2, whichever EHLO's AUTH line offers (engine.oauth.sasl),
+        through the broker's sign_in (a refused stored token is replaced, tried once more)."""
         smtp = self.smtp
         assert smtp.oauth2 is not None and smtp.oauth_account is not None
         if self.tokens is None:
@@ -348,15 +348,16 @@ class Delivery:
             raise smtplib.SMTPNotSupportedError(
                 "the SMTP server offers neither OAUTHBEARER nor XOAUTH2 (EHLO's AUTH)"
             )
-        token = self.tokens.access_token(smtp.oauth_account, smtp.oauth2)
         user = smtp.user_name or ""
-        auth = sasl.SaslClient(mechanism, user, token.value, smtp.host, smtp.port)
-        try:
-            client.auth(mechanism, auth, initial_response_ok=True)
-        except smtplib.SMTPAuthenticationError:
-            error = auth.refused(token.expires_at, token.scopes)
-            self.tokens.refused(smtp.oauth_account, token, error)
-            raise error from None
+
+        def exchange(token: AccessToken) -> None:
+            auth = sasl.SaslClient(mechanism, user, token.value, smtp.host, smtp.port)
+            try:
+                client.auth(mechanism, auth, initial_response_ok=True)
+            except smtplib.SMTPAuthenticationError:
+                raise auth.refused(token.expires_at, token.scopes) from None
+
+        self.tokens.sign_in(smtp.oauth_account, smtp.oauth2, mechanism, exchange)
 
     def abort(self) -> None:
         """Unblock :meth:`run` from another thread: it then raises (OSError or a timeout)."""

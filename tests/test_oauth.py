@@ -918,3 +918,26 @@ def test_the_scrubber_keeps_a_bounded_number_of_tokens_per_account(tmp_path: Pat
     assert logs.scrub(values[-1]) == "********"
     assert logs.scrub(values[0]) == values[0]
     assert sum(v in logs._SECRETS for v in values) <= 6
+
+
+def test_a_stored_token_the_server_refuses_is_replaced_within_the_same_session(
+    oauth_server: OAuthServer,
+    oauth_dovecot: Dovecot,
+    box: str,
+    app: Path,
+    data: Path,
+    tmp_path: Path,
+) -> None:
+    """The stored access token is revoked (not expired): the server refuses it, the broker
+    drops it and signs in again with a new one, in the same session: no outage."""
+    cfg = oauth_xml(tmp_path / "m.xml", oauth_dovecot, box, generic_cc(oauth_server, app))
+    assert once(data, cfg) == 0
+    stored = str(token_record(data)["access_token"])
+    assert oauth_server.revoke(stored)
+    oauth_dovecot.deliver(box, message("After a revoked access token"))
+    before = oauth_server.token_requests
+    assert once(data, cfg) == 0
+    assert oauth_dovecot.count(box) == 0
+    assert oauth_server.token_requests == before + 1
+    assert token_record(data)["access_token"] != stored
+    assert outages(data) == []

@@ -474,9 +474,9 @@ class Pop3Gateway:
             self.pipelining, self.top = "PIPELINING" in caps, "TOP" in caps
 
     def _oauth_login(self, conn: poplib.POP3) -> None:
-        """AUTH (RFC 5034) with the mechanism CAPA's SASL line offers. A token from the
-        store that the server refuses is dropped and a new one tried, once; a refusal of
-        a fresh one is the error (engine.oauth.sasl classifies it)."""
+        """AUTH (RFC 5034) with the mechanism CAPA's SASL line offers, through the broker's
+        sign_in (a stored token refused is replaced and tried once more; engine.oauth.sasl
+        classifies a refusal)."""
         s = self.server
         assert s.oauth2 is not None
         if self.tokens is None:
@@ -492,18 +492,13 @@ class Pop3Gateway:
                 f"(SASL: {' '.join(offered)[:100] or 'none'})"
             )
         account = account_key(s.user_name, s.host, s.account_id)
-        for attempt in range(2):
-            token = self.tokens.access_token(account, s.oauth2, force=attempt > 0)
-            try:
-                _authenticate(conn, mechanism, s, token)
-            except OAuthError as exc:
-                self.tokens.refused(account, token, exc)
-                if token.fresh or attempt > 0:
-                    raise
-                continue
-            self.tokens.signed_in(account, mechanism)
-            self.mechanism = mechanism
-            return
+        self.tokens.sign_in(
+            account,
+            s.oauth2,
+            mechanism,
+            lambda token: _authenticate(conn, mechanism, s, token),
+        )
+        self.mechanism = mechanism
 
     def _lines(self, keep: int) -> tuple[list[bytes], int]:
         conn: Any = self._c()

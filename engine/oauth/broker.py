@@ -137,6 +137,29 @@ class TokenBroker:
             record.refresh_last_used = now
         self.store.save(record)
 
+    def sign_in(
+        self,
+        account: str,
+        cfg: OAuth2Config,
+        mechanism: str,
+        exchange: Callable[[AccessToken], None],
+    ) -> None:
+        """Sign in with ``exchange`` (one SASL exchange with a token; it raises the
+        classified OAuthError when the server refuses). A stored token the server refuses is
+        dropped and a fresh one tried, once; a refusal of a fresh one is the error. The same
+        for every protocol: POP3, SMTP, and IMAP (``imap.authenticate`` in ``exchange``)."""
+        for attempt in range(2):
+            token = self.access_token(account, cfg, force=attempt > 0)
+            try:
+                exchange(token)
+            except OAuthError as exc:
+                self.refused(account, token, exc)
+                if token.fresh or attempt > 0:
+                    raise
+                continue
+            self.signed_in(account, mechanism)
+            return
+
     def login(self, account: str, cfg: OAuth2Config, grant: sources.Grant) -> None:
         """Keep the tokens of a fresh sign-in (``oauth login``), replacing the old ones."""
         with self.store.locked(account):

@@ -2,13 +2,20 @@
 
 Protocol-neutral, for every gateway and for SMTP: the POP3 gateway drives the exchange
 itself (``AUTH``, RFC 5034), while :class:`SaslClient` is the ``authobject`` that smtplib's
-``SMTP.auth`` and imaplib's ``IMAP4.authenticate`` call. An IMAP gateway signs in with::
+``SMTP.auth`` and imaplib's ``IMAP4.authenticate`` call. The token comes from the broker's
+``sign_in`` (engine.oauth.broker), which replaces a refused stored token once. An IMAP
+gateway (its constructor gets ``tokens`` from the GATEWAYS factory) signs in with::
 
-    client = SaslClient(mechanism, user, token.value, host, port)
-    try:
-        imap.authenticate(mechanism, client)   # mechanism = choose(AUTH=... capabilities)
-    except imaplib.IMAP4.error:
-        raise client.refused(token.expires_at, token.scopes) from None
+    mechanism = choose(c[5:] for c in imap.capabilities if c.startswith("AUTH="))
+
+    def exchange(token: AccessToken) -> None:
+        client = SaslClient(mechanism, user, token.value, host, port)
+        try:
+            imap.authenticate(mechanism, client)
+        except imaplib.IMAP4.error:
+            raise client.refused(token.expires_at, token.scopes) from None
+
+    tokens.sign_in(account_key(user, host, account_id), server.oauth2, mechanism, exchange)
 
 The exchange, either mechanism: the client sends its initial response; the server answers
 OK, or, for a refused token, an error challenge holding JSON (``{"status": "401",
