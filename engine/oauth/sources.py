@@ -39,6 +39,10 @@ __all__ = [
 ]
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+# A device sign-in waits at most this long, and polls at least this often, whatever the
+# server says (RFC 8628 suggests 15 minutes and 5 seconds).
+MAX_DEVICE_SECONDS = 1800.0
+MAX_POLL_SECONDS = 60.0
 # The longest answer read from a token, device or discovery endpoint.
 MAX_ANSWER_BYTES = 256 * 1024
 # OpenID Connect scopes msal adds by itself and refuses to be given.
@@ -310,8 +314,8 @@ def device_start(cfg: OAuth2Config, timeout: float) -> DeviceFlow:
             message=str(flow.get("message", "")),
             user_code=str(flow["user_code"]),
             verification_uri=str(flow.get("verification_uri", "")),
-            expires_at=float(flow.get("expires_at", time.time() + 900)),
-            interval=float(flow.get("interval", 5)),
+            expires_at=_device_deadline(flow, float(flow.get("expires_in", 900))),
+            interval=min(MAX_POLL_SECONDS, float(flow.get("interval", 5))),
             state={"msal": flow, "app": app},
         )
     return _generic_device_start(cfg, timeout)
@@ -343,10 +347,19 @@ def _generic_device_start(cfg: OAuth2Config, timeout: float) -> DeviceFlow:
         message=f"To sign in, open {uri} and enter the code {body['user_code']}",
         user_code=str(body["user_code"]),
         verification_uri=uri,
-        expires_at=time.time() + float(body.get("expires_in", 900)),
-        interval=float(body.get("interval", 5)),
+        expires_at=_device_deadline({}, float(body.get("expires_in", 900))),
+        interval=min(MAX_POLL_SECONDS, float(body.get("interval", 5))),
         state={"device_code": str(body["device_code"])},
     )
+
+
+def _device_deadline(flow: dict[str, Any], expires_in: float) -> float:
+    """When a device sign-in gives up: as the server says, at most :data:`MAX_DEVICE_SECONDS`
+    from now (msal polls until its flow's ``expires_at``: bounded there too)."""
+    deadline = time.time() + min(max(expires_in, 1.0), MAX_DEVICE_SECONDS)
+    if "expires_at" in flow:
+        flow["expires_at"] = min(float(flow["expires_at"]), deadline)
+    return deadline
 
 
 def device_finish(cfg: OAuth2Config, flow: DeviceFlow, timeout: float) -> Grant:
@@ -371,6 +384,6 @@ def device_finish(cfg: OAuth2Config, flow: DeviceFlow, timeout: float) -> Grant:
             if "authorization_pending" not in str(exc) and "slow_down" not in str(exc):
                 raise
             if "slow_down" in str(exc):
-                interval += 5  # RFC 8628 section 3.5
-        time.sleep(interval)
+                interval = min(MAX_POLL_SECONDS, interval + 5)  # RFC 8628 section 3.5
+        time.sleep(max(0.0, min(interval, flow.expires_at - time.time())))
     raise OAuthError("login-required", "the device code expired before it was approved")
