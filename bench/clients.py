@@ -1,6 +1,8 @@
 """Reference POP3 clients: what "as fast as POP3 goes here" means for the benchmarks.
 
 - :func:`poplib_loop`: the plain stdlib loop (USER/PASS, UIDL, RETR + DELE each, QUIT).
+- :func:`imaplib_loop`: the plain stdlib IMAP loop (LOGIN, SELECT, UID SEARCH, then UID FETCH
+  of BODY.PEEK[] and UID STORE \\Deleted for each message, one EXPUNGE, LOGOUT).
 - :func:`pipelined`: a raw-socket client that keeps a window of RETR (then DELE) commands in
   flight before reading the answers (RFC 2449 PIPELINING, which Dovecot advertises).
 
@@ -10,6 +12,8 @@ bounded by the socket timeout and every loop by the listing's length.
 
 from __future__ import annotations
 
+import contextlib
+import imaplib
 import poplib
 import socket
 import ssl
@@ -50,6 +54,29 @@ def poplib_loop(
         conn.quit()
     finally:
         conn.close()
+    return out
+
+
+def imaplib_loop(host: str, port: int, user: str, password: str) -> Fetched:
+    """LOGIN, SELECT INBOX, UID SEARCH ALL, then for each message UID FETCH (BODY.PEEK[])
+    and UID STORE +FLAGS (\\Deleted); one EXPUNGE, LOGOUT: a round trip per command."""
+    conn = imaplib.IMAP4(host, port, timeout=TIMEOUT)
+    out = Fetched()
+    try:
+        conn.login(user, password)
+        conn.select("INBOX")
+        _, data = conn.uid("SEARCH", "ALL")
+        for uid in data[0].split() if data and data[0] else []:
+            _, parts = conn.uid("FETCH", uid, "(BODY.PEEK[])")
+            body = next(p[1] for p in parts if isinstance(p, tuple))
+            out.messages += 1
+            out.octets += len(body)
+            conn.uid("STORE", uid, "+FLAGS.SILENT", "(\\Deleted)")
+        conn.expunge()
+        conn.logout()
+    finally:
+        with contextlib.suppress(OSError):
+            conn.shutdown()
     return out
 
 

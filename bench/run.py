@@ -47,10 +47,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.clients import Fetched, pipelined, poplib_loop
+from bench.clients import Fetched, imaplib_loop, pipelined, poplib_loop
 from bench.corpus import Template, describe, make_corpus, stamp
 from tests.support import (
     DIRECTORY,
+    IMAP_GATEWAY,
     LOGIN,
     LOGIN_PASSWORD,
     Delivered,
@@ -321,6 +322,7 @@ class World:
         self.nonce = nonce
         self.serial = 0
         self.startup_cpu: float | None = None  # CPU of `once` over an empty mailbox
+        self.poll_p95: float | None = None  # the POP3 poll's latency p95, for the IDLE row
 
     def fresh(self, case: str) -> Path:
         self.serial += 1
@@ -356,6 +358,7 @@ class World:
         *,
         tls: bool = False,
         max_bytes: int | None = None,
+        imap: bool = False,
     ) -> tuple[Path, Path]:
         """A mailboxes.d with one file per user and a data dir with the directory imported."""
         config_dir = folder / "mailboxes.d"
@@ -364,10 +367,13 @@ class World:
         extra: dict[str, str] = {}
         if max_bytes is not None:
             extra["maxMessageBytes"] = str(max_bytes)
+        if imap:  # plain IMAP on loopback, as the POP3 cases use plain POP3
+            extra["gateway"] = IMAP_GATEWAY
         for user in users:
+            port = self.dovecot.pop3s_port if tls else self.dovecot.pop3_port
             mailbox_xml(
                 config_dir / f"{user}.xml",
-                port=self.dovecot.pop3s_port if tls else self.dovecot.pop3_port,
+                port=self.dovecot.imap_port if imap else port,
                 user=user,
                 password=f"pw-{user}",
                 host="localhost" if tls else self.dovecot.host,
@@ -717,6 +723,72 @@ def case_many(world: World, report: Report, corpus: list[Template], sizes: Sizes
         db.close()
 
 
+def case_imap_single(world: World, report: Report, corpus: list[Template], rounds: int) -> None:
+    """IMAP, 1 mailbox: the plain imaplib loop against the engine, ``rounds`` rounds each on
+    fresh mailboxes; the row is the round with the median ratio."""
+    n = len(corpus)
+    case = f"1 mailbox x {n} (IMAP)"
+    host, port = world.dovecot.host, world.dovecot.imap_port
+    rows: list[Row] = []
+    for _ in range(rounds):
+        users = world.users("il", 1)
+        world.deliver(users[0], corpus)
+        base = _timed(lambda u=users[0]: imaplib_loop(host, port, u, f"pw-{u}"))
+        _check_fetched(world, base.got, users, n, f"{case} imaplib", report)
+        folder = world.fresh("imap-single")
+        users = world.users("ie", 1)
+        expected = {users[0]: world.deliver(users[0], corpus)}
+        config_dir, data_dir = world.engine_setup(folder, users, imap=True)
+        row = Row(case, n)
+        row.notes.append("baseline: imaplib loop (UID FETCH and UID STORE each, one EXPUNGE)")
+        _engine_case(
+            world, report, row, case, folder, config_dir, data_dir, expected, base, append=False
+        )
+        rows.append(row)
+    rows.sort(key=lambda r: r.ratio or 0.0)
+    row = rows[len(rows) // 2]
+    if rounds > 1:
+        ratios = ", ".join(f"{r.ratio:.3f}" for r in rows if r.ratio is not None)
+        row.notes.insert(0, f"median of {rounds} rounds; ratios {ratios}")
+    report.rows.append(row)
+
+
+def case_imap_many(world: World, report: Report, corpus: list[Template], sizes: Sizes) -> None:
+    """IMAP, many mailboxes: the imaplib loop in threads against the engine."""
+    m, k = sizes.boxes, sizes.per_box
+    n = m * k
+    case = f"{m} mailboxes x {k} (IMAP)"
+
+    def slice_for(j: int) -> list[Template]:
+        return [corpus[(j * k + i) % len(corpus)] for i in range(k)]
+
+    users = world.users("it", m)
+    for j, user in enumerate(users):
+        world.deliver(user, slice_for(j))
+    host, port = world.dovecot.host, world.dovecot.imap_port
+
+    def threaded() -> Fetched:
+        total = Fetched()
+        with ThreadPoolExecutor(sizes.threads) as pool:
+            for got in pool.map(lambda u: imaplib_loop(host, port, u, f"pw-{u}"), users):
+                total.messages += got.messages
+                total.octets += got.octets
+        return total
+
+    base = _timed(threaded)
+    _check_fetched(world, base.got, users, n, f"{case} threaded imaplib", report)
+    folder = world.fresh("imap-many")
+    users = world.users("im", m)
+    expected = {user: world.deliver(user, slice_for(j)) for j, user in enumerate(users)}
+    config_dir, data_dir = world.engine_setup(folder, users, imap=True)
+    row = Row(case, n)
+    row.notes.append(
+        f"baseline: imaplib loop in {sizes.threads} threads; engine with its default "
+        "--max-sessions 16"
+    )
+    _engine_case(world, report, row, case, folder, config_dir, data_dir, expected, base)
+
+
 def case_memory(world: World, report: Report, sizes: Sizes) -> None:
     """Peak RSS with a few 20 MB messages, spread evenly (the row), then the same corpus with
     the big messages one after the other (a note: they can be in flight together)."""
@@ -838,14 +910,19 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
-def case_latency(world: World, report: Report, corpus: list[Template], sizes: Sizes) -> None:
+def case_latency(
+    world: World, report: Report, corpus: list[Template], sizes: Sizes, *, imap: bool = False
+) -> None:
+    """The daemon's delivery-to-ledger latency: POP3 polled every second, or IMAP pushed by
+    IDLE with a poll of 600 s (so every message within it came by push)."""
     n = sizes.latency
-    case = f"latency: daemon, poll 1 s, {n} messages every {sizes.latency_gap * 1000:.0f} ms"
+    how = "IMAP IDLE, poll 600 s" if imap else "poll 1 s"
+    case = f"latency: daemon, {how}, {n} messages every {sizes.latency_gap * 1000:.0f} ms"
     row = Row(case, n)
-    folder = world.fresh("latency")
-    users = world.users("lt", 1)
+    folder = world.fresh("latency-imap" if imap else "latency")
+    users = world.users("li" if imap else "lt", 1)
     user = users[0]
-    config_dir, data_dir = world.engine_setup(folder, users)
+    config_dir, data_dir = world.engine_setup(folder, users, imap=imap)
     argv = [
         sys.executable,
         "-m",
@@ -856,7 +933,7 @@ def case_latency(world: World, report: Report, corpus: list[Template], sizes: Si
         "--data-dir",
         str(data_dir),
         "--poll-interval",
-        "1",
+        "600" if imap else "1",
         "--http-port",
         "0",
     ]
@@ -932,11 +1009,18 @@ def case_latency(world: World, report: Report, corpus: list[Template], sizes: Si
             f"{case}: {n - len(lat)} message(s) never reached the ledger within 60 s"
         )
     if lat:
+        p95 = _percentile(lat, 0.95)
         row.notes.append(
             f"delivery -> ledger row: **p50 {statistics.median(lat) * 1000:.0f} ms, "
-            f"p95 {_percentile(lat, 0.95) * 1000:.0f} ms**, max {lat[-1] * 1000:.0f} ms "
+            f"p95 {p95 * 1000:.0f} ms**, max {lat[-1] * 1000:.0f} ms "
             f"(store polled every 20 ms)"
         )
+        if imap and world.poll_p95:
+            row.notes.append(
+                f"p95 IDLE / p95 of the 1 s poll in this run: **{p95 / world.poll_p95:.3f}**"
+            )
+        if not imap:
+            world.poll_p95 = p95
     if code != 0:
         report.problems.append(f"{case}: daemon exit code {code} after SIGTERM\n{_log_tail(log)}")
         row.notes.append(f"**exit code {code} after SIGTERM**")
@@ -1274,11 +1358,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument(
-        "--only", help="comma-separated cases: startup,single,many,tls,memory,latency,crash"
+        "--only",
+        help="comma-separated cases: startup,single,many,tls,memory,latency,crash,imap,"
+        "imap-many,imap-latency",
     )
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
-    wanted = set((args.only or "startup,single,many,tls,memory,latency,crash").split(","))
+    every = "startup,single,many,tls,memory,latency,crash,imap,imap-many,imap-latency"
+    wanted = set((args.only or every).split(","))
 
     report = Report()
     facts = machine_facts()
@@ -1316,6 +1403,17 @@ def main(argv: list[str] | None = None) -> int:
                     ("memory", lambda: case_memory(world, report, sizes)),
                     ("latency", lambda: case_latency(world, report, corpus, sizes)),
                     ("crash", lambda: case_crash(world, report, corpus[: sizes.single])),
+                    (
+                        "imap",
+                        lambda: case_imap_single(
+                            world, report, corpus[: sizes.single], sizes.rounds
+                        ),
+                    ),
+                    ("imap-many", lambda: case_imap_many(world, report, corpus, sizes)),
+                    (
+                        "imap-latency",
+                        lambda: case_latency(world, report, corpus, sizes, imap=True),
+                    ),
                 ]
                 for name, run in cases:
                     if name not in wanted:

@@ -182,6 +182,13 @@ def _engine_opts(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--log-format", choices=["text", "json"], default="text")
     sp.add_argument("--debug", action="store_true", help="debug log and RawMessage files")
     sp.add_argument("--max-sessions", type=_at_least(1), default=16)
+    sp.add_argument(
+        "--max-idle",
+        type=_at_least(0),
+        default=256,
+        help="IMAP mailboxes waiting for mail by IDLE at once, in run: one connection and "
+        "one thread each; the others poll (default 256)",
+    )
     sp.add_argument("--queue-size", type=_at_least(1), default=256)
     sp.add_argument(
         "--parse-processes",

@@ -124,6 +124,7 @@ async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[i
                 dry_run=dry_run,
                 debug_dir=debug_dir,
                 max_sessions=args.max_sessions,
+                max_idle=args.max_idle,
                 queue_size=args.queue_size,
                 parse_processes=(
                     default_parse_processes()
@@ -290,12 +291,19 @@ async def cmd_check(args: argparse.Namespace) -> int:
     for secret in secret_values(cfg):
         logs.register_secret(secret)
     s = cfg.server
-    tls = "POP3S" if s.use_ssl else "STLS" if s.starttls else "none (plain text)"
+    implicit = "IMAPS" if s.gateway == "imap" else "POP3S"
+    upgrade = "STARTTLS" if s.gateway == "imap" else "STLS"
+    tls = implicit if s.use_ssl else upgrade if s.starttls else "none (plain text)"
     broker = TokenBroker(args.data_dir) if s.oauth2 is not None else None
     session = gateway_for(s, broker)
+    details: list[str] = []
     try:
         await anyio.to_thread.run_sync(session.open)
         listing = await anyio.to_thread.run_sync(session.listing)
+        # A gateway with more to say (IMAP: folders, UIDVALIDITY, capabilities).
+        describe = getattr(session, "describe", None)
+        if describe is not None:
+            details = await anyio.to_thread.run_sync(describe)
         await anyio.to_thread.run_sync(session.quit)
     except FetchError as exc:
         reason = getattr(exc, "reason", None)
@@ -316,6 +324,8 @@ async def cmd_check(args: argparse.Namespace) -> int:
         f"OK: connected to {s.host}:{s.port} (TLS: {tls}), logged in as {s.user_name} {how}; "
         f"{len(listing)} message(s), {size} bytes. Nothing was fetched or deleted."
     )
+    for line in details:
+        print(f"  {line}")
     return 0
 
 

@@ -64,6 +64,8 @@ __all__ = [
 ]
 
 ProcessorKind = Literal["incident", "event", "service-request"]
+GatewayKind = Literal["pop3", "imap"]
+AfterProcessing = Literal["delete", "move", "keep"]
 
 
 OAuthProvider = Literal["microsoft", "google", "generic"]
@@ -119,9 +121,9 @@ class OAuth2Config:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """The POP3 account of one mailbox (the XML's ``server`` element)."""
+    """The POP3 or IMAP account of one mailbox (the XML's ``server`` element)."""
 
-    gateway: Literal["pop3"]
+    gateway: GatewayKind
     host: str
     port: int
     use_ssl: bool
@@ -143,6 +145,16 @@ class ServerConfig:
     min_rate: int = 32 * 1024
     # Sign in with OAuth2 instead of ``password`` (which is then empty).
     oauth2: OAuth2Config | None = None
+    # IMAP: the folders read, what happens to a message once committed (``afterProcessing``,
+    # POP3: always delete), where move puts it, where failure events' messages go, and the
+    # daemon's IDLE (renewed every ``idle_renew`` s, a NOOP every ``idle_keepalive`` s).
+    folders: tuple[str, ...] = ("INBOX",)
+    after_processing: AfterProcessing = "delete"
+    move_folder: str | None = None
+    failed_folder: str | None = None
+    idle: bool = True
+    idle_renew: float = 1500.0
+    idle_keepalive: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -247,6 +259,14 @@ _REDACTED: Final = "********"
 _MAX_CONFIG_BYTES: Final = 1_048_576
 _MAX_SECRET_FILE_BYTES: Final = 65_536
 _PASSWORD_SOURCES: Final = ("password", "passwordFile", "passwordEnv")
+_IMAP_ONLY: Final = (
+    "folders",
+    "moveToFolder",
+    "failedFolder",
+    "idle",
+    "idleRenewSeconds",
+    "idleKeepAliveSeconds",
+)
 
 _PROCESSORS: Final[dict[str, ProcessorKind]] = {
     "enduserincidentmailmessageprocessor": "incident",
@@ -260,10 +280,17 @@ _VALID_PROCESSORS: Final = (
     'followed by ", Octopus.MailIntegration"'
 )
 _POP3_GATEWAYS: Final = frozenset({"sidepopmailboxgateway", "mailkitmailboxgateway"})
+_IMAP_GATEWAYS: Final = frozenset({"imapmailboxgateway", "mailkitimapmailboxgateway"})
 _VALID_GATEWAYS: Final = (
     "Octopus.MailIntegration.Gateways.SidePopMailboxGateway, "
-    "Octopus.MailIntegration.Gateways.MailKitMailboxGateway (both POP3), or pop3"
+    "Octopus.MailIntegration.Gateways.MailKitMailboxGateway (both POP3), or pop3; "
+    "Octopus.MailIntegration.Gateways.ImapMailboxGateway, "
+    "Octopus.MailIntegration.Gateways.MailKitImapMailboxGateway (both IMAP), or imap"
 )
+_GATEWAY_TYPE_NAMES: Final[dict[str, str]] = {
+    "pop3": "Octopus.MailIntegration.Gateways.SidePopMailboxGateway, Octopus.MailIntegration",
+    "imap": "Octopus.MailIntegration.Gateways.ImapMailboxGateway, Octopus.MailIntegration",
+}
 
 # Encodings we decode ourselves. All are ASCII-compatible (or UTF-16 with a byte-order mark), so
 # after decoding the markup is plain text to our checks; an encoding such as UTF-7 could spell
@@ -562,7 +589,7 @@ def _copy_rule(w: _CopyWriter, el: etree._Element, rule: Rule) -> None:
 
 
 def _copy_server(w: _CopyWriter, server: etree._Element, s: ServerConfig) -> None:
-    w.add(server, "gatewayTypeName", s.gateway)
+    w.add(server, "gatewayTypeName", _GATEWAY_TYPE_NAMES[s.gateway])
     w.add(server, "serverName", s.host)
     w.add(server, "port", s.port)
     w.add(server, "useSsl", s.use_ssl)
@@ -578,6 +605,20 @@ def _copy_server(w: _CopyWriter, server: etree._Element, s: ServerConfig) -> Non
     timeout = s.session_timeout
     w.add(server, "sessionTimeoutSeconds", None if timeout is None else int(timeout))
     w.add(server, "minimumBytesPerSecond", s.min_rate)
+    if s.gateway == "imap":
+        _copy_imap(w, server, s)
+
+
+def _copy_imap(w: _CopyWriter, server: etree._Element, s: ServerConfig) -> None:
+    folders = etree.SubElement(server, "folders")
+    for name in s.folders:
+        w.add(folders, "folder", name)
+    w.add(server, "afterProcessing", s.after_processing)
+    w.add(server, "moveToFolder", s.move_folder)
+    w.add(server, "failedFolder", s.failed_folder)
+    w.add(server, "idle", s.idle)
+    w.add(server, "idleRenewSeconds", int(s.idle_renew))
+    w.add(server, "idleKeepAliveSeconds", int(s.idle_keepalive))
 
 
 def _copy_oauth2(w: _CopyWriter, el: etree._Element, o: OAuth2Config) -> None:
@@ -1401,16 +1442,77 @@ def _processor(root: etree._Element, ctx: _Context) -> ProcessorKind:
     raise ctx.error(f"unknown processor {value!r}; valid values: {_VALID_PROCESSORS}", at=el)
 
 
-def _gateway(server_el: etree._Element, ctx: _Context) -> Literal["pop3"]:
+def _gateway(server_el: etree._Element, ctx: _Context) -> GatewayKind:
+    """The protocol, from gatewayTypeName and/or protocol (at least one; the same if both)."""
     el = server_el.find("gatewayTypeName")
-    assert el is not None  # required by the schema
+    proto_el = server_el.find("protocol")
+    protocol: GatewayKind | None = None
+    if proto_el is not None:
+        protocol = "imap" if (_token(server_el, "protocol") or "").lower() == "imap" else "pop3"
+    if el is None:
+        if protocol is None:
+            raise ctx.error("<server> needs a <gatewayTypeName> or a <protocol>", at=server_el)
+        return protocol
     value = " ".join((el.text or "").split())
     leaf = _type_leaf(value)
+    kind: GatewayKind
     if value.lower() == "pop3" or leaf in _POP3_GATEWAYS:
-        return "pop3"
-    if "imap" in leaf:
-        raise ctx.error(f"IMAP is not supported yet; valid values: {_VALID_GATEWAYS}", at=el)
-    raise ctx.error(f"unknown gateway {value!r}; valid values: {_VALID_GATEWAYS}", at=el)
+        kind = "pop3"
+    elif value.lower() == "imap" or leaf in _IMAP_GATEWAYS:
+        kind = "imap"
+    else:
+        raise ctx.error(f"unknown gateway {value!r}; valid values: {_VALID_GATEWAYS}", at=el)
+    if protocol is not None and protocol != kind:
+        raise ctx.error(
+            f"<protocol> says {protocol} but <gatewayTypeName> names {kind}", at=proto_el
+        )
+    return kind
+
+
+def _imap_settings(el: etree._Element, gateway: GatewayKind, ctx: _Context) -> dict[str, Any]:
+    """The IMAP-only settings of <server>: refused for POP3, checked together for IMAP."""
+    after = (_token(el, "afterProcessing") or "delete").lower()
+    if gateway == "pop3":
+        _refuse_imap_only(el, after, ctx)
+        return {}
+    folders_el = el.find("folders")
+    folders = tuple(
+        " ".join((f.text or "").split()) for f in (folders_el if folders_el is not None else [])
+    )
+    if len(set(folders)) != len(folders):
+        raise ctx.error("a folder is listed twice in <folders>", at=folders_el)
+    move = _token(el, "moveToFolder")
+    if (after == "move") != (move is not None):
+        raise ctx.error(
+            "afterProcessing move needs a <moveToFolder>, which is only read with move",
+            at=el.find("afterProcessing" if move is None else "moveToFolder"),
+        )
+    targets = {move, _token(el, "failedFolder")} - {None}
+    if targets & set(folders or ("INBOX",)):
+        raise ctx.error(
+            "moveToFolder and failedFolder must not be folders the mailbox reads", at=el
+        )
+    renew, keepalive = _int(el, "idleRenewSeconds"), _int(el, "idleKeepAliveSeconds")
+    return {
+        "folders": folders or ("INBOX",),
+        "after_processing": after,
+        "move_folder": move,
+        "failed_folder": _token(el, "failedFolder"),
+        "idle": _bool(el, "idle", True),
+        "idle_renew": float(renew or 1500),
+        "idle_keepalive": float(keepalive or 300),
+    }
+
+
+def _refuse_imap_only(el: etree._Element, after: str, ctx: _Context) -> None:
+    if after != "delete":
+        raise ctx.error(
+            f"afterProcessing {after} needs IMAP: POP3 can only delete",
+            at=el.find("afterProcessing"),
+        )
+    for name in _IMAP_ONLY:
+        if el.find(name) is not None:
+            raise ctx.error(f"<{name}> is for IMAP only: POP3 can only delete", at=el.find(name))
 
 
 def _server(el: etree._Element, base: Path, ctx: _Context) -> ServerConfig:
@@ -1441,10 +1543,11 @@ def _server(el: etree._Element, base: Path, ctx: _Context) -> ServerConfig:
     assert host is not None and user is not None  # required by the schema
     session = _int(el, "sessionTimeoutSeconds")
     min_rate = _int(el, "minimumBytesPerSecond")
+    default_port = {"pop3": (110, 995), "imap": (143, 993)}[gateway][use_ssl]
     return ServerConfig(
         gateway=gateway,
         host=host,
-        port=port if port is not None else (995 if use_ssl else 110),
+        port=port if port is not None else default_port,
         use_ssl=use_ssl,
         starttls=starttls,
         user_name=user,
@@ -1458,6 +1561,7 @@ def _server(el: etree._Element, base: Path, ctx: _Context) -> ServerConfig:
         session_timeout=None if session is None else float(session),
         min_rate=min_rate if min_rate is not None else ServerConfig.min_rate,
         oauth2=oauth2,
+        **_imap_settings(el, gateway, ctx),
     )
 
 

@@ -8,6 +8,10 @@ share one:
   prefix the engine reserves; any other byte string (spaces, 8-bit bytes, a reserved
   prefix, empty) becomes ``x-uidl:`` and the hex of its bytes. :func:`uidl_key` is
   injective, and its keys never equal a key the engine mints itself.
+- An IMAP message is ``x-imap:`` + its folder + ``:`` + UIDVALIDITY + ``:`` + UID
+  (:func:`imap_key`). UIDVALIDITY and UID are decimal numbers, so the key splits from the
+  right without doubt whatever the folder holds; the folder is ``=`` and its name when that
+  is printable ASCII, else ``#`` and the hex of its UTF-8 bytes (one spelling per name).
 - The engine mints the other keys: ``x-sha256:`` (a server without UIDL: the content's
   hash), ``sha256:`` (``ingest``: the file's hash) and ``x-reused:`` (a new message under a
   UIDL the ledger already holds for another one).
@@ -26,11 +30,18 @@ UIDL_PREFIX: Final = "x-uidl:"
 CONTENT_PREFIX: Final = "x-sha256:"
 INGEST_PREFIX: Final = "sha256:"
 REUSED_PREFIX: Final = "x-reused:"
+IMAP_PREFIX: Final = "x-imap:"
 
 # Every prefix of a key the engine makes itself: a server's UIDL starting with one of them
 # is escaped, so it can never collide with an engine-made key. Compared without regard to
 # case, so that no collation or case-folding elsewhere can bring two keys together.
-RESERVED_PREFIXES: Final = (UIDL_PREFIX, CONTENT_PREFIX, INGEST_PREFIX, REUSED_PREFIX)
+RESERVED_PREFIXES: Final = (
+    UIDL_PREFIX,
+    CONTENT_PREFIX,
+    INGEST_PREFIX,
+    REUSED_PREFIX,
+    IMAP_PREFIX,
+)
 
 
 def uidl_key(uidl: bytes) -> str:
@@ -40,6 +51,27 @@ def uidl_key(uidl: bytes) -> str:
         if not text.lower().startswith(RESERVED_PREFIXES):
             return text
     return UIDL_PREFIX + uidl.hex()
+
+
+def imap_key(folder: str, uidvalidity: int, uid: int) -> str:
+    """The ledger key of an IMAP message: its folder, the folder's UIDVALIDITY, its UID."""
+    if folder and all(0x20 <= ord(c) <= 0x7E for c in folder):
+        name = "=" + folder
+    else:
+        name = "#" + folder.encode("utf-8", "surrogateescape").hex()
+    return f"{IMAP_PREFIX}{name}:{int(uidvalidity)}:{int(uid)}"
+
+
+def imap_key_parts(key: str) -> tuple[str, int, int] | None:
+    """``(folder, UIDVALIDITY, UID)`` of a key :func:`imap_key` made; None for another key.
+    The folder comes back in its key spelling (``=name`` or ``#hex``), enough to compare."""
+    if not key.startswith(IMAP_PREFIX):
+        return None
+    name, _, rest = key[len(IMAP_PREFIX) :].rpartition(":")
+    folder, _, validity = name.rpartition(":")
+    if not (folder and validity.isdigit() and rest.isdigit()):
+        return None
+    return folder, int(validity), int(rest)
 
 
 def content_key(sha256: str) -> str:

@@ -81,6 +81,8 @@ class SessionResult:
     deleted_keys: list[str] = field(default_factory=list)
     # Listed again although the server had confirmed their deletion (None: not listed).
     kept_deleted: int | None = None
+    # IMAP: the first folder's UIDNEXT when listed (the daemon's push starts from it).
+    mark: int | None = None
 
 
 @dataclass(frozen=True)
@@ -318,6 +320,7 @@ class _Session:
         """Step 3: what the server holds."""
         listing = await self.thread(self.gateway.listing)
         self.result.listed = len(listing)
+        self.result.mark = getattr(self.gateway, "mark", None)  # a gateway that has one
         self.by_number.update((m.number, m) for m in listing)
         return listing
 
@@ -356,7 +359,9 @@ class _Session:
         if plan.delete and not self.opts.dry_run:
             count = len(plan.delete)
             log.info("mailbox=%s %d message(s) already in the ledger: deleting", cfg.name, count)
-            await self.thread(self.gateway.dispose, [m.number for m, _ in plan.delete])
+            # Those whose ledger row is a failure event go where failure events' mail goes.
+            failed = [m.number for m, row in plan.delete if row.outcome.startswith("failed")]
+            await self.thread(self.gateway.dispose, [m.number for m, _ in plan.delete], failed)
             result.deleted += len(plan.delete)
             result.deleted_keys += [key for m, _ in plan.delete if (key := m.uidl) is not None]
 

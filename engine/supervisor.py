@@ -26,7 +26,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from engine import logs
 from engine.budget import ByteBudget
-from engine.config import MailboxConfig, SmtpConfig, load_mailbox, secret_values
+from engine.config import MailboxConfig, ServerConfig, SmtpConfig, load_mailbox, secret_values
 from engine.errors import ConfigError, EngineError, ProtocolError, StoreError
 from engine.items import DirectoryCheck, Envelope, Item, SessionReport
 from engine.keys import ingest_key
@@ -35,6 +35,7 @@ from engine.oauth.health import health
 from engine.ops import Health, Metrics
 from engine.outbox import Outbox
 from engine.parsers import Parsers
+from engine.push import PushState, idle_until_mail, wants_push
 from engine.session import FetchOptions, SessionResult, make_envelope, run_session, submit
 from engine.store import Store
 from engine.writer import ReplyLimits, Writer
@@ -167,6 +168,9 @@ class EngineSettings:
     queue_size: int = 256
     max_sessions: int = 16
     max_threads: int = 32
+    # Worker threads held by IMAP mailboxes waiting for mail by IDLE (one each, with one
+    # connection); past it, a mailbox polls (engine.push). 0: no IDLE at all.
+    max_idle: int = 256
     max_batch: int = 256
     dry_run: bool = False
     debug_dir: Path | None = None
@@ -196,6 +200,8 @@ class MailboxOutcome:
     error: EngineError | None
     dry_run_lines: list[str] = field(default_factory=list)
     poll_interval: float | None = None
+    # The account read, when the daemon waits for its mail by IDLE (engine.push).
+    push: ServerConfig | None = None
 
     @property
     def ok(self) -> bool:
@@ -223,6 +229,7 @@ class Engine:
         self.mailboxes: dict[str, MailboxConfig] = {}
         self.outbox: Outbox | None = None
         self.limiter = anyio.CapacityLimiter(settings.max_threads)
+        self.idle_limiter = anyio.CapacityLimiter(max(1, settings.max_idle))
         self.sessions = anyio.Semaphore(settings.max_sessions)
         self.budget = ByteBudget(settings.max_inflight_bytes)
         self.processes = Parsers(settings.parse_processes) if settings.parse_processes else None
@@ -379,6 +386,7 @@ class Engine:
     ) -> None:
         async with send:
             failures = 0
+            push = PushState(loop.src.name)
             while not (stop.is_set() or loop.stop.is_set()):
                 outcome = await self.mailbox_once(loop.src, send)
                 if loop.stop.is_set() and not stop.is_set():
@@ -393,9 +401,21 @@ class Engine:
                     base = outcome.poll_interval or self.settings.poll_interval
                     delay = min(self.settings.max_backoff, base * 2 ** min(failures - 1, 16))
                 delay *= random.uniform(0.9, 1.1)
+                push.learn(outcome.result)
                 async with anyio.create_task_group() as waiters:
                     for event in (stop, loop.stop, loop.woken):
                         waiters.start_soon(_wait_then_cancel, event, waiters.cancel_scope)
+                    if outcome.push is not None and outcome.error is None:
+                        # New mail announced by IDLE ends the wait at once (engine.push).
+                        waiters.start_soon(
+                            idle_until_mail,
+                            push,
+                            outcome.push,
+                            delay,
+                            self.idle_limiter,
+                            loop.wake,
+                            self.tokens,
+                        )
                     await anyio.sleep(delay)
                     waiters.cancel_scope.cancel()
                 loop.woken = anyio.Event()
@@ -469,6 +489,8 @@ class Engine:
             cfg = await anyio.to_thread.run_sync(self.load, src)
             self._known(cfg)
             outcome.poll_interval = cfg.poll_interval
+            if wants_push(cfg.server) and self.settings.max_idle and not self.settings.dry_run:
+                outcome.push = cfg.server
             async with self.sessions:
                 outcome.result = SessionResult()  # counted into, even if the session fails
                 await run_session(cfg, send, opts, outcome.result)

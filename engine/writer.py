@@ -43,6 +43,7 @@ from engine.items import (
     Outcome,
     SessionReport,
 )
+from engine.keys import imap_key_parts
 from engine.model import LedgerRow, Team
 from engine.ops import Metrics
 from engine.processors import (
@@ -101,6 +102,9 @@ class Work:
     # session may take it whole: see Writer._ledger).
     recorded: set[tuple[str, str]] = field(default_factory=set)
     kept: dict[tuple[str, str], LedgerRow] = field(default_factory=dict)
+    # IMAP messages not in the ledger by key: the keys the ledger holds for their content
+    # hash, by (account, sha256) (see _renumbered).
+    by_hash: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     replies: int = 0  # automatic replies recorded (the outbox is woken after the commit)
 
 
@@ -112,6 +116,51 @@ class _Decided(NamedTuple):
 
     team: Team
     decision: Decision
+
+
+def _sha256(env: Envelope) -> str:
+    return env.parsed.sha256 if env.parsed is not None else hashlib.sha256(env.raw).hexdigest()
+
+
+async def _read_renumbered(work: Work, batch: list[Item]) -> None:
+    """For the batch's IMAP messages whose key the ledger does not hold, the keys it holds
+    for their content (one query per account): see :func:`_renumbered`."""
+    wanted: dict[str, set[str]] = {}
+    for item in batch:
+        if (
+            isinstance(item, Envelope)
+            and not item.dry_run
+            and imap_key_parts(item.uidl) is not None
+            and (item.account, item.uidl) not in work.recorded
+        ):
+            wanted.setdefault(item.account, set()).add(_sha256(item))
+    for account, shas in wanted.items():
+        for sha, keys in (await work.tx.ledger_keys_by_sha256(account, sorted(shas))).items():
+            work.by_hash[account, sha] = keys
+
+
+def _renumbered(work: Work, env: Envelope) -> bool:
+    """Whether an IMAP message new by its key is one the ledger holds already under the
+    same folder's former UIDVALIDITY, by its content hash: a server that rebuilt the folder
+    renumbers every message in it, and none must be processed again. Within one UIDVALIDITY
+    a UID is never reused (RFC 3501), so two messages with the same bytes there are two
+    deliveries, processed each, as POP3 does with two UIDLs."""
+    parts = imap_key_parts(env.uidl)
+    if parts is None:
+        return False
+    folder, validity, _ = parts
+    for key in work.by_hash.get((env.account, _sha256(env)), ()):
+        old = imap_key_parts(key)
+        if old is not None and old[0] == folder and old[1] != validity:
+            log.info(
+                "mailbox=%s uidl=%s is %s under the folder's former UIDVALIDITY (same "
+                "content): not processed again",
+                env.mailbox.name,
+                env.uidl,
+                key,
+            )
+            return True
+    return False
 
 
 class Writer:
@@ -298,6 +347,7 @@ class Writer:
                     work.kept[account, uidl] = row
                 else:
                     work.recorded.add((account, uidl))
+        await _read_renumbered(work, batch)
         await tx.read_ahead(
             number
             for item in batch
@@ -313,6 +363,8 @@ class Writer:
         processor's decision to write, or the error that makes it a failure event."""
         key = (env.account, env.uidl)
         if not env.dry_run and key in work.recorded:
+            return Outcome(Kind.DUPLICATE)
+        if not env.dry_run and _renumbered(work, env):
             return Outcome(Kind.DUPLICATE)
         left = work.kept.get(key)
         if (

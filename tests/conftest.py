@@ -92,10 +92,19 @@ def data(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def mailbox(data: Path, dovecot: Dovecot, pop3_user: tuple[str, str]) -> Mailbox:
+def gateway() -> str:
+    """The protocol the `mailbox` fixture is read by; `support.both` runs a test for each."""
+    return "pop3"
+
+
+@pytest.fixture
+def mailbox(data: Path, dovecot: Dovecot, pop3_user: tuple[str, str], gateway: str) -> Mailbox:
     """A fresh Dovecot user with its mailbox file (``m.xml``, support.mailbox_xml's defaults;
-    ``mailbox.configure(...)`` rewrites it) and ``data``: deliver, once, check the store."""
-    box = Mailbox(dovecot, *pop3_user, data=data, config=data.parent / "m.xml")
+    ``mailbox.configure(...)`` rewrites it) and ``data``: deliver, once, check the store.
+    Read by POP3, or by IMAP over STARTTLS where `gateway` says so."""
+    if gateway == "imap":
+        _require_imap()
+    box = Mailbox(dovecot, *pop3_user, data=data, config=data.parent / "m.xml", gateway=gateway)
     box.configure()
     return box
 

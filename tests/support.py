@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 
 from engine.cli import main
 from engine.store import open_store
@@ -61,6 +62,7 @@ INCIDENT = (
 )
 EVENT = "Octopus.MailIntegration.Processors.EventMailMessageProcessor, Octopus.MailIntegration"
 GATEWAY = "Octopus.MailIntegration.Gateways.SidePopMailboxGateway, Octopus.MailIntegration"
+IMAP_GATEWAY = "Octopus.MailIntegration.Gateways.ImapMailboxGateway, Octopus.MailIntegration"
 
 
 # The root elements every incident mailbox of the tests has, unless told otherwise.
@@ -125,6 +127,20 @@ def mailbox_xml(path: Path, **settings: Any) -> Path:
     return path
 
 
+# The core, event, failure and outage tests run for both gateways: `@both` on a test that
+# uses the `mailbox` fixture (conftest's `gateway` fixture says which one it gets).
+both = pytest.mark.parametrize("gateway", ["pop3", "imap"])
+
+
+def gateway_elements(dovecot: Any, gateway: str) -> dict[str, Any]:
+    """Keyword arguments of :func:`mailbox_xml` that reach ``dovecot`` by ``gateway``:
+    plain POP3 (as the tests always did), or IMAP over STARTTLS with the server's CA."""
+    if gateway == "pop3":
+        return {"port": dovecot.pop3_port}
+    tls = f"<startTls>true</startTls><caFile>{dovecot.certificates.ca_file}</caFile>\n"
+    return {"port": dovecot.imap_port, "gateway": IMAP_GATEWAY, "server_extra": tls}
+
+
 def message(
     subject: str,
     *,
@@ -185,6 +201,7 @@ class Mailbox:
     data: Path
     config: Path
     delivered: list[bytes] = field(default_factory=list)
+    gateway: str = "pop3"  # how the engine reads it: "pop3", or "imap" (STARTTLS)
 
     @classmethod
     def create(cls, dovecot: Any, data: Path, config: Path, **settings: Any) -> Mailbox:
@@ -202,7 +219,8 @@ class Mailbox:
         if name is not None:
             self.config.unlink(missing_ok=True)
             self.config = self.config.with_name(f"{name}.xml")
-        preset = {"port": self.dovecot.pop3_port, "user": self.user, "password": self.password}
+        preset = {"user": self.user, "password": self.password}
+        preset |= gateway_elements(self.dovecot, self.gateway)
         return mailbox_xml(self.config, **(preset | settings))
 
     def deliver(self, *raws: bytes) -> None:
@@ -423,12 +441,16 @@ def check_exactly_once(
     *,
     outcomes: Collection[str] = ("created",),
     outages: bool = False,
+    disposal: str = "delete",
+    move_folder: str = "Done",
 ) -> OnceCheck:
     """Compare the store (and, given ``dovecot``, the delivered mailboxes) with what was
     delivered: every Message-ID in the ledger exactly once with the delivered bytes' sha256
     and an outcome of ``outcomes``; one request or activity for each; no ledger key twice,
     no row for a message never delivered, no outage event unless ``outages``; attachment
-    files exactly those cited, each hashing to its name; every delivered mailbox empty.
+    files exactly those cited, each hashing to its name; every delivered mailbox as IMAP's
+    ``disposal`` leaves it: "delete" (POP3 too) empty, "move" empty with every message in
+    ``move_folder``, "keep" holding every message, each with the processed keyword.
 
     The one exactly-once checker: the tests assert with it, tools/crash.py counts with it.
     """
@@ -440,10 +462,8 @@ def check_exactly_once(
         problems.append(f"ledger keys recorded twice: {store.keys_twice[:3]}")
     on_server: set[str] = set()
     for user in sorted({d.user for d in delivered}) if dovecot is not None else []:
-        left = dovecot.messages(user)
-        if left:
-            problems.append(f"{len(left)} message(s) left on the server in {user}")
-        on_server.update(hashlib.sha256(raw).hexdigest() for raw in left)
+        mine = sorted(str(d.sha256) for d in delivered if d.user == user)
+        on_server |= _check_server(dovecot, user, mine, disposal, move_folder, problems)
     for d in delivered:
         _check_one(check, store, d, on_server, outcomes)
     ids = {d.message_id for d in delivered}
@@ -455,6 +475,34 @@ def check_exactly_once(
         problems.append(f"unexpected events: {store.outages[:3]}")
     problems.extend(_check_files(data_dir / "attachments", set().union(*store.cited.values())))
     return check
+
+
+PROCESSED_KEYWORD = "$MailIntegrationProcessed"  # what IMAP's "keep" marks a message with
+
+
+def _check_server(
+    dovecot: Any, user: str, mine: list[str], disposal: str, folder: str, problems: list[str]
+) -> set[str]:
+    """What ``user``'s mailbox holds against what ``disposal`` promises; returns the hashes
+    of the messages still in INBOX (not processed yet is not lost)."""
+    hashes = sorted(hashlib.sha256(raw).hexdigest() for raw in dovecot.messages(user))
+    if disposal == "keep":
+        if hashes != mine:
+            problems.append(f"{user}: INBOX holds {len(hashes)} of {len(mine)} messages")
+        unmarked = [m for m in dovecot.list_messages(user) if PROCESSED_KEYWORD not in m.flags]
+        if unmarked:
+            problems.append(f"{user}: {len(unmarked)} message(s) without {PROCESSED_KEYWORD}")
+        return set(hashes)
+    if hashes:
+        problems.append(f"{len(hashes)} message(s) left on the server in {user}")
+    if disposal == "move":
+        there = folder in dovecot.folders(user)
+        moved = (
+            [hashlib.sha256(r).hexdigest() for r in dovecot.messages(user, folder)] if there else []
+        )
+        if sorted(moved) != mine:
+            problems.append(f"{user}: {folder} holds {len(moved)} of {len(mine)} messages")
+    return set(hashes)
 
 
 def _check_one(

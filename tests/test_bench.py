@@ -41,6 +41,11 @@ def test_quick_benchmark_runs_every_case_and_records_one_table(tmp_path: Path) -
         "memory",
         "latency",
         "crash",
+        "1 mailbox x 200",
+        "10 mailboxes x 20",
+        "latency",
     ]
+    assert "(IMAP)" in cases[-3] and "(IMAP)" in cases[-2] and "IMAP IDLE" in cases[-1]
+    assert "p95 IDLE / p95 of the 1 s poll in this run" in section
     assert "CHECK FAILED" not in text and "Correctness problems" not in text
-    assert section.count("exactly once:") >= 6
+    assert section.count("exactly once:") >= 9

@@ -301,12 +301,84 @@ def test_unknown_processor_lists_valid_values(tmp_path: Path) -> None:
     assert "EventMailMessageProcessor" in err.reason
 
 
-def test_unsupported_and_unknown_gateways(tmp_path: Path) -> None:
-    imap = load_error(tmp_path, mailbox(gateway="imap"))
-    assert "not supported yet" in imap.reason and imap.element == "server/gatewayTypeName"
+def test_unknown_gateways_list_the_valid_values(tmp_path: Path) -> None:
     other = load_error(tmp_path, mailbox(gateway="Acme.ExchangeGateway"))
     assert "SidePopMailboxGateway" in other.reason and "pop3" in other.reason
+    assert "ImapMailboxGateway" in other.reason and "imap" in other.reason
     assert other.line == 5
+
+
+IMAP = "Octopus.MailIntegration.Gateways.ImapMailboxGateway, Octopus.MailIntegration"
+
+
+@pytest.mark.parametrize(
+    ("gateway", "server"),
+    [
+        (IMAP, ""),
+        ("imap", ""),
+        ("Octopus.MailIntegration.Gateways.MailKitImapMailboxGateway", ""),
+        (IMAP, "<protocol>IMAP</protocol>"),
+    ],
+)
+def test_imap_is_chosen_by_gateway_type_name_or_protocol(
+    tmp_path: Path, gateway: str, server: str
+) -> None:
+    cfg = load_mailbox(write(tmp_path, mailbox(gateway=gateway, server=server)))
+    assert cfg.server.gateway == "imap"
+    assert cfg.server.port == 143 and cfg.server.folders == ("INBOX",)
+    assert cfg.server.after_processing == "delete" and cfg.server.idle
+
+
+def test_protocol_alone_chooses_the_gateway_and_imaps_defaults_to_993(tmp_path: Path) -> None:
+    text = mailbox(server="<protocol>imap</protocol><useSsl>true</useSsl>").replace(
+        f"    <gatewayTypeName>{GATEWAY}</gatewayTypeName>\n", ""
+    )
+    cfg = load_mailbox(write(tmp_path, text))
+    assert cfg.server.gateway == "imap" and cfg.server.port == 993
+    neither = load_error(tmp_path, text.replace("<protocol>imap</protocol>", ""))
+    assert "gatewayTypeName" in neither.reason and "protocol" in neither.reason
+
+
+def test_protocol_and_gateway_type_name_must_agree(tmp_path: Path) -> None:
+    err = load_error(tmp_path, mailbox(server="<protocol>imap</protocol>"))
+    assert "imap" in err.reason and "pop3" in err.reason and err.element == "server/protocol"
+
+
+def test_imap_settings_are_read_and_copied(tmp_path: Path) -> None:
+    server = (
+        "<folders><folder>INBOX</folder><folder>Support Desk</folder></folders>"
+        "<afterProcessing>Move</afterProcessing><moveToFolder>Archive</moveToFolder>"
+        "<failedFolder>Failed</failedFolder><idle>false</idle>"
+        "<idleRenewSeconds>60</idleRenewSeconds><idleKeepAliveSeconds>5</idleKeepAliveSeconds>"
+    )
+    cfg = load_mailbox(write(tmp_path, mailbox(gateway="imap", server=server)))
+    s = cfg.server
+    assert s.folders == ("INBOX", "Support Desk") and s.after_processing == "move"
+    assert (s.move_folder, s.failed_folder, s.idle) == ("Archive", "Failed", False)
+    assert (s.idle_renew, s.idle_keepalive) == (60.0, 5.0)
+    again = load_mailbox(write(tmp_path, mailbox_copy(cfg), "copy.xml"))
+    assert again.server == dataclasses.replace(s, password=again.server.password)
+
+
+@pytest.mark.parametrize(
+    ("gateway", "server", "words"),
+    [
+        (GATEWAY, "<afterProcessing>keep</afterProcessing>", "POP3 can only delete"),
+        (GATEWAY, "<folders><folder>X</folder></folders>", "IMAP only"),
+        ("imap", "<afterProcessing>move</afterProcessing>", "needs a <moveToFolder>"),
+        ("imap", "<moveToFolder>A</moveToFolder>", "only read with move"),
+        ("imap", "<folders><folder>A</folder><folder>A</folder></folders>", "twice"),
+        (
+            "imap",
+            "<afterProcessing>move</afterProcessing><moveToFolder>INBOX</moveToFolder>",
+            "must not be folders the mailbox reads",
+        ),
+        ("imap", "<idleRenewSeconds>1800</idleRenewSeconds>", "idleRenewSeconds"),
+    ],
+)
+def test_imap_settings_are_checked(tmp_path: Path, gateway: str, server: str, words: str) -> None:
+    err = load_error(tmp_path, mailbox(gateway=gateway, server=server))
+    assert words in str(err)
 
 
 # ------------------------------------------------------------------------------- subjects

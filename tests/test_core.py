@@ -16,6 +16,7 @@ from support import (
     LOGIN_PASSWORD,
     Mailbox,
     attachment_bytes,
+    both,
     cli,
     import_directory,
     message,
@@ -27,6 +28,7 @@ from engine.store.sqlite import SqliteTransaction
 pytestmark = pytest.mark.dovecot
 
 
+@both
 def test_known_sender_creates_incident_with_that_requester(mailbox: Mailbox) -> None:
     mailbox.deliver(message("Printer jams", body="The printer jams.\n"))
     assert mailbox.once() == 0
@@ -44,6 +46,7 @@ def test_known_sender_creates_incident_with_that_requester(mailbox: Mailbox) -> 
     assert mailbox.left() == 0
 
 
+@both
 def test_unknown_sender_gets_fallback_user_and_site(mailbox: Mailbox) -> None:
     mailbox.deliver(message("VPN down", sender="Nobody <nobody@else.example>"))
     mailbox.deliver(message("No site", sender="Alice <ASMITH@example.com>"))
@@ -98,6 +101,7 @@ def test_reference_to_other_team_or_unknown_request_creates_incident(
     assert [r["team"] for r in reqs[1:]] == ["IT", "IT"]
 
 
+@both
 def test_reply_to_closed_request_reopens_it(mailbox: Mailbox) -> None:
     mailbox.deliver(message("Printer jams"))
     assert mailbox.once() == 0
@@ -135,6 +139,7 @@ def test_attachments_minus_ignored_ones_with_exact_bytes(mailbox: Mailbox) -> No
     assert attachment_bytes(mailbox.data, by_name["Report attached.eml"]["sha256"]) == raw
 
 
+@both
 def test_running_twice_creates_nothing_new(mailbox: Mailbox) -> None:
     for i in range(3):
         mailbox.deliver(message(f"Issue {i}"))

@@ -21,7 +21,7 @@ import aiosqlite
 import anyio
 import pytest
 import support
-from support import Delivered, check_exactly_once, mailbox_xml, message, once
+from support import Delivered, check_exactly_once, import_directory, mailbox_xml, message, once
 
 from engine.errors import StoreError
 from engine.store import open_store
@@ -96,6 +96,52 @@ def test_crash_points_with_the_real_command_line(dovecot: Dovecot) -> None:
         assert dict(figures.kills) == dict.fromkeys(POINTS, 1)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.dovecot
+@pytest.mark.usefixtures("require_imap")
+@pytest.mark.parametrize("after", ["delete", "move", "keep"])
+def test_crash_over_imap_in_each_disposal_mode_loses_and_duplicates_nothing(
+    dovecot: Dovecot, fork_launcher: crash.Launcher, after: str
+) -> None:
+    """Each kill point once, and random kills, over IMAP; the server state each disposal
+    mode promises is checked too (crash._check_server)."""
+    base = Path(tempfile.mkdtemp(prefix=f"mailintegration-crash-imap-{after}-"))
+    forced = [[f"{point}:1"] for point in POINTS] + [["random", "random"]]
+    try:
+        figures = crash.run_iterations(
+            dovecot,
+            base,
+            len(forced),
+            launcher=fork_launcher,
+            seed=15,
+            workers=2,
+            forced_modes=forced,
+            target=crash.Target("imap", after),
+        )
+        _assert_clean(figures, len(forced))
+        for point in POINTS:
+            assert figures.kills[point] >= 1, (point, figures.as_dict())
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.dovecot
+@pytest.mark.usefixtures("require_imap")
+def test_crash_verification_of_imap_server_states(dovecot: Dovecot, tmp_path: Path) -> None:
+    """The server checks are not vacuous: mail left, unmarked or not moved is reported."""
+    user = f"verify-{uuid.uuid4().hex[:8]}"
+    dovecot.add_user(user, "verify-pw")
+    raw = message("Left behind")
+    dovecot.deliver(user, raw)
+    data = tmp_path / "data"
+    import_directory(data, tmp_path)
+    d = [Delivered.of(raw, user)]
+    kept = check_exactly_once(data, d, dovecot, disposal="keep").problems
+    assert any("without $MailIntegrationProcessed" in p for p in kept)
+    moved = check_exactly_once(data, d, dovecot, disposal="move", move_folder="Done").problems
+    assert any("left on the server" in p for p in moved)
+    assert any("Done holds 0 of 1" in p for p in moved)
 
 
 @pytest.mark.dovecot

@@ -11,6 +11,7 @@ from support import (
     EVENT,
     Mailbox,
     attachment_bytes,
+    both,
     cli,
     free_port,
     mailbox_xml,
@@ -52,6 +53,7 @@ def scom_update(number: int) -> bytes:
     ).encode()
 
 
+@both
 def test_alert_creates_event_and_its_update_adds_activity(mailbox: Mailbox) -> None:
     mailbox.configure(
         "events",
@@ -92,6 +94,7 @@ def _deep(depth: int) -> bytes:
     return "".join(parts).encode()
 
 
+@both
 def test_unprocessable_message_between_good_ones_becomes_failure_event(mailbox: Mailbox) -> None:
     bad = _deep(200)
     mailbox.deliver(message("Good one"))
@@ -120,6 +123,7 @@ def test_unprocessable_message_between_good_ones_becomes_failure_event(mailbox: 
     assert len(failures[0]["activities"]) == 1
 
 
+@both
 def test_unknown_sender_without_fallback_user_becomes_failure_event(mailbox: Mailbox) -> None:
     mailbox.configure(
         incidentFallbackUserLogon=None,
@@ -142,6 +146,7 @@ def _everything_in(data: Path, logfile: Path | None = None) -> bytes:
     return blob
 
 
+@both
 def test_wrong_password_outage_event_updates_then_closes(
     tmp_path: Path, mailbox: Mailbox, capfd: Any
 ) -> None:

@@ -32,22 +32,34 @@ from engine.errors import (
     TLSError,
 )
 from engine.gateways import Answer, Listed, Request, gateway_for
+from engine.gateways.imap import ImapGateway
 from engine.gateways.pop3 import Pop3Gateway
 
 ENGINE = Path(__file__).resolve().parent.parent / "engine"
 
 
 @pytest.mark.parametrize(
-    "type_name",
-    [GATEWAY, "Octopus.MailIntegration.Gateways.MailKitMailboxGateway", "pop3"],
+    ("type_name", "kind"),
+    [
+        (GATEWAY, Pop3Gateway),
+        ("Octopus.MailIntegration.Gateways.MailKitMailboxGateway", Pop3Gateway),
+        ("pop3", Pop3Gateway),
+        (
+            "Octopus.MailIntegration.Gateways.ImapMailboxGateway, Octopus.MailIntegration",
+            ImapGateway,
+        ),
+        ("imap", ImapGateway),
+    ],
 )
-def test_the_registry_makes_the_gateway_the_xml_names(tmp_path: Path, type_name: str) -> None:
+def test_the_registry_makes_the_gateway_the_xml_names(
+    tmp_path: Path, type_name: str, kind: type
+) -> None:
     cfg = mailbox_xml(
         tmp_path / "m.xml", port=110, user="u", password="pw-123456", gateway=type_name
     )
     server = load_mailbox(cfg).server
-    assert {"pop3": Pop3Gateway} == gateways.GATEWAYS
-    assert isinstance(gateway_for(server), Pop3Gateway)
+    assert {"pop3": Pop3Gateway, "imap": ImapGateway} == gateways.GATEWAYS
+    assert isinstance(gateway_for(server), kind)
 
 
 class MemoryGateway:

@@ -815,7 +815,7 @@ def test_kill_9_harness_over_oauth2_mailboxes_loses_and_duplicates_nothing(
     from tools import crash
     from tools.crashpoints import POINTS
 
-    def write(path: Path, *, port: int, user: str, password: str) -> None:
+    def write(path: Path, *, user: str, password: str, **_: object) -> None:
         client_id = f"crash-{uuid.uuid4().hex[:8]}"
         oauth_server.add_client(client_id, password, scopes=["mail"], username=user)
         secret = path.with_suffix(".secret")

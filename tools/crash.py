@@ -2,6 +2,7 @@
 restart it, and check that every message ended up in the store exactly once.
 
     python -m tools.crash --iterations 1000 [--workers 2] [--launcher exec|fork] [--seed S]
+        [--gateway pop3|imap] [--after-processing delete|move|keep]
 
 Each iteration delivers a known set of messages (some with attachments, some attachments shared
 between messages) to 2 or 3 fresh mailboxes of a real Dovecot on 127.0.0.1, then runs
@@ -12,7 +13,8 @@ what was delivered, with the tests' own checker (``tests.support.check_exactly_o
 
 - every Message-ID is in the ledger exactly once, with the sha256 of the delivered bytes, and
   there is exactly one request for it, with exactly the attachments it carried;
-- nothing is left on the server;
+- nothing is left on the server (IMAP ``move``: each message is in the Done folder once and
+  nothing is left in INBOX; IMAP ``keep``: each is still in INBOX once, with the keyword);
 - the files under ``data/attachments/`` are exactly the ``attachments.sha256`` rows (no orphan,
   none missing, no temporary file), each file's content hashing to its name;
 - ``PRAGMA integrity_check`` is ``ok``.
@@ -49,10 +51,11 @@ from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import make_msgid
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from tests.support import (
     DIRECTORY,
+    IMAP_GATEWAY,
     LOGIN,
     LOGIN_PASSWORD,
     Delivered,
@@ -65,6 +68,7 @@ from tools.dovecot import Dovecot, start_dovecot
 ROOT = Path(__file__).resolve().parent.parent
 
 # The engine's login, the directory and the mailbox files are the tests' own (tests/support.py).
+MOVE_FOLDER = "Done"  # where afterProcessing "move" puts the mail
 
 # The same bytes attached to several messages: stored once, cited by several rows.
 SHARED_ATTACHMENTS: tuple[tuple[str, str, bytes], ...] = (
@@ -223,9 +227,29 @@ def make_message(rng: random.Random, tag: str) -> tuple[bytes, str, frozenset[st
 
 
 class MailboxWriter(Protocol):
-    """Writes the file of a mailbox whose Dovecot user ``user`` has ``password``."""
+    """Writes the file of a mailbox whose Dovecot user ``user`` has ``password``; the other
+    keywords are support.mailbox_xml's (Target.mailbox gives them)."""
 
-    def __call__(self, path: Path, *, port: int, user: str, password: str) -> object: ...
+    def __call__(self, path: Path, *, user: str, password: str, **settings: Any) -> object: ...
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the runs read: POP3, or IMAP with its afterProcessing."""
+
+    gateway: str = "pop3"
+    after: str = "delete"
+
+    def mailbox(self, dovecot: Dovecot) -> dict[str, Any]:
+        """support.mailbox_xml's keywords that read ``dovecot`` this way."""
+        if self.gateway == "pop3":
+            return {"port": dovecot.pop3_port}
+        move = f"<moveToFolder>{MOVE_FOLDER}</moveToFolder>" if self.after == "move" else ""
+        return {
+            "port": dovecot.imap_port,
+            "gateway": IMAP_GATEWAY,
+            "server_extra": f"    <afterProcessing>{self.after}</afterProcessing>{move}\n",
+        }
 
 
 def make_template(directory: Path) -> Path:
@@ -325,6 +349,7 @@ def iteration(
     modes: Sequence[str] | None = None,
     keep: bool = False,
     write: MailboxWriter | None = None,
+    target: Target = Target(),
 ) -> IterationResult:
     """Deliver, run-and-kill 1 to 3 times, finish, verify.
 
@@ -345,7 +370,7 @@ def iteration(
     for box in range(rng.randint(2, 3)):
         user, password = f"crash-{token}-{box}", f"pw-{rng.getrandbits(64):016x}"
         dovecot.add_user(user, password)
-        write(conf / f"box{box}.xml", port=dovecot.pop3_port, user=user, password=password)
+        write(conf / f"box{box}.xml", user=user, password=password, **target.mailbox(dovecot))
         for i in range(rng.randint(3, 6)):
             raw, mid, attachments = make_message(rng, f"{token}-{box}-{i}")
             dovecot.deliver(user, raw)
@@ -370,7 +395,9 @@ def iteration(
     result.runs.append(("final", 0, code))
     if code != 0:
         result.problems.append(f"the final run exited with status {code}")
-    check = check_exactly_once(data, delivered, dovecot)
+    check = check_exactly_once(
+        data, delivered, dovecot, disposal=target.after, move_folder=MOVE_FOLDER
+    )
     result.losses, result.duplicates = check.losses, check.duplicates
     result.problems.extend(check.problems)
     result.seconds = time.monotonic() - started
@@ -429,6 +456,7 @@ def run_iterations(
     keep: bool = False,
     progress: Callable[[Figures], None] | None = None,
     write: MailboxWriter | None = None,
+    target: Target = Target(),
 ) -> Figures:
     """``iterations`` iterations on ``workers`` threads (each starting its own processes).
 
@@ -465,6 +493,7 @@ def run_iterations(
                     modes=modes,
                     keep=keep,
                     write=write,
+                    target=target,
                 )
             except Exception as exc:  # a broken harness must show, not hang the others
                 r = IterationResult(index, problems=[f"harness error: {exc!r}"])
@@ -500,7 +529,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, help="start no iteration after this long")
     p.add_argument("--dir", type=Path, help="work directory (default: a new temporary one)")
     p.add_argument("--keep", action="store_true", help="keep every iteration's directory")
+    p.add_argument("--gateway", choices=["pop3", "imap"], default="pop3")
+    p.add_argument(
+        "--after-processing",
+        choices=["delete", "move", "keep"],
+        default="delete",
+        help="IMAP only: the mailboxes' afterProcessing (move: to the folder Done)",
+    )
     args = p.parse_args(argv)
+    if args.gateway == "pop3" and args.after_processing != "delete":
+        p.error("--after-processing move or keep needs --gateway imap")
     # SIGINT may be ignored when started in the background; SIGTERM should stop cleanly too:
     # both end the run after the iterations in progress, and stop Dovecot.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -532,12 +570,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_seconds=args.max_seconds,
             keep=args.keep,
             progress=progress,
+            target=Target(args.gateway, args.after_processing),
         )
     finally:
         launcher.close()
         server.stop()
     out = figures.as_dict()
     out["seed"] = args.seed
+    out["gateway"] = args.gateway
+    out["after_processing"] = args.after_processing
     out["work_dir"] = str(base)
     print(json.dumps(out, indent=2))
     ok = not figures.failed and figures.losses == 0 and figures.duplicates == 0

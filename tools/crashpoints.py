@@ -15,7 +15,8 @@ Kill points:
 - ``before-commit``: a batch transaction holding messages is complete, COMMIT not called yet;
 - ``attachment-write``: an attachment file is written and fsynced under its temporary name,
   and not yet renamed into place;
-- ``mid-retr``: the RETR command was sent and the first line of the answer read;
+- ``mid-retr``: the RETR command was sent and the first line of the answer read (IMAP: the
+  UID FETCH sent and a message's literal announced, not read);
 - ``none``: no kill (a plain run, as ``python -m engine``).
 """
 
@@ -105,29 +106,44 @@ def arm(point: str, n: int) -> None:
 
         setattr(files, "os", _OsWithDeadlyReplace(countdown))  # noqa: B010
     else:
-        from engine.gateways import Answer, Request
-        from engine.gateways.pop3 import Pop3Gateway, command
+        _arm_mid_fetch(countdown)
 
-        real_fetch_many = Pop3Gateway.fetch_many
 
-        def fetch_many(
-            self: Pop3Gateway, requests: Sequence[Request], grant: float = math.inf
-        ) -> list[Answer]:
-            # Counted per message, not per pipelined window: the N-th message's RETR dies.
-            for i, request in enumerate(requests):
-                if countdown.hit():
-                    if i:
-                        real_fetch_many(self, requests[:i], math.inf)
-                    conn: Any = self.conn
-                    if self.outstanding:  # already sent, pipelined: read its +OK line
-                        conn._getresp()
-                    else:
-                        conn._shortcmd(command(request).decode())  # sends RETR, reads +OK
-                    conn.file.readline()  # and the first line of the message
-                    die()
-            return real_fetch_many(self, requests, grant)
+def _arm_mid_fetch(countdown: _Countdown) -> None:
+    """``mid-retr`` for both gateways: POP3 per RETR, IMAP per message literal."""
+    from engine.gateways import Answer, Request
+    from engine.gateways.imap import ImapGateway
+    from engine.gateways.pop3 import Pop3Gateway, command
 
-        Pop3Gateway.fetch_many = fetch_many  # type: ignore[method-assign]
+    real_message = ImapGateway._message
+
+    def message(self: ImapGateway, conn: Any, *args: Any) -> Any:
+        if countdown.hit():
+            die()  # the FETCH line announcing the literal read, the literal not
+        return real_message(self, conn, *args)
+
+    ImapGateway._message = message  # type: ignore[method-assign]
+
+    real_fetch_many = Pop3Gateway.fetch_many
+
+    def fetch_many(
+        self: Pop3Gateway, requests: Sequence[Request], grant: float = math.inf
+    ) -> list[Answer]:
+        # Counted per message, not per pipelined window: the N-th message's RETR dies.
+        for i, request in enumerate(requests):
+            if countdown.hit():
+                if i:
+                    real_fetch_many(self, requests[:i], math.inf)
+                conn: Any = self.conn
+                if self.outstanding:  # already sent, pipelined: read its +OK line
+                    conn._getresp()
+                else:
+                    conn._shortcmd(command(request).decode())  # sends RETR, reads +OK
+                conn.file.readline()  # and the first line of the message
+                die()
+        return real_fetch_many(self, requests, grant)
+
+    Pop3Gateway.fetch_many = fetch_many  # type: ignore[method-assign]
 
 
 def run(point: str, n: int, argv: Sequence[str]) -> int:

@@ -25,19 +25,19 @@ Which gateway serves a mailbox is the XML's ``gatewayTypeName``: the config read
 kind (``ServerConfig.gateway``), and :data:`GATEWAYS`, the one place that maps a kind to its
 class, makes the gateway (:func:`gateway_for`).
 
-The interface is shaped to carry what comes next without a change to the session:
+Two gateways implement it, and the interface carries both without a change to the session:
 
-- **IMAP** (issue 15) is one more class in :data:`GATEWAYS`. ``Listed.number`` is the
-  gateway's own handle (an index it maps to folder and UID, so several folders are one
-  listing), and ``Listed.uidl`` the ledger key it makes (account, folder, UIDVALIDITY, UID,
-  through :mod:`engine.keys`). ``fetch_many`` becomes one ``UID FETCH`` of ``BODY.PEEK[]``
-  (``BODY.PEEK[HEADER]`` for ``headers_only``), which marks nothing read; ``top`` is then
-  always true and ``pipelining`` too. ``dispose`` applies the mailbox's ``afterProcessing``
-  (``\\Deleted`` + ``UID EXPUNGE``, MOVE, or a keyword that ``listing`` then skips), and
-  ``failed`` lets it move failure events to a folder of their own; ``quit`` is ``LOGOUT``
-  and ``abort`` drops the connection. A changed UIDVALIDITY gives new keys: the content-hash
-  fallback belongs to the ledger's answer to the session (``KnownQuery``), not to the
-  session. IDLE is a wait between sessions, for the supervisor, not a step of one.
+- **IMAP** (:mod:`engine.gateways.imap`). ``Listed.number`` is the gateway's own handle (an
+  index it maps to folder and UID, so several folders are one listing), and ``Listed.uidl``
+  the ledger key it makes (folder, UIDVALIDITY, UID, through :func:`engine.keys.imap_key`).
+  ``fetch_many`` is one ``UID FETCH`` of ``BODY.PEEK[]`` per folder (``BODY.PEEK[HEADER]``
+  for ``headers_only``), which marks nothing read; ``top`` and ``pipelining`` are always
+  true. ``dispose`` applies the mailbox's ``afterProcessing`` (``\\Deleted`` + ``UID
+  EXPUNGE``, MOVE, or a keyword that ``listing`` then skips) at once, and moves ``failed``
+  ones to ``failedFolder``; ``quit`` is ``LOGOUT`` and ``abort`` drops the connection. A
+  changed UIDVALIDITY gives new keys: the content-hash fallback is the writer's
+  (``Writer._renumbered``), not the session's. IDLE is a wait between sessions, for the
+  supervisor (:mod:`engine.push`), not a step of one.
 - **SASL** (issue 14: XOAUTH2, OAUTHBEARER) happens inside ``open``, where CAPA (POP3), the
   CAPABILITY response (IMAP) or EHLO (SMTP) is read: the gateway picks the mechanism, its
   constructor takes the token source from the factory in :data:`GATEWAYS`, and a refused
@@ -61,6 +61,7 @@ from engine.gateways.base import (
     read_cap,
     session_seconds,
 )
+from engine.gateways.imap import ImapGateway
 from engine.gateways.pop3 import Pop3Gateway
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ __all__ = [
 # (None when the engine has none: then ``server.oauth2`` cannot be signed in with).
 GATEWAYS: dict[str, Callable[[ServerConfig, TokenBroker | None], Gateway]] = {
     "pop3": Pop3Gateway,
+    "imap": ImapGateway,
 }
 
 

@@ -7,11 +7,15 @@ bounds every gateway keeps; it imports no protocol library.
 
 from __future__ import annotations
 
+import socket
+import ssl
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from engine.config import ServerConfig
+from engine.errors import ConnectError, FetchError, FetchTimeout, ProtocolError, TLSError
 
 # The longest line a gateway reads. Real mail (8-bit HTML) has lines far over the 2,048 bytes
 # poplib allows; getmail6 raises its limit the same way. A longer status line is a protocol
@@ -73,6 +77,34 @@ def read_cap(list_size: int, max_bytes: int) -> int:
     servers count the stored form (LF line ends: at most half the CRLF size) or round, and
     the margin never cuts those. A LIST that lies (10 bytes for 20 MB) is bounded by it."""
     return max(0, min(max_bytes, 2 * list_size + 1024 * 1024))
+
+
+def network_error(
+    exc: BaseException, server: ServerConfig, deadline: float, seconds: float, during: str
+) -> FetchError | None:
+    """The engine's error for what ssl or socket raised ``during`` a command (``login``:
+    before the session is open) of a session with ``server``; None for anything else.
+    ``deadline`` and ``seconds`` tell a session past its deadline from a silent server."""
+    where = f"{server.host}:{server.port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return TLSError(f"the certificate of {where} is not trusted: {exc.verify_message}")
+    if isinstance(exc, ssl.SSLError):
+        return TLSError(f"TLS with {where} failed: {exc.reason or exc}")
+    if isinstance(exc, TimeoutError | socket.timeout):
+        if time.monotonic() >= deadline:  # waited only up to the deadline
+            return FetchTimeout(
+                f"the session with {where} went over its deadline of {seconds:.0f} s ({during})"
+            )
+        return FetchTimeout(f"{where} did not answer within {server.timeout:g} s ({during})")
+    if isinstance(exc, socket.gaierror):
+        return ConnectError(f"cannot resolve {server.host}: {exc.strerror}")
+    if isinstance(exc, ConnectionRefusedError):
+        return ConnectError(f"{where} refused the connection")
+    if isinstance(exc, OSError):
+        if during == "login":  # before the session is open: it could not connect
+            return ConnectError(f"cannot connect to {where}: {exc.strerror or exc}")
+        return ProtocolError(f"the connection to {where} was lost ({during}): {exc}")
+    return None
 
 
 class Gateway(Protocol):

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 from engine.config import ServerConfig
 from engine.errors import (
     AuthError,
-    ConnectError,
     DuplicateUidlError,
     FetchError,
     FetchTimeout,
@@ -41,7 +40,14 @@ from engine.errors import (
     ServerTempError,
     TLSError,
 )
-from engine.gateways.base import MAX_LINE, Answer, Listed, Request, session_seconds
+from engine.gateways.base import (
+    MAX_LINE,
+    Answer,
+    Listed,
+    Request,
+    network_error,
+    session_seconds,
+)
 from engine.keys import account_key, uidl_key
 from engine.logs import scrub
 from engine.oauth import sasl
@@ -707,30 +713,9 @@ class Pop3Gateway:
 
     def _library_error(self, exc: BaseException, during: str) -> FetchError | None:
         """The engine's error for an exception of poplib, ssl or socket; None for another."""
-        s = self.server
-        where = f"{s.host}:{s.port}"
         if isinstance(exc, poplib.error_proto):
             return _server_error(exc, during)
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            return TLSError(f"the certificate of {where} is not trusted: {exc.verify_message}")
-        if isinstance(exc, ssl.SSLError):
-            return TLSError(f"TLS with {where} failed: {exc.reason or exc}")
-        if isinstance(exc, TimeoutError | socket.timeout):
-            if time.monotonic() >= self.deadline:  # waited only up to the deadline
-                return FetchTimeout(
-                    f"the session with {where} went over its deadline of {self.seconds:.0f} s "
-                    f"({during})"
-                )
-            return FetchTimeout(f"{where} did not answer within {s.timeout:g} s ({during})")
-        if isinstance(exc, socket.gaierror):
-            return ConnectError(f"cannot resolve {s.host}: {exc.strerror}")
-        if isinstance(exc, ConnectionRefusedError):
-            return ConnectError(f"{where} refused the connection")
-        if isinstance(exc, OSError):
-            if during == "login":  # before the session is open: it could not connect
-                return ConnectError(f"cannot connect to {where}: {exc.strerror or exc}")
-            return ProtocolError(f"the connection to {where} was lost ({during}): {exc}")
-        return None
+        return network_error(exc, self.server, self.deadline, self.seconds, during)
 
 
 def _authenticate(

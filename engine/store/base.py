@@ -192,6 +192,13 @@ class Transaction(ABC):
         """The ledger rows of these keys that exist, by key (any number of keys)."""
 
     @abstractmethod
+    async def ledger_keys_by_sha256(
+        self, account: str, sha256s: Iterable[str]
+    ) -> dict[str, list[str]]:
+        """The keys of the account's ledger rows whose message has one of these hashes, by
+        hash: the content-hash fallback of a folder whose UIDVALIDITY changed."""
+
+    @abstractmethod
     async def record_ledger(
         self,
         *,

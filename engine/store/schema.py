@@ -161,10 +161,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX outbox_due ON outbox(mailbox, next_attempt_at)
         WHERE sent_at IS NULL AND failed_at IS NULL;
     """,
-    # 5: reserved for the IMAP branch (migration numbers are allotted per branch); a no-op
-    # here so that this branch's migration keeps its number 6.
+    # 5: IMAP. A folder whose UIDVALIDITY changed gives its messages new keys; the ledger
+    # then finds them by content hash within the account (engine.writer, Writer.plan).
+    # IF NOT EXISTS: a database made while 5 was a reserved no-op gets nothing here (the
+    # index only speeds that look-up up, which works without it).
     """
-    SELECT 1;
+    CREATE INDEX IF NOT EXISTS ledger_sha256 ON ledger(account, sha256);
     """,
     # 6: correlation, service requests (categories), priority, routing rules, foreign
     # ticket numbers.

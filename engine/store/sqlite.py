@@ -667,6 +667,21 @@ class SqliteTransaction(Transaction):
             found.update((r[0], LedgerRow(*r[1:])) for r in rows)
         return found
 
+    async def ledger_keys_by_sha256(
+        self, account: str, sha256s: Iterable[str]
+    ) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        async for chunk in chunked(sha256s, 500):
+            marks = ",".join("?" * len(chunk))
+            rows = await self._all(
+                f"SELECT sha256, uidl FROM ledger WHERE account = ? AND sha256 IN ({marks})",
+                (account, *chunk),
+                sees=_LEDGER,
+            )
+            for sha, uidl in rows:
+                found.setdefault(sha, []).append(uidl)
+        return found
+
     async def update_ledger(
         self,
         *,
