@@ -1519,7 +1519,7 @@ def _server(el: etree._Element, base: Path, ctx: _Context) -> ServerConfig:
     gateway = _gateway(el, ctx)
     use_ssl, starttls = _tls_mode(el, ctx)
     oauth2_el = el.find("oauth2")
-    oauth2 = None if oauth2_el is None else _oauth2(oauth2_el, base, ctx)
+    oauth2 = None if oauth2_el is None else _oauth2(oauth2_el, base, gateway, ctx)
     if oauth2_el is not None:
         given = next((e for n in _PASSWORD_SOURCES if (e := el.find(n)) is not None), None)
         if given is not None:
@@ -1568,7 +1568,7 @@ def _server(el: etree._Element, base: Path, ctx: _Context) -> ServerConfig:
 _OAUTH_SECRET_SOURCES: Final = ("clientSecretFile", "clientSecretEnv", "certificateFile")
 
 
-def _oauth2(el: etree._Element, base: Path, ctx: _Context) -> OAuth2Config:
+def _oauth2(el: etree._Element, base: Path, gateway: GatewayKind, ctx: _Context) -> OAuth2Config:
     """``server/oauth2``: the provider's endpoints and scopes filled in, the secret read."""
     provider: OAuthProvider = _token(el, "provider")  # type: ignore[assignment]
     flow: OAuthFlow = _token(el, "flow")  # type: ignore[assignment]
@@ -1577,6 +1577,9 @@ def _oauth2(el: etree._Element, base: Path, ctx: _Context) -> OAuth2Config:
     tenant = _token(el, "tenant")
     token_endpoint, device_endpoint = _oauth_endpoints(el, provider, flow, tenant, ctx)
     scope = _token(el, "scope") or _DEFAULT_SCOPES.get((provider, flow))
+    if scope and gateway == "imap" and _token(el, "scope") is None:
+        # Delegated Microsoft tokens are per protocol: IMAP needs IMAP.AccessAsUser.All.
+        scope = scope.replace("/POP.AccessAsUser.All", "/IMAP.AccessAsUser.All")
     if scope is None:
         raise ctx.error("a generic provider needs <scope>", at=el)
     secret, certificate = _client_secret(el, base, flow, ctx)

@@ -29,6 +29,7 @@ import pytest
 from support import (
     LOGIN,
     LOGIN_PASSWORD,
+    assert_exactly_once,
     cli,
     engine_argv,
     free_port,
@@ -41,7 +42,7 @@ from support import (
 from test_secrets import leaks
 
 from engine.config import OAuth2Config, load_mailbox, mailbox_copy, redact_config, secret_values
-from engine.errors import ConfigError
+from engine.errors import OAUTH_REASONS, ConfigError
 from engine.oauth import sasl
 from engine.oauth.broker import TokenBroker
 from engine.oauth.health import health
@@ -65,16 +66,19 @@ def oauth_xml(
     oauth2: str,
     *,
     smtp: str = "",
+    gateway: str = "pop3",
 ) -> Path:
-    """A mailbox file that signs in to ``dovecot`` over POP3S with ``<oauth2>oauth2</oauth2>``."""
+    """A mailbox file that signs in to ``dovecot`` over POP3S (``gateway`` "imap": IMAPS)
+    with ``<oauth2>oauth2</oauth2>``."""
+    port = dovecot.imaps_port if gateway == "imap" else dovecot.pop3s_port
     path.write_text(
         f"""<?xml version="1.0" encoding="utf-8"?>
 <mailIntegration>
   <messageProcessorTypeName>{INCIDENT}</messageProcessorTypeName>
   <server>
-    <gatewayTypeName>pop3</gatewayTypeName>
+    <protocol>{gateway}</protocol>
     <serverName>127.0.0.1</serverName>
-    <port>{dovecot.pop3s_port}</port>
+    <port>{port}</port>
     <useSsl>true</useSsl>
     <caFile>{dovecot.ca_file}</caFile>
     <userName>{user}</userName>
@@ -638,6 +642,7 @@ class _NoDovecot:
     """Where a mailbox file needs a server but the test signs in nowhere."""
 
     pop3s_port = 995
+    imaps_port = 993
 
     def __init__(self, ca_file: Path) -> None:
         self.ca_file = ca_file
@@ -941,3 +946,164 @@ def test_a_stored_token_the_server_refuses_is_replaced_within_the_same_session(
     assert oauth_server.token_requests == before + 1
     assert token_record(data)["access_token"] != stored
     assert outages(data) == []
+
+
+# --------------------------------------------------------------------------- IMAP sign-in
+
+
+def test_client_credentials_sign_in_over_imap_reads_each_message_once(
+    oauth_server: OAuthServer,
+    oauth_dovecot: Dovecot,
+    box: str,
+    app: Path,
+    data: Path,
+    tmp_path: Path,
+) -> None:
+    """IMAPS with AUTHENTICATE OAUTHBEARER (Dovecot announces both mechanisms) and a
+    client-credentials token: every message read once, the token reused by the next run;
+    `check` says how it signed in."""
+    raws = [message(f"Over IMAP {i}") for i in range(3)]
+    for raw in raws:
+        oauth_dovecot.deliver(box, raw)
+    cfg = oauth_xml(
+        tmp_path / "m.xml", oauth_dovecot, box, generic_cc(oauth_server, app), gateway="imap"
+    )
+    assert once(data, cfg) == 0
+    before = oauth_server.token_requests
+    assert once(data, cfg) == 0  # nothing left, nothing twice; the stored token reused
+    assert oauth_server.token_requests == before
+    assert_exactly_once(data, raws, oauth_dovecot, user=box)
+    assert token_record(data)["mechanism"] == "OAUTHBEARER"
+    assert any(r.active and r.username == box for r in oauth_server.introspections)
+    code, out = cli("check", "--config", cfg, "--data-dir", data)
+    assert code == 0, out
+    assert "IMAPS" in out and "with OAuth2 OAUTHBEARER" in out, out
+
+
+def test_a_stored_token_the_imap_server_refuses_is_replaced_within_the_session(
+    oauth_server: OAuthServer,
+    oauth_dovecot: Dovecot,
+    box: str,
+    app: Path,
+    data: Path,
+    tmp_path: Path,
+) -> None:
+    """As over POP3: the revoked stored token is refused (error challenge answered empty,
+    then NO), dropped, and a new one signs in, in the same session: no outage."""
+    cfg = oauth_xml(
+        tmp_path / "m.xml", oauth_dovecot, box, generic_cc(oauth_server, app), gateway="imap"
+    )
+    assert once(data, cfg) == 0
+    stored = str(token_record(data)["access_token"])
+    assert oauth_server.revoke(stored)
+    raw = message("After a revoked access token, over IMAP")
+    oauth_dovecot.deliver(box, raw)
+    before = oauth_server.token_requests
+    assert once(data, cfg) == 0
+    assert oauth_server.token_requests == before + 1
+    assert token_record(data)["access_token"] != stored
+    assert outages(data) == []
+    assert_exactly_once(data, [raw], oauth_dovecot, user=box)
+
+
+def test_imap_with_xoauth2_only_classifies_a_wrong_scope_as_pop3_does(
+    oauth_server: OAuthServer, dovecot_dir: Path, tmp_path: Path
+) -> None:
+    """A Dovecot offering only AUTH=XOAUTH2 over IMAP and wanting scope "mail": a token
+    without it is refused, classified insufficient-scope, and opens the same oauth outage
+    as POP3 does with the same token; the mail stays. The right scope then reads it."""
+    server = start_dovecot(
+        dovecot_dir,
+        imap=True,
+        oauth2_introspection_url=oauth_server.introspection_url,
+        oauth2_mechanisms=("xoauth2",),
+        oauth2_scope="mail",
+    )
+    try:
+        user = f"box-{uuid.uuid4().hex[:8]}"
+        server.add_user(user, uuid.uuid4().hex)
+        client_id = f"imap-{uuid.uuid4().hex[:8]}"
+        oauth_server.add_client(
+            client_id, "imap-secret", scopes=["mail", "calendar"], username=user
+        )
+        secret = tmp_path / f"{client_id}.secret"
+        secret.write_text("imap-secret")
+        raw = message("Stays on the IMAP server")
+        server.deliver(user, raw)
+        wrong = generic_cc(oauth_server, secret, scope="calendar")
+        found: dict[str, dict[str, Any]] = {}
+        for gateway in ("imap", "pop3"):
+            data = tmp_path / f"data-{gateway}"
+            import_directory(data, tmp_path)
+            cfg = oauth_xml(tmp_path / f"{gateway}.xml", server, user, wrong, gateway=gateway)
+            code, out = cli("check", "--config", cfg, "--data-dir", data)
+            assert code == 1 and "insufficient-scope" in out and "calendar" in out, out
+            assert once(data, cfg) == 1
+            assert server.count(user) == 1
+            events = outages(data)
+            assert len(events) == 1, [r["subject"] for r in requests(data)]
+            found[gateway] = events[0]
+            assert "insufficient-scope" in str(token_record(data)["last_error"])
+        hint = OAUTH_REASONS["insufficient-scope"][:60]
+        for event in found.values():
+            assert event["cause"] == "oauth" and hint in " ".join(event["description"].split())
+        # The right scope: XOAUTH2 (the one offered) signs in, the outage closes.
+        data = tmp_path / "data-imap"
+        right = oauth_xml(
+            tmp_path / "imap.xml", server, user, generic_cc(oauth_server, secret), gateway="imap"
+        )
+        assert once(data, right) == 0
+        assert server.count(user) == 0
+        assert token_record(data)["mechanism"] == "XOAUTH2"
+        [outage] = outages(data)
+        assert outage["status"] == "processed"  # closed by the first sign-in that worked
+    finally:
+        server.stop()
+
+
+def test_an_imap_oauth2_mailbox_asks_for_the_imap_scope_and_copies_whole(
+    oauth_server: OAuthServer, tmp_path: Path
+) -> None:
+    """Microsoft's delegated tokens are per protocol: the default scope of an IMAP mailbox
+    is IMAP.AccessAsUser.All, of a POP3 one POP.AccessAsUser.All. The outage copy of an IMAP
+    OAuth2 mailbox keeps both <oauth2> and the IMAP elements, and loads as the same."""
+    nowhere = _NoDovecot(oauth_server.ca_file)
+    oauth2 = "<provider>microsoft</provider><flow>refreshToken</flow><clientId>app-1</clientId>"
+    scopes: dict[str, tuple[str, ...]] = {}
+    for gateway in ("pop3", "imap"):
+        path = oauth_xml(tmp_path / f"{gateway}.xml", nowhere, "box", oauth2, gateway=gateway)
+        cfg = load_mailbox(path)
+        assert cfg.server.oauth2 is not None
+        scopes[gateway] = cfg.server.oauth2.scopes
+    assert "https://outlook.office.com/IMAP.AccessAsUser.All" in scopes["imap"]
+    assert "https://outlook.office.com/POP.AccessAsUser.All" in scopes["pop3"]
+    assert not any("POP." in s for s in scopes["imap"])
+    copy = mailbox_copy(cfg).decode()
+    assert "<oauth2>" in copy and "<folders>" in copy, copy
+    (tmp_path / "copy.xml").write_text(copy)
+    again = load_mailbox(tmp_path / "copy.xml").server
+    assert again.gateway == "imap" and again.oauth2 == cfg.server.oauth2
+    assert again.folders == cfg.server.folders
+
+
+def test_the_daemons_idle_connection_signs_in_with_the_mailbox_token(
+    oauth_server: OAuthServer,
+    oauth_dovecot: Dovecot,
+    box: str,
+    app: Path,
+    tmp_path: Path,
+) -> None:
+    """The IDLE watcher (engine.push) opens its own IMAP connection: with the broker the
+    supervisor hands it, an OAuth2 mailbox's watcher signs in and selects its folder."""
+    from engine.gateways.imap import IdleWatcher
+
+    cfg = oauth_xml(
+        tmp_path / "m.xml", oauth_dovecot, box, generic_cc(oauth_server, app), gateway="imap"
+    )
+    watcher = IdleWatcher(load_mailbox(cfg).server, TokenBroker(tmp_path / "data"))
+    try:
+        assert watcher.open() is True  # Dovecot has IDLE
+        assert watcher.gateway.mechanism == "OAUTHBEARER"
+        assert watcher.gateway.selected == "INBOX"
+    finally:
+        watcher.close()

@@ -3,8 +3,9 @@
 Protocol-neutral, for every gateway and for SMTP: the POP3 gateway drives the exchange
 itself (``AUTH``, RFC 5034), while :class:`SaslClient` is the ``authobject`` that smtplib's
 ``SMTP.auth`` and imaplib's ``IMAP4.authenticate`` call. The token comes from the broker's
-``sign_in`` (engine.oauth.broker), which replaces a refused stored token once. An IMAP
-gateway (its constructor gets ``tokens`` from the GATEWAYS factory) signs in with::
+``sign_in`` (engine.oauth.broker), which replaces a refused stored token once. The IMAP
+gateway (``engine.gateways.imap``, which also keeps a NO naming a temporary failure as the
+server's) signs in, in short, with::
 
     mechanism = choose(c[5:] for c in imap.capabilities if c.startswith("AUTH="))
 
