@@ -3,6 +3,7 @@
 mailintegration once --config box.xml            one pass (cron, Task Scheduler, tests)
 mailintegration run --config-dir mailboxes.d     the daemon
 mailintegration check --config box.xml           test the POP3 connection, change nothing
+mailintegration oauth login|status --config box.xml   OAuth2 device sign-in, token health
 mailintegration requests list|show               what was created
 mailintegration directory import dir.json        teams, sites, groups, sources, priorities, users...
 mailintegration status                           per-mailbox health from the store
@@ -72,7 +73,7 @@ def translate_original(argv: Sequence[str]) -> list[str] | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mailintegration", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_once, _run, _ingest, _check, _requests, _directory, _status):
+    for add in (_once, _run, _ingest, _check, _oauth, _requests, _directory, _status):
         add(sub)
     return p
 
@@ -134,6 +135,26 @@ def _ingest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     check = sub.add_parser("check", help="test a mailbox's POP3 connection; change nothing")
     check.add_argument("--config", type=Path, required=True)
+    # OAuth2 mailboxes: the token store (a token check may refresh and keep a token).
+    _data_dir(check)
+
+
+def _oauth(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    oauth = sub.add_parser("oauth", help="OAuth2 sign-in and token health")
+    o_sub = oauth.add_subparsers(dest="oauth_command", required=True)
+    login = o_sub.add_parser("login", help="sign in once with a device code (refreshToken flow)")
+    login.add_argument("--config", type=Path, required=True)
+    login.add_argument(
+        "--refresh-token-file",
+        type=Path,
+        help="keep this refresh token (obtained elsewhere) instead of a device-code sign-in",
+    )
+    _data_dir(login)
+    status = o_sub.add_parser("status", help="per mailbox: token source, expiries, last refresh")
+    status.add_argument("--config", type=Path, help="one mailbox file")
+    status.add_argument("--config-dir", type=Path, help="every mailbox file of a folder")
+    status.add_argument("--json", action="store_true")
+    _data_dir(status)
 
 
 def _requests(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -352,6 +373,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
     "run": commands.cmd_run,
     "ingest": commands.cmd_ingest,
     "check": commands.cmd_check,
+    "oauth": commands.cmd_oauth,
     "requests": commands.cmd_requests,
     "directory": commands.cmd_directory,
     "status": commands.cmd_status,

@@ -356,6 +356,7 @@ def _outcome_line(o: MailboxOutcome) -> str:
 async def cmd_check(args: argparse.Namespace) -> int:
     from engine.config import load_mailbox, secret_values
     from engine.gateways import gateway_for
+    from engine.oauth.broker import TokenBroker
 
     logs.configure(level=logging.WARNING)
     try:
@@ -369,7 +370,8 @@ async def cmd_check(args: argparse.Namespace) -> int:
     implicit = "IMAPS" if s.gateway == "imap" else "POP3S"
     upgrade = "STARTTLS" if s.gateway == "imap" else "STLS"
     tls = implicit if s.use_ssl else upgrade if s.starttls else "none (plain text)"
-    session = gateway_for(s)
+    broker = TokenBroker(args.data_dir) if s.oauth2 is not None else None
+    session = gateway_for(s, broker)
     details: list[str] = []
     try:
         await anyio.to_thread.run_sync(session.open)
@@ -380,19 +382,47 @@ async def cmd_check(args: argparse.Namespace) -> int:
             details = await anyio.to_thread.run_sync(describe)
         await anyio.to_thread.run_sync(session.quit)
     except FetchError as exc:
-        print(f"FAILED ({exc.cause}): {logs.scrub(str(exc))}")
+        reason = getattr(exc, "reason", None)
+        print(f"FAILED ({exc.cause}{', ' + reason if reason else ''}): {logs.scrub(str(exc))}")
         print(f"What to check: {exc.hint}")
         return 1
     finally:
         session.close()
     size = sum(m.size for m in listing)
+    how = "with a password"
+    if s.oauth2 is not None:
+        from engine.oauth.broker import source_name
+
+        how = (
+            f"with OAuth2 {getattr(session, 'mechanism', '?')}, token from {source_name(s.oauth2)}"
+        )
     print(
-        f"OK: connected to {s.host}:{s.port} (TLS: {tls}), logged in as {s.user_name}; "
+        f"OK: connected to {s.host}:{s.port} (TLS: {tls}), logged in as {s.user_name} {how}; "
         f"{len(listing)} message(s), {size} bytes. Nothing was fetched or deleted."
     )
     for line in details:
         print(f"  {line}")
     return 0
+
+
+async def cmd_oauth(args: argparse.Namespace) -> int:
+    """``oauth login`` (device code) and ``oauth status``."""
+    from engine.oauth import admin
+    from engine.supervisor import discover
+
+    logs.configure(level=logging.WARNING)
+    if args.oauth_command == "login":
+        return await anyio.to_thread.run_sync(
+            admin.login, args.config, args.data_dir, args.refresh_token_file
+        )
+    files: list[Path] = []
+    if args.config is not None:
+        files.append(args.config)
+    if args.config_dir is not None:
+        files.extend(src.path for src in discover(args.config_dir) if src.refused is None)
+    if not files:
+        raise ConfigError("oauth status needs --config or --config-dir")
+    return await anyio.to_thread.run_sync(admin.status, files, args.data_dir, args.json)
 
 
 async def cmd_requests(args: argparse.Namespace) -> int:

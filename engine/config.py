@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import datetime
 import functools
 import html
 import html.entities
@@ -49,6 +50,7 @@ __all__ = [
     "SCHEMA_PATH",
     "CustomRecogniser",
     "MailboxConfig",
+    "OAuth2Config",
     "Processing",
     "ProcessorKind",
     "ReplyTemplate",
@@ -64,6 +66,57 @@ __all__ = [
 ProcessorKind = Literal["incident", "event", "service-request"]
 GatewayKind = Literal["pop3", "imap"]
 AfterProcessing = Literal["delete", "move", "keep"]
+
+
+OAuthProvider = Literal["microsoft", "google", "generic"]
+OAuthFlow = Literal["clientCredentials", "refreshToken"]
+
+# Each provider's endpoints and default scopes; {tenant} is filled in.
+_MS_LOGIN: Final = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0"
+_GOOGLE_TOKEN: Final = "https://oauth2.googleapis.com/token"
+_GOOGLE_DEVICE: Final = "https://oauth2.googleapis.com/device/code"
+_DEFAULT_SCOPES: Final[dict[tuple[str, str], str]] = {
+    ("microsoft", "clientCredentials"): "https://outlook.office365.com/.default",
+    ("microsoft", "refreshToken"): (
+        "https://outlook.office.com/POP.AccessAsUser.All "
+        "https://outlook.office.com/SMTP.Send offline_access"
+    ),
+    ("google", "clientCredentials"): "https://mail.google.com/",
+    ("google", "refreshToken"): "https://mail.google.com/",
+}
+
+
+@dataclass(frozen=True)
+class OAuth2Config:
+    """How a mailbox signs in with OAuth2 (the XML's ``server/oauth2``): the provider, the
+    flow, the app, and where its secret comes from. Endpoints and scopes are resolved here,
+    the provider's defaults filled in."""
+
+    provider: OAuthProvider
+    flow: OAuthFlow
+    client_id: str
+    token_endpoint: str
+    device_endpoint: str | None
+    scopes: tuple[str, ...]
+    tenant: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
+    # Where the secret came from (names, not secrets).
+    client_secret_file: str | None = None
+    client_secret_env: str | None = None
+    certificate_file: Path | None = None
+    client_secret_expires: datetime.date | None = None
+    warn_days: int = 14
+    ca_file: Path | None = None
+
+    @property
+    def authority(self) -> str:
+        """msal's authority: the token endpoint without ``/oauth2/v2.0/token``."""
+        return self.token_endpoint.rsplit("/oauth2/", 1)[0]
+
+    @property
+    def custom_authority(self) -> bool:
+        """The token endpoint is not Microsoft's own (a test server, a sovereign cloud)."""
+        return not self.token_endpoint.startswith("https://login.microsoftonline.com/")
 
 
 @dataclass(frozen=True)
@@ -90,6 +143,8 @@ class ServerConfig:
     # to fetch at ``min_rate`` bytes a second (see engine.gateways.session_seconds).
     session_timeout: float | None = None
     min_rate: int = 32 * 1024
+    # Sign in with OAuth2 instead of ``password`` (which is then empty).
+    oauth2: OAuth2Config | None = None
     # IMAP: the folders read, what happens to a message once committed (``afterProcessing``,
     # POP3: always delete), where move puts it, where failure events' messages go, and the
     # daemon's IDLE (renewed every ``idle_renew`` s, a NOOP every ``idle_keepalive`` s).
@@ -118,6 +173,10 @@ class SmtpConfig:
     timeout: float = 30.0
     password_file: str | None = None
     password_env: str | None = None
+    # Sign in with the mailbox's OAuth2 token (server/oauth2) as user_name; the tokens are
+    # the mailbox's own (the token store's record of this account).
+    oauth2: OAuth2Config | None = None
+    oauth_account: str | None = None
 
 
 @dataclass(frozen=True)
@@ -251,9 +310,11 @@ _LOCATION_HINTS: Final = frozenset({"schemalocation", "nonamespaceschemalocation
 # and not secrets, are never taken for a password.
 # Any element or attribute whose name looks like a secret: "password", but also a misspelled
 # "pasword", "passwd", "pwd", "secret" or "token", so a typo never stores a password in clear.
-# passwordFile and passwordEnv only say where the secret is, and stay readable.
+# passwordFile and passwordEnv only say where the secret is, and stay readable; so do OAuth2's
+# clientSecretFile, clientSecretEnv, clientSecretExpires and tokenEndpoint.
 _SECRET_NAME: Final = (
-    r"(?:[A-Za-z_][\w.-]*:)?(?!password(?:file|env)(?![\w.:-]))"
+    r"(?:[A-Za-z_][\w.-]*:)?"
+    r"(?!(?:password(?:file|env)|clientsecret(?:file|env|expires)|tokenendpoint)(?![\w.:-]))"
     r"[\w.-]*(?:pas|pwd|secret|token)[\w.-]*(?![\w.:-])"
 )
 _PASSWORD_OPEN: Final = re.compile(r"<" + _SECRET_NAME, re.IGNORECASE)
@@ -535,6 +596,8 @@ def _copy_server(w: _CopyWriter, server: etree._Element, s: ServerConfig) -> Non
     w.add(server, "startTls", s.starttls)
     w.add(server, "userName", s.user_name)
     w.password(server, s.password, s.password_file, s.password_env)
+    if s.oauth2 is not None:
+        _copy_oauth2(w, etree.SubElement(server, "oauth2"), s.oauth2)
     w.add(server, "caFile", s.ca_file)
     w.add(server, "tlsVerify", s.tls_verify)
     w.add(server, "timeoutSeconds", int(s.timeout))
@@ -556,6 +619,24 @@ def _copy_imap(w: _CopyWriter, server: etree._Element, s: ServerConfig) -> None:
     w.add(server, "idle", s.idle)
     w.add(server, "idleRenewSeconds", int(s.idle_renew))
     w.add(server, "idleKeepAliveSeconds", int(s.idle_keepalive))
+
+
+def _copy_oauth2(w: _CopyWriter, el: etree._Element, o: OAuth2Config) -> None:
+    """The secret itself is never written: only where it comes from."""
+    w.add(el, "provider", o.provider)
+    w.add(el, "flow", o.flow)
+    w.add(el, "tenant", o.tenant)
+    w.add(el, "clientId", o.client_id)
+    w.add(el, "clientSecretFile", o.client_secret_file)
+    w.add(el, "clientSecretEnv", o.client_secret_env)
+    w.add(el, "certificateFile", o.certificate_file)
+    w.add(el, "tokenEndpoint", o.token_endpoint)
+    w.add(el, "deviceEndpoint", o.device_endpoint)
+    w.add(el, "scope", " ".join(o.scopes))
+    expires = o.client_secret_expires
+    w.add(el, "clientSecretExpires", None if expires is None else expires.isoformat())
+    w.add(el, "warnDays", o.warn_days)
+    w.add(el, "caFile", o.ca_file)
 
 
 def _copy_settings(w: _CopyWriter, root: etree._Element, cfg: MailboxConfig) -> None:
@@ -589,6 +670,8 @@ def _copy_smtp(w: _CopyWriter, smtp: etree._Element, m: SmtpConfig) -> None:
     w.add(smtp, "caFile", m.ca_file)
     w.add(smtp, "tlsVerify", m.tls_verify)
     w.add(smtp, "timeoutSeconds", int(m.timeout))
+    if m.oauth2 is not None:
+        w.add(smtp, "useOAuth2", True)
 
 
 def redact_config(data: bytes) -> bytes:
@@ -614,8 +697,14 @@ def redact_config(data: bytes) -> bytes:
 
 
 def secret_values(cfg: MailboxConfig) -> tuple[str, ...]:
-    """The non-empty passwords of ``cfg`` (POP3, then SMTP), for a log filter to mask."""
-    values = [cfg.server.password, cfg.smtp.password if cfg.smtp else None]
+    """The non-empty passwords of ``cfg`` (POP3, SMTP, the OAuth2 client secret), for a log
+    filter to mask."""
+    oauth2 = cfg.server.oauth2
+    values = [
+        cfg.server.password,
+        cfg.smtp.password if cfg.smtp else None,
+        oauth2.client_secret if oauth2 else None,
+    ]
     return tuple(dict.fromkeys(v for v in values if v))
 
 
@@ -1037,7 +1126,7 @@ class _CopyWriter:
             self.add(parent, "passwordFile", file)
         elif env is not None:
             self.add(parent, "passwordEnv", env)
-        elif password is not None:
+        elif password:
             etree.SubElement(parent, "password").text = _REDACTED
 
 
@@ -1300,7 +1389,7 @@ def _build(
     assert server_el is not None  # required by the schema
     server = _server(server_el, base, ctx)
     smtp_el = root.find("smtp")
-    smtp = _smtp(smtp_el, base, ctx) if smtp_el is not None else None
+    smtp = _smtp(smtp_el, base, ctx, server) if smtp_el is not None else None
     reply_el = root.find("replyTemplate")
     reply = None
     if reply_el is not None:
@@ -1429,8 +1518,25 @@ def _refuse_imap_only(el: etree._Element, after: str, ctx: _Context) -> None:
 def _server(el: etree._Element, base: Path, ctx: _Context) -> ServerConfig:
     gateway = _gateway(el, ctx)
     use_ssl, starttls = _tls_mode(el, ctx)
-    password = _password(el, base, ctx, required=True)
-    assert password is not None
+    oauth2_el = el.find("oauth2")
+    oauth2 = None if oauth2_el is None else _oauth2(oauth2_el, base, gateway, ctx)
+    if oauth2_el is not None:
+        given = next((e for n in _PASSWORD_SOURCES if (e := el.find(n)) is not None), None)
+        if given is not None:
+            raise ctx.error(
+                f"give either <oauth2> or <{given.tag}>: a mailbox signs in one way", at=given
+            )
+        if not (use_ssl or starttls):
+            raise ctx.error(
+                "<oauth2> needs useSsl or startTls: a bearer token is worth a password and "
+                "never travels in clear",
+                at=oauth2_el,
+            )
+        password = ""
+    else:
+        found = _password(el, base, ctx, required=True)
+        assert found is not None
+        password = found
     port = _int(el, "port")
     host = _token(el, "serverName")
     user = _token(el, "userName")
@@ -1454,21 +1560,120 @@ def _server(el: etree._Element, base: Path, ctx: _Context) -> ServerConfig:
         account_id=_token(el, "accountId"),
         session_timeout=None if session is None else float(session),
         min_rate=min_rate if min_rate is not None else ServerConfig.min_rate,
+        oauth2=oauth2,
         **_imap_settings(el, gateway, ctx),
     )
 
 
-def _smtp(el: etree._Element, base: Path, ctx: _Context) -> SmtpConfig:
+_OAUTH_SECRET_SOURCES: Final = ("clientSecretFile", "clientSecretEnv", "certificateFile")
+
+
+def _oauth2(el: etree._Element, base: Path, gateway: GatewayKind, ctx: _Context) -> OAuth2Config:
+    """``server/oauth2``: the provider's endpoints and scopes filled in, the secret read."""
+    provider: OAuthProvider = _token(el, "provider")  # type: ignore[assignment]
+    flow: OAuthFlow = _token(el, "flow")  # type: ignore[assignment]
+    client_id = _token(el, "clientId")
+    assert provider and flow and client_id  # required by the schema
+    tenant = _token(el, "tenant")
+    token_endpoint, device_endpoint = _oauth_endpoints(el, provider, flow, tenant, ctx)
+    scope = _token(el, "scope") or _DEFAULT_SCOPES.get((provider, flow))
+    if scope and gateway == "imap" and _token(el, "scope") is None:
+        # Delegated Microsoft tokens are per protocol: IMAP needs IMAP.AccessAsUser.All.
+        scope = scope.replace("/POP.AccessAsUser.All", "/IMAP.AccessAsUser.All")
+    if scope is None:
+        raise ctx.error("a generic provider needs <scope>", at=el)
+    secret, certificate = _client_secret(el, base, flow, ctx)
+    if certificate is not None and provider != "microsoft":
+        raise ctx.error("<certificateFile> is for the microsoft provider", at=el)
+    expires = _token(el, "clientSecretExpires")
+    warn = _int(el, "warnDays")
+    return OAuth2Config(
+        provider=provider,
+        flow=flow,
+        client_id=client_id,
+        token_endpoint=token_endpoint,
+        device_endpoint=device_endpoint,
+        scopes=tuple(scope.split()),
+        tenant=tenant,
+        client_secret=secret,
+        client_secret_file=_token(el, "clientSecretFile"),
+        client_secret_env=_token(el, "clientSecretEnv"),
+        certificate_file=certificate,
+        client_secret_expires=None if expires is None else datetime.date.fromisoformat(expires),
+        warn_days=14 if warn is None else warn,
+        ca_file=_ca_file(el, base, ctx),
+    )
+
+
+def _oauth_endpoints(
+    el: etree._Element, provider: str, flow: str, tenant: str | None, ctx: _Context
+) -> tuple[str, str | None]:
+    """The token and device endpoints: as given, else the provider's; https only."""
+    token = _token(el, "tokenEndpoint")
+    device = _token(el, "deviceEndpoint")
+    if provider == "microsoft":
+        if token is None and tenant is None and flow == "clientCredentials":
+            raise ctx.error("microsoft clientCredentials needs <tenant>", at=el)
+        login = _MS_LOGIN.format(tenant=tenant or "organizations")
+        token = token or f"{login}/token"
+        device = device or token.rsplit("/", 1)[0] + "/devicecode"
+    elif provider == "google":
+        token = token or _GOOGLE_TOKEN
+        device = device or _GOOGLE_DEVICE
+    elif token is None:
+        raise ctx.error("a generic provider needs <tokenEndpoint>", at=el)
+    for name, url in (("tokenEndpoint", token), ("deviceEndpoint", device)):
+        if url is not None and not url.lower().startswith("https://"):
+            raise ctx.error(
+                f"<{name}> must be an https:// URL: tokens never travel in clear", at=el
+            )
+    return token, device
+
+
+def _client_secret(
+    el: etree._Element, base: Path, flow: str, ctx: _Context
+) -> tuple[str | None, Path | None]:
+    """The client secret (read from its file or variable), or the certificate's path."""
+    given = [e for n in _OAUTH_SECRET_SOURCES if (e := el.find(n)) is not None]
+    if len(given) > 1:
+        raise ctx.error(
+            f"give only one of <clientSecretFile>, <clientSecretEnv> or <certificateFile>; "
+            f"<{given[0].tag}> and <{given[1].tag}> are both here",
+            at=given[1],
+        )
+    if not given:
+        if flow == "clientCredentials":
+            raise ctx.error(
+                "clientCredentials needs one of <clientSecretFile>, <clientSecretEnv> or "
+                "<certificateFile>",
+                at=el,
+            )
+        return None, None
+    source = given[0]
+    if source.tag == "certificateFile":
+        path = base / " ".join((source.text or "").split())
+        if not path.is_file():
+            raise ctx.error(f"the certificate file {path} does not exist", at=source)
+        return None, path
+    if source.tag == "clientSecretFile":
+        value = _read_secret_file(source, base, ctx)
+    else:
+        variable = _token(el, "clientSecretEnv") or ""
+        env_value = os.environ.get(variable)
+        if env_value is None:
+            raise ctx.error(f"the environment variable {variable} is not set", at=source)
+        value = env_value
+    if not value:
+        raise ctx.error("the client secret is empty", at=source)
+    ctx.add_secret(value)
+    return value, None
+
+
+def _smtp(el: etree._Element, base: Path, ctx: _Context, server: ServerConfig) -> SmtpConfig:
     use_ssl, starttls = _tls_mode(el, ctx)
     user = _token(el, "userName")
     password = _password(el, base, ctx, required=False)
-    if user is not None and password is None:
-        raise ctx.error(
-            "<userName> needs one of <password>, <passwordFile> or <passwordEnv>", at=el
-        )
-    if user is None and password is not None:
-        source = next(e for n in _PASSWORD_SOURCES if (e := el.find(n)) is not None)
-        raise ctx.error("a password needs a <userName> in <smtp>", at=source)
+    use_oauth2 = _smtp_login(el, user, password, server, use_ssl or starttls, ctx)
     port = _int(el, "port")
     host = _token(el, "serverName")
     sender = _token(el, "from")
@@ -1480,14 +1685,46 @@ def _smtp(el: etree._Element, base: Path, ctx: _Context) -> SmtpConfig:
         sender=sender,
         use_ssl=use_ssl,
         starttls=starttls,
-        user_name=user,
+        user_name=user or (server.user_name if use_oauth2 else None),
         password=password,
         ca_file=_ca_file(el, base, ctx),
         tls_verify=_bool(el, "tlsVerify", True),
         timeout=float(_int(el, "timeoutSeconds") or 30),
         password_file=_token(el, "passwordFile"),
         password_env=_token(el, "passwordEnv"),
+        oauth2=server.oauth2 if use_oauth2 else None,
+        # The mailbox's own tokens (the token store keys them by its account).
+        oauth_account=(
+            account_key(server.user_name, server.host, server.account_id) if use_oauth2 else None
+        ),
     )
+
+
+def _smtp_login(
+    el: etree._Element,
+    user: str | None,
+    password: str | None,
+    server: ServerConfig,
+    tls: bool,
+    ctx: _Context,
+) -> bool:
+    """Check how ``<smtp>`` signs in; True when with the mailbox's OAuth2 token."""
+    use_oauth2 = _bool(el, "useOAuth2", False)
+    if use_oauth2:
+        if server.oauth2 is None or password is not None or not tls:
+            raise ctx.error(
+                "useOAuth2 needs <oauth2> in <server>, no password in <smtp>, and useSsl or "
+                "startTls (a bearer token never travels in clear)",
+                at=el.find("useOAuth2"),
+            )
+    elif user is not None and password is None:
+        raise ctx.error(
+            "<userName> needs one of <password>, <passwordFile> or <passwordEnv>", at=el
+        )
+    if user is None and password is not None:
+        source = next(e for n in _PASSWORD_SOURCES if (e := el.find(n)) is not None)
+        raise ctx.error("a password needs a <userName> in <smtp>", at=source)
+    return use_oauth2
 
 
 def _tls_mode(el: etree._Element, ctx: _Context) -> tuple[bool, bool]:

@@ -85,6 +85,54 @@ class AuthError(FetchError):
     hint = "Check userName and password (or passwordFile / passwordEnv) for this mailbox."
 
 
+class OAuthError(FetchError):
+    """Signing in with OAuth2 failed: the token endpoint refused (a revoked or expired
+    refresh token, an expired client secret, a wrong scope), or the mail server refused the
+    token. ``reason`` tells which (see :data:`OAUTH_REASONS`); the hint says what to do.
+    Mail stays on the server; the outage closes on the first sign-in that works."""
+
+    cause = "oauth"
+
+    def __init__(self, reason: str, text: str) -> None:
+        assert reason in OAUTH_REASONS, reason
+        self.reason = reason
+        self.hint = OAUTH_REASONS[reason]
+        super().__init__(text)
+
+
+OAUTH_REASONS: dict[str, str] = {
+    "login-required": (
+        "The refresh token was refused (revoked consent, a changed password, or unused for "
+        "too long). Run 'mailintegration oauth login --config FILE' again to sign in."
+    ),
+    "secret-expired": (
+        "The app's client secret has expired. Create a new secret for the app registration, "
+        "put it in clientSecretFile / clientSecretEnv, and update clientSecretExpires."
+    ),
+    "client-refused": (
+        "The token endpoint refused the app itself (unknown client id, wrong secret or "
+        "certificate, wrong tenant). Check clientId, tenant and the secret or certificate."
+    ),
+    "insufficient-scope": (
+        "The token lacks the scope the mail server needs. Check <scope> and the app's API "
+        "permissions (POP.AccessAsApp / IMAP.AccessAsApp with admin consent for Microsoft)."
+    ),
+    "token-expired": (
+        "The mail server found the access token expired; a new one is fetched for the next "
+        "session. If this repeats, check the clock of this machine."
+    ),
+    "unknown-user": (
+        "The mail server refused a valid token for this userName: the app or user has no "
+        "access to this mailbox (Microsoft: the Exchange service principal and "
+        "Add-MailboxPermission), or userName is not the mailbox the token is for."
+    ),
+    "token-endpoint": (
+        "The token endpoint could not be reached or answered outside OAuth2. Check "
+        "tokenEndpoint (or tenant), the network and caFile."
+    ),
+}
+
+
 class MailboxLockedError(FetchError):
     cause = "mailbox-locked"
     hint = "Another client holds the mailbox ([IN-USE]); it clears when that session ends."

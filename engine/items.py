@@ -189,6 +189,8 @@ class SessionReport(Item):
     deleted: list[str] = field(default_factory=list)
     # Messages listed again although their deletion was confirmed before (None: unknown).
     kept_deleted: int | None = None
+    # Token health warnings of an OAuth2 mailbox: (key, text), one event per key, ever.
+    warnings: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(eq=False)

@@ -64,6 +64,23 @@ def register_secret(value: str | None) -> None:
     _STATE = _Scrubber(needles, automaton)
 
 
+def forget_secret(value: str) -> None:
+    """Stop masking ``value`` (a token long replaced): the scrubber stays bounded however
+    many tokens a long-running engine sees. Forms shared with a kept secret stay."""
+    global _STATE
+    if value not in _SECRETS:
+        return
+    _SECRETS.discard(value)
+    forms = {f for s in _SECRETS for f in (s, *_variants(s))}
+    needles = tuple(sorted((f for f in forms if len(f) >= 4), key=len, reverse=True))
+    automaton = None
+    if len(needles) >= _AUTOMATON_FROM:
+        automaton = ahocorasick_rs.AhoCorasick(
+            needles, matchkind=ahocorasick_rs.MatchKind.LeftmostLongest
+        )
+    _STATE = _Scrubber(needles, automaton)
+
+
 def _variants(value: str) -> set[str]:
     return {
         repr(value)[1:-1],

@@ -74,6 +74,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._mailbox_metrics()
         self._writer_metrics()
+        self._oauth_metrics()
 
     def _mailbox_metrics(self) -> None:
         """What each mailbox did: messages, sessions, outages, replies."""
@@ -118,6 +119,49 @@ class Metrics:
             "mailintegration_replies",
             "Sends of automatic replies by result (sent, retry, failed).",
             [*mailbox, "result"],
+            registry=r,
+        )
+
+    def _oauth_metrics(self) -> None:
+        """Token health of OAuth2 mailboxes (engine.oauth.health), to alert before it fails.
+        Labels are mailbox names only: never a token, a client id or a secret."""
+        from prometheus_client import Gauge
+
+        r, mailbox = self.registry, ["mailbox"]
+        self.oauth_access_expiry = Gauge(
+            "mailintegration_oauth_access_token_expiry_timestamp_seconds",
+            "When the stored access token expires (epoch seconds).",
+            mailbox,
+            registry=r,
+        )
+        self.oauth_last_refresh = Gauge(
+            "mailintegration_oauth_last_refresh_timestamp_seconds",
+            "When a token was last obtained from the token endpoint (epoch seconds).",
+            mailbox,
+            registry=r,
+        )
+        self.oauth_refresh_age = Gauge(
+            "mailintegration_oauth_refresh_token_age_seconds",
+            "Age of the refresh token since the sign-in that gave it (-1: none).",
+            mailbox,
+            registry=r,
+        )
+        self.oauth_refresh_idle = Gauge(
+            "mailintegration_oauth_refresh_token_idle_seconds",
+            "Time since the refresh token was last used (-1: none).",
+            mailbox,
+            registry=r,
+        )
+        self.oauth_secret_expiry = Gauge(
+            "mailintegration_oauth_client_secret_expiry_timestamp_seconds",
+            "clientSecretExpires as epoch seconds (-1: not configured).",
+            mailbox,
+            registry=r,
+        )
+        self.oauth_warnings = Gauge(
+            "mailintegration_oauth_warnings",
+            "Token health warnings now (a known expiry within warnDays).",
+            mailbox,
             registry=r,
         )
 

@@ -27,7 +27,7 @@ import logging
 import smtplib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
@@ -35,10 +35,13 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from engine import logs
 from engine.config import SmtpConfig
-from engine.errors import TLSError
+from engine.errors import OAuthError, TLSError
 from engine.items import Item, OutboxFetch, OutboxResult
 from engine.model import PendingReply
 from engine.reply import Delivery, one_line
+
+if TYPE_CHECKING:
+    from engine.oauth.broker import TokenBroker
 
 log = logging.getLogger("engine.outbox")
 
@@ -63,8 +66,10 @@ class Outbox:
         max_attempts: int = 8,
         drain_seconds: float = 60.0,
         on_result: Callable[[str, str], None] | None = None,
+        tokens: TokenBroker | None = None,
     ) -> None:
         self.smtp_for = smtp_for
+        self.tokens = tokens  # OAuth2 access tokens, for SMTP servers signed in with them
         self.sendable = sendable
         self.concurrency = concurrency
         self.retry_seconds = retry_seconds
@@ -163,7 +168,7 @@ class Outbox:
             with anyio.CancelScope(deadline=deadline) as scope:
                 self._sending.add(scope)
                 try:
-                    error, permanent = await _send(smtp, row)
+                    error, permanent = await _send(smtp, row, self.tokens)
                 finally:
                     self._sending.discard(scope)
             if scope.cancelled_caught:
@@ -212,9 +217,11 @@ class Outbox:
         return result
 
 
-async def _send(smtp: SmtpConfig, row: PendingReply) -> tuple[str | None, bool]:
+async def _send(
+    smtp: SmtpConfig, row: PendingReply, tokens: TokenBroker | None = None
+) -> tuple[str | None, bool]:
     """Send in a worker thread: (error or None, permanent). Cancel it to cut it short."""
-    delivery = Delivery(smtp, row.recipient, row.message)
+    delivery = Delivery(smtp, row.recipient, row.message, tokens)
     try:
         try:
             await anyio.to_thread.run_sync(delivery.run, abandon_on_cancel=True)
@@ -230,6 +237,9 @@ async def _send(smtp: SmtpConfig, row: PendingReply) -> tuple[str | None, bool]:
         return f"{exc.smtp_code}: the SMTP server refused the login", exc.smtp_code >= 500
     except smtplib.SMTPResponseException as exc:
         return _describe(exc.smtp_code, exc.smtp_error), exc.smtp_code >= 500
+    except OAuthError as exc:
+        # Retried: a token endpoint may be back, a secret renewed, consent given again.
+        return one_line(logs.scrub(f"OAuth2 ({exc.reason}): {exc}"), 300), False
     except smtplib.SMTPNotSupportedError as exc:
         return f"the SMTP server does not support it: {exc}", True
     except (smtplib.SMTPException, OSError, ValueError, TLSError) as exc:

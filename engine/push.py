@@ -35,6 +35,7 @@ from engine.errors import FetchError
 from engine.gateways.imap import IdleWatcher
 
 if TYPE_CHECKING:
+    from engine.oauth.broker import TokenBroker
     from engine.session import SessionResult
 
 log = logging.getLogger("engine.push")
@@ -73,6 +74,7 @@ async def idle_until_mail(
     seconds: float,
     limiter: anyio.CapacityLimiter,
     wake: Callable[[], None],
+    tokens: TokenBroker | None = None,
 ) -> None:
     """Wait up to ``seconds`` for new mail by IDLE and call ``wake`` when it comes; returns
     without calling it when the time is up or the server has no IDLE. Cancel it freely: the
@@ -80,7 +82,7 @@ async def idle_until_mail(
     end = anyio.current_time() + seconds
     backoff = BACKOFF_FIRST
     while not state.unsupported and (left := end - anyio.current_time()) > 0:
-        watcher = IdleWatcher(server)
+        watcher = IdleWatcher(server, tokens)
         try:
             if not await _thread(watcher, limiter, watcher.open):
                 log.info("mailbox=%s the server has no IDLE: polling only", state.name)

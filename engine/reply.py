@@ -31,11 +31,17 @@ import threading
 from dataclasses import dataclass
 from email.message import MIMEPart
 from email.policy import SMTP
+from typing import TYPE_CHECKING
 
 import idna
 
 from engine.config import MailboxConfig, ReplyTemplate, SmtpConfig
+from engine.errors import OAuthError
+from engine.oauth import sasl
 from engine.tls import client_context
+
+if TYPE_CHECKING:
+    from engine.oauth.broker import AccessToken, TokenBroker
 
 LOOP_HEADER = "X-Loop"
 DEFAULT_TEMPLATE = ReplyTemplate(
@@ -279,8 +285,12 @@ class Delivery:
     ends the blocked call in the thread at once.
     """
 
-    def __init__(self, smtp: SmtpConfig, recipient: str, data: bytes) -> None:
+    def __init__(
+        self, smtp: SmtpConfig, recipient: str, data: bytes, tokens: TokenBroker | None = None
+    ) -> None:
         self.smtp = smtp
+        # OAuth2 access tokens (smtp.oauth2), from the engine's broker.
+        self.tokens = tokens
         self.recipient = recipient
         self.data = data
         self._lock = threading.Lock()
@@ -304,13 +314,19 @@ class Delivery:
             if self._aborted:
                 raise TimeoutError("the send was aborted before it connected")
             self._client = client
+        # smtplib takes the name TLS verifies from its constructor's host only, which would
+        # also connect outside the abortable section: set it, or STARTTLS and SMTPS fail
+        # with "check_hostname requires server_hostname" whenever the certificate is checked.
+        client._host = smtp.host  # type: ignore[attr-defined]
         try:
             client.connect(smtp.host, smtp.port)
             if self._aborted:  # the deadline passed while connecting: the socket was not set
                 raise TimeoutError("the send was aborted while connecting")
             if smtp.starttls:
                 client.starttls(context=context)
-            if smtp.user_name and smtp.password:
+            if smtp.oauth2 is not None:
+                self._oauth_login(client)
+            elif smtp.user_name and smtp.password:
                 client.login(smtp.user_name, smtp.password)
             client.sendmail("", [self.recipient], self.data)
             # The server has the message: a failed goodbye must not make us send it twice.
@@ -318,6 +334,30 @@ class Delivery:
                 client.quit()
         finally:
             client.close()
+
+    def _oauth_login(self, client: smtplib.SMTP) -> None:
+        """SASL OAUTHBEARER / XOAUTH2, whichever EHLO's AUTH line offers (engine.oauth.sasl),
+        through the broker's sign_in (a refused stored token is replaced, tried once more)."""
+        smtp = self.smtp
+        assert smtp.oauth2 is not None and smtp.oauth_account is not None
+        if self.tokens is None:
+            raise OAuthError("token-endpoint", "internal error: no token broker for OAuth2")
+        client.ehlo_or_helo_if_needed()
+        mechanism = sasl.choose(client.esmtp_features.get("auth", "").split())
+        if mechanism is None:
+            raise smtplib.SMTPNotSupportedError(
+                "the SMTP server offers neither OAUTHBEARER nor XOAUTH2 (EHLO's AUTH)"
+            )
+        user = smtp.user_name or ""
+
+        def exchange(token: AccessToken) -> None:
+            auth = sasl.SaslClient(mechanism, user, token.value, smtp.host, smtp.port)
+            try:
+                client.auth(mechanism, auth, initial_response_ok=True)
+            except smtplib.SMTPAuthenticationError:
+                raise auth.refused(token.expires_at, token.scopes) from None
+
+        self.tokens.sign_in(smtp.oauth_account, smtp.oauth2, mechanism, exchange)
 
     def abort(self) -> None:
         """Unblock :meth:`run` from another thread: it then raises (OSError or a timeout)."""

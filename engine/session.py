@@ -56,6 +56,7 @@ from engine.gateways import (
 from engine.items import DirectoryCheck, Envelope, Item, Kind, KnownQuery, Outcome
 from engine.keys import content_key, reused_key
 from engine.model import LedgerRow, ParsedMessage
+from engine.oauth.broker import TokenBroker
 from engine.parse import parse_raw
 from engine.parsers import Parsers
 from engine.plan import Plan, Todo, header_message_id, plan_session
@@ -103,6 +104,8 @@ class FetchOptions:
     # the trip only for sessions with many messages, and only for windows of small ones: a
     # large message is parsed in a thread rather than copied to a process.
     processes: Parsers | None = None
+    # OAuth2 access tokens for mailboxes that sign in with them (engine.oauth.broker).
+    tokens: TokenBroker | None = None
     process_threshold: int = 64
     process_message_bytes: int = 1024 * 1024
 
@@ -220,7 +223,7 @@ async def run_session(
     the session ends as a ``timeout`` outage.
     """
     account = await check_directory(cfg, send, opts)
-    gateway = gateway_for(cfg.server)
+    gateway = gateway_for(cfg.server, opts.tokens)
     with anyio.CancelScope() as scope:
         result = SessionResult() if result is None else result
         result.account = account

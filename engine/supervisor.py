@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import stat
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from engine.errors import ConfigError, EngineError, ProtocolError, StoreError
 from engine.items import DirectoryCheck, Envelope, Item, SessionReport
 from engine.keys import ingest_key
 from engine.leases import Leases
+from engine.oauth.broker import TokenBroker
+from engine.oauth.health import health
 from engine.ops import Health, Metrics
 from engine.outbox import Outbox
 from engine.parsers import Parsers
@@ -237,6 +240,8 @@ class Engine:
         self.sessions = anyio.Semaphore(settings.max_sessions)
         self.budget = ByteBudget(settings.max_inflight_bytes)
         self.processes = Parsers(settings.parse_processes) if settings.parse_processes else None
+        # Every OAuth2 mailbox's tokens, in the data directory (engine.oauth).
+        self.tokens = TokenBroker(settings.data_dir)
         self.totals: dict[str, SessionResult] = {}
         self.errors: dict[str, str] = {}  # the last session's error, per failing mailbox
         # Mailboxes whose server was seen keeping mail it had confirmed deleting (warned once).
@@ -322,6 +327,7 @@ class Engine:
             max_attempts=s.reply_max_attempts,
             drain_seconds=s.reply_drain_seconds,
             on_result=count,
+            tokens=self.tokens,
         )
         self.writer.on_reply = self.outbox.wake
         return self.outbox
@@ -458,7 +464,13 @@ class Engine:
                     if outcome.push is not None and outcome.error is None:
                         # New mail announced by IDLE ends the wait at once (engine.push).
                         waiters.start_soon(
-                            idle_until_mail, push, outcome.push, delay, self.idle_limiter, loop.wake
+                            idle_until_mail,
+                            push,
+                            outcome.push,
+                            delay,
+                            self.idle_limiter,
+                            loop.wake,
+                            self.tokens,
                         )
                     await anyio.sleep(delay)
                     waiters.cancel_scope.cancel()
@@ -553,6 +565,7 @@ class Engine:
             stop=self.stop,
             budget=self.budget,
             processes=self.processes,
+            tokens=self.tokens,
         )
         if self.stop.is_set():
             return outcome
@@ -586,13 +599,34 @@ class Engine:
             await env.done.wait()
             outcome.dry_run_lines.append(f"{env.uidl}: {env.explanation}")
         self._account(src.name, outcome)
+        warnings: tuple[tuple[str, str], ...] = ()
+        if cfg is not None and cfg.server.oauth2 is not None:
+            warnings = await anyio.to_thread.run_sync(self._token_health, cfg)
         if not self.settings.dry_run:
             # Busy until recorded: the balance must not give the lease back before the
             # report commits (its transaction is fenced too).
             leases = self.leases
             async with leases.session(src.name) if leases else contextlib.nullcontext():
-                await self._report(src, cfg, outcome, send)
+                await self._report(src, cfg, outcome, send, warnings)
         return outcome
+
+    def _token_health(self, cfg: MailboxConfig) -> tuple[tuple[str, str], ...]:
+        """An OAuth2 mailbox's token health into the metrics; its warnings (engine.oauth)."""
+        assert cfg.server.oauth2 is not None
+        h = health(cfg.name, cfg.server.oauth2, self.tokens.store.load(cfg.account))
+        m = self.metrics
+        if m is not None:
+            day = 86400.0
+            m.oauth_access_expiry.labels(cfg.name).set(h.access_expires_at)
+            m.oauth_last_refresh.labels(cfg.name).set(h.last_refresh)
+            age, idle = h.refresh_age_days, h.refresh_idle_days
+            m.oauth_refresh_age.labels(cfg.name).set(-1 if age is None else age * day)
+            m.oauth_refresh_idle.labels(cfg.name).set(-1 if idle is None else idle * day)
+            left = h.secret_days_left
+            expiry = -1.0 if left is None else time.time() + left * day
+            m.oauth_secret_expiry.labels(cfg.name).set(expiry)
+            m.oauth_warnings.labels(cfg.name).set(len(h.warnings))
+        return h.warnings
 
     async def _report(
         self,
@@ -600,8 +634,10 @@ class Engine:
         cfg: MailboxConfig | None,
         outcome: MailboxOutcome,
         send: MemoryObjectSendStream[Item],
+        warnings: tuple[tuple[str, str], ...] = (),
     ) -> None:
-        """Have the writer record how the session ended (its outage events, its status)."""
+        """Have the writer record how the session ended (its outage events, its status,
+        token health warnings)."""
         result = outcome.result or SessionResult()
         report = SessionReport(
             name=src.name,
@@ -615,6 +651,7 @@ class Engine:
             account=result.account,
             deleted=result.deleted_keys,
             kept_deleted=result.kept_deleted,
+            warnings=warnings,
         )
         try:
             await submit(send, report)

@@ -809,7 +809,7 @@ class Writer:
         decisions = outage.decide(
             rep.name,
             error,
-            await tx.open_outages(rep.name),
+            outage.failing(await tx.open_outages(rep.name)),
             team=rep.team,
             config=rep.config,
             file_name=rep.path.name,
@@ -825,6 +825,8 @@ class Writer:
                 log.warning(
                     "mailbox=%s outage %s goes on (#%d): %s", rep.name, cause, number, error
                 )
+        if rep.warnings:
+            await self._warnings(tx, rep)
         if rep.account is not None and rep.deleted:
             await tx.mark_deleted(rep.account, rep.deleted)
         await tx.note_session(
@@ -835,6 +837,15 @@ class Writer:
             failed=rep.failed,
             kept_deleted=rep.kept_deleted,
         )
+
+    async def _warnings(self, tx: Transaction, rep: SessionReport) -> None:
+        """Raise each token health warning once (engine.oauth.health)."""
+        causes = [outage.WARNING_PREFIX + key for key, _ in rep.warnings]
+        raised = await tx.outages_by_cause(rep.name, causes)
+        now = datetime.now(UTC)
+        for d in outage.warn(rep.name, rep.warnings, raised, team=rep.team, now=now):
+            number = await self._event(tx, d)
+            log.warning("mailbox=%s warning event #%d: %s", rep.name, number, d.subject)
 
 
 class TwoPassCommit:

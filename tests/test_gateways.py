@@ -154,7 +154,7 @@ def test_a_session_runs_on_any_gateway_through_the_interface_alone(
             402: ("INBOX/17/12", big),
         }
     )
-    monkeypatch.setitem(gateways.GATEWAYS, "pop3", lambda server: box)
+    monkeypatch.setitem(gateways.GATEWAYS, "pop3", lambda server, tokens=None: box)
 
     assert once(data, cfg) == 1  # a failure event: the run says so
     assert box.calls[:4] == ["open", "listing", "extend", "fetch_many"]

@@ -112,6 +112,8 @@ def test_every_read_of_a_transaction_sees_its_own_writes(tmp_path: Path, store: 
             }
             await tx.set_status(outage, "processed", by="system", why="closed")
             seen["closed"] = await tx.open_outages("box")
+            # Open or closed: a warning is raised once per cause (engine.oauth's warnings).
+            seen["by_cause"] = await tx.outages_by_cause("box", ["timeout", "timeout", "tls"])
             seen["numbers"] = (failure, outage, mail)
             return seen
 
@@ -126,6 +128,7 @@ def test_every_read_of_a_transaction_sees_its_own_writes(tmp_path: Path, store: 
     assert seen["ledger_rows"]["u1"].request_number == mail
     assert seen["account_has_rows"] is True
     assert seen["closed"] == {}
+    assert seen["by_cause"] == {"timeout": outage}
     assert rows_of(tmp_path, "SELECT count(*) FROM activities") == [(1,)]
 
 

@@ -226,6 +226,13 @@ def make_message(rng: random.Random, tag: str) -> tuple[bytes, str, frozenset[st
     return msg.as_bytes(policy=SMTP), message_id.strip("<>"), digests
 
 
+class MailboxWriter(Protocol):
+    """Writes the file of a mailbox whose Dovecot user ``user`` has ``password``; the other
+    keywords are support.mailbox_xml's (Target.mailbox gives them)."""
+
+    def __call__(self, path: Path, *, user: str, password: str, **settings: Any) -> object: ...
+
+
 @dataclass(frozen=True)
 class Target:
     """What the runs read: POP3, or IMAP with its afterProcessing."""
@@ -342,13 +349,16 @@ def iteration(
     *,
     modes: Sequence[str] | None = None,
     keep: bool = False,
+    write: MailboxWriter | None = None,
     target: Target = Target(),
 ) -> IterationResult:
     """Deliver, run-and-kill 1 to 3 times, finish, verify.
 
     ``modes`` chooses the kills instead: one run per entry, ``"random"``, ``"POINT"`` (a random
-    N) or ``"POINT:N"``.
+    N) or ``"POINT:N"``. ``write`` writes each mailbox file (default the tests' mailbox_xml,
+    a password over plain POP3; the OAuth2 tests sign in with tokens instead).
     """
+    write = write or mailbox_xml
     started = time.monotonic()
     result = IterationResult(index)
     work = base / f"it-{index:05d}"
@@ -361,7 +371,7 @@ def iteration(
     for box in range(rng.randint(2, 3)):
         user, password = f"crash-{token}-{box}", f"pw-{rng.getrandbits(64):016x}"
         dovecot.add_user(user, password)
-        mailbox_xml(conf / f"box{box}.xml", user=user, password=password, **target.mailbox(dovecot))
+        write(conf / f"box{box}.xml", user=user, password=password, **target.mailbox(dovecot))
         for i in range(rng.randint(3, 6)):
             raw, mid, attachments = make_message(rng, f"{token}-{box}-{i}")
             dovecot.deliver(user, raw)
@@ -446,6 +456,7 @@ def run_iterations(
     forced_modes: Sequence[Sequence[str]] = (),
     keep: bool = False,
     progress: Callable[[Figures], None] | None = None,
+    write: MailboxWriter | None = None,
     target: Target = Target(),
 ) -> Figures:
     """``iterations`` iterations on ``workers`` threads (each starting its own processes).
@@ -482,6 +493,7 @@ def run_iterations(
                     busy,
                     modes=modes,
                     keep=keep,
+                    write=write,
                     target=target,
                 )
             except Exception as exc:  # a broken harness must show, not hang the others

@@ -1082,7 +1082,11 @@ def _wait_until_ready(handle: Dovecot) -> None:
                 f"dovecot exited with status {handle._process.returncode}\n{handle.log_tail()}"
             )
         if handle.pid() is None:
-            if (handle.run_dir / "master.pid").exists():
+            # The master writes its pid file in place ("PID\n"): an empty or unterminated
+            # file is one being written (seen: "the Dovecot master died" one start in ten
+            # on a busy machine).
+            pid_file = handle.run_dir / "master.pid"
+            if pid_file.exists() and pid_file.read_text().endswith("\n"):
                 raise DovecotError(f"the Dovecot master died\n{handle.log_tail()}")
             time.sleep(0.05)
             continue

@@ -48,6 +48,7 @@ Two gateways implement it, and the interface carries both without a change to th
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from engine.config import ServerConfig
 from engine.gateways.base import (
@@ -63,6 +64,9 @@ from engine.gateways.base import (
 from engine.gateways.imap import ImapGateway
 from engine.gateways.pop3 import Pop3Gateway
 
+if TYPE_CHECKING:
+    from engine.oauth.broker import TokenBroker
+
 __all__ = [
     "GATEWAYS",
     "HEADER_BYTES",
@@ -77,13 +81,15 @@ __all__ = [
 ]
 
 # The one place that maps a gateway kind (ServerConfig.gateway, read from gatewayTypeName)
-# to what makes its sessions.
-GATEWAYS: dict[str, Callable[[ServerConfig], Gateway]] = {
+# to what makes its sessions. A factory takes the server's settings and the token broker
+# (None when the engine has none: then ``server.oauth2`` cannot be signed in with).
+GATEWAYS: dict[str, Callable[[ServerConfig, TokenBroker | None], Gateway]] = {
     "pop3": Pop3Gateway,
     "imap": ImapGateway,
 }
 
 
-def gateway_for(server: ServerConfig) -> Gateway:
-    """A new, unopened session with ``server``, by the gateway its config names."""
-    return GATEWAYS[server.gateway](server)
+def gateway_for(server: ServerConfig, tokens: TokenBroker | None = None) -> Gateway:
+    """A new, unopened session with ``server``, by the gateway its config names; ``tokens``
+    gives the access tokens of an OAuth2 sign-in (engine.oauth.broker)."""
+    return GATEWAYS[server.gateway](server, tokens)

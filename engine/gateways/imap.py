@@ -39,7 +39,7 @@ import re
 import socket
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.config import ServerConfig
 from engine.errors import (
@@ -47,6 +47,7 @@ from engine.errors import (
     FetchError,
     FetchTimeout,
     MailboxLockedError,
+    OAuthError,
     ProtocolError,
     ServerTempError,
     TLSError,
@@ -60,9 +61,13 @@ from engine.gateways.base import (
     session_seconds,
 )
 from engine.gateways.pop3 import DISCARD_BYTES, MAX_LISTED, read_line
-from engine.keys import imap_key
+from engine.keys import account_key, imap_key
 from engine.logs import scrub
+from engine.oauth import sasl
 from engine.tls import client_context
+
+if TYPE_CHECKING:
+    from engine.oauth.broker import AccessToken, TokenBroker
 
 log = logging.getLogger("engine.gateways.imap")
 
@@ -218,8 +223,12 @@ class ImapGateway:
     """One IMAP session: the IMAP implementation of :class:`engine.gateways.Gateway`. Use
     :meth:`open` first and always :meth:`quit` or :meth:`abort`."""
 
-    def __init__(self, server: ServerConfig) -> None:
+    def __init__(self, server: ServerConfig, tokens: TokenBroker | None = None) -> None:
         self.server = server
+        # Where OAuth2 access tokens come from (server.oauth2); None: passwords only.
+        self.tokens = tokens
+        # The SASL mechanism an OAuth2 sign-in used (None: LOGIN).
+        self.mechanism: str | None = None
         self.conn: imaplib.IMAP4 | None = None
         self.capabilities: frozenset[str] = frozenset()
         # One UID FETCH takes a whole window, and a header alone is BODY.PEEK[HEADER].
@@ -323,12 +332,40 @@ class ImapGateway:
 
     def _login(self) -> None:
         conn = self._c()
-        conn.login(self.server.user_name, self.server.password)
+        if self.server.oauth2 is not None:
+            self._oauth_login(conn)
+        else:
+            conn.login(self.server.user_name, self.server.password)
         self._alerts()  # before the next command: imaplib then drops the untagged OKs
         _typ, data = conn.capability()
         words = b" ".join(d for d in data if isinstance(d, bytes)).decode("ascii", "replace")
         self.capabilities = frozenset(w.upper() for w in words.split())
         self._alerts()
+
+    def _oauth_login(self, conn: imaplib.IMAP4) -> None:
+        """AUTHENTICATE with the mechanism CAPABILITY announces (AUTH=OAUTHBEARER, else
+        AUTH=XOAUTH2) through the broker's sign_in, as POP3 does: a stored token the server
+        refuses is replaced and tried once more; engine.oauth.sasl classifies a refusal."""
+        s = self.server
+        assert s.oauth2 is not None
+        if self.tokens is None:
+            raise OAuthError("token-endpoint", "internal error: no token broker for OAuth2")
+        # imaplib keeps the capabilities of the greeting (after STARTTLS: asked again).
+        offered = [c[5:] for c in conn.capabilities if c.upper().startswith("AUTH=")]
+        mechanism = sasl.choose(offered)
+        if mechanism is None:
+            raise AuthError(
+                "the server offers neither OAUTHBEARER nor XOAUTH2 in CAPABILITY "
+                f"(AUTH=: {' '.join(offered)[:100] or 'none'})"
+            )
+        account = account_key(s.user_name, s.host, s.account_id)
+        self.tokens.sign_in(
+            account,
+            s.oauth2,
+            mechanism,
+            lambda token: _authenticate(conn, mechanism, s, token),
+        )
+        self.mechanism = mechanism
 
     def _alerts(self) -> None:
         """RFC 3501: an ``[ALERT]`` must reach a person: a warning in the log (scrubbed).
@@ -734,6 +771,26 @@ class ImapGateway:
         return error
 
 
+def _authenticate(
+    conn: imaplib.IMAP4, mechanism: str, server: ServerConfig, token: AccessToken
+) -> None:
+    """One AUTHENTICATE exchange: imaplib sends the initial response after the server's
+    empty challenge. A refusal is an error challenge, answered with an empty line
+    (:class:`engine.oauth.sasl.SaslClient`), then NO: a NO naming a temporary failure
+    ([UNAVAILABLE], [INUSE]...) is the server's, not the token's; any other is classified."""
+    client = sasl.SaslClient(mechanism, server.user_name, token.value, server.host, server.port)
+    try:
+        # imaplib's authobject takes and returns bytes (base64 is imaplib's job).
+        conn.authenticate(mechanism, lambda challenge: client(challenge).encode())
+    except imaplib.IMAP4.abort:
+        raise  # BYE or a broken answer: ImapGateway._mapped maps it
+    except imaplib.IMAP4.error as exc:
+        error = server_error(exc_text(exc), "login")
+        if not isinstance(error, AuthError):
+            raise error from None
+        raise client.refused(token.expires_at, token.scopes) from None
+
+
 def _printable(raw: bytes) -> str:
     """A name the server sent, safe to print: control characters as ``?``, at most 200."""
     text = scrub(raw.decode("utf-8", "replace"))[:200]
@@ -790,9 +847,9 @@ class IdleWatcher:
     :class:`FetchError`, and the daemon reconnects with a backoff.
     """
 
-    def __init__(self, server: ServerConfig) -> None:
+    def __init__(self, server: ServerConfig, tokens: TokenBroker | None = None) -> None:
         self.server = server
-        self.gateway = ImapGateway(server)
+        self.gateway = ImapGateway(server, tokens)
         # Waiting is bounded per read by the IDLE's own end and timeoutSeconds, not by a
         # session's deadline.
         self.gateway.deadline = math.inf

@@ -15,6 +15,7 @@ checked before every read, see :func:`session_seconds`).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import math
@@ -25,7 +26,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.config import ServerConfig
 from engine.errors import (
@@ -34,6 +35,7 @@ from engine.errors import (
     FetchError,
     FetchTimeout,
     MailboxLockedError,
+    OAuthError,
     ProtocolError,
     ServerTempError,
     TLSError,
@@ -46,9 +48,13 @@ from engine.gateways.base import (
     network_error,
     session_seconds,
 )
-from engine.keys import uidl_key
+from engine.keys import account_key, uidl_key
 from engine.logs import scrub
+from engine.oauth import sasl
 from engine.tls import client_context
+
+if TYPE_CHECKING:
+    from engine.oauth.broker import AccessToken, TokenBroker
 
 # The logger keeps the name it had before gateways were a package: operators filter on it.
 log = logging.getLogger("engine.gateways.pop3")
@@ -352,8 +358,12 @@ class Pop3Gateway:
     timeouts never fire on it.
     """
 
-    def __init__(self, server: ServerConfig) -> None:
+    def __init__(self, server: ServerConfig, tokens: TokenBroker | None = None) -> None:
         self.server = server
+        # Where OAuth2 access tokens come from (server.oauth2); None: passwords only.
+        self.tokens = tokens
+        # The SASL mechanism an OAuth2 sign-in used (None: USER/PASS).
+        self.mechanism: str | None = None
         self.conn: poplib.POP3 | None = None
         self._interrupted = False
         # Whether the server announced PIPELINING in CAPA (RFC 2449), learnt after login.
@@ -457,14 +467,44 @@ class Pop3Gateway:
     def _login(self) -> None:
         # A -ERR to USER or PASS is classified by _mapped (AuthError, or [IN-USE]...).
         conn = self._c()
-        conn.user(self.server.user_name)
-        conn.pass_(self.server.password)
+        if self.server.oauth2 is not None:
+            self._oauth_login(conn)
+        else:
+            conn.user(self.server.user_name)
+            conn.pass_(self.server.password)
         try:
             caps = conn.capa()
         except poplib.error_proto:
             self.pipelining, self.top = False, None  # no CAPA: one command at a time
         else:
             self.pipelining, self.top = "PIPELINING" in caps, "TOP" in caps
+
+    def _oauth_login(self, conn: poplib.POP3) -> None:
+        """AUTH (RFC 5034) with the mechanism CAPA's SASL line offers, through the broker's
+        sign_in (a stored token refused is replaced and tried once more; engine.oauth.sasl
+        classifies a refusal)."""
+        s = self.server
+        assert s.oauth2 is not None
+        if self.tokens is None:
+            raise OAuthError("token-endpoint", "internal error: no token broker for OAuth2")
+        try:
+            offered = conn.capa().get("SASL", [])
+        except poplib.error_proto:
+            offered = []
+        mechanism = sasl.choose(offered)
+        if mechanism is None:
+            raise AuthError(
+                "the server offers neither OAUTHBEARER nor XOAUTH2 in CAPA "
+                f"(SASL: {' '.join(offered)[:100] or 'none'})"
+            )
+        account = account_key(s.user_name, s.host, s.account_id)
+        self.tokens.sign_in(
+            account,
+            s.oauth2,
+            mechanism,
+            lambda token: _authenticate(conn, mechanism, s, token),
+        )
+        self.mechanism = mechanism
 
     def _lines(self, keep: int) -> tuple[list[bytes], int]:
         conn: Any = self._c()
@@ -676,6 +716,34 @@ class Pop3Gateway:
         if isinstance(exc, poplib.error_proto):
             return _server_error(exc, during)
         return network_error(exc, self.server, self.deadline, self.seconds, during)
+
+
+def _authenticate(
+    conn: poplib.POP3, mechanism: str, server: ServerConfig, token: AccessToken
+) -> None:
+    """One SASL exchange: ``AUTH mech``, then the initial response after the server's
+    empty challenge (a token does not fit RFC 5034's 255-octet AUTH line). A refusal is an
+    error challenge, answered with an empty line, then -ERR: both read, then classified."""
+    c: Any = conn
+    c._putline(f"AUTH {mechanism}".encode("ascii"))
+    c._getresp()  # "+ " (a -ERR: the mechanism is refused, mapped as a login error)
+    initial = sasl.initial_response(
+        mechanism, server.user_name, token.value, server.host, server.port
+    )
+    c._putline(base64.b64encode(initial))
+    refusal: dict[str, str] = {}
+    try:
+        resp: bytes = c._getresp()
+        if resp.startswith(b"+OK"):
+            return
+        refusal = sasl.parse_refusal(resp[1:])
+        c._putline(b"")
+        c._getresp()
+    except poplib.error_proto as exc:
+        error = _server_error(exc, "login")
+        if not isinstance(error, AuthError):  # [IN-USE], [SYS/TEMP]: not the token
+            raise error from None
+    raise sasl.classify(refusal, mechanism, token.expires_at, token.scopes)
 
 
 def _sizes(lines: list[bytes]) -> dict[int, int]:

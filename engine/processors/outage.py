@@ -13,7 +13,7 @@ events (the writer looks them up), to what the writer applies:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from engine.config import MailboxConfig, mailbox_copy
@@ -69,6 +69,44 @@ def decide(
             attachments=copy,
         )
     ]
+
+
+# The cause of a warning event (engine.oauth.health): an outage event that no working
+# session closes, raised once per warning key.
+WARNING_PREFIX = "warning:"
+
+
+def warn(
+    mailbox: str,
+    warnings: Sequence[tuple[str, str]],
+    raised: Mapping[str, int],
+    *,
+    team: str | None,
+    now: datetime,
+) -> list[NewEvent]:
+    """The warning events to raise: one per warning whose cause (``warning:KEY``) has none
+    yet (``raised``: the mailbox's outage events of those causes, open or closed)."""
+    stamp = now.isoformat(timespec="seconds")
+    return [
+        NewEvent(
+            kind="outage",
+            team=team,
+            mailbox=mailbox,
+            cause=WARNING_PREFIX + key,
+            subject=f"Mail integration: mailbox {mailbox}: OAuth2 sign-in will fail soon",
+            description=(
+                f"{stamp}: {text}\n\nMail is still read; this warning is raised once, before "
+                "the sign-in fails. Close this event once it is done."
+            ),
+        )
+        for key, text in warnings
+        if WARNING_PREFIX + key not in raised
+    ]
+
+
+def failing(open_events: Mapping[str, int]) -> dict[str, int]:
+    """The open outage events a working session closes: not the warnings."""
+    return {c: n for c, n in open_events.items() if not c.startswith(WARNING_PREFIX)}
 
 
 def cause(error: BaseException) -> str:

@@ -186,6 +186,11 @@ class Transaction(ABC):
     async def open_outages(self, mailbox: str) -> dict[str, int]:
         """The mailbox's open outage events, by cause."""
 
+    @abstractmethod
+    async def outages_by_cause(self, mailbox: str, causes: Iterable[str]) -> dict[str, int]:
+        """The mailbox's outage events of these causes, open or not, by cause (the latest):
+        a warning is raised once per cause, even after someone closed it."""
+
     # -- ledger ----------------------------------------------------------------------------
 
     @abstractmethod

@@ -860,6 +860,18 @@ class PostgresTransaction(Transaction):
         )
         return {r[0]: int(r[1]) for r in rows}
 
+    async def outages_by_cause(self, mailbox: str, causes: Iterable[str]) -> dict[str, int]:
+        wanted = list(dict.fromkeys(causes))
+        if not wanted:
+            return {}
+        rows = await self._all(
+            "SELECT cause, MAX(number) FROM requests WHERE kind = 'outage' AND mailbox = $1 "
+            "AND cause = ANY($2::text[]) GROUP BY cause",
+            mailbox,
+            wanted,
+        )
+        return {r[0]: int(r[1]) for r in rows}
+
     # -- outbox ----------------------------------------------------------------------------
 
     async def queue_reply(

@@ -1040,6 +1040,19 @@ class SqliteTransaction(Transaction):
         )
         return {r[0]: int(r[1]) for r in rows}
 
+    async def outages_by_cause(self, mailbox: str, causes: Iterable[str]) -> dict[str, int]:
+        wanted = list(dict.fromkeys(causes))
+        if not wanted:
+            return {}
+        marks = ", ".join("?" * len(wanted))
+        rows = await self._all(
+            "SELECT cause, MAX(number) FROM requests WHERE kind = 'outage' AND mailbox = ? "
+            f"AND cause IN ({marks}) GROUP BY cause",
+            (mailbox, *wanted),
+            sees=_REQUESTS,
+        )
+        return {r[0]: int(r[1]) for r in rows}
+
     # -- outbox ----------------------------------------------------------------------------
 
     async def queue_reply(
