@@ -23,7 +23,12 @@ class UnknownFallbackUser(MessageError):
     )
 
 
-async def decide(msg: ParsedMessage, ctx: Context, directory: DirectoryView) -> Decision:
+async def before_new_request(
+    msg: ParsedMessage, ctx: Context, directory: DirectoryView
+) -> Decision | None:
+    """What an end-user mailbox (incident or service request) decides before a new request
+    is even considered: an activity on the request the mail refers to, an auto-reply ignored,
+    or a refusal where new requests are not allowed; None when a new request it is."""
     request, via = await referenced_request(msg, ctx, directory)
     if request is not None:
         return activity_for(msg, ctx, request, via)
@@ -32,6 +37,12 @@ async def decide(msg: ParsedMessage, ctx: Context, directory: DirectoryView) -> 
         return Ignore("auto-reply")
     if not ctx.mailbox.create_new_requests:
         return refuse(msg, ctx)
+    return None
+
+
+async def decide(msg: ParsedMessage, ctx: Context, directory: DirectoryView) -> Decision:
+    if (early := await before_new_request(msg, ctx, directory)) is not None:
+        return early
     user = await requester(msg, ctx, directory)
     assignee = await directory.user_by_login(ctx.mailbox.assignee) if ctx.mailbox.assignee else None
     attachments, notes = kept_attachments(msg, ctx)

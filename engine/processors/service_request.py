@@ -21,16 +21,13 @@ from typing import Final
 
 from engine.errors import MessageError
 from engine.model import DirectoryView, ParsedMessage, User
-from engine.processors import Context, Decision, Ignore, NewRequest
+from engine.processors import Context, Decision, NewRequest
 from engine.processors.common import (
-    activity_for,
     foreign_numbers,
-    is_auto_reply,
     kept_attachments,
-    referenced_request,
     with_notes,
 )
-from engine.processors.incident import refuse, requester
+from engine.processors.incident import before_new_request, requester
 
 MAX_FIELDS: Final = 200
 MAX_VALUE: Final = 10_000
@@ -95,13 +92,8 @@ def _take(fields: list[tuple[str, str]], name: str) -> str | None:
 
 
 async def decide(msg: ParsedMessage, ctx: Context, directory: DirectoryView) -> Decision:
-    request, via = await referenced_request(msg, ctx, directory)
-    if request is not None:
-        return activity_for(msg, ctx, request, via)
-    if is_auto_reply(msg):
-        return Ignore("auto-reply")
-    if not ctx.mailbox.create_new_requests:
-        return refuse(msg, ctx)
+    if (early := await before_new_request(msg, ctx, directory)) is not None:
+        return early
     settings = ctx.mailbox.processing.service_requests
     form_text, description = split_form(msg.body, settings.token)
     fields = read_fields(form_text) if form_text is not None else []
