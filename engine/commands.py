@@ -7,6 +7,7 @@ and nothing else in the engine imports this one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
@@ -545,3 +546,65 @@ async def cmd_status(args: argparse.Namespace) -> int:
             + (f"  polled by {owner}" if owner else "")
         )
     return 0
+
+
+async def cmd_init(args: argparse.Namespace) -> int:
+    """Write a mailbox file from a preset and answers (engine.wizard), then ``check`` it."""
+    from engine import wizard
+
+    interactive = sys.stdin.isatty() and sys.stdout.isatty() and not args.non_interactive
+    if interactive:
+        print("mailintegration init: a mailbox file from a few answers (Ctrl-C to stop).")
+        print("Providers: " + "; ".join(f"{k}: {p.label}" for k, p in wizard.PRESETS.items()))
+    answers = await anyio.to_thread.run_sync(wizard.collect, args, interactive)
+    target, cfg = await anyio.to_thread.run_sync(
+        lambda: wizard.write(
+            answers, args.config_dir, args.secret_file, force=args.force, interactive=interactive
+        )
+    )
+    print(f"Wrote {target} (team {cfg.team}, {cfg.server.host}:{cfg.server.port}).")
+    for line in wizard.registration_steps(answers, target):
+        print(line)
+    if args.no_check:
+        return 0
+    if answers.flow == "refreshToken":
+        print(f"Not checked yet: sign in first (mailintegration oauth login --config {target}).")
+        return 0
+    print("Checking the connection (nothing is fetched or deleted)...")
+    check = argparse.Namespace(**vars(args))
+    check.config = target
+    return await cmd_check(check)
+
+
+async def cmd_config(args: argparse.Namespace) -> int:
+    """``config validate``: every mailbox file, loaded as the daemon would, never connecting."""
+    from engine import validation
+    from engine.writer import known_entry
+
+    logs.configure(level=logging.WARNING)
+    if not args.config_dir.is_dir():
+        raise ConfigError(f"the config folder {args.config_dir} does not exist")
+    found, _ = await anyio.to_thread.run_sync(
+        lambda: validation.reports(
+            args.config_dir, default_team=args.team, follow_symlinks=args.follow_symlinks
+        )
+    )
+    if args.data_dir is not None:
+        if not (args.data_dir / "mailintegration.sqlite3").exists():
+            raise EngineError(f"no store in {args.data_dir}: nothing has run there yet")
+        # Reads only; like directory import, SQLite's lock serialises it with an engine.
+        store = await open_store(args.data_dir)
+        try:
+            async with store.transaction() as tx:
+                for report in found:
+                    for need in report.needs:
+                        need.exists = await known_entry(tx, need.kind, need.name)
+                        if not need.exists:
+                            report.problems.append(f"{report.file}:{need.line}: {need.missing}")
+        finally:
+            await store.close()
+    if args.json:
+        print_json([dataclasses.asdict(r) for r in found])
+    else:
+        print(validation.render(found))
+    return 1 if any(r.problems for r in found) else 0
