@@ -282,7 +282,7 @@ def without_values(out: str) -> list[str]:
 def test_config_validate_reports_every_file_with_its_problems_and_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = validate_folder(tmp_path)
+    validate_folder(tmp_path)
     data = tmp_path / "data"
     import_directory(data, tmp_path)
     monkeypatch.chdir(tmp_path)
