@@ -568,9 +568,30 @@ def _config(sub: argparse._SubParsersAction[_Parser]) -> None:
         help="check the directory entries against this data directory's store (env "
         "MAILINTEGRATION_DATA_DIR; without it they are unknown)",
     )
+    val.add_argument(
+        "--store",
+        default=os.environ.get("MAILINTEGRATION_STORE") or None,
+        help="check them against this PostgreSQL store instead (env MAILINTEGRATION_STORE)",
+    )
+    val.add_argument(
+        "--store-password-file",
+        type=Path,
+        default=_env_path("MAILINTEGRATION_STORE_PASSWORD_FILE"),
+        help="the PostgreSQL password's file (env MAILINTEGRATION_STORE_PASSWORD_FILE)",
+    )
     val.add_argument("--team", help="default team (number or name) for mailboxes without one")
     val.add_argument("--json", action="store_true")
-    val.reads("MAILINTEGRATION_DATA_DIR", _MAILBOX_SECRETS)
+    val.add_argument(
+        "--quiet", action="store_true", help="only the files with problems, and the summary"
+    )
+    val.reads(
+        "MAILINTEGRATION_DATA_DIR",
+        "MAILINTEGRATION_STORE",
+        "MAILINTEGRATION_STORE_PASSWORD_FILE",
+        "PGPASSFILE",
+        "PGPASSWORD",
+        _MAILBOX_SECRETS,
+    )
     _follow_symlinks(val)
 
 

@@ -27,6 +27,7 @@ from engine.store import DataDirLock, Store, open_store, private_file
 if TYPE_CHECKING:
     from engine.leases import Leases
     from engine.supervisor import Engine, MailboxOutcome, MailboxSource
+    from engine.validation import FileReport
 
 # The pipeline (supervisor, fetcher, parser, writer, config) is imported while the login is
 # checked: scrypt takes ~50 ms in a thread without the GIL, the imports ~50 ms with it.
@@ -579,7 +580,6 @@ async def cmd_init(args: argparse.Namespace) -> int:
 async def cmd_config(args: argparse.Namespace) -> int:
     """``config validate``: every mailbox file, loaded as the daemon would, never connecting."""
     from engine import validation
-    from engine.writer import known_entry
 
     logs.configure(level=logging.WARNING)
     if not args.config_dir.is_dir():
@@ -589,22 +589,36 @@ async def cmd_config(args: argparse.Namespace) -> int:
             args.config_dir, default_team=args.team, follow_symlinks=args.follow_symlinks
         )
     )
-    if args.data_dir is not None:
-        if not (args.data_dir / "mailintegration.sqlite3").exists():
-            raise EngineError(f"no store in {args.data_dir}: nothing has run there yet")
-        # Reads only; like directory import, SQLite's lock serialises it with an engine.
-        store = await open_store(args.data_dir)
-        try:
-            async with store.transaction() as tx:
-                for report in found:
-                    for need in report.needs:
-                        need.exists = await known_entry(tx, need.kind, need.name)
-                        if not need.exists:
-                            report.problems.append(f"{report.file}:{need.line}: {need.missing}")
-        finally:
-            await store.close()
+    note = await _check_needs(args, found)
+    found_shown = [r for r in found if r.problems] if args.quiet else found
     if args.json:
-        print_json([dataclasses.asdict(r) for r in found])
+        print_json([dataclasses.asdict(r) for r in found_shown])
     else:
-        print(validation.render(found))
+        if note:
+            print(note)
+        print(validation.render(found_shown, total=found))
     return 1 if any(r.problems for r in found) else 0
+
+
+async def _check_needs(args: argparse.Namespace, found: list[FileReport]) -> str | None:
+    """Fill in whether each directory entry exists, from the store if there is one; else
+    they stay unknown, and the returned note says why."""
+    from engine.writer import known_entry
+
+    if _postgres(args) is None:
+        if args.data_dir is None:
+            return None
+        if not (args.data_dir / "mailintegration.sqlite3").exists():
+            return f"no store in {args.data_dir} yet: the directory entries are unknown"
+    # Reads only; like directory import, SQLite's lock serialises it with a running engine.
+    store = await open_any_store(args)
+    try:
+        async with store.transaction() as tx:
+            for report in found:
+                for need in report.needs:
+                    need.exists = await known_entry(tx, need.kind, need.name)
+                    if not need.exists:
+                        report.problems.append(f"{report.file}:{need.line}: {need.missing}")
+    finally:
+        await store.close()
+    return None

@@ -183,8 +183,8 @@ def _line_of(path: Path, element: str) -> int:
     return next((i for i, line in enumerate(lines, 1) if tag in line.lower()), 1)
 
 
-def render(found: list[FileReport]) -> str:
-    """The text report."""
+def render(found: list[FileReport], total: list[FileReport] | None = None) -> str:
+    """The text report of ``found``; the summary counts ``total`` (default: ``found``)."""
     lines: list[str] = []
     for r in found:
         lines.append(f"{r.file}: {'ok' if not r.problems else 'PROBLEMS'}")
@@ -206,10 +206,11 @@ def render(found: list[FileReport]) -> str:
         if r.problems:
             lines.append("  problems:")
             lines += [f"    {p}" for p in r.problems]
-    bad = sum(1 for r in found if r.problems)
-    broken = sum(1 for r in found if not r.loaded)
+    every = found if total is None else total
+    bad = sum(1 for r in every if r.problems)
+    broken = sum(1 for r in every if not r.loaded)
     lines.append(
-        f"{len(found)} file(s): {len(found) - bad} ok, {bad} with problems, {broken} would not load"
+        f"{len(every)} file(s): {len(every) - bad} ok, {bad} with problems, {broken} would not load"
     )
     return "\n".join(lines)
 

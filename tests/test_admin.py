@@ -352,6 +352,16 @@ def test_config_validate_without_a_data_dir_says_unknown_and_json_has_the_same(
     code, out = cli("config", "validate", "--config-dir", cfg)
     assert code == 0, out  # nothing that would not load, nothing known to be missing
     assert "    assignee: nobody (users): unknown" in out
+    # A data directory where nothing ran yet (a first start): unknown too, and said so.
+    code, out = cli("config", "validate", "--config-dir", cfg, "--data-dir", tmp_path / "new")
+    assert code == 0 and out.startswith(f"no store in {tmp_path / 'new'} yet: the directory")
+    assert not (tmp_path / "new").exists()
+    # --quiet: only the files with problems, the summary counting every file.
+    mailbox_xml(cfg / "bad.xml", port=110, user="b", password="x", team="<x/>")
+    code, out = cli("config", "validate", "--config-dir", cfg, "--quiet")
+    assert code == 1
+    assert out.splitlines()[0] == "cfg/bad.xml: PROBLEMS".replace("cfg", str(cfg))
+    assert out.splitlines()[-1] == "4 file(s): 3 ok, 1 with problems, 1 would not load"
     code, out = cli("config", "validate", "--config-dir", cfg, "--json")
 
     reports = {r["mailbox"]: r for r in json.loads(out)}
