@@ -172,7 +172,8 @@ async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[i
                     else args.parse_processes
                 ),
                 poll_interval=getattr(args, "poll_interval", 60.0),
-                metrics=bool(getattr(args, "http_port", 0)),
+                # Progress bars read the writer's counts from the metrics (engine.progress).
+                metrics=bool(getattr(args, "http_port", 0)) or getattr(args, "progress", False),
                 follow_symlinks=getattr(args, "follow_symlinks", False),
                 reply_limits=ReplyLimits(
                     per_address_per_day=args.replies_per_address_per_day,
@@ -236,11 +237,29 @@ async def _serving(
 
 
 async def cmd_once(args: argparse.Namespace) -> int:
+    from engine import progress
+
+    args.progress = progress.wanted(args)
+
     async def body(engine: Engine) -> int:
         outcomes: list[MailboxOutcome] = []
 
         async def work() -> None:
-            outcomes.extend(await engine.once(_sources(args)))
+            if not args.progress:
+                outcomes.extend(await engine.once(_sources(args)))
+                return
+            with progress.bars(args) as shown:
+                bars = progress.EngineBars(shown, engine, [s.name for s in _sources(args)])
+
+                def done(o: MailboxOutcome) -> None:
+                    bars.finish(o.name)
+                    print(_outcome_line(o), flush=True)
+
+                engine.on_outcome = done
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(bars.follow)
+                    outcomes.extend(await engine.once(_sources(args)))
+                    tg.cancel_scope.cancel()
 
         if sys.stdout.isatty() and not args.dry_run:
             engine.on_outcome = lambda o: print(_outcome_line(o), flush=True)
@@ -270,11 +289,27 @@ async def cmd_ingest(args: argparse.Namespace) -> int:
         if not f.is_file():
             raise ConfigError(f"{f} is not a readable file")
 
+    from engine import progress
+
+    args.progress = progress.wanted(args)
+
     async def body(engine: Engine) -> int:
         from engine.items import Kind
         from engine.supervisor import MailboxSource
 
-        results = await engine.ingest(MailboxSource(args.config.stem, args.config), args.files)
+        source = MailboxSource(args.config.stem, args.config)
+        if args.progress:
+            with progress.bars(args) as shown:
+                bars = progress.EngineBars(
+                    shown, engine, [source.name], total=lambda _: len(args.files)
+                )
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(bars.follow)
+                    results = await engine.ingest(source, args.files)
+                    tg.cancel_scope.cancel()
+                bars.update()
+        else:
+            results = await engine.ingest(source, args.files)
         failed = 0
         for path, env in results:
             if env.failure is not None:
@@ -518,7 +553,7 @@ async def cmd_directory(args: argparse.Namespace) -> int:
     store = await open_any_store(args)
     try:
         async with store.transaction() as tx:
-            counts = await tx.import_directory(data)
+            counts = await _import_directory(tx, data, args)
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"the directory file is malformed: {exc!r}", file=str(args.file)) from exc
     finally:
@@ -622,3 +657,25 @@ async def _check_needs(args: argparse.Namespace, found: list[FileReport]) -> str
     finally:
         await store.close()
     return None
+
+
+_USERS_PER_STEP = 50
+
+
+async def _import_directory(tx: Any, data: Any, args: argparse.Namespace) -> dict[str, int]:
+    """The directory in one transaction. On a terminal, the users (each password is hashed
+    with scrypt, ~50 ms) go in steps of the same transaction, with a bar counting them."""
+    from engine import progress
+
+    users = data.get("users", []) if isinstance(data, dict) else []
+    if not progress.wanted(args) or len(users) <= _USERS_PER_STEP:
+        counts: dict[str, int] = await tx.import_directory(data)
+        return counts
+    counts = await tx.import_directory({k: v for k, v in data.items() if k != "users"})
+    with progress.bars(args, unit="users") as shown:
+        task = shown.add_task("directory", total=len(users), fetched="")
+        for start in range(0, len(users), _USERS_PER_STEP):
+            step = await tx.import_directory({"users": users[start : start + _USERS_PER_STEP]})
+            counts["users"] += step["users"]
+            shown.update(task, completed=counts["users"])
+    return counts

@@ -250,6 +250,8 @@ class Engine:
         self.stop = anyio.Event()
         # Called as each mailbox of a `once` pass finishes (progress on a terminal).
         self.on_outcome: Callable[[MailboxOutcome], None] | None = None
+        # Each mailbox's latest session counts, as it goes (progress bars read them).
+        self.live: dict[str, SessionResult] = {}
         # With several replicas on one PostgreSQL store: which mailboxes are this one's.
         self.leases: Leases | None = None
 
@@ -577,6 +579,7 @@ class Engine:
                 outcome.push = cfg.server
             async with self._session_slot(src.name):
                 outcome.result = SessionResult()  # counted into, even if the session fails
+                self.live[src.name] = outcome.result
                 await run_session(cfg, send, opts, outcome.result)
         except _NotLeased:
             outcome.skipped = True

@@ -187,25 +187,7 @@ def render(found: list[FileReport], total: list[FileReport] | None = None) -> st
     """The text report of ``found``; the summary counts ``total`` (default: ``found``)."""
     lines: list[str] = []
     for r in found:
-        lines.append(f"{r.file}: {'ok' if not r.problems else 'PROBLEMS'}")
-        lines.append(f"  mailbox: {r.mailbox}")
-        lines.append(f"  team: {r.team or '-'}")
-        if not r.loaded:
-            lines.append("  would not load")
-        if r.values:
-            lines.append("  values:")
-            lines += [f"    {k}: {_show(v)}" for k, v in r.values.items()]
-        if r.needs:
-            lines.append("  directory:")
-            for n in r.needs:
-                state = {None: "unknown", True: "exists", False: "MISSING"}[n.exists]
-                lines.append(f"    {n.element}: {n.name or '(the only team)'} ({n.kind}): {state}")
-        if r.secrets:
-            lines.append("  secrets:")
-            lines += [f"    {k}: {v}" for k, v in r.secrets.items()]
-        if r.problems:
-            lines.append("  problems:")
-            lines += [f"    {p}" for p in r.problems]
+        lines += _render_one(r)
     every = found if total is None else total
     bad = sum(1 for r in every if r.problems)
     broken = sum(1 for r in every if not r.loaded)
@@ -213,6 +195,31 @@ def render(found: list[FileReport], total: list[FileReport] | None = None) -> st
         f"{len(every)} file(s): {len(every) - bad} ok, {bad} with problems, {broken} would not load"
     )
     return "\n".join(lines)
+
+
+def _render_one(r: FileReport) -> list[str]:
+    lines = [
+        f"{r.file}: {'ok' if not r.problems else 'PROBLEMS'}",
+        f"  mailbox: {r.mailbox}",
+        f"  team: {r.team or '-'}",
+    ]
+    if not r.loaded:
+        lines.append("  would not load")
+    if r.values:
+        lines.append("  values:")
+        lines += [f"    {k}: {_show(v)}" for k, v in r.values.items()]
+    if r.needs:
+        lines.append("  directory:")
+        for n in r.needs:
+            state = {None: "unknown", True: "exists", False: "MISSING"}[n.exists]
+            lines.append(f"    {n.element}: {n.name or '(the only team)'} ({n.kind}): {state}")
+    if r.secrets:
+        lines.append("  secrets:")
+        lines += [f"    {k}: {v}" for k, v in r.secrets.items()]
+    if r.problems:
+        lines.append("  problems:")
+        lines += [f"    {p}" for p in r.problems]
+    return lines
 
 
 def _show(v: Any) -> str:

@@ -18,7 +18,16 @@ import pytest
 
 from engine.cli import ENVIRONMENT, build_parser
 from engine.config import load_mailbox
-from tests.support import cli, import_directory, mailbox_xml
+from tests.support import (
+    LOGIN,
+    LOGIN_PASSWORD,
+    Mailbox,
+    cli,
+    engine_argv,
+    import_directory,
+    mailbox_xml,
+    message,
+)
 from tools.dovecot import Dovecot
 from tools.oauthserver import OAuthServer
 
@@ -443,3 +452,67 @@ def test_version_and_completion_scripts() -> None:
     code, script = cli("completion", "bash")
     checked = subprocess.run(["bash", "-n"], input=script, text=True, check=False)
     assert checked.returncode == 0
+
+
+# -------------------------------------------------------------------------------- progress
+
+
+def once_args(box: Mailbox, *extra: str) -> list[str]:
+    return ["once", "--config", str(box.config), "--data-dir", str(box.data), "--login", LOGIN,
+            "--password", LOGIN_PASSWORD, "--parse-processes", "0", *extra]  # fmt: skip
+
+
+def test_once_shows_progress_bars_on_a_terminal_and_one_line_per_mailbox(
+    mailbox: Mailbox,
+) -> None:
+    """On a pseudo-terminal: a bar for the mailbox with its counts and rate, and its summary
+    line; the writer's line per message is left out, and --verbose brings it back."""
+    mailbox.deliver(*(message(f"Backlog {i}") for i in range(12)))
+    child = spawn(*once_args(mailbox), cwd=mailbox.data.parent)
+    code, out = finish(child)
+    assert code == 0, out
+    name = mailbox.config.stem
+    assert re.search(rf"{name} .*━.*12 fetched.*12/12 processed.*msg/s", out), out
+    assert f"{name}: fetched 12, processed 12, failed 0; ok" in out
+    assert "uidl=" not in out  # the per-message INFO lines gave way to the bar
+    mailbox.assert_exactly_once()
+    mailbox.deliver(message("One more"))
+    code, out = finish(spawn(*once_args(mailbox, "--verbose"), cwd=mailbox.data.parent))
+    assert code == 0 and "uidl=" in out and "1/1 processed" in out, out
+
+
+def test_once_in_a_pipe_or_with_json_logs_prints_no_progress(mailbox: Mailbox) -> None:
+    mailbox.deliver(*(message(f"Piped {i}") for i in range(3)))
+    result = subprocess.run(engine_argv(*once_args(mailbox)), capture_output=True, text=True,
+                            check=False, cwd=mailbox.data.parent)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "━" not in result.stdout + result.stderr and "msg/s" not in result.stdout
+    assert result.stderr.count("uidl=") == 3  # the lines as before
+    mailbox.deliver(message("json"))
+    child = spawn(*once_args(mailbox, "--log-format", "json"), cwd=mailbox.data.parent)
+    code, out = finish(child)
+    assert code == 0, out
+    assert "━" not in out and "msg/s" not in out  # JSON logs: no bars, on a terminal too
+    assert "uidl=" in out  # and the line per message stays
+
+
+def test_ingest_and_directory_import_show_progress_on_a_terminal(
+    data: Path, tmp_path: Path
+) -> None:
+    files = []
+    for i in range(5):
+        f = tmp_path / f"m{i}.eml"
+        f.write_bytes(message(f"Replayed {i}"))
+        files.append(str(f))
+    config = mailbox_xml(tmp_path / "replay.xml", port=110, user="r", password="p")
+    child = spawn("ingest", *files, "--config", config, "--data-dir", data, "--login", LOGIN,
+                  "--password", LOGIN_PASSWORD, cwd=tmp_path)  # fmt: skip
+    code, out = finish(child)
+    assert code == 0, out
+    assert re.search(r"replay .*━.*5/5 processed", out), out
+    directory = {"users": [{"login": f"u{i}", "name": f"User {i}"} for i in range(120)]}
+    (tmp_path / "dir.json").write_text(json.dumps(directory))
+    code, out = finish(spawn("directory", "import", "dir.json", "--data-dir", data, cwd=tmp_path))
+    assert code == 0 and re.search(r"directory .*120/120 users", out), out
+    assert "imported: 0 teams, 0 sites, 0 groups, 0 sources, 0 priorities, 0 categories, " \
+        "120 users" in out  # fmt: skip
