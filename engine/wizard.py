@@ -366,12 +366,15 @@ def write(
 
 def _write_private(path: Path, text: str) -> None:
     """A new file of mode 0600 whatever the umask (a replaced one loses its old mode)."""
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or type(exc).__name__}") from None
 
 
 def registration_steps(a: Answers, target: Path) -> list[str]:

@@ -235,6 +235,15 @@ def test_init_refuses_a_secret_file_others_can_read(tmp_path: Path) -> None:
     assert not (tmp_path / "cfg").exists() or not list((tmp_path / "cfg").rglob("*.xml"))
 
 
+def test_init_says_why_it_cannot_write_the_secret_and_leaves_nothing(tmp_path: Path) -> None:
+    args = ["init", "--config-dir", tmp_path / "cfg", "--provider", "pop3", "--host", "h.test"]
+    args += ["--address", "a@b.test", "--team", "IT", "--secret-file", tmp_path / "no" / "pw"]
+    result = subprocess.run(engine_argv(*args, "--non-interactive", "--no-check"), input="pw\n",
+                            capture_output=True, text=True, check=False)  # fmt: skip
+    assert result.returncode == 2 and f"cannot write {tmp_path / 'no' / 'pw'}" in result.stderr
+    assert not list((tmp_path / "cfg").rglob("*.xml"))
+
+
 def test_init_without_a_terminal_names_the_missing_option(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "engine", "init", "--provider", "imap", "--config-dir", "c"],
