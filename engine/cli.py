@@ -7,6 +7,7 @@ mailintegration oauth login|status --config box.xml   OAuth2 device sign-in, tok
 mailintegration requests list|show               what was created
 mailintegration directory import dir.json        teams, sites, groups, sources, priorities, users...
 mailintegration status                           per-mailbox health from the store
+mailintegration console [--listen 127.0.0.1:8090]  the web console without the daemon
 mailintegration /Login:system /Password:… /Team:1 /ConfigFilePath:C:\\x.xml
         [/LogFilePath:…] [/Debug]                    the original command line
 """
@@ -73,7 +74,7 @@ def translate_original(argv: Sequence[str]) -> list[str] | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mailintegration", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_once, _run, _ingest, _check, _oauth, _requests, _directory, _status):
+    for add in (_once, _run, _ingest, _check, _oauth, _requests, _directory, _status, _console):
         add(sub)
     return p
 
@@ -101,8 +102,63 @@ def _run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--grace-seconds", type=float, default=30.0)
     _replica_opts(run)
     _http_opts(run, 8080, "0 turns the endpoint off")
+    run.add_argument(
+        "--console",
+        type=listen_address,
+        metavar="[HOST:]PORT",
+        help="serve the web console there (off by default; HOST defaults to 127.0.0.1)",
+    )
+    _console_opts(run)
     _follow_symlinks(run)
     _engine_opts(run)
+
+
+def _console(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    c = sub.add_parser(
+        "console", help="the web console without the daemon (read-only, plus replay)"
+    )
+    c.add_argument(
+        "--listen",
+        type=listen_address,
+        default=("127.0.0.1", 8090),
+        metavar="[HOST:]PORT",
+        help="where to serve it (default 127.0.0.1:8090)",
+    )
+    c.add_argument(
+        "--config-dir",
+        type=Path,
+        default=Path("mailboxes.d"),
+        help="the mailbox files, for replay (default mailboxes.d)",
+    )
+    c.add_argument(
+        "--http-max-connections",
+        type=_at_least(1),
+        default=100,
+        help="open HTTP connections at once; more are closed at once (default 100)",
+    )
+    c.add_argument("--log-format", choices=["text", "json"], default="text")
+    _console_opts(c)
+    _follow_symlinks(c)
+    _data_dir(c)
+
+
+def _console_opts(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--console-secure-cookie",
+        action="store_true",
+        help="send the console's session cookie only over HTTPS (set it behind a TLS proxy)",
+    )
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """``PORT``, ``HOST:PORT`` or ``[IPv6]:PORT``; the host defaults to 127.0.0.1."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not [HOST:]PORT")
+    return host, int(port)
 
 
 def _replica_opts(sp: argparse.ArgumentParser) -> None:
@@ -377,6 +433,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
     "requests": commands.cmd_requests,
     "directory": commands.cmd_directory,
     "status": commands.cmd_status,
+    "console": commands.cmd_console,
 }
 
 
