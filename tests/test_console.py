@@ -6,12 +6,22 @@ HTML body. The browser tests are in test_console_browser.py."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
+import socket
 import stat
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.policy import SMTP
+from http.cookiejar import CookieJar
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +32,10 @@ import pytest
 import pytest_asyncio
 from support import (
     LOGIN,
+    LOGIN_PASSWORD,
     Mailbox,
+    count_rows,
+    engine_argv,
     free_port,
     import_directory,
     mailbox_xml,
@@ -30,7 +43,9 @@ from support import (
     open_test_store,
     requests,
     store_args,
+    wait_for,
 )
+from test_ops import FLOOD, _room_for_the_flood
 
 from engine.console import Console, create_app
 from engine.console.security import CSP, content_disposition, session_key
@@ -103,14 +118,23 @@ class Seeded:
     async def failure(self) -> dict[str, Any]:
         return next(r for r in await self.requests() if r["kind"] == "message-failure")
 
-    async def fix_directory(self) -> None:
+    def fix_directory_now(self) -> None:
         """The cause of the failure fixed: the sender is now a user of the directory."""
         user = {"login": "new.hire", "email": NEW_HIRE, "name": "New Hire"}
-        await anyio.to_thread.run_sync(import_directory, self.data, self.tmp, {"users": [user]})
+        import_directory(self.data, self.tmp, {"users": [user]})
+
+    async def fix_directory(self) -> None:
+        await anyio.to_thread.run_sync(self.fix_directory_now)
 
 
-def seed(tmp_path: Path, data: Path, new_mailbox: Callable[..., Mailbox]) -> Seeded:
-    """Seed through the engine: ``directory import`` and ``once`` against the test Dovecot."""
+def seed(
+    tmp_path: Path,
+    data: Path,
+    new_mailbox: Callable[..., Mailbox],
+    run_once: Callable[[Path, Path], int] = once,
+) -> Seeded:
+    """Seed through the engine: ``directory import`` and ``once`` against the test Dovecot
+    (``run_once``: in process, or a process of its own where signals cannot be had)."""
     import_directory(data, tmp_path, CONSOLE_USERS)
     conf = tmp_path / "mailboxes.d"
     conf.mkdir()
@@ -118,7 +142,7 @@ def seed(tmp_path: Path, data: Path, new_mailbox: Callable[..., Mailbox]) -> See
     box = new_mailbox(conf / "support.xml", incidentFallbackUserLogon=None)
     box.deliver(plain_message("VPN down since this morning"), HOSTILE)
     mailbox_xml(conf / "broken.xml", port=free_port(), user="nobody", password="x", timeout=2)
-    once(data, conf)
+    run_once(data, conf)
     kinds = sorted(r["kind"] for r in requests(data))
     assert kinds == ["mail", "message-failure", "outage"], kinds
     return Seeded(data, conf, box, tmp_path)
@@ -544,3 +568,113 @@ def test_the_consoles_store_reads_agree_in_sqlite_and_postgresql(
 
     assert anyio.run(after) == (set(), True)
     assert s.conf.is_dir()
+
+
+# -- in the daemon, over real HTTP ----------------------------------------------------------
+
+
+class Browserless:
+    """A client of the console over real HTTP with a cookie jar (urllib): the daemon's
+    console is a real server; the browser tests are in test_console_browser.py."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor(CookieJar()), _NoRedirect()
+        )
+
+    def get(self, path: str) -> tuple[int, str]:
+        return self._open(urllib.request.Request(self.base + path))
+
+    def post(self, path: str, **form: str) -> tuple[int, str]:
+        body = urllib.parse.urlencode(form).encode()
+        return self._open(urllib.request.Request(self.base + path, data=body, method="POST"))
+
+    def _open(self, req: urllib.request.Request) -> tuple[int, str]:
+        try:
+            with self.opener.open(req, timeout=10) as r:
+                return int(r.status), r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def test_the_daemons_console_survives_a_flood_and_replays_through_the_daemons_writer(
+    tmp_path: Path, seeded: Seeded
+) -> None:
+    """``run --console``: 1,100 idle connections to the console (the flood of issue 12)
+    neither stop the daemon's mail nor the console; a replay goes through the daemon's own
+    writer (the console command's way, the data directory's lock, would be refused while
+    the daemon holds it)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, MAILINTEGRATION_LOGIN=LOGIN, MAILINTEGRATION_PASSWORD=LOGIN_PASSWORD)
+    argv = engine_argv(
+        "run", "--config-dir", seeded.conf, "--data-dir", seeded.data, "--http-port", "0"
+    )
+    argv += ["--console", str(port), "--poll-interval", "0.5", "--reload-seconds", "0.3"]
+    log = tmp_path / "daemon.log"
+    client = Browserless(base)
+    flood: list[socket.socket] = []
+    with _room_for_the_flood(), open(log, "wb") as err:
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stderr=err)
+        try:
+            wait_for(lambda: _login_page(client, proc, log) == 200, 30, "the daemon's console")
+            started = time.monotonic()
+            for _ in range(FLOOD):
+                if time.monotonic() - started > 60:
+                    break
+                with contextlib.suppress(OSError):  # refused: nothing is held for it
+                    flood.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+            assert len(flood) == FLOOD
+            seeded.box.deliver(plain_message("During the flood"))
+            wait_for(
+                lambda: count_rows(seeded.data, "SELECT count(*) FROM ledger") == 3,
+                20,
+                "the mailbox read during the flood",
+            )
+            wait_for(lambda: _login_page(client, proc, log) == 200, 20, "the console, flooded")
+            for sock in flood:
+                sock.close()
+            flood.clear()
+
+            code, page = client.get("/login")
+            code, _ = client.post("/login", csrf=token(page), login=AGENT, password=AGENT_PASSWORD)
+            assert code == 303
+            code, page = client.get("/mailboxes")
+            support = re.search(r'data-mailbox="support">(.*?)</tr>', page, re.S)
+            assert support and "<td>poll (every" in support.group(1), page
+            seeded.fix_directory_now()
+            number = next(
+                r["number"] for r in requests(seeded.data) if r["kind"] == "message-failure"
+            )
+            code, page = client.get(f"/requests/{number}")
+            code, page = client.post(f"/requests/{number}/replay", csrf=token(page))
+            assert code == 200
+            assert re.search(r'id="replay-outcome" class="ok">created', page), page
+            assert proc.poll() is None
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0, log.read_text()[-3000:]
+        finally:
+            for sock in flood:
+                sock.close()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    mail = [r for r in requests(seeded.data) if r["kind"] == "mail"]
+    assert sorted(r["subject"] for r in mail) == sorted(
+        ["VPN down since this morning", "During the flood", XSS_SUBJECT]
+    )
+    assert "Too many open files" not in log.read_text()
+
+
+def _login_page(client: Browserless, proc: subprocess.Popen[bytes], log: Path) -> int:
+    assert proc.poll() is None, log.read_text()[-3000:]
+    try:
+        return client.get("/login")[0]
+    except OSError:
+        return 0
