@@ -49,7 +49,7 @@ from test_ops import FLOOD, _room_for_the_flood
 
 from engine.console import Console, create_app
 from engine.console.security import CSP, content_disposition, session_key
-from engine.store import RequestFilter, Store
+from engine.store import DataDirLock, RequestFilter, Store
 
 pytestmark = pytest.mark.dovecot
 asyncio = pytest.mark.asyncio
@@ -489,6 +489,32 @@ async def test_replay_needs_the_role_and_goes_through_ingest_once_the_cause_is_f
     r = await client.post(url + "/replay", data={"csrf": token(page)})
     assert "duplicate" in r.text
     assert [x["kind"] for x in (await seeded.requests())].count("mail") == 2
+
+
+@asyncio
+async def test_the_console_commands_replay_waits_for_no_lock_a_daemon_holds(
+    console: tuple[Console, httpx.AsyncClient], seeded: Seeded
+) -> None:
+    """Without a daemon, a replay takes the data directory's lock; while another engine
+    holds it, it writes nothing and says where to replay instead."""
+    if store_args():
+        pytest.skip("SQLite's lock")
+    _, client = console
+    await seeded.fix_directory()
+    await log_in(client)
+    url = f"/requests/{(await seeded.failure())['number']}"
+    page = (await client.get(url)).text
+    lock = DataDirLock(seeded.data)
+    lock.acquire()
+    try:
+        r = await client.post(url + "/replay", data={"csrf": token(page)})
+    finally:
+        lock.release()
+    assert 'class="error">not replayed: the data directory' in r.text
+    assert "replay from its console (run --console)" in r.text
+    assert [x["kind"] for x in await seeded.requests()].count("mail") == 1
+    r = await client.post(url + "/replay", data={"csrf": token(page)})
+    assert 'class="ok">created' in r.text
 
 
 @asyncio

@@ -338,7 +338,10 @@ async def _form(request: Request) -> dict[str, str]:
 
 
 def _eml(detail: dict[str, Any]) -> dict[str, Any] | None:
-    """A failure event's message file: message.eml, or what was read of it."""
+    """A failure event's message file: message.eml, or what was read of it (None for any
+    other request, whatever its attachments are called)."""
+    if detail["kind"] != "message-failure":
+        return None
     for a in detail.get("attachments", []):
         if a["name"] in ("message.eml", "message-start.eml"):
             return dict(a)
