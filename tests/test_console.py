@@ -39,6 +39,7 @@ from support import (
     free_port,
     import_directory,
     mailbox_xml,
+    message,
     once,
     open_test_store,
     requests,
@@ -336,6 +337,31 @@ async def test_mailboxes_shows_the_outage_with_its_cause_and_since_and_the_ok_on
     assert re.search(r"<td>2</td>", rows["support"]), rows["support"]
 
 
+def test_mailboxes_shows_the_messages_waiting_on_the_server(mailbox: Mailbox) -> None:
+    """A message over maxMessageBytes stays on the server (a "kept" failure event): the
+    Mailboxes page says how many wait there, and since when."""
+    mailbox.configure(maxMessageBytes="2048")
+    mailbox.deliver(message("Too big", body="x" * 20_000))
+    mailbox.once()
+    import_directory(mailbox.data, mailbox.data.parent, CONSOLE_USERS)
+
+    async def go() -> str:
+        store = await open_test_store(mailbox.data)
+        try:
+            app = create_app(Console(store, session_key(mailbox.data)))
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://c") as client:
+                await log_in(client)
+                return (await client.get("/mailboxes")).text
+        finally:
+            await store.close()
+
+    page = anyio.run(go)
+    assert mailbox.left() == 1
+    row = re.search(r'data-mailbox="m">(.*?)</tr>', page, re.S)
+    assert row and re.search(r"<td>1, the oldest seen \d{4}-\d\d-\d\dT", row.group(1)), page
+
+
 @asyncio
 async def test_failed_mail_lists_cause_sender_subject_date_and_filters(
     console: tuple[Console, httpx.AsyncClient], seeded: Seeded
@@ -569,6 +595,7 @@ def test_the_consoles_store_reads_agree_in_sqlite_and_postgresql(
             assert [(o["mailbox"], o["number"]) for o in outages] == [("broken", outage)]
             assert await st.messages_since("2000-01-01") == {"support": 2}
             assert await st.messages_since("2999-01-01") == {}
+            assert await st.waiting_on_server() == {}  # nothing kept on the server here
             flow = await st.flow("2000-01-01")
             assert sum(n for box, _, n in flow if box == "support") == 2
             assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d", m) for _, m, _ in flow)

@@ -201,12 +201,14 @@ class _Pages:
         self.user(request)
         q = request.query_params
         mailbox, cause = q.get("mailbox") or None, q.get("cause") or None
+        # The filter in the query: the newest LIST_LIMIT of that mailbox and cause, however
+        # many others there are; the choices offered come from the newest of all.
+        shown = await self.store.find_requests(
+            RequestFilter(kind="message-failure", mailbox=mailbox, cause=cause), limit=LIST_LIMIT
+        )
         every = await self.store.find_requests(
             RequestFilter(kind="message-failure"), limit=LIST_LIMIT
         )
-        shown = [
-            r for r in every if mailbox in (None, r["mailbox"]) and cause in (None, r["cause"])
-        ]
         return self.page(
             request,
             "failures.html",
@@ -377,6 +379,7 @@ async def mailbox_rows(console: Console, today: str) -> list[dict[str, Any]]:
     for o in await console.store.open_outage_events():
         outages.setdefault(o["mailbox"], []).append(o)
     today_counts = await console.store.messages_since(today)
+    waiting = await console.store.waiting_on_server()
     health = console.health.mailboxes if console.health is not None else {}
     names = sorted(set(status) | set(outages) | set(health))
     rows = []
@@ -390,6 +393,7 @@ async def mailbox_rows(console: Console, today: str) -> list[dict[str, Any]]:
                 "last_success": s.get("last_success"),
                 "last_error": s.get("last_error"),
                 "today": today_counts.get(name, 0),
+                "waiting": waiting.get(name),
                 "wait": h.wait if h is not None else None,
                 "wait_seconds": h.wait_seconds if h is not None else None,
                 "owner": s.get("owner"),

@@ -420,6 +420,11 @@ class Store(ABC):
         """Failure events created since ``since``, per cause."""
 
     @abstractmethod
+    async def waiting_on_server(self) -> dict[str, tuple[int, str]]:
+        """Per mailbox, the messages left on the server waiting to be taken whole (ledger
+        outcome ``kept``): how many, and since when the oldest was first seen."""
+
+    @abstractmethod
     async def failed_ingests(self, sha256: str) -> int:
         """How many ingests of the message with this hash failed (engine.keys.ingest_key)."""
 

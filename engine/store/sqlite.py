@@ -343,6 +343,13 @@ class SqliteStore(Store):
         )
         return {str(r[0]): int(r[1]) for r in rows}
 
+    async def waiting_on_server(self) -> dict[str, tuple[int, str]]:
+        rows = await self._all(
+            "SELECT mailbox, count(*), min(processed_at) FROM ledger "
+            "WHERE outcome LIKE 'kept%' AND deleted_at IS NULL GROUP BY mailbox"
+        )
+        return {r[0]: (int(r[1]), str(r[2])) for r in rows}
+
     async def failed_ingests(self, sha256: str) -> int:
         first, retries = ingest_keys_like(sha256)
         row = await self._one(
