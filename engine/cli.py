@@ -148,6 +148,12 @@ def _console_opts(sp: argparse.ArgumentParser) -> None:
         action="store_true",
         help="send the console's session cookie only over HTTPS (set it behind a TLS proxy)",
     )
+    sp.add_argument(
+        "--console-trust-proxy",
+        action="store_true",
+        help="the console is reached through one reverse proxy whose X-Forwarded-For, "
+        "-Proto and -Host it believes (never set it without such a proxy in front)",
+    )
 
 
 def listen_address(text: str) -> tuple[str, int]:

@@ -272,6 +272,7 @@ async def serve_console(
             replay=replay,
             health=engine.health if engine is not None else None,
             secure_cookies=args.console_secure_cookie,
+            trust_proxy=args.console_trust_proxy,
         )
         host, port = address
         await serve_asgi(

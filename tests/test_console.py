@@ -49,6 +49,7 @@ from support import (
 from test_ops import FLOOD, _room_for_the_flood
 
 from engine.console import Console, create_app
+from engine.console.app import _Pages, console_routes
 from engine.console.security import CSP, content_disposition, session_key
 from engine.store import DataDirLock, RequestFilter, Store
 
@@ -252,6 +253,41 @@ async def test_behind_tls_the_cookie_is_secure(seeded: Seeded) -> None:
 
 
 @asyncio
+async def test_a_trusted_proxys_forwarded_headers_are_believed_and_no_one_elses(
+    seeded: Seeded,
+) -> None:
+    """X-Forwarded-Proto makes the cookie Secure, and X-Forwarded-For is the address the
+    login throttle counts, only with --console-trust-proxy."""
+    store = await open_test_store(seeded.data)
+    forwarded = {"x-forwarded-proto": "https", "x-forwarded-for": "192.0.2.7"}
+
+    async def cookie_flags(trust: bool, headers: dict[str, str]) -> set[str]:
+        c = Console(store, session_key(seeded.data), trust_proxy=trust)
+        transport = httpx.ASGITransport(app=create_app(c))
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://console", headers=headers
+        ) as client:
+            cookie = (await log_in(client)).headers["set-cookie"]
+        return {p.strip().lower() for p in cookie.split(";")}
+
+    try:
+        assert "secure" not in await cookie_flags(False, forwarded)
+        assert "secure" in await cookie_flags(True, forwarded)
+        assert "secure" not in await cookie_flags(True, {})
+        c = Console(store, session_key(seeded.data), trust_proxy=True)
+        transport = httpx.ASGITransport(app=create_app(c))
+        async with httpx.AsyncClient(transport=transport, base_url="http://console") as client:
+            for i in range(5):
+                client.headers["x-forwarded-for"] = "192.0.2.66"
+                assert (await log_in(client, f"guess{i}", "x")).status_code == 401
+            assert (await log_in(client, "guess9", "x")).status_code == 429
+            client.headers["x-forwarded-for"] = "192.0.2.7"  # another client behind it
+            assert (await log_in(client)).status_code == 303
+    finally:
+        await store.close()
+
+
+@asyncio
 async def test_every_post_without_the_sessions_csrf_token_is_refused(
     console: tuple[Console, httpx.AsyncClient], seeded: Seeded
 ) -> None:
@@ -260,7 +296,7 @@ async def test_every_post_without_the_sessions_csrf_token_is_refused(
     await log_in(client)
     posts = [
         r.path.replace("{number:int}", str(number))
-        for r in create_app(c).routes
+        for r in console_routes(_Pages(c))
         if "POST" in (getattr(r, "methods", None) or ())
     ]
     assert sorted(posts) == ["/login", "/logout", f"/requests/{number}/replay"]

@@ -17,15 +17,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from hypercorn.middleware import ProxyFixMiddleware
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine.console import charts
 from engine.console.mail import head_fields
@@ -75,6 +76,10 @@ class Console:
     replay: Replay | None = None
     health: Health | None = None
     secure_cookies: bool = False
+    # Behind one reverse proxy of ours: its X-Forwarded-For/-Proto/-Host are believed (the
+    # client's address for the throttle, https for a Secure cookie). Never without one: any
+    # client could then claim any address.
+    trust_proxy: bool = False
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
 
 
@@ -89,10 +94,44 @@ def _templates() -> Environment:
     return env
 
 
-def create_app(console: Console) -> Starlette:
-    """The console as a Starlette app (served by engine.web.serve_asgi)."""
+def create_app(console: Console) -> ASGIApp:
+    """The console as an ASGI app (served by engine.web.serve_asgi)."""
     pages = _Pages(console)
-    routes = [
+    app = Starlette(routes=console_routes(pages), exception_handlers={HTTPException: pages.error})
+    sessions = _Sessions(app, console)
+    outer: ASGIApp = SecurityHeaders(sessions)
+    if console.trust_proxy:
+        # Hypercorn types its middleware with its own scope classes.
+        outer = ProxyFixMiddleware(outer, mode="legacy", trusted_hops=1)  # type: ignore[arg-type,assignment]
+    return outer
+
+
+class _Sessions:
+    """Starlette's signed session cookie, Secure when configured or when the request came
+    over HTTPS (directly, or as a trusted proxy says): one middleware for each case."""
+
+    def __init__(self, app: ASGIApp, console: Console) -> None:
+        def sessions(secure: bool) -> ASGIApp:
+            return SessionMiddleware(
+                app,
+                secret_key=console.secret_key,
+                session_cookie=SESSION_COOKIE,
+                max_age=SESSION_SECONDS,
+                same_site="strict",
+                https_only=secure,
+            )
+
+        self.plain = sessions(console.secure_cookies)
+        self.secure = sessions(True)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = self.secure if scope.get("scheme") in ("https", "wss") else self.plain
+        await app(scope, receive, send)
+
+
+def console_routes(pages: _Pages) -> list[BaseRoute]:
+    """Every route of the console; each POST checks the CSRF token first (_form)."""
+    return [
         Route("/", pages.home),
         Route("/login", pages.login_page, methods=["GET"]),
         Route("/login", pages.login, methods=["POST"]),
@@ -106,20 +145,6 @@ def create_app(console: Console) -> Starlette:
         Route("/flow", pages.flow),
         Mount("/static", StaticFiles(packages=[("engine.console", "static")]), name="static"),
     ]
-    middleware = [
-        Middleware(SecurityHeaders),
-        Middleware(
-            SessionMiddleware,
-            secret_key=console.secret_key,
-            session_cookie=SESSION_COOKIE,
-            max_age=SESSION_SECONDS,
-            same_site="strict",
-            https_only=console.secure_cookies,
-        ),
-    ]
-    return Starlette(
-        routes=routes, middleware=middleware, exception_handlers={HTTPException: pages.error}
-    )
 
 
 class _Pages:
