@@ -10,6 +10,7 @@ mailintegration requests list|show               what was created
 mailintegration directory import dir.json        teams, sites, groups, sources, priorities, users...
 mailintegration status                           per-mailbox health from the store
 mailintegration completion bash|zsh              shell completion script
+mailintegration console [--listen 127.0.0.1:8090]  the web console without the daemon
 mailintegration /Login:system /Password:… /Team:1 /ConfigFilePath:C:\\x.xml
         [/LogFilePath:…] [/Debug]                    the original command line
 """
@@ -149,7 +150,7 @@ def build_parser() -> _Parser:
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    for add in (_once, _run, _ingest, _check, _oauth, _requests, _directory, _status):
+    for add in (_once, _run, _ingest, _check, _oauth, _requests, _directory, _status, _console):
         add(sub)
     for add in (_init, _config, _completion):
         add(sub)
@@ -197,8 +198,81 @@ def _run(sub: argparse._SubParsersAction[_Parser]) -> None:
     run.add_argument("--grace-seconds", type=float, default=30.0)
     _replica_opts(run)
     _http_opts(run, 8080, "0 turns the endpoint off")
+    run.add_argument(
+        "--console",
+        type=listen_address,
+        metavar="[HOST:]PORT",
+        help="serve the web console there (off by default; HOST defaults to 127.0.0.1)",
+    )
+    _console_opts(run)
     _follow_symlinks(run)
     _engine_opts(run)
+
+
+def _console(sub: argparse._SubParsersAction[_Parser]) -> None:
+    c = sub.add_parser(
+        "console",
+        help="the web console without the daemon (read-only, plus replay)",
+        description=(
+            "Serve the web console (mailboxes, failed mail, requests, flow) from a data "
+            "directory, without the daemon: for a once or cron set-up. Pages are read-only; "
+            "replaying a failed message (role replay) goes through ingest and takes the data "
+            "directory's lock while it runs. Binds 127.0.0.1 unless told otherwise; log in "
+            "with a directory user's password."
+        ),
+        examples=[
+            "mailintegration console --data-dir /var/lib/mailintegration",
+            "mailintegration console --listen 127.0.0.1:8090 --config-dir mailboxes.d",
+        ],
+    )
+    c.add_argument(
+        "--listen",
+        type=listen_address,
+        default=("127.0.0.1", 8090),
+        metavar="[HOST:]PORT",
+        help="where to serve it (default 127.0.0.1:8090)",
+    )
+    c.add_argument(
+        "--config-dir",
+        type=Path,
+        default=Path("mailboxes.d"),
+        help="the mailbox files, for replay (default mailboxes.d)",
+    )
+    c.add_argument(
+        "--http-max-connections",
+        type=_at_least(1),
+        default=100,
+        help="open HTTP connections at once; more are closed at once (default 100)",
+    )
+    c.add_argument("--log-format", choices=["text", "json"], default="text")
+    _console_opts(c)
+    _follow_symlinks(c)
+    _data_dir(c)
+
+
+def _console_opts(sp: _Parser) -> None:
+    sp.add_argument(
+        "--console-secure-cookie",
+        action="store_true",
+        help="send the console's session cookie only over HTTPS (set it behind a TLS proxy)",
+    )
+    sp.add_argument(
+        "--console-trust-proxy",
+        action="store_true",
+        help="the console is reached through one reverse proxy whose X-Forwarded-For, "
+        "-Proto and -Host it believes (never set it without such a proxy in front)",
+    )
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """``PORT``, ``HOST:PORT`` or ``[IPv6]:PORT``; the host defaults to 127.0.0.1."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not [HOST:]PORT")
+    return host, int(port)
 
 
 def _replica_opts(sp: _Parser) -> None:
@@ -708,6 +782,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
     "status": commands.cmd_status,
     "init": commands.cmd_init,
     "config": commands.cmd_config,
+    "console": commands.cmd_console,
 }
 
 

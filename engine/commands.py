@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.abc
 import anyio.to_thread
 
 from engine import logs
@@ -232,8 +233,99 @@ async def _serving(
                 engine.health,
                 engine.metrics,
             )
+        if getattr(args, "console", None) is not None:
+            await tg.start(serve_console, args, engine, args.console)
         await work()
         tg.cancel_scope.cancel()
+
+
+async def serve_console(
+    args: argparse.Namespace,
+    engine: Engine | None,
+    address: tuple[str, int],
+    *,
+    task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """The web console until cancelled, on a store connection of its own (read-only SQLite
+    beside the writer). Replay: through ``engine`` (the daemon's writer), or, without one,
+    an engine of its own per replay under the data directory's lock."""
+    from engine.console import Console, Replay, ReplayResult, create_app
+    from engine.console.replay import replay_in, standalone
+    from engine.web import serve_asgi
+
+    store = await open_for_reading(args)
+    try:
+        replay: Replay
+        if engine is not None:
+            daemon = engine
+
+            async def replay(mailbox: str, raw: bytes, login: str, retry: int) -> ReplayResult:
+                return await replay_in(daemon, args.config_dir, mailbox, raw, retry)
+
+        else:
+            replay = standalone(
+                args.data_dir,
+                args.config_dir,
+                lambda: open_any_store(args),
+                lock=_postgres(args) is None,
+            )
+        console = Console(
+            store,
+            await anyio.to_thread.run_sync(_console_key, args.data_dir),
+            replay=replay,
+            health=engine.health if engine is not None else None,
+            secure_cookies=args.console_secure_cookie,
+            trust_proxy=args.console_trust_proxy,
+        )
+        host, port = address
+        await serve_asgi(
+            host,
+            port,
+            create_app(console),
+            what="the web console",
+            max_connections=args.http_max_connections,
+            task_status=task_status,
+        )
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.close()
+
+
+def _console_key(data_dir: Path) -> str:
+    """The console's session key from the data directory; in a folder the console may not
+    write, a key for this process only (sessions then end when it stops)."""
+    import secrets
+
+    from engine.console.security import session_key
+
+    try:
+        return session_key(data_dir)
+    except OSError as exc:
+        log.warning(
+            "console: no session key file in %s (%s): sessions last until the console stops",
+            data_dir,
+            exc.strerror or type(exc).__name__,
+        )
+        return secrets.token_hex(32)
+
+
+async def cmd_console(args: argparse.Namespace) -> int:
+    """The web console without the daemon, until SIGTERM or SIGINT."""
+    _setup_logging(args)
+    async with anyio.create_task_group() as tg:
+
+        async def signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+                async for _ in received:
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(signals)
+        port = await tg.start(serve_console, args, None, args.listen)
+        host = args.listen[0]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"console on http://{shown}:{port}/", flush=True)
+    return 0
 
 
 async def cmd_once(args: argparse.Namespace) -> int:

@@ -46,6 +46,7 @@ import anyio.to_thread
 from aioitertools.more_itertools import chunked
 
 from engine.errors import StoreError, sole
+from engine.keys import ingest_keys_like
 from engine.logs import scrub
 from engine.model import (
     CLOSED_STATUSES,
@@ -58,7 +59,7 @@ from engine.model import (
     Team,
     User,
 )
-from engine.store.base import Store, Transaction
+from engine.store.base import RequestFilter, Store, Transaction
 from engine.store.files import FileStore
 from engine.store.lock import secure_data_dir
 from engine.store.schema import ACCOUNTS, MIGRATIONS, REBUILDS, normalized_account
@@ -235,7 +236,7 @@ class SqliteStore(Store):
         )
 
         def att(r: sqlite3.Row) -> dict[str, Any]:
-            return {"name": r[2], "content_type": r[3], "size": r[4], "sha256": r[5]}
+            return {"id": r[0], "name": r[2], "content_type": r[3], "size": r[4], "sha256": r[5]}
 
         out["attachments"] = [att(a) for a in atts if a[1] is None]
         acts = await self._all(
@@ -288,6 +289,82 @@ class SqliteStore(Store):
 
     async def referenced_digests(self) -> set[str]:
         return {r[0] for r in await self._all("SELECT DISTINCT sha256 FROM attachments")}
+
+    # -- the web console's reads -----------------------------------------------------------
+
+    async def find_requests(self, where: RequestFilter, *, limit: int) -> list[dict[str, Any]]:
+        sql, args = where.where(lambda n: "?")
+        sql += " ORDER BY r.number DESC LIMIT ?"
+        rows = await self._all(_REQUEST_SELECT + sql, [*args, limit])
+        return [_request_dict(r) for r in rows]
+
+    async def attachment(self, attachment_id: int) -> tuple[dict[str, Any], bytes] | None:
+        row = await self._one(
+            "SELECT request_number, name, content_type, size, sha256 FROM attachments WHERE id = ?",
+            (attachment_id,),
+        )
+        if row is None:
+            return None
+        try:
+            data = await anyio.to_thread.run_sync(self.files.get, row[4])
+        except OSError:
+            return None
+        keys = ("request_number", "name", "content_type", "size", "sha256")
+        return dict(zip(keys, row, strict=True)), data
+
+    async def open_outage_events(self) -> list[dict[str, Any]]:
+        rows = await self._all(
+            "SELECT mailbox, cause, number, created_at FROM requests WHERE kind = 'outage' "
+            "AND status NOT IN ('processed', 'closed') ORDER BY mailbox, number"
+        )
+        keys = ("mailbox", "cause", "number", "created_at")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    async def messages_since(self, since: str) -> dict[str, int]:
+        rows = await self._all(
+            "SELECT mailbox, count(*) FROM ledger WHERE processed_at >= ? GROUP BY mailbox",
+            (since,),
+        )
+        return {r[0]: int(r[1]) for r in rows}
+
+    async def flow(self, since: str) -> list[tuple[str, str, int]]:
+        rows = await self._all(
+            "SELECT mailbox, substr(processed_at, 1, 16) AS minute, count(*) FROM ledger "
+            "WHERE processed_at >= ? GROUP BY mailbox, minute ORDER BY minute",
+            (since,),
+        )
+        return [(r[0], r[1], int(r[2])) for r in rows]
+
+    async def failures_by_cause(self, since: str) -> dict[str, int]:
+        rows = await self._all(
+            "SELECT cause, count(*) FROM requests WHERE kind = 'message-failure' "
+            "AND created_at >= ? GROUP BY cause ORDER BY cause",
+            (since,),
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    async def waiting_on_server(self) -> dict[str, tuple[int, str]]:
+        rows = await self._all(
+            "SELECT mailbox, count(*), min(processed_at) FROM ledger "
+            "WHERE outcome LIKE 'kept%' AND deleted_at IS NULL GROUP BY mailbox"
+        )
+        return {r[0]: (int(r[1]), str(r[2])) for r in rows}
+
+    async def failed_ingests(self, sha256: str) -> int:
+        first, retries = ingest_keys_like(sha256)
+        row = await self._one(
+            "SELECT count(*) FROM ledger WHERE (uidl = ? OR uidl LIKE ?) "
+            "AND outcome LIKE 'failed%'",
+            (first, retries),
+        )
+        return 0 if row is None else int(row[0])
+
+    async def user_roles(self, login: str) -> set[str]:
+        rows = await self._all(
+            "SELECT r.role FROM user_roles r JOIN users u ON u.id = r.user_id WHERE u.login = ?",
+            (login,),
+        )
+        return {r[0] for r in rows}
 
 
 @dataclass(eq=False)
@@ -656,8 +733,25 @@ class SqliteTransaction(Transaction):
                     password_hash,
                 ),
             )
+            if "roles" in user:
+                await self._set_roles(user["login"], user["roles"])
             counts["users"] += 1
         return counts
+
+    async def _set_roles(self, login: str, roles: Iterable[str]) -> None:
+        """The user's roles become exactly ``roles`` (a list in the directory file)."""
+        if isinstance(roles, str):
+            raise TypeError(f"the roles of user {login!r} must be a list of names")
+        await self._all(
+            "DELETE FROM user_roles WHERE user_id = (SELECT id FROM users WHERE login = ?)",
+            (login,),
+        )
+        for role in roles:
+            await self._all(
+                "INSERT OR IGNORE INTO user_roles(user_id, role) "
+                "SELECT id, ? FROM users WHERE login = ?",
+                (str(role), login),
+            )
 
     # -- ledger ----------------------------------------------------------------------------
 
