@@ -245,6 +245,16 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (ref, request_number)
     );
     """,
+    # 7: small attachments as rows, by content (sha256), as the PostgreSQL store keeps every
+    # attachment: the commit that cites them makes them durable, with no file, file fsync
+    # and folder fsync each (half the engine's busy time on attachment-heavy mail, issue 18).
+    # Larger ones stay files (engine/store/sqlite.py, BLOB_MAX).
+    """
+    CREATE TABLE attachment_blobs (
+        sha256 TEXT PRIMARY KEY,
+        data BLOB NOT NULL
+    );
+    """,
 )
 
 REBUILDS = frozenset({6})
