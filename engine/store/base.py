@@ -388,6 +388,10 @@ class Store(ABC):
         """Per mailbox: its last sessions' counts and errors, and its open outages."""
 
     @abstractmethod
+    async def attachment_data(self, sha256: str) -> bytes | None:
+        """An attachment's bytes, by content (its sha256); None: no such content."""
+
+    @abstractmethod
     async def counts(self) -> dict[str, int]:
         """Rows per table (requests, activities, attachments, ledger, outbox)."""
 

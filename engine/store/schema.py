@@ -245,10 +245,20 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (ref, request_number)
     );
     """,
-    # 7, 8: reserved for other branches (no-ops here; a branch merged later replaces them
-    # with statements that tolerate a database that went past them, as 5 did).
+    # 7: reserved for another branch (a no-op here; the merge that fills it uses statements
+    # that tolerate a database that went past it, as 5 did).
     "",
-    "",
+    # 8: small attachments as rows, by content (sha256), as the PostgreSQL store keeps every
+    # attachment: the commit that cites them makes them durable, with no file, file fsync
+    # and folder fsync each (half the engine's busy time on attachment-heavy mail, issue 18).
+    # Larger ones stay files (engine/store/sqlite.py, BLOB_MAX). IF NOT EXISTS: a database
+    # of a development build recorded 8 as a no-op.
+    """
+    CREATE TABLE IF NOT EXISTS attachment_blobs (
+        sha256 TEXT PRIMARY KEY,
+        data BLOB NOT NULL
+    );
+    """,
     # 9: roles of directory users (the web console's "replay" role: engine/console).
     # A table of its own, so that a user may hold several and a role is added without
     # changing the users table.
@@ -440,10 +450,11 @@ POSTGRES_MIGRATIONS: dict[int, str] = {
         UNIQUE (ref, request_number)
     );
     """,
-    # 7, 8: reserved for other branches, no-ops as in SQLite (the merge that fills them
-    # must let a database that recorded them as applied catch up).
+    # 7: reserved for another branch, a no-op as in SQLite (the merge that fills it must let
+    # a database that recorded it as applied catch up).
     # (asyncpg refuses an empty script: a statement that does nothing.)
     7: "SELECT 1",
+    # 8: nothing to do here: PostgreSQL keeps every attachment as a row since 11.
     8: "SELECT 1",
     # 9: roles of directory users (SQLite's comment).
     9: """

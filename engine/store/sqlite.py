@@ -290,6 +290,16 @@ class SqliteStore(Store):
     async def referenced_digests(self) -> set[str]:
         return {r[0] for r in await self._all("SELECT DISTINCT sha256 FROM attachments")}
 
+    async def attachment_data(self, sha256: str) -> bytes | None:
+        """An attachment's bytes, by content: a row when small, else a file."""
+        row = await self._one("SELECT data FROM attachment_blobs WHERE sha256 = ?", (sha256,))
+        if row is not None:
+            return bytes(row[0])
+        try:
+            return await anyio.to_thread.run_sync(self.files.get, sha256)
+        except (OSError, ValueError):  # gone, unreadable, or not a digest: no content
+            return None
+
     # -- the web console's reads -----------------------------------------------------------
 
     async def find_requests(self, where: RequestFilter, *, limit: int) -> list[dict[str, Any]]:
@@ -305,9 +315,8 @@ class SqliteStore(Store):
         )
         if row is None:
             return None
-        try:
-            data = await anyio.to_thread.run_sync(self.files.get, row[4])
-        except OSError:
+        data = await self.attachment_data(row[4])
+        if data is None:
             return None
         keys = ("request_number", "name", "content_type", "size", "sha256")
         return dict(zip(keys, row, strict=True)), data
@@ -410,6 +419,7 @@ class _Pending:
     # The pending requests as reads see them (their rows are in rows["requests"]).
     requests: dict[int, RequestRef] = field(default_factory=dict)
     files: _Files = field(default_factory=_Files)
+    blobs: set[str] = field(default_factory=set)  # the digests in rows["attachment_blobs"]
 
     def add(self, table: str, row: Sequence[Any]) -> None:
         rows = self.rows.get(table)
@@ -460,7 +470,17 @@ _INSERTS = {
     "request_fields": "INSERT INTO request_fields(request_number, name, value) VALUES (?, ?, ?)",
     "request_tags": "INSERT OR IGNORE INTO request_tags(request_number, tag) VALUES (?, ?)",
     "foreign_numbers": ("INSERT OR IGNORE INTO foreign_numbers(ref, request_number) VALUES (?, ?)"),
+    # Content already there (cited by an earlier message) is the same bytes: kept.
+    "attachment_blobs": "INSERT OR IGNORE INTO attachment_blobs(sha256, data) VALUES (?, ?)",
 }
+
+BLOB_MAX = 64 * 1024
+"""Attachments up to this size are rows of ``attachment_blobs``, made durable by the commit
+that cites them; larger ones are files, written and fsynced while the transaction goes on.
+SQLite reads blobs under ~100 KB faster from the database than from files
+(sqlite.org/intern-v-extern-blob.html), and a file costs two fsyncs (file and folder) where
+a row costs none of its own; past a few tens of KB a blob doubles the WAL's traffic (written
+to the WAL, then checkpointed) for no gain. Measured in BENCHMARKS.md (issue 18)."""
 
 
 def _tables(*names: str) -> frozenset[str]:
@@ -560,6 +580,7 @@ class SqliteTransaction(Transaction):
             rows = pending.rows
             pending.rows, pending.ledger = {}, []
             pending.requests.clear()
+            pending.blobs.clear()
             for table, sql in _INSERTS.items():
                 if table in rows:
                     await self.db.executemany(sql, rows[table])
@@ -1060,8 +1081,13 @@ class SqliteTransaction(Transaction):
                 digest = hashlib.sha256(att.data).hexdigest()
             else:  # hashlib lets go of the GIL: keep the event loop free meanwhile
                 digest = await anyio.to_thread.run_sync(_sha256, att.data)
-            files = self._pending.files
-            if digest not in files.data:
+            pending = self._pending
+            if len(att.data) <= BLOB_MAX:
+                if digest not in pending.blobs:
+                    pending.blobs.add(digest)
+                    pending.add("attachment_blobs", (digest, att.data))
+            elif digest not in pending.files.data:
+                files = pending.files
                 files.data[digest] = att.data
                 files.started()
                 self._spawn(self._write_file, files, digest, att.data)
