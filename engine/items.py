@@ -121,6 +121,10 @@ class Envelope(Item):
     account: str = ""
     # The size the server listed (recorded in the ledger: a known UIDL is checked by it).
     size: int | None = None
+    # When the message reached the mail server, as the server or its top Received field says
+    # (unchecked: the store bounds it against its clock); None: not known. The ledger keeps
+    # it beside processed_at: the lag the console shows.
+    arrived: datetime | None = None
     outcome: Outcome | None = field(default=None, init=False)
     on_done: Callable[[], None] | None = field(default=None, init=False, repr=False)
     last: bool = field(default=False, init=False)

@@ -32,6 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -58,6 +59,7 @@ from engine.keys import content_key, reused_key
 from engine.model import LedgerRow, ParsedMessage
 from engine.oauth.broker import TokenBroker
 from engine.parse import parse_raw
+from engine.parse.headers import received_at
 from engine.parsers import Parsers
 from engine.plan import Plan, Todo, header_message_id, plan_session
 
@@ -76,6 +78,8 @@ class SessionResult:
     processed: int = 0
     failed: int = 0
     deleted: int = 0
+    # Left on the server on purpose: too large, a line too long (failure events of their own).
+    kept: int = 0
     # The ledger's account for the mailbox, and the keys whose disposal a QUIT confirmed.
     account: str | None = None
     deleted_keys: list[str] = field(default_factory=list)
@@ -83,6 +87,12 @@ class SessionResult:
     kept_deleted: int | None = None
     # IMAP: the first folder's UIDNEXT when listed (the daemon's push starts from it).
     mark: int | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Listed but neither disposed of after its commit nor left on the server on purpose:
+        what the next session still has to take (a session stopped or failed part way)."""
+        return max(0, self.listed - self.deleted - self.kept)
 
 
 @dataclass(frozen=True)
@@ -123,12 +133,13 @@ def envelope_for(
     *,
     account: str = "",
     size: int | None = None,
+    arrived: datetime | None = None,
 ) -> Envelope:
     if isinstance(result, ParsedMessage):
         key = uidl or content_key(result.sha256)
-        return Envelope(cfg, key, raw, result, account=account, size=size)
+        return Envelope(cfg, key, raw, result, account=account, size=size, arrived=arrived)
     key = uidl or content_key(hashlib.sha256(raw).hexdigest())
-    return Envelope(cfg, key, raw, None, error=result, account=account, size=size)
+    return Envelope(cfg, key, raw, None, error=result, account=account, size=size, arrived=arrived)
 
 
 def kept_error(cfg: MailboxConfig, t: Todo, answer: Answer) -> MessageKept | None:
@@ -174,15 +185,21 @@ def answer_envelope(
     result: ParsedMessage | MessageError | None,
 ) -> Envelope:
     """The envelope of a message as read: a failure event that leaves it on the server if
-    it was not taken whole (:func:`kept_error`), else its parsing ``result``."""
+    it was not taken whole (:func:`kept_error`), else its parsing ``result``. It arrived
+    when the server says (IMAP's INTERNALDATE), else when the top Received field says (POP3:
+    the field our own mail server added)."""
     kept = kept_error(cfg, t, answer)
     if kept is not None or result is None:
-        error = kept or MessageError("internal error: not parsed")
-        return envelope_for(
-            cfg, t.listed.uidl, answer.data, error, account=account, size=t.listed.size
-        )
+        result = kept or MessageError("internal error: not parsed")
+    arrived = answer.arrived or received_at(answer.data)
     return envelope_for(
-        cfg, t.listed.uidl, answer.data, result, account=account, size=t.listed.size
+        cfg,
+        t.listed.uidl,
+        answer.data,
+        result,
+        account=account,
+        size=t.listed.size,
+        arrived=arrived,
     )
 
 
@@ -352,6 +369,7 @@ class _Session:
                     request = Request(m.number, read_cap(m.size, cfg.max_message_bytes))
                     plan.todo.insert(0, Todo(m, request, row))
         result.kept_deleted = sum(row.deleted_at is not None for _, row in plan.delete)
+        result.kept += plan.skipped
         if plan.skipped:
             log.info(
                 "mailbox=%s %d message(s) left on the server as before", cfg.name, plan.skipped
@@ -561,6 +579,7 @@ class _Session:
             if env.outcome.kind is Kind.KEPT:
                 # Left on the server, never disposed of; a failure event the first time.
                 result.failed += env.outcome.failed
+                result.kept += 1
                 continue
             if env.outcome.kind is Kind.FAILED:
                 result.failed += 1

@@ -516,7 +516,11 @@ class Writer:
             work.recorded.add(key)
         if before is None:
             await tx.record_ledger(
-                account=env.account, uidl=env.uidl, mailbox=env.mailbox.name, **fields
+                account=env.account,
+                uidl=env.uidl,
+                mailbox=env.mailbox.name,
+                arrived=env.arrived,
+                **fields,
             )
             return
         await tx.update_ledger(account=env.account, uidl=env.uidl, **fields)

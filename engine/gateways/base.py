@@ -12,6 +12,7 @@ import ssl
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from engine.config import ServerConfig
@@ -56,11 +57,14 @@ class Request:
 class Answer:
     """A message as read: ``data`` is all of it, or, when ``cut`` says why not (``"size"``:
     over the cap, ``"line"``: a line over :data:`MAX_LINE`), its first bytes up to that limit.
-    ``octets`` counts every byte of it, kept or not: its real size once read to its end."""
+    ``octets`` counts every byte of it, kept or not: its real size once read to its end.
+    ``arrived``: when the server says the message reached it (IMAP: its INTERNALDATE), as
+    the server says it (hostile input: the store bounds it); None when it does not say."""
 
     data: bytes
     octets: int
     cut: str | None = None
+    arrived: datetime | None = None
 
 
 def session_seconds(server: ServerConfig, nbytes: int) -> float:

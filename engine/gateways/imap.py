@@ -39,6 +39,7 @@ import re
 import socket
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from engine.config import ServerConfig
@@ -90,8 +91,47 @@ _FETCH = re.compile(rb"\* \d+ FETCH \(")
 _UID = re.compile(rb"\bUID (\d{1,10})\b")
 _SIZE = re.compile(rb"\bRFC822\.SIZE (\d{1,12})\b")
 _FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)")
+_INTERNALDATE = re.compile(
+    rb'\bINTERNALDATE "([ \d]\d)-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)"'
+)
+_MONTHS = {
+    m: i
+    for i, m in enumerate(
+        (
+            b"jan",
+            b"feb",
+            b"mar",
+            b"apr",
+            b"may",
+            b"jun",
+            b"jul",
+            b"aug",
+            b"sep",
+            b"oct",
+            b"nov",
+            b"dec",
+        ),
+        1,
+    )
+}
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d{1,10})\]")
 _CHUNK = 65536
+
+
+def internal_date(line: bytes) -> datetime | None:
+    """The INTERNALDATE of a FETCH response line (RFC 3501's date-time), aware; None when
+    the line has none or it names no real date."""
+    m = _INTERNALDATE.search(line)
+    month = _MONTHS.get(m.group(2).lower()) if m is not None else None
+    if m is None or month is None:
+        return None
+    day, _, year, hour, minute, second, sign, zh, zm = m.groups()
+    offset = timedelta(hours=int(zh), minutes=int(zm)) * (-1 if sign == b"-" else 1)
+    try:
+        at = datetime(int(year), month, int(day), int(hour), int(minute), int(second))
+        return at.replace(tzinfo=timezone(offset))
+    except ValueError:  # 31-Feb, hour 25, an offset of a day or more
+        return None
 
 
 def mutf7(name: str) -> str:
@@ -511,7 +551,8 @@ class ImapGateway:
         by_uid = {self.handles[r.number - 1][1]: r for r in group}
         item = "BODY.PEEK[HEADER]" if group[0].headers_only else "BODY.PEEK[]"
         got: dict[int, Answer | None] = {}
-        command = f"UID FETCH {uid_set(list(by_uid))} (UID {item})"
+        # INTERNALDATE: when the message reached the server, for the ledger's lag.
+        command = f"UID FETCH {uid_set(list(by_uid))} (UID INTERNALDATE {item})"
         for _line, literal in self._exchange(command, "FETCH", by_uid=by_uid):
             if literal is not None:
                 uid, answer = literal
@@ -566,23 +607,25 @@ class ImapGateway:
         self, conn: Any, line: bytes, size: int, by_uid: dict[int, Request]
     ) -> tuple[int, Answer | None]:
         """The message literal announced at the end of ``line``, and the rest of its FETCH
-        response (which may carry its UID, when the server sends it after the body). None
-        for a literal read and dropped because the window's grant is used up."""
+        response (which may carry its UID and INTERNALDATE, when the server sends them after
+        the body). None for a literal read and dropped because the window's grant is used up."""
         uid_m = _UID.search(line)
+        kept: tuple[bytes, str | None] | None = None
         if self._kept and self._room <= 0:
             self._drop(conn, size, uid_m, by_uid)
-            answer = None
         else:
-            data, cut = self._literal(conn, size, uid_m, by_uid)
+            kept = self._literal(conn, size, uid_m, by_uid)
             self._kept += 1
-            self._room -= len(data)
-            answer = Answer(data, size, cut)
+            self._room -= len(kept[0])
         rest = conn.readline()  # ")" or " UID n)" and CRLF
         if uid_m is None:
             uid_m = _UID.search(rest)
             if uid_m is None or int(uid_m.group(1)) not in by_uid:
                 raise ProtocolError("a FETCH response without the UID of its message")
-        return int(uid_m.group(1)), answer
+        if kept is None:
+            return int(uid_m.group(1)), None
+        arrived = internal_date(line) or internal_date(rest)
+        return int(uid_m.group(1)), Answer(kept[0], size, kept[1], arrived)
 
     def _drop(
         self, conn: Any, size: int, uid_m: re.Match[bytes] | None, by_uid: dict[int, Request]

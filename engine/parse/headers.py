@@ -299,3 +299,39 @@ def parse_date(value: str | None) -> datetime | None:
         # "-0000" means "UTC, but the sender's zone is unknown" (RFC 5322 3.3).
         parsed = parsed.replace(tzinfo=UTC)
     return parsed
+
+
+# Where the top-most Received field is looked for, and how much of it is read: our own mail
+# server adds it first, so it sits near the top; a header that hides it further down (or a
+# field folded over kilobytes) is not worth reading for a statistic.
+RECEIVED_SCAN_BYTES: Final = 16 * 1024
+RECEIVED_FIELD_BYTES: Final = 4 * 1024
+_RECEIVED_RE: Final = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+_HEAD_END_RE: Final = re.compile(rb"\r?\n\r?\n")
+_FIELD_END_RE: Final = re.compile(rb"\r?\n(?![ \t])")
+
+
+def received_at(raw: bytes) -> datetime | None:
+    """When the server that took the message last (the top-most ``Received:`` field) says
+    it received it: the date after the field's last ";" (RFC 5321 4.4), aware (UTC if it
+    has no zone); None without one, or one that cannot be read.
+
+    Bounded: only the first :data:`RECEIVED_SCAN_BYTES` of the message, only the first
+    Received field, at most :data:`RECEIVED_FIELD_BYTES` of it. The date is whatever the
+    message says: the caller bounds it against its own clock (engine/store/sqlite.py,
+    ``arrived_text``)."""
+    if raw.startswith((b"\n", b"\r\n")):
+        return None  # no header at all: whatever follows is the body
+    head = raw[:RECEIVED_SCAN_BYTES]
+    if (end := _HEAD_END_RE.search(head)) is not None:
+        head = head[: end.start()]  # the header only: never a "Received:" of the body
+    found = _RECEIVED_RE.search(head)
+    if found is None:
+        return None
+    value = head[found.end() : found.end() + RECEIVED_FIELD_BYTES]
+    if (stop := _FIELD_END_RE.search(value)) is not None:
+        value = value[: stop.start()]
+    _, semicolon, date = value.rpartition(b";")
+    if not semicolon:
+        return None
+    return parse_date(unfold(date.decode("latin-1")))

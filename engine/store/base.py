@@ -262,8 +262,11 @@ class Transaction(ABC):
         request_number: int | None,
         size: int | None = None,
         needed: int | None = None,
+        arrived: datetime | None = None,
     ) -> None:
-        """A message's ledger row; (account, uidl) is unique: a second one fails the commit."""
+        """A message's ledger row; (account, uidl) is unique: a second one fails the commit.
+        ``arrived``: when it reached the mail server, if known (kept as ``arrived_at``,
+        bounded by the time of recording: engine.store.sqlite.arrived_text)."""
 
     @abstractmethod
     async def update_ledger(
@@ -427,6 +430,13 @@ class Store(ABC):
     async def waiting_on_server(self) -> dict[str, tuple[int, str]]:
         """Per mailbox, the messages left on the server waiting to be taken whole (ledger
         outcome ``kept``): how many, and since when the oldest was first seen."""
+
+    @abstractmethod
+    async def lag_since(self, since: str) -> dict[str, tuple[int, int, int]]:
+        """Per mailbox, over the ledger rows recorded since ``since`` whose arrival is known:
+        how long a message waited between reaching the mail server and being recorded
+        (processed_at - arrived_at, in whole seconds), as (median, longest, rows counted).
+        The median is the lower one of an even count (PostgreSQL's percentile_disc(0.5))."""
 
     @abstractmethod
     async def failed_ingests(self, sha256: str) -> int:

@@ -64,7 +64,7 @@ from engine.model import (
 )
 from engine.store.base import RequestFilter, Store, Transaction
 from engine.store.schema import POSTGRES_MIGRATIONS
-from engine.store.sqlite import hash_password, now, verify_password
+from engine.store.sqlite import LAG_SQL, arrived_text, hash_password, now, verify_password
 
 log = logging.getLogger("engine.store")
 
@@ -329,6 +329,10 @@ class PostgresStore(Store):
             "WHERE outcome LIKE 'kept%' AND deleted_at IS NULL GROUP BY mailbox"
         )
         return {r[0]: (int(r[1]), str(r[2])) for r in rows}
+
+    async def lag_since(self, since: str) -> dict[str, tuple[int, int, int]]:
+        rows = await self._all(LAG_SQL.format(lag=_POSTGRES_LAG, at="$1"), since)
+        return {r[0]: (int(r[1]), int(r[2]), int(r[3])) for r in rows}
 
     async def failed_ingests(self, sha256: str) -> int:
         first, retries = ingest_keys_like(sha256)
@@ -615,9 +619,11 @@ class PostgresTransaction(Transaction):
         request_number: int | None,
         size: int | None = None,
         needed: int | None = None,
+        arrived: datetime | None = None,
     ) -> None:
         # Sent at COMMIT (flush): a row another replica committed meanwhile fails it, and
         # with it the transaction; see engine/writer.py's conflicts.
+        at = now()
         self._ledger.append(
             (
                 account,
@@ -627,9 +633,10 @@ class PostgresTransaction(Transaction):
                 sha256,
                 scrub(outcome),
                 request_number,
-                now(),
+                at,
                 size,
                 needed,
+                arrived_text(arrived, at),
             )
         )
 
@@ -1087,6 +1094,14 @@ class PostgresTransaction(Transaction):
         )
 
 
+# Seconds between two ISO times of the ledger, whole, never below 0 (engine/store/sqlite.py's
+# LAG_SQL says why).
+_POSTGRES_LAG = (
+    "greatest(0, round(extract(epoch FROM processed_at::timestamptz - arrived_at::timestamptz))"
+    "::bigint)"
+)
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -1094,7 +1109,8 @@ def _sha256(data: bytes) -> str:
 # The request and its first history line in one round trip.
 _INSERT_LEDGER = (
     "INSERT INTO ledger(account, uidl, mailbox, message_id, sha256, outcome, request_number, "
-    "processed_at, size, needed) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+    "processed_at, size, needed, arrived_at) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 )
 
 _INSERT_REQUEST = (

@@ -269,6 +269,12 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (user_id, role)
     );
     """,
+    # 10: when each message reached the mail server (IMAP's INTERNALDATE, else the top
+    # Received field), beside processed_at: the console's lag. NULL: not known (rows of
+    # before, mail without either).
+    """
+    ALTER TABLE ledger ADD COLUMN arrived_at TEXT;
+    """,
 )
 
 REBUILDS = frozenset({6})
@@ -301,7 +307,7 @@ def normalized_account(old: str) -> str:
 #   existed before the accounts changed form;
 # - 11 adds what several replicas need (see its comment); SQLite, with one engine per data
 #   directory behind its lock, has nothing to do for it.
-# Versions 7, 8 and 10 are reserved for other branches; gaps are allowed (the version table
+# Versions 7 and 8 are reserved for other branches; gaps are allowed (the version table
 # lists the versions applied, so one merged later is applied later).
 POSTGRES_MIGRATIONS: dict[int, str] = {
     1: """
@@ -464,6 +470,8 @@ POSTGRES_MIGRATIONS: dict[int, str] = {
         PRIMARY KEY (user_id, role)
     );
     """,
+    # 10: the arrival of each message (SQLite's comment).
+    10: "ALTER TABLE ledger ADD COLUMN IF NOT EXISTS arrived_at text",
     # 11: several replicas on one database.
     # - attachment_blobs: attachments by content (sha256), so no replica needs a shared disk;
     #   one row per content whatever cites it.

@@ -87,6 +87,30 @@ def now() -> str:
     return _second[1]
 
 
+# A message's arrival may lie ahead of our clock by this much (clocks drift; the mail server
+# is another machine): it is then taken as arriving when it was recorded (a lag of 0).
+ARRIVAL_SKEW = timedelta(minutes=1)
+
+
+def arrived_text(arrived: datetime | None, processed_at: str) -> str | None:
+    """A message's arrival as the ledger keeps it (UTC, ISO 8601 to the second, as
+    processed_at), bounded by when it was recorded: a time later than that by up to
+    :data:`ARRIVAL_SKEW` becomes that time; further ahead, it is not believed (None). The
+    time is hostile input (a Received field, a server's INTERNALDATE): never a negative lag."""
+    if arrived is None:
+        return None
+    recorded = datetime.fromisoformat(processed_at)
+    try:
+        at = (arrived if arrived.tzinfo is not None else arrived.replace(tzinfo=UTC)).astimezone(
+            UTC
+        )
+    except (OverflowError, ValueError):  # year 1 in a zone east of UTC
+        return None
+    if at > recorded + ARRIVAL_SKEW:
+        return None
+    return min(at, recorded).isoformat(timespec="seconds")
+
+
 # The columns replies are counted by (each has an index with created_at).
 _REPLY_COUNTS = frozenset({"rcpt_key", "rcpt_domain", "mailbox"})
 
@@ -359,6 +383,10 @@ class SqliteStore(Store):
         )
         return {r[0]: (int(r[1]), str(r[2])) for r in rows}
 
+    async def lag_since(self, since: str) -> dict[str, tuple[int, int, int]]:
+        rows = await self._all(LAG_SQL.format(lag=_SQLITE_LAG, at="?"), (since,))
+        return {r[0]: (int(r[1]), int(r[2]), int(r[3])) for r in rows}
+
     async def failed_ingests(self, sha256: str) -> int:
         first, retries = ingest_keys_like(sha256)
         row = await self._one(
@@ -394,6 +422,23 @@ class _Files:
         self.writing += 1
 
 
+# The lag of each ledger row since a time, ranked per mailbox: the median is the row at the
+# middle rank (the lower one of an even count), as PostgreSQL's percentile_disc(0.5) picks
+# it; one statement for both stores, each with its own seconds between two ISO times.
+# Never below 0: arrived_at is bounded when written, and a negative lag is not one.
+LAG_SQL = (
+    "WITH l AS (SELECT mailbox, {lag} AS lag FROM ledger "
+    "WHERE processed_at >= {at} AND arrived_at IS NOT NULL), "
+    "r AS (SELECT mailbox, lag, row_number() OVER (PARTITION BY mailbox ORDER BY lag) AS n, "
+    "count(*) OVER (PARTITION BY mailbox) AS c FROM l) "
+    "SELECT mailbox, max(CASE WHEN n = (c + 1) / 2 THEN lag END), max(lag), max(c) FROM r "
+    "GROUP BY mailbox ORDER BY mailbox"
+)
+_SQLITE_LAG = (
+    "max(0, CAST(round((julianday(processed_at) - julianday(arrived_at)) * 86400) AS INTEGER))"
+)
+
+
 class _LedgerInsert(NamedTuple):
     """A pending ledger row, as it goes to :data:`_INSERT_LEDGER`."""
 
@@ -407,6 +452,7 @@ class _LedgerInsert(NamedTuple):
     processed_at: str
     size: int | None
     needed: int | None
+    arrived_at: str | None
 
 
 @dataclass(eq=False)
@@ -442,7 +488,8 @@ _INSERT_ACTIVITY = (
 
 _INSERT_LEDGER = (
     "INSERT INTO ledger(account, uidl, mailbox, message_id, sha256, outcome, "
-    "request_number, processed_at, size, needed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "request_number, processed_at, size, needed, arrived_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 _INSERT_REQUEST = (
@@ -873,7 +920,9 @@ class SqliteTransaction(Transaction):
         request_number: int | None,
         size: int | None = None,
         needed: int | None = None,
+        arrived: datetime | None = None,
     ) -> None:
+        at = now()
         self._pending.add(
             "ledger",
             _LedgerInsert(
@@ -884,9 +933,10 @@ class SqliteTransaction(Transaction):
                 sha256=sha256,
                 outcome=scrub(outcome),
                 request_number=request_number,
-                processed_at=now(),
+                processed_at=at,
                 size=size,
                 needed=needed,
+                arrived_at=arrived_text(arrived, at),
             ),
         )
 
