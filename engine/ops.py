@@ -232,6 +232,10 @@ class MailboxHealth:
     # How the daemon waits for the next session: "IDLE" (push) or "poll", and for how long.
     wait: str | None = None
     wait_seconds: float | None = None
+    # Messages the last session listed and left for a later one (engine.session's
+    # SessionResult.waiting), and when a session first saw that backlog (None: none now).
+    backlog: int = 0
+    backlog_since: float | None = None
 
 
 @dataclass
@@ -259,6 +263,17 @@ class Health:
         """The daemon waits for the mailbox's next session by ``how`` (IDLE or poll)."""
         h = self.mailboxes.setdefault(name, MailboxHealth())
         h.wait, h.wait_seconds = how, seconds
+
+    def backlogged(self, name: str, count: int) -> None:
+        """The mailbox's last session left ``count`` listed messages for a later one: since
+        when is kept from the session that first saw a backlog, until a session leaves none."""
+        h = self.mailboxes.setdefault(name, MailboxHealth())
+        if count <= 0:
+            h.backlog, h.backlog_since = 0, None
+            return
+        h.backlog = count
+        if h.backlog_since is None:
+            h.backlog_since = time.time()
 
     def forget(self, name: str) -> None:
         self.mailboxes.pop(name, None)

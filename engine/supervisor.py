@@ -699,6 +699,9 @@ class Engine:
                 )
             for key in ("listed", "fetched", "processed", "failed", "deleted"):
                 setattr(total, key, getattr(total, key) + getattr(r, key))
+            # A session that failed before it listed anything says nothing of the backlog.
+            if not self.settings.dry_run and (err is None or r.listed):
+                self.health.backlogged(name, r.waiting)
         cause = getattr(err, "cause", "error") if err is not None else None
         if m is not None:
             m.sessions.labels(name, cause or "ok").inc()

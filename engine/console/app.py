@@ -217,9 +217,19 @@ class _Pages:
         self.user(request)
         now = datetime.now(UTC)
         midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        rows = await mailbox_rows(self.console, midnight.isoformat(timespec="seconds"))
+        day_ago = now - timedelta(hours=24)
+        rows = await mailbox_rows(
+            self.console,
+            midnight.isoformat(timespec="seconds"),
+            day_ago.isoformat(timespec="seconds"),
+        )
         return self.page(
-            request, "mailboxes.html", rows=rows, refresh=REFRESH_SECONDS, now=_ts(now)
+            request,
+            "mailboxes.html",
+            rows=rows,
+            refresh=REFRESH_SECONDS,
+            now=_ts(now),
+            daemon=self.console.health is not None,
         )
 
     async def failures(self, request: Request) -> Response:
@@ -396,21 +406,41 @@ def _ts(at: datetime) -> str:
     return at.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-async def mailbox_rows(console: Console, today: str) -> list[dict[str, Any]]:
+def duration(seconds: int) -> str:
+    """A lag in words short enough for a table cell: ``42 s``, ``5 min 03 s``, ``2 h 05 min``,
+    ``3 d 04 h``."""
+    minutes, sec = divmod(max(0, seconds), 60)
+    hours, mins = divmod(minutes, 60)
+    days, hrs = divmod(hours, 24)
+    if days:
+        return f"{days} d {hrs:02d} h"
+    if hours:
+        return f"{hours} h {mins:02d} min"
+    if minutes:
+        return f"{minutes} min {sec:02d} s"
+    return f"{sec} s"
+
+
+async def mailbox_rows(console: Console, today: str, day_ago: str) -> list[dict[str, Any]]:
     """One row per mailbox the store (or the daemon) knows: state, last success, today's
-    messages, how the daemon waits for it, the replica that polls it."""
+    messages, the lag since ``day_ago`` (median and longest, from the ledger's arrival
+    times), what waits on the server (the daemon's backlog, the messages kept there), how
+    the daemon waits for it, the replica that polls it."""
     status = {r["mailbox"]: r for r in await console.store.mailbox_status()}
     outages: dict[str, list[dict[str, Any]]] = {}
     for o in await console.store.open_outage_events():
         outages.setdefault(o["mailbox"], []).append(o)
     today_counts = await console.store.messages_since(today)
     waiting = await console.store.waiting_on_server()
+    lags = await console.store.lag_since(day_ago)
     health = console.health.mailboxes if console.health is not None else {}
     names = sorted(set(status) | set(outages) | set(health))
     rows = []
     for name in names:
         s = status.get(name, {})
         h = health.get(name)
+        lag = lags.get(name)
+        since = h.backlog_since if h is not None else None
         rows.append(
             {
                 "mailbox": name,
@@ -418,6 +448,12 @@ async def mailbox_rows(console: Console, today: str) -> list[dict[str, Any]]:
                 "last_success": s.get("last_success"),
                 "last_error": s.get("last_error"),
                 "today": today_counts.get(name, 0),
+                "lag": (duration(lag[0]), duration(lag[1]), lag[2]) if lag else None,
+                "backlog": (
+                    (h.backlog, _ts(datetime.fromtimestamp(since, UTC)))
+                    if h is not None and h.backlog and since is not None
+                    else None
+                ),
                 "waiting": waiting.get(name),
                 "wait": h.wait if h is not None else None,
                 "wait_seconds": h.wait_seconds if h is not None else None,
