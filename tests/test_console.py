@@ -19,8 +19,10 @@ import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.policy import SMTP
+from email.utils import format_datetime
 from http.cookiejar import CookieJar
 from pathlib import Path
 from typing import Any
@@ -142,7 +144,10 @@ def seed(
     conf.mkdir()
     # No fallback user: mail from an unknown sender becomes a failure event.
     box = new_mailbox(conf / "support.xml", incidentFallbackUserLogon=None)
-    box.deliver(plain_message("VPN down since this morning"), HOSTILE)
+    # The request's message as our mail server handed it on two minutes ago (its lag).
+    arrived = format_datetime(datetime.now(UTC) - timedelta(minutes=2))
+    received = f"Received: from mx.example.com by mail.example.com; {arrived}\r\n".encode()
+    box.deliver(received + plain_message("VPN down since this morning"), HOSTILE)
     mailbox_xml(conf / "broken.xml", port=free_port(), user="nobody", password="x", timeout=2)
     run_once(data, conf)
     kinds = sorted(r["kind"] for r in requests(data))
@@ -634,6 +639,9 @@ def test_the_consoles_store_reads_agree_in_sqlite_and_postgresql(
             assert await st.messages_since("2000-01-01") == {"support": 2}
             assert await st.messages_since("2999-01-01") == {}
             assert await st.waiting_on_server() == {}  # nothing kept on the server here
+            # Only the request's message has a Received field (2 minutes before its commit).
+            [(box, (p50, longest, counted))] = (await st.lag_since("2000-01-01")).items()
+            assert (box, counted) == ("support", 1) and 120 <= p50 == longest <= 180
             flow = await st.flow("2000-01-01")
             assert sum(n for box, _, n in flow if box == "support") == 2
             assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d", m) for _, m, _ in flow)

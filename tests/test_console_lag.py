@@ -307,5 +307,9 @@ def test_the_daemons_page_shows_a_backlog_left_part_way_until_a_session_takes_it
     assert before - 1 <= since.timestamp() <= time.time()
     assert "not taken yet" not in standalone
     assert "only the kept messages are known" in standalone
+    assert 'title="How long a message waited between reaching the mail server' in standalone
+    assert "title=\"Messages still on the server. 'Not taken yet'" in standalone.replace(
+        "&#39;", "'"
+    )
     assert second.error is None and left == []
     assert "not taken yet" not in taken and "none known" in row(taken, "backlog")
