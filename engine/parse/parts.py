@@ -1,8 +1,13 @@
 """The walk over the MIME tree: what each part becomes (the body, the HTML, an attachment).
 
-The first text/plain part is the body and the first text/html part the HTML; other versions
-of the same text in an alternative are dropped unless every version would be, other parts
-are attachments. The walk is iterative: the tree can be as deep as the limits allow.
+Every inline text/plain part belongs to the body, in order: phones and Apple Mail interleave
+text with images and PDFs (text, image, text, pdf, text), and the body marks where each
+attachment sat between two texts (``[attachment: scan.pdf]``). Every inline text/html part
+belongs to the HTML the same way. In an alternative only the first version of each kind
+counts. A text part that is a file by its headers stays a file, except the only text part of
+a message that has no other (``Content-Disposition: inline`` with a file name): that is the
+body. Empty text parts without a name are dropped, never kept as 0-byte files. The walk is
+iterative: the tree can be as deep as the limits allow.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from engine.parse.bodies import (
     text_of,
     unsanitizable,
 )
+from engine.parse.charsets import decode_text
 from engine.parse.headers import (
     Param,
     decode_words,
@@ -36,6 +42,8 @@ from engine.parse.headers import (
 from engine.parse.limits import ParseLimits
 from engine.parse.mime import MimeTree, raw_payload, scan_boundary
 
+# At most this many attachments are marked in the body between two of its texts.
+_MAX_MARKS: Final = 1000
 _CONTENT_TYPE_RE: Final = re.compile(r"[a-z0-9!#$&^_.+-]{1,64}/[a-z0-9!#$&^_.+-]{1,128}")
 
 # A part still to visit: the part, its depth (the message is 1), its parent's content type
@@ -51,13 +59,22 @@ class Collector:
         self.limits = limits
         self.body: str | None = None
         self.html: str | None = None
+        # Text after the first part of the body, and HTML after the first part of the HTML,
+        # in order (the body's pieces with the markers of the attachments between them).
+        self.more_body: list[str] = []
+        self.more_html: list[str] = []
+        # Names of the attachments met since the last text of the body: marked in the body
+        # if more text follows them.
+        self.marks: list[str] = []
+        # Alternatives (by id) in which a text/plain, a text/html version was taken.
+        self.taken: set[tuple[int, str]] = set()
+        # The first text part that is a file by its name but inline: the body if no other.
+        self.inline_file: tuple[int, str, str] | None = None
         self.tnef_body = ""
         self.attachments = AttachmentList()
         self.bounce = False
         self.parts = 0
         self.notes: list[str] = []  # what the walk left out of the model (see ParsedMessage)
-        # Alternatives whose text is kept as a file (see alternatives): one version kept yet?
-        self.secondary: dict[int, bool] = {}
 
     def walk(self, root: Message) -> None:
         """Visit every part in document order: multiparts open, the others are leaves."""
@@ -99,21 +116,11 @@ class Collector:
             return []
         _, params = parse_params(part_header(part, "content-type") or "")
         boundary = scan_boundary(params.get("boundary"))
-        children: list[_Visit] = [
+        return [
             (child, depth + 1, ctype, boundary, i, part)
             for i, child in enumerate(payload)
             if isinstance(child, Message)
         ]
-        if ctype == "multipart/alternative":
-            self.alternatives(part, [child for child, *_ in children])
-        return children
-
-    def alternatives(self, part: Message, children: list[Message]) -> None:
-        """Note an alternative whose text versions would all be dropped as body and HTML are
-        taken already (a second alternative in a mixed part): one of them is kept as a file."""
-        html_child = any(c.get_content_type() == "text/html" for c in children)
-        if self.body is not None and (self.html is not None or not html_child):
-            self.secondary[id(part)] = False
 
     def leaf(
         self,
@@ -143,16 +150,28 @@ class Collector:
         cte = fields.get("content-transfer-encoding")
         as_file = disposition == "attachment" or name is not None
         is_text = ctype in ("text/plain", "text/html")
-        if is_text and not as_file and self._text(part, ctype, ct_params, cte, parent_type, group):
+        if is_text and not as_file:
+            self._text(part, ctype, ct_params, cte, group)
             return
         data = payload_bytes(part, cte, self.tree)
+        if ctype.startswith("text/") and name is None and not data.strip():
+            return  # an empty text part is nothing: no 0-byte attachment-N.txt
         if ctype == "application/ms-tnef" or (name or "").strip().lower() == "winmail.dat":
             if self._tnef(data, name):
                 return
             name = name or "winmail.dat"
         content_id = msgid(fields.get("content-id"))
         inline = content_id is not None and disposition != "attachment"
-        self.attachments.add(name, ctype, data, content_id=content_id, inline=inline)
+        added = self.attachments.add(name, ctype, data, content_id=content_id, inline=inline)
+        self._mark(added.name)
+        if is_text and disposition == "inline" and self.inline_file is None:
+            charset = param_text(ct_params.get("charset"))
+            self.inline_file = (len(self.attachments) - 1, ctype, charset or "")
+
+    def _mark(self, name: str) -> None:
+        """Remember an attachment that sits after some text of the body."""
+        if self.body is not None and len(self.marks) < _MAX_MARKS:
+            self.marks.append(name)
 
     def _text(
         self,
@@ -160,25 +179,29 @@ class Collector:
         ctype: str,
         params: Mapping[str, Param],
         cte: str | None,
-        parent_type: str | None,
         group: int | None,
-    ) -> bool:
-        """A text/plain or text/html part that is not a file by its headers: True if it is
-        taken as the body or the HTML, or dropped as another version of them; False if it is
-        to be kept as a file."""
-        if group in self.secondary:
-            if self.secondary[group]:
-                return True  # another version of the same text is kept
-            self.secondary[group] = True
-            return False
-        if ctype == "text/plain":
-            if self.body is None:
-                self.body = text_of(part, params, cte, self.tree)
-                return True
-        elif self.html is None:
-            self.html = text_of(part, params, cte, self.tree, html=True)
-            return True
-        return parent_type == "multipart/alternative"
+    ) -> None:
+        """A text/plain or text/html part that is not a file by its headers: the body or the
+        HTML, or more of them; dropped if another version of the same alternative was taken,
+        or if it is empty."""
+        html = ctype == "text/html"
+        if group is not None:
+            if (group, ctype) in self.taken:
+                return
+            self.taken.add((group, ctype))
+        text = text_of(part, params, cte, self.tree, html=html)
+        if html:
+            if self.html is None:
+                self.html = text
+            elif text.strip():
+                self.more_html.append(text)
+        elif self.body is None:
+            if text.strip():
+                self.body = text
+        elif text.strip():
+            self.more_body.extend(f"[attachment: {name}]" for name in self.marks)
+            self.marks.clear()
+            self.more_body.append(text)
 
     def _tnef(self, data: bytes, name: str | None) -> bool:
         """Attach the files inside a winmail.dat; True if they stand for it whole."""
@@ -210,7 +233,7 @@ class Collector:
         force_ext = ".eml" if ctype in ("message/rfc822", "message/global") else None
         if name is None and force_ext:
             name = _subject_of(part)
-        self.attachments.add(name, ctype, data, force_ext=force_ext)
+        self._mark(self.attachments.add(name, ctype, data, force_ext=force_ext).name)
 
     def body_and_html(self) -> tuple[str, str | None]:
         """The body text and the sanitized HTML, once the walk is done.
@@ -220,8 +243,9 @@ class Collector:
         javascript: URL shows up in it, or read without a tree from HTML too large to
         sanitize (which is attached instead, and a note says so).
         """
-        body = self.body
-        markup, self.html = self.html, None
+        body = self._body_text()
+        markup = self._html_markup()
+        self.html = None
         sanitized: str | None = None
         needs_text = body is None or not body.strip()
         why = unsanitizable(markup, self.limits) if markup is not None else None
@@ -238,6 +262,27 @@ class Collector:
         if not body.strip() and self.tnef_body:
             body = clean_body(self.tnef_body)
         return body, sanitized
+
+    def _body_text(self) -> str | None:
+        """The body's pieces joined; the only inline text file if there is no other text."""
+        if self.body is None and self.html is None and self.inline_file is not None:
+            index, ctype, charset = self.inline_file
+            taken = self.attachments.pop(index)
+            text = clean_body(decode_text(taken.data, charset or None))
+            if ctype == "text/html":
+                self.html = text
+                return None
+            return text
+        if not self.more_body or self.body is None:
+            return self.body
+        *pieces, last = (self.body, *self.more_body)
+        return "".join(piece.rstrip("\n") + "\n\n" for piece in pieces) + last.lstrip("\n")
+
+    def _html_markup(self) -> str | None:
+        """The HTML's pieces joined."""
+        if not self.more_html or self.html is None:
+            return self.html
+        return "\n".join((self.html, *self.more_html))
 
     def _attach_html(self, markup: str, why: str, text_from_it: bool) -> str:
         """Keep HTML that cannot be sanitized as an attachment; the note that says so.
