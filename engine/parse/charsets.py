@@ -263,6 +263,44 @@ def decode_undeclared(data: bytes) -> str:
     return data.decode("utf-8", "replace")
 
 
+# An undeclared 8-bit file name is read from at most this many octets: longer names are cut
+# to 150 bytes anyway, and detection must not cost more for a 100 KB "name".
+MAX_NAME_OCTETS: Final = 1024
+
+
+def decode_8bit_name(data: bytes, declared: tuple[str, ...]) -> str:
+    """Text of an undeclared 8-bit file name, weighted by the charsets its message declares.
+
+    A name in GB2312 is as valid in EUC-KR, and detection on a dozen octets is a coin toss:
+    the charsets the message declares elsewhere (its text parts, its encoded words), most
+    used first, decide before detection does. UTF-8 comes first, since it rarely decodes by
+    accident; a declared charset must read the name strictly and to printable text.
+    """
+    data = data[:MAX_NAME_OCTETS]
+    if data.isascii():
+        return data.decode("ascii")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    for label in declared:
+        codec = _codec_for(label)
+        if codec is None or codec in _UTF8_LIKE or codec.startswith("utf-16"):
+            continue
+        # ISO-2022-JP is 7-bit: 8-bit Japanese names beside it are Shift_JIS or EUC-JP.
+        for candidate in _8BIT_JAPANESE if codec.startswith("iso2022_jp") else (codec,):
+            try:
+                text = data.decode(candidate)
+            except UnicodeDecodeError:
+                continue
+            if text.isprintable() and "\ufffd" not in text:
+                return text
+    return decode_undeclared(data)
+
+
+_8BIT_JAPANESE: Final = ("cp932", "euc_jp")
+
+
 def _utf16_codec(data: bytes) -> str:
     """utf-16 without a BOM: guess the byte order from where the zero bytes of ASCII fall."""
     if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):

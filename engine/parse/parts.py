@@ -13,6 +13,7 @@ iterative: the tree can be as deep as the limits allow.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Mapping
 from email.message import Message
 from typing import Final
@@ -28,7 +29,7 @@ from engine.parse.bodies import (
     text_of,
     unsanitizable,
 )
-from engine.parse.charsets import decode_text
+from engine.parse.charsets import decode_8bit_name, decode_text, to_bytes
 from engine.parse.headers import (
     Param,
     decode_words,
@@ -44,6 +45,7 @@ from engine.parse.mime import MimeTree, raw_payload, scan_boundary
 
 # At most this many attachments are marked in the body between two of its texts.
 _MAX_MARKS: Final = 1000
+_EW_CHARSET_RE: Final = re.compile(r"=\?([^?*\s]{1,40})(?:\*[^?]*)?\?[bBqQ]\?")
 _CONTENT_TYPE_RE: Final = re.compile(r"[a-z0-9!#$&^_.+-]{1,64}/[a-z0-9!#$&^_.+-]{1,128}")
 
 # A part still to visit: the part, its depth (the message is 1), its parent's content type
@@ -68,6 +70,7 @@ class Collector:
         self.marks: list[str] = []
         # Alternatives (by id) in which a text/plain, a text/html version was taken.
         self.taken: set[tuple[int, str]] = set()
+        self._declared: tuple[str, ...] | None = None
         # The first text part that is a file by its name but inline: the body if no other.
         self.inline_file: tuple[int, str, str] | None = None
         self.tnef_body = ""
@@ -139,7 +142,7 @@ class Collector:
         fields = part_fields(part)
         _, ct_params = parse_params(fields.get("content-type", ""))
         disposition, cd_params = parse_params(fields.get("content-disposition", ""))
-        name = _file_name(ct_params, cd_params)
+        name = self._file_name(ct_params, cd_params)
         if ctype.startswith("message/"):
             if ctype == "message/delivery-status":
                 self.bounce = True
@@ -167,6 +170,51 @@ class Collector:
         if is_text and disposition == "inline" and self.inline_file is None:
             charset = param_text(ct_params.get("charset"))
             self.inline_file = (len(self.attachments) - 1, ctype, charset or "")
+
+    def _file_name(
+        self, ct_params: Mapping[str, Param], cd_params: Mapping[str, Param]
+    ) -> str | None:
+        """The file name a part declares: Content-Disposition's, else Content-Type's.
+
+        A name in raw 8-bit octets without a charset is read as the message's declared
+        charsets suggest (see :func:`~engine.parse.charsets.decode_8bit_name`)."""
+        param = cd_params.get("filename")
+        if param is None:
+            param = ct_params.get("name")
+        if param is None:
+            return None
+        if param.data is not None and not param.charset:
+            octets: bytes | None = param.data
+        elif param.data is None and not param.text.isascii():
+            octets = to_bytes(param.text)
+        else:
+            octets = None
+        if octets is not None and not octets.isascii():
+            return decode_8bit_name(octets, self.declared_charsets())
+        return param_text(param, encoded_words=True)
+
+    def declared_charsets(self) -> tuple[str, ...]:
+        """The charsets the message declares (text parts, encoded words of the top-level
+        Subject, From and To), the most used first; found once, when first needed."""
+        if self._declared is None:
+            counts: Counter[str] = Counter()
+            for name in ("subject", "from", "to"):
+                value = part_header(self.tree.root, name) or ""
+                counts.update(m.lower() for m in _EW_CHARSET_RE.findall(value[:4096]))
+            stack = [self.tree.root]
+            seen = 0
+            while stack and seen <= self.limits.max_parts:
+                part = stack.pop()
+                seen += 1
+                _, params = parse_params(part_header(part, "content-type") or "")
+                charset = param_text(params.get("charset"))
+                if charset:
+                    counts[charset.strip().lower()] += 1
+                payload = raw_payload(part)
+                if isinstance(payload, list):
+                    stack.extend(p for p in payload if isinstance(p, Message))
+            self._declared = tuple(label for label, _ in counts.most_common(8))
+        return self._declared
 
     def _mark(self, name: str) -> None:
         """Remember an attachment that sits after some text of the body."""
@@ -297,14 +345,6 @@ class Collector:
             f"The HTML version of this message {why}: it is attached as {name} instead of "
             f"being shown{text}."
         )
-
-
-def _file_name(ct_params: Mapping[str, Param], cd_params: Mapping[str, Param]) -> str | None:
-    """The file name a part declares: Content-Disposition's, else Content-Type's."""
-    name = param_text(cd_params.get("filename"), encoded_words=True)
-    if name is None:
-        name = param_text(ct_params.get("name"), encoded_words=True)
-    return name
 
 
 def _subject_of(part: Message) -> str | None:
