@@ -132,6 +132,43 @@ def header_end(raw: bytes, limit: int) -> int | None:
 _LF_BLANK_LINE_RE: Final = re.compile(rb"\n\r?\n")
 
 
+_FIELD_LINE_RE: Final = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+_WANTED_FIELD_RE: Final = re.compile(rb"(?:from|subject)[ \t]*:", re.I)
+
+
+def mend_header_block(raw: bytes, limit: int) -> tuple[bytes, int] | None:
+    """``raw`` with each stray line of its header block made a continuation line, and how
+    many were; None if there is nothing to mend.
+
+    Some senders continue a long header field on lines that are not indented. The parser
+    (ours as the stdlib's) ends the header block at the first such line, and the well-formed
+    ``From:`` and ``Subject:`` fields after it become body text. When a ``From:`` or
+    ``Subject:`` field follows a stray line inside the header block (up to the first blank
+    line, within ``limit`` bytes), every stray line before the last field gets one leading
+    space: it then continues the field above it, and the fields after it are read. A message
+    whose first line is not a field is never mended (it is not mail, or has no header).
+    """
+    end = _blank_line_end(raw, 0, limit)
+    block = raw[: end if end is not None else min(len(raw), limit)]
+    lines = block.splitlines(keepends=True)
+    if not lines or not (_FIELD_LINE_RE.match(lines[0]) or lines[0].startswith(b"From ")):
+        return None
+    last_wanted = max(
+        (i for i, line in enumerate(lines) if _WANTED_FIELD_RE.match(line)), default=-1
+    )
+    mend = [i for i in range(1, max(last_wanted, 1)) if _stray(lines[i])]
+    if not mend or len(block) + len(mend) > limit:
+        return None
+    for i in mend:
+        lines[i] = b" " + lines[i]
+    return b"".join(lines) + raw[len(block) :], len(mend)
+
+
+def _stray(line: bytes) -> bool:
+    """A line of a header block that is neither a field nor a continuation (nor blank)."""
+    return bool(line.strip()) and line[:1] not in b" \t" and not _FIELD_LINE_RE.match(line)
+
+
 def _blank_line_end(data: bytes, start: int, end: int) -> int | None:
     """``HEADER_END_RE.search(data, start, end).end()``, None if it finds nothing.
 

@@ -42,9 +42,13 @@ from engine.parse.headers import (
 )
 from engine.parse.limits import ParseLimits
 from engine.parse.mime import MimeTree, raw_payload, scan_boundary
+from engine.parse.verdicts import BounceEvidence
 
 # At most this many attachments are marked in the body between two of its texts.
 _MAX_MARKS: Final = 1000
+_HEADERS_ID_RE: Final = re.compile(rb"^message-id[ \t]*:[ \t]*(<[^<>\s]{1,998}>)", re.I | re.M)
+_MAX_HEADERS_READ: Final = 64 * 1024
+_MAX_DSN_RECIPIENTS: Final = 100
 _EW_CHARSET_RE: Final = re.compile(r"=\?([^?*\s]{1,40})(?:\*[^?]*)?\?[bBqQ]\?")
 _CONTENT_TYPE_RE: Final = re.compile(r"[a-z0-9!#$&^_.+-]{1,64}/[a-z0-9!#$&^_.+-]{1,128}")
 
@@ -76,6 +80,10 @@ class Collector:
         self.tnef_body = ""
         self.attachments = AttachmentList()
         self.bounce = False
+        # What the parts say about a bounce (see verdicts.BounceEvidence).
+        self.returned = False
+        self.dsn_recipients: list[tuple[str, str]] = []
+        self.original_id: str | None = None
         self.parts = 0
         self.notes: list[str] = []  # what the walk left out of the model (see ParsedMessage)
 
@@ -144,8 +152,7 @@ class Collector:
         disposition, cd_params = parse_params(fields.get("content-disposition", ""))
         name = self._file_name(ct_params, cd_params)
         if ctype.startswith("message/"):
-            if ctype == "message/delivery-status":
-                self.bounce = True
+            self._bounce_evidence(part, ctype, b"")
             self.message_part(part, ctype, name, parent_boundary, index, is_root)
             return
         if ctype.startswith("multipart/"):
@@ -157,19 +164,52 @@ class Collector:
             self._text(part, ctype, ct_params, cte, group)
             return
         data = payload_bytes(part, cte, self.tree)
-        if ctype.startswith("text/") and name is None and not data.strip():
-            return  # an empty text part is nothing: no 0-byte attachment-N.txt
+        self._bounce_evidence(part, ctype, data)
         if ctype == "application/ms-tnef" or (name or "").strip().lower() == "winmail.dat":
             if self._tnef(data, name):
                 return
             name = name or "winmail.dat"
+        self._attach(fields, ctype, name, (disposition, ct_params), data)
+
+    def _attach(
+        self,
+        fields: dict[str, str],
+        ctype: str,
+        name: str | None,
+        declared: tuple[str, Mapping[str, Param]],
+        data: bytes,
+    ) -> None:
+        """Keep a leaf as an attachment (inline if it has a Content-ID and is not an
+        attachment by its disposition), marked in the body if text follows it. ``declared``
+        is its disposition and its Content-Type parameters. An empty text part is dropped;
+        a text part inline with a name is remembered (the body if there is no other)."""
+        disposition, ct_params = declared
+        if ctype.startswith("text/") and name is None and not data.strip():
+            return  # an empty text part is nothing: no 0-byte attachment-N.txt
         content_id = msgid(fields.get("content-id"))
         inline = content_id is not None and disposition != "attachment"
         added = self.attachments.add(name, ctype, data, content_id=content_id, inline=inline)
         self._mark(added.name)
+        is_text = ctype in ("text/plain", "text/html")
         if is_text and disposition == "inline" and self.inline_file is None:
             charset = param_text(ct_params.get("charset"))
             self.inline_file = (len(self.attachments) - 1, ctype, charset or "")
+
+    def _bounce_evidence(self, part: Message, ctype: str, data: bytes) -> None:
+        """Note what a part says about a bounce: a delivery-status report, the returned
+        message or its headers (the first one: its Message-ID is the one that bounced)."""
+        if ctype == "message/delivery-status":
+            self.bounce = True
+            self._delivery_status(part)
+        elif self.returned:
+            return
+        elif ctype in ("message/rfc822", "message/global"):
+            self.returned = True
+            self.original_id = _message_id_of(part)
+        elif ctype == "text/rfc822-headers":
+            self.returned = True
+            m = _HEADERS_ID_RE.search(data[:_MAX_HEADERS_READ])
+            self.original_id = msgid(m.group(1).decode("ascii", "replace")) if m else None
 
     def _file_name(
         self, ct_params: Mapping[str, Param], cd_params: Mapping[str, Param]
@@ -215,6 +255,29 @@ class Collector:
                     stack.extend(p for p in payload if isinstance(p, Message))
             self._declared = tuple(label for label, _ in counts.most_common(8))
         return self._declared
+
+    def _delivery_status(self, part: Message) -> None:
+        """Each recipient block of a message/delivery-status part: (recipient, status)."""
+        payload = raw_payload(part)
+        if not isinstance(payload, list):
+            return
+        for block in payload[1 : 1 + _MAX_DSN_RECIPIENTS]:  # the first is per-message
+            if not isinstance(block, Message):
+                continue
+            fields = part_fields(block)
+            recipient = fields.get("final-recipient") or fields.get("original-recipient")
+            if recipient:
+                status = fields.get("status", "")
+                self.dsn_recipients.append((one_line(recipient)[:400], one_line(status)[:40]))
+
+    def evidence(self) -> BounceEvidence:
+        """What the walk found that speaks for a bounce."""
+        return BounceEvidence(
+            dsn=self.bounce,
+            returned=self.returned,
+            recipients=tuple(self.dsn_recipients),
+            original_id=self.original_id,
+        )
 
     def _mark(self, name: str) -> None:
         """Remember an attachment that sits after some text of the body."""
@@ -345,6 +408,14 @@ class Collector:
             f"The HTML version of this message {why}: it is attached as {name} instead of "
             f"being shown{text}."
         )
+
+
+def _message_id_of(part: Message) -> str | None:
+    """The Message-ID of the message attached as ``part``, or None."""
+    payload = raw_payload(part)
+    if isinstance(payload, list) and payload and isinstance(payload[0], Message):
+        return msgid(part_header(payload[0], "message-id"))
+    return None
 
 
 def _subject_of(part: Message) -> str | None:
