@@ -561,7 +561,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     launcher = make_launcher(args.launcher)
     every = max(1, args.iterations // 20)
 
+    shown = 0
+
     def progress(f: Figures) -> None:
+        # A failed iteration's problems show at once (its directory is kept), not only in
+        # the JSON at the end of a run that may take hours.
+        nonlocal shown
+        for index, problems in f.failed[shown:]:
+            print(f"iteration {index} failed: {'; '.join(problems)}", file=sys.stderr, flush=True)
+        shown = len(f.failed)
         if f.iterations % every == 0 or f.failed:
             print(
                 f"[{f.seconds:7.1f} s] {f.iterations} iterations, {f.messages} messages, "

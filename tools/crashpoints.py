@@ -122,7 +122,7 @@ def _arm_mid_fetch(countdown: _Countdown) -> None:
             die()  # the FETCH line announcing the literal read, the literal not
         return real_message(self, conn, *args)
 
-    ImapGateway._message = message  # type: ignore[method-assign]
+    ImapGateway._message = message  # type: ignore[method-assign,assignment]
 
     real_fetch_many = Pop3Gateway.fetch_many
 
