@@ -115,12 +115,12 @@ def loop_verdict(
 _BOUNCE_SUBJECT_RE: Final = re.compile(
     r"(?:undelivered mail returned to sender"
     r"|delayed mail \(still being retried\)"
-    r"|undeliverable\b"
+    r"|undeliverable(?::| mail\b| message\b)"
     r"|mail delivery failed"
     r"|failure notice$"
     r"|delivery status notification \((?:failure|delay)\)"
     r"|returned mail:"
-    r"|delivery failure\b"
+    r"|delivery failure:"
     r"|delivery notification: delivery has failed"
     r"|non[- ]?delivery (?:report|notification)"
     r"|message (?:could not be|not) delivered"
@@ -148,25 +148,41 @@ _BOUNCE_TEXT: Final = 16 * 1024
 def _plain_bounce(
     headers: dict[str, list[str]], senders: list[str], body: str, evidence: BounceEvidence
 ) -> Verdict | None:
-    """A bounce that is not an RFC 3464 report, or None."""
+    """A bounce that is not an RFC 3464 report, or None.
+
+    A bounce's subject line alone is not enough: a person writes "Undeliverable packages"
+    or "Mail delivery failed to the CEO" to a service desk too, and that is a request. It
+    needs a machine sender (mailer-daemon, postmaster, a null return path, Auto-Submitted)
+    or hard evidence (a returned message, X-Failed-Recipients, an enhanced status code). A
+    machine sender without such a subject needs the evidence or a failure phrase.
+    """
     subject = one_line(decode_words((first_field(headers, "subject") or "")[:1024]))
-    if _BOUNCE_SUBJECT_RE.match(subject):
-        return Verdict(True, f"bounce: {subject[:40]}", True)
-    return_path = first_field(headers, "return-path")
-    null = return_path is not None and return_path.strip() in ("<>", "")
-    system = next((s for s in map(_local_part, senders) if s in _BOUNCE_SENDERS), None)
-    if system is None and not null:
+    subject_hit = _BOUNCE_SUBJECT_RE.match(subject) is not None
+    machine = _machine_sender(headers, senders)
+    if not subject_hit and machine is None:
         return None
     text = body[:_BOUNCE_TEXT]
-    proof = (
-        evidence.returned
-        or "x-failed-recipients" in headers
-        or _FAILURE_PHRASE_RE.search(text) is not None
-        or _status_in(text) is not None
-    )
-    if not proof:
-        return None
-    return Verdict(True, f"bounce: {'system sender ' + system if system else 'null sender'}", True)
+    hard = evidence.returned or "x-failed-recipients" in headers or bool(_status_in(text))
+    if subject_hit and (machine or hard or _auto_submitted(headers)):
+        return Verdict(True, f"bounce: {subject[:40]}", True)
+    if machine and (hard or _FAILURE_PHRASE_RE.search(text) is not None):
+        return Verdict(True, f"bounce: {machine}", True)
+    return None
+
+
+def _machine_sender(headers: dict[str, list[str]], senders: list[str]) -> str | None:
+    """ "system sender mailer-daemon" (or postmaster), "null sender" (Return-Path: <>), or
+    None for any other sender."""
+    system = next((s for s in map(_local_part, senders) if s in _BOUNCE_SENDERS), None)
+    if system is not None:
+        return f"system sender {system}"
+    return_path = first_field(headers, "return-path")
+    return "null sender" if return_path is not None and return_path.strip() in ("<>", "") else None
+
+
+def _auto_submitted(headers: dict[str, list[str]]) -> bool:
+    auto = first_field(headers, "auto-submitted")
+    return auto is not None and _token(auto) != "no"
 
 
 def _local_part(address: str) -> str:

@@ -101,6 +101,14 @@ def test_a_delay_notice_is_a_bounce_with_a_temporary_status() -> None:
         ),
         # A postmaster writing as a person, without any failure in the text.
         ("postmaster@example.com", "Quota", "Your mailbox is nearly full.\n", ""),
+        # People write such subjects to a service desk too.
+        ("Dock <dock@example.com>", "Undeliverable packages at dock 3", "Two pallets.\n", ""),
+        (
+            "CEO Office <office@example.com>",
+            "Mail delivery failed: returning message to sender",
+            "Our mail to the board could not be delivered, please help.\n",
+            "",
+        ),
         # Version numbers and IP addresses are not status codes.
         ("Ann <ann@example.com>", "Upgrade", "Installed 5.1.1.4 on 10.4.1.2\n", ""),
     ],
