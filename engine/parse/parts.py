@@ -225,7 +225,7 @@ class Collector:
             return None
         if param.data is not None and not param.charset:
             octets: bytes | None = param.data
-        elif param.data is None and not param.text.isascii():
+        elif param.data is None and not param.text.isascii() and "=?" not in param.text:
             octets = to_bytes(param.text)
         else:
             octets = None
