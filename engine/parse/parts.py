@@ -106,7 +106,7 @@ class Collector:
                 stack.extend(reversed(self._children(part, ctype, depth)))
                 continue
             group = id(parent) if parent_type == "multipart/alternative" else None
-            self.leaf(part, ctype, parent_type, parent_boundary, index, depth == 1, group)
+            self.leaf(part, ctype, parent_boundary, index, depth == 1, group)
 
     def _over_limits(self, depth: int) -> None:
         """Refuse a tree with more parts or levels than the pre-scan let through."""
@@ -137,7 +137,6 @@ class Collector:
         self,
         part: Message,
         ctype: str,
-        parent_type: str | None,
         parent_boundary: str | None,
         index: int,
         is_root: bool,
