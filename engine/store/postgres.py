@@ -56,10 +56,12 @@ from engine.model import (
     CorrelatedEvent,
     DirectoryView,
     LedgerRow,
+    Origin,
     PendingReply,
     RequestRef,
     Team,
     User,
+    Watcher,
 )
 from engine.store.base import Store, Transaction
 from engine.store.schema import POSTGRES_MIGRATIONS
@@ -251,10 +253,16 @@ class PostgresStore(Store):
         refs = await self._all(
             "SELECT ref FROM foreign_numbers WHERE request_number = $1 ORDER BY id", number
         )
+        watchers = await self._all(
+            "SELECT w.address, u.login FROM watchers w LEFT JOIN users u ON u.id = w.user_id "
+            "WHERE w.request_number = $1 ORDER BY w.added_at, w.address",
+            number,
+        )
         return {
             "fields": {f[0]: f[1] for f in fields},
             "tags": [t[0] for t in tags],
             "foreign_numbers": [r[0] for r in refs],
+            "watchers": [{"address": w[0], "login": w[1]} for w in watchers],
         }
 
     async def counts(self) -> dict[str, int]:
@@ -315,6 +323,8 @@ class PostgresTransaction(Transaction):
             correlated_event=self.correlated_event,
             request_by_foreign_number=self.request_by_foreign_number,
             has_name=self.has_name,
+            flood=self.flood,
+            origins=self.origins,
         )
 
     @property
@@ -809,6 +819,79 @@ class PostgresTransaction(Transaction):
             if number is not None:
                 return await self.request(int(number))
         return None
+
+    async def record_origin(self, number: int, origin: Origin) -> None:
+        o = origin
+        await self.conn.execute(
+            "INSERT INTO request_origins(request_number, mailbox, team_id, sender, fingerprint, "
+            "message_id, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            number,
+            o.mailbox,
+            o.team_id,
+            o.sender.lower(),
+            o.fingerprint,
+            o.message_id,
+            now(),
+        )
+
+    async def flood(
+        self, mailbox: str, sender: str, fingerprint: str, since: datetime
+    ) -> tuple[int, int | None]:
+        row = await self.conn.fetchrow(
+            "SELECT count(*), max(request_number) FROM request_origins WHERE mailbox = $1 "
+            "AND (sender = $2 OR fingerprint = $3) AND created_at >= $4",
+            mailbox,
+            sender.lower(),
+            fingerprint,
+            since.isoformat(timespec="seconds"),
+        )
+        if row is None or not row[0]:
+            return 0, None
+        return int(row[0]), int(row[1])
+
+    async def origins(self, message_id: str) -> list[tuple[RequestRef, str]]:
+        rows = await self._all(
+            "SELECT request_number, mailbox FROM request_origins WHERE message_id = $1 "
+            "ORDER BY request_number LIMIT 100",
+            message_id,
+        )
+        out = []
+        for number, mailbox in rows:
+            ref = await self.request(int(number))
+            if ref is not None:
+                out.append((ref, str(mailbox)))
+        return out
+
+    async def add_watchers(self, number: int, watchers: Iterable[Watcher]) -> None:
+        rows = [(number, scrub(w.address.lower()), w.user_id, now()) for w in watchers]
+        if rows:
+            await self.conn.executemany(
+                "INSERT INTO watchers(request_number, address, user_id, added_at) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                rows,
+            )
+
+    async def mark_undeliverable(
+        self, address: str, *, status: str, reason: str, request_number: int | None
+    ) -> None:
+        await self.conn.execute(
+            "INSERT INTO undeliverable(address, status, reason, request_number, since) "
+            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (address) DO UPDATE SET "
+            "status = excluded.status, reason = excluded.reason, "
+            "request_number = excluded.request_number, since = excluded.since",
+            scrub(address.lower()),
+            scrub(status),
+            scrub(reason),
+            request_number,
+            now(),
+        )
+
+    async def undeliverable(self, address: str) -> str | None:
+        row = await self.conn.fetchrow(
+            "SELECT since, status, reason FROM undeliverable WHERE address = $1",
+            address.lower(),
+        )
+        return None if row is None else f"since {row[0]}: {row[1]} {row[2]}"
 
     async def add_history(self, number: int, by: str, text: str) -> None:
         await self.conn.execute(

@@ -245,6 +245,39 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (ref, request_number)
     );
     """,
+    # 7: issue 20. Watchers (To/Cc addresses kept on a request); addresses a permanent
+    # bounce marked undeliverable (no automatic reply goes to them); and where each mail
+    # request came from (mailbox, sender, content fingerprint, Message-ID), which the flood
+    # limit and the several-mailboxes policy read inside the writer's transaction.
+    """
+    CREATE TABLE watchers (
+        request_number INTEGER NOT NULL REFERENCES requests(number),
+        address TEXT NOT NULL COLLATE NOCASE,
+        user_id INTEGER REFERENCES users(id),
+        added_at TEXT NOT NULL,
+        PRIMARY KEY (request_number, address)
+    );
+    CREATE TABLE undeliverable (
+        address TEXT PRIMARY KEY COLLATE NOCASE,
+        status TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        request_number INTEGER,
+        since TEXT NOT NULL
+    );
+    CREATE TABLE request_origins (
+        request_number INTEGER PRIMARY KEY REFERENCES requests(number),
+        mailbox TEXT NOT NULL,
+        team_id INTEGER NOT NULL,
+        sender TEXT NOT NULL COLLATE NOCASE,
+        fingerprint TEXT NOT NULL,
+        message_id TEXT,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX request_origins_sender ON request_origins(mailbox, sender, created_at);
+    CREATE INDEX request_origins_fingerprint ON request_origins(mailbox, fingerprint, created_at);
+    CREATE INDEX request_origins_message_id ON request_origins(message_id)
+        WHERE message_id IS NOT NULL;
+    """,
 )
 
 REBUILDS = frozenset({6})
@@ -277,7 +310,7 @@ def normalized_account(old: str) -> str:
 #   existed before the accounts changed form;
 # - 11 adds what several replicas need (see its comment); SQLite, with one engine per data
 #   directory behind its lock, has nothing to do for it.
-# Versions 7 to 10 are reserved for other branches; gaps are allowed (the version table
+# Versions 8 to 10 are reserved for other branches; gaps are allowed (the version table
 # lists the versions applied, so one merged later is applied later).
 POSTGRES_MIGRATIONS: dict[int, str] = {
     1: """
@@ -425,6 +458,36 @@ POSTGRES_MIGRATIONS: dict[int, str] = {
         request_number bigint NOT NULL REFERENCES requests(number),
         UNIQUE (ref, request_number)
     );
+    """,
+    # 7: watchers, undeliverable addresses, request origins (SQLite's comment).
+    7: """
+    CREATE TABLE watchers (
+        request_number bigint NOT NULL REFERENCES requests(number),
+        address text NOT NULL,
+        user_id bigint REFERENCES users(id),
+        added_at text NOT NULL,
+        PRIMARY KEY (request_number, address)
+    );
+    CREATE TABLE undeliverable (
+        address text PRIMARY KEY,
+        status text NOT NULL,
+        reason text NOT NULL,
+        request_number bigint,
+        since text NOT NULL
+    );
+    CREATE TABLE request_origins (
+        request_number bigint PRIMARY KEY REFERENCES requests(number),
+        mailbox text NOT NULL,
+        team_id bigint NOT NULL,
+        sender text NOT NULL,
+        fingerprint text NOT NULL,
+        message_id text,
+        created_at text NOT NULL
+    );
+    CREATE INDEX request_origins_sender ON request_origins (mailbox, sender, created_at);
+    CREATE INDEX request_origins_fingerprint ON request_origins (mailbox, fingerprint, created_at);
+    CREATE INDEX request_origins_message_id ON request_origins (message_id)
+        WHERE message_id IS NOT NULL;
     """,
     # 11: several replicas on one database.
     # - attachment_blobs: attachments by content (sha256), so no replica needs a shared disk;
