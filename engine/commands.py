@@ -478,6 +478,15 @@ def _print_issue17(d: dict[str, object]) -> None:
             print(f"{key.replace('_', ' '):>11}: {', '.join(values)}")
 
 
+def _print_watchers(d: dict[str, object]) -> None:
+    """The request's watchers: a directory user by login, any other address as unknown."""
+    watchers = d.get("watchers") or []
+    assert isinstance(watchers, list)
+    for i, w in enumerate(watchers):
+        who = f"{w['address']} ({w['login']})" if w["login"] else f"{w['address']} (unknown)"
+        print(f"{'watchers' if i == 0 else '':>11}{':' if i == 0 else ' '} {who}")
+
+
 def _print_detail(d: dict[str, object]) -> None:
     for key in (
         "number",
@@ -497,6 +506,7 @@ def _print_detail(d: dict[str, object]) -> None:
     ):
         print(f"{key:>11}: {d.get(key) if d.get(key) is not None else '-'}")
     _print_issue17(d)
+    _print_watchers(d)
     print(f"\n{d['description']}\n")
     for a in d["attachments"]:  # type: ignore[attr-defined]
         print(f"  attachment: {a['name']} ({a['size']} bytes)")

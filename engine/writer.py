@@ -59,6 +59,7 @@ from engine.processors import (
     decide,
     describe,
     failure,
+    intake,
     outage,
     referenced,
 )
@@ -137,6 +138,27 @@ async def _read_renumbered(work: Work, batch: list[Item]) -> None:
     for account, shas in wanted.items():
         for sha, keys in (await work.tx.ledger_keys_by_sha256(account, sorted(shas))).items():
             work.by_hash[account, sha] = keys
+
+
+async def _read_origins(tx: Transaction, batch: list[Item]) -> None:
+    """Where the requests came from that the batch's new messages may be a flood or a copy
+    of (engine.processors.intake), in one query for the batch."""
+    boxes: set[str] = set()
+    keys: set[str] = set()
+    mids: set[str] = set()
+    minutes = 0
+    for item in batch:
+        if isinstance(item, Envelope) and item.parsed is not None and not item.dry_run:
+            msg = item.parsed
+            boxes.add(item.mailbox.name)
+            keys.update((msg.from_addr.lower(), intake.fingerprint(msg)))
+            if msg.message_id:
+                mids.add(msg.message_id)
+            minutes = max(minutes, item.mailbox.handling.flood_minutes)
+    if boxes:
+        await tx.read_ahead_origins(
+            boxes, keys, mids, datetime.now(UTC) - timedelta(minutes=minutes + 1)
+        )
 
 
 def _renumbered(work: Work, env: Envelope) -> bool:
@@ -393,6 +415,7 @@ class Writer:
                 else:
                     work.recorded.add((account, uidl))
         await _read_renumbered(work, batch)
+        await _read_origins(tx, batch)
         await tx.read_ahead(
             number
             for item in batch
@@ -538,7 +561,30 @@ class Writer:
             return Outcome(Kind.ACTIVITY, request_number=await self._add(work, env, d))
         if isinstance(d, Refuse):
             return Outcome(Kind.REFUSED, await self._refuse(work, env, d))
-        return Outcome(Kind.IGNORED, d.reason)
+        if d.request_number is not None and d.also:
+            await work.tx.add_history(d.request_number, self.created_by, d.also)
+        await self._undeliverable(work, env, d.undeliverable, d.request_number)
+        return Outcome(Kind.IGNORED, d.reason, d.request_number)
+
+    async def _undeliverable(
+        self,
+        work: Work,
+        env: Envelope,
+        addresses: tuple[tuple[str, str, str], ...],
+        number: int | None,
+    ) -> None:
+        """Record the addresses a permanent bounce named: no automatic reply goes to them."""
+        for address, status, reason in addresses:
+            await work.tx.mark_undeliverable(
+                address, status=status, reason=reason, request_number=number
+            )
+            log.warning(
+                "mailbox=%s uidl=%s %s is undeliverable (%s): no automatic reply goes to it",
+                env.mailbox.name,
+                env.uidl,
+                address,
+                status,
+            )
 
     async def _create(self, work: Work, env: Envelope, team: Team, d: NewRequest) -> int:
         """A new request, in the team a routing rule named (checked before the session)."""
@@ -569,6 +615,10 @@ class Writer:
             form=d.form,
         )
         await tx.add_attachments(number, None, d.attachments)
+        if d.origin is not None:
+            await tx.record_origin(number, d.origin)
+        if d.watchers:
+            await tx.add_watchers(number, d.watchers)
         if d.fields or d.tags or d.foreign_numbers:
             await tx.add_request_details(
                 number, fields=d.fields, tags=d.tags, foreign_numbers=d.foreign_numbers
@@ -592,6 +642,19 @@ class Writer:
             message_id=msg.message_id,
         )
         await tx.add_attachments(number, activity, d.attachments)
+        if d.watchers:
+            await tx.add_watchers(number, d.watchers)
+        await self._undeliverable(work, env, d.undeliverable, number)
+        if d.via == "flood":
+            log.warning(
+                "mailbox=%s uidl=%s flood from %s: added to request #%d instead of a new one",
+                env.mailbox.name,
+                env.uidl,
+                msg.from_addr,
+                number,
+            )
+            if self.metrics is not None:
+                self.metrics.flood_collapsed.labels(env.mailbox.name).inc()
         if d.state is not None:
             await tx.set_alert_state(number, d.state)
         if d.close is not None:
@@ -630,6 +693,20 @@ class Writer:
             )
         except ValueError as exc:
             return f"no reply ({exc})"
+        if (why := await work.tx.undeliverable(out.to.key)) is not None or (
+            out.to.key != out.to.address.lower()
+            and (why := await work.tx.undeliverable(out.to.address)) is not None
+        ):
+            log.info(
+                "mailbox=%s uidl=%s no reply: %s is undeliverable (%s)",
+                cfg.name,
+                env.uidl,
+                out.to.address,
+                why,
+            )
+            if self.metrics is not None:
+                self.metrics.replies_suppressed.labels(cfg.name, "undeliverable").inc()
+            return "no reply (undeliverable address)"
         if await self._over_reply_limit(work.tx, env, out.to):
             return "no reply (rate limit)"
         await work.tx.queue_reply(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from engine.errors import MessageError
 from engine.model import DirectoryView, ParsedMessage, User
-from engine.processors import Context, Decision, Ignore, NewRequest, Refuse
+from engine.processors import Context, Decision, Ignore, NewRequest, Refuse, bounces
 from engine.processors.common import (
     activity_for,
     foreign_numbers,
@@ -29,6 +29,8 @@ async def before_new_request(
     """What an end-user mailbox (incident or service request) decides before a new request
     is even considered: an activity on the request the mail refers to, an auto-reply ignored,
     or a refusal where new requests are not allowed; None when a new request it is."""
+    if (bounce := await bounces.decide(msg, ctx, directory)) is not None:
+        return bounce
     request, via = await referenced_request(msg, ctx, directory)
     if request is not None:
         return activity_for(msg, ctx, request, via)
