@@ -323,7 +323,7 @@ def test_migration_6_rebuilds_requests_keeping_numbers_and_references(tmp_path: 
 
     assert anyio.run(go) == 3  # not 2: request 2 existed once
     con = sqlite3.connect(data / "mailintegration.sqlite3")
-    assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 6
+    assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) >= 6
     assert con.execute("PRAGMA foreign_key_check").fetchall() == []
     assert con.execute("SELECT request_number FROM activities").fetchall() == [(1,)]
     rows = con.execute("SELECT number, type, form FROM requests ORDER BY number").fetchall()

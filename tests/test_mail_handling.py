@@ -1,0 +1,388 @@
+"""Issue 20, part B: watchers from To/Cc, flood protection, a message delivered to several of
+our mailboxes, bounces threaded and permanent failures remembered. Through the real engine:
+``ingest`` and ``once`` against the test Dovecot, a real SQLite store."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from support import (
+    LOGIN,
+    LOGIN_PASSWORD,
+    Mailbox,
+    cli,
+    ledger,
+    mailbox_xml,
+    message,
+    open_test_store,
+    requests,
+    smtp_server,
+    store_args,
+)
+
+from engine.config import load_mailbox
+from engine.items import Envelope, Item
+from engine.ops import Metrics
+from engine.parse import dsn, parse_message
+from engine.writer import Writer
+
+OWN = "<ownAddresses>support@example.com, helpdesk@example.com</ownAddresses>"
+
+
+def ingest(data: Path, cfg: Path, *files: Path) -> tuple[int, str]:
+    return cli(
+        "ingest",
+        *files,
+        "--config",
+        cfg,
+        "--data-dir",
+        data,
+        "--login",
+        LOGIN,
+        "--password",
+        LOGIN_PASSWORD,
+        *store_args(),
+    )
+
+
+def write(tmp_path: Path, name: str, raw: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(raw)
+    return path
+
+
+def config(tmp_path: Path, name: str = "box", **settings: Any) -> Path:
+    return mailbox_xml(tmp_path / f"{name}.xml", port=110, user="u", password="p", **settings)
+
+
+def show(data: Path, number: int) -> str:
+    code, out = cli("requests", "show", str(number), "--data-dir", data, *store_args())
+    assert code == 0
+    return out
+
+
+# -- watchers ---------------------------------------------------------------------------------
+
+
+def test_to_and_cc_become_watchers_and_a_reply_keeps_and_extends_them(
+    tmp_path: Path, data: Path
+) -> None:
+    cfg = config(tmp_path, mailHandling=OWN)  # the default flood limit, 20
+    first = message(
+        "VPN down",
+        headers={"Cc": "Alice <ASmith@example.com>, stranger@else.org, helpdesk@example.com"},
+    )
+    assert ingest(data, cfg, write(tmp_path, "1.eml", first))[0] == 0
+    [req] = requests(data)
+    # The sender and our own addresses (To: support@, Cc: helpdesk@) are not watchers.
+    assert req["watchers"] == [
+        {"address": "asmith@example.com", "login": "asmith"},
+        {"address": "stranger@else.org", "login": None},
+    ]
+    reply = message(
+        f"Re: [Incident] #{req['number']} VPN down",
+        headers={"Cc": "stranger@else.org, boss@else.org"},
+    )
+    assert ingest(data, cfg, write(tmp_path, "2.eml", reply))[0] == 0
+    [req] = requests(data)
+    assert [w["address"] for w in req["watchers"]] == [
+        "asmith@example.com",
+        "stranger@else.org",
+        "boss@else.org",
+    ]
+    out = show(data, req["number"])
+    assert "watchers: asmith@example.com (asmith)" in out
+    assert "stranger@else.org (unknown)" in out and "boss@else.org (unknown)" in out
+
+
+def test_watchers_can_be_turned_off_and_are_bounded(tmp_path: Path, data: Path) -> None:
+    many = ", ".join(f"p{i}@else.org" for i in range(80))
+    assert (
+        ingest(
+            data,
+            config(tmp_path, "a"),
+            write(tmp_path, "1.eml", message("x", headers={"Cc": many})),
+        )[0]
+        == 0
+    )
+    off = config(tmp_path, "b", mailHandling="<watchers>false</watchers>")
+    assert ingest(data, off, write(tmp_path, "2.eml", message("y", headers={"Cc": many})))[0] == 0
+    bounded, none = requests(data)
+    # support@example.com (To) is a watcher here: this mailbox names no own address.
+    assert len(bounded["watchers"]) == 50
+    assert none["watchers"] == []
+
+
+# -- flood protection -------------------------------------------------------------------------
+
+
+def test_a_flooding_sender_gets_at_most_n_requests_the_rest_are_activities(
+    tmp_path: Path, data: Path
+) -> None:
+    cfg = config(
+        tmp_path, mailHandling="<floodMessages>3</floodMessages><floodMinutes>10</floodMinutes>"
+    )
+    files = [
+        write(tmp_path, f"{i}.eml", message(f"Printer {i} jammed", body=f"tray {i}\n"))
+        for i in range(6)
+    ]
+    files.append(write(tmp_path, "other.eml", message("Other", sender="asmith@example.com")))
+    code, out = ingest(data, cfg, *files)  # one batch: the limit holds within a transaction
+    assert code == 0, out
+    made = requests(data)
+    assert sorted(r["subject"] for r in made) == [
+        "Other",
+        "Printer 0 jammed",
+        "Printer 1 jammed",
+        "Printer 2 jammed",
+    ]
+    newest = next(r for r in made if r["subject"] == "Printer 2 jammed")
+    collapsed = [a for a in newest["activities"] if "Flood protection" in a["body"]]
+    assert len(collapsed) == 3
+    assert "Printer 5 jammed" in collapsed[-1]["body"]
+    outcomes = [r["outcome"] for r in ledger(data)]
+    assert outcomes.count("created") == 4 and outcomes.count("activity") == 3
+
+
+def test_the_same_text_from_many_senders_is_a_flood_too(tmp_path: Path, data: Path) -> None:
+    cfg = config(tmp_path, mailHandling="<floodMessages>2</floodMessages>")
+    files = [
+        write(
+            tmp_path,
+            f"{i}.eml",
+            message("WIN A PRIZE", sender=f"bot{i}@spam.example", body="Click.\n"),
+        )
+        for i in range(5)
+    ]
+    assert ingest(data, cfg, *files)[0] == 0
+    assert len(requests(data)) == 2
+
+
+def test_flood_off_with_zero(tmp_path: Path, data: Path) -> None:
+    cfg = config(tmp_path, mailHandling="<floodMessages>0</floodMessages>")
+    files = [write(tmp_path, f"{i}.eml", message(f"n{i}")) for i in range(25)]
+    assert ingest(data, cfg, *files)[0] == 0
+    assert len(requests(data)) == 25
+
+
+def test_the_default_limit_is_20_in_10_minutes_and_is_counted_in_a_metric(
+    tmp_path: Path, data: Path
+) -> None:
+    cfg = load_mailbox(config(tmp_path, mailHandling=None))
+    assert (cfg.handling.flood_messages, cfg.handling.flood_minutes) == (20, 10)
+    metrics = Metrics()
+
+    async def go() -> None:
+        store = await open_test_store(data)
+        send, receive = anyio.create_memory_object_stream[Item](30)
+        for i in range(23):
+            raw = message(f"Alarm {i}")
+            send.send_nowait(
+                Envelope(mailbox=cfg, uidl=f"u{i}", raw=raw, parsed=parse_message(raw))
+            )
+        send.close()
+        await Writer(store, created_by=LOGIN, metrics=metrics).run(receive)
+        await store.close()
+
+    anyio.run(go)
+    assert len(requests(data)) == 20
+    assert 'mailintegration_flood_collapsed_total{mailbox="box"} 3.0' in metrics.render().decode()
+
+
+@pytest.mark.dovecot
+def test_flood_over_pop3_is_exactly_once(mailbox: Mailbox) -> None:
+    mailbox.configure(mailHandling="<floodMessages>2</floodMessages>")
+    mailbox.deliver(*(message(f"Disk {i} full") for i in range(5)))
+    assert mailbox.once() == 0
+    assert len(mailbox.mail()) == 2
+    mailbox.assert_exactly_once(outcomes=("created", "activity"))
+
+
+# -- several mailboxes --------------------------------------------------------------------------
+
+
+@pytest.mark.dovecot
+@pytest.mark.parametrize(("policy", "expected"), [("onePerTeam", 2), ("oneOverall", 1)])
+def test_a_message_to_several_mailboxes(
+    tmp_path: Path,
+    data: Path,
+    new_mailbox: Callable[..., Mailbox],
+    policy: str,
+    expected: int,
+) -> None:
+    """Three mailboxes: two of team IT, one of Facilities. The same message (one Message-ID)
+    delivered to each: one request per team, or one overall."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    handling = f"<severalMailboxes>{policy}</severalMailboxes>"
+    it1 = new_mailbox(conf / "it1.xml", mailHandling=handling)
+    it2 = new_mailbox(conf / "it2.xml", mailHandling=handling)
+    fac = new_mailbox(
+        conf / "fac.xml", team="2", incidentGroup="Building Services", mailHandling=handling
+    )
+    raw = message("Water leak in room 4", message_id="<leak-1@example.com>")
+    for box in (it1, it2, fac):
+        box.deliver(raw)
+    code, _ = cli(
+        "once",
+        "--config-dir",
+        conf,
+        "--data-dir",
+        data,
+        "--login",
+        LOGIN,
+        "--password",
+        LOGIN_PASSWORD,
+        *store_args(),
+    )
+    assert code == 0
+    made = requests(data)
+    assert len(made) == expected
+    assert len({r["team"] for r in made}) == expected
+    rows = ledger(data)
+    assert len(rows) == 3
+    copies = [r for r in rows if r["outcome"].startswith("ignored: already request")]
+    assert len(copies) == 3 - expected
+    assert all(r["request_number"] in {m["number"] for m in made} for r in copies)
+    history = " ".join(h["text"] for m in made for h in m["history"])
+    assert "was also delivered to mailbox" in history
+    for box in (it1, it2, fac):
+        assert box.left() == 0
+
+
+# -- bounces ----------------------------------------------------------------------------------
+
+
+def dsn_bounce(recipient: str, status: str, original_id: str, subject: str = "x") -> bytes:
+    return (
+        "From: Mail Delivery System <MAILER-DAEMON@mx.example.com>\r\n"
+        "To: support@example.com\r\n"
+        "Subject: Undelivered Mail Returned to Sender\r\n"
+        "Message-ID: <bounce-" + original_id + ">\r\n"
+        "MIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n'
+        "\r\n--B\r\nContent-Type: text/plain\r\n\r\n"
+        "I'm sorry to have to inform you that your message could not be delivered.\r\n"
+        "\r\n--B\r\nContent-Type: message/delivery-status\r\n\r\n"
+        "Reporting-MTA: dns; mx.example.com\r\n\r\n"
+        f"Final-Recipient: rfc822; {recipient}\r\n"
+        "Action: failed\r\n"
+        f"Status: {status}\r\n"
+        f"Diagnostic-Code: smtp; 550 {status} User unknown\r\n"
+        "\r\n--B\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        f"From: support@example.com\r\nTo: {recipient}\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{original_id}>\r\n"
+        "\r\n--B--\r\n"
+    ).encode()
+
+
+def plain_bounce(text: str) -> bytes:
+    return (
+        "From: MAILER-DAEMON@mx.example.com\r\nTo: support@example.com\r\n"
+        "Subject: Undelivered Mail Returned to Sender\r\nReturn-Path: <>\r\n"
+        "Message-ID: <plain-bounce@mx.example.com>\r\n\r\n" + text
+    ).encode()
+
+
+def test_dsn_and_plain_bounces_are_read() -> None:
+    b = dsn.read(dsn_bounce("gone@else.org", "5.1.1", "orig-1@example.com"))
+    assert (b.status, b.recipients, b.original_message_id) == (
+        "5.1.1",
+        ("gone@else.org",),
+        "orig-1@example.com",
+    )
+    assert b.permanent
+    postfix = dsn.read(
+        plain_bounce(
+            "This is the mail system at host mx.example.com.\r\n\r\n"
+            "<Gone@Else.org>: host mx.else.org said: 550 5.1.1 <gone@else.org>: Recipient\r\n"
+            "    address rejected: User unknown\r\n"
+        )
+    )
+    assert postfix.recipients == ("gone@else.org",) and postfix.status == "5.1.1"
+    delayed = dsn.read(dsn_bounce("slow@else.org", "4.4.1", "o@x"))
+    assert not delayed.permanent
+
+
+def test_a_bounce_of_a_request_s_message_becomes_an_activity_on_it(
+    tmp_path: Path, data: Path
+) -> None:
+    cfg = config(tmp_path)
+    original = message("Broken chair", message_id="<chair-1@example.com>")
+    assert ingest(data, cfg, write(tmp_path, "1.eml", original))[0] == 0
+    bounce = dsn_bounce("john.doe@example.com", "5.2.2", "chair-1@example.com")
+    code, out = ingest(data, cfg, write(tmp_path, "2.eml", bounce))
+    assert code == 0 and "activity" in out, out
+    [req] = requests(data)
+    [act] = req["activities"]
+    assert act["automatic"]
+    assert act["body"].startswith("Delivery failed (5.2.2) for john.doe@example.com.")
+
+
+def test_a_plain_bounce_naming_a_request_number_threads_onto_it(tmp_path: Path, data: Path) -> None:
+    cfg = config(tmp_path)
+    assert ingest(data, cfg, write(tmp_path, "1.eml", message("Screen flickers")))[0] == 0
+    [req] = requests(data)
+    text = (
+        "Your message to gone@else.org couldn't be delivered.\r\n"
+        "Remote Server returned '550 5.1.1 RESOLVER.ADR.RecipNotFound; not found'\r\n\r\n"
+        f"Subject: [Incident] #{req['number']} Screen flickers\r\n"
+    )
+    assert ingest(data, cfg, write(tmp_path, "2.eml", plain_bounce(text)))[0] == 0
+    [req] = requests(data)
+    assert len(req["activities"]) == 1 and req["activities"][0]["automatic"]
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.received: list[tuple[str, list[str], bytes]] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+        return "250 OK"
+
+
+@pytest.fixture
+def sink() -> Iterator[tuple[Sink, int]]:
+    s = Sink()
+    with smtp_server(s) as port:
+        yield s, port
+
+
+@pytest.mark.dovecot
+def test_a_permanent_bounce_stops_auto_replies_to_that_address(
+    mailbox: Mailbox, sink: tuple[Sink, int], capfd: pytest.CaptureFixture[str]
+) -> None:
+    received, port = sink[0].received, sink[1]
+    mailbox.configure(
+        "noreq",
+        createNewRequests="False",
+        smtp=f"<serverName>127.0.0.1</serverName><port>{port}</port>"
+        "<from>Service Desk &lt;servicedesk@example.com&gt;</from>",
+    )
+    mailbox.deliver(message("Need a laptop", sender="gone@else.org"))
+    assert mailbox.once() == 0
+    assert [r for _, r, _ in received] == [["gone@else.org"]]
+    [row] = mailbox.ledger()
+    assert row["outcome"] == "refused: replied"
+    mailbox.deliver(dsn_bounce("gone@else.org", "5.1.1", "our-reply-1@example.com"))
+    assert mailbox.once() == 0
+    assert mailbox.ledger()[-1]["outcome"] == "ignored: bounce 5.1.1: 1 address(es) undeliverable"
+    mailbox.deliver(message("Still need a laptop", sender="Gone@Else.org"))
+    capfd.readouterr()
+    assert mailbox.once() == 0
+    assert mailbox.ledger()[-1]["outcome"] == "refused: no reply (undeliverable address)"
+    assert len(received) == 1
+    assert "no reply: gone@else.org is undeliverable (since " in capfd.readouterr().err.lower()
+    db = sqlite3.connect(mailbox.data / "mailintegration.sqlite3")
+    try:
+        [(status,)] = db.execute("SELECT status FROM undeliverable").fetchall()
+    finally:
+        db.close()
+    assert status == "5.1.1"
+    assert mailbox.left() == 0
