@@ -24,6 +24,7 @@ from engine.errors import AuthenticationFailed, ConfigError, EngineError, FetchE
 from engine.store import DataDirLock, Store, open_store, private_file
 
 if TYPE_CHECKING:
+    from engine.items import Historic
     from engine.leases import Leases
     from engine.supervisor import Engine, MailboxOutcome, MailboxSource
 
@@ -133,6 +134,16 @@ def _sources(args: argparse.Namespace) -> list[MailboxSource]:
     return discover(args.config_dir, follow_symlinks=args.follow_symlinks)
 
 
+def _historic(args: argparse.Namespace) -> Historic | None:
+    """once --since/--status: a historic import, or None."""
+    since, status = getattr(args, "since", None), getattr(args, "status", None)
+    if since is None and status is None:
+        return None
+    from engine.items import Historic
+
+    return Historic(since=since, status=status)
+
+
 async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[int]]) -> int:
     """Lock the data directory, open the store, log in, build the engine, run ``body``."""
     _setup_logging(args)
@@ -160,6 +171,7 @@ async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[i
                 created_by=created_by,
                 default_team=args.team,
                 dry_run=dry_run,
+                historic=_historic(args),
                 debug_dir=debug_dir,
                 max_sessions=args.max_sessions,
                 max_idle=args.max_idle,

@@ -31,7 +31,7 @@ from engine import logs
 from engine.budget import ByteBudget
 from engine.config import MailboxConfig, ServerConfig, SmtpConfig, load_mailbox, secret_values
 from engine.errors import ConfigError, EngineError, ProtocolError, StoreError
-from engine.items import DirectoryCheck, Envelope, Item, SessionReport
+from engine.items import DirectoryCheck, Envelope, Historic, Item, SessionReport
 from engine.keys import ingest_key
 from engine.leases import Leases
 from engine.oauth.broker import TokenBroker
@@ -177,6 +177,8 @@ class EngineSettings:
     max_idle: int = 256
     max_batch: int = 256
     dry_run: bool = False
+    # once --since/--status: a historic import (engine.items.Historic).
+    historic: Historic | None = None
     debug_dir: Path | None = None
     poll_interval: float = 60.0
     max_backoff: float = 900.0
@@ -531,6 +533,7 @@ class Engine:
                 env = await anyio.to_thread.run_sync(make_envelope, cfg, key, raw)
                 env.account = check.account
                 env.dry_run = self.settings.dry_run
+                env.historic = self.settings.historic
                 await submit(send, env)
                 done.append((path, env))
 
@@ -560,6 +563,7 @@ class Engine:
         opts = FetchOptions(
             limiter=self.limiter,
             dry_run=self.settings.dry_run,
+            historic=self.settings.historic,
             debug_dir=self.settings.debug_dir,
             on_envelope=envelopes.append if self.settings.dry_run else None,
             stop=self.stop,

@@ -161,6 +161,21 @@ async def _read_origins(tx: Transaction, batch: list[Item]) -> None:
         )
 
 
+def _older(env: Envelope) -> Outcome | None:
+    """A message of a historic import dated before its ``--since``: skipped, left on the
+    server, nothing recorded (a later run without --since takes it). A message without a
+    date is taken."""
+    since = env.historic.since if env.historic is not None else None
+    date = env.parsed.date if env.parsed is not None else None
+    if since is None or date is None:
+        return None
+    if date.tzinfo is None:
+        date = date.replace(tzinfo=UTC)
+    if date >= since:
+        return None
+    return Outcome(Kind.SKIPPED, f"older than --since {since.isoformat()}")
+
+
 def _renumbered(work: Work, env: Envelope) -> bool:
     """Whether an IMAP message new by its key is one the ledger holds already under the
     same folder's former UIDVALIDITY, by its content hash: a server that rebuilt the folder
@@ -365,6 +380,11 @@ class Writer:
         if outcome.again:
             log.debug("mailbox=%s uidl=%s still left on the server", cfg.name, env.uidl)
             return
+        if kind is Kind.SKIPPED:
+            log.info(
+                "mailbox=%s uidl=%s left on the server: %s", cfg.name, env.uidl, outcome.detail
+            )
+            return
         if kind in (Kind.FAILED, Kind.KEPT):
             log.warning(
                 "mailbox=%s uidl=%s message could not be processed (%s); failure event #%d",
@@ -444,6 +464,8 @@ class Writer:
             # Left on the server before, and cut off the same way again (a server without
             # UIDL: it cannot be told before it is read): nothing new to record.
             return Outcome.kept_again(left.request_number)
+        if (skipped := _older(env)) is not None:
+            return Outcome(Kind.DRY_RUN, note=str(skipped)) if env.dry_run else skipped
         try:
             decided = await self._decide(work.tx, env)
         except self.store.failures:
@@ -465,7 +487,8 @@ class Writer:
         team = await self._team(tx, cfg.team)
         if team is None:
             raise DirectoryError(f"team {cfg.team or self.default_team} is not in the directory")
-        decision = await decide(env.parsed, Context(mailbox=cfg, team=team), tx.directory)
+        ctx = Context(mailbox=cfg, team=team, historic=env.historic is not None)
+        decision = await decide(env.parsed, ctx, tx.directory)
         return _Decided(team, decision)
 
     async def write(self, work: Work, env: Envelope, decided: _Decided) -> Outcome:
@@ -593,7 +616,9 @@ class Writer:
         assert msg is not None
         if d.team is not None:
             team = await tx.team(d.team) or team
+        status = env.historic.status if env.historic is not None else None
         number = await tx.create_request(
+            status=status or "new",
             team_id=team.id,
             type=d.type,
             subject=d.subject,
@@ -615,6 +640,8 @@ class Writer:
             form=d.form,
         )
         await tx.add_attachments(number, None, d.attachments)
+        if status is not None:
+            await tx.add_history(number, self.created_by, f"Imported {status} (historic import).")
         if d.origin is not None:
             await tx.record_origin(number, d.origin)
         if d.watchers:
@@ -659,7 +686,7 @@ class Writer:
             await tx.set_alert_state(number, d.state)
         if d.close is not None:
             await tx.set_status(number, "processed", by=self.created_by, why=d.close)
-        elif d.reopen and (not d.automatic or d.via == "correlation"):
+        elif d.reopen and env.historic is None and (not d.automatic or d.via == "correlation"):
             status = "new" if d.request.type == "event" else "reopened"
             who = "an alert" if d.via == "correlation" else "a reply"
             await tx.set_status(
@@ -679,6 +706,8 @@ class Writer:
         assert msg is not None
         if not d.reply or cfg.smtp is None:
             return f"no reply ({d.no_reply_because or 'no smtp configured'})"
+        if env.historic is not None:
+            return "no reply (historic import)"
         if failure.raw_header(env.raw, b"x-loop").startswith("mailintegration") or (
             msg.message_id or ""
         ).endswith(f".mailintegration@{reply.reply_domain(cfg)}"):

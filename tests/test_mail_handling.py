@@ -386,3 +386,66 @@ def test_a_permanent_bounce_stops_auto_replies_to_that_address(
         db.close()
     assert status == "5.1.1"
     assert mailbox.left() == 0
+
+
+# -- historic import --------------------------------------------------------------------------
+
+
+def dated(raw: bytes, date: str) -> bytes:
+    return raw.replace(b"Date: Fri, 27 Nov 2026 09:12:44 -0500", f"Date: {date}".encode(), 1)
+
+
+@pytest.mark.dovecot
+def test_historic_import_creates_closed_requests_and_leaves_older_mail_on_the_server(
+    mailbox: Mailbox,
+) -> None:
+    old = dated(message("Old printer trouble"), "Mon, 05 Jan 2026 10:00:00 +0000")
+    new = dated(
+        message("Laptop battery", message_id="<bat-1@example.com>"),
+        "Mon, 01 Jun 2026 10:00:00 +0000",
+    )
+    mailbox.deliver(old, new)
+    assert mailbox.once("--since", "2026-03-01", "--status", "closed") == 0
+    [req] = mailbox.mail()
+    assert (req["subject"], req["status"]) == ("Laptop battery", "closed")
+    assert any("historic import" in h["text"] for h in req["history"])
+    assert mailbox.left() == 1  # the old one: skipped, still there, not in the ledger
+    assert [r["outcome"] for r in mailbox.ledger()] == ["created"]
+    # A reply in the backlog adds to the closed request without reopening it.
+    reply = dated(
+        message(f"Re: [Incident] #{req['number']} Laptop battery"),
+        "Tue, 02 Jun 2026 10:00:00 +0000",
+    )
+    mailbox.deliver(reply)
+    assert mailbox.once("--since", "2026-03-01", "--status", "closed") == 0
+    [req] = mailbox.mail()
+    assert req["status"] == "closed" and len(req["activities"]) == 1
+    # A run without --since takes the old message as any other.
+    assert mailbox.once() == 0
+    assert sorted((r["subject"], r["status"]) for r in mailbox.mail()) == [
+        ("Laptop battery", "closed"),
+        ("Old printer trouble", "new"),
+    ]
+    assert mailbox.left() == 0
+
+
+@pytest.mark.dovecot
+def test_historic_import_sends_no_automatic_reply(mailbox: Mailbox, sink: tuple[Sink, int]) -> None:
+    mailbox.configure(
+        "noreq",
+        createNewRequests="False",
+        smtp=f"<serverName>127.0.0.1</serverName><port>{sink[1]}</port>"
+        "<from>Service Desk &lt;servicedesk@example.com&gt;</from>",
+    )
+    mailbox.deliver(message("Need a laptop"))
+    assert mailbox.once("--since", "2026-01-01", "--status", "closed") == 0
+    assert [r["outcome"] for r in mailbox.ledger()] == ["refused: no reply (historic import)"]
+    assert sink[0].received == []
+
+
+def test_since_must_be_a_date(
+    tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        cli("once", "--config", config(tmp_path), "--data-dir", data, "--since", "last week")
+    assert "is not a date" in capsys.readouterr().err

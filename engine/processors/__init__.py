@@ -157,6 +157,8 @@ class Context:
     extra_attachments: tuple[Attachment, ...] = field(default=())
     # The time decisions are made at (the flapping window); None: now.
     now: datetime | None = None
+    # A historic import (once --since): no flood limit.
+    historic: bool = False
 
 
 def referenced(msg: ParsedMessage, mailbox: MailboxConfig) -> int | None:

@@ -117,7 +117,7 @@ async def _flooded(
     decision: NewRequest,
 ) -> AddActivity | None:
     h = ctx.mailbox.handling
-    if h.flood_messages <= 0 or not msg.from_addr:
+    if h.flood_messages <= 0 or not msg.from_addr or ctx.historic:
         return None
     since = (ctx.now or datetime.now(UTC)) - timedelta(minutes=h.flood_minutes)
     count, newest = await directory.flood(origin.mailbox, origin.sender, origin.fingerprint, since)
