@@ -34,6 +34,10 @@ class Handling:
     flood_messages: int = DEFAULT_FLOOD_MESSAGES
     flood_minutes: int = DEFAULT_FLOOD_MINUTES
     several_mailboxes: Several = "one-per-team"
+    # <ignoredAttachmentRules>: inline images (a signature's logo) under this many bytes,
+    # and any attachment whose SHA-256 is listed, are not kept.
+    ignored_images_below: int = 0
+    ignored_sha256: frozenset[str] = field(default_factory=frozenset)
 
 
 def _text(parent: etree._Element, name: str) -> str | None:
@@ -53,9 +57,15 @@ def build(root: etree._Element, implied: Iterable[str]) -> Handling:
     """The ``<mailHandling>`` settings of a validated mailbox root; ``implied``: the
     mailbox's own addresses the file already gives elsewhere (user name, smtp sender)."""
     own = frozenset(a.strip().lower() for a in implied if "@" in a)
+    rules = root.find("ignoredAttachmentRules")
+    below, hashes = 0, frozenset[str]()
+    if rules is not None:
+        below = int(_text(rules, "inlineImagesBelowBytes") or 0)
+        listed = (_text(rules, "sha256") or "").replace(",", " ").split()
+        hashes = frozenset(h.lower() for h in listed)
     el = root.find("mailHandling")
     if el is None:
-        return Handling(own_addresses=own)
+        return Handling(own_addresses=own, ignored_images_below=below, ignored_sha256=hashes)
     flood, minutes = _text(el, "floodMessages"), _text(el, "floodMinutes")
     several = (_text(el, "severalMailboxes") or "onePerTeam").replace("-", "").lower()
     return Handling(
@@ -64,6 +74,8 @@ def build(root: etree._Element, implied: Iterable[str]) -> Handling:
         flood_messages=DEFAULT_FLOOD_MESSAGES if flood is None else int(flood),
         flood_minutes=DEFAULT_FLOOD_MINUTES if minutes is None else int(minutes),
         several_mailboxes=_SEVERAL.get(several, "one-per-team"),
+        ignored_images_below=below,
+        ignored_sha256=hashes,
     )
 
 

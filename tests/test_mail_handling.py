@@ -449,3 +449,68 @@ def test_since_must_be_a_date(
     with pytest.raises(SystemExit):
         cli("once", "--config", config(tmp_path), "--data-dir", data, "--since", "last week")
     assert "is not a date" in capsys.readouterr().err
+
+
+# -- inline images and signature files --------------------------------------------------------
+
+
+def html_with_images() -> bytes:
+    from email.message import EmailMessage
+    from email.policy import SMTP
+
+    msg = EmailMessage()
+    msg["From"] = "John Doe <john.doe@example.com>"
+    msg["To"] = "support@example.com"
+    msg["Subject"] = "Screen artefacts"
+    msg["Message-ID"] = "<cid-1@example.com>"
+    msg.set_content("See the screenshot.")
+    msg.add_alternative(
+        '<p>Look:</p><img src="cid:shot@x"><p>Regards</p><img src="cid:logo@x">', subtype="html"
+    )
+    html = msg.get_payload()[1]
+    for cid, name, size in (("shot@x", "shot.png", 5000), ("logo@x", "logo.png", 300)):
+        html.add_related(
+            b"\x89PNG" + name.encode() * (size // 8),
+            maintype="image",
+            subtype="png",
+            cid=f"<{cid}>",
+            filename=name,
+            disposition="inline",
+        )
+    msg.add_attachment(
+        b"%PDF-1.4 our legal footer", maintype="application", subtype="pdf", filename="legal.pdf"
+    )
+    msg.add_attachment(
+        b"\x89PNG small but attached", maintype="image", subtype="png", filename="tiny.png"
+    )
+    return msg.as_bytes(policy=SMTP)
+
+
+def test_inline_images_keep_their_content_id_and_signature_files_are_dropped(
+    tmp_path: Path, data: Path
+) -> None:
+    import hashlib
+
+    legal = hashlib.sha256(b"%PDF-1.4 our legal footer").hexdigest()
+    rules = f"<inlineImagesBelowBytes>1024</inlineImagesBelowBytes><sha256>{legal.upper()}</sha256>"
+    cfg = config(tmp_path, ignoredAttachmentRules=rules)
+    assert ingest(data, cfg, write(tmp_path, "1.eml", html_with_images()))[0] == 0
+    [req] = requests(data)
+    # The screenshot (inline, 5 KB) is kept; the 300-byte logo and the listed PDF are not;
+    # a small image attached as a file is kept.
+    assert sorted(a["name"] for a in req["attachments"]) == ["shot.png", "tiny.png"]
+    cfg_all = config(tmp_path, "all")
+    assert (
+        ingest(
+            data,
+            cfg_all,
+            write(tmp_path, "2.eml", html_with_images().replace(b"cid-1@", b"cid-2@")),
+        )[0]
+        == 0
+    )
+    assert len(requests(data)[1]["attachments"]) == 4
+    parsed = parse_message(html_with_images())
+    assert {a.name: a.content_id for a in parsed.attachments if a.inline} == {
+        "shot.png": "shot@x",
+        "logo.png": "logo@x",
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import re
 from typing import Final
 
@@ -107,6 +108,8 @@ def kept_attachments(
     for a in msg.attachments:
         if any(fnmatch.fnmatchcase(a.name.casefold(), p) for p in patterns):
             continue
+        if ignored_by_content(a, ctx):
+            continue
         size = len(a.data)
         if cfg.max_attachment_bytes is not None and size > cfg.max_attachment_bytes:
             notes.append(
@@ -126,6 +129,20 @@ def kept_attachments(
         name = safe_filename(msg.subject[:80] + ".eml" if msg.subject else None, "message.eml")
         kept.append(Attachment(name=name, content_type="message/rfc822", data=msg.raw))
     return tuple(kept), tuple(notes)
+
+
+def ignored_by_content(a: Attachment, ctx: Context) -> bool:
+    """``ignoredAttachmentRules``: an inline image under the size, or a listed SHA-256."""
+    h = ctx.mailbox.handling
+    if (
+        h.ignored_images_below
+        and a.content_id is not None
+        and a.inline
+        and a.content_type.startswith("image/")
+        and len(a.data) < h.ignored_images_below
+    ):
+        return True
+    return bool(h.ignored_sha256) and hashlib.sha256(a.data).hexdigest() in h.ignored_sha256
 
 
 def with_notes(text: str, notes: tuple[str, ...]) -> str:
