@@ -9,6 +9,7 @@ with the validated root element, :func:`copy` writes the element back for ``mail
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, Literal
@@ -16,9 +17,11 @@ from typing import Final, Literal
 from lxml import etree
 
 Several = Literal["one-per-team", "one-overall"]
+Forwards = Literal["agents", "anyone", "off"]
 
 DEFAULT_FLOOD_MESSAGES: Final = 20
 DEFAULT_FLOOD_MINUTES: Final = 10
+_FORWARDS: Final[dict[str, Forwards]] = {"agents": "agents", "anyone": "anyone", "off": "off"}
 _SEVERAL: Final[dict[str, Several]] = {"oneperteam": "one-per-team", "oneoverall": "one-overall"}
 
 
@@ -34,6 +37,8 @@ class Handling:
     flood_messages: int = DEFAULT_FLOOD_MESSAGES
     flood_minutes: int = DEFAULT_FLOOD_MINUTES
     several_mailboxes: Several = "one-per-team"
+    # Whose forwards make the forwarded message's sender the requester.
+    forwards: Forwards = "agents"
     # <ignoredAttachmentRules>: inline images (a signature's logo) under this many bytes,
     # and any attachment whose SHA-256 is listed, are not kept.
     ignored_images_below: int = 0
@@ -47,16 +52,19 @@ def _text(parent: etree._Element, name: str) -> str | None:
     return " ".join((el.text or "").split()) or None
 
 
+_ADDRESS: Final = re.compile(r"[^@\s]+@[^@\s]+")
+
+
 def addresses(text: str | None) -> frozenset[str]:
     """A comma- or space-separated list of addresses, lower-cased."""
     parts = (text or "").replace(",", " ").split()
-    return frozenset(p.strip().lower() for p in parts if "@" in p)
+    return frozenset(p.lower() for p in parts if _ADDRESS.fullmatch(p))
 
 
 def build(root: etree._Element, implied: Iterable[str]) -> Handling:
     """The ``<mailHandling>`` settings of a validated mailbox root; ``implied``: the
     mailbox's own addresses the file already gives elsewhere (user name, smtp sender)."""
-    own = frozenset(a.strip().lower() for a in implied if "@" in a)
+    own = frozenset(a.strip().lower() for a in implied if _ADDRESS.fullmatch(a.strip()))
     rules = root.find("ignoredAttachmentRules")
     below, hashes = 0, frozenset[str]()
     if rules is not None:
@@ -74,6 +82,7 @@ def build(root: etree._Element, implied: Iterable[str]) -> Handling:
         flood_messages=DEFAULT_FLOOD_MESSAGES if flood is None else int(flood),
         flood_minutes=DEFAULT_FLOOD_MINUTES if minutes is None else int(minutes),
         several_mailboxes=_SEVERAL.get(several, "one-per-team"),
+        forwards=_FORWARDS.get((_text(el, "forwards") or "agents").lower(), "agents"),
         ignored_images_below=below,
         ignored_sha256=hashes,
     )

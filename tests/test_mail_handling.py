@@ -514,3 +514,120 @@ def test_inline_images_keep_their_content_id_and_signature_files_are_dropped(
         "shot.png": "shot@x",
         "logo.png": "logo@x",
     }
+
+
+# -- forwards ---------------------------------------------------------------------------------
+
+GMAIL_FORWARD = """FYI, see below.
+
+---------- Forwarded message ---------
+From: Alice Smith <asmith@example.com>
+Date: Mon, 1 Jun 2026 at 10:00
+Subject: My badge does not open door 3
+To: <sd@example.com>
+
+It beeps red.
+"""
+
+OUTLOOK_FORWARD = """Please handle.
+
+________________________________
+From: Stranger Person <stranger@else.org>
+Sent: Monday, June 1, 2026 10:00 AM
+To: Service Desk <sd@example.com>
+Subject: Broken chair
+
+The chair in room 4 is broken.
+"""
+
+ORIGINAL_MESSAGE = """-----Original Message-----
+De : "Alice Smith" <asmith@example.com>
+Envoyé : lundi 1 juin 2026 10:00
+Objet : Imprimante
+
+Elle ne marche pas.
+"""
+
+
+@pytest.mark.parametrize(
+    ("subject", "body", "original"),
+    [
+        ("Fwd: My badge does not open door 3", GMAIL_FORWARD, "asmith@example.com"),
+        ("FW: Broken chair", OUTLOOK_FORWARD, "stranger@else.org"),
+        ("TR: Imprimante", ORIGINAL_MESSAGE, "asmith@example.com"),
+        (
+            "WG: Drucker",
+            "Von: Alice <asmith@example.com>\nGesendet: Montag\n\nKaputt.\n",
+            "asmith@example.com",
+        ),
+        (
+            "RV: Impresora",
+            "De: asmith@example.com\nEnviado el: lunes\n\nRota.\n",
+            "asmith@example.com",
+        ),
+        ("Badge", GMAIL_FORWARD, "asmith@example.com"),  # the block alone says it forwards
+    ],
+)
+def test_forwards_name_their_original_sender(subject: str, body: str, original: str) -> None:
+    from engine.parse import forwards
+
+    found = forwards.original_sender(subject, body, ())
+    assert found is not None and found[1] == original
+
+
+@pytest.mark.parametrize(
+    ("subject", "body"),
+    [
+        ("AW: Drucker", "Von: Alice <asmith@example.com>\nGesendet: Montag\n\nKaputt.\n"),
+        ("Re: Printer", "Thanks!\n\nOn Mon, Alice wrote:\n> From: x@y.org\n"),
+        ("Printer", "-----Original Message-----\nFrom: asmith@example.com\n"),
+    ],
+)
+def test_replies_are_not_forwards(subject: str, body: str) -> None:
+    from engine.parse import forwards
+
+    assert forwards.original_sender(subject, body, ()) is None
+
+
+def test_an_agent_s_forward_makes_the_customer_the_requester(tmp_path: Path, data: Path) -> None:
+    cfg = config(tmp_path)
+    agent = message(
+        "Fwd: My badge does not open door 3", sender="System <sd@example.com>", body=GMAIL_FORWARD
+    )
+    customer = message(
+        "Fwd: My badge", sender="John Doe <john.doe@example.com>", body=GMAIL_FORWARD
+    )
+    assert (
+        ingest(data, cfg, write(tmp_path, "1.eml", agent), write(tmp_path, "2.eml", customer))[0]
+        == 0
+    )
+    by_agent, by_customer = requests(data)
+    assert by_agent["requester"] == "asmith"
+    assert {"address": "sd@example.com", "login": LOGIN} in by_agent["watchers"]
+    assert "Forwarded by System <sd@example.com>" in by_agent["description"]
+    # John can not sign in: not an agent; his forward is his own request.
+    assert by_customer["requester"] == "jdoe"
+
+
+def test_forwards_from_anyone_and_a_forward_attached_whole(tmp_path: Path, data: Path) -> None:
+    from email.message import EmailMessage
+    from email.policy import SMTP
+
+    cfg = config(tmp_path, mailHandling="<forwards>anyone</forwards>")
+    inner = message("Broken chair", sender="Alice Smith <asmith@example.com>")
+    outer = EmailMessage()
+    outer["From"] = "John Doe <john.doe@example.com>"
+    outer["To"] = "support@example.com"
+    outer["Subject"] = "Fw: Broken chair"
+    outer["Message-ID"] = "<outer-1@example.com>"
+    outer.set_content("See attached.")
+    outer.add_attachment(inner, maintype="message", subtype="rfc822")
+    assert ingest(data, cfg, write(tmp_path, "1.eml", outer.as_bytes(policy=SMTP)))[0] == 0
+    [req] = requests(data)
+    assert req["requester"] == "asmith"
+    off = config(tmp_path, "off", mailHandling="<forwards>off</forwards>")
+    agent = message(
+        "Fwd: badge", sender="sd@example.com", body=GMAIL_FORWARD, message_id="<o2@x.org>"
+    )
+    assert ingest(data, off, write(tmp_path, "2.eml", agent))[0] == 0
+    assert requests(data)[1]["requester"] == LOGIN

@@ -86,9 +86,8 @@ async def apply(
     flooded = await _flooded(msg, ctx, directory, origin, decision)
     if flooded is not None:
         return flooded
-    return dataclasses.replace(
-        decision, origin=origin, watchers=await watchers(msg, ctx, directory)
-    )
+    found = {w.address: w for w in (*decision.watchers, *await watchers(msg, ctx, directory))}
+    return dataclasses.replace(decision, origin=origin, watchers=tuple(found.values()))
 
 
 async def _copy_of(msg: ParsedMessage, ctx: Context, directory: DirectoryView) -> Ignore | None:

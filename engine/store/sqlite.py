@@ -606,12 +606,13 @@ class SqliteTransaction(Transaction):
     async def _user(self, where: str, arg: str) -> User | None:
         # Users and sites are written by import_directory only, never pending.
         row = await self._one(
-            "SELECT u.id, u.login, u.email, u.name, s.name FROM users u "
-            f"LEFT JOIN sites s ON s.id = u.site_id WHERE {where} ORDER BY u.id LIMIT 1",
+            "SELECT u.id, u.login, u.email, u.name, s.name, u.password_hash IS NOT NULL "
+            f"FROM users u LEFT JOIN sites s ON s.id = u.site_id WHERE {where} "
+            "ORDER BY u.id LIMIT 1",
             (arg,),
             sees=_NONE,
         )
-        return None if row is None else User(row[0], row[1], row[2], row[3], row[4])
+        return None if row is None else User(row[0], row[1], row[2], row[3], row[4], bool(row[5]))
 
     async def has_name(self, table: str, name: str) -> bool:
         assert table in {"sites", "groups", "sources", "priorities", "categories"}
