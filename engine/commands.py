@@ -463,6 +463,7 @@ async def cmd_requests(args: argparse.Namespace) -> int:
         detail = await store.request_detail(args.number)
         if detail is None:
             raise EngineError(f"there is no request #{args.number}")
+        detail["reference"] = await store.reference_token(args.number)
         if args.json:
             print_json(detail)
         else:
@@ -515,6 +516,7 @@ def _print_detail(d: dict[str, object]) -> None:
         "priority",
         "created_by",
         "created_at",
+        "reference",
     ):
         print(f"{key:>11}: {d.get(key) if d.get(key) is not None else '-'}")
     _print_issue17(d)

@@ -1435,11 +1435,16 @@ def _build(
         max_attachment_bytes=_int(root, "maxAttachmentBytes"),
         max_attachments_bytes=_int(root, "maxAttachmentsBytes"),
         processing=build(root, _error_at(ctx), str(path)),
-        handling=config_handling.build(
-            root,
-            [server.user_name, email.utils.parseaddr(smtp.sender)[1] if smtp else ""],
-        ),
+        handling=_handling(root, server, smtp),
     )
+
+
+def _handling(
+    root: etree._Element, server: ServerConfig, smtp: SmtpConfig | None
+) -> config_handling.Handling:
+    """``<mailHandling>``; the user name and the smtp sender are our own addresses too."""
+    implied = [server.user_name, email.utils.parseaddr(smtp.sender)[1] if smtp else ""]
+    return config_handling.build(root, implied)
 
 
 def _processor(root: etree._Element, ctx: _Context) -> ProcessorKind:

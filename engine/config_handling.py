@@ -39,6 +39,8 @@ class Handling:
     several_mailboxes: Several = "one-per-team"
     # Whose forwards make the forwarded message's sender the requester.
     forwards: Forwards = "agents"
+    # The reference token's format (engine.parse.tokens); None: tokens are not looked for.
+    reference_token: str | None = "[ref:MI-{number}-{hmac}]"
     # <ignoredAttachmentRules>: inline images (a signature's logo) under this many bytes,
     # and any attachment whose SHA-256 is listed, are not kept.
     ignored_images_below: int = 0
@@ -83,9 +85,18 @@ def build(root: etree._Element, implied: Iterable[str]) -> Handling:
         flood_minutes=DEFAULT_FLOOD_MINUTES if minutes is None else int(minutes),
         several_mailboxes=_SEVERAL.get(several, "one-per-team"),
         forwards=_FORWARDS.get((_text(el, "forwards") or "agents").lower(), "agents"),
+        reference_token=_reference(el),
         ignored_images_below=below,
         ignored_sha256=hashes,
     )
+
+
+def _reference(el: etree._Element) -> str | None:
+    token = el.find("referenceToken")
+    if token is None:
+        return Handling.reference_token
+    text = (token.text or "").strip()
+    return text if text and text.lower() != "off" else None
 
 
 def copy(

@@ -234,6 +234,8 @@ class Writer:
         self.on_reply: Callable[[], None] | None = None
         # The rate limits already logged as reached: (kind, key, window); logged once each.
         self._limits_logged: set[tuple[str, str, str]] = set()
+        # The store's reference key (migration 7 made it; it never changes): read once.
+        self._reference_key: str | None = None
         self._commit = TwoPassCommit(self)
         # One handler per kind of item: all a kind of item needs of the writer.
         self.handlers: Mapping[type[Item], Handler] = {
@@ -487,7 +489,14 @@ class Writer:
         team = await self._team(tx, cfg.team)
         if team is None:
             raise DirectoryError(f"team {cfg.team or self.default_team} is not in the directory")
-        ctx = Context(mailbox=cfg, team=team, historic=env.historic is not None)
+        if self._reference_key is None:
+            self._reference_key = await tx.engine_key("reference")
+        ctx = Context(
+            mailbox=cfg,
+            team=team,
+            historic=env.historic is not None,
+            reference_key=self._reference_key,
+        )
         decision = await decide(env.parsed, ctx, tx.directory)
         return _Decided(team, decision)
 

@@ -631,3 +631,54 @@ def test_forwards_from_anyone_and_a_forward_attached_whole(tmp_path: Path, data:
     )
     assert ingest(data, off, write(tmp_path, "2.eml", agent))[0] == 0
     assert requests(data)[1]["requester"] == LOGIN
+
+
+# -- reference tokens ---------------------------------------------------------------------------
+
+
+def test_a_reply_threads_by_the_reference_token_alone_and_a_guessed_one_does_not(
+    tmp_path: Path, data: Path
+) -> None:
+    import re
+
+    from engine.parse import tokens
+
+    cfg = config(tmp_path)
+    assert ingest(data, cfg, write(tmp_path, "1.eml", message("Mouse broken")))[0] == 0
+    [req] = requests(data)
+    out = show(data, req["number"])
+    m = re.search(r"reference: (\[ref:MI-(\d+)-([0-9a-f]{8})\])", out)
+    assert m is not None and int(m.group(2)) == req["number"]
+    token = m.group(1)
+    # No subject tag, no In-Reply-To or References: only the token in the quoted footer.
+    reply = message("Mouse", body=f"It works now, thanks.\n\n> Regards, the desk\n> {token}\n")
+    guessed = message("Mouse", body=f"Still broken.\n[ref:MI-{req['number']}-00000000]\n")
+    assert (
+        ingest(data, cfg, write(tmp_path, "2.eml", reply), write(tmp_path, "3.eml", guessed))[0]
+        == 0
+    )
+    first, second = requests(data)
+    assert len(first["activities"]) == 1 and "It works now" in first["activities"][0]["body"]
+    assert second["subject"] == "Mouse" and "Still broken" in second["description"]
+    # Another store has another key: the same number gets another token.
+    assert tokens.token(req["number"], "another key") != token
+    # A mailbox with its own format, and one with tokens off.
+    own = config(
+        tmp_path, "own", mailHandling="<referenceToken>#desk-{number}/{hmac}#</referenceToken>"
+    )
+    sig = token.split("-")[-1].rstrip("]")
+    own_reply = message("Mouse", body=f"again #desk-{req['number']}/{sig}#\n")
+    assert ingest(data, own, write(tmp_path, "4.eml", own_reply))[0] == 0
+    assert len(requests(data)[0]["activities"]) == 2
+    off = config(tmp_path, "off", mailHandling="<referenceToken>off</referenceToken>")
+    assert ingest(data, off, write(tmp_path, "5.eml", message("Mouse", body=f"x {token}")))[0] == 0
+    assert len(requests(data)) == 3
+
+
+def test_a_token_format_without_its_placeholders_is_refused(tmp_path: Path) -> None:
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="referenceToken"):
+        load_mailbox(
+            config(tmp_path, mailHandling="<referenceToken>[ref:{number}]</referenceToken>")
+        )

@@ -57,6 +57,29 @@ def _text(value: bytes) -> str:
     return value.decode("ascii", "replace")
 
 
+def _report_status(body: bytes) -> str | None:
+    """The Status of an RFC 3464 report; a delivered/relayed/expanded action is no failure."""
+    status_m = _STATUS.search(body)
+    status = _text(status_m.group(1)) if status_m else None
+    action = _ACTION.search(body)
+    if action is not None and action.group(1).lower() in (b"delivered", b"relayed", b"expanded"):
+        status = status if status and not status.startswith("5.") else "2.0.0"
+    return status
+
+
+def _plain(body: bytes, status: str | None) -> tuple[dict[str, None], str | None]:
+    """A plain bounce's recipients (lines with an address and a status code) and status."""
+    recipients: dict[str, None] = {}
+    for m in _PLAIN_LINE.finditer(body):
+        recipients[_text(m.group(1)).lower().rstrip(".")] = None
+        status = status or _text(m.group(2))
+        if len(recipients) >= MAX_RECIPIENTS:
+            break
+    if status is None and (code := _PLAIN_CODE.search(body)) is not None:
+        status = _text(code.group(2))
+    return recipients, status
+
+
 def read(raw: bytes) -> Bounce:
     """What the bounce ``raw`` says (see the module's docstring)."""
     head_end = _BODY_START.search(raw, 0, MAX_SCAN)
@@ -64,21 +87,13 @@ def read(raw: bytes) -> Bounce:
     recipients: dict[str, None] = {}
     for m in _FINAL.finditer(body):
         recipients[_text(m.group(1)).lower().rstrip(".")] = None
-    status_m = _STATUS.search(body)
-    status = _text(status_m.group(1)) if status_m else None
-    action = _ACTION.search(body)
-    if action is not None and action.group(1).lower() in (b"delivered", b"relayed", b"expanded"):
-        status = status if status and not status.startswith("5.") else "2.0.0"
+    status = _report_status(body)
     diagnostic_m = _DIAGNOSTIC.search(body)
     diagnostic = _text(diagnostic_m.group(1)).strip() if diagnostic_m else None
     if not recipients:
-        for m in _PLAIN_LINE.finditer(body):
-            recipients[_text(m.group(1)).lower().rstrip(".")] = None
-            status = status or _text(m.group(2))
-            if len(recipients) >= MAX_RECIPIENTS:
-                break
-    if status is None and (code := _PLAIN_CODE.search(body)) is not None:
-        status = _text(code.group(2))
+        recipients, status = _plain(body, status)
+    elif status is None:
+        status = _plain(body, status)[1]
     ids = _ORIGINAL_ID.findall(body)
     original = _text(ids[0]) if ids else None
     return Bounce(

@@ -159,6 +159,8 @@ class Context:
     now: datetime | None = None
     # A historic import (once --since): no flood limit.
     historic: bool = False
+    # The store's reference key (engine.parse.tokens); None: tokens are not looked for.
+    reference_key: str | None = field(default=None, repr=False)
 
 
 def referenced(msg: ParsedMessage, mailbox: MailboxConfig) -> int | None:

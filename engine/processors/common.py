@@ -8,7 +8,7 @@ import re
 from typing import Final
 
 from engine.model import CLOSED_STATUSES, Attachment, DirectoryView, ParsedMessage, RequestRef
-from engine.parse import safe_filename
+from engine.parse import safe_filename, tokens
 from engine.processors import AddActivity, Context
 
 # The communication types a subject reference may name, by the request type they refer to.
@@ -67,12 +67,32 @@ async def referenced_request(
         found = await directory.request_by_message_id(ids)
         if found is not None and found.team_id == ctx.team.id:
             return found, "thread"
+    return await _referenced_by_body(msg, ctx, directory)
+
+
+async def _referenced_by_body(
+    msg: ParsedMessage, ctx: Context, directory: DirectoryView
+) -> tuple[RequestRef | None, str]:
+    """The team's request a reference token in the body, else a foreign number, names."""
+    by_token = referenced_by_token(msg, ctx)
+    if by_token is not None:
+        found = await directory.request(by_token)
+        if found is not None and found.team_id == ctx.team.id:
+            return found, "reference token"
     refs = foreign_numbers(msg, ctx)
     if refs:
         found = await directory.request_by_foreign_number(refs)
         if found is not None and found.team_id == ctx.team.id:
             return found, "foreign number"
     return None, ""
+
+
+def referenced_by_token(msg: ParsedMessage, ctx: Context) -> int | None:
+    """The request number a valid reference token in the body names (engine.parse.tokens)."""
+    fmt = ctx.mailbox.handling.reference_token
+    if fmt is None or ctx.reference_key is None:
+        return None
+    return tokens.find(msg.body, ctx.reference_key, fmt)
 
 
 MAX_FOREIGN: Final = 20

@@ -258,6 +258,10 @@ class Transaction(ABC):
     # -- issue 20: origins (flood, several mailboxes), watchers, undeliverable addresses ----
 
     @abstractmethod
+    async def engine_key(self, name: str) -> str | None:
+        """One of the engine's keys (migration 7: ``reference``), or None."""
+
+    @abstractmethod
     async def add_history(self, number: int, by: str, text: str) -> None:
         """A line of request ``number``'s history."""
 
@@ -384,6 +388,10 @@ class Store(ABC):
     async def list_requests(
         self, *, type: str | None = None, status: str | None = None
     ) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    async def reference_token(self, number: int) -> str | None:
+        """Request ``number``'s reference token in the default format (engine.parse.tokens)."""
 
     @abstractmethod
     async def request_detail(self, number: int) -> dict[str, Any] | None:

@@ -63,6 +63,7 @@ from engine.model import (
     User,
     Watcher,
 )
+from engine.parse import tokens
 from engine.store.base import Store, Transaction
 from engine.store.schema import POSTGRES_MIGRATIONS
 from engine.store.sqlite import hash_password, now, verify_password
@@ -203,6 +204,10 @@ class PostgresStore(Store):
             status or None,
         )
         return [_request_dict(r) for r in rows]
+
+    async def reference_token(self, number: int) -> str | None:
+        value = await self.conn.fetchval("SELECT value FROM engine_keys WHERE name = 'reference'")
+        return None if value is None else tokens.token(number, str(value))
 
     async def request_detail(self, number: int) -> dict[str, Any] | None:
         row = await self.conn.fetchrow(_REQUEST_SELECT + " WHERE r.number = $1", number)
@@ -820,6 +825,10 @@ class PostgresTransaction(Transaction):
             if number is not None:
                 return await self.request(int(number))
         return None
+
+    async def engine_key(self, name: str) -> str | None:
+        value = await self.conn.fetchval("SELECT value FROM engine_keys WHERE name = $1", name)
+        return None if value is None else str(value)
 
     async def record_origin(self, number: int, origin: Origin) -> None:
         o = origin

@@ -248,7 +248,10 @@ MIGRATIONS: tuple[str, ...] = (
     # 7: issue 20. Watchers (To/Cc addresses kept on a request); addresses a permanent
     # bounce marked undeliverable (no automatic reply goes to them); and where each mail
     # request came from (mailbox, sender, content fingerprint, Message-ID), which the flood
-    # limit and the several-mailboxes policy read inside the writer's transaction.
+    # limit and the several-mailboxes policy read inside the writer's transaction. The
+    # engine's keys: 'reference', the HMAC key of the reference tokens (engine.parse.tokens),
+    # one per store so every replica and the console agree; made here from SQLite's
+    # randomness (PostgreSQL: gen_random_uuid's), never logged.
     """
     CREATE TABLE watchers (
         request_number INTEGER NOT NULL REFERENCES requests(number),
@@ -277,6 +280,11 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX request_origins_fingerprint ON request_origins(mailbox, fingerprint, created_at);
     CREATE INDEX request_origins_message_id ON request_origins(message_id)
         WHERE message_id IS NOT NULL;
+    CREATE TABLE engine_keys (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    INSERT INTO engine_keys(name, value) VALUES ('reference', lower(hex(randomblob(32))));
     """,
 )
 
@@ -488,6 +496,9 @@ POSTGRES_MIGRATIONS: dict[int, str] = {
     CREATE INDEX request_origins_fingerprint ON request_origins (mailbox, fingerprint, created_at);
     CREATE INDEX request_origins_message_id ON request_origins (message_id)
         WHERE message_id IS NOT NULL;
+    CREATE TABLE engine_keys (name text PRIMARY KEY, value text NOT NULL);
+    INSERT INTO engine_keys (name, value) VALUES ('reference',
+        replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''));
     """,
     # 11: several replicas on one database.
     # - attachment_blobs: attachments by content (sha256), so no replica needs a shared disk;

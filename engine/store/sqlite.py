@@ -60,6 +60,7 @@ from engine.model import (
     User,
     Watcher,
 )
+from engine.parse import tokens
 from engine.store.base import Store, Transaction
 from engine.store.files import FileStore
 from engine.store.lock import secure_data_dir
@@ -224,6 +225,10 @@ class SqliteStore(Store):
         sql = _REQUEST_SELECT + (" WHERE " + " AND ".join(where) if where else "")
         rows = await self._all(sql + " ORDER BY r.number", args)
         return [_request_dict(r) for r in rows]
+
+    async def reference_token(self, number: int) -> str | None:
+        row = await self._one("SELECT value FROM engine_keys WHERE name = 'reference'")
+        return None if row is None else tokens.token(number, str(row[0]))
 
     async def request_detail(self, number: int) -> dict[str, Any] | None:
         row = await self._one(_REQUEST_SELECT + " WHERE r.number = ?", (number,))
@@ -1082,6 +1087,10 @@ class SqliteTransaction(Transaction):
         )
         self._origins = [(int(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows]
         self._origins_cover = (boxes, wanted, mids, after)
+
+    async def engine_key(self, name: str) -> str | None:
+        row = await self._one("SELECT value FROM engine_keys WHERE name = ?", (name,), sees=_NONE)
+        return None if row is None else str(row[0])
 
     async def record_origin(self, number: int, origin: Origin) -> None:
         o = origin
