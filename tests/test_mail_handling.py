@@ -682,3 +682,27 @@ def test_a_token_format_without_its_placeholders_is_refused(tmp_path: Path) -> N
         load_mailbox(
             config(tmp_path, mailHandling="<referenceToken>[ref:{number}]</referenceToken>")
         )
+
+
+def test_the_description_marks_where_each_inline_image_sat() -> None:
+    from email.message import EmailMessage
+    from email.policy import SMTP
+
+    msg = EmailMessage()
+    msg["From"] = "john.doe@example.com"
+    msg["Subject"] = "Screen"
+    msg.set_content(
+        '<p>Look:</p><img alt="the &lt;error&gt;" src="cid:shot@x"><p>Regards</p>'
+        "<img src='cid:logo@x'>",
+        subtype="html",
+    )
+    msg.make_related()
+    msg.add_related(
+        b"\x89PNG", maintype="image", subtype="png", cid="<shot@x>", disposition="inline"
+    )
+    parsed = parse_message(msg.as_bytes(policy=SMTP))
+    assert (
+        parsed.body
+        == "Look:\n\n[image: the <error> (cid:shot@x)]\n\nRegards\n\n[image: cid:logo@x]"
+    )
+    assert [a.content_id for a in parsed.attachments] == ["shot@x"]
