@@ -64,7 +64,7 @@ def _env() -> dict[str, str]:
     }
 
 
-def _engine(*args: str | Path) -> list[str]:
+def _engine(*args: object) -> list[str]:
     return [sys.executable, "-m", "engine", *map(str, args)]
 
 

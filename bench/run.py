@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import json
 import math
 import os
@@ -733,7 +734,7 @@ def case_imap_single(world: World, report: Report, corpus: list[Template], round
     for _ in range(rounds):
         users = world.users("il", 1)
         world.deliver(users[0], corpus)
-        base = _timed(lambda u=users[0]: imaplib_loop(host, port, u, f"pw-{u}"))
+        base = _timed(functools.partial(imaplib_loop, host, port, users[0], f"pw-{users[0]}"))
         _check_fetched(world, base.got, users, n, f"{case} imaplib", report)
         folder = world.fresh("imap-single")
         users = world.users("ie", 1)

@@ -151,15 +151,24 @@ class ExecLauncher:
         pass
 
 
+# multiprocessing's forkserver gives 255 as the exit code of a child whose status it could not
+# read back (popen_forkserver.Popen.poll): not the engine's status.
+FORKSERVER_LOST_STATUS = 255
+
+
 class _ProcessHandle:
-    def __init__(self, proc: multiprocessing.process.BaseProcess) -> None:
+    def __init__(self, proc: multiprocessing.process.BaseProcess, log: Path) -> None:
         self.proc = proc
         assert proc.pid is not None
         self.pid = proc.pid
+        self.status = Path(f"{log}.status")  # written by fork_child as it exits
 
     def wait(self, timeout: float) -> int | None:
         self.proc.join(timeout)
-        return self.proc.exitcode
+        code = self.proc.exitcode
+        if code == FORKSERVER_LOST_STATUS and self.status.exists():
+            return int(self.status.read_text())  # the engine's own status
+        return code
 
     def kill(self) -> None:
         if self.proc.exitcode is None:
@@ -178,11 +187,12 @@ class ForkLauncher:
         self.ctx: multiprocessing.context.ForkServerContext = ctx
 
     def start(self, argv: list[str], point: str, n: int, log: Path) -> Handle:
+        Path(f"{log}.status").unlink(missing_ok=True)
         proc = self.ctx.Process(
             target=fork_child, args=(argv, engine_env(), point, n, str(log)), daemon=False
         )
         proc.start()
-        return _ProcessHandle(proc)
+        return _ProcessHandle(proc, log)
 
     def close(self) -> None:
         pass
@@ -561,7 +571,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     launcher = make_launcher(args.launcher)
     every = max(1, args.iterations // 20)
 
+    shown = 0
+
     def progress(f: Figures) -> None:
+        # A failed iteration's problems show at once (its directory is kept), not only in
+        # the JSON at the end of a run that may take hours.
+        nonlocal shown
+        for index, problems in f.failed[shown:]:
+            print(f"iteration {index} failed: {'; '.join(problems)}", file=sys.stderr, flush=True)
+        shown = len(f.failed)
         if f.iterations % every == 0 or f.failed:
             print(
                 f"[{f.seconds:7.1f} s] {f.iterations} iterations, {f.messages} messages, "
