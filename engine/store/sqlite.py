@@ -282,7 +282,7 @@ class SqliteStore(Store):
         )
         watchers = await self._all(
             "SELECT w.address, u.login FROM watchers w LEFT JOIN users u ON u.id = w.user_id "
-            "WHERE w.request_number = ? ORDER BY w.rowid",
+            "WHERE w.request_number = ? ORDER BY w.added_at, w.address",
             (number,),
         )
         return {
