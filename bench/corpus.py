@@ -1,9 +1,17 @@
-"""A deterministic corpus of realistic service-desk mail for the benchmarks.
+"""Deterministic corpora of service-desk mail for the benchmarks, in two mixes.
 
-The mix: plain text, HTML only, text+HTML alternatives, multipart with attachments from 1 KB to
-200 KB, non-ASCII headers (RFC 2047, UTF-8 and ISO-8859-1), and replies carrying a request
-number (``RE: [Incident] #N ...``); about 10 KiB per message on average. The same seed always
-gives the same bytes.
+``bench`` (the first one written): plain text, HTML only, text+HTML alternatives, multipart
+with attachments from 1 KB to 200 KB, non-ASCII headers (RFC 2047, UTF-8 and ISO-8859-1),
+and replies carrying a request number (``RE: [Incident] #N ...``); about 10 KiB per message
+on average.
+
+``realistic`` (issue 18), the same average size but shaped like a real helpdesk's inbox:
+about 35 % of messages carry attachments, 2 to 6 files from 1 KB to 2 MB, nearly all distinct
+(phone mail interleaving text with photos and PDFs, HTML with ``cid:`` inline images and the
+company logo every signature carries, forwards carrying a message/rfc822), 30 % are replies
+threading onto requests created earlier in the same corpus, 10 % are auto-replies and DSNs.
+
+The same seed always gives the same bytes.
 
 Every template carries a placeholder Message-ID that :func:`stamp` replaces at delivery time,
 so each delivered message has a Message-ID of its own even when a corpus is delivered again.
@@ -307,13 +315,267 @@ def make_message(rng: random.Random, index: int, *, big_bytes: int = 0) -> Templ
     return Template(kind, b"".join(lines) + content)
 
 
+MIXES = ("bench", "realistic")
+
+
 def make_corpus(
-    count: int, *, seed: int = 20261127, big: int = 0, big_bytes: int = 0
+    count: int, *, seed: int = 20261127, big: int = 0, big_bytes: int = 0, mix: str = "bench"
 ) -> list[Template]:
-    """``count`` messages; ``big`` of them (spread evenly) carry a ``big_bytes`` attachment."""
+    """``count`` messages of ``mix``; ``big`` of them (spread evenly) carry a ``big_bytes``
+    attachment."""
     rng = random.Random(seed)
     big_at = {round((k + 0.5) * count / big) for k in range(big)} if big else set()
+    if mix == "realistic":
+        state = _Thread()
+        return [
+            make_realistic_message(rng, i, state, big_bytes=big_bytes if i in big_at else 0)
+            for i in range(count)
+        ]
+    if mix != "bench":
+        raise ValueError(f"unknown mix {mix!r} (one of {', '.join(MIXES)})")
     return [make_message(rng, i, big_bytes=big_bytes if i in big_at else 0) for i in range(count)]
+
+
+# --------------------------------------------------------------------------- the realistic mix
+
+# Three logos shared by every signature of their sender's company: the same bytes again and
+# again, as in a real inbox (content-addressed storage keeps one copy of each).
+_LOGOS = [random.Random(f"logo-{k}").randbytes(2048 + 1500 * k) for k in range(3)]
+
+
+@dataclass
+class _Thread:
+    """What the corpus has made so far: replies thread onto requests made earlier."""
+
+    creating: int = 0  # messages so far that create a request (their number, in order)
+
+
+def _realistic_size(rng: random.Random) -> int:
+    """1 KB to 2 MB, heavily skewed to small files, as in a real inbox: mostly screenshots,
+    photos and scans of a few KB, some tens of KB, one file in a thousand a large PDF of
+    hundreds of KB to 2 MB. That keeps the corpus's mean message near 10 KiB."""
+    roll = rng.random()
+    low, high = (1, 4) if roll < 0.9 else (4, 32) if roll < 0.999 else (256, 2048)
+    return int(1024 * low * (high / low) ** rng.random())
+
+
+def _realistic_file(rng: random.Random, index: int) -> tuple[str, str, str, bytes]:
+    size = _realistic_size(rng)
+    kind = rng.choices(("jpg", "pdf", "png", "docx", "xlsx", "csv"), (4, 3, 3, 2, 1, 1))[0]
+    data = rng.randbytes(size)
+    if kind == "csv":
+        return _attachment(rng, index)
+    if kind == "jpg":
+        return (f"IMG_{4000 + index}.jpg", "image", "jpeg", b"\xff\xd8\xff\xe0" + data)
+    if kind == "pdf":
+        return (f"scan-{index}.pdf", "application", "pdf", b"%PDF-1.7\n" + data)
+    if kind == "png":
+        return (f"image{index:03d}.png", "image", "png", b"\x89PNG\r\n\x1a\n" + data)
+    if kind == "xlsx":
+        subtype = "vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+        return (f"Inventaire-{index}.xlsx", "application", subtype, b"PK\x03\x04" + data)
+    subtype = "vnd.openxmlformats-officedocument.wordprocessingml.document"
+    return (f"Procédure-{index}.docx", "application", subtype, b"PK\x03\x04" + data)
+
+
+def _inline_image(cid: str, data: bytes, name: str) -> bytes:
+    head = (
+        f'Content-Type: image/png; name="{name}"\r\nContent-Transfer-Encoding: base64\r\n'
+        f'Content-ID: <{cid}>\r\nContent-Disposition: inline; filename="{name}"\r\n\r\n'
+    ).encode("ascii")
+    return head + base64.encodebytes(data).replace(b"\n", b"\r\n")
+
+
+def _nested(ctype: bytes, body: bytes) -> bytes:
+    return ctype + b"\r\n" + body
+
+
+def _phone_parts(rng: random.Random, name: str, french: bool) -> list[bytes]:
+    """Phone and Apple Mail: text, photo, text, PDF, text: inline text between the files."""
+    parts = [_text_part(rng, _text_body(rng, rng.randint(200, 1500), french, name), "plain")]
+    for n in range(rng.randint(2, 4)):
+        parts.append(_attachment_part(*_realistic_file(rng, n + 1)))
+        parts.append(_text_part(rng, _sentence(rng, french) + "\n", "plain"))
+    return parts
+
+
+def _related_parts(rng: random.Random, name: str, french: bool) -> list[bytes]:
+    """Outlook HTML with inline images (``cid:``): the company logo and screenshots, then
+    files attached beside it."""
+    size = rng.randint(800, 4000)
+    logo = rng.randrange(len(_LOGOS))
+    shots = rng.randint(0, 2)
+    imgs = "".join(f'<p><img src="cid:shot{k}@mail"></p>' for k in range(shots))
+    html = _html_body(rng, size, french, name).replace(
+        '<p class="sig">', f'{imgs}<p class="sig"><img src="cid:logo{logo}@mail"> '
+    )
+    related = [
+        _text_part(rng, html, "html"),
+        _inline_image(f"logo{logo}@mail", _LOGOS[logo], "logo.png"),
+    ]
+    related += [
+        _inline_image(f"shot{k}@mail", rng.randbytes(_realistic_size(rng)), f"image{k:03d}.png")
+        for k in range(shots)
+    ]
+    alternative = _nested(
+        *_multipart(
+            rng,
+            "alternative",
+            [
+                _text_part(rng, _text_body(rng, size, french, name), "plain"),
+                _nested(*_multipart(rng, "related", related)),
+            ],
+        )
+    )
+    parts = [alternative]
+    for n in range(rng.randint(max(0, 2 - 1 - shots), 3)):
+        parts.append(_attachment_part(*_realistic_file(rng, n + 1)))
+    return parts
+
+
+def _forward_parts(rng: random.Random, name: str, french: bool) -> list[bytes]:
+    """A forward as an attachment (message/rfc822), itself carrying a file."""
+    inner_head = (
+        "From: Customer <customer@client.example>\r\nTo: agent@example.com\r\n"
+        f"Subject: {rng.choice(_ASCII_SUBJECTS)}\r\nDate: Tue, 24 Nov 2026 09:12:00 -0500\r\n"
+        f"Message-ID: <fwd-{rng.getrandbits(48):012x}@client.example>\r\nMIME-Version: 1.0\r\n"
+    ).encode("ascii")
+    inner = inner_head + _nested(
+        *_multipart(
+            rng,
+            "mixed",
+            [
+                _text_part(
+                    rng, _text_body(rng, rng.randint(300, 2000), french, "Customer"), "plain"
+                ),
+                _attachment_part(*_realistic_file(rng, 1)),
+            ],
+        )
+    )
+    rfc822 = (
+        b"Content-Type: message/rfc822\r\n"
+        b'Content-Disposition: attachment; filename="forward.eml"\r\n\r\n' + inner
+    )
+    return [
+        _text_part(rng, "FYI, see the customer's mail below.\n\n-- \n" + name + "\n", "plain"),
+        rfc822,
+        _attachment_part(*_realistic_file(rng, 2)),
+    ]
+
+
+def _auto_reply(rng: random.Random, index: int) -> tuple[list[bytes], bytes]:
+    """(headers, content) of an out-of-office reply or a DSN, 50/50."""
+    if rng.random() < 0.5:
+        name, addr = rng.choice(KNOWN_SENDERS + UNKNOWN_SENDERS)
+        headers = [
+            b"From: " + formataddr((name, addr), charset="utf-8").encode("ascii") + b"\r\n",
+            _fold("Subject", "Automatic reply: " + rng.choice(_ASCII_SUBJECTS)),
+            b"Auto-Submitted: auto-replied\r\nX-Auto-Response-Suppress: All\r\n",
+        ]
+        away = "I am out of the office until Monday and will have limited access to mail.\n"
+        return headers, _text_part(rng, away, "plain")
+    headers = [
+        b"From: Mail Delivery System <MAILER-DAEMON@mx.example.com>\r\n",
+        b"Subject: Undelivered Mail Returned to Sender\r\nAuto-Submitted: auto-replied\r\n",
+    ]
+    recipient = f"gone{index}@client.example"
+    status = (
+        "Content-Type: message/delivery-status\r\n\r\n"
+        "Reporting-MTA: dns; mx.example.com\r\n\r\n"
+        f"Final-Recipient: rfc822; {recipient}\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        "Diagnostic-Code: smtp; 550 5.1.1 user unknown\r\n"
+    ).encode("ascii")
+    original = (
+        "Content-Type: text/rfc822-headers\r\n\r\n"
+        f"From: Service Desk <support@example.com>\r\nTo: {recipient}\r\n"
+        f"Subject: [Incident] #{index} received\r\nMessage-ID: <reply-{index}@example.com>\r\n"
+    ).encode("ascii")
+    notice = _text_part(
+        rng,
+        f"I'm sorry to have to inform you that your message to {recipient} could not be "
+        "delivered.\n",
+        "plain",
+    )
+    ctype, body = _multipart(rng, "report", [notice, status, original])
+    ctype = ctype.replace(b"multipart/report;", b"multipart/report; report-type=delivery-status;")
+    return headers, _nested(ctype, body)
+
+
+def make_realistic_message(
+    rng: random.Random, index: int, state: _Thread, *, big_bytes: int = 0
+) -> Template:
+    """One message of the realistic mix (see the module's docstring)."""
+    roll = rng.random()
+    if big_bytes:
+        kind = "big"
+    elif roll < 0.35:
+        kind = rng.choices(("phone", "related", "forward"), (4, 5, 1))[0]
+    elif roll < 0.65 and state.creating:
+        kind = "reply"
+    elif roll < 0.75:
+        kind = "auto"
+    else:
+        kind = rng.choice(("plain", "html", "alternative"))
+    non_ascii = rng.random() < 0.3
+    french = non_ascii and rng.random() < 0.7
+    name, addr = rng.choice(KNOWN_SENDERS if rng.random() < 0.6 else UNKNOWN_SENDERS)
+    subject = rng.choice(_NON_ASCII_SUBJECTS if non_ascii else _ASCII_SUBJECTS)
+    if kind == "auto":
+        lines, content = _auto_reply(rng, index)
+    else:
+        if kind == "reply":
+            # A request this corpus made earlier: in one mailbox, the Nth creating message
+            # makes request N.
+            subject = f"RE: [Incident] #{rng.randint(1, state.creating)} {subject}"
+        elif kind == "forward":
+            subject = "Fwd: " + subject
+        else:
+            state.creating += 1
+        lines = [
+            b"From: " + formataddr((name, addr), charset="utf-8").encode("ascii") + b"\r\n",
+            _fold("Subject", subject),
+        ]
+        text_size = rng.randint(400, 2500)
+        if kind == "reply":
+            body = _text_body(rng, text_size, french, name)
+            quoted = "\n".join("> " + line for line in _text_body(rng, 800, french, "").split("\n"))
+            body += f"\nOn Nov 26, 2026, Service Desk wrote:\n{quoted}\n"
+            if rng.random() < 0.05:  # "here is the screenshot you asked for"
+                parts = [_text_part(rng, body, "plain"), _attachment_part(*_realistic_file(rng, 1))]
+                content = _nested(*_multipart(rng, "mixed", parts))
+            else:
+                content = _text_part(rng, body, "plain")
+        elif kind == "plain":
+            content = _text_part(rng, _text_body(rng, text_size, french, name), "plain")
+        elif kind == "html":
+            content = _text_part(rng, _html_body(rng, text_size, french, name), "html")
+        elif kind == "alternative":
+            alt = [
+                _text_part(rng, _text_body(rng, text_size, french, name), "plain"),
+                _text_part(rng, _html_body(rng, text_size, french, name), "html"),
+            ]
+            content = _nested(*_multipart(rng, "alternative", alt))
+        elif kind == "big":
+            parts = [
+                _text_part(rng, _text_body(rng, text_size, french, name), "plain"),
+                _attachment_part(
+                    f"dump-{index}.bin", "application", "octet-stream", rng.randbytes(big_bytes)
+                ),
+            ]
+            content = _nested(*_multipart(rng, "mixed", parts))
+        else:
+            make = {"phone": _phone_parts, "related": _related_parts, "forward": _forward_parts}
+            content = _nested(*_multipart(rng, "mixed", make[kind](rng, name, french)))
+    day = rng.randint(1, 28)
+    clock = f"{rng.randint(7, 18):02d}:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}"
+    weekday = ("Mon", "Tue", "Wed", "Thu", "Fri")[day % 5]
+    lines += [
+        b"To: Service Desk <support@example.com>\r\n",
+        f"Date: {weekday}, {day:02d} Nov 2026 {clock} -0500\r\n".encode("ascii"),
+        b"Message-ID: " + MID_PLACEHOLDER + b"\r\n",
+        b"MIME-Version: 1.0\r\n",
+    ]
+    return Template(kind, b"".join(lines) + content)
 
 
 def describe(corpus: list[Template]) -> str:

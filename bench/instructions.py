@@ -7,6 +7,10 @@ own, and the totals of the engine and of its parsing process are summed::
 
     python -m bench.instructions /tmp/before /tmp/after     # two checkouts, e.g. git worktrees
 
+Both trees get the same mail: the corpus, the Dovecot and the checks are this checkout's
+(``--mix``: each corpus mix of bench/corpus.py, by default all); only the engine run is the
+tree's.
+
 Only what is timing-dependent still varies: whether a window is parsed in a thread or in the
 parsing process (a thread parse skips the pipe; that run prints fewer instructions).
 """
@@ -23,22 +27,25 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.corpus import MIXES
+
+ROOT = Path(__file__).resolve().parent.parent
 CASES = (("1 mailbox x 400", 1, 400), ("10 mailboxes x 40", 10, 40))
 
 _MEASURE = r"""
 import json, os, subprocess, sys, uuid
 from pathlib import Path
+out, cases, mix, tree = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
 from bench.corpus import make_corpus
-from bench.run import World, _compile_engine, _engine_env
+from bench.run import World, _engine_env
 from tools.dovecot import start_dovecot
 
-out = Path(sys.argv[1])
-cases = json.loads(sys.argv[2])
+subprocess.run([sys.executable, "-m", "compileall", "-q", f"{tree}/engine"], check=True)
+env = {**_engine_env(), "PYTHONPATH": tree}
 dovecot = start_dovecot(out / "dovecot", max_connections=200)
 try:
     world = World(out / "cases", dovecot, uuid.uuid4().hex[:10])
-    corpus = make_corpus(max(boxes * per for _, boxes, per in cases))
-    _compile_engine()
+    corpus = make_corpus(max(boxes * per for _, boxes, per in cases), mix=mix)
     for name, boxes, per in cases:
         users = world.users("cg", boxes)
         for j, user in enumerate(users):
@@ -49,7 +56,7 @@ try:
             ["valgrind", "--tool=callgrind", "--trace-children=yes",
              f"--callgrind-out-file={folder}/callgrind.%p", sys.executable, "-m", "engine",
              "once", "--config-dir", str(config_dir), "--data-dir", str(data_dir)],
-            env=_engine_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             timeout=3600, check=True,
         )
         left = sum(dovecot.count(u) for u in users)
@@ -72,14 +79,15 @@ def _total(folder: Path) -> int:
     return total
 
 
-def measure(tree: Path, work: Path) -> dict[str, float]:
-    """Instructions per message of each case, run from ``tree``; checks exactly once."""
+def measure(tree: Path, work: Path, mix: str = "bench") -> dict[str, float]:
+    """Instructions per message of each case, the engine run from ``tree``; checks exactly
+    once."""
     work.mkdir(parents=True)
     work.chmod(0o755)  # Dovecot's unprivileged processes must enter it
     done = subprocess.run(
-        [sys.executable, "-c", _MEASURE, str(work), json.dumps(CASES)],
-        cwd=tree,
-        env={**os.environ, "PYTHONPATH": str(tree)},
+        [sys.executable, "-c", _MEASURE, str(work), json.dumps(CASES), mix, str(tree)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
         check=True,
@@ -102,15 +110,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("before", type=Path)
     parser.add_argument("after", type=Path)
+    parser.add_argument("--mix", default=",".join(MIXES), help="comma-separated corpus mixes")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="mi-instructions-") as tmp:
-        before = measure(args.before.resolve(), Path(tmp) / "before")
-        after = measure(args.after.resolve(), Path(tmp) / "after")
-    for case, _, _ in CASES:
-        ratio = after[case] / before[case]
-        print(
-            f"{case}: {before[case]:,.0f} -> {after[case]:,.0f} instructions/message ({ratio:.3f})"
-        )
+    for mix in args.mix.split(","):
+        with tempfile.TemporaryDirectory(prefix="mi-instructions-") as tmp:
+            before = measure(args.before.resolve(), Path(tmp) / "before", mix)
+            after = measure(args.after.resolve(), Path(tmp) / "after", mix)
+        for case, _, _ in CASES:
+            ratio = after[case] / before[case]
+            print(
+                f"{case} [{mix} mix]: {before[case]:,.0f} -> {after[case]:,.0f} "
+                f"instructions/message ({ratio:.3f})",
+                flush=True,
+            )
     return 0
 
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.clients import Fetched, imaplib_loop, pipelined, poplib_loop
-from bench.corpus import Template, describe, make_corpus, stamp
+from bench.corpus import MIXES, Template, describe, make_corpus, stamp
 from tests.support import (
     DIRECTORY,
     IMAP_GATEWAY,
@@ -343,7 +343,7 @@ class World:
         """Deliver each template with a Message-ID of its own; returns them (no brackets)."""
         mids = []
         for i, template in enumerate(templates):
-            mid = f"{user}.{i}.{self.nonce}@bench.example"
+            mid = f"{user}.{i}.{template.kind}.{self.nonce}@bench.example"
             self.dovecot.deliver(user, stamp(template, mid))
             mids.append(mid)
         return mids
@@ -441,20 +441,27 @@ def verify(
     world: World, data_dir: Path, expected: dict[str, list[str]], case: str, report: Report
 ) -> str:
     """Every delivered message in the store exactly once, every mailbox empty: the tests'
-    checker (tests.support.check_exactly_once), outcomes created or activity, no outage.
+    checker (tests.support.check_exactly_once), no outage, and each message's outcome the
+    one its kind (in its Message-ID, see World.deliver) calls for: auto-replies and DSNs
+    ignored, everything else created or an activity.
 
     Appends problems to the report and returns a short note for the table.
     """
     delivered = [Delivered(user, mid) for user, ids in expected.items() for mid in ids]
-    check = check_exactly_once(data_dir, delivered, world.dovecot, outcomes=("created", "activity"))
+    allowed = ("created", "activity", "ignored")
+    check = check_exactly_once(data_dir, delivered, world.dovecot, outcomes=allowed)
     problems = check.problems
     db = _db(data_dir)
     try:
-        ledger = db.execute("SELECT mailbox, outcome FROM ledger").fetchall()
+        ledger = db.execute("SELECT mailbox, outcome, message_id FROM ledger").fetchall()
     finally:
         db.close()
-    outcomes = Counter((outcome or "?").split(":")[0] for _, outcome in ledger)
-    by_box = Counter(box for box, _ in ledger)
+    for _, outcome, mid in ledger:
+        auto = str(mid).split("@")[0].split(".")[-2] == "auto"
+        if (str(outcome).split(":")[0] == "ignored") != auto:
+            problems.append(f"{mid}: outcome {outcome!r} for a message of its kind")
+    outcomes = Counter((outcome or "?").split(":")[0] for _, outcome, _ in ledger)
+    by_box = Counter(box for box, _, _ in ledger)
     for user, ids in expected.items():
         if by_box[user] != len(ids):
             problems.append(f"mailbox {user}: {by_box[user]} ledger rows for {len(ids)} messages")
@@ -790,10 +797,10 @@ def case_imap_many(world: World, report: Report, corpus: list[Template], sizes: 
     _engine_case(world, report, row, case, folder, config_dir, data_dir, expected, base)
 
 
-def case_memory(world: World, report: Report, sizes: Sizes) -> None:
+def case_memory(world: World, report: Report, sizes: Sizes, mix: str = "bench") -> None:
     """Peak RSS with a few 20 MB messages, spread evenly (the row), then the same corpus with
     the big messages one after the other (a note: they can be in flight together)."""
-    corpus = make_corpus(sizes.memory, seed=7, big=sizes.big, big_bytes=sizes.big_bytes)
+    corpus = make_corpus(sizes.memory, seed=7, big=sizes.big, big_bytes=sizes.big_bytes, mix=mix)
     n = len(corpus)
     big_size = min(sorted((len(t.raw) for t in corpus), reverse=True)[: sizes.big])
     total_mb = sum(len(t.raw) for t in corpus) / 1e6
@@ -982,8 +989,9 @@ def case_latency(
             due = start + i * sizes.latency_gap
             now = time.perf_counter()
             if now >= due:
-                mid = f"{user}.lat{i}.{world.nonce}@bench.example"
-                world.dovecot.deliver(user, stamp(corpus[i % len(corpus)], mid))
+                template = corpus[i % len(corpus)]
+                mid = f"{user}.lat{i}.{template.kind}.{world.nonce}@bench.example"
+                world.dovecot.deliver(user, stamp(template, mid))
                 delivered[mid] = time.perf_counter()
                 expected.append(mid)
                 i += 1
@@ -1342,6 +1350,58 @@ def _terminate_on_sigterm() -> Iterator[None]:
             signal.signal(s, h)
 
 
+def _mix_cases(
+    world: World, report: Report, sizes: Sizes, corpus: list[Template], mix: str
+) -> list[tuple[str, Callable[[], object]]]:
+    """Every case that runs once per corpus mix, by name."""
+    return [
+        (
+            "single",
+            lambda: case_single(
+                world, report, corpus[: sizes.single], tls=False, rounds=sizes.rounds
+            ),
+        ),
+        ("many", lambda: case_many(world, report, corpus, sizes)),
+        (
+            "tls",
+            lambda: case_single(world, report, corpus[: sizes.tls], tls=True, rounds=sizes.rounds),
+        ),
+        ("memory", lambda: case_memory(world, report, sizes, mix)),
+        ("latency", lambda: case_latency(world, report, corpus, sizes)),
+        ("crash", lambda: case_crash(world, report, corpus[: sizes.single])),
+        (
+            "imap",
+            lambda: case_imap_single(world, report, corpus[: sizes.single], sizes.rounds),
+        ),
+        ("imap-many", lambda: case_imap_many(world, report, corpus, sizes)),
+        (
+            "imap-latency",
+            lambda: case_latency(world, report, corpus, sizes, imap=True),
+        ),
+    ]
+
+
+def _run_case(
+    report: Report, name: str, run: Callable[[], object], *, label: str | None = None
+) -> None:
+    """One case; its rows get ``label`` appended. A case that cannot run or crashes is
+    reported, and the next one runs."""
+    print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    first = len(report.rows)
+    try:
+        run()
+    except BenchError as exc:
+        report.problems.append(f"{name}: could not run: {exc}")
+    except Exception as exc:  # a crash of one case must not lose the others
+        traceback.print_exc()
+        report.problems.append(f"{name}: crashed: {type(exc).__name__}: {exc}")
+    if label:
+        for row in report.rows[first:]:
+            row.case = f"{row.case} [{label}]"
+    print(f"[bench] {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (under a minute)")
@@ -1359,6 +1419,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument(
+        "--mix",
+        default=",".join(MIXES),
+        help="comma-separated corpus mixes, each case runs on each (default: all of "
+        + ", ".join(MIXES)
+        + "; see bench/corpus.py)",
+    )
+    parser.add_argument(
         "--only",
         help="comma-separated cases: startup,single,many,tls,memory,latency,crash,imap,"
         "imap-many,imap-latency",
@@ -1367,6 +1434,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     every = "startup,single,many,tls,memory,latency,crash,imap,imap-many,imap-latency"
     wanted = set((args.only or every).split(","))
+    mixes = [m for m in args.mix.split(",") if m]
+    if unknown := set(mixes) - set(MIXES):
+        parser.error(f"unknown mix: {', '.join(sorted(unknown))}")
 
     report = Report()
     facts = machine_facts()
@@ -1377,62 +1447,23 @@ def main(argv: list[str] | None = None) -> int:
         try:
             dovecot = start_dovecot(root / "dovecot", max_connections=sizes.boxes + 100)
             world = World(root / "cases", dovecot, uuid.uuid4().hex[:10])
-            corpus = make_corpus(max(sizes.single, sizes.tls))
             _compile_engine()
-            report.details.append(f"corpus: {describe(corpus[: sizes.single])}")
             if args.profile:
-                outputs = profile(world, report, corpus[: sizes.single])
+                corpus = make_corpus(sizes.single, mix=mixes[0])
+                report.details.append(f"corpus ({mixes[0]}): {describe(corpus)}")
+                outputs = profile(world, report, corpus)
                 report.details.append(
                     "profile files: " + ", ".join(str(p.relative_to(REPO)) for p in outputs)
                 )
-            else:
-                cases: list[tuple[str, Callable[[], object]]] = [
-                    ("startup", lambda: case_startup(world, report)),
-                    (
-                        "single",
-                        lambda: case_single(
-                            world, report, corpus[: sizes.single], tls=False, rounds=sizes.rounds
-                        ),
-                    ),
-                    ("many", lambda: case_many(world, report, corpus, sizes)),
-                    (
-                        "tls",
-                        lambda: case_single(
-                            world, report, corpus[: sizes.tls], tls=True, rounds=sizes.rounds
-                        ),
-                    ),
-                    ("memory", lambda: case_memory(world, report, sizes)),
-                    ("latency", lambda: case_latency(world, report, corpus, sizes)),
-                    ("crash", lambda: case_crash(world, report, corpus[: sizes.single])),
-                    (
-                        "imap",
-                        lambda: case_imap_single(
-                            world, report, corpus[: sizes.single], sizes.rounds
-                        ),
-                    ),
-                    ("imap-many", lambda: case_imap_many(world, report, corpus, sizes)),
-                    (
-                        "imap-latency",
-                        lambda: case_latency(world, report, corpus, sizes, imap=True),
-                    ),
-                ]
+            elif "startup" in wanted:
+                _run_case(report, "startup", lambda: case_startup(world, report))
+            for mix in mixes if not args.profile else ():
+                corpus = make_corpus(max(sizes.single, sizes.tls), mix=mix)
+                report.details.append(f"corpus {mix}: {describe(corpus[: sizes.single])}")
+                cases = _mix_cases(world, report, sizes, corpus, mix)
                 for name, run in cases:
-                    if name not in wanted:
-                        continue
-                    print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-                    t0 = time.perf_counter()
-                    try:
-                        run()
-                    except BenchError as exc:
-                        report.problems.append(f"{name}: could not run: {exc}")
-                    except Exception as exc:  # a crash of one case must not lose the others
-                        traceback.print_exc()
-                        report.problems.append(f"{name}: crashed: {type(exc).__name__}: {exc}")
-                    print(
-                        f"[bench] {name} done in {time.perf_counter() - t0:.1f} s",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                    if name in wanted:
+                        _run_case(report, f"{name} ({mix})", run, label=f"{mix} mix")
         finally:
             _stop_children()
             if dovecot is not None:

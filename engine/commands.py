@@ -7,6 +7,7 @@ and nothing else in the engine imports this one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.abc
 import anyio.to_thread
 
 from engine import logs
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from engine.items import Historic
     from engine.leases import Leases
     from engine.supervisor import Engine, MailboxOutcome, MailboxSource
+    from engine.validation import FileReport
 
 # The pipeline (supervisor, fetcher, parser, writer, config) is imported while the login is
 # checked: scrypt takes ~50 ms in a thread without the GIL, the imports ~50 ms with it.
@@ -182,7 +185,8 @@ async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[i
                     else args.parse_processes
                 ),
                 poll_interval=getattr(args, "poll_interval", 60.0),
-                metrics=bool(getattr(args, "http_port", 0)),
+                # Progress bars read the writer's counts from the metrics (engine.progress).
+                metrics=bool(getattr(args, "http_port", 0)) or getattr(args, "progress", False),
                 follow_symlinks=getattr(args, "follow_symlinks", False),
                 reply_limits=ReplyLimits(
                     per_address_per_day=args.replies_per_address_per_day,
@@ -241,16 +245,125 @@ async def _serving(
                 engine.health,
                 engine.metrics,
             )
+        if getattr(args, "console", None) is not None:
+            await tg.start(serve_console, args, engine, args.console)
         await work()
         tg.cancel_scope.cancel()
 
 
+async def serve_console(
+    args: argparse.Namespace,
+    engine: Engine | None,
+    address: tuple[str, int],
+    *,
+    task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """The web console until cancelled, on a store connection of its own (read-only SQLite
+    beside the writer). Replay: through ``engine`` (the daemon's writer), or, without one,
+    an engine of its own per replay under the data directory's lock."""
+    from engine.console import Console, Replay, ReplayResult, create_app
+    from engine.console.replay import replay_in, standalone
+    from engine.web import serve_asgi
+
+    store = await open_for_reading(args)
+    try:
+        replay: Replay
+        if engine is not None:
+            daemon = engine
+
+            async def replay(mailbox: str, raw: bytes, login: str, retry: int) -> ReplayResult:
+                return await replay_in(daemon, args.config_dir, mailbox, raw, retry)
+
+        else:
+            replay = standalone(
+                args.data_dir,
+                args.config_dir,
+                lambda: open_any_store(args),
+                lock=_postgres(args) is None,
+            )
+        console = Console(
+            store,
+            await anyio.to_thread.run_sync(_console_key, args.data_dir),
+            replay=replay,
+            health=engine.health if engine is not None else None,
+            secure_cookies=args.console_secure_cookie,
+            trust_proxy=args.console_trust_proxy,
+        )
+        host, port = address
+        await serve_asgi(
+            host,
+            port,
+            create_app(console),
+            what="the web console",
+            max_connections=args.http_max_connections,
+            task_status=task_status,
+        )
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.close()
+
+
+def _console_key(data_dir: Path) -> str:
+    """The console's session key from the data directory; in a folder the console may not
+    write, a key for this process only (sessions then end when it stops)."""
+    import secrets
+
+    from engine.console.security import session_key
+
+    try:
+        return session_key(data_dir)
+    except OSError as exc:
+        log.warning(
+            "console: no session key file in %s (%s): sessions last until the console stops",
+            data_dir,
+            exc.strerror or type(exc).__name__,
+        )
+        return secrets.token_hex(32)
+
+
+async def cmd_console(args: argparse.Namespace) -> int:
+    """The web console without the daemon, until SIGTERM or SIGINT."""
+    _setup_logging(args)
+    async with anyio.create_task_group() as tg:
+
+        async def signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+                async for _ in received:
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(signals)
+        port = await tg.start(serve_console, args, None, args.listen)
+        host = args.listen[0]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"console on http://{shown}:{port}/", flush=True)
+    return 0
+
+
 async def cmd_once(args: argparse.Namespace) -> int:
+    from engine import progress
+
+    args.progress = progress.wanted(args)
+
     async def body(engine: Engine) -> int:
         outcomes: list[MailboxOutcome] = []
 
         async def work() -> None:
-            outcomes.extend(await engine.once(_sources(args)))
+            if not args.progress:
+                outcomes.extend(await engine.once(_sources(args)))
+                return
+            with progress.bars(args) as shown:
+                bars = progress.EngineBars(shown, engine, [s.name for s in _sources(args)])
+
+                def done(o: MailboxOutcome) -> None:
+                    bars.finish(o.name)
+                    print(_outcome_line(o), flush=True)
+
+                engine.on_outcome = done
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(bars.follow)
+                    outcomes.extend(await engine.once(_sources(args)))
+                    tg.cancel_scope.cancel()
 
         if sys.stdout.isatty() and not args.dry_run:
             engine.on_outcome = lambda o: print(_outcome_line(o), flush=True)
@@ -280,11 +393,27 @@ async def cmd_ingest(args: argparse.Namespace) -> int:
         if not f.is_file():
             raise ConfigError(f"{f} is not a readable file")
 
+    from engine import progress
+
+    args.progress = progress.wanted(args)
+
     async def body(engine: Engine) -> int:
         from engine.items import Kind
         from engine.supervisor import MailboxSource
 
-        results = await engine.ingest(MailboxSource(args.config.stem, args.config), args.files)
+        source = MailboxSource(args.config.stem, args.config)
+        if args.progress:
+            with progress.bars(args) as shown:
+                bars = progress.EngineBars(
+                    shown, engine, [source.name], total=lambda _: len(args.files)
+                )
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(bars.follow)
+                    results = await engine.ingest(source, args.files)
+                    tg.cancel_scope.cancel()
+                bars.update()
+        else:
+            results = await engine.ingest(source, args.files)
         failed = 0
         for path, env in results:
             if env.failure is not None:
@@ -540,7 +669,7 @@ async def cmd_directory(args: argparse.Namespace) -> int:
     store = await open_any_store(args)
     try:
         async with store.transaction() as tx:
-            counts = await tx.import_directory(data)
+            counts = await _import_directory(tx, data, args)
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"the directory file is malformed: {exc!r}", file=str(args.file)) from exc
     finally:
@@ -569,3 +698,100 @@ async def cmd_status(args: argparse.Namespace) -> int:
             + (f"  polled by {owner}" if owner else "")
         )
     return 0
+
+
+async def cmd_init(args: argparse.Namespace) -> int:
+    """Write a mailbox file from a preset and answers (engine.wizard), then ``check`` it."""
+    from engine import wizard
+
+    interactive = sys.stdin.isatty() and sys.stdout.isatty() and not args.non_interactive
+    if interactive:
+        print("mailintegration init: a mailbox file from a few answers (Ctrl-C to stop).")
+        print("Providers: " + "; ".join(f"{k}: {p.label}" for k, p in wizard.PRESETS.items()))
+    answers = await anyio.to_thread.run_sync(wizard.collect, args, interactive)
+    target, cfg = await anyio.to_thread.run_sync(
+        lambda: wizard.write(
+            answers, args.config_dir, args.secret_file, force=args.force, interactive=interactive
+        )
+    )
+    print(f"Wrote {target} (team {cfg.team}, {cfg.server.host}:{cfg.server.port}).")
+    for line in wizard.registration_steps(answers, target):
+        print(line)
+    if args.no_check:
+        return 0
+    if answers.flow == "refreshToken":
+        print(f"Not checked yet: sign in first (mailintegration oauth login --config {target}).")
+        return 0
+    print("Checking the connection (nothing is fetched or deleted)...")
+    check = argparse.Namespace(**vars(args))
+    check.config = target
+    return await cmd_check(check)
+
+
+async def cmd_config(args: argparse.Namespace) -> int:
+    """``config validate``: every mailbox file, loaded as the daemon would, never connecting."""
+    from engine import validation
+
+    logs.configure(level=logging.WARNING)
+    if not args.config_dir.is_dir():
+        raise ConfigError(f"the config folder {args.config_dir} does not exist")
+    found, _ = await anyio.to_thread.run_sync(
+        lambda: validation.reports(
+            args.config_dir, default_team=args.team, follow_symlinks=args.follow_symlinks
+        )
+    )
+    note = await _check_needs(args, found)
+    found_shown = [r for r in found if r.problems] if args.quiet else found
+    if args.json:
+        print_json([dataclasses.asdict(r) for r in found_shown])
+    else:
+        if note:
+            print(note)
+        print(validation.render(found_shown, total=found))
+    return 1 if any(r.problems for r in found) else 0
+
+
+async def _check_needs(args: argparse.Namespace, found: list[FileReport]) -> str | None:
+    """Fill in whether each directory entry exists, from the store if there is one; else
+    they stay unknown, and the returned note says why."""
+    from engine.writer import known_entry
+
+    if _postgres(args) is None:
+        if args.data_dir is None:
+            return None
+        if not (args.data_dir / "mailintegration.sqlite3").exists():
+            return f"no store in {args.data_dir} yet: the directory entries are unknown"
+    # Reads only; like directory import, SQLite's lock serialises it with a running engine.
+    store = await open_any_store(args)
+    try:
+        async with store.transaction() as tx:
+            for report in found:
+                for need in report.needs:
+                    need.exists = await known_entry(tx, need.kind, need.name)
+                    if not need.exists:
+                        report.problems.append(f"{report.file}:{need.line}: {need.missing}")
+    finally:
+        await store.close()
+    return None
+
+
+_USERS_PER_STEP = 50
+
+
+async def _import_directory(tx: Any, data: Any, args: argparse.Namespace) -> dict[str, int]:
+    """The directory in one transaction. On a terminal, the users (each password is hashed
+    with scrypt, ~50 ms) go in steps of the same transaction, with a bar counting them."""
+    from engine import progress
+
+    users = data.get("users", []) if isinstance(data, dict) else []
+    if not progress.wanted(args) or len(users) <= _USERS_PER_STEP:
+        counts: dict[str, int] = await tx.import_directory(data)
+        return counts
+    counts = await tx.import_directory({k: v for k, v in data.items() if k != "users"})
+    with progress.bars(args, unit="users") as shown:
+        task = shown.add_task("directory", total=len(users), fetched="")
+        for start in range(0, len(users), _USERS_PER_STEP):
+            step = await tx.import_directory({"users": users[start : start + _USERS_PER_STEP]})
+            counts["users"] += step["users"]
+            shown.update(task, completed=counts["users"])
+    return counts

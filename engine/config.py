@@ -52,6 +52,7 @@ __all__ = [
     "REPLY_PLACEHOLDERS",
     "SCHEMA_PATH",
     "CustomRecogniser",
+    "DirectoryNeed",
     "MailboxConfig",
     "OAuth2Config",
     "Processing",
@@ -60,6 +61,7 @@ __all__ = [
     "Rule",
     "ServerConfig",
     "SmtpConfig",
+    "directory_needs",
     "load_mailbox",
     "mailbox_copy",
     "redact_config",
@@ -229,6 +231,70 @@ class MailboxConfig:
         ``accountId``, the user and the normalized host, without the port (engine.keys)."""
         s = self.server
         return account_key(s.user_name, s.host, s.account_id)
+
+
+@dataclass(frozen=True)
+class DirectoryNeed:
+    """A directory entry a mailbox names: the element naming it, the directory table, the
+    name (None for a team: the only team, if there is just one), and the problem to report
+    when the directory lacks it."""
+
+    label: str
+    table: Literal["teams", "users", "sites", "groups", "sources", "priorities"]
+    name: str | None
+    missing: str
+
+
+def directory_needs(cfg: MailboxConfig, default_team: str | None = None) -> list[DirectoryNeed]:
+    """Every directory entry ``cfg`` needs: what the writer checks before a session, and
+    what ``config validate`` lists."""
+    team = cfg.team or default_team
+    needs = [
+        DirectoryNeed(
+            "team",
+            "teams",
+            team,
+            f"team {team or '(none given, and not exactly one)'} is not in the directory",
+        )
+    ]
+    for label, value in (
+        ("incidentFallbackUserLogon", cfg.fallback_user),
+        ("assignee", cfg.assignee),
+    ):
+        if value:
+            needs.append(DirectoryNeed(label, "users", value, f"{label} {value!r} is not a user"))
+    group_label = "group" if cfg.processor == "event" else "incidentGroup"
+    for table, label, value in (
+        ("sites", "incidentFallbackSiteName", cfg.fallback_site),
+        ("groups", group_label, cfg.group),
+        ("sources", "incidentSource", cfg.source),
+    ):
+        if value:
+            needs.append(
+                DirectoryNeed(label, table, value, f"{label} {value!r} is not in the directory")  # type: ignore[arg-type]
+            )
+    p = cfg.processing
+    named: list[tuple[str, str, str | None]] = [("incidentPriority", "priorities", p.priority)]
+    if any(rule.priority_from_headers for rule in p.rules):
+        named += [
+            (f"headerPriorities {level}", "priorities", getattr(p.header_priorities, level))
+            for level in ("high", "normal", "low")
+        ]
+    for rule in p.rules:
+        where = f"rule {rule.name!r} ({rule.where})"
+        named += [
+            (f"{where} setGroup", "groups", rule.group),
+            (f"{where} setPriority", "priorities", rule.priority),
+            (f"{where} setSource", "sources", rule.source),
+            (f"{where} setAssignee", "users", rule.assignee),
+            (f"{where} setTeam", "teams", rule.team),
+        ]
+    needs += [
+        DirectoryNeed(label, table, value, f"{label}: {value!r} is not in the directory")  # type: ignore[arg-type]
+        for label, table, value in named
+        if value
+    ]
+    return needs
 
 
 # --------------------------------------------------------------------------------------------

@@ -79,9 +79,17 @@ def content_key(sha256: str) -> str:
     return CONTENT_PREFIX + sha256
 
 
-def ingest_key(sha256: str) -> str:
-    """A message file given to ``ingest``, keyed by its content's hash."""
-    return INGEST_PREFIX + sha256
+def ingest_key(sha256: str, retry: int = 0) -> str:
+    """A message file given to ``ingest``, keyed by its content's hash; ``retry`` N > 0 is
+    the Nth try of a file whose earlier ingests all failed (the console's replay: a failed
+    replay must not make the next one, once the cause is fixed, a duplicate)."""
+    return INGEST_PREFIX + sha256 + (f":retry-{retry}" if retry else "")
+
+
+def ingest_keys_like(sha256: str) -> tuple[str, str]:
+    """The first ingest key of ``sha256`` and a LIKE pattern of its retries' keys (a hash is
+    hex: nothing in it is special to LIKE)."""
+    return INGEST_PREFIX + sha256, INGEST_PREFIX + sha256 + ":retry-%"
 
 
 def reused_key(key: str, sha256: str) -> str:

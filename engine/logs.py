@@ -13,6 +13,7 @@ import base64
 import html
 import json
 import logging
+import re
 import sys
 import urllib.parse
 from dataclasses import dataclass
@@ -143,6 +144,24 @@ class JsonFormatter(logging.Formatter):
         elif record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)
+
+
+_PER_MESSAGE = re.compile(r"mailbox=\S+ uidl=\S+ ")
+
+
+class PerMessageFilter(logging.Filter):
+    """Leaves out the writer's INFO line per committed message (``mailbox=... uidl=...``):
+    on a terminal, progress bars and one summary per mailbox say it (engine.progress).
+    Warnings about a message stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # The message as rendered: the SecretFilter before this one has already scrubbed
+        # and formatted it.
+        return not (
+            record.name == "engine.writer"
+            and record.levelno == logging.INFO
+            and _PER_MESSAGE.match(record.getMessage()) is not None
+        )
 
 
 def configure(

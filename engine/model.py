@@ -71,8 +71,8 @@ class User:
     email: str | None
     name: str
     site: str | None
-    # An agent: a directory user who can sign in (has a password), i.e. desk staff rather
-    # than a customer (the directory's only role; engine.processors.incident's forwards).
+    # An agent: a directory user who holds the role "agent" or can sign in (has a password),
+    # i.e. desk staff rather than a customer (engine.processors.incident's forwards).
     agent: bool = False
 
 

@@ -241,6 +241,9 @@ class MailboxHealth:
     last_error: str | None = None
     last_error_at: float | None = None
     cause: str | None = None
+    # How the daemon waits for the next session: "IDLE" (push) or "poll", and for how long.
+    wait: str | None = None
+    wait_seconds: float | None = None
 
 
 @dataclass
@@ -263,6 +266,11 @@ class Health:
     def failure(self, name: str, cause: str, error: str) -> None:
         h = self.mailboxes.setdefault(name, MailboxHealth())
         h.last_error, h.last_error_at, h.cause = error, time.time(), cause
+
+    def waiting(self, name: str, how: str, seconds: float) -> None:
+        """The daemon waits for the mailbox's next session by ``how`` (IDLE or poll)."""
+        h = self.mailboxes.setdefault(name, MailboxHealth())
+        h.wait, h.wait_seconds = how, seconds
 
     def forget(self, name: str) -> None:
         self.mailboxes.pop(name, None)

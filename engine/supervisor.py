@@ -252,8 +252,13 @@ class Engine:
         self.stop = anyio.Event()
         # Called as each mailbox of a `once` pass finishes (progress on a terminal).
         self.on_outcome: Callable[[MailboxOutcome], None] | None = None
+        # Each mailbox's latest session counts, as it goes (progress bars read them).
+        self.live: dict[str, SessionResult] = {}
         # With several replicas on one PostgreSQL store: which mailboxes are this one's.
         self.leases: Leases | None = None
+        # The queue of the writer that runs now (the daemon's), so that an `ingest` from the
+        # web console's replay goes through it: one writer per engine, never a second one.
+        self._queue: MemoryObjectSendStream[Item] | None = None
 
     def use_leases(self, leases: Leases) -> None:
         """Poll only the mailboxes this replica holds; fence the writer's commits."""
@@ -291,7 +296,11 @@ class Engine:
             self.health.supervisor_alive = True
             try:
                 async with send:
-                    await body(send)
+                    self._queue = send
+                    try:
+                        await body(send)
+                    finally:
+                        self._queue = None
             finally:
                 self.health.supervisor_alive = False
                 if outbox is not None and drain:
@@ -460,6 +469,9 @@ class Engine:
                     delay = min(self.settings.max_backoff, base * 2 ** min(failures - 1, 16))
                 delay *= random.uniform(0.9, 1.1)
                 push.learn(outcome.result)
+                self.health.waiting(
+                    loop.src.name, "IDLE" if outcome.push is not None else "poll", delay
+                )
                 async with anyio.create_task_group() as waiters:
                     for event in (stop, loop.stop, loop.woken):
                         waiters.start_soon(_wait_then_cancel, event, waiters.cancel_scope)
@@ -506,9 +518,11 @@ class Engine:
             async with leases.session(name):
                 yield
 
-    async def ingest(self, src: MailboxSource, files: list[Path]) -> list[tuple[Path, Envelope]]:
+    async def ingest(
+        self, src: MailboxSource, files: list[Path], *, retry: int = 0
+    ) -> list[tuple[Path, Envelope]]:
         """Process message files as if fetched from the mailbox; the ledger keys them by content
-        hash, so a file ingested twice is processed once."""
+        hash, so a file ingested twice is processed once. ``retry``: see keys.ingest_key."""
         cfg = await anyio.to_thread.run_sync(self.load, src)
         self._known(cfg)
         done: list[tuple[Path, Envelope]] = []
@@ -529,7 +543,7 @@ class Engine:
                 raise check.problem
             for path in files:
                 raw = await anyio.Path(path).read_bytes()
-                key = ingest_key(hashlib.sha256(raw).hexdigest())
+                key = ingest_key(hashlib.sha256(raw).hexdigest(), retry)
                 env = await anyio.to_thread.run_sync(make_envelope, cfg, key, raw)
                 env.account = check.account
                 env.dry_run = self.settings.dry_run
@@ -537,7 +551,13 @@ class Engine:
                 await submit(send, env)
                 done.append((path, env))
 
-        await self._with_writer(body)
+        if self._queue is not None:
+            # The daemon's writer is running: the files join its queue (a clone of its send
+            # side, closed when done, so the daemon's shutdown still ends the writer).
+            async with self._queue.clone() as send:
+                await body(send)
+        else:
+            await self._with_writer(body)
         return done
 
     def load(self, src: MailboxSource) -> MailboxConfig:
@@ -581,6 +601,7 @@ class Engine:
                 outcome.push = cfg.server
             async with self._session_slot(src.name):
                 outcome.result = SessionResult()  # counted into, even if the session fails
+                self.live[src.name] = outcome.result
                 await run_session(cfg, send, opts, outcome.result)
         except _NotLeased:
             outcome.skipped = True

@@ -140,10 +140,31 @@ async def serve(
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled. ``task_status`` receives the bound port (useful with port 0)."""
+    await serve_asgi(
+        host,
+        port,
+        app(health, metrics),
+        what="/healthz and /metrics",
+        max_connections=max_connections,
+        task_status=task_status,
+    )
+
+
+async def serve_asgi(
+    host: str,
+    port: int,
+    asgi_app: Any,
+    *,
+    what: str,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve an ASGI app (the endpoint's, or the web console's) with the limits above until
+    cancelled; ``task_status`` receives the bound port."""
     sock = await listen(host, port, max_connections)
     config = _config()
     # Starlette is an ASGI callable; Hypercorn's type names its own scope classes.
-    asgi = wrap_app(app(health, metrics), config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+    asgi = wrap_app(asgi_app, config.wsgi_max_body_size, "asgi")
     stopped = anyio.Event()
 
     async def server() -> None:
@@ -158,7 +179,7 @@ async def serve(
         async with anyio.create_task_group() as tg:
             tg.start_soon(server)
             bound = sock.getsockname()[1]
-            log.info("http: /healthz and /metrics on %s:%d", host, bound)
+            log.info("http: %s on %s:%d", what, host, bound)
             task_status.started(bound)
             try:
                 await anyio.sleep_forever()

@@ -30,7 +30,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from engine import reply
-from engine.config import MailboxConfig
+from engine.config import MailboxConfig, directory_needs
 from engine.errors import DirectoryError, MessageKept, StoreError
 from engine.items import (
     DirectoryCheck,
@@ -862,59 +862,14 @@ class Writer:
         return team
 
     async def _check_directory(self, tx: Transaction, cfg: MailboxConfig) -> DirectoryError | None:
-        problems = []
-        if await self._team(tx, cfg.team) is None:
-            problems.append(
-                f"team {cfg.team or self.default_team or '(none given, and not exactly one)'}"
-                " is not in the directory"
-            )
-        if cfg.fallback_user and await tx.user_by_login(cfg.fallback_user) is None:
-            problems.append(f"incidentFallbackUserLogon {cfg.fallback_user!r} is not a user")
-        if cfg.assignee and await tx.user_by_login(cfg.assignee) is None:
-            problems.append(f"assignee {cfg.assignee!r} is not a user")
-        for table, label, value in (
-            ("sites", "incidentFallbackSiteName", cfg.fallback_site),
-            ("groups", "group" if cfg.processor == "event" else "incidentGroup", cfg.group),
-            ("sources", "incidentSource", cfg.source),
-        ):
-            if value and not await tx.has_name(table, value):
-                problems.append(f"{label} {value!r} is not in the directory")
-        problems += await self._check_processing(tx, cfg)
+        problems = [
+            need.missing
+            for need in directory_needs(cfg, self.default_team)
+            if not await known_entry(tx, need.table, need.name)
+        ]
         if not problems:
             return None
         return DirectoryError("; ".join(problems))
-
-    async def _check_processing(self, tx: Transaction, cfg: MailboxConfig) -> list[str]:
-        """The names the priority settings and the routing rules give, each checked against
-        the directory; a rule's problem names its file and line."""
-        p = cfg.processing
-        named: list[tuple[str, str, str | None]] = [("incidentPriority", "priorities", p.priority)]
-        if any(rule.priority_from_headers for rule in p.rules):
-            named += [
-                (f"headerPriorities {level}", "priorities", getattr(p.header_priorities, level))
-                for level in ("high", "normal", "low")
-            ]
-        for rule in p.rules:
-            where = f"rule {rule.name!r} ({rule.where})"
-            named += [
-                (f"{where} setGroup", "groups", rule.group),
-                (f"{where} setPriority", "priorities", rule.priority),
-                (f"{where} setSource", "sources", rule.source),
-                (f"{where} setAssignee", "users", rule.assignee),
-                (f"{where} setTeam", "teams", rule.team),
-            ]
-        problems = []
-        for label, table, value in named:
-            if value and not await self._known(tx, table, value):
-                problems.append(f"{label}: {value!r} is not in the directory")
-        return problems
-
-    async def _known(self, tx: Transaction, table: str, value: str) -> bool:
-        if table == "users":
-            return await tx.user_by_login(value) is not None
-        if table == "teams":
-            return await tx.team(value) is not None
-        return await tx.has_name(table, value)
 
     async def _session_report(self, work: Work, rep: SessionReport) -> None:
         """The end of a mailbox session: its outage events, the deletions the server
@@ -1109,3 +1064,13 @@ def _acknowledge(batch: list[Item]) -> None:
             item.raw, item.parsed = b"", None
             if item.on_done is not None:
                 item.on_done()
+
+
+async def known_entry(tx: Transaction, table: str, name: str | None) -> bool:
+    """Whether the directory holds ``name`` in ``table`` (a DirectoryNeed's); a team of no
+    name is the only team, if there is just one."""
+    if table == "users":
+        return name is not None and await tx.user_by_login(name) is not None
+    if table == "teams":
+        return await tx.team(name) is not None
+    return name is not None and await tx.has_name(table, name)

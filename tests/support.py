@@ -372,7 +372,29 @@ def attachment_bytes(data_dir: Path, sha256: str) -> bytes:
             ).fetchone()
         assert row is not None, sha256
         return bytes(row[0])
+    blobs = _sqlite_blobs(data_dir)
+    if sha256 in blobs:
+        return blobs[sha256]
     return (data_dir / "attachments" / sha256[:2] / sha256).read_bytes()
+
+
+def stored_digests(data_dir: Path) -> tuple[set[str], set[str]]:
+    """The SQLite store's attachment contents by sha256: (rows, files). Small ones are rows,
+    large ones files (engine.store.sqlite.BLOB_MAX)."""
+    root = data_dir / "attachments"
+    files = {p.name for p in root.glob("??/*") if not p.name.startswith(".")}
+    return set(_sqlite_blobs(data_dir)), files
+
+
+def _sqlite_blobs(data_dir: Path) -> dict[str, bytes]:
+    """The SQLite store's small attachments, kept as rows (engine.store.sqlite.BLOB_MAX)."""
+    db = sqlite3.connect(f"file:{data_dir / 'mailintegration.sqlite3'}?mode=ro", uri=True)
+    try:
+        return {
+            str(s): bytes(d) for s, d in db.execute("SELECT sha256, data FROM attachment_blobs")
+        }
+    finally:
+        db.close()
 
 
 def engine_argv(*args: str | Path) -> list[str]:
@@ -552,7 +574,7 @@ def check_exactly_once(
     if store.outages and not outages:
         problems.append(f"unexpected events: {store.outages[:3]}")
     cited = set().union(*store.cited.values())
-    problems.extend(_check_blobs(cited) if STORE else _check_files(data_dir / "attachments", cited))
+    problems.extend(_check_blobs(cited) if STORE else _check_files(data_dir, cited))
     return check
 
 
@@ -627,8 +649,16 @@ def _check_one(
         check.problems.append(f"{d.message_id}: attachments differ from what was delivered")
 
 
-def _check_files(root: Path, referenced: set[str]) -> list[str]:
-    problems = []
+def _check_files(data_dir: Path, referenced: set[str]) -> list[str]:
+    """SQLite: every cited attachment is a row (small) or a file (large) whose content hashes
+    to its key; no file that no row cites, nor anything else, under attachments/."""
+    root = data_dir / "attachments"
+    blobs = _sqlite_blobs(data_dir)
+    problems = [
+        f"attachment row {sha} does not hash to its key"
+        for sha, data in blobs.items()
+        if hashlib.sha256(data).hexdigest() != sha
+    ]
     found: set[str] = set()
     for path in sorted(root.rglob("*")) if root.is_dir() else []:
         if path.is_dir():
@@ -642,8 +672,10 @@ def _check_files(root: Path, referenced: set[str]) -> list[str]:
         found.add(path.name)
     if found - referenced:
         problems.append(f"orphan attachment files: {sorted(found - referenced)[:3]}")
-    if referenced - found:
-        problems.append(f"attachment rows without a file: {sorted(referenced - found)[:3]}")
+    if found & set(blobs):
+        problems.append(f"attachments both a row and a file: {sorted(found & set(blobs))[:3]}")
+    if missing := referenced - found - set(blobs):
+        problems.append(f"attachment rows without content: {sorted(missing)[:3]}")
     return problems
 
 

@@ -22,6 +22,7 @@ from support import (
     message,
     once,
     requests,
+    stored_digests,
 )
 
 from tools.fakepop3 import FakePOP3Server, Script
@@ -236,6 +237,6 @@ def test_a_stall_leaves_the_store_consistent(tmp_path: Path, data: Path) -> None
         cited = {r[0] for r in db.execute("SELECT sha256 FROM attachments")}
     finally:
         db.close()
-    files = {p.name for p in (data / "attachments").rglob("*") if p.is_file()}
-    assert files == cited
+    rows, files = stored_digests(data)
+    assert rows | files == cited
     assert_exactly_once(data, raws, outages=True)

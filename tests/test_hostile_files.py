@@ -36,9 +36,11 @@ from support import (
     requests,
 )
 
+from engine.store.sqlite import BLOB_MAX
 from tools.fakepop3 import FakePOP3Server, Script
 
 ROOT = Path(__file__).resolve().parent.parent
+LARGE_PDF = b"%PDF-1.7\n" + bytes(BLOB_MAX)  # stored as a file, not a row
 
 
 @dataclass
@@ -220,12 +222,13 @@ def test_every_file_the_engine_makes_is_private_whatever_the_umask(tmp_path: Pat
     conf = tmp_path / "mailboxes.d"
     conf.mkdir()
     raws = [
-        message("With an attachment", attachments=(("a.pdf", "application/pdf", b"%PDF-1"),)),
-        message("Too big", body="x" * 5000 + "\n"),
+        # Larger than BLOB_MAX: a file, whose mode is checked below.
+        message("With an attachment", attachments=(("a.pdf", "application/pdf", LARGE_PDF),)),
+        message("Too big", body="x" * 200_000 + "\n"),
     ]
     with FakePOP3Server(Script(messages=raws)) as server:
         mailbox_xml(
-            conf / "ok.xml", port=server.port, user="u", password="pw-ok", maxMessageBytes="2048"
+            conf / "ok.xml", port=server.port, user="u", password="pw-ok", maxMessageBytes="150000"
         )
         mailbox_xml(conf / "down.xml", port=free_port(), user="u", password="pw-down")
         args = ("--config-dir", conf, "--data-dir", data, "--debug", "--log-file", log_file)
@@ -396,7 +399,7 @@ def test_a_store_error_is_reported_per_mailbox_never_as_no_mailbox(
     """The attachment's folder is taken by a file, so the transaction holding the message
     fails: nothing is deleted, the run exits 1, and its summary names the mailbox, its
     counts and the store error (it read "once: no mailbox")."""
-    payload = b"%PDF-1.7 blocked"
+    payload = b"%PDF-1.7 blocked" + LARGE_PDF  # a file (a small one would be a row)
     digest = hashlib.sha256(payload).hexdigest()
     (data / "attachments").mkdir(exist_ok=True)
     (data / "attachments" / digest[:2]).write_text("a file where the folder should be")

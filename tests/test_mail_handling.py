@@ -11,11 +11,13 @@ from typing import Any
 import anyio
 import pytest
 from support import (
+    DIRECTORY,
     LOGIN,
     LOGIN_PASSWORD,
     Mailbox,
     cli,
     data_dir,
+    import_directory,
     ledger,
     mailbox_xml,
     message,
@@ -612,6 +614,15 @@ def test_an_agent_s_forward_makes_the_customer_the_requester(tmp_path: Path, dat
     assert "Forwarded by System <sd@example.com>" in by_agent["description"]
     # John can not sign in: not an agent; his forward is his own request.
     assert by_customer["requester"] == "jdoe"
+    # Given the role "agent" in the directory, his forwards name their original sender.
+    directory = dict(DIRECTORY)
+    directory["users"] = [
+        {**u, "roles": ["agent"]} if u["login"] == "jdoe" else u for u in DIRECTORY["users"]
+    ]
+    import_directory(data, tmp_path, directory)
+    again = message("Fwd: My badge", sender="john.doe@example.com", body=GMAIL_FORWARD)
+    assert ingest(data, cfg, write(tmp_path, "3.eml", again))[0] == 0
+    assert requests(data)[2]["requester"] == "asmith"
 
 
 def test_forwards_from_anyone_and_a_forward_attached_whole(tmp_path: Path, data: Path) -> None:
@@ -711,3 +722,29 @@ def test_the_description_marks_where_each_inline_image_sat() -> None:
         == "Look:\n\n[image: the <error> (cid:shot@x)]\n\nRegards\n\n[image: cid:logo@x]"
     )
     assert [a.content_id for a in parsed.attachments] == ["shot@x"]
+
+
+def test_a_store_that_recorded_migration_7_as_a_no_op_catches_up(tmp_path: Path) -> None:
+    """Builds of other branches recorded 7 while it was a reserved no-op: opened by this one,
+    such a store gets 7's tables (and its reference key) all the same."""
+    import sqlite3
+
+    from engine.store import open_store
+
+    async def open_and_close() -> None:
+        await (await open_store(tmp_path / "d")).close()
+
+    anyio.run(open_and_close)
+    db = sqlite3.connect(tmp_path / "d" / "mailintegration.sqlite3")
+    for table in ("watchers", "undeliverable", "request_origins", "engine_keys"):
+        db.execute(f"DROP TABLE {table}")
+    db.commit()
+    db.close()
+    anyio.run(open_and_close)
+    db = sqlite3.connect(tmp_path / "d" / "mailintegration.sqlite3")
+    try:
+        [(key,)] = db.execute("SELECT value FROM engine_keys WHERE name = 'reference'").fetchall()
+        assert len(key) == 64
+        assert db.execute("SELECT count(*) FROM watchers").fetchone() == (0,)
+    finally:
+        db.close()

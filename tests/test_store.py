@@ -19,6 +19,7 @@ from support import DIRECTORY, open_test_store, store_rows
 
 from engine.model import Attachment
 from engine.store import SqliteStore, Store, Transaction, open_store
+from engine.store.sqlite import BLOB_MAX
 
 
 def run(tmp_path: Path, body: Callable[[Any], Awaitable[Any]]) -> Any:
@@ -215,7 +216,7 @@ def test_the_transaction_writes_its_attachment_files_as_it_goes(tmp_path: Path) 
     own task group, not at COMMIT; the commit waits for them."""
 
     async def body(store: SqliteStore) -> tuple[bool, bool]:
-        data = b"attachment bytes " * 100
+        data = b"attachment bytes " * (BLOB_MAX // 16)  # a file, not a row: larger
         async with store.transaction() as tx:
             number = await new_request(tx, "with a file")
             await tx.add_attachments(number, None, [Attachment("a.bin", "x/y", data)])
@@ -239,7 +240,7 @@ def test_the_commit_waits_for_a_file_started_after_the_earlier_ones_finished(
     (the transaction's "all written" event was already set), so a crash right after the
     commit left a row citing a file never written: found by the crash harness over IMAP."""
     gate = threading.Event()
-    first, second = b"first file " * 100, b"second file " * 100
+    first, second = b"first file " * (BLOB_MAX // 10), b"second file " * (BLOB_MAX // 10)
 
     committed_first: list[int] = []
 
@@ -323,9 +324,116 @@ def test_migration_6_rebuilds_requests_keeping_numbers_and_references(tmp_path: 
 
     assert anyio.run(go) == 3  # not 2: request 2 existed once
     con = sqlite3.connect(data / "mailintegration.sqlite3")
+    # Migrations after 6 run too (the newest is the version the store ends at).
     assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) >= 6
     assert con.execute("PRAGMA foreign_key_check").fetchall() == []
     assert con.execute("SELECT request_number FROM activities").fetchall() == [(1,)]
     rows = con.execute("SELECT number, type, form FROM requests ORDER BY number").fetchall()
     assert rows == [(1, "incident", None), (3, "service request", "New laptop")]
     con.close()
+
+
+# ------------------------------------------------------------- small attachments as rows
+
+
+def test_small_attachments_are_rows_and_large_ones_files_both_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Up to BLOB_MAX an attachment is a row that the commit makes durable: no file and no
+    fsync of its own (issue 18: file and folder fsyncs were half the engine's busy time on
+    attachment-heavy mail). Past it, a file as before. Either reads back by content, and
+    content already stored (a logo in every signature) is kept once."""
+    from engine.store import files as files_module
+
+    small, large = b"logo " * 100, b"L" * (BLOB_MAX + 1)
+    fsyncs: list[int] = []
+    real_fsync = files_module.os.fsync
+
+    def fsync(fd: int) -> None:
+        fsyncs.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(files_module.os, "fsync", fsync)
+
+    async def body(store: Any) -> tuple[list[int], list[int], bytes | None, bytes | None]:
+        async with store.transaction() as tx:
+            number = await new_request(tx, "small only")
+            await tx.add_attachments(number, None, [Attachment("logo.png", "image/png", small)])
+        small_only = list(fsyncs)
+        async with store.transaction() as tx:
+            number = await new_request(tx, "both")
+            await tx.add_attachments(
+                number,
+                None,
+                [
+                    Attachment("logo.png", "image/png", small),
+                    Attachment("scan.pdf", "application/pdf", large),
+                ],
+            )
+        return (
+            small_only,
+            list(fsyncs),
+            await store.attachment_data(hashlib.sha256(small).hexdigest()),
+            await store.attachment_data(hashlib.sha256(large).hexdigest()),
+        )
+
+    small_only, after, got_small, got_large = run(tmp_path, body)
+    assert small_only == []  # no file, no folder: the commit alone
+    assert len(after) >= 2  # the large one: its file, then its folder
+    assert (got_small, got_large) == (small, large)
+    small_sha, large_sha = (hashlib.sha256(d).hexdigest() for d in (small, large))
+    assert rows_of(tmp_path, "SELECT sha256 FROM attachment_blobs") == [(small_sha,)]
+    files = [p.name for p in (tmp_path / "data" / "attachments").glob("??/*")]
+    assert files == [large_sha]
+    assert rows_of(tmp_path, COUNT_ATTACHMENTS) == [(3,)]
+
+
+def test_a_row_attachment_rolled_back_leaves_nothing(tmp_path: Path) -> None:
+    """A row attachment goes with its transaction: rolled back, neither the attachment row
+    nor its content stays (a file would have been swept later)."""
+
+    class Abort(Exception):
+        pass
+
+    async def body(store: Any) -> bytes | None:
+        with pytest.raises(Abort):
+            async with store.transaction() as tx:
+                number = await new_request(tx, "rolled back")
+                await tx.add_attachments(number, None, [Attachment("a.txt", "text/plain", b"a")])
+                await tx.flush()  # the rows are in SQLite's transaction, not committed
+                raise Abort
+        return await store.attachment_data(hashlib.sha256(b"a").hexdigest())
+
+    assert run(tmp_path, body) is None
+    assert rows_of(tmp_path, "SELECT count(*) FROM attachment_blobs") == [(0,)]
+
+
+def test_attachment_files_of_an_older_store_still_read_after_the_migration(
+    tmp_path: Path,
+) -> None:
+    """A store from before attachment rows (version 6) holds every attachment as a file:
+    after the upgrade they read back as before, and new small ones become rows."""
+    from engine.store.files import FileStore
+    from engine.store.schema import MIGRATIONS
+
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    con = sqlite3.connect(data / "mailintegration.sqlite3", isolation_level=None)
+    con.execute("PRAGMA journal_mode = WAL")
+    for number, script in enumerate(MIGRATIONS[:6], start=1):
+        con.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+    con.close()
+    old = b"an attachment from before"
+    FileStore(data / "attachments").write(hashlib.sha256(old).hexdigest(), old)
+
+    async def go() -> tuple[bytes | None, bytes | None]:
+        store = await open_store(data)
+        try:
+            return (
+                await store.attachment_data(hashlib.sha256(old).hexdigest()),
+                await store.attachment_data("0" * 64),
+            )
+        finally:
+            await store.close()
+
+    assert anyio.run(go) == (old, None)

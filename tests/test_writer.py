@@ -22,10 +22,16 @@ from engine.config import MailboxConfig, load_mailbox
 from engine.items import Envelope, Item
 from engine.model import Attachment, ParsedMessage
 from engine.store import SqliteTransaction, open_store
+from engine.store.sqlite import BLOB_MAX
 from engine.writer import Writer
 
 
-def parsed(i: int, *, sender: str = "john.doe@example.com", attachments: int = 0) -> ParsedMessage:
+def parsed(
+    i: int, *, sender: str = "john.doe@example.com", attachments: int = 0, files: bool = False
+) -> ParsedMessage:
+    """Message ``i``; ``files``: its attachments larger than BLOB_MAX, so the SQLite store
+    writes them as files rather than rows."""
+    pad = BLOB_MAX + 1 if files else 0
     return ParsedMessage(
         raw=f"message {i}".encode(),
         sha256=f"{i:064x}",
@@ -40,7 +46,7 @@ def parsed(i: int, *, sender: str = "john.doe@example.com", attachments: int = 0
         body=f"body {i}",
         html=None,
         attachments=tuple(
-            Attachment(f"log{i}-{k}.txt", "text/plain", f"log {i} {k}".encode())
+            Attachment(f"log{i}-{k}.txt", "text/plain", f"log {i} {k}".encode().ljust(pad, b"."))
             for k in range(attachments)
         ),
         auto_submitted=False,
@@ -197,7 +203,9 @@ def test_attachment_files_that_cannot_be_written_commit_nothing(
 
     def batch(cfg: MailboxConfig) -> list[Envelope]:
         return [
-            Envelope(mailbox=cfg, uidl=f"u{i}", raw=b"x", parsed=parsed(i, attachments=1))
+            Envelope(
+                mailbox=cfg, uidl=f"u{i}", raw=b"x", parsed=parsed(i, attachments=1, files=True)
+            )
             for i in range(5)
         ]
 
@@ -335,7 +343,9 @@ def test_attachment_files_are_on_disk_before_the_commit_that_cites_them(
         store, cfg = await fresh_store(tmp_path)
         monkeypatch.setattr(aiosqlite.Connection, "execute_fetchall", fetchall)
         envelopes = [
-            Envelope(mailbox=cfg, uidl=f"u{i}", raw=b"x", parsed=parsed(i, attachments=2))
+            Envelope(
+                mailbox=cfg, uidl=f"u{i}", raw=b"x", parsed=parsed(i, attachments=2, files=True)
+            )
             for i in range(10)
         ]
         await feed(Writer(store, created_by=LOGIN), envelopes)

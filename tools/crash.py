@@ -53,6 +53,7 @@ from email.utils import make_msgid
 from pathlib import Path
 from typing import Any, Protocol
 
+from engine.store.sqlite import BLOB_MAX
 from tests.support import (
     DIRECTORY,
     IMAP_GATEWAY,
@@ -210,7 +211,8 @@ def make_launcher(name: str) -> Launcher:
 
 
 def make_message(rng: random.Random, tag: str) -> tuple[bytes, str, frozenset[str]]:
-    """A message with 0 to 3 attachments, shared ones included; CRLF as on the wire."""
+    """A message with 0 to 3 attachments, shared ones included, small and large; CRLF as on
+    the wire."""
     msg = EmailMessage()
     known = rng.random() < 0.7
     msg["From"] = "John Doe <john.doe@example.com>" if known else f"Someone <s{tag}@else.example>"
@@ -227,7 +229,12 @@ def make_message(rng: random.Random, tag: str) -> tuple[bytes, str, frozenset[st
             msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
             payloads.append(data)
     if rng.random() < 0.5:
-        data = rng.randbytes(rng.randint(100, 30_000))
+        # Half of them rows of the store, half files (larger than BLOB_MAX): a kill may land
+        # in the writing of either.
+        small = rng.random() < 0.5
+        data = rng.randbytes(
+            rng.randint(100, 30_000) if small else rng.randint(BLOB_MAX + 1, 2 * BLOB_MAX)
+        )
         msg.add_attachment(
             data, maintype="application", subtype="octet-stream", filename=f"dump-{tag}.bin"
         )

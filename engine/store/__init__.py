@@ -6,7 +6,7 @@
 ``--store`` names one: a SQLite user's start does not pay for asyncpg).
 """
 
-from engine.store.base import Store, Transaction
+from engine.store.base import RequestFilter, Store, Transaction
 from engine.store.lock import DataDirLock, private_file, secure_data_dir
 from engine.store.sqlite import (
     SqliteStore,
@@ -19,6 +19,7 @@ from engine.store.sqlite import (
 
 __all__ = [
     "DataDirLock",
+    "RequestFilter",
     "SqliteStore",
     "SqliteTransaction",
     "Store",

@@ -25,8 +25,9 @@ Every text a store writes goes through :func:`engine.logs.scrub` (no secret in t
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -43,6 +44,50 @@ from engine.model import (
     User,
     Watcher,
 )
+
+
+@dataclass(frozen=True)
+class RequestFilter:
+    """What :meth:`Store.find_requests` keeps: each field that is set must match. ``team`` is
+    a team's number or name; ``since``/``until`` are days (``YYYY-MM-DD``, both included)."""
+
+    type: str | None = None
+    status: str | None = None
+    kind: str | None = None
+    team: str | None = None
+    mailbox: str | None = None
+    cause: str | None = None
+    since: str | None = None
+    until: str | None = None
+
+    def where(self, mark: Callable[[int], str]) -> tuple[str, list[Any]]:
+        """The SQL condition over ``requests r JOIN teams t`` and its arguments; ``mark(n)``
+        is the n-th placeholder (1-based) in the store's dialect. Never a value in the SQL."""
+        parts: list[str] = []
+        args: list[Any] = []
+
+        def add(sql: str, *values: Any) -> None:
+            marks = [mark(len(args) + i + 1) for i in range(len(values))]
+            parts.append(sql.format(*marks))
+            args.extend(values)
+
+        for column, value in (
+            ("r.type", self.type),
+            ("r.status", self.status),
+            ("r.kind", self.kind),
+            ("r.mailbox", self.mailbox),
+            ("r.cause", self.cause),
+        ):
+            if value:
+                add(column + " = {0}", value)
+        if self.team:
+            team = "(lower(t.name) = lower({0}) OR CAST(t.number AS TEXT) = {1})"
+            add(team, self.team, self.team)
+        if self.since:
+            add("substr(r.created_at, 1, 10) >= {0}", self.since)
+        if self.until:
+            add("substr(r.created_at, 1, 10) <= {0}", self.until)
+        return (" WHERE " + " AND ".join(parts)) if parts else "", args
 
 
 class Transaction(ABC):
@@ -402,5 +447,50 @@ class Store(ABC):
         """Per mailbox: its last sessions' counts and errors, and its open outages."""
 
     @abstractmethod
+    async def attachment_data(self, sha256: str) -> bytes | None:
+        """An attachment's bytes, by content (its sha256); None: no such content."""
+
+    @abstractmethod
     async def counts(self) -> dict[str, int]:
         """Rows per table (requests, activities, attachments, ledger, outbox)."""
+
+    # -- the web console's reads (engine/console) ------------------------------------------
+
+    @abstractmethod
+    async def find_requests(self, where: RequestFilter, *, limit: int) -> list[dict[str, Any]]:
+        """Requests as :meth:`list_requests` gives them, newest first, at most ``limit``."""
+
+    @abstractmethod
+    async def attachment(self, attachment_id: int) -> tuple[dict[str, Any], bytes] | None:
+        """One attachment's row (request_number, name, content_type, size, sha256) and
+        bytes; None: no such attachment, or its content is gone."""
+
+    @abstractmethod
+    async def open_outage_events(self) -> list[dict[str, Any]]:
+        """Every open outage event: mailbox, cause, number, created_at (since when)."""
+
+    @abstractmethod
+    async def messages_since(self, since: str) -> dict[str, int]:
+        """Messages recorded in the ledger since ``since`` (ISO 8601), per mailbox."""
+
+    @abstractmethod
+    async def flow(self, since: str) -> list[tuple[str, str, int]]:
+        """Messages recorded in the ledger since ``since``, per mailbox and minute
+        (``YYYY-MM-DDTHH:MM``): (mailbox, minute, count)."""
+
+    @abstractmethod
+    async def failures_by_cause(self, since: str) -> dict[str, int]:
+        """Failure events created since ``since``, per cause."""
+
+    @abstractmethod
+    async def waiting_on_server(self) -> dict[str, tuple[int, str]]:
+        """Per mailbox, the messages left on the server waiting to be taken whole (ledger
+        outcome ``kept``): how many, and since when the oldest was first seen."""
+
+    @abstractmethod
+    async def failed_ingests(self, sha256: str) -> int:
+        """How many ingests of the message with this hash failed (engine.keys.ingest_key)."""
+
+    @abstractmethod
+    async def user_roles(self, login: str) -> set[str]:
+        """The roles the directory gives ``login`` (none for an unknown login)."""

@@ -49,6 +49,7 @@ import anyio.to_thread
 import asyncpg
 
 from engine.errors import StoreError
+from engine.keys import ingest_keys_like
 from engine.logs import register_secret, scrub
 from engine.model import (
     CLOSED_STATUSES,
@@ -64,8 +65,8 @@ from engine.model import (
     Watcher,
 )
 from engine.parse import tokens
-from engine.store.base import Store, Transaction
-from engine.store.schema import POSTGRES_MIGRATIONS
+from engine.store.base import RequestFilter, Store, Transaction
+from engine.store.schema import CATCH_UP, POSTGRES_MIGRATIONS
 from engine.store.sqlite import hash_password, now, verify_password
 
 log = logging.getLogger("engine.store")
@@ -221,7 +222,7 @@ class PostgresStore(Store):
         )
 
         def att(r: asyncpg.Record) -> dict[str, Any]:
-            return {"name": r[2], "content_type": r[3], "size": r[4], "sha256": r[5]}
+            return {"id": r[0], "name": r[2], "content_type": r[3], "size": r[4], "sha256": r[5]}
 
         out["attachments"] = [att(a) for a in atts if a[1] is None]
         acts = await self._all(
@@ -282,6 +283,84 @@ class PostgresStore(Store):
             "SELECT data FROM attachment_blobs WHERE sha256 = $1", sha256
         )
         return None if data is None else bytes(data)
+
+    # -- the web console's reads -----------------------------------------------------------
+
+    async def find_requests(self, where: RequestFilter, *, limit: int) -> list[dict[str, Any]]:
+        sql, args = where.where(lambda n: f"${n}::text")
+        rows = await self._all(
+            _REQUEST_SELECT + sql + f" ORDER BY r.number DESC LIMIT ${len(args) + 1}",
+            *args,
+            limit,
+        )
+        return [_request_dict(r) for r in rows]
+
+    async def attachment(self, attachment_id: int) -> tuple[dict[str, Any], bytes] | None:
+        row = await self.conn.fetchrow(
+            "SELECT a.request_number, a.name, a.content_type, a.size, a.sha256, b.data "
+            "FROM attachments a JOIN attachment_blobs b ON b.sha256 = a.sha256 WHERE a.id = $1",
+            attachment_id,
+        )
+        if row is None:
+            return None
+        keys = ("request_number", "name", "content_type", "size", "sha256")
+        return {k: row[i] for i, k in enumerate(keys)}, bytes(row[5])
+
+    async def open_outage_events(self) -> list[dict[str, Any]]:
+        rows = await self._all(
+            "SELECT mailbox, cause, number, created_at FROM requests WHERE kind = 'outage' "
+            "AND status NOT IN ('processed', 'closed') ORDER BY mailbox, number"
+        )
+        return [dict(r) for r in rows]
+
+    async def messages_since(self, since: str) -> dict[str, int]:
+        rows = await self._all(
+            "SELECT mailbox, count(*) FROM ledger WHERE processed_at >= $1 GROUP BY mailbox",
+            since,
+        )
+        return {r[0]: int(r[1]) for r in rows}
+
+    async def flow(self, since: str) -> list[tuple[str, str, int]]:
+        rows = await self._all(
+            "SELECT mailbox, substr(processed_at, 1, 16) AS minute, count(*) FROM ledger "
+            "WHERE processed_at >= $1 GROUP BY mailbox, minute ORDER BY minute",
+            since,
+        )
+        return [(r[0], r[1], int(r[2])) for r in rows]
+
+    async def failures_by_cause(self, since: str) -> dict[str, int]:
+        rows = await self._all(
+            "SELECT cause, count(*) FROM requests WHERE kind = 'message-failure' "
+            "AND created_at >= $1 GROUP BY cause ORDER BY cause",
+            since,
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    async def waiting_on_server(self) -> dict[str, tuple[int, str]]:
+        rows = await self._all(
+            "SELECT mailbox, count(*), min(processed_at) FROM ledger "
+            "WHERE outcome LIKE 'kept%' AND deleted_at IS NULL GROUP BY mailbox"
+        )
+        return {r[0]: (int(r[1]), str(r[2])) for r in rows}
+
+    async def failed_ingests(self, sha256: str) -> int:
+        first, retries = ingest_keys_like(sha256)
+        return int(
+            await self.conn.fetchval(
+                "SELECT count(*) FROM ledger WHERE (uidl = $1 OR uidl LIKE $2) "
+                "AND outcome LIKE 'failed%'",
+                first,
+                retries,
+            )
+        )
+
+    async def user_roles(self, login: str) -> set[str]:
+        rows = await self._all(
+            "SELECT r.role FROM user_roles r JOIN users u ON u.id = r.user_id "
+            "WHERE lower(u.login) = lower($1)",
+            login,
+        )
+        return {r[0] for r in rows}
 
 
 async def _rollback(tx: Any) -> None:
@@ -424,6 +503,7 @@ class PostgresTransaction(Transaction):
     async def _user(self, where: str, arg: str) -> User | None:
         row = await self._one(
             "SELECT u.id, u.login, u.email, u.name, s.name, u.password_hash IS NOT NULL "
+            "OR EXISTS (SELECT 1 FROM user_roles r WHERE r.user_id = u.id AND r.role = 'agent') "
             f"FROM users u LEFT JOIN sites s ON s.id = u.site_id WHERE {where} "
             "ORDER BY u.id LIMIT 1",
             arg,
@@ -512,6 +592,21 @@ class PostgresTransaction(Transaction):
             await self._name_id("sites", site),
             password_hash,
         )
+        roles = user.get("roles")
+        if roles is not None:
+            if isinstance(roles, str):
+                raise TypeError(f"the roles of user {user['login']!r} must be a list of names")
+            user_id = "(SELECT id FROM users WHERE lower(login) = lower($1))"
+            await self.conn.execute(
+                f"DELETE FROM user_roles WHERE user_id = {user_id}", user["login"]
+            )
+            for role in roles:
+                await self.conn.execute(
+                    f"INSERT INTO user_roles(user_id, role) SELECT {user_id}, $2 "
+                    "ON CONFLICT DO NOTHING",
+                    user["login"],
+                    str(role),
+                )
 
     # -- ledger ----------------------------------------------------------------------------
 
@@ -1224,6 +1319,11 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
                 await conn.execute("INSERT INTO schema_versions(version) VALUES ($1)", version)
             log.info("store: migrated to version %d", version)
             applied.append(version)
+        for version, table in CATCH_UP.items():
+            # Recorded while it was a reserved no-op: its idempotent script runs now.
+            if version in done and await conn.fetchval("SELECT to_regclass($1)", table) is None:
+                async with conn.transaction():
+                    await conn.execute(POSTGRES_MIGRATIONS[version])
         return applied
     finally:
         with anyio.CancelScope(shield=True):

@@ -46,6 +46,7 @@ import anyio.to_thread
 from aioitertools.more_itertools import chunked
 
 from engine.errors import StoreError, sole
+from engine.keys import ingest_keys_like
 from engine.logs import scrub
 from engine.model import (
     CLOSED_STATUSES,
@@ -61,10 +62,16 @@ from engine.model import (
     Watcher,
 )
 from engine.parse import tokens
-from engine.store.base import Store, Transaction
+from engine.store.base import RequestFilter, Store, Transaction
 from engine.store.files import FileStore
 from engine.store.lock import secure_data_dir
-from engine.store.schema import ACCOUNTS, MIGRATIONS, REBUILDS, normalized_account
+from engine.store.schema import (
+    ACCOUNTS,
+    CATCH_UP,
+    MIGRATIONS,
+    REBUILDS,
+    normalized_account,
+)
 
 log = logging.getLogger("engine.store")
 
@@ -242,7 +249,7 @@ class SqliteStore(Store):
         )
 
         def att(r: sqlite3.Row) -> dict[str, Any]:
-            return {"name": r[2], "content_type": r[3], "size": r[4], "sha256": r[5]}
+            return {"id": r[0], "name": r[2], "content_type": r[3], "size": r[4], "sha256": r[5]}
 
         out["attachments"] = [att(a) for a in atts if a[1] is None]
         acts = await self._all(
@@ -302,6 +309,91 @@ class SqliteStore(Store):
     async def referenced_digests(self) -> set[str]:
         return {r[0] for r in await self._all("SELECT DISTINCT sha256 FROM attachments")}
 
+    async def attachment_data(self, sha256: str) -> bytes | None:
+        """An attachment's bytes, by content: a row when small, else a file."""
+        row = await self._one("SELECT data FROM attachment_blobs WHERE sha256 = ?", (sha256,))
+        if row is not None:
+            return bytes(row[0])
+        try:
+            return await anyio.to_thread.run_sync(self.files.get, sha256)
+        except (OSError, ValueError):  # gone, unreadable, or not a digest: no content
+            return None
+
+    # -- the web console's reads -----------------------------------------------------------
+
+    async def find_requests(self, where: RequestFilter, *, limit: int) -> list[dict[str, Any]]:
+        sql, args = where.where(lambda n: "?")
+        sql += " ORDER BY r.number DESC LIMIT ?"
+        rows = await self._all(_REQUEST_SELECT + sql, [*args, limit])
+        return [_request_dict(r) for r in rows]
+
+    async def attachment(self, attachment_id: int) -> tuple[dict[str, Any], bytes] | None:
+        row = await self._one(
+            "SELECT request_number, name, content_type, size, sha256 FROM attachments WHERE id = ?",
+            (attachment_id,),
+        )
+        if row is None:
+            return None
+        data = await self.attachment_data(row[4])
+        if data is None:
+            return None
+        keys = ("request_number", "name", "content_type", "size", "sha256")
+        return dict(zip(keys, row, strict=True)), data
+
+    async def open_outage_events(self) -> list[dict[str, Any]]:
+        rows = await self._all(
+            "SELECT mailbox, cause, number, created_at FROM requests WHERE kind = 'outage' "
+            "AND status NOT IN ('processed', 'closed') ORDER BY mailbox, number"
+        )
+        keys = ("mailbox", "cause", "number", "created_at")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    async def messages_since(self, since: str) -> dict[str, int]:
+        rows = await self._all(
+            "SELECT mailbox, count(*) FROM ledger WHERE processed_at >= ? GROUP BY mailbox",
+            (since,),
+        )
+        return {r[0]: int(r[1]) for r in rows}
+
+    async def flow(self, since: str) -> list[tuple[str, str, int]]:
+        rows = await self._all(
+            "SELECT mailbox, substr(processed_at, 1, 16) AS minute, count(*) FROM ledger "
+            "WHERE processed_at >= ? GROUP BY mailbox, minute ORDER BY minute",
+            (since,),
+        )
+        return [(r[0], r[1], int(r[2])) for r in rows]
+
+    async def failures_by_cause(self, since: str) -> dict[str, int]:
+        rows = await self._all(
+            "SELECT cause, count(*) FROM requests WHERE kind = 'message-failure' "
+            "AND created_at >= ? GROUP BY cause ORDER BY cause",
+            (since,),
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    async def waiting_on_server(self) -> dict[str, tuple[int, str]]:
+        rows = await self._all(
+            "SELECT mailbox, count(*), min(processed_at) FROM ledger "
+            "WHERE outcome LIKE 'kept%' AND deleted_at IS NULL GROUP BY mailbox"
+        )
+        return {r[0]: (int(r[1]), str(r[2])) for r in rows}
+
+    async def failed_ingests(self, sha256: str) -> int:
+        first, retries = ingest_keys_like(sha256)
+        row = await self._one(
+            "SELECT count(*) FROM ledger WHERE (uidl = ? OR uidl LIKE ?) "
+            "AND outcome LIKE 'failed%'",
+            (first, retries),
+        )
+        return 0 if row is None else int(row[0])
+
+    async def user_roles(self, login: str) -> set[str]:
+        rows = await self._all(
+            "SELECT r.role FROM user_roles r JOIN users u ON u.id = r.user_id WHERE u.login = ?",
+            (login,),
+        )
+        return {r[0] for r in rows}
+
 
 @dataclass(eq=False)
 class _Files:
@@ -346,6 +438,7 @@ class _Pending:
     # The pending requests as reads see them (their rows are in rows["requests"]).
     requests: dict[int, RequestRef] = field(default_factory=dict)
     files: _Files = field(default_factory=_Files)
+    blobs: set[str] = field(default_factory=set)  # the digests in rows["attachment_blobs"]
 
     def add(self, table: str, row: Sequence[Any]) -> None:
         rows = self.rows.get(table)
@@ -410,7 +503,17 @@ _INSERTS = {
         "reason = excluded.reason, request_number = excluded.request_number, "
         "since = excluded.since"
     ),
+    # Content already there (cited by an earlier message) is the same bytes: kept.
+    "attachment_blobs": "INSERT OR IGNORE INTO attachment_blobs(sha256, data) VALUES (?, ?)",
 }
+
+BLOB_MAX = 64 * 1024
+"""Attachments up to this size are rows of ``attachment_blobs``, made durable by the commit
+that cites them; larger ones are files, written and fsynced while the transaction goes on.
+SQLite reads blobs under ~100 KB faster from the database than from files
+(sqlite.org/intern-v-extern-blob.html), and a file costs two fsyncs (file and folder) where
+a row costs none of its own; past a few tens of KB a blob doubles the WAL's traffic (written
+to the WAL, then checkpointed) for no gain. Measured in BENCHMARKS.md (issue 18)."""
 
 
 def _tables(*names: str) -> frozenset[str]:
@@ -521,6 +624,7 @@ class SqliteTransaction(Transaction):
             rows = pending.rows
             pending.rows, pending.ledger = {}, []
             pending.requests.clear()
+            pending.blobs.clear()
             for table, sql in _INSERTS.items():
                 if table in rows:
                     await self.db.executemany(sql, rows[table])
@@ -612,6 +716,7 @@ class SqliteTransaction(Transaction):
         # Users and sites are written by import_directory only, never pending.
         row = await self._one(
             "SELECT u.id, u.login, u.email, u.name, s.name, u.password_hash IS NOT NULL "
+            "OR EXISTS (SELECT 1 FROM user_roles r WHERE r.user_id = u.id AND r.role = 'agent') "
             f"FROM users u LEFT JOIN sites s ON s.id = u.site_id WHERE {where} "
             "ORDER BY u.id LIMIT 1",
             (arg,),
@@ -696,8 +801,25 @@ class SqliteTransaction(Transaction):
                     password_hash,
                 ),
             )
+            if "roles" in user:
+                await self._set_roles(user["login"], user["roles"])
             counts["users"] += 1
         return counts
+
+    async def _set_roles(self, login: str, roles: Iterable[str]) -> None:
+        """The user's roles become exactly ``roles`` (a list in the directory file)."""
+        if isinstance(roles, str):
+            raise TypeError(f"the roles of user {login!r} must be a list of names")
+        await self._all(
+            "DELETE FROM user_roles WHERE user_id = (SELECT id FROM users WHERE login = ?)",
+            (login,),
+        )
+        for role in roles:
+            await self._all(
+                "INSERT OR IGNORE INTO user_roles(user_id, role) "
+                "SELECT id, ? FROM users WHERE login = ?",
+                (str(role), login),
+            )
 
     # -- ledger ----------------------------------------------------------------------------
 
@@ -1006,8 +1128,13 @@ class SqliteTransaction(Transaction):
                 digest = hashlib.sha256(att.data).hexdigest()
             else:  # hashlib lets go of the GIL: keep the event loop free meanwhile
                 digest = await anyio.to_thread.run_sync(_sha256, att.data)
-            files = self._pending.files
-            if digest not in files.data:
+            pending = self._pending
+            if len(att.data) <= BLOB_MAX:
+                if digest not in pending.blobs:
+                    pending.blobs.add(digest)
+                    pending.add("attachment_blobs", (digest, att.data))
+            elif digest not in pending.files.data:
+                files = pending.files
                 files.data[digest] = att.data
                 files.started()
                 self._spawn(self._write_file, files, digest, att.data)
@@ -1517,6 +1644,20 @@ async def _migrate(db: aiosqlite.Connection) -> None:
             with anyio.CancelScope(shield=True):
                 await db.execute("ROLLBACK")
             raise
+    await _catch_up(db, version)
+
+
+async def _catch_up(db: aiosqlite.Connection, version: int) -> None:
+    """Run the idempotent scripts of the versions a store recorded while they were a
+    reserved no-op (schema.CATCH_UP): their table is missing."""
+    for number, table in CATCH_UP.items():
+        if version < number:
+            continue  # ran just now
+        rows = await db.execute_fetchall(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+        )
+        if not list(rows):
+            await db.executescript(f"BEGIN IMMEDIATE;\n{MIGRATIONS[number - 1]}\nCOMMIT;")
 
 
 async def _rebuild(db: aiosqlite.Connection, script: str, number: int) -> None:
