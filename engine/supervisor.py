@@ -580,17 +580,7 @@ class Engine:
         outcome = MailboxOutcome(src.name, None, None)
         cfg: MailboxConfig | None = None
         envelopes: list[Envelope] = []
-        opts = FetchOptions(
-            limiter=self.limiter,
-            dry_run=self.settings.dry_run,
-            historic=self.settings.historic,
-            debug_dir=self.settings.debug_dir,
-            on_envelope=envelopes.append if self.settings.dry_run else None,
-            stop=self.stop,
-            budget=self.budget,
-            processes=self.processes,
-            tokens=self.tokens,
-        )
+        opts = self._fetch_options(envelopes)
         if self.stop.is_set():
             return outcome
         try:
@@ -634,6 +624,20 @@ class Engine:
             async with leases.session(src.name) if leases else contextlib.nullcontext():
                 await self._report(src, cfg, outcome, send, warnings)
         return outcome
+
+    def _fetch_options(self, envelopes: list[Envelope]) -> FetchOptions:
+        """How this engine's sessions run; a dry run collects its envelopes in ``envelopes``."""
+        return FetchOptions(
+            limiter=self.limiter,
+            dry_run=self.settings.dry_run,
+            historic=self.settings.historic,
+            debug_dir=self.settings.debug_dir,
+            on_envelope=envelopes.append if self.settings.dry_run else None,
+            stop=self.stop,
+            budget=self.budget,
+            processes=self.processes,
+            tokens=self.tokens,
+        )
 
     def _token_health(self, cfg: MailboxConfig) -> tuple[tuple[str, str], ...]:
         """An OAuth2 mailbox's token health into the metrics; its warnings (engine.oauth)."""
