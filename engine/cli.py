@@ -21,8 +21,10 @@ import argparse
 import logging
 import os
 import re
+import shutil
 import sqlite3
 import sys
+import textwrap
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -117,7 +119,24 @@ class _Parser(argparse.ArgumentParser):
                 + "\n".join(f"  {n:<{width}}  {ENVIRONMENT[n]}" for n in self.environment)
             )
         self.epilog = "\n\n".join(parts) or None
+        if self.description:
+            self.description = _rewrap(self.description)
         return super().format_help()
+
+
+def _rewrap(text: str) -> str:
+    """Paragraphs of prose refilled to the terminal's width (as argparse fills the options'
+    help; the raw formatter that keeps the examples as written would leave them one line
+    each); indented lines, such as a command, stay as they are."""
+    width = max(40, min(100, shutil.get_terminal_size().columns - 2))
+    out = []
+    for para in text.split("\n\n"):
+        lines = para.splitlines()
+        if any(line.startswith(" ") for line in lines):
+            out.append(para)
+        else:
+            out.append(textwrap.fill(" ".join(line.strip() for line in lines), width))
+    return "\n\n".join(out)
 
 
 def _version() -> str:

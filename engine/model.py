@@ -52,6 +52,12 @@ class ParsedMessage:
     # engine.parse.MAX_KEPT_HEADERS): what routing rules, priority mapping and alert
     # recognisers read. Never copied into an outgoing header.
     headers: tuple[tuple[str, str], ...] = ()
+    # What a bounce (is_bounce) says, RFC 3464 or plain text (engine.parse.verdicts): the
+    # first enhanced status code ("5.1.1": 5 permanent, 4 a delay), the failed recipients
+    # (lower-cased) and the Message-ID (without brackets) of the message that bounced.
+    bounce_status: str | None = None
+    bounce_recipients: tuple[str, ...] = ()
+    bounce_message_id: str | None = None
 
     def header(self, name: str) -> str | None:
         """The first value of header field ``name`` (any case) as received, or None."""
