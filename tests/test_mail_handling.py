@@ -748,3 +748,24 @@ def test_a_store_that_recorded_migration_7_as_a_no_op_catches_up(tmp_path: Path)
         assert db.execute("SELECT count(*) FROM watchers").fetchone() == (0,)
     finally:
         db.close()
+
+
+def test_the_parser_s_bounce_fields_mark_the_address_undeliverable(
+    tmp_path: Path, data: Path
+) -> None:
+    """An Exim bounce naming its recipient only in X-Failed-Recipients: the parser's
+    bounce_recipients (engine.parse) say who, the writer records it."""
+    raw = (
+        b"From: Mail Delivery System <Mailer-Daemon@mx.example.com>\r\n"
+        b"To: support@example.com\r\nSubject: Mail delivery failed: returning message to sender\r\n"
+        b"X-Failed-Recipients: Gone@Else.org\r\nAuto-Submitted: auto-replied\r\n"
+        b"Message-ID: <exim-1@mx.example.com>\r\n\r\n"
+        b"This message was created automatically by mail delivery software.\r\n\r\n"
+        b"A message that you sent could not be delivered to one or more of its recipients.\r\n"
+        b"  SMTP error from remote mail server after RCPT TO:\r\n"
+        b"  550 5.1.1 User unknown\r\n"
+    )
+    code, out = ingest(data, config(tmp_path), write(tmp_path, "b.eml", raw))
+    assert code == 0 and "ignored: bounce 5.1.1: 1 address(es) undeliverable" in out, out
+    [row] = store_rows(data, "SELECT address, status FROM undeliverable")
+    assert (row["address"], row["status"]) == ("gone@else.org", "5.1.1")

@@ -28,7 +28,7 @@ async def decide(msg: ParsedMessage, ctx: Context, directory: DirectoryView) -> 
     gives an enhanced status code is one: a plain bounce from an MTA without RFC 3464."""
     if not (msg.is_bounce or msg.auto_submitted):
         return None
-    bounce = dsn.read(msg.raw)
+    bounce = _what_it_says(msg)
     if not msg.is_bounce and bounce.status is None:
         return None
     marks: tuple[tuple[str, str, str], ...] = ()
@@ -48,6 +48,18 @@ async def decide(msg: ParsedMessage, ctx: Context, directory: DirectoryView) -> 
     if marks:
         head += " No automatic reply will be sent to this address again."
     return dataclasses.replace(activity, body=f"{head}\n\n{activity.body}", undeliverable=marks)
+
+
+def _what_it_says(msg: ParsedMessage) -> dsn.Bounce:
+    """The parser's reading of a bounce (``bounce_*`` fields) first, what engine.parse.dsn
+    reads of the raw message for what the parser left unsaid."""
+    read = dsn.read(msg.raw)
+    return dsn.Bounce(
+        status=msg.bounce_status or read.status,
+        recipients=msg.bounce_recipients or read.recipients,
+        original_message_id=msg.bounce_message_id or read.original_message_id,
+        diagnostic=read.diagnostic,
+    )
 
 
 async def _request(
