@@ -53,6 +53,7 @@ def test_format_flowed_is_unwrapped() -> None:
 def test_deeply_nested_html_is_attached_and_read_as_text() -> None:
     """The sanitizer is quadratic in the nesting of blocks: such HTML is not refused, but
     attached and read without a tree (it was a failure event)."""
+
     def nested(depth: int) -> bytes:
         return simple("Subject: h\nContent-Type: text/html\n", b"<div>" * depth + b"deep text")
 
