@@ -21,10 +21,13 @@ import argparse
 import logging
 import os
 import re
+import shutil
 import sqlite3
 import sys
+import textwrap
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -116,7 +119,24 @@ class _Parser(argparse.ArgumentParser):
                 + "\n".join(f"  {n:<{width}}  {ENVIRONMENT[n]}" for n in self.environment)
             )
         self.epilog = "\n\n".join(parts) or None
+        if self.description:
+            self.description = _rewrap(self.description)
         return super().format_help()
+
+
+def _rewrap(text: str) -> str:
+    """Paragraphs of prose refilled to the terminal's width (as argparse fills the options'
+    help; the raw formatter that keeps the examples as written would leave them one line
+    each); indented lines, such as a command, stay as they are."""
+    width = max(40, min(100, shutil.get_terminal_size().columns - 2))
+    out = []
+    for para in text.split("\n\n"):
+        lines = para.splitlines()
+        if any(line.startswith(" ") for line in lines):
+            out.append(para)
+        else:
+            out.append(textwrap.fill(" ".join(line.strip() for line in lines), width))
+    return "\n\n".join(out)
 
 
 def _version() -> str:
@@ -174,11 +194,39 @@ def _once(sub: argparse._SubParsersAction[_Parser]) -> None:
     src.add_argument("--config", type=Path, help="one mailbox XML file")
     src.add_argument("--config-dir", type=Path, help="a folder of mailbox XML files")
     once.add_argument("--dry-run", action="store_true", help="fetch and explain; change nothing")
+    historic = once.add_argument_group(
+        "historic import",
+        "take a mailbox's backlog in: no automatic reply is sent, no request is reopened, the "
+        "flood limit does not apply",
+    )
+    historic.add_argument(
+        "--since",
+        type=_date,
+        metavar="DATE",
+        help="only messages dated DATE (YYYY-MM-DD, UTC, or an ISO 8601 time) or later; older "
+        "ones are skipped and LEFT ON THE SERVER (a later run without --since takes them)",
+    )
+    historic.add_argument(
+        "--status",
+        choices=["closed", "resolved"],
+        help="the status of the requests it creates (default: new, as usual)",
+    )
     _replica_opts(once)
     _http_opts(once, 0, "serve /healthz, /metrics")
     _follow_symlinks(once)
     _engine_opts(once)
     _progress_opts(once)
+
+
+def _date(text: str) -> datetime:
+    """A --since value: a date or an ISO 8601 time; without a zone, UTC."""
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a date (YYYY-MM-DD) or an ISO 8601 time"
+        ) from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _run(sub: argparse._SubParsersAction[_Parser]) -> None:

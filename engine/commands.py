@@ -26,6 +26,7 @@ from engine.errors import AuthenticationFailed, ConfigError, EngineError, FetchE
 from engine.store import DataDirLock, Store, open_store, private_file
 
 if TYPE_CHECKING:
+    from engine.items import Historic
     from engine.leases import Leases
     from engine.supervisor import Engine, MailboxOutcome, MailboxSource
     from engine.validation import FileReport
@@ -136,6 +137,16 @@ def _sources(args: argparse.Namespace) -> list[MailboxSource]:
     return discover(args.config_dir, follow_symlinks=args.follow_symlinks)
 
 
+def _historic(args: argparse.Namespace) -> Historic | None:
+    """once --since/--status: a historic import, or None."""
+    since, status = getattr(args, "since", None), getattr(args, "status", None)
+    if since is None and status is None:
+        return None
+    from engine.items import Historic
+
+    return Historic(since=since, status=status)
+
+
 async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[int]]) -> int:
     """Lock the data directory, open the store, log in, build the engine, run ``body``."""
     _setup_logging(args)
@@ -163,6 +174,7 @@ async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[i
                 created_by=created_by,
                 default_team=args.team,
                 dry_run=dry_run,
+                historic=_historic(args),
                 debug_dir=debug_dir,
                 max_sessions=args.max_sessions,
                 max_idle=args.max_idle,
@@ -580,6 +592,7 @@ async def cmd_requests(args: argparse.Namespace) -> int:
         detail = await store.request_detail(args.number)
         if detail is None:
             raise EngineError(f"there is no request #{args.number}")
+        detail["reference"] = await store.reference_token(args.number)
         if args.json:
             print_json(detail)
         else:
@@ -607,6 +620,15 @@ def _print_issue17(d: dict[str, object]) -> None:
             print(f"{key.replace('_', ' '):>11}: {', '.join(values)}")
 
 
+def _print_watchers(d: dict[str, object]) -> None:
+    """The request's watchers: a directory user by login, any other address as unknown."""
+    watchers = d.get("watchers") or []
+    assert isinstance(watchers, list)
+    for i, w in enumerate(watchers):
+        who = f"{w['address']} ({w['login']})" if w["login"] else f"{w['address']} (unknown)"
+        print(f"{'watchers' if i == 0 else '':>11}{':' if i == 0 else ' '} {who}")
+
+
 def _print_detail(d: dict[str, object]) -> None:
     for key in (
         "number",
@@ -623,9 +645,11 @@ def _print_detail(d: dict[str, object]) -> None:
         "priority",
         "created_by",
         "created_at",
+        "reference",
     ):
         print(f"{key:>11}: {d.get(key) if d.get(key) is not None else '-'}")
     _print_issue17(d)
+    _print_watchers(d)
     print(f"\n{d['description']}\n")
     for a in d["attachments"]:  # type: ignore[attr-defined]
         print(f"  attachment: {a['name']} ({a['size']} bytes)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import datetime
+import email.utils
 import functools
 import html
 import html.entities
@@ -32,6 +33,8 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from lxml import etree
 
+from engine import config_handling
+from engine.config_handling import Handling
 from engine.config_rules import CustomRecogniser, Processing, Rule, build, rules_of
 from engine.errors import ConfigError
 from engine.keys import account_key
@@ -219,6 +222,8 @@ class MailboxConfig:
     max_attachments_bytes: int | None = None
     # Correlation, service requests, priority, routing rules, foreign numbers (issue 17).
     processing: Processing = field(default_factory=Processing)
+    # Own addresses, watchers, flood limit, several mailboxes (engine.config_handling).
+    handling: Handling = field(default_factory=Handling)
 
     @property
     def account(self) -> str:
@@ -564,6 +569,7 @@ def mailbox_copy(cfg: MailboxConfig) -> bytes:
         reply = etree.SubElement(root, "replyTemplate")
         w.add(reply, "subject", cfg.reply_template.subject)
         w.add(reply, "body", cfg.reply_template.body)
+    config_handling.copy(w.add, root, cfg.handling)
     added = _copy_processing(w, root, cfg)
     etree.indent(root, space="  ")
     out: bytes = etree.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
@@ -1495,7 +1501,16 @@ def _build(
         max_attachment_bytes=_int(root, "maxAttachmentBytes"),
         max_attachments_bytes=_int(root, "maxAttachmentsBytes"),
         processing=build(root, _error_at(ctx), str(path)),
+        handling=_handling(root, server, smtp),
     )
+
+
+def _handling(
+    root: etree._Element, server: ServerConfig, smtp: SmtpConfig | None
+) -> config_handling.Handling:
+    """``<mailHandling>``; the user name and the smtp sender are our own addresses too."""
+    implied = [server.user_name, email.utils.parseaddr(smtp.sender)[1] if smtp else ""]
+    return config_handling.build(root, implied)
 
 
 def _processor(root: etree._Element, ctx: _Context) -> ProcessorKind:

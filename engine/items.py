@@ -35,6 +35,7 @@ class Kind(enum.StrEnum):
     KEPT = "kept"  # a failure event; the message stays on the server (not deleted)
     DUPLICATE = "duplicate"  # already in the ledger: not processed again
     DRY_RUN = "dry-run"  # what would happen; nothing recorded
+    SKIPPED = "skipped"  # older than a historic import's --since: left on the server, unrecorded
 
 
 # The detail of a message left on the server before and read again unchanged: nothing new is
@@ -81,12 +82,23 @@ class Outcome:
     def deletes(self) -> bool:
         """Whether the session may delete the message once this answer is final: never one
         left on the server (kept), never in a dry run."""
-        return self.kind not in (Kind.KEPT, Kind.DRY_RUN)
+        return self.kind not in (Kind.KEPT, Kind.DRY_RUN, Kind.SKIPPED)
 
     @property
     def failed(self) -> bool:
         """Whether it counts as a failure: a failure event (made now, not one from before)."""
         return self.kind is Kind.FAILED or (self.kind is Kind.KEPT and not self.again)
+
+
+@dataclass(frozen=True)
+class Historic:
+    """A historic import (``once --since DATE --status closed``): messages dated before
+    ``since`` are skipped and left on the server; the others make requests in ``status``
+    (None: as usual), without automatic replies, without reopening anything, and without
+    the flood limit (a backlog is many messages at once by nature)."""
+
+    since: datetime | None = None
+    status: str | None = None
 
 
 @dataclass(eq=False)
@@ -125,6 +137,7 @@ class Envelope(Item):
     # (unchecked: the store bounds it against its clock); None: not known. The ledger keeps
     # it beside processed_at: the lag the console shows.
     arrived: datetime | None = None
+    historic: Historic | None = None
     outcome: Outcome | None = field(default=None, init=False)
     on_done: Callable[[], None] | None = field(default=None, init=False, repr=False)
     last: bool = field(default=False, init=False)

@@ -52,6 +52,12 @@ class ParsedMessage:
     # engine.parse.MAX_KEPT_HEADERS): what routing rules, priority mapping and alert
     # recognisers read. Never copied into an outgoing header.
     headers: tuple[tuple[str, str], ...] = ()
+    # What a bounce (is_bounce) says, RFC 3464 or plain text (engine.parse.verdicts): the
+    # first enhanced status code ("5.1.1": 5 permanent, 4 a delay), the failed recipients
+    # (lower-cased) and the Message-ID (without brackets) of the message that bounced.
+    bounce_status: str | None = None
+    bounce_recipients: tuple[str, ...] = ()
+    bounce_message_id: str | None = None
 
     def header(self, name: str) -> str | None:
         """The first value of header field ``name`` (any case) as received, or None."""
@@ -71,6 +77,9 @@ class User:
     email: str | None
     name: str
     site: str | None
+    # An agent: a directory user who holds the role "agent" or can sign in (has a password),
+    # i.e. desk staff rather than a customer (engine.processors.incident's forwards).
+    agent: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,28 @@ class CorrelatedEvent:
     request: RequestRef
     state: str | None
     closed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Watcher:
+    """An address kept on a request besides its requester (from To/Cc): a directory user
+    (``user_id``) or an unknown address (``user_id`` None). ``address`` is lower-case."""
+
+    address: str
+    user_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a mail request came from: what the flood limit and the several-mailboxes
+    policy read. ``sender`` is lower-case; ``fingerprint`` a digest of the subject and body
+    (engine.processors.intake.fingerprint)."""
+
+    mailbox: str
+    team_id: int
+    sender: str
+    fingerprint: str
+    message_id: str | None
 
 
 # A reply to a request in one of these states reopens it.
@@ -155,6 +186,16 @@ async def _always(table: str, name: str) -> bool:
     return True
 
 
+async def _no_flood(
+    mailbox: str, sender: str, fingerprint: str, since: datetime
+) -> tuple[int, int | None]:
+    return 0, None
+
+
+async def _no_origins(message_id: str) -> list[tuple[RequestRef, str]]:
+    return []
+
+
 @dataclass(frozen=True)
 class DirectoryView:
     """The read-only questions a processor may ask: users, teams, and the requests a message
@@ -178,3 +219,8 @@ class DirectoryView:
     request_by_foreign_number: Callable[[Sequence[str]], Awaitable[RequestRef | None]] = _no_request
     # Whether "sites", "groups", "sources" or "priorities" holds a name.
     has_name: Callable[[str, str], Awaitable[bool]] = _always
+    # How many requests a mailbox created from a sender or a fingerprint since a time, and
+    # the newest (engine.processors.intake).
+    flood: Callable[[str, str, str, datetime], Awaitable[tuple[int, int | None]]] = _no_flood
+    # The mail requests a Message-ID created, with their mailboxes, oldest first.
+    origins: Callable[[str], Awaitable[list[tuple[RequestRef, str]]]] = _no_origins

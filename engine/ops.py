@@ -121,6 +121,18 @@ class Metrics:
             [*mailbox, "result"],
             registry=r,
         )
+        self.replies_suppressed = Counter(
+            "mailintegration_replies_suppressed",
+            "Automatic replies not made, by reason (undeliverable: a permanent bounce).",
+            [*mailbox, "reason"],
+            registry=r,
+        )
+        self.flood_collapsed = Counter(
+            "mailintegration_flood_collapsed",
+            "Messages over a mailbox's flood limit, added to a request instead of a new one.",
+            mailbox,
+            registry=r,
+        )
 
     def _oauth_metrics(self) -> None:
         """Token health of OAuth2 mailboxes (engine.oauth.health), to alert before it fails.

@@ -54,7 +54,7 @@ from engine.gateways import (
     gateway_for,
     read_cap,
 )
-from engine.items import DirectoryCheck, Envelope, Item, Kind, KnownQuery, Outcome
+from engine.items import DirectoryCheck, Envelope, Historic, Item, Kind, KnownQuery, Outcome
 from engine.keys import content_key, reused_key
 from engine.model import LedgerRow, ParsedMessage
 from engine.oauth.broker import TokenBroker
@@ -101,6 +101,7 @@ class FetchOptions:
 
     limiter: anyio.CapacityLimiter | None = None
     dry_run: bool = False
+    historic: Historic | None = None
     debug_dir: Path | None = None
     on_envelope: Callable[[Envelope], None] | None = None
     # Once set, no further message is fetched: the session settles what it has and quits.
@@ -535,6 +536,7 @@ class _Session:
             if env.done.is_set():
                 continue  # the same message as its ledger row: disposed of, not sent
             env.dry_run = opts.dry_run
+            env.historic = opts.historic
             env.last = final and env is last
             if budget is not None and env is last:
                 # From here the writer gives the window's bytes back once it answers.
@@ -581,6 +583,8 @@ class _Session:
                 result.failed += env.outcome.failed
                 result.kept += 1
                 continue
+            if env.outcome.kind is Kind.SKIPPED:
+                continue  # older than a historic import's --since: left on the server
             if env.outcome.kind is Kind.FAILED:
                 result.failed += 1
                 failed.append(number)

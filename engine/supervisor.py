@@ -31,7 +31,7 @@ from engine import logs
 from engine.budget import ByteBudget
 from engine.config import MailboxConfig, ServerConfig, SmtpConfig, load_mailbox, secret_values
 from engine.errors import ConfigError, EngineError, ProtocolError, StoreError
-from engine.items import DirectoryCheck, Envelope, Item, SessionReport
+from engine.items import DirectoryCheck, Envelope, Historic, Item, SessionReport
 from engine.keys import ingest_key
 from engine.leases import Leases
 from engine.oauth.broker import TokenBroker
@@ -177,6 +177,8 @@ class EngineSettings:
     max_idle: int = 256
     max_batch: int = 256
     dry_run: bool = False
+    # once --since/--status: a historic import (engine.items.Historic).
+    historic: Historic | None = None
     debug_dir: Path | None = None
     poll_interval: float = 60.0
     max_backoff: float = 900.0
@@ -545,6 +547,7 @@ class Engine:
                 env = await anyio.to_thread.run_sync(make_envelope, cfg, key, raw)
                 env.account = check.account
                 env.dry_run = self.settings.dry_run
+                env.historic = self.settings.historic
                 await submit(send, env)
                 done.append((path, env))
 
@@ -577,16 +580,7 @@ class Engine:
         outcome = MailboxOutcome(src.name, None, None)
         cfg: MailboxConfig | None = None
         envelopes: list[Envelope] = []
-        opts = FetchOptions(
-            limiter=self.limiter,
-            dry_run=self.settings.dry_run,
-            debug_dir=self.settings.debug_dir,
-            on_envelope=envelopes.append if self.settings.dry_run else None,
-            stop=self.stop,
-            budget=self.budget,
-            processes=self.processes,
-            tokens=self.tokens,
-        )
+        opts = self._fetch_options(envelopes)
         if self.stop.is_set():
             return outcome
         try:
@@ -630,6 +624,20 @@ class Engine:
             async with leases.session(src.name) if leases else contextlib.nullcontext():
                 await self._report(src, cfg, outcome, send, warnings)
         return outcome
+
+    def _fetch_options(self, envelopes: list[Envelope]) -> FetchOptions:
+        """How this engine's sessions run; a dry run collects its envelopes in ``envelopes``."""
+        return FetchOptions(
+            limiter=self.limiter,
+            dry_run=self.settings.dry_run,
+            historic=self.settings.historic,
+            debug_dir=self.settings.debug_dir,
+            on_envelope=envelopes.append if self.settings.dry_run else None,
+            stop=self.stop,
+            budget=self.budget,
+            processes=self.processes,
+            tokens=self.tokens,
+        )
 
     def _token_health(self, cfg: MailboxConfig) -> tuple[tuple[str, str], ...]:
         """An OAuth2 mailbox's token health into the metrics; its warnings (engine.oauth)."""

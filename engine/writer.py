@@ -59,6 +59,7 @@ from engine.processors import (
     decide,
     describe,
     failure,
+    intake,
     outage,
     referenced,
 )
@@ -139,6 +140,42 @@ async def _read_renumbered(work: Work, batch: list[Item]) -> None:
             work.by_hash[account, sha] = keys
 
 
+async def _read_origins(tx: Transaction, batch: list[Item]) -> None:
+    """Where the requests came from that the batch's new messages may be a flood or a copy
+    of (engine.processors.intake), in one query for the batch."""
+    boxes: set[str] = set()
+    keys: set[str] = set()
+    mids: set[str] = set()
+    minutes = 0
+    for item in batch:
+        if isinstance(item, Envelope) and item.parsed is not None and not item.dry_run:
+            msg = item.parsed
+            boxes.add(item.mailbox.name)
+            keys.update((msg.from_addr.lower(), intake.fingerprint(msg)))
+            if msg.message_id:
+                mids.add(msg.message_id)
+            minutes = max(minutes, item.mailbox.handling.flood_minutes)
+    if boxes:
+        await tx.read_ahead_origins(
+            boxes, keys, mids, datetime.now(UTC) - timedelta(minutes=minutes + 1)
+        )
+
+
+def _older(env: Envelope) -> Outcome | None:
+    """A message of a historic import dated before its ``--since``: skipped, left on the
+    server, nothing recorded (a later run without --since takes it). A message without a
+    date is taken."""
+    since = env.historic.since if env.historic is not None else None
+    date = env.parsed.date if env.parsed is not None else None
+    if since is None or date is None:
+        return None
+    if date.tzinfo is None:
+        date = date.replace(tzinfo=UTC)
+    if date >= since:
+        return None
+    return Outcome(Kind.SKIPPED, f"older than --since {since.isoformat()}")
+
+
 def _renumbered(work: Work, env: Envelope) -> bool:
     """Whether an IMAP message new by its key is one the ledger holds already under the
     same folder's former UIDVALIDITY, by its content hash: a server that rebuilt the folder
@@ -197,6 +234,8 @@ class Writer:
         self.on_reply: Callable[[], None] | None = None
         # The rate limits already logged as reached: (kind, key, window); logged once each.
         self._limits_logged: set[tuple[str, str, str]] = set()
+        # The store's reference key (migration 7 made it; it never changes): read once.
+        self._reference_key: str | None = None
         self._commit = TwoPassCommit(self)
         # One handler per kind of item: all a kind of item needs of the writer.
         self.handlers: Mapping[type[Item], Handler] = {
@@ -343,6 +382,11 @@ class Writer:
         if outcome.again:
             log.debug("mailbox=%s uidl=%s still left on the server", cfg.name, env.uidl)
             return
+        if kind is Kind.SKIPPED:
+            log.info(
+                "mailbox=%s uidl=%s left on the server: %s", cfg.name, env.uidl, outcome.detail
+            )
+            return
         if kind in (Kind.FAILED, Kind.KEPT):
             log.warning(
                 "mailbox=%s uidl=%s message could not be processed (%s); failure event #%d",
@@ -393,6 +437,7 @@ class Writer:
                 else:
                     work.recorded.add((account, uidl))
         await _read_renumbered(work, batch)
+        await _read_origins(tx, batch)
         await tx.read_ahead(
             number
             for item in batch
@@ -421,6 +466,8 @@ class Writer:
             # Left on the server before, and cut off the same way again (a server without
             # UIDL: it cannot be told before it is read): nothing new to record.
             return Outcome.kept_again(left.request_number)
+        if (skipped := _older(env)) is not None:
+            return Outcome(Kind.DRY_RUN, note=str(skipped)) if env.dry_run else skipped
         try:
             decided = await self._decide(work.tx, env)
         except self.store.failures:
@@ -442,7 +489,15 @@ class Writer:
         team = await self._team(tx, cfg.team)
         if team is None:
             raise DirectoryError(f"team {cfg.team or self.default_team} is not in the directory")
-        decision = await decide(env.parsed, Context(mailbox=cfg, team=team), tx.directory)
+        if self._reference_key is None:
+            self._reference_key = await tx.engine_key("reference")
+        ctx = Context(
+            mailbox=cfg,
+            team=team,
+            historic=env.historic is not None,
+            reference_key=self._reference_key,
+        )
+        decision = await decide(env.parsed, ctx, tx.directory)
         return _Decided(team, decision)
 
     async def write(self, work: Work, env: Envelope, decided: _Decided) -> Outcome:
@@ -542,7 +597,30 @@ class Writer:
             return Outcome(Kind.ACTIVITY, request_number=await self._add(work, env, d))
         if isinstance(d, Refuse):
             return Outcome(Kind.REFUSED, await self._refuse(work, env, d))
-        return Outcome(Kind.IGNORED, d.reason)
+        if d.request_number is not None and d.also:
+            await work.tx.add_history(d.request_number, self.created_by, d.also)
+        await self._undeliverable(work, env, d.undeliverable, d.request_number)
+        return Outcome(Kind.IGNORED, d.reason, d.request_number)
+
+    async def _undeliverable(
+        self,
+        work: Work,
+        env: Envelope,
+        addresses: tuple[tuple[str, str, str], ...],
+        number: int | None,
+    ) -> None:
+        """Record the addresses a permanent bounce named: no automatic reply goes to them."""
+        for address, status, reason in addresses:
+            await work.tx.mark_undeliverable(
+                address, status=status, reason=reason, request_number=number
+            )
+            log.warning(
+                "mailbox=%s uidl=%s %s is undeliverable (%s): no automatic reply goes to it",
+                env.mailbox.name,
+                env.uidl,
+                address,
+                status,
+            )
 
     async def _create(self, work: Work, env: Envelope, team: Team, d: NewRequest) -> int:
         """A new request, in the team a routing rule named (checked before the session)."""
@@ -551,7 +629,9 @@ class Writer:
         assert msg is not None
         if d.team is not None:
             team = await tx.team(d.team) or team
+        status = env.historic.status if env.historic is not None else None
         number = await tx.create_request(
+            status=status or "new",
             team_id=team.id,
             type=d.type,
             subject=d.subject,
@@ -573,6 +653,12 @@ class Writer:
             form=d.form,
         )
         await tx.add_attachments(number, None, d.attachments)
+        if status is not None:
+            await tx.add_history(number, self.created_by, f"Imported {status} (historic import).")
+        if d.origin is not None:
+            await tx.record_origin(number, d.origin)
+        if d.watchers:
+            await tx.add_watchers(number, d.watchers)
         if d.fields or d.tags or d.foreign_numbers:
             await tx.add_request_details(
                 number, fields=d.fields, tags=d.tags, foreign_numbers=d.foreign_numbers
@@ -596,11 +682,24 @@ class Writer:
             message_id=msg.message_id,
         )
         await tx.add_attachments(number, activity, d.attachments)
+        if d.watchers:
+            await tx.add_watchers(number, d.watchers)
+        await self._undeliverable(work, env, d.undeliverable, number)
+        if d.via == "flood":
+            log.warning(
+                "mailbox=%s uidl=%s flood from %s: added to request #%d instead of a new one",
+                env.mailbox.name,
+                env.uidl,
+                msg.from_addr,
+                number,
+            )
+            if self.metrics is not None:
+                self.metrics.flood_collapsed.labels(env.mailbox.name).inc()
         if d.state is not None:
             await tx.set_alert_state(number, d.state)
         if d.close is not None:
             await tx.set_status(number, "processed", by=self.created_by, why=d.close)
-        elif d.reopen and (not d.automatic or d.via == "correlation"):
+        elif d.reopen and env.historic is None and (not d.automatic or d.via == "correlation"):
             status = "new" if d.request.type == "event" else "reopened"
             who = "an alert" if d.via == "correlation" else "a reply"
             await tx.set_status(
@@ -620,6 +719,8 @@ class Writer:
         assert msg is not None
         if not d.reply or cfg.smtp is None:
             return f"no reply ({d.no_reply_because or 'no smtp configured'})"
+        if env.historic is not None:
+            return "no reply (historic import)"
         if failure.raw_header(env.raw, b"x-loop").startswith("mailintegration") or (
             msg.message_id or ""
         ).endswith(f".mailintegration@{reply.reply_domain(cfg)}"):
@@ -634,6 +735,20 @@ class Writer:
             )
         except ValueError as exc:
             return f"no reply ({exc})"
+        if (why := await work.tx.undeliverable(out.to.key)) is not None or (
+            out.to.key != out.to.address.lower()
+            and (why := await work.tx.undeliverable(out.to.address)) is not None
+        ):
+            log.info(
+                "mailbox=%s uidl=%s no reply: %s is undeliverable (%s)",
+                cfg.name,
+                env.uidl,
+                out.to.address,
+                why,
+            )
+            if self.metrics is not None:
+                self.metrics.replies_suppressed.labels(cfg.name, "undeliverable").inc()
+            return "no reply (undeliverable address)"
         if await self._over_reply_limit(work.tx, env, out.to):
             return "no reply (rate limit)"
         await work.tx.queue_reply(

@@ -432,6 +432,7 @@ def test_every_subcommand_has_a_manual_page_without_markup_naming_its_environmen
     values = {name: f"98765{i}" for i, name in enumerate(variables)}
     for name, value in values.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setenv("COLUMNS", "80")
     parsers = leaf_parsers()
     assert {"mailintegration init", "mailintegration config validate"} <= {n for n, _ in parsers}
     for name, parser in parsers:
@@ -445,6 +446,11 @@ def test_every_subcommand_has_a_manual_page_without_markup_naming_its_environmen
             for var, value in values.items()
             if str(action.default) in (value, str(float(value)))
         }
+        # The description reads as a paragraph fitted to the terminal (COLUMNS, as argparse).
+        description = text.split("\n\n", 1)[1].split("\n\noptions:", 1)[0]
+        prose = [line for line in description.splitlines() if not line.startswith(" ")]
+        too_long = [line for line in prose if len(line) > 78]  # a command stays as written
+        assert not too_long, (name, too_long)
         env_section = text.split("environment:", 1)[-1] if "environment:" in text else ""
         for var in read:
             assert var in env_section, f"{name} reads {var} but its help does not say so"

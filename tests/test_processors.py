@@ -111,6 +111,8 @@ def test_the_directory_view_holds_only_read_methods() -> None:
         "correlated_event",
         "request_by_foreign_number",
         "has_name",
+        "flood",
+        "origins",
     }
     with pytest.raises(dataclasses.FrozenInstanceError):
         view().team = view().team  # type: ignore[misc]

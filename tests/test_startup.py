@@ -58,6 +58,10 @@ SAMPLES = {
     "patternType": "(?P<host>x)",
     "flappingType": "reopen",
     "minutesType": "30",
+    "severalMailboxesType": "onePerTeam",
+    "floodMessagesType": "20",
+    "forwardsType": "agents",
+    "referenceTokenType": "[ref:MI-{number}-{hmac}]",
 }
 
 # The named complex types of the schema (the rest are simple types).

@@ -280,6 +280,18 @@ def test_the_commit_waits_for_a_file_started_after_the_earlier_ones_finished(
 COUNT_ATTACHMENTS = "SELECT count(*) FROM attachments"
 
 
+def store_at_version(data: Path, version: int) -> sqlite3.Connection:
+    """A new SQLite store in ``data`` as an engine of schema ``version`` left it."""
+    from engine.store.schema import MIGRATIONS
+
+    data.mkdir(mode=0o700)
+    con = sqlite3.connect(data / "mailintegration.sqlite3", isolation_level=None)
+    con.execute("PRAGMA journal_mode = WAL")
+    for number, script in enumerate(MIGRATIONS[:version], start=1):
+        con.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+    return con
+
+
 def test_migration_6_rebuilds_requests_keeping_numbers_and_references(tmp_path: Path) -> None:
     """A store at version 4 (requests, an activity, a deleted last request): migration 6
     rebuilds the requests table; every row and reference stays, and no number is given
@@ -288,11 +300,7 @@ def test_migration_6_rebuilds_requests_keeping_numbers_and_references(tmp_path: 
     from engine.store.schema import MIGRATIONS
 
     data = tmp_path / "data"
-    data.mkdir(mode=0o700)
-    con = sqlite3.connect(data / "mailintegration.sqlite3", isolation_level=None)
-    con.execute("PRAGMA journal_mode = WAL")
-    for number, script in enumerate(MIGRATIONS[:4], start=1):
-        con.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+    con = store_at_version(data, 4)
     con.executescript(
         "INSERT INTO teams(number, name) VALUES (1, 'IT');"
         "INSERT INTO requests(team_id, type, status, subject, description, created_at,"
@@ -414,15 +422,9 @@ def test_attachment_files_of_an_older_store_still_read_after_the_migration(
     """A store from before attachment rows (version 6) holds every attachment as a file:
     after the upgrade they read back as before, and new small ones become rows."""
     from engine.store.files import FileStore
-    from engine.store.schema import MIGRATIONS
 
     data = tmp_path / "data"
-    data.mkdir(mode=0o700)
-    con = sqlite3.connect(data / "mailintegration.sqlite3", isolation_level=None)
-    con.execute("PRAGMA journal_mode = WAL")
-    for number, script in enumerate(MIGRATIONS[:6], start=1):
-        con.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
-    con.close()
+    store_at_version(data, 6).close()
     old = b"an attachment from before"
     FileStore(data / "attachments").write(hashlib.sha256(old).hexdigest(), old)
 

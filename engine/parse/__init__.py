@@ -54,9 +54,9 @@ from engine.parse.headers import (
     unfold,
 )
 from engine.parse.limits import DEFAULT_LIMITS, ParseLimits
-from engine.parse.mime import MimeTree, header_end, read_mime
+from engine.parse.mime import MimeTree, header_end, mend_header_block, read_mime
 from engine.parse.parts import Collector
-from engine.parse.verdicts import loop_verdict
+from engine.parse.verdicts import NO_BOUNCE, bounce_details, loop_verdict
 
 __all__ = [
     "ParseLimits",
@@ -137,14 +137,65 @@ def _parse(raw: bytes, limits: ParseLimits) -> ParsedMessage:
         raise LimitExceeded(
             f"the message is {len(raw)} bytes; the limit (max_bytes) is {limits.max_bytes}"
         )
-    return _parse_tree(read_mime(raw, limits), limits)
+    if not raw.strip():
+        raise ParseError(f"the message is empty ({len(raw)} bytes, no header and no text)")
+    tree = read_mime(raw, limits)
+    # Mending is tried only when a field that most mail has is missing: it costs a scan of
+    # the header block and a second parse.
+    complete = "from" in tree.root and "subject" in tree.root
+    mended = None if complete else mend_header_block(raw, limits.max_header_bytes)
+    if mended is None:
+        return _parse_tree(tree, limits)
+    del tree
+    source, count = mended
+    note = (
+        f"{count} header line(s) of this message were not header fields (a field continued "
+        "without indentation); they were read as part of the field before them."
+    )
+    return _parse_tree(read_mime(source, limits), limits, original=raw, notes=[note])
 
 
-def _parse_tree(tree: MimeTree, limits: ParseLimits) -> ParsedMessage:
-    """The message of ``tree``: its header fields read, its parts walked, its verdict made."""
-    raw = tree.raw
+# The header fields of which one at least makes a file a mail message (RFC 5322, RFC 2045).
+_MAIL_FIELDS: Final = frozenset(
+    {
+        "from",
+        "sender",
+        "reply-to",
+        "to",
+        "cc",
+        "bcc",
+        "subject",
+        "date",
+        "message-id",
+        "in-reply-to",
+        "references",
+        "received",
+        "return-path",
+        "delivered-to",
+        "mime-version",
+        "content-type",
+    }
+)
+
+
+def _parse_tree(
+    tree: MimeTree,
+    limits: ParseLimits,
+    original: bytes | None = None,
+    notes: list[str] | None = None,
+) -> ParsedMessage:
+    """The message of ``tree``: its header fields read, its parts walked, its verdict made.
+
+    ``original`` is the message as received when ``tree`` was read from a mended copy
+    (see :func:`~engine.parse.mime.mend_header_block`)."""
+    raw = tree.raw if original is None else original
     headers = header_map(tree.root)
-    notes: list[str] = []
+    if _MAIL_FIELDS.isdisjoint(headers):
+        raise ParseError(
+            "this is not an e-mail message: it does not start with header fields "
+            "(no From, To, Subject, Date, Message-ID, Received or MIME field)"
+        )
+    notes = list(notes or [])
     from_pairs = read_addresses(headers.get("from"), limits, "From", notes)
     to_pairs = read_addresses(headers.get("to"), limits, "To", notes)
     cc_pairs = read_addresses(headers.get("cc"), limits, "Cc", notes)
@@ -156,7 +207,9 @@ def _parse_tree(tree: MimeTree, limits: ParseLimits) -> ParsedMessage:
     body, html = collector.body_and_html()
     notes += collector.notes
     senders = [from_addr, *(addr for _, addr in rp_pairs or [])]
-    verdict = loop_verdict(headers, collector.bounce, senders)
+    evidence = collector.evidence()
+    verdict = loop_verdict(headers, collector.bounce, senders, body, evidence)
+    bounce = bounce_details(headers, body, evidence, senders) if verdict.is_bounce else NO_BOUNCE
 
     subject = first_field(headers, "subject")
     return ParsedMessage(
@@ -179,6 +232,9 @@ def _parse_tree(tree: MimeTree, limits: ParseLimits) -> ParsedMessage:
         notes=tuple(notes),
         cc=tuple(addr for _, addr in cc_pairs or []),
         headers=kept_headers(headers),
+        bounce_status=bounce.status,
+        bounce_recipients=bounce.recipients,
+        bounce_message_id=bounce.message_id,
     )
 
 

@@ -189,6 +189,12 @@ class AttachmentList:
         self.items.append(attachment)
         return attachment
 
+    def pop(self, index: int) -> Attachment:
+        """Take the attachment at ``index`` out again (its name becomes free)."""
+        attachment = self.items.pop(index)
+        self.seen_names.discard(attachment.name.lower())
+        return attachment
+
     def _unique(self, name: str) -> str:
         """``name``, or ``name (2)``... if an earlier attachment has it (in any case).
 

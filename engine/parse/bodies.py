@@ -27,6 +27,7 @@ from typing import Final, NamedTuple
 import nh3
 from lxml import etree
 
+from engine.parse import inline_images
 from engine.parse.charsets import decode_text, to_bytes
 from engine.parse.headers import Param
 from engine.parse.limits import ParseLimits
@@ -390,7 +391,9 @@ class _Pieces:
 
 
 def render_html(markup: str, limits: ParseLimits) -> str:
-    """Readable text of an HTML body: paragraphs, lists, links as "[text](url)"."""
+    """Readable text of an HTML body: paragraphs, lists, links as "[text](url)", inline
+    images as "[image: …]" (engine.parse.inline_images)."""
+    markup = inline_images.mark(markup)
     if len(markup) <= limits.max_html_render_bytes:
         try:
             text = _html_text(markup)

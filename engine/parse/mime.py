@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import email
+import email.utils
 import itertools
 import re
 import secrets
@@ -29,7 +30,7 @@ from email.message import Message
 from typing import Final, NamedTuple
 
 from engine.errors import LimitExceeded, ParseError
-from engine.parse.charsets import to_bytes
+from engine.parse.charsets import refused_label, to_bytes
 from engine.parse.headers import Param, parse_params, unfold
 from engine.parse.limits import ParseLimits
 
@@ -105,8 +106,6 @@ _SCAN_CR_RE: Final = re.compile(rb"[\r\n]" + _SCAN_BODY, re.I)
 _SCAN_FIRST_RE: Final = re.compile(_SCAN_BODY, re.I)
 _BARE_CR_RE: Final = re.compile(rb"\r(?!\n)")
 LINE_END_RE: Final = re.compile(rb"\r\n?|\n")
-# Charsets the stdlib may meet in an RFC 2231 boundary parameter without harm.
-_SAFE_BOUNDARY_CHARSETS: Final = frozenset({"", "us-ascii", "ascii", "utf-8", "iso-8859-1"})
 
 
 def header_end(raw: bytes, limit: int) -> int | None:
@@ -131,6 +130,43 @@ def header_end(raw: bytes, limit: int) -> int | None:
 
 
 _LF_BLANK_LINE_RE: Final = re.compile(rb"\n\r?\n")
+
+
+_FIELD_LINE_RE: Final = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+_WANTED_FIELD_RE: Final = re.compile(rb"(?:from|subject)[ \t]*:", re.I)
+
+
+def mend_header_block(raw: bytes, limit: int) -> tuple[bytes, int] | None:
+    """``raw`` with each stray line of its header block made a continuation line, and how
+    many were; None if there is nothing to mend.
+
+    Some senders continue a long header field on lines that are not indented. The parser
+    (ours as the stdlib's) ends the header block at the first such line, and the well-formed
+    ``From:`` and ``Subject:`` fields after it become body text. When a ``From:`` or
+    ``Subject:`` field follows a stray line inside the header block (up to the first blank
+    line, within ``limit`` bytes), every stray line before the last field gets one leading
+    space: it then continues the field above it, and the fields after it are read. A message
+    whose first line is not a field is never mended (it is not mail, or has no header).
+    """
+    end = _blank_line_end(raw, 0, limit)
+    block = raw[: end if end is not None else min(len(raw), limit)]
+    lines = block.splitlines(keepends=True)
+    if not lines or not (_FIELD_LINE_RE.match(lines[0]) or lines[0].startswith(b"From ")):
+        return None
+    last_wanted = max(
+        (i for i, line in enumerate(lines) if _WANTED_FIELD_RE.match(line)), default=-1
+    )
+    mend = [i for i in range(1, max(last_wanted, 1)) if _stray(lines[i])]
+    if not mend or len(block) + len(mend) > limit:
+        return None
+    for i in mend:
+        lines[i] = b" " + lines[i]
+    return b"".join(lines) + raw[len(block) :], len(mend)
+
+
+def _stray(line: bytes) -> bool:
+    """A line of a header block that is neither a field nor a continuation (nor blank)."""
+    return bool(line.strip()) and line[:1] not in b" \t" and not _FIELD_LINE_RE.match(line)
 
 
 def _blank_line_end(data: bytes, start: int, end: int) -> int | None:
@@ -317,18 +353,35 @@ class _BlockEnds:
 
 
 def scan_boundary(param: Param | None) -> str | None:
-    """The boundary the stdlib will use, as ``Message.get_boundary`` computes it."""
+    """The boundary the stdlib will use, as ``Message.get_boundary`` computes it.
+
+    An RFC 2231 boundary (``boundary*=us-ascii''...``) is accepted under any charset label our
+    resolver accepts or Python does not know (``ANSI_X3.4-1968`` is US-ASCII's IANA name), as
+    long as the stdlib reads it as the same text we do; a label naming a codec we refuse
+    (``utf-7``, ``zlib_codec``) fails the message, since the stdlib would run that codec.
+    """
     if param is None:
         return None
     if param.data is None:
         return param.text.rstrip()
-    if param.charset.lower() not in _SAFE_BOUNDARY_CHARSETS:
-        # The stdlib would decode this boundary with whatever codec the label names.
+    text = param.data.decode("latin-1")
+    if param.charset and not _stdlib_reads_boundary_as(param.charset, text):
         raise ParseError(
-            f"the boundary parameter declares the charset {param.charset[:40]!r}; only ASCII "
-            "boundaries are accepted"
+            f"the boundary parameter declares the charset {param.charset[:40]!r}, which "
+            "does not read it as ASCII; only ASCII boundaries are accepted"
         )
-    return param.data.decode("latin-1").rstrip()
+    return text.rstrip()
+
+
+def _stdlib_reads_boundary_as(charset: str, text: str) -> bool:
+    """True if the label is one we accept (or Python does not know) and the stdlib's
+    ``collapse_rfc2231_value`` reads the boundary as ``text``."""
+    if refused_label(charset):
+        return False
+    try:
+        return email.utils.collapse_rfc2231_value((charset, "", text)) == text
+    except Exception:  # the stdlib would fail on it as well: refuse the message
+        return False
 
 
 # The stdlib feed parser reads every line of a message through a stack of end-of-part predicates

@@ -16,7 +16,16 @@ from datetime import datetime
 from typing import Literal
 
 from engine.config import MailboxConfig
-from engine.model import Attachment, DirectoryView, ParsedMessage, RequestRef, Team, User
+from engine.model import (
+    Attachment,
+    DirectoryView,
+    Origin,
+    ParsedMessage,
+    RequestRef,
+    Team,
+    User,
+    Watcher,
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,9 @@ class NewRequest:
     team: str | None = None
     # The routing rules that matched, by name (for once --dry-run).
     matched_rules: tuple[str, ...] = ()
+    # To/Cc addresses kept on the request, and where it came from (engine.processors.intake).
+    watchers: tuple[Watcher, ...] = ()
+    origin: Origin | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,10 @@ class AddActivity:
     state: str | None = None
     # The routing rules that matched (not applied: a reply is not routed; for --dry-run).
     matched_rules: tuple[str, ...] = ()
+    # To/Cc addresses the reply adds to the request's watchers.
+    watchers: tuple[Watcher, ...] = ()
+    # Addresses a permanent bounce says cannot receive mail: (address, status, reason).
+    undeliverable: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -79,10 +95,16 @@ class Refuse:
 
 @dataclass(frozen=True)
 class Ignore:
-    """Recorded in the ledger only (an auto-reply that answers nothing we know)."""
+    """Recorded in the ledger only (an auto-reply that answers nothing we know). With
+    ``request_number``, the ledger row names that request, and ``also`` goes to its history
+    (a copy of a message that request was made of)."""
 
     reason: str
     matched_rules: tuple[str, ...] = ()
+    request_number: int | None = None
+    also: str | None = None
+    # Addresses a permanent bounce says cannot receive mail: (address, status, reason).
+    undeliverable: tuple[tuple[str, str, str], ...] = ()
 
 
 Decision = NewRequest | AddActivity | Refuse | Ignore
@@ -135,6 +157,10 @@ class Context:
     extra_attachments: tuple[Attachment, ...] = field(default=())
     # The time decisions are made at (the flapping window); None: now.
     now: datetime | None = None
+    # A historic import (once --since): no flood limit.
+    historic: bool = False
+    # The store's reference key (engine.parse.tokens); None: tokens are not looked for.
+    reference_key: str | None = field(default=None, repr=False)
 
 
 def referenced(msg: ParsedMessage, mailbox: MailboxConfig) -> int | None:
@@ -149,7 +175,7 @@ def referenced(msg: ParsedMessage, mailbox: MailboxConfig) -> int | None:
 async def decide(msg: ParsedMessage, ctx: Context, directory: DirectoryView) -> Decision:
     """Dispatch to the mailbox's processor."""
     # Imported here: the processor modules import this one for the decision types.
-    from engine.processors import event, incident, rules, service_request
+    from engine.processors import event, incident, intake, rules, service_request
 
     matched = rules.matching(msg, ctx.mailbox.processing.rules)
     ignoring = next((r for r in matched if r.ignore), None)
@@ -163,7 +189,8 @@ async def decide(msg: ParsedMessage, ctx: Context, directory: DirectoryView) -> 
         decision = await service_request.decide(msg, ctx, directory)
     else:
         decision = await incident.decide(msg, ctx, directory)
-    return await rules.apply(msg, ctx, directory, decision, matched)
+    decision = await rules.apply(msg, ctx, directory, decision, matched)
+    return await intake.apply(msg, ctx, directory, decision)
 
 
 def _describe_new(d: NewRequest) -> str:
@@ -194,6 +221,8 @@ def describe(d: Decision) -> str:
     if isinstance(d, AddActivity):
         extra = " and reopen it" if d.reopen else " and close it" if d.close else ""
         return f"activity on request #{d.request.number} (found by {d.via}){extra}{rules}"
+    if isinstance(d, Ignore) and d.request_number is not None:
+        return f"no request: {d.reason}{rules}"
     if isinstance(d, Refuse):
         return (
             f"no request ({d.reason}); "

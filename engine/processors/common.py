@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import re
 from typing import Final
 
 from engine.model import CLOSED_STATUSES, Attachment, DirectoryView, ParsedMessage, RequestRef
-from engine.parse import safe_filename
+from engine.parse import safe_filename, tokens
 from engine.processors import AddActivity, Context
 
 # The communication types a subject reference may name, by the request type they refer to.
@@ -66,12 +67,32 @@ async def referenced_request(
         found = await directory.request_by_message_id(ids)
         if found is not None and found.team_id == ctx.team.id:
             return found, "thread"
+    return await _referenced_by_body(msg, ctx, directory)
+
+
+async def _referenced_by_body(
+    msg: ParsedMessage, ctx: Context, directory: DirectoryView
+) -> tuple[RequestRef | None, str]:
+    """The team's request a reference token in the body, else a foreign number, names."""
+    by_token = referenced_by_token(msg, ctx)
+    if by_token is not None:
+        found = await directory.request(by_token)
+        if found is not None and found.team_id == ctx.team.id:
+            return found, "reference token"
     refs = foreign_numbers(msg, ctx)
     if refs:
         found = await directory.request_by_foreign_number(refs)
         if found is not None and found.team_id == ctx.team.id:
             return found, "foreign number"
     return None, ""
+
+
+def referenced_by_token(msg: ParsedMessage, ctx: Context) -> int | None:
+    """The request number a valid reference token in the body names (engine.parse.tokens)."""
+    fmt = ctx.mailbox.handling.reference_token
+    if fmt is None or ctx.reference_key is None:
+        return None
+    return tokens.find(msg.body, ctx.reference_key, fmt)
 
 
 MAX_FOREIGN: Final = 20
@@ -107,6 +128,8 @@ def kept_attachments(
     for a in msg.attachments:
         if any(fnmatch.fnmatchcase(a.name.casefold(), p) for p in patterns):
             continue
+        if ignored_by_content(a, ctx):
+            continue
         size = len(a.data)
         if cfg.max_attachment_bytes is not None and size > cfg.max_attachment_bytes:
             notes.append(
@@ -126,6 +149,20 @@ def kept_attachments(
         name = safe_filename(msg.subject[:80] + ".eml" if msg.subject else None, "message.eml")
         kept.append(Attachment(name=name, content_type="message/rfc822", data=msg.raw))
     return tuple(kept), tuple(notes)
+
+
+def ignored_by_content(a: Attachment, ctx: Context) -> bool:
+    """``ignoredAttachmentRules``: an inline image under the size, or a listed SHA-256."""
+    h = ctx.mailbox.handling
+    if (
+        h.ignored_images_below
+        and a.content_id is not None
+        and a.inline
+        and a.content_type.startswith("image/")
+        and len(a.data) < h.ignored_images_below
+    ):
+        return True
+    return bool(h.ignored_sha256) and hashlib.sha256(a.data).hexdigest() in h.ignored_sha256
 
 
 def with_notes(text: str, notes: tuple[str, ...]) -> str:

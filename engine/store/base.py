@@ -37,10 +37,12 @@ from engine.model import (
     CorrelatedEvent,
     DirectoryView,
     LedgerRow,
+    Origin,
     PendingReply,
     RequestRef,
     Team,
     User,
+    Watcher,
 )
 
 
@@ -301,6 +303,59 @@ class Transaction(ABC):
     @abstractmethod
     async def remember_account(self, mailbox: str, account: str, user_name: str) -> None: ...
 
+    # -- issue 20: origins (flood, several mailboxes), watchers, undeliverable addresses ----
+
+    @abstractmethod
+    async def engine_key(self, name: str) -> str | None:
+        """One of the engine's keys (migration 7: ``reference``), or None."""
+
+    @abstractmethod
+    async def add_history(self, number: int, by: str, text: str) -> None:
+        """A line of request ``number``'s history."""
+
+    async def read_ahead_origins(
+        self,
+        mailboxes: Iterable[str],
+        keys: Iterable[str],
+        message_ids: Iterable[str],
+        since: datetime,
+    ) -> None:
+        """A hint: :meth:`flood` will be asked about these mailboxes and senders or
+        fingerprints (``keys``) since ``since`` or later, :meth:`origins` about these
+        Message-IDs. A store that pays per round trip reads them in one query."""
+        return None
+
+    @abstractmethod
+    async def record_origin(self, number: int, origin: Origin) -> None:
+        """Where mail request ``number`` came from (what :meth:`flood` and :meth:`origins`
+        read)."""
+
+    @abstractmethod
+    async def flood(
+        self, mailbox: str, sender: str, fingerprint: str, since: datetime
+    ) -> tuple[int, int | None]:
+        """How many requests ``mailbox`` created since ``since`` from ``sender`` or with
+        ``fingerprint``, and the newest one's number."""
+
+    @abstractmethod
+    async def origins(self, message_id: str) -> list[tuple[RequestRef, str]]:
+        """The mail requests a message with this Message-ID created, oldest first, with
+        the mailbox each came from."""
+
+    @abstractmethod
+    async def add_watchers(self, number: int, watchers: Iterable[Watcher]) -> None:
+        """Watchers of request ``number`` (one already there is left as it is)."""
+
+    @abstractmethod
+    async def mark_undeliverable(
+        self, address: str, *, status: str, reason: str, request_number: int | None
+    ) -> None:
+        """Record (or renew) ``address`` as undeliverable (a permanent bounce)."""
+
+    @abstractmethod
+    async def undeliverable(self, address: str) -> str | None:
+        """Since when and why ``address`` is undeliverable, or None."""
+
     # -- outbox ----------------------------------------------------------------------------
 
     @abstractmethod
@@ -381,6 +436,10 @@ class Store(ABC):
     async def list_requests(
         self, *, type: str | None = None, status: str | None = None
     ) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    async def reference_token(self, number: int) -> str | None:
+        """Request ``number``'s reference token in the default format (engine.parse.tokens)."""
 
     @abstractmethod
     async def request_detail(self, number: int) -> dict[str, Any] | None:

@@ -57,13 +57,16 @@ from engine.model import (
     CorrelatedEvent,
     DirectoryView,
     LedgerRow,
+    Origin,
     PendingReply,
     RequestRef,
     Team,
     User,
+    Watcher,
 )
+from engine.parse import tokens
 from engine.store.base import RequestFilter, Store, Transaction
-from engine.store.schema import POSTGRES_MIGRATIONS
+from engine.store.schema import CATCH_UP, POSTGRES_MIGRATIONS
 from engine.store.sqlite import LAG_SQL, arrived_text, hash_password, now, verify_password
 
 log = logging.getLogger("engine.store")
@@ -203,6 +206,10 @@ class PostgresStore(Store):
         )
         return [_request_dict(r) for r in rows]
 
+    async def reference_token(self, number: int) -> str | None:
+        value = await self.conn.fetchval("SELECT value FROM engine_keys WHERE name = 'reference'")
+        return None if value is None else tokens.token(number, str(value))
+
     async def request_detail(self, number: int) -> dict[str, Any] | None:
         row = await self.conn.fetchrow(_REQUEST_SELECT + " WHERE r.number = $1", number)
         if row is None:
@@ -252,10 +259,16 @@ class PostgresStore(Store):
         refs = await self._all(
             "SELECT ref FROM foreign_numbers WHERE request_number = $1 ORDER BY id", number
         )
+        watchers = await self._all(
+            "SELECT w.address, u.login FROM watchers w LEFT JOIN users u ON u.id = w.user_id "
+            "WHERE w.request_number = $1 ORDER BY w.added_at, w.address",
+            number,
+        )
         return {
             "fields": {f[0]: f[1] for f in fields},
             "tags": [t[0] for t in tags],
             "foreign_numbers": [r[0] for r in refs],
+            "watchers": [{"address": w[0], "login": w[1]} for w in watchers],
         }
 
     async def counts(self) -> dict[str, int]:
@@ -398,6 +411,8 @@ class PostgresTransaction(Transaction):
             correlated_event=self.correlated_event,
             request_by_foreign_number=self.request_by_foreign_number,
             has_name=self.has_name,
+            flood=self.flood,
+            origins=self.origins,
         )
 
     @property
@@ -491,11 +506,13 @@ class PostgresTransaction(Transaction):
 
     async def _user(self, where: str, arg: str) -> User | None:
         row = await self._one(
-            "SELECT u.id, u.login, u.email, u.name, s.name FROM users u "
-            f"LEFT JOIN sites s ON s.id = u.site_id WHERE {where} ORDER BY u.id LIMIT 1",
+            "SELECT u.id, u.login, u.email, u.name, s.name, u.password_hash IS NOT NULL "
+            "OR EXISTS (SELECT 1 FROM user_roles r WHERE r.user_id = u.id AND r.role = 'agent') "
+            f"FROM users u LEFT JOIN sites s ON s.id = u.site_id WHERE {where} "
+            "ORDER BY u.id LIMIT 1",
             arg,
         )
-        return None if row is None else User(row[0], row[1], row[2], row[3], row[4])
+        return None if row is None else User(row[0], row[1], row[2], row[3], row[4], bool(row[5]))
 
     async def has_name(self, table: str, name: str) -> bool:
         assert table in {"sites", "groups", "sources", "priorities", "categories"}
@@ -911,6 +928,83 @@ class PostgresTransaction(Transaction):
                 return await self.request(int(number))
         return None
 
+    async def engine_key(self, name: str) -> str | None:
+        value = await self.conn.fetchval("SELECT value FROM engine_keys WHERE name = $1", name)
+        return None if value is None else str(value)
+
+    async def record_origin(self, number: int, origin: Origin) -> None:
+        o = origin
+        await self.conn.execute(
+            "INSERT INTO request_origins(request_number, mailbox, team_id, sender, fingerprint, "
+            "message_id, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            number,
+            o.mailbox,
+            o.team_id,
+            o.sender.lower(),
+            o.fingerprint,
+            o.message_id,
+            now(),
+        )
+
+    async def flood(
+        self, mailbox: str, sender: str, fingerprint: str, since: datetime
+    ) -> tuple[int, int | None]:
+        row = await self.conn.fetchrow(
+            "SELECT count(*), max(request_number) FROM request_origins WHERE mailbox = $1 "
+            "AND (sender = $2 OR fingerprint = $3) AND created_at >= $4",
+            mailbox,
+            sender.lower(),
+            fingerprint,
+            since.isoformat(timespec="seconds"),
+        )
+        if row is None or not row[0]:
+            return 0, None
+        return int(row[0]), int(row[1])
+
+    async def origins(self, message_id: str) -> list[tuple[RequestRef, str]]:
+        rows = await self._all(
+            "SELECT request_number, mailbox FROM request_origins WHERE message_id = $1 "
+            "ORDER BY request_number LIMIT 100",
+            message_id,
+        )
+        out = []
+        for number, mailbox in rows:
+            ref = await self.request(int(number))
+            if ref is not None:
+                out.append((ref, str(mailbox)))
+        return out
+
+    async def add_watchers(self, number: int, watchers: Iterable[Watcher]) -> None:
+        rows = [(number, scrub(w.address.lower()), w.user_id, now()) for w in watchers]
+        if rows:
+            await self.conn.executemany(
+                "INSERT INTO watchers(request_number, address, user_id, added_at) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                rows,
+            )
+
+    async def mark_undeliverable(
+        self, address: str, *, status: str, reason: str, request_number: int | None
+    ) -> None:
+        await self.conn.execute(
+            "INSERT INTO undeliverable(address, status, reason, request_number, since) "
+            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (address) DO UPDATE SET "
+            "status = excluded.status, reason = excluded.reason, "
+            "request_number = excluded.request_number, since = excluded.since",
+            scrub(address.lower()),
+            scrub(status),
+            scrub(reason),
+            request_number,
+            now(),
+        )
+
+    async def undeliverable(self, address: str) -> str | None:
+        row = await self.conn.fetchrow(
+            "SELECT since, status, reason FROM undeliverable WHERE address = $1",
+            address.lower(),
+        )
+        return None if row is None else f"since {row[0]}: {row[1]} {row[2]}"
+
     async def add_history(self, number: int, by: str, text: str) -> None:
         await self.conn.execute(
             "INSERT INTO history(request_number, at, by, text) VALUES ($1, $2, $3, $4)",
@@ -1241,6 +1335,11 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
                 await conn.execute("INSERT INTO schema_versions(version) VALUES ($1)", version)
             log.info("store: migrated to version %d", version)
             applied.append(version)
+        for version, table in CATCH_UP.items():
+            # Recorded while it was a reserved no-op: its idempotent script runs now.
+            if version in done and await conn.fetchval("SELECT to_regclass($1)", table) is None:
+                async with conn.transaction():
+                    await conn.execute(POSTGRES_MIGRATIONS[version])
         return applied
     finally:
         with anyio.CancelScope(shield=True):

@@ -245,9 +245,50 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (ref, request_number)
     );
     """,
-    # 7: reserved for another branch (a no-op here; the merge that fills it uses statements
-    # that tolerate a database that went past it, as 5 did).
-    "",
+    # 7: issue 20. Watchers (To/Cc addresses kept on a request); addresses a permanent
+    # bounce marked undeliverable (no automatic reply goes to them); and where each mail
+    # request came from (mailbox, sender, content fingerprint, Message-ID), which the flood
+    # limit and the several-mailboxes policy read inside the writer's transaction. The
+    # engine's keys: 'reference', the HMAC key of the reference tokens (engine.parse.tokens),
+    # one per store so every replica and the console agree; made here from SQLite's
+    # randomness (PostgreSQL: gen_random_uuid's), never logged. Idempotent: it filled a slot
+    # that was a no-op, and a store that recorded 7 then runs it at open (CATCH_UP).
+    """
+    CREATE TABLE IF NOT EXISTS watchers (
+        request_number INTEGER NOT NULL REFERENCES requests(number),
+        address TEXT NOT NULL COLLATE NOCASE,
+        user_id INTEGER REFERENCES users(id),
+        added_at TEXT NOT NULL,
+        PRIMARY KEY (request_number, address)
+    );
+    CREATE TABLE IF NOT EXISTS undeliverable (
+        address TEXT PRIMARY KEY COLLATE NOCASE,
+        status TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        request_number INTEGER,
+        since TEXT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS request_origins (
+        request_number INTEGER PRIMARY KEY REFERENCES requests(number),
+        mailbox TEXT NOT NULL,
+        team_id INTEGER NOT NULL,
+        sender TEXT NOT NULL COLLATE NOCASE,
+        fingerprint TEXT NOT NULL,
+        message_id TEXT,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS request_origins_sender
+        ON request_origins(mailbox, sender, created_at);
+    CREATE INDEX IF NOT EXISTS request_origins_fingerprint
+        ON request_origins(mailbox, fingerprint, created_at);
+    CREATE INDEX IF NOT EXISTS request_origins_message_id ON request_origins(message_id)
+        WHERE message_id IS NOT NULL;
+    CREATE TABLE IF NOT EXISTS engine_keys (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    INSERT OR IGNORE INTO engine_keys(name, value) VALUES ('reference', lower(hex(randomblob(32))));
+    """,
     # 8: small attachments as rows, by content (sha256), as the PostgreSQL store keeps every
     # attachment: the commit that cites them makes them durable, with no file, file fsync
     # and folder fsync each (half the engine's busy time on attachment-heavy mail, issue 18).
@@ -276,6 +317,10 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE ledger ADD COLUMN arrived_at TEXT;
     """,
 )
+
+CATCH_UP: dict[int, str] = {7: "engine_keys"}
+"""Migrations that filled a slot other branches' builds recorded as a no-op: a store that
+recorded the version but lacks its table (the value) runs its script (idempotent) at open."""
 
 REBUILDS = frozenset({6})
 """Migrations that rebuild a table: run with ``foreign_keys`` off (it cannot change inside a
@@ -307,7 +352,7 @@ def normalized_account(old: str) -> str:
 #   existed before the accounts changed form;
 # - 11 adds what several replicas need (see its comment); SQLite, with one engine per data
 #   directory behind its lock, has nothing to do for it.
-# Versions 7 and 8 are reserved for other branches; gaps are allowed (the version table
+# Every version up to 11 is filled now; gaps are allowed (the version table
 # lists the versions applied, so one merged later is applied later).
 POSTGRES_MIGRATIONS: dict[int, str] = {
     1: """
@@ -456,10 +501,42 @@ POSTGRES_MIGRATIONS: dict[int, str] = {
         UNIQUE (ref, request_number)
     );
     """,
-    # 7: reserved for another branch, a no-op as in SQLite (the merge that fills it must let
-    # a database that recorded it as applied catch up).
-    # (asyncpg refuses an empty script: a statement that does nothing.)
-    7: "SELECT 1",
+    # 7: watchers, undeliverable addresses, request origins (SQLite's comment).
+    7: """
+    CREATE TABLE IF NOT EXISTS watchers (
+        request_number bigint NOT NULL REFERENCES requests(number),
+        address text NOT NULL,
+        user_id bigint REFERENCES users(id),
+        added_at text NOT NULL,
+        PRIMARY KEY (request_number, address)
+    );
+    CREATE TABLE IF NOT EXISTS undeliverable (
+        address text PRIMARY KEY,
+        status text NOT NULL,
+        reason text NOT NULL,
+        request_number bigint,
+        since text NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS request_origins (
+        request_number bigint PRIMARY KEY REFERENCES requests(number),
+        mailbox text NOT NULL,
+        team_id bigint NOT NULL,
+        sender text NOT NULL,
+        fingerprint text NOT NULL,
+        message_id text,
+        created_at text NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS request_origins_sender
+        ON request_origins (mailbox, sender, created_at);
+    CREATE INDEX IF NOT EXISTS request_origins_fingerprint
+        ON request_origins (mailbox, fingerprint, created_at);
+    CREATE INDEX IF NOT EXISTS request_origins_message_id ON request_origins (message_id)
+        WHERE message_id IS NOT NULL;
+    CREATE TABLE IF NOT EXISTS engine_keys (name text PRIMARY KEY, value text NOT NULL);
+    INSERT INTO engine_keys (name, value) VALUES ('reference',
+        replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''))
+        ON CONFLICT (name) DO NOTHING;
+    """,
     # 8: nothing to do here: PostgreSQL keeps every attachment as a row since 11.
     8: "SELECT 1",
     # 9: roles of directory users (SQLite's comment).

@@ -54,15 +54,24 @@ from engine.model import (
     CorrelatedEvent,
     DirectoryView,
     LedgerRow,
+    Origin,
     PendingReply,
     RequestRef,
     Team,
     User,
+    Watcher,
 )
+from engine.parse import tokens
 from engine.store.base import RequestFilter, Store, Transaction
 from engine.store.files import FileStore
 from engine.store.lock import secure_data_dir
-from engine.store.schema import ACCOUNTS, MIGRATIONS, REBUILDS, normalized_account
+from engine.store.schema import (
+    ACCOUNTS,
+    CATCH_UP,
+    MIGRATIONS,
+    REBUILDS,
+    normalized_account,
+)
 
 log = logging.getLogger("engine.store")
 
@@ -248,6 +257,10 @@ class SqliteStore(Store):
         rows = await self._all(sql + " ORDER BY r.number", args)
         return [_request_dict(r) for r in rows]
 
+    async def reference_token(self, number: int) -> str | None:
+        row = await self._one("SELECT value FROM engine_keys WHERE name = 'reference'")
+        return None if row is None else tokens.token(number, str(row[0]))
+
     async def request_detail(self, number: int) -> dict[str, Any] | None:
         row = await self._one(_REQUEST_SELECT + " WHERE r.number = ?", (number,))
         if row is None:
@@ -298,10 +311,16 @@ class SqliteStore(Store):
         refs = await self._all(
             "SELECT ref FROM foreign_numbers WHERE request_number = ? ORDER BY id", (number,)
         )
+        watchers = await self._all(
+            "SELECT w.address, u.login FROM watchers w LEFT JOIN users u ON u.id = w.user_id "
+            "WHERE w.request_number = ? ORDER BY w.added_at, w.address",
+            (number,),
+        )
         return {
             "fields": {f[0]: f[1] for f in fields},
             "tags": [t[0] for t in tags],
             "foreign_numbers": [r[0] for r in refs],
+            "watchers": [{"address": w[0], "login": w[1]} for w in watchers],
         }
 
     async def counts(self) -> dict[str, int]:
@@ -517,6 +536,20 @@ _INSERTS = {
     "request_fields": "INSERT INTO request_fields(request_number, name, value) VALUES (?, ?, ?)",
     "request_tags": "INSERT OR IGNORE INTO request_tags(request_number, tag) VALUES (?, ?)",
     "foreign_numbers": ("INSERT OR IGNORE INTO foreign_numbers(ref, request_number) VALUES (?, ?)"),
+    "request_origins": (
+        "INSERT INTO request_origins(request_number, mailbox, team_id, sender, fingerprint, "
+        "message_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    ),
+    "watchers": (
+        "INSERT OR IGNORE INTO watchers(request_number, address, user_id, added_at) "
+        "VALUES (?, ?, ?, ?)"
+    ),
+    "undeliverable": (
+        "INSERT INTO undeliverable(address, status, reason, request_number, since) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT(address) DO UPDATE SET status = excluded.status, "
+        "reason = excluded.reason, request_number = excluded.request_number, "
+        "since = excluded.since"
+    ),
     # Content already there (cited by an earlier message) is the same bytes: kept.
     "attachment_blobs": "INSERT OR IGNORE INTO attachment_blobs(sha256, data) VALUES (?, ?)",
 }
@@ -548,6 +581,15 @@ class SqliteTransaction(Transaction):
         self._pending = _Pending()
         # Requests read ahead for this transaction (None: no such request).
         self._read_ahead: dict[int, RequestRef | None] = {}
+        # request_origins read ahead for the batch, this transaction's own added (None: not
+        # read): what flood() and origins() answer from for what it covers.
+        self._origins: list[tuple[int, str, str, str, str | None, str]] | None = None
+        self._origins_cover: tuple[frozenset[str], frozenset[str], frozenset[str], str] = (
+            frozenset(),
+            frozenset(),
+            frozenset(),
+            "",
+        )
         self._savepoints = 0
         self._directory = DirectoryView(
             user_by_email=self.user_by_email,
@@ -558,6 +600,8 @@ class SqliteTransaction(Transaction):
             correlated_event=self.correlated_event,
             request_by_foreign_number=self.request_by_foreign_number,
             has_name=self.has_name,
+            flood=self.flood,
+            origins=self.origins,
         )
 
     @property
@@ -663,6 +707,7 @@ class SqliteTransaction(Transaction):
         they leave is swept as unreferenced. The numbers rolled back are given again."""
         self._pending = _Pending()
         self._read_ahead.clear()
+        self._origins = None
         self._store._last_ids.clear()
 
     # -- small helpers ---------------------------------------------------------------------
@@ -717,12 +762,14 @@ class SqliteTransaction(Transaction):
     async def _user(self, where: str, arg: str) -> User | None:
         # Users and sites are written by import_directory only, never pending.
         row = await self._one(
-            "SELECT u.id, u.login, u.email, u.name, s.name FROM users u "
-            f"LEFT JOIN sites s ON s.id = u.site_id WHERE {where} ORDER BY u.id LIMIT 1",
+            "SELECT u.id, u.login, u.email, u.name, s.name, u.password_hash IS NOT NULL "
+            "OR EXISTS (SELECT 1 FROM user_roles r WHERE r.user_id = u.id AND r.role = 'agent') "
+            f"FROM users u LEFT JOIN sites s ON s.id = u.site_id WHERE {where} "
+            "ORDER BY u.id LIMIT 1",
             (arg,),
             sees=_NONE,
         )
-        return None if row is None else User(row[0], row[1], row[2], row[3], row[4])
+        return None if row is None else User(row[0], row[1], row[2], row[3], row[4], bool(row[5]))
 
     async def has_name(self, table: str, name: str) -> bool:
         assert table in {"sites", "groups", "sources", "priorities", "categories"}
@@ -1192,6 +1239,108 @@ class SqliteTransaction(Transaction):
                 return await self.request(int(row[0]))
         return None
 
+    async def read_ahead_origins(
+        self,
+        mailboxes: Iterable[str],
+        keys: Iterable[str],
+        message_ids: Iterable[str],
+        since: datetime,
+    ) -> None:
+        boxes, wanted, mids = (
+            frozenset(mailboxes),
+            frozenset(k.lower() for k in keys),
+            frozenset(message_ids),
+        )
+        if len(boxes) + 2 * len(wanted) + len(mids) > 30_000:
+            return  # over SQLite's variables: asked one by one instead
+        after = since.isoformat(timespec="seconds")
+        b, k, m = (",".join("?" * len(x)) for x in (boxes, wanted, mids))
+        rows = await self._all(
+            "SELECT request_number, mailbox, sender, fingerprint, message_id, created_at "
+            f"FROM request_origins WHERE (mailbox IN ({b}) AND created_at >= ? "
+            f"AND (sender IN ({k}) OR fingerprint IN ({k}))) OR message_id IN ({m})",
+            (*boxes, after, *wanted, *wanted, *mids),
+            sees=_tables("request_origins"),
+        )
+        self._origins = [(int(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows]
+        self._origins_cover = (boxes, wanted, mids, after)
+
+    async def engine_key(self, name: str) -> str | None:
+        row = await self._one("SELECT value FROM engine_keys WHERE name = ?", (name,), sees=_NONE)
+        return None if row is None else str(row[0])
+
+    async def record_origin(self, number: int, origin: Origin) -> None:
+        o = origin
+        row = (number, o.mailbox, o.sender.lower(), o.fingerprint, o.message_id, now())
+        if self._origins is not None:
+            self._origins.append(row)
+        self._pending.add("request_origins", (number, o.mailbox, o.team_id, *row[2:]))
+
+    async def flood(
+        self, mailbox: str, sender: str, fingerprint: str, since: datetime
+    ) -> tuple[int, int | None]:
+        after = since.isoformat(timespec="seconds")
+        boxes, wanted, _, covered_after = self._origins_cover
+        if (
+            self._origins is not None
+            and mailbox in boxes
+            and {sender.lower(), fingerprint} <= wanted
+            and after >= covered_after
+        ):
+            numbers = [
+                r[0]
+                for r in self._origins
+                if r[1] == mailbox
+                and r[5] >= after
+                and (r[2] == sender.lower() or r[3] == fingerprint)
+            ]
+            return len(numbers), max(numbers, default=None)
+        row = await self._one(
+            "SELECT count(*), max(request_number) FROM request_origins WHERE mailbox = ? "
+            "AND (sender = ? OR fingerprint = ?) AND created_at >= ?",
+            (mailbox, sender.lower(), fingerprint, since.isoformat(timespec="seconds")),
+            sees=_tables("request_origins"),
+        )
+        if row is None or not row[0]:
+            return 0, None
+        return int(row[0]), int(row[1])
+
+    async def origins(self, message_id: str) -> list[tuple[RequestRef, str]]:
+        rows: list[Any]
+        if self._origins is not None and message_id in self._origins_cover[2]:
+            rows = sorted((r[0], r[1]) for r in self._origins if r[4] == message_id)[:100]
+        else:
+            rows = await self._all(
+                "SELECT request_number, mailbox FROM request_origins WHERE message_id = ? "
+                "ORDER BY request_number LIMIT 100",
+                (message_id,),
+                sees=_tables("request_origins"),
+            )
+        out = []
+        for number, mailbox in rows:
+            ref = await self.request(int(number))
+            if ref is not None:
+                out.append((ref, str(mailbox)))
+        return out
+
+    async def add_watchers(self, number: int, watchers: Iterable[Watcher]) -> None:
+        for w in watchers:
+            self._pending.add("watchers", (number, scrub(w.address.lower()), w.user_id, now()))
+
+    async def mark_undeliverable(
+        self, address: str, *, status: str, reason: str, request_number: int | None
+    ) -> None:
+        row = (scrub(address.lower()), scrub(status), scrub(reason), request_number, now())
+        self._pending.add("undeliverable", row)
+
+    async def undeliverable(self, address: str) -> str | None:
+        row = await self._one(
+            "SELECT since, status, reason FROM undeliverable WHERE address = ?",
+            (address.lower(),),
+            sees=_tables("undeliverable"),
+        )
+        return None if row is None else f"since {row[0]}: {row[1]} {row[2]}"
+
     async def failure_event(self, message_id: str | None, sha256: str) -> int | None:
         row = await self._one(
             "SELECT number FROM requests WHERE kind = 'message-failure' AND sha256 = ? "
@@ -1545,6 +1694,20 @@ async def _migrate(db: aiosqlite.Connection) -> None:
             with anyio.CancelScope(shield=True):
                 await db.execute("ROLLBACK")
             raise
+    await _catch_up(db, version)
+
+
+async def _catch_up(db: aiosqlite.Connection, version: int) -> None:
+    """Run the idempotent scripts of the versions a store recorded while they were a
+    reserved no-op (schema.CATCH_UP): their table is missing."""
+    for number, table in CATCH_UP.items():
+        if version < number:
+            continue  # ran just now
+        rows = await db.execute_fetchall(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+        )
+        if not list(rows):
+            await db.executescript(f"BEGIN IMMEDIATE;\n{MIGRATIONS[number - 1]}\nCOMMIT;")
 
 
 async def _rebuild(db: aiosqlite.Connection, script: str, number: int) -> None:

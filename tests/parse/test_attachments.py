@@ -113,7 +113,8 @@ def test_inline_image_keeps_content_id() -> None:
     assert image.name == "attachment-1.png"
     assert image.data.startswith(b"\x89PNG")
     assert msg.html is not None and 'src="cid:screenshot.01@client.example.org"' in msg.html
-    assert msg.body == "See the error:"
+    # Issue 20: the description marks where the image sat, by its Content-ID.
+    assert msg.body == "See the error:\n\n[image: error (cid:screenshot.01@client.example.org)]"
 
 
 def test_content_id_and_location_never_shape_the_name() -> None:

@@ -144,9 +144,14 @@ def test_multipart_lines_pasted_into_a_body_count_as_neither_nesting_nor_parts(
         b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + pasted + b"\r\n--real--\r\n",
     )
     msg = parse_message(in_part)
-    assert msg.body == "see below"
-    assert len(msg.attachments) == 1
-    assert msg.attachments[0].data == pasted
+    if ctype == "text/plain":
+        # Issue 20 item 2: a second inline text part belongs to the body.
+        assert msg.body == "see below\n\n" + pasted.decode().replace("\r\n", "\n")
+        assert msg.attachments == ()
+    else:
+        assert msg.body == "see below"
+        assert len(msg.attachments) == 1
+        assert msg.attachments[0].data == pasted
 
 
 def test_only_the_first_content_type_of_a_header_block_nests() -> None:

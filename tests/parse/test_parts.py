@@ -14,8 +14,8 @@ def test_multipart_alternative_prefers_plain_text() -> None:
     assert msg.attachments == ()
 
 
-def test_a_second_alternative_is_kept_as_a_file() -> None:
-    """Its text and HTML were both dropped: the body and the HTML were taken already."""
+def test_a_second_alternative_and_a_text_after_it_belong_to_the_body() -> None:
+    """Issue 20 item 2: they were kept as attachment-N.txt (the body was taken already)."""
     alternative = (
         'Content-Type: multipart/alternative; boundary="{0}"\r\n\r\n--{0}\r\n'
         "Content-Type: text/plain\r\n\r\n{1}\r\n--{0}\r\n"
@@ -29,14 +29,12 @@ def test_a_second_alternative_is_kept_as_a_file() -> None:
         )
     )
     msg = parse_message(raw)
-    assert (msg.body, msg.html) == ("first text", "<p>first text</p>")
-    assert [(a.name, a.data) for a in msg.attachments] == [
-        ("attachment-1.txt", b"second text"),
-        ("attachment-2.txt", b"footer"),
-    ]
+    assert msg.body == "first text\n\nsecond text\n\nfooter"
+    assert msg.html == "<p>first text</p>\n<p>second text</p>"
+    assert msg.attachments == ()
     # A text part before an alternative leaves the alternative its HTML, as before.
     raw = top(
         multipart(b"Content-Type: text/plain\r\n\r\nintro", alternative.format("a", "x").encode())
     )
     msg = parse_message(raw)
-    assert (msg.body, msg.html, msg.attachments) == ("intro", "<p>x</p>", ())
+    assert (msg.body, msg.html, msg.attachments) == ("intro\n\nx", "<p>x</p>", ())
