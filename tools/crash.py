@@ -210,9 +210,11 @@ def make_launcher(name: str) -> Launcher:
 # --------------------------------------------------------------------------- mail and config
 
 
-def make_message(rng: random.Random, tag: str) -> tuple[bytes, str, frozenset[str]]:
+def make_message(
+    rng: random.Random, tag: str, *, file: bool = False
+) -> tuple[bytes, str, frozenset[str]]:
     """A message with 0 to 3 attachments, shared ones included, small and large; CRLF as on
-    the wire."""
+    the wire. ``file``: one of them for sure larger than BLOB_MAX, stored as a file."""
     msg = EmailMessage()
     known = rng.random() < 0.7
     msg["From"] = "John Doe <john.doe@example.com>" if known else f"Someone <s{tag}@else.example>"
@@ -228,10 +230,10 @@ def make_message(rng: random.Random, tag: str) -> tuple[bytes, str, frozenset[st
             maintype, subtype = ctype.split("/")
             msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
             payloads.append(data)
-    if rng.random() < 0.5:
+    if file or rng.random() < 0.5:
         # Half of them rows of the store, half files (larger than BLOB_MAX): a kill may land
         # in the writing of either.
-        small = rng.random() < 0.5
+        small = not file and rng.random() < 0.5
         data = rng.randbytes(
             rng.randint(100, 30_000) if small else rng.randint(BLOB_MAX + 1, 2 * BLOB_MAX)
         )
@@ -390,7 +392,10 @@ def iteration(
         dovecot.add_user(user, password)
         write(conf / f"box{box}.xml", user=user, password=password, **target.mailbox(dovecot))
         for i in range(rng.randint(3, 6)):
-            raw, mid, attachments = make_message(rng, f"{token}-{box}-{i}")
+            # Each iteration writes at least one attachment file, where the attachment-write
+            # kill point lands (small attachments are rows: no file to kill it in).
+            first = box == 0 and i == 0
+            raw, mid, attachments = make_message(rng, f"{token}-{box}-{i}", file=first)
             dovecot.deliver(user, raw)
             digest = hashlib.sha256(raw).hexdigest()
             delivered.append(Delivered(user, mid, digest, attachments))
