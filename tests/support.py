@@ -386,11 +386,12 @@ def _sqlite_blobs(data_dir: Path) -> dict[str, bytes]:
     """The SQLite store's small attachments, kept as rows (engine.store.sqlite.BLOB_MAX)."""
     db = sqlite3.connect(f"file:{data_dir / 'mailintegration.sqlite3'}?mode=ro", uri=True)
     try:
-        return {
-            str(s): bytes(d) for s, d in db.execute("SELECT sha256, data FROM attachment_blobs")
-        }
+        rows = db.execute("SELECT sha256, data FROM attachment_blobs").fetchall()
+    except sqlite3.OperationalError:  # a store from before migration 8 (an A/B's "before")
+        rows = []
     finally:
         db.close()
+    return {str(s): bytes(d) for s, d in rows}
 
 
 def engine_argv(*args: str | Path) -> list[str]:
