@@ -37,8 +37,11 @@ import json, os, subprocess, sys, uuid
 from pathlib import Path
 out, cases, mix, tree = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
 from bench.corpus import make_corpus
+import bench.run
 from bench.run import World, _engine_env
 from tools.dovecot import start_dovecot
+
+bench.run.REPO = Path(tree)  # the directory import too is the tree's: its own schema
 
 subprocess.run([sys.executable, "-m", "compileall", "-q", f"{tree}/engine"], check=True)
 env = {**_engine_env(), "PYTHONPATH": tree}
@@ -51,14 +54,15 @@ try:
         for j, user in enumerate(users):
             world.deliver(user, [corpus[(j * per + i) % len(corpus)] for i in range(per)])
         folder = world.fresh("cg")
-        config_dir, data_dir = world.engine_setup(folder, users)
+        # Under valgrind a session runs ~50 times slower than its byte-derived deadline.
+        config_dir, data_dir = world.engine_setup(folder, users, session_seconds=86400)
         subprocess.run(
             ["valgrind", "--tool=callgrind", "--trace-children=yes",
              f"--callgrind-out-file={folder}/callgrind.%p", sys.executable, "-m", "engine",
              "once", "--config-dir", str(config_dir), "--data-dir", str(data_dir)],
-            cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            timeout=3600, check=True,
-        )
+            cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=open(folder / "engine.err", "wb"),
+            timeout=3600,
+        ).returncode and sys.exit((folder / "engine.err").read_text()[-3000:])
         left = sum(dovecot.count(u) for u in users)
         print(json.dumps({"case": name, "folder": str(folder), "data": str(data_dir),
                           "messages": boxes * per, "left": left}), flush=True)
@@ -90,8 +94,9 @@ def measure(tree: Path, work: Path, mix: str = "bench") -> dict[str, float]:
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
-        check=True,
     )
+    if done.returncode:
+        raise SystemExit(f"{tree}: the measure failed:\n{done.stderr[-3000:]}")
     result: dict[str, float] = {}
     for line in done.stdout.splitlines():
         run = json.loads(line)

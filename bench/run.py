@@ -360,8 +360,10 @@ class World:
         tls: bool = False,
         max_bytes: int | None = None,
         imap: bool = False,
+        session_seconds: float | None = None,
     ) -> tuple[Path, Path]:
-        """A mailboxes.d with one file per user and a data dir with the directory imported."""
+        """A mailboxes.d with one file per user and a data dir with the directory imported;
+        ``session_seconds`` sets each mailbox's session deadline (sessionTimeoutSeconds)."""
         config_dir = folder / "mailboxes.d"
         data_dir = folder / "data"
         config_dir.mkdir()
@@ -379,7 +381,12 @@ class World:
                 password=f"pw-{user}",
                 host="localhost" if tls else self.dovecot.host,
                 use_ssl=tls,
-                server_extra=f"    <caFile>{self.dovecot.ca_file}</caFile>\n" if tls else "",
+                server_extra=(f"    <caFile>{self.dovecot.ca_file}</caFile>\n" if tls else "")
+                + (
+                    f"    <sessionTimeoutSeconds>{session_seconds:.0f}</sessionTimeoutSeconds>\n"
+                    if session_seconds is not None
+                    else ""
+                ),
                 **extra,
             )
         directory = folder / "directory.json"
