@@ -73,7 +73,9 @@ def test_crash_random_kills_and_crash_points_lose_and_duplicate_nothing(
         for point in POINTS:
             assert figures.kills[point] >= 1, (point, figures.as_dict())
         assert figures.kills["random"] >= 3
-        assert sum(figures.kills.values()) >= 25
+        # Most iterations kill at least once; not all: a random delay may outlast a short run,
+        # and a drawn N may pass the run's last file or message (24 of 25 seen in CI).
+        assert sum(figures.kills.values()) >= 20
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
