@@ -271,6 +271,14 @@ def mailbox_text(a: Answers, secret_ref: str) -> str:
             + _el("caFile", a.ca_file, "      ")
             + "    </oauth2>\n"
         )
+    own = ""
+    if a.address.lower() != a.user_name.lower():
+        # The sign-in name is not the address people write to: say which address is ours,
+        # or it would be kept as a watcher of every request it receives.
+        own = (
+            "  <!-- This desk's own address: never kept as a watcher. -->\n"
+            "  <mailHandling>\n" + _el("ownAddresses", a.address) + "  </mailHandling>\n"
+        )
     preset = PRESETS[a.provider]
     return (
         '<?xml version="1.0" encoding="utf-8"?>\n'
@@ -296,6 +304,7 @@ def mailbox_text(a: Answers, secret_ref: str) -> str:
         + _el("team", a.team, "  ")
         + _el("incidentFallbackUserLogon", a.fallback_user, "  ")
         + _el("incidentFallbackSiteName", a.fallback_site, "  ")
+        + own
         + "</mailIntegration>\n"
     )
 

@@ -108,6 +108,8 @@ def test_init_generic_pop3_with_a_password_writes_a_valid_file_and_checks_it(
     cfg = load_mailbox(target)
     assert (cfg.server.gateway, cfg.server.starttls, cfg.team) == ("pop3", True, "IT")
     assert (cfg.fallback_user, cfg.fallback_site) == ("unknown.user", "Montréal")
+    # The sign-in name is not the address: the address is declared ours, never a watcher.
+    assert f"{user}@example.com" in cfg.handling.own_addresses
 
 
 def test_init_generic_imap_with_oauth2_signs_in_at_check(

@@ -40,6 +40,10 @@ MAILBOX_XML = """<?xml version="1.0" encoding="utf-8"?>
   <ignoredAttachments>image001.png</ignoredAttachments>
   <createNewRequests>true</createNewRequests>
   <includeRawMessageAsAttachment>false</includeRawMessageAsAttachment>
+  <mailHandling>
+    <!-- The address the demo's mail is written to (the sign-in name is "support"). -->
+    <ownAddresses>support@example.com</ownAddresses>
+  </mailHandling>
 </mailIntegration>
 """
 
