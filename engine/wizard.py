@@ -242,6 +242,17 @@ def _el(name: str, value: object, indent: str = "    ") -> str:
     return "" if value is None else f"{indent}<{name}>{escape(str(value))}</{name}>\n"
 
 
+def _own_address(a: Answers) -> str:
+    """``mailHandling/ownAddresses`` when the sign-in name is not the address people write
+    to: without it, the desk's own address would be kept as a watcher of every request."""
+    if a.address.lower() == a.user_name.lower():
+        return ""  # the user name is the address: the engine knows it already
+    return (
+        "  <!-- This desk's own address: never kept as a watcher. -->\n"
+        "  <mailHandling>\n" + _el("ownAddresses", a.address) + "  </mailHandling>\n"
+    )
+
+
 def mailbox_text(a: Answers, secret_ref: str) -> str:
     """The commented mailbox file. Values are escaped; comments are fixed text only (a
     ``--`` of an answer would end a comment)."""
@@ -271,14 +282,6 @@ def mailbox_text(a: Answers, secret_ref: str) -> str:
             + _el("caFile", a.ca_file, "      ")
             + "    </oauth2>\n"
         )
-    own = ""
-    if a.address.lower() != a.user_name.lower():
-        # The sign-in name is not the address people write to: say which address is ours,
-        # or it would be kept as a watcher of every request it receives.
-        own = (
-            "  <!-- This desk's own address: never kept as a watcher. -->\n"
-            "  <mailHandling>\n" + _el("ownAddresses", a.address) + "  </mailHandling>\n"
-        )
     preset = PRESETS[a.provider]
     return (
         '<?xml version="1.0" encoding="utf-8"?>\n'
@@ -304,7 +307,7 @@ def mailbox_text(a: Answers, secret_ref: str) -> str:
         + _el("team", a.team, "  ")
         + _el("incidentFallbackUserLogon", a.fallback_user, "  ")
         + _el("incidentFallbackSiteName", a.fallback_site, "  ")
-        + own
+        + _own_address(a)
         + "</mailIntegration>\n"
     )
 
