@@ -365,6 +365,26 @@ def smtp_server(handler: Any, **options: Any) -> Iterator[int]:
         controller.stop()
 
 
+class SmtpSink:
+    """An aiosmtpd handler keeping what it receives: (MAIL FROM, RCPT TOs, content)."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, list[str], bytes]] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+        return "250 OK"
+
+
+def ingest(data: Path, cfg: Path, *files: Path) -> tuple[int, str]:
+    """``mailintegration ingest FILES`` as the mailbox of ``cfg``, into ``data`` (or the
+    PostgreSQL store of the ``store`` fixture)."""
+    return cli(
+        "ingest", *files, "--config", cfg, "--data-dir", data, "--login", LOGIN,
+        "--password", LOGIN_PASSWORD, *store_args(),
+    )  # fmt: skip
+
+
 def attachment_bytes(data_dir: Path, sha256: str) -> bytes:
     if STORE:
         import psycopg

@@ -15,9 +15,11 @@ from support import (
     LOGIN,
     LOGIN_PASSWORD,
     Mailbox,
+    SmtpSink,
     cli,
     data_dir,
     import_directory,
+    ingest,
     ledger,
     mailbox_xml,
     message,
@@ -43,22 +45,6 @@ def data(store: str, tmp_path: Path) -> Path:
 
 
 OWN = "<ownAddresses>support@example.com, helpdesk@example.com</ownAddresses>"
-
-
-def ingest(data: Path, cfg: Path, *files: Path) -> tuple[int, str]:
-    return cli(
-        "ingest",
-        *files,
-        "--config",
-        cfg,
-        "--data-dir",
-        data,
-        "--login",
-        LOGIN,
-        "--password",
-        LOGIN_PASSWORD,
-        *store_args(),
-    )
 
 
 def write(tmp_path: Path, name: str, raw: bytes) -> Path:
@@ -349,25 +335,16 @@ def test_a_plain_bounce_naming_a_request_number_threads_onto_it(tmp_path: Path, 
     assert len(req["activities"]) == 1 and req["activities"][0]["automatic"]
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.received: list[tuple[str, list[str], bytes]] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
-        return "250 OK"
-
-
 @pytest.fixture
-def sink() -> Iterator[tuple[Sink, int]]:
-    s = Sink()
+def sink() -> Iterator[tuple[SmtpSink, int]]:
+    s = SmtpSink()
     with smtp_server(s) as port:
         yield s, port
 
 
 @pytest.mark.dovecot
 def test_a_permanent_bounce_stops_auto_replies_to_that_address(
-    mailbox: Mailbox, sink: tuple[Sink, int], capfd: pytest.CaptureFixture[str]
+    mailbox: Mailbox, sink: tuple[SmtpSink, int], capfd: pytest.CaptureFixture[str]
 ) -> None:
     received, port = sink[0].received, sink[1]
     mailbox.configure(
@@ -437,7 +414,9 @@ def test_historic_import_creates_closed_requests_and_leaves_older_mail_on_the_se
 
 
 @pytest.mark.dovecot
-def test_historic_import_sends_no_automatic_reply(mailbox: Mailbox, sink: tuple[Sink, int]) -> None:
+def test_historic_import_sends_no_automatic_reply(
+    mailbox: Mailbox, sink: tuple[SmtpSink, int]
+) -> None:
     mailbox.configure(
         "noreq",
         createNewRequests="False",

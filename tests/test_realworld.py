@@ -15,6 +15,7 @@ from support import (
     LOGIN_PASSWORD,
     attachment_bytes,
     cli,
+    ingest,
     ledger,
     mailbox_xml,
     message,
@@ -25,21 +26,6 @@ from engine.parse import parse_message
 
 CORPUS = Path(__file__).parent / "corpus"
 CASES = sorted(p.stem for p in CORPUS.glob("*.eml"))
-
-
-def ingest(data: Path, cfg: Path, *files: Path) -> tuple[int, str]:
-    return cli(
-        "ingest",
-        *files,
-        "--config",
-        cfg,
-        "--data-dir",
-        data,
-        "--login",
-        LOGIN,
-        "--password",
-        LOGIN_PASSWORD,
-    )
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import LOGIN, LOGIN_PASSWORD, cli, data_dir, ledger, mailbox_xml, requests
+from support import data_dir, ingest, ledger, mailbox_xml, requests
 
 from engine.parse import parse_message
 
@@ -26,13 +26,6 @@ CASES = sorted(p.stem for p in CORPUS.glob("*.eml"))
 
 def expected(case: str) -> dict[str, Any]:
     return dict(json.loads((CORPUS / f"{case}.json").read_text(encoding="utf-8")))
-
-
-def ingest(data: Path, cfg: Path, *files: Path) -> tuple[int, str]:
-    return cli(
-        "ingest", *files, "--config", cfg, "--data-dir", data, "--login", LOGIN,
-        "--password", LOGIN_PASSWORD,
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ import email
 from collections.abc import Callable, Iterator
 from email.policy import default as default_policy
 from pathlib import Path
-from typing import Any
 
 import pytest
 from support import (
     Mailbox,
+    SmtpSink,
     message,
     once,
     smtp_server,
@@ -19,24 +19,15 @@ from support import (
 pytestmark = pytest.mark.dovecot
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.received: list[tuple[str, list[str], bytes]] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
-        return "250 OK"
-
-
 @pytest.fixture
-def smtp_sink() -> Iterator[tuple[Sink, int]]:
-    sink = Sink()
+def smtp_sink() -> Iterator[tuple[SmtpSink, int]]:
+    sink = SmtpSink()
     with smtp_server(sink) as port:
         yield sink, port
 
 
 @pytest.fixture
-def mailbox(mailbox: Mailbox, smtp_sink: tuple[Sink, int]) -> Mailbox:
+def mailbox(mailbox: Mailbox, smtp_sink: tuple[SmtpSink, int]) -> Mailbox:
     """Here the shared mailbox is `noreq`: it takes no new requests and replies through the
     SMTP sink."""
     mailbox.configure(
@@ -51,7 +42,7 @@ def mailbox(mailbox: Mailbox, smtp_sink: tuple[Sink, int]) -> Mailbox:
 
 
 @pytest.fixture
-def sink(smtp_sink: tuple[Sink, int]) -> Sink:
+def sink(smtp_sink: tuple[SmtpSink, int]) -> SmtpSink:
     return smtp_sink[0]
 
 
@@ -61,7 +52,9 @@ def _parsed(raw: bytes) -> email.message.EmailMessage:
     return msg
 
 
-def test_refused_message_gets_one_auto_reply_with_null_sender(mailbox: Mailbox, sink: Sink) -> None:
+def test_refused_message_gets_one_auto_reply_with_null_sender(
+    mailbox: Mailbox, sink: SmtpSink
+) -> None:
     mailbox.deliver(message("Need a laptop", message_id="<ask-1@example.com>"))
     assert mailbox.once() == 0
     assert mailbox.requests() == []
@@ -91,7 +84,7 @@ def test_refused_message_gets_one_auto_reply_with_null_sender(mailbox: Mailbox, 
     ],
 )
 def test_no_reply_to_automated_or_null_senders(
-    mailbox: Mailbox, sink: Sink, sender: str, headers: dict[str, str]
+    mailbox: Mailbox, sink: SmtpSink, sender: str, headers: dict[str, str]
 ) -> None:
     mailbox.deliver(message("Automatic", sender=sender, headers=headers))
     assert mailbox.once() == 0
@@ -101,7 +94,9 @@ def test_no_reply_to_automated_or_null_senders(
     assert row["outcome"].startswith(("refused: no reply", "ignored: auto-reply"))
 
 
-def test_encoded_newline_in_subject_cannot_inject_a_header(mailbox: Mailbox, sink: Sink) -> None:
+def test_encoded_newline_in_subject_cannot_inject_a_header(
+    mailbox: Mailbox, sink: SmtpSink
+) -> None:
     raw = (
         b"From: John Doe <john.doe@example.com>\r\nTo: support@example.com\r\n"
         b"Subject: =?utf-8?q?Hello=0D=0ABcc=3A_victim=40evil=2Eexample?=\r\n"
@@ -116,7 +111,7 @@ def test_encoded_newline_in_subject_cannot_inject_a_header(mailbox: Mailbox, sin
     assert "\n" not in reply["Subject"] and "\r" not in reply["Subject"]
 
 
-def test_replies_per_sender_are_rate_limited(mailbox: Mailbox, sink: Sink) -> None:
+def test_replies_per_sender_are_rate_limited(mailbox: Mailbox, sink: SmtpSink) -> None:
     for i in range(7):
         mailbox.deliver(message(f"Ask {i}"))
     assert mailbox.once() == 0
@@ -126,7 +121,7 @@ def test_replies_per_sender_are_rate_limited(mailbox: Mailbox, sink: Sink) -> No
 
 
 def test_reply_with_reference_still_adds_activity_when_new_requests_are_refused(
-    tmp_path: Path, mailbox: Mailbox, sink: Sink, new_mailbox: Callable[..., Mailbox]
+    tmp_path: Path, mailbox: Mailbox, sink: SmtpSink, new_mailbox: Callable[..., Mailbox]
 ) -> None:
     # A request made through an open mailbox of the same team, then answered in this one.
     open_box = new_mailbox(tmp_path / "open.xml")
@@ -147,7 +142,7 @@ def test_reply_with_reference_still_adds_activity_when_new_requests_are_refused(
     ],
 )
 def test_no_reply_to_a_message_carrying_our_loop_header_or_message_id(
-    mailbox: Mailbox, sink: Sink, headers: dict[str, str], message_id: str | None
+    mailbox: Mailbox, sink: SmtpSink, headers: dict[str, str], message_id: str | None
 ) -> None:
     mailbox.deliver(message("Echo", headers=headers, message_id=message_id))
     assert mailbox.once() == 0
@@ -224,7 +219,7 @@ def _header_names(raw: bytes) -> list[str]:
     ids=["subject-encoded-twice", "subject-encoded-crlf", "message-id-encoded-word", "bidi"],
 )
 def test_received_subject_and_message_id_never_inject_a_header_or_a_body(
-    mailbox: Mailbox, sink: Sink, headers: bytes, visible: str, threaded: bool
+    mailbox: Mailbox, sink: SmtpSink, headers: bytes, visible: str, threaded: bool
 ) -> None:
     """On this interpreter (3.11.7, without the CVE-2024-6923 fix): the reply received by a
     real SMTP server has exactly our headers, one text/plain part, and the subject reads as
@@ -252,12 +247,12 @@ def test_received_subject_and_message_id_never_inject_a_header_or_a_body(
 # -- rate limits (issue 12, item 9) ---------------------------------------------------------
 
 
-def _sent_to(sink: Sink) -> list[str]:
+def _sent_to(sink: SmtpSink) -> list[str]:
     return [rcpt for _, rcpts, _ in sink.received for rcpt in rcpts]
 
 
 def test_address_variants_count_as_one_address_for_the_daily_limit(
-    mailbox: Mailbox, sink: Sink
+    mailbox: Mailbox, sink: SmtpSink
 ) -> None:
     """+tags, case, a trailing dot and the IDNA or Unicode spelling of the domain were each a
     new address: 11 replies to one person against a limit of 5."""
@@ -293,7 +288,7 @@ def test_address_variants_count_as_one_address_for_the_daily_limit(
 
 
 def test_replies_to_one_domain_and_from_one_mailbox_are_capped_per_hour(
-    mailbox: Mailbox, sink: Sink
+    mailbox: Mailbox, sink: SmtpSink
 ) -> None:
     for i in range(25):
         mailbox.deliver(message(f"D {i}", sender=f"<user{i}@victim.example>"))
