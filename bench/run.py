@@ -1409,6 +1409,11 @@ def _run_case(
     print(f"[bench] {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
+def _use_engine_tree(tree: Path) -> None:
+    global REPO
+    REPO = tree.resolve()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (under a minute)")
@@ -1437,7 +1442,15 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated cases: startup,single,many,tls,memory,latency,crash,imap,"
         "imap-many,imap-latency",
     )
+    parser.add_argument(
+        "--engine-tree",
+        type=Path,
+        help="run the engine from this checkout instead (an A/B: a git worktree of the "
+        "revision before); the corpus, Dovecot, baselines and checks stay this checkout's",
+    )
     args = parser.parse_args(argv)
+    if args.engine_tree is not None:
+        _use_engine_tree(args.engine_tree)
     sizes = QUICK if args.quick else FULL
     every = "startup,single,many,tls,memory,latency,crash,imap,imap-many,imap-latency"
     wanted = set((args.only or every).split(","))
