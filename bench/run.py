@@ -1142,6 +1142,7 @@ def profile(world: World, report: Report, corpus: list[Template]) -> list[Path]:
             "--format",
             "raw",
             "--threads",
+            "--subprocesses",  # the parsing processes too (issue 18: "py-spy on both processes")
             "--rate",
             str(rate),
             "--nonblocking",
@@ -1187,20 +1188,38 @@ def summarize_sql(path: Path, messages: int, wall: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+_PYSPY_PROCESSES = re.compile(r'(?:process \d+:"(?:[^"\\]|\\.)*";)+')
+_PYSPY_COMMAND = re.compile(r'process \d+:"((?:[^"\\]|\\.)*)";')
+
+
+def _process_kind(command: str) -> str:
+    """What a process of the engine's run is, from its command line."""
+    if " -m engine" in command:
+        return "engine"
+    if "resource_tracker" in command:
+        return "resource tracker"
+    return "parsing process"
+
+
 def summarize_pyspy(raw: Path, rate: int, top: int = 40) -> str:
     """Cumulative and self time per function (line numbers dropped), and per thread kind,
     from py-spy's collapsed stacks (only busy samples: idle threads are not recorded)."""
-    import re
-
     cumulative: Counter[str] = Counter()
     own: Counter[str] = Counter()
     threads: Counter[str] = Counter()
+    processes: Counter[str] = Counter()
     total = 0
     for line in raw.read_text(encoding="utf-8", errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
+        # With --subprocesses each stack starts with its process and the parents', each as
+        # `process PID:"command line";`: a command line may hold a ';' of its own.
+        chain = _PYSPY_PROCESSES.match(stack)
+        if chain is not None:
+            processes[_process_kind(_PYSPY_COMMAND.findall(chain.group(0))[-1])] += count
+            stack = stack[chain.end() :]
         frames = stack.split(";")
         head = frames[0]
         if head.startswith("thread ("):
@@ -1222,6 +1241,9 @@ def summarize_pyspy(raw: Path, rate: int, top: int = 40) -> str:
     out = [
         f"py-spy, {rate} Hz, busy samples of every thread: {total} ({total / rate:.1f} s of "
         "CPU-or-GIL-holding time; idle threads are not sampled)",
+        "",
+        "By process:",
+        *(f"{n / rate:8.2f} s {100 * n / total:5.1f} %  {k}" for k, n in processes.most_common()),
         "",
         "By thread kind:",
         *(f"{n / rate:8.2f} s {100 * n / total:5.1f} %  {t}" for t, n in threads.most_common()),

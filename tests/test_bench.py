@@ -60,3 +60,27 @@ def test_quick_benchmark_runs_every_case_and_records_one_table(tmp_path: Path) -
     assert "CHECK FAILED" not in text and "Correctness problems" not in text
     assert section.count("exactly once:") >= 18
     assert "ignored" in section  # the realistic mix's auto-replies, each checked as such
+
+
+def test_the_profile_summary_splits_the_engine_from_its_parsing_process(tmp_path: Path) -> None:
+    """py-spy --subprocesses prefixes each stack with its process chain, whose command lines
+    may hold a ';' of their own: the summary counts samples per process, and the frames after
+    the chain, not inside it."""
+    from bench.run import summarize_pyspy
+
+    engine = 'process 10:"/v/python -m engine once --config-dir /c";'
+    parser = 'process 11:"/v/python -B -c from multiprocessing.spawn import spawn_main; x;y";'
+    raw = tmp_path / "raw"
+    raw.write_text(
+        f"{engine}thread (0x1): MainThread;run (engine/cli.py:3);apply (engine/writer.py:9) 30\n"
+        f"{engine}{parser}thread (0x2): MainThread;parse_message (engine/parse/x.py:7) 10\n",
+        encoding="utf-8",
+    )
+    text = summarize_pyspy(raw, rate=10)
+    by_process = text.split("By process:\n", 1)[1].split("\n\n", 1)[0]
+    assert by_process.splitlines() == [
+        "    3.00 s  75.0 %  engine",
+        "    1.00 s  25.0 %  parsing process",
+    ]
+    assert "1.00 s  25.0 %  parse_message (engine/parse/x.py)" in text
+    assert "spawn_main" not in text.split("By thread kind:", 1)[1]
