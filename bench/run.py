@@ -1284,6 +1284,7 @@ loopback, measured by `bench/run.py` in one invocation:
 python -m bench.run            # full: 1 x 2,000, 50 x 200, POP3S, 20 MB messages, latency, crash
 python -m bench.run --quick    # the same cases, small (about a minute; CI may run it)
 python -m bench.run --profile  # the 1 x 2,000 case under pyinstrument, SQL tracing and py-spy
+python -m bench.run --only single --engine-tree /tmp/before  # A/B: another checkout's engine
 ```
 
 Each case delivers the same deterministic corpus (`bench/corpus.py`: plain text, HTML only,
