@@ -4,7 +4,6 @@ and the process's resources (memory, file descriptors)."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import logging
 import resource
@@ -30,9 +29,10 @@ def bound_large_allocations() -> bool:
     123 MiB, and 100 MiB with the threshold fixed. Setting it turns the adjustment off.
     Elsewhere than glibc this does nothing (and returns False).
     """
-    name = ctypes.util.find_library("c")
+    # The process's own symbols (dlopen(NULL)) hold libc's: ctypes.util.find_library("c")
+    # would run `ldconfig -p` in a child process (~5 ms and a fork) at every start.
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
     except (OSError, AttributeError, TypeError):
         return False

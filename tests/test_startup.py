@@ -10,10 +10,12 @@ xmlschema would refuse.
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from lxml import etree
@@ -256,16 +258,17 @@ def test_engine_start_imports_neither_xmlschema_nor_prometheus() -> None:
 @pytest.mark.dovecot
 def test_a_run_over_plain_mail_imports_no_metrics_tables_or_tnef(mailbox: Mailbox) -> None:
     """Every start pays for what it imports (~15 ms for prometheus_client, ~9 ms each for
-    inscriptis and tnefparse, ~110 ms for Starlette and Hypercorn). `once` without an HTTP
-    port has no use for metrics nor a web server, and only tables in HTML and winmail.dat
-    attachments need inscriptis and tnefparse."""
+    inscriptis and tnefparse, ~110 ms for Starlette and Hypercorn, ~25 ms for asyncpg).
+    `once` without an HTTP port has no use for metrics nor a web server, only tables in
+    HTML and winmail.dat attachments need inscriptis and tnefparse, and only a --store
+    naming PostgreSQL needs asyncpg."""
     mailbox.deliver(*[message(f"Plain {i}") for i in range(3)])
     args = ["once", "--config", str(mailbox.config), "--data-dir", str(mailbox.data)]
     args += ["--login", LOGIN, "--password", LOGIN_PASSWORD]
     script = (
         "import atexit, sys\n"
         "lazy = {'prometheus_client', 'inscriptis', 'tnefparse', 'xmlschema', 'starlette',"
-        " 'hypercorn', 'h11', 'h2'}\n"
+        " 'hypercorn', 'h11', 'h2', 'asyncpg'}\n"
         "atexit.register(lambda: print(sorted(lazy & set(sys.modules))))\n"
         "from engine.cli import main\n"
         f"sys.exit(main({args!r}))\n"
@@ -346,3 +349,17 @@ def test_the_pipeline_is_imported_while_the_login_is_checked(tmp_path: Path, dat
     assert done.returncode == 0, done.stderr
     # Before the check: not imported; by its end: imported. A wrong password still fails.
     assert done.stdout.split("\n")[-2] == "0 2 [False, True, True, True]"
+
+
+def test_bounding_large_allocations_starts_no_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ctypes.util.find_library("c") ran `ldconfig -p` in a child process at every start;
+    libc's mallopt is found among the process's own symbols instead."""
+    from engine.ops import bound_large_allocations
+
+    def no_child(*args: object, **kwargs: object) -> NoReturn:
+        raise AssertionError(f"a child process was started: {args}")
+
+    monkeypatch.setattr(subprocess, "Popen", no_child)
+    monkeypatch.setattr(os, "posix_spawn", no_child)
+    monkeypatch.setattr(os, "fork", no_child)
+    assert bound_large_allocations()
