@@ -363,3 +363,34 @@ def test_bounding_large_allocations_starts_no_process(monkeypatch: pytest.Monkey
     monkeypatch.setattr(os, "posix_spawn", no_child)
     monkeypatch.setattr(os, "fork", no_child)
     assert bound_large_allocations()
+
+
+def test_a_command_line_builds_only_its_subcommand_and_reads_no_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Building the eleven other subcommands' arguments (~10 ms) and looking the installed
+    version up (~5 ms) were paid by every start; `--version` and `--help` still see all."""
+    import importlib.metadata
+
+    from engine import cli
+
+    def never(*args: object) -> NoReturn:
+        raise AssertionError(f"built or read when not needed: {args}")
+
+    for name in cli.SUBCOMMANDS:
+        if name != "status":
+            monkeypatch.setitem(cli.SUBCOMMANDS, name, never)
+    monkeypatch.setattr(importlib.metadata, "version", never)
+    assert cli.main(["status", "--data-dir", str(tmp_path / "none")]) == 2
+    assert "no store in" in capsys.readouterr().err
+    monkeypatch.undo()
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert (
+        capsys.readouterr().out
+        == f"mailintegration {importlib.metadata.version('mailintegration')}\n"
+    )
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    shown = capsys.readouterr().out
+    assert all(f"    {name}" in shown for name in ("once", "run", "completion"))
