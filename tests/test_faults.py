@@ -81,6 +81,28 @@ def test_unconfirmed_deletion_then_rerun(tmp_path: Path, data: Path, fault: dict
     assert outages(data) == [(cause, "processed")]
 
 
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param({"drop_after_quit": True}, id="dropped-after-quit-before-ok"),
+        pytest.param({"quit_response": "-ERR [SYS/TEMP] could not expunge"}, id="err-to-quit"),
+    ],
+)
+def test_with_nothing_deleted_quit_is_sent_and_its_answer_not_awaited(
+    tmp_path: Path, data: Path, fault: dict[str, Any]
+) -> None:
+    """Only a QUIT after DELE has anything to confirm: a session that marked nothing
+    deleted (an empty poll, mail already in the ledger is the other case) sends QUIT and
+    closes, so whatever the server answers, or not, is no outage. With deletions the answer
+    is read (test_unconfirmed_deletion_then_rerun)."""
+    with FakePOP3Server(Script(messages=[], fault_sessions=1, **fault)) as fake:
+        cfg = box(tmp_path, fake)
+        assert once(data, cfg) == 0
+        fake.wait_idle()
+        assert fake.commands[-1] == "QUIT"
+    assert outages(data) == []
+
+
 def test_stall_mid_retr_is_bounded_by_the_timeout(tmp_path: Path, data: Path) -> None:
     raws = three()
     script = Script(messages=raws, stall_on_retr=2, stall_timeout=30, fault_sessions=1)

@@ -380,6 +380,8 @@ class Pop3Gateway:
         self.outstanding: deque[Request] = deque()
         # An answer was left half-read: nothing more can be said to this server.
         self._lost = False
+        # DELE was sent (even unanswered): QUIT's answer must be read (see quit).
+        self._marked = False
 
     def _c(self) -> poplib.POP3:
         if self.conn is None:
@@ -623,6 +625,7 @@ class Pop3Gateway:
         conn: Any = self._c()
         if self.outstanding:
             raise ProtocolError("internal error: DELE while answers are still to be read")
+        self._marked = True  # QUIT's answer now says whether they went (see quit)
         during = f"DELE {numbers[0]}" if len(numbers) == 1 else f"DELE {numbers[0]}-{numbers[-1]}"
         with self._mapped(during):
             if len(numbers) > 1 and self.pipelining:
@@ -634,10 +637,16 @@ class Pop3Gateway:
                     conn.dele(n)
 
     def quit(self) -> None:
-        """QUIT: the server removes the deleted messages only if this succeeds."""
+        """QUIT: the server removes the deleted messages only if this succeeds. With none
+        marked deleted its answer tells nothing: QUIT is sent and the session closed without
+        waiting for it (a round trip and the server's own QUIT work at every empty poll)."""
         try:
             with self._mapped("QUIT"):
-                self._c().quit()
+                conn: Any = self._c()
+                if self._marked or self.outstanding:
+                    conn.quit()
+                else:
+                    conn._putcmd("QUIT")
         finally:
             self.close()
 
