@@ -444,6 +444,8 @@ def html_agreement(
             continue
         if _words(_LAYOUT_RE.sub(" ", mine)) == _words(_LAYOUT_RE.sub(" ", theirs)):
             why["bullets, numbers or link URLs only"] += 1
+        elif "[image: " in mine:
+            why["inline images (ours: [image: …])"] += 1
         else:
             why["other text"] += 1
     return exact, words, raised, why
