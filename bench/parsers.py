@@ -37,7 +37,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.policy import default as default_policy
@@ -69,8 +69,15 @@ class Fields:
     ids: tuple[str | None, tuple[str, ...]]
 
 
-FIELD_NAMES = ("subject", "sender", "recipients", "body", "attachment_names", "attachment_bytes")
-FIELD_NAMES += ("ids",)
+FIELD_NAMES = (
+    "subject",
+    "sender",
+    "recipients",
+    "body",
+    "attachment_names",
+    "attachment_bytes",
+    "ids",
+)
 
 
 @dataclass
@@ -300,7 +307,7 @@ def html_converters() -> dict[str, Callable[[str], str] | None]:
 
 
 def per_item_medians(
-    funcs: dict[str, Callable[[Any], object] | None], items: list[Any], repeat: int
+    funcs: Mapping[str, Callable[[Any], object] | None], items: list[Any], repeat: int
 ) -> dict[str, float]:
     """Seconds per item of each function: the median of ``repeat`` passes over ``items``,
     the functions alternating within each pass so that load moves them all alike."""
