@@ -490,6 +490,7 @@ def run(count: int, repeat: int) -> list[str]:
     }
     lines += ["", f"HTML to text, per document (median of {repeat} passes; ratio to ours):", ""]
     lines += timing_table(html_times, "ours (render_html)", "converter")
+    lines += [f"- {n}: not installed, skipped" for n, f in converters.items() if f is None]
     lines += ["", "HTML agreement with ours (same text / same words / raised):", ""]
     every = [b for group in bodies.values() for b in group]
     for name, convert in converters.items():
