@@ -84,3 +84,29 @@ def test_the_profile_summary_splits_the_engine_from_its_parsing_process(tmp_path
     ]
     assert "1.00 s  25.0 %  parse_message (engine/parse/x.py)" in text
     assert "spawn_main" not in text.split("By thread kind:", 1)[1]
+
+
+@pytest.mark.timeout(300)
+def test_quick_parser_benchmark_times_and_compares_every_parser_present() -> None:
+    """bench.parsers in its quick mode: a row per parser and corpus against the stdlib, the
+    agreement of each parser installed with ours, HTML converters against ours."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.parsers", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    head = "| parser | bench mix | realistic mix | realworld | realworld2 |"
+    assert head in out
+    timings = [line for line in out.splitlines() if line.startswith("| ") and " µs (" in line]
+    rows = {line.split(" | ")[0]: line for line in timings}
+    assert rows["| stdlib email"].count("(1.00)") == 4
+    assert rows["| ours (parse_message)"].count(" µs (") == 4
+    assert rows["| ours (render_html)"].count("(1.00)") == 4
+    # The stdlib against ours, message by message: the bench mix (50 here) all alike.
+    assert "| stdlib email | bench mix | 50/50 | 0 | 0 | 0 | none | none |" in out
+    for name in ("fast-mail-parser", "selectolax (lexbor)", "resiliparse"):
+        assert f"{name}: not installed, skipped" in out or f"| {name} |" in out

@@ -446,8 +446,8 @@ def _split_entity(
     ctype = msg.get_content_type()
     maintype = ctype.split("/")[0]
     if ctype == "message/delivery-status":
-        raise _Irregular
-    if maintype == "message":
+        _split_delivery_status(msg, text, body, end)
+    elif maintype == "message":
         msg.attach(_split_entity(text, body, end, False, last_in_part, depth + 1))
     elif maintype == "multipart":
         _split_multipart(msg, text, body, end, depth)
@@ -460,13 +460,19 @@ def _split_entity(
     return msg
 
 
-def _split_headers(msg: Message, text: str, start: int, end: int) -> int:
-    """Add the header fields at ``text[start:end]`` to ``msg``; the offset of the body."""
+def _read_fields(msg: Message, text: str, start: int, end: int) -> int:
+    """Add the header fields from ``text[start:end]`` to ``msg``; the offset after them."""
     pos = start
     while (m := _FIELD_RE.match(text, pos, end)) is not None:
         # What compat32's header_source_parse makes of the field's lines.
         msg.set_raw(m.group(1), m.group(2).rstrip("\r\n"))
         pos = m.end()
+    return pos
+
+
+def _split_headers(msg: Message, text: str, start: int, end: int) -> int:
+    """Add the header fields at ``text[start:end]`` to ``msg``; the offset of the body."""
+    pos = _read_fields(msg, text, start, end)
     if pos >= end:
         return end
     if text[pos] in "\r\n":
@@ -478,6 +484,33 @@ def _split_headers(msg: Message, text: str, start: int, end: int) -> int:
         raise _Irregular  # an envelope "From " line, a field without a name, a continuation
     # Any other line ends the header block and is the first line of the body.
     return pos
+
+
+def _split_delivery_status(msg: Message, text: str, start: int, end: int) -> None:
+    """The body of a message/delivery-status at ``text[start:end]``, as the feed parser
+    reads it: each block of fields (up to a blank line) becomes a Message of headers alone.
+
+    Every DSN took the feed parser whole (6 % of the realistic mix, 12 % of its parse time).
+    A line that is neither a field nor blank would start a body in its block: irregular.
+    """
+    pos = start
+    while True:
+        block = Message()
+        msg.attach(block)
+        pos = _read_fields(block, text, pos, end)
+        block.set_payload("")
+        if pos >= end:
+            return
+        # The feed parser stops a block at a blank line, reads it, then reads one more line:
+        # none left ends the body; any other (a blank line too) starts the next block.
+        if text.startswith("\n", pos):
+            pos += 1
+        elif text.startswith("\r\n", pos):
+            pos += 2
+        else:
+            raise _Irregular
+        if pos >= end:
+            return
 
 
 def _split_multipart(msg: Message, text: str, start: int, end: int, depth: int) -> None:

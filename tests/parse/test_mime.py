@@ -586,11 +586,38 @@ MIME_SHAPES = {
         b"Content-Type: multipart/mixed; boundary=a1\n\n--a1\n\nx\n--a\n\ny\n--a--\n"
     ),
 }
+DSN_REPORT = (
+    b'Content-Type: multipart/report; report-type=delivery-status; boundary="r"\r\n\r\n'
+    b"--r\r\nContent-Type: text/plain\r\n\r\nDelivery failed.\r\n"
+    b"--r\r\nContent-Type: message/delivery-status\r\n\r\n"
+    b"Reporting-MTA: dns; mx.example.org\r\nArrival-Date: Thu, 27 Nov 2026\r\n 09:00:00 +0000"
+    b"\r\n\r\nFinal-Recipient: rfc822; a@example.org\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+    b"%s--r\r\nContent-Type: message/rfc822\r\n\r\nSubject: original\r\n\r\nhello\r\n"
+    b"--r--\r\n"
+)
+MIME_SHAPES |= {
+    "delivery status": b"Content-Type: message/delivery-status\n\nA: b\n\nC: d\n",
+    "delivery status, empty": b"Content-Type: message/delivery-status\r\n\r\n",
+    "delivery status, blank lines around": (
+        b"Content-Type: message/delivery-status\n\n\nA: b\n\n\n\nC: d\n continued\n\n"
+    ),
+    "delivery status, no final line end": (
+        b"Content-Type: message/delivery-status\r\n\r\nA: b\r\n\r\nC: d"
+    ),
+    "delivery status in a report": DSN_REPORT % b"",
+    "delivery status in a report, blank line last": DSN_REPORT % b"\r\n",
+    "delivery status in a report, blank lines last": DSN_REPORT % b"\r\n\r\n",
+}
 IRREGULAR_SHAPES = {
     "envelope line": b"From someone@example.org Thu Nov 27 09:00:00 2026\r\nSubject: s\r\n\r\nx",
     "repeated delimiters": b"Content-Type: multipart/mixed; boundary=b\n\n--b\n--b\n\nx\n--b--\n",
     "no first delimiter": b"Content-Type: multipart/mixed; boundary=b\n\nx\n--b--\n",
-    "delivery status": b"Content-Type: message/delivery-status\n\nA: b\n\nC: d\n",
+    "delivery status with a non-field line": (
+        b"Content-Type: message/delivery-status\n\nA: b\nnot a field\n\nC: d\n"
+    ),
+    "delivery status block continued first": (
+        b"Content-Type: message/delivery-status\n\nA: b\n\n folded\nC: d\n"
+    ),
     "first line continued": b" folded\r\nSubject: s\r\n\r\nx",
 }
 
@@ -614,3 +641,58 @@ def test_irregular_mime_shapes_are_left_to_the_feed_parser(name: str) -> None:
 @given(raw=raw_message())
 def test_property_fast_mime_split_is_the_feed_parsers_tree(raw: bytes) -> None:
     assert_split_like_the_feed_parser(raw)
+
+
+dsn_line = st.one_of(
+    st.sampled_from(["Action: failed", "Status: 5.1.1", "X-Odd:", " folded", "\tfolded"]),
+    st.sampled_from(["Final-Recipient: rfc822; ", "Diagnostic-Code: smtp; 550 "]).flatmap(
+        lambda name: st.text(st.characters(codec="latin-1"), max_size=12).map(
+            lambda v: name + v.replace("\r", " ").replace("\n", " ")
+        )
+    ),
+    st.sampled_from(["", "", "", "not a field", "From x"]),
+)
+
+
+@st.composite
+def delivery_status(draw: st.DrawFn) -> bytes:
+    """A message/delivery-status, alone or in a multipart/report: blocks of fields and
+    blank lines, with now and then a line that is neither."""
+    newline = draw(st.sampled_from(["\r\n", "\n"]))
+    body = newline.join(draw(st.lists(dsn_line, max_size=12)))
+    body += draw(st.sampled_from(["", newline, newline * 2]))
+    part = "Content-Type: message/delivery-status" + newline * 2 + body
+    if draw(st.booleans()):
+        return part.encode("latin-1")
+    report = newline.join(
+        [
+            'Content-Type: multipart/report; boundary="r"',
+            "",
+            "--r",
+            part,
+            "--r",
+            "Content-Type: text/plain",
+            "",
+            "x",
+            "--r--",
+            "",
+        ]
+    )
+    return report.encode("latin-1")
+
+
+@raw_fuzz(300)
+@given(raw=delivery_status())
+def test_property_fast_split_of_a_delivery_status_is_the_feed_parsers_tree(raw: bytes) -> None:
+    taken = assert_split_like_the_feed_parser(raw)
+    lines = raw.replace(b"\r\n", b"\n").split(b"\n")
+    # Every DSN whose lines are all fields or blank is taken (before, none was).
+    if all(
+        not line
+        or b": " in line
+        or line.endswith(b":")
+        or line.startswith(b"--r")
+        or line.startswith(b"Content-Type")
+        for line in lines
+    ):
+        assert taken
