@@ -58,6 +58,12 @@ class ParsedMessage:
     bounce_status: str | None = None
     bounce_recipients: tuple[str, ...] = ()
     bounce_message_id: str | None = None
+    # Computed by the parse stage, which runs beside the single writer, rather than by the
+    # writer: the flood fingerprint (engine.parse.fingerprint; "" when not computed: read
+    # it through engine.processors.intake.fingerprint) and when the top Received field
+    # says the message arrived (engine.parse.headers.received_at).
+    fingerprint: str = ""
+    received_at: datetime | None = None
 
     def header(self, name: str) -> str | None:
         """The first value of header field ``name`` (any case) as received, or None."""

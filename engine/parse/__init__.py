@@ -41,6 +41,7 @@ from typing import Final
 
 from engine.errors import LimitExceeded, MessageError, ParseError
 from engine.model import ParsedMessage
+from engine.parse import fingerprint
 from engine.parse.addresses import read_addresses
 from engine.parse.attachments import safe_filename
 from engine.parse.headers import (
@@ -51,6 +52,7 @@ from engine.parse.headers import (
     msgids,
     one_line,
     parse_date,
+    received_at,
     unfold,
 )
 from engine.parse.limits import DEFAULT_LIMITS, ParseLimits
@@ -211,12 +213,12 @@ def _parse_tree(
     verdict = loop_verdict(headers, collector.bounce, senders, body, evidence)
     bounce = bounce_details(headers, body, evidence, senders) if verdict.is_bounce else NO_BOUNCE
 
-    subject = first_field(headers, "subject")
+    subject = one_line(decode_words(first_field(headers, "subject") or ""))
     return ParsedMessage(
         raw=raw,
         sha256=hashlib.sha256(raw).hexdigest(),
         message_id=msgid(first_field(headers, "message-id")),
-        subject=one_line(decode_words(subject)) if subject is not None else "",
+        subject=subject,
         from_name=from_name,
         from_addr=from_addr,
         to=tuple(addr for _, addr in to_pairs or []),
@@ -235,6 +237,8 @@ def _parse_tree(
         bounce_status=bounce.status,
         bounce_recipients=bounce.recipients,
         bounce_message_id=bounce.message_id,
+        fingerprint=fingerprint.fingerprint(subject, body),
+        received_at=received_at(raw),
     )
 
 
