@@ -19,6 +19,11 @@ class Attachment:
     data: bytes = field(repr=False)
     inline: bool = False
     content_id: str | None = None
+    # The sha256 hex digest of ``data``, set by the parse stage (engine.parse.with_digests)
+    # so that the single writer does not hash every attachment itself; None: not computed
+    # (the store hashes the data then). Not an argument: dataclasses.replace() of an
+    # attachment, whatever data it is given, makes one without it, never a stale one.
+    sha256: str | None = field(default=None, init=False, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

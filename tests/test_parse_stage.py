@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import pickle
 import re
 from email.message import EmailMessage
 
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 from engine.errors import MessageError
 from engine.model import ParsedMessage
-from engine.parse import parse_message, parse_raw
+from engine.parse import parse_many, parse_message, parse_raw
 from engine.parse.headers import received_at
 from engine.processors import intake
 from tests.parse.samples import raw_fuzz, raw_message
@@ -35,6 +36,8 @@ def check(raw: bytes) -> None:
     assert result.fingerprint == old_fingerprint(result)
     assert intake.fingerprint(result) == old_fingerprint(result)
     assert result.received_at == received_at(raw)
+    for att in result.attachments:
+        assert att.sha256 == hashlib.sha256(att.data).hexdigest()
 
 
 received = st.sampled_from(
@@ -55,8 +58,8 @@ def test_the_parse_stage_fingerprint_and_arrival_are_the_writers_and_sessions(
 ) -> None:
     """Over generated hostile messages (any structure, charset, byte flips), with or
     without a top Received field: the carried flood fingerprint is what intake computed
-    from the parsed subject and body, and the carried arrival date what the session read
-    from the raw bytes."""
+    from the parsed subject and body, the carried arrival date what the session read
+    from the raw bytes, and each attachment's carried digest what the store hashed."""
     check(top + raw)
 
 
@@ -87,3 +90,23 @@ def test_intake_reads_the_carried_fingerprint_and_computes_one_only_when_none_is
     assert intake.fingerprint(dataclasses.replace(msg, fingerprint="carried")) == "carried"
     built = dataclasses.replace(msg, fingerprint="")  # a message not made by the parser
     assert intake.fingerprint(built) == old_fingerprint(msg)
+
+
+def test_an_attachment_digest_crosses_the_pipe_and_never_outlives_its_data() -> None:
+    """The digest the parse stage sets comes back from a parsing process (pickled, as
+    parse_many's results are), and a copy of the attachment with other data (replace)
+    has none: the store then hashes that data itself, never files it under the old name."""
+    raw = (
+        b"From: a@example.com\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+        b"Content-Type: text/plain\r\n\r\nSee the log.\r\n--b\r\n"
+        b'Content-Type: text/plain; name="log.txt"\r\nContent-Disposition: attachment; '
+        b'filename="log.txt"\r\n\r\nline 1\r\n--b--\r\n'
+    )
+    [result] = parse_many([raw], 1 << 20)
+    assert isinstance(result, ParsedMessage)
+    back = pickle.loads(pickle.dumps(result))
+    [att] = back.attachments
+    assert att.sha256 == hashlib.sha256(att.data).hexdigest()
+    assert dataclasses.replace(att, data=b"other").sha256 is None
+    assert dataclasses.replace(att, name="y.txt").sha256 is None

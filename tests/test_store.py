@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import sqlite3
 import threading
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from support import DIRECTORY, open_test_store, store_rows
 
 from engine.model import Attachment
+from engine.parse import with_digests
 from engine.store import SqliteStore, Store, Transaction, open_store
 from engine.store.sqlite import BLOB_MAX, SqliteTransaction
 
@@ -563,3 +565,37 @@ def test_a_batch_of_bounces_asks_the_ledger_and_the_outbox_once(
             return list(sent)
 
     assert run(tmp_path, body) == ["execute_fetchall:SELECT"] * 2
+
+
+def test_the_store_takes_the_digest_the_parse_stage_computed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parsed message's attachments carry their sha256 (engine.parse.with_digests): the
+    writer's event loop does not hash them again; an attachment made elsewhere (the raw
+    message kept as one) is hashed as before."""
+    hashed: list[int] = []
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(hashlib, name)
+
+        def sha256(self, data: bytes = b"") -> Any:
+            hashed.append(len(data))
+            return hashlib.sha256(data)
+
+    monkeypatch.setattr("engine.store.sqlite.hashlib", Counting())
+    small, large = b"small log\n", os.urandom(BLOB_MAX + 1)
+    parsed = with_digests(
+        [Attachment("a.txt", "text/plain", small), Attachment("b.bin", "x/y", large)]
+    )
+    made = Attachment("m.eml", "message/rfc822", b"raw message")
+
+    async def body(store: SqliteStore) -> None:
+        async with store.transaction() as tx:
+            number = await new_request(tx, "r1")
+            await tx.add_attachments(number, None, (*parsed, made))
+
+    run(tmp_path, body)
+    assert hashed == [len(b"raw message")]
+    digests = {r[0] for r in rows_of(tmp_path, "SELECT sha256 FROM attachments")}
+    assert digests == {hashlib.sha256(d).hexdigest() for d in (small, large, b"raw message")}

@@ -40,7 +40,7 @@ from dataclasses import replace
 from typing import Final
 
 from engine.errors import LimitExceeded, MessageError, ParseError
-from engine.model import ParsedMessage
+from engine.model import Attachment, ParsedMessage
 from engine.parse import fingerprint
 from engine.parse.addresses import read_addresses
 from engine.parse.attachments import safe_filename
@@ -227,7 +227,7 @@ def _parse_tree(
         references=msgids(first_field(headers, "references")),
         body=body,
         html=html,
-        attachments=tuple(collector.attachments.items),
+        attachments=with_digests(collector.attachments.items),
         auto_submitted=verdict.auto_submitted,
         auto_reason=verdict.reason,
         is_bounce=verdict.is_bounce,
@@ -240,6 +240,17 @@ def _parse_tree(
         fingerprint=fingerprint.fingerprint(subject, body),
         received_at=received_at(raw),
     )
+
+
+def with_digests(items: list[Attachment]) -> tuple[Attachment, ...]:
+    """The attachments, each with its sha256 (:attr:`Attachment.sha256`) set: hashed here,
+    in the parse stage beside the writer, rather than by the writer's event loop (which
+    hashed every attachment under 1 MiB itself before storing it)."""
+    for att in items:
+        # Set once on a new object, before anyone else sees it; init=False keeps it out of
+        # dataclasses.replace(), so that a copy with other data never carries it.
+        object.__setattr__(att, "sha256", hashlib.sha256(att.data).hexdigest())
+    return tuple(items)
 
 
 MAX_KEPT_HEADERS: Final = 200

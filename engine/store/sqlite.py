@@ -1239,7 +1239,9 @@ class SqliteTransaction(Transaction):
         for att in attachments:
             # Written and fsynced before the commit that cites it: from now on, in the
             # transaction's task group.
-            if len(att.data) < _HASH_IN_THREAD:
+            if att.sha256 is not None:
+                digest = att.sha256  # hashed by the parse stage
+            elif len(att.data) < _HASH_IN_THREAD:
                 digest = hashlib.sha256(att.data).hexdigest()
             else:  # hashlib lets go of the GIL: keep the event loop free meanwhile
                 digest = await anyio.to_thread.run_sync(_sha256, att.data)
