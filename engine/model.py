@@ -19,6 +19,11 @@ class Attachment:
     data: bytes = field(repr=False)
     inline: bool = False
     content_id: str | None = None
+    # The sha256 hex digest of ``data``, set by the parse stage (engine.parse.with_digests)
+    # so that the single writer does not hash every attachment itself; None: not computed
+    # (the store hashes the data then). Not an argument: dataclasses.replace() of an
+    # attachment, whatever data it is given, makes one without it, never a stale one.
+    sha256: str | None = field(default=None, init=False, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,12 @@ class ParsedMessage:
     bounce_status: str | None = None
     bounce_recipients: tuple[str, ...] = ()
     bounce_message_id: str | None = None
+    # Computed by the parse stage, which runs beside the single writer, rather than by the
+    # writer: the flood fingerprint (engine.parse.fingerprint; "" when not computed: read
+    # it through engine.processors.intake.fingerprint) and when the top Received field
+    # says the message arrived (engine.parse.headers.received_at).
+    fingerprint: str = ""
+    received_at: datetime | None = None
 
     def header(self, name: str) -> str | None:
         """The first value of header field ``name`` (any case) as received, or None."""

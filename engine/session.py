@@ -192,7 +192,9 @@ def answer_envelope(
     kept = kept_error(cfg, t, answer)
     if kept is not None or result is None:
         result = kept or MessageError("internal error: not parsed")
-    arrived = answer.arrived or received_at(answer.data)
+    arrived = answer.arrived or (
+        result.received_at if isinstance(result, ParsedMessage) else received_at(answer.data)
+    )
     return envelope_for(
         cfg,
         t.listed.uidl,

@@ -161,6 +161,25 @@ async def _read_origins(tx: Transaction, batch: list[Item]) -> None:
         )
 
 
+async def _read_requests(tx: Transaction, batch: list[Item]) -> None:
+    """The requests the batch's messages may name: by number in their subjects (one query),
+    and by the Message-IDs of their threads and of the messages their bounces return (one
+    query on the ledger and one on the outbox, not one or two per Message-ID)."""
+    messages = [item.parsed for item in batch if isinstance(item, Envelope) and item.parsed]
+    await tx.read_ahead(
+        number
+        for item in batch
+        if isinstance(item, Envelope) and item.parsed is not None
+        if (number := referenced(item.parsed, item.mailbox)) is not None
+    )
+    await tx.read_ahead_message_ids(
+        mid
+        for msg in messages
+        for mid in (msg.in_reply_to, *msg.references, msg.bounce_message_id)
+        if mid
+    )
+
+
 def _older(env: Envelope) -> Outcome | None:
     """A message of a historic import dated before its ``--since``: skipped, left on the
     server, nothing recorded (a later run without --since takes it). A message without a
@@ -438,12 +457,7 @@ class Writer:
                     work.recorded.add((account, uidl))
         await _read_renumbered(work, batch)
         await _read_origins(tx, batch)
-        await tx.read_ahead(
-            number
-            for item in batch
-            if isinstance(item, Envelope) and item.parsed is not None
-            if (number := referenced(item.parsed, item.mailbox)) is not None
-        )
+        await _read_requests(tx, batch)
         return work
 
     # -- messages: plan (reads only), then write (see TwoPassCommit) ------------------------

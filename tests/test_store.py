@@ -3,7 +3,9 @@ its API promises. Tests taking the ``store`` fixture run against each."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import sqlite3
 import threading
 from collections.abc import Awaitable, Callable
@@ -15,11 +17,14 @@ import aiosqlite
 import anyio
 import pytest
 import support
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import DIRECTORY, open_test_store, store_rows
 
 from engine.model import Attachment
+from engine.parse import with_digests
 from engine.store import SqliteStore, Store, Transaction, open_store
-from engine.store.sqlite import BLOB_MAX
+from engine.store.sqlite import BLOB_MAX, SqliteTransaction
 
 
 def run(tmp_path: Path, body: Callable[[Any], Awaitable[Any]]) -> Any:
@@ -439,3 +444,158 @@ def test_attachment_files_of_an_older_store_still_read_after_the_migration(
             await store.close()
 
     assert anyio.run(go) == (old, None)
+
+
+_MIDS = [f"m{i}@example.org" for i in range(5)]
+_op = st.one_of(
+    st.tuples(st.just("ledger"), st.sampled_from(_MIDS), st.sampled_from([None, 0, 1, 2])),
+    st.tuples(st.just("outbox"), st.sampled_from(_MIDS), st.sampled_from([None, 0, 1, 2])),
+    st.tuples(st.just("update"), st.sampled_from(_MIDS), st.sampled_from([None, 0, 1, 2])),
+    st.tuples(st.just("flush"), st.just(""), st.just(None)),
+    st.tuples(st.just("savepoint"), st.sampled_from(_MIDS), st.sampled_from([0, 1, 2])),
+)
+
+
+@given(
+    before=st.lists(
+        st.tuples(
+            st.sampled_from(["ledger", "outbox"]),
+            st.sampled_from(_MIDS),
+            st.sampled_from([None, 0, 1, 2]),
+        ),
+        max_size=8,
+    ),
+    read=st.sets(st.sampled_from(_MIDS)),
+    ops=st.lists(_op, max_size=8),
+)
+@settings(max_examples=40, deadline=None, database=None, derandomize=True)
+def test_message_ids_read_ahead_answer_as_the_queries_one_by_one(
+    tmp_path_factory: pytest.TempPathFactory,
+    before: list[tuple[str, str, int | None]],
+    read: set[str],
+    ops: list[tuple[str, str, int | None]],
+) -> None:
+    """request_by_message_id from the batch's read-ahead (one query on the ledger, one on
+    the outbox) gives, for every Message-ID, after any writes of the transaction (ledger
+    rows, replies queued, a ledger row updated, a flush, a savepoint rolled back), what the
+    queries one id at a time give: the newest ledger row, else the first outbox row."""
+    data = tmp_path_factory.mktemp("ahead")
+
+    async def write(
+        tx: SqliteTransaction, numbers: list[int], op: tuple[str, str, int | None], uidl: str
+    ) -> None:
+        kind, mid, n = op
+        number = None if n is None else numbers[n]
+        if kind == "ledger":
+            await tx.record_ledger(
+                account="a",
+                uidl=uidl,
+                mailbox="box",
+                message_id=mid,
+                sha256="b" * 64,
+                outcome="created",
+                request_number=number,
+            )
+        elif kind == "outbox":
+            await tx.queue_reply(
+                mailbox="box",
+                request_number=number,
+                recipient="x@example.org",
+                rcpt_key="x@example.org",
+                rcpt_domain="example.org",
+                message_id=mid,
+                message=b"m",
+            )
+        elif kind == "update":
+            await tx.update_ledger(
+                account="a",
+                uidl="u0",
+                message_id=mid,
+                sha256="c" * 64,
+                outcome="created",
+                request_number=number,
+                size=None,
+                needed=None,
+            )
+        elif kind == "flush":
+            await tx.flush()
+        else:
+            with contextlib.suppress(ValueError):
+                async with tx.savepoint():
+                    await write(tx, numbers, ("ledger", mid, n), uidl + "s")
+                    raise ValueError("rolled back")
+
+    async def go() -> None:
+        store = await open_store(data)
+        try:
+            async with store.transaction() as tx:
+                await tx.import_directory(DIRECTORY)
+                numbers = [await new_request(tx, f"r{i}") for i in range(3)]
+                for i, op in enumerate([("ledger", _MIDS[0], None), *before]):
+                    await write(tx, numbers, op, f"u{i}")
+            async with store.transaction() as tx:
+                assert isinstance(tx, SqliteTransaction)
+                await tx.read_ahead_message_ids(read)
+                for i, op in enumerate([("flush", "", None), *ops]):
+                    await write(tx, numbers, op, f"v{i}")
+                    for mid in _MIDS:
+                        one_by_one = await tx._number_by_message_id(mid)
+                        ahead = await tx.request_by_message_id([mid])
+                        assert (ahead.number if ahead else None) == one_by_one, (op, mid)
+        finally:
+            await store.close()
+
+    anyio.run(go)
+
+
+def test_a_batch_of_bounces_asks_the_ledger_and_the_outbox_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read ahead, the Message-IDs of a batch's bounces and replies cost one query on the
+    ledger and one on the outbox (unindexed by message_id: a scan), not two per id."""
+
+    async def body(store: SqliteStore) -> list[str]:
+        async with store.transaction() as tx:
+            assert isinstance(tx, SqliteTransaction)
+            sent = spy(monkeypatch)
+            mids = [f"gone{i}@example.org" for i in range(20)]
+            await tx.read_ahead_message_ids(mids)
+            for mid in mids:
+                assert await tx.request_by_message_id([mid]) is None
+            return list(sent)
+
+    assert run(tmp_path, body) == ["execute_fetchall:SELECT"] * 2
+
+
+def test_the_store_takes_the_digest_the_parse_stage_computed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parsed message's attachments carry their sha256 (engine.parse.with_digests): the
+    writer's event loop does not hash them again; an attachment made elsewhere (the raw
+    message kept as one) is hashed as before."""
+    hashed: list[int] = []
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(hashlib, name)
+
+        def sha256(self, data: bytes = b"") -> Any:
+            hashed.append(len(data))
+            return hashlib.sha256(data)
+
+    monkeypatch.setattr("engine.store.sqlite.hashlib", Counting())
+    small, large = b"small log\n", os.urandom(BLOB_MAX + 1)
+    parsed = with_digests(
+        [Attachment("a.txt", "text/plain", small), Attachment("b.bin", "x/y", large)]
+    )
+    made = Attachment("m.eml", "message/rfc822", b"raw message")
+
+    async def body(store: SqliteStore) -> None:
+        async with store.transaction() as tx:
+            number = await new_request(tx, "r1")
+            await tx.add_attachments(number, None, (*parsed, made))
+
+    run(tmp_path, body)
+    assert hashed == [len(b"raw message")]
+    digests = {r[0] for r in rows_of(tmp_path, "SELECT sha256 FROM attachments")}
+    assert digests == {hashlib.sha256(d).hexdigest() for d in (small, large, b"raw message")}

@@ -505,3 +505,57 @@ def test_a_file_is_durable_under_its_name_when_its_write_returns(
     assert files.get(digest) == data
     files.write(digest, data)
     assert calls == [*first, f"sync attachments/{digest[:2]}"]
+
+
+def test_a_batch_of_bounces_and_thread_replies_asks_the_outbox_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Message-IDs a batch's messages may name a request by (a bounce's returned
+    message, a reply's thread) are read ahead in one query on the ledger and one on the
+    outbox, which has no index on message_id: before, each one a request was not found
+    for cost a query on each, the outbox's a scan of it. A thread found still threads."""
+    statements: list[str] = []
+    real = aiosqlite.Connection.execute_fetchall
+
+    async def counted(self: aiosqlite.Connection, sql: str, *args: Any) -> Any:
+        statements.append(sql)
+        return await real(self, sql, *args)
+
+    def bounce(i: int) -> Envelope:
+        msg = dataclasses.replace(
+            parsed(i, sender="mailer-daemon@example.com"),
+            subject="Undelivered Mail Returned to Sender",
+            is_bounce=True,
+            auto_submitted=True,
+            auto_reason="auto-submitted: auto-replied",
+            bounce_status="5.1.1",
+            bounce_recipients=(f"gone{i}@example.org",),
+            bounce_message_id=f"never-sent-{i}@example.org",
+        )
+        return Envelope(mailbox=cfg, uidl=f"b{i}", raw=msg.raw, parsed=msg)
+
+    def reply(i: int) -> Envelope:
+        msg = dataclasses.replace(
+            parsed(i), subject="Re: still jammed", in_reply_to="m0@example.com"
+        )
+        return Envelope(mailbox=cfg, uidl=f"r{i}", raw=msg.raw, parsed=msg)
+
+    async def go() -> list[tuple[str, int | None]]:
+        nonlocal cfg
+        store, cfg = await fresh_store(tmp_path)
+        writer = Writer(store, created_by=LOGIN)
+        await feed(writer, [Envelope(mailbox=cfg, uidl="u0", raw=b"x", parsed=parsed(0))])
+        monkeypatch.setattr(aiosqlite.Connection, "execute_fetchall", counted)
+        batch = [bounce(i) if i % 2 else reply(i) for i in range(1, 21)]
+        await feed(writer, batch)
+        await store.close()
+        assert all(env.outcome is not None for env in batch)
+        return [(env.outcome.kind.value, env.outcome.request_number) for env in batch]  # type: ignore[union-attr]
+
+    cfg: MailboxConfig
+    outcomes = anyio.run(go)
+    outbox = [s for s in statements if "FROM outbox WHERE message_id" in s]
+    ledger = [s for s in statements if "FROM ledger WHERE message_id" in s]
+    assert (len(outbox), len(ledger)) == (1, 1), statements
+    assert outcomes[1::2] == [("activity", 1)] * 10  # the replies: on request 1, by thread
+    assert {kind for kind, _ in outcomes[::2]} == {"ignored"}  # the bounces: nothing named

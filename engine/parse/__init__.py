@@ -40,7 +40,8 @@ from dataclasses import replace
 from typing import Final
 
 from engine.errors import LimitExceeded, MessageError, ParseError
-from engine.model import ParsedMessage
+from engine.model import Attachment, ParsedMessage
+from engine.parse import fingerprint
 from engine.parse.addresses import read_addresses
 from engine.parse.attachments import safe_filename
 from engine.parse.headers import (
@@ -51,6 +52,7 @@ from engine.parse.headers import (
     msgids,
     one_line,
     parse_date,
+    received_at,
     unfold,
 )
 from engine.parse.limits import DEFAULT_LIMITS, ParseLimits
@@ -211,12 +213,12 @@ def _parse_tree(
     verdict = loop_verdict(headers, collector.bounce, senders, body, evidence)
     bounce = bounce_details(headers, body, evidence, senders) if verdict.is_bounce else NO_BOUNCE
 
-    subject = first_field(headers, "subject")
+    subject = one_line(decode_words(first_field(headers, "subject") or ""))
     return ParsedMessage(
         raw=raw,
         sha256=hashlib.sha256(raw).hexdigest(),
         message_id=msgid(first_field(headers, "message-id")),
-        subject=one_line(decode_words(subject)) if subject is not None else "",
+        subject=subject,
         from_name=from_name,
         from_addr=from_addr,
         to=tuple(addr for _, addr in to_pairs or []),
@@ -225,7 +227,7 @@ def _parse_tree(
         references=msgids(first_field(headers, "references")),
         body=body,
         html=html,
-        attachments=tuple(collector.attachments.items),
+        attachments=with_digests(collector.attachments.items),
         auto_submitted=verdict.auto_submitted,
         auto_reason=verdict.reason,
         is_bounce=verdict.is_bounce,
@@ -235,7 +237,20 @@ def _parse_tree(
         bounce_status=bounce.status,
         bounce_recipients=bounce.recipients,
         bounce_message_id=bounce.message_id,
+        fingerprint=fingerprint.fingerprint(subject, body),
+        received_at=received_at(raw),
     )
+
+
+def with_digests(items: list[Attachment]) -> tuple[Attachment, ...]:
+    """The attachments, each with its sha256 (:attr:`Attachment.sha256`) set: hashed here,
+    in the parse stage beside the writer, rather than by the writer's event loop (which
+    hashed every attachment under 1 MiB itself before storing it)."""
+    for att in items:
+        # Set once on a new object, before anyone else sees it; init=False keeps it out of
+        # dataclasses.replace(), so that a copy with other data never carries it.
+        object.__setattr__(att, "sha256", hashlib.sha256(att.data).hexdigest())
+    return tuple(items)
 
 
 MAX_KEPT_HEADERS: Final = 200

@@ -17,27 +17,22 @@ writer's transaction: the answer is the same whenever the transaction is done ag
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import re
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from engine.model import DirectoryView, Origin, ParsedMessage, Watcher
+from engine.parse import fingerprint as text
 from engine.processors import AddActivity, Context, Decision, Ignore, NewRequest
 from engine.processors.common import activity_body, sender_label, with_notes
 
 MAX_WATCHERS: Final = 50
 """Watchers taken from one message: a Cc of 20,000 addresses must not become 20,000 rows."""
 
-_PREFIX = re.compile(r"^\s*(?:(?:re|fwd?|aw|wg|tr|rv|sv|vs)\s*(?:\[\d+\])?\s*:\s*)+", re.I)
-
 
 def fingerprint(msg: ParsedMessage) -> str:
-    """A digest of what a message says (its subject without reply prefixes, and the first
-    8 KiB of its body, white space and case folded): the same text from many senders."""
-    subject = _PREFIX.sub("", msg.subject)
-    text = " ".join(f"{subject}\n{msg.body[:8192]}".casefold().split())
-    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
+    """A digest of what a message says (engine.parse.fingerprint): the one the parse stage
+    computed, else (a message not made by the parser, in tests) computed here."""
+    return msg.fingerprint or text.fingerprint(msg.subject, msg.body)
 
 
 async def watchers(

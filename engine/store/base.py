@@ -144,6 +144,11 @@ class Transaction(ABC):
     @abstractmethod
     async def request(self, number: int) -> RequestRef | None: ...
 
+    async def read_ahead_message_ids(self, message_ids: Iterable[str]) -> None:
+        """A hint: :meth:`request_by_message_id` will be asked about these Message-IDs in
+        this transaction. A store that pays per round trip reads them in one query."""
+        return None
+
     @abstractmethod
     async def request_by_message_id(self, message_ids: Sequence[str]) -> RequestRef | None:
         """The request a message with one of these Message-IDs created or updated, through

@@ -1018,7 +1018,9 @@ class PostgresTransaction(Transaction):
         self, number: int, activity_id: int | None, attachments: Iterable[Attachment]
     ) -> None:
         for att in attachments:
-            if len(att.data) < _HASH_IN_THREAD:
+            if att.sha256 is not None:
+                digest = att.sha256  # hashed by the parse stage
+            elif len(att.data) < _HASH_IN_THREAD:
                 digest = _sha256(att.data)
             else:  # hashlib lets go of the GIL: keep the event loop free meanwhile
                 digest = await anyio.to_thread.run_sync(_sha256, att.data)

@@ -500,6 +500,30 @@ class _Pending:
         return tables is None or not tables.isdisjoint(self.rows)
 
 
+@dataclass(eq=False)
+class _ByMessageId:
+    """What :meth:`SqliteTransaction.request_by_message_id` answers from for the Message-IDs
+    read ahead (``read``): the request numbers the database held when the transaction began,
+    the ledger's newest and the outbox's first row, and those this transaction wrote since
+    (newer than any in the database). Dropped whole (None) when a row it cannot follow
+    changes: an updated ledger row, a rolled-back savepoint."""
+
+    read: set[str] = field(default_factory=set)
+    ledger: dict[str, int] = field(default_factory=dict)
+    outbox: dict[str, int] = field(default_factory=dict)
+    ledger_since: dict[str, int] = field(default_factory=dict)
+    outbox_since: dict[str, int] = field(default_factory=dict)
+
+    def number(self, mid: str) -> int | None:
+        """The request of ``mid`` (one of ``read``), as the queries of
+        request_by_message_id would find it: the newest ledger row, else the first outbox
+        row."""
+        for found in (self.ledger_since, self.ledger, self.outbox):
+            if mid in found:
+                return found[mid]
+        return self.outbox_since.get(mid)
+
+
 _INSERT_ACTIVITY = (
     "INSERT INTO activities(id, request_number, author, email, date, body, automatic, "
     "message_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -590,6 +614,9 @@ class SqliteTransaction(Transaction):
             frozenset(),
             "",
         )
+        # The requests the batch's thread and bounce Message-IDs name, read ahead (None:
+        # not read, or dropped: asked one by one).
+        self._by_message_id: _ByMessageId | None = None
         self._savepoints = 0
         self._directory = DirectoryView(
             user_by_email=self.user_by_email,
@@ -708,6 +735,7 @@ class SqliteTransaction(Transaction):
         self._pending = _Pending()
         self._read_ahead.clear()
         self._origins = None
+        self._by_message_id = None
         self._store._last_ids.clear()
 
     # -- small helpers ---------------------------------------------------------------------
@@ -911,6 +939,7 @@ class SqliteTransaction(Transaction):
         size: int | None,
         needed: int | None,
     ) -> None:
+        self._by_message_id = None  # a row of the database changes its Message-ID or request
         await self._all(
             "UPDATE ledger SET message_id = ?, sha256 = ?, outcome = ?, request_number = ?, "
             "size = ?, needed = ?, processed_at = ? WHERE account = ? AND uidl = ?",
@@ -970,6 +999,9 @@ class SqliteTransaction(Transaction):
         arrived: datetime | None = None,
     ) -> None:
         at = now()
+        ahead = self._by_message_id
+        if ahead is not None and message_id is not None and request_number is not None:
+            ahead.ledger_since[message_id] = request_number
         self._pending.add(
             "ledger",
             _LedgerInsert(
@@ -1018,35 +1050,68 @@ class SqliteTransaction(Transaction):
         )
         return None if row is None else RequestRef(row[0], row[1], row[2], row[3], row[4])
 
+    async def read_ahead_message_ids(self, message_ids: Iterable[str]) -> None:
+        """Read the requests these Message-IDs name, in one query on the ledger and one on
+        the outbox (which has no index on message_id: each miss of a bounce's Message-ID
+        was a scan of it): :meth:`request_by_message_id` answers from them."""
+        wanted = sorted({m for m in message_ids if m})
+        if not wanted or len(wanted) > 30_000:
+            return  # nothing to read, or over SQLite's variables: asked one by one instead
+        ahead = _ByMessageId(read=set(wanted))
+        marks = ",".join("?" * len(wanted))
+        for table, found, newest in (
+            ("ledger", ahead.ledger, True),
+            ("outbox", ahead.outbox, False),
+        ):
+            rows = await self._all(
+                f"SELECT message_id, request_number FROM {table} WHERE message_id IN ({marks}) "
+                "AND request_number IS NOT NULL ORDER BY id",
+                wanted,
+                sees=_LEDGER if table == "ledger" else _OUTBOX,
+            )
+            for mid, number in rows:
+                if newest or mid not in found:
+                    found[mid] = int(number)
+        self._by_message_id = ahead
+
     async def request_by_message_id(self, message_ids: Sequence[str]) -> RequestRef | None:
         for mid in message_ids:
-            # The newest ledger row wins; pending ones are newer than any in the database.
-            number = next(
-                (
-                    r.request_number
-                    for r in reversed(self._pending.ledger)
-                    if r.message_id == mid and r.request_number is not None
-                ),
-                None,
-            )
+            ahead = self._by_message_id
+            if ahead is not None and mid in ahead.read:
+                number = ahead.number(mid)
+            else:
+                number = await self._number_by_message_id(mid)
             if number is not None:
                 return await self.request(number)
-            row = await self._one(
-                "SELECT request_number FROM ledger WHERE message_id = ? "
-                "AND request_number IS NOT NULL ORDER BY id DESC LIMIT 1",
-                (mid,),
-                sees=_NONE,  # the pending ledger rows were consulted above
-            )
-            if row is None:
-                row = await self._one(
-                    "SELECT request_number FROM outbox WHERE message_id = ? "
-                    "AND request_number IS NOT NULL",
-                    (mid,),
-                    sees=_OUTBOX,
-                )
-            if row is not None:
-                return await self.request(int(row[0]))
         return None
+
+    async def _number_by_message_id(self, mid: str) -> int | None:
+        """The request ``mid`` names, asked of the pending rows and the database."""
+        # The newest ledger row wins; pending ones are newer than any in the database.
+        number = next(
+            (
+                r.request_number
+                for r in reversed(self._pending.ledger)
+                if r.message_id == mid and r.request_number is not None
+            ),
+            None,
+        )
+        if number is not None:
+            return number
+        row = await self._one(
+            "SELECT request_number FROM ledger WHERE message_id = ? "
+            "AND request_number IS NOT NULL ORDER BY id DESC LIMIT 1",
+            (mid,),
+            sees=_NONE,  # the pending ledger rows were consulted above
+        )
+        if row is None:
+            row = await self._one(
+                "SELECT request_number FROM outbox WHERE message_id = ? "
+                "AND request_number IS NOT NULL",
+                (mid,),
+                sees=_OUTBOX,
+            )
+        return None if row is None else int(row[0])
 
     async def create_request(
         self,
@@ -1174,7 +1239,9 @@ class SqliteTransaction(Transaction):
         for att in attachments:
             # Written and fsynced before the commit that cites it: from now on, in the
             # transaction's task group.
-            if len(att.data) < _HASH_IN_THREAD:
+            if att.sha256 is not None:
+                digest = att.sha256  # hashed by the parse stage
+            elif len(att.data) < _HASH_IN_THREAD:
                 digest = hashlib.sha256(att.data).hexdigest()
             else:  # hashlib lets go of the GIL: keep the event loop free meanwhile
                 digest = await anyio.to_thread.run_sync(_sha256, att.data)
@@ -1397,6 +1464,9 @@ class SqliteTransaction(Transaction):
             (*row, at, at),
         )
         assert inserted is not None
+        ahead = self._by_message_id
+        if ahead is not None and request_number is not None:
+            ahead.outbox_since.setdefault(message_id, request_number)
         return int(inserted[0])
 
     async def replies_since(self, by: str, value: str, since: datetime) -> int:

@@ -1,0 +1,112 @@
+"""What the parse stage computes for the single writer, beside it (issue 18): each value
+carried on the ParsedMessage must be what the writer (or the session) computed before."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import pickle
+import re
+from email.message import EmailMessage
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from engine.errors import MessageError
+from engine.model import ParsedMessage
+from engine.parse import parse_many, parse_message, parse_raw
+from engine.parse.headers import received_at
+from engine.processors import intake
+from tests.parse.samples import raw_fuzz, raw_message
+
+_OLD_PREFIX = re.compile(r"^\s*(?:(?:re|fwd?|aw|wg|tr|rv|sv|vs)\s*(?:\[\d+\])?\s*:\s*)+", re.I)
+
+
+def old_fingerprint(msg: ParsedMessage) -> str:
+    """engine.processors.intake.fingerprint as the writer computed it before (0ec1c29)."""
+    subject = _OLD_PREFIX.sub("", msg.subject)
+    text = " ".join(f"{subject}\n{msg.body[:8192]}".casefold().split())
+    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
+
+
+def check(raw: bytes) -> None:
+    result = parse_raw(raw, 10 * 1024 * 1024)
+    if isinstance(result, MessageError):
+        return
+    assert result.fingerprint == old_fingerprint(result)
+    assert intake.fingerprint(result) == old_fingerprint(result)
+    assert result.received_at == received_at(raw)
+    for att in result.attachments:
+        assert att.sha256 == hashlib.sha256(att.data).hexdigest()
+
+
+received = st.sampled_from(
+    [
+        b"",
+        b"Received: from a by b; Fri, 04 Dec 2026 21:00:00 +0100\r\n",
+        b"Received: from a\r\n by b; 4 Dec 2026 21:00 -0000\r\n",
+        b"Received: from a by b; not a date\r\n",
+        b"Received: no semicolon\r\n",
+    ]
+)
+
+
+@given(top=received, raw=raw_message())
+@raw_fuzz(150)
+def test_the_parse_stage_fingerprint_and_arrival_are_the_writers_and_sessions(
+    top: bytes, raw: bytes
+) -> None:
+    """Over generated hostile messages (any structure, charset, byte flips), with or
+    without a top Received field: the carried flood fingerprint is what intake computed
+    from the parsed subject and body, the carried arrival date what the session read
+    from the raw bytes, and each attachment's carried digest what the store hashed."""
+    check(top + raw)
+
+
+prefixes = st.lists(st.sampled_from(["Re: ", "RE:", "Fwd: ", "AW: ", "tr :", "Sv[2]: ", " "]))
+
+
+@given(
+    prefix=prefixes,
+    subject=st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), max_size=60),
+    body=st.one_of(st.text(max_size=300), st.text(min_size=8000, max_size=9000)),
+)
+@raw_fuzz(100)
+def test_the_fingerprint_of_any_text_is_the_writers(
+    prefix: list[str], subject: str, body: str
+) -> None:
+    """Any subject (reply prefixes, any case and script) and any body, the long ones past
+    the 8 KiB read: the same fingerprint as before."""
+    msg = EmailMessage()
+    msg["From"] = "a@example.com"
+    msg["Subject"] = "".join(prefix) + subject
+    msg.set_content(body)
+    check(msg.as_bytes())
+
+
+def test_intake_reads_the_carried_fingerprint_and_computes_one_only_when_none_is() -> None:
+    msg = parse_message(b"From: a@example.com\r\nSubject: Re: Printer\r\n\r\nJammed.\r\n")
+    assert msg.fingerprint and intake.fingerprint(msg) == msg.fingerprint
+    assert intake.fingerprint(dataclasses.replace(msg, fingerprint="carried")) == "carried"
+    built = dataclasses.replace(msg, fingerprint="")  # a message not made by the parser
+    assert intake.fingerprint(built) == old_fingerprint(msg)
+
+
+def test_an_attachment_digest_crosses_the_pipe_and_never_outlives_its_data() -> None:
+    """The digest the parse stage sets comes back from a parsing process (pickled, as
+    parse_many's results are), and a copy of the attachment with other data (replace)
+    has none: the store then hashes that data itself, never files it under the old name."""
+    raw = (
+        b"From: a@example.com\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+        b"Content-Type: text/plain\r\n\r\nSee the log.\r\n--b\r\n"
+        b'Content-Type: text/plain; name="log.txt"\r\nContent-Disposition: attachment; '
+        b'filename="log.txt"\r\n\r\nline 1\r\n--b--\r\n'
+    )
+    [result] = parse_many([raw], 1 << 20)
+    assert isinstance(result, ParsedMessage)
+    back = pickle.loads(pickle.dumps(result))
+    [att] = back.attachments
+    assert att.sha256 == hashlib.sha256(att.data).hexdigest()
+    assert dataclasses.replace(att, data=b"other").sha256 is None
+    assert dataclasses.replace(att, name="y.txt").sha256 is None
