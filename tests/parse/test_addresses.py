@@ -51,9 +51,9 @@ def named_addresses(count: int) -> str:
 def test_a_to_of_thousands_is_read_up_to_max_addresses_with_a_note(count: int) -> None:
     """Issue 12 item 17d: a To with 1,500 addresses failed the whole message."""
     raw = simple(f"From: Ann <ann@example.org>\nTo: {named_addresses(count)}\nSubject: all\n")
-    start = time.perf_counter()
+    start = time.process_time()
     msg = parse_message(raw)
-    assert time.perf_counter() - start < FAST
+    assert time.process_time() - start < FAST
     assert (msg.from_addr, msg.body) == ("ann@example.org", "Hello.\r\n".replace("\r", ""))
     assert msg.to == tuple(f"jane.doe{i}@example.com" for i in range(1000))
     [note] = msg.notes
@@ -65,9 +65,9 @@ def test_a_to_of_thousands_is_read_up_to_max_addresses_with_a_note(count: int) -
 def test_20000_addresses_in_to() -> None:
     to = ", ".join(f"user{i}@example.com" for i in range(20_000))
     raw = simple(f"From: a@example.org\nTo: {to}\nSubject: many\n")
-    start = time.perf_counter()
+    start = time.process_time()
     msg = parse_message(raw, ParseLimits(max_header_bytes=4 * 1024 * 1024, max_addresses=5))
-    assert time.perf_counter() - start < FAST
+    assert time.process_time() - start < FAST
     assert msg.to == tuple(f"user{i}@example.com" for i in range(5))
     assert "20000" in msg.notes[0]
 
@@ -93,9 +93,9 @@ def test_hostile_address_headers_are_read_in_bounded_time() -> None:
     for junk in (b'""', b"()", b"\\\\", b"<>,", b",", b"(a,b)"):
         value = junk * (900_000 // len(junk)) + b", a@example.org" * 1001
         raw = b"From: " + value + b"\r\nTo: x@example.org\r\nSubject: x\r\n\r\nbody"
-        start = time.perf_counter()
+        start = time.process_time()
         msg = parse_message(raw)
-        assert time.perf_counter() - start < FAST, junk
+        assert time.process_time() - start < FAST, junk
         assert msg.to == ("x@example.org",) and "example.org" not in msg.from_addr, junk
         assert msg.notes and msg.notes[0].startswith("The From header lists up to"), junk
     long_one = b"From: " + b"a" * 300_000 + b"@example.org\r\nSubject: x\r\n\r\nbody"

@@ -170,9 +170,9 @@ def test_rebuilt_attached_message_keeps_its_structure() -> None:
         'Subject: outer\nContent-Type: multipart/mixed; boundary="out"\n',
         b"--out\r\nContent-Type: message/rfc822\r\n\r\n" + inner + b"--out--\r\n",
     )
-    start = time.perf_counter()
+    start = time.process_time()
     (attached,) = parse_message(raw).attachments
-    assert time.perf_counter() - start < FAST
+    assert time.process_time() - start < FAST
     assert long_header in attached.data
     again = parse_message(attached.data)
     assert again.subject == "inner"
@@ -249,9 +249,9 @@ def test_a_winmail_dat_with_more_files_than_allowed_is_kept_as_well() -> None:
     ],
 )
 def test_unreadable_or_hostile_tnef_keeps_winmail_dat(winmail: bytes) -> None:
-    start = time.perf_counter()
+    start = time.process_time()
     msg = parse_message(tnef_message(winmail))
-    assert time.perf_counter() - start < FAST
+    assert time.process_time() - start < FAST
     (kept,) = msg.attachments
     assert (kept.name, kept.content_type, kept.data) == (
         "winmail.dat",

@@ -268,9 +268,9 @@ def test_html_too_large_to_sanitize_is_attached_and_read_as_text() -> None:
 def test_hostile_html_too_large_to_sanitize_is_read_in_bounded_time() -> None:
     for markup in ("<noscript>x</noscript>" + "<a>" * 200_000, "<title>" * 100_000, "<!--" * 9):
         raw = simple("Subject: h\nContent-Type: text/html\n", markup.encode())
-        start = time.perf_counter()
+        start = time.process_time()
         msg = parse_message(raw, ParseLimits(max_html_sanitize_bytes=10))
-        assert time.perf_counter() - start < 2 * FAST
+        assert time.process_time() - start < 2 * FAST
         assert msg.html is None and msg.attachments[0].name == "message.html"
 
 

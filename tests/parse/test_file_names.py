@@ -63,9 +63,9 @@ def test_utf8_names_stay_utf8_whatever_is_declared() -> None:
 
 def test_detection_on_a_name_is_bounded_in_bytes() -> None:
     huge = "报告".encode("gb2312") * 200_000  # 800 KB of "name"
-    start = time.perf_counter()
+    start = time.process_time()
     text = decode_8bit_name(huge, ())
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
     assert len(text) <= MAX_NAME_OCTETS
     msg = parse_message(message_with_raw_name(huge, "us-ascii"))
     assert len(msg.attachments[0].name.encode()) <= 255

@@ -167,9 +167,9 @@ def test_message_summary_is_cheap_and_never_fails() -> None:
     folded = b"Subject: x\r\nMessage-ID:\r\n <folded@example.org>\r\n\r\nbody"
     assert message_summary(folded)[0] == "folded@example.org"
     hostile = b"Subject: x\r\n" + b"X: y\r\n" * 200_000
-    start = time.perf_counter()
+    start = time.process_time()
     assert message_summary(hostile)[0] is None
-    assert time.perf_counter() - start < FAST
+    assert time.process_time() - start < FAST
     # The same id whether or not the message parses.
     unparseable = b"Message-ID: <id-1@example.org>\r\n" + b"X: y\r\n" * 200_000 + b"\r\n"
     with pytest.raises(LimitExceeded):
