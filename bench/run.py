@@ -1192,9 +1192,12 @@ _PYSPY_PROCESSES = re.compile(r'(?:process \d+:"(?:[^"\\]|\\.)*";)+')
 _PYSPY_COMMAND = re.compile(r'process \d+:"((?:[^"\\]|\\.)*)";')
 
 
-def _process_kind(command: str) -> str:
-    """What a process of the engine's run is, from its command line."""
-    if " -m engine" in command:
+def _process_kind(chain: list[str]) -> str:
+    """What a process of the engine's run is, from its chain of command lines (the process
+    py-spy runs first). The first is the engine's whatever its command line reads as: py-spy
+    reads it as ``""`` on some machines, and every sample then counted as a parsing process's."""
+    command = chain[-1]
+    if len(chain) == 1 or " -m engine" in command:
         return "engine"
     if "resource_tracker" in command:
         return "resource tracker"
@@ -1218,7 +1221,7 @@ def summarize_pyspy(raw: Path, rate: int, top: int = 40) -> str:
         # `process PID:"command line";`: a command line may hold a ';' of its own.
         chain = _PYSPY_PROCESSES.match(stack)
         if chain is not None:
-            processes[_process_kind(_PYSPY_COMMAND.findall(chain.group(0))[-1])] += count
+            processes[_process_kind(_PYSPY_COMMAND.findall(chain.group(0)))] += count
             stack = stack[chain.end() :]
         frames = stack.split(";")
         head = frames[0]

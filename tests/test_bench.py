@@ -86,6 +86,27 @@ def test_the_profile_summary_splits_the_engine_from_its_parsing_process(tmp_path
     assert "spawn_main" not in text.split("By thread kind:", 1)[1]
 
 
+def test_the_profile_summary_counts_the_root_process_as_the_engine_whatever_its_command(
+    tmp_path: Path,
+) -> None:
+    """py-spy may read the engine's command line as "" (it did on one machine): the root of
+    every chain is still the engine, not a parsing process."""
+    from bench.run import summarize_pyspy
+
+    raw = tmp_path / "raw"
+    raw.write_text(
+        'process 10:"";thread (0x1): MainThread;apply (engine/writer.py:9) 30\n'
+        'process 10:"";process 11:"/v/python -u -m anyio.to_process";thread (0x2): MainThread;'
+        "parse_message (engine/parse/x.py:7) 10\n",
+        encoding="utf-8",
+    )
+    by_process = summarize_pyspy(raw, rate=10).split("By process:\n", 1)[1].split("\n\n", 1)[0]
+    assert by_process.splitlines() == [
+        "    3.00 s  75.0 %  engine",
+        "    1.00 s  25.0 %  parsing process",
+    ]
+
+
 @pytest.mark.timeout(300)
 def test_quick_parser_benchmark_times_and_compares_every_parser_present() -> None:
     """bench.parsers in its quick mode: a row per parser and corpus against the stdlib, the
