@@ -1088,8 +1088,10 @@ def profile(world: World, report: Report, corpus: list[Template]) -> list[Path]:
             "pyisession",
             "-o",
             str(session),
-            "-m",
-            "engine",
+            # engine.cli.main, not ``-m engine``: its run() leaves by os._exit, before
+            # pyinstrument writes the session (which came out empty).
+            "-c",
+            "import sys; from engine.cli import main; sys.exit(main())",
         ],
         "pyinstrument",
     )
