@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -533,3 +534,16 @@ def test_ingest_and_directory_import_show_progress_on_a_terminal(
     assert code == 0 and re.search(r"directory .*120/120 users", out), out
     assert "imported: 0 teams, 0 sites, 0 groups, 0 sources, 0 priorities, 0 categories, " \
         "120 users" in out  # fmt: skip
+
+
+def test_a_secret_file_init_writes_in_this_repository_is_never_committed() -> None:
+    """``init`` writes ``<address>.secret`` beside the mailbox XML (the test above): in the
+    repository's own mailboxes.d, git ignores it, so ``git add -A`` cannot take it."""
+    repo = Path(__file__).resolve().parent.parent
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("mailboxes.d/IT/it@example.com.secret", "it@example.com.secret"):
+        done = subprocess.run(
+            ["git", "check-ignore", "-q", path], cwd=repo, capture_output=True, check=False
+        )
+        assert done.returncode == 0, f"{path} is not ignored by git"
