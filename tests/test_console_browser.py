@@ -1,7 +1,8 @@
 """The web console in a real browser (Debian's headless Chromium driven by Playwright, see
 tools/browser.py) and over real HTTP: the ``console`` command and ``run --console``, with
-the data seeded through the engine (test_console.seed). Each page's screenshot is saved to
-docs/screenshots/ (linked from the README)."""
+the data seeded through the engine (test_console.seed). Each page's screenshot is taken into
+a temporary folder, or into the folder MAILINTEGRATION_SCREENSHOTS names: the README's
+(docs/screenshots) are refreshed on purpose, not by every test run in a clean clone."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ pytestmark = pytest.mark.dovecot
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
-SHOTS = REPO / "docs" / "screenshots"
+SHOTS_ENV = "MAILINTEGRATION_SCREENSHOTS"
 # A global each payload of test_console would set if it ever ran.
 XSS_UNSET = "typeof window.__xss === 'undefined'"
 # Elements the payloads would have become, had the page not escaped them.
@@ -100,9 +101,19 @@ def check_no_script_ran(page: Page) -> None:
     assert page.locator(INJECTED).count() == 0, page.url
 
 
-def shot(page: Page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where screenshots go: ``$MAILINTEGRATION_SCREENSHOTS`` (relative to the repository),
+    else a temporary folder."""
+    named = os.environ.get(SHOTS_ENV)
+    return REPO / named if named else tmp_path_factory.mktemp("screenshots")
+
+
+def shot(page: Page, folder: Path, name: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{name}.png"
+    page.screenshot(path=str(target), full_page=True)
+    assert target.read_bytes().startswith(b"\x89PNG"), target
 
 
 def in_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -133,14 +144,14 @@ def seeded_in_thread(tmp_path: Path, dovecot: Dovecot) -> Seeded:
 
 @pytest.mark.chromium
 def test_an_agent_logs_in_sees_the_outage_downloads_a_failed_message_and_replays_it(
-    tmp_path: Path, dovecot: Dovecot, browser_page: Page
+    tmp_path: Path, dovecot: Dovecot, browser_page: Page, shots: Path
 ) -> None:
     s = seeded_in_thread(tmp_path, dovecot)
     page = browser_page
     with console_command(s, tmp_path) as url:
         page.goto(url)
         assert page.url == url + "login"
-        shot(page, "login")
+        shot(page, shots, "login")
         page.fill("input[name=login]", AGENT)
         page.fill("input[name=password]", AGENT_PASSWORD)
         page.click("button[type=submit]")
@@ -148,21 +159,21 @@ def test_an_agent_logs_in_sees_the_outage_downloads_a_failed_message_and_replays
         broken = page.locator("tr[data-mailbox=broken]")
         assert "OUTAGE: unreachable since" in broken.inner_text()
         assert page.locator("tr[data-mailbox=support] .state-ok").inner_text() == "OK"
-        shot(page, "mailboxes")
+        shot(page, shots, "mailboxes")
 
         page.click("text=Failed mail")
         row = page.locator("#failures tbody tr").first
         # The payloads are on the page, as text.
         assert XSS_SUBJECT in row.inner_text()
         check_no_script_ran(page)
-        shot(page, "failed-mail")
+        shot(page, shots, "failed-mail")
 
         row.locator("a").click()
         page.wait_for_url(re.compile(r".*/requests/\d+$"))
         failure_url = page.url
         assert "<img src=x onerror=" in page.locator("dl.head").inner_text()  # the sender
         check_no_script_ran(page)
-        shot(page, "failure-event")
+        shot(page, shots, "failure-event")
         with page.expect_download() as download:
             page.click("#download-eml")
         assert download.value.suggested_filename == "message.eml"
@@ -180,20 +191,20 @@ def test_an_agent_logs_in_sees_the_outage_downloads_a_failed_message_and_replays
         page.click("#replay")
         outcome = page.locator("#replay-outcome")
         assert outcome.inner_text().startswith("created"), outcome.inner_text()
-        shot(page, "replay")
+        shot(page, shots, "replay")
         page.click("#replayed-request")
         assert page.locator("h1 .subject").inner_text() == XSS_SUBJECT
         check_no_script_ran(page)
-        shot(page, "request")
+        shot(page, shots, "request")
         page.goto(failure_url)  # the failure event is still there
         assert page.locator("#download-eml").count() == 1
 
         page.click("text=Requests")
         assert page.locator("#requests tbody tr").count() == 4
-        shot(page, "requests")
+        shot(page, shots, "requests")
         page.click("text=Flow")
         assert page.locator("svg rect.bar").count() >= 2
-        shot(page, "flow")
+        shot(page, shots, "flow")
         check_no_script_ran(page)
     kinds = [r["kind"] for r in in_thread(requests, s.data)]
     assert sorted(kinds) == ["mail", "mail", "message-failure", "outage"]
