@@ -599,3 +599,27 @@ def test_the_store_takes_the_digest_the_parse_stage_computed(
     assert hashed == [len(b"raw message")]
     digests = {r[0] for r in rows_of(tmp_path, "SELECT sha256 FROM attachments")}
     assert digests == {hashlib.sha256(d).hexdigest() for d in (small, large, b"raw message")}
+
+
+def test_the_outbox_is_read_by_message_id_through_an_index(tmp_path: Path, store: str) -> None:
+    """A reply or bounce naming one of our auto-replies is looked up in the outbox by its
+    Message-ID (every batch's read-ahead): an index, not a scan of every reply ever sent."""
+
+    async def body(store: Store) -> None:
+        return None
+
+    run(tmp_path, body)
+    query = "SELECT request_number FROM outbox WHERE message_id = 'a@b'"
+    if support.STORE:
+        import psycopg
+
+        with psycopg.connect(support.STORE) as conn:
+            conn.execute("SET enable_seqscan = off")  # a tiny table is scanned anyway
+            plan = " ".join(r[0] for r in conn.execute(f"EXPLAIN {query}").fetchall())
+    else:
+        con = sqlite3.connect(tmp_path / "data" / "mailintegration.sqlite3")
+        try:
+            plan = " ".join(str(r[-1]) for r in con.execute(f"EXPLAIN QUERY PLAN {query}"))
+        finally:
+            con.close()
+    assert "outbox_message_id" in plan, plan

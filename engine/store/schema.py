@@ -316,6 +316,16 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE ledger ADD COLUMN arrived_at TEXT;
     """,
+    # 11: nothing to do here: what several replicas on one PostgreSQL need (its 11). SQLite
+    # has one engine per data directory, behind its lock.
+    "SELECT 1;",
+    # 12: the outbox by Message-ID. A reply or bounce that names one of our auto-replies
+    # finds its request there (request_by_message_id, and the writer's read-ahead of every
+    # batch's threads and bounces): without an index each batch scanned the whole outbox,
+    # which keeps every reply sent. One index entry per reply queued, which is rare.
+    """
+    CREATE INDEX IF NOT EXISTS outbox_message_id ON outbox(message_id);
+    """,
 )
 
 CATCH_UP: dict[int, str] = {7: "engine_keys"}
@@ -352,7 +362,7 @@ def normalized_account(old: str) -> str:
 #   existed before the accounts changed form;
 # - 11 adds what several replicas need (see its comment); SQLite, with one engine per data
 #   directory behind its lock, has nothing to do for it.
-# Every version up to 11 is filled now; gaps are allowed (the version table
+# Every version up to 12 is filled now; gaps are allowed (the version table
 # lists the versions applied, so one merged later is applied later).
 POSTGRES_MIGRATIONS: dict[int, str] = {
     1: """
@@ -579,4 +589,6 @@ POSTGRES_MIGRATIONS: dict[int, str] = {
     CREATE UNIQUE INDEX requests_one_open_outage ON requests (mailbox, cause)
         WHERE kind = 'outage' AND status NOT IN ('processed', 'closed');
     """,
+    # 12: the outbox by Message-ID (SQLite's comment).
+    12: "CREATE INDEX IF NOT EXISTS outbox_message_id ON outbox (message_id)",
 }
