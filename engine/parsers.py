@@ -3,6 +3,13 @@
 Threads share one core for Python code (the GIL): parsing, the costliest step per message,
 would compete with the writer. A process runs it beside the event loop; a session with many
 messages has its windows parsed in one while it fetches the next (see engine.session).
+
+The processes start only once a session wants them: a session asks whether they are ready
+(:attr:`Parsers.ready`) only after it has listed enough messages to use them (the session's
+``process_threshold``), and that first question is what starts them. An empty or small
+mailbox, the usual cron `once`, never pays for a process (~0.15 s of CPU on the other core
+for each, and its share of the machine's memory); a busy one parses its first windows in
+threads meanwhile, as it did while the processes started with the engine.
 """
 
 from __future__ import annotations
@@ -12,7 +19,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-import anyio.to_process
 from anyio import BrokenWorkerProcess
 
 from engine.errors import MessageError, sole
@@ -23,20 +29,46 @@ from engine.parse import parse_many, with_raw
 log = logging.getLogger("engine.session")
 
 
+class Readiness:
+    """Whether the parsing processes are up; asking is what says they are wanted.
+
+    A session asks (:meth:`is_set`) only once it has listed enough messages to parse them
+    apart, so the first question starts the processes (:meth:`Parsers.start` waits for it)
+    and answers False; the windows meanwhile are parsed in threads.
+    """
+
+    def __init__(self) -> None:
+        self.wanted = anyio.Event()
+        self.up = anyio.Event()
+
+    def is_set(self) -> bool:
+        self.wanted.set()
+        return self.up.is_set()
+
+    def set(self) -> None:
+        self.up.set()
+
+
 class Parsers:
     """The pool of parsing processes.
 
-    A process takes ~0.2 s to start: the engine starts them once, in the background, while it
-    logs in and the first sessions connect. Until they are up, windows are parsed in
-    threads; from then on a window waits for a process.
+    A process takes ~0.2 s to start: the engine starts them once, in the background, when
+    the first session that has enough messages to use them asks for them (see
+    :class:`Readiness`). Until they are up, windows are parsed in threads; from then on a
+    window waits for a process.
     """
 
     def __init__(self, count: int) -> None:
         self.limiter = anyio.CapacityLimiter(count)
-        self.ready = anyio.Event()
+        self.ready = Readiness()
 
     async def start(self) -> None:
-        """Start every process (an empty window each), then let the sessions use them."""
+        """Once a session wants them, start every process (an empty window each), then let
+        the sessions use them. Cancel it freely: nothing is started before it is wanted."""
+        await self.ready.wanted.wait()
+        # Here, not at the top: anyio.to_process brings subprocess and pickle (~3 ms), which
+        # a start that never parses apart does without.
+        import anyio.to_process
 
         async def one() -> None:
             limiter = self.limiter
@@ -68,6 +100,8 @@ class Parsers:
         message, the OOM killer), they are parsed with ``thread`` (the session's worker
         threads) instead. Each result holds its message's bytes, which stayed here rather
         than cross the pipe twice (see engine.parse.with_raw)."""
+        import anyio.to_process  # imported by start(), which made the processes
+
         try:
             parsed = await anyio.to_process.run_sync(
                 parse_many, raws, max_bytes, cancellable=True, limiter=self.limiter

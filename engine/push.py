@@ -32,9 +32,9 @@ import anyio.to_thread
 
 from engine.config import ServerConfig
 from engine.errors import FetchError
-from engine.gateways.imap import IdleWatcher
 
 if TYPE_CHECKING:
+    from engine.gateways.imap import IdleWatcher
     from engine.oauth.broker import TokenBroker
     from engine.session import SessionResult
 
@@ -79,6 +79,10 @@ async def idle_until_mail(
     """Wait up to ``seconds`` for new mail by IDLE and call ``wake`` when it comes; returns
     without calling it when the time is up or the server has no IDLE. Cancel it freely: the
     blocked thread is interrupted and its connection closed."""
+    # Here rather than at the top: a `once`, and a daemon without IMAP mailboxes, never wait
+    # by IDLE, and imaplib with the IMAP gateway was ~7 ms of every start.
+    from engine.gateways.imap import IdleWatcher
+
     end = anyio.current_time() + seconds
     backoff = BACKOFF_FIRST
     while not state.unsupported and (left := end - anyio.current_time()) > 0:

@@ -35,7 +35,6 @@ from engine.items import DirectoryCheck, Envelope, Historic, Item, SessionReport
 from engine.keys import ingest_key
 from engine.leases import Leases
 from engine.oauth.broker import TokenBroker
-from engine.oauth.health import health
 from engine.ops import Health, Metrics
 from engine.outbox import Outbox
 from engine.parsers import Parsers
@@ -365,7 +364,8 @@ class Engine:
                     async with anyio.create_task_group() as fetchers:
                         for src in sources:
                             fetchers.start_soon(self._collect, src, send.clone(), outcomes)
-                    tg.cancel_scope.cancel()  # processes still starting: not needed any more
+                    # Processes never wanted, or still starting: not needed any more.
+                    tg.cancel_scope.cancel()
                 if done is not None:
                     done.set()
 
@@ -405,9 +405,17 @@ class Engine:
 
         async def body(send: MemoryObjectSendStream[Item]) -> None:
             loops: dict[str, _Loop] = {}
+            # The parsing processes' start waits until a session wants them: cancelled once
+            # the loops are told to stop, or the task group would wait for it for ever.
+            starting = anyio.CancelScope()
+
+            async def start_processes(processes: Parsers) -> None:
+                with starting:
+                    await processes.start()
+
             async with anyio.create_task_group() as tg:
                 if self.processes is not None:
-                    tg.start_soon(self.processes.start)
+                    tg.start_soon(start_processes, self.processes)
                 started_leases = False
                 while not stop.is_set():
                     found = await anyio.to_thread.run_sync(
@@ -441,6 +449,7 @@ class Engine:
                         await stop.wait()
                 for loop in loops.values():
                     loop.stop.set()
+                starting.cancel()
 
         await self._with_writer(body, drain=False)
 
@@ -641,6 +650,8 @@ class Engine:
 
     def _token_health(self, cfg: MailboxConfig) -> tuple[tuple[str, str], ...]:
         """An OAuth2 mailbox's token health into the metrics; its warnings (engine.oauth)."""
+        from engine.oauth.health import health  # only OAuth2 mailboxes need it
+
         assert cfg.server.oauth2 is not None
         h = health(cfg.name, cfg.server.oauth2, self.tokens.store.load(cfg.account))
         m = self.metrics

@@ -624,3 +624,34 @@ def test_byte_budget_is_given_back_when_a_session_fails_mid_window(tmp_path: Pat
     assert cause in ("timeout", "protocol")
     assert used == 0
     assert fake.deleted == []
+
+
+def test_the_daemon_stops_when_no_session_wanted_a_parsing_process(tmp_path: Path) -> None:
+    """The parsing processes start only once a session has enough messages to want them:
+    a daemon told to stop before any did still ends (the start, still waiting, is
+    cancelled), and never started a process."""
+    from engine.supervisor import Engine, EngineSettings
+
+    folder = tmp_path / "mailboxes.d"
+    folder.mkdir()
+    settings = EngineSettings(data_dir=tmp_path / "data", created_by=LOGIN, parse_processes=1)
+
+    async def go() -> bool:
+        store = await open_store(tmp_path / "data")
+        try:
+            engine = Engine(store, settings)
+
+            async def stop_soon() -> None:
+                await anyio.sleep(0.3)
+                engine.stop.set()
+
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(stop_soon)
+                    await engine.run(folder, reload_seconds=0.1)
+            assert engine.processes is not None
+            return engine.processes.ready.wanted.is_set()
+        finally:
+            await store.close()
+
+    assert anyio.run(go) is False

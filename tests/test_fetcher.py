@@ -230,6 +230,25 @@ def test_few_messages_are_parsed_in_a_thread(
     mailbox.assert_exactly_once()
 
 
+def test_a_small_mailbox_starts_no_parsing_process(
+    mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The processes start when a session lists enough messages to use them, not with the
+    engine: a pass over a handful of messages never pays ~0.15 s of CPU for one."""
+    mailbox.deliver(*[message(f"Small {i}") for i in range(10)])
+    calls: list[int] = []
+    real: Callable[..., Any] = anyio.to_process.run_sync
+
+    async def spy(func: Callable[..., Any], raws: list[bytes], *args: Any, **kw: Any) -> Any:
+        calls.append(len(raws))  # an empty window is a process being started
+        return await real(func, raws, *args, **kw)
+
+    monkeypatch.setattr(anyio.to_process, "run_sync", spy)
+    assert mailbox.once() == 0
+    assert calls == []
+    mailbox.assert_exactly_once()
+
+
 @pytest.mark.parametrize(
     ("when", "says"),
     [
@@ -337,13 +356,12 @@ def test_only_the_session_s_final_message_is_marked_last(
     assert [s for s, last in seen if last] == ["Last 99"]
 
 
-def test_parsing_processes_start_with_the_engine_not_after_the_listing(
+def test_parsing_processes_start_once_a_session_lists_enough_messages(
     mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A process takes ~0.2 s to start. Started as the engine starts, it comes up while the
-    engine logs in and the server opens the mailbox (Dovecot indexes a fresh one of 2,000
-    messages in ~85 ms), instead of after the listing, with the first windows already being
-    parsed in threads."""
+    """A process costs ~0.15 s of CPU to start: it starts when a session has listed enough
+    messages to use it (64 or more), not with the engine, so that an empty or small mailbox
+    never pays for it; the session's first windows parse in threads meanwhile."""
     mailbox.deliver(*[message(f"Early {i}") for i in range(70)])
     order: list[str] = []
     real_run: Callable[..., Any] = anyio.to_process.run_sync
@@ -362,7 +380,7 @@ def test_parsing_processes_start_with_the_engine_not_after_the_listing(
     monkeypatch.setattr(Pop3Gateway, "open", open_)
     assert mailbox.once() == 0
     mailbox.assert_exactly_once()
-    assert order[:2] == ["start", "connect"], order
+    assert order[:2] == ["connect", "start"], order
 
 
 def test_handing_a_message_over_does_not_go_round_the_event_loop() -> None:

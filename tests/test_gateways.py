@@ -58,7 +58,8 @@ def test_the_registry_makes_the_gateway_the_xml_names(
         tmp_path / "m.xml", port=110, user="u", password="pw-123456", gateway=type_name
     )
     server = load_mailbox(cfg).server
-    assert {"pop3": Pop3Gateway, "imap": ImapGateway} == gateways.GATEWAYS
+    # IMAP's factory imports its gateway when it first makes one (a POP3 start never does).
+    assert gateways.GATEWAYS.keys() == {"pop3", "imap"}
     assert isinstance(gateway_for(server), kind)
 
 

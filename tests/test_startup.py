@@ -282,6 +282,30 @@ def test_a_run_over_plain_mail_imports_no_metrics_tables_or_tnef(mailbox: Mailbo
 
 
 @pytest.mark.dovecot
+def test_once_over_an_empty_pop3_mailbox_imports_no_imap_and_starts_no_parsing_process(
+    mailbox: Mailbox,
+) -> None:
+    """The usual cron `once`: a POP3 mailbox with nothing waiting. imaplib and the IMAP
+    gateway (~7 ms) are imported by the first IMAP session only, OAuth2 token health by the
+    first OAuth2 mailbox, and the parsing processes (~0.15 s of CPU each, with anyio's
+    process machinery) start only for a session that lists enough messages to use them."""
+    args = ["once", "--config", str(mailbox.config), "--data-dir", str(mailbox.data)]
+    args += ["--login", LOGIN, "--password", LOGIN_PASSWORD]
+    script = (
+        "import sys\n"
+        "lazy = {'imaplib', 'engine.gateways.imap', 'engine.oauth.health', 'anyio.to_process'}\n"
+        "from engine.cli import main\n"
+        f"code = main({args!r})\n"
+        "print(code, sorted(lazy & set(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "0 []"
+
+
+@pytest.mark.dovecot
 def test_the_command_exits_without_the_interpreter_s_teardown_and_loses_no_output(
     tmp_path: Path, mailbox: Mailbox
 ) -> None:

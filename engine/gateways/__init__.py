@@ -61,7 +61,6 @@ from engine.gateways.base import (
     read_cap,
     session_seconds,
 )
-from engine.gateways.imap import ImapGateway
 from engine.gateways.pop3 import Pop3Gateway
 
 if TYPE_CHECKING:
@@ -80,12 +79,21 @@ __all__ = [
     "session_seconds",
 ]
 
+
+def _imap(server: ServerConfig, tokens: TokenBroker | None) -> Gateway:
+    """An IMAP session; imaplib and the IMAP gateway are imported by the first one made, so a
+    start that reads only POP3 mailboxes (a cron `once`) does not pay for them."""
+    from engine.gateways.imap import ImapGateway
+
+    return ImapGateway(server, tokens)
+
+
 # The one place that maps a gateway kind (ServerConfig.gateway, read from gatewayTypeName)
 # to what makes its sessions. A factory takes the server's settings and the token broker
 # (None when the engine has none: then ``server.oauth2`` cannot be signed in with).
 GATEWAYS: dict[str, Callable[[ServerConfig, TokenBroker | None], Gateway]] = {
     "pop3": Pop3Gateway,
-    "imap": ImapGateway,
+    "imap": _imap,
 }
 
 
