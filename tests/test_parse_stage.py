@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from engine.errors import MessageError
 from engine.model import ParsedMessage
-from engine.parse import parse_many, parse_message, parse_raw
+from engine.parse import _copy_with_raw, parse_many, parse_message, parse_raw, with_raw
 from engine.parse.headers import received_at
 from engine.processors import intake
 from tests.parse.samples import raw_fuzz, raw_message
@@ -110,3 +110,30 @@ def test_an_attachment_digest_crosses_the_pipe_and_never_outlives_its_data() -> 
     assert att.sha256 == hashlib.sha256(att.data).hexdigest()
     assert dataclasses.replace(att, data=b"other").sha256 is None
     assert dataclasses.replace(att, name="y.txt").sha256 is None
+
+
+@given(raw=raw_message(), other=st.binary(max_size=40))
+@raw_fuzz(150)
+def test_the_cheap_raw_swap_is_dataclasses_replace(raw: bytes, other: bytes) -> None:
+    """parse_many drops ``raw`` and with_raw puts it back with a copy of the fields rather
+    than dataclasses.replace: over generated messages, the same object as replace makes,
+    and the message it copies is left as it was."""
+    result = parse_raw(raw, 10 * 1024 * 1024)
+    if isinstance(result, MessageError):
+        return
+    before = dict(vars(result))
+    fast = _copy_with_raw(result, other)
+    slow = dataclasses.replace(result, raw=other)
+    assert type(fast) is ParsedMessage and fast is not result
+    assert vars(fast) == vars(slow) and fast == slow
+    assert vars(with_raw(result, other)) == vars(slow)
+    assert vars(result) == before
+    [window] = parse_many([raw], 10 * 1024 * 1024)
+    assert vars(window) == vars(dataclasses.replace(result, raw=b""))
+
+
+def test_replace_has_nothing_the_cheap_raw_swap_would_miss() -> None:
+    """The swap copies every field as it is: equal to replace only while ParsedMessage
+    has no __post_init__ and no init=False field (replace would run or reset them)."""
+    assert not hasattr(ParsedMessage, "__post_init__")
+    assert all(f.init for f in dataclasses.fields(ParsedMessage))

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import replace
 from typing import Final
 
 from engine.errors import LimitExceeded, MessageError, ParseError
@@ -299,10 +298,26 @@ def parse_many(raws: list[bytes], max_bytes: int) -> list[ParsedMessage | Messag
     out: list[ParsedMessage | MessageError] = []
     for raw in raws:
         result = parse_raw(raw, max_bytes)
-        out.append(replace(result, raw=b"") if isinstance(result, ParsedMessage) else result)
+        out.append(_copy_with_raw(result, b"") if isinstance(result, ParsedMessage) else result)
     return out
 
 
 def with_raw(result: ParsedMessage | MessageError, raw: bytes) -> ParsedMessage | MessageError:
     """A result of :func:`parse_many` with its message's bytes put back."""
-    return replace(result, raw=raw) if isinstance(result, ParsedMessage) else result
+    return _copy_with_raw(result, raw) if isinstance(result, ParsedMessage) else result
+
+
+def _copy_with_raw(msg: ParsedMessage, raw: bytes) -> ParsedMessage:
+    """``dataclasses.replace(msg, raw=raw)``, 8 times cheaper: a copy of the instance's
+    fields with ``raw`` swapped, without the generated ``__init__`` (one frozen
+    ``object.__setattr__`` per field) or the walk over ``fields()``. It ran twice per
+    message: in the parsing process to drop ``raw`` and on the event loop, the engine's
+    serial stage, to put it back (py-spy: 9 us of the loop's ~25 us per message received).
+
+    Equal to ``replace`` because ParsedMessage has no ``__post_init__`` and no
+    ``init=False`` field (tests/test_parse_stage.py holds both, and the two equal)."""
+    copy = object.__new__(ParsedMessage)
+    fields = copy.__dict__
+    fields.update(msg.__dict__)
+    fields["raw"] = raw
+    return copy
