@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 from engine.errors import MessageError
 from engine.model import ParsedMessage
-from engine.parse import _copy_with_raw, parse_many, parse_message, parse_raw, with_raw
+from engine.parse import _copy_with_raw, fingerprint, parse_many, parse_message, parse_raw, with_raw
 from engine.parse.charsets import decode_8bit
+from engine.parse.fingerprint import folded_ascii, folded_text
 from engine.parse.headers import parse_date, received_at
 from engine.processors import intake
 from tests.parse.samples import raw_fuzz, raw_message
@@ -206,3 +207,19 @@ def test_the_dates_and_field_names_of_a_window_share_their_objects() -> None:
     size = len(pickle.dumps([one, two], pickle.HIGHEST_PROTOCOL))
     assert pickle.loads(pickle.dumps([one, two], pickle.HIGHEST_PROTOCOL)) == [one, two]
     assert size < 2 * len(pickle.dumps(one, pickle.HIGHEST_PROTOCOL))
+
+
+ascii_text = st.text(st.characters(max_codepoint=127), max_size=300)
+spaced = st.lists(
+    st.one_of(ascii_text, st.sampled_from([" " * 9, "\t\r\n", "\x1c\x1d\x1e\x1f", "\x0b\x0c "])),
+    max_size=12,
+).map("".join)
+
+
+@given(text=st.one_of(ascii_text, spaced))
+@raw_fuzz(500)
+def test_the_ascii_fold_of_the_fingerprint_is_the_general_one(text: str) -> None:
+    """Any ASCII text (every control character, runs of white space of any length and
+    kind, \\x1c-\\x1f which str.split counts as space): the fast fold is the definition."""
+    assert folded_ascii(text) == folded_text(text)
+    assert fingerprint.fingerprint("", text) == hashlib.sha256(folded_text("\n" + text)).hexdigest()
