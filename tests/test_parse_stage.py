@@ -19,7 +19,7 @@ from engine.model import ParsedMessage
 from engine.parse import _copy_with_raw, fingerprint, parse_many, parse_message, parse_raw, with_raw
 from engine.parse.charsets import decode_8bit
 from engine.parse.fingerprint import folded_ascii, folded_text
-from engine.parse.headers import parse_date, received_at
+from engine.parse.headers import _HEAD_END_RE, head_end_start, parse_date, received_at
 from engine.processors import intake
 from tests.parse.samples import raw_fuzz, raw_message
 
@@ -223,3 +223,15 @@ def test_the_ascii_fold_of_the_fingerprint_is_the_general_one(text: str) -> None
     kind, \\x1c-\\x1f which str.split counts as space): the fast fold is the definition."""
     assert folded_ascii(text) == folded_text(text)
     assert fingerprint.fingerprint("", text) == hashlib.sha256(folded_text("\n" + text)).hexdigest()
+
+
+@given(head=st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"x", b"Received: a; b", b" "])))
+@raw_fuzz(500)
+def test_the_end_of_the_header_found_by_finds_is_the_regular_expressions(
+    head: list[bytes],
+) -> None:
+    """received_at cuts the header where the blank line starts: two finds give the start
+    the regular expression they replaced gave, on any mix of CR, LF and text."""
+    data = b"".join(head)
+    m = _HEAD_END_RE.search(data)
+    assert head_end_start(data) == (None if m is None else m.start())

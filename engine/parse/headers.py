@@ -329,6 +329,20 @@ _HEAD_END_RE: Final = re.compile(rb"\r?\n\r?\n")
 _FIELD_END_RE: Final = re.compile(rb"\r?\n(?![ \t])")
 
 
+def head_end_start(head: bytes) -> int | None:
+    """``_HEAD_END_RE.search(head).start()``, None where it finds nothing.
+
+    That expression starts with an optional CR, so the regex engine tries it at every
+    offset of up to 16 KiB (1 % of a parse); two finds of the LF that starts the blank line
+    do the same in C. The earliest match starts at the first LF followed by an empty line,
+    or at the CR before it (tests/test_parse_stage.py holds the two equal)."""
+    found = [at for at in (head.find(b"\n\n"), head.find(b"\n\r\n")) if at >= 0]
+    if not found:
+        return None
+    at = min(found)
+    return at - 1 if at and head[at - 1] == 0x0D else at
+
+
 def received_at(raw: bytes) -> datetime | None:
     """When the server that took the message last (the top-most ``Received:`` field) says
     it received it: the date after the field's last ";" (RFC 5321 4.4), aware (UTC if it
@@ -341,8 +355,8 @@ def received_at(raw: bytes) -> datetime | None:
     if raw.startswith((b"\n", b"\r\n")):
         return None  # no header at all: whatever follows is the body
     head = raw[:RECEIVED_SCAN_BYTES]
-    if (end := _HEAD_END_RE.search(head)) is not None:
-        head = head[: end.start()]  # the header only: never a "Received:" of the body
+    if (end := head_end_start(head)) is not None:
+        head = head[:end]  # the header only: never a "Received:" of the body
     found = _RECEIVED_RE.search(head)
     if found is None:
         return None
