@@ -4,9 +4,11 @@ carried on the ParsedMessage must be what the writer (or the session) computed b
 from __future__ import annotations
 
 import dataclasses
+import email.utils
 import hashlib
 import pickle
 import re
+from datetime import UTC, datetime
 from email.message import EmailMessage
 
 from hypothesis import given
@@ -14,8 +16,10 @@ from hypothesis import strategies as st
 
 from engine.errors import MessageError
 from engine.model import ParsedMessage
-from engine.parse import parse_many, parse_message, parse_raw
-from engine.parse.headers import received_at
+from engine.parse import _copy_with_raw, fingerprint, parse_many, parse_message, parse_raw, with_raw
+from engine.parse.charsets import decode_8bit
+from engine.parse.fingerprint import folded_ascii, folded_text
+from engine.parse.headers import _HEAD_END_RE, head_end_start, parse_date, received_at
 from engine.processors import intake
 from tests.parse.samples import raw_fuzz, raw_message
 
@@ -110,3 +114,124 @@ def test_an_attachment_digest_crosses_the_pipe_and_never_outlives_its_data() -> 
     assert att.sha256 == hashlib.sha256(att.data).hexdigest()
     assert dataclasses.replace(att, data=b"other").sha256 is None
     assert dataclasses.replace(att, name="y.txt").sha256 is None
+
+
+@given(raw=raw_message(), other=st.binary(max_size=40))
+@raw_fuzz(150)
+def test_the_cheap_raw_swap_is_dataclasses_replace(raw: bytes, other: bytes) -> None:
+    """parse_many drops ``raw`` and with_raw puts it back with a copy of the fields rather
+    than dataclasses.replace: over generated messages, the same object as replace makes,
+    and the message it copies is left as it was."""
+    result = parse_raw(raw, 10 * 1024 * 1024)
+    if isinstance(result, MessageError):
+        return
+    before = dict(vars(result))
+    fast = _copy_with_raw(result, other)
+    slow = dataclasses.replace(result, raw=other)
+    assert type(fast) is ParsedMessage and fast is not result
+    assert vars(fast) == vars(slow) and fast == slow
+    assert vars(with_raw(result, other)) == vars(slow)
+    assert vars(result) == before
+    [window] = parse_many([raw], 10 * 1024 * 1024)
+    assert vars(window) == vars(dataclasses.replace(result, raw=b""))
+
+
+def test_replace_has_nothing_the_cheap_raw_swap_would_miss() -> None:
+    """The swap copies every field as it is: equal to replace only while ParsedMessage
+    has no __post_init__ and no init=False field (replace would run or reset them)."""
+    assert not hasattr(ParsedMessage, "__post_init__")
+    assert all(f.init for f in dataclasses.fields(ParsedMessage))
+
+
+def old_parse_date(value: str | None) -> datetime | None:
+    """engine.parse.headers.parse_date before its zones were shared (4f2e55e)."""
+    if not value:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(decode_8bit(value).strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+zones = st.one_of(
+    st.sampled_from(["+0000", "-0000", "+0100", "-0530", "+1400", "-2359", "+9999", "GMT"]),
+    st.sampled_from(["UT", "EST", "PDT", "Z", "A", "", "+01", "+0160", "nonsense"]),
+    st.from_regex(r"[+-][0-9]{4}", fullmatch=True),
+)
+
+
+@given(
+    day=st.integers(-1, 40),
+    month=st.sampled_from(["Jan", "Feb", "Dec", "jan", "Foo"]),
+    year=st.integers(0, 10_000),
+    clock=st.from_regex(r"[0-9]{1,2}:[0-9]{2}(:[0-9]{2})?", fullmatch=True),
+    zone=zones,
+    noise=st.text(max_size=8),
+)
+@raw_fuzz(400)
+def test_a_date_with_a_shared_zone_is_the_date_as_before(
+    day: int, month: str, year: int, clock: str, zone: str, noise: str
+) -> None:
+    """Whatever the Date value, parse_date gives what it gave before its zones were shared:
+    the same instant, offset, zone name and repr (so the same text wherever it is shown)."""
+    for value in (
+        f"Fri, {day} {month} {year} {clock} {zone}",
+        f"{day} {month} {year} {clock}{noise}",
+    ):
+        new, old = parse_date(value), old_parse_date(value)
+        assert new == old and repr(new) == repr(old)
+        if new is not None and old is not None:
+            assert new.utcoffset() == old.utcoffset() and new.tzname() == old.tzname()
+            assert new.isoformat() == old.isoformat()
+
+
+def test_the_dates_and_field_names_of_a_window_share_their_objects() -> None:
+    """Two messages of a window hold the same zone object for the same offset and the same
+    name objects for common fields: pickle writes each once per window, the event loop
+    unpickles each once."""
+    raws = [
+        f"From: a{i}@example.com\r\nTo: b@example.com\r\nSubject: s{i}\r\nX-Mailer: m\r\n"
+        f"Received: from a by b; Fri, 04 Dec 2026 21:0{i}:00 +0100\r\n"
+        f"Date: Fri, 04 Dec 2026 21:0{i}:00 +0100\r\n\r\nbody {i}\r\n".encode()
+        for i in range(2)
+    ]
+    one, two = parse_many(raws, 1 << 20)
+    assert isinstance(one, ParsedMessage) and isinstance(two, ParsedMessage)
+    assert one.date is not None and two.date is not None and one.received_at is not None
+    assert one.date.tzinfo is two.date.tzinfo is one.received_at.tzinfo
+    assert [name for name, _ in one.headers] == [name for name, _ in two.headers]
+    assert all(a is b for (a, _), (b, _) in zip(one.headers, two.headers, strict=True))
+    size = len(pickle.dumps([one, two], pickle.HIGHEST_PROTOCOL))
+    assert pickle.loads(pickle.dumps([one, two], pickle.HIGHEST_PROTOCOL)) == [one, two]
+    assert size < 2 * len(pickle.dumps(one, pickle.HIGHEST_PROTOCOL))
+
+
+ascii_text = st.text(st.characters(max_codepoint=127), max_size=300)
+spaced = st.lists(
+    st.one_of(ascii_text, st.sampled_from([" " * 9, "\t\r\n", "\x1c\x1d\x1e\x1f", "\x0b\x0c "])),
+    max_size=12,
+).map("".join)
+
+
+@given(text=st.one_of(ascii_text, spaced))
+@raw_fuzz(500)
+def test_the_ascii_fold_of_the_fingerprint_is_the_general_one(text: str) -> None:
+    """Any ASCII text (every control character, runs of white space of any length and
+    kind, \\x1c-\\x1f which str.split counts as space): the fast fold is the definition."""
+    assert folded_ascii(text) == folded_text(text)
+    assert fingerprint.fingerprint("", text) == hashlib.sha256(folded_text("\n" + text)).hexdigest()
+
+
+@given(head=st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"x", b"Received: a; b", b" "])))
+@raw_fuzz(500)
+def test_the_end_of_the_header_found_by_finds_is_the_regular_expressions(
+    head: list[bytes],
+) -> None:
+    """received_at cuts the header where the blank line starts: two finds give the start
+    the regular expression they replaced gave, on any mix of CR, LF and text."""
+    data = b"".join(head)
+    m = _HEAD_END_RE.search(data)
+    assert head_end_start(data) == (None if m is None else m.start())

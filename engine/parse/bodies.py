@@ -144,7 +144,7 @@ def _unflow_lines(
 
 # In multi-line bodies only the controls that are never text are removed.
 _BODY_CTRL_RE: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_BODY_CTRL_TABLE: Final = dict.fromkeys([*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
+_BODY_CTRL_BYTES: Final = bytes([*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
 
 
 def clean_body(text: str) -> str:
@@ -153,10 +153,16 @@ def clean_body(text: str) -> str:
         # Each CR, alone or before an LF, is one line end; str.replace makes no list of pieces
         # (the regular expression \r\n? made one per line: ten times a body of short lines).
         text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if text.isascii():
+        # Deleting the controls from the octets and comparing lengths is 5 times cheaper
+        # than searching the text for one (the regular expression tests a character class
+        # at every character: 19 us of a 1.7 KiB body), and gives the cleaned text at once.
+        data = text.encode("ascii")
+        kept = data.translate(None, _BODY_CTRL_BYTES)
+        return text if len(kept) == len(data) else kept.decode("ascii")
     if _BODY_CTRL_RE.search(text) is None:
         return text
-    # str.translate is fast on ASCII text only, the regular expression everywhere else.
-    return text.translate(_BODY_CTRL_TABLE) if text.isascii() else _BODY_CTRL_RE.sub("", text)
+    return _BODY_CTRL_RE.sub("", text)
 
 
 def text_of(

@@ -295,6 +295,17 @@ def test_property_body_cleaning_is_the_regular_expressions_cleaning(text: str) -
     assert clean_body(text) == reference
 
 
+@settings(max_examples=500, deadline=timedelta(seconds=1), derandomize=True, database=None)
+@given(text=st.text(st.characters(max_codepoint=127), max_size=200))
+def test_property_ascii_body_cleaning_by_octets_is_the_regular_expressions(text: str) -> None:
+    """An ASCII body has its controls deleted from its octets (bytes.translate) rather than
+    searched for: every ASCII character, the same text as the regular expression."""
+    reference = re.sub(r"\r\n?", "\n", text)
+    reference = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "", reference)
+    cleaned = clean_body(text)
+    assert cleaned == reference and type(cleaned) is str
+
+
 @settings(max_examples=300, deadline=timedelta(seconds=1), derandomize=True, database=None)
 @given(
     text=st.lists(LINE_PIECES, max_size=60).map(lambda p: "".join(p).replace("\r", "")),

@@ -696,3 +696,20 @@ def test_property_fast_split_of_a_delivery_status_is_the_feed_parsers_tree(raw: 
         for line in lines
     ):
         assert taken
+
+
+@pytest.mark.parametrize("line_end", [b"\r\n", b"\n", b"\r"])
+def test_a_message_is_searched_for_bare_crs_once(line_end: bytes) -> None:
+    """The pre-scan's answer (Scan.bare_cr) is what the parser's fast path is given for the
+    same bytes, rather than a second search of the whole message."""
+    raw = (
+        b"From: a@example.com\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+        b"Content-Type: text/plain\r\n\r\nSee the log.\r\n--b--\r\n"
+    ).replace(b"\r\n", line_end)
+    real = engine.parse.mime._BARE_CR_RE
+    searches = mock.Mock(wraps=real)
+    with mock.patch.object(engine.parse.mime, "_BARE_CR_RE", searches):
+        parsed = parse_message(raw)
+    assert parsed.body.startswith("See the log.")
+    assert searches.search.call_count <= 1
