@@ -13,11 +13,13 @@ from pathlib import Path
 
 import anyio
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from support import mailbox_xml
 
 from engine.config import MailboxConfig, load_mailbox
 from engine.errors import FetchTimeout, MessageKept, ParseError, TLSError
-from engine.model import DirectoryView, ParsedMessage, RequestRef, Team, User
+from engine.model import DirectoryView, Origin, ParsedMessage, RequestRef, Team, User, Watcher
 from engine.processors import (
     AddActivity,
     AddNote,
@@ -30,6 +32,7 @@ from engine.processors import (
     describe,
     failure,
     outage,
+    replaced,
 )
 
 TEAM = Team(id=1, number=1, name="IT", default_group="Service Desk")
@@ -233,3 +236,38 @@ def test_an_outage_of_a_file_that_did_not_load_attaches_nothing() -> None:
     )
     assert isinstance(new, NewEvent) and new.attachments == ()
     assert "No copy of the configuration is attached" in new.description
+
+
+_NEW = NewRequest("incident", "s", "d", None, JOHN, None, None, None, None, ())
+_ACTIVITY = AddActivity(CLOSED, "John", "b", (), reopen=True)
+_WATCHERS = st.lists(
+    st.builds(Watcher, st.emails(), st.none() | st.integers(1, 9)), max_size=3
+).map(tuple)
+_CHANGES = st.fixed_dictionaries(
+    {},
+    optional={
+        "watchers": _WATCHERS,
+        "body": st.text(max_size=5),
+        "origin": st.none()
+        | st.builds(Origin, st.text(max_size=5), st.integers(1, 3), st.emails(), st.text()),
+        "nonsense": st.integers(),
+    },
+)
+
+
+@given(decision=st.sampled_from([_NEW, _ACTIVITY]), changes=_CHANGES)
+def test_a_decision_replaced_is_dataclasses_replace(
+    decision: NewRequest | AddActivity, changes: dict[str, object]
+) -> None:
+    """The intake's fast copy of a decision is dataclasses.replace's: the same value, type
+    and hash, the original unchanged, and a change of no field refused the same way."""
+    try:
+        expected = dataclasses.replace(decision, **changes)  # type: ignore[arg-type]
+    except TypeError:
+        with pytest.raises(TypeError):
+            replaced(decision, **changes)
+        return
+    got = replaced(decision, **changes)
+    assert type(got) is type(expected)
+    assert got == expected and hash(got) == hash(expected) and repr(got) == repr(expected)
+    assert decision == dataclasses.replace(decision)
