@@ -21,6 +21,7 @@ from support import DIRECTORY, LOGIN, mailbox_xml, open_test_store
 from engine.config import MailboxConfig, load_mailbox
 from engine.items import Envelope, Item
 from engine.model import Attachment, ParsedMessage
+from engine.processors import Context
 from engine.store import SqliteTransaction, open_store
 from engine.store.sqlite import BLOB_MAX
 from engine.writer import Writer
@@ -181,6 +182,47 @@ def test_a_busy_batch_costs_few_round_trips_per_message(
     assert not [c for c in calls if c.startswith("execute_insert")]
     assert len(calls) <= 20, calls
     assert not any(c.split()[1] in ("SAVEPOINT", "RELEASE") for c in calls)
+
+
+def test_a_batch_gives_the_processors_one_context_per_mailbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the writer resolves for a mailbox (its team, the reference key) is the same for
+    every message of a batch: the processors' Context is made once per mailbox and pass,
+    not once per message, and each message of each mailbox gets its own mailbox's."""
+    import engine.writer
+
+    made: list[Context] = []
+
+    def counted(**fields: Any) -> Context:
+        made.append(Context(**fields))
+        return made[-1]
+
+    seen: list[tuple[str, str]] = []
+    real_decide = engine.writer.decide
+
+    async def spy_decide(msg: ParsedMessage, ctx: Context, directory: Any) -> Any:
+        seen.append((msg.message_id or "", ctx.mailbox.name))
+        return await real_decide(msg, ctx, directory)
+
+    monkeypatch.setattr(engine.writer, "Context", counted)
+    monkeypatch.setattr(engine.writer, "decide", spy_decide)
+
+    async def go() -> list[Envelope]:
+        store, cfg = await fresh_store(tmp_path)
+        other = dataclasses.replace(cfg, name="other")
+        envelopes = [
+            Envelope(mailbox=cfg if i % 2 else other, uidl=f"u{i}", raw=b"x", parsed=parsed(i))
+            for i in range(20)
+        ]
+        await feed(Writer(store, created_by=LOGIN), envelopes)
+        await store.close()
+        return envelopes
+
+    envelopes = anyio.run(go)
+    assert all(str(e.outcome) == "created" for e in envelopes)
+    assert len(made) == 2
+    assert seen == [(f"m{i}@example.com", "other" if i % 2 == 0 else "m") for i in range(20)]
 
 
 def test_attachment_files_that_cannot_be_written_commit_nothing(
