@@ -271,3 +271,29 @@ def test_a_decision_replaced_is_dataclasses_replace(
     assert type(got) is type(expected)
     assert got == expected and hash(got) == hash(expected) and repr(got) == repr(expected)
     assert decision == dataclasses.replace(decision)
+
+
+def test_a_forward_from_one_who_is_not_an_agent_is_not_searched_for(
+    cfg: MailboxConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With forwards taken from agents (the default), a message from anyone else is not
+    searched for a forward block at all: it would be its sender's own request whatever it
+    says. An agent's forward still names its original sender."""
+    from engine.parse import forwards
+
+    searched: list[str] = []
+    real = forwards.original_sender
+
+    def spy(subject: str, body: str, attachments: object) -> tuple[str, str] | None:
+        searched.append(subject)
+        return real(subject, body, attachments)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(forwards, "original_sender", spy)
+    body = "FYI\n\n-----Original Message-----\nFrom: Ann Smith <asmith@example.com>\nSubject: x\n"
+    msg = parsed(subject="Fwd: badge", body=body)
+    d = run_decide(msg, cfg, view())
+    assert isinstance(d, NewRequest) and d.requester == JOHN and searched == []
+    agent = dataclasses.replace(JOHN, agent=True)
+    ann = User(id=8, login="asmith", email="asmith@example.com", name="Ann", site=None)
+    d = run_decide(msg, cfg, view(users=(agent, ann, FALLBACK)))
+    assert isinstance(d, NewRequest) and d.requester == ann and searched == ["Fwd: badge"]
