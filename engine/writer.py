@@ -145,7 +145,9 @@ async def _read_renumbered(work: Work, batch: list[Item]) -> None:
 
 async def _read_origins(tx: Transaction, batch: list[Item]) -> None:
     """Where the requests came from that the batch's new messages may be a flood or a copy
-    of (engine.processors.intake), in one query for the batch."""
+    of (engine.processors.intake), in one query for the batch. Senders and fingerprints only
+    for the messages the flood limit applies to (intake._flooded): with it off, they were
+    every request of the batch's senders in the window, read for nothing."""
     boxes: set[str] = set()
     keys: set[str] = set()
     mids: set[str] = set()
@@ -153,12 +155,14 @@ async def _read_origins(tx: Transaction, batch: list[Item]) -> None:
     for item in batch:
         if isinstance(item, Envelope) and item.parsed is not None and not item.dry_run:
             msg = item.parsed
-            boxes.add(item.mailbox.name)
-            keys.update((msg.from_addr.lower(), intake.fingerprint(msg)))
+            handling = item.mailbox.handling
+            if handling.flood_messages > 0 and item.historic is None:
+                boxes.add(item.mailbox.name)
+                keys.update((msg.from_addr.lower(), intake.fingerprint(msg)))
+                minutes = max(minutes, handling.flood_minutes)
             if msg.message_id:
                 mids.add(msg.message_id)
-            minutes = max(minutes, item.mailbox.handling.flood_minutes)
-    if boxes:
+    if boxes or mids:
         await tx.read_ahead_origins(
             boxes, keys, mids, datetime.now(UTC) - timedelta(minutes=minutes + 1)
         )

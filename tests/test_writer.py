@@ -225,6 +225,42 @@ def test_a_batch_gives_the_processors_one_context_per_mailbox(
     assert seen == [(f"m{i}@example.com", "other" if i % 2 == 0 else "m") for i in range(20)]
 
 
+def test_with_the_flood_limit_off_a_batch_reads_origins_by_message_id_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch's read-ahead of request origins asks for senders and fingerprints only
+    for the messages the flood limit applies to; the Message-IDs (the several-mailboxes
+    policy) are read whatever the limit."""
+    asked: list[tuple[set[str], set[str], set[str]]] = []
+    real = SqliteTransaction.read_ahead_origins
+
+    async def spy(self: SqliteTransaction, boxes: Any, keys: Any, mids: Any, since: Any) -> None:
+        asked.append((set(boxes), set(keys), set(mids)))
+        await real(self, boxes, keys, mids, since)
+
+    monkeypatch.setattr(SqliteTransaction, "read_ahead_origins", spy)
+
+    async def go(cfg_of: Callable[[MailboxConfig], MailboxConfig], folder: str) -> None:
+        (tmp_path / folder).mkdir()
+        store, cfg = await fresh_store(tmp_path / folder)
+        cfg = cfg_of(cfg)
+        envelopes = [
+            Envelope(mailbox=cfg, uidl=f"u{i}", raw=b"x", parsed=parsed(i)) for i in (1, 2)
+        ]
+        await feed(Writer(store, created_by=LOGIN), envelopes)
+        await store.close()
+        assert all(str(e.outcome) == "created" for e in envelopes)
+
+    anyio.run(go, lambda cfg: cfg, "off")  # the tests' mailboxes have it off
+    assert asked == [(set(), set(), {"m1@example.com", "m2@example.com"})]
+    asked.clear()
+    on = lambda cfg: dataclasses.replace(  # noqa: E731
+        cfg, handling=dataclasses.replace(cfg.handling, flood_messages=3)
+    )
+    anyio.run(go, on, "on")
+    assert asked and asked[0][0] == {"m"} and "john.doe@example.com" in asked[0][1]
+
+
 def test_attachment_files_that_cannot_be_written_commit_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
