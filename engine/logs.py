@@ -13,8 +13,10 @@ import base64
 import html
 import json
 import logging
+import math
 import re
 import sys
+import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +133,34 @@ class SecretFilter(logging.Filter):
         return True
 
 
-class JsonFormatter(logging.Formatter):
+class _SecondFormatter(logging.Formatter):
+    """``logging.Formatter`` with the time formatted once per second, not once per line: the
+    writer logs a line per message, and ``localtime`` + ``strftime`` were a fifth of one.
+    The same text as the base class's (a property test holds the two equal)."""
+
+    def __init__(self, fmt: str | None = None) -> None:
+        super().__init__(fmt)
+        self._second: tuple[int, str | None, str] = (-1, None, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = math.floor(record.created)  # as localtime() rounds it
+        cached = self._second
+        if cached[0] != second or cached[1] != datefmt:
+            stamp = time.strftime(datefmt or self.default_time_format, self.converter(second))
+            self._second = cached = (second, datefmt, stamp)
+        if datefmt or not self.default_msec_format:
+            return cached[2]
+        return self.default_msec_format % (cached[2], record.msecs)
+
+
+class TextFormatter(_SecondFormatter):
+    """The text lines: time, level, logger, message."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+
+class JsonFormatter(_SecondFormatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
@@ -172,11 +201,7 @@ def configure(
     for h in list(root.handlers):
         root.removeHandler(h)
         h.close()
-    formatter: logging.Formatter = (
-        JsonFormatter()
-        if fmt == "json"
-        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    )
+    formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
@@ -185,6 +210,13 @@ def configure(
         h.addFilter(SecretFilter())
         root.addHandler(h)
     root.setLevel(level)
+    # What our formats never show, and each record would otherwise find out (the logging
+    # HOWTO's "Optimization"): the caller's file, line and function (a walk up the stack),
+    # the thread, the process. ~4 us of a line's ~13 here.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # aiosqlite logs every call at DEBUG; that drowns /Debug output.
     logging.getLogger("aiosqlite").setLevel(logging.INFO)
     # tnefparse warns on every malformed winmail.dat; parse.py already falls back safely.

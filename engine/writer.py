@@ -107,6 +107,9 @@ class Work:
     # hash, by (account, sha256) (see _renumbered).
     by_hash: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     replies: int = 0  # automatic replies recorded (the outbox is woken after the commit)
+    # The processors' Context of each mailbox (by id: its config outlives the pass) and kind
+    # of run: one per batch, not one per message (a frozen dataclass costs ~5 us to make).
+    contexts: dict[tuple[int, bool], Context] = field(default_factory=dict)
 
 
 Handler = Callable[[Work, Any], Awaitable[None]]
@@ -142,7 +145,9 @@ async def _read_renumbered(work: Work, batch: list[Item]) -> None:
 
 async def _read_origins(tx: Transaction, batch: list[Item]) -> None:
     """Where the requests came from that the batch's new messages may be a flood or a copy
-    of (engine.processors.intake), in one query for the batch."""
+    of (engine.processors.intake), in one query for the batch. Senders and fingerprints only
+    for the messages the flood limit applies to (intake._flooded): with it off, they were
+    every request of the batch's senders in the window, read for nothing."""
     boxes: set[str] = set()
     keys: set[str] = set()
     mids: set[str] = set()
@@ -150,12 +155,14 @@ async def _read_origins(tx: Transaction, batch: list[Item]) -> None:
     for item in batch:
         if isinstance(item, Envelope) and item.parsed is not None and not item.dry_run:
             msg = item.parsed
-            boxes.add(item.mailbox.name)
-            keys.update((msg.from_addr.lower(), intake.fingerprint(msg)))
+            handling = item.mailbox.handling
+            if handling.flood_messages > 0 and item.historic is None:
+                boxes.add(item.mailbox.name)
+                keys.update((msg.from_addr.lower(), intake.fingerprint(msg)))
+                minutes = max(minutes, handling.flood_minutes)
             if msg.message_id:
                 mids.add(msg.message_id)
-            minutes = max(minutes, item.mailbox.handling.flood_minutes)
-    if boxes:
+    if boxes or mids:
         await tx.read_ahead_origins(
             boxes, keys, mids, datetime.now(UTC) - timedelta(minutes=minutes + 1)
         )
@@ -483,7 +490,7 @@ class Writer:
         if (skipped := _older(env)) is not None:
             return Outcome(Kind.DRY_RUN, note=str(skipped)) if env.dry_run else skipped
         try:
-            decided = await self._decide(work.tx, env)
+            decided = await self._decide(work, env)
         except self.store.failures:
             raise  # the store itself is failing: the whole batch rolls back
         except Exception as exc:
@@ -495,22 +502,25 @@ class Writer:
             return Outcome(Kind.DRY_RUN, note=describe(decided.decision))
         return decided
 
-    async def _decide(self, tx: Transaction, env: Envelope) -> _Decided:
+    async def _decide(self, work: Work, env: Envelope) -> _Decided:
         if env.error is not None:
             raise env.error
         assert env.parsed is not None
-        cfg = env.mailbox
+        tx, cfg = work.tx, env.mailbox
         team = await self._team(tx, cfg.team)
         if team is None:
             raise DirectoryError(f"team {cfg.team or self.default_team} is not in the directory")
-        if self._reference_key is None:
-            self._reference_key = await tx.engine_key("reference")
-        ctx = Context(
-            mailbox=cfg,
-            team=team,
-            historic=env.historic is not None,
-            reference_key=self._reference_key,
-        )
+        key = (id(cfg), env.historic is not None)
+        ctx = work.contexts.get(key)
+        if ctx is None or ctx.mailbox is not cfg or ctx.team is not team:
+            if self._reference_key is None:
+                self._reference_key = await tx.engine_key("reference")
+            ctx = work.contexts[key] = Context(
+                mailbox=cfg,
+                team=team,
+                historic=key[1],
+                reference_key=self._reference_key,
+            )
         decision = await decide(env.parsed, ctx, tx.directory)
         return _Decided(team, decision)
 

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import anyio
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from support import mailbox_xml
 
 from engine.config import MailboxConfig, load_mailbox
 from engine.errors import FetchTimeout, MessageKept, ParseError, TLSError
-from engine.model import DirectoryView, ParsedMessage, RequestRef, Team, User
+from engine.model import DirectoryView, Origin, ParsedMessage, RequestRef, Team, User, Watcher
 from engine.processors import (
     AddActivity,
     AddNote,
@@ -30,6 +32,7 @@ from engine.processors import (
     describe,
     failure,
     outage,
+    replaced,
 )
 
 TEAM = Team(id=1, number=1, name="IT", default_group="Service Desk")
@@ -233,3 +236,64 @@ def test_an_outage_of_a_file_that_did_not_load_attaches_nothing() -> None:
     )
     assert isinstance(new, NewEvent) and new.attachments == ()
     assert "No copy of the configuration is attached" in new.description
+
+
+_NEW = NewRequest("incident", "s", "d", None, JOHN, None, None, None, None, ())
+_ACTIVITY = AddActivity(CLOSED, "John", "b", (), reopen=True)
+_WATCHERS = st.lists(
+    st.builds(Watcher, st.emails(), st.none() | st.integers(1, 9)), max_size=3
+).map(tuple)
+_CHANGES = st.fixed_dictionaries(
+    {},
+    optional={
+        "watchers": _WATCHERS,
+        "body": st.text(max_size=5),
+        "origin": st.none()
+        | st.builds(Origin, st.text(max_size=5), st.integers(1, 3), st.emails(), st.text()),
+        "nonsense": st.integers(),
+    },
+)
+
+
+@given(decision=st.sampled_from([_NEW, _ACTIVITY]), changes=_CHANGES)
+def test_a_decision_replaced_is_dataclasses_replace(
+    decision: NewRequest | AddActivity, changes: dict[str, object]
+) -> None:
+    """The intake's fast copy of a decision is dataclasses.replace's: the same value, type
+    and hash, the original unchanged, and a change of no field refused the same way."""
+    try:
+        expected = dataclasses.replace(decision, **changes)  # type: ignore[arg-type]
+    except TypeError:
+        with pytest.raises(TypeError):
+            replaced(decision, **changes)
+        return
+    got = replaced(decision, **changes)
+    assert type(got) is type(expected)
+    assert got == expected and hash(got) == hash(expected) and repr(got) == repr(expected)
+    assert decision == dataclasses.replace(decision)
+
+
+def test_a_forward_from_one_who_is_not_an_agent_is_not_searched_for(
+    cfg: MailboxConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With forwards taken from agents (the default), a message from anyone else is not
+    searched for a forward block at all: it would be its sender's own request whatever it
+    says. An agent's forward still names its original sender."""
+    from engine.parse import forwards
+
+    searched: list[str] = []
+    real = forwards.original_sender
+
+    def spy(subject: str, body: str, attachments: object) -> tuple[str, str] | None:
+        searched.append(subject)
+        return real(subject, body, attachments)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(forwards, "original_sender", spy)
+    body = "FYI\n\n-----Original Message-----\nFrom: Ann Smith <asmith@example.com>\nSubject: x\n"
+    msg = parsed(subject="Fwd: badge", body=body)
+    d = run_decide(msg, cfg, view())
+    assert isinstance(d, NewRequest) and d.requester == JOHN and searched == []
+    agent = dataclasses.replace(JOHN, agent=True)
+    ann = User(id=8, login="asmith", email="asmith@example.com", name="Ann", site=None)
+    d = run_decide(msg, cfg, view(users=(agent, ann, FALLBACK)))
+    assert isinstance(d, NewRequest) and d.requester == ann and searched == ["Fwd: badge"]

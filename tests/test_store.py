@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import DIRECTORY, open_test_store, store_rows
 
-from engine.model import Attachment
+from engine.model import Attachment, Origin
 from engine.parse import with_digests
 from engine.store import SqliteStore, Store, Transaction, open_store
 from engine.store.sqlite import BLOB_MAX, SqliteTransaction
@@ -623,3 +623,58 @@ def test_the_outbox_is_read_by_message_id_through_an_index(tmp_path: Path, store
         finally:
             con.close()
     assert "outbox_message_id" in plan, plan
+
+
+_ORIGIN = st.tuples(st.sampled_from(["box", "other"]), st.sampled_from([*_MIDS, None]))
+
+
+@given(
+    before=st.lists(_ORIGIN, max_size=6),
+    read=st.sets(st.sampled_from(_MIDS)),
+    ops=st.lists(st.one_of(_ORIGIN, st.just(("savepoint", _MIDS[0]))), max_size=8),
+)
+@settings(max_examples=40, deadline=None, database=None, derandomize=True)
+def test_origins_read_ahead_answer_as_the_query(
+    tmp_path_factory: pytest.TempPathFactory,
+    before: list[tuple[str, str | None]],
+    read: set[str],
+    ops: list[tuple[str, str | None]],
+) -> None:
+    """origins() from the batch's read-ahead (indexed by Message-ID) gives, after any
+    origins the transaction records (or records and rolls back), what the query gives."""
+    data = tmp_path_factory.mktemp("origins")
+
+    async def record(tx: Transaction, mailbox: str, mid: str | None) -> None:
+        number = await new_request(tx, f"o{mailbox}{mid}")
+        await tx.record_origin(number, Origin(mailbox, 1, "s@example.org", "f", mid))
+
+    async def go() -> None:
+        store = await open_store(data)
+        try:
+            async with store.transaction() as tx:
+                await tx.import_directory(DIRECTORY)
+                for mailbox, mid in before:
+                    await record(tx, mailbox, mid)
+            async with store.transaction() as tx:
+                assert isinstance(tx, SqliteTransaction)
+                await tx.read_ahead_origins(["box"], ["s@example.org"], read, datetime.now(UTC))
+                for kind, mid in ops:
+                    if kind == "savepoint":
+                        with contextlib.suppress(ValueError):
+                            async with tx.savepoint():
+                                await record(tx, "box", mid)
+                                raise ValueError("rolled back")
+                    else:
+                        await record(tx, kind, mid)
+                    for m in _MIDS:
+                        ahead = [(r.number, box) for r, box in await tx.origins(m)]
+                        rows = await tx._all(
+                            "SELECT request_number, mailbox FROM request_origins "
+                            "WHERE message_id = ? ORDER BY request_number LIMIT 100",
+                            (m,),
+                        )
+                        assert ahead == [(int(n), str(box)) for n, box in rows], (kind, m)
+        finally:
+            await store.close()
+
+    anyio.run(go)

@@ -21,6 +21,7 @@ from support import DIRECTORY, LOGIN, mailbox_xml, open_test_store
 from engine.config import MailboxConfig, load_mailbox
 from engine.items import Envelope, Item
 from engine.model import Attachment, ParsedMessage
+from engine.processors import Context
 from engine.store import SqliteTransaction, open_store
 from engine.store.sqlite import BLOB_MAX
 from engine.writer import Writer
@@ -181,6 +182,83 @@ def test_a_busy_batch_costs_few_round_trips_per_message(
     assert not [c for c in calls if c.startswith("execute_insert")]
     assert len(calls) <= 20, calls
     assert not any(c.split()[1] in ("SAVEPOINT", "RELEASE") for c in calls)
+
+
+def test_a_batch_gives_the_processors_one_context_per_mailbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the writer resolves for a mailbox (its team, the reference key) is the same for
+    every message of a batch: the processors' Context is made once per mailbox and pass,
+    not once per message, and each message of each mailbox gets its own mailbox's."""
+    import engine.writer
+
+    made: list[Context] = []
+
+    def counted(**fields: Any) -> Context:
+        made.append(Context(**fields))
+        return made[-1]
+
+    seen: list[tuple[str, str]] = []
+    real_decide = engine.writer.decide
+
+    async def spy_decide(msg: ParsedMessage, ctx: Context, directory: Any) -> Any:
+        seen.append((msg.message_id or "", ctx.mailbox.name))
+        return await real_decide(msg, ctx, directory)
+
+    monkeypatch.setattr(engine.writer, "Context", counted)
+    monkeypatch.setattr(engine.writer, "decide", spy_decide)
+
+    async def go() -> list[Envelope]:
+        store, cfg = await fresh_store(tmp_path)
+        other = dataclasses.replace(cfg, name="other")
+        envelopes = [
+            Envelope(mailbox=cfg if i % 2 else other, uidl=f"u{i}", raw=b"x", parsed=parsed(i))
+            for i in range(20)
+        ]
+        await feed(Writer(store, created_by=LOGIN), envelopes)
+        await store.close()
+        return envelopes
+
+    envelopes = anyio.run(go)
+    assert all(str(e.outcome) == "created" for e in envelopes)
+    assert len(made) == 2
+    assert seen == [(f"m{i}@example.com", "other" if i % 2 == 0 else "m") for i in range(20)]
+
+
+def test_with_the_flood_limit_off_a_batch_reads_origins_by_message_id_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch's read-ahead of request origins asks for senders and fingerprints only
+    for the messages the flood limit applies to; the Message-IDs (the several-mailboxes
+    policy) are read whatever the limit."""
+    asked: list[tuple[set[str], set[str], set[str]]] = []
+    real = SqliteTransaction.read_ahead_origins
+
+    async def spy(self: SqliteTransaction, boxes: Any, keys: Any, mids: Any, since: Any) -> None:
+        asked.append((set(boxes), set(keys), set(mids)))
+        await real(self, boxes, keys, mids, since)
+
+    monkeypatch.setattr(SqliteTransaction, "read_ahead_origins", spy)
+
+    async def go(cfg_of: Callable[[MailboxConfig], MailboxConfig], folder: str) -> None:
+        (tmp_path / folder).mkdir()
+        store, cfg = await fresh_store(tmp_path / folder)
+        cfg = cfg_of(cfg)
+        envelopes = [
+            Envelope(mailbox=cfg, uidl=f"u{i}", raw=b"x", parsed=parsed(i)) for i in (1, 2)
+        ]
+        await feed(Writer(store, created_by=LOGIN), envelopes)
+        await store.close()
+        assert all(str(e.outcome) == "created" for e in envelopes)
+
+    anyio.run(go, lambda cfg: cfg, "off")  # the tests' mailboxes have it off
+    assert asked == [(set(), set(), {"m1@example.com", "m2@example.com"})]
+    asked.clear()
+    on = lambda cfg: dataclasses.replace(  # noqa: E731
+        cfg, handling=dataclasses.replace(cfg.handling, flood_messages=3)
+    )
+    anyio.run(go, on, "on")
+    assert asked and asked[0][0] == {"m"} and "john.doe@example.com" in asked[0][1]
 
 
 def test_attachment_files_that_cannot_be_written_commit_nothing(

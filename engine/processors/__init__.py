@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from engine.config import MailboxConfig
 from engine.model import (
@@ -161,6 +161,22 @@ class Context:
     historic: bool = False
     # The store's reference key (engine.parse.tokens); None: tokens are not looked for.
     reference_key: str | None = field(default=None, repr=False)
+
+
+_D = TypeVar("_D", bound=NewRequest | AddActivity)
+
+
+def replaced(decision: _D, **changes: Any) -> _D:
+    """``dataclasses.replace(decision, **changes)``, for the decisions every message's goes
+    through (engine.processors.intake): a copy of the instance's fields, changed, without
+    ``__init__``. The decision types have no ``__post_init__`` nor ``init=False`` field, so
+    it is the same value (a property test holds the two equal); ~1 us a call against ~7."""
+    fields = type(decision).__dataclass_fields__
+    if not changes.keys() <= fields.keys():
+        raise TypeError(f"not fields of {type(decision).__name__}: {sorted(changes)}")
+    new = object.__new__(type(decision))
+    new.__dict__.update(decision.__dict__, **changes)
+    return new
 
 
 def referenced(msg: ParsedMessage, mailbox: MailboxConfig) -> int | None:

@@ -113,11 +113,13 @@ async def forwarded(
     mode = ctx.mailbox.handling.forwards
     if mode == "off" or not msg.from_addr:
         return None
-    found = forwards.original_sender(msg.subject, msg.body, msg.attachments)
-    if found is None or found[1] == msg.from_addr.lower():
-        return None
     if mode == "agents":
+        # Asked first: the directory lookup is cached (requester() makes it anyway), the
+        # search for a forward block in the body is not, and most senders are not agents.
         sender = await directory.user_by_email(msg.from_addr)
         if sender is None or not sender.agent:
             return None
+    found = forwards.original_sender(msg.subject, msg.body, msg.attachments)
+    if found is None or found[1] == msg.from_addr.lower():
+        return None
     return found

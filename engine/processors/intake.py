@@ -16,13 +16,12 @@ writer's transaction: the answer is the same whenever the transaction is done ag
 
 from __future__ import annotations
 
-import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from engine.model import DirectoryView, Origin, ParsedMessage, Watcher
 from engine.parse import fingerprint as text
-from engine.processors import AddActivity, Context, Decision, Ignore, NewRequest
+from engine.processors import AddActivity, Context, Decision, Ignore, NewRequest, replaced
 from engine.processors.common import activity_body, sender_label, with_notes
 
 MAX_WATCHERS: Final = 50
@@ -63,7 +62,7 @@ async def apply(
     if isinstance(decision, AddActivity):
         if ctx.mailbox.processor == "event":
             return decision
-        return dataclasses.replace(decision, watchers=await watchers(msg, ctx, directory))
+        return replaced(decision, watchers=await watchers(msg, ctx, directory))
     if not isinstance(decision, NewRequest):
         return decision
     if (copy := await _copy_of(msg, ctx, directory)) is not None:
@@ -77,12 +76,12 @@ async def apply(
     )
     if ctx.mailbox.processor == "event":
         # Alerts have their own collapsing (correlation); a monitor may send many.
-        return dataclasses.replace(decision, origin=origin)
+        return replaced(decision, origin=origin)
     flooded = await _flooded(msg, ctx, directory, origin, decision)
     if flooded is not None:
         return flooded
     found = {w.address: w for w in (*decision.watchers, *await watchers(msg, ctx, directory))}
-    return dataclasses.replace(decision, origin=origin, watchers=tuple(found.values()))
+    return replaced(decision, origin=origin, watchers=tuple(found.values()))
 
 
 async def _copy_of(msg: ParsedMessage, ctx: Context, directory: DirectoryView) -> Ignore | None:

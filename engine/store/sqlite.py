@@ -614,6 +614,9 @@ class SqliteTransaction(Transaction):
             frozenset(),
             "",
         )
+        # The same rows' (request number, mailbox) by Message-ID: origins() asks per new
+        # request, and a scan of them all was O(batch) each time.
+        self._origins_by_mid: dict[str, list[tuple[int, str]]] = {}
         # The requests the batch's thread and bounce Message-IDs name, read ahead (None:
         # not read, or dropped: asked one by one).
         self._by_message_id: _ByMessageId | None = None
@@ -1331,6 +1334,10 @@ class SqliteTransaction(Transaction):
         )
         self._origins = [(int(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows]
         self._origins_cover = (boxes, wanted, mids, after)
+        self._origins_by_mid = {}
+        for r in self._origins:
+            if r[4] is not None:
+                self._origins_by_mid.setdefault(r[4], []).append((r[0], r[1]))
 
     async def engine_key(self, name: str) -> str | None:
         row = await self._one("SELECT value FROM engine_keys WHERE name = ?", (name,), sees=_NONE)
@@ -1341,6 +1348,8 @@ class SqliteTransaction(Transaction):
         row = (number, o.mailbox, o.sender.lower(), o.fingerprint, o.message_id, now())
         if self._origins is not None:
             self._origins.append(row)
+            if o.message_id is not None:
+                self._origins_by_mid.setdefault(o.message_id, []).append((number, o.mailbox))
         self._pending.add("request_origins", (number, o.mailbox, o.team_id, *row[2:]))
 
     async def flood(
@@ -1375,7 +1384,7 @@ class SqliteTransaction(Transaction):
     async def origins(self, message_id: str) -> list[tuple[RequestRef, str]]:
         rows: list[Any]
         if self._origins is not None and message_id in self._origins_cover[2]:
-            rows = sorted((r[0], r[1]) for r in self._origins if r[4] == message_id)[:100]
+            rows = sorted(self._origins_by_mid.get(message_id, ()))[:100]
         else:
             rows = await self._all(
                 "SELECT request_number, mailbox FROM request_origins WHERE message_id = ? "
