@@ -4,9 +4,9 @@ Threads share one core for Python code (the GIL): parsing, the costliest step pe
 would compete with the writer. A process runs it beside the event loop; a session with many
 messages has its windows parsed in one while it fetches the next (see engine.session).
 
-The processes start only once a session wants them: a session asks whether they are ready
-(:attr:`Parsers.ready`) only after it has listed enough messages to use them (the session's
-``process_threshold``), and that first question is what starts them. An empty or small
+The processes start only once a session wants them: a session calls :meth:`Parsers.use`
+only after it has listed enough messages to use them (the session's ``process_threshold``),
+and that first call is what starts them. An empty or small
 mailbox, the usual cron `once`, never pays for a process (~0.15 s of CPU on the other core
 for each, and its share of the machine's memory); a busy one parses its first windows in
 threads meanwhile, as it did while the processes started with the engine.
@@ -29,43 +29,31 @@ from engine.parse import parse_many, with_raw
 log = logging.getLogger("engine.session")
 
 
-class Readiness:
-    """Whether the parsing processes are up; asking is what says they are wanted.
-
-    A session asks (:meth:`is_set`) only once it has listed enough messages to parse them
-    apart, so the first question starts the processes (:meth:`Parsers.start` waits for it)
-    and answers False; the windows meanwhile are parsed in threads.
-    """
-
-    def __init__(self) -> None:
-        self.wanted = anyio.Event()
-        self.up = anyio.Event()
-
-    def is_set(self) -> bool:
-        self.wanted.set()
-        return self.up.is_set()
-
-    def set(self) -> None:
-        self.up.set()
-
-
 class Parsers:
     """The pool of parsing processes.
 
     A process takes ~0.2 s to start: the engine starts them once, in the background, when
-    the first session that has enough messages to use them asks for them (see
-    :class:`Readiness`). Until they are up, windows are parsed in threads; from then on a
+    the first session that has enough messages to use them asks for them (:meth:`use`).
+    Until they are up, windows are parsed in threads; from then on a
     window waits for a process.
     """
 
     def __init__(self, count: int) -> None:
         self.limiter = anyio.CapacityLimiter(count)
-        self.ready = Readiness()
+        self.wanted = anyio.Event()  # a session asked for them: start() goes on
+        self.ready = anyio.Event()  # they are up
+
+    def use(self) -> bool:
+        """Whether the processes are up to parse a window, saying they are wanted: the first
+        call starts them (:meth:`start` waits for it) and answers False, and the windows are
+        parsed in threads until they are up."""
+        self.wanted.set()
+        return self.ready.is_set()
 
     async def start(self) -> None:
         """Once a session wants them, start every process (an empty window each), then let
         the sessions use them. Cancel it freely: nothing is started before it is wanted."""
-        await self.ready.wanted.wait()
+        await self.wanted.wait()
         # Here, not at the top: anyio.to_process brings subprocess and pickle (~3 ms), which
         # a start that never parses apart does without.
         import anyio.to_process

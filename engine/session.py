@@ -447,7 +447,7 @@ class _Session:
         # writer commits.
         apart = (
             parsers is not None
-            and parsers.ready.is_set()
+            and parsers.use()
             and all(t.listed.size <= opts.process_message_bytes for t in w.todo)
         )
         g, cfg, debug = self.gateway, self.cfg, opts.debug_dir

@@ -650,7 +650,7 @@ def test_the_daemon_stops_when_no_session_wanted_a_parsing_process(tmp_path: Pat
                     tg.start_soon(stop_soon)
                     await engine.run(folder, reload_seconds=0.1)
             assert engine.processes is not None
-            return engine.processes.ready.wanted.is_set()
+            return engine.processes.wanted.is_set()
         finally:
             await store.close()
 

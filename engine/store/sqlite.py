@@ -1055,8 +1055,8 @@ class SqliteTransaction(Transaction):
 
     async def read_ahead_message_ids(self, message_ids: Iterable[str]) -> None:
         """Read the requests these Message-IDs name, in one query on the ledger and one on
-        the outbox (which has no index on message_id: each miss of a bounce's Message-ID
-        was a scan of it): :meth:`request_by_message_id` answers from them."""
+        the outbox, instead of two per Message-ID: :meth:`request_by_message_id` answers
+        from them."""
         wanted = sorted({m for m in message_ids if m})
         if not wanted or len(wanted) > 30_000:
             return  # nothing to read, or over SQLite's variables: asked one by one instead
