@@ -23,7 +23,6 @@ from anyio import BrokenWorkerProcess
 
 from engine.errors import MessageError, sole
 from engine.model import ParsedMessage
-from engine.parse import parse_many, with_raw
 
 # The fetcher's logger, as before the session had a module of its own: operators filter on it.
 log = logging.getLogger("engine.session")
@@ -58,6 +57,8 @@ class Parsers:
         # a start that never parses apart does without.
         import anyio.to_process
 
+        from engine.parse import parse_many
+
         async def one() -> None:
             limiter = self.limiter
             await anyio.to_process.run_sync(parse_many, [], 0, cancellable=True, limiter=limiter)
@@ -89,6 +90,8 @@ class Parsers:
         threads) instead. Each result holds its message's bytes, which stayed here rather
         than cross the pipe twice (see engine.parse.with_raw)."""
         import anyio.to_process  # imported by start(), which made the processes
+
+        from engine.parse import parse_many, with_raw
 
         try:
             parsed = await anyio.to_process.run_sync(

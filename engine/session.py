@@ -58,10 +58,12 @@ from engine.items import DirectoryCheck, Envelope, Historic, Item, Kind, KnownQu
 from engine.keys import content_key, reused_key
 from engine.model import LedgerRow, ParsedMessage
 from engine.oauth.broker import TokenBroker
-from engine.parse import parse_raw
-from engine.parse.headers import received_at
 from engine.parsers import Parsers
 from engine.plan import Plan, Todo, header_message_id, plan_session
+
+# engine.parse (~25 ms of imports, a tenth of a `once`) is imported where a message is parsed,
+# here and in the store and processors: a `once` over empty mailboxes, the usual cron run,
+# never needs it.
 
 # The name it had as the fetcher: operators' log filters know it.
 log = logging.getLogger("engine.session")
@@ -123,6 +125,8 @@ class FetchOptions:
 
 def make_envelope(cfg: MailboxConfig, uidl: str | None, raw: bytes) -> Envelope:
     """Parse one message (CPU work: runs in a worker thread, off the event loop)."""
+    from engine.parse import parse_raw
+
     return envelope_for(cfg, uidl, raw, parse_raw(raw, cfg.max_message_bytes))
 
 
@@ -189,6 +193,8 @@ def answer_envelope(
     it was not taken whole (:func:`kept_error`), else its parsing ``result``. It arrived
     when the server says (IMAP's INTERNALDATE), else when the top Received field says (POP3:
     the field our own mail server added)."""
+    from engine.parse.headers import received_at
+
     kept = kept_error(cfg, t, answer)
     if kept is not None or result is None:
         result = kept or MessageError("internal error: not parsed")
@@ -732,6 +738,8 @@ def fetch_window(
 def _parse(cfg: MailboxConfig, t: Todo, answer: Answer) -> ParsedMessage | MessageError | None:
     if kept_error(cfg, t, answer) is not None:
         return None  # not taken whole: nothing to parse
+    from engine.parse import parse_raw
+
     return parse_raw(answer.data, cfg.max_message_bytes)
 
 

@@ -8,7 +8,6 @@ import re
 from typing import Final
 
 from engine.model import CLOSED_STATUSES, Attachment, DirectoryView, ParsedMessage, RequestRef
-from engine.parse import safe_filename, tokens
 from engine.processors import AddActivity, Context
 
 # The communication types a subject reference may name, by the request type they refer to.
@@ -92,6 +91,8 @@ def referenced_by_token(msg: ParsedMessage, ctx: Context) -> int | None:
     fmt = ctx.mailbox.handling.reference_token
     if fmt is None or ctx.reference_key is None:
         return None
+    from engine.parse import tokens
+
     return tokens.find(msg.body, ctx.reference_key, fmt)
 
 
@@ -146,6 +147,8 @@ def kept_attachments(
         total += size
         kept.append(a)
     if cfg.include_raw_message:
+        from engine.parse import safe_filename
+
         name = safe_filename(msg.subject[:80] + ".eml" if msg.subject else None, "message.eml")
         kept.append(Attachment(name=name, content_type="message/rfc822", data=msg.raw))
     return tuple(kept), tuple(notes)

@@ -20,7 +20,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from engine.model import DirectoryView, Origin, ParsedMessage, Watcher
-from engine.parse import fingerprint as text
 from engine.processors import AddActivity, Context, Decision, Ignore, NewRequest, replaced
 from engine.processors.common import activity_body, sender_label, with_notes
 
@@ -31,7 +30,11 @@ MAX_WATCHERS: Final = 50
 def fingerprint(msg: ParsedMessage) -> str:
     """A digest of what a message says (engine.parse.fingerprint): the one the parse stage
     computed, else (a message not made by the parser, in tests) computed here."""
-    return msg.fingerprint or text.fingerprint(msg.subject, msg.body)
+    if msg.fingerprint:
+        return msg.fingerprint
+    from engine.parse import fingerprint as text  # see engine.session's imports of parse
+
+    return text.fingerprint(msg.subject, msg.body)
 
 
 async def watchers(

@@ -61,7 +61,6 @@ from engine.model import (
     User,
     Watcher,
 )
-from engine.parse import tokens
 from engine.store.base import RequestFilter, Store, Transaction
 from engine.store.files import FileStore
 from engine.store.lock import secure_data_dir
@@ -259,6 +258,8 @@ class SqliteStore(Store):
 
     async def reference_token(self, number: int) -> str | None:
         row = await self._one("SELECT value FROM engine_keys WHERE name = 'reference'")
+        from engine.parse import tokens
+
         return None if row is None else tokens.token(number, str(row[0]))
 
     async def request_detail(self, number: int) -> dict[str, Any] | None:
