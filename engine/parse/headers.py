@@ -335,8 +335,21 @@ def head_end_start(head: bytes) -> int | None:
     That expression starts with an optional CR, so the regex engine tries it at every
     offset of up to 16 KiB (1 % of a parse); two finds of the LF that starts the blank line
     do the same in C. The earliest match starts at the first LF followed by an empty line,
-    or at the CR before it (tests/test_parse_stage.py holds the two equal)."""
-    found = [at for at in (head.find(b"\n\n"), head.find(b"\n\r\n")) if at >= 0]
+    or at the CR before it (tests/test_parse_stage.py holds the two equal).
+
+    The find of the line end the header's first line does not use goes only as far as the
+    other's match: searched in full, ``b"\n\n"`` scanned all 16 KiB of every CRLF message
+    (5 us, 2 % of the parse of the bench mix, whose messages have no Received field)."""
+    first = head.find(b"\n")
+    if first > 0 and head[first - 1] == 0x0D:  # CRLF: the blank line is most likely one too
+        crlf = head.find(b"\n\r\n")
+        # A "\n\n" before it ends by crlf + 1 (none starts at crlf).
+        lf = head.find(b"\n\n", 0, len(head) if crlf < 0 else crlf + 1)
+    else:
+        lf = head.find(b"\n\n")
+        # A "\n\r\n" before it ends by lf + 2 (none starts at lf).
+        crlf = head.find(b"\n\r\n", 0, len(head) if lf < 0 else lf + 2)
+    found = [at for at in (lf, crlf) if at >= 0]
     if not found:
         return None
     at = min(found)
