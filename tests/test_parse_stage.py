@@ -18,7 +18,7 @@ from engine.errors import MessageError
 from engine.model import ParsedMessage
 from engine.parse import _copy_with_raw, fingerprint, parse_many, parse_message, parse_raw, with_raw
 from engine.parse.charsets import decode_8bit
-from engine.parse.fingerprint import folded_ascii, folded_text
+from engine.parse.fingerprint import folded_ascii, folded_text, folded_unicode
 from engine.parse.headers import _HEAD_END_RE, head_end_start, parse_date, received_at
 from engine.processors import intake
 from tests.parse.samples import raw_fuzz, raw_message
@@ -223,6 +223,46 @@ def test_the_ascii_fold_of_the_fingerprint_is_the_general_one(text: str) -> None
     kind, \\x1c-\\x1f which str.split counts as space): the fast fold is the definition."""
     assert folded_ascii(text) == folded_text(text)
     assert fingerprint.fingerprint("", text) == hashlib.sha256(folded_text("\n" + text)).hexdigest()
+
+
+def test_the_unicode_fold_of_every_code_point_is_the_general_one() -> None:
+    """Every code point (surrogates too), alone, in a run of itself and between letters and
+    white space, in Latin-1 text and beyond it: the fast fold is the definition. In chunks
+    of 512, a chunk of its own for each of the two Latin-1 characters that do not fold to
+    one (the Latin-1 fold leaves a text with one to the general fold)."""
+    points = [c for c in range(0x110000) if c not in (0xB5, 0xDF)]
+    chunks = [points[i : i + 512] for i in range(0, len(points), 512)] + [[0xB5], [0xDF]]
+    for chunk in chunks:
+        text = "".join(f"A{chr(c)}b {chr(c)}{chr(c)}{chr(c)}\t{chr(c)}\u00c9" for c in chunk)
+        assert folded_unicode(text) == folded_text(text), [hex(c) for c in chunk[:1]]
+        latin = "".join(f"A{chr(c)}b {chr(c)}{chr(c)}" for c in chunk if c < 256)
+        assert folded_unicode(latin) == folded_text(latin)
+    # Alone too, where a chunk could hide one: Latin-1 and two-byte UTF-8, white space.
+    for c in [*range(0x800), *(c for c in range(0x800, 0x110000) if chr(c).isspace())]:
+        text = f"\u00e9{chr(c)}B{chr(c)}{chr(c)}"
+        assert folded_unicode(text) == folded_text(text), hex(c)
+
+
+# Text of any script with the white space str.split knows beside the rest, in runs.
+any_spaced = st.lists(
+    st.one_of(
+        st.text(max_size=200),
+        st.text(st.characters(max_codepoint=255), max_size=200),
+        st.sampled_from([" " * 5, "\xa0", "\x85 ", "\u3000\u2028", "\u2000\t", "\x1c", "  \n"]),
+        st.sampled_from(["\xb5", "\xdf", "\u0130", "\ufb03", "\ud800", "\u1e9e"]),
+    ),
+    max_size=16,
+).map("".join)
+
+
+@given(text=st.one_of(st.text(max_size=400), any_spaced))
+@raw_fuzz(500)
+def test_the_unicode_fold_of_the_fingerprint_is_the_general_one(text: str) -> None:
+    """Any text (any script, lone surrogates, runs of white space of every kind, the
+    characters whose case fold is longer than they are): the fast fold is the definition."""
+    assert folded_unicode(text) == folded_text(text)
+    digest = hashlib.sha256(folded_text("\n" + text)).hexdigest()
+    assert fingerprint.fingerprint("", text) == digest
 
 
 @given(head=st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"x", b"Received: a; b", b" "])))
