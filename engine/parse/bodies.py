@@ -160,7 +160,11 @@ def clean_body(text: str) -> str:
         data = text.encode("ascii")
         kept = data.translate(None, _BODY_CTRL_BYTES)
         return text if len(kept) == len(data) else kept.decode("ascii")
-    if _BODY_CTRL_RE.search(text) is None:
+    # The same for other text, on its UTF-8, where a control is a byte of its own and no
+    # other character's bytes are below 0x80 (a lone surrogate too, with surrogatepass):
+    # half the cost of the regular expression's search (9 us of a 4 KiB body).
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data.translate(None, _BODY_CTRL_BYTES)) == len(data):
         return text
     return _BODY_CTRL_RE.sub("", text)
 
@@ -203,7 +207,10 @@ _HTML_BLOCK_TAG_RE: Final = re.compile(
 _META_CHARSET_RE: Final = re.compile(
     rb"<meta[^>]{0,200}?charset\s*=\s*[\"']?([A-Za-z0-9_.:-]{1,40})", re.I
 )
-_BLANK_LINES_RE: Final = re.compile(r"\n{3,}")
+# Three line ends or more. Written so, not as \n{3,}, the pattern starts with a literal that
+# the regex engine looks for before trying it: \n{3,} was tried at every character (25 us of
+# CPU per rendered HTML body, 2 % of the parse of the bench mix, for the same matches).
+_BLANK_LINES_RE: Final = re.compile(r"\n\n\n+")
 
 
 def unsanitizable(markup: str, limits: ParseLimits) -> str | None:
