@@ -19,7 +19,14 @@ from engine.model import ParsedMessage
 from engine.parse import _copy_with_raw, fingerprint, parse_many, parse_message, parse_raw, with_raw
 from engine.parse.charsets import decode_8bit
 from engine.parse.fingerprint import folded_ascii, folded_text, folded_unicode
-from engine.parse.headers import _HEAD_END_RE, head_end_start, parse_date, received_at
+from engine.parse.headers import (
+    _HEAD_END_RE,
+    _RECEIVED_FIRST_RE,
+    _RECEIVED_RE,
+    head_end_start,
+    parse_date,
+    received_at,
+)
 from engine.processors import intake
 from tests.parse.samples import raw_fuzz, raw_message
 
@@ -275,3 +282,25 @@ def test_the_end_of_the_header_found_by_finds_is_the_regular_expressions(
     data = b"".join(head)
     m = _HEAD_END_RE.search(data)
     assert head_end_start(data) == (None if m is None else m.start())
+
+
+_OLD_RECEIVED_RE = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+
+
+@given(
+    head=st.lists(
+        st.sampled_from(
+            [b"\r", b"\n", b"\r\n", b"x", b" ", b"\t", b":", b"received", b"ReCeIvEd", b"eceived"]
+        )
+    )
+)
+@raw_fuzz(500)
+def test_the_received_field_found_from_line_ends_is_the_multiline_patterns(
+    head: list[bytes],
+) -> None:
+    """The top Received field found at the start or after an LF: where ``^`` under
+    re.MULTILINE found it, on any mix of line ends, blanks and field names."""
+    data = b"".join(head)
+    old = _OLD_RECEIVED_RE.search(data)
+    new = _RECEIVED_FIRST_RE.match(data) or _RECEIVED_RE.search(data)
+    assert (old and old.end()) == (new and new.end())

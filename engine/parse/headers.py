@@ -324,7 +324,11 @@ def _zone(offset: timedelta | None) -> tzinfo:
 # field folded over kilobytes) is not worth reading for a statistic.
 RECEIVED_SCAN_BYTES: Final = 16 * 1024
 RECEIVED_FIELD_BYTES: Final = 4 * 1024
-_RECEIVED_RE: Final = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+# The field at a line start: the header's first line, or after an LF (where "^" matches under
+# re.MULTILINE). A pattern that starts with "^" is tried at every character of the header;
+# one that starts with the LF is tried only where the regex engine finds an LF.
+_RECEIVED_RE: Final = re.compile(rb"\nreceived[ \t]*:", re.IGNORECASE)
+_RECEIVED_FIRST_RE: Final = re.compile(rb"received[ \t]*:", re.IGNORECASE)
 _HEAD_END_RE: Final = re.compile(rb"\r?\n\r?\n")
 _FIELD_END_RE: Final = re.compile(rb"\r?\n(?![ \t])")
 
@@ -370,7 +374,7 @@ def received_at(raw: bytes) -> datetime | None:
     head = raw[:RECEIVED_SCAN_BYTES]
     if (end := head_end_start(head)) is not None:
         head = head[:end]  # the header only: never a "Received:" of the body
-    found = _RECEIVED_RE.search(head)
+    found = _RECEIVED_FIRST_RE.match(head) or _RECEIVED_RE.search(head)
     if found is None:
         return None
     value = head[found.end() : found.end() + RECEIVED_FIELD_BYTES]
