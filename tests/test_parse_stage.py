@@ -23,6 +23,8 @@ from engine.parse.headers import (
     _HEAD_END_RE,
     _RECEIVED_FIRST_RE,
     _RECEIVED_RE,
+    _RFC5322_DATE_RE,
+    _parse_date,
     head_end_start,
     parse_date,
     received_at,
@@ -304,3 +306,42 @@ def test_the_received_field_found_from_line_ends_is_the_multiline_patterns(
     old = _OLD_RECEIVED_RE.search(data)
     new = _RECEIVED_FIRST_RE.match(data) or _RECEIVED_RE.search(data)
     assert (old and old.end()) == (new and new.end())
+
+
+_WEEKDAYS = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun", "mon", "Xyz", ""]
+_MONTH_NAMES = ["Jan", "Feb", "Jun", "Sep", "Dec", "dec", "JAN", "Foo"]
+
+
+@given(
+    weekday=st.sampled_from(_WEEKDAYS),
+    day=st.integers(0, 40).map(str) | st.sampled_from(["05", "00", "123", "", "\u0665"]),
+    month=st.sampled_from(_MONTH_NAMES),
+    year=st.integers(0, 12000).map(str) | st.sampled_from(["0099", "26", "02026", "\u0662026"]),
+    clock=st.tuples(st.integers(0, 23), st.integers(0, 59), st.integers(0, 60))
+    | st.tuples(st.integers(0, 99), st.integers(0, 99), st.integers(0, 99)),
+    zone=st.tuples(st.sampled_from("+-"), st.integers(0, 23), st.integers(0, 59)).map(
+        lambda z: f"{z[0]}{z[1]:02}{z[2]:02}"
+    )
+    | st.tuples(st.sampled_from("+-"), st.integers(0, 9999)).map(lambda z: f"{z[0]}{z[1]:04}")
+    | st.sampled_from(["GMT", "UT", "EST", "-0000", "+0000", "+2400", "-2359", "+0099", ""]),
+    spaces=st.sampled_from([" ", "  ", "\t", " ,"]),
+)
+@raw_fuzz(1000)
+def test_the_usual_date_is_read_as_email_utils_reads_it(
+    weekday: str, day: str, month: str, year: str, clock: tuple[int, int, int], zone: str,
+    spaces: str,
+) -> None:  # fmt: skip
+    """Dates of the usual shape and around it (any day, month, year, time and zone, valid or
+    not; other weekdays, names and spacing): parse_date gives what email.utils gives, the
+    same zone object included, and only the usual shape takes the fast path."""
+    hours, minutes, seconds = clock
+    for text in (
+        f"{weekday}, {day} {month} {year} {hours:02}:{minutes:02}:{seconds:02} {zone}",
+        f"{weekday},{spaces}{day} {month} {year} {hours}:{minutes:02}:{seconds:02}{spaces}{zone}",
+    ):
+        expected = _parse_date(text)
+        got = parse_date(text)
+        assert got == expected and (got is None or got.tzinfo is expected.tzinfo), text
+        if _RFC5322_DATE_RE.fullmatch(text) is None:
+            continue
+        assert weekday in _WEEKDAYS[:7] and month in _MONTH_NAMES[:5], text
