@@ -131,3 +131,23 @@ def test_quick_parser_benchmark_times_and_compares_every_parser_present() -> Non
     assert "| stdlib email | bench mix | 50/50 | 0 | 0 | 0 | none | none |" in out
     for name in ("fast-mail-parser", "selectolax (lexbor)", "resiliparse"):
         assert f"{name}: not installed, skipped" in out or f"| {name} |" in out
+
+
+@pytest.mark.timeout(300)
+def test_parse_cost_measures_each_mix_for_each_tree_given() -> None:
+    """bench.parse_cost on CPU time, 20 messages of each mix in windows of 8, this tree given
+    twice: a line per mix and tree, the second with its ratio to the first, and the size of
+    what the parsing process pickles back."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.parse_cost", "--count", "20", "--window", "8",
+         "--repeat", "1", str(ROOT), str(ROOT)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert [line.split("]")[0] for line in lines] == ["[bench mix"] * 2 + ["[realistic mix"] * 2
+    assert all("us CPU/message" in line and "bytes pickled back" in line for line in lines)
+    assert lines[1].endswith(")") and lines[3].endswith(")")

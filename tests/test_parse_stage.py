@@ -18,8 +18,17 @@ from engine.errors import MessageError
 from engine.model import ParsedMessage
 from engine.parse import _copy_with_raw, fingerprint, parse_many, parse_message, parse_raw, with_raw
 from engine.parse.charsets import decode_8bit
-from engine.parse.fingerprint import folded_ascii, folded_text
-from engine.parse.headers import _HEAD_END_RE, head_end_start, parse_date, received_at
+from engine.parse.fingerprint import folded_ascii, folded_text, folded_unicode
+from engine.parse.headers import (
+    _HEAD_END_RE,
+    _RECEIVED_FIRST_RE,
+    _RECEIVED_RE,
+    _RFC5322_DATE_RE,
+    _parse_date,
+    head_end_start,
+    parse_date,
+    received_at,
+)
 from engine.processors import intake
 from tests.parse.samples import raw_fuzz, raw_message
 
@@ -225,6 +234,46 @@ def test_the_ascii_fold_of_the_fingerprint_is_the_general_one(text: str) -> None
     assert fingerprint.fingerprint("", text) == hashlib.sha256(folded_text("\n" + text)).hexdigest()
 
 
+def test_the_unicode_fold_of_every_code_point_is_the_general_one() -> None:
+    """Every code point (surrogates too), alone, in a run of itself and between letters and
+    white space, in Latin-1 text and beyond it: the fast fold is the definition. In chunks
+    of 512, a chunk of its own for each of the two Latin-1 characters that do not fold to
+    one (the Latin-1 fold leaves a text with one to the general fold)."""
+    points = [c for c in range(0x110000) if c not in (0xB5, 0xDF)]
+    chunks = [points[i : i + 512] for i in range(0, len(points), 512)] + [[0xB5], [0xDF]]
+    for chunk in chunks:
+        text = "".join(f"A{chr(c)}b {chr(c)}{chr(c)}{chr(c)}\t{chr(c)}\u00c9" for c in chunk)
+        assert folded_unicode(text) == folded_text(text), [hex(c) for c in chunk[:1]]
+        latin = "".join(f"A{chr(c)}b {chr(c)}{chr(c)}" for c in chunk if c < 256)
+        assert folded_unicode(latin) == folded_text(latin)
+    # Alone too, where a chunk could hide one: Latin-1 and two-byte UTF-8, white space.
+    for c in [*range(0x800), *(c for c in range(0x800, 0x110000) if chr(c).isspace())]:
+        text = f"\u00e9{chr(c)}B{chr(c)}{chr(c)}"
+        assert folded_unicode(text) == folded_text(text), hex(c)
+
+
+# Text of any script with the white space str.split knows beside the rest, in runs.
+any_spaced = st.lists(
+    st.one_of(
+        st.text(max_size=200),
+        st.text(st.characters(max_codepoint=255), max_size=200),
+        st.sampled_from([" " * 5, "\xa0", "\x85 ", "\u3000\u2028", "\u2000\t", "\x1c", "  \n"]),
+        st.sampled_from(["\xb5", "\xdf", "\u0130", "\ufb03", "\ud800", "\u1e9e"]),
+    ),
+    max_size=16,
+).map("".join)
+
+
+@given(text=st.one_of(st.text(max_size=400), any_spaced))
+@raw_fuzz(500)
+def test_the_unicode_fold_of_the_fingerprint_is_the_general_one(text: str) -> None:
+    """Any text (any script, lone surrogates, runs of white space of every kind, the
+    characters whose case fold is longer than they are): the fast fold is the definition."""
+    assert folded_unicode(text) == folded_text(text)
+    digest = hashlib.sha256(folded_text("\n" + text)).hexdigest()
+    assert fingerprint.fingerprint("", text) == digest
+
+
 @given(head=st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"x", b"Received: a; b", b" "])))
 @raw_fuzz(500)
 def test_the_end_of_the_header_found_by_finds_is_the_regular_expressions(
@@ -235,3 +284,64 @@ def test_the_end_of_the_header_found_by_finds_is_the_regular_expressions(
     data = b"".join(head)
     m = _HEAD_END_RE.search(data)
     assert head_end_start(data) == (None if m is None else m.start())
+
+
+_OLD_RECEIVED_RE = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+
+
+@given(
+    head=st.lists(
+        st.sampled_from(
+            [b"\r", b"\n", b"\r\n", b"x", b" ", b"\t", b":", b"received", b"ReCeIvEd", b"eceived"]
+        )
+    )
+)
+@raw_fuzz(500)
+def test_the_received_field_found_from_line_ends_is_the_multiline_patterns(
+    head: list[bytes],
+) -> None:
+    """The top Received field found at the start or after an LF: where ``^`` under
+    re.MULTILINE found it, on any mix of line ends, blanks and field names."""
+    data = b"".join(head)
+    old = _OLD_RECEIVED_RE.search(data)
+    new = _RECEIVED_FIRST_RE.match(data) or _RECEIVED_RE.search(data)
+    assert (old and old.end()) == (new and new.end())
+
+
+_WEEKDAYS = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun", "mon", "Xyz", ""]
+_MONTH_NAMES = ["Jan", "Feb", "Jun", "Sep", "Dec", "dec", "JAN", "Foo"]
+
+
+@given(
+    weekday=st.sampled_from(_WEEKDAYS),
+    day=st.integers(0, 40).map(str) | st.sampled_from(["05", "00", "123", "", "\u0665"]),
+    month=st.sampled_from(_MONTH_NAMES),
+    year=st.integers(0, 12000).map(str) | st.sampled_from(["0099", "26", "02026", "\u0662026"]),
+    clock=st.tuples(st.integers(0, 23), st.integers(0, 59), st.integers(0, 60))
+    | st.tuples(st.integers(0, 99), st.integers(0, 99), st.integers(0, 99)),
+    zone=st.tuples(st.sampled_from("+-"), st.integers(0, 23), st.integers(0, 59)).map(
+        lambda z: f"{z[0]}{z[1]:02}{z[2]:02}"
+    )
+    | st.tuples(st.sampled_from("+-"), st.integers(0, 9999)).map(lambda z: f"{z[0]}{z[1]:04}")
+    | st.sampled_from(["GMT", "UT", "EST", "-0000", "+0000", "+2400", "-2359", "+0099", ""]),
+    spaces=st.sampled_from([" ", "  ", "\t", " ,"]),
+)
+@raw_fuzz(1000)
+def test_the_usual_date_is_read_as_email_utils_reads_it(
+    weekday: str, day: str, month: str, year: str, clock: tuple[int, int, int], zone: str,
+    spaces: str,
+) -> None:  # fmt: skip
+    """Dates of the usual shape and around it (any day, month, year, time and zone, valid or
+    not; other weekdays, names and spacing): parse_date gives what email.utils gives, the
+    same zone object included, and only the usual shape takes the fast path."""
+    hours, minutes, seconds = clock
+    for text in (
+        f"{weekday}, {day} {month} {year} {hours:02}:{minutes:02}:{seconds:02} {zone}",
+        f"{weekday},{spaces}{day} {month} {year} {hours}:{minutes:02}:{seconds:02}{spaces}{zone}",
+    ):
+        expected = _parse_date(text)
+        got = parse_date(text)
+        assert got == expected and (got is None or got.tzinfo is expected.tzinfo), text
+        if _RFC5322_DATE_RE.fullmatch(text) is None:
+            continue
+        assert weekday in _WEEKDAYS[:7] and month in _MONTH_NAMES[:5], text

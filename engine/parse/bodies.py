@@ -145,6 +145,7 @@ def _unflow_lines(
 # In multi-line bodies only the controls that are never text are removed.
 _BODY_CTRL_RE: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _BODY_CTRL_BYTES: Final = bytes([*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
+_CLEAN_CHUNK: Final = 1 << 16  # characters of a non-ASCII body searched for controls at once
 
 
 def clean_body(text: str) -> str:
@@ -160,9 +161,15 @@ def clean_body(text: str) -> str:
         data = text.encode("ascii")
         kept = data.translate(None, _BODY_CTRL_BYTES)
         return text if len(kept) == len(data) else kept.decode("ascii")
-    if _BODY_CTRL_RE.search(text) is None:
-        return text
-    return _BODY_CTRL_RE.sub("", text)
+    # The same for other text, on its UTF-8, where a control is a byte of its own and no
+    # other character's bytes are below 0x80 (a lone surrogate too, with surrogatepass):
+    # half the cost of the regular expression's search (9 us of a 4 KiB body). A chunk at a
+    # time: two copies of a 20 MB body in UTF-8 are more memory than a parse may take.
+    for start in range(0, len(text), _CLEAN_CHUNK):
+        data = text[start : start + _CLEAN_CHUNK].encode("utf-8", "surrogatepass")
+        if len(data.translate(None, _BODY_CTRL_BYTES)) != len(data):
+            return _BODY_CTRL_RE.sub("", text)
+    return text
 
 
 def text_of(
@@ -203,7 +210,10 @@ _HTML_BLOCK_TAG_RE: Final = re.compile(
 _META_CHARSET_RE: Final = re.compile(
     rb"<meta[^>]{0,200}?charset\s*=\s*[\"']?([A-Za-z0-9_.:-]{1,40})", re.I
 )
-_BLANK_LINES_RE: Final = re.compile(r"\n{3,}")
+# Three line ends or more. Written so, not as \n{3,}, the pattern starts with a literal that
+# the regex engine looks for before trying it: \n{3,} was tried at every character (25 us of
+# CPU per rendered HTML body, 2 % of the parse of the bench mix, for the same matches).
+_BLANK_LINES_RE: Final = re.compile(r"\n\n\n+")
 
 
 def unsanitizable(markup: str, limits: ParseLimits) -> str | None:

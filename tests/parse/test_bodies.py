@@ -9,14 +9,16 @@ import time
 from datetime import timedelta
 
 import nh3
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from inscriptis import get_text  # type: ignore[import-untyped, unused-ignore]
 from inscriptis.model.config import ParserConfig  # type: ignore[import-untyped, unused-ignore]
 from samples import BOUNDARY, FAST, multipart, parse, simple, top
 
-from engine.parse import ParseLimits, parse_message
+from engine.parse import ParseLimits, bodies, parse_message
 from engine.parse.bodies import (
+    _BLANK_LINES_RE,
     _flatten_html,
     _html_markup_strippable,
     _html_text_stripped,
@@ -304,6 +306,47 @@ def test_property_ascii_body_cleaning_by_octets_is_the_regular_expressions(text:
     reference = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "", reference)
     cleaned = clean_body(text)
     assert cleaned == reference and type(cleaned) is str
+
+
+@settings(max_examples=500, deadline=timedelta(seconds=1), derandomize=True, database=None)
+@given(
+    text=st.one_of(
+        st.text(max_size=200),
+        st.lists(st.one_of(LINE_PIECES, st.sampled_from(["\ud800", "\u2028", "\x85"]))).map(
+            "".join
+        ),
+    )
+)
+def test_property_any_body_cleaning_by_utf8_octets_is_the_regular_expressions(text: str) -> None:
+    """Any body (any script, lone surrogates, every control): its controls looked for in
+    its UTF-8 octets, the same text as the regular expression."""
+    reference = re.sub(r"\r\n?", "\n", text)
+    reference = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "", reference)
+    assert clean_body(text) == reference
+
+
+@settings(max_examples=300, deadline=timedelta(seconds=1), derandomize=True, database=None)
+@given(
+    text=st.lists(st.one_of(LINE_PIECES, st.sampled_from(["\ud800", "\u2028"]))).map("".join),
+    chunk=st.integers(1, 8),
+)
+def test_property_body_cleaning_in_chunks_is_the_regular_expressions(text: str, chunk: int) -> None:
+    """The UTF-8 search for controls of a non-ASCII body goes a chunk at a time (64 Ki
+    characters): with chunks of a few characters, a control in any of them, at either end
+    of one, is found as the regular expression finds it."""
+    reference = re.sub(r"\r\n?", "\n", text)
+    reference = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "", reference)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bodies, "_CLEAN_CHUNK", chunk)
+        assert clean_body(text) == reference
+
+
+@settings(max_examples=300, deadline=timedelta(seconds=1), derandomize=True, database=None)
+@given(text=st.lists(st.sampled_from(["\n", "\n\n\n", "a", " ", "\r"]), max_size=60).map("".join))
+def test_property_blank_lines_squeezed_as_by_the_pattern_they_replace(text: str) -> None:
+    """Runs of line ends are squeezed by a pattern that starts with a literal: the same
+    matches as \\n{3,}, which was tried at every character."""
+    assert _BLANK_LINES_RE.sub("\n\n", text) == re.sub(r"\n{3,}", "\n\n", text)
 
 
 @settings(max_examples=300, deadline=timedelta(seconds=1), derandomize=True, database=None)

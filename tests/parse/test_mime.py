@@ -549,6 +549,7 @@ def message_tree(msg: Message) -> object:
         msg.preamble,
         msg.epilogue,
         msg.get_default_type(),
+        msg.get_content_type(),  # the fast path's is kept from when its header was read
     )
 
 
