@@ -346,24 +346,25 @@ def test_the_command_exits_without_the_interpreter_s_teardown_and_loses_no_outpu
     assert "teardown ran" not in refused.stderr
 
 
-def test_the_pipeline_is_imported_while_the_login_is_checked(tmp_path: Path, data: Path) -> None:
-    """scrypt checks the login in a thread without the GIL (~50 ms); the supervisor,
-    fetcher, parser and writer (~50 ms of imports) load meanwhile, not before it."""
+def test_the_login_is_checked_beside_the_engines_imports(tmp_path: Path, data: Path) -> None:
+    """scrypt (~50 ms, in a thread without the GIL) starts as soon as the command line is
+    read, before the store and the pipeline (~100 ms of imports) load; they load meanwhile,
+    and the store's own check takes its answer: one scrypt per start, not two."""
     empty = tmp_path / "mailboxes.d"
     empty.mkdir()
     args = ["once", "--config-dir", str(empty), "--data-dir", str(data)]
     script = (
         "import sys, time\n"
-        "import engine.store.sqlite as store\n"
-        "real, seen = store.verify_password, []\n"
+        "import engine.passwords as passwords\n"
+        "real, seen = passwords.verify_password, []\n"
         "def loaded():  # a module is in sys.modules from the start of its import\n"
         "    return hasattr(sys.modules.get('engine.supervisor'), 'Engine')\n"
         "def verify(password, stored):\n"
-        "    seen.append(loaded())\n"
+        "    seen.append(('engine.commands' in sys.modules, loaded()))\n"
         "    time.sleep(0.5)\n"
         "    seen.append(loaded())\n"
         "    return real(password, stored)\n"
-        "store.verify_password = verify\n"
+        "passwords.verify_password = verify\n"
         "from engine.cli import main\n"
         f"code = main({[*args, '--login', LOGIN, '--password', LOGIN_PASSWORD]!r})\n"
         f"wrong = main({[*args, '--login', LOGIN, '--password', 'wrong']!r})\n"
@@ -373,8 +374,61 @@ def test_the_pipeline_is_imported_while_the_login_is_checked(tmp_path: Path, dat
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    # Before the check: not imported; by its end: imported. A wrong password still fails.
-    assert done.stdout.split("\n")[-2] == "0 2 [False, True, True, True]"
+    # The first check began before engine.commands (and the store) was imported, and the
+    # pipeline by its end; the second start's pipeline was loaded already. A wrong password
+    # still fails; each start ran scrypt once.
+    assert done.stdout.split("\n")[-2] == "0 2 [(False, False), True, (True, True), True]"
+
+
+def test_the_early_check_answers_only_for_the_hash_the_store_reads(
+    tmp_path: Path, data: Path
+) -> None:
+    """The early check read the hash before the store opened; if the password changed since
+    (another process), the store's check runs scrypt on what it reads itself."""
+    import anyio
+
+    from engine.passwords import EarlyCheck, hash_password
+    from engine.store import open_store
+
+    database = data / "mailintegration.sqlite3"
+
+    async def check(password: str, change_to: str | None = None) -> tuple[bool, bool | None]:
+        early = EarlyCheck(database, LOGIN, password)
+        await early.answer(None)  # wait until it has read and checked
+        store = await open_store(data)
+        try:
+            if change_to is not None:
+                await store.db.execute(
+                    "UPDATE users SET password_hash = ? WHERE login = ?",
+                    (hash_password(change_to), LOGIN),
+                )
+                await store.db.commit()
+            row = await store.db.execute_fetchall(
+                "SELECT password_hash FROM users WHERE login = ?", (LOGIN,)
+            )
+            stored = next(iter(row))[0]
+            return await store.check_login(LOGIN, password, early), await early.answer(stored)
+        finally:
+            await store.close()
+
+    assert anyio.run(check, LOGIN_PASSWORD) == (True, True)
+    assert anyio.run(check, "wrong") == (False, False)
+    # Changed meanwhile: the early answer is not for this hash, the store decides.
+    assert anyio.run(check, LOGIN_PASSWORD, "new password") == (False, None)
+    assert anyio.run(check, "new password") == (True, True)
+
+
+def test_the_early_check_creates_no_store(tmp_path: Path) -> None:
+    """It opens the store read-only: where there is none, it leaves none behind and answers
+    nothing, and the store's own opening says what is wrong as before."""
+    import anyio
+
+    from engine.passwords import EarlyCheck
+
+    database = tmp_path / "mailintegration.sqlite3"
+    early = EarlyCheck(database, LOGIN, LOGIN_PASSWORD)
+    assert anyio.run(early.answer, "scrypt$16384$8$1$00$00") is None
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bounding_large_allocations_starts_no_process(monkeypatch: pytest.MonkeyPatch) -> None:
