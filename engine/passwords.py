@@ -72,8 +72,10 @@ class EarlyCheck:
             if row is not None and isinstance(row[0], str) and row[0]:
                 self._ok = verify_password(password, row[0])
                 self._stored = row[0]
-        except (sqlite3.Error, OSError, ValueError):
-            pass  # the store's own check reads it and says what is wrong
+        except Exception:
+            # Only a head start: whatever went wrong (a store missing, not migrated, busy),
+            # the store's own check reads it again and says what is wrong.
+            pass
         finally:
             self._done.set()
 
