@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -418,6 +419,26 @@ def test_the_early_check_answers_only_for_the_hash_the_store_reads(
     # Changed meanwhile: the early answer is not for this hash, the store decides.
     assert anyio.run(check, LOGIN_PASSWORD, "new password") == (False, None)
     assert anyio.run(check, "new password") == (True, True)
+
+
+def test_the_early_check_reads_a_store_whatever_its_folder_is_called(tmp_path: Path) -> None:
+    """The store is opened by a file: URI: a space, ?, #, % or a non-ASCII letter in the data
+    directory's path must reach SQLite as the same path (quoted), not as URI syntax."""
+    import anyio
+    from support import data_dir
+
+    from engine.passwords import EarlyCheck
+
+    folder = tmp_path / "a b?c#d%e-é"
+    folder.mkdir()
+    database = data_dir(folder) / "mailintegration.sqlite3"
+    stored = (
+        sqlite3.connect(database)
+        .execute("SELECT password_hash FROM users WHERE login = ?", (LOGIN,))
+        .fetchone()[0]
+    )
+    assert anyio.run(EarlyCheck(database, LOGIN, LOGIN_PASSWORD).answer, stored) is True
+    assert anyio.run(EarlyCheck(database, LOGIN, "wrong").answer, stored) is False
 
 
 def test_the_early_check_creates_no_store(tmp_path: Path) -> None:
