@@ -31,11 +31,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-import anyio
-
-from engine import commands, logs
+from engine import logs
 from engine.errors import AuthenticationFailed, ConfigError, EngineError
-from engine.store import store_error
+from engine.passwords import EarlyCheck
+
+# Nothing heavier at the top: the login's scrypt starts once the command line is read
+# (engine.passwords), and the engine's ~100 ms of imports (anyio, the store, the pipeline)
+# come after it, beside it.
 
 log = logging.getLogger("engine.cli")
 
@@ -803,6 +805,9 @@ def _main(argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv_in)
     if args.command == "completion":
         return _print_completion(parser, args.shell)
+    args.early_check = _early_check(args)
+    import anyio
+
     try:
         return int(anyio.run(_dispatch, args))
     except (ConfigError, AuthenticationFailed, EngineError) as exc:
@@ -813,6 +818,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except sqlite3.Error as exc:
         # The store failed outside the writer (which answers its own errors): a corrupt page
         # met by a read, say. A clear line and 2, as for an error at opening it.
+        from engine.store import store_error
+
         data_dir = getattr(args, "data_dir", Path("data"))
         error = store_error(exc, data_dir / "mailintegration.sqlite3")
         print(f"mailintegration: {logs.scrub(str(error))}", file=sys.stderr)
@@ -857,20 +864,34 @@ SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction[_Parser]], None]] = 
     "completion": _completion,
 }
 
-# What each subcommand runs: the only way this module reaches engine.commands.
-COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
-    "once": commands.cmd_once,
-    "run": commands.cmd_run,
-    "ingest": commands.cmd_ingest,
-    "check": commands.cmd_check,
-    "oauth": commands.cmd_oauth,
-    "requests": commands.cmd_requests,
-    "directory": commands.cmd_directory,
-    "status": commands.cmd_status,
-    "init": commands.cmd_init,
-    "config": commands.cmd_config,
-    "console": commands.cmd_console,
+# What each subcommand runs (a function of engine.commands, imported once the command line
+# is read): the only way this module reaches engine.commands.
+COMMANDS: dict[str, str] = {
+    "once": "cmd_once",
+    "run": "cmd_run",
+    "ingest": "cmd_ingest",
+    "check": "cmd_check",
+    "oauth": "cmd_oauth",
+    "requests": "cmd_requests",
+    "directory": "cmd_directory",
+    "status": "cmd_status",
+    "init": "cmd_init",
+    "config": "cmd_config",
+    "console": "cmd_console",
 }
+
+# The commands that log in (engine.commands._login) before they run the engine.
+_LOG_IN = frozenset({"once", "run", "ingest"})
+
+
+def _early_check(args: argparse.Namespace) -> EarlyCheck | None:
+    """The login's check, begun now against a SQLite store (engine.passwords), or None."""
+    if args.command not in _LOG_IN or getattr(args, "store", None):
+        return None
+    login, password = getattr(args, "login", None), getattr(args, "password", None)
+    if not login or not password:
+        return None
+    return EarlyCheck(args.data_dir / "mailintegration.sqlite3", login, password)
 
 
 def _print_completion(parser: argparse.ArgumentParser, shell: str) -> int:
@@ -883,4 +904,7 @@ def _print_completion(parser: argparse.ArgumentParser, shell: str) -> int:
 
 
 async def _dispatch(args: argparse.Namespace) -> int:
-    return await COMMANDS[args.command](args)
+    from engine import commands
+
+    run: Callable[[argparse.Namespace], Awaitable[int]] = getattr(commands, COMMANDS[args.command])
+    return await run(args)

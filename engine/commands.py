@@ -118,7 +118,8 @@ async def _login(store: Store, args: argparse.Namespace) -> str:
     ok: list[bool] = []
 
     async def check() -> None:
-        ok.append(await store.check_login(args.login, args.password))
+        early = getattr(args, "early_check", None)
+        ok.append(await store.check_login(args.login, args.password, early))
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(check)

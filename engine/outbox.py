@@ -24,7 +24,6 @@ sends what is due before it exits, within ``drain_seconds``; ``run`` keeps the o
 from __future__ import annotations
 
 import logging
-import smtplib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -38,7 +37,6 @@ from engine.config import SmtpConfig
 from engine.errors import OAuthError, TLSError
 from engine.items import Item, OutboxFetch, OutboxResult
 from engine.model import PendingReply
-from engine.reply import Delivery, one_line
 
 if TYPE_CHECKING:
     from engine.oauth.broker import TokenBroker
@@ -221,6 +219,12 @@ async def _send(
     smtp: SmtpConfig, row: PendingReply, tokens: TokenBroker | None = None
 ) -> tuple[str | None, bool]:
     """Send in a worker thread: (error or None, permanent). Cancel it to cut it short."""
+    # Here, not at the top: smtplib and the email package (~9 ms) are for an engine that has
+    # a reply to send, not for every start.
+    import smtplib
+
+    from engine.reply import Delivery, one_line
+
     delivery = Delivery(smtp, row.recipient, row.message, tokens)
     try:
         try:
@@ -250,6 +254,8 @@ async def _send(
 
 def _describe(code: int, text: bytes | str) -> str:
     """An SMTP answer for the row and the log: one line, bounded, secrets scrubbed."""
+    from engine.reply import one_line
+
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     return one_line(logs.scrub(f"{code} {text}"), 300)

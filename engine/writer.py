@@ -24,12 +24,11 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from engine import reply
 from engine.config import MailboxConfig, directory_needs
 from engine.errors import DirectoryError, MessageKept, StoreError
 from engine.items import (
@@ -64,6 +63,9 @@ from engine.processors import (
     referenced,
 )
 from engine.store.base import Store, Transaction
+
+if TYPE_CHECKING:
+    from engine import reply
 
 log = logging.getLogger("engine.writer")
 
@@ -745,6 +747,10 @@ class Writer:
             return f"no reply ({d.no_reply_because or 'no smtp configured'})"
         if env.historic is not None:
             return "no reply (historic import)"
+        # Here, not at the top: smtplib and the email package (~9 ms) are for mailboxes that
+        # send replies, not for every start.
+        from engine import reply
+
         if failure.raw_header(env.raw, b"x-loop").startswith("mailintegration") or (
             msg.message_id or ""
         ).endswith(f".mailintegration@{reply.reply_domain(cfg)}"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -288,14 +289,16 @@ def test_once_over_an_empty_pop3_mailbox_imports_no_imap_and_starts_no_parsing_p
     """The usual cron `once`: a POP3 mailbox with nothing waiting. imaplib and the IMAP
     gateway (~7 ms) are imported by the first IMAP session only, OAuth2 token health by the
     first OAuth2 mailbox, the parsing processes (~0.15 s of CPU each, with anyio's
-    process machinery) start only for a session that lists enough messages to use them, and
-    the parser itself (engine.parse, ~25 ms) is imported by the first message to parse."""
+    process machinery) start only for a session that lists enough messages to use them, the
+    parser itself (engine.parse, ~25 ms) is imported by the first message to parse, and the
+    replies' builder and sender (engine.reply: smtplib and the email package, ~9 ms) by the
+    first reply."""
     args = ["once", "--config", str(mailbox.config), "--data-dir", str(mailbox.data)]
     args += ["--login", LOGIN, "--password", LOGIN_PASSWORD]
     script = (
         "import sys\n"
         "lazy = {'imaplib', 'engine.gateways.imap', 'engine.oauth.health', 'anyio.to_process',"
-        " 'engine.parse'}\n"
+        " 'engine.parse', 'engine.reply', 'smtplib'}\n"
         "from engine.cli import main\n"
         f"code = main({args!r})\n"
         "print(code, sorted(lazy & set(sys.modules)))\n"
@@ -346,24 +349,25 @@ def test_the_command_exits_without_the_interpreter_s_teardown_and_loses_no_outpu
     assert "teardown ran" not in refused.stderr
 
 
-def test_the_pipeline_is_imported_while_the_login_is_checked(tmp_path: Path, data: Path) -> None:
-    """scrypt checks the login in a thread without the GIL (~50 ms); the supervisor,
-    fetcher, parser and writer (~50 ms of imports) load meanwhile, not before it."""
+def test_the_login_is_checked_beside_the_engines_imports(tmp_path: Path, data: Path) -> None:
+    """scrypt (~50 ms, in a thread without the GIL) starts as soon as the command line is
+    read, before the store and the pipeline (~100 ms of imports) load; they load meanwhile,
+    and the store's own check takes its answer: one scrypt per start, not two."""
     empty = tmp_path / "mailboxes.d"
     empty.mkdir()
     args = ["once", "--config-dir", str(empty), "--data-dir", str(data)]
     script = (
         "import sys, time\n"
-        "import engine.store.sqlite as store\n"
-        "real, seen = store.verify_password, []\n"
+        "import engine.passwords as passwords\n"
+        "real, seen = passwords.verify_password, []\n"
         "def loaded():  # a module is in sys.modules from the start of its import\n"
         "    return hasattr(sys.modules.get('engine.supervisor'), 'Engine')\n"
         "def verify(password, stored):\n"
-        "    seen.append(loaded())\n"
+        "    seen.append(('engine.commands' in sys.modules, loaded()))\n"
         "    time.sleep(0.5)\n"
         "    seen.append(loaded())\n"
         "    return real(password, stored)\n"
-        "store.verify_password = verify\n"
+        "passwords.verify_password = verify\n"
         "from engine.cli import main\n"
         f"code = main({[*args, '--login', LOGIN, '--password', LOGIN_PASSWORD]!r})\n"
         f"wrong = main({[*args, '--login', LOGIN, '--password', 'wrong']!r})\n"
@@ -373,8 +377,81 @@ def test_the_pipeline_is_imported_while_the_login_is_checked(tmp_path: Path, dat
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    # Before the check: not imported; by its end: imported. A wrong password still fails.
-    assert done.stdout.split("\n")[-2] == "0 2 [False, True, True, True]"
+    # The first check began before engine.commands (and the store) was imported, and the
+    # pipeline by its end; the second start's pipeline was loaded already. A wrong password
+    # still fails; each start ran scrypt once.
+    assert done.stdout.split("\n")[-2] == "0 2 [(False, False), True, (True, True), True]"
+
+
+def test_the_early_check_answers_only_for_the_hash_the_store_reads(
+    tmp_path: Path, data: Path
+) -> None:
+    """The early check read the hash before the store opened; if the password changed since
+    (another process), the store's check runs scrypt on what it reads itself."""
+    import anyio
+
+    from engine.passwords import EarlyCheck, hash_password
+    from engine.store import open_store
+
+    database = data / "mailintegration.sqlite3"
+
+    async def check(password: str, change_to: str | None = None) -> tuple[bool, bool | None]:
+        early = EarlyCheck(database, LOGIN, password)
+        await early.answer(None)  # wait until it has read and checked
+        store = await open_store(data)
+        try:
+            if change_to is not None:
+                await store.db.execute(
+                    "UPDATE users SET password_hash = ? WHERE login = ?",
+                    (hash_password(change_to), LOGIN),
+                )
+                await store.db.commit()
+            row = await store.db.execute_fetchall(
+                "SELECT password_hash FROM users WHERE login = ?", (LOGIN,)
+            )
+            stored = next(iter(row))[0]
+            return await store.check_login(LOGIN, password, early), await early.answer(stored)
+        finally:
+            await store.close()
+
+    assert anyio.run(check, LOGIN_PASSWORD) == (True, True)
+    assert anyio.run(check, "wrong") == (False, False)
+    # Changed meanwhile: the early answer is not for this hash, the store decides.
+    assert anyio.run(check, LOGIN_PASSWORD, "new password") == (False, None)
+    assert anyio.run(check, "new password") == (True, True)
+
+
+def test_the_early_check_reads_a_store_whatever_its_folder_is_called(tmp_path: Path) -> None:
+    """The store is opened by a file: URI: a space, ?, #, % or a non-ASCII letter in the data
+    directory's path must reach SQLite as the same path (quoted), not as URI syntax."""
+    import anyio
+    from support import data_dir
+
+    from engine.passwords import EarlyCheck
+
+    folder = tmp_path / "a b?c#d%e-é"
+    folder.mkdir()
+    database = data_dir(folder) / "mailintegration.sqlite3"
+    stored = (
+        sqlite3.connect(database)
+        .execute("SELECT password_hash FROM users WHERE login = ?", (LOGIN,))
+        .fetchone()[0]
+    )
+    assert anyio.run(EarlyCheck(database, LOGIN, LOGIN_PASSWORD).answer, stored) is True
+    assert anyio.run(EarlyCheck(database, LOGIN, "wrong").answer, stored) is False
+
+
+def test_the_early_check_creates_no_store(tmp_path: Path) -> None:
+    """It opens the store read-only: where there is none, it leaves none behind and answers
+    nothing, and the store's own opening says what is wrong as before."""
+    import anyio
+
+    from engine.passwords import EarlyCheck
+
+    database = tmp_path / "mailintegration.sqlite3"
+    early = EarlyCheck(database, LOGIN, LOGIN_PASSWORD)
+    assert anyio.run(early.answer, "scrypt$16384$8$1$00$00") is None
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bounding_large_allocations_starts_no_process(monkeypatch: pytest.MonkeyPatch) -> None:

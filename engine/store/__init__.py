@@ -6,16 +6,10 @@
 ``--store`` names one: a SQLite user's start does not pay for asyncpg).
 """
 
+from engine.passwords import hash_password, verify_password
 from engine.store.base import RequestFilter, Store, Transaction
 from engine.store.lock import DataDirLock, private_file, secure_data_dir
-from engine.store.sqlite import (
-    SqliteStore,
-    SqliteTransaction,
-    hash_password,
-    open_store,
-    store_error,
-    verify_password,
-)
+from engine.store.sqlite import SqliteStore, SqliteTransaction, open_store, store_error
 
 __all__ = [
     "DataDirLock",

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import StoreError
 from engine.model import (
@@ -44,6 +44,9 @@ from engine.model import (
     User,
     Watcher,
 )
+
+if TYPE_CHECKING:
+    from engine.passwords import EarlyCheck
 
 
 @dataclass(frozen=True)
@@ -434,8 +437,9 @@ class Store(ABC):
     async def close(self) -> None: ...
 
     @abstractmethod
-    async def check_login(self, login: str, password: str) -> bool:
-        """Whether ``login`` is a user with that password."""
+    async def check_login(self, login: str, password: str, early: EarlyCheck | None = None) -> bool:
+        """Whether ``login`` is a user with that password; ``early``, the same check begun
+        before the store opened, answers it when it read the same hash."""
 
     @abstractmethod
     async def list_requests(

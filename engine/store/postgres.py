@@ -65,9 +65,10 @@ from engine.model import (
     Watcher,
 )
 from engine.parse import tokens
+from engine.passwords import EarlyCheck, hash_password, verify_password
 from engine.store.base import RequestFilter, Store, Transaction
 from engine.store.schema import CATCH_UP, POSTGRES_MIGRATIONS
-from engine.store.sqlite import LAG_SQL, arrived_text, hash_password, now, verify_password
+from engine.store.sqlite import LAG_SQL, arrived_text, now
 
 log = logging.getLogger("engine.store")
 
@@ -172,7 +173,8 @@ class PostgresStore(Store):
     async def _all(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         return list(await self.conn.fetch(sql, *args))
 
-    async def check_login(self, login: str, password: str) -> bool:
+    async def check_login(self, login: str, password: str, early: EarlyCheck | None = None) -> bool:
+        # ``early`` is SQLite's alone (engine.passwords): no check starts before this one.
         row = await self.conn.fetchrow(
             "SELECT password_hash FROM users WHERE lower(login) = lower($1)", login
         )

@@ -28,9 +28,7 @@ Speed comes from two things a :class:`SqliteTransaction` does behind its interfa
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
-import os
 import sqlite3
 import time
 import urllib.parse
@@ -61,6 +59,7 @@ from engine.model import (
     User,
     Watcher,
 )
+from engine.passwords import EarlyCheck, hash_password, verify_password
 from engine.store.base import RequestFilter, Store, Transaction
 from engine.store.files import FileStore
 from engine.store.lock import secure_data_dir
@@ -121,29 +120,6 @@ def arrived_text(arrived: datetime | None, processed_at: str) -> str | None:
 
 # The columns replies are counted by (each has an index with created_at).
 _REPLY_COUNTS = frozenset({"rcpt_key", "rcpt_domain", "mailbox"})
-
-
-def hash_password(password: str, *, salt: bytes | None = None) -> str:
-    """scrypt, with parameters in the stored string so they can be raised later."""
-    salt = salt or os.urandom(16)
-    n, r, p = 2**14, 8, 1
-    key = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=32)
-    return f"scrypt${n}${r}${p}${salt.hex()}${key.hex()}"
-
-
-def verify_password(password: str, stored: str | None) -> bool:
-    if not stored:
-        return False
-    try:
-        algo, n, r, p, salt, key = stored.split("$")
-        if algo != "scrypt":
-            return False
-        got = hashlib.scrypt(
-            password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=32
-        )
-    except ValueError:
-        return False
-    return hmac.compare_digest(got.hex(), key)
 
 
 class SqliteStore(Store):
@@ -207,9 +183,11 @@ class SqliteStore(Store):
         rows = await self._all(sql, args)
         return rows[0] if rows else None
 
-    async def check_login(self, login: str, password: str) -> bool:
+    async def check_login(self, login: str, password: str, early: EarlyCheck | None = None) -> bool:
         row = await self._one("SELECT password_hash FROM users WHERE login = ?", (login,))
         stored = None if row is None else row[0]
+        if early is not None and (ok := await early.answer(stored)) is not None:
+            return ok
         # scrypt is deliberately slow: keep it off the event loop.
         return await anyio.to_thread.run_sync(verify_password, password, stored)
 
