@@ -547,3 +547,16 @@ def test_a_secret_file_init_writes_in_this_repository_is_never_committed() -> No
             ["git", "check-ignore", "-q", path], cwd=repo, capture_output=True, check=False
         )
         assert done.returncode == 0, f"{path} is not ignored by git"
+
+
+def test_a_symlinked_venv_is_never_committed() -> None:
+    """A worktree often links its .venv to another checkout's: ``.venv/`` in .gitignore
+    matched only a folder, so ``git add -A`` took the link (and a merge then replaced the
+    other checkout's venv with it). A path git cannot see is a folder is checked as a link."""
+    repo = Path(__file__).resolve().parent.parent
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    done = subprocess.run(
+        ["git", "check-ignore", "-q", "worktree/.venv"], cwd=repo, capture_output=True, check=False
+    )
+    assert done.returncode == 0, ".venv as a link is not ignored by git"
