@@ -45,27 +45,22 @@ from engine.items import (
 from engine.keys import imap_key_parts
 from engine.model import LedgerRow, Team
 from engine.ops import Metrics
-from engine.processors import (
-    AddActivity,
-    AddNote,
-    Close,
-    Context,
-    Decision,
-    EventDecision,
-    NewEvent,
-    NewRequest,
-    Refuse,
-    decide,
-    describe,
-    failure,
-    intake,
-    outage,
-    referenced,
-)
 from engine.store.base import Store, Transaction
 
 if TYPE_CHECKING:
     from engine import reply
+    from engine.processors import (
+        AddActivity,
+        Context,
+        Decision,
+        EventDecision,
+        NewRequest,
+        Refuse,
+    )
+
+# engine.processors (its decision types, ~6 ms of imports with the modules the writer uses)
+# is imported by the first message or outage, not at start: a cron `once` over mailboxes that
+# hold nothing and work makes no decision.
 
 log = logging.getLogger("engine.writer")
 
@@ -159,6 +154,8 @@ async def _read_origins(tx: Transaction, batch: list[Item]) -> None:
             msg = item.parsed
             handling = item.mailbox.handling
             if handling.flood_messages > 0 and item.historic is None:
+                from engine.processors import intake
+
                 boxes.add(item.mailbox.name)
                 keys.update((msg.from_addr.lower(), intake.fingerprint(msg)))
                 minutes = max(minutes, handling.flood_minutes)
@@ -175,6 +172,10 @@ async def _read_requests(tx: Transaction, batch: list[Item]) -> None:
     and by the Message-IDs of their threads and of the messages their bounces return (one
     query on the ledger and one on the outbox, not one or two per Message-ID)."""
     messages = [item.parsed for item in batch if isinstance(item, Envelope) and item.parsed]
+    if not messages:
+        return
+    from engine.processors import referenced
+
     await tx.read_ahead(
         number
         for item in batch
@@ -497,14 +498,20 @@ class Writer:
             raise  # the store itself is failing: the whole batch rolls back
         except Exception as exc:
             if env.dry_run:
+                from engine.processors import failure
+
                 note = f"failure event: {failure.cause(exc)}: {exc}"
                 return Outcome(Kind.DRY_RUN, note=note)
             return exc
         if env.dry_run:
+            from engine.processors import describe
+
             return Outcome(Kind.DRY_RUN, note=describe(decided.decision))
         return decided
 
     async def _decide(self, work: Work, env: Envelope) -> _Decided:
+        from engine.processors import Context, decide
+
         if env.error is not None:
             raise env.error
         assert env.parsed is not None
@@ -534,6 +541,8 @@ class Writer:
 
     async def fail(self, work: Work, env: Envelope, exc: Exception) -> Outcome:
         """Make (or add to) the message's failure event and record its ledger row."""
+        from engine.processors import failure
+
         msg = failure.failed(env.mailbox.name, env.mailbox.team, env.uidl, env.raw, env.parsed)
         existing = await work.tx.failure_event(msg.message_id, msg.sha256)
         number = await self._event(work.tx, failure.decide(msg, exc, existing))
@@ -547,6 +556,8 @@ class Writer:
 
     async def _event(self, tx: Transaction, d: EventDecision) -> int:
         """Apply a decision about an event the engine raises itself; returns its number."""
+        from engine.processors import AddNote, Close, NewEvent
+
         if isinstance(d, NewEvent):
             team = await self._any_team(tx, d.team)
             number = await tx.create_request(
@@ -578,6 +589,8 @@ class Writer:
     ) -> None:
         """The message's ledger row. One left on the server before (kept) and now taken
         whole has its row updated, and its failure event says what became of it."""
+        from engine.processors import failure
+
         tx = work.tx
         key = (env.account, env.uidl)
         text = str(outcome)
@@ -617,6 +630,8 @@ class Writer:
             )
 
     async def _apply(self, work: Work, env: Envelope, team: Team, d: Decision) -> Outcome:
+        from engine.processors import AddActivity, NewRequest, Refuse
+
         if isinstance(d, NewRequest):
             return Outcome(Kind.CREATED, request_number=await self._create(work, env, team, d))
         if isinstance(d, AddActivity):
@@ -750,6 +765,7 @@ class Writer:
         # Here, not at the top: smtplib and the email package (~9 ms) are for mailboxes that
         # send replies, not for every start.
         from engine import reply
+        from engine.processors import failure
 
         if failure.raw_header(env.raw, b"x-loop").startswith("mailintegration") or (
             msg.message_id or ""
@@ -909,11 +925,36 @@ class Writer:
         """The end of a mailbox session: its outage events, the deletions the server
         confirmed, and its status."""
         tx, error = work.tx, rep.error
-        cause = None if error is None else outage.cause(error)
+        opened = await tx.open_outages(rep.name)
+        if error is not None or opened:  # else there is nothing to open, note or close
+            await self._outages(tx, rep, opened)
+        if rep.warnings:
+            await self._warnings(tx, rep)
+        if rep.account is not None and rep.deleted:
+            await tx.mark_deleted(rep.account, rep.deleted)
+        problem = None
+        if error is not None:
+            from engine.processors import outage
+
+            problem = f"{outage.cause(error)}: {error}"
+        await tx.note_session(
+            rep.name,
+            error=problem,
+            fetched=rep.fetched,
+            processed=rep.processed,
+            failed=rep.failed,
+            kept_deleted=rep.kept_deleted,
+        )
+
+    async def _outages(self, tx: Transaction, rep: SessionReport, opened: dict[str, int]) -> None:
+        """Open, add to or close the mailbox's outage events (engine.processors.outage)."""
+        from engine.processors import Close, NewEvent, outage
+
+        error = rep.error
         decisions = outage.decide(
             rep.name,
             error,
-            outage.failing(await tx.open_outages(rep.name)),
+            outage.failing(opened),
             team=rep.team,
             config=rep.config,
             file_name=rep.path.name,
@@ -926,24 +967,15 @@ class Writer:
             elif isinstance(d, NewEvent):
                 log.error("mailbox=%s outage %s opened (#%d): %s", rep.name, d.cause, number, error)
             else:
+                cause = None if error is None else outage.cause(error)
                 log.warning(
                     "mailbox=%s outage %s goes on (#%d): %s", rep.name, cause, number, error
                 )
-        if rep.warnings:
-            await self._warnings(tx, rep)
-        if rep.account is not None and rep.deleted:
-            await tx.mark_deleted(rep.account, rep.deleted)
-        await tx.note_session(
-            rep.name,
-            error=None if error is None else f"{cause}: {error}",
-            fetched=rep.fetched,
-            processed=rep.processed,
-            failed=rep.failed,
-            kept_deleted=rep.kept_deleted,
-        )
 
     async def _warnings(self, tx: Transaction, rep: SessionReport) -> None:
         """Raise each token health warning once (engine.oauth.health)."""
+        from engine.processors import outage
+
         causes = [outage.WARNING_PREFIX + key for key, _ in rep.warnings]
         raised = await tx.outages_by_cause(rep.name, causes)
         now = datetime.now(UTC)

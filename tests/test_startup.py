@@ -294,13 +294,14 @@ def test_once_over_an_empty_pop3_mailbox_imports_no_imap_and_starts_no_parsing_p
     process machinery) start only for a session that lists enough messages to use them, the
     parser itself (engine.parse, ~25 ms) is imported by the first message to parse, and the
     replies' builder and sender (engine.reply: smtplib and the email package, ~9 ms) by the
-    first reply."""
+    first reply, and the processors and their decision types (~6 ms) by the first message or
+    outage."""
     args = ["once", "--config", str(mailbox.config), "--data-dir", str(mailbox.data)]
     args += ["--login", LOGIN, "--password", LOGIN_PASSWORD]
     script = (
         "import sys\n"
         "lazy = {'imaplib', 'engine.gateways.imap', 'engine.oauth.health', 'anyio.to_process',"
-        " 'engine.parse', 'engine.reply', 'smtplib'}\n"
+        " 'engine.parse', 'engine.reply', 'smtplib', 'engine.processors'}\n"
         "from engine.cli import main\n"
         f"code = main({args!r})\n"
         "print(code, sorted(lazy & set(sys.modules)))\n"
