@@ -355,7 +355,10 @@ def _one_run(
             if handle.wait(delay) is None:
                 handle.kill()
         code = handle.wait(RUN_TIMEOUT)
-        if ready and code == 0 and mode != "random":
+        if ready and code == 0:
+            # Ended by itself (a random delay that outlasted the run included): a whole run.
+            # The first estimate is a guess; an engine that got faster would otherwise draw
+            # most random kills after its end for many iterations.
             busy.learn(time.monotonic() - started)
         return code
     finally:
