@@ -32,7 +32,9 @@ if TYPE_CHECKING:
     from engine.validation import FileReport
 
 # The pipeline (supervisor, fetcher, parser, writer, config) is imported while the login is
-# checked: scrypt takes ~50 ms in a thread without the GIL, the imports ~50 ms with it.
+# checked. Against SQLite, scrypt (~50 ms in a thread without the GIL) began as soon as the
+# command line was read (engine.passwords.EarlyCheck), so by then the check is mostly done
+# and these imports (~50 ms with the GIL) are what a start waits for.
 _PIPELINE = ("engine.supervisor", "engine.ops", "engine.gateways")
 
 log = logging.getLogger("engine.cli")
