@@ -18,13 +18,14 @@ realistic mix, the same tree: 0.59 M and 2.8 M instructions per message in the p
 process). The measured run marks its processes ready from the start, so every window of a
 mailbox big enough (see engine.session) waits for one, as in a long-running engine.
 
-The parsing processes are counted because the measured engine ends them gracefully: at exit
-anyio SIGKILLs its worker processes, and a process valgrind runs writes its totals only as it
-exits, so a killed one left a file without them (counted as 0, i.e. the parse was not
-counted at all). The measured run (:data:`_GRACEFUL`) has anyio close a worker's stdin
-instead of killing it: the worker reads EOF and returns, anyio's own shutdown awaits its exit,
-and callgrind writes its totals. The engine's code is unchanged: both patches are made in
-the measured process only.
+The parsing processes are counted because the measured engine ends them gracefully. The
+engine's own (engine.parse.worker) end when it closes their stdin; a tree from before them
+used anyio's, and at exit anyio SIGKILLs its worker processes: a process valgrind runs
+writes its totals only as it exits, so a killed one left a file without them (counted as 0,
+i.e. the parse was not counted at all). The measured run (:data:`_GRACEFUL`) has anyio close
+a worker's stdin instead of killing it: the worker reads EOF and returns, anyio's own
+shutdown awaits its exit, and callgrind writes its totals. The engine's code is unchanged:
+both patches are made in the measured process only.
 """
 
 from __future__ import annotations
@@ -107,14 +108,14 @@ finally:
 
 def _totals(folder: Path) -> tuple[int, int]:
     """The sum of the ``totals:`` lines of every callgrind file a run wrote, and the part of
-    it that the parsing processes (anyio's workers) executed."""
+    it that the parsing processes (engine.parse.worker, or anyio's before it) executed."""
     total = workers = 0
     for path in folder.glob("callgrind.*"):
         worker = False
         with path.open(errors="replace") as f:
             for line in f:
                 if line.startswith("cmd:"):
-                    worker = "anyio.to_process" in line
+                    worker = "engine.parse.worker" in line or "anyio.to_process" in line
                 elif m := re.match(r"(?:summary|totals): (\d+)", line):
                     total += int(m.group(1))
                     workers += int(m.group(1)) if worker else 0

@@ -1,9 +1,9 @@
 """Issue 18: what the parsing process costs per message, without the rest of the engine.
 
 The parsing process runs :func:`engine.parse.parse_many` on windows of ~48 messages, its
-request and its results pickled by anyio's worker (anyio/to_process.py). This runs the same
+request and its results pickled by the process's loop (engine/parse/worker.py). This runs the same
 on a fixed corpus of each mix (``--count`` messages, windows of ``--window``): the request
-unpickled, ``parse_many`` run, the results pickled, as ``process_worker`` does. Cheaper to run
+unpickled, ``parse_many`` run, the results pickled, as the process does. Cheaper to run
 than :mod:`bench.instructions` (no Dovecot, no engine, no writer), so fit to A/B one step::
 
     python -m bench.parse_cost                       # CPU time per message, this tree
@@ -43,17 +43,16 @@ def _windows(mix: str, count: int, window: int, offset: int = 0) -> list[list[by
 
 
 def _run_window(request: bytes) -> bytes:
-    """What anyio's process_worker does with one request: unpickle, run, pickle."""
-    _command, func, args = pickle.loads(request)
-    return pickle.dumps(func(*args), pickle.HIGHEST_PROTOCOL)
+    """What the parsing process does with one request (engine.parse.worker.serve):
+    unpickle, parse, pickle."""
+    from engine.parse import parse_many
+
+    raws, max_bytes = pickle.loads(request)
+    return pickle.dumps((True, parse_many(raws, max_bytes)), pickle.HIGHEST_PROTOCOL)
 
 
 def _requests(windows: list[list[bytes]]) -> list[bytes]:
-    from engine.parse import parse_many
-
-    return [
-        pickle.dumps(("run", parse_many, (w, MAX_BYTES)), pickle.HIGHEST_PROTOCOL) for w in windows
-    ]
+    return [pickle.dumps((w, MAX_BYTES), pickle.HIGHEST_PROTOCOL) for w in windows]
 
 
 def inner(mix: str, count: int, window: int, parse: bool, repeat: int) -> dict[str, float]:

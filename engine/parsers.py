@@ -4,6 +4,12 @@ Threads share one core for Python code (the GIL): parsing, the costliest step pe
 would compete with the writer. A process runs it beside the event loop; a session with many
 messages has its windows parsed in one while it fetches the next (see engine.session).
 
+Each process is fed two windows at a time: while it parses one, the next waits in its pipe,
+and the answers are read by worker threads, so neither side waits for the event loop, busy
+with the writer, between two windows. anyio.to_process, used before, sent a window only once
+the last answer had been read on the loop: the process then sat idle ~7 ms between windows
+of 48 (a quarter of the time) and the engine's slowest stage with it.
+
 The processes start only once a session wants them: a session calls :meth:`Parsers.use`
 only after it has listed enough messages to use them (the session's ``process_threshold``),
 and that first call is what starts them. An empty or small
@@ -14,7 +20,13 @@ threads meanwhile, as it did while the processes started with the engine.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import pickle
+import subprocess
+import sys
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,6 +39,137 @@ from engine.model import ParsedMessage
 # The fetcher's logger, as before the session had a module of its own: operators filter on it.
 log = logging.getLogger("engine.session")
 
+Results = list[ParsedMessage | MessageError]
+
+# Windows sent to a process before its answers come back: one parsed, one waiting.
+DEPTH = 2
+# A pipe this large (Linux's default cap for an unprivileged process; 64 KiB otherwise)
+# takes a usual window of ~0.5 MB in one write: the sender does not wait on the reader's
+# reads, chunk by chunk. A larger window is still sent, only in several writes.
+_PIPE_BYTES = 1 << 20
+# How long a process has to finish its windows and exit once its stdin is closed.
+_EXIT_SECONDS = 5.0
+
+
+class Worker:
+    """One parsing process (engine.parse.worker) and its two pipes.
+
+    :meth:`call` runs in worker threads, up to :data:`DEPTH` at once: each sends its window
+    under a lock, then waits for its turn to read, the answers coming back in the order the
+    windows went. Once the process has failed (a short read, a closed pipe) every call
+    raises BrokenWorkerProcess, and the pool replaces it.
+    """
+
+    def __init__(self) -> None:
+        # Here, not at the top: engine.parse is the parser (~25 ms to import), which a start
+        # that never parses does without; one that starts a process is about to parse.
+        from engine.parse.worker import BOOTSTRAP, frame, read_frame
+
+        self._frame, self._read_frame = frame, read_frame
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", BOOTSTRAP], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.requests, self.answers = self.process.stdin, self.process.stdout
+        for pipe in (self.requests, self.answers):
+            with contextlib.suppress(OSError, AttributeError):  # not Linux, or over the cap
+                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+        self.pending = 0  # windows sent and not yet answered (counted on the event loop)
+        self._sending = threading.Lock()
+        self._turn = threading.Condition()
+        self._sent = 0  # tickets: the order windows went in, and their answers come out
+        self._read = 0
+        self._broken: BaseException | None = None
+        try:
+            self._send(pickle.dumps(sys.path, pickle.HIGHEST_PROTOCOL), framed=False)
+        except BrokenWorkerProcess:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    @property
+    def alive(self) -> bool:
+        return self._broken is None and self.process.poll() is None
+
+    def call(self, raws: list[bytes], max_bytes: int) -> Results:
+        """Parse a window in the process; blocks, so it runs in a worker thread."""
+        request = pickle.dumps((raws, max_bytes), pickle.HIGHEST_PROTOCOL)
+        with self._sending:
+            ticket = self._sent
+            self._sent += 1
+            self._send(request)
+        with self._turn:
+            self._turn.wait_for(lambda: self._read == ticket or self._broken is not None)
+            if self._broken is not None:
+                raise BrokenWorkerProcess("the parsing process failed") from self._broken
+        try:
+            answer = self._read_frame(self.answers)
+            if answer is None:
+                raise EOFError("the parsing process ended")
+        except Exception as exc:
+            self._break(exc)
+            raise BrokenWorkerProcess("the parsing process failed") from exc
+        with self._turn:
+            self._read += 1
+            self._turn.notify_all()
+        ok, value = pickle.loads(answer)
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
+
+    def _send(self, data: bytes, *, framed: bool = True) -> None:
+        try:
+            if self._broken is not None:
+                raise self._broken
+            self.requests.write(self._frame(data) if framed else data)
+            self.requests.flush()
+        except Exception as exc:
+            self._break(exc)
+            raise BrokenWorkerProcess("the parsing process failed") from exc
+
+    def kill(self, why: str) -> None:
+        """Kill the process: every window in flight fails, and the pool replaces it."""
+        self._break(RuntimeError(why))
+
+    def _break(self, exc: BaseException) -> None:
+        with self._turn:
+            if self._broken is None:
+                self._broken = exc
+            self._turn.notify_all()
+        with contextlib.suppress(OSError):
+            self.process.kill()
+
+    def close(self) -> None:
+        """End the process: its stdin closed, it answers what it has and exits (killed if it
+        has not within a few seconds); blocks, so it runs in a worker thread."""
+        # A window still being sent (its caller cancelled) holds the pipe while the process
+        # parses the one before: bounded too.
+        if self._sending.acquire(timeout=_EXIT_SECONDS):
+            try:
+                with contextlib.suppress(OSError):
+                    self.requests.close()
+            finally:
+                self._sending.release()
+        else:
+            self.kill("it did not take its last window")
+        try:
+            self.process.wait(_EXIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        with contextlib.suppress(OSError):
+            self.answers.close()
+
+
+async def run_window(
+    worker: Worker, raws: list[bytes], max_bytes: int, threads: anyio.CapacityLimiter
+) -> Results:
+    """Parse a window in ``worker`` from a worker thread of ``threads`` (a limiter). Cancelled,
+    the thread still reads its answer, which keeps the others' in order, and drops it."""
+    return await anyio.to_thread.run_sync(
+        worker.call, raws, max_bytes, abandon_on_cancel=True, limiter=threads
+    )
+
 
 class Parsers:
     """The pool of parsing processes.
@@ -38,7 +181,12 @@ class Parsers:
     """
 
     def __init__(self, count: int) -> None:
-        self.limiter = anyio.CapacityLimiter(count)
+        self.count = count
+        # A window holds a token from sending to answer: DEPTH per process. The sessions
+        # keep as many in flight (engine.session).
+        self.limiter = anyio.CapacityLimiter(DEPTH * count)
+        self.threads = anyio.CapacityLimiter(DEPTH * count)  # those that wait for answers
+        self.workers: list[Worker] = []
         self.wanted = anyio.Event()  # a session asked for them: start() goes on
         self.ready = anyio.Event()  # they are up
 
@@ -50,22 +198,17 @@ class Parsers:
         return self.ready.is_set()
 
     async def start(self) -> None:
-        """Once a session wants them, start every process (an empty window each), then let
-        the sessions use them. Cancel it freely: nothing is started before it is wanted."""
+        """Once a session wants them, start every process (an empty window each, which waits
+        for its imports), then let the sessions use them. Cancel it freely: nothing is started
+        before it is wanted, and what started is closed by :meth:`aclose`."""
         await self.wanted.wait()
-        # Here, not at the top: anyio.to_process brings subprocess and pickle (~3 ms), which
-        # a start that never parses apart does without.
-        import anyio.to_process
-
-        from engine.parse import parse_many
 
         async def one() -> None:
-            limiter = self.limiter
-            await anyio.to_process.run_sync(parse_many, [], 0, cancellable=True, limiter=limiter)
+            await run_window(await self._spawn(), [], 0, self.threads)
 
         try:
             async with anyio.create_task_group() as tg:
-                for _ in range(int(self.limiter.total_tokens)):
+                for _ in range(self.count - len(self.workers)):
                     tg.start_soon(one)
         except BaseExceptionGroup as group:
             broken, other = group.split(BrokenWorkerProcess)
@@ -75,6 +218,7 @@ class Parsers:
             log.warning(
                 "no parsing process could start (%s): parsing in threads", cause.__cause__ or cause
             )
+            await self.aclose()
             return
         self.ready.set()
 
@@ -84,24 +228,57 @@ class Parsers:
         max_bytes: int,
         thread: Callable[..., Awaitable[Any]],
         mailbox: str,
-    ) -> list[ParsedMessage | MessageError]:
+    ) -> Results:
         """Parse ``raws`` in a process. Should the process die (a parser crash on some
         message, the OOM killer), they are parsed with ``thread`` (the session's worker
-        threads) instead. Each result holds its message's bytes, which stayed here rather
-        than cross the pipe twice (see engine.parse.with_raw)."""
-        import anyio.to_process  # imported by start(), which made the processes
-
+        threads) instead, and the process is replaced for the next window. Each result holds
+        its message's bytes, which stayed here rather than cross the pipe twice (see
+        engine.parse.with_raw)."""
         from engine.parse import parse_many, with_raw
 
-        try:
-            parsed = await anyio.to_process.run_sync(
-                parse_many, raws, max_bytes, cancellable=True, limiter=self.limiter
-            )
-        except BrokenWorkerProcess as exc:
-            log.warning(
-                "mailbox=%s the parsing process failed (%s): parsing in a thread",
-                mailbox,
-                exc.__cause__ or exc,
-            )
-            parsed = await thread(parse_many, raws, max_bytes)
+        async with self.limiter:
+            try:
+                worker = await self._worker()
+                worker.pending += 1
+                try:
+                    parsed = await run_window(worker, raws, max_bytes, self.threads)
+                except anyio.get_cancelled_exc_class():
+                    # The session's deadline, say: its window may be one the parser never
+                    # finishes, which would hold every later window. The process goes with it,
+                    # as anyio's did; the other window in flight is parsed in a thread.
+                    worker.kill("a window in flight was given up")
+                    raise
+                finally:
+                    worker.pending -= 1
+            except BrokenWorkerProcess as exc:
+                log.warning(
+                    "mailbox=%s the parsing process failed (%s): parsing in a thread",
+                    mailbox,
+                    exc.__cause__ or exc,
+                )
+                parsed = await thread(parse_many, raws, max_bytes)
         return [with_raw(result, raw) for result, raw in zip(parsed, raws, strict=True)]
+
+    async def _worker(self) -> Worker:
+        """The least busy live process; a failed one is closed and replaced first."""
+        for worker in [w for w in self.workers if not w.alive]:
+            self.workers.remove(worker)
+            await anyio.to_thread.run_sync(worker.close)
+        while len(self.workers) < self.count:
+            await self._spawn()
+        return min(self.workers, key=lambda w: w.pending)
+
+    async def _spawn(self) -> Worker:
+        """A new process, in the pool before anything can cancel the caller: aclose ends it."""
+        with anyio.CancelScope(shield=True):
+            worker = await anyio.to_thread.run_sync(Worker)
+            self.workers.append(worker)
+        return worker
+
+    async def aclose(self) -> None:
+        """Close every process (each answers its windows first); the pool can start again."""
+        workers, self.workers = self.workers, []
+        with anyio.CancelScope(shield=True):
+            for worker in workers:
+                await anyio.to_thread.run_sync(worker.close)
+        self.wanted, self.ready = anyio.Event(), anyio.Event()

@@ -300,6 +300,8 @@ class Engine:
                         await body(send)
                     finally:
                         self._queue = None
+                        if self.processes is not None:  # no session parses any more
+                            await self.processes.aclose()
             finally:
                 self.health.supervisor_alive = False
                 if outbox is not None and drain:

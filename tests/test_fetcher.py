@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import signal
 import time
@@ -11,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.to_process
 import pytest
 from anyio import BrokenWorkerProcess
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -25,7 +25,7 @@ from support import (
     requests,
 )
 
-from engine import session
+from engine import parsers, session
 from engine.gateways import Answer, Request
 from engine.gateways.pop3 import Pop3Gateway
 from engine.items import Envelope, Item, KnownQuery
@@ -81,13 +81,13 @@ def slow_retr(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
 def spy_processes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Record the sizes of the messages each call into a worker process gets."""
     shares: list[int] = []
-    real: Callable[..., Any] = anyio.to_process.run_sync
+    real: Callable[..., Any] = parsers.run_window
 
-    async def spy(func: Callable[..., Any], raws: list[bytes], *args: Any, **kw: Any) -> Any:
+    async def spy(worker: Any, raws: list[bytes], *args: Any) -> Any:
         shares.extend(len(r) for r in raws)
-        return await real(func, raws, *args, **kw)
+        return await real(worker, raws, *args)
 
-    monkeypatch.setattr(anyio.to_process, "run_sync", spy)
+    monkeypatch.setattr(parsers, "run_window", spy)
     return shares
 
 
@@ -185,13 +185,13 @@ def test_a_window_waits_for_a_busy_process_rather_than_parse_in_a_thread(
     for b in range(boxes):
         new_mailbox(folder / f"m{b}.xml").deliver(*[message(f"Queue {b}.{i}") for i in range(150)])
     events: list[str] = []
-    real_run: Callable[..., Any] = anyio.to_process.run_sync
+    real_run: Callable[..., Any] = parsers.run_window
 
-    async def slow_parse(func: Callable[..., Any], raws: list[bytes], *a: Any, **kw: Any) -> Any:
+    async def slow_parse(worker: Any, raws: list[bytes], *a: Any) -> Any:
         if raws:
             events.append("apart")
             await anyio.sleep(0.3)  # parsing slower than fetching: the process stays busy
-        return await real_run(func, raws, *a, **kw)
+        return await real_run(worker, raws, *a)
 
     real_retr = Pop3Gateway.fetch_many
     first: set[int] = set()
@@ -208,7 +208,7 @@ def test_a_window_waits_for_a_busy_process_rather_than_parse_in_a_thread(
         events.append("thread")
         return real_window(*args)
 
-    monkeypatch.setattr(anyio.to_process, "run_sync", slow_parse)
+    monkeypatch.setattr(parsers, "run_window", slow_parse)
     monkeypatch.setattr(Pop3Gateway, "fetch_many", fetch_many)
     monkeypatch.setattr(session, "fetch_window", fetch_window)
     assert once(data, folder) == 0
@@ -237,13 +237,13 @@ def test_a_small_mailbox_starts_no_parsing_process(
     engine: a pass over a handful of messages never pays ~0.15 s of CPU for one."""
     mailbox.deliver(*[message(f"Small {i}") for i in range(10)])
     calls: list[int] = []
-    real: Callable[..., Any] = anyio.to_process.run_sync
+    real: Callable[..., Any] = parsers.run_window
 
-    async def spy(func: Callable[..., Any], raws: list[bytes], *args: Any, **kw: Any) -> Any:
+    async def spy(worker: Any, raws: list[bytes], *args: Any) -> Any:
         calls.append(len(raws))  # an empty window is a process being started
-        return await real(func, raws, *args, **kw)
+        return await real(worker, raws, *args)
 
-    monkeypatch.setattr(anyio.to_process, "run_sync", spy)
+    monkeypatch.setattr(parsers, "run_window", spy)
     assert mailbox.once() == 0
     assert calls == []
     mailbox.assert_exactly_once()
@@ -268,15 +268,15 @@ def test_a_dying_parse_process_falls_back_to_a_thread(
     once."""
     mailbox.deliver(*[message(f"Crash {i}") for i in range(80)])
     calls = []
-    real: Callable[..., Any] = anyio.to_process.run_sync
+    real: Callable[..., Any] = parsers.run_window
 
-    async def broken(func: Callable[..., Any], raws: list[bytes], *args: Any, **kw: Any) -> Any:
+    async def broken(worker: Any, raws: list[bytes], *args: Any) -> Any:
         calls.append(len(raws))
         if when == "under a window" and not raws:
-            return await real(func, raws, *args, **kw)  # starting works
+            return await real(worker, raws, *args)  # starting works
         raise BrokenWorkerProcess from EOFError("worker killed")
 
-    monkeypatch.setattr(anyio.to_process, "run_sync", broken)
+    monkeypatch.setattr(parsers, "run_window", broken)
     slow_retr(monkeypatch, 0.5)
     log = tmp_path / "engine.log"
     assert mailbox.once("--log-file", log) == 0
@@ -293,16 +293,16 @@ def test_the_first_windows_parse_in_threads_while_the_processes_start(
 ) -> None:
     """Starting a worker process takes ~0.2 s; the session does not wait for it."""
     mailbox.deliver(*[message(f"Slow start {i}") for i in range(100)])
-    real: Callable[..., Any] = anyio.to_process.run_sync
+    real: Callable[..., Any] = parsers.run_window
     shares: list[int] = []
 
-    async def slow(func: Callable[..., Any], raws: list[bytes], *args: Any, **kw: Any) -> Any:
+    async def slow(worker: Any, raws: list[bytes], *args: Any) -> Any:
         if not raws:
             await anyio.sleep(3)  # a start far slower than fetching 100 messages
         shares.append(len(raws))
-        return await real(func, raws, *args, **kw)
+        return await real(worker, raws, *args)
 
-    monkeypatch.setattr(anyio.to_process, "run_sync", slow)
+    monkeypatch.setattr(parsers, "run_window", slow)
     assert mailbox.once() == 0
     mailbox.assert_exactly_once()
     assert not any(shares)  # every window went to a thread; the starts were then cancelled
@@ -364,11 +364,11 @@ def test_parsing_processes_start_once_a_session_lists_enough_messages(
     never pays for it; the session's first windows parse in threads meanwhile."""
     mailbox.deliver(*[message(f"Early {i}") for i in range(70)])
     order: list[str] = []
-    real_run: Callable[..., Any] = anyio.to_process.run_sync
+    real_run: Callable[..., Any] = parsers.run_window
 
-    async def run_sync(func: Callable[..., Any], raws: list[bytes], *a: Any, **kw: Any) -> Any:
+    async def run_sync(worker: Any, raws: list[bytes], *a: Any) -> Any:
         order.append("window" if raws else "start")
-        return await real_run(func, raws, *a, **kw)
+        return await real_run(worker, raws, *a)
 
     real_open = Pop3Gateway.open
 
@@ -376,7 +376,7 @@ def test_parsing_processes_start_once_a_session_lists_enough_messages(
         order.append("connect")
         real_open(self)
 
-    monkeypatch.setattr(anyio.to_process, "run_sync", run_sync)
+    monkeypatch.setattr(parsers, "run_window", run_sync)
     monkeypatch.setattr(Pop3Gateway, "open", open_)
     assert mailbox.once() == 0
     mailbox.assert_exactly_once()
@@ -413,3 +413,65 @@ def test_handing_a_message_over_does_not_go_round_the_event_loop() -> None:
         return seen
 
     assert anyio.run(go) == ["sent without yielding", "waiting for room: 1", "then sent: 1"]
+
+
+def test_a_parsing_process_gets_the_next_window_while_it_parses_one(
+    mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two windows in flight to the one process: it starts on the next as soon as it has
+    answered, not once the event loop, busy with the writer, has read the answer and sent
+    another (it sat idle a quarter of the time so). Never more: the bytes held stay
+    bounded."""
+    mailbox.deliver(*[message(f"Depth {i}") for i in range(300)])
+    inflight, most = [0], [0]
+    real: Callable[..., Any] = parsers.run_window
+
+    async def spy(worker: Any, raws: list[bytes], *args: Any) -> Any:
+        inflight[0] += 1
+        most[0] = max(most[0], inflight[0])
+        try:
+            if raws:
+                await anyio.sleep(0.2)  # parsing slower than fetching
+            return await real(worker, raws, *args)
+        finally:
+            inflight[0] -= 1
+
+    real_retr = Pop3Gateway.fetch_many
+    first: list[bool] = []
+
+    def fetch_many(self: Pop3Gateway, requests: Sequence[Request], grant: float) -> list[Answer]:
+        if not first:
+            first.append(True)
+            time.sleep(2)  # the process is up before the second window
+        return real_retr(self, requests, grant)
+
+    monkeypatch.setattr(parsers, "run_window", spy)
+    monkeypatch.setattr(Pop3Gateway, "fetch_many", fetch_many)
+    assert mailbox.once("--parse-processes", "1") == 0
+    mailbox.assert_exactly_once()
+    assert most[0] == 2
+
+
+def test_a_parsing_process_killed_mid_pass_is_replaced_and_loses_nothing(
+    tmp_path: Path, mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real SIGKILL (the OOM killer): the windows it had are parsed in threads, the next
+    ones go to a new process, every message goes in once."""
+    mailbox.deliver(*[message(f"Killed {i}") for i in range(300)])
+    pids: list[int] = []
+    real: Callable[..., Any] = parsers.run_window
+
+    async def spy(worker: Any, raws: list[bytes], *args: Any) -> Any:
+        if raws and worker.process.pid not in pids:
+            pids.append(worker.process.pid)
+            if len(pids) == 1:
+                os.kill(worker.process.pid, signal.SIGKILL)
+        return await real(worker, raws, *args)
+
+    monkeypatch.setattr(parsers, "run_window", spy)
+    slow_retr(monkeypatch, 0.5)
+    log = tmp_path / "engine.log"
+    assert mailbox.once("--parse-processes", "1", "--log-file", log) == 0
+    mailbox.assert_exactly_once()
+    assert len(pids) == 2
+    assert "the parsing process failed" in log.read_text()

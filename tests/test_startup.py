@@ -290,17 +290,16 @@ def test_once_over_an_empty_pop3_mailbox_imports_no_imap_and_starts_no_parsing_p
 ) -> None:
     """The usual cron `once`: a POP3 mailbox with nothing waiting. imaplib and the IMAP
     gateway (~7 ms) are imported by the first IMAP session only, OAuth2 token health by the
-    first OAuth2 mailbox, the parsing processes (~0.15 s of CPU each, with anyio's
-    process machinery) start only for a session that lists enough messages to use them, the
-    parser itself (engine.parse, ~25 ms) is imported by the first message to parse, and the
-    replies' builder and sender (engine.reply: smtplib and the email package, ~9 ms) by the
-    first reply, and the processors and their decision types (~6 ms) by the first message or
-    outage."""
+    first OAuth2 mailbox, the parsing processes (~0.1 s of CPU each) start only for a
+    session that lists enough messages to use them, the parser itself (engine.parse, ~25 ms)
+    is imported by the first message to parse, and the replies' builder and sender
+    (engine.reply: smtplib and the email package, ~9 ms) by the first reply, and the
+    processors and their decision types (~6 ms) by the first message or outage."""
     args = ["once", "--config", str(mailbox.config), "--data-dir", str(mailbox.data)]
     args += ["--login", LOGIN, "--password", LOGIN_PASSWORD]
     script = (
         "import sys\n"
-        "lazy = {'imaplib', 'engine.gateways.imap', 'engine.oauth.health', 'anyio.to_process',"
+        "lazy = {'imaplib', 'engine.gateways.imap', 'engine.oauth.health', 'engine.parse.worker',"
         " 'engine.parse', 'engine.reply', 'smtplib', 'engine.processors'}\n"
         "from engine.cli import main\n"
         f"code = main({args!r})\n"
