@@ -17,16 +17,19 @@ from engine.logs import scrub
 log = logging.getLogger("engine.ops")
 
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-_MMAP_FROM = 1024 * 1024
+_MMAP_FROM = 256 * 1024
 
 
 def bound_large_allocations() -> bool:
-    """Have glibc give every buffer of 1 MiB or more back to the system once it is freed.
+    """Have glibc give every buffer of 256 KiB or more back to the system once it is freed.
 
     glibc raises its mmap threshold (up to 32 MiB) each time it frees a large mapped block,
     so after the first 20 MB message the next ones come from the heap, and the heap keeps
     what they leave: measured over 2,000 messages with 5 of 21 MB, the engine's peak RSS was
     123 MiB, and 100 MiB with the threshold fixed. Setting it turns the adjustment off.
+    Not 1 MiB, as first: the threads that read the parsing processes' answers (~0.5 MB a
+    window, engine.parsers) each allocate from a heap of their own, whose small survivors
+    then held what the answers left (peak 138-148 MiB in that case, 137 from 256 KiB).
     Elsewhere than glibc this does nothing (and returns False).
     """
     # The process's own symbols (dlopen(NULL)) hold libc's: ctypes.util.find_library("c")

@@ -92,7 +92,20 @@ class Worker:
         return self._broken is None and self.process.poll() is None
 
     def call(self, raws: list[bytes], max_bytes: int) -> Results:
-        """Parse a window in the process; blocks, so it runs in a worker thread."""
+        """Parse a window in the process; blocks."""
+        return self.results(self.exchange(raws, max_bytes))
+
+    @staticmethod
+    def results(answer: bytes) -> Results:
+        """The results an answer holds; raises the error it holds instead."""
+        ok, value = pickle.loads(answer)
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
+
+    def exchange(self, raws: list[bytes], max_bytes: int) -> bytes:
+        """Send a window to the process and wait for its answer, unread (see
+        :func:`run_window`); blocks, so it runs in a worker thread."""
         request = pickle.dumps((raws, max_bytes), pickle.HIGHEST_PROTOCOL)
         with self._sending:
             ticket = self._sent
@@ -112,10 +125,7 @@ class Worker:
         with self._turn:
             self._read += 1
             self._turn.notify_all()
-        ok, value = pickle.loads(answer)
-        if not ok:
-            raise value
-        return value  # type: ignore[no-any-return]
+        return answer
 
     def _send(self, data: bytes, *, framed: bool = True) -> None:
         try:
@@ -164,11 +174,17 @@ class Worker:
 async def run_window(
     worker: Worker, raws: list[bytes], max_bytes: int, threads: anyio.CapacityLimiter
 ) -> Results:
-    """Parse a window in ``worker`` from a worker thread of ``threads`` (a limiter). Cancelled,
-    the thread still reads its answer, which keeps the others' in order, and drops it."""
-    return await anyio.to_thread.run_sync(
-        worker.call, raws, max_bytes, abandon_on_cancel=True, limiter=threads
+    """Parse a window in ``worker``, its answer awaited in a worker thread of ``threads`` (a
+    limiter). Cancelled, the thread still reads its answer, which keeps the others' in order,
+    and drops it.
+
+    The answer is unpickled here, on the event loop, not in the thread: glibc gives each
+    thread that allocates a heap of its own, and the parsed messages, small and many, would
+    be spread over them (see also engine.ops.bound_large_allocations)."""
+    answer = await anyio.to_thread.run_sync(
+        worker.exchange, raws, max_bytes, abandon_on_cancel=True, limiter=threads
     )
+    return worker.results(answer)
 
 
 class Parsers:
