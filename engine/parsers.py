@@ -66,9 +66,12 @@ class Worker:
         from engine.parse.worker import BOOTSTRAP, frame, read_frame
 
         self._frame, self._read_frame = frame, read_frame
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", BOOTSTRAP], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", BOOTSTRAP], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            )
+        except OSError as exc:  # out of processes or file descriptors: threads will do
+            raise BrokenWorkerProcess("the parsing process could not start") from exc
         assert self.process.stdin is not None and self.process.stdout is not None
         self.requests, self.answers = self.process.stdin, self.process.stdout
         for pipe in (self.requests, self.answers):
@@ -203,6 +206,7 @@ class Parsers:
         self.limiter = anyio.CapacityLimiter(DEPTH * count)
         self.threads = anyio.CapacityLimiter(DEPTH * count)  # those that wait for answers
         self.workers: list[Worker] = []
+        self._replacing = anyio.Lock()  # two windows finding a process gone start one
         self.wanted = anyio.Event()  # a session asked for them: start() goes on
         self.ready = anyio.Event()  # they are up
 
@@ -277,11 +281,12 @@ class Parsers:
 
     async def _worker(self) -> Worker:
         """The least busy live process; a failed one is closed and replaced first."""
-        for worker in [w for w in self.workers if not w.alive]:
-            self.workers.remove(worker)
-            await anyio.to_thread.run_sync(worker.close)
-        while len(self.workers) < self.count:
-            await self._spawn()
+        async with self._replacing:
+            for worker in [w for w in self.workers if not w.alive]:
+                self.workers.remove(worker)
+                await anyio.to_thread.run_sync(worker.close)
+            while len(self.workers) < self.count:
+                await self._spawn()
         return min(self.workers, key=lambda w: w.pending)
 
     async def _spawn(self) -> Worker:

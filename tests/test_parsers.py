@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import subprocess
 import threading
 from typing import Any
 
@@ -148,3 +149,36 @@ def test_a_window_given_up_takes_its_process_with_it() -> None:
         assert first.process.returncode == -signal.SIGKILL
 
     anyio.run(go)
+
+
+def test_windows_that_find_their_process_gone_start_one_new_one_between_them() -> None:
+    async def go() -> None:
+        pool = Parsers(1)
+        pool.ready.set()  # as a long-running engine: up, then its process died
+        starts: list[Worker] = []
+
+        async def parse(i: int) -> None:
+            got = await pool.parse([message(f"W{i}")], MAX, anyio.to_thread.run_sync, "m")
+            assert [m.subject for m in got] == [f"W{i}"]
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for i in range(4):
+                    tg.start_soon(parse, i)
+            starts = list(pool.workers)
+        finally:
+            await pool.aclose()
+        assert len(starts) == 1
+
+    anyio.run(go)
+
+
+def test_a_process_that_cannot_start_is_a_broken_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of processes or file descriptors: the windows are parsed in threads."""
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(subprocess, "Popen", refused)
+    with pytest.raises(BrokenWorkerProcess):
+        Worker()
