@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -16,13 +17,18 @@ import pytest
 from anyio import BrokenWorkerProcess
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from support import (
+    LOGIN,
+    LOGIN_PASSWORD,
     Mailbox,
     attachment_bytes,
+    engine_argv,
     import_directory,
     mailbox_xml,
     message,
     once,
     requests,
+    store_args,
+    wait_for,
 )
 
 from engine import parsers, session
@@ -475,3 +481,56 @@ def test_a_parsing_process_killed_mid_pass_is_replaced_and_loses_nothing(
     mailbox.assert_exactly_once()
     assert len(pids) == 2
     assert "the parsing process failed" in log.read_text()
+
+
+def _parsing_processes(pid: int) -> list[int]:
+    """The engine's children that run engine.parse.worker."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as fh:
+                children = [int(c) for c in fh.read().split()]
+        except OSError:
+            continue
+        for child in children:
+            try:
+                with open(f"/proc/{child}/cmdline", "rb") as fh:
+                    if b"engine.parse.worker" in fh.read():
+                        found.append(child)
+            except OSError:
+                pass
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs: neither gone nor a zombie left for its new parent to reap."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_an_engine_killed_with_windows_in_its_parsing_process_loses_nothing_and_leaves_none(
+    mailbox: Mailbox,
+) -> None:
+    """kill -9 while the parsing process has windows: nothing ends it but the end of its
+    stdin, which the kernel closes with the engine, and it ignores the signals a stop sends
+    the group. It ends by itself; the next `once` takes every message once."""
+    mailbox.deliver(*[message(f"Killed engine {i}", body="word " * 4000) for i in range(400)])
+    argv = engine_argv("once", "--config", mailbox.config, "--data-dir", mailbox.data)
+    argv += ["--login", LOGIN, "--password", LOGIN_PASSWORD, *store_args()]
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    workers: list[int] = []
+    try:
+        wait_for(lambda: bool(workers.extend(_parsing_processes(proc.pid)) or workers), 60)
+        time.sleep(0.3)  # windows sent to it
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert proc.returncode == -signal.SIGKILL  # killed mid-pass, not ended
+    wait_for(lambda: not any(_running(w) for w in workers), 10, "the parsing process to end")
+    assert mailbox.once() == 0
+    mailbox.assert_exactly_once()
