@@ -224,11 +224,15 @@ class Parsers:
         await self.wanted.wait()
 
         async def one() -> None:
-            await run_window(await self._spawn(), [], 0, self.threads)
+            async with self._replacing:  # a window may have started one meanwhile
+                if len(self.workers) >= self.count:
+                    return
+                worker = await self._spawn()
+            await run_window(worker, [], 0, self.threads)
 
         try:
             async with anyio.create_task_group() as tg:
-                for _ in range(self.count - len(self.workers)):
+                for _ in range(self.count):
                     tg.start_soon(one)
         except BaseExceptionGroup as group:
             broken, other = group.split(BrokenWorkerProcess)

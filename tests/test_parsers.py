@@ -182,3 +182,23 @@ def test_a_process_that_cannot_start_is_a_broken_one(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(subprocess, "Popen", refused)
     with pytest.raises(BrokenWorkerProcess):
         Worker()
+
+
+def test_a_start_and_a_window_that_both_want_a_process_start_one() -> None:
+    """The pool's start and a window's replacement share the count (bench.instructions marks
+    the pool ready before it starts, and two processes were counted as one's parse)."""
+
+    async def go() -> None:
+        pool = Parsers(1)
+        pool.ready.set()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pool.start)
+                assert pool.use()
+                got = await pool.parse([message("Both")], MAX, anyio.to_thread.run_sync, "m")
+                assert [m.subject for m in got] == ["Both"]
+            assert len(pool.workers) == 1
+        finally:
+            await pool.aclose()
+
+    anyio.run(go)
