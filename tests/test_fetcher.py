@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import array
+import contextlib
+import fcntl
 import os
 import secrets
 import signal
 import subprocess
+import termios
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -502,6 +506,21 @@ def _parsing_processes(pid: int) -> list[int]:
     return found
 
 
+def _pipe_holds(pid: int, least: int) -> bool:
+    """Whether ``least`` bytes or more wait, unread, in the pipe on ``pid``'s stdin (FIONREAD
+    on it, opened again through /proc: the count is the pipe's, whoever asks)."""
+    try:
+        fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        count = array.array("i", [0])
+        fcntl.ioctl(fd, termios.FIONREAD, count)
+        return count[0] >= least
+    finally:
+        os.close(fd)
+
+
 def _running(pid: int) -> bool:
     """Whether ``pid`` runs: neither gone nor a zombie left for its new parent to reap."""
     try:
@@ -525,11 +544,25 @@ def test_an_engine_killed_with_windows_in_its_parsing_process_loses_nothing_and_
     )
     workers: list[int] = []
     try:
-        wait_for(lambda: bool(workers.extend(_parsing_processes(proc.pid)) or workers), 60)
-        time.sleep(0.3)  # windows sent to it
+        # A window waits in its pipe while it parses the one before (DEPTH): caught there and
+        # stopped, the process answers nothing more, so however fast the machine the engine
+        # cannot end the pass on its own, and the kill below lands mid-pass. (Its start and
+        # sys.path frames are a few hundred bytes; a window of these messages, ~0.9 MB.)
+        deadline = time.monotonic() + 60
+        for _ in range(60 * 200):
+            workers = workers or _parsing_processes(proc.pid)
+            if any(_pipe_holds(w, 64 << 10) for w in workers) or time.monotonic() > deadline:
+                break
+            time.sleep(0.005)
+        for worker in workers:
+            os.kill(worker, signal.SIGSTOP)
+        assert any(_pipe_holds(w, 64 << 10) for w in workers), "no window caught in its pipe"
     finally:
         proc.kill()
         proc.wait(10)
+        for worker in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGCONT)
     assert proc.returncode == -signal.SIGKILL  # killed mid-pass, not ended
     wait_for(lambda: not any(_running(w) for w in workers), 10, "the parsing process to end")
     assert mailbox.once() == 0
