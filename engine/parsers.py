@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 import anyio
 from anyio import BrokenWorkerProcess
@@ -49,6 +49,12 @@ DEPTH = 2
 _PIPE_BYTES = 1 << 20
 # How long a process has to finish its windows and exit once its stdin is closed.
 _EXIT_SECONDS = 5.0
+# The parsing process's program (engine.parse.worker): it takes the engine's sys.path, the
+# first pickle on its stdin, as anyio's and multiprocessing's workers do, then serves.
+BOOTSTRAP: Final = (
+    "import pickle, sys; sys.path[:] = pickle.load(sys.stdin.buffer); "
+    "from engine.parse.worker import serve; serve()"
+)
 
 
 class Worker:
@@ -61,11 +67,6 @@ class Worker:
     """
 
     def __init__(self) -> None:
-        # Here, not at the top: engine.parse is the parser (~25 ms to import), which a start
-        # that never parses does without; one that starts a process is about to parse.
-        from engine.parse.worker import BOOTSTRAP, frame, read_frame
-
-        self._frame, self._read_frame = frame, read_frame
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", BOOTSTRAP], stdin=subprocess.PIPE, stdout=subprocess.PIPE
@@ -89,6 +90,12 @@ class Worker:
             self.process.kill()
             self.process.wait()
             raise
+        # Only now, with the process on its way: importing engine.parse.worker imports the
+        # parser (~25 ms under the GIL), which a start that never parses does without and
+        # which the process's own start (~0.15 s on the other core) need not wait for.
+        from engine.parse.worker import frame, read_frame
+
+        self._frame, self._read_frame = frame, read_frame
 
     @property
     def alive(self) -> bool:

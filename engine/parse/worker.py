@@ -1,8 +1,8 @@
 """The parsing process: windows of messages in, their parse results out (engine.parsers).
 
-The engine starts it as ``python -c`` :data:`BOOTSTRAP`, which takes the engine's
-``sys.path`` (the first pickle on stdin, as anyio's and multiprocessing's workers do) and
-runs :func:`serve`.
+The engine starts it as ``python -c`` :data:`engine.parsers.BOOTSTRAP`, which takes the
+engine's ``sys.path`` (the first pickle on stdin, as anyio's and multiprocessing's workers
+do) and runs :func:`serve`.
 
 On stdin, each request is an 8-byte little-endian length and a pickle of ``(raws,
 max_bytes)``; on stdout, in the same order, each answer is a length and a pickle of ``(True,
@@ -23,10 +23,6 @@ import signal
 import sys
 from typing import IO, Final
 
-BOOTSTRAP: Final = (
-    "import pickle, sys; sys.path[:] = pickle.load(sys.stdin.buffer); "
-    "from engine.parse.worker import serve; serve()"
-)
 LENGTH: Final = 8  # bytes of the length before each request and answer
 
 
