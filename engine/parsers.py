@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-import pickle
 import subprocess
 import sys
 import threading
@@ -67,6 +66,10 @@ class Worker:
     """
 
     def __init__(self) -> None:
+        # pickle, here and below, not at the top: every start imports this module, and only
+        # one with a process needs pickle (~2 ms).
+        import pickle
+
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", BOOTSTRAP], stdin=subprocess.PIPE, stdout=subprocess.PIPE
@@ -108,6 +111,8 @@ class Worker:
     @staticmethod
     def results(answer: bytes) -> Results:
         """The results an answer holds; raises the error it holds instead."""
+        import pickle
+
         ok, value = pickle.loads(answer)
         if not ok:
             raise value
@@ -116,6 +121,8 @@ class Worker:
     def exchange(self, raws: list[bytes], max_bytes: int) -> bytes:
         """Send a window to the process and wait for its answer, unread (see
         :func:`run_window`); blocks, so it runs in a worker thread."""
+        import pickle
+
         request = pickle.dumps((raws, max_bytes), pickle.HIGHEST_PROTOCOL)
         with self._sending:
             ticket = self._sent
