@@ -17,7 +17,8 @@ RUN pip install --no-cache-dir --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY schemas ./schemas
 COPY engine ./engine
-RUN pip install --no-cache-dir --no-deps --no-build-isolation . && rm -rf /root/.cache
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . && rm -rf /root/.cache \
+    && cd / && python -m engine.precompile
 COPY scripts/entrypoint.sh /usr/local/bin/mailintegration-entrypoint
 COPY demo ./demo
 

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from engine import logs
+from engine import dataclass_cache, logs
 from engine.errors import AuthenticationFailed, ConfigError, EngineError
 from engine.passwords import EarlyCheck
 
@@ -839,6 +839,7 @@ def run() -> NoReturn:
     interpreter, paid by every cron start. Not for in-process callers (tests): use ``main``.
     """
     code = main()
+    dataclass_cache.save()  # what this start compiled, the next need not (a first start)
     logging.shutdown()  # what atexit would have done for the log handlers
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -63,6 +63,11 @@ def test_the_dockerfile_installs_from_the_lock_and_validates_before_run() -> Non
     assert "--no-deps --no-build-isolation ." in text  # nothing unlocked comes in after
     assert 'ENTRYPOINT ["mailintegration-entrypoint"]' in text
     assert "COPY scripts/entrypoint.sh /usr/local/bin/mailintegration-entrypoint" in text
+    # The image sets PYTHONDONTWRITEBYTECODE: no start would keep its dataclasses' methods
+    # (engine.dataclass_cache). Run from /, so that the installed engine is the one warmed,
+    # not /app's copy of the sources.
+    assert "PYTHONDONTWRITEBYTECODE=1" in text
+    assert "&& cd / && python -m engine.precompile" in text
 
 
 @pytest.fixture
