@@ -175,5 +175,9 @@ def warm() -> int:
         if module.name.endswith("__main__"):
             continue
         importlib.import_module(module.name)
+    # anyio imports its event loop's backend, and the dataclasses there, when a loop runs.
+    import anyio
+
+    anyio.run(anyio.sleep, 0)
     save(force=True)
     return len(_CACHE.used)
