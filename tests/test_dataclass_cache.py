@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import LOGIN, LOGIN_PASSWORD, Mailbox, engine_argv, message, store_args
 
 from engine import dataclass_cache
 
@@ -185,3 +186,24 @@ def test_the_cache_is_installed_before_the_engine_makes_a_dataclass() -> None:
         "assert dataclass_cache._CACHE.used\n"  # the model's classes went through it
     )
     run(script, Path(os.devnull), answer=False)
+
+
+def test_a_pass_of_the_engine_after_precompile_compiles_nothing(
+    tmp_path: Path, mailbox: Mailbox
+) -> None:
+    """The real thing: ``once`` over a mailbox with mail, a parsing process and the writer,
+    after ``engine.precompile``. A start that compiled anything would rewrite the file at
+    its end (bytecode may be written here); it is left as it was. (anyio's backend makes
+    its dataclasses only once a loop runs: precompile runs one.)"""
+    cache = tmp_path / "methods.marshal"
+    run("from engine.precompile import main; main()", cache, answer=False)
+    before = cache.read_bytes()
+    mailbox.deliver(*[message(f"Warm {i}") for i in range(80)])  # enough for a process
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    environ["MAILINTEGRATION_DATACLASS_CACHE"] = str(cache)
+    argv = engine_argv("once", "--config", mailbox.config, "--data-dir", mailbox.data)
+    argv += ["--login", LOGIN, "--password", LOGIN_PASSWORD, *store_args()]
+    done = subprocess.run(argv, env=environ, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    mailbox.assert_exactly_once()
+    assert cache.read_bytes() == before
