@@ -92,6 +92,8 @@ ENVIRONMENT: dict[str, str] = {
     "MAILINTEGRATION_REPLICA_ID": "this replica's name in the leases (--replica-id)",
     "MAILINTEGRATION_LEASE_SECONDS": "how long a mailbox lease lasts unrenewed (--lease-seconds)",
     "(passwordEnv, clientSecretEnv)": "the variables a mailbox file names for its secrets",
+    "MAILINTEGRATION_DATACLASS_CACHE": "where starts keep compiled code (engine.dataclass_cache)",
+    "MAILINTEGRATION_NO_DATACLASS_CACHE": "set: every start compiles its dataclasses' code",
 }
 _MAILBOX_SECRETS = "(passwordEnv, clientSecretEnv)"
 
