@@ -54,7 +54,9 @@ def _text(parent: etree._Element, name: str) -> str | None:
     return " ".join((el.text or "").split()) or None
 
 
-_ADDRESS: Final = re.compile(r"[^@\s]+@[^@\s]+")
+# No comma either: <ownAddresses> is a comma-separated list, so an address with one (a user
+# name "desk@example.com,", say) could not be written back as it was read.
+_ADDRESS: Final = re.compile(r"[^@\s,]+@[^@\s,]+")
 
 
 def addresses(text: str | None) -> frozenset[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 from support import EVENT, GATEWAY, INCIDENT, mailbox_text
@@ -1052,6 +1052,17 @@ def mailbox_files(draw: st.DrawFn) -> tuple[str, dict[str, str]]:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(case=mailbox_files())
+# Found by the search: a user name with a comma was an own address read back as two.
+@example(
+    case=(
+        '<?xml version="1.0" encoding="utf-8"?>\n<mailIntegration><messageProcessorTypeName>'
+        "Octopus.MailIntegration.Processors.EndUserIncidentMailMessageProcessor, "
+        "Octopus.MailIntegration</messageProcessorTypeName><server><gatewayTypeName>pop3"
+        "</gatewayTypeName><serverName>0</serverName><userName>0@0,</userName><password>"
+        "&lt;&lt;&lt;&lt;</password></server></mailIntegration>\n",
+        {},
+    )
+)
 def test_mailbox_copy_loads_back_to_the_same_model(
     case: tuple[str, dict[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
