@@ -91,7 +91,7 @@ def install() -> None:
         return
     if os.environ.get("MAILINTEGRATION_NO_DATACLASS_CACHE"):
         return
-    _CACHE.path = _path()
+    _CACHE.path = _location()
     if _CACHE.path is not None:
         _CACHE.codes.update(_load(_CACHE.path))
     dataclasses.exec = _exec  # type: ignore[attr-defined]
@@ -126,11 +126,11 @@ def save(*, force: bool = False) -> bool:
 
 
 def path() -> str | None:
-    """Where the file is kept (None: nowhere, see :func:`_path`)."""
+    """Where the file is kept (None: nowhere, see :func:`_location`)."""
     return _CACHE.path
 
 
-def _path() -> str | None:
+def _location() -> str | None:
     """The file: ``MAILINTEGRATION_DATACLASS_CACHE`` (for an install that cannot write its
     own folder, and for the tests), else in this package's __pycache__; None where .pyc
     files go elsewhere."""
