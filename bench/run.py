@@ -1382,9 +1382,28 @@ def machine_facts() -> dict[str, str]:
         "Python": platform.python_version(),
         "uname -m": platform.machine(),
         "Dovecot": dovecot.split(" ")[0],
+        "parser": _parser_kind(),
         # Other work on the machine skews every number: say how busy it was.
         "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
+
+
+def _parser_kind() -> str:
+    """Whether the measured engine runs its parser compiled (engine.native) or not, and why."""
+    if not (REPO / "engine" / "nativebuild.py").exists():
+        return "interpreted (a tree from before engine.native)"
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.nativebuild", "--check"],
+        cwd=REPO,
+        env=_engine_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if done.returncode == 0:
+        return "compiled (engine.native)"
+    return "interpreted (" + done.stdout.strip().removeprefix("engine.nativebuild: ") + ")"
 
 
 # --------------------------------------------------------------------------- main

@@ -94,6 +94,7 @@ ENVIRONMENT: dict[str, str] = {
     "(passwordEnv, clientSecretEnv)": "the variables a mailbox file names for its secrets",
     "MAILINTEGRATION_DATACLASS_CACHE": "where starts keep compiled code (engine.dataclass_cache)",
     "MAILINTEGRATION_NO_DATACLASS_CACHE": "set: every start compiles its dataclasses' code",
+    "MAILINTEGRATION_NO_NATIVE": "set: the interpreted parser, even where a compiled one is built",
 }
 _MAILBOX_SECRETS = "(passwordEnv, clientSecretEnv)"
 

@@ -116,3 +116,21 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   .venv/bin/python -m pip install -q -e '.[test]'
   printf '%s' "$wanted" >"$stamp"
 fi
+
+# ------------------------------------------------------------------ the compiled parser
+# engine.parse compiled to C by mypyc (engine/native.py says when a build is used): about
+# 20 s, and only when a source it was made from changed. It needs a C compiler and the
+# Python headers; without them the parser runs interpreted, giving the same results.
+if ! .venv/bin/python -m engine.nativebuild --check >/dev/null 2>&1; then
+  include=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+  if ! command -v cc >/dev/null 2>&1; then
+    apt_install gcc
+  fi
+  if [ ! -e "$include/Python.h" ] && [ "$(.venv/bin/python -c 'import sys; print(sys.base_prefix)')" = /usr ]; then
+    apt_install python3-dev  # Debian's Python: its headers
+  fi
+  echo "setup: compiling the parser (python -m engine.nativebuild)"
+  if ! .venv/bin/python -m engine.nativebuild >.venv/nativebuild.log 2>&1; then
+    echo "setup: the parser could not be compiled (.venv/nativebuild.log); it runs interpreted" >&2
+  fi
+fi

@@ -105,8 +105,11 @@ _MESSAGE_ID_FIELD_RE: Final = re.compile(
 )
 
 
-def parse_message(raw: bytes, limits: ParseLimits = DEFAULT_LIMITS) -> ParsedMessage:
-    """Parse one raw RFC 5322 message.
+def parse_message(raw: object, limits: ParseLimits = DEFAULT_LIMITS) -> ParsedMessage:
+    """Parse one raw RFC 5322 message: bytes, or a bytearray or memoryview of them.
+
+    ``raw`` is typed ``object`` because anything else is refused here, with a ParseError:
+    compiled (:mod:`engine.native`), a narrower annotation would make it a TypeError.
 
     Raises :class:`LimitExceeded` (naming the limit, the value and the limit) when the message
     is over one of ``limits``, and :class:`ParseError` when it cannot be read; never anything

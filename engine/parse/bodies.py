@@ -22,7 +22,7 @@ import quopri
 import re
 from collections.abc import Iterator, Mapping
 from email.message import Message
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple, cast
 
 import nh3
 from lxml import etree
@@ -673,7 +673,10 @@ class _TextCanvas:
 
     def _element(self, element: etree._Element, parent: _Box, depth: int) -> None:
         """Render ``element``: its start, its text and children, its end, then its tail."""
-        tag = element.tag
+        # lxml's stubs say str, but a comment's or a processing instruction's tag is the
+        # factory that makes one. Read through Any: compiled (engine.native), the stub's type
+        # would be checked, and refuse it.
+        tag: object = cast(Any, element).tag
         if not isinstance(tag, str):
             self._not_element(tag, element, parent)
             return

@@ -87,7 +87,7 @@ def read(raw: bytes) -> Bounce:
     recipients: dict[str, None] = {}
     for m in _FINAL.finditer(body):
         recipients[_text(m.group(1)).lower().rstrip(".")] = None
-    status = _report_status(body)
+    status: str | None = _report_status(body)
     diagnostic_m = _DIAGNOSTIC.search(body)
     diagnostic = _text(diagnostic_m.group(1)).strip() if diagnostic_m else None
     if not recipients:

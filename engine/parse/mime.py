@@ -35,6 +35,19 @@ from engine.parse.headers import Param, parse_params, unfold
 from engine.parse.limits import ParseLimits
 
 
+# Before MimeTree, which names it: mypyc resolves a class annotation of a NamedTuple at
+# import, and a later class is not made yet (engine.native).
+@dataclass
+class Scan:
+    """What the pre-scan learned about the MIME structure."""
+
+    # boundary -> [(offset of the "--" of its delimiter line, is the close delimiter)]
+    delimiters: dict[str, list[tuple[int, bool]]]
+    # boundary -> how many Content-Type fields declare it (spans are trusted only if one)
+    declared: dict[str, int]
+    bare_cr: bool  # some lines end with a CR alone
+
+
 class MimeTree(NamedTuple):
     """The MIME tree of one message and what reading its bodies needs; one parse call owns it.
 
@@ -190,17 +203,6 @@ def _blank_line_end(data: bytes, start: int, end: int) -> int | None:
     if cr_cr < 0:
         return None if m is None else m.end()
     return cr_cr + (3 if data.startswith(b"\n", cr_cr + 2) and cr_cr + 3 <= end else 2)
-
-
-@dataclass
-class Scan:
-    """What the pre-scan learned about the MIME structure."""
-
-    # boundary -> [(offset of the "--" of its delimiter line, is the close delimiter)]
-    delimiters: dict[str, list[tuple[int, bool]]]
-    # boundary -> how many Content-Type fields declare it (spans are trusted only if one)
-    declared: dict[str, int]
-    bare_cr: bool  # some lines end with a CR alone
 
 
 def prescan(raw: bytes, limits: ParseLimits) -> Scan:

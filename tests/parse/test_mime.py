@@ -371,6 +371,7 @@ def large_message(draw: st.DrawFn) -> bytes:
     return raw.replace(b"\r\n", draw(st.sampled_from([b"\r\n", b"\n", b"\r"])))
 
 
+@pytest.mark.interpreted_parser
 @raw_fuzz(25)
 @given(raw=large_message())
 def test_property_large_bodies_taken_from_the_raw_bytes_parse_as_through_the_parser(
@@ -482,6 +483,7 @@ ELISION_SHAPES = {
 
 
 @pytest.mark.parametrize("newline", [b"\r\n", b"\n", b"\r"])
+@pytest.mark.interpreted_parser
 @pytest.mark.parametrize("name", sorted(ELISION_SHAPES))
 def test_large_bodies_taken_from_the_raw_bytes_parse_as_through_the_parser(
     name: str, newline: bytes
@@ -699,6 +701,7 @@ def test_property_fast_split_of_a_delivery_status_is_the_feed_parsers_tree(raw: 
         assert taken
 
 
+@pytest.mark.interpreted_parser
 @pytest.mark.parametrize("line_end", [b"\r\n", b"\n", b"\r"])
 def test_a_message_is_searched_for_bare_crs_once(line_end: bytes) -> None:
     """The pre-scan's answer (Scan.bare_cr) is what the parser's fast path is given for the

@@ -1,0 +1,228 @@
+"""The compiled parser (engine.native, engine.nativebuild) gives what the interpreted one gives.
+
+The interpreted parser runs in a child process with MAILINTEGRATION_NO_NATIVE, the compiled one
+in this process, on the same bytes: every corpus, both bench mixes, and generated messages.
+Then: when a build is used, and when it is not (a source edited since, another Python's build,
+a bad manifest, the switch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any, cast
+
+import pytest
+from hypothesis import given
+from samples import raw_fuzz, raw_message
+from test_mime import large_message
+
+from engine import native
+from engine.errors import MessageError
+from engine.model import ParsedMessage
+from engine.parse import parse_raw
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_BYTES = 50 * 1024 * 1024
+
+# The interpreted parser: reads pickled lists of raw messages, answers with pickled results.
+_CHILD = f"""
+import pickle, sys
+from engine import native
+from engine.parse import parse_raw
+assert not native.active, "the child must run the interpreted parser"
+for raws in iter(lambda: pickle.load(sys.stdin.buffer), None):
+    sys.stdout.buffer.write(pickle.dumps([parse_raw(r, {MAX_BYTES}) for r in raws], 5))
+    sys.stdout.buffer.flush()
+"""
+
+
+def _comparable(result: ParsedMessage | MessageError) -> object:
+    # An exception is equal only to itself: compare its class and its words.
+    if isinstance(result, MessageError):
+        return (type(result).__name__, str(result))
+    return result
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> Iterator[subprocess.Popen[bytes]]:
+    if not native.active:
+        why = native.usable() or "MAILINTEGRATION_NO_NATIVE is set"
+        message = f"the compiled parser is not in use ({why}): python -m engine.nativebuild"
+        if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+            pytest.fail(f"{message}; scripts/setup.sh builds it, and CI must test it")
+        pytest.skip(message)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=REPO,
+        env={**os.environ, "MAILINTEGRATION_NO_NATIVE": "1", "PYTHONPATH": str(REPO)},
+    )
+    yield child
+    assert child.stdin is not None
+    pickle.dump(None, child.stdin)
+    child.stdin.close()
+    assert child.wait(timeout=30) == 0
+    cast(IO[bytes], child.stdout).close()
+
+
+def _parse_interpreted(child: subprocess.Popen[bytes], raws: list[bytes]) -> list[Any]:
+    stdin, stdout = cast(IO[bytes], child.stdin), cast(IO[bytes], child.stdout)
+    pickle.dump(raws, stdin, 5)
+    stdin.flush()
+    return cast(list[Any], pickle.load(stdout))
+
+
+def _assert_same(child: subprocess.Popen[bytes], raws: list[bytes]) -> int:
+    theirs = _parse_interpreted(child, raws)
+    ours = [parse_raw(raw, MAX_BYTES) for raw in raws]
+    assert len(theirs) == len(ours) == len(raws)
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        assert _comparable(a) == _comparable(b), f"message {i} of {len(raws)}: {raws[i][:300]!r}"
+    return sum(isinstance(r, ParsedMessage) for r in ours)
+
+
+def _corpus(folder: Path) -> list[bytes]:
+    return [p.read_bytes() for p in sorted(folder.rglob("*.eml"))]
+
+
+def test_the_compiled_parser_is_the_one_in_use(interpreted: subprocess.Popen[bytes]) -> None:
+    import engine.parse
+    import engine.parse.mime
+
+    for module in (engine.parse, engine.parse.mime):
+        assert module.__file__ is not None
+        assert Path(module.__file__).suffix == ".so", module.__file__
+        assert str(native.FOLDER) in module.__file__
+
+
+@pytest.mark.parametrize("folder", ["corpus", "corpus/realworld2"])
+def test_every_corpus_message_parses_the_same_compiled(
+    interpreted: subprocess.Popen[bytes], folder: str
+) -> None:
+    raws = _corpus(REPO / "tests" / folder)
+    assert len(raws) >= 40
+    assert _assert_same(interpreted, raws) >= len(raws) // 2
+
+
+@pytest.mark.parametrize("mix", ["bench", "realistic"])
+def test_both_bench_mixes_parse_the_same_compiled(
+    interpreted: subprocess.Popen[bytes], mix: str
+) -> None:
+    from bench.corpus import make_corpus, stamp
+
+    raws = [stamp(t, f"n{i}.{mix}@bench.invalid") for i, t in enumerate(make_corpus(600, mix=mix))]
+    assert _assert_same(interpreted, raws) == len(raws)
+
+
+@raw_fuzz(150)
+@given(raw=raw_message())
+def test_property_generated_messages_parse_the_same_compiled(
+    interpreted: subprocess.Popen[bytes], raw: bytes
+) -> None:
+    _assert_same(interpreted, [raw])
+
+
+@raw_fuzz(20)
+@given(raw=large_message())
+def test_property_large_messages_parse_the_same_compiled(
+    interpreted: subprocess.Popen[bytes], raw: bytes
+) -> None:
+    _assert_same(interpreted, [raw])
+
+
+def test_refusals_are_the_same_compiled(interpreted: subprocess.Popen[bytes]) -> None:
+    from engine.errors import ParseError
+    from engine.parse import parse_message
+
+    for bad in ("Subject: x\r\n\r\n", 7, None):
+        with pytest.raises(ParseError, match="must be bytes"):
+            parse_message(bad)
+    raw = b"Subject: x\r\n\r\nbody\r\n"
+    assert parse_message(bytearray(raw)) == parse_message(memoryview(raw)) == parse_message(raw)
+
+
+# ------------------------------------------------------------------ when a build is used
+
+
+def _copy_with_build(tmp_path: Path) -> Path:
+    if not (native.FOLDER / native.MANIFEST).exists():
+        pytest.skip("no build to copy: python -m engine.nativebuild")
+    shutil.copytree(
+        native.PACKAGE, tmp_path / "engine", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    return tmp_path / "engine"
+
+
+def _loaded(root: Path, **env: str) -> tuple[bool, str]:
+    probe = "import engine.native as n, engine.parse as p; print(n.active, p.__file__)"
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=root,
+        env={
+            **{k: v for k, v in os.environ.items() if k != "MAILINTEGRATION_NO_NATIVE"},
+            "PYTHONPATH": str(root),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    active, where = done.stdout.split()
+    assert where.startswith(str(root)), where  # the copy, not the checkout
+    return active == "True", where
+
+
+def test_a_build_is_used_only_while_it_matches_the_sources_and_the_python(
+    tmp_path: Path,
+) -> None:
+    package = _copy_with_build(tmp_path)
+    if native.usable() is not None:
+        pytest.skip(f"the build here is not usable: {native.usable()}")
+    active, where = _loaded(tmp_path)
+    assert active and where.endswith(native.suffix())
+
+    assert _loaded(tmp_path, MAILINTEGRATION_NO_NATIVE="1")[0] is False
+
+    # Another Python's build.
+    manifest_path = package / "_native" / native.MANIFEST
+    good = manifest_path.read_bytes()
+    manifest = json.loads(good)
+    manifest["suffix"] = ".cpython-399-x86_64-linux-gnu.so"
+    manifest_path.write_text(json.dumps(manifest))
+    active, where = _loaded(tmp_path)
+    assert not active and where.endswith("parse/__init__.py")
+
+    # A manifest that is not one, or too big to be one.
+    for bad in (b"", b"[1, 2]", b"{not json", b" " * (70 * 1024) + b"{}"):
+        manifest_path.write_bytes(bad)
+        assert _loaded(tmp_path)[0] is False, bad[:20]
+    manifest_path.write_bytes(good)
+    assert _loaded(tmp_path)[0] is True
+
+    # A source edited after the build: the edit is what runs.
+    mime = package / "parse" / "mime.py"
+    mime.write_bytes(mime.read_bytes() + b"\nEDITED = True\n")
+    active, where = _loaded(tmp_path)
+    assert not active and where.endswith("parse/__init__.py")
+    mime.write_bytes(mime.read_bytes().removesuffix(b"\nEDITED = True\n"))
+    assert _loaded(tmp_path)[0] is True
+
+    # A module the compiled code reads types from, edited.
+    model = package / "model.py"
+    model.write_bytes(model.read_bytes() + b"\n")
+    assert _loaded(tmp_path)[0] is False
+
+    # No build at all.
+    model.write_bytes(model.read_bytes()[:-1])
+    shutil.rmtree(package / "_native")
+    assert _loaded(tmp_path)[0] is False
