@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -297,3 +298,78 @@ def test_a_forward_from_one_who_is_not_an_agent_is_not_searched_for(
     ann = User(id=8, login="asmith", email="asmith@example.com", name="Ann", site=None)
     d = run_decide(msg, cfg, view(users=(agent, ann, FALLBACK)))
     assert isinstance(d, NewRequest) and d.requester == ann and searched == ["Fwd: badge"]
+
+
+# ------------------------------------------------------------------ quoted history, fast path
+
+
+def _split_quoted_reference(body: str) -> tuple[str, str]:
+    """split_quoted as first written: the line pattern anchored with "^" in MULTILINE mode."""
+    from engine.processors.common import QUOTE_START_LINE
+
+    m = re.compile("^" + QUOTE_START_LINE, re.IGNORECASE | re.MULTILINE).search(body)
+    if m is None:
+        return body.strip("\n"), ""
+    new, quoted = body[: m.start()].rstrip(), body[m.start() :].strip("\n")
+    if not new:
+        return body.strip("\n"), ""
+    return new, quoted
+
+
+_QUOTE_PIECES = st.sampled_from(
+    [
+        "\n",
+        "\n\n",
+        "\r\n",
+        ">",
+        "> ",
+        " >",
+        "On Mon, 1 Dec 2026, Ann wrote:",
+        "wrote:",
+        "Le 1 déc. 2026, Ann a écrit :",
+        "Am 1.12.2026 schrieb Ann <a@b>:",
+        "El lunes escribió:",
+        "-----Original Message-----",
+        "-- Message d'origine --",
+        "__________",
+        "_____",
+        "From: Ann",
+        "De: Ann",
+        "Von: Ann",
+        "Sent: Monday",
+        "Date: x",
+        "Gesendet: Mo",
+        "ON",
+        "oN x WROTE:",
+        "hello",
+        "  ",
+        "\t",
+        "é",
+        "x" * 210,
+    ]
+)
+
+
+@given(st.lists(st.one_of(_QUOTE_PIECES, st.text(max_size=12)), max_size=24))
+def test_property_split_quoted_is_the_line_anchored_pattern(pieces: list[str]) -> None:
+    from engine.processors.common import split_quoted
+
+    body = "".join(pieces)
+    assert split_quoted(body) == _split_quoted_reference(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "new"),
+    [
+        ("Thanks!\n\nOn Mon, Ann wrote:\n> old", "Thanks!"),
+        ("> only a quote\nthen text", "> only a quote\nthen text"),
+        ("Fixed.\nFrom: Ann\nSent: Monday\nold", "Fixed."),
+        ("no quote at all\n", "no quote at all"),
+        ("", ""),
+    ],
+)
+def test_split_quoted_finds_the_first_quoted_line(body: str, new: str) -> None:
+    from engine.processors.common import split_quoted
+
+    assert split_quoted(body)[0] == new
+    assert split_quoted(body) == _split_quoted_reference(body)
