@@ -52,12 +52,16 @@ def _comparable(result: ParsedMessage | MessageError) -> object:
 
 @pytest.fixture(scope="module")
 def interpreted() -> Iterator[subprocess.Popen[bytes]]:
+    # Only the switch skips these tests: scripts/setup.sh builds the compiled parser (and
+    # installs the compiler it needs), so a missing or stale build is a failure to see.
+    if os.environ.get("MAILINTEGRATION_NO_NATIVE"):
+        pytest.skip("MAILINTEGRATION_NO_NATIVE is set: no compiled parser to compare")
     if not native.active:
-        why = native.usable() or "MAILINTEGRATION_NO_NATIVE is set"
-        message = f"the compiled parser is not in use ({why}): python -m engine.nativebuild"
-        if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
-            pytest.fail(f"{message}; scripts/setup.sh builds it, and CI must test it")
-        pytest.skip(message)
+        pytest.fail(
+            f"the compiled parser is not in use ({native.usable()}): run "
+            "python -m engine.nativebuild (scripts/setup.sh does), or set "
+            "MAILINTEGRATION_NO_NATIVE=1 where no C compiler can be had"
+        )
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD],
         stdin=subprocess.PIPE,
@@ -153,8 +157,10 @@ def test_refusals_are_the_same_compiled(interpreted: subprocess.Popen[bytes]) ->
 
 
 def _copy_with_build(tmp_path: Path) -> Path:
-    if not (native.FOLDER / native.MANIFEST).exists():
-        pytest.skip("no build to copy: python -m engine.nativebuild")
+    if os.environ.get("MAILINTEGRATION_NO_NATIVE"):
+        pytest.skip("MAILINTEGRATION_NO_NATIVE is set: no compiled parser to copy")
+    if (why := native.usable()) is not None:
+        pytest.fail(f"no usable build to copy ({why}): python -m engine.nativebuild")
     shutil.copytree(
         native.PACKAGE, tmp_path / "engine", ignore=shutil.ignore_patterns("__pycache__")
     )
@@ -186,8 +192,6 @@ def test_a_build_is_used_only_while_it_matches_the_sources_and_the_python(
     tmp_path: Path,
 ) -> None:
     package = _copy_with_build(tmp_path)
-    if native.usable() is not None:
-        pytest.skip(f"the build here is not usable: {native.usable()}")
     active, where = _loaded(tmp_path)
     assert active and where.endswith(native.suffix())
 
