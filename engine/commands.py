@@ -156,6 +156,14 @@ def _historic(args: argparse.Namespace) -> Historic | None:
 async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[int]]) -> int:
     """Lock the data directory, open the store, log in, build the engine, run ``body``."""
     _setup_logging(args)
+    from engine import native
+
+    if native.skipped is not None:
+        log.warning(
+            "the compiled parser is not used (%s): the interpreted one runs, slower; "
+            "python -m engine.nativebuild compiles it again",
+            native.skipped,
+        )
     dry_run = getattr(args, "dry_run", False)
     # SQLite: one engine per data directory. PostgreSQL: replicas share it (leases).
     lock = DataDirLock(args.data_dir) if _postgres(args) is None else None

@@ -35,8 +35,11 @@ _MANIFEST_MAX = 64 * 1024  # a manifest is ~2 KB; anything bigger is not ours
 COMPILED = "parse"
 ALSO_READ = ("model.py", "errors.py")
 
-# Set by install(): whether this process runs the compiled parser.
+# Set by install(): whether this process runs the compiled parser, and, where a build is
+# there but may not be used, why not (the engine logs it: a start after an upgrade that
+# forgot the build runs slower, and should say so).
 active = False
+skipped: str | None = None
 
 
 def sources() -> list[Path]:
@@ -79,10 +82,11 @@ def usable(folder: Path = FOLDER) -> str | None:
 
 def install(package_path: list[str]) -> bool:
     """Put the compiled modules first on the engine package's path, if they may be used."""
-    global active
+    global active, skipped
     if os.environ.get("MAILINTEGRATION_NO_NATIVE") or not FOLDER.is_dir():
         return False
-    if usable() is not None:
+    skipped = usable()
+    if skipped is not None:
         return False
     package_path.insert(0, str(FOLDER / "engine"))
     active = True

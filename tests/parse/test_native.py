@@ -221,10 +221,23 @@ def test_a_build_is_used_only_while_it_matches_the_sources_and_the_python(
     mime.write_bytes(mime.read_bytes().removesuffix(b"\nEDITED = True\n"))
     assert _loaded(tmp_path)[0] is True
 
-    # A module the compiled code reads types from, edited.
+    # A module the compiled code reads types from, edited: and an engine started so says.
     model = package / "model.py"
     model.write_bytes(model.read_bytes() + b"\n")
     assert _loaded(tmp_path)[0] is False
+    once = ["once", "--config-dir", str(tmp_path / "none"), "--data-dir", str(tmp_path / "d")]
+    started = subprocess.run(
+        [sys.executable, "-m", "engine", *once],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert "the compiled parser is not used (a source changed since the build)" in (
+        started.stderr
+    ), started.stderr[-2000:]
 
     # No build at all.
     model.write_bytes(model.read_bytes()[:-1])
