@@ -153,9 +153,9 @@ def _historic(args: argparse.Namespace) -> Historic | None:
     return Historic(since=since, status=status)
 
 
-async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[int]]) -> int:
-    """Lock the data directory, open the store, log in, build the engine, run ``body``."""
-    _setup_logging(args)
+def _warn_stale_parser() -> None:
+    """A compiled parser that is there but may not be used (engine.native) is said once per
+    start: after an upgrade that forgot the build the engine runs slower, and should say why."""
     from engine import native
 
     if native.skipped is not None:
@@ -164,6 +164,12 @@ async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[i
             "python -m engine.nativebuild compiles it again",
             native.skipped,
         )
+
+
+async def _engine(args: argparse.Namespace, body: Callable[[Engine], Awaitable[int]]) -> int:
+    """Lock the data directory, open the store, log in, build the engine, run ``body``."""
+    _setup_logging(args)
+    _warn_stale_parser()
     dry_run = getattr(args, "dry_run", False)
     # SQLite: one engine per data directory. PostgreSQL: replicas share it (leases).
     lock = DataDirLock(args.data_dir) if _postgres(args) is None else None
