@@ -42,10 +42,14 @@ active = False
 skipped: str | None = None
 
 
+def compiled() -> list[Path]:
+    """The modules compiled, in a fixed order."""
+    return sorted((PACKAGE / COMPILED).glob("*.py"))
+
+
 def sources() -> list[Path]:
-    """The files the compiled modules were made from, in a fixed order."""
-    parse = sorted((PACKAGE / COMPILED).glob("*.py"))
-    return parse + [PACKAGE / name for name in ALSO_READ]
+    """The files the compiled modules were made from: themselves and what mypyc read."""
+    return compiled() + [PACKAGE / name for name in ALSO_READ]
 
 
 def digest(files: list[Path]) -> dict[str, str]:

@@ -14,7 +14,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from engine.native import COMPILED, FOLDER, MANIFEST, PACKAGE, digest, sources, suffix, usable
+from engine.native import (
+    COMPILED,
+    FOLDER,
+    MANIFEST,
+    PACKAGE,
+    compiled,
+    digest,
+    sources,
+    suffix,
+    usable,
+)
 
 
 def build(folder: Path = FOLDER) -> None:
@@ -32,7 +42,7 @@ def build(folder: Path = FOLDER) -> None:
         os.chdir(root)  # mypyc names each module by its path from here
         try:
             extensions = mypycify(
-                [str(p.relative_to(root)) for p in sorted((PACKAGE / COMPILED).glob("*.py"))],
+                [str(p.relative_to(root)) for p in compiled()],
                 group_name=f"engine.{COMPILED}",
                 target_dir=str(Path(tmp) / "c"),
                 opt_level="3",
@@ -42,7 +52,6 @@ def build(folder: Path = FOLDER) -> None:
             command = dist.get_command_obj("build_ext")
             command.build_lib = str(staging)
             command.build_temp = str(Path(tmp) / "o")
-            command.parallel = os.cpu_count() or 1
             dist.run_command("build_ext")
         finally:
             os.chdir(cwd)
