@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,7 +39,9 @@ def _setup(mix: str, count: int) -> tuple[list[bytes], list[ParsedMessage]]:
     return raws, [parse_message(raw) for raw in raws]
 
 
-async def _run(folder: Path, mix: str, count: int, batch: int, setup_only: bool) -> float:
+async def _run(
+    folder: Path, mix: str, count: int, batch: int, setup_only: bool, outcomes: bool = False
+) -> float:
     from engine import logs
     from engine.config import load_mailbox
     from engine.items import Envelope, Item
@@ -71,6 +74,10 @@ async def _run(folder: Path, mix: str, count: int, batch: int, setup_only: bool)
                 items = await writer.apply(items)
         spent = time.process_time() - started
         assert all(e.outcome is not None for e in envelopes)
+    if outcomes:  # what the writer made of them (bench.ceiling's test reads it)
+        kinds = Counter(e.outcome.kind.value for e in envelopes if e.outcome is not None)
+        print(" ".join(f"{k}={v}" for k, v in sorted(kinds.items())))
+        print(" ".join(f"{k}={v}" for k, v in (await store.counts()).items()))
     await store.close()
     log_file.close()
     return spent
@@ -102,12 +109,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=74)
     parser.add_argument("--setup-only", action="store_true")
     parser.add_argument("--callgrind", action="store_true")
+    parser.add_argument("--outcomes", action="store_true", help="print what became of them")
     args = parser.parse_args()
     if args.callgrind:
         _callgrind(args)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        spent = anyio.run(_run, Path(tmp), args.mix, args.n, args.batch, args.setup_only)
+        spent = anyio.run(
+            _run, Path(tmp), args.mix, args.n, args.batch, args.setup_only, args.outcomes
+        )
     if not args.setup_only:
         print(f"{args.mix} x {args.n}: {spent / args.n * 1e6:.1f} us CPU per message")
 

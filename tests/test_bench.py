@@ -3,6 +3,7 @@ checked exactly once. No timing is asserted (CI machines are shared and noisy)."
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,8 @@ def test_quick_benchmark_runs_every_case_and_records_one_table(tmp_path: Path) -
     assert "CHECK FAILED" not in text and "Correctness problems" not in text
     assert section.count("exactly once:") >= 18
     assert "ignored" in section  # the realistic mix's auto-replies, each checked as such
+    # Every throughput row carries the bound the machine's CPU sets on its ratio.
+    assert section.count("cores busy): with all") >= 8, section
 
 
 def test_the_profile_summary_splits_the_engine_from_its_parsing_process(tmp_path: Path) -> None:
@@ -151,3 +154,53 @@ def test_parse_cost_measures_each_mix_for_each_tree_given() -> None:
     assert [line.split("]")[0] for line in lines] == ["[bench mix"] * 2 + ["[realistic mix"] * 2
     assert all("us CPU/message" in line and "bytes pickled back" in line for line in lines)
     assert lines[1].endswith(")") and lines[3].endswith(")")
+
+
+def test_machine_busy_counts_the_cpu_spent_by_any_process() -> None:
+    """bench.run's whole-machine CPU (/proc/stat) grows by at least most of what a child
+    process burns: the bound it reports counts Dovecot's CPU the same way."""
+    from bench.run import machine_busy
+
+    before = machine_busy()
+    done = subprocess.run(
+        [sys.executable, "-c", "import time\nt = time.process_time()\n"
+         "while time.process_time() - t < 0.5: pass"],
+        timeout=60,
+        check=True,
+    )  # fmt: skip
+    assert done.returncode == 0
+    # Clock ticks are 10 ms; the child spent 0.5 s of CPU, the interpreter's start on top.
+    assert machine_busy() - before >= 0.4
+
+
+def test_the_ceiling_tree_records_the_ledger_row_and_nothing_else(tmp_path: Path) -> None:
+    """bench.ceiling's engine: each message only "ignored" in the ledger, no request, no
+    activity, no attachment; this tree's writer, on the same messages, makes them."""
+    target = tmp_path / "ceiling"
+    subprocess.run(
+        [sys.executable, "-m", "bench.ceiling", "--no-build", str(target)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    assert (target / "engine" / "writer.py").read_text() != (ROOT / "engine/writer.py").read_text()
+    args = ["-m", "bench.writer_alone", "-n", "12", "--batch", "5", "--outcomes"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    ceiling, here = (
+        subprocess.run(
+            [sys.executable, *args],
+            cwd=tree,
+            env={**env, "PYTHONPATH": str(tree)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        ).stdout.splitlines()
+        for tree in (target, ROOT)
+    )
+    assert ceiling[:2] == [
+        "ignored=12",
+        "requests=0 activities=0 attachments=0 ledger=12 outbox=0",
+    ], ceiling
+    assert "created=" in here[0] and "ledger=12" in here[1] and "requests=0" not in here[1]
