@@ -275,6 +275,18 @@ def run_process(
     )
 
 
+def sigkill(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a child of :func:`run_process` from its ``on_tick``.
+
+    Not ``proc.kill()``: Popen polls first, and a child that has just exited is then reaped
+    there, out from under run_process's ``wait4`` (its waiter thread failed with ECHILD, and
+    the crash case with KeyError: 'status', in a quick run whose engine finished as it was
+    being killed). The child is not reaped before that ``wait4`` returns, so until then its
+    pid is still its own, exited or not."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGKILL)
+
+
 def _process_tree(pid: int) -> list[int]:
     """``pid`` and its descendants, from /proc (what is gone is left out)."""
     tree, i = [pid], 0
@@ -938,7 +950,7 @@ def case_crash(world: World, report: Report, corpus: list[Template]) -> None:
         with contextlib.suppress(sqlite3.Error):
             (rows,) = db.execute("SELECT COUNT(*) FROM ledger").fetchone()
             if rows >= n // 3:
-                proc.kill()
+                sigkill(proc)
                 killed_at.append(rows)
 
     try:

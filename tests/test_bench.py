@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,32 @@ def test_the_ceiling_tree_records_the_ledger_row_and_nothing_else(tmp_path: Path
         "requests=0 activities=0 attachments=0 ledger=12 outbox=0",
     ], ceiling
     assert "created=" in here[0] and "ledger=12" in here[1] and "requests=0" not in here[1]
+
+
+def test_a_kill_from_on_tick_leaves_the_child_for_run_process_to_reap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The crash case kills the engine from ``on_tick``. A child that has just exited is a
+    zombie until run_process's wait4 reaps it: the kill must not reap it first (Popen.kill
+    polls, and did, and run_process then failed with KeyError: 'status')."""
+    from bench import run as bench_run
+
+    real_wait4 = os.wait4
+
+    def slow_wait4(pid: int, options: int) -> tuple[int, int, object]:
+        time.sleep(0.5)  # the child exits meanwhile and stays a zombie until this reaps it
+        return real_wait4(pid, options)
+
+    monkeypatch.setattr(os, "wait4", slow_wait4)
+    killed: list[bool] = []
+
+    def tick(elapsed: float, proc: subprocess.Popen[bytes]) -> None:
+        if not killed:
+            time.sleep(0.25)  # long enough for `python -c pass` to have exited
+            bench_run.sigkill(proc)
+            killed.append(True)
+
+    res = bench_run.run_process(
+        [sys.executable, "-c", "pass"], tmp_path / "log", timeout=60, on_tick=tick, tick=0.01
+    )
+    assert killed and res.returncode == 0
